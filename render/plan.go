@@ -1,0 +1,264 @@
+package render
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+)
+
+// PlanVersion identifies the JSON shape of a Plan. It changes only when a
+// field is removed or changes meaning; new optional fields keep it.
+const PlanVersion = "nodespawn.dev/plan/v1"
+
+// Phase groups steps by what they change. Steps run phase by phase, in order.
+type Phase string
+
+// The phases, in the order they run.
+const (
+	// PhaseHost changes the host outside the machine: packages, modules,
+	// sysctls, nftables, swap, the .nspawn file and the service drop-in.
+	PhaseHost Phase = "host"
+	// PhaseRootfs creates the machine's root filesystem (image pull or
+	// debootstrap) and downloads binaries into it.
+	PhaseRootfs Phase = "rootfs"
+	// PhaseMachine writes configuration into the rootfs before first boot.
+	PhaseMachine Phase = "machine"
+	// PhaseStart reloads systemd, starts the machine and waits for it.
+	PhaseStart Phase = "start"
+)
+
+// Phases lists every phase in execution order.
+var Phases = []Phase{PhaseHost, PhaseRootfs, PhaseMachine, PhaseStart}
+
+// Kind names a step's type; exactly the matching field of Step is set.
+type Kind string
+
+// Step kinds.
+const (
+	KindFile      Kind = "file"      // Step.File
+	KindDirectory Kind = "directory" // Step.Directory
+	KindLink      Kind = "link"      // Step.Link (also unit masks: a link to /dev/null)
+	KindPackages  Kind = "packages"  // Step.Packages
+	KindModules   Kind = "modules"   // Step.Modules
+	KindSysctl    Kind = "sysctl"    // Step.Sysctl
+	KindNftFlush  Kind = "nft-flush" // no payload: flush the host ruleset via netlink
+	KindSwapOff   Kind = "swap-off"  // Step.Swap
+	KindImage     Kind = "image"     // Step.Image
+	KindDownload  Kind = "download"  // Step.Download
+	KindSystemd   Kind = "systemd"   // Step.Systemd
+	KindWait      Kind = "wait"      // Step.Wait
+)
+
+// Plan is everything apply will do, as data. Render builds it from a
+// manifest and host facts; apply executes it; --dry-run prints it.
+type Plan struct {
+	Version string `json:"version"`
+	// Machine is the nspawn machine name.
+	Machine string `json:"machine"`
+	// Rootfs is the machine's root directory on the host.
+	Rootfs string `json:"rootfs"`
+	// NodeName is the Kubernetes node name.
+	NodeName string `json:"nodeName"`
+	// Warnings are things the user should know (deprecated options, ...).
+	Warnings []string `json:"warnings,omitempty"`
+	Steps    []Step   `json:"steps"`
+}
+
+// Step is one thing apply does. ID is stable across renders of the same
+// manifest (it never depends on order or content), so results can be matched
+// across runs.
+type Step struct {
+	ID    string `json:"id"`
+	Phase Phase  `json:"phase"`
+	Kind  Kind   `json:"kind"`
+	// Summary says in one line what the step changes.
+	Summary string `json:"summary"`
+	// After lists ids of steps that must finish before this one starts;
+	// steps of the same phase without such an edge may run concurrently.
+	// Every step implicitly runs after all steps of earlier phases. A
+	// download may fetch and verify before its After steps finish; only
+	// moving it into place waits for them.
+	After []string `json:"after,omitempty"`
+
+	File      *File      `json:"file,omitempty"`
+	Directory *Directory `json:"directory,omitempty"`
+	Link      *Link      `json:"link,omitempty"`
+	Packages  *Packages  `json:"packages,omitempty"`
+	Modules   *Modules   `json:"modules,omitempty"`
+	Sysctl    *Sysctl    `json:"sysctl,omitempty"`
+	Swap      *Swap      `json:"swap,omitempty"`
+	Image     *Image     `json:"image,omitempty"`
+	Download  *Download  `json:"download,omitempty"`
+	Systemd   *Systemd   `json:"systemd,omitempty"`
+	Wait      *Wait      `json:"wait,omitempty"`
+}
+
+// Owner is a numeric owner, or names resolved against the target root's
+// /etc/passwd and /etc/group (the rootfs's own for rootfs paths) at apply time.
+type Owner struct {
+	UID   int    `json:"uid"`
+	GID   int    `json:"gid"`
+	User  string `json:"user,omitempty"`
+	Group string `json:"group,omitempty"`
+}
+
+// File is a regular file written atomically. Path is absolute on the host
+// (rootfs files carry the /var/lib/machines/<m> prefix).
+type File struct {
+	Path  string `json:"path"`
+	Mode  uint32 `json:"mode"`
+	Owner Owner  `json:"owner"`
+	// Contents is the whole file. When Encoding is "base64" it holds the
+	// base64 of binary contents.
+	Contents string `json:"contents"`
+	Encoding string `json:"encoding,omitempty"`
+	// Source, when set, is fetched at apply time instead of Contents and
+	// must match SHA512 or SHA256 (Ignition's verification hash).
+	Source *Source `json:"source,omitempty"`
+	// Secret files are shown as <redacted> in plans and never logged.
+	Secret bool `json:"secret,omitempty"`
+	// Overwrite false keeps an existing file (Ignition's overwrite: false).
+	Overwrite bool `json:"overwrite"`
+}
+
+// Source is remote file contents with a verification hash.
+type Source struct {
+	URL string `json:"url"`
+	// Hash is "sha256-<hex>" or "sha512-<hex>".
+	Hash        string `json:"hash,omitempty"`
+	Compression string `json:"compression,omitempty"`
+}
+
+// Directory is a directory with a mode and owner; parents are created 0755 root.
+type Directory struct {
+	Path  string `json:"path"`
+	Mode  uint32 `json:"mode"`
+	Owner Owner  `json:"owner"`
+}
+
+// Link is a symbolic link (or a hard link when Hard). Unit masks are links
+// to /dev/null.
+type Link struct {
+	Path   string `json:"path"`
+	Target string `json:"target"`
+	Hard   bool   `json:"hard,omitempty"`
+	Owner  Owner  `json:"owner"`
+}
+
+// Packages makes sure host packages are installed.
+type Packages struct {
+	Names []string `json:"names"`
+	// Install false turns a missing package into an error instead of an apt install.
+	Install bool `json:"install"`
+}
+
+// Modules loads kernel modules now (the modules-load.d file keeps them across boots).
+type Modules struct {
+	Names []string `json:"names"`
+}
+
+// Sysctl writes values to /proc/sys now (the sysctl.d file keeps them).
+// A key that does not exist is an error, never skipped.
+type Sysctl struct {
+	Values []KeyValue `json:"values"`
+}
+
+// KeyValue is one sysctl setting.
+type KeyValue struct {
+	Key   string `json:"key"`
+	Value string `json:"value"`
+}
+
+// Swap turns swap off now and comments out swap entries in fstab.
+type Swap struct {
+	Fstab string `json:"fstab"`
+}
+
+// Image creates the rootfs at Dest. Exactly one of Reference, Layout and
+// Debootstrap is set.
+type Image struct {
+	Dest string `json:"dest"`
+	// Reference is an OCI reference (tag or digest) pulled from a registry.
+	Reference string `json:"reference,omitempty"`
+	// Layout is a local OCI image layout directory and LayoutRef the tag
+	// or digest inside it.
+	Layout    string `json:"layout,omitempty"`
+	LayoutRef string `json:"layoutRef,omitempty"`
+	// Platform is the only platform resolved from an index, e.g. "linux/amd64".
+	Platform string `json:"platform"`
+	// PlainHTTP registries are reached without TLS.
+	PlainHTTP []string `json:"plainHTTP,omitempty"`
+	// Debootstrap is the deprecated fallback.
+	Debootstrap *DebootstrapSpec `json:"debootstrap,omitempty"`
+}
+
+// DebootstrapSpec is a debootstrap invocation.
+type DebootstrapSpec struct {
+	Suite   string   `json:"suite"`
+	Mirror  string   `json:"mirror"`
+	Include []string `json:"include"`
+}
+
+// Download fetches one artifact, verifies it and installs it into the rootfs.
+type Download struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	URL     string `json:"url"`
+	// SHA256 is the pinned digest; when empty, ChecksumURL is fetched and
+	// the digest for the artifact's file name read from it.
+	SHA256      string `json:"sha256,omitempty"`
+	ChecksumURL string `json:"checksumURL,omitempty"`
+	// Dest is the installed path for a plain binary; for an archive it is
+	// the directory the archive's members land in.
+	Dest string `json:"dest"`
+	Mode uint32 `json:"mode"`
+	// Archive is "tar.gz" for tarballs, empty for a plain binary.
+	Archive string `json:"archive,omitempty"`
+	// Members, for archives, maps archive member paths to names under
+	// Dest; empty means every regular file, keeping its relative path.
+	Members []Member `json:"members,omitempty"`
+}
+
+// Member is one file taken out of a downloaded archive.
+type Member struct {
+	Path string `json:"path"`
+	Dest string `json:"dest"`
+}
+
+// Systemd is an action on the host's systemd (via D-Bus).
+type Systemd struct {
+	// Action is "daemon-reload", "enable", "start" or "restart".
+	Action string `json:"action"`
+	Unit   string `json:"unit,omitempty"`
+}
+
+// Wait blocks until the machine is registered with machined and the units
+// are active inside it, or the timeout passes.
+type Wait struct {
+	Machine        string   `json:"machine"`
+	Units          []string `json:"units"`
+	TimeoutSeconds int      `json:"timeoutSeconds"`
+}
+
+// Digest is the sha256 of the plan's canonical JSON (secrets included, so a
+// changed token changes the plan).
+func (p *Plan) Digest() string {
+	b, err := json.Marshal(p)
+	if err != nil {
+		// A Plan is plain data; Marshal cannot fail on it.
+		panic(fmt.Sprintf("render: marshal plan: %v", err))
+	}
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// Step returns the step with id, or nil.
+func (p *Plan) Step(id string) *Step {
+	for i := range p.Steps {
+		if p.Steps[i].ID == id {
+			return &p.Steps[i]
+		}
+	}
+	return nil
+}
