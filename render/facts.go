@@ -13,6 +13,8 @@ type Facts struct {
 	// /etc/resolv.conf), and Nameservers the servers it lists.
 	ResolvConf  string   `json:"resolvConf"`
 	Nameservers []string `json:"nameservers,omitempty"`
+	// Search is the resolv.conf search list, copied into the machine.
+	Search []string `json:"search,omitempty"`
 	// KVM is true when /dev/kvm exists.
 	KVM bool `json:"kvm"`
 	// NVIDIA describes NVIDIA GPUs; nil when the host has none.
