@@ -1,0 +1,241 @@
+// Package oci creates a machine's root filesystem from an OCI image.
+//
+// Pull resolves one platform's manifest from a registry or a local OCI image
+// layout, streams every layer through size and digest verification,
+// decompression and DiffID verification straight into a staging directory
+// beside the destination, and renames the staging directory into place only
+// when every check passed. Nothing else of the image is kept on disk: layers
+// fetched ahead of their turn wait in unlinked temporary files (see spool.go),
+// at most Request.Concurrency of them at a time.
+//
+// Tar entries are applied by containerd's archive.Apply, which resolves
+// every parent path inside the root (symlinks included), replaces rather
+// than follows an existing final component, confines hardlink targets and
+// whiteouts to the root and handles opaque directories. A filter in front of
+// it (see unpack.go) rejects names that no honest layer has.
+package oci
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/content"
+
+	"github.com/nodespawn/nodespawn/internal/fetch"
+)
+
+// Defaults for the optional Request fields.
+const (
+	DefaultConcurrency = 3
+	DefaultMaxAttempts = 5
+)
+
+// Request says which image to pull and where its rootfs goes. Exactly one of
+// Reference and Layout is set.
+type Request struct {
+	// Reference is a registry reference pinned by tag or digest:
+	// "registry.example/repo:tag" or "registry.example/repo@sha256:...".
+	Reference string
+	// Layout is a local OCI image layout directory and LayoutRef the tag or
+	// digest inside it (air-gapped hosts).
+	Layout    string
+	LayoutRef string
+	// Platform is the one platform taken from a multi-arch index, as
+	// "os/arch[/variant]" (e.g. "linux/amd64", "linux/arm64/v8").
+	Platform string
+	// PlainHTTP lists registries (host[:port], as in Reference) reached
+	// without TLS. Every other registry is reached over verified TLS.
+	PlainHTTP []string
+	// Dest is the absolute rootfs path, e.g. /var/lib/machines/kube1.
+	Dest string
+	// CredentialsFile is a docker-style config.json with registry
+	// credentials; empty means anonymous pulls.
+	CredentialsFile string
+	// Progress, when set, is called from one goroutine as layers apply.
+	Progress func(Progress)
+	// Logger receives progress and retry messages (default slog.Default()).
+	Logger *slog.Logger
+	// HTTPClient is the registry client (default fetch.NewHTTPClient: TLS
+	// verified, retries on 5xx/resets/timeouts, stalled bodies aborted).
+	HTTPClient *http.Client
+	// Concurrency bounds how many layers are fetched at once (default 3).
+	Concurrency int
+	// MaxAttempts bounds how often one blob is fetched again after its body
+	// broke off mid-stream; each retry resumes where it stopped (default 5).
+	MaxAttempts int
+	// RetryBackoff is the first wait before such a retry; it doubles each
+	// time (default 1s).
+	RetryBackoff time.Duration
+}
+
+// Progress reports one layer's state.
+type Progress struct {
+	// Layer is the 0-based index of the layer being applied, of Layers.
+	Layer, Layers int
+	Digest        digest.Digest
+	// Read is the compressed bytes of this layer applied so far, of Size.
+	Read, Size int64
+	// Done is set once the layer is applied and verified.
+	Done bool
+}
+
+// Result describes what Pull did.
+type Result struct {
+	// Reference is what was pulled, as given (reference or layout@ref).
+	Reference string
+	// ManifestDigest is the platform image manifest's digest (the one
+	// recorded in the marker); IndexDigest is set when Reference named an index.
+	ManifestDigest digest.Digest
+	IndexDigest    digest.Digest
+	ConfigDigest   digest.Digest
+	// Bytes is the compressed size of all layers; Layers their count.
+	Bytes  int64
+	Layers int
+	// NoOp is true when Dest already held this manifest and nothing changed.
+	NoOp bool
+}
+
+// Pull makes req.Dest the root filesystem of the image req names, for
+// req.Platform. A rerun with the same manifest returns at once with NoOp set;
+// on any failure Dest is left as it was and the staging directory removed.
+func Pull(ctx context.Context, req Request) (Result, error) {
+	if err := req.validate(); err != nil {
+		return Result{}, err
+	}
+	log := req.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	plat, err := ParsePlatform(req.Platform)
+	if err != nil {
+		return Result{}, err
+	}
+	src, err := openSource(ctx, req)
+	if err != nil {
+		return Result{}, err
+	}
+	res := Result{Reference: src.name}
+	img, err := resolve(ctx, src, plat)
+	if err != nil {
+		return res, err
+	}
+	res.ManifestDigest = img.manifestDesc.Digest
+	res.IndexDigest = img.indexDigest
+	res.ConfigDigest = img.manifest.Config.Digest
+	res.Layers = len(img.manifest.Layers)
+	for _, l := range img.manifest.Layers {
+		res.Bytes += l.Size
+	}
+
+	root := newRootfs(req.Dest)
+	want := marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
+	if root.current(want) {
+		log.Info("rootfs already holds this image", "dest", req.Dest, "reference", src.name, "manifest", res.ManifestDigest)
+		res.NoOp = true
+		return res, nil
+	}
+
+	cfg, err := fetchConfig(ctx, src, img.manifest.Config, plat)
+	if err != nil {
+		return res, err
+	}
+	if got, want := len(cfg.RootFS.DiffIDs), len(img.manifest.Layers); got != want {
+		return res, fmt.Errorf("image %s: config %s lists %d diff_ids for %d layers; the image is malformed, rebuild or repush it",
+			src.name, img.manifest.Config.Digest, got, want)
+	}
+
+	stage, err := root.stage(log)
+	if err != nil {
+		return res, err
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			stage.discard(log)
+		}
+	}()
+
+	start := time.Now()
+	u := unpacker{
+		src:         src,
+		dir:         stage.dir,
+		spoolDir:    root.parent,
+		layers:      img.manifest.Layers,
+		diffIDs:     cfg.RootFS.DiffIDs,
+		concurrency: req.Concurrency,
+		maxAttempts: req.MaxAttempts,
+		backoff:     req.RetryBackoff,
+		progress:    req.Progress,
+		log:         log,
+	}
+	if err := u.run(ctx); err != nil {
+		return res, err
+	}
+	if err := stage.commit(want, log); err != nil {
+		return res, err
+	}
+	committed = true
+	log.Info("rootfs unpacked", "dest", req.Dest, "reference", src.name, "manifest", res.ManifestDigest,
+		"layers", res.Layers, "bytes", res.Bytes, "duration", time.Since(start).Round(time.Millisecond))
+	return res, nil
+}
+
+func (r *Request) validate() error {
+	switch {
+	case (r.Reference == "") == (r.Layout == ""):
+		return errors.New("oci pull: set exactly one of a registry reference and a local layout")
+	case r.Layout != "" && r.LayoutRef == "":
+		return fmt.Errorf("oci pull: layout %s: a tag or digest inside the layout is required", r.Layout)
+	case !filepath.IsAbs(r.Dest) || filepath.Clean(r.Dest) == "/":
+		return fmt.Errorf("oci pull: destination %q must be an absolute path below /", r.Dest)
+	}
+	if r.Concurrency <= 0 {
+		r.Concurrency = DefaultConcurrency
+	}
+	if r.MaxAttempts <= 0 {
+		r.MaxAttempts = DefaultMaxAttempts
+	}
+	if r.RetryBackoff <= 0 {
+		r.RetryBackoff = time.Second
+	}
+	if r.HTTPClient == nil && r.Reference != "" {
+		r.HTTPClient = fetch.NewHTTPClient(fetch.WithLogger(r.Logger))
+	}
+	return nil
+}
+
+// image is the resolved platform manifest.
+type image struct {
+	indexDigest  digest.Digest
+	manifestDesc ocispec.Descriptor
+	manifest     ocispec.Manifest
+}
+
+// Media types of Docker's schema 2, which registries still serve.
+const (
+	dockerManifest     = "application/vnd.docker.distribution.manifest.v2+json"
+	dockerManifestList = "application/vnd.docker.distribution.manifest.list.v2+json"
+	dockerConfig       = "application/vnd.docker.container.image.v1+json"
+	dockerLayerGzip    = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+)
+
+// isIndex and isManifest classify a top-level descriptor.
+func isIndex(mt string) bool    { return mt == ocispec.MediaTypeImageIndex || mt == dockerManifestList }
+func isManifest(mt string) bool { return mt == ocispec.MediaTypeImageManifest || mt == dockerManifest }
+
+// verifiedFetchAll fetches a small blob (manifest, index, config) whole;
+// content.FetchAll checks its size and digest against desc.
+func verifiedFetchAll(ctx context.Context, src *source, desc ocispec.Descriptor, what string) ([]byte, error) {
+	b, err := content.FetchAll(ctx, src.target, desc)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: fetch %s %s (%d bytes): %w", src.name, what, desc.Digest, desc.Size, err)
+	}
+	return b, nil
+}

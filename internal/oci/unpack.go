@@ -1,0 +1,264 @@
+package oci
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/archive"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/nodespawn/nodespawn/internal/fetch"
+)
+
+// unpacker fetches layers concurrently and applies them strictly in order.
+type unpacker struct {
+	src         *source
+	dir         string // the staging rootfs
+	spoolDir    string // same filesystem as dir, outside it
+	layers      []ocispec.Descriptor
+	diffIDs     []digest.Digest
+	concurrency int
+	maxAttempts int
+	backoff     time.Duration
+	progress    func(Progress)
+	log         *slog.Logger
+}
+
+func (u *unpacker) run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	// slots bounds the layers in flight: a fetch starts only when fewer
+	// than concurrency layers are fetched-but-not-yet-applied.
+	slots := make(chan struct{}, u.concurrency)
+	ready := make([]chan *spool, len(u.layers))
+	for i := range ready {
+		ready[i] = make(chan *spool, 1)
+	}
+	var fetchers sync.WaitGroup
+	defer fetchers.Wait()
+	launchErr := make(chan error, 1)
+	go func() {
+		for i, desc := range u.layers {
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			sp, err := newSpool(u.spoolDir)
+			if err != nil {
+				launchErr <- err
+				cancel()
+				return
+			}
+			fetchers.Add(1)
+			go func() {
+				defer fetchers.Done()
+				sp.finish(u.fetchBlob(ctx, desc, sp))
+			}()
+			ready[i] <- sp
+		}
+	}()
+
+	for i, desc := range u.layers {
+		var sp *spool
+		select {
+		case sp = <-ready[i]:
+		case err := <-launchErr:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		err := u.apply(ctx, i, desc, sp)
+		sp.Close()
+		if err != nil {
+			cancel()
+			return err
+		}
+		<-slots
+	}
+	return nil
+}
+
+// apply decompresses one layer from its spool into the staging dir and
+// checks the uncompressed stream against the config's DiffID.
+func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp *spool) error {
+	what := fmt.Sprintf("image %s: layer %d/%d %s", u.src.name, i+1, len(u.layers), desc.Digest)
+	compressed := &progressReader{r: sp.reader(), fn: u.progress, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
+	plain, closeFn, err := decompress(desc.MediaType, compressed)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	defer closeFn()
+	want := u.diffIDs[i]
+	if err := want.Validate(); err != nil {
+		return fmt.Errorf("%s: config diff_id %q: %w", what, want, err)
+	}
+	diff := want.Algorithm().Digester()
+	tee := io.TeeReader(plain, diff.Hash())
+	if _, err := archive.Apply(ctx, u.dir, tee, archive.WithFilter(safeEntry)); err != nil {
+		return fmt.Errorf("%s: apply: %w", what, err)
+	}
+	// The tar reader stops at the end-of-archive marker; the DiffID (and,
+	// for gzip, the trailer checksum) cover the padding after it too.
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return fmt.Errorf("%s: read after end of archive: %w", what, err)
+	}
+	if got := diff.Digest(); got != want {
+		return fmt.Errorf("%s: uncompressed content has digest %s, config %s says diff_id %s; the image is corrupt or tampered with",
+			what, got, u.src.name, want)
+	}
+	if u.progress != nil {
+		p := compressed.p
+		p.Done = true
+		u.progress(p)
+	}
+	u.log.Debug("layer applied", "layer", i+1, "layers", len(u.layers), "digest", desc.Digest, "bytes", desc.Size)
+	return nil
+}
+
+// decompress wraps r by the layer's media type.
+func decompress(mediaType string, r io.Reader) (io.Reader, func(), error) {
+	switch mediaType {
+	case ocispec.MediaTypeImageLayer:
+		return r, func() {}, nil
+	case ocispec.MediaTypeImageLayerGzip, dockerLayerGzip:
+		zr, err := gzip.NewReader(r)
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip header: %w", err)
+		}
+		return zr, func() { zr.Close() }, nil
+	case ocispec.MediaTypeImageLayerZstd:
+		zr, err := zstd.NewReader(r)
+		if err != nil {
+			return nil, nil, fmt.Errorf("zstd: %w", err)
+		}
+		return zr, zr.Close, nil
+	}
+	return nil, nil, fmt.Errorf("unsupported layer media type %q (want tar, tar+gzip or tar+zstd)", mediaType)
+}
+
+// safeEntry rejects tar entries no honest layer contains, before
+// archive.Apply sees them. Apply would confine them to the root anyway;
+// refusing them makes a hostile image fail loudly instead of unpacking to
+// something its author did not describe.
+func safeEntry(h *tar.Header) (bool, error) {
+	if hasDotDot(h.Name) {
+		return false, fmt.Errorf("tar entry %q: name leaves the layer root", h.Name)
+	}
+	if h.Typeflag == tar.TypeLink && hasDotDot(h.Linkname) {
+		return false, fmt.Errorf("tar entry %q: hardlink target %q leaves the layer root", h.Name, h.Linkname)
+	}
+	return true, nil
+}
+
+// hasDotDot reports whether any component of name is "..".
+func hasDotDot(name string) bool {
+	return slices.Contains(strings.Split(name, "/"), "..")
+}
+
+// fetchBlob writes desc's content to w, verifying size and digest as it
+// goes. A body that breaks off mid-stream (reset, stall, early EOF) is
+// fetched again from where it stopped, up to maxAttempts in all; the
+// transport below already retries 5xx answers and failed connections.
+func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.Writer) error {
+	what := fmt.Sprintf("image %s: blob %s", u.src.name, desc.Digest)
+	if err := desc.Digest.Validate(); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	digester := desc.Digest.Algorithm().Digester()
+	out := io.MultiWriter(w, digester.Hash())
+	var off int64
+	wait := u.backoff
+	for attempt := 1; ; attempt++ {
+		n, err := u.fetchFrom(ctx, desc, off, out)
+		off += n
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		}
+		if !resumable(err) || attempt >= u.maxAttempts {
+			return fmt.Errorf("%s: fetch failed after %d bytes of %d (attempt %d of %d): %w", what, off, desc.Size, attempt, u.maxAttempts, err)
+		}
+		u.log.Warn("layer download broke off, resuming", "blob", desc.Digest, "offset", off, "size", desc.Size,
+			"attempt", attempt, "maxAttempts", u.maxAttempts, "wait", wait, "error", err)
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		}
+		wait *= 2
+	}
+	if off != desc.Size {
+		return fmt.Errorf("%s: size mismatch: expected %d bytes, got %d", what, desc.Size, off)
+	}
+	if got := digester.Digest(); got != desc.Digest {
+		return fmt.Errorf("%s: digest mismatch: expected %s, got %s; the registry or layout serves tampered content", what, desc.Digest, got)
+	}
+	return nil
+}
+
+// fetchFrom copies desc's content from offset off to out, reading at most
+// one byte past the declared size so an oversized blob is caught.
+func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off int64, out io.Writer) (int64, error) {
+	rc, err := u.src.target.Fetch(ctx, desc)
+	if err != nil {
+		return 0, err
+	}
+	defer rc.Close()
+	if off > 0 {
+		if s, ok := rc.(io.Seeker); ok {
+			if _, err := s.Seek(off, io.SeekStart); err != nil {
+				return 0, fmt.Errorf("seek to %d: %w", off, err)
+			}
+		} else if _, err := io.CopyN(io.Discard, rc, off); err != nil {
+			return 0, fmt.Errorf("skip %d bytes already fetched: %w", off, err)
+		}
+	}
+	n, err := io.Copy(out, io.LimitReader(rc, desc.Size-off+1))
+	return n, err
+}
+
+// resumable reports whether a body read error is worth fetching again.
+func resumable(err error) bool {
+	var netErr net.Error
+	return errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, fetch.ErrStalled) ||
+		(errors.As(err, &netErr) && netErr.Timeout())
+}
+
+// progressReader reports compressed bytes as the applier consumes them,
+// at most once per 4 MiB.
+type progressReader struct {
+	r    io.Reader
+	fn   func(Progress)
+	p    Progress
+	last int64
+}
+
+func (r *progressReader) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	r.p.Read += int64(n)
+	if r.fn != nil && r.p.Read-r.last >= 4<<20 {
+		r.last = r.p.Read
+		r.fn(r.p)
+	}
+	return n, err
+}
