@@ -1,0 +1,132 @@
+package hostprep
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/nodespawn/nodespawn/internal/command"
+)
+
+// aptAttempts is how many times EnsurePackages tries apt-get before giving
+// up; aptBackoff is the pause before each retry. First boot often races
+// cloud-init's or unattended-upgrades' own apt runs and a mirror that is
+// still warming up.
+var aptBackoff = []time.Duration{5 * time.Second, 15 * time.Second, 45 * time.Second}
+
+// aptEnv keeps apt and dpkg from asking questions on a console no one reads.
+var aptEnv = []string{"DEBIAN_FRONTEND=noninteractive", "NEEDRESTART_MODE=l"}
+
+// aptLockWait makes apt wait for the dpkg lock (held by cloud-init or
+// unattended-upgrades at first boot) instead of failing at once.
+const aptLockWait = "DPkg::Lock::Timeout=300"
+
+// EnsurePackages makes sure the named Debian packages are installed on the
+// host. Missing ones are installed with apt-get when install is true (the
+// manifest's host.installPackages); otherwise the error names them and the
+// field that allows installing them. apt-get waits for the dpkg lock and is
+// retried with `apt-get update` and a growing pause when it fails for a
+// reason that may pass.
+func EnsurePackages(ctx context.Context, names []string, install bool) error {
+	return ensurePackages(ctx, command.Exec{}, sleepCtx, names, install)
+}
+
+func ensurePackages(ctx context.Context, run command.Runner, sleep func(context.Context, time.Duration) error, names []string, install bool) error {
+	missing, err := missingPackages(ctx, run, names)
+	if err != nil || len(missing) == 0 {
+		return err
+	}
+	if !install {
+		return fmt.Errorf("host packages not installed: %s; install them (apt-get install %s) or set host.installPackages: true in the manifest",
+			strings.Join(missing, ", "), strings.Join(missing, " "))
+	}
+	slog.InfoContext(ctx, "installing host packages", "packages", missing)
+	install1 := append([]string{"-o", aptLockWait, "install", "-y", "--no-install-recommends", "--"}, missing...)
+	update := []string{"-o", aptLockWait, "update"}
+	opts := command.Options{Env: aptEnv}
+
+	var lastErr error
+	for attempt := 0; attempt <= len(aptBackoff); attempt++ {
+		if attempt > 0 {
+			if err := sleep(ctx, aptBackoff[attempt-1]); err != nil {
+				return fmt.Errorf("install host packages %s: %w (last failure: %w)", strings.Join(missing, ", "), err, lastErr)
+			}
+			// The package lists may be missing (fresh cloud images ship
+			// none) or stale (their files gone from the mirror).
+			if _, err := run.Run(ctx, opts, "apt-get", update...); err != nil {
+				lastErr = err
+				slog.WarnContext(ctx, "apt-get update failed, will retry", "attempt", attempt+1, "err", err)
+				continue
+			}
+		}
+		_, err := run.Run(ctx, opts, "apt-get", install1...)
+		if err == nil {
+			lastErr = nil
+			break
+		}
+		lastErr = err
+		if attempt > 0 && permanentAptFailure(err) {
+			break
+		}
+		slog.WarnContext(ctx, "apt-get install failed, will retry", "attempt", attempt+1, "err", err)
+	}
+	if lastErr != nil {
+		return fmt.Errorf("install host packages %s: %w", strings.Join(missing, ", "), lastErr)
+	}
+	still, err := missingPackages(ctx, run, missing)
+	if err != nil {
+		return err
+	}
+	if len(still) > 0 {
+		return fmt.Errorf("install host packages: apt-get succeeded but dpkg still lists %s as not installed", strings.Join(still, ", "))
+	}
+	return nil
+}
+
+// missingPackages returns the names dpkg does not list as installed.
+func missingPackages(ctx context.Context, run command.Runner, names []string) ([]string, error) {
+	var missing []string
+	for _, name := range names {
+		out, err := run.Run(ctx, command.Options{}, "dpkg-query", "-W", "-f=${Status}", "--", name)
+		var ce *command.Error
+		switch {
+		case errors.As(err, &ce) && ce.ExitCode == 1:
+			// dpkg-query exits 1 for a package it has never heard of.
+			missing = append(missing, name)
+		case err != nil:
+			return nil, fmt.Errorf("check host package %s: %w", name, err)
+		case !installed(string(out)):
+			missing = append(missing, name)
+		}
+	}
+	return missing, nil
+}
+
+// installed reads a dpkg status ("install ok installed"): only the last
+// word, the package's current state, matters; "deinstall ok config-files"
+// or "install ok half-configured" are not installed.
+func installed(status string) bool {
+	f := strings.Fields(status)
+	return len(f) == 3 && f[2] == "installed"
+}
+
+// permanentAptFailure tells failures that a retry cannot fix, once the
+// package lists are fresh.
+func permanentAptFailure(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "Unable to locate package") || strings.Contains(msg, "has no installation candidate")
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

@@ -1,0 +1,178 @@
+package hostprep
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/fsutil"
+)
+
+// swapMarker precedes each fstab entry DisableSwap comments out, so a reader
+// knows who did it and why.
+const swapMarker = "# nodespawn: swap disabled (kubelet requires swap off); original entry:"
+
+// DisableSwap turns off every active swap area listed in <root>/proc/swaps
+// and comments out the swap entries of the fstab at <root>/<fstab>, so swap
+// stays off after a reboot. Only entries whose type (third field) is "swap"
+// are touched; comments, blank lines and the spacing of every other line are
+// kept. The file is rewritten atomically and only when something changed, so
+// a second call does nothing. A missing proc/swaps (a --root that is not a
+// live system) means no active swap; a missing fstab means no entries.
+func DisableSwap(ctx context.Context, root, fstab string) error {
+	return disableSwap(ctx, root, fstab, swapoff)
+}
+
+func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) error) error {
+	if root == "" {
+		root = "/"
+	}
+	areas, err := activeSwaps(filepath.Join(root, "proc/swaps"))
+	if err != nil {
+		return fmt.Errorf("disable swap: %w", err)
+	}
+	var errs []error
+	for _, a := range areas {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("disable swap: %w", err)
+		}
+		if err := swapoff(a); err != nil {
+			errs = append(errs, fmt.Errorf("swapoff %s: %w", a, err))
+			continue
+		}
+		slog.InfoContext(ctx, "swap turned off", "area", a)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("disable swap (is there enough free memory to take the swapped pages back?): %w", errors.Join(errs...))
+	}
+	if fstab == "" {
+		return nil
+	}
+	path := filepath.Join(root, fstab)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("disable swap: read fstab: %w", err)
+	}
+	out, n := commentSwapEntries(data)
+	if n == 0 {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("disable swap: %w", err)
+	}
+	uid, gid := -1, -1
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		uid, gid = int(st.Uid), int(st.Gid)
+	}
+	// Keep the fstab's own mode and owner; only its swap lines change.
+	if err := fsutil.WriteFile(path, out, fi.Mode().Perm(), uid, gid); err != nil {
+		return fmt.Errorf("disable swap: rewrite fstab: %w", err)
+	}
+	slog.InfoContext(ctx, "swap entries commented out", "fstab", path, "entries", n)
+	return nil
+}
+
+// swapoff is swapoff(2); x/sys/unix has the number but no wrapper.
+func swapoff(path string) error {
+	p, err := unix.BytePtrFromString(path)
+	if err != nil {
+		return err
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_SWAPOFF, uintptr(unsafe.Pointer(p)), 0, 0); errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// activeSwaps lists the areas in a /proc/swaps file, unescaping the octal
+// escapes the kernel uses for blanks in file names.
+func activeSwaps(procSwaps string) ([]string, error) {
+	data, err := os.ReadFile(procSwaps)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read active swaps: %w", err)
+	}
+	var areas []string
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	first := true
+	for sc.Scan() {
+		if first {
+			first = false // the "Filename Type Size Used Priority" header
+			continue
+		}
+		fields := strings.Fields(sc.Text())
+		if len(fields) == 0 {
+			continue
+		}
+		areas = append(areas, unescapeOctal(fields[0]))
+	}
+	return areas, sc.Err()
+}
+
+// unescapeOctal undoes the kernel's \ooo escaping in /proc/swaps and fstab.
+func unescapeOctal(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// commentSwapEntries comments out every fstab entry whose type is swap and
+// returns the new contents and how many entries it changed. Lines are split
+// with their own endings, so CRLF files and a missing final newline survive.
+func commentSwapEntries(data []byte) ([]byte, int) {
+	var out bytes.Buffer
+	n := 0
+	for len(data) > 0 {
+		line := data
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			line = data[:i+1]
+		}
+		data = data[len(line):]
+		body := bytes.TrimRight(line, "\r\n")
+		fields := strings.Fields(string(body))
+		if len(fields) >= 3 && !strings.HasPrefix(fields[0], "#") && fields[2] == "swap" {
+			eol := line[len(body):]
+			if len(eol) == 0 {
+				eol = []byte("\n")
+			}
+			out.WriteString(swapMarker)
+			out.Write(eol)
+			out.WriteString("#")
+			out.Write(line)
+			n++
+			continue
+		}
+		out.Write(line)
+	}
+	return out.Bytes(), n
+}
