@@ -1,0 +1,199 @@
+package render
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"fmt"
+	"io"
+	"path"
+	"strings"
+
+	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
+	"github.com/vincent-petithory/dataurl"
+
+	"github.com/nodespawn/nodespawn/manifest"
+)
+
+// extras turns the manifest's Ignition-form files, directories, links and
+// units into steps: the host's in the host phase, the machine's inside the
+// rootfs in the machine phase.
+func (r *renderer) renderExtras() error {
+	if err := r.extra(PhaseHost, "$.host.extra", r.m.Host.Extra, func(p string) string { return p }); err != nil {
+		return err
+	}
+	return r.extra(PhaseMachine, "$.machine.extra", r.m.Machine.Extra, r.inRoot)
+}
+
+func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(string) string) error {
+	for _, d := range x.Storage.Directories {
+		s := r.dir(ph, place(d.Path), uint32(intOr(d.Mode, 0o755)), "extra directory "+d.Path)
+		s.Directory.Owner = owner(d.Node)
+	}
+	for i, f := range x.Storage.Files {
+		where := fmt.Sprintf("%s.storage.files[%d]", at, i)
+		data, src, err := fileContents(f)
+		if err != nil {
+			return &Error{where + ".contents", err.Error()}
+		}
+		s := r.file(ph, place(f.Path), "", "extra file "+f.Path, mode(uint32(intOr(f.Mode, 0o644))), owned(owner(f.Node)))
+		setContents(s.File, data)
+		s.File.Source = src
+		s.File.Overwrite = f.Overwrite != nil && *f.Overwrite
+	}
+	for _, l := range x.Storage.Links {
+		target := ""
+		if l.Target != nil {
+			target = *l.Target
+		}
+		s := r.link(ph, place(l.Path), target, "extra link "+l.Path)
+		s.Link.Hard = l.Hard != nil && *l.Hard
+		if s.Link.Hard {
+			// A hard link's target is a path on the same tree.
+			s.Link.Target = place(target)
+		}
+		s.Link.Owner = owner(l.Node)
+	}
+	for i, u := range x.Systemd.Units {
+		if err := r.unit(ph, fmt.Sprintf("%s.systemd.units[%d]", at, i), u, place); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *renderer) unit(ph Phase, at string, u igntypes.Unit, place func(string) string) error {
+	unitPath := path.Join(unitDir, u.Name)
+	if u.Mask != nil && *u.Mask {
+		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name)
+		return nil
+	}
+	if u.Contents != nil {
+		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name)
+	}
+	for _, d := range u.Dropins {
+		if d.Contents == nil {
+			continue
+		}
+		p := path.Join(unitDir, u.Name+".d", d.Name)
+		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name)
+	}
+	if u.Enabled == nil || !*u.Enabled {
+		return nil
+	}
+	if u.Contents == nil {
+		if ph == PhaseHost {
+			r.systemd("enable", u.Name, "start:systemd:daemon-reload")
+			return nil
+		}
+		return &Error{at + ".enabled", fmt.Sprintf("unit %s has no contents; nodespawn enables machine units from their [Install] section, so give the unit's contents or add the wants link under machine.extra.storage.links", u.Name)}
+	}
+	targets := installTargets(*u.Contents)
+	if len(targets) == 0 {
+		return &Error{at + ".enabled", fmt.Sprintf("unit %s has no WantedBy= or RequiredBy= in its [Install] section, so there is nothing to enable it from", u.Name)}
+	}
+	for _, t := range targets {
+		dir := t.target + ".wants"
+		if t.requires {
+			dir = t.target + ".requires"
+		}
+		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.target)
+	}
+	return nil
+}
+
+type installTarget struct {
+	target   string
+	requires bool
+}
+
+// installTargets reads WantedBy= and RequiredBy= from a unit's [Install] section.
+func installTargets(contents string) []installTarget {
+	var out []installTarget
+	section := ""
+	sc := bufio.NewScanner(strings.NewReader(contents))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]") {
+			section = line
+			continue
+		}
+		if section != "[Install]" {
+			continue
+		}
+		key, val, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		key = strings.TrimSpace(key)
+		if key != "WantedBy" && key != "RequiredBy" {
+			continue
+		}
+		for _, t := range strings.Fields(val) {
+			out = append(out, installTarget{t, key == "RequiredBy"})
+		}
+	}
+	return out
+}
+
+// fileContents decodes an Ignition file's contents: data: URLs (optionally
+// gzip-compressed) become bytes now; http(s) sources are fetched at apply
+// time against their verification hash.
+func fileContents(f igntypes.File) ([]byte, *Source, error) {
+	c := f.Contents
+	if c.Source == nil || *c.Source == "" {
+		return nil, nil, nil
+	}
+	compression := ""
+	if c.Compression != nil {
+		compression = *c.Compression
+	}
+	src := *c.Source
+	if !strings.HasPrefix(src, "data:") {
+		s := &Source{URL: src, Compression: compression}
+		if c.Verification.Hash != nil {
+			s.Hash = *c.Verification.Hash
+		}
+		return nil, s, nil
+	}
+	du, err := dataurl.DecodeString(src)
+	if err != nil {
+		return nil, nil, fmt.Errorf("bad data URL: %w", err)
+	}
+	data := du.Data
+	if compression == "gzip" {
+		zr, err := gzip.NewReader(bytes.NewReader(data))
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip contents: %w", err)
+		}
+		if data, err = io.ReadAll(zr); err != nil {
+			return nil, nil, fmt.Errorf("gzip contents: %w", err)
+		}
+	}
+	return data, nil, nil
+}
+
+func intOr(p *int, def int) int {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+// owner maps an Ignition node's user and group onto an Owner.
+func owner(n igntypes.Node) Owner {
+	var o Owner
+	if n.User.ID != nil {
+		o.UID = *n.User.ID
+	}
+	if n.User.Name != nil {
+		o.User = *n.User.Name
+	}
+	if n.Group.ID != nil {
+		o.GID = *n.Group.ID
+	}
+	if n.Group.Name != nil {
+		o.Group = *n.Group.Name
+	}
+	return o
+}

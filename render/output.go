@@ -1,0 +1,172 @@
+package render
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// Redacted replaces secret file contents in every printed plan.
+const Redacted = "<redacted>"
+
+// Redact returns a copy of the plan with secret contents replaced, for
+// printing. The original keeps its secrets for apply.
+func (p *Plan) Redact() *Plan {
+	out := *p
+	out.Steps = make([]Step, len(p.Steps))
+	for i, s := range p.Steps {
+		if s.File != nil && s.File.Secret {
+			f := *s.File
+			f.Contents, f.Encoding = Redacted, ""
+			s.File = &f
+		}
+		out.Steps[i] = s
+	}
+	return &out
+}
+
+// WriteJSON prints the plan as indented JSON, secrets redacted. The shape is
+// the Plan type's JSON, identified by its "version" field (PlanVersion).
+func WriteJSON(w io.Writer, p *Plan) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(p.Redact())
+}
+
+// WriteText prints the plan for people: grouped by phase, each step with
+// its id and what it changes, each file with its mode, owner and contents,
+// secrets redacted.
+func WriteText(w io.Writer, p *Plan) error {
+	p = p.Redact()
+	tw := &errWriter{w: w}
+	tw.printf("Plan %s: machine %s, node %s, rootfs %s\n", p.Version, p.Machine, p.NodeName, p.Rootfs)
+	for _, warning := range p.Warnings {
+		tw.printf("warning: %s\n", warning)
+	}
+	for _, ph := range Phases {
+		var steps []Step
+		for _, s := range p.Steps {
+			if s.Phase == ph {
+				steps = append(steps, s)
+			}
+		}
+		if len(steps) == 0 {
+			continue
+		}
+		tw.printf("\n== %s (%d steps)\n", ph, len(steps))
+		for _, s := range steps {
+			tw.printf("\n[%s] %s\n", s.ID, s.Summary)
+			if len(s.After) > 0 {
+				tw.printf("  after: %s\n", strings.Join(s.After, ", "))
+			}
+			writeDetail(tw, &s)
+		}
+	}
+	return tw.err
+}
+
+func writeDetail(w *errWriter, s *Step) {
+	switch {
+	case s.File != nil:
+		f := s.File
+		keep := ""
+		if !f.Overwrite {
+			keep = ", kept if present"
+		}
+		w.printf("  file %s  mode %04o  owner %s%s\n", f.Path, f.Mode, ownerString(f.Owner), keep)
+		switch {
+		case f.Source != nil:
+			w.printf("  contents from %s (verified: %s)\n", f.Source.URL, orNone(f.Source.Hash))
+		case f.Secret:
+			w.printf("  | %s\n", Redacted)
+		case f.Encoding == "base64":
+			w.printf("  | <%d bytes of binary data, base64 in -o json>\n", len(f.Contents)*3/4)
+		default:
+			for _, line := range strings.Split(strings.TrimSuffix(f.Contents, "\n"), "\n") {
+				w.printf("  | %s\n", line)
+			}
+		}
+	case s.Directory != nil:
+		d := s.Directory
+		w.printf("  directory %s  mode %04o  owner %s\n", d.Path, d.Mode, ownerString(d.Owner))
+	case s.Link != nil:
+		kind := "symlink"
+		if s.Link.Hard {
+			kind = "hard link"
+		}
+		w.printf("  %s %s -> %s\n", kind, s.Link.Path, s.Link.Target)
+	case s.Packages != nil:
+		w.printf("  packages: %s (install when missing: %t)\n", strings.Join(s.Packages.Names, " "), s.Packages.Install)
+	case s.Modules != nil:
+		w.printf("  modprobe %s\n", strings.Join(s.Modules.Names, " "))
+	case s.Sysctl != nil:
+		for _, kv := range s.Sysctl.Values {
+			w.printf("  %s = %s\n", kv.Key, kv.Value)
+		}
+	case s.Swap != nil:
+		w.printf("  swapoff -a; comment out swap entries in %s\n", s.Swap.Fstab)
+	case s.Image != nil:
+		i := s.Image
+		switch {
+		case i.Reference != "":
+			w.printf("  image %s  platform %s\n", i.Reference, i.Platform)
+		case i.Layout != "":
+			w.printf("  OCI layout %s  reference %s  platform %s\n", i.Layout, i.LayoutRef, i.Platform)
+		case i.Debootstrap != nil:
+			w.printf("  debootstrap %s %s  include %s\n", i.Debootstrap.Suite, i.Debootstrap.Mirror, strings.Join(i.Debootstrap.Include, ","))
+		}
+		if len(i.PlainHTTP) > 0 {
+			w.printf("  plain HTTP registries: %s\n", strings.Join(i.PlainHTTP, ", "))
+		}
+		w.printf("  into %s\n", i.Dest)
+	case s.Download != nil:
+		d := s.Download
+		w.printf("  url %s\n", d.URL)
+		if d.SHA256 != "" {
+			w.printf("  sha256 %s\n", d.SHA256)
+		} else {
+			w.printf("  sha256 from %s\n", d.ChecksumURL)
+		}
+		if d.Archive != "" {
+			w.printf("  %s archive into %s\n", d.Archive, d.Dest)
+			for _, m := range d.Members {
+				w.printf("    %s -> %s\n", m.Path, m.Dest)
+			}
+		} else {
+			w.printf("  install %s mode %04o\n", d.Dest, d.Mode)
+		}
+	case s.Wait != nil:
+		w.printf("  machine %s, units %s, timeout %ds\n", s.Wait.Machine, strings.Join(s.Wait.Units, " "), s.Wait.TimeoutSeconds)
+	}
+}
+
+func ownerString(o Owner) string {
+	u, g := fmt.Sprint(o.UID), fmt.Sprint(o.GID)
+	if o.User != "" {
+		u = o.User
+	}
+	if o.Group != "" {
+		g = o.Group
+	}
+	return u + ":" + g
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+// errWriter keeps the first write error so printing code stays linear.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) printf(format string, args ...any) {
+	if e.err == nil {
+		_, e.err = fmt.Fprintf(e.w, format, args...)
+	}
+}

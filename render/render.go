@@ -1,0 +1,298 @@
+// Package render turns a manifest and the host's facts into a Plan: every
+// file, link, directory and action apply will carry out. Render is pure: no
+// I/O, no clock, no randomness; the same inputs give byte-identical plans.
+package render
+
+import (
+	"bytes"
+	"embed"
+	"fmt"
+	"path"
+	"sort"
+	"strings"
+	"text/template"
+	"unicode/utf8"
+
+	"github.com/nodespawn/nodespawn/manifest"
+)
+
+//go:embed templates/*.tmpl
+var templateFS embed.FS
+
+var templates = template.Must(template.New("").Funcs(template.FuncMap{
+	"join":   strings.Join,
+	"header": header,
+}).ParseFS(templateFS, "templates/*.tmpl"))
+
+// header is the one-line notice every generated file starts with.
+func header(comment string) string {
+	return comment + " Managed by nodespawn: changes are overwritten on the next apply."
+}
+
+// MachinesDir is where nspawn machines' root directories live.
+const MachinesDir = "/var/lib/machines"
+
+// Error is a render failure caused by the manifest asking for something this
+// host cannot give (a GPU on a host without one, say). Path is the manifest
+// field at fault.
+type Error struct {
+	Path string
+	Msg  string
+}
+
+func (e *Error) Error() string { return e.Path + ": " + e.Msg }
+
+// Render builds the plan for manifest m on the host described by f. The
+// manifest must have been loaded by manifest.Load (validated and defaulted).
+func Render(m *manifest.Manifest, f Facts) (*Plan, error) {
+	r := &renderer{m: m, f: f}
+	if err := r.decide(); err != nil {
+		return nil, err
+	}
+	steps := []func() error{r.renderHost, r.renderRootfs, r.renderMachine, r.renderGPU, r.renderExtras, r.renderStart}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return nil, err
+		}
+	}
+	sortByPhase(r.plan.Steps)
+	if err := checkUnique(r.plan.Steps); err != nil {
+		return nil, err
+	}
+	return &r.plan, nil
+}
+
+// renderer carries the decisions every part of the plan shares.
+type renderer struct {
+	m    *manifest.Manifest
+	f    Facts
+	plan Plan
+
+	machine  string
+	rootfs   string
+	nodeName string
+	gpu      bool
+	kvm      bool
+	bpffs    bool
+	// containerdV3 selects the containerd 2.x configuration format.
+	containerdV3 bool
+}
+
+func (r *renderer) decide() error {
+	m := r.m
+	r.machine = m.Machine.Name
+	if r.machine == "" {
+		return &Error{"$.machine.name", "is empty (load the manifest with manifest.Load so defaults apply)"}
+	}
+	r.rootfs = path.Join(MachinesDir, r.machine)
+	r.nodeName = m.Kubernetes.NodeName
+	if r.nodeName == "" {
+		r.nodeName = strings.ToLower(r.f.Hostname)
+		if !validNodeName(r.nodeName) {
+			return &Error{"$.kubernetes.nodeName", fmt.Sprintf("not set, and the host name %q is not a valid node name; set kubernetes.nodeName", r.f.Hostname)}
+		}
+	}
+	if r.f.Arch == "" {
+		return &Error{"facts.arch", "the host architecture is unknown"}
+	}
+
+	hasGPU := r.f.NVIDIA != nil && len(r.f.NVIDIA.DeviceNodes) > 0
+	switch m.Machine.GPU {
+	case manifest.SwitchOn:
+		if !hasGPU {
+			return &Error{"$.machine.gpu", "is \"on\" but this host has no NVIDIA device nodes (/dev/nvidia*); use \"auto\" or \"off\""}
+		}
+		r.gpu = true
+	case manifest.SwitchOff:
+	default:
+		r.gpu = hasGPU
+	}
+	switch m.Machine.KVM {
+	case manifest.SwitchOn:
+		if !r.f.KVM {
+			return &Error{"$.machine.kvm", "is \"on\" but this host has no /dev/kvm; use \"auto\" or \"off\""}
+		}
+		r.kvm = true
+	case manifest.SwitchOff:
+	default:
+		r.kvm = r.f.KVM
+	}
+	for i, a := range m.Kubernetes.KubeletArgs {
+		// The flags travel in one Environment= value split on whitespace.
+		if !strings.HasPrefix(a, "--") || strings.ContainsAny(a, " \t\n\"\\'") {
+			return &Error{fmt.Sprintf("$.kubernetes.kubeletArgs[%d]", i), fmt.Sprintf("%q: want one flag like --max-pods=200, without spaces, quotes or backslashes", a)}
+		}
+	}
+	for i, b := range m.Machine.Binds {
+		if strings.Contains(b.Source, ":") || strings.Contains(b.Target, ":") {
+			return &Error{fmt.Sprintf("$.machine.binds[%d]", i), "a bind path cannot contain ':' (systemd-nspawn separates source and target with it)"}
+		}
+	}
+	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
+	r.containerdV3 = majorVersion(m.Components.Containerd.Version) >= 2
+
+	r.plan = Plan{
+		Version:  PlanVersion,
+		Machine:  r.machine,
+		Rootfs:   r.rootfs,
+		NodeName: r.nodeName,
+	}
+	return nil
+}
+
+// inRoot returns the host path of p inside the machine's rootfs.
+func (r *renderer) inRoot(p string) string { return path.Join(r.rootfs, p) }
+
+// stepID builds a stable id: phase, kind and the thing it changes. Rootfs
+// paths are named inside the machine, which reads better and does not
+// change with the machine name.
+func (r *renderer) stepID(phase Phase, kind Kind, name string) string {
+	if rel, ok := strings.CutPrefix(name, r.rootfs+"/"); ok {
+		name = "/" + rel
+	}
+	return string(phase) + ":" + string(kind) + ":" + name
+}
+
+func (r *renderer) add(s Step) *Step {
+	r.plan.Steps = append(r.plan.Steps, s)
+	return &r.plan.Steps[len(r.plan.Steps)-1]
+}
+
+func (r *renderer) warn(format string, args ...any) {
+	r.plan.Warnings = append(r.plan.Warnings, fmt.Sprintf(format, args...))
+}
+
+// fileOpt adjusts a file step.
+type fileOpt func(*File)
+
+func secret(f *File)        { f.Secret = true }
+func mode(m uint32) fileOpt { return func(f *File) { f.Mode = m } }
+func keepExisting(f *File)  { f.Overwrite = false }
+func owned(o Owner) fileOpt { return func(f *File) { f.Owner = o } }
+
+// setContents stores data as text, or as base64 when it is not UTF-8 text.
+func setContents(f *File, data []byte) {
+	if utf8.Valid(data) {
+		f.Contents, f.Encoding = string(data), ""
+		return
+	}
+	f.Contents, f.Encoding = base64Std(data), "base64"
+}
+
+// file adds a file step with mode 0644 owned by root, overwriting.
+func (r *renderer) file(phase Phase, p, contents, what string, opts ...fileOpt) *Step {
+	f := &File{Path: p, Mode: 0o644, Contents: contents, Overwrite: true}
+	for _, o := range opts {
+		o(f)
+	}
+	setContents(f, []byte(f.Contents))
+	return r.add(Step{
+		ID:      r.stepID(phase, KindFile, p),
+		Phase:   phase,
+		Kind:    KindFile,
+		Summary: what,
+		File:    f,
+	})
+}
+
+// tmpl renders one embedded template.
+func tmpl(name string, data any) string {
+	var b bytes.Buffer
+	if err := templates.ExecuteTemplate(&b, name, data); err != nil {
+		// Templates are embedded and their data is built here: a failure
+		// is a programming error that every golden test would catch.
+		panic(fmt.Sprintf("render: template %s: %v", name, err))
+	}
+	return b.String()
+}
+
+func (r *renderer) dir(phase Phase, p string, m uint32, what string) *Step {
+	return r.add(Step{
+		ID:        r.stepID(phase, KindDirectory, p),
+		Phase:     phase,
+		Kind:      KindDirectory,
+		Summary:   what,
+		Directory: &Directory{Path: p, Mode: m},
+	})
+}
+
+func (r *renderer) link(phase Phase, p, target, what string) *Step {
+	return r.add(Step{
+		ID:      r.stepID(phase, KindLink, p),
+		Phase:   phase,
+		Kind:    KindLink,
+		Summary: what,
+		Link:    &Link{Path: p, Target: target},
+	})
+}
+
+func (r *renderer) systemd(action, unit string, after ...string) *Step {
+	id := string(PhaseStart) + ":" + string(KindSystemd) + ":" + action
+	what := "systemctl " + action
+	if unit != "" {
+		id += ":" + unit
+		what += " " + unit
+	}
+	return r.add(Step{
+		ID:      id,
+		Phase:   PhaseStart,
+		Kind:    KindSystemd,
+		Summary: what,
+		After:   after,
+		Systemd: &Systemd{Action: action, Unit: unit},
+	})
+}
+
+// sortByPhase orders steps by phase, keeping the order within a phase.
+func sortByPhase(steps []Step) {
+	rank := map[Phase]int{}
+	for i, p := range Phases {
+		rank[p] = i
+	}
+	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })
+}
+
+// checkUnique rejects two steps with the same id, which means two parts of
+// the manifest (an extra file and a generated one, say) claim one path.
+func checkUnique(steps []Step) error {
+	seen := map[string]bool{}
+	paths := map[string]string{}
+	for _, s := range steps {
+		if seen[s.ID] {
+			return &Error{"$", fmt.Sprintf("two steps have the id %q", s.ID)}
+		}
+		seen[s.ID] = true
+		if p := s.targetPath(); p != "" {
+			if other, ok := paths[p]; ok {
+				return &Error{"$", fmt.Sprintf("%s is written by both %s and %s; remove it from the manifest's extra files", p, other, s.ID)}
+			}
+			paths[p] = s.ID
+		}
+	}
+	return nil
+}
+
+// targetPath is the path a file, directory or link step creates.
+func (s *Step) targetPath() string {
+	switch {
+	case s.File != nil:
+		return s.File.Path
+	case s.Directory != nil:
+		return s.Directory.Path
+	case s.Link != nil:
+		return s.Link.Path
+	}
+	return ""
+}
+
+func majorVersion(v string) int {
+	v = strings.TrimPrefix(v, "v")
+	n := 0
+	for _, c := range v {
+		if c < '0' || c > '9' {
+			break
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n
+}

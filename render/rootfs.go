@@ -1,0 +1,137 @@
+package render
+
+import (
+	"fmt"
+	"path"
+	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/upstream"
+	"github.com/nodespawn/nodespawn/manifest"
+)
+
+const imageStepID = "rootfs:image"
+
+// debootstrapInclude is what the deprecated debootstrap rootfs needs on top
+// of the minimal base: the same tools the OCI images carry.
+var debootstrapInclude = []string{
+	"systemd", "systemd-sysv", "dbus", "udev", "kmod", "iproute2", "iptables", "nftables",
+	"procps", "curl", "ca-certificates", "wireguard-tools",
+}
+
+// rootfs creates the machine's root filesystem and downloads the node's
+// binaries into it.
+func (r *renderer) renderRootfs() error {
+	src := r.m.Machine.Rootfs
+	img := &Image{Dest: r.rootfs, Platform: "linux/" + r.f.Arch, PlainHTTP: src.PlainHTTP}
+	what := ""
+	switch {
+	case src.Layout != nil:
+		img.Layout, img.LayoutRef = src.Layout.Path, src.Layout.Reference
+		if img.LayoutRef == "" {
+			img.LayoutRef = "latest"
+		}
+		what = "unpack " + img.Layout + ":" + img.LayoutRef + " (OCI layout, " + img.Platform + ")"
+	case src.Debootstrap != nil:
+		d := &DebootstrapSpec{Suite: src.Debootstrap.Suite, Mirror: src.Debootstrap.Mirror, Include: debootstrapInclude}
+		if d.Suite == "" {
+			d.Suite = "noble"
+		}
+		if d.Mirror == "" {
+			d.Mirror = "http://archive.ubuntu.com/ubuntu"
+			if r.f.Arch != "amd64" {
+				d.Mirror = "http://ports.ubuntu.com/ubuntu-ports"
+			}
+		}
+		img.Debootstrap = d
+		r.warn("machine.rootfs.debootstrap is deprecated and will be removed; use an OCI image (machine.rootfs.image or layout)")
+		what = "debootstrap " + d.Suite + " from " + d.Mirror + " (deprecated)"
+	default:
+		img.Reference = src.Image
+		if r.gpu && src.GPUImage != "" {
+			img.Reference = src.GPUImage
+		}
+		if img.Reference == "" {
+			return &Error{"$.machine.rootfs.image", "no rootfs image (load the manifest with manifest.Load so defaults apply)"}
+		}
+		what = "pull " + img.Reference + " (" + img.Platform + " only) and unpack it"
+	}
+	r.add(Step{
+		ID:      imageStepID,
+		Phase:   PhaseRootfs,
+		Kind:    KindImage,
+		Summary: what + " into " + r.rootfs + ", staged and renamed into place when verified",
+		Image:   img,
+	})
+
+	c := r.m.Components
+	k8sVersion := r.m.Kubernetes.Version
+	for _, d := range []struct {
+		name string
+		c    manifest.Component
+		at   string
+	}{
+		{upstream.Containerd, c.Containerd, "containerd"},
+		{upstream.Runc, c.Runc, "runc"},
+		{upstream.CNIPlugins, c.CNIPlugins, "cniPlugins"},
+		{upstream.Kubelet, c.Kubelet, "kubelet"},
+		{upstream.Kubectl, c.Kubectl, "kubectl"},
+		{upstream.KubeProxy, c.KubeProxy, "kubeProxy"},
+		{upstream.Crictl, c.Crictl, "crictl"},
+	} {
+		if d.c.Version == "" && (d.name == upstream.Kubelet || d.name == upstream.Kubectl || d.name == upstream.KubeProxy) {
+			d.c.Version = k8sVersion
+		}
+		if err := r.download(d.name, d.c, c.Mirror, "$.components."+d.at); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *renderer) download(name string, c manifest.Component, mirror, at string) error {
+	base := c.BaseURL
+	if base == "" {
+		base = mirror
+	}
+	a, err := upstream.Lookup(name, c.Version, r.f.Arch, base)
+	if err != nil {
+		return &Error{at, err.Error()}
+	}
+	if c.URL != "" {
+		// An explicit URL keeps the upstream's checksum file convention.
+		if rest, ok := strings.CutPrefix(a.ChecksumURL, a.URL); ok {
+			a.ChecksumURL = c.URL + rest
+		} else {
+			a.ChecksumURL = c.URL[:strings.LastIndex(c.URL, "/")+1] + path.Base(a.ChecksumURL)
+		}
+		a.URL = c.URL
+	}
+	d := &Download{
+		Name:    name,
+		Version: strings.TrimPrefix(c.Version, "v"),
+		URL:     a.URL,
+		SHA256:  c.SHA256,
+		Dest:    r.inRoot(a.InstallPath),
+		Mode:    0o755,
+		Archive: a.Archive,
+	}
+	if d.SHA256 == "" {
+		d.ChecksumURL = a.ChecksumURL
+	}
+	for _, m := range a.Members {
+		d.Members = append(d.Members, Member{Path: m.Path, Dest: m.Dest})
+	}
+	verify := "pinned sha256"
+	if d.SHA256 == "" {
+		verify = "sha256 from " + d.ChecksumURL
+	}
+	r.add(Step{
+		ID:       "rootfs:download:" + name,
+		Phase:    PhaseRootfs,
+		Kind:     KindDownload,
+		Summary:  fmt.Sprintf("download %s %s, verify (%s), install into %s", name, d.Version, verify, a.InstallPath),
+		After:    []string{imageStepID},
+		Download: d,
+	})
+	return nil
+}
