@@ -12,6 +12,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/fsutil"
 )
 
 // rootfs is a destination directory and the names kept beside it:
@@ -175,7 +177,7 @@ func (s *staging) commit(m marker, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("encode marker: %w", err)
 	}
-	if err := writeFileAtomic(r.markerPath(), append(b, '\n'), 0o644); err != nil {
+	if err := fsutil.WriteFile(r.markerPath(), append(b, '\n'), 0o644, 0, 0); err != nil {
 		return err
 	}
 	if aside != "" {
@@ -196,46 +198,6 @@ func syncfs(dir string) error {
 	defer f.Close()
 	if err := unix.Syncfs(int(f.Fd())); err != nil {
 		return fmt.Errorf("sync filesystem of %s: %w", dir, err)
-	}
-	return nil
-}
-
-// writeFileAtomic writes path through a synced temp file and a rename, and
-// syncs the directory. It stands in for internal/fsutil's writer, which does
-// not exist yet.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return fmt.Errorf("chmod %s: %w", tmp, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s to %s: %w", tmp, path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open %s to sync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -1,0 +1,358 @@
+package oci
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2"
+	"oras.land/oras-go/v2/content/oci"
+	"oras.land/oras-go/v2/registry/remote"
+	"oras.land/oras-go/v2/registry/remote/auth"
+)
+
+// registryServer is Debian's docker-registry (distribution v2.8) serving a
+// temp directory on a free loopback port.
+type registryServer struct {
+	addr    string // 127.0.0.1:port
+	storage string
+}
+
+// startRegistry starts docker-registry for the test and stops it at the
+// end. htpasswd, when set, turns on basic auth with that file.
+func startRegistry(t testing.TB, htpasswd string) *registryServer {
+	t.Helper()
+	bin, err := exec.LookPath("docker-registry")
+	if err != nil {
+		t.Skip("docker-registry not installed (apt-get install docker-registry); the registry tests need it")
+	}
+	dir := t.TempDir()
+	addr := freePort(t)
+	cfg := fmt.Sprintf(`version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage:
+  filesystem: { rootdirectory: %s }
+  delete: { enabled: true }
+http:
+  addr: %s
+`, filepath.Join(dir, "data"), addr)
+	if htpasswd != "" {
+		cfg += fmt.Sprintf("auth:\n  htpasswd: { realm: nodespawn-test, path: %s }\n", htpasswd)
+	}
+	cfgPath := filepath.Join(dir, "registry.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "registry.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "serve", cfgPath)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start docker-registry: %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		logf.Close()
+	})
+	for i := 0; ; i++ {
+		resp, err := http.Get("http://" + addr + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if i == 200 {
+			b, _ := os.ReadFile(logf.Name())
+			t.Fatalf("docker-registry did not come up on %s: %v\n%s", addr, err, b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return &registryServer{addr: addr, storage: filepath.Join(dir, "data")}
+}
+
+// blobPath is where the registry keeps a blob's bytes.
+func (r *registryServer) blobPath(d digest.Digest) string {
+	return filepath.Join(r.storage, "docker/registry/v2/blobs", d.Algorithm().String(), d.Encoded()[:2], d.Encoded(), "data")
+}
+
+func freePort(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// pushRepo returns a plain-HTTP repository handle for pushing test images.
+func pushRepo(t testing.TB, addr, name string) *remote.Repository {
+	t.Helper()
+	repo, err := remote.NewRepository(addr + "/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo.PlainHTTP = true
+	return repo
+}
+
+// layoutStore returns a writable OCI layout at dir.
+func layoutStore(t testing.TB, dir string) *oci.Store {
+	t.Helper()
+	s, err := oci.New(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// entry is one tar member; body is the file content for regular files.
+type entry struct {
+	hdr  tar.Header
+	body string
+}
+
+func dir(name string, mode int64) entry { return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode}} }
+func file(name, body string, mode int64) entry {
+	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: mode}, body: body}
+}
+func symlink(name, target string) entry {
+	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777}}
+}
+// hardlink is a hardlink entry; like tar, it repeats the target's mode,
+// which archive.Apply applies to the shared inode.
+func hardlink(name, target string, mode int64) entry {
+	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeLink, Linkname: target, Mode: mode}}
+}
+func whiteout(name string) entry { return file(name, "", 0) }
+
+func owned(e entry, uid, gid int) entry { e.hdr.Uid, e.hdr.Gid = uid, gid; return e }
+
+// mkTar writes entries as a PAX tar stream.
+func mkTar(t testing.TB, entries ...entry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range entries {
+		h := e.hdr
+		if h.Typeflag == tar.TypeReg {
+			h.Size = int64(len(e.body))
+		}
+		if h.ModTime.IsZero() {
+			h.ModTime = time.Unix(1700000000, 0)
+		}
+		h.Format = tar.FormatPAX
+		if err := tw.WriteHeader(&h); err != nil {
+			t.Fatalf("tar header %q: %v", h.Name, err)
+		}
+		if h.Typeflag == tar.TypeReg {
+			if _, err := io.WriteString(tw, e.body); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// layer is a blob ready to push, with the DiffID of its tar.
+type layer struct {
+	mediaType string
+	blob      []byte
+	diffID    digest.Digest
+}
+
+func compressLayer(t testing.TB, mediaType string, tarball []byte) layer {
+	t.Helper()
+	l := layer{mediaType: mediaType, diffID: digest.FromBytes(tarball)}
+	var buf bytes.Buffer
+	switch mediaType {
+	case ocispec.MediaTypeImageLayer:
+		buf.Write(tarball)
+	case ocispec.MediaTypeImageLayerGzip:
+		zw := gzip.NewWriter(&buf)
+		zw.Write(tarball)
+		zw.Close()
+	case ocispec.MediaTypeImageLayerZstd:
+		zw, err := zstd.NewWriter(&buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		zw.Write(tarball)
+		zw.Close()
+	default:
+		t.Fatalf("media type %s", mediaType)
+	}
+	l.blob = buf.Bytes()
+	return l
+}
+
+func gzLayer(t testing.TB, entries ...entry) layer {
+	return compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, entries...))
+}
+
+// imageSpec is an image to push; diffIDs, when set, replace the true ones
+// in the config (to build a lying config).
+type imageSpec struct {
+	platform ocispec.Platform
+	layers   []layer
+	diffIDs  []digest.Digest
+}
+
+var linuxAMD64 = ocispec.Platform{OS: "linux", Architecture: "amd64"}
+
+// pushBlob pushes b unless the target has it.
+func pushBlob(t testing.TB, ctx context.Context, target oras.Target, mediaType string, b []byte) ocispec.Descriptor {
+	t.Helper()
+	desc := ocispec.Descriptor{MediaType: mediaType, Digest: digest.FromBytes(b), Size: int64(len(b))}
+	ok, err := target.Exists(ctx, desc)
+	if err != nil {
+		t.Fatalf("exists %s: %v", desc.Digest, err)
+	}
+	if !ok {
+		if err := target.Push(ctx, desc, bytes.NewReader(b)); err != nil {
+			t.Fatalf("push %s %s: %v", mediaType, desc.Digest, err)
+		}
+	}
+	return desc
+}
+
+func pushJSON(t testing.TB, ctx context.Context, target oras.Target, mediaType string, v any) ocispec.Descriptor {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pushBlob(t, ctx, target, mediaType, b)
+}
+
+// pushImage pushes spec's layers, config and manifest; tag, when set, tags it.
+func pushImage(t testing.TB, ctx context.Context, target oras.Target, tag string, spec imageSpec) ocispec.Descriptor {
+	t.Helper()
+	cfg := ocispec.Image{Platform: spec.platform, RootFS: ocispec.RootFS{Type: "layers"}}
+	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
+	for _, l := range spec.layers {
+		m.Layers = append(m.Layers, pushBlob(t, ctx, target, l.mediaType, l.blob))
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.diffID)
+	}
+	if spec.diffIDs != nil {
+		cfg.RootFS.DiffIDs = spec.diffIDs
+	}
+	m.Config = pushJSON(t, ctx, target, ocispec.MediaTypeImageConfig, cfg)
+	desc := pushJSON(t, ctx, target, ocispec.MediaTypeImageManifest, m)
+	if tag != "" {
+		if err := target.Tag(ctx, desc, tag); err != nil {
+			t.Fatalf("tag %s: %v", tag, err)
+		}
+	}
+	return desc
+}
+
+// pushIndex pushes one image per spec and an index over them, tagged tag.
+func pushIndex(t testing.TB, ctx context.Context, target oras.Target, tag string, imgs ...imageSpec) (ocispec.Descriptor, []ocispec.Descriptor) {
+	t.Helper()
+	idx := ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex}
+	var ms []ocispec.Descriptor
+	for _, s := range imgs {
+		d := pushImage(t, ctx, target, "", s)
+		p := s.platform
+		d.Platform = &p
+		idx.Manifests = append(idx.Manifests, d)
+		ms = append(ms, d)
+	}
+	desc := pushJSON(t, ctx, target, ocispec.MediaTypeImageIndex, idx)
+	if err := target.Tag(ctx, desc, tag); err != nil {
+		t.Fatalf("tag %s: %v", tag, err)
+	}
+	return desc, ms
+}
+
+// fetchManifest reads a pushed manifest back (to list an image's blobs).
+func fetchManifest(t testing.TB, ctx context.Context, target oras.ReadOnlyTarget, desc ocispec.Descriptor) ocispec.Manifest {
+	t.Helper()
+	rc, err := target.Fetch(ctx, desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	var m ocispec.Manifest
+	if err := json.NewDecoder(rc).Decode(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// machinesDir returns a fresh parent for rootfs destinations.
+func machinesDir(t testing.TB) string {
+	t.Helper()
+	d := filepath.Join(t.TempDir(), "machines")
+	if err := os.Mkdir(d, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// assertFailedClosed checks that a failed pull left dest as before (absent
+// here) and nothing beside it but what was there.
+func assertFailedClosed(t testing.TB, parent string, want ...string) {
+	t.Helper()
+	ents, err := os.ReadDir(parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range ents {
+		got = append(got, e.Name())
+	}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("after a failed pull %s holds %q, want %q (staging not removed or dest touched)", parent, got, want)
+	}
+}
+
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: unpacking sets owners and creates device nodes")
+	}
+}
+
+// authClient is a registry client with fixed basic credentials (for pushing).
+func authClient(host, user, password string) *auth.Client {
+	return &auth.Client{Credential: auth.StaticCredential(host, auth.Credential{Username: user, Password: password})}
+}
+
+// writeDockerConfig writes a docker config.json with one registry login.
+func writeDockerConfig(t testing.TB, path, host, user, password string) {
+	t.Helper()
+	cfg := map[string]any{"auths": map[string]any{host: map[string]string{
+		"auth": base64.StdEncoding.EncodeToString([]byte(user + ":" + password)),
+	}}}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
