@@ -83,4 +83,3 @@ func debootstrapArgs(req DebootstrapRequest, dir string) []string {
 	}
 	return append(args, req.Suite, dir, req.Mirror)
 }
-

@@ -131,13 +131,16 @@ type entry struct {
 	body string
 }
 
-func dir(name string, mode int64) entry { return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode}} }
+func dir(name string, mode int64) entry {
+	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode}}
+}
 func file(name, body string, mode int64) entry {
 	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: mode}, body: body}
 }
 func symlink(name, target string) entry {
 	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777}}
 }
+
 // hardlink is a hardlink entry; like tar, it repeats the target's mode,
 // which archive.Apply applies to the shared inode.
 func hardlink(name, target string, mode int64) entry {
