@@ -1,0 +1,286 @@
+// Package probe gathers the host Facts that render needs: architecture,
+// hostname, resolvers, KVM, swap, systemd-container, and NVIDIA GPUs with
+// their device nodes and driver libraries. It only reads; every path it
+// reads lies under Options.Root, so tests describe a host with a directory
+// tree.
+//
+// Device nodes: on the real root ("/") only character devices count. Under
+// any other Root a regular file stands in for a device node as well, so that
+// fixture trees in testdata need no mknod (and can live in git).
+package probe
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// Options say where and how to probe. The zero value probes this host.
+type Options struct {
+	// Root is the host's root directory; "" means "/".
+	Root string
+	// Arch is the Go architecture name to report and to pick linker-cache
+	// entries for; "" means runtime.GOARCH.
+	Arch string
+	// LdCache is the linker cache to read NVIDIA libraries from: a binary
+	// ld.so.cache or the text `ldconfig -p` prints (told apart by content).
+	// It is a path as given, not under Root; "" means Root/etc/ld.so.cache.
+	LdCache string
+	// NVML is consulted for the driver version and GPUs. nil means
+	// SystemNVML() when Root is "/", and none otherwise (NVML describes the
+	// running kernel, not a tree under Root).
+	NVML NVML
+	// Logger receives warnings (a stub-only resolv.conf, NVIDIA device
+	// nodes without NVML, ...) and debug notes; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Host paths the probe reads (under Root).
+const (
+	resolvedResolvConf = "/run/systemd/resolve/resolv.conf"
+	etcResolvConf      = "/etc/resolv.conf"
+	etcHostname        = "/etc/hostname"
+	devKVM             = "/dev/kvm"
+	procSwaps          = "/proc/swaps"
+	etcFstab           = "/etc/fstab"
+	etcLdCache         = "/etc/ld.so.cache"
+	procNVIDIAVersion  = "/proc/driver/nvidia/version"
+)
+
+// prober carries one Gather's settings.
+type prober struct {
+	root string
+	arch string
+	log  *slog.Logger
+}
+
+// at returns the path of host path p under Root.
+func (p *prober) at(hostPath string) string { return filepath.Join(p.root, hostPath) }
+
+// fakeRoot reports whether Root is a tree standing in for a host.
+func (p *prober) fakeRoot() bool { return p.root != "/" }
+
+// Gather probes the host under opts.Root and returns its Facts. Missing
+// optional things (no GPU, no swap, no resolv.conf) are facts, not errors;
+// Gather fails only when something exists but cannot be read or parsed.
+func Gather(ctx context.Context, opts Options) (render.Facts, error) {
+	if err := ctx.Err(); err != nil {
+		return render.Facts{}, err
+	}
+	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Logger}
+	if opts.Root == "" {
+		p.root = "/"
+	}
+	if p.arch == "" {
+		p.arch = runtime.GOARCH
+	}
+	if p.log == nil {
+		p.log = slog.Default()
+	}
+	nv := opts.NVML
+	if nv == nil {
+		nv = SystemNVML()
+		if p.fakeRoot() {
+			nv = noNVML{}
+		}
+	}
+	ldCache := opts.LdCache
+	if ldCache == "" {
+		ldCache = p.at(etcLdCache)
+	}
+
+	f := render.Facts{Arch: p.arch}
+	var err error
+	if f.Hostname, err = p.hostname(); err != nil {
+		return render.Facts{}, err
+	}
+	if f.ResolvConf, f.Nameservers, err = p.resolvConf(); err != nil {
+		return render.Facts{}, err
+	}
+	if f.KVM, err = p.deviceNode(devKVM); err != nil {
+		return render.Facts{}, err
+	}
+	if f.HasSystemdContainer, err = p.systemdContainer(); err != nil {
+		return render.Facts{}, err
+	}
+	if f.Swap, err = p.swap(); err != nil {
+		return render.Facts{}, err
+	}
+	if f.NVIDIA, err = p.nvidia(ctx, nv, ldCache); err != nil {
+		return render.Facts{}, err
+	}
+	return f, nil
+}
+
+// readOptional reads a file, returning nil content (no error) when it is
+// absent.
+func readOptional(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// hostname is the first name in /etc/hostname; on the real root the
+// kernel's hostname when that file is missing or empty.
+func (p *prober) hostname() (string, error) {
+	b, err := readOptional(p.at(etcHostname))
+	if err != nil {
+		return "", err
+	}
+	for line := range strings.Lines(string(b)) {
+		line = strings.TrimSpace(line)
+		if line != "" && !strings.HasPrefix(line, "#") {
+			return line, nil
+		}
+	}
+	if p.fakeRoot() {
+		return "", nil
+	}
+	name, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("read the kernel hostname (%s is missing): %w", etcHostname, err)
+	}
+	return name, nil
+}
+
+// resolvConf picks the resolv.conf that lists the real upstream servers:
+// systemd-resolved's own list when it runs, else /etc/resolv.conf (which
+// on a resolved host only names the 127.0.0.53 stub, unusable from a pod's
+// network namespace).
+func (p *prober) resolvConf() (string, []string, error) {
+	for _, path := range []string{resolvedResolvConf, etcResolvConf} {
+		b, err := readOptional(p.at(path))
+		if err != nil {
+			return "", nil, err
+		}
+		if b == nil {
+			continue
+		}
+		servers := nameservers(b)
+		switch {
+		case len(servers) == 0:
+			p.log.Warn("resolv.conf lists no nameserver; pods with dnsPolicy Default will have no DNS", "path", path)
+		case allLoopback(servers):
+			p.log.Warn("resolv.conf lists only loopback resolvers (the systemd-resolved stub?); pods with dnsPolicy Default cannot reach them",
+				"path", path, "nameservers", servers)
+		}
+		return path, servers, nil
+	}
+	p.log.Warn("no resolv.conf found", "paths", []string{resolvedResolvConf, etcResolvConf})
+	return "", nil, nil
+}
+
+// nameservers returns the nameserver addresses of a resolv.conf, in order.
+func nameservers(b []byte) []string {
+	var out []string
+	for line := range strings.Lines(string(b)) {
+		fields := strings.Fields(line)
+		if len(fields) >= 2 && fields[0] == "nameserver" {
+			out = append(out, fields[1])
+		}
+	}
+	return out
+}
+
+// allLoopback reports whether every server is a loopback address.
+func allLoopback(servers []string) bool {
+	for _, s := range servers {
+		addr, err := netip.ParseAddr(s)
+		if err != nil || !addr.IsLoopback() {
+			return false
+		}
+	}
+	return true
+}
+
+// isDeviceNode tells whether an entry stands for a device node: a character
+// device, or under a fake Root also a regular file (see the package doc).
+func (p *prober) isDeviceNode(mode fs.FileMode) bool {
+	if mode&fs.ModeCharDevice != 0 {
+		return true
+	}
+	return p.fakeRoot() && mode.IsRegular()
+}
+
+// deviceNode reports whether the device node at host path exists.
+func (p *prober) deviceNode(hostPath string) (bool, error) {
+	fi, err := os.Lstat(p.at(hostPath))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("stat %s: %w", p.at(hostPath), err)
+	}
+	return p.isDeviceNode(fi.Mode()), nil
+}
+
+// systemdContainer reports whether systemd-nspawn and machinectl (the
+// systemd-container package) are installed.
+func (p *prober) systemdContainer() (bool, error) {
+	for _, prog := range []string{"systemd-nspawn", "machinectl"} {
+		found := false
+		for _, dir := range []string{"/usr/bin", "/bin"} {
+			fi, err := os.Stat(p.at(filepath.Join(dir, prog)))
+			if err == nil && fi.Mode().IsRegular() {
+				found = true
+				break
+			}
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return false, fmt.Errorf("stat %s: %w", p.at(filepath.Join(dir, prog)), err)
+			}
+		}
+		if !found {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// swap reports whether swap is active (/proc/swaps lists a device) or
+// configured (/etc/fstab has a swap entry).
+func (p *prober) swap() (bool, error) {
+	swaps, err := readOptional(p.at(procSwaps))
+	if err != nil {
+		return false, err
+	}
+	// The first line is the column header.
+	lines := bytes.Split(bytes.TrimSpace(swaps), []byte("\n"))
+	if len(lines) > 1 {
+		return true, nil
+	}
+	fstab, err := readOptional(p.at(etcFstab))
+	if err != nil {
+		return false, err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(fstab))
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 3 || strings.HasPrefix(fields[0], "#") || fields[2] != "swap" {
+			continue
+		}
+		// A noauto entry is never enabled at boot, so it is no swap kubelet
+		// would meet.
+		if len(fields) >= 4 && slices.Contains(strings.Split(fields[3], ","), "noauto") {
+			continue
+		}
+		return true, nil
+	}
+	return false, sc.Err()
+}
