@@ -1,0 +1,444 @@
+package manifest
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/Masterminds/semver/v3"
+	"oras.land/oras-go/v2/registry"
+)
+
+// check runs the rules the schema cannot express. Messages never repeat a
+// secret value.
+func check(m *Manifest) []problem {
+	var c checker
+	c.machine(&m.Machine)
+	c.kubernetes(&m.Kubernetes)
+	c.components(&m.Components)
+	c.host(&m.Host)
+	return c.probs
+}
+
+type checker struct{ probs []problem }
+
+func (c *checker) add(path, format string, args ...any) {
+	c.probs = append(c.probs, problem{path: path, msg: fmt.Sprintf(format, args...)})
+}
+
+func (c *checker) addKey(path, format string, args ...any) {
+	c.probs = append(c.probs, problem{path: path, key: true, msg: fmt.Sprintf(format, args...)})
+}
+
+func (c *checker) machine(mc *Machine) {
+	const p = "$.machine"
+	if mc.Name != "" {
+		if msg := machineNameProblem(mc.Name); msg != "" {
+			c.add(p+".name", "%s", msg)
+		}
+	}
+	c.rootfs(&mc.Rootfs)
+	for i, b := range mc.Binds {
+		bp := index(p+".binds", i)
+		c.bindPath(bp+".source", b.Source)
+		if b.Target != "" {
+			c.bindPath(bp+".target", b.Target)
+		}
+	}
+	for i, f := range mc.SystemCallFilter {
+		if strings.ContainsAny(f, " \t\n") {
+			c.add(index(p+".systemCallFilter", i), "one system call or @group per entry, without spaces")
+		}
+	}
+	c.extra(p+".extra", &mc.Extra)
+}
+
+func (c *checker) bindPath(p, v string) {
+	switch {
+	case !path.IsAbs(v):
+		c.add(p, "must be an absolute path")
+	case strings.ContainsAny(v, ":\n"):
+		c.add(p, "must not contain ':' or a newline (nspawn's Bind= syntax)")
+	case path.Clean(v) != v:
+		c.add(p, "must be a clean path (no '..', '.', '//' or trailing '/'); did you mean %q?", path.Clean(v))
+	}
+}
+
+// machineNameProblem applies systemd's machine_name_is_valid: a hostname of
+// at most 64 characters, dot-separated labels of ASCII letters, digits and
+// '-', no label starting or ending with '-', no empty label. (systemd before
+// v247 also took '_'; the rule here suits every version.)
+func machineNameProblem(name string) string {
+	if len(name) > 64 {
+		return "machine name must be at most 64 characters"
+	}
+	if name == ".host" {
+		return `".host" names the host itself, not a machine`
+	}
+	for _, label := range strings.Split(name, ".") {
+		if label == "" {
+			return "machine name must not start or end with '.' or hold '..'"
+		}
+		if label[0] == '-' || label[len(label)-1] == '-' {
+			return "machine name labels must not start or end with '-'"
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return fmt.Sprintf("machine name may hold only letters, digits, '-' and '.', not %q", r)
+			}
+		}
+	}
+	return ""
+}
+
+func (c *checker) rootfs(r *Rootfs) {
+	const p = "$.machine.rootfs"
+	var sources []string
+	if r.Image != "" || r.GPUImage != "" {
+		sources = append(sources, "image/gpuImage")
+	}
+	if r.Layout != nil {
+		sources = append(sources, "layout")
+	}
+	if r.Debootstrap != nil {
+		sources = append(sources, "debootstrap")
+	}
+	if len(sources) > 1 {
+		c.add(p, "give one rootfs source, not %s", strings.Join(sources, " and "))
+	}
+	if r.Image != "" {
+		c.imageRef(p+".image", r.Image)
+	}
+	if r.GPUImage != "" {
+		c.imageRef(p+".gpuImage", r.GPUImage)
+	}
+	if l := r.Layout; l != nil {
+		if !path.IsAbs(l.Path) {
+			c.add(p+".layout.path", "must be an absolute path")
+		}
+		if l.Reference != "" && strings.ContainsAny(l.Reference, " \t\n/") {
+			c.add(p+".layout.reference", "must be a tag or a digest")
+		}
+	}
+	if d := r.Debootstrap; d != nil && d.Mirror != "" {
+		c.httpURL(p+".debootstrap.mirror", d.Mirror, false)
+	}
+	for i, h := range r.PlainHTTP {
+		if msg := hostPortProblem(h); msg != "" {
+			c.add(index(p+".plainHTTP", i), "%s", msg)
+		}
+	}
+}
+
+// imageRef accepts registry/repository with a tag or a digest.
+func (c *checker) imageRef(p, ref string) {
+	r, err := registry.ParseReference(ref)
+	if err != nil {
+		c.add(p, "not a valid image reference (want registry/repository:tag or registry/repository@sha256:...)")
+		return
+	}
+	if r.Reference == "" {
+		c.add(p, "pin the image with a tag or a digest (registry/repository:tag)")
+	}
+}
+
+func hostPortProblem(h string) string {
+	u, err := url.Parse("//" + h)
+	if err != nil || u.Host != h || u.Hostname() == "" {
+		return "must be a registry host or host:port, without scheme or path"
+	}
+	if port := u.Port(); port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return "port must be 1-65535"
+		}
+	}
+	return ""
+}
+
+// httpURL checks an absolute http(s) URL with a host.
+func (c *checker) httpURL(p, v string, httpsOnly bool) {
+	u, err := url.Parse(v)
+	want := "http or https"
+	if httpsOnly {
+		want = "https"
+	}
+	switch {
+	case err != nil || !u.IsAbs() || u.Host == "":
+		c.add(p, "must be an absolute %s URL", want)
+	case httpsOnly && u.Scheme != "https":
+		c.add(p, "must be an https URL (kubelet verifies the API server with caCert)")
+	case u.Scheme != "http" && u.Scheme != "https":
+		c.add(p, "must be an http or https URL, not %s", u.Scheme)
+	case u.User != nil:
+		c.add(p, "must not carry credentials")
+	}
+}
+
+var (
+	bootstrapTokenRE = regexp.MustCompile(`^[a-z0-9]{6}\.[a-z0-9]{16}$`)
+	sha256RE         = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	// Kubernetes' qualified-name and label-value syntax.
+	nameRE       = regexp.MustCompile(`^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$`)
+	dns1123Label = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+)
+
+func (c *checker) kubernetes(k *Kubernetes) {
+	const p = "$.kubernetes"
+	if k.Version != "" {
+		if msg := semverProblem(k.Version); msg != "" {
+			c.add(p+".version", "%s", msg)
+		}
+	}
+	c.httpURL(p+".apiServer", k.APIServer, true)
+	if msg := caProblem(k.CACert); msg != "" {
+		c.add(p+".caCert", "%s", msg)
+	}
+	for i, ip := range k.ClusterDNS {
+		if _, err := netip.ParseAddr(ip); err != nil {
+			c.add(index(p+".clusterDNS", i), "must be an IP address")
+		}
+	}
+	if k.ClusterDomain != "" && !isDNS1123Subdomain(k.ClusterDomain) {
+		c.add(p+".clusterDomain", "must be a DNS domain (lowercase letters, digits, '-' and '.')")
+	}
+	if k.NodeName != "" && !isDNS1123Subdomain(k.NodeName) {
+		c.add(p+".nodeName", "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit")
+	}
+	for key, val := range k.Labels {
+		lp := child(p+".labels", key)
+		if msg := qualifiedNameProblem(key); msg != "" {
+			c.addKey(lp, "label key %s", msg)
+		} else if msg := kubeletLabelProblem(key); msg != "" {
+			c.addKey(lp, "%s", msg)
+		}
+		if msg := labelValueProblem(val); msg != "" {
+			c.add(lp, "label value %s", msg)
+		}
+	}
+	for i, t := range k.Taints {
+		tp := index(p+".taints", i)
+		if msg := qualifiedNameProblem(t.Key); msg != "" {
+			c.add(tp+".key", "taint key %s", msg)
+		}
+		if msg := labelValueProblem(t.Value); msg != "" {
+			c.add(tp+".value", "taint value %s", msg)
+		}
+	}
+	c.auth(&k.Auth)
+	for i, a := range k.KubeletArgs {
+		if !strings.HasPrefix(a, "--") || len(a) < 3 {
+			c.add(index(p+".kubeletArgs", i), "must be a flag like --max-pods=200")
+		}
+	}
+	if k.SandboxImage != "" {
+		c.imageRef(p+".sandboxImage", k.SandboxImage)
+	}
+}
+
+func (c *checker) auth(a *Auth) {
+	const p = "$.kubernetes.auth"
+	switch {
+	case a.BootstrapToken != "" && a.Exec != nil:
+		c.add(p, "give bootstrapToken or exec, not both")
+	case a.BootstrapToken == "" && a.Exec == nil:
+		c.add(p, "give bootstrapToken or exec")
+	}
+	if a.BootstrapToken != "" && !bootstrapTokenRE.MatchString(a.BootstrapToken) {
+		// Never echo the token: say what shape it must have.
+		c.add(p+".bootstrapToken", "not a bootstrap token: want 6 then 16 lowercase letters or digits joined by '.' (like abcdef.0123456789abcdef)")
+	}
+	if e := a.Exec; e != nil {
+		seen := map[string]bool{}
+		for i, env := range e.Env {
+			if strings.ContainsAny(env.Name, "=\x00") {
+				c.add(index(p+".exec.env", i)+".name", "must not contain '=' or NUL")
+			}
+			if seen[env.Name] {
+				c.add(index(p+".exec.env", i)+".name", "duplicate variable %q", env.Name)
+			}
+			seen[env.Name] = true
+		}
+	}
+}
+
+// semverProblem accepts major.minor.patch with optional pre-release and
+// build, and a leading "v".
+func semverProblem(v string) string {
+	if _, err := semver.StrictNewVersion(strings.TrimPrefix(v, "v")); err != nil {
+		return "not a semantic version (want like v1.37.2)"
+	}
+	return ""
+}
+
+func caProblem(s string) string {
+	rest := []byte(s)
+	certs := 0
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		if _, err := x509.ParseCertificate(b.Bytes); err != nil {
+			return fmt.Sprintf("certificate %d does not parse: %v", certs+1, err)
+		}
+		certs++
+	}
+	if certs == 0 {
+		return "must be PEM with at least one CERTIFICATE block"
+	}
+	return ""
+}
+
+func isDNS1123Subdomain(s string) bool {
+	if len(s) > 253 {
+		return false
+	}
+	for _, l := range strings.Split(s, ".") {
+		if len(l) > 63 || !dns1123Label.MatchString(l) {
+			return false
+		}
+	}
+	return true
+}
+
+// qualifiedNameProblem applies Kubernetes' qualified name rule: an optional
+// DNS subdomain prefix and '/', then a name of at most 63 characters.
+func qualifiedNameProblem(key string) string {
+	name := key
+	if i := strings.IndexByte(key, '/'); i >= 0 {
+		prefix := key[:i]
+		name = key[i+1:]
+		if prefix == "" || !isDNS1123Subdomain(prefix) {
+			return fmt.Sprintf("%q: prefix must be a DNS subdomain (lowercase letters, digits, '-', '.')", key)
+		}
+	}
+	switch {
+	case name == "":
+		return fmt.Sprintf("%q: name part must not be empty", key)
+	case len(name) > 63:
+		return fmt.Sprintf("%q: name part must be at most 63 characters", key)
+	case !nameRE.MatchString(name):
+		return fmt.Sprintf("%q: name part may hold letters, digits, '-', '_' and '.', and must start and end with a letter or digit", key)
+	}
+	return ""
+}
+
+func labelValueProblem(v string) string {
+	switch {
+	case v == "":
+		return ""
+	case len(v) > 63:
+		return "must be at most 63 characters"
+	case !nameRE.MatchString(v):
+		return "may hold letters, digits, '-', '_' and '.', and must start and end with a letter or digit"
+	}
+	return ""
+}
+
+// kubeletLabels are the kubernetes.io labels kubelet sets on itself.
+var kubeletLabels = map[string]bool{
+	"kubernetes.io/hostname":                   true,
+	"kubernetes.io/os":                         true,
+	"kubernetes.io/arch":                       true,
+	"beta.kubernetes.io/os":                    true,
+	"beta.kubernetes.io/arch":                  true,
+	"beta.kubernetes.io/instance-type":         true,
+	"node.kubernetes.io/instance-type":         true,
+	"topology.kubernetes.io/region":            true,
+	"topology.kubernetes.io/zone":              true,
+	"failure-domain.beta.kubernetes.io/region": true,
+	"failure-domain.beta.kubernetes.io/zone":   true,
+}
+
+// kubeletLabelProblem mirrors kubelet's own check (it refuses to start with
+// other labels in the kubernetes.io and k8s.io namespaces): allowed are the
+// labels above and the kubelet.kubernetes.io and node.kubernetes.io
+// namespaces with their subdomains.
+func kubeletLabelProblem(key string) string {
+	i := strings.IndexByte(key, '/')
+	if i < 0 || kubeletLabels[key] {
+		return ""
+	}
+	ns := key[:i]
+	inNS := func(d string) bool { return ns == d || strings.HasSuffix(ns, "."+d) }
+	if !inNS("kubernetes.io") && !inNS("k8s.io") {
+		return ""
+	}
+	if inNS("kubelet.kubernetes.io") || inNS("node.kubernetes.io") {
+		return ""
+	}
+	msg := fmt.Sprintf("kubelet refuses to set label %q on its node (the %s namespace is reserved)", key, ns)
+	if ns == "node-role.kubernetes.io" {
+		msg += "; set node roles from the control plane, or use a node.kubernetes.io/ label"
+	}
+	return msg
+}
+
+func (c *checker) components(cs *Components) {
+	const p = "$.components"
+	if cs.Mirror != "" {
+		c.httpURL(p+".mirror", cs.Mirror, false)
+	}
+	for _, e := range []struct {
+		name string
+		c    *Component
+	}{
+		{"containerd", &cs.Containerd},
+		{"runc", &cs.Runc},
+		{"cniPlugins", &cs.CNIPlugins},
+		{"kubelet", &cs.Kubelet},
+		{"kubectl", &cs.Kubectl},
+		{"kubeProxy", &cs.KubeProxy},
+		{"crictl", &cs.Crictl},
+	} {
+		cp := p + "." + e.name
+		if e.c.Version != "" {
+			if msg := semverProblem(e.c.Version); msg != "" {
+				c.add(cp+".version", "%s", msg)
+			}
+		}
+		if e.c.URL != "" {
+			c.httpURL(cp+".url", e.c.URL, false)
+		}
+		if e.c.BaseURL != "" {
+			c.httpURL(cp+".baseURL", e.c.BaseURL, false)
+		}
+		if e.c.SHA256 != "" && !sha256RE.MatchString(e.c.SHA256) {
+			c.add(cp+".sha256", "must be 64 lowercase hex digits")
+		}
+	}
+}
+
+var (
+	sysctlNameRE = regexp.MustCompile(`^[a-zA-Z0-9_-]+([./][a-zA-Z0-9_:@-]+)+$`)
+	moduleRE     = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`)
+)
+
+func (c *checker) host(h *Host) {
+	const p = "$.host"
+	for name, v := range h.Sysctls {
+		sp := child(p+".sysctls", name)
+		if !sysctlNameRE.MatchString(name) {
+			c.addKey(sp, "not a sysctl name (like net.ipv4.ip_forward)")
+		}
+		if v == "" || strings.ContainsAny(string(v), "\n\x00") {
+			c.add(sp, "sysctl value must be one line, not empty")
+		}
+	}
+	for i, mod := range h.Modules {
+		if !moduleRE.MatchString(mod) {
+			c.add(index(p+".modules", i), "not a kernel module name")
+		}
+	}
+	c.extra(p+".extra", &h.Extra)
+}

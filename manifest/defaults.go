@@ -1,0 +1,110 @@
+package manifest
+
+import "strings"
+
+// Defaults applied by Load to what the manifest leaves out. Render and the
+// documentation show them; the schema's "default" annotations repeat them
+// for editors (a test keeps the two in step).
+const (
+	DefaultMachineName = "kube1"
+	// DefaultImage is the rootfs image when the manifest names no source.
+	DefaultImage = "ghcr.io/azure/agent-ubuntu2404:v1.37.2"
+	// DefaultGPUImage is the rootfs image on GPU hosts when the manifest
+	// names no source (or only gpuImage's CPU counterpart is left out).
+	DefaultGPUImage          = "ghcr.io/azure/agent-ubuntu2404-nvidia:v1.37.2"
+	DefaultLayoutReference   = "latest"
+	DefaultKubernetesVersion = "v1.37.2"
+	DefaultClusterDNS        = "10.96.0.10"
+	DefaultClusterDomain     = "cluster.local"
+	DefaultSandboxImage      = "registry.k8s.io/pause:3.10.1"
+	DefaultExecAPIVersion    = "client.authentication.k8s.io/v1"
+
+	// Component versions, without the leading "v". kubelet, kubectl and
+	// kube-proxy follow kubernetes.version.
+	DefaultContainerdVersion = "2.4.2"
+	DefaultRuncVersion       = "1.5.3"
+	DefaultCNIPluginsVersion = "1.10.0"
+	DefaultCrictlVersion     = "1.37.0"
+)
+
+// ApplyDefaults fills in what m leaves out and normalises what has more than
+// one spelling: component versions lose a leading "v", kubernetes.version
+// gains one, bpffs "auto" becomes "on". It is idempotent. NodeName stays
+// empty when unset: render fills it from the host's hostname.
+//
+// When the manifest names image but not gpuImage, gpuImage stays empty and
+// the one image serves every host; when it names only gpuImage, image is the
+// default CPU image.
+func ApplyDefaults(m *Manifest) {
+	mc := &m.Machine
+	if mc.Name == "" {
+		mc.Name = DefaultMachineName
+	}
+	rf := &mc.Rootfs
+	if rf.Layout == nil && rf.Debootstrap == nil {
+		if rf.Image == "" && rf.GPUImage == "" {
+			rf.GPUImage = DefaultGPUImage
+		}
+		if rf.Image == "" {
+			rf.Image = DefaultImage
+		}
+	}
+	if rf.Layout != nil && rf.Layout.Reference == "" {
+		rf.Layout.Reference = DefaultLayoutReference
+	}
+	if mc.GPU == "" {
+		mc.GPU = SwitchAuto
+	}
+	if mc.KVM == "" {
+		mc.KVM = SwitchAuto
+	}
+	if mc.BPFFS == "" || mc.BPFFS == SwitchAuto {
+		mc.BPFFS = SwitchOn
+	}
+
+	k := &m.Kubernetes
+	if k.Version == "" {
+		k.Version = DefaultKubernetesVersion
+	}
+	k.Version = "v" + strings.TrimPrefix(k.Version, "v")
+	if len(k.ClusterDNS) == 0 {
+		k.ClusterDNS = []string{DefaultClusterDNS}
+	}
+	if k.ClusterDomain == "" {
+		k.ClusterDomain = DefaultClusterDomain
+	}
+	if k.SandboxImage == "" {
+		k.SandboxImage = DefaultSandboxImage
+	}
+	if k.Auth.Exec != nil && k.Auth.Exec.APIVersion == "" {
+		k.Auth.Exec.APIVersion = DefaultExecAPIVersion
+	}
+
+	c := &m.Components
+	kube := strings.TrimPrefix(k.Version, "v")
+	for _, cv := range []struct {
+		c   *Component
+		def string
+	}{
+		{&c.Containerd, DefaultContainerdVersion},
+		{&c.Runc, DefaultRuncVersion},
+		{&c.CNIPlugins, DefaultCNIPluginsVersion},
+		{&c.Crictl, DefaultCrictlVersion},
+		{&c.Kubelet, kube},
+		{&c.Kubectl, kube},
+		{&c.KubeProxy, kube},
+	} {
+		if cv.c.Version == "" {
+			cv.c.Version = cv.def
+		}
+		cv.c.Version = strings.TrimPrefix(cv.c.Version, "v")
+	}
+
+	h := &m.Host
+	for _, b := range []**bool{&h.NftablesFlush, &h.DisableSwap, &h.InstallPackages} {
+		if *b == nil {
+			t := true
+			*b = &t
+		}
+	}
+}

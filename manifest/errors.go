@@ -1,0 +1,62 @@
+package manifest
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Error is one problem in a manifest, with where it is.
+type Error struct {
+	// File is the name the manifest was loaded under.
+	File string
+	// Line and Col are 1-based; 0 when unknown.
+	Line, Col int
+	// Path is the JSON path of the offending value, like $.kubernetes.version;
+	// empty for syntax errors.
+	Path string
+	// Message says what is wrong, in a few words. It never holds a secret.
+	Message string
+	// Snippet is the offending source line with a caret under Col (two
+	// lines, no trailing newline); empty when it would not help or would
+	// show a secret.
+	Snippet string
+}
+
+// Error formats the problem as FILE:LINE:COL: PATH: MESSAGE, without the snippet.
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+		if e.Col > 0 {
+			fmt.Fprintf(&b, ":%d", e.Col)
+		}
+	}
+	b.WriteString(": ")
+	if e.Path != "" {
+		b.WriteString(e.Path)
+		b.WriteString(": ")
+	}
+	b.WriteString(e.Message)
+	return b.String()
+}
+
+// Errors is every problem found in a manifest, in source order. Load returns
+// it for bad input (use errors.As to tell bad input from other failures).
+type Errors []*Error
+
+// Error formats every problem, one per line, each followed by its snippet.
+func (es Errors) Error() string {
+	var b strings.Builder
+	for i, e := range es {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		b.WriteString(e.Error())
+		if e.Snippet != "" {
+			b.WriteByte('\n')
+			b.WriteString(e.Snippet)
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,452 @@
+package manifest
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+	"github.com/santhosh-tekuri/jsonschema/v6/kind"
+	"golang.org/x/text/language"
+	"golang.org/x/text/message"
+
+	"github.com/nodespawn/nodespawn/schema"
+)
+
+// Load decodes a manifest from data (YAML or JSON), validates it against the
+// JSON Schema and the semantic rules, and returns it with defaults applied.
+// filename names the source in error messages. When the manifest is bad the
+// error is an Errors listing every problem found, each with its position.
+func Load(filename string, data []byte) (*Manifest, error) {
+	sch, err := schema.Compile()
+	if err != nil {
+		return nil, err
+	}
+	d := newDocument(filename, data)
+	if !d.parse(data) {
+		return nil, d.errors()
+	}
+	if len(d.probs) > 0 {
+		// Duplicate or non-string keys: the value is not what the author
+		// meant, so stop before guessing at more.
+		return nil, d.errors()
+	}
+
+	// flagged holds the paths the schema complained about (and the
+	// missing required members), so semantic checks stay quiet there.
+	var flagged []string
+	if err := sch.Validate(d.root); err != nil {
+		var ve *jsonschema.ValidationError
+		if !errors.As(err, &ve) {
+			return nil, fmt.Errorf("validate %s against the schema: %w", filename, err)
+		}
+		var prune [][]string
+		flagged, prune = d.schemaProblems(sch, ve)
+		// Drop the values the schema refused so the rest still decodes and
+		// its semantic problems are reported in the same run.
+		for _, loc := range prune {
+			d.root = without(d.root, loc)
+		}
+	}
+
+	m, derr := decode(d.root)
+	if derr != nil {
+		if len(flagged) == 0 {
+			// The schema accepted what the Go types cannot hold: the two
+			// disagree, which is a bug here, not in the manifest.
+			return nil, fmt.Errorf("decode %s: schema and types disagree: %w", filename, derr)
+		}
+		return nil, d.errors()
+	}
+	for _, p := range check(m) {
+		if !isFlagged(p.path, flagged) {
+			d.probs = append(d.probs, p)
+		}
+	}
+	if len(d.probs) > 0 {
+		return nil, d.errors()
+	}
+	ApplyDefaults(m)
+	return m, nil
+}
+
+func isFlagged(path string, flagged []string) bool {
+	for _, f := range flagged {
+		if under(path, f) {
+			return true
+		}
+	}
+	return false
+}
+
+// decode turns the generic value into the Go types, refusing keys the types
+// do not know (the schema already did; this guards the agreement).
+func decode(root any) (*Manifest, error) {
+	b, err := json.Marshal(root)
+	if err != nil {
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var m Manifest
+	if err := dec.Decode(&m); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+// --- schema errors
+
+var printer = message.NewPrinter(language.English)
+
+// schemaProblems turns the validation error tree into short messages, one
+// per leaf. It returns the paths it flagged and the locations of the values
+// the schema refused.
+func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged []string, prune [][]string) {
+	var walk func(e *jsonschema.ValidationError)
+	walk = func(e *jsonschema.ValidationError) {
+		if len(e.Causes) > 0 {
+			for _, c := range e.Causes {
+				walk(c)
+			}
+			return
+		}
+		path := d.instancePath(e.InstanceLocation)
+		switch k := e.ErrorKind.(type) {
+		case *kind.AdditionalProperties:
+			allowed := propertyNames(schemaAt(sch, d.root, e.InstanceLocation))
+			for _, name := range k.Properties {
+				p := child(path, name)
+				d.probs = append(d.probs, problem{path: p, key: true, msg: unknownField(name, allowed)})
+				flagged = append(flagged, p)
+				prune = append(prune, append(slices.Clone(e.InstanceLocation), name))
+			}
+			return
+		case *kind.Required:
+			for _, name := range k.Missing {
+				d.probs = append(d.probs, problem{path: path, key: true, msg: fmt.Sprintf("missing required field %q", name)})
+				flagged = append(flagged, child(path, name))
+			}
+			return
+		}
+		d.probs = append(d.probs, problem{path: path, msg: d.schemaMessage(path, e.ErrorKind)})
+		flagged = append(flagged, path)
+		prune = append(prune, e.InstanceLocation)
+	}
+	walk(ve)
+	return flagged, prune
+}
+
+// without returns v with the value at loc removed (an array element becomes
+// null, which decodes to the zero value).
+func without(v any, loc []string) any {
+	if len(loc) == 0 {
+		return nil
+	}
+	switch x := v.(type) {
+	case map[string]any:
+		if len(loc) == 1 {
+			delete(x, loc[0])
+		} else if c, ok := x[loc[0]]; ok {
+			x[loc[0]] = without(c, loc[1:])
+		}
+	case []any:
+		if i, err := strconv.Atoi(loc[0]); err == nil && i >= 0 && i < len(x) {
+			x[i] = without(x[i], loc[1:])
+		}
+	}
+	return v
+}
+
+func (d *document) schemaMessage(path string, k jsonschema.ErrorKind) string {
+	switch k := k.(type) {
+	case *kind.Type:
+		msg := fmt.Sprintf("must be %s, not %s", typeNames(k.Want), article(k.Got))
+		if k.Got == "null" {
+			msg += " (the key has no value)"
+		} else if contains(k.Want, "string") && k.Got != "object" && k.Got != "array" && !isSecretPath(path) {
+			msg += fmt.Sprintf(" (quote it: %q)", d.raw[path])
+		}
+		return msg
+	case *kind.Enum:
+		want := make([]string, len(k.Want))
+		for i, w := range k.Want {
+			want[i] = fmt.Sprint(w)
+		}
+		return "must be one of " + strings.Join(want, ", ")
+	case *kind.Const:
+		if got, ok := k.Got.(string); ok && !isSecretPath(path) {
+			return fmt.Sprintf("must be %q, not %q", fmt.Sprint(k.Want), got)
+		}
+		return fmt.Sprintf("must be %q", fmt.Sprint(k.Want))
+	case *kind.MinLength:
+		if k.Want == 1 {
+			return "must not be empty"
+		}
+		return fmt.Sprintf("must be at least %d characters long", k.Want)
+	case *kind.Minimum:
+		return fmt.Sprintf("must be at least %s", k.Want.RatString())
+	case *kind.Maximum:
+		return fmt.Sprintf("must be at most %s", k.Want.RatString())
+	}
+	return k.LocalizedString(printer)
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func article(t string) string {
+	switch t {
+	case "null":
+		return "null"
+	case "integer", "object", "array":
+		return "an " + t
+	}
+	return "a " + t
+}
+
+func typeNames(want []string) string {
+	names := make([]string, len(want))
+	for i, w := range want {
+		names[i] = article(w)
+	}
+	return strings.Join(names, " or ")
+}
+
+// instancePath turns the schema library's location tokens into our JSON path,
+// telling array indexes from object keys by looking at the document.
+func (d *document) instancePath(loc []string) string {
+	path, v := "$", d.root
+	for _, tok := range loc {
+		switch x := v.(type) {
+		case []any:
+			i, _ := strconv.Atoi(tok)
+			path = index(path, i)
+			if i >= 0 && i < len(x) {
+				v = x[i]
+			} else {
+				v = nil
+			}
+		case map[string]any:
+			path = child(path, tok)
+			v = x[tok]
+		default:
+			path = child(path, tok)
+			v = nil
+		}
+	}
+	return path
+}
+
+// schemaAt follows the instance location through the schema.
+func schemaAt(s *jsonschema.Schema, root any, loc []string) *jsonschema.Schema {
+	v := root
+	for _, tok := range loc {
+		s = deref(s)
+		if s == nil {
+			return nil
+		}
+		switch x := v.(type) {
+		case []any:
+			s = s.Items2020
+			i, _ := strconv.Atoi(tok)
+			v = nil
+			if i >= 0 && i < len(x) {
+				v = x[i]
+			}
+		case map[string]any:
+			v = x[tok]
+			if p, ok := s.Properties[tok]; ok {
+				s = p
+			} else if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
+				s = ap
+			} else {
+				return nil
+			}
+		default:
+			return nil
+		}
+	}
+	return deref(s)
+}
+
+func deref(s *jsonschema.Schema) *jsonschema.Schema {
+	for s != nil && s.Ref != nil && s.Properties == nil {
+		s = s.Ref
+	}
+	return s
+}
+
+func propertyNames(s *jsonschema.Schema) []string {
+	if s == nil {
+		return nil
+	}
+	names := make([]string, 0, len(s.Properties))
+	for n := range s.Properties {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// unknownField says a key is unknown and, when one is close, which was meant.
+func unknownField(name string, allowed []string) string {
+	msg := fmt.Sprintf("unknown field %q", name)
+	best, bestDist := "", 0
+	for _, a := range allowed {
+		dist := editDistance(strings.ToLower(name), strings.ToLower(a))
+		if best == "" || dist < bestDist {
+			best, bestDist = a, dist
+		}
+	}
+	switch {
+	case best != "" && (bestDist <= 2 || bestDist*3 <= len(best)):
+		return msg + fmt.Sprintf(" (did you mean %q?)", best)
+	case len(allowed) > 0 && len(allowed) <= 8:
+		return msg + " (known fields: " + strings.Join(allowed, ", ") + ")"
+	}
+	return msg
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	ra, rb := []rune(a), []rune(b)
+	prev := make([]int, len(rb)+1)
+	cur := make([]int, len(rb)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(ra); i++ {
+		cur[0] = i
+		for j := 1; j <= len(rb); j++ {
+			cost := 1
+			if ra[i-1] == rb[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(rb)]
+}
+
+// --- placing problems in the source
+
+// errors places every problem, sorts them by position and drops repeats.
+func (d *document) errors() Errors {
+	var out Errors
+	seen := map[string]bool{}
+	for _, p := range d.probs {
+		e := d.place(p)
+		id := e.Error()
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
+		out = append(out, e)
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		if out[i].Line != out[j].Line {
+			return out[i].Line < out[j].Line
+		}
+		return out[i].Col < out[j].Col
+	})
+	return out
+}
+
+func (d *document) place(p problem) *Error {
+	at := p.at
+	if at.line == 0 {
+		at = d.position(p.path, p.key)
+	}
+	e := &Error{File: d.file, Line: at.line, Col: at.col, Path: p.path, Message: p.msg}
+	if at.line > 0 && at.col > 0 {
+		e.Snippet = d.snippet(at)
+	}
+	return e
+}
+
+// position finds where path is written: its key or its value, else the
+// nearest enclosing value that is written.
+func (d *document) position(path string, key bool) pos {
+	if key || d.containers[path] {
+		if p, ok := d.keys[path]; ok {
+			return p
+		}
+	}
+	for p := path; p != ""; p = parent(p) {
+		if at, ok := d.vals[p]; ok {
+			return at
+		}
+		if at, ok := d.keys[p]; ok {
+			return at
+		}
+	}
+	return pos{}
+}
+
+// tokenRE matches anything shaped like a bootstrap token, so a snippet never
+// shows one even when it sits under a misspelled key.
+var tokenRE = regexp.MustCompile(`[a-z0-9]{6}\.[a-z0-9]{16}`)
+
+const snippetWidth = 100
+
+// snippet shows the source line at p with a caret under the column.
+func (d *document) snippet(p pos) string {
+	if p.line > len(d.lines) {
+		return ""
+	}
+	line := []rune(strings.TrimRight(d.lines[p.line-1], "\r"))
+	col := p.col - 1
+	if col > len(line) {
+		col = len(line)
+	}
+	// Long lines (one-line JSON) show a window around the column.
+	start, end := 0, len(line)
+	if end > snippetWidth {
+		start = max(0, col-snippetWidth/2)
+		end = min(len(line), start+snippetWidth)
+	}
+	text := string(line[start:end])
+	prefix := line[start:col]
+	if start > 0 {
+		text = "..." + text
+		prefix = append([]rune("..."), prefix...)
+	}
+	if end < len(line) {
+		text += "..."
+	}
+	text = d.redact(text)
+	var caret strings.Builder
+	for _, r := range prefix {
+		if r == '\t' {
+			caret.WriteRune('\t')
+		} else {
+			caret.WriteByte(' ')
+		}
+	}
+	caret.WriteByte('^')
+	num := strconv.Itoa(p.line)
+	return fmt.Sprintf("%s | %s\n%s | %s", num, text, strings.Repeat(" ", len(num)), caret.String())
+}
+
+func (d *document) redact(s string) string {
+	for _, secret := range d.secrets {
+		// Same length, so the caret still points where it should.
+		s = strings.ReplaceAll(s, secret, strings.Repeat("*", utf8.RuneCountInString(secret)))
+	}
+	return tokenRE.ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
+}

@@ -1,0 +1,532 @@
+package manifest
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Limits that keep a hostile manifest from exhausting memory or stack.
+const (
+	maxSize  = 16 << 20 // bytes
+	maxDepth = 64       // nesting levels
+	maxNodes = 200000   // values, counting alias expansions
+)
+
+// pos is a 1-based line and column (in characters).
+type pos struct{ line, col int }
+
+// problem is one finding before it is placed in the source.
+type problem struct {
+	path string
+	// key places the problem on the member's key rather than its value.
+	key bool
+	// at overrides the position looked up from path (syntax errors).
+	at  pos
+	msg string
+}
+
+// document is a parsed manifest: a generic JSON value (map[string]any,
+// []any, string, bool, json.Number, nil) and where each value came from.
+type document struct {
+	file  string
+	lines []string
+	root  any
+	vals  map[string]pos    // JSON path -> position of the value
+	keys  map[string]pos    // JSON path -> position of the member's key
+	raw   map[string]string // JSON path -> scalar as written (for hints)
+	// containers are the paths holding objects or arrays; problems with
+	// them point at their key, the line a reader looks for.
+	containers map[string]bool
+	// secrets are string values never to be shown in a snippet.
+	secrets []string
+	nodes   int
+	probs   []problem
+}
+
+func newDocument(file string, data []byte) *document {
+	return &document{
+		file:  file,
+		lines: strings.Split(string(data), "\n"),
+		vals:  map[string]pos{},
+		keys:  map[string]pos{},
+		raw:   map[string]string{},
+
+		containers: map[string]bool{},
+	}
+}
+
+// parse fills d.root from data, JSON when it is JSON (YAML cannot read
+// every JSON string escape), YAML otherwise. It returns false when there is
+// no document to validate.
+func (d *document) parse(data []byte) bool {
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
+	if len(data) > maxSize {
+		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: fmt.Sprintf("manifest is %d bytes, more than the %d allowed", len(data), maxSize)})
+		return false
+	}
+	if !utf8.Valid(data) {
+		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is not valid UTF-8"})
+		return false
+	}
+	if strings.HasSuffix(strings.ToLower(d.file), ".json") || json.Valid(data) {
+		return d.parseJSON(data)
+	}
+	return d.parseYAML(data)
+}
+
+// --- paths
+
+var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// child is the JSON path of member key of the object at path.
+func child(path, key string) string {
+	if identRE.MatchString(key) {
+		return path + "." + key
+	}
+	return path + "[" + strconv.Quote(key) + "]"
+}
+
+// index is the JSON path of element i of the array at path.
+func index(path string, i int) string {
+	return path + "[" + strconv.Itoa(i) + "]"
+}
+
+// parent is the JSON path of the value holding path ("" for "$").
+func parent(path string) string {
+	last := -1
+	for i := 1; i < len(path); {
+		switch path[i] {
+		case '.':
+			last = i
+			i++
+			for i < len(path) && path[i] != '.' && path[i] != '[' {
+				i++
+			}
+		case '[':
+			last = i
+			if i+1 < len(path) && path[i+1] == '"' {
+				q, err := strconv.QuotedPrefix(path[i+1:])
+				if err != nil {
+					return "$"
+				}
+				i += 1 + len(q) + 1
+			} else {
+				for i < len(path) && path[i] != ']' {
+					i++
+				}
+				i++
+			}
+		default:
+			return "$"
+		}
+	}
+	if last < 0 {
+		return ""
+	}
+	return path[:last]
+}
+
+// under reports whether path is p or inside it.
+func under(path, p string) bool {
+	for ; path != ""; path = parent(path) {
+		if path == p {
+			return true
+		}
+	}
+	return false
+}
+
+var secretPathRE = regexp.MustCompile(`^\$\.kubernetes\.auth\.bootstrapToken$|^\$\.kubernetes\.auth\.exec\.env\[\d+\]\.value$|\.httpHeaders\[\d+\]\.value$`)
+
+func isSecretPath(path string) bool { return secretPathRE.MatchString(path) }
+
+func (d *document) record(path string, p pos) {
+	d.nodes++
+	if _, ok := d.vals[path]; !ok {
+		d.vals[path] = p
+	}
+}
+
+func (d *document) scalar(path string, p pos, raw string, v any) {
+	d.record(path, p)
+	d.raw[path] = raw
+	if s, ok := v.(string); ok && isSecretPath(path) && s != "" {
+		d.secrets = append(d.secrets, s)
+	}
+}
+
+func (d *document) budget(path string, p pos, depth int) bool {
+	if depth > maxDepth {
+		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("nested more than %d levels deep", maxDepth)})
+		return false
+	}
+	if d.nodes > maxNodes {
+		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("more than %d values (aliases expanded)", maxNodes)})
+		return false
+	}
+	return true
+}
+
+// --- YAML
+
+var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+
+func (d *document) yamlError(err error) {
+	msg := err.Error()
+	if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		d.probs = append(d.probs, problem{at: pos{line, 0}, msg: "invalid YAML: " + m[2]})
+		return
+	}
+	d.probs = append(d.probs, problem{msg: "invalid YAML: " + strings.TrimPrefix(msg, "yaml: ")})
+}
+
+func (d *document) parseYAML(data []byte) (ok bool) {
+	// The YAML parser has panicked on hostile input before; a panic there
+	// is bad input, not a crash.
+	defer func() {
+		if r := recover(); r != nil {
+			d.probs = append(d.probs, problem{msg: fmt.Sprintf("invalid YAML: %v", r)})
+			ok = false
+		}
+	}()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is empty"})
+		} else {
+			d.yamlError(err)
+		}
+		return false
+	}
+	var next yaml.Node
+	switch err := dec.Decode(&next); {
+	case errors.Is(err, io.EOF):
+	case err != nil:
+		d.yamlError(err)
+		return false
+	default:
+		d.probs = append(d.probs, problem{at: pos{next.Line, next.Column}, msg: "more than one YAML document; a manifest is a single document"})
+		return false
+	}
+	if len(doc.Content) == 0 {
+		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is empty"})
+		return false
+	}
+	v, ok := d.fromYAML(doc.Content[0], "$", 0)
+	d.root = v
+	return ok
+}
+
+func yamlPos(n *yaml.Node) pos { return pos{n.Line, n.Column} }
+
+func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
+	if !d.budget(path, yamlPos(n), depth) {
+		return nil, false
+	}
+	switch n.Kind {
+	case yaml.AliasNode:
+		if n.Alias == nil {
+			d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "alias to an unknown anchor"})
+			return nil, false
+		}
+		d.record(path, yamlPos(n))
+		return d.fromYAML(n.Alias, path, depth+1)
+	case yaml.DocumentNode:
+		d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "unexpected YAML document"})
+		return nil, false
+	case yaml.SequenceNode:
+		d.record(path, yamlPos(n))
+		d.containers[path] = true
+		arr := make([]any, 0, len(n.Content))
+		for i, c := range n.Content {
+			v, ok := d.fromYAML(c, index(path, i), depth+1)
+			if !ok {
+				return nil, false
+			}
+			arr = append(arr, v)
+		}
+		return arr, true
+	case yaml.MappingNode:
+		d.record(path, yamlPos(n))
+		d.containers[path] = true
+		obj := map[string]any{}
+		if !d.members(n, path, depth, obj) {
+			return nil, false
+		}
+		return obj, true
+	case yaml.ScalarNode:
+		return d.yamlScalar(n, path)
+	}
+	d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "unsupported YAML node"})
+	return nil, false
+}
+
+// members adds the members of mapping n to obj, skipping keys obj already
+// has. Explicit keys are added before the mappings merged with "<<", so
+// they win, and among merged mappings the first wins (YAML merge keys).
+func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]any) bool {
+	if len(n.Content)%2 != 0 {
+		d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "malformed mapping"})
+		return false
+	}
+	var merges []*yaml.Node
+	firstAt := map[string]int{}
+	for i := 0; i < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		d.nodes++ // merged keys cost time even when skipped
+		if k.Kind == yaml.AliasNode && k.Alias != nil {
+			k = k.Alias
+		}
+		if k.Kind == yaml.ScalarNode && k.ShortTag() == "!!merge" {
+			merges = append(merges, v)
+			continue
+		}
+		if k.Kind != yaml.ScalarNode || k.ShortTag() != "!!str" {
+			what := "a " + strings.TrimPrefix(k.ShortTag(), "!!")
+			if k.Kind != yaml.ScalarNode {
+				what = "not a scalar"
+			}
+			msg := fmt.Sprintf("keys must be strings, this one is %s", what)
+			if k.Kind == yaml.ScalarNode {
+				msg += fmt.Sprintf(" (quote it: %q)", k.Value)
+			}
+			d.probs = append(d.probs, problem{path: path, at: yamlPos(k), msg: msg})
+			continue
+		}
+		name := k.Value
+		if line, dup := firstAt[name]; dup {
+			d.probs = append(d.probs, problem{path: child(path, name), at: yamlPos(k), msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
+			continue
+		}
+		firstAt[name] = k.Line
+		if _, ok := obj[name]; ok {
+			continue // an explicit key, or an earlier merge, set it
+		}
+		p := child(path, name)
+		d.keys[p] = yamlPos(k)
+		val, ok := d.fromYAML(v, p, depth+1)
+		if !ok {
+			return false
+		}
+		obj[name] = val
+	}
+	for _, m := range merges {
+		if m.Kind == yaml.AliasNode && m.Alias != nil {
+			m = m.Alias
+		}
+		srcs := []*yaml.Node{m}
+		if m.Kind == yaml.SequenceNode {
+			srcs = m.Content
+		}
+		for _, s := range srcs {
+			if s.Kind == yaml.AliasNode && s.Alias != nil {
+				s = s.Alias
+			}
+			if s.Kind != yaml.MappingNode {
+				d.probs = append(d.probs, problem{path: path, at: yamlPos(s), msg: "a merge key (<<) takes a mapping or a list of mappings"})
+				continue
+			}
+			if !d.budget(path, yamlPos(s), depth+1) || !d.members(s, path, depth+1, obj) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func (d *document) yamlScalar(n *yaml.Node, path string) (any, bool) {
+	p := yamlPos(n)
+	var v any
+	switch tag := n.ShortTag(); tag {
+	case "!!str", "!!timestamp", "!!binary":
+		v = n.Value
+	case "!!null":
+		v = nil
+	case "!!bool":
+		var b bool
+		if err := n.Decode(&b); err != nil {
+			d.probs = append(d.probs, problem{path: path, at: p, msg: "not a valid boolean"})
+			return nil, false
+		}
+		v = b
+	case "!!int":
+		var i int64
+		var u uint64
+		if err := n.Decode(&i); err == nil {
+			v = json.Number(strconv.FormatInt(i, 10))
+		} else if err := n.Decode(&u); err == nil {
+			v = json.Number(strconv.FormatUint(u, 10))
+		} else {
+			d.probs = append(d.probs, problem{path: path, at: p, msg: "integer out of range (quote it if it is meant as a string)"})
+			return nil, false
+		}
+	case "!!float":
+		var f float64
+		if err := n.Decode(&f); err != nil || math.IsInf(f, 0) || math.IsNaN(f) {
+			d.probs = append(d.probs, problem{path: path, at: p, msg: "not a finite number (quote it if it is meant as a string)"})
+			return nil, false
+		}
+		v = json.Number(strconv.FormatFloat(f, 'g', -1, 64))
+	default:
+		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("unsupported YAML tag %s", tag)})
+		return nil, false
+	}
+	d.scalar(path, p, n.Value, v)
+	return v, true
+}
+
+// --- JSON
+
+type jsonParser struct {
+	d      *document
+	data   []byte
+	dec    *json.Decoder
+	lineAt []int // offsets where lines start
+}
+
+func (d *document) parseJSON(data []byte) bool {
+	p := &jsonParser{d: d, data: data, dec: json.NewDecoder(bytes.NewReader(data)), lineAt: []int{0}}
+	p.dec.UseNumber()
+	for i, c := range data {
+		if c == '\n' {
+			p.lineAt = append(p.lineAt, i+1)
+		}
+	}
+	v, ok := p.value("$", 0)
+	if !ok {
+		return false
+	}
+	if _, err := p.dec.Token(); !errors.Is(err, io.EOF) {
+		d.probs = append(d.probs, problem{at: p.pos(p.skip(int(p.dec.InputOffset()))), msg: "invalid JSON: data after the document"})
+		return false
+	}
+	d.root = v
+	return true
+}
+
+func (p *jsonParser) pos(off int) pos {
+	line := sort.Search(len(p.lineAt), func(i int) bool { return p.lineAt[i] > off }) - 1
+	if line < 0 {
+		line = 0
+	}
+	start := p.lineAt[line]
+	if off > len(p.data) {
+		off = len(p.data)
+	}
+	return pos{line + 1, utf8.RuneCount(p.data[start:off]) + 1}
+}
+
+// skip returns the offset of the next token at or after off.
+func (p *jsonParser) skip(off int) int {
+	for off < len(p.data) {
+		switch p.data[off] {
+		case ' ', '\t', '\r', '\n', ',', ':':
+			off++
+		default:
+			return off
+		}
+	}
+	return off
+}
+
+func (p *jsonParser) fail(err error) {
+	off := int(p.dec.InputOffset())
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		off = int(se.Offset)
+		if off > 0 {
+			off-- // Offset counts the byte that failed
+		}
+	}
+	msg := err.Error()
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		msg = "unexpected end of input"
+	}
+	p.d.probs = append(p.d.probs, problem{at: p.pos(off), msg: "invalid JSON: " + msg})
+}
+
+func (p *jsonParser) value(path string, depth int) (any, bool) {
+	off := p.skip(int(p.dec.InputOffset()))
+	at := p.pos(off)
+	if !p.d.budget(path, at, depth) {
+		return nil, false
+	}
+	tok, err := p.dec.Token()
+	if err != nil {
+		p.fail(err)
+		return nil, false
+	}
+	switch t := tok.(type) {
+	case json.Delim:
+		p.d.record(path, at)
+		p.d.containers[path] = true
+		if t == '[' {
+			arr := []any{}
+			for p.dec.More() {
+				v, ok := p.value(index(path, len(arr)), depth+1)
+				if !ok {
+					return nil, false
+				}
+				arr = append(arr, v)
+			}
+			if _, err := p.dec.Token(); err != nil {
+				p.fail(err)
+				return nil, false
+			}
+			return arr, true
+		}
+		obj := map[string]any{}
+		firstAt := map[string]int{}
+		for p.dec.More() {
+			kat := p.pos(p.skip(int(p.dec.InputOffset())))
+			ktok, err := p.dec.Token()
+			if err != nil {
+				p.fail(err)
+				return nil, false
+			}
+			name, _ := ktok.(string)
+			cp := child(path, name)
+			if line, dup := firstAt[name]; dup {
+				p.d.probs = append(p.d.probs, problem{path: cp, at: kat, msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
+				var skip json.RawMessage
+				if err := p.dec.Decode(&skip); err != nil {
+					p.fail(err)
+					return nil, false
+				}
+				continue
+			}
+			firstAt[name] = kat.line
+			p.d.keys[cp] = kat
+			v, ok := p.value(cp, depth+1)
+			if !ok {
+				return nil, false
+			}
+			obj[name] = v
+		}
+		if _, err := p.dec.Token(); err != nil {
+			p.fail(err)
+			return nil, false
+		}
+		return obj, true
+	default:
+		raw := ""
+		if end := int(p.dec.InputOffset()); off <= end && end <= len(p.data) {
+			raw = string(p.data[off:end])
+		}
+		p.d.scalar(path, at, raw, t)
+		return t, true
+	}
+}
