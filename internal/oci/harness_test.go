@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -126,9 +127,12 @@ func layoutStore(t testing.TB, dir string) *oci.Store {
 }
 
 // entry is one tar member; body is the file content for regular files.
+// raw, when set, is written to the stream verbatim instead (for records
+// archive/tar refuses to write).
 type entry struct {
 	hdr  tar.Header
 	body string
+	raw  []byte
 }
 
 func dir(name string, mode int64) entry {
@@ -156,6 +160,13 @@ func mkTar(t testing.TB, entries ...entry) []byte {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, e := range entries {
+		if e.raw != nil {
+			if err := tw.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			buf.Write(e.raw)
+			continue
+		}
 		h := e.hdr
 		if h.Typeflag == tar.TypeReg {
 			h.Size = int64(len(e.body))
@@ -358,4 +369,36 @@ func writeDockerConfig(t testing.TB, path, host, user, password string) {
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// rawPAX is a PAX extended header block carrying one record of any size;
+// archive/tar will not write one over 1 MiB, hostile tools will.
+func rawPAX(key, value string) []byte {
+	rec := " " + key + "=" + value + "\n"
+	// The record length counts its own digits.
+	n := len(rec)
+	for n != len(strconv.Itoa(n))+len(rec) {
+		n = len(strconv.Itoa(n)) + len(rec)
+	}
+	data := strconv.Itoa(n) + rec
+	hdr := make([]byte, 512)
+	copy(hdr[0:], "PaxHeaders/f")
+	copy(hdr[100:], "0000644\x00")
+	copy(hdr[108:], "0000000\x00")
+	copy(hdr[116:], "0000000\x00")
+	copy(hdr[124:], fmt.Sprintf("%011o\x00", len(data)))
+	copy(hdr[136:], "00000000000\x00")
+	hdr[156] = tar.TypeXHeader
+	copy(hdr[257:], "ustar\x0000")
+	copy(hdr[148:], "        ")
+	sum := 0
+	for _, b := range hdr {
+		sum += int(b)
+	}
+	copy(hdr[148:], fmt.Sprintf("%06o\x00 ", sum))
+	out := append(hdr, data...)
+	if pad := len(data) % 512; pad != 0 {
+		out = append(out, make([]byte, 512-pad)...)
+	}
+	return out
 }
