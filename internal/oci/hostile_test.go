@@ -46,7 +46,9 @@ func hostileCases() []hostileCase {
 	chr := func(name string) entry {
 		return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devminor: 3}}
 	}
-	fifo := func(name string) entry { return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeFifo, Mode: 0o666}} }
+	fifo := func(name string) entry {
+		return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeFifo, Mode: 0o666}}
+	}
 	return []hostileCase{
 		{name: "dotdot name", outcome: mustFail, layers: func(s string) [][]entry {
 			return one(file(rel+"/pwned", "x", 0o644))
