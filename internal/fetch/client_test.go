@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,7 @@ import (
 
 // fastClient retries quickly so the tests do not sleep.
 func fastClient(opts ...Option) *http.Client {
+	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)
 	return NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 5*time.Millisecond), WithMaxAttempts(4)}, opts...)...)
 }
 

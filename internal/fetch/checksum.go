@@ -1,0 +1,113 @@
+package fetch
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"path"
+	"strings"
+)
+
+// maxChecksumFile bounds how much of a checksum file is read; real ones
+// are a few hundred bytes.
+const maxChecksumFile = 1 << 20
+
+// fetchChecksum downloads checksumURL and returns the sha256 it publishes
+// for the file named fileName.
+func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, checksumURL, nil)
+	if err != nil {
+		return "", fmt.Errorf("checksum %s: %w", checksumURL, err)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("fetch checksum %s: %w", checksumURL, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("fetch checksum %s: %s%s", checksumURL, resp.Status, bodySnippet(resp.Body))
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxChecksumFile+1))
+	if err != nil {
+		return "", fmt.Errorf("fetch checksum %s: %w", checksumURL, err)
+	}
+	if len(data) > maxChecksumFile {
+		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", checksumURL, maxChecksumFile)
+	}
+	sum, err := parseChecksum(string(data), fileName)
+	if err != nil {
+		return "", fmt.Errorf("checksum file %s: %w", checksumURL, err)
+	}
+	return sum, nil
+}
+
+// parseChecksum reads the two formats upstreams publish: a bare hex digest
+// (dl.k8s.io's kubelet.sha256), or sha256sum lines "<hex>  <name>" (text
+// mode) or "<hex> *<name>" (binary mode), possibly several, of which the one
+// naming fileName is taken (containerd's .sha256sum, runc.sha256sum, CNI's
+// and crictl's .sha256).
+func parseChecksum(data, fileName string) (string, error) {
+	var bare []string
+	for _, line := range strings.Split(data, "\n") {
+		fields := strings.Fields(line)
+		switch {
+		case len(fields) == 0:
+			continue
+		case len(fields) == 1:
+			bare = append(bare, fields[0])
+		default:
+			name := strings.TrimPrefix(strings.Join(fields[1:], " "), "*")
+			if name == fileName || strings.TrimPrefix(name, "./") == fileName || path.Base(name) == fileName {
+				return normalizeSHA256(fields[0])
+			}
+		}
+	}
+	switch len(bare) {
+	case 0:
+		return "", fmt.Errorf("no sha256 listed for %s", fileName)
+	case 1:
+		return normalizeSHA256(bare[0])
+	default:
+		return "", fmt.Errorf("%d digests without file names; cannot tell which is %s", len(bare), fileName)
+	}
+}
+
+// normalizeSHA256 checks that s is a sha256 hex digest (optionally with a
+// "sha256:" prefix) and returns it in lowercase without the prefix.
+func normalizeSHA256(s string) (string, error) {
+	s = strings.ToLower(strings.TrimPrefix(strings.TrimPrefix(s, "sha256:"), "SHA256:"))
+	if len(s) != 64 {
+		return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
+	}
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
+		}
+	}
+	return s, nil
+}
+
+// artifactName is the file name a checksum file lists for rawURL.
+func artifactName(rawURL string) (string, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return "", err
+	}
+	name := path.Base(u.Path)
+	if name == "/" || name == "." {
+		return "", fmt.Errorf("URL %s names no file", rawURL)
+	}
+	return name, nil
+}
+
+// bodySnippet returns the start of an error response body, for messages.
+func bodySnippet(r io.Reader) string {
+	b, _ := io.ReadAll(io.LimitReader(r, 256))
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return ""
+	}
+	return ": " + strings.Join(strings.Fields(s), " ")
+}

@@ -1,0 +1,537 @@
+package fetch
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// Fetcher carries out the Plan's download steps: fetch, verify against a
+// sha256, then install a binary or unpack an archive into place.
+//
+// The zero value is not usable; CacheDir is required.
+type Fetcher struct {
+	// Client does the HTTP; nil means NewHTTPClient().
+	Client *http.Client
+	// CacheDir holds partial downloads, verified artifacts waiting to be
+	// installed, and the records that make reruns no-ops
+	// (e.g. /var/lib/nodespawn/downloads). It is created 0700 if missing.
+	CacheDir string
+	// Progress reports bytes as they arrive; nil reports nothing.
+	Progress *Progress
+	// Logger receives retries and resumptions; nil means slog.Default().
+	Logger *slog.Logger
+	// Attempts bounds how many times a body cut off mid-way (reset, stall,
+	// short read) is resumed or restarted; 0 means 5.
+	Attempts int
+	// RetryWait is the base of the jittered exponential backoff between
+	// those attempts; 0 means one second.
+	RetryWait time.Duration
+
+	defaultClientOnce sync.Once
+	defaultClient     *http.Client
+}
+
+// Result says what a download step did.
+type Result struct {
+	// SHA256 is the verified digest of the artifact.
+	SHA256 string
+	// Size is the artifact's size in bytes (0 when nothing was fetched).
+	Size int64
+	// Files are the installed paths (or the ones found already installed).
+	Files []string
+	// Changed is false when everything was already in place.
+	Changed bool
+}
+
+// Staged is a fetched and verified artifact waiting to be installed (or
+// the knowledge that it already is). Install moves it into place.
+type Staged struct {
+	f      *Fetcher
+	d      render.Download
+	sha256 string
+	size   int64
+	// blob is the verified artifact in the cache; "" when already installed.
+	blob string
+	done *Result
+}
+
+// Download fetches, verifies and installs d. It is Fetch followed by Install.
+func (f *Fetcher) Download(ctx context.Context, d render.Download) (Result, error) {
+	s, err := f.Fetch(ctx, d)
+	if err != nil {
+		return Result{}, err
+	}
+	return s.Install(ctx)
+}
+
+// Fetch downloads d into the cache and verifies its sha256 (pinned, or
+// read from d.ChecksumURL) without touching d.Dest, so it may run before the
+// steps d waits for. If d is already installed, Fetch downloads nothing.
+func (f *Fetcher) Fetch(ctx context.Context, d render.Download) (*Staged, error) {
+	if f.CacheDir == "" {
+		return nil, errors.New("download: no cache directory configured")
+	}
+	if d.Archive != "" && d.Archive != "tar.gz" {
+		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", d.URL, d.Archive)
+	}
+	if !filepath.IsAbs(d.Dest) {
+		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", d.URL, d.Dest)
+	}
+	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
+		return nil, fmt.Errorf("download %s: create cache directory: %w", d.URL, err)
+	}
+	s := &Staged{f: f, d: d}
+
+	// A record of an earlier install whose files are intact answers
+	// without the network, checksum file included.
+	if rec, err := loadRecord(f.CacheDir, d); err != nil {
+		return nil, err
+	} else if rec != nil && rec.intact() {
+		return f.alreadyInstalled(s, rec.SHA256)
+	}
+
+	want, err := f.expectedSHA256(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	s.sha256 = want
+	if d.Archive == "" {
+		if sum, err := fileSHA256(d.Dest); err == nil && sum == want {
+			return f.alreadyInstalled(s, want)
+		}
+	}
+
+	blob := filepath.Join(f.CacheDir, want)
+	if sum, err := fileSHA256(blob); err == nil && sum == want {
+		// Verified by an earlier run that died before installing.
+		fi, _ := os.Stat(blob)
+		s.blob, s.size = blob, fi.Size()
+		return s, nil
+	}
+	size, err := f.fetchVerified(ctx, d, want, blob)
+	if err != nil {
+		return nil, err
+	}
+	s.blob, s.size = blob, size
+	return s, nil
+}
+
+// alreadyInstalled marks s done, fixing a binary's mode if it drifted.
+func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
+	s.sha256 = sum
+	res := &Result{SHA256: sum}
+	if s.d.Archive == "" {
+		mode := binaryMode(s.d)
+		if fi, err := os.Stat(s.d.Dest); err == nil && fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky) != mode {
+			if err := os.Chmod(s.d.Dest, mode); err != nil {
+				return nil, fmt.Errorf("download %s: chmod %s: %w", s.d.URL, s.d.Dest, err)
+			}
+			res.Changed = true
+		}
+		res.Files = []string{s.d.Dest}
+	} else if rec, _ := loadRecord(f.CacheDir, s.d); rec != nil {
+		for _, e := range rec.Files {
+			res.Files = append(res.Files, filepath.Join(s.d.Dest, e.Rel))
+		}
+	}
+	s.done = res
+	return s, nil
+}
+
+// expectedSHA256 is the pinned digest, or the one the checksum file lists.
+func (f *Fetcher) expectedSHA256(ctx context.Context, d render.Download) (string, error) {
+	if d.SHA256 != "" {
+		sum, err := normalizeSHA256(d.SHA256)
+		if err != nil {
+			return "", fmt.Errorf("download %s: pinned sha256: %w", d.URL, err)
+		}
+		return sum, nil
+	}
+	if d.ChecksumURL == "" {
+		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", d.URL)
+	}
+	name, err := artifactName(d.URL)
+	if err != nil {
+		return "", fmt.Errorf("download %s: %w", d.URL, err)
+	}
+	return fetchChecksum(ctx, f.client(), d.ChecksumURL, name)
+}
+
+// fetchVerified streams d.URL into a temp file in the cache while hashing
+// it and renames it to blob only if the digest is want. On any failure
+// nothing is left behind.
+func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, blob string) (int64, error) {
+	// Partial files of an earlier run that crashed are of unknown state:
+	// drop them rather than trust them.
+	stale, _ := filepath.Glob(blob + ".part-*")
+	for _, p := range stale {
+		os.Remove(p)
+	}
+	tmp, err := os.CreateTemp(f.CacheDir, want+".part-")
+	if err != nil {
+		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	h := sha256.New()
+	var tr *Tracker
+	if f.Progress != nil {
+		tr = f.Progress.Start(d.Name, 0)
+	}
+	size, err := f.get(ctx, d.URL, tmp, h, tr)
+	if tr != nil {
+		tr.Done(err)
+	}
+	if err != nil {
+		return 0, err
+	}
+	got := hex.EncodeToString(h.Sum(nil))
+	if got != want {
+		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", d.URL, want, got)
+	}
+	if err := tmp.Sync(); err != nil {
+		return 0, fmt.Errorf("download %s: fsync: %w", d.URL, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+	}
+	if err := os.Rename(tmp.Name(), blob); err != nil {
+		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+	}
+	ok = true
+	return size, fsutil.SyncDir(f.CacheDir)
+}
+
+// get writes the body of rawURL to file, hashing it into h. A body cut off
+// mid-way is resumed with a Range request (If-Range guards against the
+// file changing meanwhile) or, when the server will not resume, restarted.
+func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *Tracker) (int64, error) {
+	attempts := f.Attempts
+	if attempts <= 0 {
+		attempts = 5
+	}
+	var written int64
+	var validator string
+	for attempt := 1; ; attempt++ {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+		if err != nil {
+			return 0, fmt.Errorf("download %s: %w", rawURL, err)
+		}
+		if written > 0 {
+			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", written))
+			if validator != "" {
+				req.Header.Set("If-Range", validator)
+			}
+		}
+		n, total, err := f.getOnce(req, file, h, tr, &written, &validator)
+		if err == nil {
+			if total >= 0 && written != total {
+				err = fmt.Errorf("got %d of %d bytes", written, total)
+			} else {
+				return written, nil
+			}
+		}
+		var perm permanentError
+		if errors.As(err, &perm) || ctx.Err() != nil || attempt >= attempts {
+			return 0, fmt.Errorf("download %s: %w", rawURL, err)
+		}
+		wait := f.backoff(attempt)
+		f.logger().Warn("download interrupted, resuming",
+			"url", rawURL, "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("download %s: %w", rawURL, ctx.Err())
+		case <-time.After(wait):
+		}
+	}
+}
+
+// permanentError is a failure retrying cannot fix (a 404, a disk error).
+type permanentError struct{ error }
+
+func (e permanentError) Unwrap() error { return e.error }
+
+// getOnce does one request of get. It returns the bytes copied by this
+// request and the artifact's total size (-1 when unknown).
+func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tracker, written *int64, validator *string) (int64, int64, error) {
+	resp, err := f.client().Do(req)
+	if err != nil {
+		return 0, -1, err
+	}
+	defer resp.Body.Close()
+	total := int64(-1)
+	switch {
+	case resp.StatusCode == http.StatusOK:
+		if *written > 0 {
+			// The server sent the whole file again: start over.
+			if err := restart(file, h, tr); err != nil {
+				return 0, -1, permanentError{err}
+			}
+			*written = 0
+		}
+		total = resp.ContentLength
+		*validator = resumeValidator(resp.Header)
+	case resp.StatusCode == http.StatusPartialContent && *written > 0:
+		start, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
+		if !ok || start != *written {
+			// Not the part we asked for; restart from scratch next time.
+			asked := *written
+			if err := restart(file, h, tr); err != nil {
+				return 0, -1, permanentError{err}
+			}
+			*written = 0
+			return 0, -1, fmt.Errorf("server answered range %d- with %q", asked, resp.Header.Get("Content-Range"))
+		}
+		total = size
+	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
+		// The client already retried these; a few more tries can still help.
+		return 0, -1, fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))
+	default:
+		return 0, -1, permanentError{fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))}
+	}
+	if tr != nil && total >= 0 {
+		tr.SetTotal(total)
+	}
+	var w io.Writer = io.MultiWriter(file, h)
+	if tr != nil {
+		w = io.MultiWriter(file, h, tr)
+	}
+	n, err := io.Copy(w, resp.Body)
+	*written += n
+	if err != nil {
+		var pathErr *os.PathError
+		if errors.As(err, &pathErr) {
+			return n, total, permanentError{fmt.Errorf("write %s: %w", file.Name(), err)}
+		}
+	}
+	return n, total, err
+}
+
+// restart empties the partial file and the hash.
+func restart(file *os.File, h hash.Hash, tr *Tracker) error {
+	if err := file.Truncate(0); err != nil {
+		return err
+	}
+	if _, err := file.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	h.Reset()
+	if tr != nil {
+		tr.Reset()
+	}
+	return nil
+}
+
+// resumeValidator is what If-Range may carry: a strong ETag, else
+// Last-Modified.
+func resumeValidator(hdr http.Header) string {
+	if et := hdr.Get("ETag"); et != "" && !strings.HasPrefix(et, "W/") {
+		return et
+	}
+	return hdr.Get("Last-Modified")
+}
+
+// parseContentRange reads "bytes START-END/SIZE" (SIZE may be "*").
+func parseContentRange(v string) (start, size int64, ok bool) {
+	rest, found := strings.CutPrefix(v, "bytes ")
+	if !found {
+		return 0, 0, false
+	}
+	rng, sz, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, false
+	}
+	s, _, found := strings.Cut(rng, "-")
+	if !found {
+		return 0, 0, false
+	}
+	start, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, 0, false
+	}
+	size = -1
+	if sz != "*" {
+		if size, err = strconv.ParseInt(sz, 10, 64); err != nil {
+			return 0, 0, false
+		}
+	}
+	return start, size, true
+}
+
+// Install moves the verified artifact into place: a binary atomically at
+// Dest with Mode, an archive unpacked into a staging directory beside Dest
+// and then renamed into Dest, so a failed extraction installs nothing. It
+// writes the record that makes a rerun a no-op and removes the cached
+// artifact.
+func (s *Staged) Install(ctx context.Context) (Result, error) {
+	if s.done != nil {
+		return *s.done, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return Result{}, err
+	}
+	d := s.d
+	rec := &record{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	res := Result{SHA256: s.sha256, Size: s.size, Changed: true}
+	var err error
+	if d.Archive == "" {
+		err = s.installBinary()
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+		res.Files = []string{d.Dest}
+	} else {
+		rec.Files, err = s.installArchive()
+		for _, e := range rec.Files {
+			res.Files = append(res.Files, filepath.Join(d.Dest, e.Rel))
+		}
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	if err := saveRecord(s.f.CacheDir, rec, d); err != nil {
+		return Result{}, fmt.Errorf("download %s: %w", d.URL, err)
+	}
+	os.Remove(s.blob)
+	return res, nil
+}
+
+func (s *Staged) installBinary() error {
+	d := s.d
+	if err := mkdirParents(filepath.Dir(d.Dest)); err != nil {
+		return fmt.Errorf("install %s: %w", d.Dest, err)
+	}
+	src, err := os.Open(s.blob)
+	if err != nil {
+		return fmt.Errorf("install %s: %w", d.Dest, err)
+	}
+	defer src.Close()
+	// Check the bytes once more on their way out of the cache, so a file
+	// changed there after Fetch can never land in Dest.
+	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
+	if err := fsutil.WriteReader(d.Dest, vr, binaryMode(d), -1, -1); err != nil {
+		return fmt.Errorf("install %s from %s: %w", d.Dest, d.URL, err)
+	}
+	return nil
+}
+
+func (s *Staged) installArchive() ([]entry, error) {
+	d := s.d
+	parent := filepath.Dir(d.Dest)
+	if err := mkdirParents(parent); err != nil {
+		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
+	}
+	if fi, err := os.Lstat(d.Dest); err == nil && !fi.IsDir() {
+		return nil, fmt.Errorf("install into %s: it is not a directory (%v)", d.Dest, fi.Mode().Type())
+	}
+	stage, err := os.MkdirTemp(parent, "."+filepath.Base(d.Dest)+".nodespawn-stage-")
+	if err != nil {
+		return nil, fmt.Errorf("install %s: staging directory: %w", d.Dest, err)
+	}
+	defer os.RemoveAll(stage)
+	src, err := os.Open(s.blob)
+	if err != nil {
+		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
+	}
+	defer src.Close()
+	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
+	var mode os.FileMode
+	if d.Mode != 0 {
+		mode = fsutil.FileMode(d.Mode)
+	}
+	entries, err := extractTarGz(vr, stage, d.Members, mode)
+	if err == nil {
+		// Read to the end so the digest check covers the whole file.
+		_, err = io.Copy(io.Discard, vr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.blob, d.URL, err)
+	}
+	if err := os.MkdirAll(d.Dest, 0o755); err != nil {
+		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
+	}
+	if err := installEntries(stage, d.Dest, entries); err != nil {
+		return nil, fmt.Errorf("unpack %s: %w", d.URL, err)
+	}
+	return entries, fsutil.SyncDir(parent)
+}
+
+// mkdirParents creates dir and its parents 0755 where missing.
+func mkdirParents(dir string) error {
+	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
+		return nil
+	}
+	return fsutil.MkdirAll(dir, 0o755, -1, -1)
+}
+
+// binaryMode is the mode of an installed binary; 0755 when the plan says 0.
+func binaryMode(d render.Download) os.FileMode {
+	if d.Mode == 0 {
+		return 0o755
+	}
+	return fsutil.FileMode(d.Mode)
+}
+
+// verifyingReader hashes what passes through and turns EOF into an error
+// when the digest is not want, so a consumer never completes on bad bytes.
+type verifyingReader struct {
+	r    io.Reader
+	h    hash.Hash
+	want string
+	name string
+}
+
+func (v *verifyingReader) Read(p []byte) (int, error) {
+	n, err := v.r.Read(p)
+	v.h.Write(p[:n])
+	if errors.Is(err, io.EOF) {
+		if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
+			return n, fmt.Errorf("%s changed after it was verified: sha256 expected %s, got %s", v.name, v.want, got)
+		}
+	}
+	return n, err
+}
+
+func (f *Fetcher) client() *http.Client {
+	if f.Client != nil {
+		return f.Client
+	}
+	f.defaultClientOnce.Do(func() { f.defaultClient = NewHTTPClient(WithLogger(f.logger())) })
+	return f.defaultClient
+}
+
+func (f *Fetcher) logger() *slog.Logger {
+	if f.Logger != nil {
+		return f.Logger
+	}
+	return slog.Default()
+}
+
+func (f *Fetcher) backoff(attempt int) time.Duration {
+	base := f.RetryWait
+	if base <= 0 {
+		base = time.Second
+	}
+	ceiling := min(base<<(attempt-1), 30*time.Second)
+	return ceiling/2 + rand.N(ceiling/2+1)
+}

@@ -1,0 +1,254 @@
+package fetch
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Progress reports the progress of concurrent downloads through one
+// renderer, so lines never interleave. On a terminal it redraws one bar per
+// download (bytes, rate, ETA) in place; elsewhere (journal, CI, a pipe) it
+// logs a plain line per download every LogInterval and one when it ends.
+type Progress struct {
+	w        io.Writer
+	tty      bool
+	logger   *slog.Logger
+	interval time.Duration
+	now      func() time.Time
+
+	mu      sync.Mutex
+	active  []*Tracker
+	drawn   int // lines of the last redraw on a terminal
+	running bool
+}
+
+// LogInterval is how often a non-terminal Progress logs each download.
+const LogInterval = 5 * time.Second
+
+// ttyRedraw is how often bars are redrawn on a terminal.
+const ttyRedraw = 200 * time.Millisecond
+
+// NewProgress reports to w, drawing bars when w is a terminal (and TERM is
+// not "dumb"), else logging through logger (nil: slog.Default()).
+func NewProgress(w io.Writer, logger *slog.Logger) *Progress {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	p := &Progress{w: w, logger: logger, interval: LogInterval, now: time.Now}
+	if f, ok := w.(*os.File); ok && os.Getenv("TERM") != "dumb" {
+		if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
+			p.tty, p.interval = true, ttyRedraw
+		}
+	}
+	return p
+}
+
+// Tracker counts one download's bytes; it is an io.Writer so it can sit in
+// an io.MultiWriter beside the file.
+type Tracker struct {
+	p     *Progress
+	name  string
+	start time.Time
+
+	mu    sync.Mutex
+	total int64 // -1 or 0 when unknown
+	done  int64
+}
+
+// Start begins tracking a download of total bytes (0 if unknown yet).
+func (p *Progress) Start(name string, total int64) *Tracker {
+	t := &Tracker{p: p, name: name, start: p.now(), total: total}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.active = append(p.active, t)
+	if !p.running {
+		p.running = true
+		go p.loop()
+	}
+	return t
+}
+
+// loop renders until no download is active.
+func (p *Progress) loop() {
+	ticker := time.NewTicker(p.interval)
+	defer ticker.Stop()
+	for range ticker.C {
+		if !p.tick() {
+			return
+		}
+	}
+}
+
+// tick renders once; it returns false (and marks the renderer stopped)
+// when nothing is active.
+func (p *Progress) tick() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.active) == 0 {
+		p.running = false
+		return false
+	}
+	if p.tty {
+		p.redrawLocked()
+		return true
+	}
+	for _, t := range p.active {
+		done, total := t.counts()
+		p.logLocked("downloading", t, done, total)
+	}
+	return true
+}
+
+func (p *Progress) logLocked(msg string, t *Tracker, done, total int64, extra ...any) {
+	elapsed := p.now().Sub(t.start)
+	attrs := []any{"name", t.name, "bytes", done}
+	if total > 0 {
+		attrs = append(attrs, "total", total)
+	}
+	attrs = append(attrs, "rate", formatRate(done, elapsed))
+	if eta, ok := etaOf(done, total, elapsed); ok {
+		attrs = append(attrs, "eta", eta)
+	}
+	p.logger.Info(msg, append(attrs, extra...)...)
+}
+
+// redrawLocked erases the previous bars and draws the active ones.
+func (p *Progress) redrawLocked() {
+	var b strings.Builder
+	p.eraseLocked(&b)
+	for _, t := range p.active {
+		done, total := t.counts()
+		b.WriteString(p.barLine(t, done, total))
+		b.WriteByte('\n')
+	}
+	p.drawn = len(p.active)
+	io.WriteString(p.w, b.String())
+}
+
+func (p *Progress) eraseLocked(b *strings.Builder) {
+	for range p.drawn {
+		b.WriteString("\x1b[1A\x1b[2K") // cursor up, clear line
+	}
+	p.drawn = 0
+}
+
+// barLine is "name [=====>     ]  45% 36.0 MiB / 80.0 MiB  12.0 MiB/s  ETA 4s".
+func (p *Progress) barLine(t *Tracker, done, total int64) string {
+	const width = 30
+	elapsed := p.now().Sub(t.start)
+	bar := strings.Repeat(" ", width)
+	pct := "    "
+	if total > 0 {
+		filled := int(min(done, total) * width / total)
+		bar = strings.Repeat("=", filled) + strings.Repeat(" ", width-filled)
+		if filled < width {
+			bar = strings.Repeat("=", filled) + ">" + strings.Repeat(" ", width-filled-1)
+		}
+		pct = fmt.Sprintf("%3d%%", min(done, total)*100/total)
+	}
+	line := fmt.Sprintf("%-12s [%s] %s %s", t.name, bar, pct, formatBytes(done))
+	if total > 0 {
+		line += " / " + formatBytes(total)
+	}
+	line += "  " + formatRate(done, elapsed)
+	if eta, ok := etaOf(done, total, elapsed); ok {
+		line += "  ETA " + eta.String()
+	}
+	return line
+}
+
+// Write counts n bytes received.
+func (t *Tracker) Write(b []byte) (int, error) {
+	t.mu.Lock()
+	t.done += int64(len(b))
+	t.mu.Unlock()
+	return len(b), nil
+}
+
+// SetTotal sets the expected size once the response says it.
+func (t *Tracker) SetTotal(total int64) {
+	t.mu.Lock()
+	t.total = total
+	t.mu.Unlock()
+}
+
+// Reset starts the count over (the server sent the whole file again).
+func (t *Tracker) Reset() {
+	t.mu.Lock()
+	t.done = 0
+	t.mu.Unlock()
+}
+
+func (t *Tracker) counts() (done, total int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.done, t.total
+}
+
+// Done ends tracking and reports the outcome once.
+func (t *Tracker) Done(err error) {
+	p := t.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, a := range p.active {
+		if a == t {
+			p.active = append(p.active[:i], p.active[i+1:]...)
+			break
+		}
+	}
+	done, total := t.counts()
+	elapsed := p.now().Sub(t.start)
+	if p.tty {
+		var b strings.Builder
+		p.eraseLocked(&b)
+		status := "done"
+		if err != nil {
+			status = "failed"
+		}
+		fmt.Fprintf(&b, "%-12s %s %s in %s (%s)\n", t.name, status, formatBytes(done), elapsed.Round(100*time.Millisecond), formatRate(done, elapsed))
+		io.WriteString(p.w, b.String())
+		p.redrawLocked()
+		return
+	}
+	if err != nil {
+		p.logLocked("download failed", t, done, total, "elapsed", elapsed.Round(time.Millisecond), "error", err)
+		return
+	}
+	p.logLocked("downloaded", t, done, total, "elapsed", elapsed.Round(time.Millisecond))
+}
+
+func etaOf(done, total int64, elapsed time.Duration) (time.Duration, bool) {
+	if total <= 0 || done <= 0 || done >= total || elapsed <= 0 {
+		return 0, false
+	}
+	rest := time.Duration(float64(elapsed) * float64(total-done) / float64(done))
+	return rest.Round(time.Second), true
+}
+
+func formatRate(done int64, elapsed time.Duration) string {
+	if elapsed <= 0 {
+		return "- B/s"
+	}
+	return formatBytes(int64(float64(done)/elapsed.Seconds())) + "/s"
+}
+
+// formatBytes prints n in binary units with one decimal ("80.1 MiB").
+func formatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
