@@ -444,3 +444,45 @@ func TestReadSourceNoCloudDeviceReal(t *testing.T) {
 		t.Errorf("seed still mounted:\n%s", mounts)
 	}
 }
+
+// TestCloudInitExamples keeps examples/cloud-init working as they are: each
+// yields a manifest that loads and validates.
+func TestCloudInitExamples(t *testing.T) {
+	tests := map[string]string{
+		"nocloud-user-data.yaml":  "#write_files[0]",
+		"multipart-user-data.txt": "#part2",
+		"azure-custom-data.yaml":  "",
+	}
+	for file, suffix := range tests {
+		t.Run(file, func(t *testing.T) {
+			path := filepath.Join("../examples/cloud-init", file)
+			name, data, err := ReadSource(context.Background(), path, SourceOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if name != path+suffix {
+				t.Errorf("name = %q, want %q", name, path+suffix)
+			}
+			m, err := Load(name, data)
+			if err != nil {
+				t.Fatalf("load: %v", err)
+			}
+			if m.Kubernetes.Auth.BootstrapToken != "abcdef.0123456789abcdef" {
+				t.Errorf("bootstrap token = %q", m.Kubernetes.Auth.BootstrapToken)
+			}
+		})
+	}
+	// Azure stores custom data base64-encoded by default.
+	raw, err := os.ReadFile("../examples/cloud-init/azure-custom-data.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := fakeRoot(t, map[string][]byte{"var/lib/waagent/CustomData": []byte(base64.StdEncoding.EncodeToString(raw))})
+	name, data, err := ReadSource(context.Background(), "azure", SourceOptions{Root: root, IMDSBaseURL: "http://127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name != "/var/lib/waagent/CustomData" || !bytes.Equal(data, raw) {
+		t.Errorf("azure custom data: name %q, %d bytes, want %d", name, len(data), len(raw))
+	}
+}
