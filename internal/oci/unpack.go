@@ -222,16 +222,29 @@ func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off i
 	}
 	defer rc.Close()
 	if off > 0 {
-		if s, ok := rc.(io.Seeker); ok {
-			if _, err := s.Seek(off, io.SeekStart); err != nil {
-				return 0, fmt.Errorf("seek to %d: %w", off, err)
+		// A registry that answers Accept-Ranges gives a seekable body
+		// (oras-go then re-requests with a Range header); one that does
+		// not, or whose Range request fails, is read from the start and
+		// the bytes already verified are skipped.
+		seeker, ok := rc.(io.Seeker)
+		if ok {
+			if _, err := seeker.Seek(off, io.SeekStart); err != nil {
+				u.log.Warn("range request failed, fetching the blob from the start", "blob", desc.Digest, "offset", off, "error", err)
+				rc.Close()
+				if rc, err = u.src.target.Fetch(ctx, desc); err != nil {
+					return 0, err
+				}
+				defer rc.Close()
+				ok = false
 			}
-		} else if _, err := io.CopyN(io.Discard, rc, off); err != nil {
-			return 0, fmt.Errorf("skip %d bytes already fetched: %w", off, err)
+		}
+		if !ok {
+			if _, err := io.CopyN(io.Discard, rc, off); err != nil {
+				return 0, fmt.Errorf("skip %d bytes already fetched: %w", off, err)
+			}
 		}
 	}
-	n, err := io.Copy(out, io.LimitReader(rc, desc.Size-off+1))
-	return n, err
+	return io.Copy(out, io.LimitReader(rc, desc.Size-off+1))
 }
 
 // resumable reports whether a body read error is worth fetching again.
