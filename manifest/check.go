@@ -251,7 +251,7 @@ func (c *checker) auth(a *Auth) {
 	}
 	if a.BootstrapToken != "" && !bootstrapTokenRE.MatchString(a.BootstrapToken) {
 		// Never echo the token: say what shape it must have.
-		c.add(p+".bootstrapToken", "not a bootstrap token: want 6 then 16 lowercase letters or digits joined by '.' (like abcdef.0123456789abcdef)")
+		c.add(p+".bootstrapToken", "not a bootstrap token: want 6 lowercase letters or digits, '.', then 16 more ([a-z0-9]{6}.[a-z0-9]{16})")
 	}
 	if e := a.Exec; e != nil {
 		seen := map[string]bool{}

@@ -382,7 +382,7 @@ func (d *document) place(p problem) *Error {
 // position finds where path is written: its key or its value, else the
 // nearest enclosing value that is written.
 func (d *document) position(path string, key bool) pos {
-	if key || d.containers[path] {
+	if key || d.atKey[path] {
 		if p, ok := d.keys[path]; ok {
 			return p
 		}
@@ -409,7 +409,9 @@ func (d *document) snippet(p pos) string {
 	if p.line > len(d.lines) {
 		return ""
 	}
-	line := []rune(strings.TrimRight(d.lines[p.line-1], "\r"))
+	// Redact first: a window could cut a secret in half and hide it from
+	// the redaction.
+	line := []rune(d.redact(strings.TrimRight(d.lines[p.line-1], "\r")))
 	col := p.col - 1
 	if col > len(line) {
 		col = len(line)
@@ -429,7 +431,6 @@ func (d *document) snippet(p pos) string {
 	if end < len(line) {
 		text += "..."
 	}
-	text = d.redact(text)
 	var caret strings.Builder
 	for _, r := range prefix {
 		if r == '\t' {

@@ -45,9 +45,9 @@ type document struct {
 	vals  map[string]pos    // JSON path -> position of the value
 	keys  map[string]pos    // JSON path -> position of the member's key
 	raw   map[string]string // JSON path -> scalar as written (for hints)
-	// containers are the paths holding objects or arrays; problems with
-	// them point at their key, the line a reader looks for.
-	containers map[string]bool
+	// atKey are the paths holding objects, arrays or nothing (null);
+	// problems with them point at their key, the line a reader looks for.
+	atKey map[string]bool
 	// secrets are string values never to be shown in a snippet.
 	secrets []string
 	nodes   int
@@ -62,7 +62,7 @@ func newDocument(file string, data []byte) *document {
 		keys:  map[string]pos{},
 		raw:   map[string]string{},
 
-		containers: map[string]bool{},
+		atKey: map[string]bool{},
 	}
 }
 
@@ -161,8 +161,16 @@ func (d *document) record(path string, p pos) {
 func (d *document) scalar(path string, p pos, raw string, v any) {
 	d.record(path, p)
 	d.raw[path] = raw
-	if s, ok := v.(string); ok && isSecretPath(path) && s != "" {
-		d.secrets = append(d.secrets, s)
+	if v == nil {
+		d.atKey[path] = true
+	}
+	// A secret's source text is hidden whatever its type; a few
+	// characters are not worth hiding and hiding them garbles snippets.
+	if isSecretPath(path) && len(raw) >= 4 {
+		d.secrets = append(d.secrets, raw)
+		if s, ok := v.(string); ok && s != raw {
+			d.secrets = append(d.secrets, s)
+		}
 	}
 }
 
@@ -249,7 +257,7 @@ func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
 		return nil, false
 	case yaml.SequenceNode:
 		d.record(path, yamlPos(n))
-		d.containers[path] = true
+		d.atKey[path] = true
 		arr := make([]any, 0, len(n.Content))
 		for i, c := range n.Content {
 			v, ok := d.fromYAML(c, index(path, i), depth+1)
@@ -261,7 +269,7 @@ func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
 		return arr, true
 	case yaml.MappingNode:
 		d.record(path, yamlPos(n))
-		d.containers[path] = true
+		d.atKey[path] = true
 		obj := map[string]any{}
 		if !d.members(n, path, depth, obj) {
 			return nil, false
@@ -447,9 +455,6 @@ func (p *jsonParser) fail(err error) {
 	var se *json.SyntaxError
 	if errors.As(err, &se) {
 		off = int(se.Offset)
-		if off > 0 {
-			off-- // Offset counts the byte that failed
-		}
 	}
 	msg := err.Error()
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
@@ -472,7 +477,7 @@ func (p *jsonParser) value(path string, depth int) (any, bool) {
 	switch t := tok.(type) {
 	case json.Delim:
 		p.d.record(path, at)
-		p.d.containers[path] = true
+		p.d.atKey[path] = true
 		if t == '[' {
 			arr := []any{}
 			for p.dec.More() {
