@@ -1,0 +1,74 @@
+package oci
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// fakeDebootstrap puts a debootstrap on PATH that records its arguments
+// and, unless told to fail, writes a file into the target directory. A real
+// debootstrap needs a Debian mirror, which tests do not have; this checks
+// the command line and the staging, rename and marker around it.
+func fakeDebootstrap(t *testing.T, fail bool) (argsFile string) {
+	t.Helper()
+	bin := t.TempDir()
+	argsFile = filepath.Join(bin, "args")
+	script := `#!/bin/sh
+printf '%s\n' "$@" > ` + argsFile + `
+`
+	if fail {
+		script += "echo 'E: Failed getting release file' >&2\nexit 1\n"
+	} else {
+		script += `eval target=\"\${$(($# - 1))}\"; mkdir -p "$target/etc" && echo debian > "$target/etc/os-release"` + "\n"
+	}
+	if err := os.WriteFile(filepath.Join(bin, "debootstrap"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	return argsFile
+}
+
+func TestDebootstrap(t *testing.T) {
+	ctx := context.Background()
+	argsFile := fakeDebootstrap(t, false)
+	parent := machinesDir(t)
+	dest := filepath.Join(parent, "deb")
+	req := DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Dest: dest, Logger: testLogger(t)}
+
+	res, err := Debootstrap(ctx, req)
+	if err != nil || res.NoOp {
+		t.Fatalf("Debootstrap: NoOp=%v err=%v", res.NoOp, err)
+	}
+	args, _ := os.ReadFile(argsFile)
+	lines := strings.Split(strings.TrimSpace(string(args)), "\n")
+	if len(lines) != 5 || lines[0] != "--variant=minbase" || lines[1] != "--include=systemd,dbus" || lines[2] != "bookworm" ||
+		!strings.HasPrefix(filepath.Base(lines[3]), ".deb.staging-") || filepath.Dir(lines[3]) != parent || lines[4] != "http://deb.example/debian" {
+		t.Errorf("debootstrap ran with %q, want --variant=minbase --include=systemd,dbus bookworm <staging beside dest> mirror", lines)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dest, "etc/os-release")); string(b) != "debian\n" {
+		t.Errorf("rootfs not renamed into place: etc/os-release = %q", b)
+	}
+	assertFailedClosed(t, parent, ".deb.nodespawn-image", "deb")
+
+	if res, err := Debootstrap(ctx, req); err != nil || !res.NoOp {
+		t.Errorf("rerun: NoOp=%v err=%v, want a no-op", res.NoOp, err)
+	}
+	req.Include = append(req.Include, "iproute2")
+	if res, err := Debootstrap(ctx, req); err != nil || res.NoOp {
+		t.Errorf("changed include list: NoOp=%v err=%v, want a rebuild", res.NoOp, err)
+	}
+}
+
+func TestDebootstrapFailureLeavesNothing(t *testing.T) {
+	fakeDebootstrap(t, true)
+	parent := machinesDir(t)
+	_, err := Debootstrap(context.Background(), DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian",
+		Dest: filepath.Join(parent, "deb"), Logger: testLogger(t)})
+	if err == nil || !strings.Contains(err.Error(), "Failed getting release file") {
+		t.Fatalf("err = %v, want debootstrap's stderr in it", err)
+	}
+	assertFailedClosed(t, parent)
+}
