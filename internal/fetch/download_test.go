@@ -609,3 +609,52 @@ func TestParseChecksum(t *testing.T) {
 		})
 	}
 }
+
+// TestConcurrentDownloadsShareOneProgress runs several downloads at once
+// through one Fetcher and one Progress (run with -race).
+func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	var logs syncBuffer
+	f := newFetcher(t, filepath.Join(root, "cache"))
+	f.Progress = NewProgress(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
+	components := []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy, upstream.Runc}
+	var steps []render.Download
+	for i, c := range components {
+		steps = append(steps, o.publish(t, c, "1.5.3", randomBytes(512<<10, uint64(10+i)), filepath.Join(root, "bin", c)))
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(steps))
+	for i, s := range steps {
+		wg.Go(func() { _, errs[i] = f.Download(context.Background(), s) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("%s: %v", steps[i].Name, err)
+		}
+	}
+	for _, c := range components {
+		line := fmt.Sprintf("msg=downloaded name=%s bytes=%d total=%d", c, 512<<10, 512<<10)
+		if n := strings.Count(logs.String(), line); n != 1 {
+			t.Errorf("%d lines with %q, want 1; logs:\n%s", n, line, logs.String())
+		}
+	}
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

@@ -222,6 +222,10 @@ func mkdirInside(stage, rel string) error {
 			if err := os.Mkdir(cur, 0o755); err != nil {
 				return err
 			}
+			// The umask must not make tool directories unreadable.
+			if err := os.Chmod(cur, 0o755); err != nil {
+				return err
+			}
 		case err != nil:
 			return err
 		case fi.Mode()&os.ModeSymlink != 0:
