@@ -1,0 +1,267 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// executor runs one plan.
+type executor struct {
+	plan *render.Plan
+	opts Options
+	log  *slog.Logger
+	rec  *recordWriter
+
+	mu       sync.Mutex
+	outcomes map[string]Outcome
+}
+
+// changedAny reports whether any of the steps ids has run in this run and
+// changed something.
+func (e *executor) changedAny(ids []string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, id := range ids {
+		if e.outcomes[id] == OutcomeDone {
+			return true
+		}
+	}
+	return false
+}
+
+// stepResult is one finished step.
+type stepResult struct {
+	step    *render.Step
+	outcome Outcome
+	err     error
+	dur     time.Duration
+}
+
+// run executes the phases in order; it stops at the first phase with a
+// failed step and marks every step not reached as skipped.
+func (e *executor) run(ctx context.Context) error {
+	var failure error
+	for _, ph := range render.Phases {
+		var steps []*render.Step
+		for i := range e.plan.Steps {
+			if e.plan.Steps[i].Phase == ph {
+				steps = append(steps, &e.plan.Steps[i])
+			}
+		}
+		if failure != nil {
+			if err := e.skip(steps, fmt.Sprintf("not run: %v", failure)); err != nil {
+				return err
+			}
+			continue
+		}
+		failure = e.runPhase(ctx, steps)
+	}
+	return failure
+}
+
+// runPhase runs one phase's steps: each starts, in plan order, once the
+// steps it runs After have finished, with at most opts.Parallel running.
+// Downloads start fetching at once and install when their turn comes. The
+// first failure cancels the steps still running and starts no more.
+func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	fetches := e.prefetch(ctx, steps)
+	defer fetches.closeAll()
+
+	inPhase := map[string]bool{}
+	for _, s := range steps {
+		inPhase[s.ID] = true
+	}
+	finished := map[string]bool{}
+	ready := func(s *render.Step) bool {
+		for _, a := range s.After {
+			if inPhase[a] && !finished[a] {
+				return false
+			}
+		}
+		return true
+	}
+
+	results := make(chan stepResult)
+	pending := steps
+	running := 0
+	var failure error
+	for len(pending) > 0 || running > 0 {
+		if failure == nil {
+			rest := pending[:0]
+			for _, s := range pending {
+				if running < e.opts.Parallel && ready(s) {
+					running++
+					go func() { results <- e.runStep(ctx, s, fetches) }()
+					continue
+				}
+				rest = append(rest, s)
+			}
+			pending = rest
+		} else if len(pending) > 0 {
+			if err := e.skip(pending, fmt.Sprintf("not run: %v", failure)); err != nil {
+				return err
+			}
+			pending = nil
+		}
+		if running == 0 {
+			// validatePlan rules out cycles, so this means nothing is left.
+			break
+		}
+		r := <-results
+		running--
+		finished[r.step.ID] = true
+		if r.outcome == OutcomeFailed && failure == nil {
+			failure = &StepError{ID: r.step.ID, Kind: r.step.Kind, Err: r.err}
+			cancel(failure)
+		}
+		if r.outcome == OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && errors.Is(r.err, context.Canceled) {
+			// Cancelled because another step failed: not a failure of its own.
+			r.outcome, r.err = OutcomeSkipped, fmt.Errorf("cancelled: %v", failure)
+		}
+		if err := e.report(r); err != nil {
+			return err
+		}
+	}
+	if failure != nil {
+		return failure
+	}
+	return nil
+}
+
+func failureID(err error) string {
+	var se *StepError
+	if errors.As(err, &se) {
+		return se.ID
+	}
+	return ""
+}
+
+// runStep runs one step and logs it.
+func (e *executor) runStep(ctx context.Context, s *render.Step, fetches *prefetches) stepResult {
+	start := time.Now()
+	o, err := e.do(ctx, s, fetches)
+	var nc errNotConfigured
+	switch {
+	case errors.As(err, &nc):
+		o = OutcomeSkipped
+	case err != nil:
+		o = OutcomeFailed
+	}
+	return stepResult{step: s, outcome: o, err: err, dur: time.Since(start)}
+}
+
+// report records and logs a finished step.
+func (e *executor) report(r stepResult) error {
+	attrs := []any{"id", r.step.ID, "kind", r.step.Kind, "outcome", r.outcome, "duration", r.dur.Round(time.Millisecond)}
+	switch r.outcome {
+	case OutcomeFailed:
+		e.log.Error("step", append(attrs, "error", r.err)...)
+	case OutcomeSkipped:
+		e.log.Warn("step", append(attrs, "reason", r.err)...)
+	default:
+		e.log.Info("step", attrs...)
+	}
+	e.mu.Lock()
+	if e.outcomes == nil {
+		e.outcomes = map[string]Outcome{}
+	}
+	e.outcomes[r.step.ID] = r.outcome
+	e.mu.Unlock()
+	n, err := e.rec.step(r.step.ID, r.outcome, r.dur, r.err)
+	if err != nil {
+		return err
+	}
+	if e.opts.afterStep != nil {
+		e.opts.afterStep(n)
+	}
+	return nil
+}
+
+// skip records steps that will not run.
+func (e *executor) skip(steps []*render.Step, reason string) error {
+	for _, s := range steps {
+		if err := e.report(stepResult{step: s, outcome: OutcomeSkipped, err: errors.New(reason)}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// errNotConfigured is returned by do for a step whose implementation is
+// absent from Deps; the step is recorded as skipped.
+type errNotConfigured struct{ what, root string }
+
+func (e errNotConfigured) Error() string {
+	if e.root != "/" {
+		return fmt.Sprintf("not run: %s acts on the running host, and the root is %s, not /", e.what, e.root)
+	}
+	return fmt.Sprintf("not run: no %s configured", e.what)
+}
+
+func (e *executor) notConfigured(what string) (Outcome, error) {
+	return "", errNotConfigured{what: what, root: e.opts.Root}
+}
+
+// do dispatches a step to its implementation.
+func (e *executor) do(ctx context.Context, s *render.Step, fetches *prefetches) (Outcome, error) {
+	d := e.opts.Deps
+	switch s.Kind {
+	case render.KindFile:
+		return e.file(ctx, s.File)
+	case render.KindDirectory:
+		return e.directory(s.Directory)
+	case render.KindLink:
+		return e.link(s.Link)
+	case render.KindImage:
+		if d.Images == nil {
+			return e.notConfigured("image puller")
+		}
+		return e.image(ctx, s.Image)
+	case render.KindDownload:
+		if d.Downloader == nil {
+			return e.notConfigured("downloader")
+		}
+		return e.download(ctx, s, fetches)
+	case render.KindSystemd:
+		if d.Systemd == nil {
+			return e.notConfigured("systemd")
+		}
+		return e.systemd(ctx, s.Systemd)
+	case render.KindWait:
+		if d.Systemd == nil {
+			return e.notConfigured("systemd")
+		}
+		return e.wait(ctx, s.Wait)
+	}
+	if d.Host == nil {
+		return e.notConfigured("host operations")
+	}
+	var err error
+	switch s.Kind {
+	case render.KindPackages:
+		err = d.Host.EnsurePackages(ctx, s.Packages.Names, s.Packages.Install)
+	case render.KindModules:
+		err = d.Host.LoadModules(ctx, s.Modules.Names)
+	case render.KindSysctl:
+		err = d.Host.ApplySysctls(ctx, s.Sysctl.Values)
+	case render.KindNftFlush:
+		err = d.Host.FlushNftables(ctx)
+	case render.KindSwapOff:
+		err = d.Host.DisableSwap(ctx, s.Swap.Fstab)
+	default:
+		err = fmt.Errorf("unknown step kind %q", s.Kind)
+	}
+	if err != nil {
+		return "", err
+	}
+	return OutcomeDone, nil
+}

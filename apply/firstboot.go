@@ -1,0 +1,57 @@
+package apply
+
+import (
+	_ "embed"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/fsutil"
+)
+
+// FirstbootUnitName is the first-boot unit's name.
+const FirstbootUnitName = "nodespawn-firstboot.service"
+
+// DefaultBinaryPath is where images and cloud-init put the nodespawn binary.
+const DefaultBinaryPath = "/usr/local/bin/nodespawn"
+
+//go:embed firstboot.service
+var firstbootTemplate string
+
+// FirstbootUnit returns the first-boot unit that runs binaryPath
+// ("" means DefaultBinaryPath) until a run has succeeded once.
+func FirstbootUnit(binaryPath string) string {
+	if binaryPath == "" {
+		binaryPath = DefaultBinaryPath
+	}
+	return strings.NewReplacer("{{BINARY}}", binaryPath, "{{DONE}}", DoneStamp).Replace(firstbootTemplate)
+}
+
+// InstallFirstboot writes the first-boot unit under root ("" means "/")
+// and enables it the way systemctl enable would, with a wants-symlink, so
+// it works on an image tree as well as on a live host. A live host needs a
+// daemon-reload before the unit can be started by hand.
+func InstallFirstboot(root, binaryPath string) error {
+	if root == "" {
+		root = "/"
+	}
+	if !filepath.IsAbs(binaryPath) && binaryPath != "" {
+		return fmt.Errorf("install first-boot unit: binary path %q is not absolute", binaryPath)
+	}
+	unitPath := "/etc/systemd/system/" + FirstbootUnitName
+	unit := filepath.Join(root, unitPath)
+	if err := ensureParent(unit); err != nil {
+		return fmt.Errorf("install first-boot unit: %w", err)
+	}
+	if err := fsutil.WriteFile(unit, []byte(FirstbootUnit(binaryPath)), 0o644, 0, 0); err != nil {
+		return fmt.Errorf("install first-boot unit: %w", err)
+	}
+	wants := filepath.Join(root, "/etc/systemd/system/multi-user.target.wants", FirstbootUnitName)
+	if err := ensureParent(wants); err != nil {
+		return fmt.Errorf("enable first-boot unit: %w", err)
+	}
+	if err := fsutil.Symlink(unitPath, wants, 0, 0); err != nil {
+		return fmt.Errorf("enable first-boot unit: %w", err)
+	}
+	return nil
+}

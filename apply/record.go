@@ -1,0 +1,178 @@
+package apply
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// RecordVersion identifies the JSON shape of a Record.
+const RecordVersion = "nodespawn.dev/result/v1"
+
+// Status is the state of a whole run.
+type Status string
+
+// Run statuses. A record left "running" belongs to a run that died.
+const (
+	StatusRunning   Status = "running"
+	StatusSucceeded Status = "succeeded"
+	StatusFailed    Status = "failed"
+)
+
+// Outcome is what happened to one step.
+type Outcome string
+
+// Step outcomes.
+const (
+	// OutcomePending: not reached yet (a record left by a run that died).
+	OutcomePending Outcome = "pending"
+	// OutcomeDone: the step changed something.
+	OutcomeDone Outcome = "done"
+	// OutcomeUnchanged: the target already held the wanted state.
+	OutcomeUnchanged Outcome = "unchanged"
+	// OutcomeFailed: the step failed; Error says why.
+	OutcomeFailed Outcome = "failed"
+	// OutcomeSkipped: the step did not run; Error says why (an earlier
+	// failure, or a host-changing step with --root not "/").
+	OutcomeSkipped Outcome = "skipped"
+)
+
+// Record is the result record of one run. It holds no secrets: step errors
+// name paths, URLs and commands, never file contents.
+type Record struct {
+	Version        string       `json:"version"`
+	ToolVersion    string       `json:"toolVersion,omitempty"`
+	ManifestDigest string       `json:"manifestDigest"`
+	PlanDigest     string       `json:"planDigest"`
+	Machine        string       `json:"machine"`
+	Status         Status       `json:"status"`
+	Started        time.Time    `json:"started"`
+	Ended          *time.Time   `json:"ended,omitempty"`
+	Steps          []StepRecord `json:"steps"`
+}
+
+// StepRecord is one step's outcome.
+type StepRecord struct {
+	ID         string       `json:"id"`
+	Phase      render.Phase `json:"phase"`
+	Kind       render.Kind  `json:"kind"`
+	Outcome    Outcome      `json:"outcome"`
+	DurationMS int64        `json:"durationMs"`
+	Error      string       `json:"error,omitempty"`
+}
+
+func newRecord(p *render.Plan, opts Options, planDigest string) *Record {
+	r := &Record{
+		Version:        RecordVersion,
+		ToolVersion:    opts.ToolVersion,
+		ManifestDigest: opts.ManifestDigest,
+		PlanDigest:     planDigest,
+		Machine:        p.Machine,
+		Status:         StatusRunning,
+		Started:        time.Now().UTC(),
+		Steps:          make([]StepRecord, len(p.Steps)),
+	}
+	for i, s := range p.Steps {
+		r.Steps[i] = StepRecord{ID: s.ID, Phase: s.Phase, Kind: s.Kind, Outcome: OutcomePending}
+	}
+	return r
+}
+
+// ReadRecord returns the record of the last run under root, or nil when
+// there is none.
+func ReadRecord(root string) (*Record, error) {
+	if root == "" {
+		root = "/"
+	}
+	return readRecord(root)
+}
+
+func readRecord(root string) (*Record, error) {
+	path := filepath.Join(root, RecordFile)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read result record: %w", err)
+	}
+	var r Record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("read result record %s: %w (remove it to start over)", path, err)
+	}
+	if r.Version != RecordVersion {
+		return nil, fmt.Errorf("read result record %s: unknown version %q (want %q)", path, r.Version, RecordVersion)
+	}
+	return &r, nil
+}
+
+// recordWriter owns the record during a run; steps finishing concurrently
+// report through it, and each report rewrites the file atomically.
+type recordWriter struct {
+	root string
+	mu   sync.Mutex
+	rec  *Record
+	n    int // steps recorded so far
+}
+
+// step records one step's outcome and saves the record; it returns how
+// many steps have been recorded.
+func (w *recordWriter) step(id string, o Outcome, d time.Duration, stepErr error) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i := range w.rec.Steps {
+		if w.rec.Steps[i].ID == id {
+			s := &w.rec.Steps[i]
+			s.Outcome, s.DurationMS, s.Error = o, d.Milliseconds(), ""
+			if stepErr != nil {
+				s.Error = stepErr.Error()
+			}
+		}
+	}
+	w.n++
+	return w.n, w.saveLocked()
+}
+
+func (w *recordWriter) finish(ok bool) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now().UTC()
+	w.rec.Ended = &now
+	w.rec.Status = StatusFailed
+	if ok {
+		w.rec.Status = StatusSucceeded
+	}
+	return w.saveLocked()
+}
+
+func (w *recordWriter) save() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.saveLocked()
+}
+
+func (w *recordWriter) saveLocked() error {
+	b, err := json.MarshalIndent(w.rec, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode result record: %w", err)
+	}
+	if err := fsutil.WriteFile(filepath.Join(w.root, RecordFile), append(b, '\n'), 0o644, -1, -1); err != nil {
+		return fmt.Errorf("save result record: %w", err)
+	}
+	return nil
+}
+
+func (w *recordWriter) snapshot() *Record {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c := *w.rec
+	c.Steps = append([]StepRecord(nil), w.rec.Steps...)
+	return &c
+}

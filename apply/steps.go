@@ -1,0 +1,219 @@
+package apply
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// image creates the rootfs through the image puller.
+func (e *executor) image(ctx context.Context, img *render.Image) (Outcome, error) {
+	sc, err := e.scopeFor("/")
+	if err != nil {
+		return "", err
+	}
+	dest, err := sc.hostPath(img.Dest)
+	if err != nil {
+		return "", err
+	}
+	changed, err := e.opts.Deps.Images.Pull(ctx, img, dest)
+	if err != nil {
+		return "", err
+	}
+	return changedOutcome(changed), nil
+}
+
+// prefetch is one download fetched ahead of its turn.
+type prefetch struct {
+	done chan struct{}
+	art  Artifact
+	err  error
+}
+
+type prefetches struct {
+	m map[string]*prefetch
+}
+
+// prefetch starts fetching every download of a phase, at most
+// opts.Parallel at once, without waiting for the steps they run after.
+func (e *executor) prefetch(ctx context.Context, steps []*render.Step) *prefetches {
+	pf := &prefetches{m: map[string]*prefetch{}}
+	if e.opts.Deps.Downloader == nil {
+		return pf
+	}
+	sem := make(chan struct{}, e.opts.Parallel)
+	for _, s := range steps {
+		if s.Kind != render.KindDownload {
+			continue
+		}
+		f := &prefetch{done: make(chan struct{})}
+		pf.m[s.ID] = f
+		go func() {
+			defer close(f.done)
+			select {
+			case sem <- struct{}{}:
+				defer func() { <-sem }()
+			case <-ctx.Done():
+				f.err = ctx.Err()
+				return
+			}
+			f.art, f.err = e.fetch(ctx, s.Download)
+		}()
+	}
+	return pf
+}
+
+func (e *executor) fetch(ctx context.Context, d *render.Download) (Artifact, error) {
+	sc, err := e.scopeFor(d.Dest)
+	if err != nil {
+		return nil, err
+	}
+	dest, err := sc.hostPath(d.Dest)
+	if err != nil {
+		return nil, err
+	}
+	return e.opts.Deps.Downloader.Fetch(ctx, d, dest)
+}
+
+// closeAll waits for every fetch and releases what it staged.
+func (pf *prefetches) closeAll() {
+	for _, f := range pf.m {
+		<-f.done
+		if f.art != nil {
+			f.art.Close()
+		}
+	}
+}
+
+// download installs a prefetched artifact once the steps it runs after
+// are done.
+func (e *executor) download(ctx context.Context, s *render.Step, pf *prefetches) (Outcome, error) {
+	f := pf.m[s.ID]
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+	art, err := f.art, f.err
+	if e.changedAny(s.After) {
+		// The prefetch may have looked at a rootfs that has been replaced
+		// since (and found the artifact "installed" there): look again.
+		if art, err = e.fetch(ctx, s.Download); err == nil {
+			defer art.Close()
+		}
+	}
+	if err != nil {
+		return "", err
+	}
+	changed, err := art.Install(ctx)
+	if err != nil {
+		return "", err
+	}
+	return changedOutcome(changed), nil
+}
+
+// systemd runs a Systemd step.
+func (e *executor) systemd(ctx context.Context, s *render.Systemd) (Outcome, error) {
+	sd := e.opts.Deps.Systemd
+	switch s.Action {
+	case "daemon-reload":
+		return OutcomeDone, sd.DaemonReload(ctx)
+	case "enable":
+		changed, err := sd.Enable(ctx, s.Unit)
+		return changedOutcome(changed), err
+	case "start":
+		changed, err := sd.Start(ctx, s.Unit)
+		return changedOutcome(changed), err
+	case "restart":
+		return OutcomeDone, sd.Restart(ctx, s.Unit)
+	default:
+		return "", fmt.Errorf("unknown systemd action %q for %s", s.Action, s.Unit)
+	}
+}
+
+// DefaultWaitTimeout applies when a Wait step has no timeout.
+const DefaultWaitTimeout = 5 * time.Minute
+
+// journalLines is how much of the machine's journal a wait timeout shows.
+const journalLines = 30
+
+// wait polls machined until the machine is registered, then the machine's
+// systemd until every unit is active, up to w.TimeoutSeconds. A timeout
+// reports each unit's last state and the tail of the machine's journal.
+func (e *executor) wait(ctx context.Context, w *render.Wait) (Outcome, error) {
+	sd := e.opts.Deps.Systemd
+	timeout := time.Duration(w.TimeoutSeconds) * time.Second
+	if timeout <= 0 {
+		timeout = DefaultWaitTimeout
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	registered := false
+	states := make([]string, len(w.Units))
+	var lastErr error
+	for first := true; ; first = false {
+		if !registered {
+			registered, lastErr = sd.MachineRegistered(wctx, w.Machine)
+		}
+		if registered {
+			all := true
+			for i, u := range w.Units {
+				st, err := sd.UnitState(wctx, w.Machine, u)
+				if err != nil {
+					st, lastErr = "unknown", err
+				}
+				states[i] = st
+				all = all && st == "active"
+			}
+			if all {
+				if first {
+					return OutcomeUnchanged, nil
+				}
+				return OutcomeDone, nil
+			}
+		}
+		select {
+		case <-wctx.Done():
+		case <-time.After(e.opts.PollInterval):
+			continue
+		}
+		break
+	}
+	if ctx.Err() != nil {
+		return "", context.Cause(ctx)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "machine %s not ready after %s: ", w.Machine, timeout)
+	if !registered {
+		b.WriteString("machined does not list it")
+	} else {
+		for i, u := range w.Units {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, "%s is %s", u, states[i])
+		}
+	}
+	if lastErr != nil {
+		fmt.Fprintf(&b, " (last error: %v)", lastErr)
+	}
+	journal, err := sd.Journal(ctx, w.Machine, journalLines)
+	if err != nil {
+		fmt.Fprintf(&b, "; reading its journal failed too: %v", err)
+	} else {
+		fmt.Fprintf(&b, "; last %d lines of its journal:\n%s", journalLines, strings.TrimRight(journal, "\n"))
+	}
+	fmt.Fprintf(&b, "\nsee: machinectl status %s; journalctl -M %s -u kubelet -u containerd", w.Machine, w.Machine)
+	return "", fmt.Errorf("%s", b.String())
+}
+
+func changedOutcome(changed bool) Outcome {
+	if changed {
+		return OutcomeDone
+	}
+	return OutcomeUnchanged
+}
