@@ -39,7 +39,10 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 		s := r.file(ph, place(f.Path), "", "extra file "+f.Path, mode(uint32(intOr(f.Mode, 0o644))), owned(owner(f.Node)))
 		setContents(s.File, data)
 		s.File.Source = src
-		s.File.Overwrite = f.Overwrite != nil && *f.Overwrite
+		// Ignition fails on an existing file unless overwrite is true; a
+		// provisioner that converges on reruns owns its files instead, and
+		// an explicit overwrite: false keeps what is there.
+		s.File.Overwrite = f.Overwrite == nil || *f.Overwrite
 	}
 	for _, l := range x.Storage.Links {
 		target := ""
