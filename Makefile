@@ -11,3 +11,23 @@ test:
 
 dry-run: build
 	./$(BIN) apply --dry-run -f examples/minimal.yaml
+
+# End-to-end test: a TCG VM boots with the manifest in its NoCloud user-data
+# and nodespawn makes the node (e2e/README.md). Needs root and the packages
+# listed there; caches under $(E2E_CACHE) (default /var/cache/nodespawn-e2e).
+.PHONY: e2e e2e-prepare
+e2e-prepare:
+	e2e/prepare.sh
+e2e: e2e-prepare
+	e2e/run.sh $(E2E_ARGS)
+
+# Machine rootfs images with a container engine (buildah, podman or docker).
+# Without one: images/build-rootfs.sh DIR && nodespawn image build --rootfs DIR --ref REF.
+ENGINE ?= $(shell command -v buildah || command -v podman || command -v docker)
+IMAGE_REPO ?= ghcr.io/nodespawn
+IMAGE_TAG ?= noble
+.PHONY: images
+images:
+	@test -n "$(ENGINE)" || { echo "images: no container engine (buildah, podman, docker); use images/build-rootfs.sh and 'nodespawn image build'" >&2; exit 1; }
+	$(ENGINE) build -f images/base/Containerfile -t $(IMAGE_REPO)/base:$(IMAGE_TAG) images/base
+	$(ENGINE) build -f images/nvidia/Containerfile --build-arg BASE=$(IMAGE_REPO)/base:$(IMAGE_TAG) -t $(IMAGE_REPO)/nvidia:$(IMAGE_TAG) images/nvidia
