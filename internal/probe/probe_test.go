@@ -85,6 +85,11 @@ func TestGatherFixtures(t *testing.T) {
 			},
 		}}},
 		{name: "arm64", arch: "arm64", nvml: unavailable},
+		// Recorded on a real GPU VM (see its README).
+		{name: "h200-vm", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
+			DriverVersion: "580.159.04",
+			GPUs:          []render.GPU{{Index: 0, UUID: "GPU-327675c9-8428-3a19-6516-e8d18f80ed81", Name: "NVIDIA H200"}},
+		}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -92,9 +97,11 @@ func TestGatherFixtures(t *testing.T) {
 			if tt.root != "" {
 				fixture = filepath.Join("testdata", "hosts", tt.root)
 			}
+			// A fixture without ldconfig-p.txt keeps a binary cache at
+			// root/etc/ld.so.cache, the default place.
 			ldCache := filepath.Join(fixture, "ldconfig-p.txt")
 			if _, err := os.Stat(ldCache); err != nil {
-				ldCache = filepath.Join(fixture, "no-such-ld.so.cache")
+				ldCache = ""
 			}
 			var logs bytes.Buffer
 			facts, err := Gather(context.Background(), Options{
