@@ -1,0 +1,415 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/upstream"
+)
+
+// Pinned component versions: what build-components.sh builds and what the
+// manifests ask for.
+const (
+	k8sVersion        = "1.37.2"
+	containerdVersion = "2.4.2"
+	runcVersion       = "1.5.3"
+	cniVersion        = "1.10.0"
+	crictlVersion     = "1.37.0"
+	machineName       = "kube1"
+	imageRepo         = "nodespawn/machine"
+	imageTag          = "e2e"
+)
+
+// environment is what TestMain sets up once for every scenario.
+type environment struct {
+	work        string
+	guestKernel string
+	guestInitrd string
+	// guestDisk is this run's copy of the cached guest image with nodespawn in it.
+	guestDisk string
+	nodespawn string
+	sysprobe  string
+	// imageRef is the machine image as the guest names it.
+	imageRef string
+	// mirror maps each component to its file in the mirror tree, for
+	// scenarios that need the real digest.
+	mirrorFiles map[string]string
+	caPEM       string
+}
+
+var env *environment
+
+func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	if err := requirePrivateNetns(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		return 2
+	}
+	var stop func()
+	var err error
+	env, stop, err = setup(context.Background())
+	if stop != nil {
+		defer stop()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e setup:", err)
+		return 1
+	}
+	return m.Run()
+}
+
+// requirePrivateNetns refuses to run anywhere but a network namespace whose
+// only interface is lo: the network rule for this test has no exception.
+func requirePrivateNetns() error {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return err
+	}
+	var names []string
+	for _, i := range ifs {
+		names = append(names, i.Name)
+	}
+	if len(names) != 1 || names[0] != "lo" {
+		return fmt.Errorf("must run in a network namespace with only lo, found %v: use `make e2e` or e2e/run.sh", names)
+	}
+	return nil
+}
+
+func getenv(k string) (string, error) {
+	v := os.Getenv(k)
+	if v == "" {
+		return "", fmt.Errorf("%s is not set: run e2e/prepare.sh first (make e2e does)", k)
+	}
+	return v, nil
+}
+
+func setup(ctx context.Context) (*environment, func(), error) {
+	t0 := time.Now()
+	vars := map[string]string{}
+	for _, k := range []string{"E2E_GUEST", "E2E_COMPONENTS", "E2E_MACHINE_ROOTFS", "E2E_NODESPAWN", "E2E_SYSPROBE", "E2E_WORK"} {
+		v, err := getenv(k)
+		if err != nil {
+			return nil, nil, err
+		}
+		vars[k] = v
+	}
+	work := filepath.Join(vars["E2E_WORK"], "run")
+	if err := os.RemoveAll(work); err != nil {
+		return nil, nil, err
+	}
+	if err := os.MkdirAll(work, 0o755); err != nil {
+		return nil, nil, err
+	}
+	e := &environment{
+		work:        work,
+		guestKernel: filepath.Join(vars["E2E_GUEST"], "vmlinuz"),
+		guestInitrd: filepath.Join(vars["E2E_GUEST"], "initrd.img"),
+		guestDisk:   filepath.Join(work, "guest.raw"),
+		nodespawn:   vars["E2E_NODESPAWN"],
+		sysprobe:    vars["E2E_SYSPROBE"],
+		imageRef:    fmt.Sprintf("%s:%d/%s:%s", guestHostIP, registryPort, imageRepo, imageTag),
+	}
+	var stops []func()
+	stop := func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}
+
+	if err := injectGuestFiles(filepath.Join(vars["E2E_GUEST"], "guest.raw"), e.guestDisk, map[string]string{
+		"/usr/local/bin/nodespawn":    e.nodespawn,
+		"/usr/local/bin/e2e-sysprobe": e.sysprobe,
+	}); err != nil {
+		return nil, stop, err
+	}
+	logf("guest disk with nodespawn ready (+%s)", time.Since(t0).Round(time.Second))
+
+	regStop, err := startRegistry(filepath.Join(work, "registry"))
+	stops = append(stops, regStop)
+	if err != nil {
+		return nil, stop, err
+	}
+	dst, tag, err := imagebuild.Repository(fmt.Sprintf("127.0.0.1:%d/%s:%s", registryPort, imageRepo, imageTag), true)
+	if err != nil {
+		return nil, stop, err
+	}
+	res, err := imagebuild.Build(ctx, vars["E2E_MACHINE_ROOTFS"], dst, tag, imagebuild.Options{
+		Platform: "linux/amd64", Created: time.Unix(0, 0), Cmd: []string{"/sbin/init"}, TempDir: work,
+	})
+	if err != nil {
+		return nil, stop, fmt.Errorf("push machine image: %w", err)
+	}
+	logf("machine image %s@%s pushed: layer %d MB, %d entries (+%s)", e.imageRef, res.Manifest.Digest, res.Layer.Size>>20, res.Entries, time.Since(t0).Round(time.Second))
+
+	mirror := filepath.Join(work, "mirror")
+	if e.mirrorFiles, err = buildMirror(vars["E2E_COMPONENTS"], mirror); err != nil {
+		return nil, stop, err
+	}
+	srv := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", mirrorPort), Handler: logRequests(http.FileServer(http.Dir(mirror)), filepath.Join(work, "mirror.log"))}
+	l, err := net.Listen("tcp", srv.Addr)
+	if err != nil {
+		return nil, stop, fmt.Errorf("mirror listen: %w", err)
+	}
+	go srv.Serve(l)
+	stops = append(stops, func() { srv.Close() })
+	logf("mirror on %s (+%s)", srv.Addr, time.Since(t0).Round(time.Second))
+
+	if e.caPEM, err = selfSignedCA(); err != nil {
+		return nil, stop, err
+	}
+	return e, stop, nil
+}
+
+func logf(format string, args ...any) {
+	fmt.Printf("e2e: "+format+"\n", args...)
+}
+
+// injectGuestFiles copies the cached guest image and writes files into the
+// copy's ext4 file system with debugfs: no mount, no loop device, and the
+// cached image stays untouched.
+func injectGuestFiles(base, dst string, files map[string]string) error {
+	if out, err := exec.Command("cp", "--sparse=always", base, dst).CombinedOutput(); err != nil {
+		return fmt.Errorf("copy guest image: %v: %s", err, out)
+	}
+	var cmds strings.Builder
+	paths := make([]string, 0, len(files))
+	for p := range files {
+		paths = append(paths, p)
+	}
+	sort.Strings(paths)
+	for _, p := range paths {
+		fmt.Fprintf(&cmds, "rm %s\ncd %s\nwrite %s %s\nsif %s mode 0100755\nsif %s uid 0\nsif %s gid 0\n",
+			p, path.Dir(p), files[p], path.Base(p), p, p, p)
+	}
+	cmd := exec.Command("debugfs", "-w", "-f", "-", dst)
+	cmd.Stdin = strings.NewReader(cmds.String())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("debugfs into %s: %v: %s", dst, err, out)
+	}
+	// debugfs reports most failures on stdout and still exits 0.
+	for _, p := range paths {
+		ls, err := exec.Command("debugfs", "-R", "stat "+p, dst).CombinedOutput()
+		if err != nil || !bytes.Contains(ls, []byte("Mode:  0755")) {
+			return fmt.Errorf("inject %s into guest image: %v\n%s\n%s", p, err, out, ls)
+		}
+	}
+	return nil
+}
+
+// startRegistry runs Debian's docker-registry (distribution) on 127.0.0.1:5000.
+func startRegistry(dir string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return func() {}, err
+	}
+	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%d\n", filepath.Join(dir, "data"), registryPort)
+	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644); err != nil {
+		return func() {}, err
+	}
+	logFile, err := os.Create(filepath.Join(dir, "registry.log"))
+	if err != nil {
+		return func() {}, err
+	}
+	cmd := exec.Command("docker-registry", "serve", filepath.Join(dir, "config.yml"))
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		return func() {}, fmt.Errorf("start docker-registry: %w", err)
+	}
+	stop := func() { cmd.Process.Kill(); cmd.Wait(); logFile.Close() }
+	for i := 0; i < 100; i++ {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", registryPort)); err == nil {
+			c.Close()
+			return stop, nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return stop, fmt.Errorf("docker-registry did not listen on 127.0.0.1:%d; see %s", registryPort, logFile.Name())
+}
+
+// buildMirror lays the built binaries out the way the upstream release
+// sites do (internal/upstream knows the paths), with their checksum files,
+// so nodespawn downloads them exactly as it would from upstream.
+func buildMirror(components, root string) (map[string]string, error) {
+	bin := func(name string) string { return filepath.Join(components, "bin", name) }
+	files := map[string]string{}
+	lookup := func(c, v string) (upstream.Artifact, string, error) {
+		a, err := upstream.Lookup(c, v, "amd64", "http://mirror.invalid")
+		if err != nil {
+			return a, "", err
+		}
+		u, err := url.Parse(a.URL)
+		if err != nil {
+			return a, "", err
+		}
+		dst := filepath.Join(root, filepath.FromSlash(u.Path))
+		files[c] = dst
+		return a, dst, os.MkdirAll(filepath.Dir(dst), 0o755)
+	}
+	for _, c := range []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy} {
+		_, dst, err := lookup(c, k8sVersion)
+		if err != nil {
+			return nil, err
+		}
+		sum, err := copyFile(bin(c), dst)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(dst+".sha256", []byte(sum), 0o644); err != nil { // dl.k8s.io: bare hex
+			return nil, err
+		}
+	}
+	_, dst, err := lookup(upstream.Runc, runcVersion)
+	if err != nil {
+		return nil, err
+	}
+	sum, err := copyFile(bin("runc"), dst)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(filepath.Dir(dst), "runc.sha256sum"), []byte(sum+"  runc.amd64\n"), 0o644); err != nil {
+		return nil, err
+	}
+	tarballs := []struct {
+		component, version, checksumExt string
+		members                         map[string]string // archive path -> file
+	}{
+		{upstream.Containerd, containerdVersion, ".sha256sum", map[string]string{
+			"bin/containerd": bin("containerd"), "bin/containerd-shim-runc-v2": bin("containerd-shim-runc-v2"), "bin/ctr": bin("ctr")}},
+		{upstream.Crictl, crictlVersion, ".sha256", map[string]string{"crictl": bin("crictl")}},
+		{upstream.CNIPlugins, cniVersion, ".sha256", cniMembers(filepath.Join(components, "cni"))},
+	}
+	for _, tb := range tarballs {
+		_, dst, err := lookup(tb.component, tb.version)
+		if err != nil {
+			return nil, err
+		}
+		sum, err := writeTarball(dst, tb.members)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(dst+tb.checksumExt, []byte(sum+"  "+filepath.Base(dst)+"\n"), 0o644); err != nil {
+			return nil, err
+		}
+	}
+	return files, nil
+}
+
+func cniMembers(dir string) map[string]string {
+	m := map[string]string{}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		m["./"+e.Name()] = filepath.Join(dir, e.Name())
+	}
+	return m
+}
+
+func copyFile(src, dst string) (string, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(out, h), in); err != nil {
+		out.Close()
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), out.Close()
+}
+
+func writeTarball(dst string, members map[string]string) (string, error) {
+	f, err := os.Create(dst)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	zw, _ := gzip.NewWriterLevel(io.MultiWriter(f, h), gzip.BestSpeed)
+	tw := tar.NewWriter(zw)
+	names := make([]string, 0, len(members))
+	for n := range members {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		src, err := os.Open(members[n])
+		if err != nil {
+			return "", err
+		}
+		fi, _ := src.Stat()
+		if err := tw.WriteHeader(&tar.Header{Name: n, Mode: 0o755, Size: fi.Size(), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg}); err != nil {
+			return "", err
+		}
+		if _, err := io.Copy(tw, src); err != nil {
+			return "", err
+		}
+		src.Close()
+	}
+	if err := tw.Close(); err != nil {
+		return "", err
+	}
+	if err := zw.Close(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), f.Close()
+}
+
+func logRequests(h http.Handler, logPath string) http.Handler {
+	f, _ := os.Create(logPath)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(f, "%s %s %s\n", time.Now().Format(time.RFC3339), r.Method, r.URL.Path)
+		h.ServeHTTP(w, r)
+	})
+}
+
+// selfSignedCA is the cluster CA the manifest carries; no API server runs,
+// the kubelet only has to find it well-formed.
+func selfSignedCA() (string, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "nodespawn-e2e-ca"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})), nil
+}

@@ -1,0 +1,76 @@
+#!/bin/bash
+# prepare.sh: everything the e2e needs that takes network access (the Debian
+# mirror, the Go module proxy), done before the test enters its network
+# namespace. Slow parts are cached under $E2E_CACHE (default
+# $XDG_CACHE_HOME/nodespawn-e2e, else /var/cache/nodespawn-e2e), each keyed
+# by the hash of the script that makes it:
+#   guest/KEY           VM kernel, initrd and ext4 image   (build-guest.sh)
+#   components/KEY      kubelet, containerd, runc, ... built from source
+#   machine-rootfs/KEY  the machine's Debian tree          (images/build-rootfs.sh)
+# Per run, in $E2E_WORK (default e2e/.work): the nodespawn binary, sysprobe,
+# the test binary, and env, which tells the test where everything is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE=${E2E_CACHE:-${XDG_CACHE_HOME:+$XDG_CACHE_HOME/nodespawn-e2e}}
+CACHE=${CACHE:-/var/cache/nodespawn-e2e}
+WORK=$(realpath -m "${E2E_WORK:-e2e/.work}")
+GO=${GO:-go}
+mkdir -p "$CACHE/logs" "$WORK"
+CACHE=$(realpath "$CACHE")
+
+# The Debian mirror the host's apt already uses (no other network is reachable).
+MIRROR=${E2E_DEBIAN_MIRROR:-$({ grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null || true; } | awk '{print $2}' | head -1)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+
+key() { cat "$@" | sha256sum | cut -c1-12; }
+GUEST=$CACHE/guest/$(key e2e/scripts/build-guest.sh)
+COMPONENTS=$CACHE/components/$(key e2e/scripts/build-components.sh)
+MACHINE=$CACHE/machine-rootfs/$(key images/build-rootfs.sh)
+
+t0=$SECONDS
+log() { echo "[e2e prepare +$((SECONDS - t0))s] $*"; }
+
+# The Go builds (CPU) and the debootstraps (mostly network and dpkg) overlap
+# well; the two debootstraps share a deb cache, so they run one after the other.
+pids=()
+if [ ! -e "$COMPONENTS/.done" ]; then
+	log "building components into $COMPONENTS (log: $CACHE/logs/components.log; ~15 min cold)"
+	e2e/scripts/build-components.sh "$COMPONENTS" >"$CACHE/logs/components.log" 2>&1 &
+	pids+=($!)
+fi
+if [ ! -e "$GUEST/.done" ] || [ ! -e "$MACHINE/.done" ]; then
+	log "building guest image and machine rootfs (log: $CACHE/logs/debootstrap.log; ~10 min cold)"
+	(
+		e2e/scripts/build-guest.sh "$GUEST" "$MIRROR" "$CACHE/debs"
+		if [ ! -e "$MACHINE/.done" ]; then
+			rm -rf "$MACHINE"
+			images/build-rootfs.sh -s bookworm -m "$MIRROR" -c "$CACHE/debs" "$MACHINE/rootfs"
+			touch "$MACHINE/.done"
+		fi
+	) >"$CACHE/logs/debootstrap.log" 2>&1 &
+	pids+=($!)
+fi
+
+log "building nodespawn, sysprobe and the test binary"
+CGO_ENABLED=0 $GO build -trimpath -o "$WORK/nodespawn" .
+gcc -static -O2 -Wall -Werror -o "$WORK/sysprobe" e2e/sysprobe/sysprobe.c
+$GO test -c -tags e2e -o "$WORK/e2e.test" ./e2e
+
+for p in "${pids[@]}"; do
+	if ! wait "$p"; then
+		echo "e2e prepare: a cached build failed; see $CACHE/logs/" >&2
+		tail -n 30 "$CACHE/logs/components.log" "$CACHE/logs/debootstrap.log" 2>/dev/null >&2
+		exit 1
+	fi
+done
+
+cat >"$WORK/env" <<EOT
+E2E_GUEST=$GUEST
+E2E_COMPONENTS=$COMPONENTS
+E2E_MACHINE_ROOTFS=$MACHINE/rootfs
+E2E_NODESPAWN=$WORK/nodespawn
+E2E_SYSPROBE=$WORK/sysprobe
+E2E_WORK=$WORK
+EOT
+log "ready: $WORK/env"

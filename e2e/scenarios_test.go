@@ -1,0 +1,315 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// firstbootCloudConfig installs and starts the first-boot unit from the
+// user-data, as examples/cloud-init does.
+const firstbootCloudConfig = `runcmd:
+  - [/usr/local/bin/nodespawn, install]
+  - [systemctl, start, --no-block, nodespawn-firstboot.service]
+`
+
+const (
+	firstbootUnit = "nodespawn-firstboot.service"
+	bootTimeout   = 15 * time.Minute
+)
+
+// shq quotes s for /bin/sh.
+func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// inMachine is a guest command that runs script inside the nspawn machine.
+func inMachine(script string) string {
+	return "systemd-run -M " + machineName + " --wait --pipe --quiet /bin/sh -c " + shq(script)
+}
+
+// scenario is one VM with its own artifacts directory; on failure the
+// guest's and the machine's journals are saved next to the serial log.
+func newScenario(t *testing.T, name, userData string) (*vm, context.Context) {
+	dir := filepath.Join(env.work, name)
+	seed := makeSeed(t, dir, "e2e-"+name, userData)
+	v := startVM(t, env, dir, seed)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	t.Cleanup(cancel)
+	t.Cleanup(func() {
+		if !t.Failed() || v.cmd.ProcessState != nil || v.agent.conn == nil {
+			return
+		}
+		for file, script := range map[string]string{
+			"journal-guest.txt":   "journalctl -b --no-pager -o short-monotonic",
+			"journal-machine.txt": inMachine("journalctl -b --no-pager -o short-monotonic"),
+			"plan.json":           "/usr/local/bin/nodespawn apply --dry-run -o json --source auto",
+		} {
+			if r, err := v.agent.exec(ctx, script); err == nil {
+				os.WriteFile(filepath.Join(dir, file), []byte(r.Stdout+r.Stderr), 0o644)
+			}
+		}
+		t.Logf("artifacts kept in %s", dir)
+	})
+	return v, ctx
+}
+
+// waitFirstboot waits until the first-boot unit has run to its end and
+// returns its Result property ("success", "exit-code", ...).
+func waitFirstboot(ctx context.Context, v *vm) string {
+	v.t.Helper()
+	r, ok := v.poll(ctx, bootTimeout, firstbootUnit+" finished",
+		`s=$(systemctl show -P ActiveState `+firstbootUnit+`) && [ "$s" != activating ] && [ "$(systemctl show -P ExecMainExitTimestampMonotonic `+firstbootUnit+`)" != 0 ] && systemctl show -P Result `+firstbootUnit)
+	if !ok {
+		v.t.FailNow()
+	}
+	return strings.TrimSpace(r.Stdout)
+}
+
+// TestNode boots a fresh VM whose user-data carries the manifest, checks
+// the node the first-boot unit makes, reboots it, and resets it.
+func TestNode(t *testing.T) {
+	v, ctx := newScenario(t, "node", userData(manifest(manifestOptions{})))
+	v.waitAgent(ctx)
+	t.Logf("first boot: guest agent up %s after VM start", v.since())
+
+	if res := waitFirstboot(ctx, v); res != "success" {
+		t.Fatalf("%s result %q, want success\n%s", firstbootUnit, res, v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 40").Stdout)
+	}
+	t.Logf("first boot: %s done %s after VM start", firstbootUnit, v.since())
+	if _, ok := v.poll(ctx, 5*time.Minute, "kubelet active", inMachine("systemctl is-active kubelet")); !ok {
+		t.FailNow()
+	}
+	t.Logf("TIMING first boot: VM start -> kubelet active in the machine: %s", v.since())
+
+	t.Run("first boot", func(t *testing.T) { checkNode(ctx, t, v) })
+	t.Run("files match the plan", func(t *testing.T) { checkPlanFiles(ctx, t, v) })
+
+	rootIno := strings.TrimSpace(v.must(ctx, "stat -c %i /var/lib/machines/"+machineName))
+	record := v.must(ctx, "ls -l --time-style=full-iso /var/lib/nodespawn/")
+	t.Run("reboot", func(t *testing.T) {
+		bootID := v.must(ctx, "cat /proc/sys/kernel/random/boot_id")
+		// -f: no unit stop jobs (the machine's kubelet and shims take ~90 s
+		// to stop); systemd still kills everything and unmounts cleanly.
+		v.must(ctx, "sync; systemd-run --on-active=1 systemctl reboot -f")
+		v.agent.close()
+		rebootAt := time.Now()
+		deadline := time.Now().Add(5 * time.Minute)
+		for {
+			time.Sleep(3 * time.Second)
+			v.waitAgent(ctx)
+			r, err := v.agent.exec(ctx, "cat /proc/sys/kernel/random/boot_id")
+			if err == nil && r.Stdout != bootID {
+				break
+			}
+			v.agent.close()
+			if time.Now().After(deadline) {
+				t.Fatalf("guest did not come back from the reboot\n%s", v.serialTail(40))
+			}
+		}
+		if _, ok := v.poll(ctx, 5*time.Minute, "kubelet active after reboot", inMachine("systemctl is-active kubelet")); !ok {
+			t.FailNow()
+		}
+		t.Logf("TIMING reboot: reboot -> kubelet active again: %s", time.Since(rebootAt).Round(100*time.Millisecond))
+		// The first-boot unit must not redo anything: the stamp skips it, or
+		// it sees the same manifest applied and exits at once.
+		st := v.must(ctx, "systemctl show -P ConditionResult "+firstbootUnit+"; systemctl show -P Result "+firstbootUnit)
+		if f := strings.Fields(st); len(f) != 2 || (f[0] != "no" && f[1] != "success") {
+			t.Errorf("%s after reboot: ConditionResult/Result %q, want it skipped or successful", firstbootUnit, st)
+		}
+		if ino := strings.TrimSpace(v.must(ctx, "stat -c %i /var/lib/machines/"+machineName)); ino != rootIno {
+			t.Errorf("machine rootfs was recreated on reboot (inode %s, was %s)", ino, rootIno)
+		}
+		if after := v.must(ctx, "ls -l --time-style=full-iso /var/lib/nodespawn/"); after != record {
+			t.Errorf("/var/lib/nodespawn changed on reboot:\nbefore:\n%s\nafter:\n%s", record, after)
+		}
+		checkNode(ctx, t, v)
+	})
+
+	t.Run("reset", func(t *testing.T) {
+		r := v.sh(ctx, "/usr/local/bin/nodespawn reset 2>&1")
+		if r.Code != 0 {
+			t.Fatalf("nodespawn reset: exit %d\n%s", r.Code, r.Stdout)
+		}
+		checks := []struct{ what, script string }{
+			{"machine gone from machined", "! machinectl list --no-legend | grep -qw " + machineName},
+			{"machine service stopped", "! systemctl is-active -q systemd-nspawn@" + machineName + ".service"},
+			{"rootfs removed", "! test -e /var/lib/machines/" + machineName},
+			{".nspawn file removed", "! test -e /etc/systemd/nspawn/" + machineName + ".nspawn"},
+			{"service drop-in removed", "! test -e /etc/systemd/system/systemd-nspawn@" + machineName + ".service.d"},
+			{"not enabled at boot", "! test -e /etc/systemd/system/machines.target.wants/systemd-nspawn@" + machineName + ".service"},
+		}
+		for _, c := range checks {
+			if r := v.sh(ctx, c.script); r.Code != 0 {
+				t.Errorf("after reset, %s: check %q failed: %s%s", c.what, c.script, r.Stdout, r.Stderr)
+			}
+		}
+	})
+}
+
+// checkNode checks the running node from the guest and from inside the machine.
+func checkNode(ctx context.Context, t *testing.T, v *vm) {
+	t.Helper()
+	v.must(ctx, "machinectl copy-to "+machineName+" /usr/local/bin/e2e-sysprobe /var/tmp/e2e-sysprobe 2>/dev/null || machinectl copy-to --force "+machineName+" /usr/local/bin/e2e-sysprobe /var/tmp/e2e-sysprobe")
+	v.sh(ctx, inMachine("rm -f /sys/fs/bpf/e2e-probe"))
+	checks := []struct {
+		what   string
+		script string
+		// want lists substrings the output must hold.
+		want []string
+	}{
+		{"machinectl lists the machine", "machinectl list --no-legend", []string{machineName, "container", "systemd-nspawn"}},
+		{"systemd is PID 1 in the machine", inMachine("cat /proc/1/comm"), []string{"systemd"}},
+		{"containerd active", inMachine("systemctl is-active containerd"), []string{"active"}},
+		{"ctr version answers", inMachine("ctr version"), []string{"Server:", containerdVersion}},
+		{"kubelet active", inMachine("systemctl is-active kubelet"), []string{"active"}},
+		{"kubelet reaches for the manifest's API server", inMachine("journalctl -u kubelet --no-pager | grep -m1 " + fmt.Sprintf("%s:%d", guestHostIP, apiServerPort)), []string{fmt.Sprintf("%s:%d", guestHostIP, apiServerPort)}},
+		{"/proc/sys/net writable", inMachine("cat /proc/sys/net/ipv4/tcp_keepalive_time > /proc/sys/net/ipv4/tcp_keepalive_time && echo ok"), []string{"ok"}},
+		{"rest of /proc/sys read-only", inMachine("if cat /proc/sys/kernel/panic > /proc/sys/kernel/panic 2>/dev/null; then echo writable; else echo read-only; fi"), []string{"read-only"}},
+		{"/sys/fs/bpf is a bpf fs", inMachine("stat -f -c %T /sys/fs/bpf"), []string{"bpf_fs"}},
+		{"bpf and perf_event_open pass the syscall filter", inMachine("/var/tmp/e2e-sysprobe /sys/fs/bpf/e2e-probe"), []string{"map create ok", "pinned", "perf_event_open: ok"}},
+		{"the pin lands in /run/bpffs/<m> on the host", "ls /run/bpffs/" + machineName + "/", []string{"e2e-probe"}},
+		{"cgroup2 in the machine", inMachine("stat -f -c %T /sys/fs/cgroup"), []string{"cgroup2fs"}},
+		{"controllers delegated", inMachine("cat /sys/fs/cgroup/cgroup.controllers"), []string{"cpu", "memory", "pids", "io"}},
+		{"/lib/modules of the running kernel", inMachine("ls -d /lib/modules/$(uname -r)/kernel"), []string{"/kernel"}},
+	}
+	for _, c := range checks {
+		r := v.sh(ctx, c.script)
+		ok := r.Code == 0
+		for _, w := range c.want {
+			ok = ok && strings.Contains(r.Stdout, w)
+		}
+		if !ok {
+			t.Errorf("%s: %s: exit %d, want output with %q\nstdout: %s\nstderr: %s", c.what, c.script, r.Code, c.want, r.Stdout, r.Stderr)
+		}
+	}
+}
+
+// checkPlanFiles compares every file and link the plan (nodespawn apply
+// --dry-run -o json, on the guest) says it writes with what is on disk.
+func checkPlanFiles(ctx context.Context, t *testing.T, v *vm) {
+	out := v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")
+	var plan render.Plan
+	if err := json.Unmarshal([]byte(out), &plan); err != nil {
+		t.Fatalf("dry-run JSON: %v\n%s", err, out)
+	}
+	want := map[string]string{} // path -> "sha256 mode" or "-> target"
+	for _, s := range plan.Steps {
+		switch {
+		case s.File != nil && s.File.Source == nil && !s.File.Secret && s.File.Overwrite:
+			b := []byte(s.File.Contents)
+			if s.File.Encoding == "base64" {
+				var err error
+				if b, err = base64.StdEncoding.DecodeString(s.File.Contents); err != nil {
+					t.Fatalf("step %s: %v", s.ID, err)
+				}
+			}
+			sum := sha256.Sum256(b)
+			want[s.File.Path] = fmt.Sprintf("%s %o", hex.EncodeToString(sum[:]), s.File.Mode)
+		case s.Link != nil && !s.Link.Hard:
+			want[s.Link.Path] = "-> " + s.Link.Target
+		}
+	}
+	if len(want) < 10 {
+		t.Fatalf("the plan lists only %d files and links; want the whole node's", len(want))
+	}
+	paths := make([]string, 0, len(want))
+	for p := range want {
+		paths = append(paths, p)
+	}
+	sort.Strings(paths)
+	var script strings.Builder
+	for _, p := range paths {
+		if strings.HasPrefix(want[p], "-> ") {
+			fmt.Fprintf(&script, "printf '%%s\\t-> %%s\\n' %s \"$(readlink %s)\"\n", shq(p), shq(p))
+		} else {
+			fmt.Fprintf(&script, "printf '%%s\\t%%s %%s\\n' %s \"$(sha256sum < %s | cut -d' ' -f1)\" \"$(stat -c %%a %s)\"\n", shq(p), shq(p), shq(p))
+		}
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(v.must(ctx, script.String()), "\n") {
+		if k, val, ok := strings.Cut(line, "\t"); ok {
+			got[k] = val
+		}
+	}
+	for _, p := range paths {
+		if got[p] != want[p] {
+			t.Errorf("%s: on disk %q, plan says %q", p, got[p], want[p])
+		}
+	}
+	t.Logf("%d files and links match the plan", len(paths))
+}
+
+// TestBadArtifact gives runc a wrong sha256: the first-boot unit must fail,
+// say which step failed with both digests on the console, start no machine,
+// and leave no unverified binary in the rootfs.
+func TestBadArtifact(t *testing.T) {
+	wrong := sha256.Sum256([]byte("not runc"))
+	wrongHex := hex.EncodeToString(wrong[:])
+	realHex := fileSHA256(t, env.mirrorFiles["runc"])
+	v, ctx := newScenario(t, "bad-artifact", userData(manifest(manifestOptions{runcSHA256: wrongHex})))
+	v.waitAgent(ctx)
+	if res := waitFirstboot(ctx, v); res == "success" {
+		t.Fatalf("%s succeeded with a wrong runc digest", firstbootUnit)
+	}
+	t.Logf("bad artifact: %s failed %s after VM start", firstbootUnit, v.since())
+
+	var plan render.Plan
+	if err := json.Unmarshal([]byte(v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")), &plan); err != nil {
+		t.Fatal(err)
+	}
+	stepID := ""
+	for _, s := range plan.Steps {
+		if s.Download != nil && s.Download.Name == "runc" {
+			stepID = s.ID
+		}
+	}
+	if stepID == "" {
+		t.Fatal("the plan has no download step for runc")
+	}
+	serial, _ := os.ReadFile(v.serial)
+	found := false
+	for _, line := range strings.Split(string(serial), "\n") {
+		if strings.Contains(line, stepID) && strings.Contains(line, wrongHex) && strings.Contains(line, realHex) {
+			found = true
+			t.Logf("console: %s", strings.TrimSpace(line))
+			break
+		}
+	}
+	if !found {
+		t.Errorf("no console line names step %s and both digests (want %s, got %s)\njournal:\n%s", stepID, wrongHex, realHex,
+			v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 30").Stdout)
+	}
+	checks := []struct{ what, script string }{
+		{"no machine registered", "! machinectl list --no-legend | grep -qw " + machineName},
+		{"machine service never started", "[ \"$(systemctl show -P ExecMainStartTimestampMonotonic systemd-nspawn@" + machineName + ".service)\" = 0 ]"},
+		{"no runc in the rootfs", "! test -e /var/lib/machines/" + machineName + "/usr/local/bin/runc"},
+		{"no file with runc's bytes anywhere under /var/lib", "! find /var/lib /tmp /var/tmp -xdev -type f -size +1M -exec sha256sum {} + 2>/dev/null | grep -q " + realHex},
+	}
+	for _, c := range checks {
+		if r := v.sh(ctx, c.script); r.Code != 0 {
+			t.Errorf("%s: check %q failed: %s%s", c.what, c.script, r.Stdout, r.Stderr)
+		}
+	}
+}
+
+func fileSHA256(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
