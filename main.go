@@ -1,3 +1,146 @@
+// Command nodespawn turns a declarative manifest into a Kubernetes worker
+// node isolated inside a systemd-nspawn machine, applied once at first boot.
+//
+// Exit codes: 0 done (or already applied), 1 a step failed, 2 bad input
+// (manifest, flags, or a manifest this host cannot satisfy).
 package main
 
-func main() {}
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Exit codes.
+const (
+	exitOK       = 0
+	exitFailed   = 1
+	exitBadInput = 2
+)
+
+// usageError marks a bad flag or argument: exit code 2.
+type usageError struct{ error }
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+// run executes the command line and returns the exit code; main is thin so
+// tests can drive the CLI in-process.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	root := newRootCmd(stdin, stdout, stderr)
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return exitOK
+	}
+	code := exitCode(err)
+	var merr manifest.Errors
+	if errors.As(err, &merr) {
+		// Every problem, each with its position and snippet.
+		fmt.Fprint(stderr, merr.Error())
+		if n := len(merr); n > 1 {
+			fmt.Fprintf(stderr, "%d problems found\n", n)
+		}
+	} else {
+		fmt.Fprintf(stderr, "nodespawn: %v\n", err)
+	}
+	return code
+}
+
+func exitCode(err error) int {
+	var (
+		merr manifest.Errors
+		rerr *render.Error
+		uerr usageError
+	)
+	switch {
+	case errors.As(err, &merr), errors.As(err, &rerr), errors.As(err, &uerr):
+		return exitBadInput
+	}
+	return exitFailed
+}
+
+func newRootCmd(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+	var logLevel string
+	root := &cobra.Command{
+		Use:   "nodespawn",
+		Short: "Turn a manifest into a Kubernetes node inside a systemd-nspawn machine",
+		Long: `nodespawn reads a manifest (YAML or JSON), validates it against its JSON Schema,
+renders a plan of everything needed to run a Kubernetes worker node inside a
+systemd-nspawn machine on this host, applies the plan once, and exits.
+
+  nodespawn validate -f node.yaml          check a manifest, every problem at once
+  nodespawn apply --dry-run -f node.yaml   print the plan, touch nothing
+  nodespawn apply -f node.yaml             make this host a node
+  nodespawn schema > nodespawn.schema.json the JSON Schema, for editors
+
+Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			return setupLogging(stderr, logLevel)
+		},
+	}
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	root.AddCommand(
+		newApplyCmd(false),
+		newApplyCmd(true),
+		newValidateCmd(),
+		newSchemaCmd(),
+		newFactsCmd(),
+		newResetCmd(),
+		newInstallCmd(),
+		newImageCmd(),
+		newVersionCmd(),
+	)
+	return root
+}
+
+// setupLogging installs the one logger: text with colours off on a
+// terminal, logfmt-style key=value lines (journal-friendly) otherwise.
+func setupLogging(w io.Writer, level string) error {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	if f, ok := w.(*os.File); ok && !term.IsTerminal(int(f.Fd())) {
+		// Under systemd the journal adds its own timestamps.
+		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+	}
+	slog.SetDefault(slog.New(slog.NewTextHandler(w, opts)))
+	return nil
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the nodespawn version and the manifest and plan formats it understands",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintf(cmd.OutOrStdout(), "nodespawn %s\nmanifest %s\nplan %s\n", version, manifest.APIVersion, render.PlanVersion)
+			return nil
+		},
+	}
+}

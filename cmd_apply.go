@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/probe"
+	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// sourceFlags say where the manifest comes from.
+type sourceFlags struct {
+	file   string
+	source string
+}
+
+func (s *sourceFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVarP(&s.file, "file", "f", "", "manifest file (YAML or JSON); - reads stdin")
+	cmd.Flags().StringVar(&s.source, "source", "", "where to find the manifest at first boot: auto, nocloud, azure, cloud-init, or a path (instead of -f)")
+}
+
+// read returns the manifest's name and bytes. A file given with -f may be
+// user-data (#cloud-config, MIME multipart, gzip) holding the manifest.
+func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte, error) {
+	spec := s.source
+	switch {
+	case s.file != "" && s.source != "":
+		return "", nil, usageError{fmt.Errorf("give -f or --source, not both")}
+	case s.file != "":
+		spec = s.file
+	case s.source == "":
+		return "", nil, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
+	}
+	name, data, err := manifest.ReadSource(ctx, spec, manifest.SourceOptions{Stdin: stdin})
+	if err != nil && s.file != "" {
+		return "", nil, usageError{err}
+	}
+	return name, data, err
+}
+
+// load reads and validates the manifest.
+func (s *sourceFlags) load(ctx context.Context, stdin io.Reader) (*manifest.Manifest, []byte, error) {
+	name, data, err := s.read(ctx, stdin)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := manifest.Load(name, data)
+	if err != nil {
+		return nil, nil, err
+	}
+	return m, data, nil
+}
+
+// facts returns the host's facts: probed, or read from a file (to review
+// the plan for another host).
+func loadFacts(ctx context.Context, factsFile, root string) (render.Facts, error) {
+	if factsFile == "" {
+		return probe.Gather(ctx, probe.Options{Root: root})
+	}
+	var f render.Facts
+	data, err := os.ReadFile(factsFile)
+	if err != nil {
+		return f, usageError{fmt.Errorf("read facts: %w", err)}
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return f, usageError{fmt.Errorf("facts %s: %w", factsFile, err)}
+	}
+	return f, nil
+}
+
+func manifestDigest(data []byte) string {
+	sum := sha256.Sum256(data)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func newApplyCmd(renderOnly bool) *cobra.Command {
+	var (
+		src       sourceFlags
+		dryRun    bool
+		output    string
+		root      string
+		force     bool
+		factsFile string
+	)
+	cmd := &cobra.Command{
+		Use:   "apply",
+		Short: "Make this host a Kubernetes node in an nspawn machine (--dry-run prints the plan)",
+		Long: `apply validates the manifest, probes this host (architecture, GPUs, /dev/kvm,
+resolvers), renders the plan and carries it out once: host settings, the
+machine's rootfs and configuration, then it starts the machine and waits for
+containerd and kubelet inside. A second run with the same manifest exits 0 at
+once; a run that died half-way is resumed; a different manifest is refused
+unless --force.
+
+--dry-run prints the plan instead (text grouped by phase, or -o json) and
+changes nothing. Secrets are shown as <redacted>.`,
+		Example: `  nodespawn apply --dry-run -f examples/minimal.yaml
+  nodespawn apply --dry-run -o json -f node.yaml --facts gpu-host.json
+  nodespawn apply --source auto          # at first boot, from user-data`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return usageError{fmt.Errorf("-o %q: want text or json", output)}
+			}
+			ctx, cancel := signalContext()
+			defer cancel()
+			m, data, err := src.load(ctx, cmd.InOrStdin())
+			if err != nil {
+				return err
+			}
+			facts, err := loadFacts(ctx, factsFile, root)
+			if err != nil {
+				return err
+			}
+			plan, err := render.Render(m, facts)
+			if err != nil {
+				return err
+			}
+			if dryRun || renderOnly {
+				if output == "json" {
+					return render.WriteJSON(cmd.OutOrStdout(), plan)
+				}
+				return render.WriteText(cmd.OutOrStdout(), plan)
+			}
+			if factsFile != "" {
+				return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
+			}
+			for _, w := range plan.Warnings {
+				slog.Warn(w)
+			}
+			res, err := apply.Run(ctx, plan, apply.Options{
+				Root:           root,
+				ManifestDigest: manifestDigest(data),
+				Manifest:       data,
+				ToolVersion:    version,
+				Force:          force,
+				Deps:           apply.DefaultDeps(root, slog.Default()),
+			})
+			if err != nil {
+				return err
+			}
+			if res.AlreadyApplied {
+				fmt.Fprintf(cmd.OutOrStdout(), "already applied: machine %s, node %s\n", plan.Machine, plan.NodeName)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "applied: machine %s is running node %s\n", plan.Machine, plan.NodeName)
+			}
+			return nil
+		},
+	}
+	src.register(cmd)
+	f := cmd.Flags()
+	f.StringVarP(&output, "output", "o", "text", "plan format for --dry-run: text or json")
+	f.StringVar(&root, "root", "/", "apply against this directory instead of / (tests, image building)")
+	f.StringVar(&factsFile, "facts", "", "render for the host described by this JSON file (from 'nodespawn facts') instead of probing")
+	if renderOnly {
+		cmd.Use = "render"
+		cmd.Short = "Print the plan (the same as apply --dry-run)"
+		cmd.Long = "render prints the plan apply would carry out, and changes nothing. It is apply --dry-run by another name."
+		cmd.Example = "  nodespawn render -f examples/minimal.yaml -o json"
+		return cmd
+	}
+	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
+	f.BoolVar(&force, "force", false, "apply even though another manifest was applied on this host")
+	return cmd
+}
+
+func newValidateCmd() *cobra.Command {
+	var src sourceFlags
+	cmd := &cobra.Command{
+		Use:   "validate",
+		Short: "Check a manifest: schema and semantic checks, every problem with its line and column",
+		Example: `  nodespawn validate -f node.yaml
+  cat node.yaml | nodespawn validate -f -`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := signalContext()
+			defer cancel()
+			name, data, err := src.read(ctx, cmd.InOrStdin())
+			if err != nil {
+				return err
+			}
+			if _, err := manifest.Load(name, data); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid\n", name)
+			return nil
+		},
+	}
+	src.register(cmd)
+	return cmd
+}
+
+func newFactsCmd() *cobra.Command {
+	var root string
+	cmd := &cobra.Command{
+		Use:   "facts",
+		Short: "Print what nodespawn sees on this host (JSON), for --facts on another machine",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := signalContext()
+			defer cancel()
+			f, err := probe.Gather(ctx, probe.Options{Root: root})
+			if err != nil {
+				return err
+			}
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			enc.SetIndent("", "  ")
+			return enc.Encode(f)
+		},
+	}
+	cmd.Flags().StringVar(&root, "root", "/", "probe the host tree under this directory")
+	return cmd
+}
