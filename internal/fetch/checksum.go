@@ -19,26 +19,26 @@ const maxChecksumFile = 1 << 20
 func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, checksumURL, nil)
 	if err != nil {
-		return "", fmt.Errorf("checksum %s: %w", checksumURL, err)
+		return "", fmt.Errorf("checksum %s: %w", redact(checksumURL), err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", checksumURL, err)
+		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), withoutURL(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("fetch checksum %s: %s%s", checksumURL, resp.Status, bodySnippet(resp.Body))
+		return "", fmt.Errorf("fetch checksum %s: %s%s", redact(checksumURL), resp.Status, bodySnippet(resp.Body))
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxChecksumFile+1))
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", checksumURL, err)
+		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), err)
 	}
 	if len(data) > maxChecksumFile {
-		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", checksumURL, maxChecksumFile)
+		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", redact(checksumURL), maxChecksumFile)
 	}
 	sum, err := parseChecksum(string(data), fileName)
 	if err != nil {
-		return "", fmt.Errorf("checksum file %s: %w", checksumURL, err)
+		return "", fmt.Errorf("checksum file %s: %w", redact(checksumURL), err)
 	}
 	return sum, nil
 }
@@ -97,7 +97,7 @@ func artifactName(rawURL string) (string, error) {
 	}
 	name := path.Base(u.Path)
 	if name == "/" || name == "." {
-		return "", fmt.Errorf("URL %s names no file", rawURL)
+		return "", fmt.Errorf("URL %s names no file", redact(rawURL))
 	}
 	return name, nil
 }

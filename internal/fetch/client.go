@@ -17,6 +17,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"syscall"
@@ -280,11 +281,39 @@ func retryAfter(v string, now time.Time) time.Duration {
 	return min(d, maxRetryAfter)
 }
 
-// redactURL drops user info and the query (which may carry signed tokens).
+// withoutURL strips the *url.Error wrapper http.Client.Do adds, whose
+// message carries the full URL (query included); callers name the URL
+// themselves, redacted.
+func withoutURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// redactURL is redact for a request's URL.
 func redactURL(req *http.Request) string {
-	u := *req.URL
-	u.User = nil
-	u.RawQuery = ""
+	return redactParsed(*req.URL)
+}
+
+// redact drops user info and the query (which may carry signed tokens)
+// from a URL before it goes into an error or a log line.
+func redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "<unparsable URL>"
+	}
+	return redactParsed(*u)
+}
+
+func redactParsed(u url.URL) string {
+	if u.User != nil {
+		u.User = url.User("redacted")
+	}
+	if u.RawQuery != "" {
+		u.RawQuery = "redacted"
+	}
 	u.ForceQuery = false
 	return u.String()
 }

@@ -89,13 +89,13 @@ func (f *Fetcher) Fetch(ctx context.Context, d render.Download) (*Staged, error)
 		return nil, errors.New("download: no cache directory configured")
 	}
 	if d.Archive != "" && d.Archive != "tar.gz" {
-		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", d.URL, d.Archive)
+		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", redact(d.URL), d.Archive)
 	}
 	if !filepath.IsAbs(d.Dest) {
-		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", d.URL, d.Dest)
+		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", redact(d.URL), d.Dest)
 	}
 	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
-		return nil, fmt.Errorf("download %s: create cache directory: %w", d.URL, err)
+		return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
 	}
 	s := &Staged{f: f, d: d}
 
@@ -141,7 +141,7 @@ func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
 		mode := binaryMode(s.d)
 		if fi, err := os.Stat(s.d.Dest); err == nil && fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky) != mode {
 			if err := os.Chmod(s.d.Dest, mode); err != nil {
-				return nil, fmt.Errorf("download %s: chmod %s: %w", s.d.URL, s.d.Dest, err)
+				return nil, fmt.Errorf("download %s: chmod %s: %w", redact(s.d.URL), s.d.Dest, err)
 			}
 			res.Changed = true
 		}
@@ -160,16 +160,16 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d render.Download) (string
 	if d.SHA256 != "" {
 		sum, err := normalizeSHA256(d.SHA256)
 		if err != nil {
-			return "", fmt.Errorf("download %s: pinned sha256: %w", d.URL, err)
+			return "", fmt.Errorf("download %s: pinned sha256: %w", redact(d.URL), err)
 		}
 		return sum, nil
 	}
 	if d.ChecksumURL == "" {
-		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", d.URL)
+		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", redact(d.URL))
 	}
 	name, err := artifactName(d.URL)
 	if err != nil {
-		return "", fmt.Errorf("download %s: %w", d.URL, err)
+		return "", fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	return fetchChecksum(ctx, f.client(), d.ChecksumURL, name)
 }
@@ -186,7 +186,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, bl
 	}
 	tmp, err := os.CreateTemp(f.CacheDir, want+".part-")
 	if err != nil {
-		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	ok := false
 	defer func() {
@@ -209,16 +209,16 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, bl
 	}
 	got := hex.EncodeToString(h.Sum(nil))
 	if got != want {
-		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", d.URL, want, got)
+		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", redact(d.URL), want, got)
 	}
 	if err := tmp.Sync(); err != nil {
-		return 0, fmt.Errorf("download %s: fsync: %w", d.URL, err)
+		return 0, fmt.Errorf("download %s: fsync: %w", redact(d.URL), err)
 	}
 	if err := tmp.Close(); err != nil {
-		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	if err := os.Rename(tmp.Name(), blob); err != nil {
-		return 0, fmt.Errorf("download %s: %w", d.URL, err)
+		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	ok = true
 	return size, fsutil.SyncDir(f.CacheDir)
@@ -237,7 +237,7 @@ func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.
 	for attempt := 1; ; attempt++ {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 		if err != nil {
-			return 0, fmt.Errorf("download %s: %w", rawURL, err)
+			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
 		}
 		if written > 0 {
 			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", written))
@@ -255,14 +255,14 @@ func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.
 		}
 		var perm permanentError
 		if errors.As(err, &perm) || ctx.Err() != nil || attempt >= attempts {
-			return 0, fmt.Errorf("download %s: %w", rawURL, err)
+			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
 		}
 		wait := f.backoff(attempt)
 		f.logger().Warn("download interrupted, resuming",
-			"url", rawURL, "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
+			"url", redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
-			return 0, fmt.Errorf("download %s: %w", rawURL, ctx.Err())
+			return 0, fmt.Errorf("download %s: %w", redact(rawURL), ctx.Err())
 		case <-time.After(wait):
 		}
 	}
@@ -278,7 +278,7 @@ func (e permanentError) Unwrap() error { return e.error }
 func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tracker, written *int64, validator *string) (int64, int64, error) {
 	resp, err := f.client().Do(req)
 	if err != nil {
-		return 0, -1, err
+		return 0, -1, withoutURL(err)
 	}
 	defer resp.Body.Close()
 	total := int64(-1)
@@ -410,7 +410,7 @@ func (s *Staged) Install(ctx context.Context) (Result, error) {
 		return Result{}, err
 	}
 	if err := saveRecord(s.f.CacheDir, rec, d); err != nil {
-		return Result{}, fmt.Errorf("download %s: %w", d.URL, err)
+		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	os.Remove(s.blob)
 	return res, nil
@@ -430,7 +430,7 @@ func (s *Staged) installBinary() error {
 	// changed there after Fetch can never land in Dest.
 	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
 	if err := fsutil.WriteReader(d.Dest, vr, binaryMode(d), -1, -1); err != nil {
-		return fmt.Errorf("install %s from %s: %w", d.Dest, d.URL, err)
+		return fmt.Errorf("install %s from %s: %w", d.Dest, redact(d.URL), err)
 	}
 	return nil
 }
@@ -465,13 +465,13 @@ func (s *Staged) installArchive() ([]entry, error) {
 		_, err = io.Copy(io.Discard, vr)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.blob, d.URL, err)
+		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.blob, redact(d.URL), err)
 	}
 	if err := os.MkdirAll(d.Dest, 0o755); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	if err := installEntries(stage, d.Dest, entries); err != nil {
-		return nil, fmt.Errorf("unpack %s: %w", d.URL, err)
+		return nil, fmt.Errorf("unpack %s: %w", redact(d.URL), err)
 	}
 	return entries, fsutil.SyncDir(parent)
 }

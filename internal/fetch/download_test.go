@@ -658,3 +658,64 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	for _, step := range []render.Download{
+		{Name: "x", URL: o.srv.URL + "/missing?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "x")},
+		{Name: "y", URL: o.srv.URL + "/y", ChecksumURL: o.srv.URL + "/missing.sha256?token=s3cret", Dest: filepath.Join(root, "y")},
+		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},
+	} {
+		f := newFetcher(t, filepath.Join(root, "cache"), WithMaxAttempts(1))
+		f.Attempts = 1
+		_, err := f.Download(context.Background(), step)
+		if err == nil {
+			t.Fatalf("%s: Download succeeded", step.Name)
+		}
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("%s: error leaks a secret: %v", step.Name, err)
+		}
+		if !strings.Contains(err.Error(), "127.0.0.1") {
+			t.Errorf("%s: error %v does not name the server", step.Name, err)
+		}
+	}
+}
+
+// TestFetchThenInstall checks the split apply uses to download early: Fetch
+// verifies into the cache without touching Dest, a rerun of Fetch reuses the
+// verified artifact, and Install moves it into place.
+func TestFetchThenInstall(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	cache := filepath.Join(root, "cache")
+	body := randomBytes(100<<10, 7)
+	step := o.publish(t, upstream.Runc, "1.5.3", body, filepath.Join(root, "rootfs", "usr", "local", "bin", "runc"))
+	artifact, _ := url.Parse(step.URL)
+
+	if _, err := newFetcher(t, cache).Fetch(context.Background(), step); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "rootfs")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Fetch touched the destination tree (%v)", err)
+	}
+	// A new run (the first died before installing) reuses the verified file.
+	s, err := newFetcher(t, cache).Fetch(context.Background(), step)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := o.count(artifact.Path); n != 1 {
+		t.Errorf("artifact fetched %d times, want 1", n)
+	}
+	res, err := s.Install(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) || !res.Changed || res.Size != int64(len(body)) {
+		t.Errorf("Install result %+v; installed file matches: %v", res, bytes.Equal(got, body))
+	}
+	sum := sha256.Sum256(body)
+	if _, err := os.Stat(filepath.Join(cache, hex.EncodeToString(sum[:]))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cached artifact kept after install (%v)", err)
+	}
+}

@@ -64,7 +64,8 @@ func saveRecord(cacheDir string, r *record, d render.Download) error {
 	if err != nil {
 		return fmt.Errorf("encode download record: %w", err)
 	}
-	return fsutil.WriteFile(recordPath(cacheDir, d), append(b, '\n'), 0o644, -1, -1)
+	// 0600: a URL may carry a token in its query.
+	return fsutil.WriteFile(recordPath(cacheDir, d), append(b, '\n'), 0o600, -1, -1)
 }
 
 // intact reports whether every file the record lists is still installed
