@@ -22,7 +22,8 @@ import (
 // firstbootCloudConfig installs and starts the first-boot unit from the
 // user-data, as examples/cloud-init does.
 const firstbootCloudConfig = `runcmd:
-  - [/usr/local/bin/nodespawn, install]
+  - [/usr/local/bin/nodespawn, install, --binary, /usr/local/bin/nodespawn]
+  - [systemctl, daemon-reload]
   - [systemctl, start, --no-block, nodespawn-firstboot.service]
 `
 
