@@ -67,9 +67,9 @@ type Staged struct {
 	d      render.Download
 	sha256 string
 	size   int64
-	// blob is the verified artifact in the cache; "" when already installed.
-	blob string
-	done *Result
+	// blob is the verified artifact in the cache; "" when installed is set.
+	blob      string
+	installed bool
 }
 
 // Download fetches, verifies and installs d. It is Fetch followed by Install.
@@ -133,26 +133,52 @@ func (f *Fetcher) Fetch(ctx context.Context, d render.Download) (*Staged, error)
 	return s, nil
 }
 
-// alreadyInstalled marks s done, fixing a binary's mode if it drifted.
+// alreadyInstalled marks s as needing no download; Install still checks
+// a binary's mode, since Fetch must not touch Dest.
 func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
 	s.sha256 = sum
-	res := &Result{SHA256: sum}
-	if s.d.Archive == "" {
-		mode := binaryMode(s.d)
-		if fi, err := os.Stat(s.d.Dest); err == nil && fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky) != mode {
-			if err := os.Chmod(s.d.Dest, mode); err != nil {
-				return nil, fmt.Errorf("download %s: chmod %s: %w", redact(s.d.URL), s.d.Dest, err)
+	s.installed = true
+	return s, nil
+}
+
+// finishInstalled is Install for an artifact already in place: it fixes a
+// binary's drifted mode and refreshes the record.
+func (s *Staged) finishInstalled() (Result, error) {
+	d := s.d
+	res := Result{SHA256: s.sha256}
+	rec := s.newRecord()
+	if d.Archive == "" {
+		mode := binaryMode(d)
+		fi, err := os.Stat(d.Dest)
+		if err != nil {
+			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+		}
+		if fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky) != mode {
+			if err := os.Chmod(d.Dest, mode); err != nil {
+				return Result{}, fmt.Errorf("install %s: chmod: %w", d.Dest, err)
 			}
 			res.Changed = true
 		}
-		res.Files = []string{s.d.Dest}
-	} else if rec, _ := loadRecord(f.CacheDir, s.d); rec != nil {
-		for _, e := range rec.Files {
-			res.Files = append(res.Files, filepath.Join(s.d.Dest, e.Rel))
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+	} else {
+		old, err := loadRecord(s.f.CacheDir, d)
+		if err != nil || old == nil {
+			return Result{}, fmt.Errorf("install %s: record of the earlier install vanished: %v", d.Dest, err)
 		}
+		rec.Files = old.Files
 	}
-	s.done = res
-	return s, nil
+	for _, e := range rec.Files {
+		res.Files = append(res.Files, filepath.Join(d.Dest, e.Rel))
+	}
+	if err := saveRecord(s.f.CacheDir, rec, d); err != nil {
+		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
+	}
+	return res, nil
+}
+
+func (s *Staged) newRecord() *record {
+	d := s.d
+	return &record{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
 }
 
 // expectedSHA256 is the pinned digest, or the one the checksum file lists.
@@ -305,6 +331,14 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tra
 			return 0, -1, fmt.Errorf("server answered range %d- with %q", asked, resp.Header.Get("Content-Range"))
 		}
 		total = size
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && *written > 0:
+		// The partial file cannot be continued (it may already be whole
+		// but unconfirmed); start over rather than guess.
+		if err := restart(file, h, tr); err != nil {
+			return 0, -1, permanentError{err}
+		}
+		*written = 0
+		return 0, -1, fmt.Errorf("server refused to resume: %s", resp.Status)
 	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
 		// The client already retried these; a few more tries can still help.
 		return 0, -1, fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))
@@ -381,19 +415,22 @@ func parseContentRange(v string) (start, size int64, ok bool) {
 }
 
 // Install moves the verified artifact into place: a binary atomically at
-// Dest with Mode, an archive unpacked into a staging directory beside Dest
-// and then renamed into Dest, so a failed extraction installs nothing. It
-// writes the record that makes a rerun a no-op and removes the cached
-// artifact.
+// Dest with Mode (0755 when 0), an archive unpacked into a staging
+// directory beside Dest and then renamed into Dest, so a failed extraction
+// installs nothing. Extracted files get Mode, or the archive's permission
+// bits when Mode is 0 (setuid and setgid bits are never taken from an
+// archive); missing directories are created 0755, existing ones keep their
+// mode. Files are owned by the caller (root). Install writes the record
+// that makes a rerun a no-op and removes the cached artifact.
 func (s *Staged) Install(ctx context.Context) (Result, error) {
-	if s.done != nil {
-		return *s.done, nil
+	if s.installed {
+		return s.finishInstalled()
 	}
 	if err := ctx.Err(); err != nil {
 		return Result{}, err
 	}
 	d := s.d
-	rec := &record{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	rec := s.newRecord()
 	res := Result{SHA256: s.sha256, Size: s.size, Changed: true}
 	var err error
 	if d.Archive == "" {
@@ -467,7 +504,7 @@ func (s *Staged) installArchive() ([]entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.blob, redact(d.URL), err)
 	}
-	if err := os.MkdirAll(d.Dest, 0o755); err != nil {
+	if err := mkdirParents(d.Dest); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	if err := installEntries(stage, d.Dest, entries); err != nil {

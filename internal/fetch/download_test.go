@@ -719,3 +719,33 @@ func TestFetchThenInstall(t *testing.T) {
 		t.Errorf("cached artifact kept after install (%v)", err)
 	}
 }
+
+func TestDownloadRestartsWhenRangeIsRefused(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	body := randomBytes(64<<10, 8)
+	step := o.publish(t, upstream.Kubelet, "1.37.2", body, filepath.Join(root, "kubelet"))
+	u, _ := url.Parse(step.URL)
+	o.fault[u.Path] = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		switch n {
+		case 1:
+			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+			w.Write(body[:1000])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		case 2:
+			http.Error(w, "no ranges here", http.StatusRequestedRangeNotSatisfiable)
+			return true
+		}
+		return false
+	}
+	if _, err := newFetcher(t, filepath.Join(root, "cache")).Download(context.Background(), step); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
+		t.Error("installed file does not match the artifact")
+	}
+	if want := []string{"bytes=1000-"}; fmt.Sprint(o.ranges) != fmt.Sprint(want) {
+		t.Errorf("Range requests = %q, want %q (then a plain GET)", o.ranges, want)
+	}
+}
