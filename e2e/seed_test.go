@@ -23,7 +23,7 @@ type manifestOptions struct {
 func manifest(o manifestOptions) string {
 	runc := ""
 	if o.runcSHA256 != "" {
-		runc = "\n    sha256: " + o.runcSHA256
+		runc = "\n    sha256: \"" + o.runcSHA256 + "\""
 	}
 	return fmt.Sprintf(`apiVersion: nodespawn.dev/v1alpha1
 kind: Node
