@@ -37,3 +37,12 @@ images:
 	@test -n "$(ENGINE)" || { echo "images: no container engine (buildah, podman, docker); use images/build-rootfs.sh and 'nodespawn image build'" >&2; exit 1; }
 	$(ENGINE) build -f images/base/Containerfile -t $(IMAGE_REPO)/base:$(IMAGE_TAG) images/base
 	$(ENGINE) build -f images/nvidia/Containerfile --build-arg BASE=$(IMAGE_REPO)/base:$(IMAGE_TAG) -t $(IMAGE_REPO)/nvidia:$(IMAGE_TAG) images/nvidia
+
+# Rootfs pull benchmark (not a test): pushes a ~400 MB, 5-layer image to
+# Debian's docker-registry on loopback and times nodespawn's streaming pull
+# against a two-pass pull (OCI layout first) and curl | tar per layer.
+# Needs root and docker-registry. BENCH_ARGS e.g. "-layers 6 -layer-mb 60 -runs 3".
+.PHONY: bench
+bench:
+	$(GO) build -o bin/oci-bench ./internal/oci/bench
+	./bin/oci-bench $(BENCH_ARGS)
