@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/nodespawn/nodespawn/internal/fsutil"
@@ -81,6 +82,9 @@ func (e *executor) file(ctx context.Context, f *render.File) (Outcome, error) {
 	uid, gid, err := sc.owner(f.Owner)
 	if err != nil {
 		return "", fmt.Errorf("owner of %s: %w", path, err)
+	}
+	if err := removeStaleTemps(path); err != nil {
+		return "", err
 	}
 	cur, err := inspect(path)
 	if err != nil {
@@ -262,6 +266,9 @@ func (e *executor) directory(d *render.Directory) (Outcome, error) {
 	if cur.exists && cur.fi.IsDir() {
 		return fixAttrs(path, cur, mode, uid, gid)
 	}
+	if err := ensureParent(path); err != nil {
+		return "", err
+	}
 	// fsutil.MkdirAll refuses a non-directory in the way, with the path.
 	if err := fsutil.MkdirAll(path, mode, uid, gid); err != nil {
 		return "", err
@@ -282,6 +289,9 @@ func (e *executor) link(l *render.Link) (Outcome, error) {
 	uid, gid, err := sc.owner(l.Owner)
 	if err != nil {
 		return "", fmt.Errorf("owner of %s: %w", path, err)
+	}
+	if err := removeStaleTemps(path); err != nil {
+		return "", err
 	}
 	cur, err := inspect(path)
 	if err != nil {
@@ -350,6 +360,11 @@ func hardLink(sc scope, path, target string, cur entry) (Outcome, error) {
 	return OutcomeDone, nil
 }
 
+// parentMu serialises the creation of parent directories, so that
+// concurrent steps sharing a parent never see each other's temporary
+// directories as leftovers.
+var parentMu sync.Mutex
+
 // ensureParent creates path's missing parent directories 0755, leaving
 // existing ones (and their modes) alone.
 func ensureParent(path string) error {
@@ -357,5 +372,77 @@ func ensureParent(path string) error {
 	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
 		return nil
 	}
-	return fsutil.MkdirAll(dir, 0o755, -1, -1)
+	parentMu.Lock()
+	defer parentMu.Unlock()
+	return mkdirParents(dir)
+}
+
+// mkdirParents creates dir and its missing parents 0755. Each is made
+// under a temporary name, given its mode, and renamed into place, so a
+// crash never leaves a directory with the wrong mode that a later run
+// would take as intended.
+func mkdirParents(dir string) error {
+	fi, err := os.Stat(dir)
+	if err == nil {
+		if !fi.IsDir() {
+			return fmt.Errorf("mkdir %s: exists and is not a directory", dir)
+		}
+		return nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("mkdir %s: %w", dir, err)
+	}
+	parent, base := filepath.Dir(dir), filepath.Base(dir)
+	if parent != dir {
+		if err := mkdirParents(parent); err != nil {
+			return err
+		}
+	}
+	pattern := "." + base + ".mkdir-"
+	stale, _ := filepath.Glob(filepath.Join(parent, globEscape(pattern)+"*"))
+	for _, p := range stale {
+		os.Remove(p) // empty leftovers of a killed run; anything else stays
+	}
+	tmp, err := os.MkdirTemp(parent, pattern)
+	if err != nil {
+		return fmt.Errorf("mkdir %s: %w", dir, err)
+	}
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("mkdir %s: chmod: %w", dir, err)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("mkdir %s: rename into place: %w", dir, err)
+	}
+	return fsutil.SyncDir(parent)
+}
+
+// removeStaleTemps removes the temporary files fsutil leaves beside path
+// when a run is killed mid-write. Only this step writes path and the lock
+// keeps other runs out, so whatever matches is stale.
+func removeStaleTemps(path string) error {
+	dir, base := filepath.Split(path)
+	stale, err := filepath.Glob(filepath.Join(dir, "."+globEscape(base)+".tmp-*"))
+	if err != nil {
+		return fmt.Errorf("look for leftovers of %s: %w", path, err)
+	}
+	for _, p := range stale {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove leftover %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// globEscape quotes the characters filepath.Match treats specially.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if strings.ContainsRune(`*?[\`, r) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }

@@ -188,6 +188,8 @@ type fakeDownloader struct {
 	once         sync.Once
 	fail         map[string]error // by download name
 	remote       map[string]string
+	// beforeInstall, when set, runs at the start of each Install.
+	beforeInstall func() error
 }
 
 func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, dest string) (Artifact, error) {
@@ -207,7 +209,7 @@ func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, dest str
 			filepath.Join(dest, "loopback"): "cni loopback " + d.Version + "\n",
 		}
 	}
-	return &fakeArtifact{files: files, mode: fileMode(d.Mode)}, nil
+	return &fakeArtifact{files: files, mode: fileMode(d.Mode), before: f.beforeInstall}, nil
 }
 
 func (f *fakeDownloader) Contents(ctx context.Context, src *render.Source) ([]byte, error) {
@@ -219,13 +221,24 @@ func (f *fakeDownloader) Contents(ctx context.Context, src *render.Source) ([]by
 }
 
 type fakeArtifact struct {
-	files map[string]string
-	mode  os.FileMode
+	files  map[string]string
+	mode   os.FileMode
+	before func() error
 }
 
 func (a *fakeArtifact) Install(ctx context.Context) (bool, error) {
+	if a.before != nil {
+		if err := a.before(); err != nil {
+			return false, err
+		}
+	}
 	changed := false
 	for p, c := range a.files {
+		// A real installer must clear what a killed run left, as apply's
+		// own file steps do.
+		if err := removeStaleTemps(p); err != nil {
+			return false, err
+		}
 		if b, err := os.ReadFile(p); err == nil && string(b) == c {
 			continue
 		}

@@ -161,15 +161,16 @@ func stopMachine(ctx context.Context, opts ResetOptions, m string) error {
 			return nil
 		}
 		now := time.Now()
+		if terminated && now.After(deadline) {
+			return fmt.Errorf("reset: machine %s still registered with machined %s after stopping %s; see machinectl status %s", m, opts.StopTimeout, unit, m)
+		}
 		if !terminated && now.After(deadline.Add(-opts.StopTimeout/2)) {
 			log.Warn("machine still registered after stop; terminating it", "machine", m)
 			if err := sd.TerminateMachine(ctx, m); err != nil {
 				return fmt.Errorf("reset: %w", err)
 			}
 			terminated = true
-		}
-		if now.After(deadline) {
-			return fmt.Errorf("reset: machine %s still registered with machined %s after stopping %s; see machinectl status %s", m, opts.StopTimeout, unit, m)
+			continue
 		}
 		select {
 		case <-ctx.Done():

@@ -1,0 +1,302 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// signalHandler is a slog handler that closes a channel when a message
+// containing want is logged, so tests wait for an event, not for time.
+type signalHandler struct {
+	want string
+	ch   chan struct{}
+	once *sync.Once
+}
+
+func newSignalLog(want string) (*slog.Logger, <-chan struct{}) {
+	h := signalHandler{want: want, ch: make(chan struct{}), once: &sync.Once{}}
+	return slog.New(h), h.ch
+}
+
+func (h signalHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h signalHandler) Handle(_ context.Context, r slog.Record) error {
+	if strings.Contains(r.Message, h.want) {
+		h.once.Do(func() { close(h.ch) })
+	}
+	return nil
+}
+func (h signalHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h signalHandler) WithGroup(string) slog.Handler      { return h }
+
+// startBlockedApply starts a Run that holds the lock inside its first host
+// step until release is called.
+func startBlockedApply(t *testing.T, root string) (release func() error) {
+	t.Helper()
+	deps, host, _, _ := testDeps()
+	host.block, host.entered = make(chan struct{}), make(chan struct{})
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root = root
+	done := make(chan error, 1)
+	go func() {
+		_, err := Run(context.Background(), testPlan(), opts)
+		done <- err
+	}()
+	<-host.entered
+	return func() error {
+		close(host.block)
+		return <-done
+	}
+}
+
+func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	release := startBlockedApply(t, root)
+
+	deps, host, _, _ := testDeps()
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root, opts.LockTimeout = root, 300*time.Millisecond
+	_, err := Run(context.Background(), testPlan(), opts)
+	var le *LockedError
+	if !errors.As(err, &le) {
+		t.Fatalf("second apply: err = %v, want LockedError", err)
+	}
+	if want := fmt.Sprintf("pid %d", os.Getpid()); !strings.Contains(err.Error(), want) {
+		t.Errorf("error %q does not say who holds the lock (%s)", err, want)
+	}
+	if len(host.calls) != 0 {
+		t.Errorf("the refused apply ran steps: %q", host.calls)
+	}
+	if err := release(); err != nil {
+		t.Fatalf("first apply: %v", err)
+	}
+}
+
+func TestConcurrentApplyWaitsForTheFirst(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	release := startBlockedApply(t, root)
+
+	deps, host, _, _ := testDeps()
+	log, waiting := newSignalLog("waiting for another nodespawn")
+	opts := testOptions(deps, log)
+	opts.Root = root
+	type result struct {
+		res *Result
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		res, err := Run(context.Background(), testPlan(), opts)
+		second <- result{res, err}
+	}()
+	<-waiting
+	if err := release(); err != nil {
+		t.Fatalf("first apply: %v", err)
+	}
+	r := <-second
+	if r.err != nil || !r.res.AlreadyApplied {
+		t.Fatalf("second apply after the first finished: %v (already applied: %v)", r.err, r.res != nil && r.res.AlreadyApplied)
+	}
+	if len(host.calls) != 0 {
+		t.Errorf("second apply ran steps: %q", host.calls)
+	}
+}
+
+func TestDownloadsFetchWhileImagePulls(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, dl := testDeps()
+	dl.fetchStarted = make(chan struct{})
+	deps.Images = &fakeImages{before: func(ctx context.Context) error {
+		// Deadlocks (and fails after the safety timeout) unless downloads
+		// are fetched concurrently with the image.
+		select {
+		case <-dl.fetchStarted:
+			return nil
+		case <-time.After(30 * time.Second):
+			return errors.New("no download was fetched while the image was being pulled")
+		}
+	}}
+	dl.beforeInstall = func() error {
+		if _, err := os.Stat(filepath.Join(root, rootfsPath("/etc/os-release"))); err != nil {
+			return fmt.Errorf("install before the image step finished: %w", err)
+		}
+		return nil
+	}
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root = root
+	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWait(t *testing.T) {
+	w := &render.Wait{Machine: "kube1", Units: []string{"containerd.service", "kubelet.service"}, TimeoutSeconds: 1}
+	tests := []struct {
+		name          string
+		registerAfter int
+		registered    bool
+		states        map[string][]string
+		wantOutcome   Outcome
+		wantErr       []string
+	}{
+		{
+			name: "comes up", registerAfter: 3, registered: true,
+			states:      map[string][]string{"containerd.service": {"activating", "active"}, "kubelet.service": {"inactive", "activating", "activating", "active"}},
+			wantOutcome: OutcomeDone,
+		},
+		{
+			name: "already up", registered: true, wantOutcome: OutcomeUnchanged,
+		},
+		{
+			name: "kubelet fails", registered: true,
+			states: map[string][]string{"kubelet.service": {"activating", "failed"}},
+			wantErr: []string{"machine kube1 not ready after 1s", "containerd.service is active", "kubelet.service is failed",
+				"last 30 lines of its journal", "open /dev/kmsg: operation not permitted", "journalctl -M kube1"},
+		},
+		{
+			name: "never registered", registered: false,
+			wantErr: []string{"machined does not list it", "open /dev/kmsg"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sd := newFakeSystemd()
+			sd.registerAfter, sd.states = tt.registerAfter, tt.states
+			sd.registered["kube1"] = tt.registered
+			sd.journal = "kubelet[42]: E1128 failed to run Kubelet: open /dev/kmsg: operation not permitted\n"
+			e := &executor{opts: withDefaults(Options{Deps: Deps{Systemd: sd}, PollInterval: time.Millisecond})}
+			o, err := e.wait(context.Background(), w)
+			if tt.wantErr == nil {
+				if err != nil || o != tt.wantOutcome {
+					t.Fatalf("wait = %s, %v; want %s", o, err, tt.wantOutcome)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("wait succeeded, want a timeout")
+			}
+			for _, want := range tt.wantErr {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error does not contain %q:\n%v", want, err)
+				}
+			}
+		})
+	}
+}
+
+func TestValidatePlan(t *testing.T) {
+	file := func(id string, ph render.Phase, after ...string) render.Step {
+		return render.Step{ID: id, Phase: ph, Kind: render.KindFile, After: after, File: &render.File{Path: "/x"}}
+	}
+	tests := []struct {
+		name  string
+		steps []render.Step
+		want  string
+	}{
+		{"ok", []render.Step{file("a", render.PhaseHost), file("b", render.PhaseMachine, "a"), file("c", render.PhaseMachine, "b")}, ""},
+		{"duplicate", []render.Step{file("a", render.PhaseHost), file("a", render.PhaseHost)}, "appears twice"},
+		{"unknown after", []render.Step{file("a", render.PhaseHost, "zz")}, "unknown step zz"},
+		{"later phase", []render.Step{file("a", render.PhaseHost, "b"), file("b", render.PhaseStart)}, "later phase"},
+		{"cycle", []render.Step{file("a", render.PhaseHost, "b"), file("b", render.PhaseHost, "a")}, "cycle"},
+		{"no payload", []render.Step{{ID: "a", Phase: render.PhaseHost, Kind: render.KindLink}}, "without its link payload"},
+		{"bad phase", []render.Step{{ID: "a", Phase: "later", Kind: render.KindNftFlush}}, "unknown phase"},
+		{"no id", []render.Step{{Phase: render.PhaseHost, Kind: render.KindNftFlush}}, "has no id"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := validatePlan(&render.Plan{Version: render.PlanVersion, Steps: tt.steps})
+			if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
+				t.Errorf("validatePlan = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestScopeResolve(t *testing.T) {
+	top := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(top, "usr/lib"), 0o755))
+	must(t, os.MkdirAll(filepath.Join(top, "run"), 0o755))
+	for p, target := range map[string]string{
+		"lib":     "usr/lib",   // relative, merged /usr
+		"var-run": "/run",      // absolute: must stay inside the scope
+		"up":      "../../../", // climbs above the top: clamped
+		"loop":    "loop",
+	} {
+		must(t, os.Symlink(target, filepath.Join(top, p)))
+	}
+	sc := scope{dir: top, prefix: "/var/lib/machines/m"}
+	tests := []struct {
+		path, want, err string
+	}{
+		{"/var/lib/machines/m/lib/x.so", top + "/usr/lib/x.so", ""},
+		{"/var/lib/machines/m/var-run/foo", top + "/run/foo", ""},
+		{"/var/lib/machines/m/up/etc/passwd", top + "/etc/passwd", ""},
+		{"/var/lib/machines/m/lib", top + "/lib", ""}, // the last element is not followed
+		{"/var/lib/machines/m/missing/a/b", top + "/missing/a/b", ""},
+		{"/var/lib/machines/m/loop/x", "", "too many levels"},
+		{"/etc/passwd", "", "outside"},
+	}
+	for _, tt := range tests {
+		got, err := sc.hostPath(tt.path)
+		if tt.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Errorf("hostPath(%s) = %s, %v; want error %q", tt.path, got, err, tt.err)
+			}
+			continue
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("hostPath(%s) = %s, %v; want %s", tt.path, got, err, tt.want)
+		}
+	}
+}
+
+func TestExitCode(t *testing.T) {
+	tests := []struct {
+		err  error
+		want int
+	}{
+		{nil, 0},
+		{&StepError{ID: "x", Err: errInjected}, 1},
+		{fmt.Errorf("wrapped: %w", &ManifestChangedError{Applied: "a", Given: "b"}), 2},
+		{&LockedError{Path: "/run/nodespawn.lock", Holder: "pid 1"}, 1},
+	}
+	for _, tt := range tests {
+		if got := ExitCode(tt.err); got != tt.want {
+			t.Errorf("ExitCode(%v) = %d, want %d", tt.err, got, tt.want)
+		}
+	}
+}
+
+func TestFirstboot(t *testing.T) {
+	golden(t, "nodespawn-firstboot.service", FirstbootUnit(""))
+	root := t.TempDir()
+	for i := 0; i < 2; i++ { // the second install changes nothing and does not fail
+		must(t, InstallFirstboot(root, "/opt/bin/nodespawn"))
+	}
+	unit, err := os.ReadFile(filepath.Join(root, "etc/systemd/system", FirstbootUnitName))
+	must(t, err)
+	for _, want := range []string{"ExecStart=/opt/bin/nodespawn apply --source auto", "ConditionPathExists=!" + DoneStamp, "Type=oneshot", "WantedBy=multi-user.target"} {
+		if !strings.Contains(string(unit), want) {
+			t.Errorf("unit lacks %q", want)
+		}
+	}
+	target, err := os.Readlink(filepath.Join(root, "etc/systemd/system/multi-user.target.wants", FirstbootUnitName))
+	if err != nil || target != "/etc/systemd/system/"+FirstbootUnitName {
+		t.Errorf("wants link -> %q, %v", target, err)
+	}
+	if err := InstallFirstboot(root, "nodespawn"); err == nil {
+		t.Error("a relative binary path was accepted")
+	}
+}

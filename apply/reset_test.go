@@ -1,0 +1,178 @@
+package apply
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// appliedRoot returns a root the fixture plan was applied to, with a
+// sysctl.d file and the first-boot unit as apply and install leave them.
+func appliedRoot(t *testing.T) (string, *render.Plan) {
+	t.Helper()
+	root := t.TempDir()
+	prepareRoot(t, root)
+	p := testPlan()
+	p.Steps = append(p.Steps[:1:1], p.Steps...)
+	p.Steps[0] = render.Step{ID: "host:file:sysctl", Phase: render.PhaseHost, Kind: render.KindFile,
+		File: &render.File{Path: "/etc/sysctl.d/90-nodespawn.conf", Mode: 0o644, Contents: "net.ipv4.ip_forward = 1\n", Overwrite: true}}
+	deps, _, _, _ := testDeps()
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root = root
+	if _, err := Run(context.Background(), p, opts); err != nil {
+		t.Fatal(err)
+	}
+	must(t, InstallFirstboot(root, ""))
+	return root, p
+}
+
+func exists(root, p string) bool {
+	_, err := os.Lstat(filepath.Join(root, p))
+	return err == nil
+}
+
+func TestReset(t *testing.T) {
+	removed := []string{
+		testRootfs,
+		"/etc/systemd/nspawn/kube1.nspawn",
+		"/etc/systemd/system/systemd-nspawn@kube1.service.d",
+		"/etc/systemd/system/machines.target.wants/systemd-nspawn@kube1.service",
+		StateDir,
+	}
+	kept := []string{"/etc/keep.conf", "/etc/passwd", "/etc/sysctl.d/90-nodespawn.conf", "/etc/systemd/system/" + FirstbootUnitName}
+
+	tests := []struct {
+		name     string
+		withPlan bool
+		// stopKeeps: the machine stays registered after the stop, so reset
+		// must terminate it.
+		stopKeeps bool
+		wantCalls []string
+		wantLog   []string
+	}{
+		{
+			name: "with plan", withPlan: true,
+			wantCalls: []string{"stop systemd-nspawn@kube1.service", "daemon-reload"},
+			wantLog:   []string{"file /etc/sysctl.d/90-nodespawn.conf", "loaded kernel modules overlay, br_netfilter", "1 sysctl values", FirstbootUnitName},
+		},
+		{
+			name: "machine name only, machine hangs", stopKeeps: true,
+			wantCalls: []string{"stop systemd-nspawn@kube1.service", "terminate kube1", "daemon-reload"},
+			wantLog:   []string{"file /etc/sysctl.d/90-nodespawn.conf", "installed packages"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root, p := appliedRoot(t)
+			sd := newFakeSystemd()
+			sd.registered["kube1"] = true
+			sd.stopKeepsMachine = tt.stopKeeps
+			var logs bytes.Buffer
+			opts := ResetOptions{Root: root, Machine: "kube1", Systemd: sd, Log: slog.New(slog.NewTextHandler(&logs, nil)),
+				PollInterval: time.Millisecond, StopTimeout: 50 * time.Millisecond}
+			if tt.withPlan {
+				opts.Plan, opts.Machine = p, ""
+			}
+			if err := Reset(context.Background(), opts); err != nil {
+				t.Fatalf("Reset: %v\n%s", err, logs.String())
+			}
+			for _, p := range removed {
+				if exists(root, p) {
+					t.Errorf("%s still there", p)
+				}
+			}
+			for _, p := range kept {
+				if !exists(root, p) {
+					t.Errorf("%s removed; reset must leave host settings alone", p)
+				}
+			}
+			if got := sd.Calls(); !slices.Equal(got, tt.wantCalls) {
+				t.Errorf("systemd calls %q, want %q", got, tt.wantCalls)
+			}
+			for _, want := range tt.wantLog {
+				if !strings.Contains(logs.String(), want) {
+					t.Errorf("log does not mention %q:\n%s", want, logs.String())
+				}
+			}
+			// Reset is repeatable: a second one finds nothing and succeeds.
+			if err := Reset(context.Background(), opts); err != nil {
+				t.Errorf("second Reset: %v", err)
+			}
+		})
+	}
+}
+
+func TestResetRefusesBadTargets(t *testing.T) {
+	root := t.TempDir()
+	tests := []struct {
+		name string
+		opts ResetOptions
+		want string
+	}{
+		{"path in name", ResetOptions{Machine: "../etc"}, "invalid machine name"},
+		{"empty name", ResetOptions{}, "invalid machine name"},
+		{"rootfs elsewhere", ResetOptions{Plan: &render.Plan{Machine: "kube1", Rootfs: "/etc"}}, "not directly under /var/lib/machines"},
+		{"machines dir itself", ResetOptions{Plan: &render.Plan{Machine: "kube1", Rootfs: "/var/lib/machines/"}}, "not directly under"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.opts.Root = root
+			err := Reset(context.Background(), tt.opts)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Reset = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestResetRetriesBusyRootfs mounts a real tmpfs inside the rootfs (as a
+// machine's lingering mount would be) and lifts it only once reset has
+// met "busy".
+func TestResetRetriesBusyRootfs(t *testing.T) {
+	root, _ := appliedRoot(t)
+	mnt := filepath.Join(root, testRootfs, "mnt")
+	must(t, os.MkdirAll(mnt, 0o755))
+	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"); err != nil {
+		if errors.Is(err, unix.EPERM) {
+			t.Skipf("mounting a tmpfs needs CAP_SYS_ADMIN (CI runs as root): %v", err)
+		}
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+
+	log, busy := newSignalLog("rootfs busy")
+	go func() {
+		<-busy
+		unix.Unmount(mnt, 0)
+	}()
+	err := Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: log, PollInterval: time.Millisecond})
+	if err != nil {
+		t.Fatalf("Reset: %v", err)
+	}
+	if exists(root, testRootfs) {
+		t.Error("rootfs still there")
+	}
+
+	// A mount that never goes away: bounded, and the error says what to look at.
+	root, _ = appliedRoot(t)
+	mnt = filepath.Join(root, testRootfs, "mnt")
+	must(t, os.MkdirAll(mnt, 0o755))
+	must(t, unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"))
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	err = Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: slog.New(slog.DiscardHandler),
+		PollInterval: time.Millisecond, RemoveTimeout: 20 * time.Millisecond})
+	if err == nil || !errors.Is(err, unix.EBUSY) || !strings.Contains(err.Error(), "findmnt") {
+		t.Errorf("Reset with a stuck mount = %v, want EBUSY naming findmnt", err)
+	}
+}
