@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -49,7 +50,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	var merr manifest.Errors
 	if errors.As(err, &merr) {
 		// Every problem, each with its position and snippet.
-		fmt.Fprint(stderr, merr.Error())
+		msg := merr.Error()
+		if !strings.HasSuffix(msg, "\n") {
+			msg += "\n"
+		}
+		fmt.Fprint(stderr, msg)
 		if n := len(merr); n > 1 {
 			fmt.Fprintf(stderr, "%d problems found\n", n)
 		}

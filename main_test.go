@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// cli runs the command line in-process and returns the exit code and output.
+func cli(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(args, strings.NewReader(stdin), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+const gpuFacts = "render/testdata/facts/gpu8.json"
+const cpuFacts = "render/testdata/facts/cpu.json"
+
+// TestExamplesDryRun renders every bundled example, as text and as JSON,
+// for a CPU and a GPU host (the GPU example only on the GPU host).
+func TestExamplesDryRun(t *testing.T) {
+	examples, err := filepath.Glob("examples/*.yaml")
+	if err != nil || len(examples) < 4 {
+		t.Fatalf("want at least 4 examples, found %v (%v)", examples, err)
+	}
+	for _, ex := range examples {
+		for _, facts := range []string{cpuFacts, gpuFacts} {
+			if strings.Contains(ex, "gpu") && facts == cpuFacts {
+				continue
+			}
+			code, out, errOut := cli(t, "", "apply", "--dry-run", "-f", ex, "--facts", facts)
+			if code != 0 {
+				t.Fatalf("%s on %s: exit %d: %s", ex, facts, code, errOut)
+			}
+			if !strings.Contains(out, "== host") || !strings.Contains(out, "== start") {
+				t.Errorf("%s: text plan lacks its phases", ex)
+			}
+			code, out, errOut = cli(t, "", "apply", "--dry-run", "-o", "json", "-f", ex, "--facts", facts)
+			if code != 0 {
+				t.Fatalf("%s -o json: exit %d: %s", ex, code, errOut)
+			}
+			var p render.Plan
+			if err := json.Unmarshal([]byte(out), &p); err != nil {
+				t.Fatalf("%s: -o json does not parse: %v", ex, err)
+			}
+			if p.Version != render.PlanVersion || len(p.Steps) == 0 {
+				t.Errorf("%s: JSON plan version %q with %d steps", ex, p.Version, len(p.Steps))
+			}
+		}
+	}
+}
+
+// TestMinimalHasEveryCustomizationPoint checks the dry-run of the minimal
+// example against the specification's customization-points table.
+func TestMinimalHasEveryCustomizationPoint(t *testing.T) {
+	code, out, errOut := cli(t, "", "apply", "--dry-run", "-f", "examples/minimal.yaml", "--facts", "render/testdata/facts/kvm.json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{
+		"Capability=all",
+		"PrivateUsers=no",
+		"SystemCallFilter=@keyring bpf perf_event_open",
+		"VirtualEthernet=no",
+		"Bind=/run/bpffs/kube1:/sys/fs/bpf",
+		"ExecStartPre=/bin/mkdir -p /run/bpffs/kube1",
+		"Environment=SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1",
+		"Environment=SYSTEMD_NSPAWN_API_VFS_WRITABLE=network",
+		"Bind=/dev/kvm",
+		"DeviceAllow=/dev/kvm rwm",
+		"BindReadOnly=/lib/modules",
+	} {
+		if !strings.Contains(out, "| "+want+"\n") {
+			t.Errorf("the plan lacks %q", want)
+		}
+	}
+	// GPU binds and device permissions come with a GPU host.
+	code, out, _ = cli(t, "", "apply", "--dry-run", "-f", "examples/minimal.yaml", "--facts", gpuFacts)
+	if code != 0 {
+		t.Fatal("GPU host render failed")
+	}
+	for _, want := range []string{"Bind=/dev/nvidia0", "BindReadOnly=/usr/lib/x86_64-linux-gnu:/run/host-nvidia/0", "DeviceAllow=/dev/nvidia0 rwm"} {
+		if !strings.Contains(out, "| "+want+"\n") {
+			t.Errorf("the GPU plan lacks %q", want)
+		}
+	}
+}
+
+func TestNoTokenInDryRun(t *testing.T) {
+	data, err := os.ReadFile("examples/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := regexp.MustCompile(`bootstrapToken:\s*"?([a-z0-9]{6}\.[a-z0-9]{16})`).FindSubmatch(data)
+	if token == nil {
+		t.Fatal("examples/minimal.yaml has no bootstrap token to look for")
+	}
+	secret := string(token[1])
+	for _, format := range []string{"text", "json"} {
+		_, out, errOut := cli(t, "", "apply", "--dry-run", "-o", format, "-f", "examples/minimal.yaml", "--facts", cpuFacts)
+		if strings.Contains(out+errOut, secret) || strings.Contains(out+errOut, secret[7:]) {
+			t.Errorf("-o %s prints the bootstrap token", format)
+		}
+	}
+}
+
+func TestValidateReportsEveryMistake(t *testing.T) {
+	bad := `apiVersion: nodespawn.dev/v1alpha1
+kind: Node
+machine:
+  gpu: maybe
+kubernetes:
+  version: v1.37.2
+  apiServer: https://10.0.0.1:6443
+  caCert: not a certificate
+  auth:
+    bootstrapToken: abcdef.0123456789abcdef
+  clustrDomain: cluster.local
+`
+	code, _, errOut := cli(t, bad, "validate", "-f", "-")
+	if code != exitBadInput {
+		t.Fatalf("exit %d, want %d", code, exitBadInput)
+	}
+	for _, want := range []string{
+		"<stdin>:4:8: $.machine.gpu:",
+		"<stdin>:8:11: $.kubernetes.caCert:",
+		"<stdin>:11:3: $.kubernetes.clustrDomain:",
+		"3 problems found",
+	} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("output lacks %q:\n%s", want, errOut)
+		}
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"validate", "-f", "examples/minimal.yaml"}, exitOK},
+		{[]string{"validate", "-f", "does/not/exist.yaml"}, exitBadInput},
+		{[]string{"apply", "--dry-run", "-o", "yaml", "-f", "examples/minimal.yaml"}, exitBadInput},
+		{[]string{"apply", "--no-such-flag"}, exitBadInput},
+		{[]string{"apply", "--dry-run"}, exitBadInput},
+		// gpu: on on a host without GPUs is a manifest this host cannot satisfy.
+		{[]string{"apply", "--dry-run", "-f", "examples/gpu.yaml", "--facts", cpuFacts}, exitBadInput},
+		{[]string{"version"}, exitOK},
+	} {
+		if code, _, errOut := cli(t, "", tc.args...); code != tc.want {
+			t.Errorf("%v: exit %d, want %d (%s)", tc.args, code, tc.want, errOut)
+		}
+	}
+}
+
+func TestSchemaPrintsTheEmbeddedSchema(t *testing.T) {
+	code, out, _ := cli(t, "", "schema")
+	if code != 0 {
+		t.Fatal("schema failed")
+	}
+	var s map[string]any
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("schema output is not JSON: %v", err)
+	}
+	if s["$schema"] != "https://json-schema.org/draft/2020-12/schema" {
+		t.Errorf("$schema = %v", s["$schema"])
+	}
+}
