@@ -1,0 +1,160 @@
+package apply
+
+import (
+	"compress/gzip"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+
+	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/hostprep"
+	"github.com/nodespawn/nodespawn/internal/oci"
+	"github.com/nodespawn/nodespawn/render"
+)
+
+// DownloadCache holds verified downloads between fetch and install, and
+// the records that make a rerun skip them.
+const DownloadCache = StateDir + "/downloads"
+
+// maxSourceSize bounds a remote file's contents held in memory.
+const maxSourceSize = 64 << 20
+
+// DefaultDeps returns the real implementations for a run against root. The
+// rootfs image and the downloads land under root whatever it is; host
+// operations and systemd act on the running host, so they are left out
+// (their steps skipped) unless root is "/".
+func DefaultDeps(root string, log *slog.Logger) Deps {
+	if root == "" {
+		root = "/"
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	client := fetch.NewHTTPClient(fetch.WithLogger(log))
+	d := Deps{
+		Images: &imagePuller{log: log, client: client},
+		Downloader: &downloader{
+			f:      &fetch.Fetcher{Client: client, CacheDir: filepath.Join(root, DownloadCache), Logger: log},
+			client: client,
+		},
+	}
+	if filepath.Clean(root) == "/" {
+		d.Host = hostOps{}
+		d.Systemd = NewSystemd(command.Exec{})
+	}
+	return d
+}
+
+type imagePuller struct {
+	log    *slog.Logger
+	client *http.Client
+}
+
+func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) (bool, error) {
+	var res oci.Result
+	var err error
+	if img.Debootstrap != nil {
+		res, err = oci.Debootstrap(ctx, oci.DebootstrapRequest{
+			Suite: img.Debootstrap.Suite, Mirror: img.Debootstrap.Mirror, Include: img.Debootstrap.Include,
+			Dest: dest, Logger: p.log,
+		})
+	} else {
+		res, err = oci.Pull(ctx, oci.Request{
+			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
+			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Dest: dest,
+			Logger: p.log, HTTPClient: p.client,
+		})
+	}
+	if err != nil {
+		return false, err
+	}
+	return !res.NoOp, nil
+}
+
+type downloader struct {
+	f      *fetch.Fetcher
+	client *http.Client
+}
+
+func (d *downloader) Fetch(ctx context.Context, dl *render.Download, dest string) (Artifact, error) {
+	hostDL := *dl
+	hostDL.Dest = dest
+	s, err := d.f.Fetch(ctx, hostDL)
+	if err != nil {
+		return nil, err
+	}
+	return staged{s}, nil
+}
+
+type staged struct{ s *fetch.Staged }
+
+func (s staged) Install(ctx context.Context) (bool, error) {
+	res, err := s.s.Install(ctx)
+	return res.Changed, err
+}
+
+// Close has nothing to release: a verified artifact stays in the cache
+// until Install consumes it, so a crash between the two loses nothing.
+func (s staged) Close() error { return nil }
+
+// Contents fetches a remote file's contents with the project's HTTP
+// client and decompresses them.
+func (d *downloader) Contents(ctx context.Context, src *render.Source) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, src.URL, nil)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetch %s: %s", src.URL, resp.Status)
+	}
+	var body io.Reader = resp.Body
+	switch src.Compression {
+	case "":
+	case "gzip":
+		zr, err := gzip.NewReader(resp.Body)
+		if err != nil {
+			return nil, fmt.Errorf("fetch %s: gunzip: %w", src.URL, err)
+		}
+		body = zr
+	default:
+		return nil, fmt.Errorf("fetch %s: unknown compression %q", src.URL, src.Compression)
+	}
+	data, err := io.ReadAll(io.LimitReader(body, maxSourceSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+	}
+	if len(data) > maxSourceSize {
+		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", src.URL, maxSourceSize>>20)
+	}
+	return data, nil
+}
+
+// hostOps is Host on the running system.
+type hostOps struct{}
+
+func (hostOps) EnsurePackages(ctx context.Context, names []string, install bool) error {
+	return hostprep.EnsurePackages(ctx, names, install)
+}
+
+func (hostOps) LoadModules(ctx context.Context, names []string) error {
+	return hostprep.LoadModules(ctx, names)
+}
+
+func (hostOps) ApplySysctls(_ context.Context, values []render.KeyValue) error {
+	return hostprep.ApplySysctls("/", values)
+}
+
+func (hostOps) FlushNftables(ctx context.Context) error { return hostprep.FlushNftables(ctx) }
+
+func (hostOps) DisableSwap(ctx context.Context, fstab string) error {
+	return hostprep.DisableSwap(ctx, "/", fstab)
+}

@@ -1,0 +1,110 @@
+package apply
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha512"
+	"encoding/hex"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+
+	"github.com/nodespawn/nodespawn/render"
+)
+
+func gzipped(t *testing.T, b []byte) []byte {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	zw.Write(b)
+	must(t, zw.Close())
+	return buf.Bytes()
+}
+
+func tarGz(t *testing.T, files map[string]string) []byte {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for name, c := range files {
+		must(t, tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(c)), Typeflag: tar.TypeReg}))
+		tw.Write([]byte(c))
+	}
+	must(t, tw.Close())
+	return gzipped(t, buf.Bytes())
+}
+
+// TestDefaultDepsOnLoopback runs downloads and a remote file through the
+// real downloader against a real HTTP server on loopback, under a root
+// that is not "/" (so host and systemd steps are skipped).
+func TestDefaultDepsOnLoopback(t *testing.T) {
+	const remote = "[Service]\nEnvironment=FROM_REMOTE=1\n"
+	kubelet := []byte("\x7fELF kubelet v1.37.2")
+	cni := tarGz(t, map[string]string{"./bridge": "bridge v1.10.0", "./loopback": "loopback v1.10.0"})
+	var hits atomic.Int32
+	mux := http.NewServeMux()
+	serve := func(path string, body []byte) {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			hits.Add(1)
+			w.Write(body)
+		})
+	}
+	serve("/kubelet", kubelet)
+	serve("/cni.tgz", cni)
+	serve("/extra.conf.gz", gzipped(t, []byte(remote)))
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	sum512 := sha512.Sum512([]byte(remote))
+	p := &render.Plan{Version: render.PlanVersion, Machine: testMachine, Rootfs: testRootfs, Steps: []render.Step{
+		{ID: "host:modules", Phase: render.PhaseHost, Kind: render.KindModules, Modules: &render.Modules{Names: []string{"overlay"}}},
+		{ID: "rootfs:download:kubelet", Phase: render.PhaseRootfs, Kind: render.KindDownload, Download: &render.Download{
+			Name: "kubelet", URL: srv.URL + "/kubelet", SHA256: sha256Hex(string(kubelet)), Dest: rootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
+		{ID: "rootfs:download:cni", Phase: render.PhaseRootfs, Kind: render.KindDownload, Download: &render.Download{
+			Name: "cni", URL: srv.URL + "/cni.tgz", SHA256: sha256Hex(string(cni)), Dest: rootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
+		{ID: "machine:file:remote", Phase: render.PhaseMachine, Kind: render.KindFile, File: &render.File{
+			Path: rootfsPath("/etc/systemd/system/kubelet.service.d/20-remote.conf"), Mode: 0o644, Overwrite: true,
+			Source: &render.Source{URL: srv.URL + "/extra.conf.gz", Compression: "gzip", Hash: "sha512-" + hex.EncodeToString(sum512[:])}}},
+	}}
+	root := t.TempDir()
+	log := slog.New(slog.DiscardHandler)
+	opts := Options{Root: root, ManifestDigest: testDigest, Deps: DefaultDeps(root, log), Log: log}
+	res, err := Run(context.Background(), p, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"/usr/local/bin/kubelet":                               string(kubelet),
+		"/opt/cni/bin/bridge":                                  "bridge v1.10.0",
+		"/opt/cni/bin/loopback":                                "loopback v1.10.0",
+		"/etc/systemd/system/kubelet.service.d/20-remote.conf": remote,
+	}
+	for p, c := range want {
+		b, err := os.ReadFile(filepath.Join(root, rootfsPath(p)))
+		if err != nil || string(b) != c {
+			t.Errorf("%s = %q, %v; want %q", p, b, err, c)
+		}
+	}
+	if o := res.Record.Steps[0]; o.Outcome != OutcomeSkipped {
+		t.Errorf("host step with root %s: %s, want skipped", root, o.Outcome)
+	}
+
+	// A forced rerun finds everything in place without asking the server.
+	before := hits.Load()
+	opts.Force, opts.Deps = true, DefaultDeps(root, log)
+	res, err = Run(context.Background(), p, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range res.Record.Steps[1:] {
+		if s.Outcome != OutcomeUnchanged {
+			t.Errorf("rerun: step %s %s %s", s.ID, s.Outcome, s.Error)
+		}
+	}
+	if n := hits.Load() - before; n != 0 {
+		t.Errorf("rerun made %d requests, want none", n)
+	}
+}
