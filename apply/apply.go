@@ -169,6 +169,9 @@ func withDefaults(o Options) Options {
 	if o.Root == "" {
 		o.Root = "/"
 	}
+	if abs, err := filepath.Abs(o.Root); err == nil {
+		o.Root = abs
+	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}

@@ -90,7 +90,9 @@ func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
 		return true
 	}
 
-	results := make(chan stepResult)
+	// Buffered so that running steps can always report, even when a
+	// record write failure ends the phase early.
+	results := make(chan stepResult, len(steps))
 	pending := steps
 	running := 0
 	var failure error
