@@ -38,9 +38,8 @@ type unpacker struct {
 }
 
 func (u *unpacker) run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-
+	// Cancel first, then wait: on the way out every fetcher is stopped and
+	// gone before the staging directory is removed.
 	// slots bounds the layers in flight: a fetch starts only when fewer
 	// than concurrency layers are fetched-but-not-yet-applied.
 	slots := make(chan struct{}, u.concurrency)
@@ -49,9 +48,23 @@ func (u *unpacker) run(ctx context.Context) error {
 		ready[i] = make(chan *spool, 1)
 	}
 	var fetchers sync.WaitGroup
-	defer fetchers.Wait()
+	defer func() {
+		fetchers.Wait()
+		// Spools fetched ahead of a failed layer were never applied.
+		for _, c := range ready {
+			select {
+			case sp := <-c:
+				sp.Close()
+			default:
+			}
+		}
+	}()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	launchErr := make(chan error, 1)
+	fetchers.Add(1)
 	go func() {
+		defer fetchers.Done()
 		for i, desc := range u.layers {
 			select {
 			case slots <- struct{}{}:
@@ -61,7 +74,6 @@ func (u *unpacker) run(ctx context.Context) error {
 			sp, err := newSpool(u.spoolDir)
 			if err != nil {
 				launchErr <- err
-				cancel()
 				return
 			}
 			fetchers.Add(1)
@@ -85,7 +97,6 @@ func (u *unpacker) run(ctx context.Context) error {
 		err := u.apply(ctx, i, desc, sp)
 		sp.Close()
 		if err != nil {
-			cancel()
 			return err
 		}
 		<-slots
