@@ -158,9 +158,12 @@ changes nothing. Secrets are shown as <redacted>.`,
 			if err != nil {
 				return err
 			}
-			if res.AlreadyApplied {
+			switch {
+			case res.AlreadyApplied:
 				fmt.Fprintf(cmd.OutOrStdout(), "already applied: machine %s, node %s\n", plan.Machine, plan.NodeName)
-			} else {
+			case root != "/":
+				fmt.Fprintf(cmd.OutOrStdout(), "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", plan.Machine, root)
+			default:
 				fmt.Fprintf(cmd.OutOrStdout(), "applied: machine %s is running node %s\n", plan.Machine, plan.NodeName)
 			}
 			return nil

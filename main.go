@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -74,7 +75,8 @@ func exitCode(err error) int {
 	case errors.As(err, &merr), errors.As(err, &rerr), errors.As(err, &uerr):
 		return exitBadInput
 	}
-	return exitFailed
+	// apply knows its own bad input: a manifest other than the applied one.
+	return apply.ExitCode(err)
 }
 
 func newRootCmd(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
