@@ -21,24 +21,24 @@ type shape struct {
 	elem   *shape // map values and array items
 }
 
-func goShape(t reflect.Type, seen map[reflect.Type]bool) *shape {
+func goShape(t reflect.Type) *shape {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	switch t.Kind() {
 	case reflect.Struct:
 		s := &shape{kind: "object", fields: map[string]*shape{}}
-		addStructFields(t, s, seen)
+		addStructFields(t, s)
 		return s
 	case reflect.Slice:
-		return &shape{kind: "array", elem: goShape(t.Elem(), seen)}
+		return &shape{kind: "array", elem: goShape(t.Elem())}
 	case reflect.Map:
-		return &shape{kind: "map", elem: goShape(t.Elem(), seen)}
+		return &shape{kind: "map", elem: goShape(t.Elem())}
 	}
 	return &shape{kind: "scalar"}
 }
 
-func addStructFields(t reflect.Type, s *shape, seen map[reflect.Type]bool) {
+func addStructFields(t reflect.Type, s *shape) {
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
 		tag := f.Tag.Get("json")
@@ -48,7 +48,7 @@ func addStructFields(t reflect.Type, s *shape, seen map[reflect.Type]bool) {
 			for ft.Kind() == reflect.Pointer {
 				ft = ft.Elem()
 			}
-			addStructFields(ft, s, seen)
+			addStructFields(ft, s)
 			continue
 		}
 		if !f.IsExported() || name == "-" {
@@ -57,7 +57,7 @@ func addStructFields(t reflect.Type, s *shape, seen map[reflect.Type]bool) {
 		if name == "" {
 			name = f.Name
 		}
-		s.fields[name] = goShape(f.Type, seen)
+		s.fields[name] = goShape(f.Type)
 	}
 }
 
@@ -118,7 +118,7 @@ func TestSchemaMatchesTypes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := goShape(reflect.TypeOf(Manifest{}), nil)
+	g := goShape(reflect.TypeOf(Manifest{}))
 	s := schemaShape(sch)
 	if len(g.fields) < 6 || len(s.fields) < 6 {
 		t.Fatalf("walk found too little: go %d fields, schema %d", len(g.fields), len(s.fields))
@@ -147,7 +147,7 @@ func TestShapeCompareFails(t *testing.T) {
 	}
 	var got []string
 	collect := func(format string, args ...any) { got = append(got, fmt.Sprintf(format, args...)) }
-	compareShapes(collect, "$", goShape(reflect.TypeOf(manifest{}), nil), schemaShape(sch))
+	compareShapes(collect, "$", goShape(reflect.TypeOf(manifest{})), schemaShape(sch))
 	if len(got) != 1 || !strings.HasPrefix(got[0], "$.kubernetes.taints[].bogus:") {
 		t.Fatalf("want one complaint about $.kubernetes.taints[].bogus, got %q", got)
 	}
@@ -178,5 +178,49 @@ func TestExamples(t *testing.T) {
 				t.Errorf("decoded manifest has no apiServer")
 			}
 		})
+	}
+}
+
+// TestSchemaDefaults keeps the defaults editors show (the schema's
+// "default" annotations) equal to the ones Load applies.
+func TestSchemaDefaults(t *testing.T) {
+	sch, err := schema.Compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]any{
+		"machine.name":                    DefaultMachineName,
+		"machine.rootfs.image":            DefaultImage,
+		"machine.rootfs.gpuImage":         DefaultGPUImage,
+		"machine.rootfs.layout.reference": DefaultLayoutReference,
+		"machine.gpu":                     string(SwitchAuto),
+		"machine.kvm":                     string(SwitchAuto),
+		"machine.bpffs":                   string(SwitchOn),
+		"kubernetes.version":              DefaultKubernetesVersion,
+		"kubernetes.clusterDomain":        DefaultClusterDomain,
+		"kubernetes.sandboxImage":         DefaultSandboxImage,
+		"kubernetes.auth.exec.apiVersion": DefaultExecAPIVersion,
+		"host.nftablesFlush":              true,
+		"host.disableSwap":                true,
+		"host.installPackages":            true,
+		"host.aptGuard":                   false,
+	} {
+		s := sch
+		for _, name := range strings.Split(path, ".") {
+			for s.Ref != nil && s.Properties == nil {
+				s = s.Ref
+			}
+			s = s.Properties[name]
+			if s == nil {
+				t.Fatalf("%s: not in the schema", path)
+			}
+		}
+		if s.Default == nil || *s.Default != want {
+			got := any(nil)
+			if s.Default != nil {
+				got = *s.Default
+			}
+			t.Errorf("%s: schema default %v, Load's default %v", path, got, want)
+		}
 	}
 }

@@ -313,7 +313,7 @@ func unknownField(name string, allowed []string) string {
 		}
 	}
 	switch {
-	case best != "" && (bestDist <= 2 || bestDist*3 <= len(best)):
+	case best != "" && bestDist < len(best) && (bestDist <= 2 || bestDist*3 <= len(best)):
 		return msg + fmt.Sprintf(" (did you mean %q?)", best)
 	case len(allowed) > 0 && len(allowed) <= 8:
 		return msg + " (known fields: " + strings.Join(allowed, ", ") + ")"

@@ -524,3 +524,38 @@ func TestDefaults(t *testing.T) {
 		t.Errorf("ApplyDefaults is not idempotent")
 	}
 }
+
+func TestPaths(t *testing.T) {
+	for _, tc := range []struct{ path, parent string }{
+		{"$", ""},
+		{"$.kubernetes", "$"},
+		{"$.kubernetes.taints[2]", "$.kubernetes.taints"},
+		{"$.kubernetes.taints[2].key", "$.kubernetes.taints[2]"},
+		{child("$.kubernetes.labels", `a.b/c["]`), "$.kubernetes.labels"},
+		{child(child("$.host.sysctls", "x.y"), "z"), child("$.host.sysctls", "x.y")},
+	} {
+		if got := parent(tc.path); got != tc.parent {
+			t.Errorf("parent(%s) = %q, want %q", tc.path, got, tc.parent)
+		}
+	}
+	if got := child("$.a", "b-c"); got != `$.a["b-c"]` {
+		t.Errorf("child quoting: %s", got)
+	}
+}
+
+func TestUnknownFieldHints(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		allowed []string
+		want    string
+	}{
+		{"apiserver", []string{"apiServer", "auth", "caCert"}, `unknown field "apiserver" (did you mean "apiServer"?)`},
+		{"tokn", []string{"token", "exec"}, `unknown field "tokn" (did you mean "token"?)`},
+		{"zzz", []string{"a", "b"}, `unknown field "zzz" (known fields: a, b)`},
+		{"zzz", strings.Split("a b c d e f g h i", " "), `unknown field "zzz"`},
+	} {
+		if got := unknownField(tc.name, tc.allowed); got != tc.want {
+			t.Errorf("unknownField(%q) = %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
