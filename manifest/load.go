@@ -169,7 +169,7 @@ func (d *document) schemaMessage(path string, k jsonschema.ErrorKind) string {
 	switch k := k.(type) {
 	case *kind.Type:
 		msg := fmt.Sprintf("must be %s, not %s", typeNames(k.Want), article(k.Got))
-		if k.Got == "null" {
+		if k.Got == "null" && path != "$" {
 			msg += " (the key has no value)"
 		} else if contains(k.Want, "string") && k.Got != "object" && k.Got != "array" && !isSecretPath(path) {
 			msg += fmt.Sprintf(" (quote it: %q)", d.raw[path])

@@ -287,6 +287,8 @@ func TestLoadSyntax(t *testing.T) {
 		{"json syntax", "m.json", "{\n  \"kind\": \"Node\",\n  \"apiVersion\" \"x\"\n}\n", 3, 16, "invalid JSON"},
 		{"json truncated", "m.json", "{\"kind\": \"Node\"", 1, 16, "unexpected end of input"},
 		{"not utf-8", "m.yaml", "kind: \xff\n", 1, 1, "not valid UTF-8"},
+		{"null document", "m.yaml", "~\n", 1, 1, "must be an object, not null"},
+		{"BOM", "m.json", "\xef\xbb\xbf{\"apiVersion\": \"nodespawn.dev/v1alpha1\", \"kind\": \"Node\", \"kubernetes\": 1}", 1, 72, "must be an object, not a number"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			es := loadErrors(t, tc.file, tc.src)

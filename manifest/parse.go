@@ -70,7 +70,10 @@ func newDocument(file string, data []byte) *document {
 // every JSON string escape), YAML otherwise. It returns false when there is
 // no document to validate.
 func (d *document) parse(data []byte) bool {
-	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
+	if bytes.HasPrefix(data, []byte("\xef\xbb\xbf")) {
+		data = data[3:]
+		d.lines = strings.Split(string(data), "\n") // columns count from after the BOM
+	}
 	if len(data) > maxSize {
 		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: fmt.Sprintf("manifest is %d bytes, more than the %d allowed", len(data), maxSize)})
 		return false
