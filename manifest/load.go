@@ -77,9 +77,13 @@ func Load(filename string, data []byte) (*Manifest, error) {
 	return m, nil
 }
 
+// isFlagged reports whether a semantic problem at path would repeat or
+// guess around a schema problem: one at path, inside it, or around it (a
+// check on a whole object, like auth's "exactly one of", is unreliable
+// when a member was refused).
 func isFlagged(path string, flagged []string) bool {
 	for _, f := range flagged {
-		if under(path, f) {
+		if under(path, f) || under(f, path) {
 			return true
 		}
 	}

@@ -137,10 +137,7 @@ func TestLoadErrors(t *testing.T) {
 		{"file mode too big", with("machine:", "  extra:", "    storage:", "      files:", "        - path: /etc/x", "          mode: 99999"),
 			[]want{{13, "99999", "$.machine.extra.storage.files[0].mode", "must be at most 4095"}}},
 		{"empty exec command", with("    exec: {command: ''}"),
-			[]want{
-				{6, "auth", "$.kubernetes.auth", "give bootstrapToken or exec, not both"},
-				{8, "''", "$.kubernetes.auth.exec.command", "must not be empty"},
-			}},
+			[]want{{8, "''", "$.kubernetes.auth.exec.command", "must not be empty"}}},
 
 		// Machine.
 		{"machine name underscore", with("machine:", "  name: kube_1"),
