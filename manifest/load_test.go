@@ -261,6 +261,10 @@ func TestLoadErrors(t *testing.T) {
 			[]want{{13, "'md5", "$.host.extra.storage.files[0].contents.verification.hash", "unrecognized hash function"}}},
 		{"extra unit name (ignition)", with("machine:", "  extra:", "    systemd:", "      units: [{name: foo, enabled: true}]"),
 			[]want{{11, "foo", "$.machine.extra.systemd.units[0].name", "invalid systemd unit extension"}}},
+		{"unknown field in an array item", with("host:", "  extra:", "    storage:", "      files: [{path: /etc/x, mdoe: 420}]"),
+			[]want{{11, "mdoe", "$.host.extra.storage.files[0].mdoe", `unknown field "mdoe" (did you mean "mode"?)`}}},
+		{"unknown field in an item of an item", with("machine:", "  extra:", "    systemd:", "      units: [{name: a.service, dropins: [{name: b.conf, content: x}]}]"),
+			[]want{{11, "content", "$.machine.extra.systemd.units[0].dropins[0].content", `unknown field "content" (did you mean "contents"?)`}}},
 		{"extra duplicate file (ignition)", with("machine:", "  extra:", "    storage:", "      files: [{path: /etc/x}, {path: /etc/x}]"),
 			[]want{{11, "{path: /etc/x}]", "$.machine.extra.storage.files[1]", "duplicate entry defined"}}},
 	} {
@@ -283,6 +287,8 @@ func TestLoadSyntax(t *testing.T) {
 		{"tabs", "m.yaml", "kind: Node\n\tapiVersion: x\n", 2, 0, "invalid YAML"},
 		{"json syntax", "m.json", "{\n  \"kind\": \"Node\",\n  \"apiVersion\" \"x\"\n}\n", 3, 16, "invalid JSON"},
 		{"json truncated", "m.json", "{\"kind\": \"Node\"", 1, 16, "unexpected end of input"},
+		{"nested too deep", "m.yaml", "a: " + strings.Repeat("[", 100) + strings.Repeat("]", 100) + "\n", 1, 68, "nested more than 64 levels deep"},
+		{"alias bomb", "m.yaml", "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n", 0, 0, "more than 200000 values"},
 		{"not utf-8", "m.yaml", "kind: \xff\n", 1, 1, "not valid UTF-8"},
 		{"null document", "m.yaml", "~\n", 1, 1, "must be an object, not null"},
 		{"BOM", "m.json", "\xef\xbb\xbf{\"apiVersion\": \"nodespawn.dev/v1alpha1\", \"kind\": \"Node\", \"kubernetes\": 1}", 1, 72, "must be an object, not a number"},
@@ -293,6 +299,9 @@ func TestLoadSyntax(t *testing.T) {
 				t.Fatalf("want 1 error, got %v", es)
 			}
 			e := es[0]
+			if tc.line == 0 && e.Line > 0 {
+				tc.line, tc.col = e.Line, e.Col // position not asserted
+			}
 			if e.Line != tc.line || e.Col != tc.col || !strings.Contains(e.Message, tc.msg) {
 				t.Errorf("got %d:%d %q, want %d:%d ...%s...", e.Line, e.Col, e.Message, tc.line, tc.col, tc.msg)
 			}
