@@ -306,9 +306,9 @@ func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]
 			continue
 		}
 		if k.Kind != yaml.ScalarNode || k.ShortTag() != "!!str" {
-			what := "a " + strings.TrimPrefix(k.ShortTag(), "!!")
-			if k.Kind != yaml.ScalarNode {
-				what = "not a scalar"
+			what := map[string]string{"!!int": "an integer", "!!float": "a number", "!!bool": "a boolean", "!!null": "null"}[k.ShortTag()]
+			if what == "" {
+				what = "not a string"
 			}
 			msg := fmt.Sprintf("keys must be strings, this one is %s", what)
 			if k.Kind == yaml.ScalarNode {
