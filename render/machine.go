@@ -27,7 +27,7 @@ func (r *renderer) renderMachine() error {
 	r.link(ph, r.inRoot("/etc/systemd/system/systemd-resolved.service"), "/dev/null",
 		"mask systemd-resolved so it cannot replace resolv.conf")
 	r.file(ph, r.inRoot("/etc/tmpfiles.d/nodespawn-kmsg.conf"),
-		header("#")+"\n# kubelet opens /dev/kmsg at start and dies without it; the machine's device\n# policy blocks the host's, the console is allowed.\nL /dev/kmsg - - - - /dev/console\n",
+		header("#")+"\n# kubelet opens /dev/kmsg at start and dies without it; the machine's device\n# policy blocks the host's, the console is allowed.\nL+ /dev/kmsg - - - - /dev/console\n",
 		"/dev/kmsg for kubelet")
 
 	// Container runtime.
