@@ -57,7 +57,8 @@ func (a *agent) trySync() error {
 	}
 	id := rand.Int64N(1 << 50)
 	// 0xFF makes the agent drop any half-read command from an earlier
-	// connection before it parses ours.
+	// connection before it parses ours; the agent answers it with an
+	// error, which the sync below skips like any other stale answer.
 	if _, err := a.conn.Write([]byte{0xff}); err != nil {
 		return err
 	}
@@ -79,7 +80,8 @@ func (a *agent) close() {
 }
 
 // call sends one command and reads responses until accept says it is the
-// answer (stale answers from a dropped connection are skipped).
+// answer. With accept, errors and stale answers (from a dropped connection
+// or a parser reset) are skipped; without, the first answer counts.
 func (a *agent) call(timeout time.Duration, cmd string, args any, out any, accept func(json.RawMessage) bool) error {
 	if a.conn == nil {
 		return errors.New("guest agent not connected")
@@ -103,11 +105,12 @@ func (a *agent) call(timeout time.Duration, cmd string, args any, out any, accep
 		if json.Unmarshal(line, &r) != nil {
 			continue
 		}
-		if r.Error != nil {
+		if accept != nil {
+			if r.Return == nil || !accept(r.Return) {
+				continue
+			}
+		} else if r.Error != nil {
 			return fmt.Errorf("guest agent %s: %s: %s", cmd, r.Error.Class, r.Error.Desc)
-		}
-		if r.Return == nil || (accept != nil && !accept(r.Return)) {
-			continue
 		}
 		if out != nil {
 			return json.Unmarshal(r.Return, out)

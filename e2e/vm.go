@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -69,6 +70,8 @@ func startVM(t *testing.T, env *environment, dir, seed string) *vm {
 		t.Fatal(err)
 	}
 	v.cmd.Stdout, v.cmd.Stderr = out, out
+	// qemu must not outlive a test binary that is killed.
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	v.started = time.Now()
 	if err := v.cmd.Start(); err != nil {
 		t.Fatalf("start qemu: %v", err)
