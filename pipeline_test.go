@@ -1,0 +1,273 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/upstream"
+	"github.com/nodespawn/nodespawn/manifest"
+)
+
+// The whole pipeline with real parts but no systemd: the CLI reads a
+// manifest, probes a tree, renders, and applies into --root, pulling the
+// rootfs from a real OCI layout built by the daemonless builder and the
+// binaries from a real HTTP mirror on loopback in the upstream layouts.
+// Host operations and systemd steps are skipped because --root is not /.
+
+// mirror serves every component in its upstream layout, with the checksum
+// file each upstream publishes.
+type mirror struct {
+	files map[string][]byte
+	hits  map[string]int
+}
+
+func sha(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func tarGz(t *testing.T, files map[string]string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	for name, body := range files {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(body)), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write([]byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func newMirror(t *testing.T) (*mirror, *httptest.Server) {
+	t.Helper()
+	m := &mirror{files: map[string][]byte{}, hits: map[string]int{}}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		m.hits[r.URL.Path]++
+		b, ok := m.files[r.URL.Path]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(b)
+	}))
+	t.Cleanup(srv.Close)
+	arch := runtime.GOARCH
+	put := func(component, version string, artifact []byte) {
+		a, err := upstream.Lookup(component, version, arch, srv.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(a.URL)
+		c, _ := url.Parse(a.ChecksumURL)
+		m.files[u.Path] = artifact
+		if strings.HasSuffix(c.Path, ".sha256") && component != upstream.Crictl {
+			m.files[c.Path] = []byte(sha(artifact) + "\n") // dl.k8s.io and CNI: bare hex
+		} else {
+			// sha256sum style, with a neighbour to pick the right line from.
+			m.files[c.Path] = []byte(fmt.Sprintf("%s  other-file\n%s  %s\n", strings.Repeat("0", 64), sha(artifact), filepath.Base(u.Path)))
+		}
+	}
+	k8s := strings.TrimPrefix(manifest.DefaultKubernetesVersion, "v")
+	for _, name := range []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy} {
+		put(name, k8s, []byte("#!/bin/sh\necho "+name+"\n"))
+	}
+	put(upstream.Runc, manifest.DefaultRuncVersion, []byte("runc binary"))
+	put(upstream.Crictl, manifest.DefaultCrictlVersion, tarGz(t, map[string]string{"crictl": "crictl binary"}))
+	put(upstream.Containerd, manifest.DefaultContainerdVersion, tarGz(t, map[string]string{
+		"bin/containerd": "containerd binary", "bin/ctr": "ctr binary", "bin/containerd-shim-runc-v2": "shim binary",
+	}))
+	put(upstream.CNIPlugins, manifest.DefaultCNIPluginsVersion, tarGz(t, map[string]string{"./bridge": "bridge", "./loopback": "loopback"}))
+	return m, srv
+}
+
+// buildLayout makes a small rootfs tree with the traps a real image has (an
+// absolute /var/run link, resolv.conf as a link to the stub) and writes it
+// as an OCI layout with the daemonless builder.
+func buildLayout(t *testing.T, dir string) {
+	t.Helper()
+	tree := filepath.Join(t.TempDir(), "tree")
+	for p, body := range map[string]string{
+		"etc/os-release": "ID=test\n",
+		"etc/passwd":     "root:x:0:0:root:/root:/bin/sh\n",
+		"etc/group":      "root:x:0:\n",
+	} {
+		if err := os.MkdirAll(filepath.Join(tree, filepath.Dir(p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(tree, p), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range []string{"run", "var", "usr/local/bin"} {
+		if err := os.MkdirAll(filepath.Join(tree, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("/run", filepath.Join(tree, "var/run")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")); err != nil {
+		t.Fatal(err)
+	}
+	target, err := imagebuild.Layout(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := imagebuild.Build(context.Background(), tree, target, "v1", imagebuild.Options{Platform: "linux/" + runtime.GOARCH}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func pipelineManifest(layout, mirrorURL, extra string) string {
+	ca, err := os.ReadFile("render/testdata/manifests/minimal.yaml")
+	if err != nil {
+		panic(err)
+	}
+	// Reuse the test CA block of the minimal fixture.
+	pem := string(ca[strings.Index(string(ca), "  caCert: |"):strings.Index(string(ca), "  auth:")])
+	return `apiVersion: nodespawn.dev/v1alpha1
+kind: Node
+machine:
+  name: pipe
+  kvm: "off"
+  rootfs:
+    layout:
+      path: ` + layout + `
+      reference: v1
+kubernetes:
+  apiServer: https://10.0.0.1:6443
+  nodeName: pipe-node
+` + pem + `  auth:
+    bootstrapToken: abcdef.0123456789abcdef
+components:
+  mirror: ` + mirrorURL + `
+` + extra
+}
+
+func TestApplyIntoRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners")
+	}
+	work := t.TempDir()
+	layout := filepath.Join(work, "layout")
+	buildLayout(t, layout)
+	mir, srv := newMirror(t)
+	root := filepath.Join(work, "root")
+	mf := filepath.Join(work, "node.yaml")
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	code, out, errOut := cli(t, "", "apply", "-f", mf, "--root", root)
+	if code != 0 {
+		t.Fatalf("apply: exit %d\n%s\n%s", code, out, errOut)
+	}
+	rootfs := filepath.Join(root, "var/lib/machines/pipe")
+	for p, want := range map[string]string{
+		"usr/local/bin/kubelet":    "#!/bin/sh\necho kubelet\n",
+		"usr/local/bin/runc":       "runc binary",
+		"usr/local/bin/containerd": "containerd binary",
+		"usr/local/bin/crictl":     "crictl binary",
+		"opt/cni/bin/bridge":       "bridge",
+		"etc/hostname":             "pipe-node\n",
+		"etc/os-release":           "ID=test\n",
+	} {
+		got, err := os.ReadFile(filepath.Join(rootfs, p))
+		if err != nil || string(got) != want {
+			t.Errorf("%s: %q, %v; want %q", p, got, err, want)
+		}
+	}
+	if fi, err := os.Stat(filepath.Join(rootfs, "usr/local/bin/kubelet")); err != nil || fi.Mode().Perm() != 0o755 {
+		t.Errorf("kubelet mode: %v %v", fi, err)
+	}
+	if fi, err := os.Lstat(filepath.Join(rootfs, "etc/resolv.conf")); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("resolv.conf should replace the image's stub link with a file: %v %v", fi, err)
+	}
+	kc := filepath.Join(rootfs, "var/lib/kubelet/bootstrap-kubeconfig")
+	if fi, err := os.Stat(kc); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("bootstrap kubeconfig must be 0600: %v %v", fi, err)
+	}
+	if b, _ := os.ReadFile(kc); !strings.Contains(string(b), "abcdef.0123456789abcdef") {
+		t.Errorf("bootstrap kubeconfig lacks the token")
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc/systemd/nspawn/pipe.nspawn")); err != nil {
+		t.Errorf("no .nspawn file: %v", err)
+	}
+	if strings.Contains(out+errOut, "0123456789abcdef") {
+		t.Errorf("the token appears in apply's output")
+	}
+
+	// A second run is recognised and changes nothing.
+	before := len(mir.hits)
+	code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root)
+	if code != 0 || !strings.Contains(out, "already applied") {
+		t.Fatalf("second apply: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if len(mir.hits) != before {
+		t.Errorf("the second run went to the mirror")
+	}
+
+	// A different manifest is refused without --force: bad input.
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "host:\n  aptGuard: true\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errOut = cli(t, "", "apply", "-f", mf, "--root", root); code != exitBadInput {
+		t.Errorf("changed manifest: exit %d, want %d: %s", code, exitBadInput, errOut)
+	}
+	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root, "--force"); code != 0 {
+		t.Errorf("changed manifest with --force: exit %d\n%s\n%s", code, out, errOut)
+	}
+}
+
+func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners")
+	}
+	work := t.TempDir()
+	layout := filepath.Join(work, "layout")
+	buildLayout(t, layout)
+	_, srv := newMirror(t)
+	root := filepath.Join(work, "root")
+	mf := filepath.Join(work, "node.yaml")
+	wrong := strings.Repeat("ab", 32)
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "  kubelet:\n    sha256: \""+wrong+"\"\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut := cli(t, "", "apply", "-f", mf, "--root", root)
+	if code != exitFailed {
+		t.Fatalf("exit %d, want %d\n%s", code, exitFailed, errOut)
+	}
+	actual := sha([]byte("#!/bin/sh\necho kubelet\n"))
+	for _, want := range []string{"rootfs:download:kubelet", wrong, actual} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("the error lacks %q:\n%s", want, errOut)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "var/lib/machines/pipe/usr/local/bin/kubelet")); !os.IsNotExist(err) {
+		t.Errorf("an unverified kubelet is in the rootfs: %v", err)
+	}
+}
