@@ -55,7 +55,7 @@ func (e *executor) run(ctx context.Context) error {
 			}
 		}
 		if failure != nil {
-			if err := e.skip(steps, fmt.Sprintf("not run: %v", failure)); err != nil {
+			if err := e.skip(steps, "not run: "+failedStep(failure)); err != nil {
 				return err
 			}
 			continue
@@ -109,7 +109,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
 			}
 			pending = rest
 		} else if len(pending) > 0 {
-			if err := e.skip(pending, fmt.Sprintf("not run: %v", failure)); err != nil {
+			if err := e.skip(pending, "not run: "+failedStep(failure)); err != nil {
 				return err
 			}
 			pending = nil
@@ -127,7 +127,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
 		}
 		if r.outcome == OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && errors.Is(r.err, context.Canceled) {
 			// Cancelled because another step failed: not a failure of its own.
-			r.outcome, r.err = OutcomeSkipped, fmt.Errorf("cancelled: %v", failure)
+			r.outcome, r.err = OutcomeSkipped, errors.New("cancelled: "+failedStep(failure))
 		}
 		if err := e.report(r); err != nil {
 			return err
@@ -266,4 +266,13 @@ func (e *executor) do(ctx context.Context, s *render.Step, fetches *prefetches) 
 		return "", err
 	}
 	return OutcomeDone, nil
+}
+
+// failedStep names the step that failed, for the steps skipped after it;
+// its error is logged once, with the step itself.
+func failedStep(failure error) string {
+	if id := failureID(failure); id != "" {
+		return "step " + id + " failed"
+	}
+	return failure.Error()
 }
