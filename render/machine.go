@@ -72,7 +72,11 @@ func (r *renderer) hosts() string {
 func (r *renderer) resolvConf() string {
 	var b strings.Builder
 	b.WriteString(header("#") + "\n")
-	fmt.Fprintf(&b, "# From the host's %s.\n", r.f.ResolvConf)
+	src := "the host's " + r.f.ResolvConf
+	if r.f.ResolvConf == "" {
+		src = "the host, which has no resolv.conf"
+	}
+	fmt.Fprintf(&b, "# From %s.\n", src)
 	n := 0
 	for _, ns := range r.f.Nameservers {
 		if strings.HasPrefix(ns, "127.") {
@@ -82,7 +86,7 @@ func (r *renderer) resolvConf() string {
 		n++
 	}
 	if n == 0 {
-		r.warn("the host's %s lists no upstream name server (only a local stub or none); the machine's resolv.conf has none, so pods with dnsPolicy: Default cannot resolve names", r.f.ResolvConf)
+		r.warn("%s lists no upstream name server (only a local stub or none); the machine's resolv.conf has none, so pods with dnsPolicy: Default cannot resolve names", src)
 	}
 	if len(r.f.Search) > 0 {
 		fmt.Fprintf(&b, "search %s\n", strings.Join(r.f.Search, " "))
