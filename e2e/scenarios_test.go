@@ -185,8 +185,16 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 		{"controllers delegated", inMachine("cat /sys/fs/cgroup/cgroup.controllers"), []string{"cpu", "memory", "pids", "io"}},
 		{"/lib/modules of the running kernel", inMachine("ls -d /lib/modules/$(uname -r)/kernel"), []string{"/kernel"}},
 	}
+	// Every check's output goes to checks-<test>.txt beside the serial log,
+	// so a passing run can be read too.
+	var report strings.Builder
+	defer func() {
+		name := strings.ReplaceAll(t.Name(), "/", "_")
+		os.WriteFile(filepath.Join(v.dir, "checks-"+name+".txt"), []byte(report.String()), 0o644)
+	}()
 	for _, c := range checks {
 		r := v.sh(ctx, c.script)
+		fmt.Fprintf(&report, "== %s\n$ %s\nexit %d\n%s%s\n", c.what, c.script, r.Code, r.Stdout, r.Stderr)
 		ok := r.Code == 0
 		for _, w := range c.want {
 			ok = ok && strings.Contains(r.Stdout, w)
