@@ -65,6 +65,12 @@ for p in "${pids[@]}"; do
 	fi
 done
 
+# The Go build cache behind the components is ~5 GB, far more than the
+# binaries (~370 MB); keep it only when asked (iterating on the build script).
+if [ -z "${E2E_KEEP_GOCACHE:-}" ] && [ -e "$COMPONENTS/.done" ]; then
+	rm -rf "$CACHE/components/go"
+fi
+
 cat >"$WORK/env" <<EOT
 E2E_GUEST=$GUEST
 E2E_COMPONENTS=$COMPONENTS
