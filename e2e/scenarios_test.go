@@ -49,8 +49,16 @@ func newScenario(t *testing.T, name, userData string) (*vm, context.Context) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	t.Cleanup(cancel)
 	t.Cleanup(func() {
-		if !t.Failed() || v.cmd.ProcessState != nil || v.agent.conn == nil {
+		if !t.Failed() || v.cmd.ProcessState != nil {
 			return
+		}
+		if v.agent.conn == nil {
+			actx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			if v.agent.connect(actx) != nil {
+				t.Logf("artifacts kept in %s (guest agent gone: no journals)", dir)
+				return
+			}
 		}
 		for file, script := range map[string]string{
 			"journal-guest.txt":   "journalctl -b --no-pager -o short-monotonic",
