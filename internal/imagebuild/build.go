@@ -115,7 +115,8 @@ func Build(ctx context.Context, root string, dst oras.Target, tag string, opts O
 		Platform: platform,
 		Config:   ocispec.ImageConfig{Cmd: opts.Cmd, Labels: opts.Labels},
 		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{info.DiffID}},
-		History:  []ocispec.History{{Created: &created, CreatedBy: "nodespawn image build " + root}},
+		// No paths in the history: the same tree built elsewhere must match.
+		History: []ocispec.History{{Created: &created, CreatedBy: "nodespawn image build"}},
 	}
 	config, err := pushJSON(ctx, dst, ocispec.MediaTypeImageConfig, cfg)
 	if err != nil {

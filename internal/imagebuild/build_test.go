@@ -311,3 +311,16 @@ func startRegistry(t *testing.T, bin string) string {
 	t.Fatalf("registry did not listen on %s: %s", addr, out.String())
 	return ""
 }
+
+// TestBuildIndependentOfPath builds two equal trees in different
+// directories: nothing about where the tree lives may reach the image.
+func TestBuildIndependentOfPath(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the test tree has a device node and files owned by other users")
+	}
+	a, _ := build(t, makeTree(t))
+	b, _ := build(t, makeTree(t))
+	if a.Manifest.Digest != b.Manifest.Digest {
+		t.Errorf("equal trees in two directories: %s and %s", a.Manifest.Digest, b.Manifest.Digest)
+	}
+}
