@@ -50,8 +50,15 @@ func startVM(t *testing.T, env *environment, dir, seed string) *vm {
 	fwd := func(port int) string {
 		return fmt.Sprintf("guestfwd=tcp:%s:%d-cmd:socat STDIO TCP:127.0.0.1:%d", guestHostIP, port, port)
 	}
+	// TCG by default: /dev/kvm on the runners this was built on is a PVM
+	// nested hypervisor that hangs a stock kernel (E2E-NOTES.md §1). Set
+	// E2E_ACCEL=kvm where VT-x/AMD-V really works.
+	accel := "tcg,thread=multi"
+	if a := os.Getenv("E2E_ACCEL"); a != "" {
+		accel = a
+	}
 	args := []string{
-		"-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3072",
+		"-machine", "q35", "-accel", accel, "-cpu", "max", "-smp", "2", "-m", "3072",
 		"-nographic", "-monitor", "none", "-vga", "none", "-serial", "file:" + v.serial,
 		"-kernel", env.guestKernel, "-initrd", env.guestInitrd,
 		"-append", "root=/dev/vda rw console=ttyS0 panic=-1",
