@@ -15,7 +15,7 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
-// extras turns the manifest's Ignition-form files, directories, links and
+// renderExtras turns the manifest's Ignition-form files, directories, links and
 // units into steps: the host's in the host phase, the machine's inside the
 // rootfs in the machine phase.
 func (r *renderer) renderExtras() error {

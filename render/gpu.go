@@ -29,7 +29,7 @@ func multiarchLibDir(arch string) string {
 	return "/usr/lib/" + arch + "-linux-gnu"
 }
 
-// gpu links the host's driver libraries into the rootfs, installs the unit
+// renderGPU links the host's driver libraries into the rootfs, installs the unit
 // that refreshes them and the CDI spec at every machine boot, and enables
 // CDI and the nvidia runtime in containerd. Binds and device access are in
 // the .nspawn file and the service drop-in.

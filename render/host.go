@@ -49,6 +49,9 @@ func boolOr(p *bool, def bool) bool {
 	return *p
 }
 
+// renderHost prepares the host: packages, kernel modules, sysctls, the
+// nftables flush, swap, the .nspawn file, the service drop-in and the links
+// that start the machine at boot.
 func (r *renderer) renderHost() error {
 	h := r.m.Host
 	flush := boolOr(h.NftablesFlush, true)

@@ -16,7 +16,7 @@ const (
 	wantsDir            = "/etc/systemd/system/multi-user.target.wants"
 )
 
-// machine writes the configuration into the rootfs before its first boot.
+// renderMachine writes the configuration into the rootfs before its first boot.
 func (r *renderer) renderMachine() error {
 	k := r.m.Kubernetes
 	ph := PhaseMachine

@@ -18,7 +18,7 @@ var debootstrapInclude = []string{
 	"procps", "curl", "ca-certificates", "wireguard-tools",
 }
 
-// rootfs creates the machine's root filesystem and downloads the node's
+// renderRootfs creates the machine's root filesystem and downloads the node's
 // binaries into it.
 func (r *renderer) renderRootfs() error {
 	src := r.m.Machine.Rootfs

@@ -4,7 +4,7 @@ package render
 // and containerd and kubelet to become active inside it.
 const WaitTimeoutSeconds = 300
 
-// start reloads systemd, starts the machine and waits for the node's units.
+// renderStart reloads systemd, starts the machine and waits for the node's units.
 func (r *renderer) renderStart() error {
 	unit := "systemd-nspawn@" + r.machine + ".service"
 	reload := r.systemd("daemon-reload", "")
