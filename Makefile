@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin/nodespawn
 
-.PHONY: build test vet fmt dry-run
+.PHONY: build test check dry-run
 build:
 	$(GO) build -o $(BIN) .
 
@@ -14,6 +14,9 @@ test:
 	CGO_ENABLED=0 $(GO) vet ./...
 	CGO_ENABLED=0 $(GO) build -o /dev/null .
 	$(GO) test ./...
+
+# Everything CI runs: the unit and integration tests, then the VM test.
+check: test e2e
 
 dry-run: build
 	./$(BIN) apply --dry-run -f examples/minimal.yaml
