@@ -2,8 +2,10 @@ GO ?= go
 BIN := bin/nodespawn
 
 .PHONY: build test check dry-run
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
 build:
-	$(GO) build -o $(BIN) .
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) .
 
 # CGO_CFLAGS quiets go-nvml's deprecation warnings in cgo builds.
 export CGO_CFLAGS ?= -Wno-deprecated-declarations
