@@ -220,6 +220,12 @@ func TestApplyIntoRoot(t *testing.T) {
 	if strings.Contains(out+errOut, "0123456789abcdef") {
 		t.Errorf("the token appears in apply's output")
 	}
+	// Off a terminal, progress is log lines: one per finished download and layer.
+	for _, want := range []string{"msg=downloaded name=kubelet", `msg=downloaded name="layer 1/1"`} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("no progress line %q in:\n%s", want, errOut)
+		}
+	}
 
 	// A second run is recognised and changes nothing.
 	before := len(mir.hits)

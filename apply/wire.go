@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 
 	"github.com/nodespawn/nodespawn/internal/command"
@@ -35,10 +36,13 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 		log = slog.Default()
 	}
 	client := fetch.NewHTTPClient(fetch.WithLogger(log))
+	// One progress display for the image's layers and the downloads that
+	// run beside them: bars on a terminal, periodic log lines otherwise.
+	progress := fetch.NewProgress(os.Stderr, log)
 	d := Deps{
-		Images: &imagePuller{log: log, client: client},
+		Images: &imagePuller{log: log, client: client, progress: progress},
 		Downloader: &downloader{
-			f:      &fetch.Fetcher{Client: client, CacheDir: filepath.Join(root, DownloadCache), Logger: log},
+			f:      &fetch.Fetcher{Client: client, CacheDir: filepath.Join(root, DownloadCache), Logger: log, Progress: progress},
 			client: client,
 		},
 	}
@@ -50,8 +54,9 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 }
 
 type imagePuller struct {
-	log    *slog.Logger
-	client *http.Client
+	log      *slog.Logger
+	client   *http.Client
+	progress *fetch.Progress
 }
 
 func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) (bool, error) {
@@ -66,7 +71,7 @@ func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) 
 		res, err = oci.Pull(ctx, oci.Request{
 			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
 			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Dest: dest,
-			Logger: p.log, HTTPClient: p.client,
+			Logger: p.log, HTTPClient: p.client, Progress: p.layerProgress(),
 		})
 	}
 	if err != nil {
@@ -157,4 +162,29 @@ func (hostOps) FlushNftables(ctx context.Context) error { return hostprep.FlushN
 
 func (hostOps) DisableSwap(ctx context.Context, fstab string) error {
 	return hostprep.DisableSwap(ctx, "/", fstab)
+}
+
+// layerProgress turns the puller's per-layer reports into progress
+// trackers. The puller calls it from one goroutine, layer after layer.
+func (p *imagePuller) layerProgress() func(oci.Progress) {
+	var (
+		t     *fetch.Tracker
+		layer = -1
+		seen  int64
+	)
+	return func(pr oci.Progress) {
+		if pr.Layer != layer {
+			if t != nil {
+				t.Done(nil)
+			}
+			layer, seen = pr.Layer, 0
+			t = p.progress.Start(fmt.Sprintf("layer %d/%d", pr.Layer+1, pr.Layers), pr.Size)
+		}
+		t.Add(pr.Read - seen)
+		seen = pr.Read
+		if pr.Done {
+			t.Done(nil)
+			t, layer = nil, -1
+		}
+	}
 }

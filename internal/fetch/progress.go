@@ -172,6 +172,14 @@ func (t *Tracker) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// Add counts n bytes received, for callers that learn a count rather than
+// see the bytes (an image layer's applier).
+func (t *Tracker) Add(n int64) {
+	t.mu.Lock()
+	t.done += n
+	t.mu.Unlock()
+}
+
 // SetTotal sets the expected size once the response says it.
 func (t *Tracker) SetTotal(total int64) {
 	t.mu.Lock()
