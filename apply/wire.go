@@ -40,7 +40,7 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 	// run beside them: bars on a terminal, periodic log lines otherwise.
 	progress := fetch.NewProgress(os.Stderr, log)
 	d := Deps{
-		Images: &imagePuller{log: log, client: client, progress: progress},
+		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
 		Downloader: &downloader{
 			f:      &fetch.Fetcher{Client: client, CacheDir: filepath.Join(root, DownloadCache), Logger: log, Progress: progress},
 			client: client,
@@ -54,9 +54,24 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 }
 
 type imagePuller struct {
-	log      *slog.Logger
-	client   *http.Client
-	progress *fetch.Progress
+	log         *slog.Logger
+	client      *http.Client
+	progress    *fetch.Progress
+	credentials string
+}
+
+// RegistryCredentials is where apply looks first for registry credentials,
+// a docker-style config.json (what `docker login` or `oras login` write);
+// then root's own ~/.docker/config.json. Without either, pulls are anonymous.
+const RegistryCredentials = "/etc/nodespawn/registry-auth.json"
+
+func registryCredentials(root string) string {
+	for _, p := range []string{RegistryCredentials, "/root/.docker/config.json"} {
+		if _, err := os.Stat(filepath.Join(root, p)); err == nil {
+			return filepath.Join(root, p)
+		}
+	}
+	return ""
 }
 
 func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) (bool, error) {
@@ -71,7 +86,7 @@ func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) 
 		res, err = oci.Pull(ctx, oci.Request{
 			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
 			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Dest: dest,
-			Logger: p.log, HTTPClient: p.client, Progress: p.layerProgress(),
+			Logger: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
 		})
 	}
 	if err != nil {
