@@ -83,7 +83,7 @@ func (e *executor) file(ctx context.Context, f *render.File) (Outcome, error) {
 	if err != nil {
 		return "", fmt.Errorf("owner of %s: %w", path, err)
 	}
-	if err := removeStaleTemps(path); err != nil {
+	if err := fsutil.RemoveStaleTemps(path); err != nil {
 		return "", err
 	}
 	cur, err := inspect(path)
@@ -290,7 +290,7 @@ func (e *executor) link(l *render.Link) (Outcome, error) {
 	if err != nil {
 		return "", fmt.Errorf("owner of %s: %w", path, err)
 	}
-	if err := removeStaleTemps(path); err != nil {
+	if err := fsutil.RemoveStaleTemps(path); err != nil {
 		return "", err
 	}
 	cur, err := inspect(path)
@@ -399,10 +399,8 @@ func mkdirParents(dir string) error {
 		}
 	}
 	pattern := "." + base + ".mkdir-"
-	stale, _ := filepath.Glob(filepath.Join(parent, globEscape(pattern)+"*"))
-	for _, p := range stale {
-		os.Remove(p) // empty leftovers of a killed run; anything else stays
-	}
+	// Empty leftovers of a killed run go; a non-empty one is not ours and stays.
+	fsutil.RemoveLeftovers(parent, pattern)
 	tmp, err := os.MkdirTemp(parent, pattern)
 	if err != nil {
 		return fmt.Errorf("mkdir %s: %w", dir, err)
@@ -416,33 +414,4 @@ func mkdirParents(dir string) error {
 		return fmt.Errorf("mkdir %s: rename into place: %w", dir, err)
 	}
 	return fsutil.SyncDir(parent)
-}
-
-// removeStaleTemps removes the temporary files fsutil leaves beside path
-// when a run is killed mid-write. Only this step writes path and the lock
-// keeps other runs out, so whatever matches is stale.
-func removeStaleTemps(path string) error {
-	dir, base := filepath.Split(path)
-	stale, err := filepath.Glob(filepath.Join(dir, "."+globEscape(base)+".tmp-*"))
-	if err != nil {
-		return fmt.Errorf("look for leftovers of %s: %w", path, err)
-	}
-	for _, p := range stale {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove leftover %s: %w", p, err)
-		}
-	}
-	return nil
-}
-
-// globEscape quotes the characters filepath.Match treats specially.
-func globEscape(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if strings.ContainsRune(`*?[\`, r) {
-			b.WriteByte('\\')
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
 }

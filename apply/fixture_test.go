@@ -236,7 +236,7 @@ func (a *fakeArtifact) Install(ctx context.Context) (bool, error) {
 	for p, c := range a.files {
 		// A real installer must clear what a killed run left, as apply's
 		// own file steps do.
-		if err := removeStaleTemps(p); err != nil {
+		if err := fsutil.RemoveStaleTemps(p); err != nil {
 			return false, err
 		}
 		if b, err := os.ReadFile(p); err == nil && string(b) == c {

@@ -466,6 +466,9 @@ func (s *Staged) installBinary() error {
 	// Check the bytes once more on their way out of the cache, so a file
 	// changed there after Fetch can never land in Dest.
 	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
+	if err := fsutil.RemoveStaleTemps(d.Dest); err != nil {
+		return fmt.Errorf("install %s: %w", d.Dest, err)
+	}
 	if err := fsutil.WriteReader(d.Dest, vr, binaryMode(d), -1, -1); err != nil {
 		return fmt.Errorf("install %s from %s: %w", d.Dest, redact(d.URL), err)
 	}

@@ -18,6 +18,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 )
 
 // WriteFile atomically replaces path with data, with mode (the umask does
@@ -211,4 +213,33 @@ func FileMode(unixMode uint32) os.FileMode {
 		m |= os.ModeSticky
 	}
 	return m
+}
+
+// RemoveStaleTemps removes the temporary files WriteFile, WriteReader and
+// Symlink leave beside path when the process is killed mid-write. Call it
+// only where nothing else writes path at the same time (apply holds a lock).
+func RemoveStaleTemps(path string) error {
+	return RemoveLeftovers(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
+}
+
+// RemoveLeftovers removes the entries of dir whose names start with prefix:
+// files, links and empty directories. A non-empty directory is kept.
+func RemoveLeftovers(dir, prefix string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look for leftovers in %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), prefix) {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTEMPTY) && !errors.Is(err, syscall.EEXIST) {
+			return fmt.Errorf("remove leftover %s: %w", p, err)
+		}
+	}
+	return nil
 }

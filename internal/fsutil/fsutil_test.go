@@ -211,3 +211,33 @@ func TestFileMode(t *testing.T) {
 		}
 	}
 }
+
+func TestRemoveStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "kubelet")
+	mk := func(name string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	stale := mk(".kubelet.tmp-123")
+	other := mk(".kubectl.tmp-456")
+	target := mk("kubelet")
+	busy := filepath.Join(dir, ".kubelet.tmp-dir")
+	if err := os.MkdirAll(filepath.Join(busy, "child"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveStaleTemps(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(stale); !os.IsNotExist(err) {
+		t.Errorf("the stale temp file is still there: %v", err)
+	}
+	for _, keep := range []string{other, target, busy} {
+		if _, err := os.Lstat(keep); err != nil {
+			t.Errorf("%s was removed: %v", keep, err)
+		}
+	}
+}
