@@ -247,6 +247,20 @@ func TestApplyIntoRoot(t *testing.T) {
 	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root, "--force"); code != 0 {
 		t.Errorf("changed manifest with --force: exit %d\n%s\n%s", code, out, errOut)
 	}
+
+	// reset takes the machine from the stored manifest and removes what
+	// apply made for it.
+	if code, out, errOut = cli(t, "", "reset", "--root", root); code != 0 {
+		t.Fatalf("reset: exit %d\n%s\n%s", code, out, errOut)
+	}
+	for _, gone := range []string{"var/lib/machines/pipe", "etc/systemd/nspawn/pipe.nspawn", "etc/systemd/system/systemd-nspawn@pipe.service.d", "var/lib/nodespawn"} {
+		if _, err := os.Lstat(filepath.Join(root, gone)); !os.IsNotExist(err) {
+			t.Errorf("reset left %s: %v", gone, err)
+		}
+	}
+	if code, _, _ = cli(t, "", "reset", "--root", root); code != exitBadInput {
+		t.Errorf("reset with nothing applied: exit %d, want %d", code, exitBadInput)
+	}
 }
 
 func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
