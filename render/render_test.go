@@ -55,6 +55,9 @@ var goldenCases = []struct{ name, manifest, facts string }{
 	{"gpu-1", "gpu", "gpu1"},
 	{"gpu-mig", "gpu", "mig"},
 	{"gpu-arm64", "gpu", "gpu-arm64"},
+	// Probed on a real H200 VM (nodespawn facts): libraries outside the
+	// multiarch directory, nvidia-caps, no dri nodes.
+	{"gpu-h200", "gpu", "h200"},
 	{"minimal-gpu-auto", "minimal", "gpu8"},
 	{"kvm", "kvm", "kvm"},
 	{"minimal-kvm-auto", "minimal", "kvm"},
