@@ -7,17 +7,10 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -63,6 +56,10 @@ type environment struct {
 	// scenarios that need the real digest.
 	mirrorFiles map[string]string
 	caPEM       string
+	// cluster is the control plane the node joins.
+	cluster *cluster
+	// pauseRef and busyboxRef are the pod images as the guest names them.
+	pauseRef, busyboxRef string
 }
 
 var env *environment
@@ -185,9 +182,18 @@ func setup(ctx context.Context) (*environment, func(), error) {
 	stops = append(stops, func() { srv.Close() })
 	logf("mirror on %s (+%s)", srv.Addr, time.Since(t0).Round(time.Second))
 
-	if e.caPEM, err = selfSignedCA(); err != nil {
+	if e.pauseRef, e.busyboxRef, err = pushPodImages(ctx, vars["E2E_COMPONENTS"], filepath.Join(work, "pod-images")); err != nil {
 		return nil, stop, err
 	}
+	logf("pod images %s and %s pushed (+%s)", e.pauseRef, e.busyboxRef, time.Since(t0).Round(time.Second))
+
+	cl, clStop, err := startCluster(ctx, filepath.Join(vars["E2E_COMPONENTS"], "bin"), filepath.Join(work, "cluster"))
+	stops = append(stops, clStop)
+	if err != nil {
+		return nil, stop, fmt.Errorf("control plane: %w", err)
+	}
+	e.cluster, e.caPEM = cl, cl.caPEM
+	logf("control plane ready on 127.0.0.1:%d, bootstrap token created (+%s)", apiServerPort, time.Since(t0).Round(time.Second))
 	return e, stop, nil
 }
 
@@ -397,21 +403,45 @@ func logRequests(h http.Handler, logPath string) http.Handler {
 	})
 }
 
-// selfSignedCA is the cluster CA the manifest carries; no API server runs,
-// the kubelet only has to find it well-formed.
-func selfSignedCA() (string, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", err
+// pushPodImages pushes the pod sandbox (kubernetes' pause, built with the
+// components) and a busybox image (the host's busybox-static) to the
+// loopback registry, so no pod needs an image from the internet.
+func pushPodImages(ctx context.Context, components, dir string) (pause, busybox string, err error) {
+	pauseDir, bbDir := filepath.Join(dir, "pause"), filepath.Join(dir, "busybox")
+	if err := os.MkdirAll(pauseDir, 0o755); err != nil {
+		return "", "", err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "nodespawn-e2e-ca"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	if err := os.MkdirAll(filepath.Join(bbDir, "bin"), 0o755); err != nil {
+		return "", "", err
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return "", err
+	if _, err := copyFile(filepath.Join(components, "bin", "pause"), filepath.Join(pauseDir, "pause")); err != nil {
+		return "", "", fmt.Errorf("pause image: %w", err)
 	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})), nil
+	if _, err := copyFile("/bin/busybox", filepath.Join(bbDir, "bin", "busybox")); err != nil {
+		return "", "", fmt.Errorf("busybox image needs the host's static busybox (apt-get install busybox-static): %w", err)
+	}
+	for _, a := range []string{"sh", "echo", "sleep", "cat", "ls", "uname", "hostname", "ip", "wget"} {
+		if err := os.Symlink("busybox", filepath.Join(bbDir, "bin", a)); err != nil {
+			return "", "", err
+		}
+	}
+	for _, img := range []struct {
+		dir, repo, tag string
+		cmd            []string
+	}{
+		{pauseDir, "e2e/pause", "3.10.2", []string{"/pause"}},
+		{bbDir, "e2e/busybox", "e2e", []string{"/bin/sh"}},
+	} {
+		dst, tag, err := imagebuild.Repository(fmt.Sprintf("127.0.0.1:%d/%s:%s", registryPort, img.repo, img.tag), true)
+		if err != nil {
+			return "", "", err
+		}
+		if _, err := imagebuild.Build(ctx, img.dir, dst, tag, imagebuild.Options{
+			Platform: "linux/amd64", Created: time.Unix(0, 0), Cmd: img.cmd, TempDir: dir,
+		}); err != nil {
+			return "", "", fmt.Errorf("push %s: %w", img.repo, err)
+		}
+	}
+	ref := func(repo, tag string) string { return fmt.Sprintf("%s:%d/%s:%s", guestHostIP, registryPort, repo, tag) }
+	return ref("e2e/pause", "3.10.2"), ref("e2e/busybox", "e2e"), nil
 }

@@ -13,4 +13,9 @@ NS=nodespawn-e2e-$$
 ip netns add "$NS"
 trap 'ip netns del "$NS"' EXIT
 ip netns exec "$NS" ip link set lo up
+# The API server dials the node's InternalIP (the guest's slirp address) for
+# logs and exec; qemu's hostfwd listens there. A local route, not an address,
+# with source 127.0.0.1: slirp then sends the guest a SYN from 10.0.2.2, not
+# from the guest's own address, which the guest would drop.
+ip netns exec "$NS" ip route add local 10.0.2.15/32 dev lo src 127.0.0.1 table local
 ip netns exec "$NS" "$WORK/e2e.test" -test.v -test.timeout 60m "$@"

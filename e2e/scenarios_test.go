@@ -102,6 +102,7 @@ func TestNode(t *testing.T) {
 	}
 	t.Logf("TIMING first boot: VM start -> kubelet active in the machine: %s", v.since())
 
+	t.Run("joins the cluster", func(t *testing.T) { checkCluster(ctx, t, v) })
 	t.Run("first boot", func(t *testing.T) { checkNode(ctx, t, v) })
 	t.Run("files match the plan", func(t *testing.T) { checkPlanFiles(ctx, t, v) })
 
@@ -146,7 +147,7 @@ func TestNode(t *testing.T) {
 		checkNode(ctx, t, v)
 	})
 
-	t.Run("reset", func(t *testing.T) {
+	resetOK := t.Run("reset", func(t *testing.T) {
 		r := v.sh(ctx, "/usr/local/bin/nodespawn reset 2>&1")
 		if r.Code != 0 {
 			t.Fatalf("nodespawn reset: exit %d\n%s", r.Code, r.Stdout)
@@ -165,6 +166,12 @@ func TestNode(t *testing.T) {
 			}
 		}
 	})
+
+	// One more node on the same guest, now empty again: the kubelet signs in
+	// with the manifest's exec credential plugin instead of a token.
+	if resetOK {
+		t.Run("exec credential", func(t *testing.T) { checkExecCredential(ctx, t, v) })
+	}
 }
 
 // checkNode checks the running node from the guest and from inside the machine.
@@ -183,7 +190,7 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 		{"containerd active", inMachine("systemctl is-active containerd"), []string{"active"}},
 		{"ctr version answers", inMachine("ctr version"), []string{"Server:", containerdVersion}},
 		{"kubelet active", inMachine("systemctl is-active kubelet"), []string{"active"}},
-		{"kubelet reaches for the manifest's API server", inMachine("journalctl -u kubelet --no-pager | grep -m1 " + fmt.Sprintf("%s:%d", guestHostIP, apiServerPort)), []string{fmt.Sprintf("%s:%d", guestHostIP, apiServerPort)}},
+		{"kubelet holds its client certificate from the cluster", inMachine("grep -c 'BEGIN CERTIFICATE' /var/lib/kubelet/pki/kubelet-client-current.pem"), nil},
 		{"/proc/sys/net writable", inMachine("cat /proc/sys/net/ipv4/tcp_keepalive_time > /proc/sys/net/ipv4/tcp_keepalive_time && echo ok"), []string{"ok"}},
 		{"rest of /proc/sys read-only", inMachine("if cat /proc/sys/kernel/panic > /proc/sys/kernel/panic 2>/dev/null; then echo writable; else echo read-only; fi"), []string{"read-only"}},
 		{"/sys/fs/bpf is a bpf fs", inMachine("stat -f -c %T /sys/fs/bpf"), []string{"bpf_fs"}},

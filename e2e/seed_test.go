@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"encoding/base64"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,15 +16,64 @@ import (
 type manifestOptions struct {
 	// runcSHA256 pins runc's digest (a wrong one makes the bad-artifact scenario).
 	runcSHA256 string
+	// execNode, when set, is the node name for a kubelet that authenticates
+	// with the exec credential plugin the manifest ships, not the bootstrap token.
+	execNode string
 }
 
+// execPluginPath is the exec credential plugin inside the machine: a shell
+// script that hands the kubelet a token the test API server maps to the
+// node's identity (cluster.go's token file).
+const execPluginPath = "/usr/local/bin/e2e-credential"
+
+func execPlugin() string {
+	return "#!/bin/sh\n# nodespawn e2e exec credential plugin: a static token for the kubelet.\n" +
+		`printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"%s"}}\n' ` + execToken + "\n"
+}
+
+// The node as the manifest names it, and what the test expects on the Node object.
+const (
+	nodeName   = "e2e-node"
+	labelKey   = "e2e.nodespawn.dev/pool"
+	labelValue = "blue"
+	taintKey   = "e2e.nodespawn.dev/dedicated"
+	taintValue = "e2e"
+)
+
+// cniConflist is the pod network, shipped as a machine extra file: a bridge
+// with host-local addresses from the podCIDR the controller manager gives
+// the first node.
+const cniConflist = `{
+  "cniVersion": "1.0.0",
+  "name": "e2e-bridge",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+`
+
+// registryHosts lets containerd pull pod images from the loopback registry
+// over plain HTTP (it only falls back to HTTP for localhost by itself).
+var registryHosts = fmt.Sprintf("server = \"http://%[1]s:%[2]d\"\n[host.\"http://%[1]s:%[2]d\"]\n  capabilities = [\"pull\", \"resolve\"]\n", guestHostIP, registryPort)
+
+func dataURL(s string) string { return "data:;base64," + base64.StdEncoding.EncodeToString([]byte(s)) }
+
 // manifest is the node manifest the guest receives: the machine image from
-// the loopback registry, every binary from the loopback mirror, and an API
-// server that nothing serves (the kubelet must be seen reaching for it).
+// the loopback registry, every binary from the loopback mirror, the test
+// cluster's API server with a bootstrap token, the pod sandbox from the
+// loopback registry, and the CNI configuration as an extra file.
 func manifest(o manifestOptions) string {
 	runc := ""
 	if o.runcSHA256 != "" {
 		runc = "\n    sha256: \"" + o.runcSHA256 + "\""
+	}
+	node, auth, extra := nodeName, "bootstrapToken: "+bootstrapToken, ""
+	if o.execNode != "" {
+		node = o.execNode
+		auth = "exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: " + execPluginPath
+		extra = "\n        - path: " + execPluginPath + "\n          mode: 493\n          contents:\n            source: " + dataURL(execPlugin())
 	}
 	return fmt.Sprintf(`apiVersion: nodespawn.dev/v1alpha1
 kind: Node
@@ -33,12 +83,28 @@ machine:
     image: %s
     plainHTTP:
       - %s:%d
+  extra:
+    storage:
+      files:
+        - path: /etc/cni/net.d/10-e2e-bridge.conflist
+          contents:
+            source: %s
+        - path: /etc/containerd/certs.d/%s:%d/hosts.toml
+          contents:
+            source: %s%s
 kubernetes:
   version: v%s
   apiServer: https://%s:%d
-  nodeName: e2e-node
+  nodeName: %s
+  labels:
+    %s: %s
+  taints:
+    - key: %s
+      value: %s
+      effect: NoSchedule
+  sandboxImage: %s
   auth:
-    bootstrapToken: abcdef.0123456789abcdef
+    %s
   caCert: |
 %s
 components:
@@ -51,8 +117,10 @@ components:
     version: v%s
   crictl:
     version: v%s
-`, machineName, env.imageRef, guestHostIP, registryPort, k8sVersion, guestHostIP, apiServerPort,
-		indent(env.caPEM, "    "), guestHostIP, mirrorPort, containerdVersion, runcVersion, runc, cniVersion, crictlVersion)
+`, machineName, env.imageRef, guestHostIP, registryPort,
+		dataURL(cniConflist), guestHostIP, registryPort, dataURL(registryHosts), extra,
+		k8sVersion, guestHostIP, apiServerPort, node, labelKey, labelValue, taintKey, taintValue,
+		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, containerdVersion, runcVersion, runc, cniVersion, crictlVersion)
 }
 
 func indent(s, prefix string) string {
@@ -71,6 +139,21 @@ func userData(manifest string) string {
 		indent(manifest, "      ") + "\n" + firstbootCloudConfig
 }
 
+// networkConfig gives the guest slirp's addresses with an IPv4 default
+// route, like a real host. cloud-init's fallback (DHCP) gets no router from
+// slirp with restrict=on, so the only default route was IPv6 from slirp's
+// router advertisement, and the kubelet, finding no IPv4 default route,
+// registered the node with that fec0:: address, which the API server
+// cannot reach.
+const networkConfig = `version: 2
+ethernets:
+  slirp:
+    match: {name: "en*"}
+    addresses: [` + guestNodeIP + `/24]
+    routes: [{to: default, via: 10.0.2.2}]
+    nameservers: {addresses: [10.0.2.3]}
+`
+
 // makeSeed writes a NoCloud seed (a vfat volume labelled CIDATA) and returns its path.
 func makeSeed(t *testing.T, dir, instanceID, userData string) string {
 	t.Helper()
@@ -85,11 +168,14 @@ func makeSeed(t *testing.T, dir, instanceID, userData string) string {
 	if err := os.WriteFile(filepath.Join(src, "meta-data"), []byte(meta), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(filepath.Join(src, "network-config"), []byte(networkConfig), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	img := filepath.Join(dir, "seed.vfat")
 	for _, c := range [][]string{
 		{"truncate", "-s", "2M", img},
 		{"mkfs.vfat", "-n", "CIDATA", img},
-		{"mcopy", "-i", img, filepath.Join(src, "user-data"), filepath.Join(src, "meta-data"), "::/"},
+		{"mcopy", "-i", img, filepath.Join(src, "user-data"), filepath.Join(src, "meta-data"), filepath.Join(src, "network-config"), "::/"},
 	} {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%s: %v\n%s", strings.Join(c, " "), err, out)

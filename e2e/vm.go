@@ -21,7 +21,7 @@ const (
 	guestHostIP  = "10.0.2.100"
 	registryPort = 5000
 	mirrorPort   = 8080
-	// apiServerPort has no forward: the kubelet must reach for it and fail.
+	// apiServerPort is the test cluster's kube-apiserver (cluster.go).
 	apiServerPort = 6443
 )
 
@@ -63,7 +63,10 @@ func startVM(t *testing.T, env *environment, dir, seed string) *vm {
 		"-kernel", env.guestKernel, "-initrd", env.guestInitrd,
 		"-append", "root=/dev/vda rw console=ttyS0 panic=-1",
 		"-drive", "file=" + overlay + ",format=qcow2,if=virtio,cache=unsafe",
-		"-nic", "user,model=virtio-net-pci,restrict=on," + fwd(registryPort) + "," + fwd(mirrorPort),
+		// hostfwd: the API server reaches the kubelet (logs, exec) on the
+		// node's address, which run.sh routes to lo in the namespace.
+		"-nic", fmt.Sprintf("user,model=virtio-net-pci,restrict=on,%s,%s,%s,hostfwd=tcp:%s:%d-%s:%d",
+			fwd(registryPort), fwd(mirrorPort), fwd(apiServerPort), guestNodeIP, kubeletPort, guestNodeIP, kubeletPort),
 		"-device", "virtio-serial",
 		"-chardev", "socket,path=" + qga + ",server=on,wait=off,id=qga0",
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",

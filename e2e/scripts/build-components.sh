@@ -1,12 +1,14 @@
 #!/bin/bash
 # build-components.sh OUT: builds the real node binaries (kubelet, kubectl,
 # kube-proxy, containerd, containerd-shim-runc-v2, ctr, runc, CNI plugins,
-# crictl) from their Go modules at the pinned versions into OUT/bin.
+# crictl) from their Go modules at the pinned versions into OUT/bin, the test
+# control plane (kube-apiserver, kube-controller-manager, kube-scheduler,
+# etcd) beside them, and the pod sandbox (pause) from the kubernetes source.
 #
 # The official release binaries cannot be downloaded here (no internet), so the
 # e2e serves these from its loopback mirror instead. OUT is complete only when
 # OUT/.done exists; the caller keys OUT on this script's hash and the versions.
-# Needs: go, gcc, libseccomp-dev, pkg-config (runc with seccomp).
+# Needs: go, gcc, libc6-dev (static pause), libseccomp-dev, pkg-config (runc with seccomp).
 set -euo pipefail
 
 OUT=${1:?usage: build-components.sh OUT}
@@ -15,6 +17,7 @@ CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 RUNC_VERSION=${RUNC_VERSION:-v1.5.3}
 CNI_VERSION=${CNI_VERSION:-v1.10.0}
 CRICTL_VERSION=${CRICTL_VERSION:-v1.37.0}
+ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
 CNI_PLUGINS=${CNI_PLUGINS:-main/bridge main/loopback main/ptp main/host-device ipam/host-local ipam/static meta/portmap meta/bandwidth meta/firewall meta/tuning}
 
 [ -e "$OUT/.done" ] && exit 0
@@ -28,8 +31,13 @@ step() { echo "[build-components $(date +%T)] $*"; }
 
 # Kubernetes: k8s.io/kubernetes has ./staging replace directives, so go install
 # refuses it; a wrapper module pins each staging module to its published version.
+# One go build for the node and control-plane binaries: they share most of
+# the compile work (CONTROL-PLANE-NOTES.md §2.1).
+K8S_CMDS="kubelet kubectl kube-proxy kube-apiserver kube-controller-manager kube-scheduler"
 k8s() {
-	[ -x "$OUT/bin/kubelet" ] && [ -x "$OUT/bin/kubectl" ] && [ -x "$OUT/bin/kube-proxy" ] && return
+	local c missing=
+	for c in $K8S_CMDS; do [ -x "$OUT/bin/$c" ] || missing=1; done
+	[ -z "$missing" ] && [ -x "$OUT/bin/pause" ] && return
 	local v=$K8S_VERSION minor staging w
 	minor=$(echo "$v" | cut -d. -f2)
 	staging="v0.${v#v1.}"
@@ -41,13 +49,39 @@ k8s() {
 			awk -v s="$staging" '{print "\t"$1" => "$1" "s}'
 		echo ')'
 	} >"$w/go.mod"
-	printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kubelet"\n\t_ "k8s.io/kubernetes/cmd/kubectl"\n\t_ "k8s.io/kubernetes/cmd/kube-proxy"\n)\n' >"$w/tools.go"
+	local pkgs=()
+	for c in $K8S_CMDS; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+	{
+		printf '//go:build tools\n\npackage tools\n\nimport (\n'
+		printf '\t_ "%s"\n' "${pkgs[@]}"
+		printf ')\n'
+	} >"$w/tools.go"
 	local ldf="-s -w" p
 	for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
 		ldf="$ldf -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
 	done
-	(cd "$w" && go mod tidy && CGO_ENABLED=0 go build -trimpath -ldflags="$ldf" -o "$OUT/bin/" \
-		k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kube-proxy)
+	(cd "$w" && go mod tidy && CGO_ENABLED=0 go build -trimpath -ldflags="$ldf" -o "$OUT/bin/" "${pkgs[@]}")
+	rm -rf "$w"
+	# The pod sandbox: kubernetes' own pause.c, static, so the e2e needs no
+	# registry.k8s.io (CONTROL-PLANE-NOTES.md §2.4).
+	gcc -Os -Wall -Werror -static -DVERSION="$v-e2e" -o "$OUT/bin/pause" \
+		"$GOMODCACHE/k8s.io/kubernetes@$v/build/pause/linux/pause.c"
+	strip "$OUT/bin/pause"
+}
+
+# etcd: its server module has ../ replace directives and the root module is
+# not on the proxy, so a wrapper module pins the sibling modules.
+etcd() {
+	[ -x "$OUT/bin/etcd" ] && return
+	local v=$ETCD_VERSION w m
+	w=$(mktemp -d)
+	{
+		printf 'module example.com/etcdwrap\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n\nreplace (\n' "$v"
+		for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do printf '\tgo.etcd.io/etcd/%s => go.etcd.io/etcd/%s %s\n' "$m" "$m" "$v"; done
+		echo ')'
+	} >"$w/go.mod"
+	printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >"$w/tools.go"
+	(cd "$w" && go mod tidy && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/etcd" go.etcd.io/etcd/server/v3)
 	rm -rf "$w"
 }
 
@@ -82,7 +116,7 @@ crictl() {
 }
 
 # Small, fast builds first so a failure shows early; kubernetes last (~10 min cold).
-for s in runc cni crictl containerd k8s; do
+for s in runc cni crictl containerd etcd k8s; do
 	step "$s"
 	t0=$SECONDS
 	$s
