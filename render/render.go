@@ -167,7 +167,6 @@ type fileOpt func(*File)
 
 func secret(f *File)        { f.Secret = true }
 func mode(m uint32) fileOpt { return func(f *File) { f.Mode = m } }
-func keepExisting(f *File)  { f.Overwrite = false }
 func owned(o Owner) fileOpt { return func(f *File) { f.Owner = o } }
 
 // setContents stores data as text, or as base64 when it is not UTF-8 text.
