@@ -17,6 +17,8 @@ import (
 	"sync"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nodespawn/nodespawn/internal/fsutil"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -382,6 +384,16 @@ func ensureParent(path string) error {
 // crash never leaves a directory with the wrong mode that a later run
 // would take as intended.
 func mkdirParents(dir string) error {
+	// Steps of one phase run concurrently and share parents; one at a time
+	// here keeps one step's leftover cleanup off another's fresh temp dir.
+	mkdirMu.Lock()
+	defer mkdirMu.Unlock()
+	return mkdirParentsLocked(dir)
+}
+
+var mkdirMu sync.Mutex
+
+func mkdirParentsLocked(dir string) error {
 	fi, err := os.Stat(dir)
 	if err == nil {
 		if !fi.IsDir() {
@@ -394,7 +406,7 @@ func mkdirParents(dir string) error {
 	}
 	parent, base := filepath.Dir(dir), filepath.Base(dir)
 	if parent != dir {
-		if err := mkdirParents(parent); err != nil {
+		if err := mkdirParentsLocked(parent); err != nil {
 			return err
 		}
 	}
@@ -409,8 +421,13 @@ func mkdirParents(dir string) error {
 		os.Remove(tmp)
 		return fmt.Errorf("mkdir %s: chmod: %w", dir, err)
 	}
-	if err := os.Rename(tmp, dir); err != nil {
+	// Never replace a directory a Directory step made meanwhile (with its
+	// own mode): if one is there now, it wins.
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dir, unix.RENAME_NOREPLACE); err != nil {
 		os.Remove(tmp)
+		if fi, serr := os.Stat(dir); errors.Is(err, unix.EEXIST) && serr == nil && fi.IsDir() {
+			return nil
+		}
 		return fmt.Errorf("mkdir %s: rename into place: %w", dir, err)
 	}
 	return fsutil.SyncDir(parent)
