@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
@@ -31,8 +32,16 @@ import (
 // mirror serves every component in its upstream layout, with the checksum
 // file each upstream publishes.
 type mirror struct {
-	files map[string][]byte
-	hits  map[string]int
+	files map[string][]byte // written before the server serves
+
+	mu       sync.Mutex // downloads run concurrently
+	requests int
+}
+
+func (m *mirror) requestCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.requests
 }
 
 func sha(b []byte) string {
@@ -64,9 +73,11 @@ func tarGz(t *testing.T, files map[string]string) []byte {
 
 func newMirror(t *testing.T) (*mirror, *httptest.Server) {
 	t.Helper()
-	m := &mirror{files: map[string][]byte{}, hits: map[string]int{}}
+	m := &mirror{files: map[string][]byte{}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		m.hits[r.URL.Path]++
+		m.mu.Lock()
+		m.requests++
+		m.mu.Unlock()
 		b, ok := m.files[r.URL.Path]
 		if !ok {
 			http.NotFound(w, r)
@@ -228,12 +239,12 @@ func TestApplyIntoRoot(t *testing.T) {
 	}
 
 	// A second run is recognised and changes nothing.
-	before := len(mir.hits)
+	before := mir.requestCount()
 	code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root)
 	if code != 0 || !strings.Contains(out, "already applied") {
 		t.Fatalf("second apply: exit %d\n%s\n%s", code, out, errOut)
 	}
-	if len(mir.hits) != before {
+	if mir.requestCount() != before {
 		t.Errorf("the second run went to the mirror")
 	}
 
