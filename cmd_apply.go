@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,6 +11,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/apply"
@@ -83,11 +82,6 @@ func loadFacts(ctx context.Context, factsFile, root string) (render.Facts, error
 	return f, nil
 }
 
-func manifestDigest(data []byte) string {
-	sum := sha256.Sum256(data)
-	return "sha256:" + hex.EncodeToString(sum[:])
-}
-
 func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
@@ -147,13 +141,22 @@ changes nothing. Secrets are shown as <redacted>.`,
 			for _, w := range plan.Warnings {
 				slog.Warn(w)
 			}
+			deps, err := apply.DefaultDeps(root, slog.Default())
+			if err != nil {
+				return err
+			}
+			canonical, err := m.Digest()
+			if err != nil {
+				return err
+			}
 			res, err := apply.Run(ctx, plan, apply.Options{
 				Root:           root,
-				ManifestDigest: manifestDigest(data),
+				ManifestDigest: canonical.String(),
+				SourceDigest:   digest.FromBytes(data).String(),
 				Manifest:       data,
 				ToolVersion:    version,
 				Force:          force,
-				Deps:           apply.DefaultDeps(root, slog.Default()),
+				Deps:           deps,
 			})
 			if err != nil {
 				return err

@@ -49,7 +49,11 @@ Without --machine it takes the machine from the manifest stored by the last appl
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()
 			defer cancel()
-			opts := apply.ResetOptions{Root: root, Machine: machine, Systemd: apply.DefaultDeps(root, slog.Default()).Systemd}
+			deps, err := apply.DefaultDeps(root, slog.Default())
+			if err != nil {
+				return err
+			}
+			opts := apply.ResetOptions{Root: root, Machine: machine, Systemd: deps.Systemd}
 			if machine == "" {
 				plan, err := storedPlan(ctx, root)
 				if err != nil {

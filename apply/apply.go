@@ -21,7 +21,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -55,9 +55,14 @@ type Options struct {
 	// Root is the directory every plan path is relative to; "" means "/".
 	Root string
 	// ManifestDigest identifies the manifest the plan was rendered from
-	// (required). A record of a different manifest makes Run refuse unless
+	// (required): the canonical digest of the parsed manifest with its
+	// defaults (manifest.Digest), so a comment or a reordering is not a
+	// change. A record of a different manifest makes Run refuse unless
 	// Force is set.
 	ManifestDigest string
+	// SourceDigest is the digest of the manifest's bytes as given; it is
+	// recorded beside ManifestDigest, for the operator.
+	SourceDigest string
 	// Manifest, when set, is stored (0600) beside the record so reset can
 	// render the plan again.
 	Manifest []byte
@@ -106,21 +111,35 @@ func Run(ctx context.Context, p *render.Plan, opts Options) (*Result, error) {
 	if err := validatePlan(p); err != nil {
 		return nil, err
 	}
-	lock, err := acquireLock(ctx, opts.Root, opts.LockTimeout, log)
+	host, err := openRoot(opts.Root)
+	if err != nil {
+		return nil, fmt.Errorf("apply: %w", err)
+	}
+	defer host.Close()
+	lock, err := acquireLock(ctx, host, opts.LockTimeout, log)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.release()
+	// What a run killed while saving its state left beside it.
+	if err := host.RemoveStaleTemps(StateDir); err != nil {
+		return nil, fmt.Errorf("apply: %w", err)
+	}
 
 	planDigest := p.Digest()
-	prev, err := readRecord(opts.Root)
+	prev, err := readRecord(host)
 	if err != nil {
 		return nil, err
 	}
-	if prev != nil && prev.ManifestDigest != opts.ManifestDigest && !opts.Force {
-		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: filepath.Join(opts.Root, RecordFile)}
+	if prev != nil && !prev.sameManifest(opts) && !opts.Force {
+		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile)}
 	}
 	if prev != nil && !opts.Force && prev.Status == StatusSucceeded && prev.PlanDigest == planDigest {
+		// A run killed between its record and its stamp: the record is
+		// the truth, so the stamp follows it.
+		if err := writeStamp(host, planDigest); err != nil {
+			return nil, fmt.Errorf("apply: write done stamp: %w", err)
+		}
 		log.Info("already applied; nothing to do", "manifest", opts.ManifestDigest, "plan", planDigest, "finished", prev.Ended)
 		return &Result{AlreadyApplied: true, Record: prev}, nil
 	}
@@ -130,39 +149,55 @@ func Run(ctx context.Context, p *render.Plan, opts Options) (*Result, error) {
 		log.Info("plan changed since the last run (host facts or tool version); converging", "previous_plan", prev.PlanDigest, "plan", planDigest)
 	}
 
-	state := filepath.Join(opts.Root, StateDir)
-	if err := fsutil.MkdirAll(state, 0o700, -1, -1); err != nil {
+	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
 		return nil, fmt.Errorf("apply: create state directory: %w", err)
 	}
 	if opts.Manifest != nil {
-		if err := fsutil.WriteFile(filepath.Join(opts.Root, ManifestFile), opts.Manifest, 0o600, -1, -1); err != nil {
+		if err := host.WriteFile(ManifestFile, opts.Manifest, 0o600, -1, -1); err != nil {
 			return nil, fmt.Errorf("apply: store manifest: %w", err)
 		}
 	}
 
 	rec := newRecord(p, opts, planDigest)
-	w := &recordWriter{root: opts.Root, rec: rec}
+	w := &recordWriter{root: host, rec: rec}
 	if err := w.save(); err != nil {
 		return nil, err
 	}
 	if opts.afterStep != nil {
 		opts.afterStep(0)
 	}
-	ex := &executor{plan: p, opts: opts, log: log, rec: w}
+	// The apply-time nftables flush is for a host whose machine has never
+	// run; once it has, the ruleset holds kube-proxy's and the CNI's rules,
+	// and the flush belongs to the machine's start unit alone.
+	started := prev != nil && prev.Status == StatusSucceeded
+	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
 	runErr := ex.run(ctx)
+	if runErr == nil {
+		runErr = ex.pruneDownloads()
+	}
 
 	if err := w.finish(runErr == nil); err != nil && runErr == nil {
 		runErr = err
 	}
 	if runErr != nil {
-		log.Error("apply failed", "error", runErr, "record", filepath.Join(opts.Root, RecordFile))
+		log.Error("apply failed", "error", runErr, "record", host.Show(RecordFile))
 		return &Result{Record: w.snapshot()}, runErr
 	}
-	if err := writeStamp(filepath.Join(opts.Root, DoneStamp), planDigest); err != nil {
+	if err := writeStamp(host, planDigest); err != nil {
 		return &Result{Record: w.snapshot()}, fmt.Errorf("apply: write done stamp: %w", err)
 	}
 	log.Info("apply finished", "steps", len(p.Steps), "duration", time.Since(rec.Started).Round(time.Millisecond))
 	return &Result{Record: w.snapshot()}, nil
+}
+
+// openRoot opens the root a run applies to, creating it first when it is
+// missing (a fresh --root directory): it is the caller's own starting
+// point, the one path taken as given.
+func openRoot(root string) (*confine.Root, error) {
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, err
+	}
+	return confine.Open(root)
 }
 
 func withDefaults(o Options) Options {
@@ -193,7 +228,12 @@ func StoredManifest(root string) ([]byte, error) {
 	if root == "" {
 		root = "/"
 	}
-	b, err := os.ReadFile(filepath.Join(root, ManifestFile))
+	host, err := confine.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	defer host.Close()
+	b, err := host.ReadFile(ManifestFile)
 	if err != nil {
 		return nil, fmt.Errorf("read stored manifest: %w (was nodespawn apply ever run here?)", err)
 	}
@@ -201,10 +241,10 @@ func StoredManifest(root string) ([]byte, error) {
 }
 
 // writeStamp writes the done stamp unless it already says the same.
-func writeStamp(path, planDigest string) error {
+func writeStamp(host *confine.Root, planDigest string) error {
 	want := []byte(planDigest + "\n")
-	if b, err := os.ReadFile(path); err == nil && string(b) == string(want) {
+	if b, err := host.ReadFile(DoneStamp); err == nil && string(b) == string(want) {
 		return nil
 	}
-	return fsutil.WriteFile(path, want, 0o644, -1, -1)
+	return host.WriteFile(DoneStamp, want, 0o644, -1, -1)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -20,23 +21,24 @@ type Deps struct {
 
 // ImagePuller creates the machine's rootfs (Image steps).
 type ImagePuller interface {
-	// Pull makes dest (img.Dest on the host) a complete, verified rootfs,
-	// staging it and renaming it into place so a crash never leaves a
-	// half-made tree there. changed is false when dest already held the
-	// image.
-	Pull(ctx context.Context, img *render.Image, dest string) (changed bool, err error)
+	// Pull makes dest (img.Dest, a path in root, the host root) a
+	// complete, verified rootfs, staging it and renaming it into place so
+	// a crash never leaves a half-made tree there. changed is false when
+	// dest already held the image.
+	Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (changed bool, err error)
 }
 
 // Downloader fetches verified artifacts (Download steps) and remote file
 // contents (File steps with a Source).
 type Downloader interface {
-	// Fetch downloads d and verifies it without touching dest (d.Dest on
-	// the host). Apply calls it as soon as the step's phase starts, before
+	// Fetch downloads d and verifies it without touching dest (d.Dest as a
+	// path in root: the machine's rootfs or the host root; root is nil
+	// while the rootfs does not exist yet). Apply calls it as soon as the step's phase starts, before
 	// the steps the download runs After (the rootfs it lands in) are done,
 	// and again if one of those changed something meanwhile. When dest
 	// already holds the artifact, Fetch may download nothing; a second
 	// Fetch of an artifact already verified must not download it again.
-	Fetch(ctx context.Context, d *render.Download, dest string) (Artifact, error)
+	Fetch(ctx context.Context, d *render.Download, root *confine.Root, dest string) (Artifact, error)
 	// Contents fetches src and decompresses it per src.Compression. Apply
 	// checks src.Hash (Ignition's, over the decompressed file) itself.
 	Contents(ctx context.Context, src *render.Source) ([]byte, error)
@@ -44,10 +46,10 @@ type Downloader interface {
 
 // Artifact is a fetched and verified download waiting to be installed.
 type Artifact interface {
-	// Install puts the artifact's files into place at the dest given to
-	// Fetch, atomically per file. changed is false when every file already
-	// had the wanted contents and mode.
-	Install(ctx context.Context) (changed bool, err error)
+	// Install puts the artifact's files into place at dest in root,
+	// atomically per file. changed is false when every file already had
+	// the wanted contents and mode.
+	Install(ctx context.Context, root *confine.Root, dest string) (changed bool, err error)
 	// Close releases what Fetch staged; it is called whether or not
 	// Install ran.
 	Close() error

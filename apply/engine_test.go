@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -224,40 +225,51 @@ func TestValidatePlan(t *testing.T) {
 	}
 }
 
-func TestScopeResolve(t *testing.T) {
+// TestScopeConfinesPaths writes through the links a real image has and a
+// few hostile ones: every write lands inside the scope, where the machine
+// itself would see it.
+func TestScopeConfinesPaths(t *testing.T) {
 	top := t.TempDir()
 	must(t, os.MkdirAll(filepath.Join(top, "usr/lib"), 0o755))
 	must(t, os.MkdirAll(filepath.Join(top, "run"), 0o755))
 	for p, target := range map[string]string{
 		"lib":     "usr/lib",   // relative, merged /usr
-		"var-run": "/run",      // absolute: must stay inside the scope
+		"var-run": "/run",      // absolute: the scope's own /run
 		"up":      "../../../", // climbs above the top: clamped
 		"loop":    "loop",
 	} {
 		must(t, os.Symlink(target, filepath.Join(top, p)))
 	}
-	sc := scope{dir: top, prefix: "/var/lib/machines/m"}
+	root, err := confine.Open(top)
+	must(t, err)
+	defer root.Close()
+	sc := scope{root: root, prefix: "/var/lib/machines/m"}
 	tests := []struct {
 		path, want, err string
 	}{
 		{"/var/lib/machines/m/lib/x.so", top + "/usr/lib/x.so", ""},
 		{"/var/lib/machines/m/var-run/foo", top + "/run/foo", ""},
-		{"/var/lib/machines/m/up/etc/passwd", top + "/etc/passwd", ""},
-		{"/var/lib/machines/m/lib", top + "/lib", ""}, // the last element is not followed
-		{"/var/lib/machines/m/missing/a/b", top + "/missing/a/b", ""},
+		{"/var/lib/machines/m/up/etc-file", top + "/etc-file", ""},
 		{"/var/lib/machines/m/loop/x", "", "too many levels"},
 		{"/etc/passwd", "", "outside"},
 	}
 	for _, tt := range tests {
-		got, err := sc.hostPath(tt.path)
+		rel, err := sc.rel(tt.path)
+		if err == nil {
+			err = sc.root.WriteFile(rel, []byte(tt.path), 0o644, -1, -1)
+		}
 		if tt.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.err) {
-				t.Errorf("hostPath(%s) = %s, %v; want error %q", tt.path, got, err, tt.err)
+				t.Errorf("write %s: %v; want error %q", tt.path, err, tt.err)
 			}
 			continue
 		}
-		if err != nil || got != tt.want {
-			t.Errorf("hostPath(%s) = %s, %v; want %s", tt.path, got, err, tt.want)
+		if err != nil {
+			t.Errorf("write %s: %v", tt.path, err)
+			continue
+		}
+		if b, err := os.ReadFile(tt.want); err != nil || string(b) != tt.path {
+			t.Errorf("write %s: %s holds %q, %v", tt.path, tt.want, b, err)
 		}
 	}
 }

@@ -2,11 +2,17 @@ package apply
 
 import (
 	"context"
+	"io/fs"
+	"path"
+
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/fetch"
 
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -17,6 +23,10 @@ type executor struct {
 	opts Options
 	log  *slog.Logger
 	rec  *recordWriter
+	// host is opts.Root, opened once; every path goes through it.
+	host *confine.Root
+	// machineStarted is set when an earlier run got the machine going.
+	machineStarted bool
 
 	mu       sync.Mutex
 	outcomes map[string]Outcome
@@ -59,6 +69,9 @@ func (e *executor) run(ctx context.Context) error {
 				return err
 			}
 			continue
+		}
+		if err := e.sweep(steps); err != nil {
+			return err
 		}
 		failure = e.runPhase(ctx, steps)
 	}
@@ -256,7 +269,7 @@ func (e *executor) do(ctx context.Context, s *render.Step, fetches *prefetches) 
 	case render.KindSysctl:
 		err = d.Host.ApplySysctls(ctx, s.Sysctl.Values)
 	case render.KindNftFlush:
-		err = d.Host.FlushNftables(ctx)
+		return e.flushNftables(ctx)
 	case render.KindSwapOff:
 		err = d.Host.DisableSwap(ctx, s.Swap.Fstab)
 	default:
@@ -275,4 +288,107 @@ func failedStep(failure error) string {
 		return "step " + id + " failed"
 	}
 	return failure.Error()
+}
+
+// sweep removes the temporary entries a killed run left in the
+// directories a phase's steps write in: beside each path, beside every
+// directory above it, and inside an archive's destination. It runs before
+// any of the phase's steps, so no step's own temporary entry is mistaken
+// for a leftover. A machine path whose rootfs does not exist yet has none.
+func (e *executor) sweep(steps []*render.Step) error {
+	seen := map[string]bool{}
+	for _, s := range steps {
+		var p string
+		inside := false
+		switch {
+		case s.File != nil:
+			p = s.File.Path
+		case s.Directory != nil:
+			p, inside = s.Directory.Path, true
+		case s.Link != nil:
+			p = s.Link.Path
+		case s.Download != nil:
+			p, inside = s.Download.Dest, s.Download.Archive != ""
+		default:
+			continue
+		}
+		t, err := e.target(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("apply: look for leftovers of %s: %w", p, err)
+		}
+		dir := path.Dir(t.rel)
+		if inside {
+			dir = t.rel
+		}
+		for ; ; dir = path.Dir(dir) {
+			key := t.s.prefix + "\x00" + dir
+			if seen[key] {
+				break
+			}
+			seen[key] = true
+			if err := t.s.root.RemoveStaleTemps(dir); err != nil {
+				t.s.close()
+				return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
+			}
+			if dir == "/" {
+				break
+			}
+		}
+		t.s.close()
+	}
+	return nil
+}
+
+// flushNftables flushes the host's ruleset before the machine's first
+// start, and leaves a running node's rules alone.
+func (e *executor) flushNftables(ctx context.Context) (Outcome, error) {
+	if e.machineStarted {
+		e.log.Info("not flushing nftables: the machine has started before; its start unit flushes the ruleset", "machine", e.plan.Machine)
+		return OutcomeUnchanged, nil
+	}
+	if sd := e.opts.Deps.Systemd; sd != nil {
+		running, err := sd.MachineRegistered(ctx, e.plan.Machine)
+		if err != nil {
+			return "", err
+		}
+		if running {
+			e.log.Info("not flushing nftables: the machine is running and its rules are in the ruleset", "machine", e.plan.Machine)
+			return OutcomeUnchanged, nil
+		}
+	}
+	if err := e.opts.Deps.Host.FlushNftables(ctx); err != nil {
+		return "", err
+	}
+	return OutcomeDone, nil
+}
+
+// pruneDownloads leaves in the download cache only the records of this
+// plan's downloads: verified artifacts a killed run fetched but never
+// installed, and records of downloads no longer planned, go.
+func (e *executor) pruneDownloads() error {
+	keep := map[string]bool{}
+	for _, s := range e.plan.Steps {
+		if s.Download != nil {
+			keep[fetch.RecordName(*s.Download)] = true
+		}
+	}
+	es, err := e.host.ReadDir(DownloadCache)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("apply: prune the download cache: %w", err)
+	}
+	for _, de := range es {
+		if keep[de.Name()] {
+			continue
+		}
+		if err := e.host.RemoveAll(path.Join(DownloadCache, de.Name())); err != nil {
+			return fmt.Errorf("apply: prune the download cache: %w", err)
+		}
+	}
+	return nil
 }

@@ -3,10 +3,11 @@ package apply
 import (
 	_ "embed"
 	"fmt"
+	"path"
 	"path/filepath"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // FirstbootUnitName is the first-boot unit's name.
@@ -38,19 +39,23 @@ func InstallFirstboot(root, binaryPath string) error {
 	if !filepath.IsAbs(binaryPath) && binaryPath != "" {
 		return fmt.Errorf("install first-boot unit: binary path %q is not absolute", binaryPath)
 	}
+	host, err := confine.Open(root)
+	if err != nil {
+		return fmt.Errorf("install first-boot unit: %w", err)
+	}
+	defer host.Close()
 	unitPath := "/etc/systemd/system/" + FirstbootUnitName
-	unit := filepath.Join(root, unitPath)
-	if err := ensureParent(unit); err != nil {
+	if err := host.MkdirParents(path.Dir(unitPath)); err != nil {
 		return fmt.Errorf("install first-boot unit: %w", err)
 	}
-	if err := fsutil.WriteFile(unit, []byte(FirstbootUnit(binaryPath)), 0o644, 0, 0); err != nil {
+	if err := host.WriteFile(unitPath, []byte(FirstbootUnit(binaryPath)), 0o644, 0, 0); err != nil {
 		return fmt.Errorf("install first-boot unit: %w", err)
 	}
-	wants := filepath.Join(root, "/etc/systemd/system/multi-user.target.wants", FirstbootUnitName)
-	if err := ensureParent(wants); err != nil {
+	wants := path.Join("/etc/systemd/system/multi-user.target.wants", FirstbootUnitName)
+	if err := host.MkdirParents(path.Dir(wants)); err != nil {
 		return fmt.Errorf("enable first-boot unit: %w", err)
 	}
-	if err := fsutil.Symlink(unitPath, wants, 0, 0); err != nil {
+	if err := host.Symlink(unitPath, wants, 0, 0); err != nil {
 		return fmt.Errorf("enable first-boot unit: %w", err)
 	}
 	return nil

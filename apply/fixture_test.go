@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -16,7 +17,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -133,7 +134,10 @@ type fakeImages struct {
 	before func(ctx context.Context) error
 }
 
-func (f *fakeImages) Pull(ctx context.Context, img *render.Image, dest string) (bool, error) {
+func (f *fakeImages) Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (bool, error) {
+	// A fake at the seam: it builds with plain host paths under the test's
+	// root.
+	dest = root.Show(dest)
 	if f.before != nil {
 		if err := f.before(ctx); err != nil {
 			return false, err
@@ -192,7 +196,7 @@ type fakeDownloader struct {
 	beforeInstall func() error
 }
 
-func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, dest string) (Artifact, error) {
+func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, root *confine.Root, dest string) (Artifact, error) {
 	f.mu.Lock()
 	f.fetched = append(f.fetched, d.Name)
 	f.mu.Unlock()
@@ -205,11 +209,11 @@ func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, dest str
 	files := map[string]string{dest: "binary " + d.Name + " " + d.Version + "\n"}
 	if d.Archive != "" {
 		files = map[string]string{
-			filepath.Join(dest, "bridge"):   "cni bridge " + d.Version + "\n",
-			filepath.Join(dest, "loopback"): "cni loopback " + d.Version + "\n",
+			path.Join(dest, "bridge"):   "cni bridge " + d.Version + "\n",
+			path.Join(dest, "loopback"): "cni loopback " + d.Version + "\n",
 		}
 	}
-	return &fakeArtifact{files: files, mode: fileMode(d.Mode), before: f.beforeInstall}, nil
+	return &fakeArtifact{files: files, mode: confine.FileMode(d.Mode), before: f.beforeInstall}, nil
 }
 
 func (f *fakeDownloader) Contents(ctx context.Context, src *render.Source) ([]byte, error) {
@@ -226,7 +230,7 @@ type fakeArtifact struct {
 	before func() error
 }
 
-func (a *fakeArtifact) Install(ctx context.Context) (bool, error) {
+func (a *fakeArtifact) Install(ctx context.Context, root *confine.Root, dest string) (bool, error) {
 	if a.before != nil {
 		if err := a.before(); err != nil {
 			return false, err
@@ -234,19 +238,14 @@ func (a *fakeArtifact) Install(ctx context.Context) (bool, error) {
 	}
 	changed := false
 	for p, c := range a.files {
-		// A real installer must clear what a killed run left, as apply's
-		// own file steps do.
-		if err := fsutil.RemoveStaleTemps(p); err != nil {
-			return false, err
-		}
-		if b, err := os.ReadFile(p); err == nil && string(b) == c {
+		if b, err := root.ReadFile(p); err == nil && string(b) == c {
 			continue
 		}
 		changed = true
-		if err := ensureParent(p); err != nil {
+		if err := root.MkdirParents(path.Dir(p)); err != nil {
 			return false, err
 		}
-		if err := fsutil.WriteFile(p, []byte(c), a.mode, 0, 0); err != nil {
+		if err := root.WriteFile(p, []byte(c), a.mode, 0, 0); err != nil {
 			return false, err
 		}
 	}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // lockPoll is how often a waiting apply retries the lock.
@@ -23,14 +25,14 @@ type fileLock struct{ f *os.File }
 // drops an flock when its holder dies, so a crashed run never blocks the
 // next one. The holder writes its pid into the file for the error a waiter
 // reports.
-func acquireLock(ctx context.Context, root string, timeout time.Duration, log *slog.Logger) (*fileLock, error) {
-	path := filepath.Join(root, LockFile)
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+func acquireLock(ctx context.Context, host *confine.Root, timeout time.Duration, log *slog.Logger) (*fileLock, error) {
+	path := host.Show(LockFile)
+	if err := host.MkdirParents(filepath.Dir(LockFile)); err != nil {
 		return nil, fmt.Errorf("create lock directory: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := host.OpenFile(LockFile, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", path, err)
+		return nil, fmt.Errorf("open lock: %w", err)
 	}
 	deadline := time.Now().Add(timeout)
 	waiting := false
@@ -44,11 +46,11 @@ func acquireLock(ctx context.Context, root string, timeout time.Duration, log *s
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if !waiting {
-			log.Info("waiting for another nodespawn to finish", "lock", path, "holder", lockHolder(path), "timeout", timeout)
+			log.Info("waiting for another nodespawn to finish", "lock", path, "holder", lockHolder(f), "timeout", timeout)
 			waiting = true
 		}
 		if !time.Now().Before(deadline) {
-			holder := lockHolder(path)
+			holder := lockHolder(f)
 			f.Close()
 			return nil, &LockedError{Path: path, Holder: holder}
 		}
@@ -73,9 +75,11 @@ func (l *fileLock) release() {
 	l.f.Close()
 }
 
-func lockHolder(path string) string {
-	b, err := os.ReadFile(path)
-	if s := strings.TrimSpace(string(b)); err == nil && s != "" {
+// lockHolder reads the holder's note through the open lock file.
+func lockHolder(f *os.File) string {
+	b := make([]byte, 512)
+	n, _ := f.ReadAt(b, 0)
+	if s := strings.TrimSpace(string(b[:n])); s != "" {
 		return s
 	}
 	return "an unknown process"

@@ -5,11 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -47,9 +46,13 @@ const (
 // Record is the result record of one run. It holds no secrets: step errors
 // name paths, URLs and commands, never file contents.
 type Record struct {
-	Version        string       `json:"version"`
-	ToolVersion    string       `json:"toolVersion,omitempty"`
+	Version     string `json:"version"`
+	ToolVersion string `json:"toolVersion,omitempty"`
+	// ManifestDigest is the canonical digest of the manifest (parsed, with
+	// defaults); SourceDigest the digest of its bytes as given. Records
+	// written before SourceDigest existed hold the bytes' digest here.
 	ManifestDigest string       `json:"manifestDigest"`
+	SourceDigest   string       `json:"sourceDigest,omitempty"`
 	PlanDigest     string       `json:"planDigest"`
 	Machine        string       `json:"machine"`
 	Status         Status       `json:"status"`
@@ -73,6 +76,7 @@ func newRecord(p *render.Plan, opts Options, planDigest string) *Record {
 		Version:        RecordVersion,
 		ToolVersion:    opts.ToolVersion,
 		ManifestDigest: opts.ManifestDigest,
+		SourceDigest:   opts.SourceDigest,
 		PlanDigest:     planDigest,
 		Machine:        p.Machine,
 		Status:         StatusRunning,
@@ -85,18 +89,32 @@ func newRecord(p *render.Plan, opts Options, planDigest string) *Record {
 	return r
 }
 
+// sameManifest reports whether the record is of the manifest opts names.
+func (r *Record) sameManifest(opts Options) bool {
+	if r.SourceDigest == "" {
+		// An older record: it knows only the bytes' digest.
+		return r.ManifestDigest == opts.SourceDigest || r.ManifestDigest == opts.ManifestDigest
+	}
+	return r.ManifestDigest == opts.ManifestDigest
+}
+
 // ReadRecord returns the record of the last run under root, or nil when
 // there is none.
 func ReadRecord(root string) (*Record, error) {
 	if root == "" {
 		root = "/"
 	}
-	return readRecord(root)
+	host, err := confine.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	defer host.Close()
+	return readRecord(host)
 }
 
-func readRecord(root string) (*Record, error) {
-	path := filepath.Join(root, RecordFile)
-	b, err := os.ReadFile(path)
+func readRecord(host *confine.Root) (*Record, error) {
+	path := host.Show(RecordFile)
+	b, err := host.ReadFile(RecordFile)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -116,7 +134,7 @@ func readRecord(root string) (*Record, error) {
 // recordWriter owns the record during a run; steps finishing concurrently
 // report through it, and each report rewrites the file atomically.
 type recordWriter struct {
-	root string
+	root *confine.Root
 	mu   sync.Mutex
 	rec  *Record
 	n    int // steps recorded so far
@@ -163,7 +181,7 @@ func (w *recordWriter) saveLocked() error {
 	if err != nil {
 		return fmt.Errorf("encode result record: %w", err)
 	}
-	if err := fsutil.WriteFile(filepath.Join(w.root, RecordFile), append(b, '\n'), 0o644, -1, -1); err != nil {
+	if err := w.root.WriteFile(RecordFile, append(b, '\n'), 0o644, -1, -1); err != nil {
 		return fmt.Errorf("save result record: %w", err)
 	}
 	return nil

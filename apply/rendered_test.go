@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -81,7 +82,7 @@ func checkStep(t *testing.T, root string, s render.Step) {
 			t.Errorf("step %s: %v", s.ID, err)
 			return
 		}
-		want := fileMode(f.Mode)
+		want := confine.FileMode(f.Mode)
 		if f.Secret {
 			want &= 0o600
 		}
@@ -100,7 +101,7 @@ func checkStep(t *testing.T, root string, s render.Step) {
 		}
 	case s.Directory != nil:
 		fi, err := os.Lstat(filepath.Join(root, s.Directory.Path))
-		if err != nil || !fi.IsDir() || statOf(fi).mode != uint32(fileMode(s.Directory.Mode).Perm()) {
+		if err != nil || !fi.IsDir() || statOf(fi).mode != uint32(confine.FileMode(s.Directory.Mode).Perm()) {
 			t.Errorf("step %s: %s: %v %v", s.ID, s.Directory.Path, fi, err)
 		}
 	case s.Link != nil && !s.Link.Hard:

@@ -4,15 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
-	"os"
+	"net"
+	"path"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
+	"golang.org/x/sys/unix"
 )
 
 // Defaults for ResetOptions.
@@ -93,13 +97,19 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
 	}
 
-	lock, err := acquireLock(ctx, opts.Root, opts.LockTimeout, log)
+	host, err := confine.Open(opts.Root)
+	if err != nil {
+		return fmt.Errorf("reset: %w", err)
+	}
+	defer host.Close()
+	lock, err := acquireLock(ctx, host, opts.LockTimeout, log)
 	if err != nil {
 		return err
 	}
 	defer lock.release()
 
-	if opts.Systemd != nil {
+	live := opts.Systemd != nil
+	if live {
 		if err := stopMachine(ctx, opts, m); err != nil {
 			return err
 		}
@@ -107,34 +117,45 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		log.Warn("not stopping the machine: no systemd (root is not /)", "machine", m, "root", opts.Root)
 	}
 
-	hostRootfs := filepath.Join(opts.Root, rootfs)
-	if err := removeBusy(ctx, hostRootfs, opts.RemoveTimeout, opts.PollInterval, log); err != nil {
+	if err := removeBusy(ctx, host, rootfs, opts.RemoveTimeout, opts.PollInterval, log); err != nil {
 		return err
 	}
 	// What an image pull keeps beside the rootfs: its marker and leftovers
 	// of an interrupted pull.
-	beside, _ := filepath.Glob(filepath.Join(filepath.Dir(hostRootfs), "."+filepath.Base(hostRootfs)+".*"))
-	remove := append([]string{}, beside...)
-	for _, p := range resetPaths(m, opts.Plan) {
-		remove = append(remove, filepath.Join(opts.Root, p))
+	var remove []string
+	if es, err := host.ReadDir(path.Dir(rootfs)); err == nil {
+		for _, e := range es {
+			if strings.HasPrefix(e.Name(), "."+path.Base(rootfs)+".") {
+				remove = append(remove, path.Join(path.Dir(rootfs), e.Name()))
+			}
+		}
 	}
-	remove = append(remove, filepath.Join(opts.Root, StateDir))
+	remove = append(remove, resetPaths(m, opts.Plan)...)
+	remove = append(remove, StateDir)
 	for _, p := range remove {
-		if _, err := os.Lstat(p); errors.Is(err, os.ErrNotExist) {
+		if _, err := host.Lstat(p); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
-		if err := os.RemoveAll(p); err != nil {
-			return fmt.Errorf("reset: remove %s: %w", p, err)
+		if err := host.RemoveAll(p); err != nil {
+			return fmt.Errorf("reset: %w", err)
 		}
-		log.Info("removed", "path", p)
+		log.Info("removed", "path", host.Show(p))
 	}
-	if opts.Systemd != nil {
+	if err := removeBPFFS(host, m, live, log); err != nil {
+		return err
+	}
+	if live {
 		if err := opts.Systemd.DaemonReload(ctx); err != nil {
 			return fmt.Errorf("reset: %w", err)
 		}
 	}
-	for _, s := range leftInPlace(opts.Root, opts.Plan) {
+	for _, s := range leftInPlace(host, opts.Plan) {
 		log.Info("left in place", "setting", s)
+	}
+	if live {
+		for _, s := range cniInterfaces() {
+			log.Info("left in place", "interface", s, "why", "made by the machine's CNI, not by nodespawn; remove it with 'ip link delete "+s+"' once no machine uses it")
+		}
 	}
 	log.Info("reset finished", "machine", m)
 	return nil
@@ -182,18 +203,18 @@ func stopMachine(ctx context.Context, opts ResetOptions, m string) error {
 
 // removeBusy removes dir, retrying with growing pauses while the kernel
 // says it is busy (a machine's mounts linger a moment after it stopped).
-func removeBusy(ctx context.Context, dir string, timeout, pause time.Duration, log *slog.Logger) error {
+func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pause time.Duration, log *slog.Logger) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		err := os.RemoveAll(dir)
+		err := host.RemoveAll(dir)
 		if err == nil {
-			log.Info("removed", "path", dir)
+			log.Info("removed", "path", host.Show(dir))
 			return nil
 		}
 		if !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
-			return fmt.Errorf("reset: remove rootfs %s: %w (is something still mounted below it? see findmnt -R %s)", dir, err, dir)
+			return fmt.Errorf("reset: remove rootfs: %w (is something still mounted below it? see findmnt -R %s)", err, host.Show(dir))
 		}
-		log.Info("rootfs busy; retrying", "path", dir, "error", err, "in", pause)
+		log.Info("rootfs busy; retrying", "path", host.Show(dir), "error", err, "in", pause)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -250,8 +271,62 @@ func resetPaths(m string, p *render.Plan) []string {
 	return paths
 }
 
+// BPFFSDir is where the machine's own bpf filesystem is mounted on the
+// host (the drop-in mounts it; the .nspawn file binds it to /sys/fs/bpf).
+func BPFFSDir(machine string) string { return "/run/bpffs/" + machine }
+
+// removeBPFFS unmounts the machine's bpffs on a live host and removes its
+// directory. The directory is removed only once it is empty and no longer
+// a mount point: what is pinned in a still-mounted bpffs is not deleted.
+func removeBPFFS(host *confine.Root, m string, live bool, log *slog.Logger) error {
+	dir := BPFFSDir(m)
+	if _, err := host.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if live {
+		// The host root is "/": host.Show(dir) is the real path.
+		for i := 0; i < 8; i++ {
+			err := unix.Unmount(host.Show(dir), unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+				break // not (or no longer) a mount point
+			}
+			if err != nil {
+				return fmt.Errorf("reset: unmount the machine's bpffs %s: %w", host.Show(dir), err)
+			}
+			log.Info("unmounted", "path", host.Show(dir))
+		}
+	}
+	if err := host.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("reset: remove the machine's bpffs directory: %w (is it still mounted? see findmnt %s)", err, host.Show(dir))
+	}
+	log.Info("removed", "path", host.Show(dir))
+	return nil
+}
+
+// cniPrefixes are the name prefixes of the interfaces common CNI plugins
+// create in the shared network namespace.
+var cniPrefixes = []string{"cni", "flannel", "cilium", "cali", "vxlan", "tunl", "weave", "kube-", "veth", "genev", "antrea", "ovn", "nodelocaldns"}
+
+// cniInterfaces lists the host's interfaces that look like a CNI's.
+func cniInterfaces() []string {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, i := range ifs {
+		for _, p := range cniPrefixes {
+			if strings.HasPrefix(i.Name, p) {
+				out = append(out, i.Name)
+				break
+			}
+		}
+	}
+	return out
+}
+
 // leftInPlace describes the host settings apply made that reset keeps.
-func leftInPlace(root string, p *render.Plan) []string {
+func leftInPlace(host *confine.Root, p *render.Plan) []string {
 	var out []string
 	if p != nil {
 		for _, s := range p.Steps {
@@ -272,15 +347,17 @@ func leftInPlace(root string, p *render.Plan) []string {
 			}
 		}
 	} else {
-		for _, pat := range []string{"/etc/sysctl.d/*nodespawn*", "/etc/modules-load.d/*nodespawn*", "/etc/needrestart/conf.d/*nodespawn*", "/etc/apt/apt.conf.d/*nodespawn*"} {
-			m, _ := filepath.Glob(filepath.Join(root, pat))
-			for _, f := range m {
-				out = append(out, "file "+strings.TrimPrefix(f, strings.TrimSuffix(root, "/")))
+		for _, dir := range []string{"/etc/sysctl.d", "/etc/modules-load.d", "/etc/needrestart/conf.d", "/etc/apt/apt.conf.d"} {
+			es, _ := host.ReadDir(dir)
+			for _, e := range es {
+				if strings.Contains(e.Name(), "nodespawn") {
+					out = append(out, "file "+path.Join(dir, e.Name()))
+				}
 			}
 		}
 		out = append(out, "swap settings in /etc/fstab, loaded kernel modules, sysctl values and installed packages")
 	}
-	if _, err := os.Stat(filepath.Join(root, "/etc/systemd/system", FirstbootUnitName)); err == nil {
+	if _, err := host.Lstat(path.Join("/etc/systemd/system", FirstbootUnitName)); err == nil {
 		out = append(out, FirstbootUnitName+" (enabled; with the state directory gone it provisions again at next boot)")
 	}
 	return out

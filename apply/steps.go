@@ -2,7 +2,9 @@ package apply
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"strings"
 	"time"
 
@@ -11,15 +13,9 @@ import (
 
 // image creates the rootfs through the image puller.
 func (e *executor) image(ctx context.Context, img *render.Image) (Outcome, error) {
-	sc, err := e.scopeFor("/")
-	if err != nil {
-		return "", err
-	}
-	dest, err := sc.hostPath(img.Dest)
-	if err != nil {
-		return "", err
-	}
-	changed, err := e.opts.Deps.Images.Pull(ctx, img, dest)
+	// The rootfs is made in the host root: its staging directory and the
+	// old tree live beside it.
+	changed, err := e.opts.Deps.Images.Pull(ctx, img, e.host, img.Dest)
 	if err != nil {
 		return "", err
 	}
@@ -66,16 +62,18 @@ func (e *executor) prefetch(ctx context.Context, steps []*render.Step) *prefetch
 	return pf
 }
 
+// fetch starts a download; it shows the downloader the destination's
+// tree as it is now, or none when the machine's rootfs does not exist yet.
 func (e *executor) fetch(ctx context.Context, d *render.Download) (Artifact, error) {
-	sc, err := e.scopeFor(d.Dest)
+	t, err := e.target(d.Dest)
+	if errors.Is(err, fs.ErrNotExist) {
+		return e.opts.Deps.Downloader.Fetch(ctx, d, nil, d.Dest)
+	}
 	if err != nil {
 		return nil, err
 	}
-	dest, err := sc.hostPath(d.Dest)
-	if err != nil {
-		return nil, err
-	}
-	return e.opts.Deps.Downloader.Fetch(ctx, d, dest)
+	defer t.s.close()
+	return e.opts.Deps.Downloader.Fetch(ctx, d, t.s.root, t.rel)
 }
 
 // closeAll waits for every fetch and releases what it staged.
@@ -108,7 +106,12 @@ func (e *executor) download(ctx context.Context, s *render.Step, pf *prefetches)
 	if err != nil {
 		return "", err
 	}
-	changed, err := art.Install(ctx)
+	t, err := e.target(s.Download.Dest)
+	if err != nil {
+		return "", err
+	}
+	defer t.s.close()
+	changed, err := art.Install(ctx, t.s.root, t.rel)
 	if err != nil {
 		return "", err
 	}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 
 	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/fetch"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/internal/oci"
@@ -28,12 +29,18 @@ const maxSourceSize = 64 << 20
 // rootfs image and the downloads land under root whatever it is; host
 // operations and systemd act on the running host, so they are left out
 // (their steps skipped) unless root is "/".
-func DefaultDeps(root string, log *slog.Logger) Deps {
+func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	if root == "" {
 		root = "/"
 	}
 	if log == nil {
 		log = slog.Default()
+	}
+	// The download cache is nodespawn's own state in root, confined like
+	// everything else there; the root stays open for the process.
+	host, err := openRoot(root)
+	if err != nil {
+		return Deps{}, err
 	}
 	client := fetch.NewHTTPClient(fetch.WithLogger(log))
 	// One progress display for the image's layers and the downloads that
@@ -42,7 +49,7 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 	d := Deps{
 		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
 		Downloader: &downloader{
-			f:      &fetch.Fetcher{Client: client, CacheDir: filepath.Join(root, DownloadCache), Logger: log, Progress: progress},
+			f:      &fetch.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
 			client: client,
 		},
 	}
@@ -50,7 +57,7 @@ func DefaultDeps(root string, log *slog.Logger) Deps {
 		d.Host = hostOps{}
 		d.Systemd = NewSystemd(command.Exec{})
 	}
-	return d
+	return d, nil
 }
 
 type imagePuller struct {
@@ -74,18 +81,18 @@ func registryCredentials(root string) string {
 	return ""
 }
 
-func (p *imagePuller) Pull(ctx context.Context, img *render.Image, dest string) (bool, error) {
+func (p *imagePuller) Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (bool, error) {
 	var res oci.Result
 	var err error
 	if img.Debootstrap != nil {
 		res, err = oci.Debootstrap(ctx, oci.DebootstrapRequest{
 			Suite: img.Debootstrap.Suite, Mirror: img.Debootstrap.Mirror, Include: img.Debootstrap.Include,
-			Dest: dest, Logger: p.log,
+			Root: root, Dest: dest, Logger: p.log,
 		})
 	} else {
 		res, err = oci.Pull(ctx, oci.Request{
 			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
-			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Dest: dest,
+			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
 			Logger: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
 		})
 	}
@@ -100,10 +107,8 @@ type downloader struct {
 	client *http.Client
 }
 
-func (d *downloader) Fetch(ctx context.Context, dl *render.Download, dest string) (Artifact, error) {
-	hostDL := *dl
-	hostDL.Dest = dest
-	s, err := d.f.Fetch(ctx, hostDL)
+func (d *downloader) Fetch(ctx context.Context, dl *render.Download, root *confine.Root, dest string) (Artifact, error) {
+	s, err := d.f.Fetch(ctx, *dl, root, dest)
 	if err != nil {
 		return nil, err
 	}
@@ -112,8 +117,8 @@ func (d *downloader) Fetch(ctx context.Context, dl *render.Download, dest string
 
 type staged struct{ s *fetch.Staged }
 
-func (s staged) Install(ctx context.Context) (bool, error) {
-	res, err := s.s.Install(ctx)
+func (s staged) Install(ctx context.Context, root *confine.Root, dest string) (bool, error) {
+	res, err := s.s.Install(ctx, root, dest)
 	return res.Changed, err
 }
 

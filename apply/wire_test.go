@@ -70,8 +70,12 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 			Source: &render.Source{URL: srv.URL + "/extra.conf.gz", Compression: "gzip", Hash: "sha512-" + hex.EncodeToString(sum512[:])}}},
 	}}
 	root := t.TempDir()
+	// No image step: the rootfs is there already.
+	must(t, os.MkdirAll(filepath.Join(root, testRootfs), 0o755))
 	log := slog.New(slog.DiscardHandler)
-	opts := Options{Root: root, ManifestDigest: testDigest, Deps: DefaultDeps(root, log), Log: log}
+	deps, err := DefaultDeps(root, log)
+	must(t, err)
+	opts := Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: log}
 	res, err := Run(context.Background(), p, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -94,7 +98,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 
 	// A forced rerun finds everything in place without asking the server.
 	before := hits.Load()
-	opts.Force, opts.Deps = true, DefaultDeps(root, log)
+	opts.Force = true
 	res, err = Run(context.Background(), p, opts)
 	if err != nil {
 		t.Fatal(err)

@@ -8,30 +8,37 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"path/filepath"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
 // Fetcher carries out the Plan's download steps: fetch, verify against a
 // sha256, then install a binary or unpack an archive into place.
 //
-// The zero value is not usable; CacheDir is required.
+// Every path it touches is inside a confine.Root: the cache inside Root,
+// the installed files inside the root Fetch is given.
+//
+// The zero value is not usable; Root and CacheDir are required.
 type Fetcher struct {
 	// Client does the HTTP; nil means NewHTTPClient().
 	Client *http.Client
+	// Root holds CacheDir.
+	Root *confine.Root
 	// CacheDir holds partial downloads, verified artifacts waiting to be
 	// installed, and the records that make reruns no-ops
-	// (e.g. /var/lib/nodespawn/downloads). It is created 0700 if missing.
+	// (e.g. /var/lib/nodespawn/downloads), as a path in Root. It is
+	// created 0700 if missing.
 	CacheDir string
 	// Progress reports bytes as they arrive; nil reports nothing.
 	Progress *Progress
@@ -54,7 +61,8 @@ type Result struct {
 	SHA256 string
 	// Size is the artifact's size in bytes (0 when nothing was fetched).
 	Size int64
-	// Files are the installed paths (or the ones found already installed).
+	// Files are the installed paths in the destination root (or the ones
+	// found already installed).
 	Files []string
 	// Changed is false when everything was already in place.
 	Changed bool
@@ -65,6 +73,8 @@ type Result struct {
 type Staged struct {
 	f      *Fetcher
 	d      render.Download
+	dst    *confine.Root // where Install puts it
+	dest   string        // d's destination in dst
 	sha256 string
 	size   int64
 	// blob is the verified artifact in the cache; "" when installed is set.
@@ -72,38 +82,46 @@ type Staged struct {
 	installed bool
 }
 
-// Download fetches, verifies and installs d. It is Fetch followed by Install.
-func (f *Fetcher) Download(ctx context.Context, d render.Download) (Result, error) {
-	s, err := f.Fetch(ctx, d)
+// Download fetches, verifies and installs d at dest in dst. It is Fetch
+// followed by Install.
+func (f *Fetcher) Download(ctx context.Context, d render.Download, dst *confine.Root, dest string) (Result, error) {
+	s, err := f.Fetch(ctx, d, dst, dest)
 	if err != nil {
 		return Result{}, err
 	}
-	return s.Install(ctx)
+	return s.Install(ctx, dst, dest)
 }
 
 // Fetch downloads d into the cache and verifies its sha256 (pinned, or
-// read from d.ChecksumURL) without touching d.Dest, so it may run before the
-// steps d waits for. If d is already installed, Fetch downloads nothing.
-func (f *Fetcher) Fetch(ctx context.Context, d render.Download) (*Staged, error) {
-	if f.CacheDir == "" {
+// read from d.ChecksumURL) without changing dest (d.Dest, as a path in
+// dst), so it may run before the steps d waits for. If d is already
+// installed there, Fetch downloads nothing. dst may be nil when the tree
+// the download goes into does not exist yet.
+func (f *Fetcher) Fetch(ctx context.Context, d render.Download, dst *confine.Root, dest string) (*Staged, error) {
+	if f.Root == nil || f.CacheDir == "" {
 		return nil, errors.New("download: no cache directory configured")
 	}
 	if d.Archive != "" && d.Archive != "tar.gz" {
 		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", redact(d.URL), d.Archive)
 	}
-	if !filepath.IsAbs(d.Dest) {
+	if !path.IsAbs(d.Dest) {
 		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", redact(d.URL), d.Dest)
 	}
-	if err := os.MkdirAll(f.CacheDir, 0o700); err != nil {
+	if err := f.Root.MkdirParents(path.Dir(f.CacheDir)); err != nil {
 		return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+	}
+	if _, err := f.Root.Lstat(f.CacheDir); errors.Is(err, fs.ErrNotExist) {
+		if err := f.Root.Mkdir(f.CacheDir, 0o700, -1, -1); err != nil && !errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+		}
 	}
 	s := &Staged{f: f, d: d}
 
 	// A record of an earlier install whose files are intact answers
 	// without the network, checksum file included.
-	if rec, err := loadRecord(f.CacheDir, d); err != nil {
+	if rec, err := f.loadRecord(d); err != nil {
 		return nil, err
-	} else if rec != nil && rec.intact() {
+	} else if dst != nil && rec != nil && rec.intact(dst, confine.Clean(dest)) {
 		return f.alreadyInstalled(s, rec.SHA256)
 	}
 
@@ -112,17 +130,16 @@ func (f *Fetcher) Fetch(ctx context.Context, d render.Download) (*Staged, error)
 		return nil, err
 	}
 	s.sha256 = want
-	if d.Archive == "" {
-		if sum, err := fileSHA256(d.Dest); err == nil && sum == want {
+	if d.Archive == "" && dst != nil {
+		if sum, _, err := fileSHA256(dst, dest); err == nil && sum == want {
 			return f.alreadyInstalled(s, want)
 		}
 	}
 
-	blob := filepath.Join(f.CacheDir, want)
-	if sum, err := fileSHA256(blob); err == nil && sum == want {
+	blob := path.Join(f.CacheDir, want)
+	if sum, size, err := fileSHA256(f.Root, blob); err == nil && sum == want {
 		// Verified by an earlier run that died before installing.
-		fi, _ := os.Stat(blob)
-		s.blob, s.size = blob, fi.Size()
+		s.blob, s.size = blob, size
 		return s, nil
 	}
 	size, err := f.fetchVerified(ctx, d, want, blob)
@@ -149,28 +166,31 @@ func (s *Staged) finishInstalled() (Result, error) {
 	rec := s.newRecord()
 	if d.Archive == "" {
 		mode := binaryMode(d)
-		fi, err := os.Stat(d.Dest)
+		fi, err := s.dst.Lstat(s.dest)
 		if err != nil {
 			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
 		}
-		if fi.Mode()&(os.ModePerm|os.ModeSetuid|os.ModeSetgid|os.ModeSticky) != mode {
-			if err := os.Chmod(d.Dest, mode); err != nil {
-				return Result{}, fmt.Errorf("install %s: chmod: %w", d.Dest, err)
+		if confine.ModeOf(fi) != mode {
+			if err := s.dst.Chmod(s.dest, mode); err != nil {
+				return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
 			}
 			res.Changed = true
 		}
 		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
 	} else {
-		old, err := loadRecord(s.f.CacheDir, d)
-		if err != nil || old == nil {
-			return Result{}, fmt.Errorf("install %s: record of the earlier install vanished: %v", d.Dest, err)
+		old, err := s.f.loadRecord(d)
+		if err != nil {
+			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+		}
+		if old == nil {
+			return Result{}, fmt.Errorf("install %s: the record of the earlier install vanished", d.Dest)
 		}
 		rec.Files = old.Files
 	}
 	for _, e := range rec.Files {
-		res.Files = append(res.Files, filepath.Join(d.Dest, e.Rel))
+		res.Files = append(res.Files, path.Join("/"+s.dest, e.Rel))
 	}
-	if err := saveRecord(s.f.CacheDir, rec, d); err != nil {
+	if err := s.f.saveRecord(rec, d); err != nil {
 		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	return res, nil
@@ -206,11 +226,10 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d render.Download) (string
 func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, blob string) (int64, error) {
 	// Partial files of an earlier run that crashed are of unknown state:
 	// drop them rather than trust them.
-	stale, _ := filepath.Glob(blob + ".part-*")
-	for _, p := range stale {
-		os.Remove(p)
+	if err := f.Root.RemoveLeftovers(f.CacheDir, want+".part-"); err != nil {
+		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
-	tmp, err := os.CreateTemp(f.CacheDir, want+".part-")
+	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, want+".part-")
 	if err != nil {
 		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
@@ -218,7 +237,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, bl
 	defer func() {
 		if !ok {
 			tmp.Close()
-			os.Remove(tmp.Name())
+			f.Root.Remove(tmpPath)
 		}
 	}()
 	h := sha256.New()
@@ -243,11 +262,11 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, bl
 	if err := tmp.Close(); err != nil {
 		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
-	if err := os.Rename(tmp.Name(), blob); err != nil {
+	if err := f.Root.Rename(tmpPath, blob); err != nil {
 		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
 	ok = true
-	return size, fsutil.SyncDir(f.CacheDir)
+	return size, nil
 }
 
 // get writes the body of rawURL to file, hashing it into h. A body cut off
@@ -414,15 +433,16 @@ func parseContentRange(v string) (start, size int64, ok bool) {
 	return start, size, true
 }
 
-// Install moves the verified artifact into place: a binary atomically at
-// Dest with Mode (0755 when 0), an archive unpacked into a staging
+// Install moves the verified artifact into place at dest in dst (d.Dest as
+// a path there): a binary atomically with Mode (0755 when 0), an archive unpacked into a staging
 // directory beside Dest and then renamed into Dest, so a failed extraction
 // installs nothing. Extracted files get Mode, or the archive's permission
 // bits when Mode is 0 (setuid and setgid bits are never taken from an
 // archive); missing directories are created 0755, existing ones keep their
 // mode. Files are owned by the caller (root). Install writes the record
 // that makes a rerun a no-op and removes the cached artifact.
-func (s *Staged) Install(ctx context.Context) (Result, error) {
+func (s *Staged) Install(ctx context.Context, dst *confine.Root, dest string) (Result, error) {
+	s.dst, s.dest = dst, confine.Clean(dest)
 	if s.installed {
 		return s.finishInstalled()
 	}
@@ -436,92 +456,93 @@ func (s *Staged) Install(ctx context.Context) (Result, error) {
 	if d.Archive == "" {
 		err = s.installBinary()
 		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
-		res.Files = []string{d.Dest}
+		res.Files = []string{"/" + s.dest}
 	} else {
-		rec.Files, err = s.installArchive()
+		rec.Files, err = s.installArchive(ctx)
 		for _, e := range rec.Files {
-			res.Files = append(res.Files, filepath.Join(d.Dest, e.Rel))
+			res.Files = append(res.Files, path.Join("/"+s.dest, e.Rel))
 		}
 	}
 	if err != nil {
 		return Result{}, err
 	}
-	if err := saveRecord(s.f.CacheDir, rec, d); err != nil {
+	if err := s.f.saveRecord(rec, d); err != nil {
 		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
 	}
-	os.Remove(s.blob)
+	if err := s.f.Root.Remove(s.blob); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return Result{}, fmt.Errorf("download %s: remove the installed artifact from the cache: %w", redact(d.URL), err)
+	}
 	return res, nil
 }
 
 func (s *Staged) installBinary() error {
 	d := s.d
-	if err := mkdirParents(filepath.Dir(d.Dest)); err != nil {
+	if err := s.dst.MkdirParents(path.Dir("/" + s.dest)); err != nil {
 		return fmt.Errorf("install %s: %w", d.Dest, err)
 	}
-	src, err := os.Open(s.blob)
+	src, err := s.f.Root.OpenNoFollow(s.blob)
 	if err != nil {
 		return fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	defer src.Close()
 	// Check the bytes once more on their way out of the cache, so a file
 	// changed there after Fetch can never land in Dest.
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
-	if err := fsutil.RemoveStaleTemps(d.Dest); err != nil {
-		return fmt.Errorf("install %s: %w", d.Dest, err)
-	}
-	if err := fsutil.WriteReader(d.Dest, vr, binaryMode(d), -1, -1); err != nil {
+	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
+	if err := s.dst.WriteReader(s.dest, vr, binaryMode(d), -1, -1); err != nil {
 		return fmt.Errorf("install %s from %s: %w", d.Dest, redact(d.URL), err)
 	}
 	return nil
 }
 
-func (s *Staged) installArchive() ([]entry, error) {
+// stagePrefix starts the name of the directory an archive is unpacked into
+// beside its destination before its entries are moved into place. It is a
+// temporary name of the destination's (see confine.RemoveStaleTemps), so
+// what a killed run left is removed with the rest of its leftovers.
+func stagePrefix(dest string) string { return confine.TempPrefix(dest, "stage") }
+
+// installArchive unpacks the artifact into a staging directory beside the
+// destination, then renames its entries into the destination, so a failed
+// or refused archive installs nothing.
+func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
 	d := s.d
-	parent := filepath.Dir(d.Dest)
-	if err := mkdirParents(parent); err != nil {
+	dest := "/" + s.dest
+	parent := path.Dir(dest)
+	if err := s.dst.MkdirParents(parent); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
-	if fi, err := os.Lstat(d.Dest); err == nil && !fi.IsDir() {
+	if fi, err := s.dst.Lstat(dest); err == nil && !fi.IsDir() {
 		return nil, fmt.Errorf("install into %s: it is not a directory (%v)", d.Dest, fi.Mode().Type())
 	}
-	stage, err := os.MkdirTemp(parent, "."+filepath.Base(d.Dest)+".nodespawn-stage-")
+	stage, err := s.dst.MkdirTemp(parent, stagePrefix(dest), 0o755)
 	if err != nil {
 		return nil, fmt.Errorf("install %s: staging directory: %w", d.Dest, err)
 	}
-	defer os.RemoveAll(stage)
-	src, err := os.Open(s.blob)
+	defer s.dst.RemoveAll(stage)
+	src, err := s.f.Root.OpenNoFollow(s.blob)
 	if err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	defer src.Close()
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.blob}
+	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
 	var mode os.FileMode
 	if d.Mode != 0 {
-		mode = fsutil.FileMode(d.Mode)
+		mode = confine.FileMode(d.Mode)
 	}
-	entries, err := extractTarGz(vr, stage, d.Members, mode)
+	entries, err := extractTarGz(ctx, vr, s.dst, stage, d.Members, mode)
 	if err == nil {
 		// Read to the end so the digest check covers the whole file.
 		_, err = io.Copy(io.Discard, vr)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.blob, redact(d.URL), err)
+		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), redact(d.URL), err)
 	}
-	if err := mkdirParents(d.Dest); err != nil {
+	if err := s.dst.MkdirParents(dest); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
-	if err := installEntries(stage, d.Dest, entries); err != nil {
+	if err := installEntries(s.dst, stage, dest, entries); err != nil {
 		return nil, fmt.Errorf("unpack %s: %w", redact(d.URL), err)
 	}
-	return entries, fsutil.SyncDir(parent)
-}
-
-// mkdirParents creates dir and its parents 0755 where missing.
-func mkdirParents(dir string) error {
-	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
-		return nil
-	}
-	return fsutil.MkdirAll(dir, 0o755, -1, -1)
+	return entries, nil
 }
 
 // binaryMode is the mode of an installed binary; 0755 when the plan says 0.
@@ -529,7 +550,7 @@ func binaryMode(d render.Download) os.FileMode {
 	if d.Mode == 0 {
 		return 0o755
 	}
-	return fsutil.FileMode(d.Mode)
+	return confine.FileMode(d.Mode)
 }
 
 // verifyingReader hashes what passes through and turns EOF into an error

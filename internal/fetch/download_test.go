@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -186,10 +187,23 @@ func randomBytes(n int, seed uint64) []byte {
 func newFetcher(t *testing.T, cache string, opts ...Option) *Fetcher {
 	return &Fetcher{
 		Client:    NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 2*time.Millisecond), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
+		Root:      hostRoot(t),
 		CacheDir:  cache,
 		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
 		RetryWait: time.Millisecond,
 	}
+}
+
+// hostRoot is the whole host as a confined root: paths in it are host
+// paths, which keeps the tests' temporary directories usable as they are.
+func hostRoot(t testing.TB) *confine.Root {
+	t.Helper()
+	r, err := confine.Open("/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
 }
 
 // snapshot describes every entry under root (type, mode, contents or link
@@ -243,7 +257,7 @@ func noTempFiles(t *testing.T, dirs ...string) {
 	for _, dir := range dirs {
 		ents, _ := os.ReadDir(dir)
 		for _, e := range ents {
-			if strings.Contains(e.Name(), ".part-") || strings.Contains(e.Name(), "nodespawn-stage") || strings.Contains(e.Name(), ".tmp-") {
+			if strings.Contains(e.Name(), ".part-") || strings.Contains(e.Name(), "tmp-stage") || strings.Contains(e.Name(), ".tmp-") {
 				t.Errorf("temp file left behind: %s", filepath.Join(dir, e.Name()))
 			}
 		}
@@ -293,7 +307,7 @@ func TestDownloadUpstreamLayouts(t *testing.T) {
 	f := newFetcher(t, cache)
 	for _, tt := range tests {
 		t.Run(tt.step.Name, func(t *testing.T) {
-			res, err := f.Download(context.Background(), tt.step)
+			res, err := f.Download(context.Background(), tt.step, hostRoot(t), tt.step.Dest)
 			if err != nil {
 				t.Fatalf("Download: %v", err)
 			}
@@ -318,7 +332,7 @@ func TestDownloadUpstreamLayouts(t *testing.T) {
 	// not touch the network at all.
 	before := o.totalHits()
 	for _, tt := range tests {
-		res, err := f.Download(context.Background(), tt.step)
+		res, err := f.Download(context.Background(), tt.step, hostRoot(t), tt.step.Dest)
 		if err != nil {
 			t.Fatalf("rerun %s: %v", tt.step.Name, err)
 		}
@@ -340,7 +354,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	artifact, _ := url.Parse(step.URL)
 	f := newFetcher(t, cache)
 
-	if _, err := f.Download(context.Background(), step); err != nil {
+	if _, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	// Without the record, a Dest already holding the verified digest is
@@ -350,7 +364,7 @@ func TestDownloadIdempotence(t *testing.T) {
 		t.Fatalf("records = %v, want one", recs)
 	}
 	os.Remove(recs[0])
-	res, err := f.Download(context.Background(), step)
+	res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 	if err != nil || res.Changed {
 		t.Fatalf("Download with Dest in place = %+v, %v; want no change", res, err)
 	}
@@ -359,7 +373,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	}
 	// A drifted mode is fixed without a download.
 	os.Chmod(step.Dest, 0o600)
-	if res, err := f.Download(context.Background(), step); err != nil || !res.Changed {
+	if res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil || !res.Changed {
 		t.Fatalf("Download with a wrong mode = %+v, %v; want a change", res, err)
 	}
 	if fi, _ := os.Stat(step.Dest); fi.Mode().Perm() != 0o755 {
@@ -367,7 +381,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	}
 	// A tampered Dest is downloaded again.
 	os.WriteFile(step.Dest, []byte("tampered"), 0o755)
-	if res, err := f.Download(context.Background(), step); err != nil || !res.Changed {
+	if res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil || !res.Changed {
 		t.Fatalf("Download over a tampered file = %+v, %v; want a change", res, err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
@@ -390,7 +404,7 @@ func TestDownloadRemovesLeftoverPartialFiles(t *testing.T) {
 	leftover := filepath.Join(cache, hex.EncodeToString(sum[:])+".part-123456")
 	os.WriteFile(leftover, []byte("garbage from a crashed run"), 0o600)
 
-	if _, err := newFetcher(t, cache).Download(context.Background(), step); err != nil {
+	if _, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
@@ -475,7 +489,7 @@ func TestDownloadFaults(t *testing.T) {
 			f := newFetcher(t, cache, WithStallTimeout(300*time.Millisecond), WithMaxAttempts(3))
 			f.Attempts = 3
 
-			_, err := f.Download(context.Background(), step)
+			_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("Download: %v", err)
@@ -551,7 +565,7 @@ func TestDownloadChecksumMismatch(t *testing.T) {
 				expected := tt.tamper(o, &step, o.files[u.Path])
 				before := snapshot(t, root, cache)
 
-				_, err := newFetcher(t, cache).Download(context.Background(), step)
+				_, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest)
 				if err == nil {
 					t.Fatal("Download succeeded with a wrong digest")
 				}
@@ -626,7 +640,7 @@ func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make([]error, len(steps))
 	for i, s := range steps {
-		wg.Go(func() { _, errs[i] = f.Download(context.Background(), s) })
+		wg.Go(func() { _, errs[i] = f.Download(context.Background(), s, hostRoot(t), s.Dest) })
 	}
 	wg.Wait()
 	for i, err := range errs {
@@ -669,7 +683,7 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 	} {
 		f := newFetcher(t, filepath.Join(root, "cache"), WithMaxAttempts(1))
 		f.Attempts = 1
-		_, err := f.Download(context.Background(), step)
+		_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 		if err == nil {
 			t.Fatalf("%s: Download succeeded", step.Name)
 		}
@@ -693,21 +707,21 @@ func TestFetchThenInstall(t *testing.T) {
 	step := o.publish(t, upstream.Runc, "1.5.3", body, filepath.Join(root, "rootfs", "usr", "local", "bin", "runc"))
 	artifact, _ := url.Parse(step.URL)
 
-	if _, err := newFetcher(t, cache).Fetch(context.Background(), step); err != nil {
+	if _, err := newFetcher(t, cache).Fetch(context.Background(), step, hostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(root, "rootfs")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Fetch touched the destination tree (%v)", err)
 	}
 	// A new run (the first died before installing) reuses the verified file.
-	s, err := newFetcher(t, cache).Fetch(context.Background(), step)
+	s, err := newFetcher(t, cache).Fetch(context.Background(), step, hostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := o.count(artifact.Path); n != 1 {
 		t.Errorf("artifact fetched %d times, want 1", n)
 	}
-	res, err := s.Install(context.Background())
+	res, err := s.Install(context.Background(), hostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -739,7 +753,7 @@ func TestDownloadRestartsWhenRangeIsRefused(t *testing.T) {
 		}
 		return false
 	}
-	if _, err := newFetcher(t, filepath.Join(root, "cache")).Download(context.Background(), step); err != nil {
+	if _, err := newFetcher(t, filepath.Join(root, "cache")).Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {

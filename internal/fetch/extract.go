@@ -2,19 +2,19 @@ package fetch
 
 import (
 	"archive/tar"
-	"compress/gzip"
-	"crypto/sha256"
-	"encoding/hex"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path"
-	"path/filepath"
+	"sort"
 	"strings"
-	"syscall"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/klauspost/compress/gzip"
+
+	"github.com/nodespawn/nodespawn/internal/archive"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -34,18 +34,22 @@ type entry struct {
 	Kind   entryKind `json:"kind"`
 	SHA256 string    `json:"sha256,omitempty"`
 	Target string    `json:"target,omitempty"`
+	// from is where the entry lies in the staging directory (members are
+	// renamed on their way into place); not recorded.
+	from string
 }
 
-// extractTarGz unpacks a gzipped tar from r into the empty directory stage.
-// With members, only those archive paths are taken, each to its Dest name;
-// otherwise every regular file, directory and relative symlink keeps its
-// path. mode, when non-zero, replaces the archive's file permissions.
+// extractTarGz unpacks a gzipped tar from r into the empty directory stage
+// of root with the project's one extractor. With members, only those
+// archive paths are taken, each to its Dest name; otherwise every regular
+// file, directory and symlink keeps its path. mode, when non-zero,
+// replaces the archive's file permissions; setuid and setgid bits, owners
+// and extended attributes are never taken from a download.
 //
-// Nothing is written outside stage: absolute names, ".." components, hard
-// links, device nodes and other special files are refused, no entry is
-// written through a symlink, duplicate entries are refused, and every
-// symlink must resolve inside the tree.
-func extractTarGz(r io.Reader, stage string, members []render.Member, mode os.FileMode) ([]entry, error) {
+// Only regular files, directories and symlinks whose target is relative
+// and has no ".." are accepted: a tool archive has no use for anything
+// else, so anything else makes the whole archive fail.
+func extractTarGz(ctx context.Context, r io.Reader, root *confine.Root, stage string, members []render.Member, mode os.FileMode) ([]entry, error) {
 	zr, err := gzip.NewReader(r)
 	if err != nil {
 		return nil, fmt.Errorf("read gzip: %w", err)
@@ -66,123 +70,144 @@ func extractTarGz(r io.Reader, stage string, members []render.Member, mode os.Fi
 	}
 
 	var entries []entry
-	found := map[string]bool{}
-	tr := tar.NewReader(zr)
-	for {
-		hdr, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			break
+	seen := map[string]bool{}
+	filter := func(h *tar.Header) (bool, error) {
+		if h.Typeflag == tar.TypeXGlobalHeader {
+			return false, nil
 		}
+		rel, err := safeRel(h.Name)
 		if err != nil {
-			return nil, fmt.Errorf("read tar: %w", err)
-		}
-		if hdr.Typeflag == tar.TypeXGlobalHeader {
-			continue
-		}
-		rel, err := safeRel(hdr.Name)
-		if err != nil {
-			return nil, fmt.Errorf("entry %q: %w", hdr.Name, err)
+			return false, fmt.Errorf("entry %q: %w", h.Name, err)
 		}
 		if rel == "" {
-			continue // the archive's root directory
+			return false, nil // the archive's root directory
 		}
+		dst := rel
 		if len(want) > 0 {
-			dst, ok := want[rel]
-			if !ok {
-				continue
+			var ok bool
+			if dst, ok = want[rel]; !ok {
+				return false, nil
 			}
-			if hdr.Typeflag != tar.TypeReg && hdr.Typeflag != tar.TypeRegA {
-				return nil, fmt.Errorf("member %q is not a regular file", hdr.Name)
+			if h.Typeflag != tar.TypeReg {
+				return false, fmt.Errorf("member %q is not a regular file", h.Name)
 			}
-			if found[rel] {
-				return nil, fmt.Errorf("member %q appears twice in the archive", hdr.Name)
-			}
-			found[rel] = true
-			e, err := writeEntry(stage, dst, hdr, tr, mode)
-			if err != nil {
-				return nil, err
-			}
-			entries = append(entries, e)
-			continue
 		}
-		switch hdr.Typeflag {
-		case tar.TypeReg, tar.TypeRegA:
-			e, err := writeEntry(stage, rel, hdr, tr, mode)
-			if err != nil {
-				return nil, err
+		if seen[rel] {
+			if len(want) > 0 {
+				return false, fmt.Errorf("member %q appears twice in the archive", h.Name)
 			}
-			entries = append(entries, e)
+			return false, fmt.Errorf("entry %q: duplicate entry", h.Name)
+		}
+		seen[rel] = true
+		h.Uid, h.Gid, h.Uname, h.Gname = 0, 0, "", ""
+		h.Xattrs = nil //nolint:staticcheck // containerd still reads it
+		for k := range h.PAXRecords {
+			if strings.HasPrefix(k, "SCHILY.xattr.") {
+				delete(h.PAXRecords, k)
+			}
+		}
+		switch h.Typeflag {
+		case tar.TypeReg:
+			m := os.FileMode(h.Mode) & os.ModePerm
+			if mode != 0 {
+				m = mode.Perm()
+			}
+			h.Mode = int64(m)
+			entries = append(entries, entry{Rel: dst, Kind: kindFile, from: rel})
 		case tar.TypeDir:
-			if err := mkdirInside(stage, rel); err != nil {
-				return nil, fmt.Errorf("entry %q: %w", hdr.Name, err)
-			}
-			entries = append(entries, entry{Rel: rel, Kind: kindDir})
+			h.Mode = 0o755
+			entries = append(entries, entry{Rel: rel, Kind: kindDir, from: rel})
 		case tar.TypeSymlink:
-			if path.IsAbs(hdr.Linkname) {
-				return nil, fmt.Errorf("entry %q: symlink to absolute path %q is not allowed", hdr.Name, hdr.Linkname)
+			if path.IsAbs(h.Linkname) {
+				return false, fmt.Errorf("entry %q: symlink to absolute path %q is not allowed", h.Name, h.Linkname)
 			}
-			if err := mkdirInside(stage, path.Dir(rel)); err != nil {
-				return nil, fmt.Errorf("entry %q: %w", hdr.Name, err)
-			}
-			if err := os.Symlink(hdr.Linkname, filepath.Join(stage, rel)); err != nil {
-				if errors.Is(err, os.ErrExist) {
-					return nil, fmt.Errorf("entry %q: duplicate entry", hdr.Name)
-				}
-				return nil, fmt.Errorf("entry %q: %w", hdr.Name, err)
-			}
-			entries = append(entries, entry{Rel: rel, Kind: kindSymlink, Target: hdr.Linkname})
+			entries = append(entries, entry{Rel: rel, Kind: kindSymlink, Target: h.Linkname, from: rel})
 		case tar.TypeLink:
-			return nil, fmt.Errorf("entry %q: hard link to %q is not allowed", hdr.Name, hdr.Linkname)
+			return false, fmt.Errorf("entry %q: hard link to %q is not allowed", h.Name, h.Linkname)
 		default:
-			return nil, fmt.Errorf("entry %q: type %q is not allowed (only files, directories and symlinks)", hdr.Name, hdr.Typeflag)
+			return false, fmt.Errorf("entry %q: type %q is not allowed (only files, directories and symlinks)", h.Name, h.Typeflag)
 		}
+		return true, nil
+	}
+	if err := archive.Apply(ctx, root, stage, zr, archive.Options{Filter: filter, NoSameOwner: true}); err != nil {
+		return nil, err
 	}
 	for src := range want {
-		if !found[src] {
+		if !seen[src] {
 			return nil, fmt.Errorf("archive has no member %q", src)
 		}
 	}
-	// Symlinks are checked once the tree is complete: a later entry can
-	// change where an earlier link leads.
-	for _, e := range entries {
-		if e.Kind == kindSymlink {
-			if err := resolvesInside(stage, e.Rel); err != nil {
-				return nil, fmt.Errorf("entry %q: %w", e.Rel, err)
-			}
+	if err := checkLinks(entries); err != nil {
+		return nil, err
+	}
+	for i := range entries {
+		e := &entries[i]
+		if e.Kind != kindFile {
+			continue
 		}
+		sum, _, err := fileSHA256(root, path.Join(stage, e.from))
+		if err != nil {
+			return nil, fmt.Errorf("entry %q: %w", e.from, err)
+		}
+		e.SHA256 = sum
 	}
 	return entries, nil
 }
 
-// writeEntry writes the regular file hdr/r at stage/rel, hashing it.
-func writeEntry(stage, rel string, hdr *tar.Header, r io.Reader, mode os.FileMode) (entry, error) {
-	if err := mkdirInside(stage, path.Dir(rel)); err != nil {
-		return entry{}, fmt.Errorf("entry %q: %w", hdr.Name, err)
-	}
-	if mode == 0 {
-		mode = os.FileMode(hdr.Mode) & os.ModePerm
-	}
-	p := filepath.Join(stage, rel)
-	// O_EXCL refuses duplicates; O_NOFOLLOW refuses a symlink in the way.
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
-	if err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return entry{}, fmt.Errorf("entry %q: duplicate entry", hdr.Name)
+// checkLinks keeps a download's symlinks plain: each target, read as text
+// from the link's own directory, stays inside the archive and never passes
+// through another symlink of the archive, and no entry lies below a
+// symlink. Nothing is resolved on disk: the rules are about the archive's
+// own list of entries, so the order of entries does not matter.
+func checkLinks(entries []entry) error {
+	links := map[string]bool{}
+	for _, e := range entries {
+		if e.Kind == kindSymlink {
+			links[e.Rel] = true
 		}
-		return entry{}, fmt.Errorf("entry %q: %w", hdr.Name, err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(io.MultiWriter(f, h), r); err != nil {
-		return entry{}, fmt.Errorf("entry %q: %w", hdr.Name, err)
+	if len(links) == 0 {
+		return nil
 	}
-	if err := f.Chmod(mode); err != nil {
-		return entry{}, fmt.Errorf("entry %q: %w", hdr.Name, err)
+	below := func(rel string) string {
+		for d := path.Dir(rel); d != "."; d = path.Dir(d) {
+			if links[d] {
+				return d
+			}
+		}
+		return ""
 	}
-	if err := f.Sync(); err != nil {
-		return entry{}, fmt.Errorf("entry %q: fsync: %w", hdr.Name, err)
+	for _, e := range entries {
+		if l := below(e.Rel); l != "" {
+			return fmt.Errorf("entry %q: %q is a symlink; writing through it is not allowed", e.Rel, l)
+		}
 	}
-	return entry{Rel: rel, Kind: kindFile, SHA256: hex.EncodeToString(h.Sum(nil))}, f.Close()
+	for _, e := range entries {
+		if e.Kind != kindSymlink {
+			continue
+		}
+		var stack []string
+		if d := path.Dir(e.Rel); d != "." {
+			stack = strings.Split(d, "/")
+		}
+		for _, el := range strings.Split(e.Target, "/") {
+			switch el {
+			case "", ".":
+				continue
+			case "..":
+				if len(stack) == 0 {
+					return fmt.Errorf("entry %q: symlink to %q leads outside the archive", e.Rel, e.Target)
+				}
+				stack = stack[:len(stack)-1]
+				continue
+			}
+			stack = append(stack, el)
+			if p := strings.Join(stack, "/"); links[p] && p != e.Rel {
+				return fmt.Errorf("entry %q: symlink to %q goes through the symlink %q, which leads outside the archive or nowhere useful; link to the file itself", e.Rel, e.Target, p)
+			}
+		}
+	}
+	return nil
 }
 
 // safeRel cleans an archive or member name into a relative slash path
@@ -194,10 +219,8 @@ func safeRel(name string) (string, error) {
 	if path.IsAbs(name) {
 		return "", errors.New("absolute path is not allowed")
 	}
-	for _, c := range strings.Split(name, "/") {
-		if c == ".." {
-			return "", errors.New(`".." in path is not allowed`)
-		}
+	if archive.HasDotDot(name) {
+		return "", errors.New(`".." in path is not allowed`)
 	}
 	rel := path.Clean(name)
 	if rel == "." {
@@ -206,109 +229,30 @@ func safeRel(name string) (string, error) {
 	return rel, nil
 }
 
-// mkdirInside makes stage/rel a directory, creating missing parents, and
-// refuses any existing component that is not a real directory, so nothing
-// is ever written through a symlink.
-func mkdirInside(stage, rel string) error {
-	if rel == "." || rel == "" {
-		return nil
-	}
-	cur := stage
-	for _, c := range strings.Split(rel, "/") {
-		cur = filepath.Join(cur, c)
-		fi, err := os.Lstat(cur)
-		switch {
-		case errors.Is(err, os.ErrNotExist):
-			if err := os.Mkdir(cur, 0o755); err != nil {
-				return err
-			}
-			// The umask must not make tool directories unreadable.
-			if err := os.Chmod(cur, 0o755); err != nil {
-				return err
-			}
-		case err != nil:
-			return err
-		case fi.Mode()&os.ModeSymlink != 0:
-			return fmt.Errorf("%s is a symlink; writing through it is not allowed", strings.TrimPrefix(cur, stage+"/"))
-		case !fi.IsDir():
-			return fmt.Errorf("%s is not a directory", strings.TrimPrefix(cur, stage+"/"))
-		}
-	}
-	return nil
-}
-
-// resolvesInside follows the symlink stage/rel through the extracted tree,
-// link by link, and fails if it would leave stage.
-func resolvesInside(stage, rel string) error {
-	var stack []string // resolved components below stage
-	if d := path.Dir(rel); d != "." {
-		stack = strings.Split(d, "/")
-	}
-	target, err := os.Readlink(filepath.Join(stage, rel))
-	if err != nil {
-		return err
-	}
-	todo := strings.Split(target, "/")
-	for hops := 0; len(todo) > 0; {
-		c := todo[0]
-		todo = todo[1:]
-		switch c {
-		case "", ".":
-			continue
-		case "..":
-			if len(stack) == 0 {
-				return fmt.Errorf("symlink to %q leads outside the archive", target)
-			}
-			stack = stack[:len(stack)-1]
-			continue
-		}
-		p := filepath.Join(append([]string{stage}, append(stack, c)...)...)
-		if fi, err := os.Lstat(p); err == nil && fi.Mode()&os.ModeSymlink != 0 {
-			if hops++; hops > 40 {
-				return fmt.Errorf("symlink to %q: too many levels of links", target)
-			}
-			next, err := os.Readlink(p)
-			if err != nil {
-				return err
-			}
-			if path.IsAbs(next) {
-				return fmt.Errorf("symlink to %q leads through an absolute link", target)
-			}
-			todo = append(strings.Split(next, "/"), todo...)
-			continue
-		}
-		stack = append(stack, c)
-	}
-	return nil
-}
-
-// installEntries moves extracted entries from stage into dest (renames,
-// same filesystem), creating missing directories 0755 and refusing to
-// write through a symlink below dest.
-func installEntries(stage, dest string, entries []entry) error {
-	touched := map[string]bool{}
-	for _, e := range entries {
-		target := filepath.Join(dest, e.Rel)
+// installEntries moves extracted entries from stage into dest (renames in
+// one root), creating missing directories 0755.
+func installEntries(root *confine.Root, stage, dest string, entries []entry) error {
+	// Directories first, shallow before deep, so every parent exists.
+	sorted := append([]entry(nil), entries...)
+	sort.SliceStable(sorted, func(i, j int) bool {
+		return (sorted[i].Kind == kindDir) && (sorted[j].Kind != kindDir)
+	})
+	for _, e := range sorted {
+		target := path.Join(dest, e.Rel)
 		if e.Kind == kindDir {
-			if err := mkdirInside(dest, e.Rel); err != nil {
-				return fmt.Errorf("install %s: %w", target, err)
+			if err := root.MkdirParents(target); err != nil {
+				return fmt.Errorf("install %s: %w", root.Show(target), err)
 			}
 			continue
 		}
-		if err := mkdirInside(dest, path.Dir(e.Rel)); err != nil {
-			return fmt.Errorf("install %s: %w", target, err)
+		if err := root.MkdirParents(path.Dir(target)); err != nil {
+			return fmt.Errorf("install %s: %w", root.Show(target), err)
 		}
-		if fi, err := os.Lstat(target); err == nil && fi.IsDir() {
-			return fmt.Errorf("install %s: a directory is in the way", target)
+		if fi, err := root.Lstat(target); err == nil && fi.IsDir() {
+			return fmt.Errorf("install %s: a directory is in the way", root.Show(target))
 		}
-		if err := os.Rename(filepath.Join(stage, e.Rel), target); err != nil {
-			return fmt.Errorf("install %s: %w", target, err)
-		}
-		touched[filepath.Dir(target)] = true
-	}
-	for dir := range touched {
-		if err := fsutil.SyncDir(dir); err != nil {
-			return err
+		if err := root.Rename(path.Join(stage, e.from), target); err != nil {
+			return fmt.Errorf("install %s: %w", root.Show(target), err)
 		}
 	}
 	return nil

@@ -7,12 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
+	"io/fs"
+	"path"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/render"
 )
+
+// RecordSuffix ends the name of every install record in the cache.
+const RecordSuffix = ".nodespawn-download.json"
 
 // record is what an install left behind, kept in the cache directory so a
 // rerun can tell, without the network, that nothing needs doing.
@@ -29,23 +32,24 @@ type record struct {
 	Files []entry `json:"files"`
 }
 
-// recordPath is where the record for d lives. The key covers everything
-// that decides what gets installed: the source (URL and the pinned digest
-// or the checksum file), the destination, the mode and the members.
-func recordPath(cacheDir string, d render.Download) string {
+// RecordName is the name, in the cache directory, of the record for d.
+// The key covers everything that decides what gets installed: the source
+// (URL and the pinned digest or the checksum file), the destination (the
+// plan's path, whatever root it is applied to), the mode and the members.
+func RecordName(d render.Download) string {
 	key, _ := json.Marshal(struct {
 		URL, ChecksumURL, SHA256, Dest, Archive string
 		Mode                                    uint32
 		Members                                 []render.Member
 	}{d.URL, d.ChecksumURL, d.SHA256, d.Dest, d.Archive, d.Mode, d.Members})
 	sum := sha256.Sum256(key)
-	return filepath.Join(cacheDir, hex.EncodeToString(sum[:16])+".nodespawn-download.json")
+	return hex.EncodeToString(sum[:16]) + RecordSuffix
 }
 
 // loadRecord returns the record for d, or nil when there is none.
-func loadRecord(cacheDir string, d render.Download) (*record, error) {
-	b, err := os.ReadFile(recordPath(cacheDir, d))
-	if errors.Is(err, os.ErrNotExist) {
+func (f *Fetcher) loadRecord(d render.Download) (*record, error) {
+	b, err := f.Root.ReadFile(path.Join(f.CacheDir, RecordName(d)))
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
@@ -59,33 +63,33 @@ func loadRecord(cacheDir string, d render.Download) (*record, error) {
 	return &r, nil
 }
 
-func saveRecord(cacheDir string, r *record, d render.Download) error {
+func (f *Fetcher) saveRecord(r *record, d render.Download) error {
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode download record: %w", err)
 	}
 	// 0600: a URL may carry a token in its query.
-	return fsutil.WriteFile(recordPath(cacheDir, d), append(b, '\n'), 0o600, -1, -1)
+	return f.Root.WriteFile(path.Join(f.CacheDir, RecordName(d)), append(b, '\n'), 0o600, -1, -1)
 }
 
 // intact reports whether every file the record lists is still installed
-// with the recorded contents.
-func (r *record) intact() bool {
+// at dest in root with the recorded contents.
+func (r *record) intact(root *confine.Root, dest string) bool {
 	for _, e := range r.Files {
-		p := filepath.Join(r.Dest, e.Rel)
+		p := path.Join("/"+dest, e.Rel)
 		switch e.Kind {
 		case kindFile:
-			sum, err := fileSHA256(p)
+			sum, _, err := fileSHA256(root, p)
 			if err != nil || sum != e.SHA256 {
 				return false
 			}
 		case kindSymlink:
-			t, err := os.Readlink(p)
+			t, err := root.Readlink(p)
 			if err != nil || t != e.Target {
 				return false
 			}
 		case kindDir:
-			fi, err := os.Lstat(p)
+			fi, err := root.Lstat(p)
 			if err != nil || !fi.IsDir() {
 				return false
 			}
@@ -94,23 +98,18 @@ func (r *record) intact() bool {
 	return len(r.Files) > 0
 }
 
-// fileSHA256 hashes a regular file without following a final symlink.
-func fileSHA256(p string) (string, error) {
-	fi, err := os.Lstat(p)
+// fileSHA256 hashes the regular file at p in root (a symlink there is not
+// followed) and returns its digest and size.
+func fileSHA256(root *confine.Root, p string) (string, int64, error) {
+	f, err := root.OpenNoFollow(p)
 	if err != nil {
-		return "", err
-	}
-	if !fi.Mode().IsRegular() {
-		return "", fmt.Errorf("%s is not a regular file", p)
-	}
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	defer f.Close()
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", 0, err
 	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	return hex.EncodeToString(h.Sum(nil)), n, nil
 }

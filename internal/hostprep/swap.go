@@ -12,12 +12,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // swapMarker precedes each fstab entry DisableSwap comments out, so a reader
@@ -60,8 +59,12 @@ func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) e
 	if fstab == "" {
 		return nil
 	}
-	path := filepath.Join(root, fstab)
-	data, err := os.ReadFile(path)
+	host, err := confine.Open(root)
+	if err != nil {
+		return fmt.Errorf("disable swap: %w", err)
+	}
+	defer host.Close()
+	data, err := host.ReadFile(fstab)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -72,19 +75,21 @@ func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) e
 	if n == 0 {
 		return nil
 	}
-	fi, err := os.Stat(path)
+	// The fstab itself, not a link to it, is rewritten (the link stays).
+	fi, err := host.Stat(fstab)
 	if err != nil {
 		return fmt.Errorf("disable swap: %w", err)
 	}
-	uid, gid := -1, -1
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		uid, gid = int(st.Uid), int(st.Gid)
+	target := fstab
+	if lfi, err := host.Lstat(fstab); err == nil && lfi.Mode()&fs.ModeSymlink != 0 {
+		return fmt.Errorf("disable swap: %s is a symlink; comment out its swap entries by hand or point the manifest's host.swap.fstab at the real file", host.Show(fstab))
 	}
+	uid, gid := confine.Owner(fi)
 	// Keep the fstab's own mode and owner; only its swap lines change.
-	if err := fsutil.WriteFile(path, out, fi.Mode().Perm(), uid, gid); err != nil {
+	if err := host.WriteFile(target, out, confine.ModeOf(fi), uid, gid); err != nil {
 		return fmt.Errorf("disable swap: rewrite fstab: %w", err)
 	}
-	slog.InfoContext(ctx, "swap entries commented out", "fstab", path, "entries", n)
+	slog.InfoContext(ctx, "swap entries commented out", "fstab", host.Show(fstab), "entries", n)
 	return nil
 }
 

@@ -6,12 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
+	"path"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // DebootstrapRequest is the deprecated debootstrap fallback: a Debian
@@ -20,7 +21,8 @@ type DebootstrapRequest struct {
 	Suite   string
 	Mirror  string
 	Include []string
-	// Dest is the absolute rootfs path.
+	// Root and Dest are where the rootfs goes, as in Request.
+	Root   *confine.Root
 	Dest   string
 	Logger *slog.Logger
 }
@@ -33,7 +35,7 @@ func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if !filepath.IsAbs(req.Dest) || filepath.Clean(req.Dest) == "/" {
+	if req.Root == nil || !path.IsAbs(req.Dest) || confine.Clean(req.Dest) == "" {
 		return Result{}, fmt.Errorf("debootstrap: destination %q must be an absolute path below /", req.Dest)
 	}
 	if req.Suite == "" || req.Mirror == "" {
@@ -49,9 +51,12 @@ func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
 	res := Result{Reference: "debootstrap:" + req.Suite, ManifestDigest: recipe}
 	want := marker{Source: res.Reference, Platform: "debootstrap", Manifest: recipe}
 
-	root := newRootfs(req.Dest)
+	root := newRootfs(req.Root, req.Dest)
 	if root.current(want) {
-		log.Info("rootfs already built by debootstrap with these arguments", "dest", req.Dest)
+		if err := root.removeLeftovers(log); err != nil {
+			return res, err
+		}
+		log.Info("rootfs already built by debootstrap with these arguments", "dest", req.Root.Show(req.Dest))
 		res.NoOp = true
 		return res, nil
 	}
@@ -65,8 +70,14 @@ func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
 			stage.discard(log)
 		}
 	}()
-	if _, err := command.Run(ctx, "debootstrap", debootstrapArgs(req, stage.dir)...); err != nil {
-		return res, fmt.Errorf("debootstrap %s into %s: %w", req.Suite, stage.dir, err)
+	// debootstrap takes a path; the staging directory's /proc/self/fd
+	// name is the one the kernel resolved inside the root.
+	err = req.Root.InDir(stage.dir, func(dir string) error {
+		_, err := command.Run(ctx, "debootstrap", debootstrapArgs(req, dir)...)
+		return err
+	})
+	if err != nil {
+		return res, fmt.Errorf("debootstrap %s into %s: %w", req.Suite, req.Root.Show(stage.dir), err)
 	}
 	if err := stage.commit(want, log); err != nil {
 		return res, err

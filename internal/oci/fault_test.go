@@ -172,7 +172,7 @@ func TestPullFaults(t *testing.T) {
 			parent := machinesDir(t)
 			dest := filepath.Join(parent, fmt.Sprintf("m%d", i))
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/faults:good", Platform: "linux/amd64",
-				PlainHTTP: []string{px.addr}, Dest: dest, Logger: testLogger(t), HTTPClient: faultClient(),
+				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t), HTTPClient: faultClient(),
 				MaxAttempts: 3, RetryBackoff: 10 * time.Millisecond})
 			t.Logf("pull: %v; requests for the target blob had Range %q", err, ranges)
 			if c.recover {
@@ -239,7 +239,7 @@ func TestPullTampered(t *testing.T) {
 			parent := machinesDir(t)
 			dest := filepath.Join(parent, "m")
 			req := Request{Reference: reg.addr + "/nodespawn/tamper:old", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Dest: dest, Logger: testLogger(t)}
+				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t)}
 			if _, err := Pull(ctx, req); err != nil {
 				t.Fatal(err)
 			}

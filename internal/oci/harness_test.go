@@ -20,6 +20,7 @@ import (
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -342,6 +343,18 @@ func assertFailedClosed(t testing.TB, parent string, want ...string) {
 	if strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("after a failed pull %s holds %q, want %q (staging not removed or dest touched)", parent, got, want)
 	}
+}
+
+// hostRoot is the whole host as a confined root, so the tests' host paths
+// can serve as paths in it.
+func hostRoot(t testing.TB) *confine.Root {
+	t.Helper()
+	r, err := confine.Open("/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
 }
 
 func requireRoot(t testing.TB) {

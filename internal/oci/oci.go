@@ -8,11 +8,13 @@
 // fetched ahead of their turn wait in unlinked temporary files (see spool.go),
 // at most Request.Concurrency of them at a time.
 //
-// Tar entries are applied by containerd's archive.Apply, which resolves
-// every parent path inside the root (symlinks included), replaces rather
-// than follows an existing final component, confines hardlink targets and
-// whiteouts to the root and handles opaque directories. A filter in front of
-// it (see unpack.go) rejects names that no honest layer has.
+// Tar entries are applied by the project's one extractor (internal/archive:
+// containerd's archive.Apply, started from a staging directory the kernel
+// resolved inside the root), which keeps every parent path inside the
+// staging tree (symlinks included), replaces rather than follows an
+// existing final component, confines hardlink targets and whiteouts to the
+// tree and handles opaque directories. It refuses names that no honest
+// layer has.
 package oci
 
 import (
@@ -21,13 +23,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"path/filepath"
+	"path"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"oras.land/oras-go/v2/content"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/fetch"
 )
 
@@ -53,7 +56,10 @@ type Request struct {
 	// PlainHTTP lists registries (host[:port], as in Reference) reached
 	// without TLS. Every other registry is reached over verified TLS.
 	PlainHTTP []string
-	// Dest is the absolute rootfs path, e.g. /var/lib/machines/kube1.
+	// Root is the tree the rootfs is made in (the host root); every path
+	// Pull creates, renames or removes is confined to it.
+	Root *confine.Root
+	// Dest is the rootfs path in Root, e.g. /var/lib/machines/kube1.
 	Dest string
 	// CredentialsFile is a docker-style config.json with registry
 	// credentials; empty means anonymous pulls.
@@ -134,10 +140,14 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		res.Bytes += l.Size
 	}
 
-	root := newRootfs(req.Dest)
+	root := newRootfs(req.Root, req.Dest)
 	want := marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
 	if root.current(want) {
-		log.Info("rootfs already holds this image", "dest", req.Dest, "reference", src.name, "manifest", res.ManifestDigest)
+		// A run killed after the commit may have left the old tree aside.
+		if err := root.removeLeftovers(log); err != nil {
+			return res, err
+		}
+		log.Info("rootfs already holds this image", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest)
 		res.NoOp = true
 		return res, nil
 	}
@@ -165,6 +175,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	start := time.Now()
 	u := unpacker{
 		src:         src,
+		root:        req.Root,
 		dir:         stage.dir,
 		spoolDir:    root.parent,
 		layers:      img.manifest.Layers,
@@ -182,7 +193,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		return res, err
 	}
 	committed = true
-	log.Info("rootfs unpacked", "dest", req.Dest, "reference", src.name, "manifest", res.ManifestDigest,
+	log.Info("rootfs unpacked", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest,
 		"layers", res.Layers, "bytes", res.Bytes, "duration", time.Since(start).Round(time.Millisecond))
 	return res, nil
 }
@@ -193,7 +204,9 @@ func (r *Request) validate() error {
 		return errors.New("oci pull: set exactly one of a registry reference and a local layout")
 	case r.Layout != "" && r.LayoutRef == "":
 		return fmt.Errorf("oci pull: layout %s: a tag or digest inside the layout is required", r.Layout)
-	case !filepath.IsAbs(r.Dest) || filepath.Clean(r.Dest) == "/":
+	case r.Root == nil:
+		return errors.New("oci pull: no root to unpack into")
+	case !path.IsAbs(r.Dest) || confine.Clean(r.Dest) == "":
 		return fmt.Errorf("oci pull: destination %q must be an absolute path below /", r.Dest)
 	}
 	if r.Concurrency <= 0 {

@@ -4,19 +4,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
+	"path"
 	"strings"
 	"syscall"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
-	"github.com/nodespawn/nodespawn/internal/fsutil"
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
-// rootfs is a destination directory and the names kept beside it:
+// rootfs is a destination directory and the names kept beside it, all
+// paths in one confine.Root (the host root):
 //
 //	<parent>/.<name>.staging-<rand>   the rootfs being unpacked
 //	<parent>/.<name>.old-<rand>       the previous rootfs while it is removed
@@ -27,15 +27,22 @@ import (
 // inside the machine sees it. machined ignores dot-names in
 // /var/lib/machines, so none of them shows up as an image.
 type rootfs struct {
+	root               *confine.Root
 	dest, parent, name string
 }
 
-func newRootfs(dest string) rootfs {
-	dest = filepath.Clean(dest)
-	return rootfs{dest: dest, parent: filepath.Dir(dest), name: filepath.Base(dest)}
+func newRootfs(root *confine.Root, dest string) rootfs {
+	dest = "/" + confine.Clean(dest)
+	return rootfs{root: root, dest: dest, parent: path.Dir(dest), name: path.Base(dest)}
 }
 
-func (r rootfs) markerPath() string { return filepath.Join(r.parent, "."+r.name+".nodespawn-image") }
+// MarkerPath is where the marker of the rootfs at dest lives.
+func MarkerPath(dest string) string {
+	dest = "/" + confine.Clean(dest)
+	return path.Join(path.Dir(dest), "."+path.Base(dest)+".nodespawn-image")
+}
+
+func (r rootfs) markerPath() string { return MarkerPath(r.dest) }
 
 // marker records what was unpacked into the destination.
 type marker struct {
@@ -52,7 +59,7 @@ type marker struct {
 // The source name is not compared: the same manifest from a mirror is the
 // same rootfs.
 func (r rootfs) current(want marker) bool {
-	b, err := os.ReadFile(r.markerPath())
+	b, err := r.root.ReadFile(r.markerPath())
 	if err != nil {
 		return false
 	}
@@ -60,74 +67,67 @@ func (r rootfs) current(want marker) bool {
 	if json.Unmarshal(b, &have) != nil {
 		return false
 	}
-	dev, ino, err := devIno(r.dest)
+	dev, ino, err := r.devIno(r.dest)
 	if err != nil {
 		return false
 	}
 	return have.Manifest == want.Manifest && have.Platform == want.Platform && have.Dev == dev && have.Ino == ino
 }
 
-func devIno(p string) (uint64, uint64, error) {
-	fi, err := os.Lstat(p)
+func (r rootfs) devIno(p string) (uint64, uint64, error) {
+	fi, err := r.root.Lstat(p)
 	if err != nil {
 		return 0, 0, err
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok || !fi.IsDir() {
-		return 0, 0, fmt.Errorf("%s is not a directory", p)
+		return 0, 0, fmt.Errorf("%s is not a directory", r.root.Show(p))
 	}
 	return st.Dev, st.Ino, nil
 }
 
 // staging is a rootfs being built.
 type staging struct {
-	root rootfs
-	dir  string
+	r   rootfs
+	dir string
 }
 
 // stage removes what an interrupted run left beside dest and makes a fresh
 // staging directory.
 func (r rootfs) stage(log *slog.Logger) (*staging, error) {
-	if err := os.MkdirAll(r.parent, 0o700); err != nil {
-		return nil, fmt.Errorf("create %s: %w", r.parent, err)
+	if err := r.root.MkdirParents(r.parent); err != nil {
+		return nil, fmt.Errorf("create %s: %w", r.root.Show(r.parent), err)
 	}
 	if err := r.removeLeftovers(log); err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp(r.parent, "."+r.name+".staging-")
+	// A machine's / is 0755 root:root.
+	dir, err := r.root.MkdirTemp(r.parent, "."+r.name+".staging-", 0o755)
 	if err != nil {
-		return nil, fmt.Errorf("create staging directory for %s: %w", r.dest, err)
+		return nil, fmt.Errorf("create staging directory for %s: %w", r.root.Show(r.dest), err)
 	}
-	// MkdirTemp makes 0700; a machine's / is 0755 root:root.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("chmod staging directory %s: %w", dir, err)
-	}
-	return &staging{root: r, dir: dir}, nil
+	return &staging{r: r, dir: dir}, nil
 }
 
-// Leftover names a crash can leave beside dest.
-func (r rootfs) leftovers() ([]string, error) {
-	var all []string
-	for _, pat := range []string{".staging-*", ".old-*"} {
-		m, err := filepath.Glob(filepath.Join(r.parent, "."+globEscape(r.name)+pat))
-		if err != nil {
-			return nil, err
-		}
-		all = append(all, m...)
-	}
-	return all, nil
-}
-
+// removeLeftovers removes what a crash can leave beside dest: a staging
+// tree or a previous rootfs that was being removed.
 func (r rootfs) removeLeftovers(log *slog.Logger) error {
-	left, err := r.leftovers()
-	if err != nil {
-		return fmt.Errorf("list leftovers of %s: %w", r.dest, err)
+	es, err := r.root.ReadDir(r.parent)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
 	}
-	for _, p := range left {
-		log.Warn("removing leftover of an interrupted rootfs pull", "path", p)
-		if err := os.RemoveAll(p); err != nil {
-			return fmt.Errorf("remove leftover %s: %w", p, err)
+	if err != nil {
+		return fmt.Errorf("list leftovers of %s: %w", r.root.Show(r.dest), err)
+	}
+	for _, e := range es {
+		n := e.Name()
+		if !strings.HasPrefix(n, "."+r.name+".staging-") && !strings.HasPrefix(n, "."+r.name+".old-") {
+			continue
+		}
+		p := path.Join(r.parent, n)
+		log.Warn("removing leftover of an interrupted rootfs pull", "path", r.root.Show(p))
+		if err := r.root.RemoveAll(p); err != nil {
+			return fmt.Errorf("remove leftover: %w", err)
 		}
 	}
 	return nil
@@ -135,8 +135,8 @@ func (r rootfs) removeLeftovers(log *slog.Logger) error {
 
 // discard removes the staging directory after a failure.
 func (s *staging) discard(log *slog.Logger) {
-	if err := os.RemoveAll(s.dir); err != nil {
-		log.Error("could not remove staging directory; the next run removes it", "path", s.dir, "error", err)
+	if err := s.r.root.RemoveAll(s.dir); err != nil {
+		log.Error("could not remove staging directory; the next run removes it", "path", s.r.root.Show(s.dir), "error", err)
 	}
 }
 
@@ -146,71 +146,45 @@ func (s *staging) discard(log *slog.Logger) {
 // tree, nothing, or the new tree), then the new tree is renamed in, synced,
 // and only then is the marker written. The old tree is removed last.
 func (s *staging) commit(m marker, log *slog.Logger) error {
-	r := s.root
+	r := s.r
 	// Data first: the rename must not publish a tree whose file contents
 	// are still only in the page cache.
-	if err := syncfs(s.dir); err != nil {
+	if err := r.root.Syncfs(s.dir); err != nil {
 		return err
 	}
-	if err := os.Remove(r.markerPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove stale marker %s: %w", r.markerPath(), err)
+	if err := r.root.Remove(r.markerPath()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove stale marker: %w", err)
 	}
 	var aside string
-	if _, err := os.Lstat(r.dest); err == nil {
-		suffix := strings.TrimPrefix(filepath.Base(s.dir), "."+r.name+".staging-")
-		aside = filepath.Join(r.parent, "."+r.name+".old-"+suffix)
-		if err := os.Rename(r.dest, aside); err != nil {
-			return fmt.Errorf("move old rootfs %s aside to %s: %w", r.dest, aside, err)
+	if _, err := r.root.Lstat(r.dest); err == nil {
+		suffix := strings.TrimPrefix(path.Base(s.dir), "."+r.name+".staging-")
+		aside = path.Join(r.parent, "."+r.name+".old-"+suffix)
+		if err := r.root.Rename(r.dest, aside); err != nil {
+			return fmt.Errorf("move old rootfs aside: %w", err)
 		}
-		log.Info("replacing existing rootfs", "dest", r.dest)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("inspect %s: %w", r.dest, err)
+		log.Info("replacing existing rootfs", "dest", r.root.Show(r.dest))
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("inspect %s: %w", r.root.Show(r.dest), err)
 	}
-	if err := os.Rename(s.dir, r.dest); err != nil {
-		return fmt.Errorf("move rootfs %s into place at %s: %w", s.dir, r.dest, err)
+	if err := r.root.Rename(s.dir, r.dest); err != nil {
+		return fmt.Errorf("move rootfs into place: %w", err)
 	}
 	var err error
-	if m.Dev, m.Ino, err = devIno(r.dest); err != nil {
+	if m.Dev, m.Ino, err = r.devIno(r.dest); err != nil {
 		return err
 	}
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode marker: %w", err)
 	}
-	if err := fsutil.WriteFile(r.markerPath(), append(b, '\n'), 0o644, 0, 0); err != nil {
+	if err := r.root.WriteFile(r.markerPath(), append(b, '\n'), 0o644, 0, 0); err != nil {
 		return err
 	}
 	if aside != "" {
-		if err := os.RemoveAll(aside); err != nil {
+		if err := r.root.RemoveAll(aside); err != nil {
 			// The new rootfs is in place; the next run removes the rest.
-			log.Warn("could not remove the previous rootfs", "path", aside, "error", err)
+			log.Warn("could not remove the previous rootfs", "path", r.root.Show(aside), "error", err)
 		}
 	}
 	return nil
-}
-
-// syncfs flushes the filesystem holding dir.
-func syncfs(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open %s to sync: %w", dir, err)
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("sync filesystem of %s: %w", dir, err)
-	}
-	return nil
-}
-
-// globEscape quotes the glob metacharacters in a literal name.
-func globEscape(s string) string {
-	var b []byte
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '*', '?', '[', '\\':
-			b = append(b, '\\')
-		}
-		b = append(b, s[i])
-	}
-	return string(b)
 }

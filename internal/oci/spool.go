@@ -5,6 +5,8 @@ import (
 	"io"
 	"os"
 	"sync"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // spool carries one compressed layer from its fetcher to the applier. The
@@ -25,14 +27,14 @@ type spool struct {
 	err     error
 }
 
-func newSpool(dir string) (*spool, error) {
-	f, err := os.CreateTemp(dir, ".nodespawn-layer-*")
+func newSpool(root *confine.Root, dir string) (*spool, error) {
+	f, name, err := root.CreateTemp(dir, ".nodespawn-layer-")
 	if err != nil {
-		return nil, fmt.Errorf("create layer spool in %s: %w", dir, err)
+		return nil, fmt.Errorf("create layer spool: %w", err)
 	}
-	if err := os.Remove(f.Name()); err != nil {
+	if err := root.Remove(name); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("unlink layer spool %s: %w", f.Name(), err)
+		return nil, fmt.Errorf("unlink layer spool: %w", err)
 	}
 	s := &spool{f: f}
 	s.cond = sync.NewCond(&s.mu)

@@ -1,22 +1,20 @@
 package oci
 
 import (
-	"archive/tar"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+	"github.com/nodespawn/nodespawn/internal/archive"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -26,8 +24,9 @@ import (
 // unpacker fetches layers concurrently and applies them strictly in order.
 type unpacker struct {
 	src         *source
-	dir         string // the staging rootfs
-	spoolDir    string // same filesystem as dir, outside it
+	root        *confine.Root
+	dir         string // the staging rootfs, in root
+	spoolDir    string // same filesystem as dir, outside it, in root
 	layers      []ocispec.Descriptor
 	diffIDs     []digest.Digest
 	concurrency int
@@ -71,7 +70,7 @@ func (u *unpacker) run(ctx context.Context) error {
 			case <-ctx.Done():
 				return
 			}
-			sp, err := newSpool(u.spoolDir)
+			sp, err := newSpool(u.root, u.spoolDir)
 			if err != nil {
 				launchErr <- err
 				return
@@ -120,7 +119,7 @@ func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp
 	}
 	diff := want.Algorithm().Digester()
 	tee := io.TeeReader(plain, diff.Hash())
-	if _, err := archive.Apply(ctx, u.dir, tee, archive.WithFilter(safeEntry)); err != nil {
+	if err := archive.Apply(ctx, u.root, u.dir, tee, archive.Options{}); err != nil {
 		return fmt.Errorf("%s: apply: %w", what, err)
 	}
 	// The tar reader stops at the end-of-archive marker; the DiffID (and,
@@ -160,25 +159,6 @@ func decompress(mediaType string, r io.Reader) (io.Reader, func(), error) {
 		return zr, zr.Close, nil
 	}
 	return nil, nil, fmt.Errorf("unsupported layer media type %q (want tar, tar+gzip or tar+zstd)", mediaType)
-}
-
-// safeEntry rejects tar entries no honest layer contains, before
-// archive.Apply sees them. Apply would confine them to the root anyway;
-// refusing them makes a hostile image fail loudly instead of unpacking to
-// something its author did not describe.
-func safeEntry(h *tar.Header) (bool, error) {
-	if hasDotDot(h.Name) {
-		return false, fmt.Errorf("tar entry %q: name leaves the layer root", h.Name)
-	}
-	if h.Typeflag == tar.TypeLink && hasDotDot(h.Linkname) {
-		return false, fmt.Errorf("tar entry %q: hardlink target %q leaves the layer root", h.Name, h.Linkname)
-	}
-	return true, nil
-}
-
-// hasDotDot reports whether any component of name is "..".
-func hasDotDot(name string) bool {
-	return slices.Contains(strings.Split(name, "/"), "..")
 }
 
 // fetchBlob writes desc's content to w, verifying size and digest as it
