@@ -176,3 +176,41 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 		t.Errorf("Reset with a stuck mount = %v, want EBUSY naming findmnt", err)
 	}
 }
+
+// TestResetUnmountsBPFFS mounts a real bpf filesystem where the machine's
+// drop-in mounts it and checks reset leaves nothing of it: not mounted, no
+// directory.
+func TestResetUnmountsBPFFS(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a bpf filesystem")
+	}
+	root, p := appliedRoot(t)
+	dir := filepath.Join(root, BPFFSDir(testMachine))
+	must(t, os.MkdirAll(dir, 0o755))
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Skipf("cannot mount a bpf filesystem here: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil || sfs.Type != unix.BPF_FS_MAGIC {
+		t.Fatalf("bpffs not mounted at %s: %v", dir, err)
+	}
+	host, err := openRoot(root)
+	must(t, err)
+	defer host.Close()
+	var logBuf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logBuf, nil))
+	// live: reset is on the host the machine ran on; Reset itself calls
+	// this with a real systemd.
+	must(t, removeBPFFS(host, p.Machine, true, log))
+	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("reset left %s: %v", dir, err)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), dir) {
+		t.Errorf("%s is still mounted", dir)
+	}
+	if !strings.Contains(logBuf.String(), "unmounted") {
+		t.Errorf("reset did not say it unmounted the bpffs:\n%s", logBuf.String())
+	}
+}
