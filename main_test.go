@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -137,6 +138,60 @@ kubernetes:
 		if !strings.Contains(errOut, want) {
 			t.Errorf("output lacks %q:\n%s", want, errOut)
 		}
+	}
+}
+
+// writeReferenceFacts writes render's reference hosts as --facts files:
+// the plain host first, then the GPU host.
+func writeReferenceFacts(t *testing.T) []string {
+	t.Helper()
+	var files []string
+	for i, h := range render.ReferenceHosts() {
+		data, err := json.Marshal(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(t.TempDir(), "host"+strconv.Itoa(i)+".json")
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, p)
+	}
+	return files
+}
+
+// places lists the FILE:LINE:COL: $.path prefixes of the errors in out.
+func places(file, out string) []string {
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(file) + `:\d+:\d+: \$\S*:`)
+	return re.FindAllString(out, -1)
+}
+
+// TestValidateAndApplyAgree runs every bad manifest of the table in
+// manifest/validate_test.go (written to manifest/testdata/invalid) through
+// validate and through apply --dry-run on a reference host: both must exit
+// 2 and name the same lines, columns and paths.
+func TestValidateAndApplyAgree(t *testing.T) {
+	files, err := filepath.Glob("manifest/testdata/invalid/*.yaml")
+	if err != nil || len(files) < 10 {
+		t.Fatalf("want the bad manifests of manifest/testdata/invalid, found %d (%v)", len(files), err)
+	}
+	facts := writeReferenceFacts(t)
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			host := facts[0]
+			if strings.HasSuffix(file, "-on-gpu-host.yaml") {
+				host = facts[1]
+			}
+			vcode, _, vout := cli(t, "", "validate", "-f", file)
+			acode, _, aout := cli(t, "", "apply", "--dry-run", "-f", file, "--facts", host)
+			if vcode != exitBadInput || acode != exitBadInput {
+				t.Fatalf("exit codes: validate %d, apply %d, want %d\n%s\n%s", vcode, acode, exitBadInput, vout, aout)
+			}
+			vp, ap := places(file, vout), places(file, aout)
+			if len(vp) == 0 || strings.Join(vp, "\n") != strings.Join(ap, "\n") {
+				t.Errorf("validate names\n%s\napply names\n%s", vout, aout)
+			}
+		})
 	}
 }
 

@@ -74,6 +74,9 @@ func Load(filename string, data []byte) (*Manifest, error) {
 		return nil, d.errors()
 	}
 	ApplyDefaults(m)
+	// Keep what places a path in the source, not the parsed tree.
+	d.root, d.probs = nil, nil
+	m.src = d
 	return m, nil
 }
 
