@@ -78,6 +78,27 @@ var badManifests = []struct {
 	src   string
 	wants []want
 }{
+	// Kubelet flags travel in one Environment= value, split at whitespace.
+	{"kubelet-arg-space", node("  kubeletArgs: ['--max-pods 10']"),
+		[]want{{8, "'--max-pods", "$.kubernetes.kubeletArgs[0]", "one flag per entry, without spaces"}}},
+	{"kubelet-arg-tab-and-newline", node(`  kubeletArgs: [--v=2, "--a=1\t--b=2", "--c=1\n--d=2"]`),
+		[]want{
+			{8, `"--a`, "$.kubernetes.kubeletArgs[1]", "without spaces, tabs or newlines"},
+			{8, `"--c`, "$.kubernetes.kubeletArgs[2]", "without spaces, tabs or newlines"},
+		}},
+	{"kubelet-arg-quote", node(`  kubeletArgs: ['--node-ip="10.0.0.5"']`),
+		[]want{{8, "'--node-ip", "$.kubernetes.kubeletArgs[0]", "must not contain quotes or backslashes"}}},
+	{"kubelet-arg-backslash", node(`  kubeletArgs: ['--root-dir=/var/lib/kube\let']`),
+		[]want{{8, "'--root-dir", "$.kubernetes.kubeletArgs[0]", "must not contain quotes or backslashes"}}},
+	{"kubelet-arg-not-a-flag", node("  kubeletArgs: [--max-pods=10, -v=2]"),
+		[]want{{8, "-v=2", "$.kubernetes.kubeletArgs[1]", "must be a flag like --max-pods=200"}}},
+
+	// Bind= separates source and target with ':'.
+	{"bind-source-colon", node("machine:", "  binds:", "    - source: /srv/a:b"),
+		[]want{{10, "/srv/a:b", "$.machine.binds[0].source", "must not contain ':'"}}},
+	{"bind-target-colon", node("machine:", "  binds:", "    - {source: /srv, target: '/mnt/x:y'}"),
+		[]want{{10, "'/mnt/x:y'", "$.machine.binds[0].target", "must not contain ':'"}}},
+
 	// Extras that clash with what nodespawn writes: validate renders the
 	// plan on reference hosts and names the step that owns the path.
 	{"machine-file-clashes", machineExtra("storage", "      files:", "        - path: /etc/motd", "        - path: /etc/hostname"),
@@ -113,6 +134,12 @@ var badManifests = []struct {
 		[]want{{16, "true", "$.host.extra.systemd.units[0].enabled", "/etc/systemd/system/multi-user.target.wants/foo.service is also created by $.host.extra.storage.links[0].path (step host:link:/etc/systemd/system/multi-user.target.wants/foo.service)"}}},
 	{"machine-file-clashes" + onGPUHost, machineExtra("storage", "      files: [{path: /etc/containerd/conf.d/10-nvidia.toml}]"),
 		[]want{{11, "/etc/containerd", "$.machine.extra.storage.files[0].path", "(step machine:file:/etc/containerd/conf.d/10-nvidia.toml)"}}},
+
+	// What render used to find out late.
+	{"mirror-with-query", node("components:", "  mirror: https://mirror.example/k8s?token=x"),
+		[]want{{9, "https://mirror", "$.components.mirror", "a mirror base URL has no query or fragment"}}},
+	{"component-base-url-with-fragment", node("components:", "  runc: {baseURL: 'https://mirror.example/#x'}"),
+		[]want{{9, "'https", "$.components.runc.baseURL", "a mirror base URL has no query or fragment"}}},
 }
 
 // validate is what nodespawn validate does.

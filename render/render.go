@@ -121,17 +121,6 @@ func (r *renderer) decide() error {
 	default:
 		r.kvm = r.f.KVM
 	}
-	for i, a := range m.Kubernetes.KubeletArgs {
-		// The flags travel in one Environment= value split on whitespace.
-		if !strings.HasPrefix(a, "--") || strings.ContainsAny(a, " \t\n\"\\'") {
-			return &Error{fmt.Sprintf("$.kubernetes.kubeletArgs[%d]", i), fmt.Sprintf("%q: want one flag like --max-pods=200, without spaces, quotes or backslashes", a)}
-		}
-	}
-	for i, b := range m.Machine.Binds {
-		if strings.Contains(b.Source, ":") || strings.Contains(b.Target, ":") {
-			return &Error{fmt.Sprintf("$.machine.binds[%d]", i), "a bind path cannot contain ':' (systemd-nspawn separates source and target with it)"}
-		}
-	}
 	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
 	r.containerdV3 = majorVersion(m.Components.Containerd.Version) >= 2
 
