@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -192,6 +193,23 @@ func TestValidateAndApplyAgree(t *testing.T) {
 				t.Errorf("validate names\n%s\napply names\n%s", vout, aout)
 			}
 		})
+	}
+}
+
+// TestValidateKeepsOffApplyState: the host paths manifest refuses are the
+// ones package apply uses.
+func TestValidateKeepsOffApplyState(t *testing.T) {
+	data, err := os.ReadFile("examples/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
+		"        - path: " + apply.StateDir + "/result.json\n" +
+		"        - path: " + apply.LockFile + "\n"
+	code, _, out := cli(t, src, "validate", "-f", "-")
+	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+apply.StateDir+" holds nodespawn's own state") ||
+		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") {
+		t.Errorf("exit %d:\n%s", code, out)
 	}
 }
 

@@ -26,7 +26,11 @@ func check(m *Manifest) []problem {
 	return c.probs
 }
 
-type checker struct{ probs []problem }
+type checker struct {
+	probs []problem
+	// inflated counts what gzip-compressed extra files decompress to.
+	inflated int
+}
 
 func (c *checker) add(path, format string, args ...any) {
 	c.probs = append(c.probs, problem{path: path, msg: fmt.Sprintf(format, args...)})
@@ -56,7 +60,7 @@ func (c *checker) machine(mc *Machine) {
 			c.add(index(p+".systemCallFilter", i), "one system call or @group per entry, without spaces")
 		}
 	}
-	c.extra(p+".extra", &mc.Extra)
+	c.extra(p+".extra", &mc.Extra, false)
 }
 
 func (c *checker) bindPath(p, v string) {
@@ -468,5 +472,5 @@ func (c *checker) host(h *Host) {
 			c.add(index(p+".modules", i), "not a kernel module name")
 		}
 	}
-	c.extra(p+".extra", &h.Extra)
+	c.extra(p+".extra", &h.Extra, true)
 }

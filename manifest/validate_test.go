@@ -99,6 +99,51 @@ var badManifests = []struct {
 	{"bind-target-colon", node("machine:", "  binds:", "    - {source: /srv, target: '/mnt/x:y'}"),
 		[]want{{10, "'/mnt/x:y'", "$.machine.binds[0].target", "must not contain ':'"}}},
 
+	// Unit and drop-in names are file names in the unit directory.
+	{"unit-name-traversal", hostExtra("systemd", "      units: [{name: ../../../etc/cron.d/x.service, contents: x}]"),
+		[]want{{11, "../", "$.host.extra.systemd.units[0].name", "unit name must not contain '/'"}}},
+	{"unit-name-empty", machineExtra("systemd", "      units: [{name: '', contents: x}]"),
+		[]want{{11, "''", "$.machine.extra.systemd.units[0].name", "unit name must not be empty"}}},
+	{"unit-name-no-type", machineExtra("systemd", "      units: [{name: kubelet, mask: true}]"),
+		[]want{{11, "kubelet", "$.machine.extra.systemd.units[0].name", "unit name needs a type suffix, like foo.service"}}},
+	{"unit-name-only-type", machineExtra("systemd", "      units: [{name: .service, mask: true}]"),
+		[]want{{11, ".service", "$.machine.extra.systemd.units[0].name", "needs a name before its type suffix"}}},
+	{"unit-name-bad-type", hostExtra("systemd", "      units: [{name: foo.conf, contents: x}, {name: foo.snapshot, contents: x}]"),
+		[]want{
+			{11, "foo.conf", "$.host.extra.systemd.units[0].name", `".conf" is not a unit type; want one of .service, .socket`},
+			{11, "foo.snapshot", "$.host.extra.systemd.units[1].name", `".snapshot" is not a unit type`},
+		}},
+	{"unit-name-space", machineExtra("systemd", "      units: [{name: 'my unit.service', contents: x}]"),
+		[]want{{11, "'my unit", "$.machine.extra.systemd.units[0].name", `unit name may hold only ASCII letters, digits, ':', '-', '_', '.', '\' and '@', not ' '`}}},
+	{"unit-name-non-ascii", hostExtra("systemd", "      units: [{name: café.service, contents: x}]"),
+		[]want{{11, "café", "$.host.extra.systemd.units[0].name", `not 'é'`}}},
+	{"unit-name-leading-at", hostExtra("systemd", "      units: [{name: '@foo.service', contents: x}]"),
+		[]want{{11, "'@foo", "$.host.extra.systemd.units[0].name", "must not start with '@'"}}},
+	{"unit-name-too-long", hostExtra("systemd", "      units: [{name: "+strings.Repeat("u", 248)+".service, contents: x}]"),
+		[]want{{11, "uuu", "$.host.extra.systemd.units[0].name", "unit name must be at most 255 characters"}}},
+	{"dropin-name-not-conf", machineExtra("systemd", "      units: [{name: kubelet.service, dropins: [{name: 20-limits, contents: x}]}]"),
+		[]want{{11, "20-limits", "$.machine.extra.systemd.units[0].dropins[0].name", `drop-in name must end in ".conf"`}}},
+	{"dropin-name-slash", hostExtra("systemd", "      units: [{name: a.service, dropins: [{name: ../../b.service.d/x.conf, contents: x}]}]"),
+		[]want{{11, "../../b", "$.host.extra.systemd.units[0].dropins[0].name", "drop-in name must not contain '/'"}}},
+	{"dropin-name-hidden", machineExtra("systemd", "      units: [{name: a.service, dropins: [{name: .conf, contents: x}]}]"),
+		[]want{{11, ".conf", "$.machine.extra.systemd.units[0].dropins[0].name", "systemd skips hidden files"}}},
+
+	// Extra paths are absolute and clean, hard link targets too.
+	{"file-path-relative", machineExtra("storage", "      files: [{path: etc/motd}]"),
+		[]want{{11, "etc/motd", "$.machine.extra.storage.files[0].path", "must be an absolute path"}}},
+	{"directory-path-unclean", hostExtra("storage", "      directories: [{path: /srv/data/}]"),
+		[]want{{11, "/srv/data/", "$.host.extra.storage.directories[0].path", `must be a clean path (no '..', '.', '//' or trailing '/'); did you mean "/srv/data"?`}}},
+	{"link-path-relative", machineExtra("storage", "      links: [{path: usr/bin/k, target: kubectl}]"),
+		[]want{{11, "usr/bin/k", "$.machine.extra.storage.links[0].path", "must be an absolute path"}}},
+	{"link-path-unclean", hostExtra("storage", "      links: [{path: /usr/local/bin/../k, target: /bin/true}]"),
+		[]want{{11, "/usr/local/bin/../k", "$.host.extra.storage.links[0].path", `did you mean "/usr/local/k"?`}}},
+	{"hard-link-target-relative", machineExtra("storage", "      links: [{path: /etc/k, target: ../../etc/shadow, hard: true}]"),
+		[]want{{11, "../../etc/shadow", "$.machine.extra.storage.links[0].target", "a hard link's target must be an absolute path"}}},
+	{"hard-link-target-unclean", hostExtra("storage", "      links: [{path: /etc/k, target: /etc/./kubernetes, hard: true}]"),
+		[]want{{11, "/etc/./kubernetes", "$.host.extra.storage.links[0].target", `did you mean "/etc/kubernetes"?`}}},
+	{"directory-root", hostExtra("storage", "      directories: [{path: /, mode: 0700}]"),
+		[]want{{11, "/,", "$.host.extra.storage.directories[0].path", "must name something below /"}}},
+
 	// Extras that clash with what nodespawn writes: validate renders the
 	// plan on reference hosts and names the step that owns the path.
 	{"machine-file-clashes", machineExtra("storage", "      files:", "        - path: /etc/motd", "        - path: /etc/hostname"),
@@ -135,7 +180,29 @@ var badManifests = []struct {
 	{"machine-file-clashes" + onGPUHost, machineExtra("storage", "      files: [{path: /etc/containerd/conf.d/10-nvidia.toml}]"),
 		[]want{{11, "/etc/containerd", "$.machine.extra.storage.files[0].path", "(step machine:file:/etc/containerd/conf.d/10-nvidia.toml)"}}},
 
+	// Enabling needs something to enable from.
+	{"machine-unit-enabled-without-contents", machineExtra("systemd", "      units: [{name: foo.service, enabled: true}]"),
+		[]want{{11, "true", "$.machine.extra.systemd.units[0].enabled", "unit foo.service has no contents; nodespawn enables machine units from their [Install] section"}}},
+	{"host-unit-enabled-without-install", hostExtra("systemd", "      units:", "        - name: foo.service", "          enabled: true", `          contents: "[Service]\nExecStart=/bin/true\n"`),
+		[]want{{13, "true", "$.host.extra.systemd.units[0].enabled", "unit foo.service has no WantedBy= or RequiredBy= in its [Install] section"}}},
+	{"machine-unit-enabled-install-without-wantedby", machineExtra("systemd", "      units:", "        - name: foo.service", `          contents: "[Service]\nExecStart=/bin/true\n[Install]\nAlias=bar.service\n"`, "          enabled: true"),
+		[]want{{14, "true", "$.machine.extra.systemd.units[0].enabled", "has no WantedBy= or RequiredBy="}}},
+	{"machine-template-enabled", machineExtra("systemd", "      units:", "        - name: foo@.service", `          contents: "[Service]\nExecStart=/bin/echo %i\n[Install]\nWantedBy=multi-user.target\n"`, "          enabled: true"),
+		[]want{{14, "true", "$.machine.extra.systemd.units[0].enabled", "unit foo@.service is a template, which cannot be enabled by itself; name an instance (like foo@1.service)"}}},
+
+	// nodespawn's own state on the host.
+	{"host-file-in-state-dir", hostExtra("storage", "      files: [{path: /var/lib/nodespawn/result.json}]"),
+		[]want{{11, "/var/lib/nodespawn", "$.host.extra.storage.files[0].path", "/var/lib/nodespawn holds nodespawn's own state"}}},
+	{"host-directory-state-dir", hostExtra("storage", "      directories: [{path: /var/lib/nodespawn, mode: 0777}]"),
+		[]want{{11, "/var/lib/nodespawn", "$.host.extra.storage.directories[0].path", "/var/lib/nodespawn holds nodespawn's own state"}}},
+	{"host-link-lock-file", hostExtra("storage", "      links: [{path: /run/nodespawn.lock, target: /dev/null}]"),
+		[]want{{11, "/run/nodespawn.lock", "$.host.extra.storage.links[0].path", "/run/nodespawn.lock is the lock apply holds while it runs"}}},
+	{"host-link-above-state-dir", hostExtra("storage", "      links: [{path: /var/lib, target: /srv/lib}]"),
+		[]want{{11, "/var/lib,", "$.host.extra.storage.links[0].path", "a file or link here would stand where nodespawn needs the directory /var/lib"}}},
+
 	// What render used to find out late.
+	{"gzip-contents-not-gzip", machineExtra("storage", "      files: [{path: /etc/x, contents: {compression: gzip, source: 'data:,plain'}}]"),
+		[]want{{11, "'data", "$.machine.extra.storage.files[0].contents.source", "compression is gzip, but the data does not decompress"}}},
 	{"mirror-with-query", node("components:", "  mirror: https://mirror.example/k8s?token=x"),
 		[]want{{9, "https://mirror", "$.components.mirror", "a mirror base URL has no query or fragment"}}},
 	{"component-base-url-with-fragment", node("components:", "  runc: {baseURL: 'https://mirror.example/#x'}"),
