@@ -200,6 +200,20 @@ var badManifests = []struct {
 	{"host-link-above-state-dir", hostExtra("storage", "      links: [{path: /var/lib, target: /srv/lib}]"),
 		[]want{{11, "/var/lib,", "$.host.extra.storage.links[0].path", "a file or link here would stand where nodespawn needs the directory /var/lib"}}},
 
+	// Switches given as YAML 1.1 booleans, and other non-strings where one
+	// of a few strings goes.
+	{"switch-true", node("machine:", "  gpu: true"),
+		[]want{{9, "true", "$.machine.gpu", `must be "auto", "on" or "off", not a boolean; write gpu: "on" (quoted), since YAML 1.1 tools turn on/off into true/false`}}},
+	{"switch-false", node("machine: {kvm: false, bpffs: False}"),
+		[]want{
+			{8, "false", "$.machine.kvm", `write kvm: "off" (quoted)`},
+			{8, "False", "$.machine.bpffs", `write bpffs: "off" (quoted)`},
+		}},
+	{"switch-number", node("machine:", "  kvm: 1"),
+		[]want{{9, "1", "$.machine.kvm", `must be "auto", "on" or "off", not a number`}}},
+	{"enum-boolean", node("  taints: [{key: a, effect: true}]"),
+		[]want{{8, "true", "$.kubernetes.taints[0].effect", `must be "NoSchedule", "PreferNoSchedule" or "NoExecute", not a boolean`}}},
+
 	// What render used to find out late.
 	{"gzip-contents-not-gzip", machineExtra("storage", "      files: [{path: /etc/x, contents: {compression: gzip, source: 'data:,plain'}}]"),
 		[]want{{11, "'data", "$.machine.extra.storage.files[0].contents.source", "compression is gzip, but the data does not decompress"}}},
