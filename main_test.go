@@ -3,12 +3,15 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/render"
@@ -56,6 +59,50 @@ func TestExamplesDryRun(t *testing.T) {
 				t.Errorf("%s: JSON plan version %q with %d steps", ex, p.Version, len(p.Steps))
 			}
 		}
+	}
+}
+
+// yaml11Bools are the plain scalars YAML 1.1 tools (PyYAML, Helm,
+// kustomize, sigs.k8s.io/yaml) read as booleans but YAML 1.2 reads as
+// strings: a manifest that goes through such a tool changes meaning.
+var yaml11Bools = regexp.MustCompile(`^(y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$`)
+
+// TestExamplesSurviveYAML11: the examples quote on and off, so that users
+// who copy them into Helm values or kustomize keep strings.
+func TestExamplesSurviveYAML11(t *testing.T) {
+	files, err := filepath.Glob("examples/*.yaml")
+	more, _ := filepath.Glob("examples/cloud-init/*.yaml")
+	if err != nil || len(files) < 4 || len(more) < 2 {
+		t.Fatalf("examples: %v %v (%v)", files, more, err)
+	}
+	var walk func(file string, n *yaml.Node)
+	walk = func(file string, n *yaml.Node) {
+		if n.Kind == yaml.ScalarNode {
+			if n.Style == 0 && yaml11Bools.MatchString(n.Value) {
+				t.Errorf("%s:%d:%d: %s is a boolean to YAML 1.1 tools; quote it", file, n.Line, n.Column, n.Value)
+			}
+			// A manifest embedded in user-data (write_files content).
+			if strings.Contains(n.Value, "apiVersion: nodespawn.dev/") {
+				var doc yaml.Node
+				if err := yaml.Unmarshal([]byte(n.Value), &doc); err == nil {
+					walk(fmt.Sprintf("%s:%d (embedded)", file, n.Line), &doc)
+				}
+			}
+		}
+		for _, c := range n.Content {
+			walk(file, c)
+		}
+	}
+	for _, file := range append(files, more...) {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc yaml.Node
+		if err := yaml.Unmarshal(data, &doc); err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+		walk(file, &doc)
 	}
 }
 
