@@ -127,7 +127,8 @@ changes nothing. Secrets are shown as <redacted>.`,
 			}
 			plan, err := render.Render(m, facts)
 			if err != nil {
-				return err
+				// The same positions validate reports.
+				return render.Locate(m, err)
 			}
 			if dryRun || renderOnly {
 				if output == "json" {
@@ -194,6 +195,12 @@ func newValidateCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "validate",
 		Short: "Check a manifest: schema and semantic checks, every problem with its line and column",
+		Long: `validate checks a manifest without looking at this host: its JSON Schema, the
+rules the schema cannot express, and the plan it renders on reference hosts
+(so an extra file that clashes with one nodespawn writes is caught). It
+reports every problem at once as FILE:LINE:COL: $.path: message and exits 2
+when there is one. What depends on the host (gpu: "on" without a GPU) is
+left to apply.`,
 		Example: `  nodespawn validate -f node.yaml
   cat node.yaml | nodespawn validate -f -`,
 		Args: cobra.NoArgs,
@@ -204,7 +211,13 @@ func newValidateCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if _, err := manifest.Load(name, data); err != nil {
+			m, err := manifest.Load(name, data)
+			if err != nil {
+				return err
+			}
+			// What only the whole plan shows (an extra file where nodespawn
+			// writes one), found on reference hosts, not this one.
+			if err := render.Check(m); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid\n", name)

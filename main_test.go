@@ -3,12 +3,17 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
+	"go.yaml.in/yaml/v3"
+
+	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -54,6 +59,50 @@ func TestExamplesDryRun(t *testing.T) {
 				t.Errorf("%s: JSON plan version %q with %d steps", ex, p.Version, len(p.Steps))
 			}
 		}
+	}
+}
+
+// yaml11Bools are the plain scalars YAML 1.1 tools (PyYAML, Helm,
+// kustomize, sigs.k8s.io/yaml) read as booleans but YAML 1.2 reads as
+// strings: a manifest that goes through such a tool changes meaning.
+var yaml11Bools = regexp.MustCompile(`^(y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$`)
+
+// TestExamplesSurviveYAML11: the examples quote on and off, so that users
+// who copy them into Helm values or kustomize keep strings.
+func TestExamplesSurviveYAML11(t *testing.T) {
+	files, err := filepath.Glob("examples/*.yaml")
+	more, _ := filepath.Glob("examples/cloud-init/*.yaml")
+	if err != nil || len(files) < 4 || len(more) < 2 {
+		t.Fatalf("examples: %v %v (%v)", files, more, err)
+	}
+	var walk func(file string, n *yaml.Node)
+	walk = func(file string, n *yaml.Node) {
+		if n.Kind == yaml.ScalarNode {
+			if n.Style == 0 && yaml11Bools.MatchString(n.Value) {
+				t.Errorf("%s:%d:%d: %s is a boolean to YAML 1.1 tools; quote it", file, n.Line, n.Column, n.Value)
+			}
+			// A manifest embedded in user-data (write_files content).
+			if strings.Contains(n.Value, "apiVersion: nodespawn.dev/") {
+				var doc yaml.Node
+				if err := yaml.Unmarshal([]byte(n.Value), &doc); err == nil {
+					walk(fmt.Sprintf("%s:%d (embedded)", file, n.Line), &doc)
+				}
+			}
+		}
+		for _, c := range n.Content {
+			walk(file, c)
+		}
+	}
+	for _, file := range append(files, more...) {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc yaml.Node
+		if err := yaml.Unmarshal(data, &doc); err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+		walk(file, &doc)
 	}
 }
 
@@ -137,6 +186,77 @@ kubernetes:
 		if !strings.Contains(errOut, want) {
 			t.Errorf("output lacks %q:\n%s", want, errOut)
 		}
+	}
+}
+
+// writeReferenceFacts writes render's reference hosts as --facts files:
+// the plain host first, then the GPU host.
+func writeReferenceFacts(t *testing.T) []string {
+	t.Helper()
+	var files []string
+	for i, h := range render.ReferenceHosts() {
+		data, err := json.Marshal(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(t.TempDir(), "host"+strconv.Itoa(i)+".json")
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, p)
+	}
+	return files
+}
+
+// places lists the FILE:LINE:COL: $.path prefixes of the errors in out.
+func places(file, out string) []string {
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(file) + `:\d+:\d+: \$\S*:`)
+	return re.FindAllString(out, -1)
+}
+
+// TestValidateAndApplyAgree runs every bad manifest of the table in
+// manifest/validate_test.go (written to manifest/testdata/invalid) through
+// validate and through apply --dry-run on a reference host: both must exit
+// 2 and name the same lines, columns and paths.
+func TestValidateAndApplyAgree(t *testing.T) {
+	files, err := filepath.Glob("manifest/testdata/invalid/*.yaml")
+	if err != nil || len(files) < 10 {
+		t.Fatalf("want the bad manifests of manifest/testdata/invalid, found %d (%v)", len(files), err)
+	}
+	facts := writeReferenceFacts(t)
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			host := facts[0]
+			if strings.HasSuffix(file, "-on-gpu-host.yaml") {
+				host = facts[1]
+			}
+			vcode, _, vout := cli(t, "", "validate", "-f", file)
+			acode, _, aout := cli(t, "", "apply", "--dry-run", "-f", file, "--facts", host)
+			if vcode != exitBadInput || acode != exitBadInput {
+				t.Fatalf("exit codes: validate %d, apply %d, want %d\n%s\n%s", vcode, acode, exitBadInput, vout, aout)
+			}
+			vp, ap := places(file, vout), places(file, aout)
+			if len(vp) == 0 || strings.Join(vp, "\n") != strings.Join(ap, "\n") {
+				t.Errorf("validate names\n%s\napply names\n%s", vout, aout)
+			}
+		})
+	}
+}
+
+// TestValidateKeepsOffApplyState: the host paths manifest refuses are the
+// ones package apply uses.
+func TestValidateKeepsOffApplyState(t *testing.T) {
+	data, err := os.ReadFile("examples/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
+		"        - path: " + apply.StateDir + "/result.json\n" +
+		"        - path: " + apply.LockFile + "\n"
+	code, _, out := cli(t, src, "validate", "-f", "-")
+	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+apply.StateDir+" holds nodespawn's own state") ||
+		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") {
+		t.Errorf("exit %d:\n%s", code, out)
 	}
 }
 

@@ -26,7 +26,11 @@ func check(m *Manifest) []problem {
 	return c.probs
 }
 
-type checker struct{ probs []problem }
+type checker struct {
+	probs []problem
+	// inflated counts what gzip-compressed extra files decompress to.
+	inflated int
+}
 
 func (c *checker) add(path, format string, args ...any) {
 	c.probs = append(c.probs, problem{path: path, msg: fmt.Sprintf(format, args...)})
@@ -56,7 +60,7 @@ func (c *checker) machine(mc *Machine) {
 			c.add(index(p+".systemCallFilter", i), "one system call or @group per entry, without spaces")
 		}
 	}
-	c.extra(p+".extra", &mc.Extra)
+	c.extra(p+".extra", &mc.Extra, false)
 }
 
 func (c *checker) bindPath(p, v string) {
@@ -180,6 +184,19 @@ func (c *checker) httpURL(p, v string, httpsOnly bool) {
 	}
 }
 
+// baseURL checks a mirror base URL: the upstream path is appended to it,
+// so a query or fragment would end up in the middle of every URL.
+func (c *checker) baseURL(p, v string) {
+	before := len(c.probs)
+	c.httpURL(p, v, false)
+	if len(c.probs) > before {
+		return
+	}
+	if u, _ := url.Parse(v); u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		c.add(p, "a mirror base URL has no query or fragment (the upstream path is appended to it)")
+	}
+}
+
 var (
 	bootstrapTokenRE = regexp.MustCompile(`^[a-z0-9]{6}\.[a-z0-9]{16}$`)
 	sha256RE         = regexp.MustCompile(`^[0-9a-f]{64}$`)
@@ -232,13 +249,28 @@ func (c *checker) kubernetes(k *Kubernetes) {
 	}
 	c.auth(&k.Auth)
 	for i, a := range k.KubeletArgs {
-		if !strings.HasPrefix(a, "--") || len(a) < 3 {
-			c.add(index(p+".kubeletArgs", i), "must be a flag like --max-pods=200")
+		if msg := kubeletArgProblem(a); msg != "" {
+			c.add(index(p+".kubeletArgs", i), "%s", msg)
 		}
 	}
 	if k.SandboxImage != "" {
 		c.imageRef(p+".sandboxImage", k.SandboxImage)
 	}
+}
+
+// kubeletArgProblem: the flags travel in one quoted Environment= value of
+// a systemd drop-in, which systemd splits at whitespace; a space would cut
+// a flag in two, and a quote or backslash would end or escape the value.
+func kubeletArgProblem(a string) string {
+	switch {
+	case !strings.HasPrefix(a, "--") || len(a) < 3:
+		return "must be a flag like --max-pods=200"
+	case strings.ContainsAny(a, " \t\n\r\v\f"):
+		return "one flag per entry, without spaces, tabs or newlines (like --max-pods=200)"
+	case strings.ContainsAny(a, "\"'\\"):
+		return "must not contain quotes or backslashes: the flags are passed unquoted, so write the value as kubelet should see it"
+	}
+	return ""
 }
 
 func (c *checker) auth(a *Auth) {
@@ -387,7 +419,7 @@ func kubeletLabelProblem(key string) string {
 func (c *checker) components(cs *Components) {
 	const p = "$.components"
 	if cs.Mirror != "" {
-		c.httpURL(p+".mirror", cs.Mirror, false)
+		c.baseURL(p+".mirror", cs.Mirror)
 	}
 	for _, e := range []struct {
 		name string
@@ -411,7 +443,7 @@ func (c *checker) components(cs *Components) {
 			c.httpURL(cp+".url", e.c.URL, false)
 		}
 		if e.c.BaseURL != "" {
-			c.httpURL(cp+".baseURL", e.c.BaseURL, false)
+			c.baseURL(cp+".baseURL", e.c.BaseURL)
 		}
 		if e.c.SHA256 != "" && !sha256RE.MatchString(e.c.SHA256) {
 			c.add(cp+".sha256", "must be 64 lowercase hex digits")
@@ -440,5 +472,5 @@ func (c *checker) host(h *Host) {
 			c.add(index(p+".modules", i), "not a kernel module name")
 		}
 	}
-	c.extra(p+".extra", &h.Extra)
+	c.extra(p+".extra", &h.Extra, true)
 }

@@ -22,17 +22,20 @@ type Error struct {
 	Snippet string
 }
 
-// Error formats the problem as FILE:LINE:COL: PATH: MESSAGE, without the snippet.
+// Error formats the problem as FILE:LINE:COL: PATH: MESSAGE, without the
+// snippet (PATH: MESSAGE when the manifest was not loaded from a source).
 func (e *Error) Error() string {
 	var b strings.Builder
-	b.WriteString(e.File)
-	if e.Line > 0 {
-		fmt.Fprintf(&b, ":%d", e.Line)
-		if e.Col > 0 {
-			fmt.Fprintf(&b, ":%d", e.Col)
+	if e.File != "" {
+		b.WriteString(e.File)
+		if e.Line > 0 {
+			fmt.Fprintf(&b, ":%d", e.Line)
+			if e.Col > 0 {
+				fmt.Fprintf(&b, ":%d", e.Col)
+			}
 		}
+		b.WriteString(": ")
 	}
-	b.WriteString(": ")
 	if e.Path != "" {
 		b.WriteString(e.Path)
 		b.WriteString(": ")
@@ -59,4 +62,20 @@ func (es Errors) Error() string {
 		}
 	}
 	return b.String()
+}
+
+// ErrorAt places a problem found after Load (rendering the plan, say) in the
+// source m was loaded from: msg about the value at the JSON path, with the
+// line, column and snippet of that value, or of the nearest enclosing one
+// the source spells out (a defaulted field has no line of its own). For a
+// manifest not made by Load the error has the path and message only.
+//
+// It exists because the checks that need the whole plan live in package
+// render, which imports this package: render names the JSON path, and only
+// this package knows where that path is written.
+func (m *Manifest) ErrorAt(path, msg string) *Error {
+	if m.src == nil {
+		return &Error{Path: path, Message: msg}
+	}
+	return m.src.place(problem{path: path, msg: msg})
 }

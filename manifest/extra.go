@@ -11,16 +11,30 @@ import (
 	"github.com/vincent-petithory/dataurl"
 )
 
-// extra checks the Ignition-form files, directories, links and units at p:
-// what nodespawn supports, then Ignition's own validation.
-func (c *checker) extra(p string, x *Extra) {
+// Host paths that belong to nodespawn itself: apply keeps its state, result
+// record and download cache under stateDir and takes lockFile while it
+// runs. Package apply owns them (apply.StateDir, apply.LockFile); this
+// package cannot import it, so a test in package main keeps the two in step.
+const (
+	stateDir = "/var/lib/nodespawn"
+	lockFile = "/run/nodespawn.lock"
+)
+
+// maxExtraInflated bounds what the gzip-compressed data: contents of extra
+// files decompress to, all together: render holds every file in memory.
+const maxExtraInflated = 64 << 20
+
+// extra checks the Ignition-form files, directories, links and units at p
+// (the host's when host is true, else the machine's): what nodespawn
+// supports, then Ignition's own validation.
+func (c *checker) extra(p string, x *Extra, host bool) {
 	before := len(c.probs)
 	for i, d := range x.Storage.Directories {
-		c.nodePath(index(p+".storage.directories", i)+".path", d.Path)
+		c.nodePath(index(p+".storage.directories", i)+".path", d.Path, host, true)
 	}
 	for i, f := range x.Storage.Files {
 		fp := index(p+".storage.files", i)
-		c.nodePath(fp+".path", f.Path)
+		c.nodePath(fp+".path", f.Path, host, false)
 		if len(f.Append) > 0 {
 			c.add(fp+".append", "append is not supported; put the whole file in contents")
 		}
@@ -28,10 +42,18 @@ func (c *checker) extra(p string, x *Extra) {
 	}
 	for i, l := range x.Storage.Links {
 		lp := index(p+".storage.links", i)
-		c.nodePath(lp+".path", l.Path)
-		if l.Target == nil || *l.Target == "" {
+		c.nodePath(lp+".path", l.Path, host, false)
+		switch {
+		case l.Target == nil || *l.Target == "":
 			c.add(lp+".target", "a link needs a target")
+		case l.Hard != nil && *l.Hard:
+			// A symbolic link may point anywhere, relative or not; a hard
+			// link's target is opened as a path in the same tree.
+			c.cleanPath(lp+".target", *l.Target, "a hard link's target must be an absolute path")
 		}
+	}
+	for i, u := range x.Systemd.Units {
+		c.unit(index(p+".systemd.units", i), u, host)
 	}
 	ours := map[string]bool{}
 	for _, pr := range c.probs[before:] {
@@ -68,19 +90,75 @@ func (c *checker) extra(p string, x *Extra) {
 	}
 }
 
-func (c *checker) nodePath(p, v string) {
+// nodePath checks the path of an extra file, directory (dir) or link.
+func (c *checker) nodePath(p, v string, host, dir bool) {
+	if !c.cleanPath(p, v, "must be an absolute path") {
+		return
+	}
+	switch {
+	case v == "/":
+		c.add(p, "must name something below /, not / itself")
+	case host && (v == stateDir || inside(v, stateDir)):
+		c.add(p, "%s holds nodespawn's own state (result record, downloads); put your files elsewhere", stateDir)
+	case host && v == lockFile:
+		c.add(p, "%s is the lock apply holds while it runs; choose another path", lockFile)
+	case host && !dir && (inside(stateDir, v) || inside(lockFile, v)):
+		c.add(p, "a file or link here would stand where nodespawn needs the directory %s; choose another path", v)
+	}
+}
+
+// inside reports whether p is strictly inside the directory dir (both clean).
+func inside(p, dir string) bool {
+	return len(p) > len(dir) && p[:len(dir)] == dir && (dir == "/" || p[len(dir)] == '/')
+}
+
+// cleanPath reports whether v is an absolute, clean path, adding notAbs or
+// the cleaning hint when it is not.
+func (c *checker) cleanPath(p, v, notAbs string) bool {
 	switch {
 	case !path.IsAbs(v):
-		c.add(p, "must be an absolute path")
+		c.add(p, "%s", notAbs)
 	case path.Clean(v) != v:
 		c.add(p, "must be a clean path (no '..', '.', '//' or trailing '/'); did you mean %q?", path.Clean(v))
+	default:
+		return true
+	}
+	return false
+}
+
+// unit checks one extra systemd unit at p.
+func (c *checker) unit(p string, u igntypes.Unit, host bool) {
+	if msg := unitNameProblem(u.Name); msg != "" {
+		c.add(p+".name", "%s", msg)
+	}
+	for j, d := range u.Dropins {
+		if msg := dropinNameProblem(d.Name); msg != "" {
+			c.add(index(p+".dropins", j)+".name", "%s", msg)
+		}
+	}
+	if u.Enabled == nil || !*u.Enabled || u.Mask != nil && *u.Mask {
+		return
+	}
+	switch {
+	case u.Contents == nil && host:
+		// Enables a unit the host already has, with systemctl.
+	case u.Contents == nil:
+		c.add(p+".enabled", "unit %s has no contents; nodespawn enables machine units from their [Install] section, so give the unit's contents or add the wants link under machine.extra.storage.links", u.Name)
+	case len(InstallTargets(*u.Contents)) == 0:
+		c.add(p+".enabled", "unit %s has no WantedBy= or RequiredBy= in its [Install] section, so there is nothing to enable it from", u.Name)
+	case isTemplate(u.Name):
+		c.add(p+".enabled", "unit %s is a template, which cannot be enabled by itself; name an instance (like %s) with these contents", u.Name, instanceExample(u.Name))
 	}
 }
 
 // resource accepts what apply can fetch and verify: data: URLs, and http(s)
 // URLs pinned by verification.hash.
 func (c *checker) resource(p string, r igntypes.Resource) {
-	if r.Compression != nil && *r.Compression != "" && *r.Compression != "gzip" {
+	compression := ""
+	if r.Compression != nil {
+		compression = *r.Compression
+	}
+	if compression != "" && compression != "gzip" {
 		c.add(p+".compression", `compression must be "gzip" or empty`)
 	}
 	if r.Source == nil || *r.Source == "" {
@@ -95,8 +173,11 @@ func (c *checker) resource(p string, r igntypes.Resource) {
 	switch u.Scheme {
 	case "data":
 		// The error is not shown: it may quote the file's contents.
-		if _, err := dataurl.DecodeString(src); err != nil {
+		du, err := dataurl.DecodeString(src)
+		if err != nil {
 			c.add(p+".source", "not a valid data: URL (want data:[<mediatype>][;base64],<data>)")
+		} else if compression == "gzip" {
+			c.gunzip(p+".source", du.Data)
 		}
 	case "http", "https":
 		if u.Host == "" {
@@ -109,5 +190,22 @@ func (c *checker) resource(p string, r igntypes.Resource) {
 		c.add(p+".source", "must be a URL: data:, or http(s) with verification.hash")
 	default:
 		c.add(p+".source", "unsupported source scheme %q; use a data: URL, or http(s) with verification.hash", u.Scheme)
+	}
+}
+
+// gunzip checks that data decompresses (gunzip bounds one file), and
+// counts what it inflates to against maxExtraInflated.
+func (c *checker) gunzip(p string, data []byte) {
+	if c.inflated > maxExtraInflated {
+		return // said once
+	}
+	out, err := gunzip(data)
+	if err != nil {
+		c.add(p, "compression is gzip, but the data does not decompress (%v)", err)
+		return
+	}
+	c.inflated += len(out)
+	if c.inflated > maxExtraInflated {
+		c.add(p, "the gzip contents of the extra files decompress to more than %d MiB together", maxExtraInflated>>20)
 	}
 }

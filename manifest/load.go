@@ -74,6 +74,9 @@ func Load(filename string, data []byte) (*Manifest, error) {
 		return nil, d.errors()
 	}
 	ApplyDefaults(m)
+	// Keep what places a path in the source, not the parsed tree.
+	d.root, d.probs = nil, nil
+	m.src = d
 	return m, nil
 }
 
@@ -140,7 +143,7 @@ func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.Validat
 			}
 			return
 		}
-		d.probs = append(d.probs, problem{path: path, msg: d.schemaMessage(path, e.ErrorKind)})
+		d.probs = append(d.probs, problem{path: path, msg: d.schemaMessage(path, schemaAt(sch, d.root, e.InstanceLocation), e.ErrorKind)})
 		flagged = append(flagged, path)
 		prune = append(prune, e.InstanceLocation)
 	}
@@ -169,13 +172,21 @@ func without(v any, loc []string) any {
 	return v
 }
 
-func (d *document) schemaMessage(path string, k jsonschema.ErrorKind) string {
+// schemaMessage words the schema's complaint k about the value at path,
+// whose schema is s (nil when unknown).
+func (d *document) schemaMessage(path string, s *jsonschema.Schema, k jsonschema.ErrorKind) string {
 	switch k := k.(type) {
 	case *kind.Type:
 		msg := fmt.Sprintf("must be %s, not %s", typeNames(k.Want), article(k.Got))
-		if k.Got == "null" && path != "$" {
+		switch {
+		case k.Got == "null" && path != "$":
 			msg += " (the key has no value)"
-		} else if contains(k.Want, "string") && k.Got != "object" && k.Got != "array" && !isSecretPath(path) {
+		case !contains(k.Want, "string") || k.Got == "object" || k.Got == "array" || isSecretPath(path):
+		case s != nil && (s.Enum != nil || s.Const != nil):
+			// Quoting what was written does not help when the quoted
+			// text is not one of the allowed strings either.
+			return choiceMessage(path, s, k.Got, d.raw[path])
+		default:
 			msg += fmt.Sprintf(" (quote it: %q)", d.raw[path])
 		}
 		return msg
@@ -201,6 +212,65 @@ func (d *document) schemaMessage(path string, k jsonschema.ErrorKind) string {
 		return fmt.Sprintf("must be at most %s", k.Want.RatString())
 	}
 	return k.LocalizedString(printer)
+}
+
+// choiceMessage is the message for a boolean or number where one of a few
+// strings (an enum or a const) is wanted. YAML 1.1 tools (PyYAML,
+// sigs.k8s.io/yaml, Helm, kustomize) turn on, off, yes and no into booleans
+// before nodespawn sees them, so gpu: on arrives as gpu: true; the hint
+// names the quoted string that survives them.
+func choiceMessage(path string, s *jsonschema.Schema, got, raw string) string {
+	var allowed []string
+	if s.Enum != nil {
+		for _, v := range s.Enum.Values {
+			allowed = append(allowed, fmt.Sprint(v))
+		}
+	} else {
+		allowed = []string{fmt.Sprint(*s.Const)}
+	}
+	quoted := make([]string, len(allowed))
+	for i, a := range allowed {
+		quoted[i] = strconv.Quote(a)
+	}
+	msg := "must be " + orList(quoted) + ", not " + article(got)
+	if contains(allowed, raw) {
+		return msg + fmt.Sprintf(" (quote it: %q)", raw)
+	}
+	if got != "boolean" || !contains(allowed, "on") || !contains(allowed, "off") {
+		return msg
+	}
+	want := "off"
+	if strings.EqualFold(raw, "true") {
+		want = "on"
+	}
+	write := strconv.Quote(want)
+	if key := lastKey(path); key != "" {
+		write = key + ": " + write
+	}
+	return msg + "; write " + write + " (quoted), since YAML 1.1 tools turn on/off into true/false"
+}
+
+// orList joins words as "a", "a or b", "a, b or c".
+func orList(words []string) string {
+	if len(words) <= 1 {
+		return strings.Join(words, "")
+	}
+	return strings.Join(words[:len(words)-1], ", ") + " or " + words[len(words)-1]
+}
+
+// lastKey is the member name that ends path, or "" when path ends in an
+// array index.
+func lastKey(path string) string {
+	rest := strings.TrimPrefix(path, parent(path))
+	switch {
+	case strings.HasPrefix(rest, "."):
+		return rest[1:]
+	case strings.HasPrefix(rest, "[\""):
+		if key, err := strconv.Unquote(rest[1 : len(rest)-1]); err == nil {
+			return key
+		}
+	}
+	return ""
 }
 
 func contains(list []string, s string) bool {

@@ -24,6 +24,10 @@ type Manifest struct {
 	Kubernetes Kubernetes `json:"kubernetes"`
 	Components Components `json:"components,omitempty"`
 	Host       Host       `json:"host,omitempty"`
+
+	// src is where the manifest was read from, for ErrorAt; nil when the
+	// manifest was not made by Load.
+	src *document
 }
 
 // Switch is a tri-state for auto-detected features: "auto" (use it when the

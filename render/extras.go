@@ -1,7 +1,6 @@
 package render
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"fmt"
@@ -17,7 +16,8 @@ import (
 
 // renderExtras turns the manifest's Ignition-form files, directories, links and
 // units into steps: the host's in the host phase, the machine's inside the
-// rootfs in the machine phase.
+// rootfs in the machine phase. Each step remembers the manifest entry it
+// comes from, so a clash with another step is reported there.
 func (r *renderer) renderExtras() error {
 	if err := r.extra(PhaseHost, "$.host.extra", r.m.Host.Extra, func(p string) string { return p }); err != nil {
 		return err
@@ -26,9 +26,10 @@ func (r *renderer) renderExtras() error {
 }
 
 func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(string) string) error {
-	for _, d := range x.Storage.Directories {
+	for i, d := range x.Storage.Directories {
 		s := r.dir(ph, place(d.Path), uint32(intOr(d.Mode, 0o755)), "extra directory "+d.Path)
 		s.Directory.Owner = owner(d.Node)
+		s.from(fmt.Sprintf("%s.storage.directories[%d].path", at, i))
 	}
 	for i, f := range x.Storage.Files {
 		where := fmt.Sprintf("%s.storage.files[%d]", at, i)
@@ -43,8 +44,9 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 		// provisioner that converges on reruns owns its files instead, and
 		// an explicit overwrite: false keeps what is there.
 		s.File.Overwrite = f.Overwrite == nil || *f.Overwrite
+		s.from(where + ".path")
 	}
-	for _, l := range x.Storage.Links {
+	for i, l := range x.Storage.Links {
 		target := ""
 		if l.Target != nil {
 			target = *l.Target
@@ -56,87 +58,49 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 			s.Link.Target = place(target)
 		}
 		s.Link.Owner = owner(l.Node)
+		s.from(fmt.Sprintf("%s.storage.links[%d].path", at, i))
 	}
 	for i, u := range x.Systemd.Units {
-		if err := r.unit(ph, fmt.Sprintf("%s.systemd.units[%d]", at, i), u, place); err != nil {
-			return err
-		}
+		r.unit(ph, fmt.Sprintf("%s.systemd.units[%d]", at, i), u, place)
 	}
 	return nil
 }
 
-func (r *renderer) unit(ph Phase, at string, u igntypes.Unit, place func(string) string) error {
+// unit writes, masks or enables one extra unit. Load has refused what
+// cannot be enabled: a machine unit without contents, a unit without an
+// [Install] target, a template.
+func (r *renderer) unit(ph Phase, at string, u igntypes.Unit, place func(string) string) {
 	unitPath := path.Join(unitDir, u.Name)
 	if u.Mask != nil && *u.Mask {
-		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name)
-		return nil
+		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name).from(at + ".mask")
+		return
 	}
 	if u.Contents != nil {
-		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name)
+		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name).from(at + ".name")
 	}
-	for _, d := range u.Dropins {
+	for j, d := range u.Dropins {
 		if d.Contents == nil {
 			continue
 		}
 		p := path.Join(unitDir, u.Name+".d", d.Name)
-		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name)
+		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name).from(fmt.Sprintf("%s.dropins[%d].name", at, j))
 	}
 	if u.Enabled == nil || !*u.Enabled {
-		return nil
+		return
 	}
 	if u.Contents == nil {
 		if ph == PhaseHost {
-			r.systemd("enable", u.Name, "start:systemd:daemon-reload")
-			return nil
+			r.systemd("enable", u.Name, "start:systemd:daemon-reload").from(at + ".enabled")
 		}
-		return &Error{at + ".enabled", fmt.Sprintf("unit %s has no contents; nodespawn enables machine units from their [Install] section, so give the unit's contents or add the wants link under machine.extra.storage.links", u.Name)}
+		return
 	}
-	targets := installTargets(*u.Contents)
-	if len(targets) == 0 {
-		return &Error{at + ".enabled", fmt.Sprintf("unit %s has no WantedBy= or RequiredBy= in its [Install] section, so there is nothing to enable it from", u.Name)}
+	for _, t := range manifest.InstallTargets(*u.Contents) {
+		dir := t.Target + ".wants"
+		if t.Requires {
+			dir = t.Target + ".requires"
+		}
+		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target).from(at + ".enabled")
 	}
-	for _, t := range targets {
-		dir := t.target + ".wants"
-		if t.requires {
-			dir = t.target + ".requires"
-		}
-		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.target)
-	}
-	return nil
-}
-
-type installTarget struct {
-	target   string
-	requires bool
-}
-
-// installTargets reads WantedBy= and RequiredBy= from a unit's [Install] section.
-func installTargets(contents string) []installTarget {
-	var out []installTarget
-	section := ""
-	sc := bufio.NewScanner(strings.NewReader(contents))
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]") {
-			section = line
-			continue
-		}
-		if section != "[Install]" {
-			continue
-		}
-		key, val, ok := strings.Cut(line, "=")
-		if !ok {
-			continue
-		}
-		key = strings.TrimSpace(key)
-		if key != "WantedBy" && key != "RequiredBy" {
-			continue
-		}
-		for _, t := range strings.Fields(val) {
-			out = append(out, installTarget{t, key == "RequiredBy"})
-		}
-	}
-	return out
 }
 
 // fileContents decodes an Ignition file's contents: data: URLs (optionally

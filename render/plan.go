@@ -92,7 +92,15 @@ type Step struct {
 	Download  *Download  `json:"download,omitempty"`
 	Systemd   *Systemd   `json:"systemd,omitempty"`
 	Wait      *Wait      `json:"wait,omitempty"`
+
+	// origin is the JSON path of the manifest entry an extra step comes
+	// from, where a clash with another step is reported; empty for the
+	// steps nodespawn generates. It is not part of the plan's data.
+	origin string
 }
+
+// from records the manifest entry the step comes from.
+func (s *Step) from(manifestPath string) { s.origin = manifestPath }
 
 // Owner is a numeric owner, or names resolved against the target root's
 // /etc/passwd and /etc/group (the rootfs's own for rootfs paths) at apply time.

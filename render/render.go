@@ -32,9 +32,10 @@ func header(comment string) string {
 // MachinesDir is where nspawn machines' root directories live.
 const MachinesDir = "/var/lib/machines"
 
-// Error is a render failure caused by the manifest asking for something this
-// host cannot give (a GPU on a host without one, say). Path is the manifest
-// field at fault.
+// Error is a render failure caused by the manifest: it asks for something
+// this host cannot give (a GPU on a host without one, say), or one of its
+// extra entries clashes with another step of the plan. Path is the JSON path
+// of the manifest field at fault (facts.* when the host's facts are).
 type Error struct {
 	Path string
 	Msg  string
@@ -43,7 +44,10 @@ type Error struct {
 func (e *Error) Error() string { return e.Path + ": " + e.Msg }
 
 // Render builds the plan for manifest m on the host described by f. The
-// manifest must have been loaded by manifest.Load (validated and defaulted).
+// manifest must have been loaded by manifest.Load (validated and defaulted):
+// render trusts it and checks only what depends on the host or on the
+// whole plan. Errors are *Error values (joined when there are several);
+// Locate places them in the manifest's source.
 func Render(m *manifest.Manifest, f Facts) (*Plan, error) {
 	r := &renderer{m: m, f: f}
 	if err := r.decide(); err != nil {
@@ -56,7 +60,7 @@ func Render(m *manifest.Manifest, f Facts) (*Plan, error) {
 		}
 	}
 	sortByPhase(r.plan.Steps)
-	if err := checkUnique(r.plan.Steps); err != nil {
+	if err := r.checkClaims(); err != nil {
 		return nil, err
 	}
 	return &r.plan, nil
@@ -116,17 +120,6 @@ func (r *renderer) decide() error {
 	case manifest.SwitchOff:
 	default:
 		r.kvm = r.f.KVM
-	}
-	for i, a := range m.Kubernetes.KubeletArgs {
-		// The flags travel in one Environment= value split on whitespace.
-		if !strings.HasPrefix(a, "--") || strings.ContainsAny(a, " \t\n\"\\'") {
-			return &Error{fmt.Sprintf("$.kubernetes.kubeletArgs[%d]", i), fmt.Sprintf("%q: want one flag like --max-pods=200, without spaces, quotes or backslashes", a)}
-		}
-	}
-	for i, b := range m.Machine.Binds {
-		if strings.Contains(b.Source, ":") || strings.Contains(b.Target, ":") {
-			return &Error{fmt.Sprintf("$.machine.binds[%d]", i), "a bind path cannot contain ':' (systemd-nspawn separates source and target with it)"}
-		}
 	}
 	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
 	r.containerdV3 = majorVersion(m.Components.Containerd.Version) >= 2
@@ -249,39 +242,6 @@ func sortByPhase(steps []Step) {
 		rank[p] = i
 	}
 	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })
-}
-
-// checkUnique rejects two steps with the same id, which means two parts of
-// the manifest (an extra file and a generated one, say) claim one path.
-func checkUnique(steps []Step) error {
-	seen := map[string]bool{}
-	paths := map[string]string{}
-	for _, s := range steps {
-		if seen[s.ID] {
-			return &Error{"$", fmt.Sprintf("two steps have the id %q", s.ID)}
-		}
-		seen[s.ID] = true
-		if p := s.targetPath(); p != "" {
-			if other, ok := paths[p]; ok {
-				return &Error{"$", fmt.Sprintf("%s is written by both %s and %s; remove it from the manifest's extra files", p, other, s.ID)}
-			}
-			paths[p] = s.ID
-		}
-	}
-	return nil
-}
-
-// targetPath is the path a file, directory or link step creates.
-func (s *Step) targetPath() string {
-	switch {
-	case s.File != nil:
-		return s.File.Path
-	case s.Directory != nil:
-		return s.Directory.Path
-	case s.Link != nil:
-		return s.Link.Path
-	}
-	return ""
 }
 
 func majorVersion(v string) int {

@@ -275,13 +275,33 @@ func TestGPUImageChosenOnGPUHost(t *testing.T) {
 	}
 }
 
+// TestExtraFileClashesWithGenerated: a clash is reported at the extra
+// entry, naming the generated step that owns the path; validate and apply
+// turn the path into a line and column (see manifest/validate_test.go).
 func TestExtraFileClashesWithGenerated(t *testing.T) {
 	m := loadManifest(t, "minimal")
 	src := "data:,x"
-	m.Host.Extra.Storage.Files = append(m.Host.Extra.Storage.Files, extraFile("/etc/systemd/nspawn/kube1.nspawn", src))
+	m.Host.Extra.Storage.Files = append(m.Host.Extra.Storage.Files,
+		extraFile("/etc/motd", src), extraFile("/etc/systemd/nspawn/kube1.nspawn", src))
+	m.Machine.Extra.Storage.Files = append(m.Machine.Extra.Storage.Files, extraFile("/etc/hostname", src))
 	_, err := render.Render(m, loadFacts(t, "cpu"))
-	var rerr *render.Error
-	if !errors.As(err, &rerr) || !strings.Contains(rerr.Msg, "/etc/systemd/nspawn/kube1.nspawn") {
-		t.Fatalf("got %v, want a clash naming the path", err)
+	want := []render.Error{
+		{Path: "$.host.extra.storage.files[1].path", Msg: "/etc/systemd/nspawn/kube1.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube1.nspawn)"},
+		{Path: "$.machine.extra.storage.files[0].path", Msg: "/etc/hostname is also created by nodespawn (step machine:file:/etc/hostname)"},
+	}
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok || len(j.Unwrap()) != len(want) {
+		t.Fatalf("got %v, want %d clashes", err, len(want))
+	}
+	for i, e := range j.Unwrap() {
+		var rerr *render.Error
+		if !errors.As(e, &rerr) || *rerr != want[i] {
+			t.Errorf("clash %d: got %v, want %v", i, e, &want[i])
+		}
+	}
+	// Located in a manifest not made by Load, the errors keep their paths.
+	var es manifest.Errors
+	if !errors.As(render.Locate(m, err), &es) || len(es) != 2 || es[0].Path != want[0].Path {
+		t.Errorf("Locate: %v", es)
 	}
 }
