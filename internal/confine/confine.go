@@ -618,6 +618,7 @@ func (r *Root) mkdirAll(p string, mode os.FileMode, uid, gid int, fix bool) erro
 	for i, el := range elems {
 		prefix := strings.Join(elems[:i+1], "/")
 		leaf := i == len(elems)-1
+		made := false
 		next, err := r.openat2(prefix, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 		if errors.Is(err, unix.ENOENT) {
 			// fd is the directory the prefix's parent resolved to.
@@ -628,13 +629,15 @@ func (r *Root) mkdirAll(p string, mode os.FileMode, uid, gid int, fix bool) erro
 			merr := mkdirAt(fd, el, m, u, g)
 			switch {
 			case merr == nil:
+				made = true
 				if err := syncFD(fd, r.Show(path.Dir("/"+prefix))); err != nil {
 					return err
 				}
 				next, err = unix.Openat(fd, el, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 			case errors.Is(merr, unix.EEXIST):
-				// Made meanwhile by another step, or a symlink that
-				// leads nowhere inside the root.
+				// Made meanwhile by a concurrent caller (with its own
+				// mode, which the leaf's is applied over below), or a
+				// symlink that leads nowhere inside the root.
 				next, err = r.openat2(prefix, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 				if errors.Is(err, unix.ENOENT) {
 					return r.pathErr("mkdir", p, fmt.Errorf("%s exists but does not lead to a directory inside the root (a dangling symlink?)", r.Show(prefix)))
@@ -642,12 +645,6 @@ func (r *Root) mkdirAll(p string, mode os.FileMode, uid, gid int, fix bool) erro
 			default:
 				return r.pathErr("mkdir", prefix, merr)
 			}
-			if err != nil {
-				return r.pathErr("mkdir", prefix, err)
-			}
-			unix.Close(fd)
-			fd = next
-			continue
 		}
 		if errors.Is(err, unix.ENOTDIR) {
 			return r.pathErr("mkdir", p, fmt.Errorf("%s exists and is not a directory", r.Show(prefix)))
@@ -657,7 +654,7 @@ func (r *Root) mkdirAll(p string, mode os.FileMode, uid, gid int, fix bool) erro
 		}
 		unix.Close(fd)
 		fd = next
-		if leaf && fix {
+		if leaf && fix && !made {
 			var st unix.Stat_t
 			if err := unix.Fstat(fd, &st); err != nil {
 				return r.pathErr("mkdir", p, err)
