@@ -17,6 +17,7 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -65,11 +66,11 @@ func (s *sourceFlags) load(ctx context.Context, stdin io.Reader) (*manifest.Mani
 
 // facts returns the host's facts: probed, or read from a file (to review
 // the plan for another host).
-func loadFacts(ctx context.Context, factsFile, root string) (render.Facts, error) {
+func loadFacts(ctx context.Context, factsFile, root string) (plan.Facts, error) {
 	if factsFile == "" {
 		return probe.Gather(ctx, probe.Options{Root: root})
 	}
-	var f render.Facts
+	var f plan.Facts
 	data, err := os.ReadFile(factsFile)
 	if err != nil {
 		return f, usageError{fmt.Errorf("read facts: %w", err)}
@@ -125,21 +126,21 @@ changes nothing. Secrets are shown as <redacted>.`,
 			if err != nil {
 				return err
 			}
-			plan, err := render.Render(m, facts)
+			p, err := render.Plan(m, facts)
 			if err != nil {
 				// The same positions validate reports.
 				return render.Locate(m, err)
 			}
 			if dryRun || renderOnly {
 				if output == "json" {
-					return render.WriteJSON(cmd.OutOrStdout(), plan)
+					return plan.WriteJSON(cmd.OutOrStdout(), p)
 				}
-				return render.WriteText(cmd.OutOrStdout(), plan)
+				return plan.WriteText(cmd.OutOrStdout(), p)
 			}
 			if factsFile != "" {
 				return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
 			}
-			for _, w := range plan.Warnings {
+			for _, w := range p.Warnings {
 				slog.Warn(w)
 			}
 			deps, err := apply.DefaultDeps(root, slog.Default())
@@ -150,7 +151,7 @@ changes nothing. Secrets are shown as <redacted>.`,
 			if err != nil {
 				return err
 			}
-			res, err := apply.Run(ctx, plan, apply.Options{
+			res, err := apply.Run(ctx, p, apply.Options{
 				Root:           root,
 				ManifestDigest: canonical.String(),
 				SourceDigest:   digest.FromBytes(data).String(),
@@ -164,11 +165,11 @@ changes nothing. Secrets are shown as <redacted>.`,
 			}
 			switch {
 			case res.AlreadyApplied:
-				fmt.Fprintf(cmd.OutOrStdout(), "already applied: machine %s, node %s\n", plan.Machine, plan.NodeName)
+				fmt.Fprintf(cmd.OutOrStdout(), "already applied: machine %s, node %s\n", p.Machine, p.NodeName)
 			case root != "/":
-				fmt.Fprintf(cmd.OutOrStdout(), "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", plan.Machine, root)
+				fmt.Fprintf(cmd.OutOrStdout(), "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", p.Machine, root)
 			default:
-				fmt.Fprintf(cmd.OutOrStdout(), "applied: machine %s is running node %s\n", plan.Machine, plan.NodeName)
+				fmt.Fprintf(cmd.OutOrStdout(), "applied: machine %s is running node %s\n", p.Machine, p.NodeName)
 			}
 			return nil
 		},

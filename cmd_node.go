@@ -11,6 +11,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/schema"
 )
@@ -96,7 +97,7 @@ func newInstallCmd() *cobra.Command {
 
 // storedPlan renders again the plan of the manifest the last apply stored,
 // so reset removes exactly what that apply wrote.
-func storedPlan(ctx context.Context, root string) (*render.Plan, error) {
+func storedPlan(ctx context.Context, root string) (*plan.Plan, error) {
 	data, err := apply.StoredManifest(root)
 	if err != nil {
 		return nil, usageError{fmt.Errorf("%w; or give --machine NAME", err)}
@@ -109,5 +110,5 @@ func storedPlan(ctx context.Context, root string) (*render.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	return render.Render(m, facts)
+	return render.Plan(m, facts)
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -146,7 +147,7 @@ func newVersionCmd() *cobra.Command {
 		Short: "Print the nodespawn version and the manifest and plan formats it understands",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintf(cmd.OutOrStdout(), "nodespawn %s\nmanifest %s\nplan %s\n", version, manifest.APIVersion, render.PlanVersion)
+			fmt.Fprintf(cmd.OutOrStdout(), "nodespawn %s\nmanifest %s\nplan %s\n", version, manifest.APIVersion, plan.Version)
 			return nil
 		},
 	}

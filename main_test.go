@@ -14,6 +14,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -51,11 +52,11 @@ func TestExamplesDryRun(t *testing.T) {
 			if code != 0 {
 				t.Fatalf("%s -o json: exit %d: %s", ex, code, errOut)
 			}
-			var p render.Plan
+			var p plan.Plan
 			if err := json.Unmarshal([]byte(out), &p); err != nil {
 				t.Fatalf("%s: -o json does not parse: %v", ex, err)
 			}
-			if p.Version != render.PlanVersion || len(p.Steps) == 0 {
+			if p.Version != plan.Version || len(p.Steps) == 0 {
 				t.Errorf("%s: JSON plan version %q with %d steps", ex, p.Version, len(p.Steps))
 			}
 		}

@@ -1,4 +1,4 @@
-// Package apply executes a render.Plan against a root directory, once.
+// Package apply executes a plan.Plan against a root directory, once.
 //
 // Run takes a lock, compares the plan with the result record of the last
 // run, and executes the steps phase by phase. Every step first checks what
@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // StateDir is where apply keeps its record, relative to the root.
@@ -102,7 +102,7 @@ type Result struct {
 
 // Run applies p against opts.Root. It returns a *StepError when a step
 // failed (ExitCode maps errors to exit codes).
-func Run(ctx context.Context, p *render.Plan, opts Options) (*Result, error) {
+func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 	opts = withDefaults(opts)
 	log := opts.Log
 	if opts.ManifestDigest == "" {

@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files under testdata/")
@@ -228,8 +228,8 @@ func TestSecondRunChangesNothing(t *testing.T) {
 		for _, s := range res.Record.Steps {
 			// Host and systemd fakes cannot know the state before; the
 			// steps apply checks itself must all find nothing to do.
-			checked := s.Kind == render.KindFile || s.Kind == render.KindDirectory || s.Kind == render.KindLink ||
-				s.Kind == render.KindImage || s.Kind == render.KindDownload || s.Kind == render.KindWait
+			checked := s.Kind == plan.KindFile || s.Kind == plan.KindDirectory || s.Kind == plan.KindLink ||
+				s.Kind == plan.KindImage || s.Kind == plan.KindDownload || s.Kind == plan.KindWait
 			if checked && s.Outcome != OutcomeUnchanged {
 				t.Errorf("step %s: %s, want unchanged (%s)", s.ID, s.Outcome, s.Error)
 			}
@@ -374,8 +374,8 @@ func TestHostStepsSkippedWithoutDeps(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range res.Record.Steps {
-		hostKind := s.Kind == render.KindModules || s.Kind == render.KindSysctl || s.Kind == render.KindNftFlush ||
-			s.Kind == render.KindSystemd || s.Kind == render.KindWait
+		hostKind := s.Kind == plan.KindModules || s.Kind == plan.KindSysctl || s.Kind == plan.KindNftFlush ||
+			s.Kind == plan.KindSystemd || s.Kind == plan.KindWait
 		if hostKind != (s.Outcome == OutcomeSkipped) {
 			t.Errorf("step %s (%s): %s", s.ID, s.Kind, s.Outcome)
 		}

@@ -5,7 +5,7 @@ import (
 	"errors"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Deps are the implementations behind the steps apply does not do itself.
@@ -25,7 +25,7 @@ type ImagePuller interface {
 	// complete, verified rootfs, staging it and renaming it into place so
 	// a crash never leaves a half-made tree there. changed is false when
 	// dest already held the image.
-	Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (changed bool, err error)
+	Pull(ctx context.Context, img *plan.Image, root *confine.Root, dest string) (changed bool, err error)
 }
 
 // Downloader fetches verified artifacts (Download steps) and remote file
@@ -38,10 +38,10 @@ type Downloader interface {
 	// and again if one of those changed something meanwhile. When dest
 	// already holds the artifact, Fetch may download nothing; a second
 	// Fetch of an artifact already verified must not download it again.
-	Fetch(ctx context.Context, d *render.Download, root *confine.Root, dest string) (Artifact, error)
+	Fetch(ctx context.Context, d *plan.Download, root *confine.Root, dest string) (Artifact, error)
 	// Contents fetches src and decompresses it per src.Compression. Apply
 	// checks src.Hash (Ignition's, over the decompressed file) itself.
-	Contents(ctx context.Context, src *render.Source) ([]byte, error)
+	Contents(ctx context.Context, src *plan.Source) ([]byte, error)
 }
 
 // Artifact is a fetched and verified download waiting to be installed.
@@ -60,7 +60,7 @@ type Artifact interface {
 type Host interface {
 	EnsurePackages(ctx context.Context, names []string, install bool) error
 	LoadModules(ctx context.Context, names []string) error
-	ApplySysctls(ctx context.Context, values []render.KeyValue) error
+	ApplySysctls(ctx context.Context, values []plan.KeyValue) error
 	FlushNftables(ctx context.Context) error
 	DisableSwap(ctx context.Context, fstab string) error
 }

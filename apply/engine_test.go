@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // signalHandler is a slog handler that closes a channel when a message
@@ -143,7 +143,7 @@ func TestDownloadsFetchWhileImagePulls(t *testing.T) {
 }
 
 func TestWait(t *testing.T) {
-	w := &render.Wait{Machine: "kube1", Units: []string{"containerd.service", "kubelet.service"}, TimeoutSeconds: 1}
+	w := &plan.Wait{Machine: "kube1", Units: []string{"containerd.service", "kubelet.service"}, TimeoutSeconds: 1}
 	tests := []struct {
 		name          string
 		registerAfter int
@@ -198,26 +198,26 @@ func TestWait(t *testing.T) {
 }
 
 func TestValidatePlan(t *testing.T) {
-	file := func(id string, ph render.Phase, after ...string) render.Step {
-		return render.Step{ID: id, Phase: ph, Kind: render.KindFile, After: after, File: &render.File{Path: "/x"}}
+	file := func(id string, ph plan.Phase, after ...string) plan.Step {
+		return plan.Step{ID: id, Phase: ph, Kind: plan.KindFile, After: after, File: &plan.File{Path: "/x"}}
 	}
 	tests := []struct {
 		name  string
-		steps []render.Step
+		steps []plan.Step
 		want  string
 	}{
-		{"ok", []render.Step{file("a", render.PhaseHost), file("b", render.PhaseMachine, "a"), file("c", render.PhaseMachine, "b")}, ""},
-		{"duplicate", []render.Step{file("a", render.PhaseHost), file("a", render.PhaseHost)}, "appears twice"},
-		{"unknown after", []render.Step{file("a", render.PhaseHost, "zz")}, "unknown step zz"},
-		{"later phase", []render.Step{file("a", render.PhaseHost, "b"), file("b", render.PhaseStart)}, "later phase"},
-		{"cycle", []render.Step{file("a", render.PhaseHost, "b"), file("b", render.PhaseHost, "a")}, "cycle"},
-		{"no payload", []render.Step{{ID: "a", Phase: render.PhaseHost, Kind: render.KindLink}}, "without its link payload"},
-		{"bad phase", []render.Step{{ID: "a", Phase: "later", Kind: render.KindNftFlush}}, "unknown phase"},
-		{"no id", []render.Step{{Phase: render.PhaseHost, Kind: render.KindNftFlush}}, "has no id"},
+		{"ok", []plan.Step{file("a", plan.PhaseHost), file("b", plan.PhaseMachine, "a"), file("c", plan.PhaseMachine, "b")}, ""},
+		{"duplicate", []plan.Step{file("a", plan.PhaseHost), file("a", plan.PhaseHost)}, "appears twice"},
+		{"unknown after", []plan.Step{file("a", plan.PhaseHost, "zz")}, "unknown step zz"},
+		{"later phase", []plan.Step{file("a", plan.PhaseHost, "b"), file("b", plan.PhaseStart)}, "later phase"},
+		{"cycle", []plan.Step{file("a", plan.PhaseHost, "b"), file("b", plan.PhaseHost, "a")}, "cycle"},
+		{"no payload", []plan.Step{{ID: "a", Phase: plan.PhaseHost, Kind: plan.KindLink}}, "without its link payload"},
+		{"bad phase", []plan.Step{{ID: "a", Phase: "later", Kind: plan.KindNftFlush}}, "unknown phase"},
+		{"no id", []plan.Step{{Phase: plan.PhaseHost, Kind: plan.KindNftFlush}}, "has no id"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := validatePlan(&render.Plan{Version: render.PlanVersion, Steps: tt.steps})
+			err := validatePlan(&plan.Plan{Version: plan.Version, Steps: tt.steps})
 			if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
 				t.Errorf("validatePlan = %v, want %q", err, tt.want)
 			}

@@ -4,14 +4,14 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // StepError is a step that failed. Its message names the step; the wrapped
 // error names the path, URL or command and what it reported.
 type StepError struct {
 	ID   string
-	Kind render.Kind
+	Kind plan.Kind
 	Err  error
 }
 

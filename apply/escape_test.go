@@ -18,6 +18,7 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -39,7 +40,7 @@ type writeKind struct {
 	name   string
 	via    string // directory in the image the write goes through
 	target string // the path written, inside the machine
-	steps  func(srvURL string) []render.Step
+	steps  func(srvURL string) []plan.Step
 }
 
 // canaryBody is what the canary file holds; a file step writes the same
@@ -49,37 +50,37 @@ const canaryBody = "canary: must never change\n"
 
 func escKinds() []writeKind {
 	img := []string{"rootfs:image"}
-	step := func(id string, ph render.Phase, s render.Step) render.Step {
+	step := func(id string, ph plan.Phase, s plan.Step) plan.Step {
 		s.ID, s.Phase, s.After = id, ph, img
 		return s
 	}
 	return []writeKind{
-		{name: "file", via: "/etc/kubernetes", target: "/etc/kubernetes/bootstrap-kubeconfig", steps: func(string) []render.Step {
-			return []render.Step{step("machine:file", render.PhaseMachine, render.Step{Kind: render.KindFile, File: &render.File{
+		{name: "file", via: "/etc/kubernetes", target: "/etc/kubernetes/bootstrap-kubeconfig", steps: func(string) []plan.Step {
+			return []plan.Step{step("machine:file", plan.PhaseMachine, plan.Step{Kind: plan.KindFile, File: &plan.File{
 				Path: escRootfs + "/etc/kubernetes/bootstrap-kubeconfig", Mode: 0o600, Contents: "token: s3cr3t\n", Overwrite: true, Secret: true}})}
 		}},
-		{name: "directory", via: "/var/lib/kubelet", target: "/var/lib/kubelet/pods", steps: func(string) []render.Step {
-			return []render.Step{step("machine:directory", render.PhaseMachine, render.Step{Kind: render.KindDirectory, Directory: &render.Directory{
-				Path: escRootfs + "/var/lib/kubelet/pods", Mode: 0o700, Owner: render.Owner{UID: 4242, GID: 4242}}})}
+		{name: "directory", via: "/var/lib/kubelet", target: "/var/lib/kubelet/pods", steps: func(string) []plan.Step {
+			return []plan.Step{step("machine:directory", plan.PhaseMachine, plan.Step{Kind: plan.KindDirectory, Directory: &plan.Directory{
+				Path: escRootfs + "/var/lib/kubelet/pods", Mode: 0o700, Owner: plan.Owner{UID: 4242, GID: 4242}}})}
 		}},
-		{name: "link", via: "/etc/systemd/system/multi-user.target.wants", target: "/etc/systemd/system/multi-user.target.wants/kubelet.service", steps: func(string) []render.Step {
-			return []render.Step{step("machine:link", render.PhaseMachine, render.Step{Kind: render.KindLink, Link: &render.Link{
+		{name: "link", via: "/etc/systemd/system/multi-user.target.wants", target: "/etc/systemd/system/multi-user.target.wants/kubelet.service", steps: func(string) []plan.Step {
+			return []plan.Step{step("machine:link", plan.PhaseMachine, plan.Step{Kind: plan.KindLink, Link: &plan.Link{
 				Path: escRootfs + "/etc/systemd/system/multi-user.target.wants/kubelet.service", Target: "/etc/systemd/system/kubelet.service"}})}
 		}},
-		{name: "download install", via: "/usr/local/bin", target: "/usr/local/bin/kubelet", steps: func(u string) []render.Step {
-			return []render.Step{step("rootfs:download:kubelet", render.PhaseRootfs, render.Step{Kind: render.KindDownload, Download: &render.Download{
+		{name: "download install", via: "/usr/local/bin", target: "/usr/local/bin/kubelet", steps: func(u string) []plan.Step {
+			return []plan.Step{step("rootfs:download:kubelet", plan.PhaseRootfs, plan.Step{Kind: plan.KindDownload, Download: &plan.Download{
 				Name: "kubelet", URL: u + "/kubelet", SHA256: sha256Hex(escKubelet), Dest: escRootfs + "/usr/local/bin/kubelet", Mode: 0o755}})}
 		}},
-		{name: "archive extract", via: "/opt/cni", target: "/opt/cni/bin", steps: func(u string) []render.Step {
-			return []render.Step{step("rootfs:download:cni", render.PhaseRootfs, render.Step{Kind: render.KindDownload, Download: &render.Download{
+		{name: "archive extract", via: "/opt/cni", target: "/opt/cni/bin", steps: func(u string) []plan.Step {
+			return []plan.Step{step("rootfs:download:cni", plan.PhaseRootfs, plan.Step{Kind: plan.KindDownload, Download: &plan.Download{
 				Name: "cni", URL: u + "/cni.tgz", SHA256: sha256Hex(string(escCNI)), Dest: escRootfs + "/opt/cni/bin", Mode: 0o755, Archive: "tar.gz"}})}
 		}},
-		{name: "mode and owner change", via: "/etc/default", target: "/etc/default/kubelet", steps: func(string) []render.Step {
-			return []render.Step{step("machine:file:mode", render.PhaseMachine, render.Step{Kind: render.KindFile, File: &render.File{
-				Path: escRootfs + "/etc/default/kubelet", Mode: 0o4777, Owner: render.Owner{UID: 4242, GID: 4242}, Contents: canaryBody, Overwrite: true}})}
+		{name: "mode and owner change", via: "/etc/default", target: "/etc/default/kubelet", steps: func(string) []plan.Step {
+			return []plan.Step{step("machine:file:mode", plan.PhaseMachine, plan.Step{Kind: plan.KindFile, File: &plan.File{
+				Path: escRootfs + "/etc/default/kubelet", Mode: 0o4777, Owner: plan.Owner{UID: 4242, GID: 4242}, Contents: canaryBody, Overwrite: true}})}
 		}},
-		{name: "hard link", via: "/etc/hl", target: "/etc/hl/passwd", steps: func(string) []render.Step {
-			return []render.Step{step("machine:link:hard", render.PhaseMachine, render.Step{Kind: render.KindLink, Link: &render.Link{
+		{name: "hard link", via: "/etc/hl", target: "/etc/hl/passwd", steps: func(string) []plan.Step {
+			return []plan.Step{step("machine:link:hard", plan.PhaseMachine, plan.Step{Kind: plan.KindLink, Link: &plan.Link{
 				Path: escRootfs + "/etc/hl/passwd", Target: escRootfs + "/etc/default/kubelet", Hard: true}})}
 		}},
 	}
@@ -187,8 +188,8 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 			name := sh.name + "/" + k.name
 			root := filepath.Join(work, "root")
 			before := outsideRoot(t, work, root)
-			p := &render.Plan{Version: render.PlanVersion, Machine: escMachine, Rootfs: escRootfs, Steps: append([]render.Step{
-				{ID: "rootfs:image", Phase: render.PhaseRootfs, Kind: render.KindImage, Image: &render.Image{
+			p := &plan.Plan{Version: plan.Version, Machine: escMachine, Rootfs: escRootfs, Steps: append([]plan.Step{
+				{ID: "rootfs:image", Phase: plan.PhaseRootfs, Kind: plan.KindImage, Image: &plan.Image{
 					Dest: escRootfs, Layout: layout, LayoutRef: tag, Platform: "linux/" + runtime.GOARCH}},
 			}, k.steps(srv.URL)...)}
 			if k.name == "hard link" {

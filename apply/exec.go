@@ -13,13 +13,12 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/fetch"
-
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // executor runs one plan.
 type executor struct {
-	plan *render.Plan
+	plan *plan.Plan
 	opts Options
 	log  *slog.Logger
 	rec  *recordWriter
@@ -47,7 +46,7 @@ func (e *executor) changedAny(ids []string) bool {
 
 // stepResult is one finished step.
 type stepResult struct {
-	step    *render.Step
+	step    *plan.Step
 	outcome Outcome
 	err     error
 	dur     time.Duration
@@ -57,8 +56,8 @@ type stepResult struct {
 // failed step and marks every step not reached as skipped.
 func (e *executor) run(ctx context.Context) error {
 	var failure error
-	for _, ph := range render.Phases {
-		var steps []*render.Step
+	for _, ph := range plan.Phases {
+		var steps []*plan.Step
 		for i := range e.plan.Steps {
 			if e.plan.Steps[i].Phase == ph {
 				steps = append(steps, &e.plan.Steps[i])
@@ -82,7 +81,7 @@ func (e *executor) run(ctx context.Context) error {
 // steps it runs After have finished, with at most opts.Parallel running.
 // Downloads start fetching at once and install when their turn comes. The
 // first failure cancels the steps still running and starts no more.
-func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
+func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
@@ -94,7 +93,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*render.Step) error {
 		inPhase[s.ID] = true
 	}
 	finished := map[string]bool{}
-	ready := func(s *render.Step) bool {
+	ready := func(s *plan.Step) bool {
 		for _, a := range s.After {
 			if inPhase[a] && !finished[a] {
 				return false
@@ -161,7 +160,7 @@ func failureID(err error) string {
 }
 
 // runStep runs one step and logs it.
-func (e *executor) runStep(ctx context.Context, s *render.Step, fetches *prefetches) stepResult {
+func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetches) stepResult {
 	start := time.Now()
 	o, err := e.do(ctx, s, fetches)
 	var nc errNotConfigured
@@ -202,7 +201,7 @@ func (e *executor) report(r stepResult) error {
 }
 
 // skip records steps that will not run.
-func (e *executor) skip(steps []*render.Step, reason string) error {
+func (e *executor) skip(steps []*plan.Step, reason string) error {
 	for _, s := range steps {
 		if err := e.report(stepResult{step: s, outcome: OutcomeSkipped, err: errors.New(reason)}); err != nil {
 			return err
@@ -227,31 +226,31 @@ func (e *executor) notConfigured(what string) (Outcome, error) {
 }
 
 // do dispatches a step to its implementation.
-func (e *executor) do(ctx context.Context, s *render.Step, fetches *prefetches) (Outcome, error) {
+func (e *executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (Outcome, error) {
 	d := e.opts.Deps
 	switch s.Kind {
-	case render.KindFile:
+	case plan.KindFile:
 		return e.file(ctx, s.File)
-	case render.KindDirectory:
+	case plan.KindDirectory:
 		return e.directory(s.Directory)
-	case render.KindLink:
+	case plan.KindLink:
 		return e.link(s.Link)
-	case render.KindImage:
+	case plan.KindImage:
 		if d.Images == nil {
 			return e.notConfigured("image puller")
 		}
 		return e.image(ctx, s.Image)
-	case render.KindDownload:
+	case plan.KindDownload:
 		if d.Downloader == nil {
 			return e.notConfigured("downloader")
 		}
 		return e.download(ctx, s, fetches)
-	case render.KindSystemd:
+	case plan.KindSystemd:
 		if d.Systemd == nil {
 			return e.notConfigured("systemd")
 		}
 		return e.systemd(ctx, s.Systemd)
-	case render.KindWait:
+	case plan.KindWait:
 		if d.Systemd == nil {
 			return e.notConfigured("systemd")
 		}
@@ -262,15 +261,15 @@ func (e *executor) do(ctx context.Context, s *render.Step, fetches *prefetches) 
 	}
 	var err error
 	switch s.Kind {
-	case render.KindPackages:
+	case plan.KindPackages:
 		err = d.Host.EnsurePackages(ctx, s.Packages.Names, s.Packages.Install)
-	case render.KindModules:
+	case plan.KindModules:
 		err = d.Host.LoadModules(ctx, s.Modules.Names)
-	case render.KindSysctl:
+	case plan.KindSysctl:
 		err = d.Host.ApplySysctls(ctx, s.Sysctl.Values)
-	case render.KindNftFlush:
+	case plan.KindNftFlush:
 		return e.flushNftables(ctx)
-	case render.KindSwapOff:
+	case plan.KindSwapOff:
 		err = d.Host.DisableSwap(ctx, s.Swap.Fstab)
 	default:
 		err = fmt.Errorf("unknown step kind %q", s.Kind)
@@ -295,7 +294,7 @@ func failedStep(failure error) string {
 // directory above it, and inside an archive's destination. It runs before
 // any of the phase's steps, so no step's own temporary entry is mistaken
 // for a leftover. A machine path whose rootfs does not exist yet has none.
-func (e *executor) sweep(steps []*render.Step) error {
+func (e *executor) sweep(steps []*plan.Step) error {
 	seen := map[string]bool{}
 	for _, s := range steps {
 		var p string

@@ -18,7 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // entry is what lies at a path now.
@@ -64,7 +64,7 @@ func (e *executor) target(p string) (target, error) {
 }
 
 // file makes a File step's path hold its contents, mode and owner.
-func (e *executor) file(ctx context.Context, f *render.File) (Outcome, error) {
+func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
 	t, err := e.target(f.Path)
 	if err != nil {
 		return "", err
@@ -124,7 +124,7 @@ func (e *executor) file(ctx context.Context, f *render.File) (Outcome, error) {
 
 // contents returns a File step's bytes: decoded inline contents, or the
 // verified remote source.
-func (e *executor) contents(ctx context.Context, f *render.File) ([]byte, error) {
+func (e *executor) contents(ctx context.Context, f *plan.File) ([]byte, error) {
 	if f.Source != nil {
 		if f.Source.Hash == "" {
 			return nil, fmt.Errorf("contents of %s from %s: no verification hash; every remote file must be verified", f.Path, f.Source.URL)
@@ -218,7 +218,7 @@ func verifyHash(data []byte, spec string) error {
 }
 
 // directory makes a Directory step's path a directory with its mode and owner.
-func (e *executor) directory(d *render.Directory) (Outcome, error) {
+func (e *executor) directory(d *plan.Directory) (Outcome, error) {
 	t, err := e.target(d.Path)
 	if err != nil {
 		return "", err
@@ -244,7 +244,7 @@ func (e *executor) directory(d *render.Directory) (Outcome, error) {
 }
 
 // link makes a Link step's path a symbolic (or hard) link to its target.
-func (e *executor) link(l *render.Link) (Outcome, error) {
+func (e *executor) link(l *plan.Link) (Outcome, error) {
 	t, err := e.target(l.Path)
 	if err != nil {
 		return "", err

@@ -18,7 +18,7 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // The fixture: a plan touching every file, directory and link kind in the
@@ -44,52 +44,52 @@ func sha256Hex(s string) string {
 // rootfsPath is a plan path inside the machine's rootfs.
 func rootfsPath(p string) string { return testRootfs + p }
 
-func testPlan() *render.Plan {
-	owner := render.Owner{}
-	kube := render.Owner{User: "kube", Group: "kube"}
-	file := func(id string, ph render.Phase, path string, mode uint32, contents string, mut ...func(*render.File)) render.Step {
-		f := &render.File{Path: path, Mode: mode, Owner: owner, Contents: contents, Overwrite: true}
+func testPlan() *plan.Plan {
+	owner := plan.Owner{}
+	kube := plan.Owner{User: "kube", Group: "kube"}
+	file := func(id string, ph plan.Phase, path string, mode uint32, contents string, mut ...func(*plan.File)) plan.Step {
+		f := &plan.File{Path: path, Mode: mode, Owner: owner, Contents: contents, Overwrite: true}
 		for _, m := range mut {
 			m(f)
 		}
-		return render.Step{ID: id, Phase: ph, Kind: render.KindFile, Summary: "write " + path, File: f}
+		return plan.Step{ID: id, Phase: ph, Kind: plan.KindFile, Summary: "write " + path, File: f}
 	}
-	dir := func(id string, ph render.Phase, path string, mode uint32, o render.Owner) render.Step {
-		return render.Step{ID: id, Phase: ph, Kind: render.KindDirectory, Summary: "mkdir " + path,
-			Directory: &render.Directory{Path: path, Mode: mode, Owner: o}}
+	dir := func(id string, ph plan.Phase, path string, mode uint32, o plan.Owner) plan.Step {
+		return plan.Step{ID: id, Phase: ph, Kind: plan.KindDirectory, Summary: "mkdir " + path,
+			Directory: &plan.Directory{Path: path, Mode: mode, Owner: o}}
 	}
-	link := func(id string, ph render.Phase, path, target string, hard bool) render.Step {
-		return render.Step{ID: id, Phase: ph, Kind: render.KindLink, Summary: "link " + path,
-			Link: &render.Link{Path: path, Target: target, Hard: hard}}
+	link := func(id string, ph plan.Phase, path, target string, hard bool) plan.Step {
+		return plan.Step{ID: id, Phase: ph, Kind: plan.KindLink, Summary: "link " + path,
+			Link: &plan.Link{Path: path, Target: target, Hard: hard}}
 	}
-	H, R, M, S := render.PhaseHost, render.PhaseRootfs, render.PhaseMachine, render.PhaseStart
-	steps := []render.Step{
-		{ID: "host:modules", Phase: H, Kind: render.KindModules, Modules: &render.Modules{Names: []string{"overlay", "br_netfilter"}}},
-		{ID: "host:sysctl", Phase: H, Kind: render.KindSysctl, After: []string{"host:modules"},
-			Sysctl: &render.Sysctl{Values: []render.KeyValue{{Key: "net.ipv4.ip_forward", Value: "1"}}}},
-		{ID: "host:nft-flush", Phase: H, Kind: render.KindNftFlush},
+	H, R, M, S := plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine, plan.PhaseStart
+	steps := []plan.Step{
+		{ID: "host:modules", Phase: H, Kind: plan.KindModules, Modules: &plan.Modules{Names: []string{"overlay", "br_netfilter"}}},
+		{ID: "host:sysctl", Phase: H, Kind: plan.KindSysctl, After: []string{"host:modules"},
+			Sysctl: &plan.Sysctl{Values: []plan.KeyValue{{Key: "net.ipv4.ip_forward", Value: "1"}}}},
+		{ID: "host:nft-flush", Phase: H, Kind: plan.KindNftFlush},
 		dir("host:dir:test", H, "/etc/nodespawn-test", 0o750, kube),
 		file("host:file:nspawn", H, "/etc/systemd/nspawn/kube1.nspawn", 0o644, "[Exec]\nCapability=all\n"),
 		file("host:file:dropin", H, "/etc/systemd/system/systemd-nspawn@kube1.service.d/override.conf", 0o644, "[Service]\nRestart=on-failure\n"),
 		link("host:link:wants", H, "/etc/systemd/system/machines.target.wants/systemd-nspawn@kube1.service", "/lib/systemd/system/systemd-nspawn@.service", false),
-		file("host:file:keep", H, "/etc/keep.conf", 0o644, "nodespawn default\n", func(f *render.File) { f.Overwrite = false }),
-		file("host:file:owned", H, "/etc/nodespawn-test/owned", 0o640, "owned by kube\n", func(f *render.File) { f.Owner = kube }),
+		file("host:file:keep", H, "/etc/keep.conf", 0o644, "nodespawn default\n", func(f *plan.File) { f.Overwrite = false }),
+		file("host:file:owned", H, "/etc/nodespawn-test/owned", 0o640, "owned by kube\n", func(f *plan.File) { f.Owner = kube }),
 
-		{ID: "rootfs:image", Phase: R, Kind: render.KindImage, Image: &render.Image{Dest: testRootfs, Reference: "registry.test/base:1", Platform: "linux/amd64"}},
-		{ID: "rootfs:download:kubelet", Phase: R, Kind: render.KindDownload, After: []string{"rootfs:image"},
-			Download: &render.Download{Name: "kubelet", Version: "v1.37.2", URL: "https://dl.test/kubelet", SHA256: sha256Hex("kubelet"), Dest: rootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
-		{ID: "rootfs:download:cni", Phase: R, Kind: render.KindDownload, After: []string{"rootfs:image"},
-			Download: &render.Download{Name: "cni", Version: "v1.10.0", URL: "https://dl.test/cni.tgz", SHA256: sha256Hex("cni"), Dest: rootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
+		{ID: "rootfs:image", Phase: R, Kind: plan.KindImage, Image: &plan.Image{Dest: testRootfs, Reference: "registry.test/base:1", Platform: "linux/amd64"}},
+		{ID: "rootfs:download:kubelet", Phase: R, Kind: plan.KindDownload, After: []string{"rootfs:image"},
+			Download: &plan.Download{Name: "kubelet", Version: "v1.37.2", URL: "https://dl.test/kubelet", SHA256: sha256Hex("kubelet"), Dest: rootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
+		{ID: "rootfs:download:cni", Phase: R, Kind: plan.KindDownload, After: []string{"rootfs:image"},
+			Download: &plan.Download{Name: "cni", Version: "v1.10.0", URL: "https://dl.test/cni.tgz", SHA256: sha256Hex("cni"), Dest: rootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
 
 		file("machine:file:hostname", M, rootfsPath("/etc/hostname"), 0o644, "node-1\n"),
 		file("machine:file:kubeconfig", M, rootfsPath("/var/lib/kubelet/bootstrap-kubeconfig"), 0o644, "token: "+testSecret+"\n",
-			func(f *render.File) { f.Secret = true; f.Owner = kube }),
+			func(f *plan.File) { f.Secret = true; f.Owner = kube }),
 		file("machine:file:ca", M, rootfsPath("/etc/kubernetes/pki/ca.crt"), 0o644, base64.StdEncoding.EncodeToString([]byte("\x00binary\xffca\n")),
-			func(f *render.File) { f.Encoding = "base64" }),
+			func(f *plan.File) { f.Encoding = "base64" }),
 		file("machine:file:resolv", M, rootfsPath("/etc/resolv.conf"), 0o644, "nameserver 192.0.2.53\n"),
 		file("machine:file:escape", M, rootfsPath("/var/run/nodespawn-test"), 0o644, "inside the rootfs\n"),
-		file("machine:file:remote", M, rootfsPath("/etc/extra.conf"), 0o644, "", func(f *render.File) {
-			f.Source = &render.Source{URL: testRemoteURL, Hash: "sha256-" + sha256Hex(testRemote)}
+		file("machine:file:remote", M, rootfsPath("/etc/extra.conf"), 0o644, "", func(f *plan.File) {
+			f.Source = &plan.Source{URL: testRemoteURL, Hash: "sha256-" + sha256Hex(testRemote)}
 		}),
 		file("machine:file:suid", M, rootfsPath("/usr/local/bin/helper"), 0o4755, "#!/bin/sh\n"),
 		dir("machine:dir:manifests", M, rootfsPath("/etc/kubernetes/manifests"), 0o700, owner),
@@ -99,13 +99,13 @@ func testPlan() *render.Plan {
 		link("machine:link:wants-kubelet", M, rootfsPath("/etc/systemd/system/multi-user.target.wants/kubelet.service"), "/etc/systemd/system/kubelet.service", false),
 		link("machine:link:hard", M, rootfsPath("/usr/bin/kubelet"), rootfsPath("/usr/local/bin/kubelet"), true),
 
-		{ID: "start:reload", Phase: S, Kind: render.KindSystemd, Systemd: &render.Systemd{Action: "daemon-reload"}},
-		{ID: "start:flush", Phase: S, Kind: render.KindSystemd, After: []string{"start:reload"}, Systemd: &render.Systemd{Action: "start", Unit: "nodespawn-nft-flush.service"}},
-		{ID: "start:machine", Phase: S, Kind: render.KindSystemd, After: []string{"start:flush"}, Systemd: &render.Systemd{Action: "start", Unit: "systemd-nspawn@kube1.service"}},
-		{ID: "start:wait", Phase: S, Kind: render.KindWait, After: []string{"start:machine"},
-			Wait: &render.Wait{Machine: testMachine, Units: []string{"containerd.service", "kubelet.service"}, TimeoutSeconds: 60}},
+		{ID: "start:reload", Phase: S, Kind: plan.KindSystemd, Systemd: &plan.Systemd{Action: "daemon-reload"}},
+		{ID: "start:flush", Phase: S, Kind: plan.KindSystemd, After: []string{"start:reload"}, Systemd: &plan.Systemd{Action: "start", Unit: "nodespawn-nft-flush.service"}},
+		{ID: "start:machine", Phase: S, Kind: plan.KindSystemd, After: []string{"start:flush"}, Systemd: &plan.Systemd{Action: "start", Unit: "systemd-nspawn@kube1.service"}},
+		{ID: "start:wait", Phase: S, Kind: plan.KindWait, After: []string{"start:machine"},
+			Wait: &plan.Wait{Machine: testMachine, Units: []string{"containerd.service", "kubelet.service"}, TimeoutSeconds: 60}},
 	}
-	return &render.Plan{Version: render.PlanVersion, Machine: testMachine, Rootfs: testRootfs, NodeName: "node-1", Steps: steps}
+	return &plan.Plan{Version: plan.Version, Machine: testMachine, Rootfs: testRootfs, NodeName: "node-1", Steps: steps}
 }
 
 // prepareRoot gives a fresh root the host files the fixture expects.
@@ -134,7 +134,7 @@ type fakeImages struct {
 	before func(ctx context.Context) error
 }
 
-func (f *fakeImages) Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (bool, error) {
+func (f *fakeImages) Pull(ctx context.Context, img *plan.Image, root *confine.Root, dest string) (bool, error) {
 	// A fake at the seam: it builds with plain host paths under the test's
 	// root.
 	dest = root.Show(dest)
@@ -196,7 +196,7 @@ type fakeDownloader struct {
 	beforeInstall func() error
 }
 
-func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, root *confine.Root, dest string) (Artifact, error) {
+func (f *fakeDownloader) Fetch(ctx context.Context, d *plan.Download, root *confine.Root, dest string) (Artifact, error) {
 	f.mu.Lock()
 	f.fetched = append(f.fetched, d.Name)
 	f.mu.Unlock()
@@ -216,7 +216,7 @@ func (f *fakeDownloader) Fetch(ctx context.Context, d *render.Download, root *co
 	return &fakeArtifact{files: files, mode: confine.FileMode(d.Mode), before: f.beforeInstall}, nil
 }
 
-func (f *fakeDownloader) Contents(ctx context.Context, src *render.Source) ([]byte, error) {
+func (f *fakeDownloader) Contents(ctx context.Context, src *plan.Source) ([]byte, error) {
 	c, ok := f.remote[src.URL]
 	if !ok {
 		return nil, fmt.Errorf("GET %s: 404 Not Found", src.URL)
@@ -283,7 +283,7 @@ func (h *fakeHost) LoadModules(ctx context.Context, names []string) error {
 	return nil
 }
 
-func (h *fakeHost) ApplySysctls(ctx context.Context, values []render.KeyValue) error {
+func (h *fakeHost) ApplySysctls(ctx context.Context, values []plan.KeyValue) error {
 	h.record(fmt.Sprintf("sysctl %v", values))
 	return nil
 }

@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/internal/hostprep"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // netnsHost is the Host seam with a real nftables flush, in a network
@@ -56,11 +56,11 @@ func newNetns(t *testing.T) (path string, ruleset func() string) {
 	return "/run/netns/" + name, func() string { return nsExec("nft", "list", "ruleset") }
 }
 
-func flushPlan() *render.Plan {
-	return &render.Plan{Version: render.PlanVersion, Machine: testMachine, Rootfs: testRootfs, Steps: []render.Step{
-		{ID: "host:nft-flush", Phase: render.PhaseHost, Kind: render.KindNftFlush},
-		{ID: "host:file:/etc/x", Phase: render.PhaseHost, Kind: render.KindFile,
-			File: &render.File{Path: "/etc/x", Mode: 0o644, Contents: "x\n", Overwrite: true}},
+func flushPlan() *plan.Plan {
+	return &plan.Plan{Version: plan.Version, Machine: testMachine, Rootfs: testRootfs, Steps: []plan.Step{
+		{ID: "host:nft-flush", Phase: plan.PhaseHost, Kind: plan.KindNftFlush},
+		{ID: "host:file:/etc/x", Phase: plan.PhaseHost, Kind: plan.KindFile,
+			File: &plan.File{Path: "/etc/x", Mode: 0o644, Contents: "x\n", Overwrite: true}},
 	}}
 }
 

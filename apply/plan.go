@@ -3,24 +3,24 @@ package apply
 import (
 	"fmt"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // validatePlan checks what the executor relies on: unique ids, known
 // phases, a payload for each kind, and After edges that point at earlier
 // or same-phase steps without cycles. A failure here is a render bug.
-func validatePlan(p *render.Plan) error {
+func validatePlan(p *plan.Plan) error {
 	if p == nil {
 		return fmt.Errorf("apply: no plan")
 	}
-	if p.Version != render.PlanVersion {
-		return fmt.Errorf("apply: plan version %q, this build executes %q", p.Version, render.PlanVersion)
+	if p.Version != plan.Version {
+		return fmt.Errorf("apply: plan version %q, this build executes %q", p.Version, plan.Version)
 	}
-	phaseIdx := map[render.Phase]int{}
-	for i, ph := range render.Phases {
+	phaseIdx := map[plan.Phase]int{}
+	for i, ph := range plan.Phases {
 		phaseIdx[ph] = i
 	}
-	byID := map[string]*render.Step{}
+	byID := map[string]*plan.Step{}
 	for i := range p.Steps {
 		s := &p.Steps[i]
 		if s.ID == "" {
@@ -56,8 +56,8 @@ func validatePlan(p *render.Plan) error {
 		closed
 	)
 	state := map[string]int{}
-	var visit func(s *render.Step) error
-	visit = func(s *render.Step) error {
+	var visit func(s *plan.Step) error
+	visit = func(s *plan.Step) error {
 		switch state[s.ID] {
 		case open:
 			return fmt.Errorf("apply: invalid plan: steps form a cycle through %s", s.ID)
@@ -83,32 +83,32 @@ func validatePlan(p *render.Plan) error {
 	return nil
 }
 
-func checkPayload(s *render.Step) error {
+func checkPayload(s *plan.Step) error {
 	var ok bool
 	switch s.Kind {
-	case render.KindFile:
+	case plan.KindFile:
 		ok = s.File != nil
-	case render.KindDirectory:
+	case plan.KindDirectory:
 		ok = s.Directory != nil
-	case render.KindLink:
+	case plan.KindLink:
 		ok = s.Link != nil
-	case render.KindPackages:
+	case plan.KindPackages:
 		ok = s.Packages != nil
-	case render.KindModules:
+	case plan.KindModules:
 		ok = s.Modules != nil
-	case render.KindSysctl:
+	case plan.KindSysctl:
 		ok = s.Sysctl != nil
-	case render.KindNftFlush:
+	case plan.KindNftFlush:
 		ok = true
-	case render.KindSwapOff:
+	case plan.KindSwapOff:
 		ok = s.Swap != nil
-	case render.KindImage:
+	case plan.KindImage:
 		ok = s.Image != nil
-	case render.KindDownload:
+	case plan.KindDownload:
 		ok = s.Download != nil
-	case render.KindSystemd:
+	case plan.KindSystemd:
 		ok = s.Systemd != nil
-	case render.KindWait:
+	case plan.KindWait:
 		ok = s.Wait != nil
 	default:
 		return fmt.Errorf("unknown kind %q", s.Kind)

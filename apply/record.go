@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // RecordVersion identifies the JSON shape of a Record.
@@ -63,15 +63,15 @@ type Record struct {
 
 // StepRecord is one step's outcome.
 type StepRecord struct {
-	ID         string       `json:"id"`
-	Phase      render.Phase `json:"phase"`
-	Kind       render.Kind  `json:"kind"`
-	Outcome    Outcome      `json:"outcome"`
-	DurationMS int64        `json:"durationMs"`
-	Error      string       `json:"error,omitempty"`
+	ID         string     `json:"id"`
+	Phase      plan.Phase `json:"phase"`
+	Kind       plan.Kind  `json:"kind"`
+	Outcome    Outcome    `json:"outcome"`
+	DurationMS int64      `json:"durationMs"`
+	Error      string     `json:"error,omitempty"`
 }
 
-func newRecord(p *render.Plan, opts Options, planDigest string) *Record {
+func newRecord(p *plan.Plan, opts Options, planDigest string) *Record {
 	r := &Record{
 		Version:        RecordVersion,
 		ToolVersion:    opts.ToolVersion,

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -42,7 +43,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, s := range res.Record.Steps {
-				if (s.Kind == render.KindFile || s.Kind == render.KindDirectory || s.Kind == render.KindLink) && s.Outcome != OutcomeUnchanged {
+				if (s.Kind == plan.KindFile || s.Kind == plan.KindDirectory || s.Kind == plan.KindLink) && s.Outcome != OutcomeUnchanged {
 					t.Errorf("rerun: step %s %s %s", s.ID, s.Outcome, s.Error)
 				}
 			}
@@ -50,7 +51,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 	}
 }
 
-func renderExample(t *testing.T, example, facts string) *render.Plan {
+func renderExample(t *testing.T, example, facts string) *plan.Plan {
 	t.Helper()
 	path := filepath.Join("..", "examples", example+".yaml")
 	data, err := os.ReadFile(path)
@@ -59,11 +60,11 @@ func renderExample(t *testing.T, example, facts string) *render.Plan {
 	if err != nil {
 		t.Fatalf("load %s: %v", path, err)
 	}
-	var f render.Facts
+	var f plan.Facts
 	b, err := os.ReadFile(filepath.Join("..", "render", "testdata", "facts", facts+".json"))
 	must(t, err)
 	must(t, json.Unmarshal(b, &f))
-	p, err := render.Render(m, f)
+	p, err := render.Plan(m, f)
 	if err != nil {
 		t.Fatalf("render %s on %s: %v", example, facts, err)
 	}
@@ -72,7 +73,7 @@ func renderExample(t *testing.T, example, facts string) *render.Plan {
 
 // checkStep compares what a file, directory or link step asked for with
 // what is on disk (owners by name are left to TestApplyTree).
-func checkStep(t *testing.T, root string, s render.Step) {
+func checkStep(t *testing.T, root string, s plan.Step) {
 	t.Helper()
 	switch {
 	case s.File != nil:

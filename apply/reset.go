@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,7 +35,7 @@ type ResetOptions struct {
 	// Plan, when set, is the plan that was applied (rendered again from
 	// the stored manifest): its machine and rootfs are removed, and so is
 	// every systemd file its host phase wrote.
-	Plan *render.Plan
+	Plan *plan.Plan
 	// Machine is the machine name when there is no Plan.
 	Machine string
 	// Systemd stops the machine and reloads systemd; nil skips both
@@ -227,7 +227,7 @@ func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pa
 // resetPaths lists the host paths reset removes besides the rootfs and the
 // state dir: the names render uses for machine m, and with a plan every
 // systemd file its host phase wrote (a per-machine directory whole).
-func resetPaths(m string, p *render.Plan) []string {
+func resetPaths(m string, p *plan.Plan) []string {
 	svc := "systemd-nspawn@" + m + ".service"
 	paths := []string{
 		"/etc/systemd/nspawn/" + m + ".nspawn",
@@ -245,7 +245,7 @@ func resetPaths(m string, p *render.Plan) []string {
 		seen[q] = true
 	}
 	for _, s := range p.Steps {
-		if s.Phase != render.PhaseHost {
+		if s.Phase != plan.PhaseHost {
 			continue
 		}
 		var q string
@@ -326,11 +326,11 @@ func cniInterfaces() []string {
 }
 
 // leftInPlace describes the host settings apply made that reset keeps.
-func leftInPlace(host *confine.Root, p *render.Plan) []string {
+func leftInPlace(host *confine.Root, p *plan.Plan) []string {
 	var out []string
 	if p != nil {
 		for _, s := range p.Steps {
-			if s.Phase != render.PhaseHost {
+			if s.Phase != plan.PhaseHost {
 				continue
 			}
 			switch {

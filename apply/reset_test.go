@@ -12,21 +12,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/plan"
 	"golang.org/x/sys/unix"
-
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // appliedRoot returns a root the fixture plan was applied to, with a
 // sysctl.d file and the first-boot unit as apply and install leave them.
-func appliedRoot(t *testing.T) (string, *render.Plan) {
+func appliedRoot(t *testing.T) (string, *plan.Plan) {
 	t.Helper()
 	root := t.TempDir()
 	prepareRoot(t, root)
 	p := testPlan()
 	p.Steps = append(p.Steps[:1:1], p.Steps...)
-	p.Steps[0] = render.Step{ID: "host:file:sysctl", Phase: render.PhaseHost, Kind: render.KindFile,
-		File: &render.File{Path: "/etc/sysctl.d/90-nodespawn.conf", Mode: 0o644, Contents: "net.ipv4.ip_forward = 1\n", Overwrite: true}}
+	p.Steps[0] = plan.Step{ID: "host:file:sysctl", Phase: plan.PhaseHost, Kind: plan.KindFile,
+		File: &plan.File{Path: "/etc/sysctl.d/90-nodespawn.conf", Mode: 0o644, Contents: "net.ipv4.ip_forward = 1\n", Overwrite: true}}
 	deps, _, _, _ := testDeps()
 	opts := testOptions(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
@@ -122,8 +121,8 @@ func TestResetRefusesBadTargets(t *testing.T) {
 	}{
 		{"path in name", ResetOptions{Machine: "../etc"}, "invalid machine name"},
 		{"empty name", ResetOptions{}, "invalid machine name"},
-		{"rootfs elsewhere", ResetOptions{Plan: &render.Plan{Machine: "kube1", Rootfs: "/etc"}}, "not directly under /var/lib/machines"},
-		{"machines dir itself", ResetOptions{Plan: &render.Plan{Machine: "kube1", Rootfs: "/var/lib/machines/"}}, "not directly under"},
+		{"rootfs elsewhere", ResetOptions{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/etc"}}, "not directly under /var/lib/machines"},
+		{"machines dir itself", ResetOptions{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/var/lib/machines/"}}, "not directly under"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

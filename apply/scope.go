@@ -9,7 +9,7 @@ import (
 	"strings"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // scope is the tree a plan path is confined to: the host root for host
@@ -65,7 +65,7 @@ func (s scope) rel(p string) (string, error) {
 
 // owner returns the numeric owner of o: names are looked up in the scope's
 // own /etc/passwd and /etc/group, ids are taken as they are.
-func (s scope) owner(o render.Owner) (uid, gid int, err error) {
+func (s scope) owner(o plan.Owner) (uid, gid int, err error) {
 	uid, gid = o.UID, o.GID
 	if o.User != "" {
 		if uid, err = s.lookup("/etc/passwd", o.User); err != nil {

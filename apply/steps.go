@@ -8,11 +8,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // image creates the rootfs through the image puller.
-func (e *executor) image(ctx context.Context, img *render.Image) (Outcome, error) {
+func (e *executor) image(ctx context.Context, img *plan.Image) (Outcome, error) {
 	// The rootfs is made in the host root: its staging directory and the
 	// old tree live beside it.
 	changed, err := e.opts.Deps.Images.Pull(ctx, img, e.host, img.Dest)
@@ -35,14 +35,14 @@ type prefetches struct {
 
 // prefetch starts fetching every download of a phase, at most
 // opts.Parallel at once, without waiting for the steps they run after.
-func (e *executor) prefetch(ctx context.Context, steps []*render.Step) *prefetches {
+func (e *executor) prefetch(ctx context.Context, steps []*plan.Step) *prefetches {
 	pf := &prefetches{m: map[string]*prefetch{}}
 	if e.opts.Deps.Downloader == nil {
 		return pf
 	}
 	sem := make(chan struct{}, e.opts.Parallel)
 	for _, s := range steps {
-		if s.Kind != render.KindDownload {
+		if s.Kind != plan.KindDownload {
 			continue
 		}
 		f := &prefetch{done: make(chan struct{})}
@@ -64,7 +64,7 @@ func (e *executor) prefetch(ctx context.Context, steps []*render.Step) *prefetch
 
 // fetch starts a download; it shows the downloader the destination's
 // tree as it is now, or none when the machine's rootfs does not exist yet.
-func (e *executor) fetch(ctx context.Context, d *render.Download) (Artifact, error) {
+func (e *executor) fetch(ctx context.Context, d *plan.Download) (Artifact, error) {
 	t, err := e.target(d.Dest)
 	if errors.Is(err, fs.ErrNotExist) {
 		return e.opts.Deps.Downloader.Fetch(ctx, d, nil, d.Dest)
@@ -88,7 +88,7 @@ func (pf *prefetches) closeAll() {
 
 // download installs a prefetched artifact once the steps it runs after
 // are done.
-func (e *executor) download(ctx context.Context, s *render.Step, pf *prefetches) (Outcome, error) {
+func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (Outcome, error) {
 	f := pf.m[s.ID]
 	select {
 	case <-f.done:
@@ -119,7 +119,7 @@ func (e *executor) download(ctx context.Context, s *render.Step, pf *prefetches)
 }
 
 // systemd runs a Systemd step.
-func (e *executor) systemd(ctx context.Context, s *render.Systemd) (Outcome, error) {
+func (e *executor) systemd(ctx context.Context, s *plan.Systemd) (Outcome, error) {
 	sd := e.opts.Deps.Systemd
 	switch s.Action {
 	case "daemon-reload":
@@ -146,7 +146,7 @@ const journalLines = 30
 // wait polls machined until the machine is registered, then the machine's
 // systemd until every unit is active, up to w.TimeoutSeconds. A timeout
 // reports each unit's last state and the tail of the machine's journal.
-func (e *executor) wait(ctx context.Context, w *render.Wait) (Outcome, error) {
+func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
 	sd := e.opts.Deps.Systemd
 	timeout := time.Duration(w.TimeoutSeconds) * time.Second
 	if timeout <= 0 {

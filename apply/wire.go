@@ -15,7 +15,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/fetch"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/internal/oci"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // DownloadCache holds verified downloads between fetch and install, and
@@ -81,7 +81,7 @@ func registryCredentials(root string) string {
 	return ""
 }
 
-func (p *imagePuller) Pull(ctx context.Context, img *render.Image, root *confine.Root, dest string) (bool, error) {
+func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.Root, dest string) (bool, error) {
 	var res oci.Result
 	var err error
 	if img.Debootstrap != nil {
@@ -107,7 +107,7 @@ type downloader struct {
 	client *http.Client
 }
 
-func (d *downloader) Fetch(ctx context.Context, dl *render.Download, root *confine.Root, dest string) (Artifact, error) {
+func (d *downloader) Fetch(ctx context.Context, dl *plan.Download, root *confine.Root, dest string) (Artifact, error) {
 	s, err := d.f.Fetch(ctx, *dl, root, dest)
 	if err != nil {
 		return nil, err
@@ -128,7 +128,7 @@ func (s staged) Close() error { return nil }
 
 // Contents fetches a remote file's contents with the project's HTTP
 // client and decompresses them.
-func (d *downloader) Contents(ctx context.Context, src *render.Source) ([]byte, error) {
+func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, src.URL, nil)
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
@@ -174,7 +174,7 @@ func (hostOps) LoadModules(ctx context.Context, names []string) error {
 	return hostprep.LoadModules(ctx, names)
 }
 
-func (hostOps) ApplySysctls(_ context.Context, values []render.KeyValue) error {
+func (hostOps) ApplySysctls(_ context.Context, values []plan.KeyValue) error {
 	return hostprep.ApplySysctls("/", values)
 }
 

@@ -15,7 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 func gzipped(t *testing.T, b []byte) []byte {
@@ -59,15 +59,15 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 	defer srv.Close()
 
 	sum512 := sha512.Sum512([]byte(remote))
-	p := &render.Plan{Version: render.PlanVersion, Machine: testMachine, Rootfs: testRootfs, Steps: []render.Step{
-		{ID: "host:modules", Phase: render.PhaseHost, Kind: render.KindModules, Modules: &render.Modules{Names: []string{"overlay"}}},
-		{ID: "rootfs:download:kubelet", Phase: render.PhaseRootfs, Kind: render.KindDownload, Download: &render.Download{
+	p := &plan.Plan{Version: plan.Version, Machine: testMachine, Rootfs: testRootfs, Steps: []plan.Step{
+		{ID: "host:modules", Phase: plan.PhaseHost, Kind: plan.KindModules, Modules: &plan.Modules{Names: []string{"overlay"}}},
+		{ID: "rootfs:download:kubelet", Phase: plan.PhaseRootfs, Kind: plan.KindDownload, Download: &plan.Download{
 			Name: "kubelet", URL: srv.URL + "/kubelet", SHA256: sha256Hex(string(kubelet)), Dest: rootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
-		{ID: "rootfs:download:cni", Phase: render.PhaseRootfs, Kind: render.KindDownload, Download: &render.Download{
+		{ID: "rootfs:download:cni", Phase: plan.PhaseRootfs, Kind: plan.KindDownload, Download: &plan.Download{
 			Name: "cni", URL: srv.URL + "/cni.tgz", SHA256: sha256Hex(string(cni)), Dest: rootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
-		{ID: "machine:file:remote", Phase: render.PhaseMachine, Kind: render.KindFile, File: &render.File{
+		{ID: "machine:file:remote", Phase: plan.PhaseMachine, Kind: plan.KindFile, File: &plan.File{
 			Path: rootfsPath("/etc/systemd/system/kubelet.service.d/20-remote.conf"), Mode: 0o644, Overwrite: true,
-			Source: &render.Source{URL: srv.URL + "/extra.conf.gz", Compression: "gzip", Hash: "sha512-" + hex.EncodeToString(sum512[:])}}},
+			Source: &plan.Source{URL: srv.URL + "/extra.conf.gz", Compression: "gzip", Hash: "sha512-" + hex.EncodeToString(sum512[:])}}},
 	}}
 	root := t.TempDir()
 	// No image step: the rootfs is there already.

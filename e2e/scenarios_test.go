@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // firstbootCloudConfig installs and starts the first-boot unit from the
@@ -224,12 +224,12 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 // --dry-run -o json, on the guest) says it writes with what is on disk.
 func checkPlanFiles(ctx context.Context, t *testing.T, v *vm) {
 	out := v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")
-	var plan render.Plan
-	if err := json.Unmarshal([]byte(out), &plan); err != nil {
+	var p plan.Plan
+	if err := json.Unmarshal([]byte(out), &p); err != nil {
 		t.Fatalf("dry-run JSON: %v\n%s", err, out)
 	}
 	want := map[string]string{} // path -> "sha256 mode" or "-> target"
-	for _, s := range plan.Steps {
+	for _, s := range p.Steps {
 		switch {
 		case s.File != nil && s.File.Source == nil && !s.File.Secret && s.File.Overwrite:
 			b := []byte(s.File.Contents)
@@ -289,12 +289,12 @@ func TestBadArtifact(t *testing.T) {
 	}
 	t.Logf("bad artifact: %s failed %s after VM start", firstbootUnit, v.since())
 
-	var plan render.Plan
-	if err := json.Unmarshal([]byte(v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")), &plan); err != nil {
+	var p plan.Plan
+	if err := json.Unmarshal([]byte(v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")), &p); err != nil {
 		t.Fatal(err)
 	}
 	stepID := ""
-	for _, s := range plan.Steps {
+	for _, s := range p.Steps {
 		if s.Download != nil && s.Download.Name == "runc" {
 			stepID = s.ID
 		}

@@ -2,7 +2,7 @@ package manifest
 
 import "strings"
 
-// Defaults applied by Load to what the manifest leaves out. Render and the
+// Defaults applied by Load to what the manifest leaves out. render.Plan and the
 // documentation show them; the schema's "default" annotations repeat them
 // for editors (a test keeps the two in step).
 const (

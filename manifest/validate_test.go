@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -233,17 +234,17 @@ func validate(src string) error {
 }
 
 // applyOn is what nodespawn apply does up to the plan, on the host f.
-func applyOn(src string, f render.Facts) error {
+func applyOn(src string, f plan.Facts) error {
 	m, err := manifest.Load("m.yaml", []byte(src))
 	if err != nil {
 		return err
 	}
-	_, err = render.Render(m, f)
+	_, err = render.Plan(m, f)
 	return render.Locate(m, err)
 }
 
 // refHost is the reference host a case's clash shows on.
-func refHost(name string) render.Facts {
+func refHost(name string) plan.Facts {
 	hosts := render.ReferenceHosts()
 	if strings.HasSuffix(name, onGPUHost) {
 		return hosts[1]
@@ -389,7 +390,7 @@ func TestValidateAccepts(t *testing.T) {
 				if m.Machine.KVM == manifest.SwitchOn && !f.KVM {
 					continue
 				}
-				if _, err := render.Render(m, f); err != nil {
+				if _, err := render.Plan(m, f); err != nil {
 					t.Errorf("render on %+v: %v", f, err)
 				}
 			}
@@ -406,7 +407,7 @@ func TestLocate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = render.Render(m, render.ReferenceHosts()[0])
+	_, err = render.Plan(m, render.ReferenceHosts()[0])
 	es := asErrors(t, "apply without a GPU", render.Locate(m, err))
 	if len(es) != 1 || es[0].Line != 9 || es[0].Col != 8 || es[0].Path != "$.machine.gpu" {
 		t.Errorf("got %v, want the gpu switch at 9:8", es)
@@ -417,7 +418,7 @@ func TestLocate(t *testing.T) {
 
 	noArch := render.ReferenceHosts()[0]
 	noArch.Arch = ""
-	_, err = render.Render(m, noArch)
+	_, err = render.Plan(m, noArch)
 	var es2 manifest.Errors
 	if err == nil || errors.As(render.Locate(m, err), &es2) {
 		t.Errorf("a facts problem became a manifest error: %v", err)
@@ -453,7 +454,7 @@ func FuzzValidateThenApply(f *testing.F) {
 			if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !h.KVM {
 				continue
 			}
-			_, err := render.Render(m, h)
+			_, err := render.Plan(m, h)
 			if err == nil {
 				continue
 			}

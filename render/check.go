@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // ReferenceHosts are the hosts Check renders a manifest for: a plain amd64
@@ -14,8 +15,8 @@ import (
 // driver library links, the GPU units and configuration) can clash with a
 // manifest's extras too. Both have a valid host name and a normal
 // resolv.conf, so nothing about them is in doubt.
-func ReferenceHosts() []Facts {
-	plain := Facts{
+func ReferenceHosts() []plan.Facts {
+	plain := plan.Facts{
 		Arch:                "amd64",
 		Hostname:            "node-1",
 		ResolvConf:          "/run/systemd/resolve/resolv.conf",
@@ -24,19 +25,19 @@ func ReferenceHosts() []Facts {
 	}
 	gpu := plain
 	gpu.KVM = true
-	gpu.NVIDIA = &NVIDIA{
+	gpu.NVIDIA = &plan.NVIDIA{
 		DriverVersion: "580.95.05",
-		GPUs:          []GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000", Name: "NVIDIA H200"}},
+		GPUs:          []plan.GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000", Name: "NVIDIA H200"}},
 		DeviceNodes:   []string{"/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"},
-		LibraryDirs: []LibraryDir{{
+		LibraryDirs: []plan.LibraryDir{{
 			Path:      "/usr/lib/x86_64-linux-gnu",
 			Libraries: []string{"libcuda.so.1", "libnvidia-ml.so.1", "libnvidia-ptxjitcompiler.so.1"},
 		}},
 	}
-	return []Facts{plain, gpu}
+	return []plan.Facts{plain, gpu}
 }
 
-// Check reports what Render refuses in m whatever the host: it renders m
+// Check reports what Plan refuses in m whatever the host: it renders m
 // for each reference host that can satisfy m's switches (gpu or kvm "on"
 // need the device) and returns every problem as manifest.Errors placed in
 // m's source, or nil. This is how validate finds an extra file that clashes
@@ -49,7 +50,7 @@ func Check(m *manifest.Manifest) error {
 		if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !f.KVM {
 			continue
 		}
-		_, err := Render(m, f)
+		_, err := Plan(m, f)
 		if err == nil {
 			continue
 		}

@@ -5,20 +5,22 @@ import (
 	"fmt"
 	"path"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // claim is a path a step creates.
 type claim struct {
 	path string
-	step *Step
+	step *plan.Step
 	// dir is true when other steps may create paths inside it.
 	dir bool
 }
 
-// claims lists the paths s creates. An archive download claims its
+// claims lists the paths step s creates. An archive download claims its
 // directory and the members it names; one that takes every member (the
 // containerd tarball) claims only its directory.
-func (s *Step) claims() []claim {
+func claims(s *plan.Step) []claim {
 	switch {
 	case s.File != nil:
 		return []claim{{s.File.Path, s, false}}
@@ -50,26 +52,26 @@ func (s *Step) claims() []claim {
 // involves, naming the other step; a clash between two generated steps is a
 // bug here and is reported at "$".
 func (r *renderer) checkClaims() error {
-	rank := map[Phase]int{}
-	for i, p := range Phases {
+	rank := map[plan.Phase]int{}
+	for i, p := range plan.Phases {
 		rank[p] = i
 	}
 	var errs []error
 	reported := map[string]bool{}
 	// report files the clash between the earlier step a and the later b
 	// under the manifest entry of b, else of a.
-	report := func(a, b *Step, msg func(x, other *Step) string) {
+	report := func(a, b *plan.Step, msg func(x, other *plan.Step) string) {
 		x, other := b, a
-		if x.origin == "" {
+		if x.Origin == "" {
 			x, other = a, b
 		}
-		if x.origin == "" {
+		if x.Origin == "" {
 			errs = append(errs, &Error{"$", fmt.Sprintf("steps %s and %s clash: %s", a.ID, b.ID, msg(b, a))})
 			return
 		}
-		if !reported[x.origin] {
-			reported[x.origin] = true
-			errs = append(errs, &Error{x.origin, msg(x, other)})
+		if !reported[x.Origin] {
+			reported[x.Origin] = true
+			errs = append(errs, &Error{x.Origin, msg(x, other)})
 		}
 	}
 
@@ -77,9 +79,9 @@ func (r *renderer) checkClaims() error {
 	var all []claim
 	for i := range r.plan.Steps {
 		s := &r.plan.Steps[i]
-		for _, c := range s.claims() {
+		for _, c := range claims(s) {
 			if prev, ok := byPath[c.path]; ok {
-				report(prev.step, s, func(x, other *Step) string {
+				report(prev.step, s, func(x, other *plan.Step) string {
 					return fmt.Sprintf("%s is also created by %s", r.show(x, c.path), r.by(other))
 				})
 				continue
@@ -94,14 +96,14 @@ func (r *renderer) checkClaims() error {
 			switch {
 			case !ok || a.step == c.step:
 			case !a.dir:
-				report(a.step, c.step, func(x, other *Step) string {
+				report(a.step, c.step, func(x, other *plan.Step) string {
 					if x == c.step {
 						return fmt.Sprintf("%s is inside %s, which %s makes a %s, not a directory", r.show(x, c.path), r.show(x, a.path), r.by(other), kindWord(other))
 					}
 					return fmt.Sprintf("%s would be a %s, but %s needs a directory there", r.show(x, a.path), kindWord(x), r.by(other))
 				})
 			case rank[a.step.Phase] > rank[c.step.Phase]:
-				report(a.step, c.step, func(x, other *Step) string {
+				report(a.step, c.step, func(x, other *plan.Step) string {
 					if other.Image != nil {
 						return fmt.Sprintf("%s is inside machine %s's root filesystem, which %s puts in place after the host phase; put it under machine.extra, with its path inside the machine", c.path, r.machine, r.by(other))
 					}
@@ -113,7 +115,7 @@ func (r *renderer) checkClaims() error {
 			}
 		}
 	}
-	ids := map[string]*Step{}
+	ids := map[string]*plan.Step{}
 	for i := range r.plan.Steps {
 		s := &r.plan.Steps[i]
 		prev, ok := ids[s.ID]
@@ -121,7 +123,7 @@ func (r *renderer) checkClaims() error {
 			ids[s.ID] = s
 			continue
 		}
-		report(prev, s, func(_, other *Step) string {
+		report(prev, s, func(_, other *plan.Step) string {
 			return fmt.Sprintf("step id %s is also used by %s", s.ID, r.by(other))
 		})
 	}
@@ -130,8 +132,8 @@ func (r *renderer) checkClaims() error {
 
 // show names the host path p the way the manifest entry of step x writes
 // it: as seen inside the machine, unless x is a host step.
-func (r *renderer) show(x *Step, p string) string {
-	if x.Phase == PhaseHost {
+func (r *renderer) show(x *plan.Step, p string) string {
+	if x.Phase == plan.PhaseHost {
 		return p
 	}
 	if rel, ok := strings.CutPrefix(p, r.rootfs+"/"); ok {
@@ -141,15 +143,15 @@ func (r *renderer) show(x *Step, p string) string {
 }
 
 // by names the step s for a message: its id, and where it comes from.
-func (r *renderer) by(s *Step) string {
-	if s.origin != "" {
-		return fmt.Sprintf("%s (step %s)", s.origin, s.ID)
+func (r *renderer) by(s *plan.Step) string {
+	if s.Origin != "" {
+		return fmt.Sprintf("%s (step %s)", s.Origin, s.ID)
 	}
 	return "nodespawn (step " + s.ID + ")"
 }
 
 // kindWord is what a step that claims a path not to be a directory makes there.
-func kindWord(s *Step) string {
+func kindWord(s *plan.Step) string {
 	if s.Link != nil {
 		return "link"
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/vincent-petithory/dataurl"
 
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // renderExtras turns the manifest's Ignition-form files, directories, links and
@@ -19,17 +20,17 @@ import (
 // rootfs in the machine phase. Each step remembers the manifest entry it
 // comes from, so a clash with another step is reported there.
 func (r *renderer) renderExtras() error {
-	if err := r.extra(PhaseHost, "$.host.extra", r.m.Host.Extra, func(p string) string { return p }); err != nil {
+	if err := r.extra(plan.PhaseHost, "$.host.extra", r.m.Host.Extra, func(p string) string { return p }); err != nil {
 		return err
 	}
-	return r.extra(PhaseMachine, "$.machine.extra", r.m.Machine.Extra, r.inRoot)
+	return r.extra(plan.PhaseMachine, "$.machine.extra", r.m.Machine.Extra, r.inRoot)
 }
 
-func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(string) string) error {
+func (r *renderer) extra(ph plan.Phase, at string, x manifest.Extra, place func(string) string) error {
 	for i, d := range x.Storage.Directories {
 		s := r.dir(ph, place(d.Path), uint32(intOr(d.Mode, 0o755)), "extra directory "+d.Path)
 		s.Directory.Owner = owner(d.Node)
-		s.from(fmt.Sprintf("%s.storage.directories[%d].path", at, i))
+		s.Origin = fmt.Sprintf("%s.storage.directories[%d].path", at, i)
 	}
 	for i, f := range x.Storage.Files {
 		where := fmt.Sprintf("%s.storage.files[%d]", at, i)
@@ -44,7 +45,7 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 		// provisioner that converges on reruns owns its files instead, and
 		// an explicit overwrite: false keeps what is there.
 		s.File.Overwrite = f.Overwrite == nil || *f.Overwrite
-		s.from(where + ".path")
+		s.Origin = where + ".path"
 	}
 	for i, l := range x.Storage.Links {
 		target := ""
@@ -58,7 +59,7 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 			s.Link.Target = place(target)
 		}
 		s.Link.Owner = owner(l.Node)
-		s.from(fmt.Sprintf("%s.storage.links[%d].path", at, i))
+		s.Origin = fmt.Sprintf("%s.storage.links[%d].path", at, i)
 	}
 	for i, u := range x.Systemd.Units {
 		r.unit(ph, fmt.Sprintf("%s.systemd.units[%d]", at, i), u, place)
@@ -69,28 +70,28 @@ func (r *renderer) extra(ph Phase, at string, x manifest.Extra, place func(strin
 // unit writes, masks or enables one extra unit. Load has refused what
 // cannot be enabled: a machine unit without contents, a unit without an
 // [Install] target, a template.
-func (r *renderer) unit(ph Phase, at string, u igntypes.Unit, place func(string) string) {
+func (r *renderer) unit(ph plan.Phase, at string, u igntypes.Unit, place func(string) string) {
 	unitPath := path.Join(unitDir, u.Name)
 	if u.Mask != nil && *u.Mask {
-		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name).from(at + ".mask")
+		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name).Origin = at + ".mask"
 		return
 	}
 	if u.Contents != nil {
-		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name).from(at + ".name")
+		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name).Origin = at + ".name"
 	}
 	for j, d := range u.Dropins {
 		if d.Contents == nil {
 			continue
 		}
 		p := path.Join(unitDir, u.Name+".d", d.Name)
-		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name).from(fmt.Sprintf("%s.dropins[%d].name", at, j))
+		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name).Origin = fmt.Sprintf("%s.dropins[%d].name", at, j)
 	}
 	if u.Enabled == nil || !*u.Enabled {
 		return
 	}
 	if u.Contents == nil {
-		if ph == PhaseHost {
-			r.systemd("enable", u.Name, "start:systemd:daemon-reload").from(at + ".enabled")
+		if ph == plan.PhaseHost {
+			r.systemd("enable", u.Name, "start:systemd:daemon-reload").Origin = at + ".enabled"
 		}
 		return
 	}
@@ -99,14 +100,14 @@ func (r *renderer) unit(ph Phase, at string, u igntypes.Unit, place func(string)
 		if t.Requires {
 			dir = t.Target + ".requires"
 		}
-		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target).from(at + ".enabled")
+		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target).Origin = at + ".enabled"
 	}
 }
 
 // fileContents decodes an Ignition file's contents: data: URLs (optionally
 // gzip-compressed) become bytes now; http(s) sources are fetched at apply
 // time against their verification hash.
-func fileContents(f igntypes.File) ([]byte, *Source, error) {
+func fileContents(f igntypes.File) ([]byte, *plan.Source, error) {
 	c := f.Contents
 	if c.Source == nil || *c.Source == "" {
 		return nil, nil, nil
@@ -117,7 +118,7 @@ func fileContents(f igntypes.File) ([]byte, *Source, error) {
 	}
 	src := *c.Source
 	if !strings.HasPrefix(src, "data:") {
-		s := &Source{URL: src, Compression: compression}
+		s := &plan.Source{URL: src, Compression: compression}
 		if c.Verification.Hash != nil {
 			s.Hash = *c.Verification.Hash
 		}
@@ -148,8 +149,8 @@ func intOr(p *int, def int) int {
 }
 
 // owner maps an Ignition node's user and group onto an Owner.
-func owner(n igntypes.Node) Owner {
-	var o Owner
+func owner(n igntypes.Node) plan.Owner {
+	var o plan.Owner
 	if n.User.ID != nil {
 		o.UID = *n.User.ID
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"path"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // hostNvidiaDir is where the host's NVIDIA library directories are bound,
@@ -37,7 +39,7 @@ func (r *renderer) renderGPU() error {
 	if !r.gpu {
 		return nil
 	}
-	ph := PhaseMachine
+	ph := plan.PhaseMachine
 	libDir := multiarchLibDir(r.f.Arch)
 	if len(r.f.NVIDIA.LibraryDirs) == 0 {
 		r.warn("NVIDIA device nodes exist but no NVIDIA driver libraries were found in the linker cache; CUDA will not work inside the machine")

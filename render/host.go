@@ -5,6 +5,8 @@ import (
 	"path"
 	"sort"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Host paths nodespawn writes.
@@ -22,20 +24,20 @@ const (
 // DefaultSysctls are the host values kubelet checks or the node needs, set
 // on the host because /proc/sys is read-only inside the machine (but for
 // /proc/sys/net).
-var DefaultSysctls = []KeyValue{
-	{"vm.overcommit_memory", "1"},
-	{"vm.panic_on_oom", "0"},
-	{"kernel.panic", "10"},
-	{"kernel.panic_on_oops", "1"},
-	{"kernel.keys.root_maxkeys", "1000000"},
-	{"kernel.keys.root_maxbytes", "25000000"},
-	{"net.ipv4.ip_forward", "1"},
-	{"net.bridge.bridge-nf-call-iptables", "1"},
-	{"net.bridge.bridge-nf-call-ip6tables", "1"},
-	{"net.ipv4.conf.all.src_valid_mark", "1"},
-	{"net.ipv4.conf.default.src_valid_mark", "1"},
-	{"net.ipv4.conf.all.rp_filter", "0"},
-	{"net.ipv4.conf.default.rp_filter", "0"},
+var DefaultSysctls = []plan.KeyValue{
+	{Key: "vm.overcommit_memory", Value: "1"},
+	{Key: "vm.panic_on_oom", Value: "0"},
+	{Key: "kernel.panic", Value: "10"},
+	{Key: "kernel.panic_on_oops", Value: "1"},
+	{Key: "kernel.keys.root_maxkeys", Value: "1000000"},
+	{Key: "kernel.keys.root_maxbytes", Value: "25000000"},
+	{Key: "net.ipv4.ip_forward", Value: "1"},
+	{Key: "net.bridge.bridge-nf-call-iptables", Value: "1"},
+	{Key: "net.bridge.bridge-nf-call-ip6tables", Value: "1"},
+	{Key: "net.ipv4.conf.all.src_valid_mark", Value: "1"},
+	{Key: "net.ipv4.conf.default.src_valid_mark", Value: "1"},
+	{Key: "net.ipv4.conf.all.rp_filter", Value: "0"},
+	{Key: "net.ipv4.conf.default.rp_filter", Value: "0"},
 }
 
 // requiredModules must be loaded before the sysctls: net.bridge.* only exist
@@ -60,12 +62,12 @@ func (r *renderer) renderHost() error {
 	if flush {
 		pkgs = append(pkgs, "nftables")
 	}
-	r.add(Step{
+	r.add(plan.Step{
 		ID:       "host:packages",
-		Phase:    PhaseHost,
-		Kind:     KindPackages,
+		Phase:    plan.PhaseHost,
+		Kind:     plan.KindPackages,
 		Summary:  "make sure the host has " + strings.Join(pkgs, ", "),
-		Packages: &Packages{Names: pkgs, Install: boolOr(h.InstallPackages, true)},
+		Packages: &plan.Packages{Names: pkgs, Install: boolOr(h.InstallPackages, true)},
 	})
 
 	modules := append([]string{}, requiredModules...)
@@ -74,14 +76,14 @@ func (r *renderer) renderHost() error {
 			modules = append(modules, mod)
 		}
 	}
-	r.file(PhaseHost, modulesFile, header("#")+"\n"+strings.Join(modules, "\n")+"\n",
+	r.file(plan.PhaseHost, modulesFile, header("#")+"\n"+strings.Join(modules, "\n")+"\n",
 		"load "+strings.Join(modules, ", ")+" at every boot")
-	r.add(Step{
+	r.add(plan.Step{
 		ID:      "host:modules",
-		Phase:   PhaseHost,
-		Kind:    KindModules,
+		Phase:   plan.PhaseHost,
+		Kind:    plan.KindModules,
 		Summary: "load kernel modules " + strings.Join(modules, ", ") + " now",
-		Modules: &Modules{Names: modules},
+		Modules: &plan.Modules{Names: modules},
 	})
 
 	sysctls := r.sysctls()
@@ -91,57 +93,57 @@ func (r *renderer) renderHost() error {
 	for _, kv := range sysctls {
 		fmt.Fprintf(&b, "%s = %s\n", kv.Key, kv.Value)
 	}
-	r.file(PhaseHost, sysctlFile, b.String(), "keep the node's sysctls across boots")
-	r.add(Step{
+	r.file(plan.PhaseHost, sysctlFile, b.String(), "keep the node's sysctls across boots")
+	r.add(plan.Step{
 		ID:      "host:sysctl",
-		Phase:   PhaseHost,
-		Kind:    KindSysctl,
+		Phase:   plan.PhaseHost,
+		Kind:    plan.KindSysctl,
 		Summary: fmt.Sprintf("set %d sysctls now (after the modules that create net.bridge.*)", len(sysctls)),
 		After:   []string{"host:modules"},
-		Sysctl:  &Sysctl{Values: sysctls},
+		Sysctl:  &plan.Sysctl{Values: sysctls},
 	})
 
 	if flush {
-		r.file(PhaseHost, path.Join(unitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", struct{ Machine string }{r.machine}),
+		r.file(plan.PhaseHost, path.Join(unitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", struct{ Machine string }{r.machine}),
 			"flush the host nftables ruleset before every start of the machine")
-		r.link(PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.requires", nftFlushUnit),
+		r.link(plan.PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.requires", nftFlushUnit),
 			path.Join(unitDir, nftFlushUnit), "the machine requires the nftables flush")
-		r.add(Step{
+		r.add(plan.Step{
 			ID:      "host:nft-flush",
-			Phase:   PhaseHost,
-			Kind:    KindNftFlush,
+			Phase:   plan.PhaseHost,
+			Kind:    plan.KindNftFlush,
 			Summary: "flush the host nftables ruleset now (netlink)",
 			After:   []string{"host:packages"},
 		})
 	}
 	if boolOr(h.DisableSwap, true) {
-		r.add(Step{
+		r.add(plan.Step{
 			ID:      "host:swap-off",
-			Phase:   PhaseHost,
-			Kind:    KindSwapOff,
+			Phase:   plan.PhaseHost,
+			Kind:    plan.KindSwapOff,
 			Summary: "turn swap off now and comment out swap entries in /etc/fstab",
-			Swap:    &Swap{Fstab: "/etc/fstab"},
+			Swap:    &plan.Swap{Fstab: "/etc/fstab"},
 		})
 	}
 
-	r.file(PhaseHost, path.Join(nspawnDir, r.machine+".nspawn"), tmpl("machine.nspawn.tmpl", r.nspawnData()),
+	r.file(plan.PhaseHost, path.Join(nspawnDir, r.machine+".nspawn"), tmpl("machine.nspawn.tmpl", r.nspawnData()),
 		"nspawn settings of machine "+r.machine)
-	r.file(PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.d", "override.conf"),
+	r.file(plan.PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.d", "override.conf"),
 		tmpl("nspawn-override.conf.tmpl", r.overrideData(flush)),
 		"service drop-in: cgroup v2, writable /proc/sys/net, bpffs, device access, self-healing")
-	r.link(PhaseHost, path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+r.machine+".service"),
+	r.link(plan.PhaseHost, path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+r.machine+".service"),
 		path.Join(systemUnitDir, "systemd-nspawn@.service"), "start the machine at every boot")
-	r.link(PhaseHost, path.Join(unitDir, "multi-user.target.wants", "machines.target"),
+	r.link(plan.PhaseHost, path.Join(unitDir, "multi-user.target.wants", "machines.target"),
 		path.Join(systemUnitDir, "machines.target"), "start machines.target at boot")
 
 	if h.AptGuard {
-		r.file(PhaseHost, needrestartCfg, header("#")+`
+		r.file(plan.PhaseHost, needrestartCfg, header("#")+`
 # Never let needrestart restart machined or the machine's unit: that stops
 # the running Kubernetes node.
 $nrconf{override_rc}{qr(^systemd-machined)} = 0;
 $nrconf{override_rc}{qr(^systemd-nspawn@)} = 0;
 `, "keep needrestart from restarting systemd-machined")
-		r.file(PhaseHost, aptGuardCfg, header("//")+`
+		r.file(plan.PhaseHost, aptGuardCfg, header("//")+`
 // Unattended upgrades of systemd-container restart systemd-machined, which
 // stops the running machine; upgrade it in a maintenance window instead.
 Unattended-Upgrade::Package-Blacklist {
@@ -154,8 +156,8 @@ Unattended-Upgrade::Package-Blacklist {
 
 // sysctls merges the manifest's values over the defaults; the manifest's new
 // keys follow the defaults in name order.
-func (r *renderer) sysctls() []KeyValue {
-	out := append([]KeyValue{}, DefaultSysctls...)
+func (r *renderer) sysctls() []plan.KeyValue {
+	out := append([]plan.KeyValue{}, DefaultSysctls...)
 	var extra []string
 	for k := range r.m.Host.Sysctls {
 		extra = append(extra, k)
@@ -170,7 +172,7 @@ func (r *renderer) sysctls() []KeyValue {
 			}
 		}
 		if !found {
-			out = append(out, KeyValue{k, v})
+			out = append(out, plan.KeyValue{Key: k, Value: v})
 		}
 	}
 	return out

@@ -5,6 +5,8 @@ import (
 	"path"
 	"sort"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Paths inside the machine.
@@ -19,7 +21,7 @@ const (
 // renderMachine writes the configuration into the rootfs before its first boot.
 func (r *renderer) renderMachine() error {
 	k := r.m.Kubernetes
-	ph := PhaseMachine
+	ph := plan.PhaseMachine
 
 	r.file(ph, r.inRoot("/etc/hostname"), r.nodeName+"\n", "the node name as the machine's host name")
 	r.file(ph, r.inRoot("/etc/hosts"), r.hosts(), "localhost and the node name (kubelet mounts it into pods)")

@@ -1,5 +1,5 @@
 // Package render turns a manifest and the host's facts into a Plan: every
-// file, link, directory and action apply will carry out. Render is pure: no
+// file, link, directory and action apply will carry out. render.Plan is pure: no
 // I/O, no clock, no randomness; the same inputs give byte-identical plans.
 package render
 
@@ -14,6 +14,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 //go:embed templates/*.tmpl
@@ -43,12 +44,12 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Path + ": " + e.Msg }
 
-// Render builds the plan for manifest m on the host described by f. The
+// Plan builds the plan for manifest m on the host described by f. The
 // manifest must have been loaded by manifest.Load (validated and defaulted):
 // render trusts it and checks only what depends on the host or on the
 // whole plan. Errors are *Error values (joined when there are several);
 // Locate places them in the manifest's source.
-func Render(m *manifest.Manifest, f Facts) (*Plan, error) {
+func Plan(m *manifest.Manifest, f plan.Facts) (*plan.Plan, error) {
 	r := &renderer{m: m, f: f}
 	if err := r.decide(); err != nil {
 		return nil, err
@@ -68,9 +69,9 @@ func Render(m *manifest.Manifest, f Facts) (*Plan, error) {
 
 // renderer carries the decisions every part of the plan shares.
 type renderer struct {
-	m    *manifest.Manifest
-	f    Facts
-	plan Plan
+	m *manifest.Manifest
+	f plan.Facts
+	plan plan.Plan
 
 	machine  string
 	rootfs   string
@@ -124,8 +125,8 @@ func (r *renderer) decide() error {
 	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
 	r.containerdV3 = majorVersion(m.Components.Containerd.Version) >= 2
 
-	r.plan = Plan{
-		Version:  PlanVersion,
+	r.plan = plan.Plan{
+		Version:  plan.Version,
 		Machine:  r.machine,
 		Rootfs:   r.rootfs,
 		NodeName: r.nodeName,
@@ -139,14 +140,14 @@ func (r *renderer) inRoot(p string) string { return path.Join(r.rootfs, p) }
 // stepID builds a stable id: phase, kind and the thing it changes. Rootfs
 // paths are named inside the machine, which reads better and does not
 // change with the machine name.
-func (r *renderer) stepID(phase Phase, kind Kind, name string) string {
+func (r *renderer) stepID(phase plan.Phase, kind plan.Kind, name string) string {
 	if rel, ok := strings.CutPrefix(name, r.rootfs+"/"); ok {
 		name = "/" + rel
 	}
 	return string(phase) + ":" + string(kind) + ":" + name
 }
 
-func (r *renderer) add(s Step) *Step {
+func (r *renderer) add(s plan.Step) *plan.Step {
 	r.plan.Steps = append(r.plan.Steps, s)
 	return &r.plan.Steps[len(r.plan.Steps)-1]
 }
@@ -156,14 +157,14 @@ func (r *renderer) warn(format string, args ...any) {
 }
 
 // fileOpt adjusts a file step.
-type fileOpt func(*File)
+type fileOpt func(*plan.File)
 
-func secret(f *File)        { f.Secret = true }
-func mode(m uint32) fileOpt { return func(f *File) { f.Mode = m } }
-func owned(o Owner) fileOpt { return func(f *File) { f.Owner = o } }
+func secret(f *plan.File)        { f.Secret = true }
+func mode(m uint32) fileOpt      { return func(f *plan.File) { f.Mode = m } }
+func owned(o plan.Owner) fileOpt { return func(f *plan.File) { f.Owner = o } }
 
 // setContents stores data as text, or as base64 when it is not UTF-8 text.
-func setContents(f *File, data []byte) {
+func setContents(f *plan.File, data []byte) {
 	if utf8.Valid(data) {
 		f.Contents, f.Encoding = string(data), ""
 		return
@@ -172,16 +173,16 @@ func setContents(f *File, data []byte) {
 }
 
 // file adds a file step with mode 0644 owned by root, overwriting.
-func (r *renderer) file(phase Phase, p, contents, what string, opts ...fileOpt) *Step {
-	f := &File{Path: p, Mode: 0o644, Contents: contents, Overwrite: true}
+func (r *renderer) file(phase plan.Phase, p, contents, what string, opts ...fileOpt) *plan.Step {
+	f := &plan.File{Path: p, Mode: 0o644, Contents: contents, Overwrite: true}
 	for _, o := range opts {
 		o(f)
 	}
 	setContents(f, []byte(f.Contents))
-	return r.add(Step{
-		ID:      r.stepID(phase, KindFile, p),
+	return r.add(plan.Step{
+		ID:      r.stepID(phase, plan.KindFile, p),
 		Phase:   phase,
-		Kind:    KindFile,
+		Kind:    plan.KindFile,
 		Summary: what,
 		File:    f,
 	})
@@ -198,47 +199,47 @@ func tmpl(name string, data any) string {
 	return b.String()
 }
 
-func (r *renderer) dir(phase Phase, p string, m uint32, what string) *Step {
-	return r.add(Step{
-		ID:        r.stepID(phase, KindDirectory, p),
+func (r *renderer) dir(phase plan.Phase, p string, m uint32, what string) *plan.Step {
+	return r.add(plan.Step{
+		ID:        r.stepID(phase, plan.KindDirectory, p),
 		Phase:     phase,
-		Kind:      KindDirectory,
+		Kind:      plan.KindDirectory,
 		Summary:   what,
-		Directory: &Directory{Path: p, Mode: m},
+		Directory: &plan.Directory{Path: p, Mode: m},
 	})
 }
 
-func (r *renderer) link(phase Phase, p, target, what string) *Step {
-	return r.add(Step{
-		ID:      r.stepID(phase, KindLink, p),
+func (r *renderer) link(phase plan.Phase, p, target, what string) *plan.Step {
+	return r.add(plan.Step{
+		ID:      r.stepID(phase, plan.KindLink, p),
 		Phase:   phase,
-		Kind:    KindLink,
+		Kind:    plan.KindLink,
 		Summary: what,
-		Link:    &Link{Path: p, Target: target},
+		Link:    &plan.Link{Path: p, Target: target},
 	})
 }
 
-func (r *renderer) systemd(action, unit string, after ...string) *Step {
-	id := string(PhaseStart) + ":" + string(KindSystemd) + ":" + action
+func (r *renderer) systemd(action, unit string, after ...string) *plan.Step {
+	id := string(plan.PhaseStart) + ":" + string(plan.KindSystemd) + ":" + action
 	what := "systemctl " + action
 	if unit != "" {
 		id += ":" + unit
 		what += " " + unit
 	}
-	return r.add(Step{
+	return r.add(plan.Step{
 		ID:      id,
-		Phase:   PhaseStart,
-		Kind:    KindSystemd,
+		Phase:   plan.PhaseStart,
+		Kind:    plan.KindSystemd,
 		Summary: what,
 		After:   after,
-		Systemd: &Systemd{Action: action, Unit: unit},
+		Systemd: &plan.Systemd{Action: action, Unit: unit},
 	})
 }
 
 // sortByPhase orders steps by phase, keeping the order within a phase.
-func sortByPhase(steps []Step) {
-	rank := map[Phase]int{}
-	for i, p := range Phases {
+func sortByPhase(steps []plan.Step) {
+	rank := map[plan.Phase]int{}
+	for i, p := range plan.Phases {
 		rank[p] = i
 	}
 	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })

@@ -14,6 +14,7 @@ import (
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
 
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -33,13 +34,13 @@ func loadManifest(t *testing.T, name string) *manifest.Manifest {
 	return m
 }
 
-func loadFacts(t *testing.T, name string) render.Facts {
+func loadFacts(t *testing.T, name string) plan.Facts {
 	t.Helper()
 	data, err := os.ReadFile(filepath.Join("testdata", "facts", name+".json"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var f render.Facts
+	var f plan.Facts
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&f); err != nil {
@@ -72,15 +73,15 @@ var goldenCases = []struct{ name, manifest, facts string }{
 func TestGolden(t *testing.T) {
 	for _, tc := range goldenCases {
 		t.Run(tc.name, func(t *testing.T) {
-			plan, err := render.Render(loadManifest(t, tc.manifest), loadFacts(t, tc.facts))
+			p, err := render.Plan(loadManifest(t, tc.manifest), loadFacts(t, tc.facts))
 			if err != nil {
 				t.Fatal(err)
 			}
 			var text, js bytes.Buffer
-			if err := render.WriteText(&text, plan); err != nil {
+			if err := plan.WriteText(&text, p); err != nil {
 				t.Fatal(err)
 			}
-			if err := render.WriteJSON(&js, plan); err != nil {
+			if err := plan.WriteJSON(&js, p); err != nil {
 				t.Fatal(err)
 			}
 			golden(t, tc.name+".txt", text.Bytes())
@@ -138,12 +139,12 @@ func extraFile(path, source string) igntypes.File {
 func TestDeterministic(t *testing.T) {
 	for _, tc := range goldenCases {
 		m, f := loadManifest(t, tc.manifest), loadFacts(t, tc.facts)
-		a, err := render.Render(m, f)
+		a, err := render.Plan(m, f)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for i := 0; i < 5; i++ {
-			b, err := render.Render(m, f)
+			b, err := render.Plan(m, f)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -157,12 +158,12 @@ func TestDeterministic(t *testing.T) {
 // TestCustomizationPoints checks that the minimal plan carries every
 // setting of the specification's customization-points table.
 func TestCustomizationPoints(t *testing.T) {
-	plan, err := render.Render(loadManifest(t, "minimal"), loadFacts(t, "kvm"))
+	p, err := render.Plan(loadManifest(t, "minimal"), loadFacts(t, "kvm"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	nspawn := fileContents(t, plan, "/etc/systemd/nspawn/kube1.nspawn")
-	override := fileContents(t, plan, "/etc/systemd/system/systemd-nspawn@kube1.service.d/override.conf")
+	nspawn := fileContents(t, p, "/etc/systemd/nspawn/kube1.nspawn")
+	override := fileContents(t, p, "/etc/systemd/system/systemd-nspawn@kube1.service.d/override.conf")
 	for _, want := range []string{
 		"Capability=all", "PrivateUsers=no", "SystemCallFilter=@keyring bpf perf_event_open",
 		"VirtualEthernet=no", "Bind=/run/bpffs/kube1:/sys/fs/bpf", "Bind=/dev/kvm", "BindReadOnly=/lib/modules",
@@ -181,13 +182,13 @@ func TestCustomizationPoints(t *testing.T) {
 			t.Errorf("override.conf lacks %q", want)
 		}
 	}
-	flush := fileContents(t, plan, "/etc/systemd/system/nodespawn-nft-flush.service")
+	flush := fileContents(t, p, "/etc/systemd/system/nodespawn-nft-flush.service")
 	if !containsLine(flush, "Before=systemd-nspawn@kube1.service") {
 		t.Errorf("the flush unit is not ordered before the machine's instance:\n%s", flush)
 	}
 }
 
-func fileContents(t *testing.T, p *render.Plan, path string) string {
+func fileContents(t *testing.T, p *plan.Plan, path string) string {
 	t.Helper()
 	for _, s := range p.Steps {
 		if s.File != nil && s.File.Path == path {
@@ -214,26 +215,26 @@ func TestNoSecretInOutput(t *testing.T) {
 		{"minimal", "0123456789abcdef"},
 		{"exec", "s3cr3t-value-never-printed"},
 	} {
-		plan, err := render.Render(loadManifest(t, tc.manifest), loadFacts(t, "cpu"))
+		p, err := render.Plan(loadManifest(t, tc.manifest), loadFacts(t, "cpu"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		var out bytes.Buffer
-		if err := render.WriteText(&out, plan); err != nil {
+		if err := plan.WriteText(&out, p); err != nil {
 			t.Fatal(err)
 		}
-		if err := render.WriteJSON(&out, plan); err != nil {
+		if err := plan.WriteJSON(&out, p); err != nil {
 			t.Fatal(err)
 		}
 		if strings.Contains(out.String(), tc.secret) {
 			t.Errorf("%s: the secret appears in the printed plan", tc.manifest)
 		}
-		if !strings.Contains(out.String(), render.Redacted) {
+		if !strings.Contains(out.String(), plan.Redacted) {
 			t.Errorf("%s: no redacted file in the printed plan", tc.manifest)
 		}
 		// The plan itself keeps the secret, for apply.
 		found := false
-		for _, s := range plan.Steps {
+		for _, s := range p.Steps {
 			if s.File != nil && strings.Contains(s.File.Contents, tc.secret) {
 				found = s.File.Secret && s.File.Mode == 0o600
 			}
@@ -249,7 +250,7 @@ func TestSwitchOnWithoutDevice(t *testing.T) {
 		{"gpu", "$.machine.gpu"},
 		{"kvm", "$.machine.kvm"},
 	} {
-		_, err := render.Render(loadManifest(t, tc.manifest), loadFacts(t, "cpu"))
+		_, err := render.Plan(loadManifest(t, tc.manifest), loadFacts(t, "cpu"))
 		var rerr *render.Error
 		if !errors.As(err, &rerr) || rerr.Path != tc.path {
 			t.Errorf("%s on a host without the device: got %v, want a render.Error at %s", tc.manifest, err, tc.path)
@@ -259,11 +260,11 @@ func TestSwitchOnWithoutDevice(t *testing.T) {
 
 func TestGPUImageChosenOnGPUHost(t *testing.T) {
 	m := loadManifest(t, "minimal")
-	cpu, err := render.Render(m, loadFacts(t, "cpu"))
+	cpu, err := render.Plan(m, loadFacts(t, "cpu"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	gpu, err := render.Render(m, loadFacts(t, "gpu8"))
+	gpu, err := render.Plan(m, loadFacts(t, "gpu8"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,7 +285,7 @@ func TestExtraFileClashesWithGenerated(t *testing.T) {
 	m.Host.Extra.Storage.Files = append(m.Host.Extra.Storage.Files,
 		extraFile("/etc/motd", src), extraFile("/etc/systemd/nspawn/kube1.nspawn", src))
 	m.Machine.Extra.Storage.Files = append(m.Machine.Extra.Storage.Files, extraFile("/etc/hostname", src))
-	_, err := render.Render(m, loadFacts(t, "cpu"))
+	_, err := render.Plan(m, loadFacts(t, "cpu"))
 	want := []render.Error{
 		{Path: "$.host.extra.storage.files[1].path", Msg: "/etc/systemd/nspawn/kube1.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube1.nspawn)"},
 		{Path: "$.machine.extra.storage.files[0].path", Msg: "/etc/hostname is also created by nodespawn (step machine:file:/etc/hostname)"},

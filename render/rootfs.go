@@ -7,6 +7,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 const imageStepID = "rootfs:image"
@@ -22,7 +23,7 @@ var debootstrapInclude = []string{
 // binaries into it.
 func (r *renderer) renderRootfs() error {
 	src := r.m.Machine.Rootfs
-	img := &Image{Dest: r.rootfs, Platform: "linux/" + r.f.Arch, PlainHTTP: src.PlainHTTP}
+	img := &plan.Image{Dest: r.rootfs, Platform: "linux/" + r.f.Arch, PlainHTTP: src.PlainHTTP}
 	what := ""
 	switch {
 	case src.Layout != nil:
@@ -32,7 +33,7 @@ func (r *renderer) renderRootfs() error {
 		}
 		what = "unpack " + img.Layout + ":" + img.LayoutRef + " (OCI layout, " + img.Platform + ")"
 	case src.Debootstrap != nil:
-		d := &DebootstrapSpec{Suite: src.Debootstrap.Suite, Mirror: src.Debootstrap.Mirror, Include: debootstrapInclude}
+		d := &plan.DebootstrapSpec{Suite: src.Debootstrap.Suite, Mirror: src.Debootstrap.Mirror, Include: debootstrapInclude}
 		if d.Suite == "" {
 			d.Suite = "noble"
 		}
@@ -55,10 +56,10 @@ func (r *renderer) renderRootfs() error {
 		}
 		what = "pull " + img.Reference + " (" + img.Platform + " only) and unpack it"
 	}
-	r.add(Step{
+	r.add(plan.Step{
 		ID:      imageStepID,
-		Phase:   PhaseRootfs,
-		Kind:    KindImage,
+		Phase:   plan.PhaseRootfs,
+		Kind:    plan.KindImage,
 		Summary: what + " into " + r.rootfs + ", staged and renamed into place when verified",
 		Image:   img,
 	})
@@ -106,7 +107,7 @@ func (r *renderer) download(name string, c manifest.Component, mirror, at string
 		}
 		a.URL = c.URL
 	}
-	d := &Download{
+	d := &plan.Download{
 		Name:    name,
 		Version: strings.TrimPrefix(c.Version, "v"),
 		URL:     a.URL,
@@ -119,16 +120,16 @@ func (r *renderer) download(name string, c manifest.Component, mirror, at string
 		d.ChecksumURL = a.ChecksumURL
 	}
 	for _, m := range a.Members {
-		d.Members = append(d.Members, Member{Path: m.Path, Dest: m.Dest})
+		d.Members = append(d.Members, plan.Member{Path: m.Path, Dest: m.Dest})
 	}
 	verify := "pinned sha256"
 	if d.SHA256 == "" {
 		verify = "sha256 from " + d.ChecksumURL
 	}
-	r.add(Step{
+	r.add(plan.Step{
 		ID:       "rootfs:download:" + name,
-		Phase:    PhaseRootfs,
-		Kind:     KindDownload,
+		Phase:    plan.PhaseRootfs,
+		Kind:     plan.KindDownload,
 		Summary:  fmt.Sprintf("download %s %s, verify (%s), install into %s", name, d.Version, verify, a.InstallPath),
 		After:    []string{imageStepID},
 		Download: d,

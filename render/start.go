@@ -1,5 +1,7 @@
 package render
 
+import "github.com/nodespawn/nodespawn/plan"
+
 // WaitTimeoutSeconds bounds how long apply waits for the machine to boot
 // and containerd and kubelet to become active inside it.
 const WaitTimeoutSeconds = 300
@@ -10,13 +12,13 @@ func (r *renderer) renderStart() error {
 	reload := r.systemd("daemon-reload", "")
 	started := r.systemd("start", unit, reload.ID)
 	units := []string{"containerd.service", "kubelet.service"}
-	r.add(Step{
+	r.add(plan.Step{
 		ID:      "start:wait:" + r.machine,
-		Phase:   PhaseStart,
-		Kind:    KindWait,
+		Phase:   plan.PhaseStart,
+		Kind:    plan.KindWait,
 		Summary: "wait until machined lists " + r.machine + " and containerd and kubelet are active inside",
 		After:   []string{started.ID},
-		Wait:    &Wait{Machine: r.machine, Units: units, TimeoutSeconds: WaitTimeoutSeconds},
+		Wait:    &plan.Wait{Machine: r.machine, Units: units, TimeoutSeconds: WaitTimeoutSeconds},
 	})
 	return nil
 }

@@ -20,7 +20,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Fetcher carries out the Plan's download steps: fetch, verify against a
@@ -72,7 +72,7 @@ type Result struct {
 // the knowledge that it already is). Install moves it into place.
 type Staged struct {
 	f      *Fetcher
-	d      render.Download
+	d      plan.Download
 	dst    *confine.Root // where Install puts it
 	dest   string        // d's destination in dst
 	sha256 string
@@ -84,7 +84,7 @@ type Staged struct {
 
 // Download fetches, verifies and installs d at dest in dst. It is Fetch
 // followed by Install.
-func (f *Fetcher) Download(ctx context.Context, d render.Download, dst *confine.Root, dest string) (Result, error) {
+func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (Result, error) {
 	s, err := f.Fetch(ctx, d, dst, dest)
 	if err != nil {
 		return Result{}, err
@@ -97,7 +97,7 @@ func (f *Fetcher) Download(ctx context.Context, d render.Download, dst *confine.
 // dst), so it may run before the steps d waits for. If d is already
 // installed there, Fetch downloads nothing. dst may be nil when the tree
 // the download goes into does not exist yet.
-func (f *Fetcher) Fetch(ctx context.Context, d render.Download, dst *confine.Root, dest string) (*Staged, error) {
+func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (*Staged, error) {
 	if f.Root == nil || f.CacheDir == "" {
 		return nil, errors.New("download: no cache directory configured")
 	}
@@ -202,7 +202,7 @@ func (s *Staged) newRecord() *record {
 }
 
 // expectedSHA256 is the pinned digest, or the one the checksum file lists.
-func (f *Fetcher) expectedSHA256(ctx context.Context, d render.Download) (string, error) {
+func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, error) {
 	if d.SHA256 != "" {
 		sum, err := normalizeSHA256(d.SHA256)
 		if err != nil {
@@ -223,7 +223,7 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d render.Download) (string
 // fetchVerified streams d.URL into a temp file in the cache while hashing
 // it and renames it to blob only if the digest is want. On any failure
 // nothing is left behind.
-func (f *Fetcher) fetchVerified(ctx context.Context, d render.Download, want, blob string) (int64, error) {
+func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob string) (int64, error) {
 	// Partial files of an earlier run that crashed are of unknown state:
 	// drop them rather than trust them.
 	if err := f.Root.RemoveLeftovers(f.CacheDir, want+".part-"); err != nil {
@@ -546,7 +546,7 @@ func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
 }
 
 // binaryMode is the mode of an installed binary; 0755 when the plan says 0.
-func binaryMode(d render.Download) os.FileMode {
+func binaryMode(d plan.Download) os.FileMode {
 	if d.Mode == 0 {
 		return 0o755
 	}

@@ -25,7 +25,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/upstream"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // origin is a release server on loopback: it serves files in the upstream
@@ -99,7 +99,7 @@ func (o *origin) totalHits() int {
 
 // publish serves an artifact for component under the upstream layout and
 // its checksum file in the upstream format, and returns the plan step.
-func (o *origin) publish(t *testing.T, component, version string, body []byte, dest string) render.Download {
+func (o *origin) publish(t *testing.T, component, version string, body []byte, dest string) plan.Download {
 	t.Helper()
 	a, err := upstream.Lookup(component, version, "amd64", o.srv.URL)
 	if err != nil {
@@ -123,16 +123,16 @@ func (o *origin) publish(t *testing.T, component, version string, body []byte, d
 	}
 	o.put(u.Path, body)
 	o.put(cu.Path, []byte(checksum))
-	return render.Download{
+	return plan.Download{
 		Name: component, Version: version, URL: a.URL, ChecksumURL: a.ChecksumURL,
 		Dest: dest, Mode: 0o755, Archive: a.Archive, Members: toRenderMembers(a.Members),
 	}
 }
 
-func toRenderMembers(ms []upstream.Member) []render.Member {
-	var out []render.Member
+func toRenderMembers(ms []upstream.Member) []plan.Member {
+	var out []plan.Member
 	for _, m := range ms {
-		out = append(out, render.Member{Path: m.Path, Dest: m.Dest})
+		out = append(out, plan.Member{Path: m.Path, Dest: m.Dest})
 	}
 	return out
 }
@@ -286,7 +286,7 @@ func TestDownloadUpstreamLayouts(t *testing.T) {
 	})
 
 	tests := []struct {
-		step  render.Download
+		step  plan.Download
 		files map[string]string // path under rootfs -> contents ("" = the artifact)
 	}{
 		{o.publish(t, upstream.Kubelet, "1.37.2", kubelet, rootfs+"/usr/local/bin/kubelet"),
@@ -526,20 +526,20 @@ func TestDownloadChecksumMismatch(t *testing.T) {
 	tests := []struct {
 		name string
 		// tamper changes the published step or server so the digest cannot match.
-		tamper func(o *origin, step *render.Download, art []byte) (expected string)
+		tamper func(o *origin, step *plan.Download, art []byte) (expected string)
 	}{
-		{name: "checksum file lists another digest", tamper: func(o *origin, step *render.Download, art []byte) string {
+		{name: "checksum file lists another digest", tamper: func(o *origin, step *plan.Download, art []byte) string {
 			cu, _ := url.Parse(step.ChecksumURL)
 			wrong := sha256.Sum256([]byte("something else"))
 			o.put(cu.Path, []byte(hex.EncodeToString(wrong[:])))
 			return hex.EncodeToString(wrong[:])
 		}},
-		{name: "pinned digest is wrong", tamper: func(o *origin, step *render.Download, art []byte) string {
+		{name: "pinned digest is wrong", tamper: func(o *origin, step *plan.Download, art []byte) string {
 			wrong := sha256.Sum256([]byte("pinned elsewhere"))
 			step.SHA256 = strings.ToUpper(hex.EncodeToString(wrong[:]))
 			return hex.EncodeToString(wrong[:])
 		}},
-		{name: "mirror serves other bytes", tamper: func(o *origin, step *render.Download, art []byte) string {
+		{name: "mirror serves other bytes", tamper: func(o *origin, step *plan.Download, art []byte) string {
 			u, _ := url.Parse(step.URL)
 			good := sha256.Sum256(art)
 			o.put(u.Path, append([]byte("evil"), art...))
@@ -552,7 +552,7 @@ func TestDownloadChecksumMismatch(t *testing.T) {
 				o := newOrigin(t)
 				root := t.TempDir()
 				cache := filepath.Join(root, "cache")
-				var step render.Download
+				var step plan.Download
 				if archive {
 					art := makeTarGz(t, []tarEntry{{name: "bridge", body: "plugin"}})
 					step = o.publish(t, upstream.CNIPlugins, "1.10.0", art, filepath.Join(root, "rootfs", "opt", "cni", "bin"))
@@ -633,7 +633,7 @@ func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
 	f := newFetcher(t, filepath.Join(root, "cache"))
 	f.Progress = NewProgress(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
 	components := []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy, upstream.Runc}
-	var steps []render.Download
+	var steps []plan.Download
 	for i, c := range components {
 		steps = append(steps, o.publish(t, c, "1.5.3", randomBytes(512<<10, uint64(10+i)), filepath.Join(root, "bin", c)))
 	}
@@ -676,7 +676,7 @@ func (b *syncBuffer) String() string {
 func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 	o := newOrigin(t)
 	root := t.TempDir()
-	for _, step := range []render.Download{
+	for _, step := range []plan.Download{
 		{Name: "x", URL: o.srv.URL + "/missing?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "x")},
 		{Name: "y", URL: o.srv.URL + "/y", ChecksumURL: o.srv.URL + "/missing.sha256?token=s3cret", Dest: filepath.Join(root, "y")},
 		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},

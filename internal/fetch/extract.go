@@ -15,7 +15,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/archive"
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // entryKind is what an extracted entry is.
@@ -49,7 +49,7 @@ type entry struct {
 // Only regular files, directories and symlinks whose target is relative
 // and has no ".." are accepted: a tool archive has no use for anything
 // else, so anything else makes the whole archive fail.
-func extractTarGz(ctx context.Context, r io.Reader, root *confine.Root, stage string, members []render.Member, mode os.FileMode) ([]entry, error) {
+func extractTarGz(ctx context.Context, r io.Reader, root *confine.Root, stage string, members []plan.Member, mode os.FileMode) ([]entry, error) {
 	zr, err := gzip.NewReader(r)
 	if err != nil {
 		return nil, fmt.Errorf("read gzip: %w", err)

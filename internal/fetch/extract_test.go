@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // TestHostileArchives serves archives that try to write outside Dest and
@@ -20,7 +20,7 @@ func TestHostileArchives(t *testing.T) {
 	tests := []struct {
 		name    string
 		entries func(outside string) []tarEntry
-		members []render.Member
+		members []plan.Member
 		wantErr string
 	}{
 		{name: "parent traversal", wantErr: "leaves the archive root", entries: func(string) []tarEntry {
@@ -81,15 +81,15 @@ func TestHostileArchives(t *testing.T) {
 		{name: "fifo", wantErr: "not allowed", entries: func(string) []tarEntry {
 			return []tarEntry{{name: "pipe", typ: tar.TypeFifo}}
 		}},
-		{name: "member is a symlink", wantErr: "not a regular file", members: []render.Member{{Path: "crictl", Dest: "crictl"}},
+		{name: "member is a symlink", wantErr: "not a regular file", members: []plan.Member{{Path: "crictl", Dest: "crictl"}},
 			entries: func(outside string) []tarEntry {
 				return []tarEntry{{name: "crictl", typ: tar.TypeSymlink, link: outside + "/secret"}}
 			}},
-		{name: "member destination escaping", wantErr: "not a relative path", members: []render.Member{{Path: "crictl", Dest: "../outside/evil"}},
+		{name: "member destination escaping", wantErr: "not a relative path", members: []plan.Member{{Path: "crictl", Dest: "../outside/evil"}},
 			entries: func(string) []tarEntry { return []tarEntry{{name: "crictl", body: "x"}} }},
-		{name: "member missing", wantErr: `no member "crictl"`, members: []render.Member{{Path: "crictl", Dest: "crictl"}},
+		{name: "member missing", wantErr: `no member "crictl"`, members: []plan.Member{{Path: "crictl", Dest: "crictl"}},
 			entries: func(string) []tarEntry { return []tarEntry{{name: "other", body: "x"}} }},
-		{name: "member twice", wantErr: "appears twice", members: []render.Member{{Path: "crictl", Dest: "crictl"}},
+		{name: "member twice", wantErr: "appears twice", members: []plan.Member{{Path: "crictl", Dest: "crictl"}},
 			entries: func(string) []tarEntry {
 				return []tarEntry{{name: "crictl", body: "good"}, {name: "./crictl", body: "evil"}}
 			}},
@@ -112,7 +112,7 @@ func TestHostileArchives(t *testing.T) {
 			sum := sha256.Sum256(archive)
 			o := newOrigin(t)
 			o.put("/hostile.tar.gz", archive)
-			step := render.Download{
+			step := plan.Download{
 				Name: "hostile", URL: o.srv.URL + "/hostile.tar.gz", SHA256: hex.EncodeToString(sum[:]),
 				Dest: dest, Mode: 0o755, Archive: "tar.gz", Members: tt.members,
 			}
@@ -150,7 +150,7 @@ func TestArchiveInstallsTreeAndSymlinks(t *testing.T) {
 	sum := sha256.Sum256(archive)
 	o := newOrigin(t)
 	o.put("/tool.tar.gz", archive)
-	step := render.Download{Name: "tool", URL: o.srv.URL + "/tool.tar.gz", SHA256: hex.EncodeToString(sum[:]), Dest: dest, Archive: "tar.gz"}
+	step := plan.Download{Name: "tool", URL: o.srv.URL + "/tool.tar.gz", SHA256: hex.EncodeToString(sum[:]), Dest: dest, Archive: "tar.gz"}
 	res, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +179,7 @@ func TestArchiveInstallsTreeAndSymlinks(t *testing.T) {
 	cut := archive[:len(archive)*2/3]
 	sum2 := sha256.Sum256(cut)
 	o.put("/cut.tar.gz", cut)
-	step2 := render.Download{Name: "cut", URL: o.srv.URL + "/cut.tar.gz", SHA256: hex.EncodeToString(sum2[:]), Dest: dest2, Archive: "tar.gz"}
+	step2 := plan.Download{Name: "cut", URL: o.srv.URL + "/cut.tar.gz", SHA256: hex.EncodeToString(sum2[:]), Dest: dest2, Archive: "tar.gz"}
 	if _, err := newFetcher(t, cache).Download(context.Background(), step2, hostRoot(t), step2.Dest); err == nil {
 		t.Fatal("a truncated archive was installed")
 	}

@@ -11,7 +11,7 @@ import (
 	"path"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // RecordSuffix ends the name of every install record in the cache.
@@ -20,13 +20,13 @@ const RecordSuffix = ".nodespawn-download.json"
 // record is what an install left behind, kept in the cache directory so a
 // rerun can tell, without the network, that nothing needs doing.
 type record struct {
-	URL         string          `json:"url"`
-	ChecksumURL string          `json:"checksumURL,omitempty"`
-	SHA256      string          `json:"sha256"`
-	Dest        string          `json:"dest"`
-	Mode        uint32          `json:"mode"`
-	Archive     string          `json:"archive,omitempty"`
-	Members     []render.Member `json:"members,omitempty"`
+	URL         string        `json:"url"`
+	ChecksumURL string        `json:"checksumURL,omitempty"`
+	SHA256      string        `json:"sha256"`
+	Dest        string        `json:"dest"`
+	Mode        uint32        `json:"mode"`
+	Archive     string        `json:"archive,omitempty"`
+	Members     []plan.Member `json:"members,omitempty"`
 	// Files are the installed entries, relative to Dest for archives;
 	// a binary has one entry with an empty path.
 	Files []entry `json:"files"`
@@ -36,18 +36,18 @@ type record struct {
 // The key covers everything that decides what gets installed: the source
 // (URL and the pinned digest or the checksum file), the destination (the
 // plan's path, whatever root it is applied to), the mode and the members.
-func RecordName(d render.Download) string {
+func RecordName(d plan.Download) string {
 	key, _ := json.Marshal(struct {
 		URL, ChecksumURL, SHA256, Dest, Archive string
 		Mode                                    uint32
-		Members                                 []render.Member
+		Members                                 []plan.Member
 	}{d.URL, d.ChecksumURL, d.SHA256, d.Dest, d.Archive, d.Mode, d.Members})
 	sum := sha256.Sum256(key)
 	return hex.EncodeToString(sum[:16]) + RecordSuffix
 }
 
 // loadRecord returns the record for d, or nil when there is none.
-func (f *Fetcher) loadRecord(d render.Download) (*record, error) {
+func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
 	b, err := f.Root.ReadFile(path.Join(f.CacheDir, RecordName(d)))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -63,7 +63,7 @@ func (f *Fetcher) loadRecord(d render.Download) (*record, error) {
 	return &r, nil
 }
 
-func (f *Fetcher) saveRecord(r *record, d render.Download) error {
+func (f *Fetcher) saveRecord(r *record, d plan.Download) error {
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode download record: %w", err)

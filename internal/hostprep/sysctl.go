@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // ApplySysctls writes each value to <root>/proc/sys now, so the settings hold
@@ -20,12 +20,12 @@ import (
 // Keys follow sysctl.d(5): when the first separator is a dot, dots and
 // slashes swap roles (net.ipv4.conf.eth0/100.rp_filter is the file
 // net/ipv4/conf/eth0.100/rp_filter); when it is a slash, the key is a path.
-func ApplySysctls(root string, values []render.KeyValue) error {
+func ApplySysctls(root string, values []plan.KeyValue) error {
 	if root == "" {
 		root = "/"
 	}
 	type target struct {
-		kv   render.KeyValue
+		kv   plan.KeyValue
 		path string
 	}
 	var targets []target

@@ -8,9 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/plan"
 	"golang.org/x/sys/unix"
-
-	"github.com/nodespawn/nodespawn/render"
 )
 
 func TestSysctlPath(t *testing.T) {
@@ -71,13 +70,13 @@ func TestApplySysctls(t *testing.T) {
 	}
 	tests := []struct {
 		name        string
-		values      []render.KeyValue
+		values      []plan.KeyValue
 		wantWritten map[string]string // rel path -> new contents
 		wantErr     []string
 	}{
 		{
 			name: "changes only what differs",
-			values: []render.KeyValue{
+			values: []plan.KeyValue{
 				{Key: "net.ipv4.ip_forward", Value: "1"},
 				{Key: "kernel.panic", Value: "10"},
 				{Key: "net.ipv4.ip_local_port_range", Value: "32768 60999"},
@@ -92,7 +91,7 @@ func TestApplySysctls(t *testing.T) {
 		},
 		{
 			name: "all missing keys reported, nothing written",
-			values: []render.KeyValue{
+			values: []plan.KeyValue{
 				{Key: "net.ipv4.ip_forward", Value: "1"},
 				{Key: "net.bridge.bridge-nf-call-iptables", Value: "1"},
 				{Key: "kernel.nodespawn_nope", Value: "1"},
@@ -101,7 +100,7 @@ func TestApplySysctls(t *testing.T) {
 		},
 		{
 			name:    "bad key",
-			values:  []render.KeyValue{{Key: "net.ipv4.conf.*.rp_filter", Value: "0"}},
+			values:  []plan.KeyValue{{Key: "net.ipv4.conf.*.rp_filter", Value: "0"}},
 			wantErr: []string{`"net.ipv4.conf.*.rp_filter"`},
 		},
 	}
@@ -160,7 +159,7 @@ func TestApplySysctlsRealProc(t *testing.T) {
 		if strings.TrimSpace(before) == "1" {
 			want = "0"
 		}
-		err := ApplySysctls("/", []render.KeyValue{{Key: "net.ipv4.ip_forward", Value: want}, {Key: "net.ipv4.conf.lo.rp_filter", Value: "0"}})
+		err := ApplySysctls("/", []plan.KeyValue{{Key: "net.ipv4.ip_forward", Value: want}, {Key: "net.ipv4.conf.lo.rp_filter", Value: "0"}})
 		a, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 		after = string(a)
 		if err == nil && strings.TrimSpace(after) != want {

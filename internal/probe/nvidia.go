@@ -13,7 +13,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // nvidiaNodeNames matches the NVIDIA device nodes directly under /dev:
@@ -28,7 +28,7 @@ var driNodeNames = regexp.MustCompile(`^(card[0-9]+|renderD[0-9]+)$`)
 
 // nvidia gathers the NVIDIA facts; nil when the host has no NVIDIA device
 // node and NVML sees no GPU.
-func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*render.NVIDIA, error) {
+func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVIDIA, error) {
 	// NVML first: initialising it creates missing /dev/nvidia* nodes (via
 	// nvidia-modprobe), so the glob below sees them.
 	info, err := nv.Query(ctx)
@@ -70,7 +70,7 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*render.N
 	}
 	slices.SortFunc(nodes, naturalCompare)
 
-	n := &render.NVIDIA{DriverVersion: info.DriverVersion, GPUs: info.GPUs, DeviceNodes: nodes}
+	n := &plan.NVIDIA{DriverVersion: info.DriverVersion, GPUs: info.GPUs, DeviceNodes: nodes}
 	if n.DriverVersion == "" {
 		if n.DriverVersion, err = p.procDriverVersion(); err != nil {
 			return nil, err
@@ -169,7 +169,7 @@ func isNVIDIALibrary(name string) bool {
 // its first entry, the one the dynamic linker would load; an entry whose
 // file is gone (a stale cache) is left out. Directories are sorted by path,
 // names within one by name.
-func (p *prober) libraryDirs(ldCache string) ([]render.LibraryDir, error) {
+func (p *prober) libraryDirs(ldCache string) ([]plan.LibraryDir, error) {
 	data, err := os.ReadFile(ldCache)
 	if errors.Is(err, fs.ErrNotExist) {
 		p.log.Warn("no linker cache; NVIDIA libraries cannot be found", "path", ldCache)
@@ -198,12 +198,12 @@ func (p *prober) libraryDirs(ldCache string) ([]render.LibraryDir, error) {
 		dir := path.Dir(e.Path)
 		byDir[dir] = append(byDir[dir], path.Base(e.Path))
 	}
-	dirs := make([]render.LibraryDir, 0, len(byDir))
+	dirs := make([]plan.LibraryDir, 0, len(byDir))
 	for dir, libs := range byDir {
 		slices.Sort(libs)
-		dirs = append(dirs, render.LibraryDir{Path: dir, Libraries: slices.Compact(libs)})
+		dirs = append(dirs, plan.LibraryDir{Path: dir, Libraries: slices.Compact(libs)})
 	}
-	slices.SortFunc(dirs, func(a, b render.LibraryDir) int { return cmp.Compare(a.Path, b.Path) })
+	slices.SortFunc(dirs, func(a, b plan.LibraryDir) int { return cmp.Compare(a.Path, b.Path) })
 	return dirs, nil
 }
 

@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // ErrNVMLUnavailable means the NVIDIA Management Library could not be used:
@@ -26,7 +26,7 @@ type NVML interface {
 // NVMLInfo is what NVML reports about the host.
 type NVMLInfo struct {
 	DriverVersion string
-	GPUs          []render.GPU
+	GPUs          []plan.GPU
 }
 
 // noNVML is used for a fake Root: NVML describes the running kernel's GPUs,

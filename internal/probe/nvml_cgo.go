@@ -8,8 +8,7 @@ import (
 	"fmt"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
-
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // SystemNVML returns the host's NVML, loaded from libnvidia-ml.so.1 at Query
@@ -63,16 +62,16 @@ func (systemNVML) Query(ctx context.Context) (NVMLInfo, error) {
 // queryGPU reads one GPU. A GPU without a UUID is an error (nodes and
 // device plugins name GPUs by it); name and MIG mode are best effort, and
 // a GPU that does not support MIG has it off.
-func queryGPU(i int) (render.GPU, error) {
+func queryGPU(i int) (plan.GPU, error) {
 	dev, ret := nvml.DeviceGetHandleByIndex(i)
 	if ret != nvml.SUCCESS {
-		return render.GPU{}, fmt.Errorf("nvmlDeviceGetHandleByIndex(%d): %s", i, ret.Error())
+		return plan.GPU{}, fmt.Errorf("nvmlDeviceGetHandleByIndex(%d): %s", i, ret.Error())
 	}
 	uuid, ret := dev.GetUUID()
 	if ret != nvml.SUCCESS {
-		return render.GPU{}, fmt.Errorf("nvmlDeviceGetUUID(GPU %d): %s", i, ret.Error())
+		return plan.GPU{}, fmt.Errorf("nvmlDeviceGetUUID(GPU %d): %s", i, ret.Error())
 	}
-	gpu := render.GPU{Index: i, UUID: uuid}
+	gpu := plan.GPU{Index: i, UUID: uuid}
 	if name, ret := dev.GetName(); ret == nvml.SUCCESS {
 		gpu.Name = name
 	}

@@ -24,7 +24,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Options say where and how to probe. The zero value probes this host.
@@ -75,9 +75,9 @@ func (p *prober) fakeRoot() bool { return p.root != "/" }
 // Gather probes the host under opts.Root and returns its Facts. Missing
 // optional things (no GPU, no swap, no resolv.conf) are facts, not errors;
 // Gather fails only when something exists but cannot be read or parsed.
-func Gather(ctx context.Context, opts Options) (render.Facts, error) {
+func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if err := ctx.Err(); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Logger}
 	if opts.Root == "" {
@@ -101,25 +101,25 @@ func Gather(ctx context.Context, opts Options) (render.Facts, error) {
 		ldCache = p.at(etcLdCache)
 	}
 
-	f := render.Facts{Arch: p.arch}
+	f := plan.Facts{Arch: p.arch}
 	var err error
 	if f.Hostname, err = p.hostname(); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	if f.ResolvConf, f.Nameservers, err = p.resolvConf(); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	if f.KVM, err = p.deviceNode(devKVM); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	if f.HasSystemdContainer, err = p.systemdContainer(); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	if f.Swap, err = p.swap(); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	if f.NVIDIA, err = p.nvidia(ctx, nv, ldCache); err != nil {
-		return render.Facts{}, err
+		return plan.Facts{}, err
 	}
 	return f, nil
 }

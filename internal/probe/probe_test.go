@@ -14,8 +14,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files under testdata")
@@ -31,10 +30,10 @@ func (f fakeNVML) Query(context.Context) (NVMLInfo, error) { return f.info, f.er
 var unavailable = fakeNVML{err: errors.Join(ErrNVMLUnavailable, errors.New("nvmlInit: ERROR_LIBRARY_NOT_FOUND"))}
 
 // h100s returns n GPUs as NVML reports them on an HGX H100 board.
-func h100s(n int) []render.GPU {
-	gpus := make([]render.GPU, n)
+func h100s(n int) []plan.GPU {
+	gpus := make([]plan.GPU, n)
 	for i := range gpus {
-		gpus[i] = render.GPU{Index: i, UUID: "GPU-3b1e0f7a-55c2-4d0e-9a1b-00000000000" + string(rune('0'+i)), Name: "NVIDIA H100 80GB HBM3"}
+		gpus[i] = plan.GPU{Index: i, UUID: "GPU-3b1e0f7a-55c2-4d0e-9a1b-00000000000" + string(rune('0'+i)), Name: "NVIDIA H100 80GB HBM3"}
 	}
 	return gpus
 }
@@ -67,7 +66,7 @@ func TestGatherFixtures(t *testing.T) {
 		{name: "no-gpu", arch: "amd64", nvml: unavailable},
 		{name: "one-gpu", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
 			DriverVersion: "550.54.14",
-			GPUs:          []render.GPU{{Index: 0, UUID: "GPU-6f1c2a9e-0d3b-4c4e-8a77-2b9d3c1e5f00", Name: "NVIDIA RTX A4000"}},
+			GPUs:          []plan.GPU{{Index: 0, UUID: "GPU-6f1c2a9e-0d3b-4c4e-8a77-2b9d3c1e5f00", Name: "NVIDIA RTX A4000"}},
 		}}},
 		// No NVML seam on a fake root: device nodes and /proc only.
 		{name: "one-gpu-no-nvml", root: "one-gpu", arch: "amd64"},
@@ -79,7 +78,7 @@ func TestGatherFixtures(t *testing.T) {
 		}},
 		{name: "mig", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
 			DriverVersion: "550.90.07",
-			GPUs: []render.GPU{
+			GPUs: []plan.GPU{
 				{Index: 0, UUID: "GPU-aa0f4c11-7e1e-4a0e-b1c3-5d2f6e7a8b90", Name: "NVIDIA H100 PCIe", MIG: true},
 				{Index: 1, UUID: "GPU-bb1f4c11-7e1e-4a0e-b1c3-5d2f6e7a8b91", Name: "NVIDIA H100 PCIe"},
 			},
@@ -88,7 +87,7 @@ func TestGatherFixtures(t *testing.T) {
 		// Recorded on a real GPU VM (see its README).
 		{name: "h200-vm", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
 			DriverVersion: "580.159.04",
-			GPUs:          []render.GPU{{Index: 0, UUID: "GPU-327675c9-8428-3a19-6516-e8d18f80ed81", Name: "NVIDIA H200"}},
+			GPUs:          []plan.GPU{{Index: 0, UUID: "GPU-327675c9-8428-3a19-6516-e8d18f80ed81", Name: "NVIDIA H200"}},
 		}}},
 	}
 	for _, tt := range tests {

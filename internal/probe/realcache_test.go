@@ -11,8 +11,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // Directories the real-cache host keeps NVIDIA libraries in: both
@@ -150,7 +149,7 @@ func TestRealLdCache(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			want := map[string][]render.LibraryDir{
+			want := map[string][]plan.LibraryDir{
 				"amd64": {
 					{Path: x86Dir, Libraries: []string{"libcuda.so.1", "libnvidia-ml.so.1"}},
 					{Path: nvidDir, Libraries: []string{"libEGL_nvidia.so.0", "libnvidia-encode.so.1"}},

@@ -1,4 +1,4 @@
-package render
+package plan
 
 // Facts is what render needs to know about the host. A probe gathers it
 // once (package internal/probe); render never looks at the host itself, so

@@ -1,4 +1,4 @@
-package render
+package plan
 
 import (
 	"encoding/json"
@@ -27,7 +27,7 @@ func (p *Plan) Redact() *Plan {
 }
 
 // WriteJSON prints the plan as indented JSON, secrets redacted. The shape is
-// the Plan type's JSON, identified by its "version" field (PlanVersion).
+// the Plan type's JSON, identified by its "version" field (plan.Version).
 func WriteJSON(w io.Writer, p *Plan) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -1,15 +1,20 @@
-package render
+// Package plan is the data between render and apply: a Plan of typed
+// steps, the host Facts it was rendered for, its digest, and its text and
+// JSON forms (what --dry-run prints). It imports nothing of nodespawn's own,
+// so every helper that needs these types can use them without depending on
+// render or apply.
+package plan
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
+
+	"github.com/opencontainers/go-digest"
 )
 
-// PlanVersion identifies the JSON shape of a Plan. It changes only when a
+// Version identifies the JSON shape of a Plan. It changes only when a
 // field is removed or changes meaning; new optional fields keep it.
-const PlanVersion = "nodespawn.dev/plan/v1"
+const Version = "nodespawn.dev/plan/v1"
 
 // Phase groups steps by what they change. Steps run phase by phase, in order.
 type Phase string
@@ -50,7 +55,7 @@ const (
 	KindWait      Kind = "wait"      // Step.Wait
 )
 
-// Plan is everything apply will do, as data. Render builds it from a
+// Plan is everything apply will do, as data. render.Plan builds it from a
 // manifest and host facts; apply executes it; --dry-run prints it.
 type Plan struct {
 	Version string `json:"version"`
@@ -93,14 +98,12 @@ type Step struct {
 	Systemd   *Systemd   `json:"systemd,omitempty"`
 	Wait      *Wait      `json:"wait,omitempty"`
 
-	// origin is the JSON path of the manifest entry an extra step comes
-	// from, where a clash with another step is reported; empty for the
-	// steps nodespawn generates. It is not part of the plan's data.
-	origin string
+	// Origin is the JSON path of the manifest entry an extra step comes
+	// from, where render reports a clash with another step; empty for the
+	// steps nodespawn generates. It is not part of the plan's data (not in
+	// its JSON, not in its digest).
+	Origin string `json:"-"`
 }
-
-// from records the manifest entry the step comes from.
-func (s *Step) from(manifestPath string) { s.origin = manifestPath }
 
 // Owner is a numeric owner, or names resolved against the target root's
 // /etc/passwd and /etc/group (the rootfs's own for rootfs paths) at apply time.
@@ -255,10 +258,9 @@ func (p *Plan) Digest() string {
 	b, err := json.Marshal(p)
 	if err != nil {
 		// A Plan is plain data; Marshal cannot fail on it.
-		panic(fmt.Sprintf("render: marshal plan: %v", err))
+		panic(fmt.Sprintf("plan: marshal plan: %v", err))
 	}
-	sum := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(sum[:])
+	return digest.FromBytes(b).String()
 }
 
 // Step returns the step with id, or nil.
