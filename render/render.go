@@ -69,8 +69,8 @@ func Plan(m *manifest.Manifest, f plan.Facts) (*plan.Plan, error) {
 
 // renderer carries the decisions every part of the plan shares.
 type renderer struct {
-	m *manifest.Manifest
-	f plan.Facts
+	m    *manifest.Manifest
+	f    plan.Facts
 	plan plan.Plan
 
 	machine  string
