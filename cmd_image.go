@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -40,18 +41,28 @@ $SOURCE_DATE_EPOCH (or 1970-01-01), ownership, modes, hard links, device nodes
 and xattrs are kept. Run it as root so every file can be read.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Every mistake in the flags is bad input (exit 2), found
+			// before anything is read or pushed.
+			switch {
+			case rootfs == "" || ref == "":
+				return usageError{errors.New("image build needs --rootfs DIR and --ref REF")}
+			case layout != "" && plainHTTP:
+				return usageError{fmt.Errorf("--plain-http is for registries; --layout %s writes a local directory", layout)}
+			}
+			if platform != "" {
+				if _, err := imagebuild.ParsePlatform(platform); err != nil {
+					return usageError{fmt.Errorf("--platform: %w", err)}
+				}
+			}
 			created, err := imagebuild.SourceDateEpoch()
 			if err != nil {
-				return err
+				return usageError{err}
 			}
 			var (
 				dst oras.Target
 				tag string
 			)
 			if layout != "" {
-				if plainHTTP {
-					return fmt.Errorf("--plain-http is for registries; --layout %s writes a local directory", layout)
-				}
 				tag = layoutTag(ref)
 				dst, err = imagebuild.Layout(layout)
 			} else {
@@ -80,8 +91,6 @@ and xattrs are kept. Run it as root so every file can be read.`,
 	f.BoolVar(&plainHTTP, "plain-http", false, "reach the registry named in --ref over plain HTTP (a loopback or lab registry)")
 	f.StringVar(&platform, "platform", "", "image platform os/arch[/variant] (default linux/<this machine's arch>)")
 	f.StringSliceVar(&cmdline, "cmd", []string{"/sbin/init"}, "the image's default command")
-	_ = cmd.MarkFlagRequired("rootfs")
-	_ = cmd.MarkFlagRequired("ref")
 	return cmd
 }
 

@@ -48,3 +48,29 @@ func TestImageBuildLayoutTwice(t *testing.T) {
 		t.Errorf("two builds of one tree: %s and %s", digests[0], digests[1])
 	}
 }
+
+// TestImageBuildBadFlags: a mistake in the flags is bad input, exit 2, and
+// nothing is built.
+func TestImageBuildBadFlags(t *testing.T) {
+	root := t.TempDir()
+	tests := []struct {
+		name string
+		args []string
+		env  string
+	}{
+		{"no rootfs", []string{"image", "build", "--ref", "base:v1", "--layout", t.TempDir()}, ""},
+		{"no ref", []string{"image", "build", "--rootfs", root}, ""},
+		{"layout and plain http", []string{"image", "build", "--rootfs", root, "--ref", "base:v1", "--layout", t.TempDir(), "--plain-http"}, ""},
+		{"bad platform", []string{"image", "build", "--rootfs", root, "--ref", "base:v1", "--layout", t.TempDir(), "--platform", "amd64"}, ""},
+		{"bad SOURCE_DATE_EPOCH", []string{"image", "build", "--rootfs", root, "--ref", "base:v1", "--layout", t.TempDir()}, "yesterday"},
+		{"unknown flag", []string{"image", "build", "--rootfs", root, "--ref", "base:v1", "--colour"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv("SOURCE_DATE_EPOCH", tt.env)
+			if code, out, errOut := cli(t, "", tt.args...); code != exitBadInput || out != "" {
+				t.Errorf("exit %d, stdout %q, want exit %d and nothing built; stderr:\n%s", code, out, exitBadInput, errOut)
+			}
+		})
+	}
+}

@@ -13,9 +13,12 @@
 package apply
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -35,6 +38,9 @@ const (
 	// ManifestFile is the manifest of the last run (0600: it may hold a
 	// bootstrap token), kept so reset can render the same plan again.
 	ManifestFile = StateDir + "/manifest"
+	// PlanFile is the plan of the last run, secrets redacted (0600): what
+	// reset removes and what a changed manifest is compared against.
+	PlanFile = StateDir + "/plan.json"
 	// DoneStamp exists once a run succeeded; the first-boot unit does not
 	// start again while it is there.
 	DoneStamp = StateDir + "/done"
@@ -157,6 +163,9 @@ func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 			return nil, fmt.Errorf("apply: store manifest: %w", err)
 		}
 	}
+	if err := storePlan(host, p); err != nil {
+		return nil, err
+	}
 
 	rec := newRecord(p, opts, planDigest)
 	w := &recordWriter{root: host, rec: rec}
@@ -238,6 +247,52 @@ func StoredManifest(root string) ([]byte, error) {
 		return nil, fmt.Errorf("read stored manifest: %w (was nodespawn apply ever run here?)", err)
 	}
 	return b, nil
+}
+
+// storePlan keeps the plan being applied, secrets redacted, for reset and
+// for the next run to compare a changed plan against.
+func storePlan(host *confine.Root, p *plan.Plan) error {
+	b, err := json.MarshalIndent(p.Redact(), "", "  ")
+	if err != nil {
+		return fmt.Errorf("apply: encode plan: %w", err)
+	}
+	b = append(b, '\n')
+	if cur, err := host.ReadFile(PlanFile); err == nil && bytes.Equal(cur, b) {
+		return nil
+	}
+	if err := host.WriteFile(PlanFile, b, 0o600, -1, -1); err != nil {
+		return fmt.Errorf("apply: store plan: %w", err)
+	}
+	return nil
+}
+
+// StoredPlan returns the plan the last run stored under root (secrets
+// redacted), or nil when there is none (nothing applied, or a state
+// directory from a version that did not store it).
+func StoredPlan(root string) (*plan.Plan, error) {
+	if root == "" {
+		root = "/"
+	}
+	host, err := confine.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	defer host.Close()
+	b, err := host.ReadFile(PlanFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read stored plan: %w", err)
+	}
+	var p plan.Plan
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("read stored plan %s: %w", host.Show(PlanFile), err)
+	}
+	if p.Version != plan.Version {
+		return nil, fmt.Errorf("read stored plan %s: version %q, this build reads %q", host.Show(PlanFile), p.Version, plan.Version)
+	}
+	return &p, nil
 }
 
 // writeStamp writes the done stamp unless it already says the same.

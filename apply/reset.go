@@ -225,25 +225,21 @@ func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pa
 }
 
 // resetPaths lists the host paths reset removes besides the rootfs and the
-// state dir: the names render uses for machine m, and with a plan every
-// systemd file its host phase wrote (a per-machine directory whole).
+// state dir. With the applied plan, they are every systemd file and link
+// its host phase wrote (a per-machine directory whole). Without one (reset
+// --machine on a host with no stored plan), they are the names systemd
+// itself gives a machine's settings (systemd.nspawn(5), systemctl enable).
 func resetPaths(m string, p *plan.Plan) []string {
 	svc := "systemd-nspawn@" + m + ".service"
-	paths := []string{
-		"/etc/systemd/nspawn/" + m + ".nspawn",
-		"/etc/systemd/system/" + svc + ".d",
-		"/etc/systemd/system/" + svc + ".requires",
-		"/etc/systemd/system/" + svc + ".wants",
-		"/etc/systemd/system/machines.target.wants/" + svc,
-		"/etc/systemd/system/nodespawn-nft-flush.service",
-	}
 	if p == nil {
-		return paths
+		return []string{
+			"/etc/systemd/nspawn/" + m + ".nspawn",
+			"/etc/systemd/system/" + svc + ".d",
+			"/etc/systemd/system/machines.target.wants/" + svc,
+		}
 	}
+	var paths []string
 	seen := map[string]bool{}
-	for _, q := range paths {
-		seen[q] = true
-	}
 	for _, s := range p.Steps {
 		if s.Phase != plan.PhaseHost {
 			continue
@@ -260,7 +256,7 @@ func resetPaths(m string, p *plan.Plan) []string {
 		if !strings.HasPrefix(q, "/etc/systemd/") {
 			continue
 		}
-		if d := filepath.Dir(q); strings.HasPrefix(filepath.Base(d), svc) {
+		if d := path.Dir(q); strings.HasPrefix(path.Base(d), svc) {
 			q = d
 		}
 		if !seen[q] {

@@ -272,7 +272,12 @@ func (r *Root) ReadFile(p string) ([]byte, error) {
 // always added: a symlink at p is refused), and perm for a new file (the
 // umask applies, as with os.OpenFile).
 func (r *Root) OpenFile(p string, flags int, perm os.FileMode) (*os.File, error) {
-	fd, err := r.openat2(p, flags|unix.O_NOFOLLOW|unix.O_NOCTTY, uint32(perm.Perm()))
+	var mode uint32
+	if flags&(unix.O_CREAT|unix.O_TMPFILE) != 0 {
+		// openat2 refuses a mode without a file to create.
+		mode = uint32(perm.Perm())
+	}
+	fd, err := r.openat2(p, flags|unix.O_NOFOLLOW|unix.O_NOCTTY, mode)
 	if err != nil {
 		return nil, r.pathErr("open", p, err)
 	}
@@ -491,6 +496,11 @@ func (r *Root) Link(target, p string) error {
 	if err := unix.Renameat(pfd, tmp, pfd, base); err != nil {
 		unix.Unlinkat(pfd, tmp, 0)
 		return r.pathErr("link", p, fmt.Errorf("rename into place: %w", err))
+	}
+	// rename(2) of a name onto another link of the same inode succeeds
+	// and does nothing: the temporary name would stay.
+	if err := unix.Unlinkat(pfd, tmp, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return r.pathErr("link", p, fmt.Errorf("remove temporary link: %w", err))
 	}
 	return syncFD(pfd, r.Show(path.Dir("/"+Clean(p))))
 }
