@@ -177,6 +177,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		src:         src,
 		root:        req.Root,
 		dir:         stage.dir,
+		dest:        req.Dest,
 		spoolDir:    root.parent,
 		layers:      img.manifest.Layers,
 		diffIDs:     cfg.RootFS.DiffIDs,

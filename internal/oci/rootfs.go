@@ -110,8 +110,12 @@ func (r rootfs) stage(log *slog.Logger) (*staging, error) {
 }
 
 // removeLeftovers removes what a crash can leave beside dest: a staging
-// tree or a previous rootfs that was being removed.
+// tree, a previous rootfs that was being removed, a layer spool or a
+// marker half written (the last two under confine's temporary names).
 func (r rootfs) removeLeftovers(log *slog.Logger) error {
+	if err := r.root.RemoveStaleTemps(r.parent); err != nil {
+		return fmt.Errorf("remove leftovers of %s: %w", r.root.Show(r.dest), err)
+	}
 	es, err := r.root.ReadDir(r.parent)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil

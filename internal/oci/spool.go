@@ -27,8 +27,10 @@ type spool struct {
 	err     error
 }
 
-func newSpool(root *confine.Root, dir string) (*spool, error) {
-	f, name, err := root.CreateTemp(dir, ".nodespawn-layer-")
+func newSpool(root *confine.Root, dir, dest string) (*spool, error) {
+	// A temporary name of dest's: a kill before the unlink leaves a file
+	// the next pull's leftover sweep removes.
+	f, name, err := root.CreateTemp(dir, confine.TempPrefix(dest, "layer"))
 	if err != nil {
 		return nil, fmt.Errorf("create layer spool: %w", err)
 	}

@@ -26,6 +26,7 @@ type unpacker struct {
 	src         *source
 	root        *confine.Root
 	dir         string // the staging rootfs, in root
+	dest        string // where the rootfs goes, in root
 	spoolDir    string // same filesystem as dir, outside it, in root
 	layers      []ocispec.Descriptor
 	diffIDs     []digest.Digest
@@ -70,7 +71,7 @@ func (u *unpacker) run(ctx context.Context) error {
 			case <-ctx.Done():
 				return
 			}
-			sp, err := newSpool(u.root, u.spoolDir)
+			sp, err := newSpool(u.root, u.spoolDir, u.dest)
 			if err != nil {
 				launchErr <- err
 				return
