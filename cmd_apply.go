@@ -18,6 +18,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/userdata"
 )
 
 // sourceFlags say where the manifest comes from.
@@ -43,7 +44,7 @@ func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte
 	case s.source == "":
 		return "", nil, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
 	}
-	name, data, err := manifest.ReadSource(ctx, spec, manifest.SourceOptions{Stdin: stdin})
+	name, data, err := userdata.Read(ctx, spec, userdata.Options{Stdin: stdin})
 	if err != nil && s.file != "" {
 		return "", nil, usageError{err}
 	}
