@@ -79,12 +79,9 @@ func (a azure) Fetch(ctx context.Context) (string, []byte, error) {
 
 // imds fetches the VM's user data (base64) from IMDS.
 func (a azure) imds(ctx context.Context) (string, []byte, error) {
-	client := a.client
-	if client == nil {
-		// IMDS answers only direct requests, never through a proxy.
-		client = &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 30 * time.Second}
-	}
 	url := strings.TrimSuffix(a.imdsURL, "/") + imdsUserDataAt
+	// One minute for all of the client's attempts together: IMDS answers
+	// at once when it is there, and a VM without it should not wait long.
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
@@ -92,7 +89,7 @@ func (a azure) imds(ctx context.Context) (string, []byte, error) {
 		return "", nil, fmt.Errorf("azure: IMDS request %s: %w", url, err)
 	}
 	req.Header.Set("Metadata", "true")
-	resp, err := client.Do(req)
+	resp, err := a.client.Do(req)
 	if err != nil {
 		return "", nil, fmt.Errorf("azure: IMDS user data %s: %w", url, err)
 	}

@@ -46,8 +46,8 @@ const (
 // opposed to a source that exists but could not be read or decoded.
 var ErrNoManifest = errors.New("no manifest")
 
-// Options are the environment Read works in. The zero value is the real
-// host, except for HTTPClient, which the azure source needs.
+// Options are the environment Read works in. Apart from HTTPClient, which
+// "azure" and "auto" need, the zero value is the real host.
 type Options struct {
 	// Root prefixes every well-known path (/etc, /var/lib/cloud, /dev/disk,
 	// /sys); default "/". A file spec given by the user is not prefixed.
@@ -57,7 +57,11 @@ type Options struct {
 	// IMDSBaseURL is Azure's instance metadata service; default
 	// DefaultIMDSBaseURL. Tests point it at a loopback server.
 	IMDSBaseURL string
-	// HTTPClient reaches IMDS. The default tries once, without a proxy.
+	// HTTPClient reaches IMDS; Read refuses "azure" and "auto" without one.
+	// It must connect directly, not through a proxy (IMDS refuses proxied
+	// requests), and should retry: IMDS throttles with 429 and is briefly
+	// unavailable during host maintenance. The CLI passes
+	// fetch.NewHTTPClient(fetch.WithoutProxy()).
 	HTTPClient *http.Client
 	// Runner mounts and unmounts a cidata block device; default command.Exec.
 	Runner command.Runner
@@ -114,6 +118,9 @@ func open(spec string, opts Options) (provider, error) {
 	}
 	if opts.Runner == nil {
 		opts.Runner = command.Exec{}
+	}
+	if (spec == "auto" || spec == "azure") && opts.HTTPClient == nil {
+		return nil, fmt.Errorf("read manifest (%s): no HTTP client for Azure IMDS: userdata.Options.HTTPClient is nil", spec)
 	}
 	switch spec {
 	case "":

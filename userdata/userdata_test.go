@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -12,8 +14,10 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/fetch"
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
@@ -33,12 +37,23 @@ func fakeRoot(t *testing.T, files map[string][]byte) string {
 	return root
 }
 
-// imds is a loopback stand-in for Azure's instance metadata service.
-func imds(t *testing.T, status int, body string) (*httptest.Server, *atomic.Int32) {
+// testClient is the project's client, as the CLI passes it, retrying
+// without sleeping.
+func testClient() *http.Client {
+	return fetch.NewHTTPClient(fetch.WithoutProxy(), fetch.WithBackoff(time.Millisecond, 5*time.Millisecond),
+		fetch.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+}
+
+// imds is a loopback stand-in for Azure's instance metadata service. It
+// answers the first busy requests with 429, as IMDS does when throttling.
+func imds(t *testing.T, status int, body string, busy int32) (*httptest.Server, *atomic.Int32) {
 	t.Helper()
 	var hits atomic.Int32
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hits.Add(1)
+		if hits.Add(1) <= busy {
+			http.Error(w, "Too many requests", http.StatusTooManyRequests)
+			return
+		}
 		if r.Header.Get("Metadata") != "true" {
 			http.Error(w, "Required metadata header not specified", http.StatusBadRequest)
 			return
@@ -63,6 +78,7 @@ func TestRead(t *testing.T) {
 		files    map[string][]byte
 		stdin    string
 		imds     string // IMDS body (base64), "" for none; 404 when "404"
+		imdsBusy int32  // requests IMDS throttles before it answers
 		wantName string
 		want     []byte
 		wantErr  []string
@@ -161,6 +177,15 @@ func TestRead(t *testing.T) {
 			wantIMDS: 1,
 		},
 		{
+			name:     "azure: IMDS throttles, the client retries",
+			spec:     "azure",
+			imds:     base64.StdEncoding.EncodeToString(man),
+			imdsBusy: 2,
+			wantName: "azure-imds:userData",
+			want:     man,
+			wantIMDS: 3,
+		},
+		{
 			name:     "azure: IMDS without user data",
 			spec:     "azure",
 			imds:     "404",
@@ -196,6 +221,7 @@ func TestRead(t *testing.T) {
 				Stdin: strings.NewReader(tt.stdin),
 				// Never the real IMDS: a closed loopback port unless the case serves one.
 				IMDSBaseURL: "http://127.0.0.1:1",
+				HTTPClient:  testClient(),
 				Runner: command.RunnerFunc(func(context.Context, command.Options, string, ...string) ([]byte, error) {
 					t.Fatal("no command expected")
 					return nil, nil
@@ -205,9 +231,9 @@ func TestRead(t *testing.T) {
 			if tt.imds != "" {
 				var srv *httptest.Server
 				if tt.imds == "404" {
-					srv, hits = imds(t, http.StatusNotFound, "")
+					srv, hits = imds(t, http.StatusNotFound, "", tt.imdsBusy)
 				} else {
-					srv, hits = imds(t, http.StatusOK, tt.imds)
+					srv, hits = imds(t, http.StatusOK, tt.imds, tt.imdsBusy)
 				}
 				opts.IMDSBaseURL = srv.URL
 			}
@@ -239,6 +265,24 @@ func TestRead(t *testing.T) {
 				t.Errorf("got:\n%s\nwant:\n%s", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestReadNeedsHTTPClient: without a client, the sources that may ask IMDS
+// are refused at once, on any host, not only on an Azure VM; the others
+// need none.
+func TestReadNeedsHTTPClient(t *testing.T) {
+	root := fakeRoot(t, map[string][]byte{"var/lib/cloud/instance/user-data.txt": fixture(t, "manifest.yaml")})
+	for _, spec := range []string{"auto", "azure"} {
+		_, _, err := Read(context.Background(), spec, Options{Root: root, IMDSBaseURL: "http://127.0.0.1:1"})
+		if err == nil || !strings.Contains(err.Error(), "Options.HTTPClient is nil") {
+			t.Errorf("%s without an HTTP client: err = %v, want one naming Options.HTTPClient", spec, err)
+		}
+	}
+	for _, spec := range []string{"cloud-init", "testdata/manifest.yaml"} {
+		if _, _, err := Read(context.Background(), spec, Options{Root: root}); err != nil {
+			t.Errorf("%s without an HTTP client: %v", spec, err)
+		}
 	}
 }
 
@@ -275,7 +319,7 @@ func TestCloudInitExamples(t *testing.T) {
 		t.Fatal(err)
 	}
 	root := fakeRoot(t, map[string][]byte{"var/lib/waagent/CustomData": []byte(base64.StdEncoding.EncodeToString(raw))})
-	name, data, err := Read(context.Background(), "azure", Options{Root: root, IMDSBaseURL: "http://127.0.0.1:1"})
+	name, data, err := Read(context.Background(), "azure", Options{Root: root, IMDSBaseURL: "http://127.0.0.1:1", HTTPClient: testClient()})
 	if err != nil {
 		t.Fatal(err)
 	}
