@@ -15,10 +15,12 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/fetch"
 	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/userdata"
 )
 
 // sourceFlags say where the manifest comes from.
@@ -44,7 +46,11 @@ func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte
 	case s.source == "":
 		return "", nil, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
 	}
-	name, data, err := manifest.ReadSource(ctx, spec, manifest.SourceOptions{Stdin: stdin})
+	name, data, err := userdata.Read(ctx, spec, userdata.Options{
+		Stdin: stdin,
+		// For Azure IMDS, which answers only requests that reach it directly.
+		HTTPClient: fetch.NewHTTPClient(fetch.WithLogger(slog.Default()), fetch.WithoutProxy()),
+	})
 	if err != nil && s.file != "" {
 		return "", nil, usageError{err}
 	}

@@ -1,7 +1,10 @@
 package manifest
 
 import (
+	"bytes"
+	"compress/gzip"
 	"fmt"
+	"io"
 	"net/url"
 	"path"
 
@@ -23,6 +26,9 @@ const (
 // maxExtraInflated bounds what the gzip-compressed data: contents of extra
 // files decompress to, all together: render holds every file in memory.
 const maxExtraInflated = 64 << 20
+
+// maxInflated bounds what one gzip-compressed file may decompress to.
+const maxInflated = 32 << 20
 
 // extra checks the Ignition-form files, directories, links and units at p
 // (the host's when host is true, else the machine's): what nodespawn
@@ -208,4 +214,19 @@ func (c *checker) gunzip(p string, data []byte) {
 	if c.inflated > maxExtraInflated {
 		c.add(p, "the gzip contents of the extra files decompress to more than %d MiB together", maxExtraInflated>>20)
 	}
+}
+
+func gunzip(data []byte) ([]byte, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(data))
+	if err != nil {
+		return nil, fmt.Errorf("gunzip: %w", err)
+	}
+	out, err := io.ReadAll(io.LimitReader(zr, maxInflated+1))
+	if err != nil {
+		return nil, fmt.Errorf("gunzip: %w", err)
+	}
+	if len(out) > maxInflated {
+		return nil, fmt.Errorf("gunzip: expands to more than %d MiB", maxInflated>>20)
+	}
+	return out, nil
 }

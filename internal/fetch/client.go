@@ -47,6 +47,7 @@ type clientConfig struct {
 	headerTimeout time.Duration
 	extraCAs      []*x509.Certificate
 	logger        *slog.Logger
+	direct        bool
 }
 
 // Option configures NewHTTPClient.
@@ -99,6 +100,15 @@ func WithCACerts(certs ...*x509.Certificate) Option {
 	}
 }
 
+// WithoutProxy makes the client connect directly, whatever HTTP(S)_PROXY
+// says: for link-local services such as a cloud's instance metadata, which
+// a proxy cannot reach (and Azure's refuses requests that went through one).
+func WithoutProxy() Option {
+	return func(c *clientConfig) {
+		c.direct = true
+	}
+}
+
 // WithLogger sets where retries are logged (default slog.Default()).
 func WithLogger(l *slog.Logger) Option {
 	return func(c *clientConfig) {
@@ -110,7 +120,7 @@ func WithLogger(l *slog.Logger) Option {
 
 // NewHTTPClient returns the project's HTTP client. Its transport:
 //   - verifies TLS against the system roots plus any WithCACerts;
-//   - honours HTTP(S)_PROXY/NO_PROXY;
+//   - honours HTTP(S)_PROXY/NO_PROXY, unless WithoutProxy;
 //   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
 //     response headers, but not the body;
 //   - aborts a response whose body delivers no byte for the stall timeout;
@@ -144,8 +154,12 @@ func NewHTTPClient(opts ...Option) *http.Client {
 		}
 		tlsConfig.RootCAs = pool
 	}
+	proxy := http.ProxyFromEnvironment
+	if cfg.direct {
+		proxy = nil
+	}
 	base := &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
+		Proxy: proxy,
 		DialContext: (&net.Dialer{
 			Timeout:   30 * time.Second,
 			KeepAlive: 30 * time.Second,

@@ -183,6 +183,27 @@ func TestClientVerifiesTLS(t *testing.T) {
 	resp.Body.Close()
 }
 
+// TestClientWithoutProxy: the default client takes proxies from the
+// environment; WithoutProxy goes direct and keeps the retries. The proxy
+// function is inspected rather than exercised because net/http reads the
+// environment once per process and never proxies loopback addresses.
+func TestClientWithoutProxy(t *testing.T) {
+	base := func(c *http.Client) *http.Transport {
+		t.Helper()
+		rt, ok := c.Transport.(*retryTransport)
+		if !ok {
+			t.Fatalf("transport is %T, want the retrying transport", c.Transport)
+		}
+		return rt.base.(*http.Transport)
+	}
+	if base(NewHTTPClient()).Proxy == nil {
+		t.Error("the default client ignores HTTP(S)_PROXY")
+	}
+	if base(NewHTTPClient(WithoutProxy())).Proxy != nil {
+		t.Error("WithoutProxy: the client still uses a proxy function")
+	}
+}
+
 func TestRetryAfter(t *testing.T) {
 	now := time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
 	tests := []struct {
