@@ -127,9 +127,9 @@ func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer lock.release()
-	// What a run killed while saving its state left beside it.
-	if err := host.RemoveStaleTemps(StateDir); err != nil {
-		return nil, fmt.Errorf("apply: %w", err)
+	// What a run killed while making or saving its state left there.
+	if err := sweepUp(host, StateDir, nil); err != nil {
+		return nil, err
 	}
 
 	planDigest := p.Digest()

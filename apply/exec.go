@@ -322,23 +322,36 @@ func (e *executor) sweep(steps []*plan.Step) error {
 		if inside {
 			dir = t.rel
 		}
-		for ; ; dir = path.Dir(dir) {
-			key := t.s.prefix + "\x00" + dir
-			if seen[key] {
-				break
-			}
+		err = sweepUp(t.s.root, dir, func(d string) bool {
+			key := t.s.prefix + "\x00" + d
+			done := seen[key]
 			seen[key] = true
-			if err := t.s.root.RemoveStaleTemps(dir); err != nil {
-				t.s.close()
-				return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
-			}
-			if dir == "/" {
-				break
-			}
+			return done
+		})
+		if err != nil {
+			t.s.close()
+			return err
 		}
 		t.s.close()
 	}
 	return nil
+}
+
+// sweepUp removes the temporary entries a killed run left in dir and in
+// every directory above it, up to the root, stopping early at a directory
+// done says was swept already.
+func sweepUp(root *confine.Root, dir string, done func(string) bool) error {
+	for d := "/" + confine.Clean(dir); ; d = path.Dir(d) {
+		if done != nil && done(d) {
+			return nil
+		}
+		if err := root.RemoveStaleTemps(d); err != nil {
+			return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
+		}
+		if d == "/" {
+			return nil
+		}
+	}
 }
 
 // flushNftables flushes the host's ruleset before the machine's first

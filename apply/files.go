@@ -2,14 +2,10 @@ package apply
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/sha512"
+	_ "crypto/sha512" // sha512 verification hashes, through go-digest
 	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
-	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -105,7 +101,7 @@ func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
 		return "", err
 	}
 	if cur.exists && cur.fi.Mode().IsRegular() {
-		same, err := t.matchesHash("sha256-" + digest.FromBytes(data).Encoded())
+		same, err := t.matchesHash(string(digest.SHA256) + "-" + digest.FromBytes(data).Encoded())
 		if err != nil {
 			return "", err
 		}
@@ -173,23 +169,21 @@ func (t target) fixAttrs(cur entry, mode os.FileMode, uid, gid int) (Outcome, er
 	return OutcomeDone, nil
 }
 
-// newHash returns the hash of an Ignition verification hash
-// ("sha256-<hex>" or "sha512-<hex>") and the hex digest it expects.
-func newHash(spec string) (hash.Hash, string, error) {
-	algo, want, _ := strings.Cut(spec, "-")
-	switch algo {
-	case "sha256":
-		return sha256.New(), strings.ToLower(want), nil
-	case "sha512":
-		return sha512.New(), strings.ToLower(want), nil
+// ignitionDigest turns an Ignition verification hash ("sha256-<hex>" or
+// "sha512-<hex>") into the digest it names.
+func ignitionDigest(spec string) (digest.Digest, error) {
+	algo, enc, ok := strings.Cut(spec, "-")
+	d := digest.NewDigestFromEncoded(digest.Algorithm(algo), strings.ToLower(enc))
+	if !ok || (algo != "sha256" && algo != "sha512") || d.Validate() != nil {
+		return "", fmt.Errorf("verification hash %q: want sha256-<hex> or sha512-<hex>", spec)
 	}
-	return nil, "", fmt.Errorf("verification hash %q: want sha256-<hex> or sha512-<hex>", spec)
+	return d, nil
 }
 
 // matchesHash reports whether the regular file at t has the verification
 // hash; a symlink there is not followed.
 func (t target) matchesHash(spec string) (bool, error) {
-	h, want, err := newHash(spec)
+	want, err := ignitionDigest(spec)
 	if err != nil {
 		return false, fmt.Errorf("%s: %w", t.show(), err)
 	}
@@ -198,21 +192,21 @@ func (t target) matchesHash(spec string) (bool, error) {
 		return false, err
 	}
 	defer f.Close()
-	if _, err := io.Copy(h, f); err != nil {
+	got, err := want.Algorithm().FromReader(f)
+	if err != nil {
 		return false, fmt.Errorf("read %s: %w", t.show(), err)
 	}
-	return hex.EncodeToString(h.Sum(nil)) == want, nil
+	return got == want, nil
 }
 
 // verifyHash checks data against a verification hash.
 func verifyHash(data []byte, spec string) error {
-	h, want, err := newHash(spec)
+	want, err := ignitionDigest(spec)
 	if err != nil {
 		return err
 	}
-	h.Write(data)
-	if got := hex.EncodeToString(h.Sum(nil)); got != want {
-		return fmt.Errorf("verification failed: contents hash to %s-%s, want %s", spec[:strings.Index(spec, "-")], got, spec)
+	if got := want.Algorithm().FromBytes(data); got != want {
+		return fmt.Errorf("verification failed: contents hash to %s-%s, want %s", got.Algorithm(), got.Encoded(), spec)
 	}
 	return nil
 }
