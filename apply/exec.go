@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -371,7 +371,7 @@ func (e *executor) pruneDownloads() error {
 	keep := map[string]bool{}
 	for _, s := range e.plan.Steps {
 		if s.Download != nil {
-			keep[fetch.RecordName(*s.Download)] = true
+			keep[download.RecordName(*s.Download)] = true
 		}
 	}
 	es, err := e.host.ReadDir(DownloadCache)

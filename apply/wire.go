@@ -12,9 +12,11 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/oci"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -42,14 +44,14 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	if err != nil {
 		return Deps{}, err
 	}
-	client := fetch.NewHTTPClient(fetch.WithLogger(log))
+	client := httpx.NewClient(httpx.WithLogger(log))
 	// One progress display for the image's layers and the downloads that
 	// run beside them: bars on a terminal, periodic log lines otherwise.
-	progress := fetch.NewProgress(os.Stderr, log)
+	progress := progress.New(os.Stderr, log)
 	d := Deps{
 		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
 		Downloader: &downloader{
-			f:      &fetch.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
+			f:      &download.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
 			client: client,
 		},
 	}
@@ -63,7 +65,7 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 type imagePuller struct {
 	log         *slog.Logger
 	client      *http.Client
-	progress    *fetch.Progress
+	progress    *progress.Display
 	credentials string
 }
 
@@ -103,7 +105,7 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 }
 
 type downloader struct {
-	f      *fetch.Fetcher
+	f      *download.Fetcher
 	client *http.Client
 }
 
@@ -115,7 +117,7 @@ func (d *downloader) Fetch(ctx context.Context, dl *plan.Download, root *confine
 	return staged{s}, nil
 }
 
-type staged struct{ s *fetch.Staged }
+type staged struct{ s *download.Fetched }
 
 func (s staged) Install(ctx context.Context, root *confine.Root, dest string) (bool, error) {
 	res, err := s.s.Install(ctx, root, dest)
@@ -188,7 +190,7 @@ func (hostOps) DisableSwap(ctx context.Context, fstab string) error {
 // trackers. The puller calls it from one goroutine, layer after layer.
 func (p *imagePuller) layerProgress() func(oci.Progress) {
 	var (
-		t     *fetch.Tracker
+		t     *progress.Tracker
 		layer = -1
 		seen  int64
 	)

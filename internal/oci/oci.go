@@ -31,7 +31,7 @@ import (
 	"oras.land/oras-go/v2/content"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // Defaults for the optional Request fields.
@@ -68,7 +68,7 @@ type Request struct {
 	Progress func(Progress)
 	// Logger receives progress and retry messages (default slog.Default()).
 	Logger *slog.Logger
-	// HTTPClient is the registry client (default fetch.NewHTTPClient: TLS
+	// HTTPClient is the registry client (default httpx.NewClient: TLS
 	// verified, retries on 5xx/resets/timeouts, stalled bodies aborted).
 	HTTPClient *http.Client
 	// Concurrency bounds how many layers are fetched at once (default 3).
@@ -219,7 +219,7 @@ func (r *Request) validate() error {
 		r.RetryBackoff = time.Second
 	}
 	if r.HTTPClient == nil && r.Reference != "" {
-		r.HTTPClient = fetch.NewHTTPClient(fetch.WithLogger(r.Logger))
+		r.HTTPClient = httpx.NewClient(httpx.WithLogger(r.Logger))
 	}
 	return nil
 }

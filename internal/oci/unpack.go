@@ -18,7 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // unpacker fetches layers concurrently and applies them strictly in order.
@@ -244,7 +244,7 @@ func resumable(err error) bool {
 	return errors.Is(err, io.ErrUnexpectedEOF) ||
 		errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.EPIPE) ||
-		errors.Is(err, fetch.ErrStalled) ||
+		errors.Is(err, httpx.ErrStalled) ||
 		(errors.As(err, &netErr) && netErr.Timeout())
 }
 

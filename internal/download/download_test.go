@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"archive/tar"
@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -184,9 +186,9 @@ func randomBytes(n int, seed uint64) []byte {
 	return b
 }
 
-func newFetcher(t *testing.T, cache string, opts ...Option) *Fetcher {
+func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 	return &Fetcher{
-		Client:    NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 2*time.Millisecond), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
+		Client:    httpx.NewClient(append([]httpx.Option{httpx.WithBackoff(time.Millisecond, 2*time.Millisecond), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
 		Root:      hostRoot(t),
 		CacheDir:  cache,
 		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
@@ -486,7 +488,7 @@ func TestDownloadFaults(t *testing.T) {
 			step := o.publish(t, upstream.Kubelet, "1.37.2", body, filepath.Join(root, "bin", "kubelet"))
 			u, _ := url.Parse(step.URL)
 			o.fault[u.Path] = tt.fault
-			f := newFetcher(t, cache, WithStallTimeout(300*time.Millisecond), WithMaxAttempts(3))
+			f := newFetcher(t, cache, httpx.WithStallTimeout(300*time.Millisecond), httpx.WithMaxAttempts(3))
 			f.Attempts = 3
 
 			_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
@@ -501,8 +503,8 @@ func TestDownloadFaults(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), step.URL) {
 					t.Fatalf("Download error = %v, want one naming %s and %q", err, step.URL, tt.wantErr)
 				}
-				if tt.wantStall && !errors.Is(err, ErrStalled) {
-					t.Errorf("error %v does not wrap ErrStalled", err)
+				if tt.wantStall && !errors.Is(err, httpx.ErrStalled) {
+					t.Errorf("error %v does not wrap httpx.ErrStalled", err)
 				}
 				if _, err := os.Stat(step.Dest); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("a failed download installed %s", step.Dest)
@@ -631,7 +633,7 @@ func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
 	root := t.TempDir()
 	var logs syncBuffer
 	f := newFetcher(t, filepath.Join(root, "cache"))
-	f.Progress = NewProgress(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
+	f.Progress = progress.New(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
 	components := []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy, upstream.Runc}
 	var steps []plan.Download
 	for i, c := range components {
@@ -681,7 +683,7 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 		{Name: "y", URL: o.srv.URL + "/y", ChecksumURL: o.srv.URL + "/missing.sha256?token=s3cret", Dest: filepath.Join(root, "y")},
 		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},
 	} {
-		f := newFetcher(t, filepath.Join(root, "cache"), WithMaxAttempts(1))
+		f := newFetcher(t, filepath.Join(root, "cache"), httpx.WithMaxAttempts(1))
 		f.Attempts = 1
 		_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 		if err == nil {

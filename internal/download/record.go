@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"crypto/sha256"
@@ -17,9 +17,9 @@ import (
 // RecordSuffix ends the name of every install record in the cache.
 const RecordSuffix = ".nodespawn-download.json"
 
-// record is what an install left behind, kept in the cache directory so a
+// installRecord is what an install left behind, kept in the cache directory so a
 // rerun can tell, without the network, that nothing needs doing.
-type record struct {
+type installRecord struct {
 	URL         string        `json:"url"`
 	ChecksumURL string        `json:"checksumURL,omitempty"`
 	SHA256      string        `json:"sha256"`
@@ -47,7 +47,7 @@ func RecordName(d plan.Download) string {
 }
 
 // loadRecord returns the record for d, or nil when there is none.
-func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
+func (f *Fetcher) loadRecord(d plan.Download) (*installRecord, error) {
 	b, err := f.Root.ReadFile(path.Join(f.CacheDir, RecordName(d)))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -55,7 +55,7 @@ func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read download record: %w", err)
 	}
-	var r record
+	var r installRecord
 	if err := json.Unmarshal(b, &r); err != nil {
 		// A corrupt record only costs a download; do not fail on it.
 		return nil, nil
@@ -63,7 +63,7 @@ func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
 	return &r, nil
 }
 
-func (f *Fetcher) saveRecord(r *record, d plan.Download) error {
+func (f *Fetcher) saveRecord(r *installRecord, d plan.Download) error {
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode download record: %w", err)
@@ -74,7 +74,7 @@ func (f *Fetcher) saveRecord(r *record, d plan.Download) error {
 
 // intact reports whether every file the record lists is still installed
 // at dest in root with the recorded contents.
-func (r *record) intact(root *confine.Root, dest string) bool {
+func (r *installRecord) intact(root *confine.Root, dest string) bool {
 	for _, e := range r.Files {
 		p := path.Join("/"+dest, e.Rel)
 		switch e.Kind {

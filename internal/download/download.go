@@ -1,4 +1,9 @@
-package fetch
+// Package download carries out the plan's download steps: it fetches an
+// artifact with the project's HTTP client (internal/httpx), resuming a body
+// that breaks off, verifies it against a pinned sha256 or the one an
+// upstream checksum file lists, and installs a binary or unpacks a tool
+// archive into place, leaving a record that makes a rerun a no-op.
+package download
 
 import (
 	"context"
@@ -20,6 +25,8 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -31,7 +38,7 @@ import (
 //
 // The zero value is not usable; Root and CacheDir are required.
 type Fetcher struct {
-	// Client does the HTTP; nil means NewHTTPClient().
+	// Client does the HTTP; nil means httpx.NewClient().
 	Client *http.Client
 	// Root holds CacheDir.
 	Root *confine.Root
@@ -41,7 +48,7 @@ type Fetcher struct {
 	// created 0700 if missing.
 	CacheDir string
 	// Progress reports bytes as they arrive; nil reports nothing.
-	Progress *Progress
+	Progress *progress.Display
 	// Logger receives retries and resumptions; nil means slog.Default().
 	Logger *slog.Logger
 	// Attempts bounds how many times a body cut off mid-way (reset, stall,
@@ -55,8 +62,8 @@ type Fetcher struct {
 	defaultClient     *http.Client
 }
 
-// Result says what a download step did.
-type Result struct {
+// Installed says what a download step did.
+type Installed struct {
 	// SHA256 is the verified digest of the artifact.
 	SHA256 string
 	// Size is the artifact's size in bytes (0 when nothing was fetched).
@@ -68,9 +75,9 @@ type Result struct {
 	Changed bool
 }
 
-// Staged is a fetched and verified artifact waiting to be installed (or
+// Fetched is a fetched and verified artifact waiting to be installed (or
 // the knowledge that it already is). Install moves it into place.
-type Staged struct {
+type Fetched struct {
 	f      *Fetcher
 	d      plan.Download
 	dst    *confine.Root // where Install puts it
@@ -84,10 +91,10 @@ type Staged struct {
 
 // Download fetches, verifies and installs d at dest in dst. It is Fetch
 // followed by Install.
-func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (Result, error) {
+func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (Installed, error) {
 	s, err := f.Fetch(ctx, d, dst, dest)
 	if err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	return s.Install(ctx, dst, dest)
 }
@@ -97,25 +104,25 @@ func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Ro
 // dst), so it may run before the steps d waits for. If d is already
 // installed there, Fetch downloads nothing. dst may be nil when the tree
 // the download goes into does not exist yet.
-func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (*Staged, error) {
+func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (*Fetched, error) {
 	if f.Root == nil || f.CacheDir == "" {
 		return nil, errors.New("download: no cache directory configured")
 	}
 	if d.Archive != "" && d.Archive != "tar.gz" {
-		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", redact(d.URL), d.Archive)
+		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", httpx.Redact(d.URL), d.Archive)
 	}
 	if !path.IsAbs(d.Dest) {
-		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", redact(d.URL), d.Dest)
+		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", httpx.Redact(d.URL), d.Dest)
 	}
 	if err := f.Root.MkdirParents(path.Dir(f.CacheDir)); err != nil {
-		return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+		return nil, fmt.Errorf("download %s: create cache directory: %w", httpx.Redact(d.URL), err)
 	}
 	if _, err := f.Root.Lstat(f.CacheDir); errors.Is(err, fs.ErrNotExist) {
 		if err := f.Root.Mkdir(f.CacheDir, 0o700, -1, -1); err != nil && !errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+			return nil, fmt.Errorf("download %s: create cache directory: %w", httpx.Redact(d.URL), err)
 		}
 	}
-	s := &Staged{f: f, d: d}
+	s := &Fetched{f: f, d: d}
 
 	// A record of an earlier install whose files are intact answers
 	// without the network, checksum file included.
@@ -152,7 +159,7 @@ func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root,
 
 // alreadyInstalled marks s as needing no download; Install still checks
 // a binary's mode, since Fetch must not touch Dest.
-func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
+func (f *Fetcher) alreadyInstalled(s *Fetched, sum string) (*Fetched, error) {
 	s.sha256 = sum
 	s.installed = true
 	return s, nil
@@ -160,19 +167,19 @@ func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
 
 // finishInstalled is Install for an artifact already in place: it fixes a
 // binary's drifted mode and refreshes the record.
-func (s *Staged) finishInstalled() (Result, error) {
+func (s *Fetched) finishInstalled() (Installed, error) {
 	d := s.d
-	res := Result{SHA256: s.sha256}
+	res := Installed{SHA256: s.sha256}
 	rec := s.newRecord()
 	if d.Archive == "" {
 		mode := binaryMode(d)
 		fi, err := s.dst.Lstat(s.dest)
 		if err != nil {
-			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+			return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 		}
 		if confine.ModeOf(fi) != mode {
 			if err := s.dst.Chmod(s.dest, mode); err != nil {
-				return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+				return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 			}
 			res.Changed = true
 		}
@@ -180,10 +187,10 @@ func (s *Staged) finishInstalled() (Result, error) {
 	} else {
 		old, err := s.f.loadRecord(d)
 		if err != nil {
-			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+			return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 		}
 		if old == nil {
-			return Result{}, fmt.Errorf("install %s: the record of the earlier install vanished", d.Dest)
+			return Installed{}, fmt.Errorf("install %s: the record of the earlier install vanished", d.Dest)
 		}
 		rec.Files = old.Files
 	}
@@ -191,14 +198,14 @@ func (s *Staged) finishInstalled() (Result, error) {
 		res.Files = append(res.Files, path.Join("/"+s.dest, e.Rel))
 	}
 	if err := s.f.saveRecord(rec, d); err != nil {
-		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	return res, nil
 }
 
-func (s *Staged) newRecord() *record {
+func (s *Fetched) newRecord() *installRecord {
 	d := s.d
-	return &record{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	return &installRecord{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
 }
 
 // expectedSHA256 is the pinned digest, or the one the checksum file lists.
@@ -206,16 +213,16 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, 
 	if d.SHA256 != "" {
 		sum, err := normalizeSHA256(d.SHA256)
 		if err != nil {
-			return "", fmt.Errorf("download %s: pinned sha256: %w", redact(d.URL), err)
+			return "", fmt.Errorf("download %s: pinned sha256: %w", httpx.Redact(d.URL), err)
 		}
 		return sum, nil
 	}
 	if d.ChecksumURL == "" {
-		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", redact(d.URL))
+		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", httpx.Redact(d.URL))
 	}
 	name, err := artifactName(d.URL)
 	if err != nil {
-		return "", fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return "", fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	return fetchChecksum(ctx, f.client(), d.ChecksumURL, name)
 }
@@ -227,11 +234,11 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 	// Partial files of an earlier run that crashed are of unknown state:
 	// drop them rather than trust them.
 	if err := f.Root.RemoveLeftovers(f.CacheDir, want+".part-"); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, want+".part-")
 	if err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	ok := false
 	defer func() {
@@ -241,7 +248,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 		}
 	}()
 	h := sha256.New()
-	var tr *Tracker
+	var tr *progress.Tracker
 	if f.Progress != nil {
 		tr = f.Progress.Start(d.Name, 0)
 	}
@@ -254,16 +261,16 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 	}
 	got := hex.EncodeToString(h.Sum(nil))
 	if got != want {
-		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", redact(d.URL), want, got)
+		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", httpx.Redact(d.URL), want, got)
 	}
 	if err := tmp.Sync(); err != nil {
-		return 0, fmt.Errorf("download %s: fsync: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: fsync: %w", httpx.Redact(d.URL), err)
 	}
 	if err := tmp.Close(); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	if err := f.Root.Rename(tmpPath, blob); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	ok = true
 	return size, nil
@@ -272,7 +279,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 // get writes the body of rawURL to file, hashing it into h. A body cut off
 // mid-way is resumed with a Range request (If-Range guards against the
 // file changing meanwhile) or, when the server will not resume, restarted.
-func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *Tracker) (int64, error) {
+func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker) (int64, error) {
 	attempts := f.Attempts
 	if attempts <= 0 {
 		attempts = 5
@@ -282,7 +289,7 @@ func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.
 	for attempt := 1; ; attempt++ {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 		if err != nil {
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
+			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
 		}
 		if written > 0 {
 			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", written))
@@ -300,14 +307,14 @@ func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.
 		}
 		var perm permanentError
 		if errors.As(err, &perm) || ctx.Err() != nil || attempt >= attempts {
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
+			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
 		}
 		wait := f.backoff(attempt)
 		f.logger().Warn("download interrupted, resuming",
-			"url", redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
+			"url", httpx.Redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), ctx.Err())
+			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), ctx.Err())
 		case <-time.After(wait):
 		}
 	}
@@ -320,10 +327,10 @@ func (e permanentError) Unwrap() error { return e.error }
 
 // getOnce does one request of get. It returns the bytes copied by this
 // request and the artifact's total size (-1 when unknown).
-func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tracker, written *int64, validator *string) (int64, int64, error) {
+func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, int64, error) {
 	resp, err := f.client().Do(req)
 	if err != nil {
-		return 0, -1, withoutURL(err)
+		return 0, -1, httpx.WithoutURL(err)
 	}
 	defer resp.Body.Close()
 	total := int64(-1)
@@ -383,7 +390,7 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tra
 }
 
 // restart empties the partial file and the hash.
-func restart(file *os.File, h hash.Hash, tr *Tracker) error {
+func restart(file *os.File, h hash.Hash, tr *progress.Tracker) error {
 	if err := file.Truncate(0); err != nil {
 		return err
 	}
@@ -441,17 +448,17 @@ func parseContentRange(v string) (start, size int64, ok bool) {
 // archive); missing directories are created 0755, existing ones keep their
 // mode. Files are owned by the caller (root). Install writes the record
 // that makes a rerun a no-op and removes the cached artifact.
-func (s *Staged) Install(ctx context.Context, dst *confine.Root, dest string) (Result, error) {
+func (s *Fetched) Install(ctx context.Context, dst *confine.Root, dest string) (Installed, error) {
 	s.dst, s.dest = dst, confine.Clean(dest)
 	if s.installed {
 		return s.finishInstalled()
 	}
 	if err := ctx.Err(); err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	d := s.d
 	rec := s.newRecord()
-	res := Result{SHA256: s.sha256, Size: s.size, Changed: true}
+	res := Installed{SHA256: s.sha256, Size: s.size, Changed: true}
 	var err error
 	if d.Archive == "" {
 		err = s.installBinary()
@@ -464,18 +471,18 @@ func (s *Staged) Install(ctx context.Context, dst *confine.Root, dest string) (R
 		}
 	}
 	if err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	if err := s.f.saveRecord(rec, d); err != nil {
-		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	if err := s.f.Root.Remove(s.blob); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return Result{}, fmt.Errorf("download %s: remove the installed artifact from the cache: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: remove the installed artifact from the cache: %w", httpx.Redact(d.URL), err)
 	}
 	return res, nil
 }
 
-func (s *Staged) installBinary() error {
+func (s *Fetched) installBinary() error {
 	d := s.d
 	if err := s.dst.MkdirParents(path.Dir("/" + s.dest)); err != nil {
 		return fmt.Errorf("install %s: %w", d.Dest, err)
@@ -489,7 +496,7 @@ func (s *Staged) installBinary() error {
 	// changed there after Fetch can never land in Dest.
 	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
 	if err := s.dst.WriteReader(s.dest, vr, binaryMode(d), -1, -1); err != nil {
-		return fmt.Errorf("install %s from %s: %w", d.Dest, redact(d.URL), err)
+		return fmt.Errorf("install %s from %s: %w", d.Dest, httpx.Redact(d.URL), err)
 	}
 	return nil
 }
@@ -503,7 +510,7 @@ func stagePrefix(dest string) string { return confine.TempPrefix(dest, "stage") 
 // installArchive unpacks the artifact into a staging directory beside the
 // destination, then renames its entries into the destination, so a failed
 // or refused archive installs nothing.
-func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
+func (s *Fetched) installArchive(ctx context.Context) ([]entry, error) {
 	d := s.d
 	dest := "/" + s.dest
 	parent := path.Dir(dest)
@@ -534,13 +541,13 @@ func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
 		_, err = io.Copy(io.Discard, vr)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), redact(d.URL), err)
+		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), httpx.Redact(d.URL), err)
 	}
 	if err := s.dst.MkdirParents(dest); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	if err := installEntries(s.dst, stage, dest, entries); err != nil {
-		return nil, fmt.Errorf("unpack %s: %w", redact(d.URL), err)
+		return nil, fmt.Errorf("unpack %s: %w", httpx.Redact(d.URL), err)
 	}
 	return entries, nil
 }
@@ -577,7 +584,7 @@ func (f *Fetcher) client() *http.Client {
 	if f.Client != nil {
 		return f.Client
 	}
-	f.defaultClientOnce.Do(func() { f.defaultClient = NewHTTPClient(WithLogger(f.logger())) })
+	f.defaultClientOnce.Do(func() { f.defaultClient = httpx.NewClient(httpx.WithLogger(f.logger())) })
 	return f.defaultClient
 }
 

@@ -1,4 +1,4 @@
-package fetch
+package httpx
 
 import (
 	"bytes"
@@ -18,7 +18,7 @@ import (
 // fastClient retries quickly so the tests do not sleep.
 func fastClient(opts ...Option) *http.Client {
 	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)
-	return NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 5*time.Millisecond), WithMaxAttempts(4)}, opts...)...)
+	return NewClient(append([]Option{WithBackoff(time.Millisecond, 5*time.Millisecond), WithMaxAttempts(4)}, opts...)...)
 }
 
 // resetConn closes the client's connection with a TCP RST.

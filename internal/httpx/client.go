@@ -1,10 +1,10 @@
-// Package fetch is nodespawn's one HTTP client and its artifact downloader.
+// Package httpx is nodespawn's one HTTP client.
 //
-// NewHTTPClient returns an *http.Client whose transport retries transient
+// NewClient returns an *http.Client whose transport retries transient
 // failures of idempotent requests and aborts responses whose bodies stall.
 // Every package that talks HTTP (downloads, the OCI registry client) uses it,
 // so retry, timeout and TLS behaviour is the same everywhere.
-package fetch
+package httpx
 
 import (
 	"context"
@@ -28,7 +28,7 @@ import (
 // byte arrived for the stall timeout.
 var ErrStalled = errors.New("download stalled")
 
-// Defaults for NewHTTPClient; each can be changed with an Option.
+// Defaults for NewClient; each can be changed with an Option.
 const (
 	DefaultMaxAttempts   = 5
 	DefaultBackoffBase   = 500 * time.Millisecond
@@ -49,7 +49,7 @@ type clientConfig struct {
 	logger        *slog.Logger
 }
 
-// Option configures NewHTTPClient.
+// Option configures NewClient.
 type Option func(*clientConfig)
 
 // WithMaxAttempts sets how many times a request is tried in all (1 means no retry).
@@ -108,7 +108,7 @@ func WithLogger(l *slog.Logger) Option {
 	}
 }
 
-// NewHTTPClient returns the project's HTTP client. Its transport:
+// NewClient returns the project's HTTP client. Its transport:
 //   - verifies TLS against the system roots plus any WithCACerts;
 //   - honours HTTP(S)_PROXY/NO_PROXY;
 //   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
@@ -121,7 +121,7 @@ func WithLogger(l *slog.Logger) Option {
 //     WithMaxAttempts times. The last response or error is returned as is.
 //
 // The client has no overall Timeout; use the request's context to bound a call.
-func NewHTTPClient(opts ...Option) *http.Client {
+func NewClient(opts ...Option) *http.Client {
 	cfg := clientConfig{
 		maxAttempts:   DefaultMaxAttempts,
 		backoffBase:   DefaultBackoffBase,
@@ -281,10 +281,10 @@ func retryAfter(v string, now time.Time) time.Duration {
 	return min(d, maxRetryAfter)
 }
 
-// withoutURL strips the *url.Error wrapper http.Client.Do adds, whose
+// WithoutURL strips the *url.Error wrapper http.Client.Do adds, whose
 // message carries the full URL (query included); callers name the URL
-// themselves, redacted.
-func withoutURL(err error) error {
+// themselves, redacted (Redact).
+func WithoutURL(err error) error {
 	var ue *url.Error
 	if errors.As(err, &ue) {
 		return ue.Err
@@ -292,14 +292,14 @@ func withoutURL(err error) error {
 	return err
 }
 
-// redactURL is redact for a request's URL.
+// redactURL is Redact for a request's URL.
 func redactURL(req *http.Request) string {
 	return redactParsed(*req.URL)
 }
 
-// redact drops user info and the query (which may carry signed tokens)
+// Redact drops user info and the query (which may carry signed tokens)
 // from a URL before it goes into an error or a log line.
-func redact(raw string) string {
+func Redact(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "<unparsable URL>"

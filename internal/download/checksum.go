@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"net/url"
 	"path"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // maxChecksumFile bounds how much of a checksum file is read; real ones
@@ -19,26 +21,26 @@ const maxChecksumFile = 1 << 20
 func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, checksumURL, nil)
 	if err != nil {
-		return "", fmt.Errorf("checksum %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("checksum %s: %w", httpx.Redact(checksumURL), err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), withoutURL(err))
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), httpx.WithoutURL(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("fetch checksum %s: %s%s", redact(checksumURL), resp.Status, bodySnippet(resp.Body))
+		return "", fmt.Errorf("fetch checksum %s: %s%s", httpx.Redact(checksumURL), resp.Status, bodySnippet(resp.Body))
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxChecksumFile+1))
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), err)
 	}
 	if len(data) > maxChecksumFile {
-		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", redact(checksumURL), maxChecksumFile)
+		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", httpx.Redact(checksumURL), maxChecksumFile)
 	}
 	sum, err := parseChecksum(string(data), fileName)
 	if err != nil {
-		return "", fmt.Errorf("checksum file %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("checksum file %s: %w", httpx.Redact(checksumURL), err)
 	}
 	return sum, nil
 }
@@ -97,7 +99,7 @@ func artifactName(rawURL string) (string, error) {
 	}
 	name := path.Base(u.Path)
 	if name == "/" || name == "." {
-		return "", fmt.Errorf("URL %s names no file", redact(rawURL))
+		return "", fmt.Errorf("URL %s names no file", httpx.Redact(rawURL))
 	}
 	return name, nil
 }
