@@ -29,7 +29,7 @@ func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileNa
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("fetch checksum %s: %s%s", httpx.Redact(checksumURL), resp.Status, bodySnippet(resp.Body))
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), httpx.NewStatusError(resp))
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxChecksumFile+1))
 	if err != nil {
@@ -102,14 +102,4 @@ func artifactName(rawURL string) (string, error) {
 		return "", fmt.Errorf("URL %s names no file", httpx.Redact(rawURL))
 	}
 	return name, nil
-}
-
-// bodySnippet returns the start of an error response body, for messages.
-func bodySnippet(r io.Reader) string {
-	b, _ := io.ReadAll(io.LimitReader(r, 256))
-	s := strings.TrimSpace(string(b))
-	if s == "" {
-		return ""
-	}
-	return ": " + strings.Join(strings.Fields(s), " ")
 }

@@ -15,14 +15,12 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"path"
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/httpx"
@@ -51,12 +49,6 @@ type Fetcher struct {
 	Progress *progress.Display
 	// Logger receives retries and resumptions; nil means slog.Default().
 	Logger *slog.Logger
-	// Attempts bounds how many times a body cut off mid-way (reset, stall,
-	// short read) is resumed or restarted; 0 means 5.
-	Attempts int
-	// RetryWait is the base of the jittered exponential backoff between
-	// those attempts; 0 means one second.
-	RetryWait time.Duration
 
 	defaultClientOnce sync.Once
 	defaultClient     *http.Client
@@ -276,61 +268,59 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 	return size, nil
 }
 
-// get writes the body of rawURL to file, hashing it into h. A body cut off
-// mid-way is resumed with a Range request (If-Range guards against the
-// file changing meanwhile) or, when the server will not resume, restarted.
+// get writes the body of rawURL to file, hashing it into h. The client's
+// transport retries the request itself; get resumes a body that broke off
+// mid-way (reset, stall, short read: what httpx.Retryable calls transient)
+// with a Range request (If-Range guards against the file changing
+// meanwhile), or restarts it when the server will not resume, trying at
+// most as often as the client's Policy allows. A request that failed is
+// not tried again here: the transport already spent the Policy on it.
 func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker) (int64, error) {
-	attempts := f.Attempts
-	if attempts <= 0 {
-		attempts = 5
-	}
+	policy := httpx.PolicyOf(f.client())
 	var written int64
 	var validator string
 	for attempt := 1; ; attempt++ {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-		if err != nil {
-			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
-		}
-		if written > 0 {
-			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", written))
-			if validator != "" {
-				req.Header.Set("If-Range", validator)
-			}
-		}
-		n, total, err := f.getOnce(req, file, h, tr, &written, &validator)
+		n, err := f.getOnce(ctx, rawURL, file, h, tr, &written, &validator)
 		if err == nil {
-			if total >= 0 && written != total {
-				err = fmt.Errorf("got %d of %d bytes", written, total)
-			} else {
-				return written, nil
-			}
+			return written, nil
 		}
-		var perm permanentError
-		if errors.As(err, &perm) || ctx.Err() != nil || attempt >= attempts {
+		var broken brokenBody
+		reason, transient := httpx.Retryable(err)
+		if !errors.As(err, &broken) || !transient || ctx.Err() != nil || attempt >= max(policy.Attempts, 1) {
 			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
 		}
-		wait := f.backoff(attempt)
 		f.logger().Warn("download interrupted, resuming",
-			"url", httpx.Redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
-		select {
-		case <-ctx.Done():
-			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), ctx.Err())
-		case <-time.After(wait):
+			"url", httpx.Redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "reason", reason, "error", err)
+		if err := policy.Wait(ctx, attempt); err != nil {
+			return 0, fmt.Errorf("download %s: %w (after %s)", httpx.Redact(rawURL), err, reason)
 		}
 	}
 }
 
-// permanentError is a failure retrying cannot fix (a 404, a disk error).
-type permanentError struct{ error }
+// brokenBody marks an error met while reading a response body, after the
+// request itself succeeded: the only kind of failure get resumes.
+type brokenBody struct{ error }
 
-func (e permanentError) Unwrap() error { return e.error }
+func (e brokenBody) Unwrap() error { return e.error }
 
-// getOnce does one request of get. It returns the bytes copied by this
-// request and the artifact's total size (-1 when unknown).
-func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, int64, error) {
+// getOnce does one attempt of get: a request for the rest of the file
+// (all of it when nothing is written yet), and when the server will not
+// resume, a plain request for the whole file. It returns the bytes this
+// attempt copied.
+func (f *Fetcher) getOnce(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return 0, err
+	}
+	if *written > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", *written))
+		if *validator != "" {
+			req.Header.Set("If-Range", *validator)
+		}
+	}
 	resp, err := f.client().Do(req)
 	if err != nil {
-		return 0, -1, httpx.WithoutURL(err)
+		return 0, httpx.WithoutURL(err)
 	}
 	defer resp.Body.Close()
 	total := int64(-1)
@@ -339,7 +329,7 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *pro
 		if *written > 0 {
 			// The server sent the whole file again: start over.
 			if err := restart(file, h, tr); err != nil {
-				return 0, -1, permanentError{err}
+				return 0, err
 			}
 			*written = 0
 		}
@@ -348,45 +338,62 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *pro
 	case resp.StatusCode == http.StatusPartialContent && *written > 0:
 		start, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
 		if !ok || start != *written {
-			// Not the part we asked for; restart from scratch next time.
-			asked := *written
-			if err := restart(file, h, tr); err != nil {
-				return 0, -1, permanentError{err}
-			}
-			*written = 0
-			return 0, -1, fmt.Errorf("server answered range %d- with %q", asked, resp.Header.Get("Content-Range"))
+			// Not the part we asked for: start over with the whole file.
+			f.logger().Warn("server answered a range request with another range, fetching the whole file",
+				"url", httpx.Redact(rawURL), "asked", *written, "contentRange", resp.Header.Get("Content-Range"))
+			return f.getWhole(ctx, rawURL, file, h, tr, written, validator)
 		}
 		total = size
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && *written > 0:
 		// The partial file cannot be continued (it may already be whole
 		// but unconfirmed); start over rather than guess.
-		if err := restart(file, h, tr); err != nil {
-			return 0, -1, permanentError{err}
-		}
-		*written = 0
-		return 0, -1, fmt.Errorf("server refused to resume: %s", resp.Status)
-	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
-		// The client already retried these; a few more tries can still help.
-		return 0, -1, fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))
+		f.logger().Warn("server refused to resume, fetching the whole file", "url", httpx.Redact(rawURL), "status", resp.Status)
+		return f.getWhole(ctx, rawURL, file, h, tr, written, validator)
 	default:
-		return 0, -1, permanentError{fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))}
+		return 0, httpx.NewStatusError(resp)
 	}
 	if tr != nil && total >= 0 {
 		tr.SetTotal(total)
 	}
-	var w io.Writer = io.MultiWriter(file, h)
+	w := io.MultiWriter(file, h)
 	if tr != nil {
 		w = io.MultiWriter(file, h, tr)
 	}
-	n, err := io.Copy(w, resp.Body)
+	n, err := io.Copy(w, bodyReader{resp.Body})
 	*written += n
-	if err != nil {
-		var pathErr *os.PathError
-		if errors.As(err, &pathErr) {
-			return n, total, permanentError{fmt.Errorf("write %s: %w", file.Name(), err)}
+	switch {
+	case err != nil:
+		var broken brokenBody
+		if !errors.As(err, &broken) {
+			return n, fmt.Errorf("write %s: %w", file.Name(), err)
 		}
+		return n, err
+	case total >= 0 && *written != total:
+		return n, brokenBody{fmt.Errorf("got %d of %d bytes: %w", *written, total, io.ErrUnexpectedEOF)}
 	}
-	return n, total, err
+	return n, nil
+}
+
+// getWhole empties the partial file and fetches the whole file in the
+// same attempt.
+func (f *Fetcher) getWhole(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, error) {
+	if err := restart(file, h, tr); err != nil {
+		return 0, err
+	}
+	*written, *validator = 0, ""
+	return f.getOnce(ctx, rawURL, file, h, tr, written, validator)
+}
+
+// bodyReader marks its read errors as brokenBody, to tell them from the
+// errors of writing the file they are copied to.
+type bodyReader struct{ r io.Reader }
+
+func (b bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = brokenBody{err}
+	}
+	return n, err
 }
 
 // restart empties the partial file and the hash.
@@ -593,13 +600,4 @@ func (f *Fetcher) logger() *slog.Logger {
 		return f.Logger
 	}
 	return slog.Default()
-}
-
-func (f *Fetcher) backoff(attempt int) time.Duration {
-	base := f.RetryWait
-	if base <= 0 {
-		base = time.Second
-	}
-	ceiling := min(base<<(attempt-1), 30*time.Second)
-	return ceiling/2 + rand.N(ceiling/2+1)
 }

@@ -188,12 +188,16 @@ func randomBytes(n int, seed uint64) []byte {
 
 func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 	return &Fetcher{
-		Client:    httpx.NewClient(append([]httpx.Option{httpx.WithBackoff(time.Millisecond, 2*time.Millisecond), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
-		Root:      hostRoot(t),
-		CacheDir:  cache,
-		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		RetryWait: time.Millisecond,
+		Client:   httpx.NewClient(append([]httpx.Option{httpx.WithPolicy(fastPolicy(5)), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
+		Root:     hostRoot(t),
+		CacheDir: cache,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
+}
+
+// fastPolicy retries quickly so the tests do not sleep.
+func fastPolicy(attempts int) httpx.Policy {
+	return httpx.Policy{Attempts: attempts, Base: time.Millisecond, Max: 2 * time.Millisecond}
 }
 
 // hostRoot is the whole host as a confined root: paths in it are host
@@ -488,8 +492,7 @@ func TestDownloadFaults(t *testing.T) {
 			step := o.publish(t, upstream.Kubelet, "1.37.2", body, filepath.Join(root, "bin", "kubelet"))
 			u, _ := url.Parse(step.URL)
 			o.fault[u.Path] = tt.fault
-			f := newFetcher(t, cache, httpx.WithStallTimeout(300*time.Millisecond), httpx.WithMaxAttempts(3))
-			f.Attempts = 3
+			f := newFetcher(t, cache, httpx.WithStallTimeout(300*time.Millisecond), httpx.WithPolicy(fastPolicy(3)))
 
 			_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 			if tt.wantErr == "" {
@@ -683,8 +686,7 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 		{Name: "y", URL: o.srv.URL + "/y", ChecksumURL: o.srv.URL + "/missing.sha256?token=s3cret", Dest: filepath.Join(root, "y")},
 		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},
 	} {
-		f := newFetcher(t, filepath.Join(root, "cache"), httpx.WithMaxAttempts(1))
-		f.Attempts = 1
+		f := newFetcher(t, filepath.Join(root, "cache"), httpx.WithPolicy(fastPolicy(1)))
 		_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 		if err == nil {
 			t.Fatalf("%s: Download succeeded", step.Name)

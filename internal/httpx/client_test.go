@@ -18,7 +18,7 @@ import (
 // fastClient retries quickly so the tests do not sleep.
 func fastClient(opts ...Option) *http.Client {
 	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)
-	return NewClient(append([]Option{WithBackoff(time.Millisecond, 5*time.Millisecond), WithMaxAttempts(4)}, opts...)...)
+	return NewClient(append([]Option{WithPolicy(Policy{Attempts: 4, Base: time.Millisecond, Max: 5 * time.Millisecond})}, opts...)...)
 }
 
 // resetConn closes the client's connection with a TCP RST.
