@@ -9,6 +9,8 @@ import (
 	"path"
 	"strings"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
@@ -18,7 +20,7 @@ const maxChecksumFile = 1 << 20
 
 // fetchChecksum downloads checksumURL and returns the sha256 it publishes
 // for the file named fileName.
-func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (string, error) {
+func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (digest.Digest, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, checksumURL, nil)
 	if err != nil {
 		return "", fmt.Errorf("checksum %s: %w", httpx.Redact(checksumURL), err)
@@ -50,7 +52,7 @@ func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileNa
 // mode) or "<hex> *<name>" (binary mode), possibly several, of which the one
 // naming fileName is taken (containerd's .sha256sum, runc.sha256sum, CNI's
 // and crictl's .sha256).
-func parseChecksum(data, fileName string) (string, error) {
+func parseChecksum(data, fileName string) (digest.Digest, error) {
 	var bare []string
 	for _, line := range strings.Split(data, "\n") {
 		fields := strings.Fields(line)
@@ -62,7 +64,7 @@ func parseChecksum(data, fileName string) (string, error) {
 		default:
 			name := strings.TrimPrefix(strings.Join(fields[1:], " "), "*")
 			if name == fileName || strings.TrimPrefix(name, "./") == fileName || path.Base(name) == fileName {
-				return normalizeSHA256(fields[0])
+				return parseSHA256(fields[0])
 			}
 		}
 	}
@@ -70,25 +72,20 @@ func parseChecksum(data, fileName string) (string, error) {
 	case 0:
 		return "", fmt.Errorf("no sha256 listed for %s", fileName)
 	case 1:
-		return normalizeSHA256(bare[0])
+		return parseSHA256(bare[0])
 	default:
 		return "", fmt.Errorf("%d digests without file names; cannot tell which is %s", len(bare), fileName)
 	}
 }
 
-// normalizeSHA256 checks that s is a sha256 hex digest (optionally with a
-// "sha256:" prefix) and returns it in lowercase without the prefix.
-func normalizeSHA256(s string) (string, error) {
-	s = strings.ToLower(strings.TrimPrefix(strings.TrimPrefix(s, "sha256:"), "SHA256:"))
-	if len(s) != 64 {
+// parseSHA256 reads a sha256 hex digest as upstreams and manifests write
+// it: in either case, optionally with a "sha256:" prefix.
+func parseSHA256(s string) (digest.Digest, error) {
+	d := digest.NewDigestFromEncoded(digest.SHA256, strings.TrimPrefix(strings.ToLower(s), "sha256:"))
+	if err := d.Validate(); err != nil {
 		return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
 	}
-	for _, c := range s {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
-		}
-	}
-	return s, nil
+	return d, nil
 }
 
 // artifactName is the file name a checksum file lists for rawURL.

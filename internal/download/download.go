@@ -7,8 +7,6 @@ package download
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash"
@@ -21,6 +19,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/httpx"
@@ -56,8 +56,8 @@ type Fetcher struct {
 
 // Installed says what a download step did.
 type Installed struct {
-	// SHA256 is the verified digest of the artifact.
-	SHA256 string
+	// Digest is the artifact's verified sha256 digest.
+	Digest digest.Digest
 	// Size is the artifact's size in bytes (0 when nothing was fetched).
 	Size int64
 	// Files are the installed paths in the destination root (or the ones
@@ -70,12 +70,12 @@ type Installed struct {
 // Fetched is a fetched and verified artifact waiting to be installed (or
 // the knowledge that it already is). Install moves it into place.
 type Fetched struct {
-	f      *Fetcher
-	d      plan.Download
-	dst    *confine.Root // where Install puts it
-	dest   string        // d's destination in dst
-	sha256 string
-	size   int64
+	f    *Fetcher
+	d    plan.Download
+	dst  *confine.Root // where Install puts it
+	dest string        // d's destination in dst
+	sum  digest.Digest // the artifact's verified digest
+	size int64
 	// blob is the verified artifact in the cache; "" when installed is set.
 	blob      string
 	installed bool
@@ -121,22 +121,22 @@ func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root,
 	if rec, err := f.loadRecord(d); err != nil {
 		return nil, err
 	} else if dst != nil && rec != nil && rec.intact(dst, confine.Clean(dest)) {
-		return f.alreadyInstalled(s, rec.SHA256)
+		return f.alreadyInstalled(s, rec.digest())
 	}
 
-	want, err := f.expectedSHA256(ctx, d)
+	want, err := f.expectedDigest(ctx, d)
 	if err != nil {
 		return nil, err
 	}
-	s.sha256 = want
+	s.sum = want
 	if d.Archive == "" && dst != nil {
-		if sum, _, err := fileSHA256(dst, dest); err == nil && sum == want {
+		if _, ok := holds(dst, dest, want); ok {
 			return f.alreadyInstalled(s, want)
 		}
 	}
 
-	blob := path.Join(f.CacheDir, want)
-	if sum, size, err := fileSHA256(f.Root, blob); err == nil && sum == want {
+	blob := path.Join(f.CacheDir, want.Encoded())
+	if size, ok := holds(f.Root, blob, want); ok {
 		// Verified by an earlier run that died before installing.
 		s.blob, s.size = blob, size
 		return s, nil
@@ -151,8 +151,8 @@ func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root,
 
 // alreadyInstalled marks s as needing no download; Install still checks
 // a binary's mode, since Fetch must not touch Dest.
-func (f *Fetcher) alreadyInstalled(s *Fetched, sum string) (*Fetched, error) {
-	s.sha256 = sum
+func (f *Fetcher) alreadyInstalled(s *Fetched, sum digest.Digest) (*Fetched, error) {
+	s.sum = sum
 	s.installed = true
 	return s, nil
 }
@@ -161,7 +161,7 @@ func (f *Fetcher) alreadyInstalled(s *Fetched, sum string) (*Fetched, error) {
 // binary's drifted mode and refreshes the record.
 func (s *Fetched) finishInstalled() (Installed, error) {
 	d := s.d
-	res := Installed{SHA256: s.sha256}
+	res := Installed{Digest: s.sum}
 	rec := s.newRecord()
 	if d.Archive == "" {
 		mode := binaryMode(d)
@@ -175,7 +175,7 @@ func (s *Fetched) finishInstalled() (Installed, error) {
 			}
 			res.Changed = true
 		}
-		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sum.Encoded()}}
 	} else {
 		old, err := s.f.loadRecord(d)
 		if err != nil {
@@ -197,13 +197,13 @@ func (s *Fetched) finishInstalled() (Installed, error) {
 
 func (s *Fetched) newRecord() *installRecord {
 	d := s.d
-	return &installRecord{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	return &installRecord{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sum.Encoded(), Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
 }
 
-// expectedSHA256 is the pinned digest, or the one the checksum file lists.
-func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, error) {
+// expectedDigest is the pinned digest, or the one the checksum file lists.
+func (f *Fetcher) expectedDigest(ctx context.Context, d plan.Download) (digest.Digest, error) {
 	if d.SHA256 != "" {
-		sum, err := normalizeSHA256(d.SHA256)
+		sum, err := parseSHA256(d.SHA256)
 		if err != nil {
 			return "", fmt.Errorf("download %s: pinned sha256: %w", httpx.Redact(d.URL), err)
 		}
@@ -222,13 +222,14 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, 
 // fetchVerified streams d.URL into a temp file in the cache while hashing
 // it and renames it to blob only if the digest is want. On any failure
 // nothing is left behind.
-func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob string) (int64, error) {
+func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want digest.Digest, blob string) (int64, error) {
 	// Partial files of an earlier run that crashed are of unknown state:
 	// drop them rather than trust them.
-	if err := f.Root.RemoveLeftovers(f.CacheDir, want+".part-"); err != nil {
+	partial := want.Encoded() + ".part-"
+	if err := f.Root.RemoveLeftovers(f.CacheDir, partial); err != nil {
 		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
-	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, want+".part-")
+	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, partial)
 	if err != nil {
 		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
@@ -239,20 +240,19 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 			f.Root.Remove(tmpPath)
 		}
 	}()
-	h := sha256.New()
+	digester := want.Algorithm().Digester()
 	var tr *progress.Tracker
 	if f.Progress != nil {
 		tr = f.Progress.Start(d.Name, 0)
 	}
-	size, err := f.get(ctx, d.URL, tmp, h, tr)
+	size, err := f.get(ctx, d.URL, tmp, digester.Hash(), tr)
 	if tr != nil {
 		tr.Done(err)
 	}
 	if err != nil {
 		return 0, err
 	}
-	got := hex.EncodeToString(h.Sum(nil))
-	if got != want {
+	if got := digester.Digest(); got != want {
 		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", httpx.Redact(d.URL), want, got)
 	}
 	if err := tmp.Sync(); err != nil {
@@ -465,11 +465,11 @@ func (s *Fetched) Install(ctx context.Context, dst *confine.Root, dest string) (
 	}
 	d := s.d
 	rec := s.newRecord()
-	res := Installed{SHA256: s.sha256, Size: s.size, Changed: true}
+	res := Installed{Digest: s.sum, Size: s.size, Changed: true}
 	var err error
 	if d.Archive == "" {
 		err = s.installBinary()
-		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sum.Encoded()}}
 		res.Files = []string{"/" + s.dest}
 	} else {
 		rec.Files, err = s.installArchive(ctx)
@@ -501,7 +501,7 @@ func (s *Fetched) installBinary() error {
 	defer src.Close()
 	// Check the bytes once more on their way out of the cache, so a file
 	// changed there after Fetch can never land in Dest.
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
+	vr := &verifyingReader{r: src, d: s.sum.Algorithm().Digester(), want: s.sum, name: s.f.Root.Show(s.blob)}
 	if err := s.dst.WriteReader(s.dest, vr, binaryMode(d), -1, -1); err != nil {
 		return fmt.Errorf("install %s from %s: %w", d.Dest, httpx.Redact(d.URL), err)
 	}
@@ -537,15 +537,17 @@ func (s *Fetched) installArchive(ctx context.Context) ([]entry, error) {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	defer src.Close()
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
+	vr := &verifyingReader{r: src, d: s.sum.Algorithm().Digester(), want: s.sum, name: s.f.Root.Show(s.blob)}
 	var mode os.FileMode
 	if d.Mode != 0 {
 		mode = confine.FileMode(d.Mode)
 	}
 	entries, err := extractTarGz(ctx, vr, s.dst, stage, d.Members, mode)
-	if err == nil {
-		// Read to the end so the digest check covers the whole file.
-		_, err = io.Copy(io.Discard, vr)
+	// Read to the end so the digest check covers the whole file, also when
+	// unpacking failed: a file changed in the cache explains a broken
+	// archive better than the parse error it caused.
+	if _, verr := io.Copy(io.Discard, vr); verr != nil {
+		err = verr
 	}
 	if err != nil {
 		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), httpx.Redact(d.URL), err)
@@ -567,20 +569,22 @@ func binaryMode(d plan.Download) os.FileMode {
 	return confine.FileMode(d.Mode)
 }
 
-// verifyingReader hashes what passes through and turns EOF into an error
-// when the digest is not want, so a consumer never completes on bad bytes.
+// verifyingReader digests what passes through and turns EOF into an error
+// when the digest is not want, so a consumer never completes on bad bytes:
+// an atomic write commits when it reads EOF. (content.NewVerifyReader from
+// oras-go tells only after EOF, and without the digest it got.)
 type verifyingReader struct {
 	r    io.Reader
-	h    hash.Hash
-	want string
+	d    digest.Digester
+	want digest.Digest
 	name string
 }
 
 func (v *verifyingReader) Read(p []byte) (int, error) {
 	n, err := v.r.Read(p)
-	v.h.Write(p[:n])
+	v.d.Hash().Write(p[:n])
 	if errors.Is(err, io.EOF) {
-		if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
+		if got := v.d.Digest(); got != v.want {
 			return n, fmt.Errorf("%s changed after it was verified: sha256 expected %s, got %s", v.name, v.want, got)
 		}
 	}

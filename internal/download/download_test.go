@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/progress"
@@ -622,7 +624,7 @@ func TestParseChecksum(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || got != tt.want {
+			if err != nil || got.Encoded() != tt.want {
 				t.Fatalf("parseChecksum = %q, %v; want %q", got, err, tt.want)
 			}
 		})
@@ -765,5 +767,53 @@ func TestDownloadRestartsWhenRangeIsRefused(t *testing.T) {
 	}
 	if want := []string{"bytes=1000-"}; fmt.Sprint(o.ranges) != fmt.Sprint(want) {
 		t.Errorf("Range requests = %q, want %q (then a plain GET)", o.ranges, want)
+	}
+}
+
+// TestInstallRechecksTheCache changes the verified artifact in the cache
+// between Fetch and Install: Install must refuse it, name both digests
+// and install nothing.
+func TestInstallRechecksTheCache(t *testing.T) {
+	for _, archive := range []bool{false, true} {
+		t.Run(fmt.Sprintf("archive=%v", archive), func(t *testing.T) {
+			o := newOrigin(t)
+			root := t.TempDir()
+			cache := filepath.Join(root, "cache")
+			var step plan.Download
+			if archive {
+				art := makeTarGz(t, []tarEntry{{name: "bridge", body: "plugin"}})
+				step = o.publish(t, upstream.CNIPlugins, "1.10.0", art, filepath.Join(root, "rootfs", "opt", "cni", "bin"))
+			} else {
+				step = o.publish(t, upstream.Runc, "1.5.3", randomBytes(8<<10, 9), filepath.Join(root, "rootfs", "runc"))
+			}
+			u, _ := url.Parse(step.URL)
+			want := digest.FromBytes(o.files[u.Path])
+			f := newFetcher(t, cache)
+			s, err := f.Fetch(context.Background(), step, hostRoot(t), step.Dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			blob := filepath.Join(cache, want.Encoded())
+			b, err := os.ReadFile(blob)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b[len(b)/2] ^= 1
+			if err := os.WriteFile(blob, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err = s.Install(context.Background(), hostRoot(t), step.Dest)
+			if err == nil {
+				t.Fatal("Install took an artifact changed in the cache")
+			}
+			for _, d := range []digest.Digest{want, digest.FromBytes(b)} {
+				if !strings.Contains(err.Error(), d.String()) {
+					t.Errorf("error %q does not name %s", err, d)
+				}
+			}
+			if _, err := os.Lstat(step.Dest); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("something was installed at %s (%v)", step.Dest, err)
+			}
+		})
 	}
 }
