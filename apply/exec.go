@@ -86,7 +86,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 	defer cancel(nil)
 
 	fetches := e.prefetch(ctx, steps)
-	defer fetches.closeAll()
+	defer fetches.wait()
 
 	inPhase := map[string]bool{}
 	for _, s := range steps {

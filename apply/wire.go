@@ -124,10 +124,6 @@ func (s staged) Install(ctx context.Context, root *confine.Root, dest string) (b
 	return res.Changed, err
 }
 
-// Close has nothing to release: a verified artifact stays in the cache
-// until Install consumes it, so a crash between the two loses nothing.
-func (s staged) Close() error { return nil }
-
 // Contents fetches a remote file's contents with the project's HTTP
 // client and decompresses them.
 func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, error) {
