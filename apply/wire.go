@@ -125,19 +125,21 @@ func (s staged) Install(ctx context.Context, root *confine.Root, dest string) (b
 }
 
 // Contents fetches a remote file's contents with the project's HTTP
-// client and decompresses them.
+// client and decompresses them. Errors name the URL without its user
+// info and query, which may carry credentials.
 func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, error) {
+	where := httpx.Redact(src.URL)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, src.URL, nil)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, httpx.WithoutURL(err))
 	}
 	resp, err := d.client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, httpx.WithoutURL(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fetch %s: %s", src.URL, resp.Status)
+		return nil, fmt.Errorf("fetch %s: %s", where, resp.Status)
 	}
 	var body io.Reader = resp.Body
 	switch src.Compression {
@@ -145,18 +147,18 @@ func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, er
 	case "gzip":
 		zr, err := gzip.NewReader(resp.Body)
 		if err != nil {
-			return nil, fmt.Errorf("fetch %s: gunzip: %w", src.URL, err)
+			return nil, fmt.Errorf("fetch %s: gunzip: %w", where, err)
 		}
 		body = zr
 	default:
-		return nil, fmt.Errorf("fetch %s: unknown compression %q", src.URL, src.Compression)
+		return nil, fmt.Errorf("fetch %s: unknown compression %q", where, src.Compression)
 	}
 	data, err := io.ReadAll(io.LimitReader(body, maxSourceSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, err)
 	}
 	if len(data) > maxSourceSize {
-		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", src.URL, maxSourceSize>>20)
+		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", where, maxSourceSize>>20)
 	}
 	return data, nil
 }
