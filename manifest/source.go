@@ -78,8 +78,7 @@ type SourceOptions struct {
 	// DefaultIMDSBaseURL. Tests point it at a loopback server.
 	IMDSBaseURL string
 	// HTTPClient reaches IMDS. Callers pass the project's retrying client
-	// (internal/fetch, which manifest cannot import: fetch builds on render,
-	// which builds on manifest). The default tries once, without a proxy.
+	// (httpx.NewClient). The default tries once, without a proxy.
 	HTTPClient *http.Client
 	// Runner mounts and unmounts a cidata block device; default command.Exec.
 	Runner command.Runner
