@@ -36,7 +36,9 @@ import (
 //
 // The zero value is not usable; Root and CacheDir are required.
 type Fetcher struct {
-	// Client does the HTTP; nil means httpx.NewClient().
+	// Client does the HTTP; nil means httpx.NewClient(). A body that
+	// breaks off is resumed as often as the client's Policy allows
+	// (httpx.PolicyOf), so one setting bounds every retry of a download.
 	Client *http.Client
 	// Root holds CacheDir.
 	Root *confine.Root
