@@ -15,7 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/apply"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -49,7 +49,7 @@ func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte
 	name, data, err := userdata.Read(ctx, spec, userdata.Options{
 		Stdin: stdin,
 		// For Azure IMDS, which answers only requests that reach it directly.
-		HTTPClient: fetch.NewHTTPClient(fetch.WithLogger(slog.Default()), fetch.WithoutProxy()),
+		HTTPClient: httpx.NewClient(httpx.WithLogger(slog.Default()), httpx.WithoutProxy()),
 	})
 	if err != nil && s.file != "" {
 		return "", nil, usageError{err}

@@ -45,14 +45,14 @@ type Downloader interface {
 }
 
 // Artifact is a fetched and verified download waiting to be installed.
+// It holds nothing that needs releasing: what Fetch staged is a verified
+// file in the download cache, which a rerun after a failure reuses and a
+// successful apply prunes.
 type Artifact interface {
 	// Install puts the artifact's files into place at dest in root,
 	// atomically per file. changed is false when every file already had
 	// the wanted contents and mode.
 	Install(ctx context.Context, root *confine.Root, dest string) (changed bool, err error)
-	// Close releases what Fetch staged; it is called whether or not
-	// Install ran.
-	Close() error
 }
 
 // Host changes the running host (Packages, Modules, Sysctl, NftFlush and

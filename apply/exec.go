@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -86,7 +86,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 	defer cancel(nil)
 
 	fetches := e.prefetch(ctx, steps)
-	defer fetches.closeAll()
+	defer fetches.wait()
 
 	inPhase := map[string]bool{}
 	for _, s := range steps {
@@ -384,7 +384,7 @@ func (e *executor) pruneDownloads() error {
 	keep := map[string]bool{}
 	for _, s := range e.plan.Steps {
 		if s.Download != nil {
-			keep[fetch.RecordName(*s.Download)] = true
+			keep[download.RecordName(*s.Download)] = true
 		}
 	}
 	es, err := e.host.ReadDir(DownloadCache)

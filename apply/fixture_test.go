@@ -252,8 +252,6 @@ func (a *fakeArtifact) Install(ctx context.Context, root *confine.Root, dest str
 	return changed, nil
 }
 
-func (a *fakeArtifact) Close() error { return nil }
-
 // fakeHost records host operations.
 type fakeHost struct {
 	mu    sync.Mutex

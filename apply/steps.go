@@ -76,13 +76,11 @@ func (e *executor) fetch(ctx context.Context, d *plan.Download) (Artifact, error
 	return e.opts.Deps.Downloader.Fetch(ctx, d, t.s.root, t.rel)
 }
 
-// closeAll waits for every fetch and releases what it staged.
-func (pf *prefetches) closeAll() {
+// wait waits for every fetch to end, so none outlives its phase to race
+// the next phase or the pruning of the download cache.
+func (pf *prefetches) wait() {
 	for _, f := range pf.m {
 		<-f.done
-		if f.art != nil {
-			f.art.Close()
-		}
 	}
 }
 
@@ -99,9 +97,7 @@ func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (
 	if e.changedAny(s.After) {
 		// The prefetch may have looked at a rootfs that has been replaced
 		// since (and found the artifact "installed" there): look again.
-		if art, err = e.fetch(ctx, s.Download); err == nil {
-			defer art.Close()
-		}
+		art, err = e.fetch(ctx, s.Download)
 	}
 	if err != nil {
 		return "", err

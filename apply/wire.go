@@ -12,9 +12,11 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/oci"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -42,14 +44,14 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	if err != nil {
 		return Deps{}, err
 	}
-	client := fetch.NewHTTPClient(fetch.WithLogger(log))
+	client := httpx.NewClient(httpx.WithLogger(log))
 	// One progress display for the image's layers and the downloads that
 	// run beside them: bars on a terminal, periodic log lines otherwise.
-	progress := fetch.NewProgress(os.Stderr, log)
+	progress := progress.New(os.Stderr, log)
 	d := Deps{
 		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
 		Downloader: &downloader{
-			f:      &fetch.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
+			f:      &download.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
 			client: client,
 		},
 	}
@@ -63,7 +65,7 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 type imagePuller struct {
 	log         *slog.Logger
 	client      *http.Client
-	progress    *fetch.Progress
+	progress    *progress.Display
 	credentials string
 }
 
@@ -103,7 +105,7 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 }
 
 type downloader struct {
-	f      *fetch.Fetcher
+	f      *download.Fetcher
 	client *http.Client
 }
 
@@ -115,31 +117,29 @@ func (d *downloader) Fetch(ctx context.Context, dl *plan.Download, root *confine
 	return staged{s}, nil
 }
 
-type staged struct{ s *fetch.Staged }
+type staged struct{ s *download.Fetched }
 
 func (s staged) Install(ctx context.Context, root *confine.Root, dest string) (bool, error) {
 	res, err := s.s.Install(ctx, root, dest)
 	return res.Changed, err
 }
 
-// Close has nothing to release: a verified artifact stays in the cache
-// until Install consumes it, so a crash between the two loses nothing.
-func (s staged) Close() error { return nil }
-
 // Contents fetches a remote file's contents with the project's HTTP
-// client and decompresses them.
+// client and decompresses them. Errors name the URL without its user
+// info and query, which may carry credentials.
 func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, error) {
+	where := httpx.Redact(src.URL)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, src.URL, nil)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, httpx.WithoutURL(err))
 	}
 	resp, err := d.client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, httpx.WithoutURL(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fetch %s: %s", src.URL, resp.Status)
+		return nil, fmt.Errorf("fetch %s: %s", where, resp.Status)
 	}
 	var body io.Reader = resp.Body
 	switch src.Compression {
@@ -147,18 +147,18 @@ func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, er
 	case "gzip":
 		zr, err := gzip.NewReader(resp.Body)
 		if err != nil {
-			return nil, fmt.Errorf("fetch %s: gunzip: %w", src.URL, err)
+			return nil, fmt.Errorf("fetch %s: gunzip: %w", where, err)
 		}
 		body = zr
 	default:
-		return nil, fmt.Errorf("fetch %s: unknown compression %q", src.URL, src.Compression)
+		return nil, fmt.Errorf("fetch %s: unknown compression %q", where, src.Compression)
 	}
 	data, err := io.ReadAll(io.LimitReader(body, maxSourceSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", src.URL, err)
+		return nil, fmt.Errorf("fetch %s: %w", where, err)
 	}
 	if len(data) > maxSourceSize {
-		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", src.URL, maxSourceSize>>20)
+		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", where, maxSourceSize>>20)
 	}
 	return data, nil
 }
@@ -188,7 +188,7 @@ func (hostOps) DisableSwap(ctx context.Context, fstab string) error {
 // trackers. The puller calls it from one goroutine, layer after layer.
 func (p *imagePuller) layerProgress() func(oci.Progress) {
 	var (
-		t     *fetch.Tracker
+		t     *progress.Tracker
 		layer = -1
 		seen  int64
 	)

@@ -12,9 +12,11 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -110,5 +112,26 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 	}
 	if n := hits.Load() - before; n != 0 {
 		t.Errorf("rerun made %d requests, want none", n)
+	}
+}
+
+// TestContentsErrorsRedactURLSecrets fetches remote file contents that
+// fail, from URLs carrying secrets: the errors name the server, never the
+// secret.
+func TestContentsErrorsRedactURLSecrets(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	defer srv.Close()
+	d := &downloader{client: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}), httpx.WithLogger(slog.New(slog.DiscardHandler)))}
+	for _, u := range []string{
+		srv.URL + "/missing?token=s3cret",
+		"http://user:s3cret@127.0.0.1:1/refused?token=s3cret",
+	} {
+		_, err := d.Contents(context.Background(), &plan.Source{URL: u})
+		if err == nil {
+			t.Fatalf("Contents(%s) succeeded", u)
+		}
+		if strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "127.0.0.1") {
+			t.Errorf("error %q must name the server and not the secret", err)
+		}
 	}
 }

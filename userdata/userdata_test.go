@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/command"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
@@ -40,8 +40,8 @@ func fakeRoot(t *testing.T, files map[string][]byte) string {
 // testClient is the project's client, as the CLI passes it, retrying
 // without sleeping.
 func testClient() *http.Client {
-	return fetch.NewHTTPClient(fetch.WithoutProxy(), fetch.WithBackoff(time.Millisecond, 5*time.Millisecond),
-		fetch.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	return httpx.NewClient(httpx.WithoutProxy(), httpx.WithPolicy(httpx.Policy{Attempts: httpx.DefaultPolicy.Attempts, Base: time.Millisecond, Max: 5 * time.Millisecond}),
+		httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 }
 
 // imds is a loopback stand-in for Azure's instance metadata service. It

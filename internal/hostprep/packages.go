@@ -9,13 +9,14 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
-// aptAttempts is how many times EnsurePackages tries apt-get before giving
-// up; aptBackoff is the pause before each retry. First boot often races
-// cloud-init's or unattended-upgrades' own apt runs and a mirror that is
-// still warming up.
-var aptBackoff = []time.Duration{5 * time.Second, 15 * time.Second, 45 * time.Second}
+// aptRetry is how often EnsurePackages tries apt-get and how long it
+// pauses between tries. First boot often races cloud-init's or
+// unattended-upgrades' own apt runs and a mirror that is still warming up.
+// apt is not HTTP, but its pauses use the project's one backoff.
+var aptRetry = httpx.Policy{Attempts: 4, Base: 15 * time.Second, Max: time.Minute}
 
 // aptEnv keeps apt and dpkg from asking questions on a console no one reads.
 var aptEnv = []string{"DEBIAN_FRONTEND=noninteractive", "NEEDRESTART_MODE=l"}
@@ -31,10 +32,12 @@ const aptLockWait = "DPkg::Lock::Timeout=300"
 // retried with `apt-get update` and a growing pause when it fails for a
 // reason that may pass.
 func EnsurePackages(ctx context.Context, names []string, install bool) error {
-	return ensurePackages(ctx, command.Exec{}, sleepCtx, names, install)
+	return ensurePackages(ctx, command.Exec{}, aptRetry.Wait, names, install)
 }
 
-func ensurePackages(ctx context.Context, run command.Runner, sleep func(context.Context, time.Duration) error, names []string, install bool) error {
+// ensurePackages is EnsurePackages with its commands run by run and its
+// pause before retry n (1-based) taken by wait.
+func ensurePackages(ctx context.Context, run command.Runner, wait func(ctx context.Context, retry int) error, names []string, install bool) error {
 	missing, err := missingPackages(ctx, run, names)
 	if err != nil || len(missing) == 0 {
 		return err
@@ -49,9 +52,9 @@ func ensurePackages(ctx context.Context, run command.Runner, sleep func(context.
 	opts := command.Options{Env: aptEnv}
 
 	var lastErr error
-	for attempt := 0; attempt <= len(aptBackoff); attempt++ {
+	for attempt := 0; attempt < aptRetry.Attempts; attempt++ {
 		if attempt > 0 {
-			if err := sleep(ctx, aptBackoff[attempt-1]); err != nil {
+			if err := wait(ctx, attempt); err != nil {
 				return fmt.Errorf("install host packages %s: %w (last failure: %w)", strings.Join(missing, ", "), err, lastErr)
 			}
 			// The package lists may be missing (fresh cloud images ship
@@ -118,15 +121,4 @@ func installed(status string) bool {
 func permanentAptFailure(err error) bool {
 	msg := err.Error()
 	return strings.Contains(msg, "Unable to locate package") || strings.Contains(msg, "has no installation candidate")
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

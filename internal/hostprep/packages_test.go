@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 )
 
 const (
@@ -24,10 +23,11 @@ func TestEnsurePackages(t *testing.T) {
 		names   []string
 		install bool
 		// respond scripts the fake host: line and how many times it was seen.
-		respond    func(line string, n int) ([]byte, error)
-		wantCalls  []string
-		wantSleeps []time.Duration
-		wantErr    []string
+		respond   func(line string, n int) ([]byte, error)
+		wantCalls []string
+		// wantWaits are the retries (1-based) paused before.
+		wantWaits []int
+		wantErr   []string
 	}{
 		{
 			name:  "all installed",
@@ -78,8 +78,8 @@ func TestEnsurePackages(t *testing.T) {
 				}
 				return []byte("install ok installed"), nil
 			},
-			wantCalls:  []string{qSC, install, update, update, install, update, install, qSC},
-			wantSleeps: []time.Duration{5 * time.Second, 15 * time.Second, 45 * time.Second},
+			wantCalls: []string{qSC, install, update, update, install, update, install, qSC},
+			wantWaits: []int{1, 2, 3},
 		},
 		{
 			name:    "gives up after the last attempt with the last stderr",
@@ -94,9 +94,9 @@ func TestEnsurePackages(t *testing.T) {
 				}
 				return nil, nil
 			},
-			wantCalls:  []string{qSC, install, update, install, update, install, update, install},
-			wantSleeps: []time.Duration{5 * time.Second, 15 * time.Second, 45 * time.Second},
-			wantErr:    []string{"install host packages systemd-container", "Could not get lock"},
+			wantCalls: []string{qSC, install, update, install, update, install, update, install},
+			wantWaits: []int{1, 2, 3},
+			wantErr:   []string{"install host packages systemd-container", "Could not get lock"},
 		},
 		{
 			name:    "unknown package after update is permanent",
@@ -111,9 +111,9 @@ func TestEnsurePackages(t *testing.T) {
 				}
 				return nil, nil
 			},
-			wantCalls:  []string{qSC, install, update, install},
-			wantSleeps: []time.Duration{5 * time.Second},
-			wantErr:    []string{"Unable to locate package systemd-container"},
+			wantCalls: []string{qSC, install, update, install},
+			wantWaits: []int{1},
+			wantErr:   []string{"Unable to locate package systemd-container"},
 		},
 		{
 			name:    "apt says yes but dpkg disagrees",
@@ -141,17 +141,17 @@ func TestEnsurePackages(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := &fakeRunner{respond: tt.respond}
-			var sleeps []time.Duration
-			sleep := func(_ context.Context, d time.Duration) error {
-				sleeps = append(sleeps, d)
+			var waits []int
+			wait := func(_ context.Context, retry int) error {
+				waits = append(waits, retry)
 				return nil
 			}
-			err := ensurePackages(context.Background(), f, sleep, tt.names, tt.install)
+			err := ensurePackages(context.Background(), f, wait, tt.names, tt.install)
 			if !slices.Equal(f.calls, tt.wantCalls) {
 				t.Errorf("calls:\n  %s\nwant:\n  %s", strings.Join(f.calls, "\n  "), strings.Join(tt.wantCalls, "\n  "))
 			}
-			if !slices.Equal(sleeps, tt.wantSleeps) {
-				t.Errorf("sleeps = %v, want %v", sleeps, tt.wantSleeps)
+			if !slices.Equal(waits, tt.wantWaits) {
+				t.Errorf("waits before retries %v, want %v", waits, tt.wantWaits)
 			}
 			if (err != nil) != (len(tt.wantErr) > 0) {
 				t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -174,7 +174,7 @@ func TestEnsurePackagesCancelledWhileWaiting(t *testing.T) {
 		}
 		return nil, failure(line, 1, notFound)
 	}}
-	err := ensurePackages(ctx, f, sleepCtx, []string{"systemd-container"}, true)
+	err := ensurePackages(ctx, f, aptRetry.Wait, []string{"systemd-container"}, true)
 	if err == nil || !strings.Contains(err.Error(), "context canceled") || !strings.Contains(err.Error(), "Could not get lock") {
 		t.Fatalf("err = %v, want cancellation with the last apt failure", err)
 	}

@@ -8,7 +8,8 @@ import (
 	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
 	"oras.land/oras-go/v2/registry/remote/credentials"
-	"oras.land/oras-go/v2/registry/remote/retry"
+
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // Layout opens (creating when needed) an OCI image layout directory.
@@ -24,6 +25,8 @@ func Layout(dir string) (oras.Target, error) {
 // ("host[:port]/name:tag") and the tag. plainHTTP reaches that one registry
 // without TLS; otherwise TLS is always verified. Credentials come from the
 // Docker config (~/.docker/config.json, as docker login and oras login write it).
+// Requests go through the project's one client (httpx), so a push retries,
+// verifies TLS and times out like every other request nodespawn makes.
 func Repository(ref string, plainHTTP bool) (oras.Target, string, error) {
 	repo, err := remote.NewRepository(ref)
 	if err != nil {
@@ -41,6 +44,6 @@ func Repository(ref string, plainHTTP bool) (oras.Target, string, error) {
 	if err != nil {
 		return nil, "", fmt.Errorf("read registry credentials from the Docker config: %w", err)
 	}
-	repo.Client = &auth.Client{Client: retry.DefaultClient, Cache: auth.NewCache(), Credential: credentials.Credential(store)}
+	repo.Client = &auth.Client{Client: httpx.NewClient(), Cache: auth.NewCache(), Credential: credentials.Credential(store)}
 	return repo, tag, nil
 }

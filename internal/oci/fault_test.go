@@ -18,7 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // randomLayer is a gzip layer holding size bytes of incompressible data,
@@ -81,8 +81,8 @@ func serveBroken(t testing.TB, w http.ResponseWriter, r *http.Request, upstream,
 
 // faultClient retries fast and notices a stall quickly.
 func faultClient() *http.Client {
-	return fetch.NewHTTPClient(fetch.WithMaxAttempts(3), fetch.WithBackoff(10*time.Millisecond, 50*time.Millisecond),
-		fetch.WithStallTimeout(300*time.Millisecond))
+	return httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 3, Base: 10 * time.Millisecond, Max: 50 * time.Millisecond}),
+		httpx.WithStallTimeout(300*time.Millisecond))
 }
 
 func TestPullFaults(t *testing.T) {
@@ -172,8 +172,7 @@ func TestPullFaults(t *testing.T) {
 			parent := machinesDir(t)
 			dest := filepath.Join(parent, fmt.Sprintf("m%d", i))
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/faults:good", Platform: "linux/amd64",
-				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t), HTTPClient: faultClient(),
-				MaxAttempts: 3, RetryBackoff: 10 * time.Millisecond})
+				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t), HTTPClient: faultClient()})
 			t.Logf("pull: %v; requests for the target blob had Range %q", err, ranges)
 			if c.recover {
 				if err != nil {

@@ -31,14 +31,12 @@ import (
 	"oras.land/oras-go/v2/content"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
-// Defaults for the optional Request fields.
-const (
-	DefaultConcurrency = 3
-	DefaultMaxAttempts = 5
-)
+// DefaultConcurrency is how many layers Pull fetches at once unless
+// Request.Concurrency says otherwise.
+const DefaultConcurrency = 3
 
 // Request says which image to pull and where its rootfs goes. Exactly one of
 // Reference and Layout is set.
@@ -68,17 +66,13 @@ type Request struct {
 	Progress func(Progress)
 	// Logger receives progress and retry messages (default slog.Default()).
 	Logger *slog.Logger
-	// HTTPClient is the registry client (default fetch.NewHTTPClient: TLS
-	// verified, retries on 5xx/resets/timeouts, stalled bodies aborted).
+	// HTTPClient is the registry client (default httpx.NewClient: TLS
+	// verified, retries on 5xx/resets/timeouts, stalled bodies aborted). A
+	// layer whose body breaks off mid-stream is resumed where it stopped,
+	// as often as the client's Policy allows (httpx.PolicyOf).
 	HTTPClient *http.Client
 	// Concurrency bounds how many layers are fetched at once (default 3).
 	Concurrency int
-	// MaxAttempts bounds how often one blob is fetched again after its body
-	// broke off mid-stream; each retry resumes where it stopped (default 5).
-	MaxAttempts int
-	// RetryBackoff is the first wait before such a retry; it doubles each
-	// time (default 1s).
-	RetryBackoff time.Duration
 }
 
 // Progress reports one layer's state.
@@ -182,8 +176,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		layers:      img.manifest.Layers,
 		diffIDs:     cfg.RootFS.DiffIDs,
 		concurrency: req.Concurrency,
-		maxAttempts: req.MaxAttempts,
-		backoff:     req.RetryBackoff,
+		retry:       httpx.PolicyOf(req.HTTPClient),
 		progress:    req.Progress,
 		log:         log,
 	}
@@ -213,14 +206,8 @@ func (r *Request) validate() error {
 	if r.Concurrency <= 0 {
 		r.Concurrency = DefaultConcurrency
 	}
-	if r.MaxAttempts <= 0 {
-		r.MaxAttempts = DefaultMaxAttempts
-	}
-	if r.RetryBackoff <= 0 {
-		r.RetryBackoff = time.Second
-	}
 	if r.HTTPClient == nil && r.Reference != "" {
-		r.HTTPClient = fetch.NewHTTPClient(fetch.WithLogger(r.Logger))
+		r.HTTPClient = httpx.NewClient(httpx.WithLogger(r.Logger))
 	}
 	return nil
 }

@@ -14,7 +14,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -342,7 +342,7 @@ func TestPullCredentials(t *testing.T) {
 			parent := machinesDir(t)
 			_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/private:v1", Platform: "linux/amd64",
 				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Logger: testLogger(t),
-				HTTPClient: fetch.NewHTTPClient(fetch.WithMaxAttempts(1))})
+				HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 			if c.ok && err != nil {
 				t.Fatalf("Pull: %v", err)
 			}
@@ -361,7 +361,7 @@ func TestPullPlainHTTPOnlyWhenListed(t *testing.T) {
 	reg := startRegistry(t, "")
 	parent := machinesDir(t)
 	_, err := Pull(context.Background(), Request{Reference: reg.addr + "/nodespawn/any:v1", Platform: "linux/amd64",
-		Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Logger: testLogger(t), HTTPClient: fetch.NewHTTPClient(fetch.WithMaxAttempts(1))})
+		Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Logger: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 	if err == nil || !strings.Contains(err.Error(), "https://"+reg.addr) {
 		t.Fatalf("err = %v, want a failed HTTPS request to a registry not listed as plain HTTP", err)
 	}

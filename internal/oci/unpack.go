@@ -6,10 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"sync"
-	"syscall"
-	"time"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -18,7 +15,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/nodespawn/nodespawn/internal/fetch"
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // unpacker fetches layers concurrently and applies them strictly in order.
@@ -31,10 +28,11 @@ type unpacker struct {
 	layers      []ocispec.Descriptor
 	diffIDs     []digest.Digest
 	concurrency int
-	maxAttempts int
-	backoff     time.Duration
-	progress    func(Progress)
-	log         *slog.Logger
+	// retry is the HTTP client's policy, for resuming a blob whose body
+	// broke off.
+	retry    httpx.Policy
+	progress func(Progress)
+	log      *slog.Logger
 }
 
 func (u *unpacker) run(ctx context.Context) error {
@@ -163,9 +161,11 @@ func decompress(mediaType string, r io.Reader) (io.Reader, func(), error) {
 }
 
 // fetchBlob writes desc's content to w, verifying size and digest as it
-// goes. A body that breaks off mid-stream (reset, stall, early EOF) is
-// fetched again from where it stopped, up to maxAttempts in all; the
-// transport below already retries 5xx answers and failed connections.
+// goes. A body that breaks off mid-stream (what httpx.Retryable calls
+// transient: a reset, a stall, an early EOF) is fetched again from where it
+// stopped, as often as the client's Policy allows in all. A request that
+// fails is not tried again here: the transport below has already retried
+// it with the same Policy.
 func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.Writer) error {
 	what := fmt.Sprintf("image %s: blob %s", u.src.name, desc.Digest)
 	if err := desc.Digest.Validate(); err != nil {
@@ -173,8 +173,8 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 	}
 	digester := desc.Digest.Algorithm().Digester()
 	out := io.MultiWriter(w, digester.Hash())
+	attempts := max(u.retry.Attempts, 1)
 	var off int64
-	wait := u.backoff
 	for attempt := 1; ; attempt++ {
 		n, err := u.fetchFrom(ctx, desc, off, out)
 		off += n
@@ -184,17 +184,16 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s: %w", what, ctx.Err())
 		}
-		if !resumable(err) || attempt >= u.maxAttempts {
-			return fmt.Errorf("%s: fetch failed after %d bytes of %d (attempt %d of %d): %w", what, off, desc.Size, attempt, u.maxAttempts, err)
+		var broken brokenBody
+		reason, transient := httpx.Retryable(err)
+		if !errors.As(err, &broken) || !transient || attempt >= attempts {
+			return fmt.Errorf("%s: fetch failed after %d bytes of %d (attempt %d of %d): %w", what, off, desc.Size, attempt, attempts, err)
 		}
 		u.log.Warn("layer download broke off, resuming", "blob", desc.Digest, "offset", off, "size", desc.Size,
-			"attempt", attempt, "maxAttempts", u.maxAttempts, "wait", wait, "error", err)
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return fmt.Errorf("%s: %w", what, ctx.Err())
+			"attempt", attempt, "maxAttempts", attempts, "reason", reason, "error", err)
+		if err := u.retry.Wait(ctx, attempt); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
 		}
-		wait *= 2
 	}
 	if off != desc.Size {
 		return fmt.Errorf("%s: size mismatch: expected %d bytes, got %d", what, desc.Size, off)
@@ -206,7 +205,9 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 }
 
 // fetchFrom copies desc's content from offset off to out, reading at most
-// one byte past the declared size so an oversized blob is caught.
+// one byte past the declared size so an oversized blob is caught. Errors
+// reading the body are brokenBody; the others (the requests, writing to
+// out) are not.
 func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off int64, out io.Writer) (int64, error) {
 	rc, err := u.src.target.Fetch(ctx, desc)
 	if err != nil {
@@ -221,6 +222,11 @@ func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off i
 		seeker, ok := rc.(io.Seeker)
 		if ok {
 			if _, err := seeker.Seek(off, io.SeekStart); err != nil {
+				if _, transient := httpx.Retryable(err); transient {
+					// The connection failed, and the transport has
+					// already retried it: not a refusal to resume.
+					return 0, err
+				}
 				u.log.Warn("range request failed, fetching the blob from the start", "blob", desc.Digest, "offset", off, "error", err)
 				rc.Close()
 				if rc, err = u.src.target.Fetch(ctx, desc); err != nil {
@@ -231,22 +237,30 @@ func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off i
 			}
 		}
 		if !ok {
-			if _, err := io.CopyN(io.Discard, rc, off); err != nil {
+			if _, err := io.CopyN(io.Discard, bodyReader{rc}, off); err != nil {
 				return 0, fmt.Errorf("skip %d bytes already fetched: %w", off, err)
 			}
 		}
 	}
-	return io.Copy(out, io.LimitReader(rc, desc.Size-off+1))
+	return io.Copy(out, io.LimitReader(bodyReader{rc}, desc.Size-off+1))
 }
 
-// resumable reports whether a body read error is worth fetching again.
-func resumable(err error) bool {
-	var netErr net.Error
-	return errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, syscall.EPIPE) ||
-		errors.Is(err, fetch.ErrStalled) ||
-		(errors.As(err, &netErr) && netErr.Timeout())
+// brokenBody marks an error met while reading a blob's body, after its
+// request succeeded: the only kind of failure fetchBlob resumes.
+type brokenBody struct{ error }
+
+func (e brokenBody) Unwrap() error { return e.error }
+
+// bodyReader marks its read errors as brokenBody, to tell them from the
+// errors of the requests and of writing the bytes out.
+type bodyReader struct{ r io.Reader }
+
+func (b bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = brokenBody{err}
+	}
+	return n, err
 }
 
 // progressReader reports compressed bytes as the applier consumes them,

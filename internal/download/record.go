@@ -1,14 +1,14 @@
-package fetch
+package download
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"path"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
@@ -17,16 +17,18 @@ import (
 // RecordSuffix ends the name of every install record in the cache.
 const RecordSuffix = ".nodespawn-download.json"
 
-// record is what an install left behind, kept in the cache directory so a
+// installRecord is what an install left behind, kept in the cache directory so a
 // rerun can tell, without the network, that nothing needs doing.
-type record struct {
-	URL         string        `json:"url"`
-	ChecksumURL string        `json:"checksumURL,omitempty"`
-	SHA256      string        `json:"sha256"`
-	Dest        string        `json:"dest"`
-	Mode        uint32        `json:"mode"`
-	Archive     string        `json:"archive,omitempty"`
-	Members     []plan.Member `json:"members,omitempty"`
+type installRecord struct {
+	URL         string `json:"url"`
+	ChecksumURL string `json:"checksumURL,omitempty"`
+	// SHA256 is the artifact's digest as bare hex, the record's format
+	// since its first version, so an upgrade keeps reruns no-ops.
+	SHA256  string        `json:"sha256"`
+	Dest    string        `json:"dest"`
+	Mode    uint32        `json:"mode"`
+	Archive string        `json:"archive,omitempty"`
+	Members []plan.Member `json:"members,omitempty"`
 	// Files are the installed entries, relative to Dest for archives;
 	// a binary has one entry with an empty path.
 	Files []entry `json:"files"`
@@ -42,12 +44,12 @@ func RecordName(d plan.Download) string {
 		Mode                                    uint32
 		Members                                 []plan.Member
 	}{d.URL, d.ChecksumURL, d.SHA256, d.Dest, d.Archive, d.Mode, d.Members})
-	sum := sha256.Sum256(key)
-	return hex.EncodeToString(sum[:16]) + RecordSuffix
+	// Half the digest tells plans apart and keeps the names records had.
+	return digest.FromBytes(key).Encoded()[:32] + RecordSuffix
 }
 
 // loadRecord returns the record for d, or nil when there is none.
-func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
+func (f *Fetcher) loadRecord(d plan.Download) (*installRecord, error) {
 	b, err := f.Root.ReadFile(path.Join(f.CacheDir, RecordName(d)))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -55,7 +57,7 @@ func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read download record: %w", err)
 	}
-	var r record
+	var r installRecord
 	if err := json.Unmarshal(b, &r); err != nil {
 		// A corrupt record only costs a download; do not fail on it.
 		return nil, nil
@@ -63,7 +65,7 @@ func (f *Fetcher) loadRecord(d plan.Download) (*record, error) {
 	return &r, nil
 }
 
-func (f *Fetcher) saveRecord(r *record, d plan.Download) error {
+func (f *Fetcher) saveRecord(r *installRecord, d plan.Download) error {
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode download record: %w", err)
@@ -74,13 +76,12 @@ func (f *Fetcher) saveRecord(r *record, d plan.Download) error {
 
 // intact reports whether every file the record lists is still installed
 // at dest in root with the recorded contents.
-func (r *record) intact(root *confine.Root, dest string) bool {
+func (r *installRecord) intact(root *confine.Root, dest string) bool {
 	for _, e := range r.Files {
 		p := path.Join("/"+dest, e.Rel)
 		switch e.Kind {
 		case kindFile:
-			sum, _, err := fileSHA256(root, p)
-			if err != nil || sum != e.SHA256 {
+			if _, ok := holds(root, p, sha256Hex(e.SHA256)); !ok {
 				return false
 			}
 		case kindSymlink:
@@ -98,18 +99,32 @@ func (r *record) intact(root *confine.Root, dest string) bool {
 	return len(r.Files) > 0
 }
 
-// fileSHA256 hashes the regular file at p in root (a symlink there is not
-// followed) and returns its digest and size.
-func fileSHA256(root *confine.Root, p string) (string, int64, error) {
+// digest is the artifact's digest.
+func (r *installRecord) digest() digest.Digest { return sha256Hex(r.SHA256) }
+
+// sha256Hex is the digest a record holds as bare hex.
+func sha256Hex(hex string) digest.Digest { return digest.NewDigestFromEncoded(digest.SHA256, hex) }
+
+// holds reports whether the regular file at p in root (a symlink there is
+// not followed) has the digest want, and its size.
+func holds(root *confine.Root, p string, want digest.Digest) (int64, bool) {
 	f, err := root.OpenNoFollow(p)
 	if err != nil {
-		return "", 0, err
+		return 0, false
 	}
 	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
+	v := want.Verifier()
+	n, err := io.Copy(v, f)
+	return n, err == nil && v.Verified()
+}
+
+// fileDigest is the sha256 digest of the regular file at p in root (a
+// symlink there is not followed).
+func fileDigest(root *confine.Root, p string) (digest.Digest, error) {
+	f, err := root.OpenNoFollow(p)
 	if err != nil {
-		return "", 0, err
+		return "", err
 	}
-	return hex.EncodeToString(h.Sum(nil)), n, nil
+	defer f.Close()
+	return digest.SHA256.FromReader(f)
 }

@@ -1,4 +1,4 @@
-package fetch
+package progress
 
 import (
 	"bytes"
@@ -30,7 +30,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 
 // newTestProgress reports into buffers with a hand-driven clock; the
 // renderer's own ticker is not relied on, the test calls tick.
-func newTestProgress(tty bool) (*Progress, *bytes.Buffer, *bytes.Buffer, *fakeClock) {
+func newTestProgress(tty bool) (*Display, *bytes.Buffer, *bytes.Buffer, *fakeClock) {
 	var out, logs bytes.Buffer
 	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{
 		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
@@ -41,7 +41,7 @@ func newTestProgress(tty bool) (*Progress, *bytes.Buffer, *bytes.Buffer, *fakeCl
 		},
 	}))
 	clock := &fakeClock{now: time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)}
-	p := NewProgress(&out, logger)
+	p := New(&out, logger)
 	p.now = clock.Now
 	p.tty = tty
 	p.interval = time.Hour // the test drives tick itself

@@ -1,25 +1,30 @@
-package fetch
+// Package download carries out the plan's download steps: it fetches an
+// artifact with the project's HTTP client (internal/httpx), resuming a body
+// that breaks off, verifies it against a pinned sha256 or the one an
+// upstream checksum file lists, and installs a binary or unpacks a tool
+// archive into place, leaving a record that makes a rerun a no-op.
+package download
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"path"
 	"strconv"
 	"strings"
 	"sync"
-	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -31,7 +36,9 @@ import (
 //
 // The zero value is not usable; Root and CacheDir are required.
 type Fetcher struct {
-	// Client does the HTTP; nil means NewHTTPClient().
+	// Client does the HTTP; nil means httpx.NewClient(). A body that
+	// breaks off is resumed as often as the client's Policy allows
+	// (httpx.PolicyOf), so one setting bounds every retry of a download.
 	Client *http.Client
 	// Root holds CacheDir.
 	Root *confine.Root
@@ -41,24 +48,18 @@ type Fetcher struct {
 	// created 0700 if missing.
 	CacheDir string
 	// Progress reports bytes as they arrive; nil reports nothing.
-	Progress *Progress
+	Progress *progress.Display
 	// Logger receives retries and resumptions; nil means slog.Default().
 	Logger *slog.Logger
-	// Attempts bounds how many times a body cut off mid-way (reset, stall,
-	// short read) is resumed or restarted; 0 means 5.
-	Attempts int
-	// RetryWait is the base of the jittered exponential backoff between
-	// those attempts; 0 means one second.
-	RetryWait time.Duration
 
 	defaultClientOnce sync.Once
 	defaultClient     *http.Client
 }
 
-// Result says what a download step did.
-type Result struct {
-	// SHA256 is the verified digest of the artifact.
-	SHA256 string
+// Installed says what a download step did.
+type Installed struct {
+	// Digest is the artifact's verified sha256 digest.
+	Digest digest.Digest
 	// Size is the artifact's size in bytes (0 when nothing was fetched).
 	Size int64
 	// Files are the installed paths in the destination root (or the ones
@@ -68,15 +69,15 @@ type Result struct {
 	Changed bool
 }
 
-// Staged is a fetched and verified artifact waiting to be installed (or
+// Fetched is a fetched and verified artifact waiting to be installed (or
 // the knowledge that it already is). Install moves it into place.
-type Staged struct {
-	f      *Fetcher
-	d      plan.Download
-	dst    *confine.Root // where Install puts it
-	dest   string        // d's destination in dst
-	sha256 string
-	size   int64
+type Fetched struct {
+	f    *Fetcher
+	d    plan.Download
+	dst  *confine.Root // where Install puts it
+	dest string        // d's destination in dst
+	sum  digest.Digest // the artifact's verified digest
+	size int64
 	// blob is the verified artifact in the cache; "" when installed is set.
 	blob      string
 	installed bool
@@ -84,10 +85,10 @@ type Staged struct {
 
 // Download fetches, verifies and installs d at dest in dst. It is Fetch
 // followed by Install.
-func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (Result, error) {
+func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (Installed, error) {
 	s, err := f.Fetch(ctx, d, dst, dest)
 	if err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	return s.Install(ctx, dst, dest)
 }
@@ -97,47 +98,47 @@ func (f *Fetcher) Download(ctx context.Context, d plan.Download, dst *confine.Ro
 // dst), so it may run before the steps d waits for. If d is already
 // installed there, Fetch downloads nothing. dst may be nil when the tree
 // the download goes into does not exist yet.
-func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (*Staged, error) {
+func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root, dest string) (*Fetched, error) {
 	if f.Root == nil || f.CacheDir == "" {
 		return nil, errors.New("download: no cache directory configured")
 	}
 	if d.Archive != "" && d.Archive != "tar.gz" {
-		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", redact(d.URL), d.Archive)
+		return nil, fmt.Errorf("download %s: archive kind %q is not supported (only tar.gz)", httpx.Redact(d.URL), d.Archive)
 	}
 	if !path.IsAbs(d.Dest) {
-		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", redact(d.URL), d.Dest)
+		return nil, fmt.Errorf("download %s: destination %q is not an absolute path", httpx.Redact(d.URL), d.Dest)
 	}
 	if err := f.Root.MkdirParents(path.Dir(f.CacheDir)); err != nil {
-		return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+		return nil, fmt.Errorf("download %s: create cache directory: %w", httpx.Redact(d.URL), err)
 	}
 	if _, err := f.Root.Lstat(f.CacheDir); errors.Is(err, fs.ErrNotExist) {
 		if err := f.Root.Mkdir(f.CacheDir, 0o700, -1, -1); err != nil && !errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("download %s: create cache directory: %w", redact(d.URL), err)
+			return nil, fmt.Errorf("download %s: create cache directory: %w", httpx.Redact(d.URL), err)
 		}
 	}
-	s := &Staged{f: f, d: d}
+	s := &Fetched{f: f, d: d}
 
 	// A record of an earlier install whose files are intact answers
 	// without the network, checksum file included.
 	if rec, err := f.loadRecord(d); err != nil {
 		return nil, err
 	} else if dst != nil && rec != nil && rec.intact(dst, confine.Clean(dest)) {
-		return f.alreadyInstalled(s, rec.SHA256)
+		return f.alreadyInstalled(s, rec.digest())
 	}
 
-	want, err := f.expectedSHA256(ctx, d)
+	want, err := f.expectedDigest(ctx, d)
 	if err != nil {
 		return nil, err
 	}
-	s.sha256 = want
+	s.sum = want
 	if d.Archive == "" && dst != nil {
-		if sum, _, err := fileSHA256(dst, dest); err == nil && sum == want {
+		if _, ok := holds(dst, dest, want); ok {
 			return f.alreadyInstalled(s, want)
 		}
 	}
 
-	blob := path.Join(f.CacheDir, want)
-	if sum, size, err := fileSHA256(f.Root, blob); err == nil && sum == want {
+	blob := path.Join(f.CacheDir, want.Encoded())
+	if size, ok := holds(f.Root, blob, want); ok {
 		// Verified by an earlier run that died before installing.
 		s.blob, s.size = blob, size
 		return s, nil
@@ -152,38 +153,38 @@ func (f *Fetcher) Fetch(ctx context.Context, d plan.Download, dst *confine.Root,
 
 // alreadyInstalled marks s as needing no download; Install still checks
 // a binary's mode, since Fetch must not touch Dest.
-func (f *Fetcher) alreadyInstalled(s *Staged, sum string) (*Staged, error) {
-	s.sha256 = sum
+func (f *Fetcher) alreadyInstalled(s *Fetched, sum digest.Digest) (*Fetched, error) {
+	s.sum = sum
 	s.installed = true
 	return s, nil
 }
 
 // finishInstalled is Install for an artifact already in place: it fixes a
 // binary's drifted mode and refreshes the record.
-func (s *Staged) finishInstalled() (Result, error) {
+func (s *Fetched) finishInstalled() (Installed, error) {
 	d := s.d
-	res := Result{SHA256: s.sha256}
+	res := Installed{Digest: s.sum}
 	rec := s.newRecord()
 	if d.Archive == "" {
 		mode := binaryMode(d)
 		fi, err := s.dst.Lstat(s.dest)
 		if err != nil {
-			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+			return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 		}
 		if confine.ModeOf(fi) != mode {
 			if err := s.dst.Chmod(s.dest, mode); err != nil {
-				return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+				return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 			}
 			res.Changed = true
 		}
-		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sum.Encoded()}}
 	} else {
 		old, err := s.f.loadRecord(d)
 		if err != nil {
-			return Result{}, fmt.Errorf("install %s: %w", d.Dest, err)
+			return Installed{}, fmt.Errorf("install %s: %w", d.Dest, err)
 		}
 		if old == nil {
-			return Result{}, fmt.Errorf("install %s: the record of the earlier install vanished", d.Dest)
+			return Installed{}, fmt.Errorf("install %s: the record of the earlier install vanished", d.Dest)
 		}
 		rec.Files = old.Files
 	}
@@ -191,31 +192,31 @@ func (s *Staged) finishInstalled() (Result, error) {
 		res.Files = append(res.Files, path.Join("/"+s.dest, e.Rel))
 	}
 	if err := s.f.saveRecord(rec, d); err != nil {
-		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	return res, nil
 }
 
-func (s *Staged) newRecord() *record {
+func (s *Fetched) newRecord() *installRecord {
 	d := s.d
-	return &record{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sha256, Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	return &installRecord{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sum.Encoded(), Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
 }
 
-// expectedSHA256 is the pinned digest, or the one the checksum file lists.
-func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, error) {
+// expectedDigest is the pinned digest, or the one the checksum file lists.
+func (f *Fetcher) expectedDigest(ctx context.Context, d plan.Download) (digest.Digest, error) {
 	if d.SHA256 != "" {
-		sum, err := normalizeSHA256(d.SHA256)
+		sum, err := parseSHA256(d.SHA256)
 		if err != nil {
-			return "", fmt.Errorf("download %s: pinned sha256: %w", redact(d.URL), err)
+			return "", fmt.Errorf("download %s: pinned sha256: %w", httpx.Redact(d.URL), err)
 		}
 		return sum, nil
 	}
 	if d.ChecksumURL == "" {
-		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", redact(d.URL))
+		return "", fmt.Errorf("download %s: neither a sha256 nor a checksum URL; every download must be verified", httpx.Redact(d.URL))
 	}
 	name, err := artifactName(d.URL)
 	if err != nil {
-		return "", fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return "", fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	return fetchChecksum(ctx, f.client(), d.ChecksumURL, name)
 }
@@ -223,15 +224,16 @@ func (f *Fetcher) expectedSHA256(ctx context.Context, d plan.Download) (string, 
 // fetchVerified streams d.URL into a temp file in the cache while hashing
 // it and renames it to blob only if the digest is want. On any failure
 // nothing is left behind.
-func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob string) (int64, error) {
+func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want digest.Digest, blob string) (int64, error) {
 	// Partial files of an earlier run that crashed are of unknown state:
 	// drop them rather than trust them.
-	if err := f.Root.RemoveLeftovers(f.CacheDir, want+".part-"); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+	partial := want.Encoded() + ".part-"
+	if err := f.Root.RemoveLeftovers(f.CacheDir, partial); err != nil {
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
-	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, want+".part-")
+	tmp, tmpPath, err := f.Root.CreateTemp(f.CacheDir, partial)
 	if err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	ok := false
 	defer func() {
@@ -240,90 +242,87 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want, blob
 			f.Root.Remove(tmpPath)
 		}
 	}()
-	h := sha256.New()
-	var tr *Tracker
+	digester := want.Algorithm().Digester()
+	var tr *progress.Tracker
 	if f.Progress != nil {
 		tr = f.Progress.Start(d.Name, 0)
 	}
-	size, err := f.get(ctx, d.URL, tmp, h, tr)
+	size, err := f.get(ctx, d.URL, tmp, digester.Hash(), tr)
 	if tr != nil {
 		tr.Done(err)
 	}
 	if err != nil {
 		return 0, err
 	}
-	got := hex.EncodeToString(h.Sum(nil))
-	if got != want {
-		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", redact(d.URL), want, got)
+	if got := digester.Digest(); got != want {
+		return 0, fmt.Errorf("download %s: sha256 mismatch: expected %s, got %s; nothing was installed (check the pinned sha256 or the mirror's copy)", httpx.Redact(d.URL), want, got)
 	}
 	if err := tmp.Sync(); err != nil {
-		return 0, fmt.Errorf("download %s: fsync: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: fsync: %w", httpx.Redact(d.URL), err)
 	}
 	if err := tmp.Close(); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	if err := f.Root.Rename(tmpPath, blob); err != nil {
-		return 0, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	ok = true
 	return size, nil
 }
 
-// get writes the body of rawURL to file, hashing it into h. A body cut off
-// mid-way is resumed with a Range request (If-Range guards against the
-// file changing meanwhile) or, when the server will not resume, restarted.
-func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *Tracker) (int64, error) {
-	attempts := f.Attempts
-	if attempts <= 0 {
-		attempts = 5
-	}
+// get writes the body of rawURL to file, hashing it into h. The client's
+// transport retries the request itself; get resumes a body that broke off
+// mid-way (reset, stall, short read: what httpx.Retryable calls transient)
+// with a Range request (If-Range guards against the file changing
+// meanwhile), or restarts it when the server will not resume, trying at
+// most as often as the client's Policy allows. A request that failed is
+// not tried again here: the transport already spent the Policy on it.
+func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker) (int64, error) {
+	policy := httpx.PolicyOf(f.client())
 	var written int64
 	var validator string
 	for attempt := 1; ; attempt++ {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-		if err != nil {
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
-		}
-		if written > 0 {
-			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", written))
-			if validator != "" {
-				req.Header.Set("If-Range", validator)
-			}
-		}
-		n, total, err := f.getOnce(req, file, h, tr, &written, &validator)
+		n, err := f.getOnce(ctx, rawURL, file, h, tr, &written, &validator)
 		if err == nil {
-			if total >= 0 && written != total {
-				err = fmt.Errorf("got %d of %d bytes", written, total)
-			} else {
-				return written, nil
-			}
+			return written, nil
 		}
-		var perm permanentError
-		if errors.As(err, &perm) || ctx.Err() != nil || attempt >= attempts {
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), err)
+		var broken brokenBody
+		reason, transient := httpx.Retryable(err)
+		if !errors.As(err, &broken) || !transient || ctx.Err() != nil || attempt >= max(policy.Attempts, 1) {
+			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
 		}
-		wait := f.backoff(attempt)
 		f.logger().Warn("download interrupted, resuming",
-			"url", redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "error", err, "wait", wait.Round(time.Millisecond))
-		select {
-		case <-ctx.Done():
-			return 0, fmt.Errorf("download %s: %w", redact(rawURL), ctx.Err())
-		case <-time.After(wait):
+			"url", httpx.Redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "reason", reason, "error", err)
+		if err := policy.Wait(ctx, attempt); err != nil {
+			return 0, fmt.Errorf("download %s: %w (after %s)", httpx.Redact(rawURL), err, reason)
 		}
 	}
 }
 
-// permanentError is a failure retrying cannot fix (a 404, a disk error).
-type permanentError struct{ error }
+// brokenBody marks an error met while reading a response body, after the
+// request itself succeeded: the only kind of failure get resumes.
+type brokenBody struct{ error }
 
-func (e permanentError) Unwrap() error { return e.error }
+func (e brokenBody) Unwrap() error { return e.error }
 
-// getOnce does one request of get. It returns the bytes copied by this
-// request and the artifact's total size (-1 when unknown).
-func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tracker, written *int64, validator *string) (int64, int64, error) {
+// getOnce does one attempt of get: a request for the rest of the file
+// (all of it when nothing is written yet), and when the server will not
+// resume, a plain request for the whole file. It returns the bytes this
+// attempt copied.
+func (f *Fetcher) getOnce(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return 0, err
+	}
+	if *written > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", *written))
+		if *validator != "" {
+			req.Header.Set("If-Range", *validator)
+		}
+	}
 	resp, err := f.client().Do(req)
 	if err != nil {
-		return 0, -1, withoutURL(err)
+		return 0, httpx.WithoutURL(err)
 	}
 	defer resp.Body.Close()
 	total := int64(-1)
@@ -332,7 +331,7 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tra
 		if *written > 0 {
 			// The server sent the whole file again: start over.
 			if err := restart(file, h, tr); err != nil {
-				return 0, -1, permanentError{err}
+				return 0, err
 			}
 			*written = 0
 		}
@@ -341,49 +340,66 @@ func (f *Fetcher) getOnce(req *http.Request, file *os.File, h hash.Hash, tr *Tra
 	case resp.StatusCode == http.StatusPartialContent && *written > 0:
 		start, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
 		if !ok || start != *written {
-			// Not the part we asked for; restart from scratch next time.
-			asked := *written
-			if err := restart(file, h, tr); err != nil {
-				return 0, -1, permanentError{err}
-			}
-			*written = 0
-			return 0, -1, fmt.Errorf("server answered range %d- with %q", asked, resp.Header.Get("Content-Range"))
+			// Not the part we asked for: start over with the whole file.
+			f.logger().Warn("server answered a range request with another range, fetching the whole file",
+				"url", httpx.Redact(rawURL), "asked", *written, "contentRange", resp.Header.Get("Content-Range"))
+			return f.getWhole(ctx, rawURL, file, h, tr, written, validator)
 		}
 		total = size
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && *written > 0:
 		// The partial file cannot be continued (it may already be whole
 		// but unconfirmed); start over rather than guess.
-		if err := restart(file, h, tr); err != nil {
-			return 0, -1, permanentError{err}
-		}
-		*written = 0
-		return 0, -1, fmt.Errorf("server refused to resume: %s", resp.Status)
-	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
-		// The client already retried these; a few more tries can still help.
-		return 0, -1, fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))
+		f.logger().Warn("server refused to resume, fetching the whole file", "url", httpx.Redact(rawURL), "status", resp.Status)
+		return f.getWhole(ctx, rawURL, file, h, tr, written, validator)
 	default:
-		return 0, -1, permanentError{fmt.Errorf("%s%s", resp.Status, bodySnippet(resp.Body))}
+		return 0, httpx.NewStatusError(resp)
 	}
 	if tr != nil && total >= 0 {
 		tr.SetTotal(total)
 	}
-	var w io.Writer = io.MultiWriter(file, h)
+	w := io.MultiWriter(file, h)
 	if tr != nil {
 		w = io.MultiWriter(file, h, tr)
 	}
-	n, err := io.Copy(w, resp.Body)
+	n, err := io.Copy(w, bodyReader{resp.Body})
 	*written += n
-	if err != nil {
-		var pathErr *os.PathError
-		if errors.As(err, &pathErr) {
-			return n, total, permanentError{fmt.Errorf("write %s: %w", file.Name(), err)}
+	switch {
+	case err != nil:
+		var broken brokenBody
+		if !errors.As(err, &broken) {
+			return n, fmt.Errorf("write %s: %w", file.Name(), err)
 		}
+		return n, err
+	case total >= 0 && *written != total:
+		return n, brokenBody{fmt.Errorf("got %d of %d bytes: %w", *written, total, io.ErrUnexpectedEOF)}
 	}
-	return n, total, err
+	return n, nil
+}
+
+// getWhole empties the partial file and fetches the whole file in the
+// same attempt.
+func (f *Fetcher) getWhole(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker, written *int64, validator *string) (int64, error) {
+	if err := restart(file, h, tr); err != nil {
+		return 0, err
+	}
+	*written, *validator = 0, ""
+	return f.getOnce(ctx, rawURL, file, h, tr, written, validator)
+}
+
+// bodyReader marks its read errors as brokenBody, to tell them from the
+// errors of writing the file they are copied to.
+type bodyReader struct{ r io.Reader }
+
+func (b bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = brokenBody{err}
+	}
+	return n, err
 }
 
 // restart empties the partial file and the hash.
-func restart(file *os.File, h hash.Hash, tr *Tracker) error {
+func restart(file *os.File, h hash.Hash, tr *progress.Tracker) error {
 	if err := file.Truncate(0); err != nil {
 		return err
 	}
@@ -441,21 +457,21 @@ func parseContentRange(v string) (start, size int64, ok bool) {
 // archive); missing directories are created 0755, existing ones keep their
 // mode. Files are owned by the caller (root). Install writes the record
 // that makes a rerun a no-op and removes the cached artifact.
-func (s *Staged) Install(ctx context.Context, dst *confine.Root, dest string) (Result, error) {
+func (s *Fetched) Install(ctx context.Context, dst *confine.Root, dest string) (Installed, error) {
 	s.dst, s.dest = dst, confine.Clean(dest)
 	if s.installed {
 		return s.finishInstalled()
 	}
 	if err := ctx.Err(); err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	d := s.d
 	rec := s.newRecord()
-	res := Result{SHA256: s.sha256, Size: s.size, Changed: true}
+	res := Installed{Digest: s.sum, Size: s.size, Changed: true}
 	var err error
 	if d.Archive == "" {
 		err = s.installBinary()
-		rec.Files = []entry{{Kind: kindFile, SHA256: s.sha256}}
+		rec.Files = []entry{{Kind: kindFile, SHA256: s.sum.Encoded()}}
 		res.Files = []string{"/" + s.dest}
 	} else {
 		rec.Files, err = s.installArchive(ctx)
@@ -464,18 +480,18 @@ func (s *Staged) Install(ctx context.Context, dst *confine.Root, dest string) (R
 		}
 	}
 	if err != nil {
-		return Result{}, err
+		return Installed{}, err
 	}
 	if err := s.f.saveRecord(rec, d); err != nil {
-		return Result{}, fmt.Errorf("download %s: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: %w", httpx.Redact(d.URL), err)
 	}
 	if err := s.f.Root.Remove(s.blob); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return Result{}, fmt.Errorf("download %s: remove the installed artifact from the cache: %w", redact(d.URL), err)
+		return Installed{}, fmt.Errorf("download %s: remove the installed artifact from the cache: %w", httpx.Redact(d.URL), err)
 	}
 	return res, nil
 }
 
-func (s *Staged) installBinary() error {
+func (s *Fetched) installBinary() error {
 	d := s.d
 	if err := s.dst.MkdirParents(path.Dir("/" + s.dest)); err != nil {
 		return fmt.Errorf("install %s: %w", d.Dest, err)
@@ -487,9 +503,9 @@ func (s *Staged) installBinary() error {
 	defer src.Close()
 	// Check the bytes once more on their way out of the cache, so a file
 	// changed there after Fetch can never land in Dest.
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
+	vr := &verifyingReader{r: src, d: s.sum.Algorithm().Digester(), want: s.sum, name: s.f.Root.Show(s.blob)}
 	if err := s.dst.WriteReader(s.dest, vr, binaryMode(d), -1, -1); err != nil {
-		return fmt.Errorf("install %s from %s: %w", d.Dest, redact(d.URL), err)
+		return fmt.Errorf("install %s from %s: %w", d.Dest, httpx.Redact(d.URL), err)
 	}
 	return nil
 }
@@ -503,7 +519,7 @@ func stagePrefix(dest string) string { return confine.TempPrefix(dest, "stage") 
 // installArchive unpacks the artifact into a staging directory beside the
 // destination, then renames its entries into the destination, so a failed
 // or refused archive installs nothing.
-func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
+func (s *Fetched) installArchive(ctx context.Context) ([]entry, error) {
 	d := s.d
 	dest := "/" + s.dest
 	parent := path.Dir(dest)
@@ -523,24 +539,26 @@ func (s *Staged) installArchive(ctx context.Context) ([]entry, error) {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	defer src.Close()
-	vr := &verifyingReader{r: src, h: sha256.New(), want: s.sha256, name: s.f.Root.Show(s.blob)}
+	vr := &verifyingReader{r: src, d: s.sum.Algorithm().Digester(), want: s.sum, name: s.f.Root.Show(s.blob)}
 	var mode os.FileMode
 	if d.Mode != 0 {
 		mode = confine.FileMode(d.Mode)
 	}
 	entries, err := extractTarGz(ctx, vr, s.dst, stage, d.Members, mode)
-	if err == nil {
-		// Read to the end so the digest check covers the whole file.
-		_, err = io.Copy(io.Discard, vr)
+	// Read to the end so the digest check covers the whole file, also when
+	// unpacking failed: a file changed in the cache explains a broken
+	// archive better than the parse error it caused.
+	if _, verr := io.Copy(io.Discard, vr); verr != nil {
+		err = verr
 	}
 	if err != nil {
-		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), redact(d.URL), err)
+		return nil, fmt.Errorf("unpack %s (from %s): %w; nothing was installed", s.f.Root.Show(s.blob), httpx.Redact(d.URL), err)
 	}
 	if err := s.dst.MkdirParents(dest); err != nil {
 		return nil, fmt.Errorf("install %s: %w", d.Dest, err)
 	}
 	if err := installEntries(s.dst, stage, dest, entries); err != nil {
-		return nil, fmt.Errorf("unpack %s: %w", redact(d.URL), err)
+		return nil, fmt.Errorf("unpack %s: %w", httpx.Redact(d.URL), err)
 	}
 	return entries, nil
 }
@@ -553,20 +571,22 @@ func binaryMode(d plan.Download) os.FileMode {
 	return confine.FileMode(d.Mode)
 }
 
-// verifyingReader hashes what passes through and turns EOF into an error
-// when the digest is not want, so a consumer never completes on bad bytes.
+// verifyingReader digests what passes through and turns EOF into an error
+// when the digest is not want, so a consumer never completes on bad bytes:
+// an atomic write commits when it reads EOF. (content.NewVerifyReader from
+// oras-go tells only after EOF, and without the digest it got.)
 type verifyingReader struct {
 	r    io.Reader
-	h    hash.Hash
-	want string
+	d    digest.Digester
+	want digest.Digest
 	name string
 }
 
 func (v *verifyingReader) Read(p []byte) (int, error) {
 	n, err := v.r.Read(p)
-	v.h.Write(p[:n])
+	v.d.Hash().Write(p[:n])
 	if errors.Is(err, io.EOF) {
-		if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
+		if got := v.d.Digest(); got != v.want {
 			return n, fmt.Errorf("%s changed after it was verified: sha256 expected %s, got %s", v.name, v.want, got)
 		}
 	}
@@ -577,7 +597,7 @@ func (f *Fetcher) client() *http.Client {
 	if f.Client != nil {
 		return f.Client
 	}
-	f.defaultClientOnce.Do(func() { f.defaultClient = NewHTTPClient(WithLogger(f.logger())) })
+	f.defaultClientOnce.Do(func() { f.defaultClient = httpx.NewClient(httpx.WithLogger(f.logger())) })
 	return f.defaultClient
 }
 
@@ -586,13 +606,4 @@ func (f *Fetcher) logger() *slog.Logger {
 		return f.Logger
 	}
 	return slog.Default()
-}
-
-func (f *Fetcher) backoff(attempt int) time.Duration {
-	base := f.RetryWait
-	if base <= 0 {
-		base = time.Second
-	}
-	ceiling := min(base<<(attempt-1), 30*time.Second)
-	return ceiling/2 + rand.N(ceiling/2+1)
 }

@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"context"
@@ -8,6 +8,10 @@ import (
 	"net/url"
 	"path"
 	"strings"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/internal/httpx"
 )
 
 // maxChecksumFile bounds how much of a checksum file is read; real ones
@@ -16,29 +20,29 @@ const maxChecksumFile = 1 << 20
 
 // fetchChecksum downloads checksumURL and returns the sha256 it publishes
 // for the file named fileName.
-func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (string, error) {
+func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileName string) (digest.Digest, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, checksumURL, nil)
 	if err != nil {
-		return "", fmt.Errorf("checksum %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("checksum %s: %w", httpx.Redact(checksumURL), err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), withoutURL(err))
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), httpx.WithoutURL(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("fetch checksum %s: %s%s", redact(checksumURL), resp.Status, bodySnippet(resp.Body))
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), httpx.NewStatusError(resp))
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxChecksumFile+1))
 	if err != nil {
-		return "", fmt.Errorf("fetch checksum %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("fetch checksum %s: %w", httpx.Redact(checksumURL), err)
 	}
 	if len(data) > maxChecksumFile {
-		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", redact(checksumURL), maxChecksumFile)
+		return "", fmt.Errorf("checksum file %s is larger than %d bytes; is it really a checksum file?", httpx.Redact(checksumURL), maxChecksumFile)
 	}
 	sum, err := parseChecksum(string(data), fileName)
 	if err != nil {
-		return "", fmt.Errorf("checksum file %s: %w", redact(checksumURL), err)
+		return "", fmt.Errorf("checksum file %s: %w", httpx.Redact(checksumURL), err)
 	}
 	return sum, nil
 }
@@ -48,7 +52,7 @@ func fetchChecksum(ctx context.Context, client *http.Client, checksumURL, fileNa
 // mode) or "<hex> *<name>" (binary mode), possibly several, of which the one
 // naming fileName is taken (containerd's .sha256sum, runc.sha256sum, CNI's
 // and crictl's .sha256).
-func parseChecksum(data, fileName string) (string, error) {
+func parseChecksum(data, fileName string) (digest.Digest, error) {
 	var bare []string
 	for _, line := range strings.Split(data, "\n") {
 		fields := strings.Fields(line)
@@ -60,7 +64,7 @@ func parseChecksum(data, fileName string) (string, error) {
 		default:
 			name := strings.TrimPrefix(strings.Join(fields[1:], " "), "*")
 			if name == fileName || strings.TrimPrefix(name, "./") == fileName || path.Base(name) == fileName {
-				return normalizeSHA256(fields[0])
+				return parseSHA256(fields[0])
 			}
 		}
 	}
@@ -68,25 +72,20 @@ func parseChecksum(data, fileName string) (string, error) {
 	case 0:
 		return "", fmt.Errorf("no sha256 listed for %s", fileName)
 	case 1:
-		return normalizeSHA256(bare[0])
+		return parseSHA256(bare[0])
 	default:
 		return "", fmt.Errorf("%d digests without file names; cannot tell which is %s", len(bare), fileName)
 	}
 }
 
-// normalizeSHA256 checks that s is a sha256 hex digest (optionally with a
-// "sha256:" prefix) and returns it in lowercase without the prefix.
-func normalizeSHA256(s string) (string, error) {
-	s = strings.ToLower(strings.TrimPrefix(strings.TrimPrefix(s, "sha256:"), "SHA256:"))
-	if len(s) != 64 {
+// parseSHA256 reads a sha256 hex digest as upstreams and manifests write
+// it: in either case, optionally with a "sha256:" prefix.
+func parseSHA256(s string) (digest.Digest, error) {
+	d := digest.NewDigestFromEncoded(digest.SHA256, strings.TrimPrefix(strings.ToLower(s), "sha256:"))
+	if err := d.Validate(); err != nil {
 		return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
 	}
-	for _, c := range s {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return "", fmt.Errorf("%q is not a sha256 digest (want 64 hex digits)", s)
-		}
-	}
-	return s, nil
+	return d, nil
 }
 
 // artifactName is the file name a checksum file lists for rawURL.
@@ -97,17 +96,7 @@ func artifactName(rawURL string) (string, error) {
 	}
 	name := path.Base(u.Path)
 	if name == "/" || name == "." {
-		return "", fmt.Errorf("URL %s names no file", redact(rawURL))
+		return "", fmt.Errorf("URL %s names no file", httpx.Redact(rawURL))
 	}
 	return name, nil
-}
-
-// bodySnippet returns the start of an error response body, for messages.
-func bodySnippet(r io.Reader) string {
-	b, _ := io.ReadAll(io.LimitReader(r, 256))
-	s := strings.TrimSpace(string(b))
-	if s == "" {
-		return ""
-	}
-	return ": " + strings.Join(strings.Fields(s), " ")
 }

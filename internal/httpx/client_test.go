@@ -1,4 +1,4 @@
-package fetch
+package httpx
 
 import (
 	"bytes"
@@ -18,7 +18,7 @@ import (
 // fastClient retries quickly so the tests do not sleep.
 func fastClient(opts ...Option) *http.Client {
 	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)
-	return NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 5*time.Millisecond), WithMaxAttempts(4)}, opts...)...)
+	return NewClient(append([]Option{WithPolicy(Policy{Attempts: 4, Base: time.Millisecond, Max: 5 * time.Millisecond})}, opts...)...)
 }
 
 // resetConn closes the client's connection with a TCP RST.
@@ -196,10 +196,10 @@ func TestClientWithoutProxy(t *testing.T) {
 		}
 		return rt.base.(*http.Transport)
 	}
-	if base(NewHTTPClient()).Proxy == nil {
+	if base(NewClient()).Proxy == nil {
 		t.Error("the default client ignores HTTP(S)_PROXY")
 	}
-	if base(NewHTTPClient(WithoutProxy())).Proxy != nil {
+	if base(NewClient(WithoutProxy())).Proxy != nil {
 		t.Error("WithoutProxy: the client still uses a proxy function")
 	}
 }

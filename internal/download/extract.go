@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"archive/tar"
@@ -30,10 +30,11 @@ const (
 // entry is one thing extracted from an archive, relative to the install
 // directory (and to the staging directory it is first extracted into).
 type entry struct {
-	Rel    string    `json:"path"`
-	Kind   entryKind `json:"kind"`
-	SHA256 string    `json:"sha256,omitempty"`
-	Target string    `json:"target,omitempty"`
+	Rel  string    `json:"path"`
+	Kind entryKind `json:"kind"`
+	// SHA256 is a file's digest as bare hex, like installRecord's.
+	SHA256 string `json:"sha256,omitempty"`
+	Target string `json:"target,omitempty"`
 	// from is where the entry lies in the staging directory (members are
 	// renamed on their way into place); not recorded.
 	from string
@@ -145,11 +146,11 @@ func extractTarGz(ctx context.Context, r io.Reader, root *confine.Root, stage st
 		if e.Kind != kindFile {
 			continue
 		}
-		sum, _, err := fileSHA256(root, path.Join(stage, e.from))
+		sum, err := fileDigest(root, path.Join(stage, e.from))
 		if err != nil {
 			return nil, fmt.Errorf("entry %q: %w", e.from, err)
 		}
-		e.SHA256 = sum
+		e.SHA256 = sum.Encoded()
 	}
 	return entries, nil
 }

@@ -1,4 +1,4 @@
-package fetch
+package download
 
 import (
 	"archive/tar"
@@ -23,7 +23,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -184,14 +188,18 @@ func randomBytes(n int, seed uint64) []byte {
 	return b
 }
 
-func newFetcher(t *testing.T, cache string, opts ...Option) *Fetcher {
+func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 	return &Fetcher{
-		Client:    NewHTTPClient(append([]Option{WithBackoff(time.Millisecond, 2*time.Millisecond), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
-		Root:      hostRoot(t),
-		CacheDir:  cache,
-		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		RetryWait: time.Millisecond,
+		Client:   httpx.NewClient(append([]httpx.Option{httpx.WithPolicy(fastPolicy(5)), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
+		Root:     hostRoot(t),
+		CacheDir: cache,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
+}
+
+// fastPolicy retries quickly so the tests do not sleep.
+func fastPolicy(attempts int) httpx.Policy {
+	return httpx.Policy{Attempts: attempts, Base: time.Millisecond, Max: 2 * time.Millisecond}
 }
 
 // hostRoot is the whole host as a confined root: paths in it are host
@@ -486,8 +494,7 @@ func TestDownloadFaults(t *testing.T) {
 			step := o.publish(t, upstream.Kubelet, "1.37.2", body, filepath.Join(root, "bin", "kubelet"))
 			u, _ := url.Parse(step.URL)
 			o.fault[u.Path] = tt.fault
-			f := newFetcher(t, cache, WithStallTimeout(300*time.Millisecond), WithMaxAttempts(3))
-			f.Attempts = 3
+			f := newFetcher(t, cache, httpx.WithStallTimeout(300*time.Millisecond), httpx.WithPolicy(fastPolicy(3)))
 
 			_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 			if tt.wantErr == "" {
@@ -501,8 +508,8 @@ func TestDownloadFaults(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), step.URL) {
 					t.Fatalf("Download error = %v, want one naming %s and %q", err, step.URL, tt.wantErr)
 				}
-				if tt.wantStall && !errors.Is(err, ErrStalled) {
-					t.Errorf("error %v does not wrap ErrStalled", err)
+				if tt.wantStall && !errors.Is(err, httpx.ErrStalled) {
+					t.Errorf("error %v does not wrap httpx.ErrStalled", err)
 				}
 				if _, err := os.Stat(step.Dest); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("a failed download installed %s", step.Dest)
@@ -617,7 +624,7 @@ func TestParseChecksum(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || got != tt.want {
+			if err != nil || got.Encoded() != tt.want {
 				t.Fatalf("parseChecksum = %q, %v; want %q", got, err, tt.want)
 			}
 		})
@@ -631,7 +638,7 @@ func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
 	root := t.TempDir()
 	var logs syncBuffer
 	f := newFetcher(t, filepath.Join(root, "cache"))
-	f.Progress = NewProgress(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
+	f.Progress = progress.New(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
 	components := []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy, upstream.Runc}
 	var steps []plan.Download
 	for i, c := range components {
@@ -681,8 +688,7 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 		{Name: "y", URL: o.srv.URL + "/y", ChecksumURL: o.srv.URL + "/missing.sha256?token=s3cret", Dest: filepath.Join(root, "y")},
 		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},
 	} {
-		f := newFetcher(t, filepath.Join(root, "cache"), WithMaxAttempts(1))
-		f.Attempts = 1
+		f := newFetcher(t, filepath.Join(root, "cache"), httpx.WithPolicy(fastPolicy(1)))
 		_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
 		if err == nil {
 			t.Fatalf("%s: Download succeeded", step.Name)
@@ -761,5 +767,53 @@ func TestDownloadRestartsWhenRangeIsRefused(t *testing.T) {
 	}
 	if want := []string{"bytes=1000-"}; fmt.Sprint(o.ranges) != fmt.Sprint(want) {
 		t.Errorf("Range requests = %q, want %q (then a plain GET)", o.ranges, want)
+	}
+}
+
+// TestInstallRechecksTheCache changes the verified artifact in the cache
+// between Fetch and Install: Install must refuse it, name both digests
+// and install nothing.
+func TestInstallRechecksTheCache(t *testing.T) {
+	for _, archive := range []bool{false, true} {
+		t.Run(fmt.Sprintf("archive=%v", archive), func(t *testing.T) {
+			o := newOrigin(t)
+			root := t.TempDir()
+			cache := filepath.Join(root, "cache")
+			var step plan.Download
+			if archive {
+				art := makeTarGz(t, []tarEntry{{name: "bridge", body: "plugin"}})
+				step = o.publish(t, upstream.CNIPlugins, "1.10.0", art, filepath.Join(root, "rootfs", "opt", "cni", "bin"))
+			} else {
+				step = o.publish(t, upstream.Runc, "1.5.3", randomBytes(8<<10, 9), filepath.Join(root, "rootfs", "runc"))
+			}
+			u, _ := url.Parse(step.URL)
+			want := digest.FromBytes(o.files[u.Path])
+			f := newFetcher(t, cache)
+			s, err := f.Fetch(context.Background(), step, hostRoot(t), step.Dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			blob := filepath.Join(cache, want.Encoded())
+			b, err := os.ReadFile(blob)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b[len(b)/2] ^= 1
+			if err := os.WriteFile(blob, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err = s.Install(context.Background(), hostRoot(t), step.Dest)
+			if err == nil {
+				t.Fatal("Install took an artifact changed in the cache")
+			}
+			for _, d := range []digest.Digest{want, digest.FromBytes(b)} {
+				if !strings.Contains(err.Error(), d.String()) {
+					t.Errorf("error %q does not name %s", err, d)
+				}
+			}
+			if _, err := os.Lstat(step.Dest); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("something was installed at %s (%v)", step.Dest, err)
+			}
+		})
 	}
 }

@@ -1,4 +1,6 @@
-package fetch
+// Package progress is the one display of transfers in flight: image layers
+// and downloads report through it, so their lines never interleave.
+package progress
 
 import (
 	"fmt"
@@ -12,11 +14,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Progress reports the progress of concurrent downloads through one
+// Display reports the progress of concurrent downloads through one
 // renderer, so lines never interleave. On a terminal it redraws one bar per
 // download (bytes, rate, ETA) in place; elsewhere (journal, CI, a pipe) it
 // logs a plain line per download every LogInterval and one when it ends.
-type Progress struct {
+type Display struct {
 	w        io.Writer
 	tty      bool
 	logger   *slog.Logger
@@ -29,19 +31,19 @@ type Progress struct {
 	running bool
 }
 
-// LogInterval is how often a non-terminal Progress logs each download.
+// LogInterval is how often a non-terminal Display logs each download.
 const LogInterval = 5 * time.Second
 
 // ttyRedraw is how often bars are redrawn on a terminal.
 const ttyRedraw = 200 * time.Millisecond
 
-// NewProgress reports to w, drawing bars when w is a terminal (and TERM is
+// New reports to w, drawing bars when w is a terminal (and TERM is
 // not "dumb"), else logging through logger (nil: slog.Default()).
-func NewProgress(w io.Writer, logger *slog.Logger) *Progress {
+func New(w io.Writer, logger *slog.Logger) *Display {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	p := &Progress{w: w, logger: logger, interval: LogInterval, now: time.Now}
+	p := &Display{w: w, logger: logger, interval: LogInterval, now: time.Now}
 	if f, ok := w.(*os.File); ok && os.Getenv("TERM") != "dumb" {
 		if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
 			p.tty, p.interval = true, ttyRedraw
@@ -53,7 +55,7 @@ func NewProgress(w io.Writer, logger *slog.Logger) *Progress {
 // Tracker counts one download's bytes; it is an io.Writer so it can sit in
 // an io.MultiWriter beside the file.
 type Tracker struct {
-	p     *Progress
+	p     *Display
 	name  string
 	start time.Time
 
@@ -63,7 +65,7 @@ type Tracker struct {
 }
 
 // Start begins tracking a download of total bytes (0 if unknown yet).
-func (p *Progress) Start(name string, total int64) *Tracker {
+func (p *Display) Start(name string, total int64) *Tracker {
 	t := &Tracker{p: p, name: name, start: p.now(), total: total}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -76,7 +78,7 @@ func (p *Progress) Start(name string, total int64) *Tracker {
 }
 
 // loop renders until no download is active.
-func (p *Progress) loop() {
+func (p *Display) loop() {
 	ticker := time.NewTicker(p.interval)
 	defer ticker.Stop()
 	for range ticker.C {
@@ -88,7 +90,7 @@ func (p *Progress) loop() {
 
 // tick renders once; it returns false (and marks the renderer stopped)
 // when nothing is active.
-func (p *Progress) tick() bool {
+func (p *Display) tick() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.active) == 0 {
@@ -106,7 +108,7 @@ func (p *Progress) tick() bool {
 	return true
 }
 
-func (p *Progress) logLocked(msg string, t *Tracker, done, total int64, extra ...any) {
+func (p *Display) logLocked(msg string, t *Tracker, done, total int64, extra ...any) {
 	elapsed := p.now().Sub(t.start)
 	attrs := []any{"name", t.name, "bytes", done}
 	if total > 0 {
@@ -120,7 +122,7 @@ func (p *Progress) logLocked(msg string, t *Tracker, done, total int64, extra ..
 }
 
 // redrawLocked erases the previous bars and draws the active ones.
-func (p *Progress) redrawLocked() {
+func (p *Display) redrawLocked() {
 	var b strings.Builder
 	p.eraseLocked(&b)
 	for _, t := range p.active {
@@ -132,7 +134,7 @@ func (p *Progress) redrawLocked() {
 	io.WriteString(p.w, b.String())
 }
 
-func (p *Progress) eraseLocked(b *strings.Builder) {
+func (p *Display) eraseLocked(b *strings.Builder) {
 	for range p.drawn {
 		b.WriteString("\x1b[1A\x1b[2K") // cursor up, clear line
 	}
@@ -140,7 +142,7 @@ func (p *Progress) eraseLocked(b *strings.Builder) {
 }
 
 // barLine is "name [=====>     ]  45% 36.0 MiB / 80.0 MiB  12.0 MiB/s  ETA 4s".
-func (p *Progress) barLine(t *Tracker, done, total int64) string {
+func (p *Display) barLine(t *Tracker, done, total int64) string {
 	const width = 30
 	elapsed := p.now().Sub(t.start)
 	bar := strings.Repeat(" ", width)

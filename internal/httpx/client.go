@@ -1,10 +1,21 @@
-// Package fetch is nodespawn's one HTTP client and its artifact downloader.
+// Package httpx is nodespawn's one HTTP client.
 //
-// NewHTTPClient returns an *http.Client whose transport retries transient
+// NewClient returns an *http.Client whose transport retries transient
 // failures of idempotent requests and aborts responses whose bodies stall.
-// Every package that talks HTTP (downloads, the OCI registry client) uses it,
-// so retry, timeout and TLS behaviour is the same everywhere.
-package fetch
+// Every package that talks HTTP (downloads, the OCI registry client, image
+// pushes) uses it, so retry, timeout and TLS behaviour is the same
+// everywhere.
+//
+// How retries compose: one Policy bounds every retry, and Retryable is the
+// one judgement of what is worth retrying. The transport retries a
+// request (a failed connection, a 429, a 5xx) up to Policy.Attempts times
+// and then returns the last answer. A body that breaks off after the
+// answer arrived (a reset, a stall, a short read) is the caller's to
+// resume; internal/download and internal/oci do so with the same Policy
+// (PolicyOf) and resume only such broken bodies, never a request the
+// transport already gave up on, so a persistent 5xx costs Policy.Attempts
+// requests in all.
+package httpx
 
 import (
 	"context"
@@ -14,80 +25,48 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"sync"
-	"syscall"
 	"time"
 )
 
-// ErrStalled is wrapped by the error a response body read returns when no
-// byte arrived for the stall timeout.
-var ErrStalled = errors.New("download stalled")
-
-// Defaults for NewHTTPClient; each can be changed with an Option.
+// Timeouts of NewClient's transport. There is deliberately no
+// whole-request timeout: a large download on a slow link is fine as long
+// as bytes keep coming.
 const (
-	DefaultMaxAttempts   = 5
-	DefaultBackoffBase   = 500 * time.Millisecond
-	DefaultBackoffMax    = 30 * time.Second
-	DefaultStallTimeout  = 60 * time.Second
-	DefaultHeaderTimeout = 60 * time.Second
-	// maxRetryAfter bounds how long a server's Retry-After can hold us.
-	maxRetryAfter = 2 * time.Minute
+	// DefaultStallTimeout is how long a body read may wait for a byte;
+	// WithStallTimeout changes it.
+	DefaultStallTimeout = 60 * time.Second
+	// headerTimeout bounds the wait for response headers once the request
+	// is written: a server that accepted the connection but never answers
+	// is as stuck as a stalled body.
+	headerTimeout = 60 * time.Second
 )
 
 type clientConfig struct {
-	maxAttempts   int
-	backoffBase   time.Duration
-	backoffMax    time.Duration
-	stallTimeout  time.Duration
-	headerTimeout time.Duration
-	extraCAs      []*x509.Certificate
-	logger        *slog.Logger
-	direct        bool
+	policy       Policy
+	stallTimeout time.Duration
+	extraCAs     []*x509.Certificate
+	logger       *slog.Logger
+	direct       bool
 }
 
-// Option configures NewHTTPClient.
+// Option configures NewClient.
 type Option func(*clientConfig)
 
-// WithMaxAttempts sets how many times a request is tried in all (1 means no retry).
-func WithMaxAttempts(n int) Option {
-	return func(c *clientConfig) {
-		if n >= 1 {
-			c.maxAttempts = n
-		}
-	}
-}
-
-// WithBackoff sets the exponential backoff: the wait before retry i is a
-// random duration in [0, min(max, base*2^i)] ("full jitter").
-func WithBackoff(base, max time.Duration) Option {
-	return func(c *clientConfig) {
-		c.backoffBase, c.backoffMax = base, max
-	}
+// WithPolicy sets how requests are retried (default DefaultPolicy).
+func WithPolicy(p Policy) Option {
+	return func(c *clientConfig) { c.policy = p }
 }
 
 // WithStallTimeout sets how long a response body read may wait without
-// receiving a byte before the request is aborted with ErrStalled. There is
-// deliberately no whole-request timeout: a large download on a slow link is
-// fine as long as bytes keep coming.
+// receiving a byte before the request is aborted with ErrStalled.
 func WithStallTimeout(d time.Duration) Option {
 	return func(c *clientConfig) {
 		if d > 0 {
 			c.stallTimeout = d
-		}
-	}
-}
-
-// WithResponseHeaderTimeout sets how long to wait for response headers
-// after the request is written.
-func WithResponseHeaderTimeout(d time.Duration) Option {
-	return func(c *clientConfig) {
-		if d > 0 {
-			c.headerTimeout = d
 		}
 	}
 }
@@ -118,27 +97,24 @@ func WithLogger(l *slog.Logger) Option {
 	}
 }
 
-// NewHTTPClient returns the project's HTTP client. Its transport:
+// NewClient returns the project's HTTP client. Its transport:
 //   - verifies TLS against the system roots plus any WithCACerts;
 //   - honours HTTP(S)_PROXY/NO_PROXY, unless WithoutProxy;
 //   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
-//     response headers, but not the body;
+//     response headers (60 s), but not the body;
 //   - aborts a response whose body delivers no byte for the stall timeout;
 //   - retries idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE) whose
-//     body is absent or replayable (Request.GetBody) on connection resets,
-//     refused connections, timeouts, 429 (honouring Retry-After) and 5xx
-//     other than 501, with exponential backoff and full jitter, at most
-//     WithMaxAttempts times. The last response or error is returned as is.
+//     body is absent or replayable (Request.GetBody) when Retryable says
+//     the failure is transient, with the Policy's backoff or the server's
+//     Retry-After, at most Policy.Attempts times. The last response or
+//     error is returned as is.
 //
 // The client has no overall Timeout; use the request's context to bound a call.
-func NewHTTPClient(opts ...Option) *http.Client {
+func NewClient(opts ...Option) *http.Client {
 	cfg := clientConfig{
-		maxAttempts:   DefaultMaxAttempts,
-		backoffBase:   DefaultBackoffBase,
-		backoffMax:    DefaultBackoffMax,
-		stallTimeout:  DefaultStallTimeout,
-		headerTimeout: DefaultHeaderTimeout,
-		logger:        slog.Default(),
+		policy:       DefaultPolicy,
+		stallTimeout: DefaultStallTimeout,
+		logger:       slog.Default(),
 	}
 	for _, o := range opts {
 		o(&cfg)
@@ -167,12 +143,24 @@ func NewHTTPClient(opts ...Option) *http.Client {
 		TLSClientConfig:       tlsConfig,
 		ForceAttemptHTTP2:     true,
 		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: cfg.headerTimeout,
+		ResponseHeaderTimeout: headerTimeout,
 		ExpectContinueTimeout: time.Second,
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   8,
 	}
 	return &http.Client{Transport: &retryTransport{base: base, cfg: cfg}}
+}
+
+// PolicyOf is the Policy c's transport retries with, for a loop that
+// resumes bodies c returned; DefaultPolicy for a client NewClient did not
+// make (or nil).
+func PolicyOf(c *http.Client) Policy {
+	if c != nil {
+		if t, ok := c.Transport.(*retryTransport); ok {
+			return t.cfg.policy
+		}
+	}
+	return DefaultPolicy
 }
 
 // retryTransport wraps a base transport with retries and stall detection.
@@ -182,7 +170,8 @@ type retryTransport struct {
 }
 
 func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	retryable := idempotent(req) && (req.Body == nil || req.Body == http.NoBody || req.GetBody != nil)
+	replayable := idempotent(req) && (req.Body == nil || req.Body == http.NoBody || req.GetBody != nil)
+	attempts := t.cfg.policy.tries()
 	for attempt := 1; ; attempt++ {
 		areq := req
 		if attempt > 1 && req.GetBody != nil && req.Body != nil && req.Body != http.NoBody {
@@ -196,17 +185,12 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx, cancel := context.WithCancelCause(req.Context())
 		resp, err := t.base.RoundTrip(areq.WithContext(ctx))
 
-		reason, wait := "", time.Duration(0)
-		switch {
-		case err != nil:
-			reason = transientError(err)
-		case resp.StatusCode == http.StatusTooManyRequests:
-			reason = resp.Status
-			wait = retryAfter(resp.Header.Get("Retry-After"), time.Now())
-		case resp.StatusCode >= 500 && resp.StatusCode != http.StatusNotImplemented:
-			reason = resp.Status
+		failure := err
+		if err == nil && resp.StatusCode >= 400 {
+			failure = &StatusError{Code: resp.StatusCode, Status: resp.Status}
 		}
-		if reason == "" || !retryable || attempt >= t.cfg.maxAttempts || req.Context().Err() != nil {
+		reason, transient := Retryable(failure)
+		if !transient || !replayable || attempt >= attempts || req.Context().Err() != nil {
 			if err != nil {
 				cancel(nil)
 				return nil, err
@@ -214,38 +198,24 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			resp.Body = newStallReader(ctx, cancel, resp.Body, t.cfg.stallTimeout)
 			return resp, nil
 		}
+		wait := time.Duration(0)
 		if resp != nil {
+			wait = retryAfter(resp.Header.Get("Retry-After"), time.Now())
 			// Drain a little so the connection can be reused, then drop it.
 			_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
 			resp.Body.Close()
 		}
 		cancel(nil)
 		if wait == 0 {
-			wait = t.backoff(attempt)
+			wait = t.cfg.policy.Backoff(attempt)
 		}
 		t.cfg.logger.Warn("retrying HTTP request",
 			"method", req.Method, "url", redactURL(req), "attempt", attempt,
-			"maxAttempts", t.cfg.maxAttempts, "reason", reason, "wait", wait.Round(time.Millisecond))
-		timer := time.NewTimer(wait)
-		select {
-		case <-req.Context().Done():
-			timer.Stop()
-			return nil, fmt.Errorf("%s %s: %w (after %s)", req.Method, redactURL(req), req.Context().Err(), reason)
-		case <-timer.C:
+			"maxAttempts", attempts, "reason", reason, "wait", wait.Round(time.Millisecond))
+		if err := sleep(req.Context(), wait); err != nil {
+			return nil, fmt.Errorf("%s %s: %w (after %s)", req.Method, redactURL(req), err, reason)
 		}
 	}
-}
-
-// backoff is the full-jitter wait before retry number attempt (1-based).
-func (t *retryTransport) backoff(attempt int) time.Duration {
-	ceiling := t.cfg.backoffBase << (attempt - 1)
-	if ceiling <= 0 || ceiling > t.cfg.backoffMax {
-		ceiling = t.cfg.backoffMax
-	}
-	if ceiling <= 0 {
-		return 0
-	}
-	return rand.N(ceiling + 1)
 }
 
 func idempotent(req *http.Request) bool {
@@ -256,49 +226,10 @@ func idempotent(req *http.Request) bool {
 	return false
 }
 
-// transientError says why err is worth a retry, or "" when it is not.
-func transientError(err error) string {
-	var netErr net.Error
-	switch {
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		// The caller gave up; a transport timeout is a net.Error instead.
-		return ""
-	case errors.Is(err, syscall.ECONNRESET):
-		return "connection reset"
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return "connection refused"
-	case errors.Is(err, syscall.EPIPE):
-		return "broken pipe"
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-		return "connection closed before response"
-	case errors.As(err, &netErr) && netErr.Timeout():
-		return "timeout"
-	}
-	return ""
-}
-
-// retryAfter parses a Retry-After value (seconds or an HTTP date), bounded
-// by maxRetryAfter; 0 means absent or unparsable.
-func retryAfter(v string, now time.Time) time.Duration {
-	if v == "" {
-		return 0
-	}
-	var d time.Duration
-	if secs, err := strconv.Atoi(v); err == nil {
-		d = time.Duration(secs) * time.Second
-	} else if when, err := http.ParseTime(v); err == nil {
-		d = when.Sub(now)
-	}
-	if d < 0 {
-		return 0
-	}
-	return min(d, maxRetryAfter)
-}
-
-// withoutURL strips the *url.Error wrapper http.Client.Do adds, whose
+// WithoutURL strips the *url.Error wrapper http.Client.Do adds, whose
 // message carries the full URL (query included); callers name the URL
-// themselves, redacted.
-func withoutURL(err error) error {
+// themselves, redacted (Redact).
+func WithoutURL(err error) error {
 	var ue *url.Error
 	if errors.As(err, &ue) {
 		return ue.Err
@@ -306,14 +237,14 @@ func withoutURL(err error) error {
 	return err
 }
 
-// redactURL is redact for a request's URL.
+// redactURL is Redact for a request's URL.
 func redactURL(req *http.Request) string {
 	return redactParsed(*req.URL)
 }
 
-// redact drops user info and the query (which may carry signed tokens)
+// Redact drops user info and the query (which may carry signed tokens)
 // from a URL before it goes into an error or a log line.
-func redact(raw string) string {
+func Redact(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "<unparsable URL>"
