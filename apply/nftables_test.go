@@ -14,18 +14,6 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// netnsHost is the Host seam with a real nftables flush, in a network
-// namespace of the test's own instead of the host's.
-type netnsHost struct {
-	fakeHost
-	netns string
-}
-
-func (h *netnsHost) FlushNftables(ctx context.Context) error {
-	h.record("flush-nftables")
-	return hostprep.FlushNftablesIn(ctx, h.netns)
-}
-
 var netnsSeq atomic.Int32
 
 // newNetns makes a network namespace holding what a live node's host has
@@ -84,8 +72,8 @@ func TestReapplyKeepsLiveNodesRules(t *testing.T) {
 			ns, ruleset := newNetns(t)
 			root := t.TempDir()
 			sd := newFakeSystemd()
-			host := &netnsHost{netns: ns}
-			deps := Deps{Host: host, Systemd: sd}
+			// The real host steps, with the flush in the test's namespace.
+			deps := Deps{Host: hostprep.Host{Root: root, NetNS: ns}, Systemd: sd}
 			opts := Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: slog.New(slog.DiscardHandler)}
 			if tt.applied {
 				// An earlier run of another plan (a changed host fact, say)

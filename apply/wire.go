@@ -51,12 +51,12 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	d := Deps{
 		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
 		Downloader: &downloader{
-			f:      &download.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Logger: log, Progress: progress},
+			f:      &download.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Log: log, Progress: progress},
 			client: client,
 		},
 	}
 	if filepath.Clean(root) == "/" {
-		d.Host = hostOps{}
+		d.Host = hostprep.Host{Log: log}
 		d.Systemd = NewSystemd(command.Exec{})
 	}
 	return d, nil
@@ -89,13 +89,13 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 	if img.Debootstrap != nil {
 		res, err = oci.Debootstrap(ctx, oci.DebootstrapRequest{
 			Suite: img.Debootstrap.Suite, Mirror: img.Debootstrap.Mirror, Include: img.Debootstrap.Include,
-			Root: root, Dest: dest, Logger: p.log,
+			Root: root, Dest: dest, Log: p.log,
 		})
 	} else {
 		res, err = oci.Pull(ctx, oci.Request{
 			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
 			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
-			Logger: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
+			Log: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
 		})
 	}
 	if err != nil {
@@ -161,27 +161,6 @@ func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, er
 		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", where, maxSourceSize>>20)
 	}
 	return data, nil
-}
-
-// hostOps is Host on the running system.
-type hostOps struct{}
-
-func (hostOps) EnsurePackages(ctx context.Context, names []string, install bool) error {
-	return hostprep.EnsurePackages(ctx, names, install)
-}
-
-func (hostOps) LoadModules(ctx context.Context, names []string) error {
-	return hostprep.LoadModules(ctx, names)
-}
-
-func (hostOps) ApplySysctls(_ context.Context, values []plan.KeyValue) error {
-	return hostprep.ApplySysctls("/", values)
-}
-
-func (hostOps) FlushNftables(ctx context.Context) error { return hostprep.FlushNftables(ctx) }
-
-func (hostOps) DisableSwap(ctx context.Context, fstab string) error {
-	return hostprep.DisableSwap(ctx, "/", fstab)
 }
 
 // layerProgress turns the puller's per-layer reports into progress

@@ -49,8 +49,8 @@ type Fetcher struct {
 	CacheDir string
 	// Progress reports bytes as they arrive; nil reports nothing.
 	Progress *progress.Display
-	// Logger receives retries and resumptions; nil means slog.Default().
-	Logger *slog.Logger
+	// Log receives retries and resumptions; nil means slog.Default().
+	Log *slog.Logger
 
 	defaultClientOnce sync.Once
 	defaultClient     *http.Client
@@ -602,8 +602,8 @@ func (f *Fetcher) client() *http.Client {
 }
 
 func (f *Fetcher) logger() *slog.Logger {
-	if f.Logger != nil {
-		return f.Logger
+	if f.Log != nil {
+		return f.Log
 	}
 	return slog.Default()
 }

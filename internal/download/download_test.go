@@ -193,7 +193,7 @@ func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 		Client:   httpx.NewClient(append([]httpx.Option{httpx.WithPolicy(fastPolicy(5)), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
 		Root:     hostRoot(t),
 		CacheDir: cache,
-		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
 }
 

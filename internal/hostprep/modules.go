@@ -11,16 +11,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/command"
 )
 
-// LoadModules loads the named kernel modules with modprobe. A module already
-// present under /sys/module is not loaded again. When any module fails, the
-// error lists every failing module with modprobe's stderr.
-//
-// Call it before ApplySysctls: the net.bridge.* sysctls appear only once
-// br_netfilter is loaded.
-func LoadModules(ctx context.Context, names []string) error {
-	return loadModules(ctx, command.Exec{}, "/sys/module", names)
-}
-
 func loadModules(ctx context.Context, run command.Runner, sysModule string, names []string) error {
 	var errs []error
 	for _, name := range names {

@@ -84,7 +84,7 @@ func TestLoadModulesRealModprobe(t *testing.T) {
 	if _, err := exec.LookPath("modprobe"); err != nil {
 		t.Skip("modprobe not found: install the kmod package")
 	}
-	err := LoadModules(context.Background(), []string{"nodespawn_no_such_module"})
+	err := (Host{}).LoadModules(context.Background(), []string{"nodespawn_no_such_module"})
 	if err == nil {
 		t.Fatal("LoadModules of a missing module succeeded")
 	}

@@ -9,27 +9,19 @@ import (
 	"github.com/google/nftables"
 )
 
-// FlushNftables removes the whole nftables ruleset (every table, chain, set
-// and rule of every family) of the current network namespace through
-// netlink, as `nft flush ruleset` does. The spec requires an empty host
-// ruleset so the machine's kube-proxy and CNI own packet filtering.
-func FlushNftables(ctx context.Context) error {
-	return flushNftables(ctx, "current network namespace")
-}
-
-// FlushNftablesIn flushes the ruleset of the network namespace at netnsPath
+// flushNftablesIn flushes the ruleset of the network namespace at netnsPath
 // (/run/netns/<name>, /proc/<pid>/ns/net) and leaves the caller's own
 // namespace alone.
-func FlushNftablesIn(ctx context.Context, netnsPath string) error {
+func flushNftablesIn(ctx context.Context, log *slog.Logger, netnsPath string) error {
 	f, err := os.Open(netnsPath)
 	if err != nil {
 		return fmt.Errorf("flush nftables: open network namespace: %w", err)
 	}
 	defer f.Close()
-	return flushNftables(ctx, netnsPath, nftables.WithNetNSFd(int(f.Fd())))
+	return flushNftables(ctx, log, netnsPath, nftables.WithNetNSFd(int(f.Fd())))
 }
 
-func flushNftables(ctx context.Context, where string, opts ...nftables.ConnOption) error {
+func flushNftables(ctx context.Context, log *slog.Logger, where string, opts ...nftables.ConnOption) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("flush nftables in %s: %w", where, err)
 	}
@@ -53,7 +45,7 @@ func flushNftables(ctx context.Context, where string, opts ...nftables.ConnOptio
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("flush nftables in %s: flush ruleset (%d tables): %w", where, len(tables), err)
 	}
-	slog.InfoContext(ctx, "nftables ruleset flushed", "netns", where, "tables", names)
+	log.InfoContext(ctx, "nftables ruleset flushed", "netns", where, "tables", names)
 	return nil
 }
 

@@ -96,7 +96,7 @@ func TestFlushNftablesIn(t *testing.T) {
 	addRules(t, bystanderConn)
 
 	for i := 0; i < 2; i++ { // the second flush finds an empty ruleset
-		if err := FlushNftablesIn(context.Background(), target); err != nil {
+		if err := (Host{NetNS: target}).FlushNftables(context.Background()); err != nil {
 			t.Fatalf("flush %d: %v", i+1, err)
 		}
 	}
@@ -112,7 +112,7 @@ func TestFlushNftablesIn(t *testing.T) {
 }
 
 func TestFlushNftablesInMissingNamespace(t *testing.T) {
-	err := FlushNftablesIn(context.Background(), filepath.Join(t.TempDir(), "nope"))
+	err := (Host{NetNS: filepath.Join(t.TempDir(), "nope")}).FlushNftables(context.Background())
 	if err == nil {
 		t.Fatal("flush in a missing namespace succeeded")
 	}
@@ -123,7 +123,7 @@ func TestFlushNftablesInMissingNamespace(t *testing.T) {
 // namespace with `ip netns exec`, so the host ruleset is never in reach.
 func TestFlushNftablesCurrent(t *testing.T) {
 	if os.Getenv("NODESPAWN_NFT_CHILD") == "1" {
-		if err := FlushNftables(context.Background()); err != nil {
+		if err := (Host{}).FlushNftables(context.Background()); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}

@@ -25,19 +25,9 @@ var aptEnv = []string{"DEBIAN_FRONTEND=noninteractive", "NEEDRESTART_MODE=l"}
 // unattended-upgrades at first boot) instead of failing at once.
 const aptLockWait = "DPkg::Lock::Timeout=300"
 
-// EnsurePackages makes sure the named Debian packages are installed on the
-// host. Missing ones are installed with apt-get when install is true (the
-// manifest's host.installPackages); otherwise the error names them and the
-// field that allows installing them. apt-get waits for the dpkg lock and is
-// retried with `apt-get update` and a growing pause when it fails for a
-// reason that may pass.
-func EnsurePackages(ctx context.Context, names []string, install bool) error {
-	return ensurePackages(ctx, command.Exec{}, aptRetry.Wait, names, install)
-}
-
 // ensurePackages is EnsurePackages with its commands run by run and its
 // pause before retry n (1-based) taken by wait.
-func ensurePackages(ctx context.Context, run command.Runner, wait func(ctx context.Context, retry int) error, names []string, install bool) error {
+func ensurePackages(ctx context.Context, log *slog.Logger, run command.Runner, wait func(ctx context.Context, retry int) error, names []string, install bool) error {
 	missing, err := missingPackages(ctx, run, names)
 	if err != nil || len(missing) == 0 {
 		return err
@@ -46,7 +36,7 @@ func ensurePackages(ctx context.Context, run command.Runner, wait func(ctx conte
 		return fmt.Errorf("host packages not installed: %s; install them (apt-get install %s) or set host.installPackages: true in the manifest",
 			strings.Join(missing, ", "), strings.Join(missing, " "))
 	}
-	slog.InfoContext(ctx, "installing host packages", "packages", missing)
+	log.InfoContext(ctx, "installing host packages", "packages", missing)
 	install1 := append([]string{"-o", aptLockWait, "install", "-y", "--no-install-recommends", "--"}, missing...)
 	update := []string{"-o", aptLockWait, "update"}
 	opts := command.Options{Env: aptEnv}
@@ -61,7 +51,7 @@ func ensurePackages(ctx context.Context, run command.Runner, wait func(ctx conte
 			// none) or stale (their files gone from the mirror).
 			if _, err := run.Run(ctx, opts, "apt-get", update...); err != nil {
 				lastErr = err
-				slog.WarnContext(ctx, "apt-get update failed, will retry", "attempt", attempt+1, "err", err)
+				log.WarnContext(ctx, "apt-get update failed, will retry", "attempt", attempt+1, "err", err)
 				continue
 			}
 		}
@@ -74,7 +64,7 @@ func ensurePackages(ctx context.Context, run command.Runner, wait func(ctx conte
 		if attempt > 0 && permanentAptFailure(err) {
 			break
 		}
-		slog.WarnContext(ctx, "apt-get install failed, will retry", "attempt", attempt+1, "err", err)
+		log.WarnContext(ctx, "apt-get install failed, will retry", "attempt", attempt+1, "err", err)
 	}
 	if lastErr != nil {
 		return fmt.Errorf("install host packages %s: %w", strings.Join(missing, ", "), lastErr)

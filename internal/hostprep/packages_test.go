@@ -2,6 +2,7 @@ package hostprep
 
 import (
 	"context"
+	"log/slog"
 	"os/exec"
 	"slices"
 	"strings"
@@ -146,7 +147,7 @@ func TestEnsurePackages(t *testing.T) {
 				waits = append(waits, retry)
 				return nil
 			}
-			err := ensurePackages(context.Background(), f, wait, tt.names, tt.install)
+			err := ensurePackages(context.Background(), slog.Default(), f, wait, tt.names, tt.install)
 			if !slices.Equal(f.calls, tt.wantCalls) {
 				t.Errorf("calls:\n  %s\nwant:\n  %s", strings.Join(f.calls, "\n  "), strings.Join(tt.wantCalls, "\n  "))
 			}
@@ -174,7 +175,7 @@ func TestEnsurePackagesCancelledWhileWaiting(t *testing.T) {
 		}
 		return nil, failure(line, 1, notFound)
 	}}
-	err := ensurePackages(ctx, f, aptRetry.Wait, []string{"systemd-container"}, true)
+	err := ensurePackages(ctx, slog.Default(), f, aptRetry.Wait, []string{"systemd-container"}, true)
 	if err == nil || !strings.Contains(err.Error(), "context canceled") || !strings.Contains(err.Error(), "Could not get lock") {
 		t.Fatalf("err = %v, want cancellation with the last apt failure", err)
 	}
@@ -185,10 +186,10 @@ func TestEnsurePackagesRealDpkg(t *testing.T) {
 	if _, err := exec.LookPath("dpkg-query"); err != nil {
 		t.Skip("dpkg-query not found: not a Debian-family host")
 	}
-	if err := EnsurePackages(context.Background(), []string{"bash", "dpkg"}, false); err != nil {
+	if err := (Host{}).EnsurePackages(context.Background(), []string{"bash", "dpkg"}, false); err != nil {
 		t.Errorf("bash and dpkg reported missing: %v", err)
 	}
-	err := EnsurePackages(context.Background(), []string{"bash", "nodespawn-no-such-package"}, false)
+	err := (Host{}).EnsurePackages(context.Background(), []string{"bash", "nodespawn-no-such-package"}, false)
 	if err == nil || !strings.Contains(err.Error(), "nodespawn-no-such-package") || strings.Contains(err.Error(), "bash") {
 		t.Errorf("err = %v, want only nodespawn-no-such-package missing", err)
 	}

@@ -23,18 +23,14 @@ import (
 // knows who did it and why.
 const swapMarker = "# nodespawn: swap disabled (kubelet requires swap off); original entry:"
 
-// DisableSwap turns off every active swap area listed in <root>/proc/swaps
+// disableSwap turns off every active swap area listed in <root>/proc/swaps
 // and comments out the swap entries of the fstab at <root>/<fstab>, so swap
 // stays off after a reboot. Only entries whose type (third field) is "swap"
 // are touched; comments, blank lines and the spacing of every other line are
 // kept. The file is rewritten atomically and only when something changed, so
 // a second call does nothing. A missing proc/swaps (a --root that is not a
 // live system) means no active swap; a missing fstab means no entries.
-func DisableSwap(ctx context.Context, root, fstab string) error {
-	return disableSwap(ctx, root, fstab, swapoff)
-}
-
-func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) error) error {
+func disableSwap(ctx context.Context, log *slog.Logger, root, fstab string, swapoff func(string) error) error {
 	if root == "" {
 		root = "/"
 	}
@@ -51,7 +47,7 @@ func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) e
 			errs = append(errs, fmt.Errorf("swapoff %s: %w", a, err))
 			continue
 		}
-		slog.InfoContext(ctx, "swap turned off", "area", a)
+		log.InfoContext(ctx, "swap turned off", "area", a)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("disable swap (is there enough free memory to take the swapped pages back?): %w", errors.Join(errs...))
@@ -89,7 +85,7 @@ func disableSwap(ctx context.Context, root, fstab string, swapoff func(string) e
 	if err := host.WriteFile(target, out, confine.ModeOf(fi), uid, gid); err != nil {
 		return fmt.Errorf("disable swap: rewrite fstab: %w", err)
 	}
-	slog.InfoContext(ctx, "swap entries commented out", "fstab", host.Show(fstab), "entries", n)
+	log.InfoContext(ctx, "swap entries commented out", "fstab", host.Show(fstab), "entries", n)
 	return nil
 }
 

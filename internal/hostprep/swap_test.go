@@ -3,6 +3,7 @@ package hostprep
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -156,7 +157,7 @@ func TestDisableSwapFake(t *testing.T) {
 				}
 				return nil
 			}
-			err := disableSwap(context.Background(), root, "/etc/fstab", fake)
+			err := disableSwap(context.Background(), slog.Default(), root, "/etc/fstab", fake)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -249,7 +250,7 @@ func TestDisableSwapReal(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "etc/fstab"), []byte(fstab), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := DisableSwap(context.Background(), root, "/etc/fstab"); err != nil {
+	if err := (Host{Root: root}).DisableSwap(context.Background(), "/etc/fstab"); err != nil {
 		t.Fatal(err)
 	}
 	after, _ := os.ReadFile("/proc/swaps")

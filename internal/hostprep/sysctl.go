@@ -11,7 +11,7 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// ApplySysctls writes each value to <root>/proc/sys now, so the settings hold
+// applySysctls writes each value to <root>/proc/sys now, so the settings hold
 // without a reboot (the sysctl.d file keeps them across boots). A value is
 // written only when the current one differs; each change is logged as
 // old -> new. Every key is checked before anything is written: keys that do
@@ -20,7 +20,7 @@ import (
 // Keys follow sysctl.d(5): when the first separator is a dot, dots and
 // slashes swap roles (net.ipv4.conf.eth0/100.rp_filter is the file
 // net/ipv4/conf/eth0.100/rp_filter); when it is a slash, the key is a path.
-func ApplySysctls(root string, values []plan.KeyValue) error {
+func applySysctls(log *slog.Logger, root string, values []plan.KeyValue) error {
 	if root == "" {
 		root = "/"
 	}
@@ -81,7 +81,7 @@ func ApplySysctls(root string, values []plan.KeyValue) error {
 			errs = append(errs, fmt.Errorf("set %s=%s (was %s): %w", t.kv.Key, t.kv.Value, old, err))
 			continue
 		}
-		slog.Info("sysctl changed", "key", t.kv.Key, "old", old, "new", want)
+		log.Info("sysctl changed", "key", t.kv.Key, "old", old, "new", want)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("apply sysctls: %w", errors.Join(errs...))

@@ -1,6 +1,7 @@
 package hostprep
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,7 +108,7 @@ func TestApplySysctls(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			root := fakeProcSys(t, base)
-			err := ApplySysctls(root, tt.values)
+			err := (Host{Root: root}).ApplySysctls(context.Background(), tt.values)
 			if (err != nil) != (len(tt.wantErr) > 0) {
 				t.Fatalf("err = %v, want %q", err, tt.wantErr)
 			}
@@ -159,7 +160,7 @@ func TestApplySysctlsRealProc(t *testing.T) {
 		if strings.TrimSpace(before) == "1" {
 			want = "0"
 		}
-		err := ApplySysctls("/", []plan.KeyValue{{Key: "net.ipv4.ip_forward", Value: want}, {Key: "net.ipv4.conf.lo.rp_filter", Value: "0"}})
+		err := (Host{}).ApplySysctls(context.Background(), []plan.KeyValue{{Key: "net.ipv4.ip_forward", Value: want}, {Key: "net.ipv4.conf.lo.rp_filter", Value: "0"}})
 		a, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 		after = string(a)
 		if err == nil && strings.TrimSpace(after) != want {

@@ -207,7 +207,7 @@ func TestPolicy(t *testing.T) {
 
 			t.Run("download", func(t *testing.T) {
 				dir := t.TempDir()
-				f := &download.Fetcher{Client: client, Root: root, CacheDir: filepath.Join(dir, "cache"), Logger: quiet}
+				f := &download.Fetcher{Client: client, Root: root, CacheDir: filepath.Join(dir, "cache"), Log: quiet}
 				d := plan.Download{Name: "tool", URL: srv.URL + "/tool", SHA256: digest.FromBytes(body).Encoded(), Dest: filepath.Join(dir, "bin", "tool")}
 				start := time.Now()
 				_, err := f.Download(newContext(), d, root, d.Dest)

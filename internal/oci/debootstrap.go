@@ -22,16 +22,16 @@ type DebootstrapRequest struct {
 	Mirror  string
 	Include []string
 	// Root and Dest are where the rootfs goes, as in Request.
-	Root   *confine.Root
-	Dest   string
-	Logger *slog.Logger
+	Root *confine.Root
+	Dest string
+	Log  *slog.Logger
 }
 
 // Debootstrap builds Dest with debootstrap, through the same staging
 // directory, rename and marker as Pull, so a rerun with the same suite,
 // mirror and include list is a no-op. It logs a deprecation warning.
 func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
-	log := req.Logger
+	log := req.Log
 	if log == nil {
 		log = slog.Default()
 	}

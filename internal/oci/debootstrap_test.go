@@ -36,7 +36,7 @@ func TestDebootstrap(t *testing.T) {
 	argsFile := fakeDebootstrap(t, false)
 	parent := machinesDir(t)
 	dest := filepath.Join(parent, "deb")
-	req := DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t)}
+	req := DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
 
 	res, err := Debootstrap(ctx, req)
 	if err != nil || res.NoOp {
@@ -66,7 +66,7 @@ func TestDebootstrapFailureLeavesNothing(t *testing.T) {
 	fakeDebootstrap(t, true)
 	parent := machinesDir(t)
 	_, err := Debootstrap(context.Background(), DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian",
-		Root: hostRoot(t), Dest: filepath.Join(parent, "deb"), Logger: testLogger(t)})
+		Root: hostRoot(t), Dest: filepath.Join(parent, "deb"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "Failed getting release file") {
 		t.Fatalf("err = %v, want debootstrap's stderr in it", err)
 	}

@@ -172,7 +172,7 @@ func TestPullFaults(t *testing.T) {
 			parent := machinesDir(t)
 			dest := filepath.Join(parent, fmt.Sprintf("m%d", i))
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/faults:good", Platform: "linux/amd64",
-				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t), HTTPClient: faultClient()})
+				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t), HTTPClient: faultClient()})
 			t.Logf("pull: %v; requests for the target blob had Range %q", err, ranges)
 			if c.recover {
 				if err != nil {
@@ -238,7 +238,7 @@ func TestPullTampered(t *testing.T) {
 			parent := machinesDir(t)
 			dest := filepath.Join(parent, "m")
 			req := Request{Reference: reg.addr + "/nodespawn/tamper:old", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t)}
+				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
 			if _, err := Pull(ctx, req); err != nil {
 				t.Fatal(err)
 			}

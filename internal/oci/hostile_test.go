@@ -203,7 +203,7 @@ func TestHostileLayers(t *testing.T) {
 			outside := snapshot(t, base, "machines")
 
 			dest := filepath.Join(machines, "m")
-			_, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Logger: testLogger(t)})
+			_, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
 			if msg := fmt.Sprint(err); len(msg) > 600 {
 				t.Logf("pull: %s...", msg[:600])
 			} else {

@@ -64,8 +64,8 @@ type Request struct {
 	CredentialsFile string
 	// Progress, when set, is called from one goroutine as layers apply.
 	Progress func(Progress)
-	// Logger receives progress and retry messages (default slog.Default()).
-	Logger *slog.Logger
+	// Log receives progress and retry messages (default slog.Default()).
+	Log *slog.Logger
 	// HTTPClient is the registry client (default httpx.NewClient: TLS
 	// verified, retries on 5xx/resets/timeouts, stalled bodies aborted). A
 	// layer whose body breaks off mid-stream is resumed where it stopped,
@@ -109,7 +109,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	if err := req.validate(); err != nil {
 		return Result{}, err
 	}
-	log := req.Logger
+	log := req.Log
 	if log == nil {
 		log = slog.Default()
 	}
@@ -207,7 +207,7 @@ func (r *Request) validate() error {
 		r.Concurrency = DefaultConcurrency
 	}
 	if r.HTTPClient == nil && r.Reference != "" {
-		r.HTTPClient = httpx.NewClient(httpx.WithLogger(r.Logger))
+		r.HTTPClient = httpx.NewClient(httpx.WithLogger(r.Log))
 	}
 	return nil
 }

@@ -149,7 +149,7 @@ func TestPullRegistryFeatures(t *testing.T) {
 	var progress []Progress
 	res, err := Pull(ctx, Request{
 		Reference: reg.addr + "/nodespawn/base:v1", Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
-		Root: hostRoot(t), Dest: dest, Logger: testLogger(t), Progress: func(p Progress) { progress = append(progress, p) },
+		Root: hostRoot(t), Dest: dest, Log: testLogger(t), Progress: func(p Progress) { progress = append(progress, p) },
 	})
 	if err != nil {
 		t.Fatalf("Pull: %v", err)
@@ -173,7 +173,7 @@ func TestPullRegistryFeatures(t *testing.T) {
 	before := stat(t, dest)
 	res, err = Pull(ctx, Request{
 		Reference: reg.addr + "/nodespawn/base@" + desc.Digest.String(), Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t),
+		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t),
 	})
 	if err != nil || !res.NoOp {
 		t.Fatalf("second Pull: NoOp=%v err=%v, want a no-op", res.NoOp, err)
@@ -205,7 +205,7 @@ func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 	pull := func(tag string) Result {
 		t.Helper()
 		res, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/swap:" + tag, Platform: "linux/amd64",
-			PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t)})
+			PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
 		if err != nil {
 			t.Fatalf("Pull %s: %v", tag, err)
 		}
@@ -264,7 +264,7 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 			start := len(px.log())
 			dest := filepath.Join(machinesDir(t), "m")
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/multi:multi", Platform: c.platform,
-				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Logger: testLogger(t)})
+				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
 			if err != nil {
 				t.Fatalf("Pull: %v", err)
 			}
@@ -295,7 +295,7 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 	t.Run("missing platform", func(t *testing.T) {
 		parent := machinesDir(t)
 		_, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/multi:multi", Platform: "linux/s390x",
-			PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Logger: testLogger(t)})
+			PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
 		if err == nil || !strings.Contains(err.Error(), "no manifest for platform linux/s390x") || !strings.Contains(err.Error(), "linux/arm64/v8") {
 			t.Fatalf("err = %v, want no manifest for platform linux/s390x listing what the index has", err)
 		}
@@ -310,7 +310,7 @@ func TestPullSingleArchWrongPlatform(t *testing.T) {
 	pushImage(t, ctx, repo, "v1", imageSpec{platform: ocispec.Platform{OS: "linux", Architecture: "arm64"}, layers: []layer{gzLayer(t, file("a", "a", 0o644))}})
 	parent := machinesDir(t)
 	_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/arm:v1", Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Logger: testLogger(t)})
+		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "is for platform linux/arm64, want linux/amd64") {
 		t.Fatalf("err = %v, want a platform mismatch", err)
 	}
@@ -341,7 +341,7 @@ func TestPullCredentials(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			parent := machinesDir(t)
 			_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/private:v1", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Logger: testLogger(t),
+				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Log: testLogger(t),
 				HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 			if c.ok && err != nil {
 				t.Fatalf("Pull: %v", err)
@@ -361,7 +361,7 @@ func TestPullPlainHTTPOnlyWhenListed(t *testing.T) {
 	reg := startRegistry(t, "")
 	parent := machinesDir(t)
 	_, err := Pull(context.Background(), Request{Reference: reg.addr + "/nodespawn/any:v1", Platform: "linux/amd64",
-		Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Logger: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
+		Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 	if err == nil || !strings.Contains(err.Error(), "https://"+reg.addr) {
 		t.Fatalf("err = %v, want a failed HTTPS request to a registry not listed as plain HTTP", err)
 	}
@@ -379,7 +379,7 @@ func TestPullLayout(t *testing.T) {
 
 	parent := machinesDir(t)
 	dest := filepath.Join(parent, "air")
-	res, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "v1", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Logger: testLogger(t)})
+	res, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "v1", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
 	if err != nil {
 		t.Fatalf("Pull from layout: %v", err)
 	}
@@ -389,7 +389,7 @@ func TestPullLayout(t *testing.T) {
 	checkFeatureRootfs(t, dest)
 
 	// By digest too, and it is the same rootfs.
-	res, err = Pull(ctx, Request{Layout: layoutDir, LayoutRef: manifests[0].Digest.String(), Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Logger: testLogger(t)})
+	res, err = Pull(ctx, Request{Layout: layoutDir, LayoutRef: manifests[0].Digest.String(), Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
 	if err != nil || !res.NoOp {
 		t.Fatalf("Pull by digest: NoOp=%v err=%v, want a no-op", res.NoOp, err)
 	}

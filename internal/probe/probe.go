@@ -42,9 +42,9 @@ type Options struct {
 	// SystemNVML() when Root is "/", and none otherwise (NVML describes the
 	// running kernel, not a tree under Root).
 	NVML NVML
-	// Logger receives warnings (a stub-only resolv.conf, NVIDIA device
+	// Log receives warnings (a stub-only resolv.conf, NVIDIA device
 	// nodes without NVML, ...) and debug notes; nil means slog.Default().
-	Logger *slog.Logger
+	Log *slog.Logger
 }
 
 // Host paths the probe reads (under Root).
@@ -79,7 +79,7 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if err := ctx.Err(); err != nil {
 		return plan.Facts{}, err
 	}
-	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Logger}
+	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Log}
 	if opts.Root == "" {
 		p.root = "/"
 	}

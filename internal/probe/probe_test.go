@@ -108,7 +108,7 @@ func TestGatherFixtures(t *testing.T) {
 				Arch:    tt.arch,
 				LdCache: ldCache,
 				NVML:    tt.nvml,
-				Logger:  captureLog(&logs, slog.LevelWarn),
+				Log:     captureLog(&logs, slog.LevelWarn),
 			})
 			if err != nil {
 				t.Fatalf("Gather: %v", err)
@@ -172,7 +172,7 @@ func TestGatherErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := Gather(tt.ctx, Options{Root: root, Arch: "amd64", LdCache: tt.ldCache, NVML: unavailable, Logger: slog.New(slog.DiscardHandler)})
+			_, err := Gather(tt.ctx, Options{Root: root, Arch: "amd64", LdCache: tt.ldCache, NVML: unavailable, Log: slog.New(slog.DiscardHandler)})
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("Gather error = %v, want one containing %q", err, tt.want)
 			}

@@ -159,7 +159,7 @@ func TestRealLdCache(t *testing.T) {
 				},
 			}
 			for arch, wantDirs := range want {
-				facts, err := Gather(context.Background(), Options{Root: root, Arch: arch, NVML: unavailable, Logger: slog.New(slog.DiscardHandler)})
+				facts, err := Gather(context.Background(), Options{Root: root, Arch: arch, NVML: unavailable, Log: slog.New(slog.DiscardHandler)})
 				if err != nil {
 					t.Fatalf("Gather(%s): %v", arch, err)
 				}

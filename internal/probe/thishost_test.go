@@ -19,7 +19,7 @@ import (
 // host NVML's GPUs must be the ones nvidia-smi lists.
 func TestGatherThisHost(t *testing.T) {
 	var logs bytes.Buffer
-	facts, err := Gather(context.Background(), Options{Logger: captureLog(&logs, slog.LevelDebug)})
+	facts, err := Gather(context.Background(), Options{Log: captureLog(&logs, slog.LevelDebug)})
 	if err != nil {
 		t.Fatalf("Gather(/): %v", err)
 	}

@@ -39,6 +39,7 @@ import (
 	"oras.land/oras-go/v2/content/oci"
 	"oras.land/oras-go/v2/registry/remote"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	nsoci "github.com/nodespawn/nodespawn/internal/oci"
 )
 
@@ -147,13 +148,19 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int) err
 func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int) error {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	host := strings.SplitN(ref, "/", 2)[0]
+	// The benchmark's paths are host paths: the whole host is its root.
+	root, err := confine.Open("/")
+	if err != nil {
+		return err
+	}
+	defer root.Close()
 	switch mode {
 	case "push":
 		n, err := pushImage(ctx, host, nLayers, layerMB)
 		fmt.Println(n)
 		return err
 	case "stream":
-		_, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Dest: dest, Logger: log})
+		_, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Root: root, Dest: dest, Log: log})
 		return err
 	case "twopass":
 		layout := dest + ".layout"
@@ -171,7 +178,7 @@ func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int) er
 		if _, err := oras.Copy(ctx, repo, tag, store, tag, oras.DefaultCopyOptions); err != nil {
 			return fmt.Errorf("copy to layout: %w", err)
 		}
-		_, err = nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Dest: dest, Logger: log})
+		_, err = nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Root: root, Dest: dest, Log: log})
 		return err
 	case "curl":
 		// The manifest is read here; the layers go through curl | tar.
