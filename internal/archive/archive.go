@@ -1,17 +1,21 @@
 // Package archive is nodespawn's one tar extractor: image layers and
 // downloaded archives both go through it. The unpacking itself is
-// containerd's archive.Apply (whiteouts, opaque directories, hard links,
-// xattrs, device nodes, ownership, and every entry kept below the target
-// directory by its own resolution); the target directory is handed to it
-// through the confinement layer, so the directory it starts from is the one
-// the kernel resolved inside the root, whatever symlinks lead to it.
+// containerd's archive.Apply (hard links, xattrs, device nodes, ownership,
+// and every entry kept below the target directory by its own resolution);
+// the target directory is handed to it through the confinement layer
+// (confine.Root.InDir), so everything starts at the directory the kernel
+// resolved inside the root, whatever symlinks lead to it or are swapped in
+// above it meanwhile. Whiteouts are applied here, through the same layer.
 package archive
 
 import (
 	"archive/tar"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"path"
 	"slices"
 	"strings"
 
@@ -35,25 +39,109 @@ type Options struct {
 }
 
 // Apply unpacks the tar stream r into the directory dir of root. dir must
-// exist; an entry already there is replaced (a directory merged).
+// exist; an entry already there is replaced (a directory merged). OCI
+// whiteouts (.wh.NAME, .wh..wh..opq) remove what they name from the tree.
 func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opts Options) error {
+	tree, err := root.OpenRoot(dir)
+	if err != nil {
+		return err
+	}
+	defer tree.Close()
+	w := &whiteouts{tree: tree, unpacked: map[string]bool{}, opaque: map[string]bool{}}
 	filter := func(h *tar.Header) (bool, error) {
 		if err := checkNames(h); err != nil {
 			return false, err
 		}
 		if opts.Filter != nil {
-			return opts.Filter(h)
+			if ok, err := opts.Filter(h); !ok || err != nil {
+				return ok, err
+			}
 		}
+		w.saw(h.Name)
 		return true, nil
 	}
-	copts := []carchive.ApplyOpt{carchive.WithFilter(filter)}
+	copts := []carchive.ApplyOpt{carchive.WithFilter(filter), carchive.WithConvertWhiteout(w.convert)}
 	if opts.NoSameOwner {
 		copts = append(copts, carchive.WithNoSameOwner())
 	}
 	return root.InDir(dir, func(target string) error {
+		w.target = target
 		_, err := carchive.Apply(ctx, target, r, copts...)
 		return err
 	})
+}
+
+// whiteouts applies a layer's OCI whiteouts through the confinement layer.
+// containerd's own conversion walks the target path with lstat, which does
+// not descend into the /proc/<pid>/fd path InDir hands out; this one works
+// on the tree's descriptor, so it also holds for an opaque directory at
+// the top of the layer.
+type whiteouts struct {
+	tree   *confine.Root
+	target string // the path containerd was given
+	// unpacked holds the paths this layer has put in place so far; an
+	// opaque whiteout keeps them (they may precede it in the tar).
+	unpacked map[string]bool
+	opaque   map[string]bool
+}
+
+const (
+	whiteoutPrefix = ".wh."
+	whiteoutOpaque = ".wh..wh..opq"
+)
+
+// saw records a layer entry, by its path in the tree.
+func (w *whiteouts) saw(name string) {
+	rel := "/" + confine.Clean(name)
+	if !strings.HasPrefix(path.Base(rel), whiteoutPrefix) {
+		w.unpacked[rel] = true
+	}
+}
+
+// convert is containerd's whiteout hook: p is the entry's path below
+// w.target, its parents resolved in the tree. It returns whether the entry
+// itself is to be written (false for every whiteout).
+func (w *whiteouts) convert(h *tar.Header, p string) (bool, error) {
+	rel := "/" + confine.Clean(strings.TrimPrefix(p, w.target))
+	base, dir := path.Base(rel), path.Dir(rel)
+	switch {
+	case base == whiteoutOpaque:
+		if w.opaque[dir] {
+			return false, nil
+		}
+		w.opaque[dir] = true
+		return false, w.clear(dir)
+	case strings.HasPrefix(base, whiteoutPrefix):
+		return false, w.tree.RemoveAll(path.Join(dir, strings.TrimPrefix(base, whiteoutPrefix)))
+	}
+	return true, nil
+}
+
+// clear removes what lower layers left in dir, keeping what this layer
+// unpacked (and looking inside the directories it did).
+func (w *whiteouts) clear(dir string) error {
+	es, err := w.tree.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range es {
+		child := path.Join(dir, e.Name())
+		if !w.unpacked[child] {
+			if err := w.tree.RemoveAll(child); err != nil {
+				return err
+			}
+			continue
+		}
+		if e.IsDir() {
+			if err := w.clear(child); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // checkNames refuses entries no honest archive contains. containerd would

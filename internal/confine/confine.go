@@ -317,6 +317,28 @@ func (r *Root) ReadDir(p string) ([]fs.DirEntry, error) {
 	if err != nil {
 		return nil, r.pathErr("readdir", p, err)
 	}
+	// The Info method of an os.File's entries lstats r.Show(p)+"/"+name,
+	// a host path resolved in user space: through a symlink in p it would
+	// describe a file outside the root. Describe each entry now, relative
+	// to the descriptor.
+	out := es[:0]
+	for _, e := range es {
+		efd, err := unix.Openat(fd, e.Name(), unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.ENOENT) {
+			continue // removed since it was listed
+		}
+		if err != nil {
+			return nil, r.pathErr("readdir", path.Join(p, e.Name()), err)
+		}
+		ef := os.NewFile(uintptr(efd), e.Name())
+		fi, err := ef.Stat()
+		ef.Close()
+		if err != nil {
+			return nil, r.pathErr("readdir", path.Join(p, e.Name()), err)
+		}
+		out = append(out, fs.FileInfoToDirEntry(fi))
+	}
+	es = out
 	slices.SortFunc(es, func(a, b fs.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
 	return es, nil
 }
@@ -860,28 +882,26 @@ func (r *Root) Syncfs(p string) error {
 // and commands that take a directory path (containerd's archive.Apply,
 // debootstrap) and keep every path they create below it themselves.
 //
-// The directory is resolved in the root by the kernel and held open; the
-// path given to fn is the kernel's own name for that open directory (from
-// its /proc/<pid>/fd entry), which has no symlink in it, and it is checked
-// to lead to the very directory held open. It is not a /proc/<pid>/fd path
-// itself: those are symlinks, and code that looks at the directory with
-// lstat would see a link instead of a directory.
+// The directory is resolved in the root by the kernel and held open while
+// fn runs; the path fn gets is that descriptor's /proc/<pid>/fd entry (by
+// pid, so a child process reaches it too). Every path below it starts at
+// the open directory, so no rename or symlink swapped in above it
+// afterwards can send fn elsewhere. The entry is itself a symlink to the
+// directory: code given it must not lstat the path as given and expect a
+// directory (internal/archive handles whiteouts itself for that reason).
 func (r *Root) InDir(p string, fn func(dir string) error) error {
 	fd, err := r.openat2(p, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return r.pathErr("open", p, err)
 	}
 	defer unix.Close(fd)
-	dir, err := os.Readlink(procFD(fd))
-	if err != nil {
-		return r.pathErr("open", p, fmt.Errorf("name the opened directory (is /proc mounted?): %w", err))
-	}
+	dir := procFD(fd)
 	var held, named unix.Stat_t
 	if err := unix.Fstat(fd, &held); err != nil {
 		return r.pathErr("open", p, err)
 	}
-	if err := unix.Lstat(dir, &named); err != nil || held.Dev != named.Dev || held.Ino != named.Ino || !strings.HasPrefix(dir, "/") {
-		return r.pathErr("open", p, fmt.Errorf("the kernel's name for the opened directory, %q, does not lead to it (%v)", dir, err))
+	if err := unix.Stat(dir, &named); err != nil || held.Dev != named.Dev || held.Ino != named.Ino {
+		return r.pathErr("open", p, fmt.Errorf("%s does not lead to the opened directory (is /proc mounted?): %v", dir, err))
 	}
 	return fn(dir)
 }

@@ -16,8 +16,11 @@ func fakeDebootstrap(t *testing.T, fail bool) (argsFile string) {
 	t.Helper()
 	bin := t.TempDir()
 	argsFile = filepath.Join(bin, "args")
+	// The target debootstrap gets is a /proc/<pid>/fd path (see
+	// confine.Root.InDir); where it leads is recorded after the arguments.
 	script := `#!/bin/sh
 printf '%s\n' "$@" > ` + argsFile + `
+eval dir=\"\${$(($# - 1))}\"; readlink -f "$dir" >> ` + argsFile + `
 `
 	if fail {
 		script += "echo 'E: Failed getting release file' >&2\nexit 1\n"
@@ -44,8 +47,9 @@ func TestDebootstrap(t *testing.T) {
 	}
 	args, _ := os.ReadFile(argsFile)
 	lines := strings.Split(strings.TrimSpace(string(args)), "\n")
-	if len(lines) != 5 || lines[0] != "--variant=minbase" || lines[1] != "--include=systemd,dbus" || lines[2] != "bookworm" ||
-		!strings.HasPrefix(filepath.Base(lines[3]), ".deb.staging-") || filepath.Dir(lines[3]) != parent || lines[4] != "http://deb.example/debian" {
+	if len(lines) != 6 || lines[0] != "--variant=minbase" || lines[1] != "--include=systemd,dbus" || lines[2] != "bookworm" ||
+		!strings.HasPrefix(lines[3], "/proc/") || lines[4] != "http://deb.example/debian" ||
+		!strings.HasPrefix(filepath.Base(lines[5]), ".deb.staging-") || filepath.Dir(lines[5]) != parent {
 		t.Errorf("debootstrap ran with %q, want --variant=minbase --include=systemd,dbus bookworm <staging beside dest> mirror", lines)
 	}
 	if b, _ := os.ReadFile(filepath.Join(dest, "etc/os-release")); string(b) != "debian\n" {
