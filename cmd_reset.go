@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -34,7 +35,7 @@ Without --machine it removes what the plan stored by the last apply wrote.`,
 			defer cancel()
 			opts := apply.ResetOptions{Root: root, Machine: machine}
 			if filepath.Clean(root) == "/" {
-				opts.Systemd = apply.NewSystemd(nil)
+				opts.Systemd = systemd.New(nil)
 			}
 			if machine == "" {
 				p, err := appliedPlan(ctx, root)

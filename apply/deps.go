@@ -66,7 +66,7 @@ type Host interface {
 }
 
 // Systemd is the host's service manager and machined, as apply and reset
-// use them. The real one talks D-Bus (NewSystemd); tests use a fake.
+// use them. The real one talks D-Bus (internal/systemd); tests use a fake.
 type Systemd interface {
 	// DaemonReload makes systemd read unit files again.
 	DaemonReload(ctx context.Context) error

@@ -12,11 +12,13 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/debootstrap"
 	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/internal/progress"
+	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -57,7 +59,7 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	}
 	if filepath.Clean(root) == "/" {
 		d.Host = hostprep.Host{Log: log}
-		d.Systemd = NewSystemd(command.Exec{})
+		d.Systemd = systemd.New(command.Exec{})
 	}
 	return d, nil
 }
@@ -84,24 +86,19 @@ func registryCredentials(root string) string {
 }
 
 func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.Root, dest string) (bool, error) {
-	var res oci.Result
-	var err error
 	if img.Debootstrap != nil {
-		res, err = oci.Debootstrap(ctx, oci.DebootstrapRequest{
+		res, err := debootstrap.Build(ctx, debootstrap.Request{
 			Suite: img.Debootstrap.Suite, Mirror: img.Debootstrap.Mirror, Include: img.Debootstrap.Include,
 			Root: root, Dest: dest, Log: p.log,
 		})
-	} else {
-		res, err = oci.Pull(ctx, oci.Request{
-			Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
-			Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
-			Log: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
-		})
+		return err == nil && !res.NoOp, err
 	}
-	if err != nil {
-		return false, err
-	}
-	return !res.NoOp, nil
+	res, err := oci.Pull(ctx, oci.Request{
+		Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
+		Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
+		Log: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
+	})
+	return err == nil && !res.NoOp, err
 }
 
 type downloader struct {

@@ -32,6 +32,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/rootfs"
 )
 
 // DefaultConcurrency is how many layers Pull fetches at once unless
@@ -134,11 +135,11 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		res.Bytes += l.Size
 	}
 
-	root := newRootfs(req.Root, req.Dest)
-	want := marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
-	if root.current(want) {
+	root := rootfs.New(req.Root, req.Dest)
+	want := rootfs.Marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
+	if root.Current(want) {
 		// A run killed after the commit may have left the old tree aside.
-		if err := root.removeLeftovers(log); err != nil {
+		if err := root.RemoveLeftovers(log); err != nil {
 			return res, err
 		}
 		log.Info("rootfs already holds this image", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest)
@@ -155,14 +156,14 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 			src.name, img.manifest.Config.Digest, got, want)
 	}
 
-	stage, err := root.stage(log)
+	stage, err := root.Stage(log)
 	if err != nil {
 		return res, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			stage.discard(log)
+			stage.Discard(log)
 		}
 	}()
 
@@ -170,9 +171,9 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	u := unpacker{
 		src:         src,
 		root:        req.Root,
-		dir:         stage.dir,
+		dir:         stage.Dir,
 		dest:        req.Dest,
-		spoolDir:    root.parent,
+		spoolDir:    root.Parent(),
 		layers:      img.manifest.Layers,
 		diffIDs:     cfg.RootFS.DiffIDs,
 		concurrency: req.Concurrency,
@@ -183,7 +184,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	if err := u.run(ctx); err != nil {
 		return res, err
 	}
-	if err := stage.commit(want, log); err != nil {
+	if err := stage.Commit(want, log); err != nil {
 		return res, err
 	}
 	committed = true

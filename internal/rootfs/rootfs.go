@@ -1,4 +1,10 @@
-package oci
+// Package rootfs makes a machine's root directory appear whole or not at
+// all: a tree is built in a staging directory beside its destination and
+// renamed into place, and a marker beside it records what it holds, so a
+// rerun that finds the same contents does nothing. The image pull
+// (internal/oci) and the debootstrap fallback (internal/debootstrap) both
+// build through it.
+package rootfs
 
 import (
 	"encoding/json"
@@ -15,7 +21,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
-// rootfs is a destination directory and the names kept beside it, all
+// Dest is a destination directory and the names kept beside it, all
 // paths in one confine.Root (the host root):
 //
 //	<parent>/.<name>.staging-<rand>   the rootfs being unpacked
@@ -26,14 +32,20 @@ import (
 // filesystem, and the marker is outside the machine's root where nothing
 // inside the machine sees it. machined ignores dot-names in
 // /var/lib/machines, so none of them shows up as an image.
-type rootfs struct {
+type Dest struct {
 	root               *confine.Root
 	dest, parent, name string
 }
 
-func newRootfs(root *confine.Root, dest string) rootfs {
+// Parent is the directory the destination, its staging directory and its
+// marker are in (a path in the root): a place on the same filesystem for
+// what a build spools.
+func (r Dest) Parent() string { return r.parent }
+
+// New is the destination dest (a path in root, the host root).
+func New(root *confine.Root, dest string) Dest {
 	dest = "/" + confine.Clean(dest)
-	return rootfs{root: root, dest: dest, parent: path.Dir(dest), name: path.Base(dest)}
+	return Dest{root: root, dest: dest, parent: path.Dir(dest), name: path.Base(dest)}
 }
 
 // MarkerPath is where the marker of the rootfs at dest lives.
@@ -42,10 +54,10 @@ func MarkerPath(dest string) string {
 	return path.Join(path.Dir(dest), "."+path.Base(dest)+".nodespawn-image")
 }
 
-func (r rootfs) markerPath() string { return MarkerPath(r.dest) }
+func (r Dest) markerPath() string { return MarkerPath(r.dest) }
 
-// marker records what was unpacked into the destination.
-type marker struct {
+// Marker records what was unpacked into the destination.
+type Marker struct {
 	Source   string        `json:"source"`
 	Platform string        `json:"platform"`
 	Manifest digest.Digest `json:"manifest"`
@@ -55,15 +67,15 @@ type marker struct {
 	Ino uint64 `json:"ino"`
 }
 
-// current reports whether dest already holds the image want describes.
+// Current reports whether dest already holds the image want describes.
 // The source name is not compared: the same manifest from a mirror is the
 // same rootfs.
-func (r rootfs) current(want marker) bool {
+func (r Dest) Current(want Marker) bool {
 	b, err := r.root.ReadFile(r.markerPath())
 	if err != nil {
 		return false
 	}
-	var have marker
+	var have Marker
 	if json.Unmarshal(b, &have) != nil {
 		return false
 	}
@@ -74,7 +86,7 @@ func (r rootfs) current(want marker) bool {
 	return have.Manifest == want.Manifest && have.Platform == want.Platform && have.Dev == dev && have.Ino == ino
 }
 
-func (r rootfs) devIno(p string) (uint64, uint64, error) {
+func (r Dest) devIno(p string) (uint64, uint64, error) {
 	fi, err := r.root.Lstat(p)
 	if err != nil {
 		return 0, 0, err
@@ -86,19 +98,20 @@ func (r rootfs) devIno(p string) (uint64, uint64, error) {
 	return st.Dev, st.Ino, nil
 }
 
-// staging is a rootfs being built.
-type staging struct {
-	r   rootfs
-	dir string
+// Staging is a rootfs being built.
+type Staging struct {
+	r Dest
+	// Dir is the staging directory, a path in the root.
+	Dir string
 }
 
-// stage removes what an interrupted run left beside dest and makes a fresh
+// Stage removes what an interrupted run left beside dest and makes a fresh
 // staging directory.
-func (r rootfs) stage(log *slog.Logger) (*staging, error) {
+func (r Dest) Stage(log *slog.Logger) (*Staging, error) {
 	if err := r.root.MkdirParents(r.parent); err != nil {
 		return nil, fmt.Errorf("create %s: %w", r.root.Show(r.parent), err)
 	}
-	if err := r.removeLeftovers(log); err != nil {
+	if err := r.RemoveLeftovers(log); err != nil {
 		return nil, err
 	}
 	// A machine's / is 0755 root:root.
@@ -106,13 +119,13 @@ func (r rootfs) stage(log *slog.Logger) (*staging, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create staging directory for %s: %w", r.root.Show(r.dest), err)
 	}
-	return &staging{r: r, dir: dir}, nil
+	return &Staging{r: r, Dir: dir}, nil
 }
 
-// removeLeftovers removes what a crash can leave beside dest: a staging
+// RemoveLeftovers removes what a crash can leave beside dest: a staging
 // tree, a previous rootfs that was being removed, a layer spool or a
 // marker half written (the last two under confine's temporary names).
-func (r rootfs) removeLeftovers(log *slog.Logger) error {
+func (r Dest) RemoveLeftovers(log *slog.Logger) error {
 	if err := r.root.RemoveStaleTemps(r.parent); err != nil {
 		return fmt.Errorf("remove leftovers of %s: %w", r.root.Show(r.dest), err)
 	}
@@ -137,23 +150,23 @@ func (r rootfs) removeLeftovers(log *slog.Logger) error {
 	return nil
 }
 
-// discard removes the staging directory after a failure.
-func (s *staging) discard(log *slog.Logger) {
-	if err := s.r.root.RemoveAll(s.dir); err != nil {
-		log.Error("could not remove staging directory; the next run removes it", "path", s.r.root.Show(s.dir), "error", err)
+// Discard removes the staging directory after a failure.
+func (s *Staging) Discard(log *slog.Logger) {
+	if err := s.r.root.RemoveAll(s.Dir); err != nil {
+		log.Error("could not remove staging directory; the next run removes it", "path", s.r.root.Show(s.Dir), "error", err)
 	}
 }
 
-// commit makes the staging directory the rootfs. The order keeps every
+// Commit makes the staging directory the rootfs. The order keeps every
 // crash point safe: the marker goes first (no stale claim survives), the
 // old rootfs is renamed aside (dest is never half-written: it is the old
 // tree, nothing, or the new tree), then the new tree is renamed in, synced,
 // and only then is the marker written. The old tree is removed last.
-func (s *staging) commit(m marker, log *slog.Logger) error {
+func (s *Staging) Commit(m Marker, log *slog.Logger) error {
 	r := s.r
 	// Data first: the rename must not publish a tree whose file contents
 	// are still only in the page cache.
-	if err := r.root.Syncfs(s.dir); err != nil {
+	if err := r.root.Syncfs(s.Dir); err != nil {
 		return err
 	}
 	if err := r.root.Remove(r.markerPath()); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -161,7 +174,7 @@ func (s *staging) commit(m marker, log *slog.Logger) error {
 	}
 	var aside string
 	if _, err := r.root.Lstat(r.dest); err == nil {
-		suffix := strings.TrimPrefix(path.Base(s.dir), "."+r.name+".staging-")
+		suffix := strings.TrimPrefix(path.Base(s.Dir), "."+r.name+".staging-")
 		aside = path.Join(r.parent, "."+r.name+".old-"+suffix)
 		if err := r.root.Rename(r.dest, aside); err != nil {
 			return fmt.Errorf("move old rootfs aside: %w", err)
@@ -170,7 +183,7 @@ func (s *staging) commit(m marker, log *slog.Logger) error {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("inspect %s: %w", r.root.Show(r.dest), err)
 	}
-	if err := r.root.Rename(s.dir, r.dest); err != nil {
+	if err := r.root.Rename(s.Dir, r.dest); err != nil {
 		return fmt.Errorf("move rootfs into place: %w", err)
 	}
 	var err error

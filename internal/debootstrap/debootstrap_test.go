@@ -1,11 +1,15 @@
-package oci
+package debootstrap
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // fakeDebootstrap puts a debootstrap on PATH that records its arguments
@@ -39,9 +43,9 @@ func TestDebootstrap(t *testing.T) {
 	argsFile := fakeDebootstrap(t, false)
 	parent := machinesDir(t)
 	dest := filepath.Join(parent, "deb")
-	req := DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
+	req := Request{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
 
-	res, err := Debootstrap(ctx, req)
+	res, err := Build(ctx, req)
 	if err != nil || res.NoOp {
 		t.Fatalf("Debootstrap: NoOp=%v err=%v", res.NoOp, err)
 	}
@@ -57,11 +61,11 @@ func TestDebootstrap(t *testing.T) {
 	}
 	assertFailedClosed(t, parent, ".deb.nodespawn-image", "deb")
 
-	if res, err := Debootstrap(ctx, req); err != nil || !res.NoOp {
+	if res, err := Build(ctx, req); err != nil || !res.NoOp {
 		t.Errorf("rerun: NoOp=%v err=%v, want a no-op", res.NoOp, err)
 	}
 	req.Include = append(req.Include, "iproute2")
-	if res, err := Debootstrap(ctx, req); err != nil || res.NoOp {
+	if res, err := Build(ctx, req); err != nil || res.NoOp {
 		t.Errorf("changed include list: NoOp=%v err=%v, want a rebuild", res.NoOp, err)
 	}
 }
@@ -69,10 +73,53 @@ func TestDebootstrap(t *testing.T) {
 func TestDebootstrapFailureLeavesNothing(t *testing.T) {
 	fakeDebootstrap(t, true)
 	parent := machinesDir(t)
-	_, err := Debootstrap(context.Background(), DebootstrapRequest{Suite: "bookworm", Mirror: "http://deb.example/debian",
+	_, err := Build(context.Background(), Request{Suite: "bookworm", Mirror: "http://deb.example/debian",
 		Root: hostRoot(t), Dest: filepath.Join(parent, "deb"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "Failed getting release file") {
 		t.Fatalf("err = %v, want debootstrap's stderr in it", err)
 	}
 	assertFailedClosed(t, parent)
+}
+
+// machinesDir is a fresh stand-in for /var/lib/machines.
+func machinesDir(t testing.TB) string {
+	t.Helper()
+	d := filepath.Join(t.TempDir(), "machines")
+	if err := os.Mkdir(d, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// assertFailedClosed checks that parent holds exactly the names want: a
+// failed build left no staging directory and did not touch dest.
+func assertFailedClosed(t testing.TB, parent string, want ...string) {
+	t.Helper()
+	ents, err := os.ReadDir(parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range ents {
+		got = append(got, e.Name())
+	}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("%s holds %q, want %q (staging not removed or dest touched)", parent, got, want)
+	}
+}
+
+// hostRoot is the whole host as a confined root, so the tests' host paths
+// serve as paths in it.
+func hostRoot(t testing.TB) *confine.Root {
+	t.Helper()
+	r, err := confine.Open("/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }

@@ -1,4 +1,7 @@
-package oci
+// Package debootstrap is the deprecated rootfs fallback: a Debian tree
+// built from a mirror with debootstrap(8) instead of pulled as an image,
+// staged and committed like one (internal/rootfs).
+package debootstrap
 
 import (
 	"context"
@@ -13,11 +16,12 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/rootfs"
 )
 
-// DebootstrapRequest is the deprecated debootstrap fallback: a Debian
+// Request is the deprecated debootstrap fallback: a Debian
 // rootfs built from a mirror instead of pulled as an image.
-type DebootstrapRequest struct {
+type Request struct {
 	Suite   string
 	Mirror  string
 	Include []string
@@ -27,10 +31,19 @@ type DebootstrapRequest struct {
 	Log  *slog.Logger
 }
 
-// Debootstrap builds Dest with debootstrap, through the same staging
+// Result is what Build did.
+type Result struct {
+	// Recipe stands in for an image digest: the digest of debootstrap's
+	// arguments (same arguments, same rootfs).
+	Recipe digest.Digest
+	// NoOp is true when Dest already held this recipe's tree.
+	NoOp bool
+}
+
+// Build builds Dest with debootstrap, through the same staging
 // directory, rename and marker as Pull, so a rerun with the same suite,
 // mirror and include list is a no-op. It logs a deprecation warning.
-func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
+func Build(ctx context.Context, req Request) (Result, error) {
 	log := req.Log
 	if log == nil {
 		log = slog.Default()
@@ -48,38 +61,38 @@ func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
 	// The recipe stands in for a manifest digest: same arguments, same rootfs.
 	sum := sha256.Sum256([]byte(strings.Join(args, "\x00")))
 	recipe := digest.NewDigestFromBytes(digest.SHA256, sum[:])
-	res := Result{Reference: "debootstrap:" + req.Suite, ManifestDigest: recipe}
-	want := marker{Source: res.Reference, Platform: "debootstrap", Manifest: recipe}
+	res := Result{Recipe: recipe}
+	want := rootfs.Marker{Source: "debootstrap:" + req.Suite, Platform: "debootstrap", Manifest: recipe}
 
-	root := newRootfs(req.Root, req.Dest)
-	if root.current(want) {
-		if err := root.removeLeftovers(log); err != nil {
+	root := rootfs.New(req.Root, req.Dest)
+	if root.Current(want) {
+		if err := root.RemoveLeftovers(log); err != nil {
 			return res, err
 		}
 		log.Info("rootfs already built by debootstrap with these arguments", "dest", req.Root.Show(req.Dest))
 		res.NoOp = true
 		return res, nil
 	}
-	stage, err := root.stage(log)
+	stage, err := root.Stage(log)
 	if err != nil {
 		return res, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			stage.discard(log)
+			stage.Discard(log)
 		}
 	}()
 	// debootstrap takes a path; the staging directory's /proc/self/fd
 	// name is the one the kernel resolved inside the root.
-	err = req.Root.InDir(stage.dir, func(dir string) error {
+	err = req.Root.InDir(stage.Dir, func(dir string) error {
 		_, err := command.Run(ctx, "debootstrap", debootstrapArgs(req, dir)...)
 		return err
 	})
 	if err != nil {
-		return res, fmt.Errorf("debootstrap %s into %s: %w", req.Suite, req.Root.Show(stage.dir), err)
+		return res, fmt.Errorf("debootstrap %s into %s: %w", req.Suite, req.Root.Show(stage.Dir), err)
 	}
-	if err := stage.commit(want, log); err != nil {
+	if err := stage.Commit(want, log); err != nil {
 		return res, err
 	}
 	committed = true
@@ -87,7 +100,7 @@ func Debootstrap(ctx context.Context, req DebootstrapRequest) (Result, error) {
 }
 
 // debootstrapArgs is debootstrap's command line for target dir.
-func debootstrapArgs(req DebootstrapRequest, dir string) []string {
+func debootstrapArgs(req Request, dir string) []string {
 	args := []string{"--variant=minbase"}
 	if len(req.Include) > 0 {
 		args = append(args, "--include="+strings.Join(req.Include, ","))

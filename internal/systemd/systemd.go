@@ -1,4 +1,7 @@
-package apply
+// Package systemd talks to the host's service manager and machined over
+// D-Bus, and to the systemd inside a machine through systemctl -M and
+// journalctl -M: what apply's start and wait steps, and reset, ask of them.
+package systemd
 
 import (
 	"context"
@@ -14,20 +17,21 @@ import (
 	"github.com/nodespawn/nodespawn/internal/command"
 )
 
-// NewSystemd returns the real Systemd: the host's systemd and machined over
-// D-Bus, and `systemctl -M`/`journalctl -M` (through the command runner)
-// for what runs inside a machine. Each call opens its own bus connection:
-// apply makes a handful of calls, and no connection outlives a failure.
-func NewSystemd(run command.Runner) Systemd {
+// New returns the host's systemd and machined over D-Bus, with
+// `systemctl -M`/`journalctl -M` (through run; nil means command.Exec) for
+// what runs inside a machine. Each call opens its own bus connection: apply
+// makes a handful of calls, and no connection outlives a failure.
+func New(run command.Runner) *Bus {
 	if run == nil {
 		run = command.Exec{}
 	}
-	return &busSystemd{run: run}
+	return &Bus{run: run}
 }
 
-type busSystemd struct{ run command.Runner }
+// Bus is the real systemd; its methods are the apply.Systemd seam.
+type Bus struct{ run command.Runner }
 
-func (s *busSystemd) conn(ctx context.Context) (*dbus.Conn, error) {
+func (s *Bus) conn(ctx context.Context) (*dbus.Conn, error) {
 	c, err := dbus.NewWithContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("connect to systemd over D-Bus: %w", err)
@@ -35,7 +39,8 @@ func (s *busSystemd) conn(ctx context.Context) (*dbus.Conn, error) {
 	return c, nil
 }
 
-func (s *busSystemd) DaemonReload(ctx context.Context) error {
+// DaemonReload makes systemd read unit files again.
+func (s *Bus) DaemonReload(ctx context.Context) error {
 	c, err := s.conn(ctx)
 	if err != nil {
 		return err
@@ -47,7 +52,8 @@ func (s *busSystemd) DaemonReload(ctx context.Context) error {
 	return nil
 }
 
-func (s *busSystemd) Enable(ctx context.Context, unit string) (bool, error) {
+// Enable enables unit; changed is false when it already was.
+func (s *Bus) Enable(ctx context.Context, unit string) (bool, error) {
 	c, err := s.conn(ctx)
 	if err != nil {
 		return false, err
@@ -60,7 +66,9 @@ func (s *busSystemd) Enable(ctx context.Context, unit string) (bool, error) {
 	return len(changes) > 0, nil
 }
 
-func (s *busSystemd) Start(ctx context.Context, unit string) (bool, error) {
+// Start starts unit and waits for the job; changed is false when the unit
+// was already active.
+func (s *Bus) Start(ctx context.Context, unit string) (bool, error) {
 	c, err := s.conn(ctx)
 	if err != nil {
 		return false, err
@@ -78,7 +86,8 @@ func (s *busSystemd) Start(ctx context.Context, unit string) (bool, error) {
 	})
 }
 
-func (s *busSystemd) Restart(ctx context.Context, unit string) error {
+// Restart restarts unit and waits for the job.
+func (s *Bus) Restart(ctx context.Context, unit string) error {
 	c, err := s.conn(ctx)
 	if err != nil {
 		return err
@@ -89,7 +98,9 @@ func (s *busSystemd) Restart(ctx context.Context, unit string) error {
 	})
 }
 
-func (s *busSystemd) Stop(ctx context.Context, unit string) error {
+// Stop stops unit and waits for the job; an unknown unit is already
+// stopped.
+func (s *Bus) Stop(ctx context.Context, unit string) error {
 	c, err := s.conn(ctx)
 	if err != nil {
 		return err
@@ -122,7 +133,8 @@ func job(ctx context.Context, verb, unit string, queue func(chan<- string) (int,
 	}
 }
 
-func (s *busSystemd) MachineRegistered(ctx context.Context, machine string) (bool, error) {
+// MachineRegistered reports whether machined knows the machine.
+func (s *Bus) MachineRegistered(ctx context.Context, machine string) (bool, error) {
 	c, err := machine1.New()
 	if err != nil {
 		return false, fmt.Errorf("connect to systemd-machined over D-Bus: %w", err)
@@ -137,7 +149,9 @@ func (s *busSystemd) MachineRegistered(ctx context.Context, machine string) (boo
 	return true, nil
 }
 
-func (s *busSystemd) TerminateMachine(ctx context.Context, machine string) error {
+// TerminateMachine asks machined to kill the machine; an unknown machine
+// is gone already.
+func (s *Bus) TerminateMachine(ctx context.Context, machine string) error {
 	c, err := machine1.New()
 	if err != nil {
 		return fmt.Errorf("connect to systemd-machined over D-Bus: %w", err)
@@ -149,7 +163,8 @@ func (s *busSystemd) TerminateMachine(ctx context.Context, machine string) error
 	return nil
 }
 
-func (s *busSystemd) UnitState(ctx context.Context, machine, unit string) (string, error) {
+// UnitState returns the ActiveState of unit inside the machine.
+func (s *Bus) UnitState(ctx context.Context, machine, unit string) (string, error) {
 	// is-active prints the state and exits non-zero unless it is "active";
 	// the printed state is the answer, the exit status only a summary.
 	out, err := s.run.Run(ctx, command.Options{}, "systemctl", "-M", machine, "is-active", unit)
@@ -162,7 +177,8 @@ func (s *busSystemd) UnitState(ctx context.Context, machine, unit string) (strin
 	return "", fmt.Errorf("state of %s in machine %s: %w", unit, machine, err)
 }
 
-func (s *busSystemd) Journal(ctx context.Context, machine string, lines int) (string, error) {
+// Journal returns the last lines of the machine's journal.
+func (s *Bus) Journal(ctx context.Context, machine string, lines int) (string, error) {
 	out, err := s.run.Run(ctx, command.Options{}, "journalctl", "-M", machine, "-n", strconv.Itoa(lines), "--no-pager")
 	if err != nil {
 		return "", err
