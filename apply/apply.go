@@ -234,6 +234,15 @@ func withDefaults(o Options) Options {
 // StoredManifest returns the manifest the last run stored under root, for
 // reset to render the same plan again.
 func StoredManifest(root string) ([]byte, error) {
+	b, err := readState(root, ManifestFile)
+	if err != nil {
+		return nil, fmt.Errorf("read stored manifest: %w (was nodespawn apply ever run here?)", err)
+	}
+	return b, nil
+}
+
+// readState reads one of apply's state files under root ("" means "/").
+func readState(root, file string) ([]byte, error) {
 	if root == "" {
 		root = "/"
 	}
@@ -242,11 +251,7 @@ func StoredManifest(root string) ([]byte, error) {
 		return nil, err
 	}
 	defer host.Close()
-	b, err := host.ReadFile(ManifestFile)
-	if err != nil {
-		return nil, fmt.Errorf("read stored manifest: %w (was nodespawn apply ever run here?)", err)
-	}
-	return b, nil
+	return host.ReadFile(file)
 }
 
 // storePlan keeps the plan being applied, secrets redacted, for reset and
@@ -270,15 +275,7 @@ func storePlan(host *confine.Root, p *plan.Plan) error {
 // redacted), or nil when there is none (nothing applied, or a state
 // directory from a version that did not store it).
 func StoredPlan(root string) (*plan.Plan, error) {
-	if root == "" {
-		root = "/"
-	}
-	host, err := confine.Open(root)
-	if err != nil {
-		return nil, err
-	}
-	defer host.Close()
-	b, err := host.ReadFile(PlanFile)
+	b, err := readState(root, PlanFile)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -287,10 +284,10 @@ func StoredPlan(root string) (*plan.Plan, error) {
 	}
 	var p plan.Plan
 	if err := json.Unmarshal(b, &p); err != nil {
-		return nil, fmt.Errorf("read stored plan %s: %w", host.Show(PlanFile), err)
+		return nil, fmt.Errorf("read stored plan %s: %w", PlanFile, err)
 	}
 	if p.Version != plan.Version {
-		return nil, fmt.Errorf("read stored plan %s: version %q, this build reads %q", host.Show(PlanFile), p.Version, plan.Version)
+		return nil, fmt.Errorf("read stored plan %s: version %q, this build reads %q", PlanFile, p.Version, plan.Version)
 	}
 	return &p, nil
 }

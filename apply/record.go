@@ -101,20 +101,17 @@ func (r *Record) sameManifest(opts Options) bool {
 // ReadRecord returns the record of the last run under root, or nil when
 // there is none.
 func ReadRecord(root string) (*Record, error) {
-	if root == "" {
-		root = "/"
-	}
-	host, err := confine.Open(root)
-	if err != nil {
-		return nil, err
-	}
-	defer host.Close()
-	return readRecord(host)
+	b, err := readState(root, RecordFile)
+	return decodeRecord(b, err, RecordFile)
 }
 
 func readRecord(host *confine.Root) (*Record, error) {
-	path := host.Show(RecordFile)
 	b, err := host.ReadFile(RecordFile)
+	return decodeRecord(b, err, host.Show(RecordFile))
+}
+
+// decodeRecord is a record read from path: nil when there is none.
+func decodeRecord(b []byte, err error, path string) (*Record, error) {
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}

@@ -1,7 +1,6 @@
 package apply
 
 import (
-	"compress/gzip"
 	"context"
 	"fmt"
 	"io"
@@ -16,6 +15,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/systemd"
@@ -138,24 +138,20 @@ func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, er
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("fetch %s: %s", where, resp.Status)
 	}
-	var body io.Reader = resp.Body
+	var data []byte
 	switch src.Compression {
 	case "":
-	case "gzip":
-		zr, err := gzip.NewReader(resp.Body)
-		if err != nil {
-			return nil, fmt.Errorf("fetch %s: gunzip: %w", where, err)
+		data, err = io.ReadAll(io.LimitReader(resp.Body, maxSourceSize+1))
+		if err == nil && len(data) > maxSourceSize {
+			err = fmt.Errorf("larger than %d MiB; use a download instead", maxSourceSize>>20)
 		}
-		body = zr
+	case "gzip":
+		data, err = inflate.GzipReader(resp.Body, maxSourceSize)
 	default:
-		return nil, fmt.Errorf("fetch %s: unknown compression %q", where, src.Compression)
+		err = fmt.Errorf("unknown compression %q", src.Compression)
 	}
-	data, err := io.ReadAll(io.LimitReader(body, maxSourceSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", where, err)
-	}
-	if len(data) > maxSourceSize {
-		return nil, fmt.Errorf("fetch %s: larger than %d MiB; use a download instead", where, maxSourceSize>>20)
 	}
 	return data, nil
 }

@@ -922,33 +922,18 @@ func TempPrefix(p, word string) string { return "." + path.Base("/"+Clean(p)) + 
 // else writes in dir at the same time (apply holds a lock and runs it
 // before a phase's steps start). A missing dir has none.
 func (r *Root) RemoveStaleTemps(dir string) error {
-	fd, err := r.openat2(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
-		return nil
-	}
-	if err != nil {
-		return r.pathErr("look for leftovers in", dir, err)
-	}
-	d := os.NewFile(uintptr(fd), r.Show(dir))
-	defer d.Close()
-	names, err := d.Readdirnames(-1)
-	if err != nil {
-		return r.pathErr("look for leftovers in", dir, err)
-	}
-	for _, n := range names {
-		if !tempName.MatchString(n) {
-			continue
-		}
-		if err := removeAllAt(fd, n); err != nil {
-			return r.pathErr("remove leftover", path.Join(dir, n), err)
-		}
-	}
-	return nil
+	return r.removeMatching(dir, tempName.MatchString)
 }
 
 // RemoveLeftovers removes, whole, every entry of the directory dir whose
 // name starts with prefix. A missing dir has none.
 func (r *Root) RemoveLeftovers(dir, prefix string) error {
+	return r.removeMatching(dir, func(name string) bool { return strings.HasPrefix(name, prefix) })
+}
+
+// removeMatching removes, whole, the entries of the directory dir whose
+// names match. A missing dir has none.
+func (r *Root) removeMatching(dir string, match func(string) bool) error {
 	fd, err := r.openat2(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
 		return nil
@@ -963,7 +948,7 @@ func (r *Root) RemoveLeftovers(dir, prefix string) error {
 		return r.pathErr("look for leftovers in", dir, err)
 	}
 	for _, n := range names {
-		if !strings.HasPrefix(n, prefix) {
+		if !match(n) {
 			continue
 		}
 		if err := removeAllAt(fd, n); err != nil {

@@ -65,38 +65,27 @@ func Build(ctx context.Context, req Request) (Result, error) {
 	want := rootfs.Marker{Source: "debootstrap:" + req.Suite, Platform: "debootstrap", Manifest: recipe}
 
 	root := rootfs.New(req.Root, req.Dest)
-	if root.Current(want) {
-		if err := root.RemoveLeftovers(log); err != nil {
+	if done, err := root.Done(want, log); err != nil || done {
+		if err != nil {
 			return res, err
 		}
 		log.Info("rootfs already built by debootstrap with these arguments", "dest", req.Root.Show(req.Dest))
 		res.NoOp = true
 		return res, nil
 	}
-	stage, err := root.Stage(log)
-	if err != nil {
-		return res, err
-	}
-	committed := false
-	defer func() {
-		if !committed {
-			stage.Discard(log)
+	err := root.Build(want, log, func(stage string) error {
+		// debootstrap takes a path: the staging directory's, as held open
+		// by the confinement layer.
+		err := req.Root.InDir(stage, func(dir string) error {
+			_, err := command.Run(ctx, "debootstrap", debootstrapArgs(req, dir)...)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("debootstrap %s into %s: %w", req.Suite, req.Root.Show(stage), err)
 		}
-	}()
-	// debootstrap takes a path; the staging directory's /proc/self/fd
-	// name is the one the kernel resolved inside the root.
-	err = req.Root.InDir(stage.Dir, func(dir string) error {
-		_, err := command.Run(ctx, "debootstrap", debootstrapArgs(req, dir)...)
-		return err
+		return nil
 	})
-	if err != nil {
-		return res, fmt.Errorf("debootstrap %s into %s: %w", req.Suite, req.Root.Show(stage.Dir), err)
-	}
-	if err := stage.Commit(want, log); err != nil {
-		return res, err
-	}
-	committed = true
-	return res, nil
+	return res, err
 }
 
 // debootstrapArgs is debootstrap's command line for target dir.

@@ -9,7 +9,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
+	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
 // fakeDebootstrap puts a debootstrap on PATH that records its arguments
@@ -41,9 +42,9 @@ eval dir=\"\${$(($# - 1))}\"; readlink -f "$dir" >> ` + argsFile + `
 func TestDebootstrap(t *testing.T) {
 	ctx := context.Background()
 	argsFile := fakeDebootstrap(t, false)
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "deb")
-	req := Request{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
+	req := Request{Suite: "bookworm", Mirror: "http://deb.example/debian", Include: []string{"systemd", "dbus"}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)}
 
 	res, err := Build(ctx, req)
 	if err != nil || res.NoOp {
@@ -59,7 +60,7 @@ func TestDebootstrap(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(dest, "etc/os-release")); string(b) != "debian\n" {
 		t.Errorf("rootfs not renamed into place: etc/os-release = %q", b)
 	}
-	assertFailedClosed(t, parent, ".deb.nodespawn-image", "deb")
+	rootfstest.AssertOnly(t, parent, ".deb.nodespawn-image", "deb")
 
 	if res, err := Build(ctx, req); err != nil || !res.NoOp {
 		t.Errorf("rerun: NoOp=%v err=%v, want a no-op", res.NoOp, err)
@@ -72,52 +73,13 @@ func TestDebootstrap(t *testing.T) {
 
 func TestDebootstrapFailureLeavesNothing(t *testing.T) {
 	fakeDebootstrap(t, true)
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	_, err := Build(context.Background(), Request{Suite: "bookworm", Mirror: "http://deb.example/debian",
-		Root: hostRoot(t), Dest: filepath.Join(parent, "deb"), Log: testLogger(t)})
+		Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "deb"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "Failed getting release file") {
 		t.Fatalf("err = %v, want debootstrap's stderr in it", err)
 	}
-	assertFailedClosed(t, parent)
-}
-
-// machinesDir is a fresh stand-in for /var/lib/machines.
-func machinesDir(t testing.TB) string {
-	t.Helper()
-	d := filepath.Join(t.TempDir(), "machines")
-	if err := os.Mkdir(d, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	return d
-}
-
-// assertFailedClosed checks that parent holds exactly the names want: a
-// failed build left no staging directory and did not touch dest.
-func assertFailedClosed(t testing.TB, parent string, want ...string) {
-	t.Helper()
-	ents, err := os.ReadDir(parent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for _, e := range ents {
-		got = append(got, e.Name())
-	}
-	if strings.Join(got, ",") != strings.Join(want, ",") {
-		t.Errorf("%s holds %q, want %q (staging not removed or dest touched)", parent, got, want)
-	}
-}
-
-// hostRoot is the whole host as a confined root, so the tests' host paths
-// serve as paths in it.
-func hostRoot(t testing.TB) *confine.Root {
-	t.Helper()
-	r, err := confine.Open("/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
+	rootfstest.AssertOnly(t, parent)
 }
 
 func testLogger(t testing.TB) *slog.Logger {

@@ -278,32 +278,20 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want diges
 // most as often as the client's Policy allows. A request that failed is
 // not tried again here: the transport already spent the Policy on it.
 func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker) (int64, error) {
-	policy := httpx.PolicyOf(f.client())
 	var written int64
 	var validator string
-	for attempt := 1; ; attempt++ {
-		n, err := f.getOnce(ctx, rawURL, file, h, tr, &written, &validator)
-		if err == nil {
-			return written, nil
-		}
-		var broken brokenBody
-		reason, transient := httpx.Retryable(err)
-		if !errors.As(err, &broken) || !transient || ctx.Err() != nil || attempt >= max(policy.Attempts, 1) {
-			return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
-		}
+	err := httpx.PolicyOf(f.client()).Resume(ctx, func(int) error {
+		_, err := f.getOnce(ctx, rawURL, file, h, tr, &written, &validator)
+		return err
+	}, func(attempt int, reason string, err error) {
 		f.logger().Warn("download interrupted, resuming",
-			"url", httpx.Redact(rawURL), "received", written, "thisAttempt", n, "attempt", attempt, "reason", reason, "error", err)
-		if err := policy.Wait(ctx, attempt); err != nil {
-			return 0, fmt.Errorf("download %s: %w (after %s)", httpx.Redact(rawURL), err, reason)
-		}
+			"url", httpx.Redact(rawURL), "received", written, "attempt", attempt, "reason", reason, "error", err)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("download %s: %w", httpx.Redact(rawURL), err)
 	}
+	return written, nil
 }
-
-// brokenBody marks an error met while reading a response body, after the
-// request itself succeeded: the only kind of failure get resumes.
-type brokenBody struct{ error }
-
-func (e brokenBody) Unwrap() error { return e.error }
 
 // getOnce does one attempt of get: a request for the rest of the file
 // (all of it when nothing is written yet), and when the server will not
@@ -361,17 +349,16 @@ func (f *Fetcher) getOnce(ctx context.Context, rawURL string, file *os.File, h h
 	if tr != nil {
 		w = io.MultiWriter(file, h, tr)
 	}
-	n, err := io.Copy(w, bodyReader{resp.Body})
+	n, err := io.Copy(w, httpx.Body(resp.Body))
 	*written += n
 	switch {
 	case err != nil:
-		var broken brokenBody
-		if !errors.As(err, &broken) {
+		if !httpx.IsBrokenBody(err) {
 			return n, fmt.Errorf("write %s: %w", file.Name(), err)
 		}
 		return n, err
 	case total >= 0 && *written != total:
-		return n, brokenBody{fmt.Errorf("got %d of %d bytes: %w", *written, total, io.ErrUnexpectedEOF)}
+		return n, httpx.BrokenBody(fmt.Errorf("got %d of %d bytes: %w", *written, total, io.ErrUnexpectedEOF))
 	}
 	return n, nil
 }
@@ -384,18 +371,6 @@ func (f *Fetcher) getWhole(ctx context.Context, rawURL string, file *os.File, h 
 	}
 	*written, *validator = 0, ""
 	return f.getOnce(ctx, rawURL, file, h, tr, written, validator)
-}
-
-// bodyReader marks its read errors as brokenBody, to tell them from the
-// errors of writing the file they are copied to.
-type bodyReader struct{ r io.Reader }
-
-func (b bodyReader) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	if err != nil && err != io.EOF {
-		err = brokenBody{err}
-	}
-	return n, err
 }
 
 // restart empties the partial file and the hash.

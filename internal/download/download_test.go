@@ -25,7 +25,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/upstream"
@@ -191,7 +191,7 @@ func randomBytes(n int, seed uint64) []byte {
 func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 	return &Fetcher{
 		Client:   httpx.NewClient(append([]httpx.Option{httpx.WithPolicy(fastPolicy(5)), httpx.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...),
-		Root:     hostRoot(t),
+		Root:     confinetest.HostRoot(t),
 		CacheDir: cache,
 		Log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
@@ -200,18 +200,6 @@ func newFetcher(t *testing.T, cache string, opts ...httpx.Option) *Fetcher {
 // fastPolicy retries quickly so the tests do not sleep.
 func fastPolicy(attempts int) httpx.Policy {
 	return httpx.Policy{Attempts: attempts, Base: time.Millisecond, Max: 2 * time.Millisecond}
-}
-
-// hostRoot is the whole host as a confined root: paths in it are host
-// paths, which keeps the tests' temporary directories usable as they are.
-func hostRoot(t testing.TB) *confine.Root {
-	t.Helper()
-	r, err := confine.Open("/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
 }
 
 // snapshot describes every entry under root (type, mode, contents or link
@@ -315,7 +303,7 @@ func TestDownloadUpstreamLayouts(t *testing.T) {
 	f := newFetcher(t, cache)
 	for _, tt := range tests {
 		t.Run(tt.step.Name, func(t *testing.T) {
-			res, err := f.Download(context.Background(), tt.step, hostRoot(t), tt.step.Dest)
+			res, err := f.Download(context.Background(), tt.step, confinetest.HostRoot(t), tt.step.Dest)
 			if err != nil {
 				t.Fatalf("Download: %v", err)
 			}
@@ -340,7 +328,7 @@ func TestDownloadUpstreamLayouts(t *testing.T) {
 	// not touch the network at all.
 	before := o.totalHits()
 	for _, tt := range tests {
-		res, err := f.Download(context.Background(), tt.step, hostRoot(t), tt.step.Dest)
+		res, err := f.Download(context.Background(), tt.step, confinetest.HostRoot(t), tt.step.Dest)
 		if err != nil {
 			t.Fatalf("rerun %s: %v", tt.step.Name, err)
 		}
@@ -362,7 +350,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	artifact, _ := url.Parse(step.URL)
 	f := newFetcher(t, cache)
 
-	if _, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
+	if _, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	// Without the record, a Dest already holding the verified digest is
@@ -372,7 +360,7 @@ func TestDownloadIdempotence(t *testing.T) {
 		t.Fatalf("records = %v, want one", recs)
 	}
 	os.Remove(recs[0])
-	res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
+	res, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 	if err != nil || res.Changed {
 		t.Fatalf("Download with Dest in place = %+v, %v; want no change", res, err)
 	}
@@ -381,7 +369,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	}
 	// A drifted mode is fixed without a download.
 	os.Chmod(step.Dest, 0o600)
-	if res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil || !res.Changed {
+	if res, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil || !res.Changed {
 		t.Fatalf("Download with a wrong mode = %+v, %v; want a change", res, err)
 	}
 	if fi, _ := os.Stat(step.Dest); fi.Mode().Perm() != 0o755 {
@@ -389,7 +377,7 @@ func TestDownloadIdempotence(t *testing.T) {
 	}
 	// A tampered Dest is downloaded again.
 	os.WriteFile(step.Dest, []byte("tampered"), 0o755)
-	if res, err := f.Download(context.Background(), step, hostRoot(t), step.Dest); err != nil || !res.Changed {
+	if res, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil || !res.Changed {
 		t.Fatalf("Download over a tampered file = %+v, %v; want a change", res, err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
@@ -412,7 +400,7 @@ func TestDownloadRemovesLeftoverPartialFiles(t *testing.T) {
 	leftover := filepath.Join(cache, hex.EncodeToString(sum[:])+".part-123456")
 	os.WriteFile(leftover, []byte("garbage from a crashed run"), 0o600)
 
-	if _, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
+	if _, err := newFetcher(t, cache).Download(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
@@ -496,7 +484,7 @@ func TestDownloadFaults(t *testing.T) {
 			o.fault[u.Path] = tt.fault
 			f := newFetcher(t, cache, httpx.WithStallTimeout(300*time.Millisecond), httpx.WithPolicy(fastPolicy(3)))
 
-			_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
+			_, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("Download: %v", err)
@@ -572,7 +560,7 @@ func TestDownloadChecksumMismatch(t *testing.T) {
 				expected := tt.tamper(o, &step, o.files[u.Path])
 				before := snapshot(t, root, cache)
 
-				_, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest)
+				_, err := newFetcher(t, cache).Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 				if err == nil {
 					t.Fatal("Download succeeded with a wrong digest")
 				}
@@ -647,7 +635,7 @@ func TestConcurrentDownloadsShareOneProgress(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make([]error, len(steps))
 	for i, s := range steps {
-		wg.Go(func() { _, errs[i] = f.Download(context.Background(), s, hostRoot(t), s.Dest) })
+		wg.Go(func() { _, errs[i] = f.Download(context.Background(), s, confinetest.HostRoot(t), s.Dest) })
 	}
 	wg.Wait()
 	for i, err := range errs {
@@ -689,7 +677,7 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 		{Name: "z", URL: "http://user:s3cret@127.0.0.1:1/z?token=s3cret", SHA256: strings.Repeat("a", 64), Dest: filepath.Join(root, "z")},
 	} {
 		f := newFetcher(t, filepath.Join(root, "cache"), httpx.WithPolicy(fastPolicy(1)))
-		_, err := f.Download(context.Background(), step, hostRoot(t), step.Dest)
+		_, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 		if err == nil {
 			t.Fatalf("%s: Download succeeded", step.Name)
 		}
@@ -713,21 +701,21 @@ func TestFetchThenInstall(t *testing.T) {
 	step := o.publish(t, upstream.Runc, "1.5.3", body, filepath.Join(root, "rootfs", "usr", "local", "bin", "runc"))
 	artifact, _ := url.Parse(step.URL)
 
-	if _, err := newFetcher(t, cache).Fetch(context.Background(), step, hostRoot(t), step.Dest); err != nil {
+	if _, err := newFetcher(t, cache).Fetch(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(root, "rootfs")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Fetch touched the destination tree (%v)", err)
 	}
 	// A new run (the first died before installing) reuses the verified file.
-	s, err := newFetcher(t, cache).Fetch(context.Background(), step, hostRoot(t), step.Dest)
+	s, err := newFetcher(t, cache).Fetch(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := o.count(artifact.Path); n != 1 {
 		t.Errorf("artifact fetched %d times, want 1", n)
 	}
-	res, err := s.Install(context.Background(), hostRoot(t), step.Dest)
+	res, err := s.Install(context.Background(), confinetest.HostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -759,7 +747,7 @@ func TestDownloadRestartsWhenRangeIsRefused(t *testing.T) {
 		}
 		return false
 	}
-	if _, err := newFetcher(t, filepath.Join(root, "cache")).Download(context.Background(), step, hostRoot(t), step.Dest); err != nil {
+	if _, err := newFetcher(t, filepath.Join(root, "cache")).Download(context.Background(), step, confinetest.HostRoot(t), step.Dest); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(step.Dest); !bytes.Equal(got, body) {
@@ -789,7 +777,7 @@ func TestInstallRechecksTheCache(t *testing.T) {
 			u, _ := url.Parse(step.URL)
 			want := digest.FromBytes(o.files[u.Path])
 			f := newFetcher(t, cache)
-			s, err := f.Fetch(context.Background(), step, hostRoot(t), step.Dest)
+			s, err := f.Fetch(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -802,7 +790,7 @@ func TestInstallRechecksTheCache(t *testing.T) {
 			if err := os.WriteFile(blob, b, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			_, err = s.Install(context.Background(), hostRoot(t), step.Dest)
+			_, err = s.Install(context.Background(), confinetest.HostRoot(t), step.Dest)
 			if err == nil {
 				t.Fatal("Install took an artifact changed in the cache")
 			}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -117,7 +118,7 @@ func TestHostileArchives(t *testing.T) {
 				Dest: dest, Mode: 0o755, Archive: "tar.gz", Members: tt.members,
 			}
 			before := snapshot(t, root, cache)
-			_, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest)
+			_, err := newFetcher(t, cache).Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 			if err == nil {
 				t.Fatal("hostile archive was installed")
 			}
@@ -151,7 +152,7 @@ func TestArchiveInstallsTreeAndSymlinks(t *testing.T) {
 	o := newOrigin(t)
 	o.put("/tool.tar.gz", archive)
 	step := plan.Download{Name: "tool", URL: o.srv.URL + "/tool.tar.gz", SHA256: hex.EncodeToString(sum[:]), Dest: dest, Archive: "tar.gz"}
-	res, err := newFetcher(t, cache).Download(context.Background(), step, hostRoot(t), step.Dest)
+	res, err := newFetcher(t, cache).Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,7 +181,7 @@ func TestArchiveInstallsTreeAndSymlinks(t *testing.T) {
 	sum2 := sha256.Sum256(cut)
 	o.put("/cut.tar.gz", cut)
 	step2 := plan.Download{Name: "cut", URL: o.srv.URL + "/cut.tar.gz", SHA256: hex.EncodeToString(sum2[:]), Dest: dest2, Archive: "tar.gz"}
-	if _, err := newFetcher(t, cache).Download(context.Background(), step2, hostRoot(t), step2.Dest); err == nil {
+	if _, err := newFetcher(t, cache).Download(context.Background(), step2, confinetest.HostRoot(t), step2.Dest); err == nil {
 		t.Fatal("a truncated archive was installed")
 	}
 	if _, err := os.Lstat(filepath.Join(dest2, "bin", "tool")); err == nil {

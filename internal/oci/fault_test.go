@@ -18,7 +18,9 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
 // randomLayer is a gzip layer holding size bytes of incompressible data,
@@ -169,10 +171,10 @@ func TestPullFaults(t *testing.T) {
 				return c.fault(w, r, n)
 			})
 			defer px.setFault(nil)
-			parent := machinesDir(t)
+			parent := rootfstest.MachinesDir(t)
 			dest := filepath.Join(parent, fmt.Sprintf("m%d", i))
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/faults:good", Platform: "linux/amd64",
-				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t), HTTPClient: faultClient()})
+				PlainHTTP: []string{px.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), HTTPClient: faultClient()})
 			t.Logf("pull: %v; requests for the target blob had Range %q", err, ranges)
 			if c.recover {
 				if err != nil {
@@ -194,7 +196,7 @@ func TestPullFaults(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), c.wantErr) || !strings.Contains(err.Error(), strings.TrimPrefix(target, "/v2/nodespawn/faults/blobs/")) {
 				t.Fatalf("err = %v, want it to name the blob and contain %q", err, c.wantErr)
 			}
-			assertFailedClosed(t, parent)
+			rootfstest.AssertOnly(t, parent)
 		})
 	}
 }
@@ -235,10 +237,10 @@ func TestPullTampered(t *testing.T) {
 		{"short-diffids", "lists 1 diff_ids for 2 layers"},
 	} {
 		t.Run(c.tag, func(t *testing.T) {
-			parent := machinesDir(t)
+			parent := rootfstest.MachinesDir(t)
 			dest := filepath.Join(parent, "m")
 			req := Request{Reference: reg.addr + "/nodespawn/tamper:old", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)}
+				PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)}
 			if _, err := Pull(ctx, req); err != nil {
 				t.Fatal(err)
 			}
@@ -248,7 +250,7 @@ func TestPullTampered(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("err = %v, want it to contain %q", err, c.want)
 			}
-			assertFailedClosed(t, parent, ".m.nodespawn-image", "m")
+			rootfstest.AssertOnly(t, parent, ".m.nodespawn-image", "m")
 			if v, _ := os.ReadFile(filepath.Join(dest, "version")); string(v) != "old" {
 				t.Errorf("version = %q after a failed pull, want the old rootfs kept", v)
 			}

@@ -14,13 +14,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
-	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -316,45 +314,6 @@ func fetchManifest(t testing.TB, ctx context.Context, target oras.ReadOnlyTarget
 		t.Fatal(err)
 	}
 	return m
-}
-
-// machinesDir returns a fresh parent for rootfs destinations.
-func machinesDir(t testing.TB) string {
-	t.Helper()
-	d := filepath.Join(t.TempDir(), "machines")
-	if err := os.Mkdir(d, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	return d
-}
-
-// assertFailedClosed checks that a failed pull left dest as before (absent
-// here) and nothing beside it but what was there.
-func assertFailedClosed(t testing.TB, parent string, want ...string) {
-	t.Helper()
-	ents, err := os.ReadDir(parent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for _, e := range ents {
-		got = append(got, e.Name())
-	}
-	if strings.Join(got, ",") != strings.Join(want, ",") {
-		t.Errorf("after a failed pull %s holds %q, want %q (staging not removed or dest touched)", parent, got, want)
-	}
-}
-
-// hostRoot is the whole host as a confined root, so the tests' host paths
-// can serve as paths in it.
-func hostRoot(t testing.TB) *confine.Root {
-	t.Helper()
-	r, err := confine.Open("/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
 }
 
 func requireRoot(t testing.TB) {

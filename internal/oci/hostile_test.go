@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
+	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -203,7 +205,7 @@ func TestHostileLayers(t *testing.T) {
 			outside := snapshot(t, base, "machines")
 
 			dest := filepath.Join(machines, "m")
-			_, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
+			_, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 			if msg := fmt.Sprint(err); len(msg) > 600 {
 				t.Logf("pull: %s...", msg[:600])
 			} else {
@@ -215,11 +217,11 @@ func TestHostileLayers(t *testing.T) {
 			}
 			switch {
 			case err != nil:
-				assertFailedClosed(t, machines)
+				rootfstest.AssertOnly(t, machines)
 			case c.outcome == mustFail:
 				t.Errorf("pull succeeded, want it to fail closed")
 			default:
-				assertFailedClosed(t, machines, ".m.nodespawn-image", "m")
+				rootfstest.AssertOnly(t, machines, ".m.nodespawn-image", "m")
 				if c.check != nil {
 					c.check(t, dest, sentinel)
 				}

@@ -137,9 +137,8 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 
 	root := rootfs.New(req.Root, req.Dest)
 	want := rootfs.Marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
-	if root.Current(want) {
-		// A run killed after the commit may have left the old tree aside.
-		if err := root.RemoveLeftovers(log); err != nil {
+	if done, err := root.Done(want, log); err != nil || done {
+		if err != nil {
 			return res, err
 		}
 		log.Info("rootfs already holds this image", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest)
@@ -156,22 +155,10 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 			src.name, img.manifest.Config.Digest, got, want)
 	}
 
-	stage, err := root.Stage(log)
-	if err != nil {
-		return res, err
-	}
-	committed := false
-	defer func() {
-		if !committed {
-			stage.Discard(log)
-		}
-	}()
-
 	start := time.Now()
 	u := unpacker{
 		src:         src,
 		root:        req.Root,
-		dir:         stage.Dir,
 		dest:        req.Dest,
 		spoolDir:    root.Parent(),
 		layers:      img.manifest.Layers,
@@ -181,13 +168,13 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		progress:    req.Progress,
 		log:         log,
 	}
-	if err := u.run(ctx); err != nil {
+	err = root.Build(want, log, func(stage string) error {
+		u.dir = stage
+		return u.run(ctx)
+	})
+	if err != nil {
 		return res, err
 	}
-	if err := stage.Commit(want, log); err != nil {
-		return res, err
-	}
-	committed = true
 	log.Info("rootfs unpacked", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest,
 		"layers", res.Layers, "bytes", res.Bytes, "duration", time.Since(start).Round(time.Millisecond))
 	return res, nil

@@ -14,7 +14,9 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -144,12 +146,12 @@ func TestPullRegistryFeatures(t *testing.T) {
 	repo := pushRepo(t, reg.addr, "nodespawn/base")
 	desc := pushImage(t, ctx, repo, "v1", imageSpec{platform: linuxAMD64, layers: featureLayers(t)})
 
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "kube1")
 	var progress []Progress
 	res, err := Pull(ctx, Request{
 		Reference: reg.addr + "/nodespawn/base:v1", Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
-		Root: hostRoot(t), Dest: dest, Log: testLogger(t), Progress: func(p Progress) { progress = append(progress, p) },
+		Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), Progress: func(p Progress) { progress = append(progress, p) },
 	})
 	if err != nil {
 		t.Fatalf("Pull: %v", err)
@@ -167,13 +169,13 @@ func TestPullRegistryFeatures(t *testing.T) {
 	if done != 3 {
 		t.Errorf("progress reported %d layers done, want 3", done)
 	}
-	assertFailedClosed(t, parent, ".kube1.nodespawn-image", "kube1")
+	rootfstest.AssertOnly(t, parent, ".kube1.nodespawn-image", "kube1")
 
 	// Same digest by digest reference: a no-op, dest untouched.
 	before := stat(t, dest)
 	res, err = Pull(ctx, Request{
 		Reference: reg.addr + "/nodespawn/base@" + desc.Digest.String(), Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t),
+		PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t),
 	})
 	if err != nil || !res.NoOp {
 		t.Fatalf("second Pull: NoOp=%v err=%v, want a no-op", res.NoOp, err)
@@ -200,12 +202,12 @@ func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 	pushImage(t, ctx, repo, "one", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("version", "one", 0o644))}})
 	pushImage(t, ctx, repo, "two", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("version", "two", 0o644))}})
 
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "m")
 	pull := func(tag string) Result {
 		t.Helper()
 		res, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/swap:" + tag, Platform: "linux/amd64",
-			PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
+			PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 		if err != nil {
 			t.Fatalf("Pull %s: %v", tag, err)
 		}
@@ -224,7 +226,7 @@ func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(dest, "version")); string(b) != "two" {
 		t.Errorf("version = %q after replacing, want two", b)
 	}
-	assertFailedClosed(t, parent, ".m.nodespawn-image", "m")
+	rootfstest.AssertOnly(t, parent, ".m.nodespawn-image", "m")
 
 	// A rootfs swapped by hand under the same marker is not taken for the image.
 	if err := os.Rename(dest, dest+"-saved"); err != nil {
@@ -262,9 +264,9 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 	for _, c := range []struct{ platform, arch string }{{"linux/arm64/v8", "arm64"}, {"linux/arm64", "arm64"}, {"linux/amd64", "amd64"}, {"linux/arm/v7", "arm"}} {
 		t.Run(c.platform, func(t *testing.T) {
 			start := len(px.log())
-			dest := filepath.Join(machinesDir(t), "m")
+			dest := filepath.Join(rootfstest.MachinesDir(t), "m")
 			res, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/multi:multi", Platform: c.platform,
-				PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
+				PlainHTTP: []string{px.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 			if err != nil {
 				t.Fatalf("Pull: %v", err)
 			}
@@ -293,13 +295,13 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 	}
 
 	t.Run("missing platform", func(t *testing.T) {
-		parent := machinesDir(t)
+		parent := rootfstest.MachinesDir(t)
 		_, err := Pull(ctx, Request{Reference: px.addr + "/nodespawn/multi:multi", Platform: "linux/s390x",
-			PlainHTTP: []string{px.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
+			PlainHTTP: []string{px.addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
 		if err == nil || !strings.Contains(err.Error(), "no manifest for platform linux/s390x") || !strings.Contains(err.Error(), "linux/arm64/v8") {
 			t.Fatalf("err = %v, want no manifest for platform linux/s390x listing what the index has", err)
 		}
-		assertFailedClosed(t, parent)
+		rootfstest.AssertOnly(t, parent)
 	})
 }
 
@@ -308,13 +310,13 @@ func TestPullSingleArchWrongPlatform(t *testing.T) {
 	reg := startRegistry(t, "")
 	repo := pushRepo(t, reg.addr, "nodespawn/arm")
 	pushImage(t, ctx, repo, "v1", imageSpec{platform: ocispec.Platform{OS: "linux", Architecture: "arm64"}, layers: []layer{gzLayer(t, file("a", "a", 0o644))}})
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/arm:v1", Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
+		PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "is for platform linux/arm64, want linux/amd64") {
 		t.Fatalf("err = %v, want a platform mismatch", err)
 	}
-	assertFailedClosed(t, parent)
+	rootfstest.AssertOnly(t, parent)
 }
 
 func TestPullCredentials(t *testing.T) {
@@ -339,9 +341,9 @@ func TestPullCredentials(t *testing.T) {
 		ok          bool
 	}{{"anonymous", "", false}, {"wrong password", bad, false}, {"docker config", good, true}} {
 		t.Run(c.name, func(t *testing.T) {
-			parent := machinesDir(t)
+			parent := rootfstest.MachinesDir(t)
 			_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/private:v1", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: hostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Log: testLogger(t),
+				PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Log: testLogger(t),
 				HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 			if c.ok && err != nil {
 				t.Fatalf("Pull: %v", err)
@@ -351,7 +353,7 @@ func TestPullCredentials(t *testing.T) {
 				if err == nil || !(strings.Contains(err.Error(), "401") || strings.Contains(err.Error(), "credential not found")) {
 					t.Fatalf("err = %v, want an unauthorized error", err)
 				}
-				assertFailedClosed(t, parent)
+				rootfstest.AssertOnly(t, parent)
 			}
 		})
 	}
@@ -359,13 +361,13 @@ func TestPullCredentials(t *testing.T) {
 
 func TestPullPlainHTTPOnlyWhenListed(t *testing.T) {
 	reg := startRegistry(t, "")
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	_, err := Pull(context.Background(), Request{Reference: reg.addr + "/nodespawn/any:v1", Platform: "linux/amd64",
-		Root: hostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
+		Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 	if err == nil || !strings.Contains(err.Error(), "https://"+reg.addr) {
 		t.Fatalf("err = %v, want a failed HTTPS request to a registry not listed as plain HTTP", err)
 	}
-	assertFailedClosed(t, parent)
+	rootfstest.AssertOnly(t, parent)
 }
 
 func TestPullLayout(t *testing.T) {
@@ -377,9 +379,9 @@ func TestPullLayout(t *testing.T) {
 		imageSpec{platform: linuxAMD64, layers: featureLayers(t)},
 		imageSpec{platform: ocispec.Platform{OS: "linux", Architecture: "arm64"}, layers: []layer{gzLayer(t, file("arm", "", 0o644))}})
 
-	parent := machinesDir(t)
+	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "air")
-	res, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "v1", Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
+	res, err := Pull(ctx, Request{Layout: layoutDir, LayoutRef: "v1", Platform: "linux/amd64", Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 	if err != nil {
 		t.Fatalf("Pull from layout: %v", err)
 	}
@@ -389,7 +391,7 @@ func TestPullLayout(t *testing.T) {
 	checkFeatureRootfs(t, dest)
 
 	// By digest too, and it is the same rootfs.
-	res, err = Pull(ctx, Request{Layout: layoutDir, LayoutRef: manifests[0].Digest.String(), Platform: "linux/amd64", Root: hostRoot(t), Dest: dest, Log: testLogger(t)})
+	res, err = Pull(ctx, Request{Layout: layoutDir, LayoutRef: manifests[0].Digest.String(), Platform: "linux/amd64", Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 	if err != nil || !res.NoOp {
 		t.Fatalf("Pull by digest: NoOp=%v err=%v, want a no-op", res.NoOp, err)
 	}
@@ -401,13 +403,13 @@ func TestRequestValidation(t *testing.T) {
 		req  Request
 		want string
 	}{
-		{"nothing", Request{Root: hostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "exactly one"},
-		{"both", Request{Reference: "r/x:1", Layout: "/l", LayoutRef: "v", Root: hostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "exactly one"},
-		{"layout without ref", Request{Layout: "/l", Root: hostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "tag or digest inside"},
-		{"relative dest", Request{Reference: "r/x:1", Root: hostRoot(t), Dest: "x", Platform: "linux/amd64"}, "absolute path"},
-		{"root dest", Request{Reference: "r/x:1", Root: hostRoot(t), Dest: "/", Platform: "linux/amd64"}, "absolute path"},
-		{"bad platform", Request{Reference: "r/x:1", Root: hostRoot(t), Dest: "/x", Platform: "amd64"}, "want os/arch"},
-		{"unpinned", Request{Reference: "registry.example/x", Root: hostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "pin it"},
+		{"nothing", Request{Root: confinetest.HostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "exactly one"},
+		{"both", Request{Reference: "r/x:1", Layout: "/l", LayoutRef: "v", Root: confinetest.HostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "exactly one"},
+		{"layout without ref", Request{Layout: "/l", Root: confinetest.HostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "tag or digest inside"},
+		{"relative dest", Request{Reference: "r/x:1", Root: confinetest.HostRoot(t), Dest: "x", Platform: "linux/amd64"}, "absolute path"},
+		{"root dest", Request{Reference: "r/x:1", Root: confinetest.HostRoot(t), Dest: "/", Platform: "linux/amd64"}, "absolute path"},
+		{"bad platform", Request{Reference: "r/x:1", Root: confinetest.HostRoot(t), Dest: "/x", Platform: "amd64"}, "want os/arch"},
+		{"unpinned", Request{Reference: "registry.example/x", Root: confinetest.HostRoot(t), Dest: "/x", Platform: "linux/amd64"}, "pin it"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := Pull(context.Background(), c.req)

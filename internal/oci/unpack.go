@@ -2,7 +2,6 @@ package oci
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -175,25 +174,21 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 	out := io.MultiWriter(w, digester.Hash())
 	attempts := max(u.retry.Attempts, 1)
 	var off int64
-	for attempt := 1; ; attempt++ {
+	tries := 0
+	err := u.retry.Resume(ctx, func(attempt int) error {
+		tries = attempt
 		n, err := u.fetchFrom(ctx, desc, off, out)
 		off += n
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("%s: %w", what, ctx.Err())
-		}
-		var broken brokenBody
-		reason, transient := httpx.Retryable(err)
-		if !errors.As(err, &broken) || !transient || attempt >= attempts {
-			return fmt.Errorf("%s: fetch failed after %d bytes of %d (attempt %d of %d): %w", what, off, desc.Size, attempt, attempts, err)
-		}
+		return err
+	}, func(attempt int, reason string, err error) {
 		u.log.Warn("layer download broke off, resuming", "blob", desc.Digest, "offset", off, "size", desc.Size,
 			"attempt", attempt, "maxAttempts", attempts, "reason", reason, "error", err)
-		if err := u.retry.Wait(ctx, attempt); err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
+	})
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s: %w", what, ctx.Err())
+	}
+	if err != nil {
+		return fmt.Errorf("%s: fetch failed after %d bytes of %d (attempt %d of %d): %w", what, off, desc.Size, tries, attempts, err)
 	}
 	if off != desc.Size {
 		return fmt.Errorf("%s: size mismatch: expected %d bytes, got %d", what, desc.Size, off)
@@ -206,8 +201,8 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 
 // fetchFrom copies desc's content from offset off to out, reading at most
 // one byte past the declared size so an oversized blob is caught. Errors
-// reading the body are brokenBody; the others (the requests, writing to
-// out) are not.
+// reading the body are marked (httpx.Body) for Resume; the others (the
+// requests, writing to out) are not.
 func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off int64, out io.Writer) (int64, error) {
 	rc, err := u.src.target.Fetch(ctx, desc)
 	if err != nil {
@@ -237,30 +232,12 @@ func (u *unpacker) fetchFrom(ctx context.Context, desc ocispec.Descriptor, off i
 			}
 		}
 		if !ok {
-			if _, err := io.CopyN(io.Discard, bodyReader{rc}, off); err != nil {
+			if _, err := io.CopyN(io.Discard, httpx.Body(rc), off); err != nil {
 				return 0, fmt.Errorf("skip %d bytes already fetched: %w", off, err)
 			}
 		}
 	}
-	return io.Copy(out, io.LimitReader(bodyReader{rc}, desc.Size-off+1))
-}
-
-// brokenBody marks an error met while reading a blob's body, after its
-// request succeeded: the only kind of failure fetchBlob resumes.
-type brokenBody struct{ error }
-
-func (e brokenBody) Unwrap() error { return e.error }
-
-// bodyReader marks its read errors as brokenBody, to tell them from the
-// errors of the requests and of writing the bytes out.
-type bodyReader struct{ r io.Reader }
-
-func (b bodyReader) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	if err != nil && err != io.EOF {
-		err = brokenBody{err}
-	}
-	return n, err
+	return io.Copy(out, io.LimitReader(httpx.Body(rc), desc.Size-off+1))
 }
 
 // progressReader reports compressed bytes as the applier consumes them,

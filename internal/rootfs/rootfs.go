@@ -98,6 +98,35 @@ func (r Dest) devIno(p string) (uint64, uint64, error) {
 	return st.Dev, st.Ino, nil
 }
 
+// Done reports whether dest already holds the tree want describes, and
+// then removes what a run killed after its commit left beside it.
+func (r Dest) Done(want Marker, log *slog.Logger) (bool, error) {
+	if !r.Current(want) {
+		return false, nil
+	}
+	return true, r.RemoveLeftovers(log)
+}
+
+// Build makes dest the tree fill builds: fill gets a fresh staging
+// directory (a path in the root) beside dest, and the tree is committed as
+// want only when fill succeeds. On any failure dest is as it was and the
+// staging directory is gone.
+func (r Dest) Build(want Marker, log *slog.Logger, fill func(stage string) error) error {
+	stage, err := r.Stage(log)
+	if err != nil {
+		return err
+	}
+	if err := fill(stage.Dir); err != nil {
+		stage.Discard(log)
+		return err
+	}
+	if err := stage.Commit(want, log); err != nil {
+		stage.Discard(log)
+		return err
+	}
+	return nil
+}
+
 // Staging is a rootfs being built.
 type Staging struct {
 	r Dest
