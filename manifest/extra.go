@@ -1,16 +1,14 @@
 package manifest
 
 import (
-	"bytes"
-	"compress/gzip"
 	"fmt"
-	"io"
 	"net/url"
 	"path"
 
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
 	ignvalidate "github.com/coreos/ignition/v2/config/validate"
 	"github.com/coreos/vcontext/report"
+	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/vincent-petithory/dataurl"
 )
 
@@ -216,17 +214,4 @@ func (c *checker) gunzip(p string, data []byte) {
 	}
 }
 
-func gunzip(data []byte) ([]byte, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(data))
-	if err != nil {
-		return nil, fmt.Errorf("gunzip: %w", err)
-	}
-	out, err := io.ReadAll(io.LimitReader(zr, maxInflated+1))
-	if err != nil {
-		return nil, fmt.Errorf("gunzip: %w", err)
-	}
-	if len(out) > maxInflated {
-		return nil, fmt.Errorf("gunzip: expands to more than %d MiB", maxInflated>>20)
-	}
-	return out, nil
-}
+func gunzip(data []byte) ([]byte, error) { return inflate.Gzip(data, maxInflated) }

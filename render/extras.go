@@ -1,16 +1,15 @@
 package render
 
 import (
-	"bytes"
-	"compress/gzip"
 	"fmt"
-	"io"
+	"math"
 	"path"
 	"strings"
 
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
 	"github.com/vincent-petithory/dataurl"
 
+	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -130,11 +129,8 @@ func fileContents(f igntypes.File) ([]byte, *plan.Source, error) {
 	}
 	data := du.Data
 	if compression == "gzip" {
-		zr, err := gzip.NewReader(bytes.NewReader(data))
-		if err != nil {
-			return nil, nil, fmt.Errorf("gzip contents: %w", err)
-		}
-		if data, err = io.ReadAll(zr); err != nil {
+		// manifest.Load checked the contents decompress within its bound.
+		if data, err = inflate.Gzip(data, math.MaxInt32); err != nil {
 			return nil, nil, fmt.Errorf("gzip contents: %w", err)
 		}
 	}

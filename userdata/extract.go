@@ -3,13 +3,12 @@ package userdata
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"encoding/base64"
 	"fmt"
-	"io"
 	"regexp"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
@@ -90,20 +89,7 @@ func hasFirstLine(data []byte, prefix string) bool {
 	return strings.HasPrefix(line, prefix)
 }
 
-func gunzip(data []byte) ([]byte, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(data))
-	if err != nil {
-		return nil, fmt.Errorf("gunzip: %w", err)
-	}
-	out, err := io.ReadAll(io.LimitReader(zr, maxInflated+1))
-	if err != nil {
-		return nil, fmt.Errorf("gunzip: %w", err)
-	}
-	if len(out) > maxInflated {
-		return nil, fmt.Errorf("gunzip: expands to more than %d MiB", maxInflated>>20)
-	}
-	return out, nil
-}
+func gunzip(data []byte) ([]byte, error) { return inflate.Gzip(data, maxInflated) }
 
 // decodeBase64 decodes standard base64, ignoring line breaks and blanks.
 func decodeBase64(data []byte) ([]byte, bool) {
