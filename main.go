@@ -48,6 +48,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
+	var se statusExit
+	if errors.As(err, &se) {
+		// status printed its line; the code is the answer.
+		return se.code
+	}
 	code := exitCode(err)
 	var merr manifest.Errors
 	if errors.As(err, &merr) {
@@ -113,6 +118,7 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 		newSchemaCmd(),
 		newFactsCmd(),
 		newResetCmd(),
+		newStatusCmd(),
 		newInstallCmd(),
 		newImageCmd(),
 		newVersionCmd(),

@@ -85,10 +85,13 @@ type Systemd interface {
 	// TerminateMachine asks machined to kill the machine.
 	TerminateMachine(ctx context.Context, machine string) error
 	// UnitState returns the ActiveState ("active", "activating",
-	// "failed", ...) of unit inside the machine.
+	// "failed", ...) of unit inside the machine, or of a host unit when
+	// machine is "".
 	UnitState(ctx context.Context, machine, unit string) (string, error)
 	// Journal returns the last lines of the machine's journal.
 	Journal(ctx context.Context, machine string, lines int) (string, error)
+	// UnitJournal returns the last lines a host unit logged.
+	UnitJournal(ctx context.Context, unit string, lines int) (string, error)
 }
 
 var errNoDownloader = errors.New("no downloader configured")

@@ -49,6 +49,7 @@ type stepResult struct {
 	step    *plan.Step
 	outcome Outcome
 	err     error
+	start   time.Time
 	dur     time.Duration
 }
 
@@ -170,7 +171,7 @@ func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetche
 	case err != nil:
 		o = OutcomeFailed
 	}
-	return stepResult{step: s, outcome: o, err: err, dur: time.Since(start)}
+	return stepResult{step: s, outcome: o, err: err, start: start, dur: time.Since(start)}
 }
 
 // report records and logs a finished step.
@@ -190,7 +191,7 @@ func (e *executor) report(r stepResult) error {
 	}
 	e.outcomes[r.step.ID] = r.outcome
 	e.mu.Unlock()
-	n, err := e.rec.step(r.step.ID, r.outcome, r.dur, r.err)
+	n, err := e.rec.step(r.step.ID, r.outcome, r.start, r.dur, r.err)
 	if err != nil {
 		return err
 	}
@@ -203,7 +204,7 @@ func (e *executor) report(r stepResult) error {
 // skip records steps that will not run.
 func (e *executor) skip(steps []*plan.Step, reason string) error {
 	for _, s := range steps {
-		if err := e.report(stepResult{step: s, outcome: OutcomeSkipped, err: errors.New(reason)}); err != nil {
+		if err := e.report(stepResult{step: s, outcome: OutcomeSkipped, err: errors.New(reason), start: time.Now()}); err != nil {
 			return err
 		}
 	}

@@ -6,12 +6,13 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
-
-	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // FirstbootUnitName is the first-boot unit's name.
 const FirstbootUnitName = "nodespawn-firstboot.service"
+
+// firstbootUnitPath is where InstallFirstboot puts the unit.
+const firstbootUnitPath = "/etc/systemd/system/" + FirstbootUnitName
 
 // DefaultBinaryPath is where images and cloud-init put the nodespawn binary.
 const DefaultBinaryPath = "/usr/local/bin/nodespawn"
@@ -39,12 +40,12 @@ func InstallFirstboot(root, binaryPath string) error {
 	if !filepath.IsAbs(binaryPath) && binaryPath != "" {
 		return fmt.Errorf("install first-boot unit: binary path %q is not absolute", binaryPath)
 	}
-	host, err := confine.Open(root)
+	host, err := openRoot(root)
 	if err != nil {
 		return fmt.Errorf("install first-boot unit: %w", err)
 	}
 	defer host.Close()
-	unitPath := "/etc/systemd/system/" + FirstbootUnitName
+	unitPath := firstbootUnitPath
 	if err := host.MkdirParents(path.Dir(unitPath)); err != nil {
 		return fmt.Errorf("install first-boot unit: %w", err)
 	}

@@ -313,7 +313,10 @@ type fakeSystemd struct {
 	// terminate it).
 	stopKeepsMachine bool
 	journal          string
-	failStart        map[string]error
+	unitJournal      map[string]string
+	// hostStates are the host units' states (UnitState with no machine).
+	hostStates map[string]string
+	failStart  map[string]error
 }
 
 func newFakeSystemd() *fakeSystemd {
@@ -401,6 +404,12 @@ func (s *fakeSystemd) TerminateMachine(ctx context.Context, m string) error {
 func (s *fakeSystemd) UnitState(ctx context.Context, m, unit string) (string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if m == "" {
+		if st, ok := s.hostStates[unit]; ok {
+			return st, nil
+		}
+		return "inactive", nil
+	}
 	seq := s.states[unit]
 	if len(seq) == 0 {
 		return "active", nil
@@ -417,6 +426,13 @@ func (s *fakeSystemd) Journal(ctx context.Context, m string, lines int) (string,
 	defer s.mu.Unlock()
 	s.record(fmt.Sprintf("journal %s -n %d", m, lines))
 	return s.journal, nil
+}
+
+func (s *fakeSystemd) UnitJournal(ctx context.Context, unit string, lines int) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.record(fmt.Sprintf("journal -u %s -n %d", unit, lines))
+	return s.unitJournal[unit], nil
 }
 
 // testDeps returns fresh fakes for the fixture.

@@ -15,14 +15,14 @@ import (
 // RecordVersion identifies the JSON shape of a Record.
 const RecordVersion = "nodespawn.dev/result/v1"
 
-// Status is the state of a whole run.
-type Status string
+// RunStatus is the state of a whole run.
+type RunStatus string
 
 // Run statuses. A record left "running" belongs to a run that died.
 const (
-	StatusRunning   Status = "running"
-	StatusSucceeded Status = "succeeded"
-	StatusFailed    Status = "failed"
+	StatusRunning   RunStatus = "running"
+	StatusSucceeded RunStatus = "succeeded"
+	StatusFailed    RunStatus = "failed"
 )
 
 // Outcome is what happened to one step.
@@ -55,7 +55,7 @@ type Record struct {
 	SourceDigest   string       `json:"sourceDigest,omitempty"`
 	PlanDigest     string       `json:"planDigest"`
 	Machine        string       `json:"machine"`
-	Status         Status       `json:"status"`
+	Status         RunStatus    `json:"status"`
 	Started        time.Time    `json:"started"`
 	Ended          *time.Time   `json:"ended,omitempty"`
 	Steps          []StepRecord `json:"steps"`
@@ -63,12 +63,15 @@ type Record struct {
 
 // StepRecord is one step's outcome.
 type StepRecord struct {
-	ID         string     `json:"id"`
-	Phase      plan.Phase `json:"phase"`
-	Kind       plan.Kind  `json:"kind"`
-	Outcome    Outcome    `json:"outcome"`
-	DurationMS int64      `json:"durationMs"`
-	Error      string     `json:"error,omitempty"`
+	ID      string     `json:"id"`
+	Phase   plan.Phase `json:"phase"`
+	Kind    plan.Kind  `json:"kind"`
+	Outcome Outcome    `json:"outcome"`
+	// StartMS is when the step started, in milliseconds after the run's
+	// Started; with DurationMS it places the step on the run's timeline.
+	StartMS    int64  `json:"startMs"`
+	DurationMS int64  `json:"durationMs"`
+	Error      string `json:"error,omitempty"`
 }
 
 func newRecord(p *plan.Plan, opts Options, planDigest string) *Record {
@@ -139,13 +142,14 @@ type recordWriter struct {
 
 // step records one step's outcome and saves the record; it returns how
 // many steps have been recorded.
-func (w *recordWriter) step(id string, o Outcome, d time.Duration, stepErr error) (int, error) {
+func (w *recordWriter) step(id string, o Outcome, start time.Time, d time.Duration, stepErr error) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for i := range w.rec.Steps {
 		if w.rec.Steps[i].ID == id {
 			s := &w.rec.Steps[i]
 			s.Outcome, s.DurationMS, s.Error = o, d.Milliseconds(), ""
+			s.StartMS = max(start.Sub(w.rec.Started).Milliseconds(), 0)
 			if stepErr != nil {
 				s.Error = stepErr.Error()
 			}

@@ -163,11 +163,16 @@ func (s *Bus) TerminateMachine(ctx context.Context, machine string) error {
 	return nil
 }
 
-// UnitState returns the ActiveState of unit inside the machine.
+// UnitState returns the ActiveState of unit inside the machine, or of a
+// host unit when machine is "".
 func (s *Bus) UnitState(ctx context.Context, machine, unit string) (string, error) {
+	args := []string{"is-active", unit}
+	if machine != "" {
+		args = append([]string{"-M", machine}, args...)
+	}
 	// is-active prints the state and exits non-zero unless it is "active";
 	// the printed state is the answer, the exit status only a summary.
-	out, err := s.run.Run(ctx, command.Options{}, "systemctl", "-M", machine, "is-active", unit)
+	out, err := s.run.Run(ctx, command.Options{}, "systemctl", args...)
 	if st := strings.TrimSpace(string(out)); st != "" {
 		return st, nil
 	}
@@ -193,4 +198,13 @@ func busErrorIs(err error, name string) bool {
 	}
 	var bp *godbus.Error
 	return errors.As(err, &bp) && bp.Name == name
+}
+
+// UnitJournal returns the last lines a host unit logged.
+func (s *Bus) UnitJournal(ctx context.Context, unit string, lines int) (string, error) {
+	out, err := s.run.Run(ctx, command.Options{}, "journalctl", "-u", unit, "-n", strconv.Itoa(lines), "--no-pager", "-o", "cat")
+	if err != nil {
+		return "", err
+	}
+	return string(out), nil
 }

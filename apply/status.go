@@ -1,0 +1,402 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// StatusVersion identifies the JSON shape of a Status.
+const StatusVersion = "nodespawn.dev/status/v1"
+
+// State is where provisioning stands, in the words cloud-init status uses
+// where they mean the same.
+type State string
+
+// The states. Exit codes (StatusExitCode): done, running and not run 0,
+// error 1, degraded 2.
+const (
+	// StateNotRun: apply has not run here (or its state was reset).
+	StateNotRun State = "not run"
+	// StateRunning: an apply is running now.
+	StateRunning State = "running"
+	// StateDone: the last apply succeeded and the node is up.
+	StateDone State = "done"
+	// StateError: the last apply failed, or was killed before it ended.
+	StateError State = "error"
+	// StateDegraded: the last apply succeeded, but the machine or its
+	// containerd or kubelet is not running now.
+	StateDegraded State = "degraded"
+)
+
+// Status is what `nodespawn status` reports: the result record read
+// together with a live look at the machine.
+type Status struct {
+	Version string `json:"version"`
+	State   State  `json:"status"`
+	// Summary is the one line: "done", "running: step X (3/40)",
+	// "error: step X: reason", "degraded: applied, but ...".
+	Summary string `json:"summary"`
+	Machine string `json:"machine,omitempty"`
+	// Node is the Kubernetes node name the applied plan registers.
+	Node string `json:"node,omitempty"`
+	// Step is the step running now, or the one that failed.
+	Step *StepRecord `json:"step,omitempty"`
+	// Finished and Total count the steps with an outcome, and all.
+	Finished int `json:"finished"`
+	Total    int `json:"total"`
+
+	ManifestDigest string     `json:"manifestDigest,omitempty"`
+	SourceDigest   string     `json:"sourceDigest,omitempty"`
+	PlanDigest     string     `json:"planDigest,omitempty"`
+	PlanVersion    string     `json:"planVersion,omitempty"`
+	ToolVersion    string     `json:"toolVersion,omitempty"`
+	Started        *time.Time `json:"started,omitempty"`
+	Ended          *time.Time `json:"ended,omitempty"`
+	// Checks are the live look at the machine (empty when the root is not
+	// the running host).
+	Checks []Check `json:"checks,omitempty"`
+	// Journal is the first-boot unit's last lines, with StatusOptions.Long
+	// after an error.
+	Journal string `json:"journal,omitempty"`
+	// Timings, with StatusOptions.Timings, are the recorded run's steps on
+	// its timeline.
+	Timings *Timings `json:"timings,omitempty"`
+	// Pending is set when no run has happened yet but one will: the
+	// first-boot unit is installed and has not succeeded.
+	Pending bool `json:"pending,omitempty"`
+}
+
+// Timings are the steps of the recorded run, the way systemd-analyze
+// shows a boot.
+type Timings struct {
+	// Blame is every step that ran, longest first.
+	Blame []Timing `json:"blame"`
+	// CriticalPath is what the whole run waited for, first to last.
+	CriticalPath []Timing `json:"criticalPath"`
+}
+
+// Check is one thing looked at on the running host.
+type Check struct {
+	What   string `json:"what"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// StatusOptions configure ReadStatus.
+type StatusOptions struct {
+	// Root is the tree whose state is read; "" means "/".
+	Root string
+	// Systemd, when set, is the running host's systemd, for the live look
+	// (machine registered, containerd and kubelet active inside, the
+	// first-boot unit's state and journal). nil reads the record alone.
+	Systemd Systemd
+	// Long adds the first-boot unit's journal tail after an error.
+	Long bool
+	// Timings adds the recorded run's blame list and critical path.
+	Timings bool
+}
+
+// Units whose state says whether a node is up.
+var nodeUnits = []string{"containerd.service", "kubelet.service"}
+
+// journalTail is how many lines --long shows.
+const journalTail = 20
+
+// ReadStatus reports where provisioning under opts.Root stands.
+func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
+	if opts.Root == "" {
+		opts.Root = "/"
+	}
+	st := &Status{Version: StatusVersion}
+	host, err := confine.Open(opts.Root)
+	if errors.Is(err, fs.ErrNotExist) {
+		st.State, st.Summary = StateNotRun, string(StateNotRun)
+		return st, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer host.Close()
+	rec, err := readRecord(host)
+	if err != nil {
+		return nil, err
+	}
+	applied, err := StoredPlan(opts.Root)
+	if err != nil {
+		return nil, err
+	}
+	running := lockHeld(host)
+	unitFailed := false
+	if sd := opts.Systemd; sd != nil {
+		// At first boot the unit is "activating" for the whole run,
+		// retries included, also while no apply holds the lock.
+		us, err := sd.UnitState(ctx, "", FirstbootUnitName)
+		running = running || (err == nil && (us == "activating" || us == "reloading"))
+		unitFailed = err == nil && us == "failed"
+	}
+	if _, err := host.Lstat(firstbootUnitPath); err == nil {
+		if _, err := host.Lstat(DoneStamp); errors.Is(err, fs.ErrNotExist) {
+			st.Pending = rec == nil || rec.Status != StatusSucceeded
+		}
+	}
+	if applied != nil {
+		st.Machine, st.Node, st.PlanVersion = applied.Machine, applied.NodeName, applied.Version
+	}
+	if rec != nil {
+		st.Machine = rec.Machine
+		st.ManifestDigest, st.SourceDigest, st.PlanDigest, st.ToolVersion = rec.ManifestDigest, rec.SourceDigest, rec.PlanDigest, rec.ToolVersion
+		st.Started, st.Ended = &rec.Started, rec.Ended
+		st.Total = len(rec.Steps)
+		for _, s := range rec.Steps {
+			if s.Outcome != OutcomePending {
+				st.Finished++
+			}
+		}
+	}
+
+	switch {
+	case rec == nil && running:
+		st.State, st.Summary = StateRunning, "running: starting"
+	case rec == nil && unitFailed:
+		// The unit failed before apply began (no manifest found, say).
+		st.State = StateError
+		st.Summary = "error: " + FirstbootUnitName + " failed before a run started; see journalctl -u " + FirstbootUnitName
+	case rec == nil:
+		st.State, st.Summary = StateNotRun, string(StateNotRun)
+	case running:
+		st.State = StateRunning
+		st.Step = firstWith(rec, OutcomePending)
+		st.Summary = fmt.Sprintf("running: %d/%d steps done", st.Finished, st.Total)
+		if st.Step != nil {
+			st.Summary = fmt.Sprintf("running: step %s (%d/%d)", st.Step.ID, st.Finished+1, st.Total)
+		}
+	case rec.Status == StatusFailed:
+		st.State = StateError
+		st.Step = firstWith(rec, OutcomeFailed)
+		st.Summary = "error: " + failureLine(st.Step)
+	case rec.Status == StatusRunning:
+		// Recorded as running, but no apply holds the lock: it was killed.
+		st.State = StateError
+		st.Step = firstWith(rec, OutcomePending)
+		st.Summary = fmt.Sprintf("error: the run was interrupted after %d/%d steps; apply again to resume", st.Finished, st.Total)
+		if st.Step != nil {
+			st.Summary = fmt.Sprintf("error: the run was interrupted at step %s (%d/%d); apply again to resume", st.Step.ID, st.Finished+1, st.Total)
+		}
+	default:
+		st.State, st.Summary = StateDone, string(StateDone)
+		if opts.Systemd != nil && rec.Machine != "" {
+			st.Checks = liveChecks(ctx, opts.Systemd, rec.Machine)
+			var bad []string
+			for _, c := range st.Checks {
+				if !c.OK {
+					bad = append(bad, c.Detail)
+				}
+			}
+			if len(bad) > 0 {
+				st.State = StateDegraded
+				st.Summary = "degraded: applied, but " + strings.Join(bad, ", ")
+			}
+		}
+	}
+	if opts.Timings && rec != nil {
+		st.Timings = &Timings{Blame: Blame(rec), CriticalPath: CriticalPath(rec, applied)}
+	}
+	if opts.Long && opts.Systemd != nil && st.State == StateError {
+		if j, err := opts.Systemd.UnitJournal(ctx, FirstbootUnitName, journalTail); err == nil {
+			st.Journal = strings.TrimRight(j, "\n")
+		}
+	}
+	return st, nil
+}
+
+// StatusExitCode is the exit code of `nodespawn status` for st, as
+// cloud-init status gives them: 0 done (or nothing to report yet), 1
+// error, 2 degraded.
+func StatusExitCode(st *Status) int {
+	switch st.State {
+	case StateError:
+		return 1
+	case StateDegraded:
+		return 2
+	}
+	return 0
+}
+
+// liveChecks looks at the machine: registered with machined, and the node
+// units active inside it.
+func liveChecks(ctx context.Context, sd Systemd, machine string) []Check {
+	registered, err := sd.MachineRegistered(ctx, machine)
+	c := Check{What: "machine " + machine, OK: err == nil && registered}
+	switch {
+	case err != nil:
+		c.Detail = fmt.Sprintf("machine %s cannot be looked up (%v)", machine, err)
+	case !registered:
+		c.Detail = "machine " + machine + " is not running"
+	}
+	checks := []Check{c}
+	if !c.OK {
+		return checks
+	}
+	for _, u := range nodeUnits {
+		state, err := sd.UnitState(ctx, machine, u)
+		name := strings.TrimSuffix(u, ".service")
+		c := Check{What: name + " in " + machine, OK: err == nil && state == "active"}
+		if !c.OK {
+			if err != nil {
+				state = "unknown (" + err.Error() + ")"
+			}
+			c.Detail = name + " is " + state
+		}
+		checks = append(checks, c)
+	}
+	return checks
+}
+
+// lockHeld reports whether an apply or reset holds the lock now.
+func lockHeld(host *confine.Root) bool {
+	f, err := host.OpenFile(LockFile, os.O_RDONLY, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return false
+}
+
+// firstWith is the first step, in plan order, with outcome o.
+func firstWith(rec *Record, o Outcome) *StepRecord {
+	for i := range rec.Steps {
+		if rec.Steps[i].Outcome == o {
+			s := rec.Steps[i]
+			return &s
+		}
+	}
+	return nil
+}
+
+// failureLine is "step X: reason", the reason's first line.
+func failureLine(s *StepRecord) string {
+	if s == nil {
+		return "the run failed before its first step"
+	}
+	reason, _, _ := strings.Cut(s.Error, "\n")
+	return fmt.Sprintf("step %s: %s", s.ID, reason)
+}
+
+// Timing is one step on the run's timeline.
+type Timing struct {
+	ID      string     `json:"id"`
+	Phase   plan.Phase `json:"phase"`
+	Kind    plan.Kind  `json:"kind"`
+	Outcome Outcome    `json:"outcome"`
+	// StartMS and DurationMS place the step after the run's start.
+	StartMS    int64 `json:"startMs"`
+	DurationMS int64 `json:"durationMs"`
+}
+
+// Start is when the step started, after the run's start.
+func (t Timing) Start() time.Duration { return time.Duration(t.StartMS) * time.Millisecond }
+
+// Duration is how long the step took.
+func (t Timing) Duration() time.Duration { return time.Duration(t.DurationMS) * time.Millisecond }
+
+// End is when the step ended, after the run's start.
+func (t Timing) End() time.Duration { return t.Start() + t.Duration() }
+
+// Blame lists the steps that ran, longest first (systemd-analyze blame).
+func Blame(rec *Record) []Timing {
+	var out []Timing
+	for _, s := range rec.Steps {
+		if s.Outcome == OutcomePending || s.Outcome == OutcomeSkipped {
+			continue
+		}
+		out = append(out, timing(s))
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].DurationMS > out[j].DurationMS })
+	return out
+}
+
+func timing(s StepRecord) Timing {
+	return Timing{ID: s.ID, Phase: s.Phase, Kind: s.Kind, Outcome: s.Outcome, StartMS: s.StartMS, DurationMS: s.DurationMS}
+}
+
+// CriticalPath is the chain of steps the whole run waited for, first to
+// last (systemd-analyze critical-chain): from the step that ended last,
+// back through what it waited for. A step waits for the steps it runs
+// After and, implicitly, for every step of the earlier phases; of those,
+// the one that ended last is what held it up.
+func CriticalPath(rec *Record, p *plan.Plan) []Timing {
+	byID := map[string]Timing{}
+	var ran []Timing
+	for _, s := range rec.Steps {
+		if s.Outcome == OutcomePending || s.Outcome == OutcomeSkipped {
+			continue
+		}
+		t := timing(s)
+		byID[s.ID] = t
+		ran = append(ran, t)
+	}
+	if len(ran) == 0 {
+		return nil
+	}
+	after := map[string][]string{}
+	if p != nil {
+		for _, s := range p.Steps {
+			after[s.ID] = s.After
+		}
+	}
+	rank := map[plan.Phase]int{}
+	for i, ph := range plan.Phases {
+		rank[ph] = i
+	}
+	last := ran[0]
+	for _, t := range ran[1:] {
+		if t.End() > last.End() {
+			last = t
+		}
+	}
+	chain := []Timing{last}
+	for cur := last; ; {
+		var waited []Timing
+		for _, id := range after[cur.ID] {
+			if t, ok := byID[id]; ok {
+				waited = append(waited, t)
+			}
+		}
+		for _, t := range ran {
+			if rank[t.Phase] < rank[cur.Phase] {
+				waited = append(waited, t)
+			}
+		}
+		var prev *Timing
+		for i := range waited {
+			// Ended by the time cur started (the record rounds to
+			// milliseconds).
+			if waited[i].End() <= cur.Start()+time.Millisecond && (prev == nil || waited[i].End() > prev.End()) {
+				prev = &waited[i]
+			}
+		}
+		if prev == nil {
+			break
+		}
+		chain = append(chain, *prev)
+		cur = *prev
+	}
+	slices.Reverse(chain)
+	return chain
+}

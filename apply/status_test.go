@@ -1,0 +1,196 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// TestStatus runs the fixture plan into a root in each way a run can end
+// and reads the status back, with the fake systemd as the live host.
+func TestStatus(t *testing.T) {
+	tests := []struct {
+		name string
+		// setup makes root's state; sd is the live host afterwards.
+		setup       func(t *testing.T, root string, sd *fakeSystemd)
+		state       State
+		summary     string
+		pending     bool
+		failedStep  string
+		wantChecks  int
+		wantJournal bool
+	}{
+		{name: "nothing here", setup: func(*testing.T, string, *fakeSystemd) {}, state: StateNotRun, summary: "not run"},
+		{name: "first boot not started yet", setup: func(t *testing.T, root string, _ *fakeSystemd) {
+			must(t, InstallFirstboot(root, ""))
+		}, state: StateNotRun, summary: "not run", pending: true},
+		{name: "first-boot unit failed before a run", setup: func(t *testing.T, root string, sd *fakeSystemd) {
+			must(t, InstallFirstboot(root, ""))
+			sd.hostStates = map[string]string{FirstbootUnitName: "failed"}
+		}, state: StateError, summary: "error: " + FirstbootUnitName + " failed before a run started", pending: true, wantJournal: true},
+		{name: "done", setup: func(t *testing.T, root string, sd *fakeSystemd) {
+			applyFixture(t, root, nil)
+			sd.registered[testMachine] = true
+		}, state: StateDone, summary: "done", wantChecks: 3},
+		{name: "machine down", setup: func(t *testing.T, root string, sd *fakeSystemd) {
+			applyFixture(t, root, nil)
+		}, state: StateDegraded, summary: "degraded: applied, but machine kube1 is not running", wantChecks: 1},
+		{name: "kubelet down", setup: func(t *testing.T, root string, sd *fakeSystemd) {
+			applyFixture(t, root, nil)
+			sd.registered[testMachine] = true
+			sd.states["kubelet.service"] = []string{"inactive"}
+		}, state: StateDegraded, summary: "degraded: applied, but kubelet is inactive", wantChecks: 3},
+		{name: "failed step", setup: func(t *testing.T, root string, sd *fakeSystemd) {
+			applyFixture(t, root, map[string]error{"kubelet": errors.New("download https://dl.test/kubelet: 503 Service Unavailable\nmore detail")})
+			sd.hostStates = map[string]string{FirstbootUnitName: "failed"}
+		}, state: StateError, summary: "error: step rootfs:download:kubelet: download https://dl.test/kubelet: 503 Service Unavailable", failedStep: "rootfs:download:kubelet", wantJournal: true},
+		{name: "killed mid-run", setup: func(t *testing.T, root string, _ *fakeSystemd) {
+			applyFixture(t, root, nil)
+			rec, err := ReadRecord(root)
+			must(t, err)
+			rec.Status, rec.Ended = StatusRunning, nil
+			for i := 5; i < len(rec.Steps); i++ {
+				rec.Steps[i].Outcome = OutcomePending
+			}
+			host, err := openRoot(root)
+			must(t, err)
+			defer host.Close()
+			must(t, (&recordWriter{root: host, rec: rec}).save())
+		}, state: StateError, summary: "error: the run was interrupted at step host:file:dropin (6/29); apply again to resume", wantJournal: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			sd := newFakeSystemd()
+			sd.unitJournal = map[string]string{FirstbootUnitName: "level=ERROR msg=step id=rootfs:download:kubelet\n"}
+			tt.setup(t, root, sd)
+			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd, Long: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := strings.TrimSuffix(tt.summary, "...")
+			if st.State != tt.state || !strings.HasPrefix(st.Summary, strings.Split(want, "...")[0]) {
+				t.Errorf("status %q, %q; want %q, %q", st.State, st.Summary, tt.state, tt.summary)
+			}
+			if st.Pending != tt.pending {
+				t.Errorf("pending = %v, want %v", st.Pending, tt.pending)
+			}
+			if tt.failedStep != "" && (st.Step == nil || st.Step.ID != tt.failedStep || !strings.Contains(st.Step.Error, "more detail")) {
+				t.Errorf("failed step %+v, want %s with its whole error", st.Step, tt.failedStep)
+			}
+			if len(st.Checks) != tt.wantChecks {
+				t.Errorf("checks %+v, want %d", st.Checks, tt.wantChecks)
+			}
+			if (st.Journal != "") != tt.wantJournal {
+				t.Errorf("journal %q, want one: %v", st.Journal, tt.wantJournal)
+			}
+			if code := StatusExitCode(st); code != map[State]int{StateError: 1, StateDegraded: 2}[st.State] {
+				t.Errorf("exit code %d for %s", code, st.State)
+			}
+		})
+	}
+}
+
+// applyFixture applies the fixture plan into root, the named downloads
+// failing with the given errors.
+func applyFixture(t *testing.T, root string, fail map[string]error) {
+	t.Helper()
+	prepareRoot(t, root)
+	deps, _, _, dl := testDeps()
+	dl.fail = fail
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root = root
+	_, err := Run(context.Background(), testPlan(), opts)
+	if (err != nil) != (len(fail) > 0) {
+		t.Fatalf("apply: %v", err)
+	}
+	must(t, os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("node\n"), 0o644))
+}
+
+// TestStatusWhileRunning: an apply holding the lock is running, whatever
+// its record says, and the step it is at is named.
+func TestStatusWhileRunning(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	release := startBlockedApply(t, root)
+	st, err := ReadStatus(context.Background(), StatusOptions{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Other host steps may have finished beside it: the count says so.
+	if st.State != StateRunning || !strings.HasPrefix(st.Summary, "running: step host:modules (") {
+		t.Errorf("status while an apply holds the lock: %q %q", st.State, st.Summary)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = ReadStatus(context.Background(), StatusOptions{Root: root})
+	if err != nil || st.State != StateDone {
+		t.Errorf("status after the run: %+v %v", st, err)
+	}
+}
+
+// TestCriticalPath builds a record whose timeline has one obvious chain:
+// host:a (0-100ms) -> rootfs:image (100-1100) -> rootfs:kubelet after the
+// image (1100-1300), while rootfs:cni (a download fetched beside the
+// image, 100-400) and machine:f after it are off the path; machine:g
+// (1300-1350) waited for the rootfs phase's last step.
+func TestCriticalPath(t *testing.T) {
+	step := func(id string, ph plan.Phase, start, dur int64) StepRecord {
+		return StepRecord{ID: id, Phase: ph, Kind: plan.KindFile, Outcome: OutcomeDone, StartMS: start, DurationMS: dur}
+	}
+	rec := &Record{Steps: []StepRecord{
+		step("host:a", plan.PhaseHost, 0, 100),
+		step("host:b", plan.PhaseHost, 0, 20),
+		step("rootfs:image", plan.PhaseRootfs, 100, 1000),
+		step("rootfs:cni", plan.PhaseRootfs, 100, 300),
+		step("rootfs:kubelet", plan.PhaseRootfs, 1100, 200),
+		step("machine:g", plan.PhaseMachine, 1300, 50),
+		{ID: "start:skipped", Phase: plan.PhaseStart, Outcome: OutcomeSkipped, StartMS: 5000},
+	}}
+	p := &plan.Plan{Steps: []plan.Step{{ID: "rootfs:kubelet", After: []string{"rootfs:image"}}}}
+	var got []string
+	for _, s := range CriticalPath(rec, p) {
+		got = append(got, s.ID)
+	}
+	if want := "host:a rootfs:image rootfs:kubelet machine:g"; strings.Join(got, " ") != want {
+		t.Errorf("critical path %q, want %q", got, want)
+	}
+	var blame []string
+	for _, s := range Blame(rec) {
+		blame = append(blame, s.ID)
+	}
+	if want := "rootfs:image rootfs:cni rootfs:kubelet host:a machine:g host:b"; strings.Join(blame, " ") != want {
+		t.Errorf("blame %q, want %q", blame, want)
+	}
+}
+
+// TestRecordPlacesSteps: the steps a real run records lie on its
+// timeline in the order the plan's edges force.
+func TestRecordPlacesSteps(t *testing.T) {
+	root := t.TempDir()
+	applyFixture(t, root, nil)
+	rec, err := ReadRecord(root)
+	must(t, err)
+	at := map[string]StepRecord{}
+	for _, s := range rec.Steps {
+		at[s.ID] = s
+	}
+	for _, s := range testPlan().Steps {
+		for _, a := range s.After {
+			if before, after := at[a], at[s.ID]; after.StartMS < before.StartMS+before.DurationMS-1 {
+				t.Errorf("%s (start %dms) runs after %s, which ended at %dms", s.ID, after.StartMS, a, before.StartMS+before.DurationMS)
+			}
+		}
+	}
+	if end := rec.Ended.Sub(rec.Started); end < 0 || end > time.Minute {
+		t.Errorf("run took %s", end)
+	}
+}
