@@ -17,6 +17,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/journal"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -126,12 +127,18 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 	return root
 }
 
-// setupLogging installs the one logger: text with colours off on a
-// terminal, logfmt-style key=value lines (journal-friendly) otherwise.
+// setupLogging installs the one logger: the journal's native protocol with
+// structured fields when stderr is the journal, logfmt key=value lines
+// otherwise (without timestamps off a terminal).
 func setupLogging(w io.Writer, level string) error {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
+	}
+	if f, ok := w.(*os.File); ok && f == os.Stderr && journal.UnderJournal() {
+		// Under systemd: every attribute a journal field as well.
+		slog.SetDefault(slog.New(journal.NewHandler(l)))
+		return nil
 	}
 	opts := &slog.HandlerOptions{Level: l}
 	if f, ok := w.(*os.File); ok && !term.IsTerminal(int(f.Fd())) {

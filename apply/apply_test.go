@@ -130,14 +130,14 @@ func TestApplyTree(t *testing.T) {
 			t.Errorf("step %s: outcome %s (%s), want done", s.ID, s.Outcome, s.Error)
 		}
 	}
-	// One log line per step, each with id, kind, outcome and duration.
+	// One log line per step, each with the step id, kind, outcome and duration.
 	steps := 0
 	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
 		var m map[string]any
 		must(t, json.Unmarshal([]byte(line), &m))
 		if m["msg"] == "step" {
 			steps++
-			for _, k := range []string{"id", "kind", "outcome", "duration"} {
+			for _, k := range []string{"step", "kind", "outcome", "duration"} {
 				if _, ok := m[k]; !ok {
 					t.Errorf("step log line without %s: %s", k, line)
 				}

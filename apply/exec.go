@@ -176,7 +176,9 @@ func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetche
 
 // report records and logs a finished step.
 func (e *executor) report(r stepResult) error {
-	attrs := []any{"id", r.step.ID, "kind", r.step.Kind, "outcome", r.outcome, "duration", r.dur.Round(time.Millisecond)}
+	// Under systemd these become journal fields (NODESPAWN_STEP, ...;
+	// internal/journal), so a step's lines can be picked out.
+	attrs := []any{"step", r.step.ID, "kind", r.step.Kind, "outcome", r.outcome, "duration", r.dur.Round(time.Millisecond)}
 	switch r.outcome {
 	case OutcomeFailed:
 		e.log.Error("step", append(attrs, "error", r.err)...)

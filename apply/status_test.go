@@ -69,7 +69,7 @@ func TestStatus(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
 			sd := newFakeSystemd()
-			sd.unitJournal = map[string]string{FirstbootUnitName: "level=ERROR msg=step id=rootfs:download:kubelet\n"}
+			sd.unitJournal = map[string]string{FirstbootUnitName: "level=ERROR msg=step step=rootfs:download:kubelet\n"}
 			tt.setup(t, root, sd)
 			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd, Long: true})
 			if err != nil {
