@@ -103,8 +103,9 @@ func WithLogger(l *slog.Logger) Option {
 //   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
 //     response headers (60 s), but not the body;
 //   - aborts a response whose body delivers no byte for the stall timeout;
-//   - retries idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE) whose
-//     body is absent or replayable (Request.GetBody) when Retryable says
+//   - retries idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, and
+//     any request with an Idempotency-Key header) whose body is absent or
+//     replayable (Request.GetBody) when Retryable says
 //     the failure is transient, with the Policy's backoff or the server's
 //     Retry-After, at most Policy.Attempts times. The last response or
 //     error is returned as is.
@@ -218,12 +219,16 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
+// IdempotencyKey is the header that makes a POST safe to retry: the
+// server can tell a repeat from a new request by it.
+const IdempotencyKey = "Idempotency-Key"
+
 func idempotent(req *http.Request) bool {
 	switch req.Method {
 	case "", http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodPut, http.MethodDelete:
 		return true
 	}
-	return false
+	return req.Header.Get(IdempotencyKey) != ""
 }
 
 // WithoutURL strips the *url.Error wrapper http.Client.Do adds, whose
