@@ -113,7 +113,10 @@ once; a run that died half-way is resumed; a different manifest is refused
 unless --force.
 
 --dry-run prints the plan instead (text grouped by phase, or -o json) and
-changes nothing. Secrets are shown as <redacted>.`,
+changes nothing; on a host applied before, it prints what this manifest
+would change against the applied plan: the steps added, removed and
+changed, with unified diffs of changed files (nodespawn render always
+prints the whole plan). Secrets are shown as <redacted>.`,
 		Example: `  nodespawn apply --dry-run -f examples/minimal.yaml
   nodespawn apply --dry-run -o json -f node.yaml --facts gpu-host.json
   nodespawn apply --source auto          # at first boot, from user-data`,
@@ -136,6 +139,21 @@ changes nothing. Secrets are shown as <redacted>.`,
 			if err != nil {
 				// The same positions validate reports.
 				return render.Locate(m, err)
+			}
+			if dryRun && factsFile == "" {
+				// On a host that was applied before, what matters is what
+				// this manifest would change.
+				applied, err := apply.StoredPlan(root)
+				if err != nil {
+					return err
+				}
+				if applied != nil {
+					d := plan.Compare(applied, p)
+					if output == "json" {
+						return plan.WriteDiffJSON(cmd.OutOrStdout(), d)
+					}
+					return plan.WriteDiffText(cmd.OutOrStdout(), d)
+				}
 			}
 			if dryRun || renderOnly {
 				if output == "json" {

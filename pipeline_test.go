@@ -255,6 +255,11 @@ func TestApplyIntoRoot(t *testing.T) {
 	if code, _, errOut = cli(t, "", "apply", "-f", mf, "--root", root); code != exitBadInput {
 		t.Errorf("changed manifest: exit %d, want %d: %s", code, exitBadInput, errOut)
 	}
+	// Its dry run says what it would change against the applied plan.
+	code, out, errOut = cli(t, "", "apply", "--dry-run", "-f", mf, "--root", root)
+	if code != 0 || !strings.Contains(out, "Changes against the applied plan (machine pipe, node pipe-node)") || !strings.Contains(out, "\n+ host:file:") || strings.Contains(out, "0123456789abcdef") {
+		t.Errorf("dry run of a changed manifest: exit %d\n%s\n%s", code, out, errOut)
+	}
 	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root, "--force"); code != 0 {
 		t.Errorf("changed manifest with --force: exit %d\n%s\n%s", code, out, errOut)
 	}

@@ -257,7 +257,7 @@ func readState(root, file string) ([]byte, error) {
 // storePlan keeps the plan being applied, secrets redacted, for reset and
 // for the next run to compare a changed plan against.
 func storePlan(host *confine.Root, p *plan.Plan) error {
-	b, err := json.MarshalIndent(p.Redact(), "", "  ")
+	b, err := json.MarshalIndent(p.RedactKeepingDigests(), "", "  ")
 	if err != nil {
 		return fmt.Errorf("apply: encode plan: %w", err)
 	}

@@ -63,7 +63,7 @@ func newScenario(t *testing.T, name, userData string) (*vm, context.Context) {
 		for file, script := range map[string]string{
 			"journal-guest.txt":   "journalctl -b --no-pager -o short-monotonic",
 			"journal-machine.txt": inMachine("journalctl -b --no-pager -o short-monotonic"),
-			"plan.json":           "/usr/local/bin/nodespawn apply --dry-run -o json --source auto",
+			"plan.json":           "/usr/local/bin/nodespawn render -o json --source auto",
 		} {
 			if r, err := v.agent.exec(ctx, script); err == nil {
 				os.WriteFile(filepath.Join(dir, file), []byte(r.Stdout+r.Stderr), 0o644)
@@ -223,7 +223,7 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 // checkPlanFiles compares every file and link the plan (nodespawn apply
 // --dry-run -o json, on the guest) says it writes with what is on disk.
 func checkPlanFiles(ctx context.Context, t *testing.T, v *vm) {
-	out := v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")
+	out := v.must(ctx, "/usr/local/bin/nodespawn render -o json --source auto")
 	var p plan.Plan
 	if err := json.Unmarshal([]byte(out), &p); err != nil {
 		t.Fatalf("dry-run JSON: %v\n%s", err, out)
@@ -290,7 +290,7 @@ func TestBadArtifact(t *testing.T) {
 	t.Logf("bad artifact: %s failed %s after VM start", firstbootUnit, v.since())
 
 	var p plan.Plan
-	if err := json.Unmarshal([]byte(v.must(ctx, "/usr/local/bin/nodespawn apply --dry-run -o json --source auto")), &p); err != nil {
+	if err := json.Unmarshal([]byte(v.must(ctx, "/usr/local/bin/nodespawn render -o json --source auto")), &p); err != nil {
 		t.Fatal(err)
 	}
 	stepID := ""

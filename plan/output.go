@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // Redacted replaces secret file contents in every printed plan.
@@ -12,13 +14,28 @@ const Redacted = "<redacted>"
 
 // Redact returns a copy of the plan with secret contents replaced, for
 // printing. The original keeps its secrets for apply.
-func (p *Plan) Redact() *Plan {
+func (p *Plan) Redact() *Plan { return p.redact(false) }
+
+// RedactKeepingDigests is Redact that records each secret's digest in
+// File.Digest, for a plan that is stored and compared with the next one
+// (never printed: a digest of a weak secret could be guessed back).
+func (p *Plan) RedactKeepingDigests() *Plan { return p.redact(true) }
+
+func (p *Plan) redact(digests bool) *Plan {
 	out := *p
 	out.Steps = make([]Step, len(p.Steps))
 	for i, s := range p.Steps {
-		if s.File != nil && s.File.Secret {
+		if s.File != nil && s.File.Secret && s.File.Contents != Redacted {
 			f := *s.File
+			if digests {
+				f.Digest = digest.FromString(f.Encoding + ":" + f.Contents).String()
+			}
 			f.Contents, f.Encoding = Redacted, ""
+			s.File = &f
+		}
+		if s.File != nil && s.File.Secret && !digests {
+			f := *s.File
+			f.Digest = ""
 			s.File = &f
 		}
 		out.Steps[i] = s

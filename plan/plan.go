@@ -129,6 +129,10 @@ type File struct {
 	Source *Source `json:"source,omitempty"`
 	// Secret files are shown as <redacted> in plans and never logged.
 	Secret bool `json:"secret,omitempty"`
+	// Digest is set in a stored plan for a secret file (see
+	// RedactKeepingDigests): the digest of its contents, so that a changed
+	// secret shows as a change without the secret being kept.
+	Digest string `json:"digest,omitempty"`
 	// Overwrite false keeps an existing file (Ignition's overwrite: false).
 	Overwrite bool `json:"overwrite"`
 }

@@ -1,0 +1,81 @@
+package plan
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+func filePlan(machine string, files map[string]string, secret string) *Plan {
+	p := &Plan{Version: Version, Machine: machine, NodeName: "n1"}
+	for _, path := range []string{"/etc/a", "/etc/b", "/etc/c", "/etc/d"} {
+		c, ok := files[path]
+		if !ok {
+			continue
+		}
+		p.Steps = append(p.Steps, Step{ID: "machine:file:" + path, Phase: PhaseMachine, Kind: KindFile, Summary: "write " + path,
+			File: &File{Path: path, Mode: 0o644, Contents: c, Overwrite: true}})
+	}
+	p.Steps = append(p.Steps, Step{ID: "machine:file:/kubeconfig", Phase: PhaseMachine, Kind: KindFile, Summary: "kubeconfig",
+		File: &File{Path: "/kubeconfig", Mode: 0o600, Contents: "token: " + secret + "\n", Overwrite: true, Secret: true}})
+	return p
+}
+
+// TestCompare diffs a stored plan (as apply keeps it) against a new one:
+// a file added, one removed, one changed (with its unified diff), one
+// unchanged, and a changed secret named without its contents.
+func TestCompare(t *testing.T) {
+	applied := filePlan("kube1", map[string]string{"/etc/a": "same\n", "/etc/b": "one\ntwo\nthree\n", "/etc/c": "gone\n"}, "OLD-SECRET-1234")
+	stored := applied.RedactKeepingDigests()
+	next := filePlan("kube2", map[string]string{"/etc/a": "same\n", "/etc/b": "one\nTWO\nthree\n", "/etc/d": "new\n"}, "NEW-SECRET-5678")
+
+	d := Compare(stored, next)
+	if strings.Join(d.Added, ",") != "machine:file:/etc/d" || strings.Join(d.Removed, ",") != "machine:file:/etc/c" || d.Unchanged != 1 {
+		t.Errorf("added %v removed %v unchanged %d", d.Added, d.Removed, d.Unchanged)
+	}
+	if len(d.Changed) != 2 || d.Changed[0].ID != "machine:file:/etc/b" || d.Changed[1].ID != "machine:file:/kubeconfig" {
+		t.Fatalf("changed %+v", d.Changed)
+	}
+	if !strings.Contains(d.Changed[0].Unified, "-two\n+TWO\n") || strings.Join(d.Changed[0].Fields, ",") != "file.contents" {
+		t.Errorf("changed file: %+v", d.Changed[0])
+	}
+	if strings.Join(d.Changed[1].Fields, ",") != "file.digest" || d.Changed[1].Unified != "" {
+		t.Errorf("changed secret: %+v", d.Changed[1])
+	}
+	if d.From.Machine != "kube1" || d.To.Machine != "kube2" || d.To.Digest != next.Digest() {
+		t.Errorf("sides %+v %+v", d.From, d.To)
+	}
+	var text, js bytes.Buffer
+	if err := WriteDiffText(&text, d); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteDiffJSON(&js, d); err != nil {
+		t.Fatal(err)
+	}
+	for _, out := range []string{text.String(), js.String()} {
+		for _, secret := range []string{"OLD-SECRET", "NEW-SECRET", stored.Steps[len(stored.Steps)-1].File.Digest} {
+			if strings.Contains(out, secret) {
+				t.Errorf("the diff shows %q:\n%s", secret, out)
+			}
+		}
+	}
+	for _, want := range []string{"+ machine:file:/etc/d", "- machine:file:/etc/c", "~ machine:file:/etc/b (file.contents)", "    -two", "    +TWO", "~ machine:file:/kubeconfig (file.digest)"} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("text lacks %q:\n%s", want, text.String())
+		}
+	}
+	var back Diff
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil || back.Version != DiffVersion {
+		t.Errorf("JSON: %v %+v", err, back)
+	}
+	if same := Compare(stored, applied); !same.Empty() {
+		t.Errorf("a plan against its own stored form: %+v", same)
+	}
+	// Printing a stored plan never shows the digests it keeps.
+	var printed bytes.Buffer
+	WriteJSON(&printed, stored)
+	if strings.Contains(printed.String(), "sha256:") {
+		t.Errorf("a printed plan shows a secret's digest:\n%s", printed.String())
+	}
+}
