@@ -90,8 +90,6 @@ func (d *document) parse(data []byte) bool {
 
 // --- paths
 
-var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-
 // child is the JSON path of member key of the object at path.
 func child(path, key string) string {
 	if identRE.MatchString(key) {
