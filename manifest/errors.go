@@ -79,5 +79,5 @@ func (m *Manifest) ErrorAt(p jsonpath.ContextPath, msg string) *Error {
 	if m.src == nil {
 		return &Error{Path: FormatPath(p), Message: msg}
 	}
-	return m.src.place(problem{path: FormatPath(p), msg: msg})
+	return m.src.place(problem{path: p, msg: msg})
 }

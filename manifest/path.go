@@ -54,3 +54,39 @@ func FormatPath(p jsonpath.ContextPath) string {
 	}
 	return b.String()
 }
+
+// within reports whether p is outer or a value inside it.
+func within(p, outer jsonpath.ContextPath) bool {
+	return p.Tag == outer.Tag && p.Len() >= outer.Len() && matches(p.Path[:outer.Len()], outer.Path...)
+}
+
+// anyIndex stands for every array index in a pattern given to matches.
+type anyIndex struct{}
+
+// matches reports whether the path elements elems are pattern, element by
+// element.
+func matches(elems []any, pattern ...any) bool {
+	if len(elems) != len(pattern) {
+		return false
+	}
+	for i, want := range pattern {
+		if _, ok := want.(anyIndex); ok {
+			if _, ok := elems[i].(int); !ok {
+				return false
+			}
+		} else if elems[i] != want {
+			return false
+		}
+	}
+	return true
+}
+
+// isSecretPath reports whether the value at p is a secret, never to be
+// shown: the bootstrap token, the value of an exec credential plugin's
+// environment variable, the value of an extra file's HTTP header.
+func isSecretPath(p jsonpath.ContextPath) bool {
+	n := p.Len()
+	return matches(p.Path, "kubernetes", "auth", "bootstrapToken") ||
+		matches(p.Path, "kubernetes", "auth", "exec", "env", anyIndex{}, "value") ||
+		n >= 3 && matches(p.Path[n-3:], "httpHeaders", anyIndex{}, "value")
+}
