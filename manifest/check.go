@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/Masterminds/semver/v3"
+	jsonpath "github.com/coreos/vcontext/path"
 	"oras.land/oras-go/v2/registry"
 )
 
@@ -32,38 +33,41 @@ type checker struct {
 	inflated int
 }
 
-func (c *checker) add(path, format string, args ...any) {
-	c.probs = append(c.probs, problem{path: path, msg: fmt.Sprintf(format, args...)})
+// add records a problem with the value at p (a copy of p: callers build
+// paths with Append and go on appending).
+func (c *checker) add(p jsonpath.ContextPath, format string, args ...any) {
+	c.probs = append(c.probs, problem{path: p.Copy(), msg: fmt.Sprintf(format, args...)})
 }
 
-func (c *checker) addKey(path, format string, args ...any) {
-	c.probs = append(c.probs, problem{path: path, key: true, msg: fmt.Sprintf(format, args...)})
+// addKey records a problem with the key of the member at p.
+func (c *checker) addKey(p jsonpath.ContextPath, format string, args ...any) {
+	c.probs = append(c.probs, problem{path: p.Copy(), key: true, msg: fmt.Sprintf(format, args...)})
 }
 
 func (c *checker) machine(mc *Machine) {
-	const p = "$.machine"
+	p := jsonpath.New("", "machine")
 	if mc.Name != "" {
 		if msg := machineNameProblem(mc.Name); msg != "" {
-			c.add(p+".name", "%s", msg)
+			c.add(p.Append("name"), "%s", msg)
 		}
 	}
 	c.rootfs(&mc.Rootfs)
 	for i, b := range mc.Binds {
-		bp := index(p+".binds", i)
-		c.bindPath(bp+".source", b.Source)
+		bp := p.Append("binds", i)
+		c.bindPath(bp.Append("source"), b.Source)
 		if b.Target != "" {
-			c.bindPath(bp+".target", b.Target)
+			c.bindPath(bp.Append("target"), b.Target)
 		}
 	}
 	for i, f := range mc.SystemCallFilter {
 		if strings.ContainsAny(f, " \t\n") {
-			c.add(index(p+".systemCallFilter", i), "one system call or @group per entry, without spaces")
+			c.add(p.Append("systemCallFilter", i), "one system call or @group per entry, without spaces")
 		}
 	}
-	c.extra(p+".extra", &mc.Extra, false)
+	c.extra(p.Append("extra"), &mc.Extra, false)
 }
 
-func (c *checker) bindPath(p, v string) {
+func (c *checker) bindPath(p jsonpath.ContextPath, v string) {
 	switch {
 	case !path.IsAbs(v):
 		c.add(p, "must be an absolute path")
@@ -102,7 +106,7 @@ func machineNameProblem(name string) string {
 }
 
 func (c *checker) rootfs(r *Rootfs) {
-	const p = "$.machine.rootfs"
+	p := jsonpath.New("", "machine", "rootfs")
 	var sources []string
 	if r.Image != "" || r.GPUImage != "" {
 		sources = append(sources, "image/gpuImage")
@@ -117,31 +121,31 @@ func (c *checker) rootfs(r *Rootfs) {
 		c.add(p, "give one rootfs source, not %s", strings.Join(sources, " and "))
 	}
 	if r.Image != "" {
-		c.imageRef(p+".image", r.Image)
+		c.imageRef(p.Append("image"), r.Image)
 	}
 	if r.GPUImage != "" {
-		c.imageRef(p+".gpuImage", r.GPUImage)
+		c.imageRef(p.Append("gpuImage"), r.GPUImage)
 	}
 	if l := r.Layout; l != nil {
 		if !path.IsAbs(l.Path) {
-			c.add(p+".layout.path", "must be an absolute path")
+			c.add(p.Append("layout", "path"), "must be an absolute path")
 		}
 		if l.Reference != "" && strings.ContainsAny(l.Reference, " \t\n/") {
-			c.add(p+".layout.reference", "must be a tag or a digest")
+			c.add(p.Append("layout", "reference"), "must be a tag or a digest")
 		}
 	}
 	if d := r.Debootstrap; d != nil && d.Mirror != "" {
-		c.httpURL(p+".debootstrap.mirror", d.Mirror, false)
+		c.httpURL(p.Append("debootstrap", "mirror"), d.Mirror, false)
 	}
 	for i, h := range r.PlainHTTP {
 		if msg := hostPortProblem(h); msg != "" {
-			c.add(index(p+".plainHTTP", i), "%s", msg)
+			c.add(p.Append("plainHTTP", i), "%s", msg)
 		}
 	}
 }
 
 // imageRef accepts registry/repository with a tag or a digest.
-func (c *checker) imageRef(p, ref string) {
+func (c *checker) imageRef(p jsonpath.ContextPath, ref string) {
 	r, err := registry.ParseReference(ref)
 	if err != nil {
 		c.add(p, "not a valid image reference (want registry/repository:tag or registry/repository@sha256:...)")
@@ -166,7 +170,7 @@ func hostPortProblem(h string) string {
 }
 
 // httpURL checks an absolute http(s) URL with a host.
-func (c *checker) httpURL(p, v string, httpsOnly bool) {
+func (c *checker) httpURL(p jsonpath.ContextPath, v string, httpsOnly bool) {
 	u, err := url.Parse(v)
 	want := "http or https"
 	if httpsOnly {
@@ -186,7 +190,7 @@ func (c *checker) httpURL(p, v string, httpsOnly bool) {
 
 // baseURL checks a mirror base URL: the upstream path is appended to it,
 // so a query or fragment would end up in the middle of every URL.
-func (c *checker) baseURL(p, v string) {
+func (c *checker) baseURL(p jsonpath.ContextPath, v string) {
 	before := len(c.probs)
 	c.httpURL(p, v, false)
 	if len(c.probs) > before {
@@ -206,29 +210,29 @@ var (
 )
 
 func (c *checker) kubernetes(k *Kubernetes) {
-	const p = "$.kubernetes"
+	p := jsonpath.New("", "kubernetes")
 	if k.Version != "" {
 		if msg := semverProblem(k.Version); msg != "" {
-			c.add(p+".version", "%s", msg)
+			c.add(p.Append("version"), "%s", msg)
 		}
 	}
-	c.httpURL(p+".apiServer", k.APIServer, true)
+	c.httpURL(p.Append("apiServer"), k.APIServer, true)
 	if msg := caProblem(k.CACert); msg != "" {
-		c.add(p+".caCert", "%s", msg)
+		c.add(p.Append("caCert"), "%s", msg)
 	}
 	for i, ip := range k.ClusterDNS {
 		if _, err := netip.ParseAddr(ip); err != nil {
-			c.add(index(p+".clusterDNS", i), "must be an IP address")
+			c.add(p.Append("clusterDNS", i), "must be an IP address")
 		}
 	}
 	if k.ClusterDomain != "" && !isDNS1123Subdomain(k.ClusterDomain) {
-		c.add(p+".clusterDomain", "must be a DNS domain (lowercase letters, digits, '-' and '.')")
+		c.add(p.Append("clusterDomain"), "must be a DNS domain (lowercase letters, digits, '-' and '.')")
 	}
 	if k.NodeName != "" && !isDNS1123Subdomain(k.NodeName) {
-		c.add(p+".nodeName", "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit")
+		c.add(p.Append("nodeName"), "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit")
 	}
 	for key, val := range k.Labels {
-		lp := child(p+".labels", key)
+		lp := p.Append("labels", key)
 		if msg := qualifiedNameProblem(key); msg != "" {
 			c.addKey(lp, "label key %s", msg)
 		} else if msg := kubeletLabelProblem(key); msg != "" {
@@ -239,22 +243,22 @@ func (c *checker) kubernetes(k *Kubernetes) {
 		}
 	}
 	for i, t := range k.Taints {
-		tp := index(p+".taints", i)
+		tp := p.Append("taints", i)
 		if msg := qualifiedNameProblem(t.Key); msg != "" {
-			c.add(tp+".key", "taint key %s", msg)
+			c.add(tp.Append("key"), "taint key %s", msg)
 		}
 		if msg := labelValueProblem(t.Value); msg != "" {
-			c.add(tp+".value", "taint value %s", msg)
+			c.add(tp.Append("value"), "taint value %s", msg)
 		}
 	}
 	c.auth(&k.Auth)
 	for i, a := range k.KubeletArgs {
 		if msg := kubeletArgProblem(a); msg != "" {
-			c.add(index(p+".kubeletArgs", i), "%s", msg)
+			c.add(p.Append("kubeletArgs", i), "%s", msg)
 		}
 	}
 	if k.SandboxImage != "" {
-		c.imageRef(p+".sandboxImage", k.SandboxImage)
+		c.imageRef(p.Append("sandboxImage"), k.SandboxImage)
 	}
 }
 
@@ -274,7 +278,7 @@ func kubeletArgProblem(a string) string {
 }
 
 func (c *checker) auth(a *Auth) {
-	const p = "$.kubernetes.auth"
+	p := jsonpath.New("", "kubernetes", "auth")
 	switch {
 	case a.BootstrapToken != "" && a.Exec != nil:
 		c.add(p, "give bootstrapToken or exec, not both")
@@ -283,16 +287,16 @@ func (c *checker) auth(a *Auth) {
 	}
 	if a.BootstrapToken != "" && !bootstrapTokenRE.MatchString(a.BootstrapToken) {
 		// Never echo the token: say what shape it must have.
-		c.add(p+".bootstrapToken", "not a bootstrap token: want 6 lowercase letters or digits, '.', then 16 more ([a-z0-9]{6}.[a-z0-9]{16})")
+		c.add(p.Append("bootstrapToken"), "not a bootstrap token: want 6 lowercase letters or digits, '.', then 16 more ([a-z0-9]{6}.[a-z0-9]{16})")
 	}
 	if e := a.Exec; e != nil {
 		seen := map[string]bool{}
 		for i, env := range e.Env {
 			if strings.ContainsAny(env.Name, "=\x00") {
-				c.add(index(p+".exec.env", i)+".name", "must not contain '=' or NUL")
+				c.add(p.Append("exec", "env", i, "name"), "must not contain '=' or NUL")
 			}
 			if seen[env.Name] {
-				c.add(index(p+".exec.env", i)+".name", "duplicate variable %q", env.Name)
+				c.add(p.Append("exec", "env", i, "name"), "duplicate variable %q", env.Name)
 			}
 			seen[env.Name] = true
 		}
@@ -417,9 +421,9 @@ func kubeletLabelProblem(key string) string {
 }
 
 func (c *checker) components(cs *Components) {
-	const p = "$.components"
+	p := jsonpath.New("", "components")
 	if cs.Mirror != "" {
-		c.baseURL(p+".mirror", cs.Mirror)
+		c.baseURL(p.Append("mirror"), cs.Mirror)
 	}
 	for _, e := range []struct {
 		name string
@@ -433,20 +437,20 @@ func (c *checker) components(cs *Components) {
 		{"kubeProxy", &cs.KubeProxy},
 		{"crictl", &cs.Crictl},
 	} {
-		cp := p + "." + e.name
+		cp := p.Append(e.name)
 		if e.c.Version != "" {
 			if msg := semverProblem(e.c.Version); msg != "" {
-				c.add(cp+".version", "%s", msg)
+				c.add(cp.Append("version"), "%s", msg)
 			}
 		}
 		if e.c.URL != "" {
-			c.httpURL(cp+".url", e.c.URL, false)
+			c.httpURL(cp.Append("url"), e.c.URL, false)
 		}
 		if e.c.BaseURL != "" {
-			c.baseURL(cp+".baseURL", e.c.BaseURL)
+			c.baseURL(cp.Append("baseURL"), e.c.BaseURL)
 		}
 		if e.c.SHA256 != "" && !sha256RE.MatchString(e.c.SHA256) {
-			c.add(cp+".sha256", "must be 64 lowercase hex digits")
+			c.add(cp.Append("sha256"), "must be 64 lowercase hex digits")
 		}
 	}
 }
@@ -457,9 +461,9 @@ var (
 )
 
 func (c *checker) host(h *Host) {
-	const p = "$.host"
+	p := jsonpath.New("", "host")
 	for name, v := range h.Sysctls {
-		sp := child(p+".sysctls", name)
+		sp := p.Append("sysctls", name)
 		if !sysctlNameRE.MatchString(name) {
 			c.addKey(sp, "not a sysctl name (like net.ipv4.ip_forward)")
 		}
@@ -469,8 +473,8 @@ func (c *checker) host(h *Host) {
 	}
 	for i, mod := range h.Modules {
 		if !moduleRE.MatchString(mod) {
-			c.add(index(p+".modules", i), "not a kernel module name")
+			c.add(p.Append("modules", i), "not a kernel module name")
 		}
 	}
-	c.extra(p+".extra", &h.Extra, true)
+	c.extra(p.Append("extra"), &h.Extra, true)
 }

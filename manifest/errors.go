@@ -3,6 +3,8 @@ package manifest
 import (
 	"fmt"
 	"strings"
+
+	jsonpath "github.com/coreos/vcontext/path"
 )
 
 // Error is one problem in a manifest, with where it is.
@@ -11,8 +13,8 @@ type Error struct {
 	File string
 	// Line and Col are 1-based; 0 when unknown.
 	Line, Col int
-	// Path is the JSON path of the offending value, like $.kubernetes.version;
-	// empty for syntax errors.
+	// Path is the JSON path of the offending value as FormatPath writes
+	// it, like $.kubernetes.version; empty for syntax errors.
 	Path string
 	// Message says what is wrong, in a few words. It never holds a secret.
 	Message string
@@ -65,17 +67,17 @@ func (es Errors) Error() string {
 }
 
 // ErrorAt places a problem found after Load (rendering the plan, say) in the
-// source m was loaded from: msg about the value at the JSON path, with the
-// line, column and snippet of that value, or of the nearest enclosing one
-// the source spells out (a defaulted field has no line of its own). For a
-// manifest not made by Load the error has the path and message only.
+// source m was loaded from: msg about the value at p, with the line, column
+// and snippet of that value, or of the nearest enclosing one the source
+// spells out (a defaulted field has no line of its own). For a manifest not
+// made by Load the error has the path and message only.
 //
 // It exists because the checks that need the whole plan live in package
-// render, which imports this package: render names the JSON path, and only
-// this package knows where that path is written.
-func (m *Manifest) ErrorAt(path, msg string) *Error {
+// render, which imports this package: render names the path, and only this
+// package knows where that path is written.
+func (m *Manifest) ErrorAt(p jsonpath.ContextPath, msg string) *Error {
 	if m.src == nil {
-		return &Error{Path: path, Message: msg}
+		return &Error{Path: FormatPath(p), Message: msg}
 	}
-	return m.src.place(problem{path: path, msg: msg})
+	return m.src.place(problem{path: p, msg: msg})
 }

@@ -1,12 +1,12 @@
 package manifest
 
 import (
-	"fmt"
 	"net/url"
 	"path"
 
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
 	ignvalidate "github.com/coreos/ignition/v2/config/validate"
+	jsonpath "github.com/coreos/vcontext/path"
 	"github.com/coreos/vcontext/report"
 	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/vincent-petithory/dataurl"
@@ -31,37 +31,37 @@ const maxInflated = 32 << 20
 // extra checks the Ignition-form files, directories, links and units at p
 // (the host's when host is true, else the machine's): what nodespawn
 // supports, then Ignition's own validation.
-func (c *checker) extra(p string, x *Extra, host bool) {
+func (c *checker) extra(p jsonpath.ContextPath, x *Extra, host bool) {
 	before := len(c.probs)
 	for i, d := range x.Storage.Directories {
-		c.nodePath(index(p+".storage.directories", i)+".path", d.Path, host, true)
+		c.nodePath(p.Append("storage", "directories", i, "path"), d.Path, host, true)
 	}
 	for i, f := range x.Storage.Files {
-		fp := index(p+".storage.files", i)
-		c.nodePath(fp+".path", f.Path, host, false)
+		fp := p.Append("storage", "files", i)
+		c.nodePath(fp.Append("path"), f.Path, host, false)
 		if len(f.Append) > 0 {
-			c.add(fp+".append", "append is not supported; put the whole file in contents")
+			c.add(fp.Append("append"), "append is not supported; put the whole file in contents")
 		}
-		c.resource(fp+".contents", f.Contents)
+		c.resource(fp.Append("contents"), f.Contents)
 	}
 	for i, l := range x.Storage.Links {
-		lp := index(p+".storage.links", i)
-		c.nodePath(lp+".path", l.Path, host, false)
+		lp := p.Append("storage", "links", i)
+		c.nodePath(lp.Append("path"), l.Path, host, false)
 		switch {
 		case l.Target == nil || *l.Target == "":
-			c.add(lp+".target", "a link needs a target")
+			c.add(lp.Append("target"), "a link needs a target")
 		case l.Hard != nil && *l.Hard:
 			// A symbolic link may point anywhere, relative or not; a hard
 			// link's target is opened as a path in the same tree.
-			c.cleanPath(lp+".target", *l.Target, "a hard link's target must be an absolute path")
+			c.cleanPath(lp.Append("target"), *l.Target, "a hard link's target must be an absolute path")
 		}
 	}
 	for i, u := range x.Systemd.Units {
-		c.unit(index(p+".systemd.units", i), u, host)
+		c.unit(p.Append("systemd", "units", i), u, host)
 	}
-	ours := map[string]bool{}
+	ours := map[string]bool{} // by FormatPath
 	for _, pr := range c.probs[before:] {
-		ours[pr.path] = true
+		ours[FormatPath(pr.path)] = true
 	}
 
 	cfg := igntypes.Config{
@@ -78,16 +78,10 @@ func (c *checker) extra(p string, x *Extra, host bool) {
 		if e.Kind != report.Error {
 			continue
 		}
-		ep := p
-		for _, el := range e.Context.Path {
-			switch v := el.(type) {
-			case int:
-				ep = index(ep, v)
-			default:
-				ep = child(ep, fmt.Sprint(v))
-			}
-		}
-		if ours[ep] {
+		// Ignition names the value by the same kind of path, from its
+		// config's root, which is p here.
+		ep := p.Append(e.Context.Path...)
+		if ours[FormatPath(ep)] {
 			continue // already said, in nodespawn's words
 		}
 		c.add(ep, "%s", e.Message)
@@ -95,7 +89,7 @@ func (c *checker) extra(p string, x *Extra, host bool) {
 }
 
 // nodePath checks the path of an extra file, directory (dir) or link.
-func (c *checker) nodePath(p, v string, host, dir bool) {
+func (c *checker) nodePath(p jsonpath.ContextPath, v string, host, dir bool) {
 	if !c.cleanPath(p, v, "must be an absolute path") {
 		return
 	}
@@ -118,7 +112,7 @@ func inside(p, dir string) bool {
 
 // cleanPath reports whether v is an absolute, clean path, adding notAbs or
 // the cleaning hint when it is not.
-func (c *checker) cleanPath(p, v, notAbs string) bool {
+func (c *checker) cleanPath(p jsonpath.ContextPath, v, notAbs string) bool {
 	switch {
 	case !path.IsAbs(v):
 		c.add(p, "%s", notAbs)
@@ -131,13 +125,13 @@ func (c *checker) cleanPath(p, v, notAbs string) bool {
 }
 
 // unit checks one extra systemd unit at p.
-func (c *checker) unit(p string, u igntypes.Unit, host bool) {
+func (c *checker) unit(p jsonpath.ContextPath, u igntypes.Unit, host bool) {
 	if msg := unitNameProblem(u.Name); msg != "" {
-		c.add(p+".name", "%s", msg)
+		c.add(p.Append("name"), "%s", msg)
 	}
 	for j, d := range u.Dropins {
 		if msg := dropinNameProblem(d.Name); msg != "" {
-			c.add(index(p+".dropins", j)+".name", "%s", msg)
+			c.add(p.Append("dropins", j, "name"), "%s", msg)
 		}
 	}
 	if u.Enabled == nil || !*u.Enabled || u.Mask != nil && *u.Mask {
@@ -147,23 +141,23 @@ func (c *checker) unit(p string, u igntypes.Unit, host bool) {
 	case u.Contents == nil && host:
 		// Enables a unit the host already has, with systemctl.
 	case u.Contents == nil:
-		c.add(p+".enabled", "unit %s has no contents; nodespawn enables machine units from their [Install] section, so give the unit's contents or add the wants link under machine.extra.storage.links", u.Name)
+		c.add(p.Append("enabled"), "unit %s has no contents; nodespawn enables machine units from their [Install] section, so give the unit's contents or add the wants link under machine.extra.storage.links", u.Name)
 	case len(InstallTargets(*u.Contents)) == 0:
-		c.add(p+".enabled", "unit %s has no WantedBy= or RequiredBy= in its [Install] section, so there is nothing to enable it from", u.Name)
+		c.add(p.Append("enabled"), "unit %s has no WantedBy= or RequiredBy= in its [Install] section, so there is nothing to enable it from", u.Name)
 	case isTemplate(u.Name):
-		c.add(p+".enabled", "unit %s is a template, which cannot be enabled by itself; name an instance (like %s) with these contents", u.Name, instanceExample(u.Name))
+		c.add(p.Append("enabled"), "unit %s is a template, which cannot be enabled by itself; name an instance (like %s) with these contents", u.Name, instanceExample(u.Name))
 	}
 }
 
 // resource accepts what apply can fetch and verify: data: URLs, and http(s)
 // URLs pinned by verification.hash.
-func (c *checker) resource(p string, r igntypes.Resource) {
+func (c *checker) resource(p jsonpath.ContextPath, r igntypes.Resource) {
 	compression := ""
 	if r.Compression != nil {
 		compression = *r.Compression
 	}
 	if compression != "" && compression != "gzip" {
-		c.add(p+".compression", `compression must be "gzip" or empty`)
+		c.add(p.Append("compression"), `compression must be "gzip" or empty`)
 	}
 	if r.Source == nil || *r.Source == "" {
 		return
@@ -171,7 +165,7 @@ func (c *checker) resource(p string, r igntypes.Resource) {
 	src := *r.Source
 	u, err := url.Parse(src)
 	if err != nil {
-		c.add(p+".source", "not a valid URL")
+		c.add(p.Append("source"), "not a valid URL")
 		return
 	}
 	switch u.Scheme {
@@ -179,27 +173,27 @@ func (c *checker) resource(p string, r igntypes.Resource) {
 		// The error is not shown: it may quote the file's contents.
 		du, err := dataurl.DecodeString(src)
 		if err != nil {
-			c.add(p+".source", "not a valid data: URL (want data:[<mediatype>][;base64],<data>)")
+			c.add(p.Append("source"), "not a valid data: URL (want data:[<mediatype>][;base64],<data>)")
 		} else if compression == "gzip" {
-			c.gunzip(p+".source", du.Data)
+			c.gunzip(p.Append("source"), du.Data)
 		}
 	case "http", "https":
 		if u.Host == "" {
-			c.add(p+".source", "URL has no host")
+			c.add(p.Append("source"), "URL has no host")
 		}
 		if r.Verification.Hash == nil || *r.Verification.Hash == "" {
-			c.add(p+".verification", "an http(s) source needs verification.hash (sha256-<hex> or sha512-<hex>)")
+			c.add(p.Append("verification"), "an http(s) source needs verification.hash (sha256-<hex> or sha512-<hex>)")
 		}
 	case "":
-		c.add(p+".source", "must be a URL: data:, or http(s) with verification.hash")
+		c.add(p.Append("source"), "must be a URL: data:, or http(s) with verification.hash")
 	default:
-		c.add(p+".source", "unsupported source scheme %q; use a data: URL, or http(s) with verification.hash", u.Scheme)
+		c.add(p.Append("source"), "unsupported source scheme %q; use a data: URL, or http(s) with verification.hash", u.Scheme)
 	}
 }
 
 // gunzip checks that data decompresses (gunzip bounds one file), and
 // counts what it inflates to against maxExtraInflated.
-func (c *checker) gunzip(p string, data []byte) {
+func (c *checker) gunzip(p jsonpath.ContextPath, data []byte) {
 	if c.inflated > maxExtraInflated {
 		return // said once
 	}

@@ -6,12 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"unicode/utf8"
 
+	jsonpath "github.com/coreos/vcontext/path"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"github.com/santhosh-tekuri/jsonschema/v6/kind"
 	"golang.org/x/text/language"
@@ -41,18 +41,18 @@ func Load(filename string, data []byte) (*Manifest, error) {
 
 	// flagged holds the paths the schema complained about (and the
 	// missing required members), so semantic checks stay quiet there.
-	var flagged []string
+	var flagged []jsonpath.ContextPath
 	if err := sch.Validate(d.root); err != nil {
 		var ve *jsonschema.ValidationError
 		if !errors.As(err, &ve) {
 			return nil, fmt.Errorf("validate %s against the schema: %w", filename, err)
 		}
-		var prune [][]string
+		var prune []jsonpath.ContextPath
 		flagged, prune = d.schemaProblems(sch, ve)
 		// Drop the values the schema refused so the rest still decodes and
 		// its semantic problems are reported in the same run.
-		for _, loc := range prune {
-			d.root = without(d.root, loc)
+		for _, p := range prune {
+			d.root = without(d.root, p.Path)
 		}
 	}
 
@@ -84,9 +84,9 @@ func Load(filename string, data []byte) (*Manifest, error) {
 // guess around a schema problem: one at path, inside it, or around it (a
 // check on a whole object, like auth's "exactly one of", is unreliable
 // when a member was refused).
-func isFlagged(path string, flagged []string) bool {
+func isFlagged(path jsonpath.ContextPath, flagged []jsonpath.ContextPath) bool {
 	for _, f := range flagged {
-		if under(path, f) || under(f, path) {
+		if within(path, f) || within(f, path) {
 			return true
 		}
 	}
@@ -114,9 +114,9 @@ func decode(root any) (*Manifest, error) {
 var printer = message.NewPrinter(language.English)
 
 // schemaProblems turns the validation error tree into short messages, one
-// per leaf. It returns the paths it flagged and the locations of the values
-// the schema refused.
-func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged []string, prune [][]string) {
+// per leaf. It returns the paths it flagged and those of the values the
+// schema refused.
+func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged, prune []jsonpath.ContextPath) {
 	var walk func(e *jsonschema.ValidationError)
 	walk = func(e *jsonschema.ValidationError) {
 		if len(e.Causes) > 0 {
@@ -128,45 +128,50 @@ func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.Validat
 		path := d.instancePath(e.InstanceLocation)
 		switch k := e.ErrorKind.(type) {
 		case *kind.AdditionalProperties:
-			allowed := propertyNames(schemaAt(sch, d.root, e.InstanceLocation))
+			allowed := propertyNames(schemaAt(sch, path))
 			for _, name := range k.Properties {
-				p := child(path, name)
-				d.probs = append(d.probs, problem{path: p, key: true, msg: unknownField(name, allowed)})
+				p := path.Append(name).Copy()
+				d.add(problem{path: p, key: true, msg: unknownField(name, allowed)})
 				flagged = append(flagged, p)
-				prune = append(prune, append(slices.Clone(e.InstanceLocation), name))
+				prune = append(prune, p)
 			}
 			return
 		case *kind.Required:
 			for _, name := range k.Missing {
-				d.probs = append(d.probs, problem{path: path, key: true, msg: fmt.Sprintf("missing required field %q", name)})
-				flagged = append(flagged, child(path, name))
+				d.add(problem{path: path, key: true, msg: fmt.Sprintf("missing required field %q", name)})
+				flagged = append(flagged, path.Append(name).Copy())
 			}
 			return
 		}
-		d.probs = append(d.probs, problem{path: path, msg: d.schemaMessage(path, schemaAt(sch, d.root, e.InstanceLocation), e.ErrorKind)})
+		d.add(problem{path: path, msg: d.schemaMessage(path, schemaAt(sch, path), e.ErrorKind)})
 		flagged = append(flagged, path)
-		prune = append(prune, e.InstanceLocation)
+		prune = append(prune, path)
 	}
 	walk(ve)
 	return flagged, prune
 }
 
-// without returns v with the value at loc removed (an array element becomes
-// null, which decodes to the zero value).
-func without(v any, loc []string) any {
-	if len(loc) == 0 {
+// without returns v with the value at the path elements elems removed (an
+// array element becomes null, which decodes to the zero value).
+func without(v any, elems []any) any {
+	if len(elems) == 0 {
 		return nil
 	}
 	switch x := v.(type) {
 	case map[string]any:
-		if len(loc) == 1 {
-			delete(x, loc[0])
-		} else if c, ok := x[loc[0]]; ok {
-			x[loc[0]] = without(c, loc[1:])
+		key, ok := elems[0].(string)
+		switch {
+		case !ok:
+		case len(elems) == 1:
+			delete(x, key)
+		default:
+			if c, ok := x[key]; ok {
+				x[key] = without(c, elems[1:])
+			}
 		}
 	case []any:
-		if i, err := strconv.Atoi(loc[0]); err == nil && i >= 0 && i < len(x) {
-			x[i] = without(x[i], loc[1:])
+		if i, ok := elems[0].(int); ok && i >= 0 && i < len(x) {
+			x[i] = without(x[i], elems[1:])
 		}
 	}
 	return v
@@ -174,20 +179,21 @@ func without(v any, loc []string) any {
 
 // schemaMessage words the schema's complaint k about the value at path,
 // whose schema is s (nil when unknown).
-func (d *document) schemaMessage(path string, s *jsonschema.Schema, k jsonschema.ErrorKind) string {
+func (d *document) schemaMessage(path jsonpath.ContextPath, s *jsonschema.Schema, k jsonschema.ErrorKind) string {
+	raw := d.raw[FormatPath(path)]
 	switch k := k.(type) {
 	case *kind.Type:
 		msg := fmt.Sprintf("must be %s, not %s", typeNames(k.Want), article(k.Got))
 		switch {
-		case k.Got == "null" && path != "$":
+		case k.Got == "null" && path.Len() > 0:
 			msg += " (the key has no value)"
 		case !contains(k.Want, "string") || k.Got == "object" || k.Got == "array" || isSecretPath(path):
 		case s != nil && (s.Enum != nil || s.Const != nil):
 			// Quoting what was written does not help when the quoted
 			// text is not one of the allowed strings either.
-			return choiceMessage(path, s, k.Got, d.raw[path])
+			return choiceMessage(path, s, k.Got, raw)
 		default:
-			msg += fmt.Sprintf(" (quote it: %q)", d.raw[path])
+			msg += fmt.Sprintf(" (quote it: %q)", raw)
 		}
 		return msg
 	case *kind.Enum:
@@ -219,7 +225,7 @@ func (d *document) schemaMessage(path string, s *jsonschema.Schema, k jsonschema
 // sigs.k8s.io/yaml, Helm, kustomize) turn on, off, yes and no into booleans
 // before nodespawn sees them, so gpu: on arrives as gpu: true; the hint
 // names the quoted string that survives them.
-func choiceMessage(path string, s *jsonschema.Schema, got, raw string) string {
+func choiceMessage(path jsonpath.ContextPath, s *jsonschema.Schema, got, raw string) string {
 	var allowed []string
 	if s.Enum != nil {
 		for _, v := range s.Enum.Values {
@@ -258,17 +264,12 @@ func orList(words []string) string {
 	return strings.Join(words[:len(words)-1], ", ") + " or " + words[len(words)-1]
 }
 
-// lastKey is the member name that ends path, or "" when path ends in an
-// array index.
-func lastKey(path string) string {
-	rest := strings.TrimPrefix(path, parent(path))
-	switch {
-	case strings.HasPrefix(rest, "."):
-		return rest[1:]
-	case strings.HasPrefix(rest, "[\""):
-		if key, err := strconv.Unquote(rest[1 : len(rest)-1]); err == nil {
-			return key
-		}
+// lastKey is the member name that ends path, or "" when path is the root
+// or ends in an array index.
+func lastKey(path jsonpath.ContextPath) string {
+	if n := path.Len(); n > 0 {
+		key, _ := path.Path[n-1].(string)
+		return key
 	}
 	return ""
 }
@@ -300,57 +301,49 @@ func typeNames(want []string) string {
 	return strings.Join(names, " or ")
 }
 
-// instancePath turns the schema library's location tokens into our JSON path,
-// telling array indexes from object keys by looking at the document.
-func (d *document) instancePath(loc []string) string {
-	path, v := "$", d.root
+// instancePath turns the schema library's location, a list of strings,
+// into a path, telling array indexes from member names by the document:
+// a token into an array is an index.
+func (d *document) instancePath(loc []string) jsonpath.ContextPath {
+	elems, v := make([]any, 0, len(loc)), d.root
 	for _, tok := range loc {
 		switch x := v.(type) {
 		case []any:
 			i, _ := strconv.Atoi(tok)
-			path = index(path, i)
+			elems = append(elems, i)
+			v = nil
 			if i >= 0 && i < len(x) {
 				v = x[i]
-			} else {
-				v = nil
 			}
 		case map[string]any:
-			path = child(path, tok)
+			elems = append(elems, tok)
 			v = x[tok]
 		default:
-			path = child(path, tok)
+			elems = append(elems, tok)
 			v = nil
 		}
 	}
-	return path
+	return jsonpath.New("", elems...)
 }
 
-// schemaAt follows the instance location through the schema.
-func schemaAt(s *jsonschema.Schema, root any, loc []string) *jsonschema.Schema {
-	v := root
-	for _, tok := range loc {
+// schemaAt follows path through the schema: an index into the array's
+// items, a member name into the object's properties.
+func schemaAt(s *jsonschema.Schema, path jsonpath.ContextPath) *jsonschema.Schema {
+	for _, e := range path.Path {
 		s = deref(s)
 		if s == nil {
 			return nil
 		}
-		switch x := v.(type) {
-		case []any:
+		if _, ok := e.(int); ok {
 			s = s.Items2020
-			i, _ := strconv.Atoi(tok)
-			v = nil
-			if i >= 0 && i < len(x) {
-				v = x[i]
-			}
-		case map[string]any:
-			v = x[tok]
-			if p, ok := s.Properties[tok]; ok {
-				s = p
-			} else if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
-				s = ap
-			} else {
-				return nil
-			}
-		default:
+			continue
+		}
+		key, _ := e.(string)
+		if p, ok := s.Properties[key]; ok {
+			s = p
+		} else if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
+			s = ap
+		} else {
 			return nil
 		}
 	}
@@ -442,11 +435,15 @@ func (d *document) errors() Errors {
 }
 
 func (d *document) place(p problem) *Error {
+	e := &Error{File: d.file, Message: p.msg}
 	at := p.at
-	if at.line == 0 {
-		at = d.position(p.path, p.key)
+	if !p.text {
+		e.Path = FormatPath(p.path)
+		if at.line == 0 {
+			at = d.position(p.path, p.key)
+		}
 	}
-	e := &Error{File: d.file, Line: at.line, Col: at.col, Path: p.path, Message: p.msg}
+	e.Line, e.Col = at.line, at.col
 	if at.line > 0 && at.col > 0 {
 		e.Snippet = d.snippet(at)
 	}
@@ -455,21 +452,26 @@ func (d *document) place(p problem) *Error {
 
 // position finds where path is written: its key or its value, else the
 // nearest enclosing value that is written.
-func (d *document) position(path string, key bool) pos {
-	if key || d.atKey[path] {
-		if p, ok := d.keys[path]; ok {
-			return p
-		}
-	}
-	for p := path; p != ""; p = parent(p) {
-		if at, ok := d.vals[p]; ok {
-			return at
-		}
-		if at, ok := d.keys[p]; ok {
+func (d *document) position(path jsonpath.ContextPath, key bool) pos {
+	k := FormatPath(path)
+	if key || d.atKey[k] {
+		if at, ok := d.keys[k]; ok {
 			return at
 		}
 	}
-	return pos{}
+	for {
+		if at, ok := d.vals[k]; ok {
+			return at
+		}
+		if at, ok := d.keys[k]; ok {
+			return at
+		}
+		if path.Len() == 0 {
+			return pos{}
+		}
+		path = path.Pop()
+		k = FormatPath(path)
+	}
 }
 
 // tokenRE matches anything shaped like a bootstrap token, so a snippet never

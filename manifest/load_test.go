@@ -539,24 +539,6 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
-func TestPaths(t *testing.T) {
-	for _, tc := range []struct{ path, parent string }{
-		{"$", ""},
-		{"$.kubernetes", "$"},
-		{"$.kubernetes.taints[2]", "$.kubernetes.taints"},
-		{"$.kubernetes.taints[2].key", "$.kubernetes.taints[2]"},
-		{child("$.kubernetes.labels", `a.b/c["]`), "$.kubernetes.labels"},
-		{child(child("$.host.sysctls", "x.y"), "z"), child("$.host.sysctls", "x.y")},
-	} {
-		if got := parent(tc.path); got != tc.parent {
-			t.Errorf("parent(%s) = %q, want %q", tc.path, got, tc.parent)
-		}
-	}
-	if got := child("$.a", "b-c"); got != `$.a["b-c"]` {
-		t.Errorf("child quoting: %s", got)
-	}
-}
-
 func TestUnknownFieldHints(t *testing.T) {
 	for _, tc := range []struct {
 		name    string

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	jsonpath "github.com/coreos/vcontext/path"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -28,10 +29,13 @@ type pos struct{ line, col int }
 
 // problem is one finding before it is placed in the source.
 type problem struct {
-	path string
+	path jsonpath.ContextPath
+	// text marks a problem with the source text rather than with a value
+	// (a syntax error): it has no path, only at, when known.
+	text bool
 	// key places the problem on the member's key rather than its value.
 	key bool
-	// at overrides the position looked up from path (syntax errors).
+	// at overrides the position looked up from path.
 	at  pos
 	msg string
 }
@@ -42,9 +46,11 @@ type document struct {
 	file  string
 	lines []string
 	root  any
-	vals  map[string]pos    // JSON path -> position of the value
-	keys  map[string]pos    // JSON path -> position of the member's key
-	raw   map[string]string // JSON path -> scalar as written (for hints)
+	// vals, keys, raw and atKey are keyed by a value's path as FormatPath
+	// writes it.
+	vals map[string]pos    // path -> position of the value
+	keys map[string]pos    // path -> position of the member's key
+	raw  map[string]string // path -> scalar as written (for hints)
 	// atKey are the paths holding objects, arrays or nothing (null);
 	// problems with them point at their key, the line a reader looks for.
 	atKey map[string]bool
@@ -75,11 +81,11 @@ func (d *document) parse(data []byte) bool {
 		d.lines = strings.Split(string(data), "\n") // columns count from after the BOM
 	}
 	if len(data) > maxSize {
-		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: fmt.Sprintf("manifest is %d bytes, more than the %d allowed", len(data), maxSize)})
+		d.syntax(pos{1, 1}, fmt.Sprintf("manifest is %d bytes, more than the %d allowed", len(data), maxSize))
 		return false
 	}
 	if !utf8.Valid(data) {
-		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is not valid UTF-8"})
+		d.syntax(pos{1, 1}, "manifest is not valid UTF-8")
 		return false
 	}
 	if strings.HasSuffix(strings.ToLower(d.file), ".json") || json.Valid(data) {
@@ -88,84 +94,41 @@ func (d *document) parse(data []byte) bool {
 	return d.parseYAML(data)
 }
 
-// --- paths
+// --- recording
 
-var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-
-// child is the JSON path of member key of the object at path.
-func child(path, key string) string {
-	if identRE.MatchString(key) {
-		return path + "." + key
-	}
-	return path + "[" + strconv.Quote(key) + "]"
+// add records pr, with a copy of its path: the caller may go on appending
+// to the one it built.
+func (d *document) add(pr problem) {
+	pr.path = pr.path.Copy()
+	d.probs = append(d.probs, pr)
 }
 
-// index is the JSON path of element i of the array at path.
-func index(path string, i int) string {
-	return path + "[" + strconv.Itoa(i) + "]"
+// syntax records a problem with the source text at (zero when unknown).
+func (d *document) syntax(at pos, msg string) {
+	d.add(problem{text: true, at: at, msg: msg})
 }
 
-// parent is the JSON path of the value holding path ("" for "$").
-func parent(path string) string {
-	last := -1
-	for i := 1; i < len(path); {
-		switch path[i] {
-		case '.':
-			last = i
-			i++
-			for i < len(path) && path[i] != '.' && path[i] != '[' {
-				i++
-			}
-		case '[':
-			last = i
-			if i+1 < len(path) && path[i+1] == '"' {
-				q, err := strconv.QuotedPrefix(path[i+1:])
-				if err != nil {
-					return "$"
-				}
-				i += 1 + len(q) + 1
-			} else {
-				for i < len(path) && path[i] != ']' {
-					i++
-				}
-				i++
-			}
-		default:
-			return "$"
-		}
-	}
-	if last < 0 {
-		return ""
-	}
-	return path[:last]
-}
-
-// under reports whether path is p or inside it.
-func under(path, p string) bool {
-	for ; path != ""; path = parent(path) {
-		if path == p {
-			return true
-		}
-	}
-	return false
-}
-
-var secretPathRE = regexp.MustCompile(`^\$\.kubernetes\.auth\.bootstrapToken$|^\$\.kubernetes\.auth\.exec\.env\[\d+\]\.value$|\.httpHeaders\[\d+\]\.value$`)
-
-func isSecretPath(path string) bool { return secretPathRE.MatchString(path) }
-
-func (d *document) record(path string, p pos) {
+// record notes where the value at path is written and returns the key the
+// document's maps hold it under.
+func (d *document) record(path jsonpath.ContextPath, p pos) string {
 	d.nodes++
-	if _, ok := d.vals[path]; !ok {
-		d.vals[path] = p
+	k := FormatPath(path)
+	if _, ok := d.vals[k]; !ok {
+		d.vals[k] = p
 	}
+	return k
 }
 
-func (d *document) scalar(path string, p pos, raw string, v any) {
-	d.record(path, p)
-	d.raw[path] = raw
+// container records an object or array at path.
+func (d *document) container(path jsonpath.ContextPath, p pos) {
+	d.atKey[d.record(path, p)] = true
+}
+
+func (d *document) scalar(path jsonpath.ContextPath, p pos, raw string, v any) {
+	k := d.record(path, p)
+	d.raw[k] = raw
 	if v == nil {
-		d.atKey[path] = true
+		d.atKey[k] = true
 	}
 	// A secret's source text is hidden whatever its type; a few
 	// characters are not worth hiding and hiding them garbles snippets.
@@ -177,13 +140,13 @@ func (d *document) scalar(path string, p pos, raw string, v any) {
 	}
 }
 
-func (d *document) budget(path string, p pos, depth int) bool {
+func (d *document) budget(path jsonpath.ContextPath, p pos, depth int) bool {
 	if depth > maxDepth {
-		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("nested more than %d levels deep", maxDepth)})
+		d.add(problem{path: path, at: p, msg: fmt.Sprintf("nested more than %d levels deep", maxDepth)})
 		return false
 	}
 	if d.nodes > maxNodes {
-		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("more than %d values (aliases expanded)", maxNodes)})
+		d.add(problem{path: path, at: p, msg: fmt.Sprintf("more than %d values (aliases expanded)", maxNodes)})
 		return false
 	}
 	return true
@@ -197,10 +160,10 @@ func (d *document) yamlError(err error) {
 	msg := err.Error()
 	if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
 		line, _ := strconv.Atoi(m[1])
-		d.probs = append(d.probs, problem{at: pos{line, 0}, msg: "invalid YAML: " + m[2]})
+		d.syntax(pos{line, 0}, "invalid YAML: "+m[2])
 		return
 	}
-	d.probs = append(d.probs, problem{msg: "invalid YAML: " + strings.TrimPrefix(msg, "yaml: ")})
+	d.syntax(pos{}, "invalid YAML: "+strings.TrimPrefix(msg, "yaml: "))
 }
 
 func (d *document) parseYAML(data []byte) (ok bool) {
@@ -208,7 +171,7 @@ func (d *document) parseYAML(data []byte) (ok bool) {
 	// is bad input, not a crash.
 	defer func() {
 		if r := recover(); r != nil {
-			d.probs = append(d.probs, problem{msg: fmt.Sprintf("invalid YAML: %v", r)})
+			d.syntax(pos{}, fmt.Sprintf("invalid YAML: %v", r))
 			ok = false
 		}
 	}()
@@ -216,7 +179,7 @@ func (d *document) parseYAML(data []byte) (ok bool) {
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {
 		if errors.Is(err, io.EOF) {
-			d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is empty"})
+			d.syntax(pos{1, 1}, "manifest is empty")
 		} else {
 			d.yamlError(err)
 		}
@@ -229,41 +192,40 @@ func (d *document) parseYAML(data []byte) (ok bool) {
 		d.yamlError(err)
 		return false
 	default:
-		d.probs = append(d.probs, problem{at: pos{next.Line, next.Column}, msg: "more than one YAML document; a manifest is a single document"})
+		d.syntax(pos{next.Line, next.Column}, "more than one YAML document; a manifest is a single document")
 		return false
 	}
 	if len(doc.Content) == 0 {
-		d.probs = append(d.probs, problem{at: pos{1, 1}, msg: "manifest is empty"})
+		d.syntax(pos{1, 1}, "manifest is empty")
 		return false
 	}
-	v, ok := d.fromYAML(doc.Content[0], "$", 0)
+	v, ok := d.fromYAML(doc.Content[0], jsonpath.ContextPath{}, 0)
 	d.root = v
 	return ok
 }
 
 func yamlPos(n *yaml.Node) pos { return pos{n.Line, n.Column} }
 
-func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
+func (d *document) fromYAML(n *yaml.Node, path jsonpath.ContextPath, depth int) (any, bool) {
 	if !d.budget(path, yamlPos(n), depth) {
 		return nil, false
 	}
 	switch n.Kind {
 	case yaml.AliasNode:
 		if n.Alias == nil {
-			d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "alias to an unknown anchor"})
+			d.add(problem{path: path, at: yamlPos(n), msg: "alias to an unknown anchor"})
 			return nil, false
 		}
 		d.record(path, yamlPos(n))
 		return d.fromYAML(n.Alias, path, depth+1)
 	case yaml.DocumentNode:
-		d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "unexpected YAML document"})
+		d.add(problem{path: path, at: yamlPos(n), msg: "unexpected YAML document"})
 		return nil, false
 	case yaml.SequenceNode:
-		d.record(path, yamlPos(n))
-		d.atKey[path] = true
+		d.container(path, yamlPos(n))
 		arr := make([]any, 0, len(n.Content))
 		for i, c := range n.Content {
-			v, ok := d.fromYAML(c, index(path, i), depth+1)
+			v, ok := d.fromYAML(c, path.Append(i), depth+1)
 			if !ok {
 				return nil, false
 			}
@@ -271,8 +233,7 @@ func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
 		}
 		return arr, true
 	case yaml.MappingNode:
-		d.record(path, yamlPos(n))
-		d.atKey[path] = true
+		d.container(path, yamlPos(n))
 		obj := map[string]any{}
 		if !d.members(n, path, depth, obj) {
 			return nil, false
@@ -281,16 +242,16 @@ func (d *document) fromYAML(n *yaml.Node, path string, depth int) (any, bool) {
 	case yaml.ScalarNode:
 		return d.yamlScalar(n, path)
 	}
-	d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "unsupported YAML node"})
+	d.add(problem{path: path, at: yamlPos(n), msg: "unsupported YAML node"})
 	return nil, false
 }
 
 // members adds the members of mapping n to obj, skipping keys obj already
 // has. Explicit keys are added before the mappings merged with "<<", so
 // they win, and among merged mappings the first wins (YAML merge keys).
-func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]any) bool {
+func (d *document) members(n *yaml.Node, path jsonpath.ContextPath, depth int, obj map[string]any) bool {
 	if len(n.Content)%2 != 0 {
-		d.probs = append(d.probs, problem{path: path, at: yamlPos(n), msg: "malformed mapping"})
+		d.add(problem{path: path, at: yamlPos(n), msg: "malformed mapping"})
 		return false
 	}
 	var merges []*yaml.Node
@@ -314,20 +275,20 @@ func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]
 			if k.Kind == yaml.ScalarNode {
 				msg += fmt.Sprintf(" (quote it: %q)", k.Value)
 			}
-			d.probs = append(d.probs, problem{path: path, at: yamlPos(k), msg: msg})
+			d.add(problem{path: path, at: yamlPos(k), msg: msg})
 			continue
 		}
 		name := k.Value
 		if line, dup := firstAt[name]; dup {
-			d.probs = append(d.probs, problem{path: child(path, name), at: yamlPos(k), msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
+			d.add(problem{path: path.Append(name), at: yamlPos(k), msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
 			continue
 		}
 		firstAt[name] = k.Line
 		if _, ok := obj[name]; ok {
 			continue // an explicit key, or an earlier merge, set it
 		}
-		p := child(path, name)
-		d.keys[p] = yamlPos(k)
+		p := path.Append(name)
+		d.keys[FormatPath(p)] = yamlPos(k)
 		val, ok := d.fromYAML(v, p, depth+1)
 		if !ok {
 			return false
@@ -347,7 +308,7 @@ func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]
 				s = s.Alias
 			}
 			if s.Kind != yaml.MappingNode {
-				d.probs = append(d.probs, problem{path: path, at: yamlPos(s), msg: "a merge key (<<) takes a mapping or a list of mappings"})
+				d.add(problem{path: path, at: yamlPos(s), msg: "a merge key (<<) takes a mapping or a list of mappings"})
 				continue
 			}
 			if !d.budget(path, yamlPos(s), depth+1) || !d.members(s, path, depth+1, obj) {
@@ -358,7 +319,7 @@ func (d *document) members(n *yaml.Node, path string, depth int, obj map[string]
 	return true
 }
 
-func (d *document) yamlScalar(n *yaml.Node, path string) (any, bool) {
+func (d *document) yamlScalar(n *yaml.Node, path jsonpath.ContextPath) (any, bool) {
 	p := yamlPos(n)
 	var v any
 	switch tag := n.ShortTag(); tag {
@@ -369,7 +330,7 @@ func (d *document) yamlScalar(n *yaml.Node, path string) (any, bool) {
 	case "!!bool":
 		var b bool
 		if err := n.Decode(&b); err != nil {
-			d.probs = append(d.probs, problem{path: path, at: p, msg: "not a valid boolean"})
+			d.add(problem{path: path, at: p, msg: "not a valid boolean"})
 			return nil, false
 		}
 		v = b
@@ -381,18 +342,18 @@ func (d *document) yamlScalar(n *yaml.Node, path string) (any, bool) {
 		} else if err := n.Decode(&u); err == nil {
 			v = json.Number(strconv.FormatUint(u, 10))
 		} else {
-			d.probs = append(d.probs, problem{path: path, at: p, msg: "integer out of range (quote it if it is meant as a string)"})
+			d.add(problem{path: path, at: p, msg: "integer out of range (quote it if it is meant as a string)"})
 			return nil, false
 		}
 	case "!!float":
 		var f float64
 		if err := n.Decode(&f); err != nil || math.IsInf(f, 0) || math.IsNaN(f) {
-			d.probs = append(d.probs, problem{path: path, at: p, msg: "not a finite number (quote it if it is meant as a string)"})
+			d.add(problem{path: path, at: p, msg: "not a finite number (quote it if it is meant as a string)"})
 			return nil, false
 		}
 		v = json.Number(strconv.FormatFloat(f, 'g', -1, 64))
 	default:
-		d.probs = append(d.probs, problem{path: path, at: p, msg: fmt.Sprintf("unsupported YAML tag %s", tag)})
+		d.add(problem{path: path, at: p, msg: fmt.Sprintf("unsupported YAML tag %s", tag)})
 		return nil, false
 	}
 	d.scalar(path, p, n.Value, v)
@@ -416,12 +377,12 @@ func (d *document) parseJSON(data []byte) bool {
 			p.lineAt = append(p.lineAt, i+1)
 		}
 	}
-	v, ok := p.value("$", 0)
+	v, ok := p.value(jsonpath.ContextPath{}, 0)
 	if !ok {
 		return false
 	}
 	if _, err := p.dec.Token(); !errors.Is(err, io.EOF) {
-		d.probs = append(d.probs, problem{at: p.pos(p.skip(int(p.dec.InputOffset()))), msg: "invalid JSON: data after the document"})
+		d.syntax(p.pos(p.skip(int(p.dec.InputOffset()))), "invalid JSON: data after the document")
 		return false
 	}
 	d.root = v
@@ -463,10 +424,10 @@ func (p *jsonParser) fail(err error) {
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		msg = "unexpected end of input"
 	}
-	p.d.probs = append(p.d.probs, problem{at: p.pos(off), msg: "invalid JSON: " + msg})
+	p.d.syntax(p.pos(off), "invalid JSON: "+msg)
 }
 
-func (p *jsonParser) value(path string, depth int) (any, bool) {
+func (p *jsonParser) value(path jsonpath.ContextPath, depth int) (any, bool) {
 	off := p.skip(int(p.dec.InputOffset()))
 	at := p.pos(off)
 	if !p.d.budget(path, at, depth) {
@@ -479,12 +440,11 @@ func (p *jsonParser) value(path string, depth int) (any, bool) {
 	}
 	switch t := tok.(type) {
 	case json.Delim:
-		p.d.record(path, at)
-		p.d.atKey[path] = true
+		p.d.container(path, at)
 		if t == '[' {
 			arr := []any{}
 			for p.dec.More() {
-				v, ok := p.value(index(path, len(arr)), depth+1)
+				v, ok := p.value(path.Append(len(arr)), depth+1)
 				if !ok {
 					return nil, false
 				}
@@ -506,9 +466,9 @@ func (p *jsonParser) value(path string, depth int) (any, bool) {
 				return nil, false
 			}
 			name, _ := ktok.(string)
-			cp := child(path, name)
+			cp := path.Append(name)
 			if line, dup := firstAt[name]; dup {
-				p.d.probs = append(p.d.probs, problem{path: cp, at: kat, msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
+				p.d.add(problem{path: cp, at: kat, msg: fmt.Sprintf("duplicate key %q (first at line %d)", name, line)})
 				var skip json.RawMessage
 				if err := p.dec.Decode(&skip); err != nil {
 					p.fail(err)
@@ -517,7 +477,7 @@ func (p *jsonParser) value(path string, depth int) (any, bool) {
 				continue
 			}
 			firstAt[name] = kat.line
-			p.d.keys[cp] = kat
+			p.d.keys[FormatPath(cp)] = kat
 			v, ok := p.value(cp, depth+1)
 			if !ok {
 				return nil, false

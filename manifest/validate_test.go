@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	jsonpath "github.com/coreos/vcontext/path"
+
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -424,7 +426,7 @@ func TestLocate(t *testing.T) {
 		t.Errorf("a facts problem became a manifest error: %v", err)
 	}
 
-	e := (&manifest.Manifest{}).ErrorAt("$.machine.gpu", "x")
+	e := (&manifest.Manifest{}).ErrorAt(jsonpath.New("", "machine", "gpu"), "x")
 	if e.Error() != "$.machine.gpu: x" {
 		t.Errorf("ErrorAt without a source: %q", e.Error())
 	}

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"slices"
-	"strings"
 
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -58,10 +57,11 @@ func Check(m *manifest.Manifest) error {
 			// One problem per field: the hosts may word one clash two ways.
 			var rerr *Error
 			if errors.As(e, &rerr) {
-				if seen[rerr.Path] {
+				p := manifest.FormatPath(rerr.Path)
+				if seen[p] {
 					continue
 				}
-				seen[rerr.Path] = true
+				seen[p] = true
 			}
 			errs = append(errs, e)
 		}
@@ -70,10 +70,11 @@ func Check(m *manifest.Manifest) error {
 }
 
 // Locate returns err with its *Error values, which name manifest fields by
-// JSON path, turned into manifest.Errors placed in the source m was loaded
-// from, in source order and without repeats; the command line reports those
-// as bad input, with line and column, like Load's own errors. An err that
-// holds anything else (a facts.* problem, say) is returned as it is.
+// path, turned into manifest.Errors placed in the source m was loaded from,
+// in source order and without repeats; the command line reports those as
+// bad input, with line and column, like Load's own errors. An err that
+// holds anything else (a problem with the host's facts, whose path has a
+// Tag, say) is returned as it is.
 func Locate(m *manifest.Manifest, err error) error {
 	if err == nil {
 		return nil
@@ -82,7 +83,7 @@ func Locate(m *manifest.Manifest, err error) error {
 	seen := map[string]bool{}
 	for _, e := range leaves(err) {
 		var rerr *Error
-		if !errors.As(e, &rerr) || !strings.HasPrefix(rerr.Path, "$") {
+		if !errors.As(e, &rerr) || rerr.Path.Tag != "" {
 			return err
 		}
 		me := m.ErrorAt(rerr.Path, rerr.Msg)

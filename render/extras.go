@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
+	jsonpath "github.com/coreos/vcontext/path"
 	"github.com/vincent-petithory/dataurl"
 
 	"github.com/nodespawn/nodespawn/internal/inflate"
@@ -19,23 +20,23 @@ import (
 // rootfs in the machine phase. Each step remembers the manifest entry it
 // comes from, so a clash with another step is reported there.
 func (r *renderer) renderExtras() error {
-	if err := r.extra(plan.PhaseHost, "$.host.extra", r.m.Host.Extra, func(p string) string { return p }); err != nil {
+	if err := r.extra(plan.PhaseHost, field("host", "extra"), r.m.Host.Extra, func(p string) string { return p }); err != nil {
 		return err
 	}
-	return r.extra(plan.PhaseMachine, "$.machine.extra", r.m.Machine.Extra, r.inRoot)
+	return r.extra(plan.PhaseMachine, field("machine", "extra"), r.m.Machine.Extra, r.inRoot)
 }
 
-func (r *renderer) extra(ph plan.Phase, at string, x manifest.Extra, place func(string) string) error {
+func (r *renderer) extra(ph plan.Phase, at jsonpath.ContextPath, x manifest.Extra, place func(string) string) error {
 	for i, d := range x.Storage.Directories {
 		s := r.dir(ph, place(d.Path), uint32(intOr(d.Mode, 0o755)), "extra directory "+d.Path)
 		s.Directory.Owner = owner(d.Node)
-		s.Origin = fmt.Sprintf("%s.storage.directories[%d].path", at, i)
+		r.from(s, at.Append("storage", "directories", i, "path"))
 	}
 	for i, f := range x.Storage.Files {
-		where := fmt.Sprintf("%s.storage.files[%d]", at, i)
+		where := at.Append("storage", "files", i)
 		data, src, err := fileContents(f)
 		if err != nil {
-			return &Error{where + ".contents", err.Error()}
+			return &Error{where.Append("contents").Copy(), err.Error()}
 		}
 		s := r.file(ph, place(f.Path), "", "extra file "+f.Path, mode(uint32(intOr(f.Mode, 0o644))), owned(owner(f.Node)))
 		setContents(s.File, data)
@@ -44,7 +45,7 @@ func (r *renderer) extra(ph plan.Phase, at string, x manifest.Extra, place func(
 		// provisioner that converges on reruns owns its files instead, and
 		// an explicit overwrite: false keeps what is there.
 		s.File.Overwrite = f.Overwrite == nil || *f.Overwrite
-		s.Origin = where + ".path"
+		r.from(s, where.Append("path"))
 	}
 	for i, l := range x.Storage.Links {
 		target := ""
@@ -58,10 +59,10 @@ func (r *renderer) extra(ph plan.Phase, at string, x manifest.Extra, place func(
 			s.Link.Target = place(target)
 		}
 		s.Link.Owner = owner(l.Node)
-		s.Origin = fmt.Sprintf("%s.storage.links[%d].path", at, i)
+		r.from(s, at.Append("storage", "links", i, "path"))
 	}
 	for i, u := range x.Systemd.Units {
-		r.unit(ph, fmt.Sprintf("%s.systemd.units[%d]", at, i), u, place)
+		r.unit(ph, at.Append("systemd", "units", i), u, place)
 	}
 	return nil
 }
@@ -69,28 +70,28 @@ func (r *renderer) extra(ph plan.Phase, at string, x manifest.Extra, place func(
 // unit writes, masks or enables one extra unit. Load has refused what
 // cannot be enabled: a machine unit without contents, a unit without an
 // [Install] target, a template.
-func (r *renderer) unit(ph plan.Phase, at string, u igntypes.Unit, place func(string) string) {
+func (r *renderer) unit(ph plan.Phase, at jsonpath.ContextPath, u igntypes.Unit, place func(string) string) {
 	unitPath := path.Join(unitDir, u.Name)
 	if u.Mask != nil && *u.Mask {
-		r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name).Origin = at + ".mask"
+		r.from(r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name), at.Append("mask"))
 		return
 	}
 	if u.Contents != nil {
-		r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name).Origin = at + ".name"
+		r.from(r.file(ph, place(unitPath), *u.Contents, "extra unit "+u.Name), at.Append("name"))
 	}
 	for j, d := range u.Dropins {
 		if d.Contents == nil {
 			continue
 		}
 		p := path.Join(unitDir, u.Name+".d", d.Name)
-		r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name).Origin = fmt.Sprintf("%s.dropins[%d].name", at, j)
+		r.from(r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name), at.Append("dropins", j, "name"))
 	}
 	if u.Enabled == nil || !*u.Enabled {
 		return
 	}
 	if u.Contents == nil {
 		if ph == plan.PhaseHost {
-			r.systemd("enable", u.Name, "start:systemd:daemon-reload").Origin = at + ".enabled"
+			r.from(r.systemd("enable", u.Name, "start:systemd:daemon-reload"), at.Append("enabled"))
 		}
 		return
 	}
@@ -99,8 +100,19 @@ func (r *renderer) unit(ph plan.Phase, at string, u igntypes.Unit, place func(st
 		if t.Requires {
 			dir = t.Target + ".requires"
 		}
-		r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target).Origin = at + ".enabled"
+		r.from(r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target), at.Append("enabled"))
 	}
+}
+
+// from records that step s comes from the manifest entry at p, where a
+// clash with another step is reported. s.Origin holds p as users read it;
+// r.origins keeps the path itself under that text, for the Error.
+func (r *renderer) from(s *plan.Step, p jsonpath.ContextPath) {
+	s.Origin = manifest.FormatPath(p)
+	if r.origins == nil {
+		r.origins = map[string]jsonpath.ContextPath{}
+	}
+	r.origins[s.Origin] = p.Copy()
 }
 
 // fileContents decodes an Ignition file's contents: data: URLs (optionally

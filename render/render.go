@@ -13,6 +13,8 @@ import (
 	"text/template"
 	"unicode/utf8"
 
+	jsonpath "github.com/coreos/vcontext/path"
+
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -35,14 +37,23 @@ const MachinesDir = "/var/lib/machines"
 
 // Error is a render failure caused by the manifest: it asks for something
 // this host cannot give (a GPU on a host without one, say), or one of its
-// extra entries clashes with another step of the plan. Path is the JSON path
-// of the manifest field at fault (facts.* when the host's facts are).
+// extra entries clashes with another step of the plan.
 type Error struct {
-	Path string
+	// Path names the manifest field at fault; when the host's facts are at
+	// fault instead, its Tag is "facts" (see fact).
+	Path jsonpath.ContextPath
 	Msg  string
 }
 
-func (e *Error) Error() string { return e.Path + ": " + e.Msg }
+// Error formats the failure as PATH: MSG, the path as manifest.FormatPath
+// writes it.
+func (e *Error) Error() string { return manifest.FormatPath(e.Path) + ": " + e.Msg }
+
+// field is the path of a manifest field: member names and array indexes.
+func field(elems ...any) jsonpath.ContextPath { return jsonpath.New("", elems...) }
+
+// fact is the path of a field of the host's facts, written facts.NAME.
+func fact(name string) jsonpath.ContextPath { return jsonpath.New("facts", name) }
 
 // Plan builds the plan for manifest m on the host described by f. The
 // manifest must have been loaded by manifest.Load (validated and defaulted):
@@ -81,31 +92,34 @@ type renderer struct {
 	bpffs    bool
 	// containerdV3 selects the containerd 2.x configuration format.
 	containerdV3 bool
+	// origins maps each step's Origin to the manifest path it was made
+	// from (see from).
+	origins map[string]jsonpath.ContextPath
 }
 
 func (r *renderer) decide() error {
 	m := r.m
 	r.machine = m.Machine.Name
 	if r.machine == "" {
-		return &Error{"$.machine.name", "is empty (load the manifest with manifest.Load so defaults apply)"}
+		return &Error{field("machine", "name"), "is empty (load the manifest with manifest.Load so defaults apply)"}
 	}
 	r.rootfs = path.Join(MachinesDir, r.machine)
 	r.nodeName = m.Kubernetes.NodeName
 	if r.nodeName == "" {
 		r.nodeName = strings.ToLower(r.f.Hostname)
 		if !validNodeName(r.nodeName) {
-			return &Error{"$.kubernetes.nodeName", fmt.Sprintf("not set, and the host name %q is not a valid node name; set kubernetes.nodeName", r.f.Hostname)}
+			return &Error{field("kubernetes", "nodeName"), fmt.Sprintf("not set, and the host name %q is not a valid node name; set kubernetes.nodeName", r.f.Hostname)}
 		}
 	}
 	if r.f.Arch == "" {
-		return &Error{"facts.arch", "the host architecture is unknown"}
+		return &Error{fact("arch"), "the host architecture is unknown"}
 	}
 
 	hasGPU := r.f.NVIDIA != nil && len(r.f.NVIDIA.DeviceNodes) > 0
 	switch m.Machine.GPU {
 	case manifest.SwitchOn:
 		if !hasGPU {
-			return &Error{"$.machine.gpu", "is \"on\" but this host has no NVIDIA device nodes (/dev/nvidia*); use \"auto\" or \"off\""}
+			return &Error{field("machine", "gpu"), "is \"on\" but this host has no NVIDIA device nodes (/dev/nvidia*); use \"auto\" or \"off\""}
 		}
 		r.gpu = true
 	case manifest.SwitchOff:
@@ -115,7 +129,7 @@ func (r *renderer) decide() error {
 	switch m.Machine.KVM {
 	case manifest.SwitchOn:
 		if !r.f.KVM {
-			return &Error{"$.machine.kvm", "is \"on\" but this host has no /dev/kvm; use \"auto\" or \"off\""}
+			return &Error{field("machine", "kvm"), "is \"on\" but this host has no /dev/kvm; use \"auto\" or \"off\""}
 		}
 		r.kvm = true
 	case manifest.SwitchOff:

@@ -7,11 +7,13 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
 
 	igntypes "github.com/coreos/ignition/v2/config/v3_5/types"
+	jsonpath "github.com/coreos/vcontext/path"
 
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -252,7 +254,7 @@ func TestSwitchOnWithoutDevice(t *testing.T) {
 	} {
 		_, err := render.Plan(loadManifest(t, tc.manifest), loadFacts(t, "cpu"))
 		var rerr *render.Error
-		if !errors.As(err, &rerr) || rerr.Path != tc.path {
+		if !errors.As(err, &rerr) || manifest.FormatPath(rerr.Path) != tc.path {
 			t.Errorf("%s on a host without the device: got %v, want a render.Error at %s", tc.manifest, err, tc.path)
 		}
 	}
@@ -287,8 +289,8 @@ func TestExtraFileClashesWithGenerated(t *testing.T) {
 	m.Machine.Extra.Storage.Files = append(m.Machine.Extra.Storage.Files, extraFile("/etc/hostname", src))
 	_, err := render.Plan(m, loadFacts(t, "cpu"))
 	want := []render.Error{
-		{Path: "$.host.extra.storage.files[1].path", Msg: "/etc/systemd/nspawn/kube1.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube1.nspawn)"},
-		{Path: "$.machine.extra.storage.files[0].path", Msg: "/etc/hostname is also created by nodespawn (step machine:file:/etc/hostname)"},
+		{Path: jsonpath.New("", "host", "extra", "storage", "files", 1, "path"), Msg: "/etc/systemd/nspawn/kube1.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube1.nspawn)"},
+		{Path: jsonpath.New("", "machine", "extra", "storage", "files", 0, "path"), Msg: "/etc/hostname is also created by nodespawn (step machine:file:/etc/hostname)"},
 	}
 	j, ok := err.(interface{ Unwrap() []error })
 	if !ok || len(j.Unwrap()) != len(want) {
@@ -296,13 +298,13 @@ func TestExtraFileClashesWithGenerated(t *testing.T) {
 	}
 	for i, e := range j.Unwrap() {
 		var rerr *render.Error
-		if !errors.As(e, &rerr) || *rerr != want[i] {
+		if !errors.As(e, &rerr) || !reflect.DeepEqual(*rerr, want[i]) {
 			t.Errorf("clash %d: got %v, want %v", i, e, &want[i])
 		}
 	}
 	// Located in a manifest not made by Load, the errors keep their paths.
 	var es manifest.Errors
-	if !errors.As(render.Locate(m, err), &es) || len(es) != 2 || es[0].Path != want[0].Path {
+	if !errors.As(render.Locate(m, err), &es) || len(es) != 2 || es[0].Path != manifest.FormatPath(want[0].Path) {
 		t.Errorf("Locate: %v", es)
 	}
 }

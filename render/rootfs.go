@@ -5,6 +5,8 @@ import (
 	"path"
 	"strings"
 
+	jsonpath "github.com/coreos/vcontext/path"
+
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -52,7 +54,7 @@ func (r *renderer) renderRootfs() error {
 			img.Reference = src.GPUImage
 		}
 		if img.Reference == "" {
-			return &Error{"$.machine.rootfs.image", "no rootfs image (load the manifest with manifest.Load so defaults apply)"}
+			return &Error{field("machine", "rootfs", "image"), "no rootfs image (load the manifest with manifest.Load so defaults apply)"}
 		}
 		what = "pull " + img.Reference + " (" + img.Platform + " only) and unpack it"
 	}
@@ -82,14 +84,14 @@ func (r *renderer) renderRootfs() error {
 		if d.c.Version == "" && (d.name == upstream.Kubelet || d.name == upstream.Kubectl || d.name == upstream.KubeProxy) {
 			d.c.Version = k8sVersion
 		}
-		if err := r.download(d.name, d.c, c.Mirror, "$.components."+d.at); err != nil {
+		if err := r.download(d.name, d.c, c.Mirror, field("components", d.at)); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (r *renderer) download(name string, c manifest.Component, mirror, at string) error {
+func (r *renderer) download(name string, c manifest.Component, mirror string, at jsonpath.ContextPath) error {
 	base := c.BaseURL
 	if base == "" {
 		base = mirror
