@@ -1,12 +1,24 @@
 // Package probe gathers the host Facts that render needs: architecture,
-// hostname, resolvers and the upstream servers pods can reach, KVM, swap,
-// systemd-container, and NVIDIA GPUs with their device nodes and driver
-// libraries. It only reads; every path it reads lies under Options.Root, so
-// tests describe a host with a directory tree.
+// hostname, resolvers and the upstream servers pods can reach, network
+// interfaces with their default routes, KVM, swap, systemd-container, and
+// NVIDIA GPUs with their device nodes and driver libraries. It only reads;
+// every path it reads lies under Options.Root, so tests describe a host
+// with a directory tree.
 //
-// Device nodes: on the real root ("/") only character devices count. Under
-// any other Root a regular file stands in for a device node as well, so that
-// fixture trees in testdata need no mknod (and can live in git).
+// Under any Root other than "/" the tree follows these conventions, so
+// that fixture trees in testdata need no mknod and no network namespace
+// (and can live in git):
+//
+//   - Device nodes: on the real root only character devices count. Under
+//     a fake Root a regular file stands in for a device node as well.
+//   - Network interfaces: each directory <Root>/sys/class/net/<name> is an
+//     interface; its operstate file ("up" or "unknown" for a running one,
+//     as in sysfs) says whether it runs, and its nodespawn-test-addresses
+//     file lists its addresses, one in CIDR form ("10.0.0.4/24") a line.
+//     A real /sys has no such file: on the real root the addresses come
+//     from the kernel (net.Interfaces). Default routes come from
+//     <Root>/proc/net/route and <Root>/proc/net/ipv6_route either way.
+//   - NVML is not consulted (see Options.NVML).
 package probe
 
 import (
@@ -104,6 +116,9 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 		return plan.Facts{}, err
 	}
 	if err := p.dns(&f); err != nil {
+		return plan.Facts{}, err
+	}
+	if f.Interfaces, err = p.interfaces(); err != nil {
 		return plan.Facts{}, err
 	}
 	if f.KVM, err = p.deviceNode(devKVM); err != nil {
