@@ -1,7 +1,8 @@
 // Package probe gathers the host Facts that render needs: architecture,
 // hostname, resolvers and the upstream servers pods can reach, network
-// interfaces with their default routes, KVM, swap, systemd-container, and
-// NVIDIA GPUs with their device nodes and driver libraries. It only reads;
+// interfaces with their default routes, KVM, swap, systemd-container,
+// NVIDIA GPUs with their device nodes and driver libraries, RDMA devices,
+// and the device classes of the directories under /dev. It only reads;
 // every path it reads lies under Options.Root, so tests describe a host
 // with a directory tree.
 //
@@ -9,8 +10,13 @@
 // that fixture trees in testdata need no mknod and no network namespace
 // (and can live in git):
 //
-//   - Device nodes: on the real root only character devices count. Under
-//     a fake Root a regular file stands in for a device node as well.
+//   - Device nodes: on the real root only device nodes count (only
+//     character devices where the probe looks for GPU or RDMA nodes). Under
+//     a fake Root a regular file stands in for a device node as well. Its
+//     content may give its type and numbers as ls -l shows them,
+//     "c 231:192" (character device, major 231, minor 192) or "b 8:0"
+//     (block device); an empty file is a node whose numbers are unknown,
+//     which adds no class to Facts.DeviceDirs.
 //   - Network interfaces: each directory <Root>/sys/class/net/<name> is an
 //     interface; its operstate file ("up" or "unknown" for a running one,
 //     as in sysfs) says whether it runs, and its nodespawn-test-addresses
@@ -131,6 +137,16 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 		return plan.Facts{}, err
 	}
 	if f.NVIDIA, err = p.nvidia(ctx, nv, ldCache); err != nil {
+		return plan.Facts{}, err
+	}
+	if f.RDMA, err = p.rdma(); err != nil {
+		return plan.Facts{}, err
+	}
+	names, err := p.procDeviceNames()
+	if err != nil {
+		return plan.Facts{}, err
+	}
+	if f.DeviceDirs, err = p.deviceDirs(names); err != nil {
 		return plan.Facts{}, err
 	}
 	return f, nil

@@ -36,6 +36,7 @@ func TestGatherThisHost(t *testing.T) {
 	}
 	t.Logf("log:\n%s", logs.String())
 	checkThisHostNetwork(t, facts)
+	checkThisHostDevices(t, facts)
 
 	_, nvmlErr := SystemNVML().Query(context.Background())
 	if nvmlErr != nil {
@@ -125,5 +126,26 @@ func checkThisHostNetwork(t *testing.T, facts plan.Facts) {
 				t.Errorf("interface %s: address %q is no global unicast address in CIDR form (%v)", ifc.Name, a, err)
 			}
 		}
+	}
+}
+
+// checkThisHostDevices checks the device classes against a node every
+// host with the tun driver has: /dev/net/tun, a misc device (major 10).
+func checkThisHostDevices(t *testing.T, facts plan.Facts) {
+	t.Helper()
+	for dir, classes := range facts.DeviceDirs {
+		for _, c := range classes {
+			if !strings.HasPrefix(c, "char-") && !strings.HasPrefix(c, "block-") {
+				t.Errorf("DeviceDirs[%s] has class %q, want char-NAME or block-NAME", dir, c)
+			}
+		}
+	}
+	fi, err := os.Lstat("/dev/net/tun")
+	if err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		t.Logf("no /dev/net/tun character device here; its class is not checked")
+		return
+	}
+	if !slices.Contains(facts.DeviceDirs["/dev/net"], "char-misc") {
+		t.Errorf("DeviceDirs[/dev/net] = %q, want char-misc for /dev/net/tun", facts.DeviceDirs["/dev/net"])
 	}
 }
