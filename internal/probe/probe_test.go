@@ -138,6 +138,31 @@ func TestGatherFixtures(t *testing.T) {
 	}
 }
 
+// TestRenderFacts keeps render's h200-connectx facts, which stand for the
+// probed fixture host, equal to its golden facts and readable the way
+// apply --facts reads them (unknown fields refused).
+func TestRenderFacts(t *testing.T) {
+	path := filepath.Join("..", "..", "render", "testdata", "facts", "h200-connectx.json")
+	probed := filepath.Join("testdata", "hosts", "h200-connectx", "facts.json")
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(probed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+		t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
+	}
+	var f plan.Facts
+	dec := json.NewDecoder(bytes.NewReader(got))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		t.Errorf("%s: %v", path, err)
+	}
+}
+
 // golden compares got with the file at path, or rewrites it under -update.
 func golden(t *testing.T, path string, got []byte) {
 	t.Helper()
