@@ -8,17 +8,52 @@ type Facts struct {
 	Arch string `json:"arch"`
 	// Hostname is the host's name, the default node name.
 	Hostname string `json:"hostname"`
-	// ResolvConf is the host path of the real upstream resolv.conf
-	// (/run/systemd/resolve/resolv.conf where systemd-resolved runs, else
-	// /etc/resolv.conf), and Nameservers the servers it lists.
+	// ResolvConf is "/etc/resolv.conf" when the host has that file, else
+	// "". Nameservers, Search and ResolvOptions are its contents as written
+	// (loopback stubs such as 127.0.0.53 included): the machine shares the
+	// host's network namespace, so what works on the host works in the
+	// machine, but a loopback server is out of reach from a pod's own
+	// network namespace; Upstream lists the servers pods can use.
 	ResolvConf  string   `json:"resolvConf"`
 	Nameservers []string `json:"nameservers,omitempty"`
-	// Search is the resolv.conf search list, copied into the machine.
+	// Search is the resolv.conf search list (its last "search" or
+	// "domain" line, as the C library reads it).
 	Search []string `json:"search,omitempty"`
+	// ResolvOptions are the words of the resolv.conf "options" lines, in
+	// order: "edns0", "trust-ad", "ndots:2", ...
+	ResolvOptions []string `json:"resolvOptions,omitempty"`
+	// Upstream are the host's real upstream name servers, the ones a pod
+	// (in its own network namespace) can reach; nil when the host has none
+	// (only a loopback stub, or no resolv.conf at all).
+	Upstream *Resolvers `json:"upstream,omitempty"`
+	// Interfaces are the host's network interfaces that can carry the
+	// node IP: those that are operationally up and have at least one
+	// global unicast address. Sorted by name.
+	Interfaces []Interface `json:"interfaces,omitempty"`
 	// KVM is true when /dev/kvm exists.
 	KVM bool `json:"kvm"`
 	// NVIDIA describes NVIDIA GPUs; nil when the host has none.
 	NVIDIA *NVIDIA `json:"nvidia,omitempty"`
+	// RDMA describes the host's RDMA (InfiniBand, RoCE) devices; nil when
+	// /dev/infiniband holds no device node.
+	RDMA *RDMA `json:"rdma,omitempty"`
+	// DeviceDirs maps each directory under /dev that directly holds
+	// device nodes to the device classes of those nodes, for systemd's
+	// DeviceAllow= when the whole directory is bound into the machine.
+	// Keys are host paths one or two levels below /dev ("/dev/infiniband",
+	// "/dev/nvidia-caps", "/dev/snd"); /dev/pts, /dev/shm, /dev/mqueue,
+	// /dev/hugepages, /dev/disk, /dev/char, /dev/block and /dev/fd are left
+	// out, and so are symlinks. Values are sorted, unique classes as
+	// systemd.resource-control(5) spells them, "char-<name>" or
+	// "block-<name>" with the driver name /proc/devices gives the node's
+	// major: ["char-infiniband_mad", "char-infiniband_verbs", "char-misc"].
+	// A class stands for the whole major, every minor: where drivers share
+	// a major each of their names is listed (InfiniBand's umad and uverbs
+	// nodes both use 231), and "char-misc" (major 10) admits every misc
+	// device (fuse, kvm, rdma_cm, ...), so a node in that class is better
+	// allowed by its path. A node whose major /proc/devices does not name
+	// adds no class; a directory left with none is not listed.
+	DeviceDirs map[string][]string `json:"deviceDirs,omitempty"`
 	// HasSystemdContainer is true when systemd-nspawn and machinectl exist.
 	HasSystemdContainer bool `json:"hasSystemdContainer"`
 	// Swap is true when swap is active or configured in fstab.
@@ -50,4 +85,55 @@ type GPU struct {
 type LibraryDir struct {
 	Path      string   `json:"path"`
 	Libraries []string `json:"libraries"`
+}
+
+// Resolvers is one resolv.conf's list of name servers.
+type Resolvers struct {
+	// Source is the host path of the file the list comes from:
+	// /run/systemd/resolve/resolv.conf (systemd-resolved),
+	// /run/NetworkManager/no-stub-resolv.conf or
+	// /run/NetworkManager/resolv.conf (NetworkManager),
+	// /run/dnsmasq/resolv.conf (Debian's dnsmasq) or /etc/resolv.conf.
+	Source string `json:"source"`
+	// Nameservers are the file's servers in order, loopback and
+	// unspecified (0.0.0.0, ::) addresses left out, so never empty. An IPv6
+	// address keeps its zone as written: "fe80::1%eth0".
+	Nameservers []string `json:"nameservers"`
+	// Search is the file's search list (its last "search" or "domain"
+	// line).
+	Search []string `json:"search,omitempty"`
+	// Options are the words of the file's "options" lines, in order.
+	Options []string `json:"options,omitempty"`
+}
+
+// Interface is one host network interface that can carry the node IP.
+type Interface struct {
+	// Name is the kernel's interface name: "eth0", "ib0".
+	Name string `json:"name"`
+	// Addresses are the interface's global unicast addresses in CIDR form
+	// ("10.0.0.4/24", "fd00::5/64") in the order the kernel lists them:
+	// never a loopback, link-local, multicast or unspecified address.
+	// Private ranges (10/8, fc00::/7, ...) count as global here. Never
+	// empty.
+	Addresses []string `json:"addresses"`
+	// DefaultRoute4 is true when an IPv4 default route (0.0.0.0/0, as
+	// /proc/net/route lists the main table) goes out through this
+	// interface, DefaultRoute6 the same for IPv6 (::/0, as
+	// /proc/net/ipv6_route lists it). Unreachable and prohibit routes do
+	// not count.
+	DefaultRoute4 bool `json:"defaultRoute4,omitempty"`
+	DefaultRoute6 bool `json:"defaultRoute6,omitempty"`
+}
+
+// RDMA is the host's RDMA stack: what a machine needs bound and loaded for
+// InfiniBand or RoCE verbs (and GPUDirect RDMA) to work inside it.
+type RDMA struct {
+	// DeviceNodes are the device nodes in /dev/infiniband, as host paths
+	// in natural order: /dev/infiniband/issm0, ..., /dev/infiniband/rdma_cm,
+	// /dev/infiniband/umad0, ..., /dev/infiniband/uverbs0, ... Never empty.
+	DeviceNodes []string `json:"deviceNodes"`
+	// Modules are the loaded kernel modules among ib_uverbs, rdma_ucm,
+	// ib_umad, mlx5_ib, mlx5_core and nvidia_peermem (from /proc/modules),
+	// sorted by name. A module built into the kernel is not listed.
+	Modules []string `json:"modules,omitempty"`
 }

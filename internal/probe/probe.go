@@ -1,12 +1,30 @@
 // Package probe gathers the host Facts that render needs: architecture,
-// hostname, resolvers, KVM, swap, systemd-container, and NVIDIA GPUs with
-// their device nodes and driver libraries. It only reads; every path it
-// reads lies under Options.Root, so tests describe a host with a directory
-// tree.
+// hostname, resolvers and the upstream servers pods can reach, network
+// interfaces with their default routes, KVM, swap, systemd-container,
+// NVIDIA GPUs with their device nodes and driver libraries, RDMA devices,
+// and the device classes of the directories under /dev. It only reads;
+// every path it reads lies under Options.Root, so tests describe a host
+// with a directory tree.
 //
-// Device nodes: on the real root ("/") only character devices count. Under
-// any other Root a regular file stands in for a device node as well, so that
-// fixture trees in testdata need no mknod (and can live in git).
+// Under any Root other than "/" the tree follows these conventions, so
+// that fixture trees in testdata need no mknod and no network namespace
+// (and can live in git):
+//
+//   - Device nodes: on the real root only device nodes count (only
+//     character devices where the probe looks for GPU or RDMA nodes). Under
+//     a fake Root a regular file stands in for a device node as well. Its
+//     content may give its type and numbers as ls -l shows them,
+//     "c 231:192" (character device, major 231, minor 192) or "b 8:0"
+//     (block device); an empty file is a node whose numbers are unknown,
+//     which adds no class to Facts.DeviceDirs.
+//   - Network interfaces: each directory <Root>/sys/class/net/<name> is an
+//     interface; its operstate file ("up" or "unknown" for a running one,
+//     as in sysfs) says whether it runs, and its nodespawn-test-addresses
+//     file lists its addresses, one in CIDR form ("10.0.0.4/24") a line.
+//     A real /sys has no such file: on the real root the addresses come
+//     from the kernel (net.Interfaces). Default routes come from
+//     <Root>/proc/net/route and <Root>/proc/net/ipv6_route either way.
+//   - NVML is not consulted (see Options.NVML).
 package probe
 
 import (
@@ -17,7 +35,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -49,14 +66,12 @@ type Options struct {
 
 // Host paths the probe reads (under Root).
 const (
-	resolvedResolvConf = "/run/systemd/resolve/resolv.conf"
-	etcResolvConf      = "/etc/resolv.conf"
-	etcHostname        = "/etc/hostname"
-	devKVM             = "/dev/kvm"
-	procSwaps          = "/proc/swaps"
-	etcFstab           = "/etc/fstab"
-	etcLdCache         = "/etc/ld.so.cache"
-	procNVIDIAVersion  = "/proc/driver/nvidia/version"
+	etcHostname       = "/etc/hostname"
+	devKVM            = "/dev/kvm"
+	procSwaps         = "/proc/swaps"
+	etcFstab          = "/etc/fstab"
+	etcLdCache        = "/etc/ld.so.cache"
+	procNVIDIAVersion = "/proc/driver/nvidia/version"
 )
 
 // prober carries one Gather's settings.
@@ -106,7 +121,10 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if f.Hostname, err = p.hostname(); err != nil {
 		return plan.Facts{}, err
 	}
-	if f.ResolvConf, f.Nameservers, err = p.resolvConf(); err != nil {
+	if err := p.dns(&f); err != nil {
+		return plan.Facts{}, err
+	}
+	if f.Interfaces, err = p.interfaces(); err != nil {
 		return plan.Facts{}, err
 	}
 	if f.KVM, err = p.deviceNode(devKVM); err != nil {
@@ -119,6 +137,16 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 		return plan.Facts{}, err
 	}
 	if f.NVIDIA, err = p.nvidia(ctx, nv, ldCache); err != nil {
+		return plan.Facts{}, err
+	}
+	if f.RDMA, err = p.rdma(); err != nil {
+		return plan.Facts{}, err
+	}
+	names, err := p.procDeviceNames()
+	if err != nil {
+		return plan.Facts{}, err
+	}
+	if f.DeviceDirs, err = p.deviceDirs(names); err != nil {
 		return plan.Facts{}, err
 	}
 	return f, nil
@@ -158,56 +186,6 @@ func (p *prober) hostname() (string, error) {
 		return "", fmt.Errorf("read the kernel hostname (%s is missing): %w", etcHostname, err)
 	}
 	return name, nil
-}
-
-// resolvConf picks the resolv.conf that lists the real upstream servers:
-// systemd-resolved's own list when it runs, else /etc/resolv.conf (which
-// on a resolved host only names the 127.0.0.53 stub, unusable from a pod's
-// network namespace).
-func (p *prober) resolvConf() (string, []string, error) {
-	for _, path := range []string{resolvedResolvConf, etcResolvConf} {
-		b, err := readOptional(p.at(path))
-		if err != nil {
-			return "", nil, err
-		}
-		if b == nil {
-			continue
-		}
-		servers := nameservers(b)
-		switch {
-		case len(servers) == 0:
-			p.log.Warn("resolv.conf lists no nameserver; pods with dnsPolicy Default will have no DNS", "path", path)
-		case allLoopback(servers):
-			p.log.Warn("resolv.conf lists only loopback resolvers (the systemd-resolved stub?); pods with dnsPolicy Default cannot reach them",
-				"path", path, "nameservers", servers)
-		}
-		return path, servers, nil
-	}
-	p.log.Warn("no resolv.conf found", "paths", []string{resolvedResolvConf, etcResolvConf})
-	return "", nil, nil
-}
-
-// nameservers returns the nameserver addresses of a resolv.conf, in order.
-func nameservers(b []byte) []string {
-	var out []string
-	for line := range strings.Lines(string(b)) {
-		fields := strings.Fields(line)
-		if len(fields) >= 2 && fields[0] == "nameserver" {
-			out = append(out, fields[1])
-		}
-	}
-	return out
-}
-
-// allLoopback reports whether every server is a loopback address.
-func allLoopback(servers []string) bool {
-	for _, s := range servers {
-		addr, err := netip.ParseAddr(s)
-		if err != nil || !addr.IsLoopback() {
-			return false
-		}
-	}
-	return true
 }
 
 // isDeviceNode tells whether an entry stands for a device node: a character

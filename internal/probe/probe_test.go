@@ -38,6 +38,15 @@ func h100s(n int) []plan.GPU {
 	return gpus
 }
 
+// h200s returns n GPUs as NVML reports them on an HGX H200 board.
+func h200s(n int) []plan.GPU {
+	gpus := make([]plan.GPU, n)
+	for i := range gpus {
+		gpus[i] = plan.GPU{Index: i, UUID: "GPU-9c4d2e1b-7a30-4f6e-8b52-1d0e3f4a5b6" + string(rune('0'+i)), Name: "NVIDIA H200"}
+	}
+	return gpus
+}
+
 // captureLog returns a logger that records warnings (debug too when
 // debug is set) as text without timestamps.
 func captureLog(buf *bytes.Buffer, level slog.Level) *slog.Logger {
@@ -84,6 +93,12 @@ func TestGatherFixtures(t *testing.T) {
 			},
 		}}},
 		{name: "arm64", arch: "arm64", nvml: unavailable},
+		// An HGX H200 with eight ConnectX HCAs: RDMA nodes and modules,
+		// device classes from /proc/devices, the resolved stub with its
+		// upstream list, Ethernet and IPoIB interfaces.
+		{name: "h200-connectx", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{DriverVersion: "570.133.20", GPUs: h200s(8)}}},
+		// Only a dnsmasq-style 127.0.0.1 and no upstream list anywhere.
+		{name: "stub-only", arch: "amd64", nvml: unavailable},
 		// Recorded on a real GPU VM (see its README).
 		{name: "h200-vm", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
 			DriverVersion: "580.159.04",
@@ -120,6 +135,31 @@ func TestGatherFixtures(t *testing.T) {
 			golden(t, filepath.Join("testdata", "hosts", tt.name, "facts.json"), append(got, '\n'))
 			golden(t, filepath.Join("testdata", "hosts", tt.name, "warnings.txt"), logs.Bytes())
 		})
+	}
+}
+
+// TestRenderFacts keeps render's h200-connectx facts, which stand for the
+// probed fixture host, equal to its golden facts and readable the way
+// apply --facts reads them (unknown fields refused).
+func TestRenderFacts(t *testing.T) {
+	path := filepath.Join("..", "..", "render", "testdata", "facts", "h200-connectx.json")
+	probed := filepath.Join("testdata", "hosts", "h200-connectx", "facts.json")
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(probed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+		t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
+	}
+	var f plan.Facts
+	dec := json.NewDecoder(bytes.NewReader(got))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		t.Errorf("%s: %v", path, err)
 	}
 }
 

@@ -6,11 +6,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // TestGatherThisHost probes the machine the test runs on, with the build's
@@ -30,6 +35,8 @@ func TestGatherThisHost(t *testing.T) {
 		t.Error("Hostname is empty on the real root")
 	}
 	t.Logf("log:\n%s", logs.String())
+	checkThisHostNetwork(t, facts)
+	checkThisHostDevices(t, facts)
 
 	_, nvmlErr := SystemNVML().Query(context.Background())
 	if nvmlErr != nil {
@@ -92,4 +99,53 @@ func hostHasNVML(t *testing.T) bool {
 		}
 	}
 	return false
+}
+
+// checkThisHostNetwork checks what must hold for any host's resolvers and
+// interfaces.
+func checkThisHostNetwork(t *testing.T, facts plan.Facts) {
+	t.Helper()
+	if u := facts.Upstream; u != nil {
+		if len(u.Nameservers) == 0 || len(reachable(u.Nameservers)) != len(u.Nameservers) {
+			t.Errorf("Upstream from %s lists loopback or no servers: %q", u.Source, u.Nameservers)
+		}
+	}
+	if !slices.IsSortedFunc(facts.Interfaces, func(a, b plan.Interface) int { return strings.Compare(a.Name, b.Name) }) {
+		t.Errorf("Interfaces are not sorted by name: %+v", facts.Interfaces)
+	}
+	for _, ifc := range facts.Interfaces {
+		if _, err := net.InterfaceByName(ifc.Name); err != nil {
+			t.Errorf("interface %s: %v", ifc.Name, err)
+		}
+		if len(ifc.Addresses) == 0 {
+			t.Errorf("interface %s has no address", ifc.Name)
+		}
+		for _, a := range ifc.Addresses {
+			prefix, err := netip.ParsePrefix(a)
+			if err != nil || !prefix.Addr().IsGlobalUnicast() {
+				t.Errorf("interface %s: address %q is no global unicast address in CIDR form (%v)", ifc.Name, a, err)
+			}
+		}
+	}
+}
+
+// checkThisHostDevices checks the device classes against a node every
+// host with the tun driver has: /dev/net/tun, a misc device (major 10).
+func checkThisHostDevices(t *testing.T, facts plan.Facts) {
+	t.Helper()
+	for dir, classes := range facts.DeviceDirs {
+		for _, c := range classes {
+			if !strings.HasPrefix(c, "char-") && !strings.HasPrefix(c, "block-") {
+				t.Errorf("DeviceDirs[%s] has class %q, want char-NAME or block-NAME", dir, c)
+			}
+		}
+	}
+	fi, err := os.Lstat("/dev/net/tun")
+	if err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		t.Logf("no /dev/net/tun character device here; its class is not checked")
+		return
+	}
+	if !slices.Contains(facts.DeviceDirs["/dev/net"], "char-misc") {
+		t.Errorf("DeviceDirs[/dev/net] = %q, want char-misc for /dev/net/tun", facts.DeviceDirs["/dev/net"])
+	}
 }
