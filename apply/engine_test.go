@@ -312,3 +312,50 @@ func TestFirstboot(t *testing.T) {
 		t.Error("a relative binary path was accepted")
 	}
 }
+
+// causeDownloader fails one download and makes every other wait for the
+// phase's cancellation, returning an error that carries its cause, the
+// way an HTTP request cancelled with context.Cause does.
+type causeDownloader struct{ fakeDownloader }
+
+type causeArtifact struct{ fail bool }
+
+func (a causeArtifact) Install(ctx context.Context, _ *confine.Root, _ string) (bool, error) {
+	if a.fail {
+		return false, errors.New("sha256 mismatch")
+	}
+	<-ctx.Done()
+	return false, fmt.Errorf("fetch checksum: %w", context.Cause(ctx))
+}
+
+func (d *causeDownloader) Fetch(ctx context.Context, dl *plan.Download, _ *confine.Root, _ string) (Artifact, error) {
+	return causeArtifact{fail: dl.Name == "kubelet"}, nil
+}
+
+// TestCancelledStepsAreNotFailures: when one step fails, the steps
+// cancelled because of it are recorded as skipped, naming it, even when
+// their error carries the failure as the cancellation's cause; only the
+// step that failed is a failure.
+func TestCancelledStepsAreNotFailures(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	deps.Downloader = &causeDownloader{}
+	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts.Root = root
+	_, err := Run(context.Background(), testPlan(), opts)
+	var se *StepError
+	if !errors.As(err, &se) || se.ID != "rootfs:download:kubelet" {
+		t.Fatalf("Run: %v, want the kubelet download's failure", err)
+	}
+	rec, err := ReadRecord(root)
+	must(t, err)
+	for _, s := range rec.Steps {
+		if s.Outcome == OutcomeFailed && s.ID != "rootfs:download:kubelet" {
+			t.Errorf("%s recorded as failed (%s); it was cancelled", s.ID, s.Error)
+		}
+		if s.ID == "rootfs:download:cni" && (s.Outcome != OutcomeSkipped || !strings.Contains(s.Error, "rootfs:download:kubelet")) {
+			t.Errorf("the cancelled download: %s %q", s.Outcome, s.Error)
+		}
+	}
+}

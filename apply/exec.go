@@ -138,8 +138,10 @@ func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 			failure = &StepError{ID: r.step.ID, Kind: r.step.Kind, Err: r.err}
 			cancel(failure)
 		}
-		if r.outcome == OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && errors.Is(r.err, context.Canceled) {
-			// Cancelled because another step failed: not a failure of its own.
+		if r.outcome == OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && (errors.Is(r.err, context.Canceled) || errors.Is(r.err, failure)) {
+			// Cancelled because another step failed (its error may carry
+			// that failure as the cancellation's cause): not a failure of
+			// its own.
 			r.outcome, r.err = OutcomeSkipped, errors.New("cancelled: "+failedStep(failure))
 		}
 		if err := e.report(r); err != nil {
