@@ -165,6 +165,9 @@ kind: Node
 machine:
   name: pipe
   kvm: "off"
+  # The test's root has no resolv.conf to take upstream servers from.
+  dns:
+    nameservers: [10.0.0.53]
   rootfs:
     layout:
       path: ` + layout + `

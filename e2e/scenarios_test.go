@@ -199,6 +199,10 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 		{"cgroup2 in the machine", inMachine("stat -f -c %T /sys/fs/cgroup"), []string{"cgroup2fs"}},
 		{"controllers delegated", inMachine("cat /sys/fs/cgroup/cgroup.controllers"), []string{"cpu", "memory", "pids", "io"}},
 		{"/lib/modules of the running kernel", inMachine("ls -d /lib/modules/$(uname -r)/kernel"), []string{"/kernel"}},
+		// The configuration is the version this containerd reads as is.
+		{"containerd logged no migration or deprecation", inMachine("! journalctl -u containerd --no-pager -o cat | grep -iE 'migrat|deprecat'") + " && echo clean", []string{"clean"}},
+		{"pods get upstream resolvers", inMachine("grep -h nameserver /etc/kubernetes/resolv.conf"), []string{"nameserver 10.0.2.3"}},
+		{"kubelet registers the default route's address", inMachine("cat /etc/systemd/system/kubelet.service.d/10-nodespawn.conf"), []string{"--node-ip=10.0.2.15"}},
 	}
 	// Every check's output goes to checks-<test>.txt beside the serial log,
 	// so a passing run can be read too.

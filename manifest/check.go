@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
@@ -24,6 +25,10 @@ func check(m *Manifest) []problem {
 	c.kubernetes(&m.Kubernetes)
 	c.components(&m.Components)
 	c.host(&m.Host)
+	c.duration(jsonpath.New("", "firstBoot", "retryFor"), m.FirstBoot.RetryFor, 0)
+	c.duration(jsonpath.New("", "upgrade", "readyTimeout"), m.Upgrade.ReadyTimeout, 10*time.Second)
+	c.duration(jsonpath.New("", "upgrade", "stopTimeout"), m.Upgrade.StopTimeout, time.Second)
+	c.report(m.Report)
 	return c.probs
 }
 
@@ -64,6 +69,7 @@ func (c *checker) machine(mc *Machine) {
 			c.add(p.Append("systemCallFilter", i), "one system call or @group per entry, without spaces")
 		}
 	}
+	c.dns(p.Append("dns"), mc.DNS)
 	c.extra(p.Append("extra"), &mc.Extra, false)
 }
 
@@ -228,6 +234,8 @@ func (c *checker) kubernetes(k *Kubernetes) {
 	if k.ClusterDomain != "" && !isDNS1123Subdomain(k.ClusterDomain) {
 		c.add(p.Append("clusterDomain"), "must be a DNS domain (lowercase letters, digits, '-' and '.')")
 	}
+	c.nodeIP(p.Append("nodeIP"), k)
+	c.duration(p.Append("shutdownGracePeriod"), k.ShutdownGracePeriod, 0)
 	if k.NodeName != "" && !isDNS1123Subdomain(k.NodeName) {
 		c.add(p.Append("nodeName"), "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit")
 	}
@@ -441,6 +449,8 @@ func (c *checker) components(cs *Components) {
 		if e.c.Version != "" {
 			if msg := semverProblem(e.c.Version); msg != "" {
 				c.add(cp.Append("version"), "%s", msg)
+			} else if e.name == "containerd" {
+				c.containerdVersion(cp.Append("version"), e.c.Version)
 			}
 		}
 		if e.c.URL != "" {

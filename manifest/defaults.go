@@ -7,17 +7,28 @@ import "strings"
 // for editors (a test keeps the two in step).
 const (
 	DefaultMachineName = "kube1"
-	// DefaultImage is the rootfs image when the manifest names no source.
-	DefaultImage = "ghcr.io/azure/agent-ubuntu2404:v1.37.2"
+	// DefaultImage is the rootfs image when the manifest names no source:
+	// the base image this project builds (images/base, make images).
+	DefaultImage = "ghcr.io/nodespawn/base:noble"
 	// DefaultGPUImage is the rootfs image on GPU hosts when the manifest
-	// names no source (or only gpuImage's CPU counterpart is left out).
-	DefaultGPUImage          = "ghcr.io/azure/agent-ubuntu2404-nvidia:v1.37.2"
+	// names no source (or only gpuImage's CPU counterpart is left out): the
+	// NVIDIA variant (images/nvidia).
+	DefaultGPUImage          = "ghcr.io/nodespawn/nvidia:noble"
 	DefaultLayoutReference   = "latest"
 	DefaultKubernetesVersion = "v1.37.2"
 	DefaultClusterDNS        = "10.96.0.10"
 	DefaultClusterDomain     = "cluster.local"
 	DefaultSandboxImage      = "registry.k8s.io/pause:3.10.1"
 	DefaultExecAPIVersion    = "client.authentication.k8s.io/v1"
+	DefaultNodeIP            = "auto"
+	// DefaultShutdownGracePeriod is what kubelet gives pods when the
+	// machine stops.
+	DefaultShutdownGracePeriod = "30s"
+	// DefaultRetryFor bounds the first-boot run's retries.
+	DefaultRetryFor = "15m"
+	// DefaultReadyTimeout and DefaultStopTimeout bound an upgrade's switch.
+	DefaultReadyTimeout = "10m"
+	DefaultStopTimeout  = "90s"
 
 	// Component versions, without the leading "v". kubelet, kubectl and
 	// kube-proxy follow kubernetes.version.
@@ -58,6 +69,9 @@ func ApplyDefaults(m *Manifest) {
 	if mc.KVM == "" {
 		mc.KVM = SwitchAuto
 	}
+	if mc.RDMA == "" {
+		mc.RDMA = SwitchAuto
+	}
 	if mc.BPFFS == "" || mc.BPFFS == SwitchAuto {
 		mc.BPFFS = SwitchOn
 	}
@@ -75,6 +89,21 @@ func ApplyDefaults(m *Manifest) {
 	}
 	if k.SandboxImage == "" {
 		k.SandboxImage = DefaultSandboxImage
+	}
+	if k.NodeIP == "" {
+		k.NodeIP = DefaultNodeIP
+	}
+	if k.ShutdownGracePeriod == "" {
+		k.ShutdownGracePeriod = DefaultShutdownGracePeriod
+	}
+	if m.FirstBoot.RetryFor == "" {
+		m.FirstBoot.RetryFor = DefaultRetryFor
+	}
+	if m.Upgrade.ReadyTimeout == "" {
+		m.Upgrade.ReadyTimeout = DefaultReadyTimeout
+	}
+	if m.Upgrade.StopTimeout == "" {
+		m.Upgrade.StopTimeout = DefaultStopTimeout
 	}
 	if k.Auth.Exec != nil && k.Auth.Exec.APIVersion == "" {
 		k.Auth.Exec.APIVersion = DefaultExecAPIVersion

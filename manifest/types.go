@@ -24,6 +24,9 @@ type Manifest struct {
 	Kubernetes Kubernetes `json:"kubernetes"`
 	Components Components `json:"components,omitempty"`
 	Host       Host       `json:"host,omitempty"`
+	FirstBoot  FirstBoot  `json:"firstBoot,omitempty"`
+	Report     *Report    `json:"report,omitempty"`
+	Upgrade    Upgrade    `json:"upgrade,omitempty"`
 
 	// src is where the manifest was read from, for ErrorAt; nil when the
 	// manifest was not made by Load.
@@ -50,13 +53,25 @@ type Machine struct {
 	Binds []Bind `json:"binds,omitempty"`
 	GPU   Switch `json:"gpu,omitempty"`
 	KVM   Switch `json:"kvm,omitempty"`
+	// RDMA passes /dev/infiniband in (auto: when the host has it).
+	RDMA Switch `json:"rdma,omitempty"`
 	// BPFFS gives the machine a private bpffs at /sys/fs/bpf ("on" or "off"; "auto" means on).
 	BPFFS Switch `json:"bpffs,omitempty"`
 	// SystemCallFilter lists syscalls or groups allowed on top of the defaults.
 	SystemCallFilter []string `json:"systemCallFilter,omitempty"`
+	// DNS overrides the resolvers found on the host, for the machine and
+	// for pods.
+	DNS *DNS `json:"dns,omitempty"`
 	// Extra holds files, directories, links and units written into the
 	// machine's rootfs, in Ignition v3 form.
 	Extra Extra `json:"extra,omitempty"`
+}
+
+// DNS is resolver settings, as in resolv.conf(5).
+type DNS struct {
+	Nameservers []string `json:"nameservers,omitempty"`
+	Search      []string `json:"search,omitempty"`
+	Options     []string `json:"options,omitempty"`
 }
 
 // Rootfs says where the machine's root filesystem comes from. At most one of
@@ -97,19 +112,25 @@ type Bind struct {
 
 // Kubernetes configures the kubelet and its cluster.
 type Kubernetes struct {
-	Version       string            `json:"version,omitempty"`
-	APIServer     string            `json:"apiServer"`
-	CACert        string            `json:"caCert"`
-	ClusterDNS    []string          `json:"clusterDNS,omitempty"`
-	ClusterDomain string            `json:"clusterDomain,omitempty"`
-	NodeName      string            `json:"nodeName,omitempty"`
-	Labels        map[string]string `json:"labels,omitempty"`
-	Taints        []Taint           `json:"taints,omitempty"`
-	Auth          Auth              `json:"auth"`
+	Version       string   `json:"version,omitempty"`
+	APIServer     string   `json:"apiServer"`
+	CACert        string   `json:"caCert"`
+	ClusterDNS    []string `json:"clusterDNS,omitempty"`
+	ClusterDomain string   `json:"clusterDomain,omitempty"`
+	NodeName      string   `json:"nodeName,omitempty"`
+	// NodeIP is "auto", an address, or one or two CIDRs (comma-separated)
+	// whose host address kubelet registers.
+	NodeIP string            `json:"nodeIP,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+	Taints []Taint           `json:"taints,omitempty"`
+	Auth   Auth              `json:"auth"`
 	// KubeletArgs are extra kubelet flags, e.g. "--max-pods=200".
 	KubeletArgs []string `json:"kubeletArgs,omitempty"`
 	// SandboxImage is the pause image containerd uses.
 	SandboxImage string `json:"sandboxImage,omitempty"`
+	// ShutdownGracePeriod is kubelet's graceful node shutdown period (a Go
+	// duration).
+	ShutdownGracePeriod string `json:"shutdownGracePeriod,omitempty"`
 }
 
 // Taint is a node taint registered by the kubelet.
@@ -179,6 +200,28 @@ type Host struct {
 	// systemd-machined under a running machine (default false).
 	AptGuard bool  `json:"aptGuard,omitempty"`
 	Extra    Extra `json:"extra,omitempty"`
+}
+
+// FirstBoot configures the first-boot run.
+type FirstBoot struct {
+	// RetryFor bounds how long transient failures are retried (a Go
+	// duration).
+	RetryFor string `json:"retryFor,omitempty"`
+}
+
+// Report is where the outcome of the first-boot run is sent.
+type Report struct {
+	URL       string `json:"url"`
+	TokenFile string `json:"tokenFile,omitempty"`
+	CACert    string `json:"caCert,omitempty"`
+}
+
+// Upgrade configures the switch to a new node stack.
+type Upgrade struct {
+	// ReadyTimeout bounds the wait for the new machine's Node to be Ready.
+	ReadyTimeout string `json:"readyTimeout,omitempty"`
+	// StopTimeout bounds the old machine's stop.
+	StopTimeout string `json:"stopTimeout,omitempty"`
 }
 
 // Extra holds files, directories, links and units in Ignition v3 form, so

@@ -96,6 +96,36 @@ var badManifests = []struct {
 	{"kubelet-arg-not-a-flag", node("  kubeletArgs: [--max-pods=10, -v=2]"),
 		[]want{{8, "-v=2", "$.kubernetes.kubeletArgs[1]", "must be a flag like --max-pods=200"}}},
 
+	// The fields of a real GPU host: DNS, node IP, RDMA, containerd.
+	{"dns-loopback-nameserver", node("machine:", "  dns:", "    nameservers: [127.0.0.53, 10.0.0.2, not-an-ip]", "    options: ['ndots 2']"),
+		[]want{
+			{10, "127.0.0.53", "$.machine.dns.nameservers[0]", "cannot be reached from a pod's network namespace"},
+			{10, "not-an-ip", "$.machine.dns.nameservers[2]", "must be an IP address"},
+			{11, "'ndots", "$.machine.dns.options[0]", "one resolv.conf option per entry"},
+		}},
+	{"node-ip-not-an-address", node("  nodeIP: eth0"),
+		[]want{{8, "eth0", "$.kubernetes.nodeIP", `"eth0" is neither an IP address nor a CIDR`}}},
+	{"node-ip-two-of-a-family", node("  nodeIP: 10.0.0.0/8,192.168.0.0/16"),
+		[]want{{8, "10.0.0.0/8", "$.kubernetes.nodeIP", "dual stack takes one IPv4 and one IPv6"}}},
+	{"node-ip-loopback", node("  nodeIP: 127.0.0.1"),
+		[]want{{8, "127.0.0.1", "$.kubernetes.nodeIP", "a node IP must be a unicast address"}}},
+	{"rdma-boolean", node("machine:", "  rdma: true"),
+		[]want{{9, "true", "$.machine.rdma", `write rdma: "on" (quoted)`}}},
+	{"containerd-too-old", node("components:", "  containerd: {version: 1.7.24}"),
+		[]want{{9, "1.7.24", "$.components.containerd.version", "containerd 1.7.24 is too old"}}},
+	{"grace-period-not-a-duration", node("  shutdownGracePeriod: 30"),
+		[]want{{8, "30", "$.kubernetes.shutdownGracePeriod", "must be a string"}}},
+	{"report-plain-http", node("report:", "  url: http://reports.example.com/nodes", "  tokenFile: run/token"),
+		[]want{
+			{9, "http://", "$.report.url", "https"},
+			{10, "run/token", "$.report.tokenFile", "must be an absolute path"},
+		}},
+	{"upgrade-timeouts", node("upgrade:", "  readyTimeout: 2s", "  stopTimeout: soon"),
+		[]want{
+			{9, "2s", "$.upgrade.readyTimeout", "must be at least 10s"},
+			{10, "soon", "$.upgrade.stopTimeout", "must be a duration like 90s"},
+		}},
+
 	// Bind= separates source and target with ':'.
 	{"bind-source-colon", node("machine:", "  binds:", "    - source: /srv/a:b"),
 		[]want{{10, "/srv/a:b", "$.machine.binds[0].source", "must not contain ':'"}}},

@@ -71,7 +71,7 @@ func (r *renderer) renderHost() error {
 	})
 
 	modules := append([]string{}, requiredModules...)
-	for _, mod := range h.Modules {
+	for _, mod := range append(r.rdmaModules(), h.Modules...) {
 		if !contains(modules, mod) {
 			modules = append(modules, mod)
 		}
@@ -104,10 +104,11 @@ func (r *renderer) renderHost() error {
 	})
 
 	if flush {
-		r.file(plan.PhaseHost, path.Join(unitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", struct{ Machine string }{r.machine}),
-			"flush the host nftables ruleset before every start of the machine")
-		r.link(plan.PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.requires", nftFlushUnit),
-			path.Join(unitDir, nftFlushUnit), "the machine requires the nftables flush")
+		// One unit for every machine on the host: its contents name no
+		// machine, and each machine's drop-in requires it and orders
+		// itself after it. It runs once a boot, before the first machine.
+		r.file(plan.PhaseHost, path.Join(unitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", nil),
+			"flush the host nftables ruleset once a boot, before the first machine starts")
 		r.add(plan.Step{
 			ID:      "host:nft-flush",
 			Phase:   plan.PhaseHost,
@@ -182,7 +183,9 @@ type nspawnData struct {
 	Machine          string
 	Hostname         string
 	SystemCallFilter []string
-	Binds            []string
+	// LimitMemlock lifts the machine's locked-memory limit (RDMA).
+	LimitMemlock bool
+	Binds        []string
 }
 
 func (r *renderer) bpffsDir() string { return "/run/bpffs/" + r.machine }
@@ -191,6 +194,7 @@ func (r *renderer) nspawnData() nspawnData {
 	d := nspawnData{
 		Machine:          r.machine,
 		SystemCallFilter: append([]string{"@keyring", "bpf", "perf_event_open"}, r.m.Machine.SystemCallFilter...),
+		LimitMemlock:     r.rdma,
 	}
 	// The kernel's host name is at most 64 bytes; a longer node name still
 	// reaches kubelet through --hostname-override.
@@ -210,6 +214,9 @@ func (r *renderer) nspawnData() nspawnData {
 		for i, dir := range r.f.NVIDIA.LibraryDirs {
 			d.Binds = append(d.Binds, fmt.Sprintf("BindReadOnly=%s:%s/%d", dir.Path, hostNvidiaDir, i))
 		}
+	}
+	if r.rdma {
+		d.Binds = append(d.Binds, "Bind="+rdmaDir)
 	}
 	for _, b := range r.m.Machine.Binds {
 		target := b.Target
@@ -253,7 +260,33 @@ func (r *renderer) overrideData(flush bool) overrideData {
 		// MIG capabilities) are covered by their major numbers.
 		d.DeviceAllow = append(d.DeviceAllow, gpuDeviceClasses...)
 	}
+	if r.rdma {
+		d.DeviceAllow = append(d.DeviceAllow, r.deviceAllow(rdmaDir)...)
+		// rdma_cm is a misc device: allowed by itself, not by class.
+		for _, n := range r.f.RDMA.DeviceNodes {
+			if path.Base(n) == "rdma_cm" {
+				d.DeviceAllow = append(d.DeviceAllow, n+" rwm")
+			}
+		}
+	}
+	for _, b := range r.m.Machine.Binds {
+		d.DeviceAllow = append(d.DeviceAllow, r.deviceAllow(b.Source)...)
+	}
+	d.DeviceAllow = dedupe(d.DeviceAllow)
 	return d
+}
+
+// dedupe keeps the first of each entry.
+func dedupe(list []string) []string {
+	seen := map[string]bool{}
+	out := list[:0]
+	for _, s := range list {
+		if !seen[s] {
+			seen[s] = true
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // gpuDeviceClasses are the /proc/devices names of NVIDIA's character devices.

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -15,7 +16,10 @@ const (
 	bootstrapKubeconfig = "/var/lib/kubelet/bootstrap-kubeconfig"
 	kubeconfig          = "/var/lib/kubelet/kubeconfig"
 	kubeletConfig       = "/var/lib/kubelet/config.yaml"
-	wantsDir            = "/etc/systemd/system/multi-user.target.wants"
+	// podResolvConf is the resolv.conf kubelet hands to pods with
+	// dnsPolicy: Default: upstream servers only, never a loopback stub.
+	podResolvConf = "/etc/kubernetes/resolv.conf"
+	wantsDir      = "/etc/systemd/system/multi-user.target.wants"
 )
 
 // renderMachine writes the configuration into the rootfs before its first boot.
@@ -25,7 +29,8 @@ func (r *renderer) renderMachine() error {
 
 	r.file(ph, r.inRoot("/etc/hostname"), r.nodeName+"\n", "the node name as the machine's host name")
 	r.file(ph, r.inRoot("/etc/hosts"), r.hosts(), "localhost and the node name (kubelet mounts it into pods)")
-	r.file(ph, r.inRoot("/etc/resolv.conf"), r.resolvConf(), "the host's upstream resolvers, not the 127.0.0.53 stub")
+	r.file(ph, r.inRoot("/etc/resolv.conf"), r.machineDNS.file(), "the machine's resolvers (it shares the host's network: a host stub works)")
+	r.file(ph, r.inRoot(podResolvConf), r.podDNS.file(), "the upstream resolvers kubelet gives pods (never a loopback stub)")
 	r.link(ph, r.inRoot("/etc/systemd/system/systemd-resolved.service"), "/dev/null",
 		"mask systemd-resolved so it cannot replace resolv.conf")
 	r.file(ph, r.inRoot("/etc/tmpfiles.d/nodespawn-kmsg.conf"),
@@ -36,7 +41,7 @@ func (r *renderer) renderMachine() error {
 	r.file(ph, r.inRoot("/etc/containerd/config.toml"), tmpl("containerd-config.toml.tmpl", r.containerdData()),
 		"containerd: CRI with runc and the systemd cgroup driver")
 	r.dir(ph, r.inRoot("/etc/containerd/conf.d"), 0o755, "containerd drop-in configuration")
-	r.file(ph, r.inRoot("/etc/systemd/system/containerd.service"), tmpl("containerd.service.tmpl", nil), "containerd unit")
+	r.file(ph, r.inRoot("/etc/systemd/system/containerd.service"), tmpl("containerd.service.tmpl", struct{ RDMA bool }{r.rdma}), "containerd unit")
 	r.link(ph, r.inRoot(path.Join(wantsDir, "containerd.service")), "/etc/systemd/system/containerd.service",
 		"enable containerd inside the machine")
 
@@ -59,50 +64,34 @@ func (r *renderer) renderMachine() error {
 	return nil
 }
 
+// hosts maps localhost, and the node name to the node's address (the
+// one kubelet registers), or to 127.0.1.1 when kubelet chooses it.
 func (r *renderer) hosts() string {
 	short, _, _ := strings.Cut(r.nodeName, ".")
 	names := r.nodeName
 	if short != r.nodeName {
 		names += " " + short
 	}
-	return header("#") + "\n127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1 " + names + "\n"
-}
-
-// resolvConf lists the host's upstream resolvers. The machine shares the
-// host's network namespace, but kubelet hands this file to pods with
-// dnsPolicy: Default, which cannot reach a 127.0.0.53 stub.
-func (r *renderer) resolvConf() string {
 	var b strings.Builder
-	b.WriteString(header("#") + "\n")
-	src := "the host's " + r.f.ResolvConf
-	if r.f.ResolvConf == "" {
-		src = "the host, which has no resolv.conf"
+	b.WriteString(header("#") + "\n127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+	if len(r.nodeIPs) == 0 {
+		b.WriteString("127.0.1.1 " + names + "\n")
 	}
-	fmt.Fprintf(&b, "# From %s.\n", src)
-	n := 0
-	for _, ns := range r.f.Nameservers {
-		if strings.HasPrefix(ns, "127.") {
-			continue
-		}
-		fmt.Fprintf(&b, "nameserver %s\n", ns)
-		n++
-	}
-	if n == 0 {
-		r.warn("%s lists no upstream name server (only a local stub or none); the machine's resolv.conf has none, so pods with dnsPolicy: Default cannot resolve names", src)
-	}
-	if len(r.f.Search) > 0 {
-		fmt.Fprintf(&b, "search %s\n", strings.Join(r.f.Search, " "))
+	for _, ip := range r.nodeIPs {
+		b.WriteString(ip.String() + " " + names + "\n")
 	}
 	return b.String()
 }
 
 type containerdData struct {
-	V3           bool
+	// Version is the configuration version the selected containerd reads
+	// without migrating (and warning at every start): 4 from 2.4 on.
+	Version      int
 	SandboxImage string
 }
 
 func (r *renderer) containerdData() containerdData {
-	return containerdData{V3: r.containerdV3, SandboxImage: r.m.Kubernetes.SandboxImage}
+	return containerdData{Version: r.containerdConfig, SandboxImage: r.m.Kubernetes.SandboxImage}
 }
 
 // kubeconfig is the bootstrap kubeconfig (token) or the kubeconfig with an
@@ -160,16 +149,24 @@ type kubeletConfigData struct {
 	CAPath        string
 	ClusterDomain string
 	ClusterDNS    []string
+	ResolvConf    string
 	FailSwapOn    bool
+	// ShutdownGracePeriod and its part for critical pods: kubelet's
+	// graceful node shutdown when the machine stops.
+	ShutdownGracePeriod, ShutdownGracePeriodCritical string
 }
 
 func (r *renderer) kubeletConfigData() kubeletConfigData {
 	k := r.m.Kubernetes
+	grace := manifest.Duration(k.ShutdownGracePeriod)
 	return kubeletConfigData{
-		CAPath:        caPath,
-		ClusterDomain: k.ClusterDomain,
-		ClusterDNS:    k.ClusterDNS,
-		FailSwapOn:    boolOr(r.m.Host.DisableSwap, true),
+		CAPath:                      caPath,
+		ClusterDomain:               k.ClusterDomain,
+		ClusterDNS:                  k.ClusterDNS,
+		ResolvConf:                  podResolvConf,
+		FailSwapOn:                  boolOr(r.m.Host.DisableSwap, true),
+		ShutdownGracePeriod:         grace.String(),
+		ShutdownGracePeriodCritical: (grace / 3).String(),
 	}
 }
 
@@ -183,6 +180,13 @@ func (r *renderer) kubeletArgs() []string {
 		args = append(args, "--bootstrap-kubeconfig="+bootstrapKubeconfig)
 	}
 	args = append(args, "--hostname-override="+r.nodeName)
+	if len(r.nodeIPs) > 0 {
+		ips := make([]string, len(r.nodeIPs))
+		for i, ip := range r.nodeIPs {
+			ips[i] = ip.String()
+		}
+		args = append(args, "--node-ip="+strings.Join(ips, ","))
+	}
 	if len(k.Labels) > 0 {
 		keys := make([]string, 0, len(k.Labels))
 		for key := range k.Labels {

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"embed"
 	"fmt"
+	"net/netip"
 	"path"
 	"sort"
 	"strings"
@@ -89,9 +90,16 @@ type renderer struct {
 	nodeName string
 	gpu      bool
 	kvm      bool
+	rdma     bool
 	bpffs    bool
-	// containerdV3 selects the containerd 2.x configuration format.
-	containerdV3 bool
+	// containerdConfig is the configuration version the selected
+	// containerd reads without migrating it (3 or 4).
+	containerdConfig int
+	// machineDNS is the machine's resolv.conf; podDNS the upstream
+	// servers kubelet hands to pods (dnsPolicy: Default).
+	machineDNS, podDNS resolvers
+	// nodeIPs are kubelet's --node-ip (none: kubelet chooses).
+	nodeIPs []netip.Addr
 	// origins maps each step's Origin to the manifest path it was made
 	// from (see from).
 	origins map[string]jsonpath.ContextPath
@@ -136,8 +144,17 @@ func (r *renderer) decide() error {
 	default:
 		r.kvm = r.f.KVM
 	}
+	if err := r.decideRDMA(); err != nil {
+		return err
+	}
+	if err := r.decideDNS(); err != nil {
+		return err
+	}
+	if err := r.decideNodeIP(); err != nil {
+		return err
+	}
 	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
-	r.containerdV3 = majorVersion(m.Components.Containerd.Version) >= 2
+	r.containerdConfig = manifest.ContainerdConfigVersion(m.Components.Containerd.Version)
 
 	r.plan = plan.Plan{
 		Version:  plan.Version,
@@ -257,16 +274,4 @@ func sortByPhase(steps []plan.Step) {
 		rank[p] = i
 	}
 	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })
-}
-
-func majorVersion(v string) int {
-	v = strings.TrimPrefix(v, "v")
-	n := 0
-	for _, c := range v {
-		if c < '0' || c > '9' {
-			break
-		}
-		n = n*10 + int(c-'0')
-	}
-	return n
 }

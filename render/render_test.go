@@ -59,8 +59,12 @@ var goldenCases = []struct{ name, manifest, facts string }{
 	{"gpu-mig", "gpu", "mig"},
 	{"gpu-arm64", "gpu", "gpu-arm64"},
 	// Probed on a real H200 VM (nodespawn facts): libraries outside the
-	// multiarch directory, nvidia-caps, no dri nodes.
-	{"gpu-h200", "gpu", "h200"},
+	// multiarch directory, nvidia-caps, no dri nodes, and only a local
+	// stub resolver (127.0.0.1): the manifest names the name servers.
+	{"gpu-h200", "gpu-dns", "h200"},
+	// An H200 + ConnectX host: RDMA devices, nvidia-peermem, node IPs
+	// picked by CIDR (dual stack), a device bind, containerd 2.3.
+	{"rdma", "rdma", "h200-connectx"},
 	{"minimal-gpu-auto", "minimal", "gpu8"},
 	{"kvm", "kvm", "kvm"},
 	{"minimal-kvm-auto", "minimal", "kvm"},
@@ -69,7 +73,9 @@ var goldenCases = []struct{ name, manifest, facts string }{
 	{"exec", "exec", "cpu"},
 	{"airgapped", "airgapped", "cpu"},
 	{"registry", "registry", "cpu"},
-	{"stub-resolver", "minimal", "stub-only"},
+	// A systemd-resolved host: the machine uses the 127.0.0.53 stub, pods
+	// get resolved's upstream servers.
+	{"stub-resolver", "minimal", "resolved"},
 }
 
 func TestGolden(t *testing.T) {
@@ -184,9 +190,96 @@ func TestCustomizationPoints(t *testing.T) {
 			t.Errorf("override.conf lacks %q", want)
 		}
 	}
-	flush := fileContents(t, p, "/etc/systemd/system/nodespawn-nft-flush.service")
-	if !containsLine(flush, "Before=systemd-nspawn@kube1.service") {
-		t.Errorf("the flush unit is not ordered before the machine's instance:\n%s", flush)
+	if !containsLine(override, "After=nodespawn-nft-flush.service") {
+		t.Errorf("the machine is not ordered after the nftables flush:\n%s", override)
+	}
+}
+
+// TestTwoMachinesShareTheFlushUnit renders two machines for one host (an
+// upgrade's pair, or two nodes): the host files they share are the same
+// whichever machine is rendered last, and each machine orders itself
+// after the flush.
+func TestTwoMachinesShareTheFlushUnit(t *testing.T) {
+	shared := map[string]string{}
+	for _, name := range []string{"kube1", "kube2"} {
+		m := loadManifest(t, "minimal")
+		m.Machine.Name = name
+		p, err := render.Plan(m, loadFacts(t, "kvm"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range p.Steps {
+			if s.Phase != plan.PhaseHost || s.File == nil || strings.Contains(s.File.Path, name) {
+				continue
+			}
+			if strings.Contains(s.File.Contents, name) {
+				t.Errorf("%s: the shared file %s names the machine:\n%s", name, s.File.Path, s.File.Contents)
+			}
+			if prev, ok := shared[s.File.Path]; ok && prev != s.File.Contents {
+				t.Errorf("%s differs between the machines", s.File.Path)
+			}
+			shared[s.File.Path] = s.File.Contents
+		}
+		override := fileContents(t, p, "/etc/systemd/system/systemd-nspawn@"+name+".service.d/override.conf")
+		for _, want := range []string{"Requires=nodespawn-nft-flush.service", "After=nodespawn-nft-flush.service"} {
+			if !containsLine(override, want) {
+				t.Errorf("%s: override.conf lacks %q", name, want)
+			}
+		}
+		for _, s := range p.Steps {
+			if s.Link != nil && strings.Contains(s.Link.Path, ".requires/") {
+				t.Errorf("%s: a .requires link (%s) ties the shared unit to one machine", name, s.Link.Path)
+			}
+		}
+	}
+	if _, ok := shared["/etc/systemd/system/nodespawn-nft-flush.service"]; !ok {
+		t.Error("no shared flush unit")
+	}
+}
+
+// TestHostFactErrors: what the manifest asks of a host that cannot give
+// it is bad input naming the field (apply exits 2), with what was seen.
+func TestHostFactErrors(t *testing.T) {
+	tests := []struct {
+		name, manifest, facts string
+		edit                  func(*manifest.Manifest)
+		path, want            string
+	}{
+		{"only a stub resolver", "minimal", "stub-only", nil, "$.machine.dns.nameservers", "only 127.0.0.53 in /etc/resolv.conf"},
+		{"rdma on without devices", "minimal", "cpu", func(m *manifest.Manifest) { m.Machine.RDMA = manifest.SwitchOn }, "$.machine.rdma", "no RDMA devices"},
+		{"no address in the CIDR", "minimal", "h200-connectx", func(m *manifest.Manifest) { m.Kubernetes.NodeIP = "172.16.0.0/12" },
+			"$.kubernetes.nodeIP", "no address of this host is in 172.16.0.0/12 (addresses here: 10.20.0.7/16, fd20:0:0:1::7/64, 192.168.100.7/24)"},
+		{"an address of another host", "minimal", "h200-connectx", func(m *manifest.Manifest) { m.Kubernetes.NodeIP = "10.20.0.8" },
+			"$.kubernetes.nodeIP", "10.20.0.8 is not an address of this host"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := loadManifest(t, tt.manifest)
+			if tt.edit != nil {
+				tt.edit(m)
+			}
+			_, err := render.Plan(m, loadFacts(t, tt.facts))
+			var rerr *render.Error
+			if !errors.As(err, &rerr) || manifest.FormatPath(rerr.Path) != tt.path || !strings.Contains(rerr.Msg, tt.want) {
+				t.Errorf("render: %v; want %s: ...%s...", err, tt.path, tt.want)
+			}
+		})
+	}
+}
+
+// TestNodeIPAuto: "auto" registers the address of the default route's
+// interface and maps the node name to it.
+func TestNodeIPAuto(t *testing.T) {
+	p, err := render.Plan(loadManifest(t, "minimal"), loadFacts(t, "h200-connectx"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hosts := fileContents(t, p, "/var/lib/machines/kube1/etc/hosts"); !containsLine(hosts, "10.20.0.7 hgx-h200-07") || strings.Contains(hosts, "127.0.1.1") {
+		t.Errorf("/etc/hosts:\n%s", hosts)
+	}
+	dropin := fileContents(t, p, "/var/lib/machines/kube1/etc/systemd/system/kubelet.service.d/10-nodespawn.conf")
+	if !strings.Contains(dropin, "--node-ip=10.20.0.7 ") && !strings.Contains(dropin, "--node-ip=10.20.0.7\"") {
+		t.Errorf("kubelet flags:\n%s", dropin)
 	}
 }
 
