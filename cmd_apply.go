@@ -101,6 +101,8 @@ func newApplyCmd(renderOnly bool) *cobra.Command {
 		root      string
 		force     bool
 		factsFile string
+		firstBoot bool
+		fb        firstBootFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "apply",
@@ -127,75 +129,12 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 			}
 			ctx, cancel := signalContext()
 			defer cancel()
-			m, data, err := src.load(ctx, cmd.InOrStdin())
-			if err != nil {
-				return err
+			a := &applyRun{src: &src, stdin: cmd.InOrStdin(), out: cmd.OutOrStdout(), dryRun: dryRun || renderOnly, diff: dryRun,
+				output: output, root: root, force: force, factsFile: factsFile}
+			if firstBoot {
+				return a.firstBoot(ctx, fb)
 			}
-			facts, err := loadFacts(ctx, factsFile, root)
-			if err != nil {
-				return err
-			}
-			p, err := render.Plan(m, facts)
-			if err != nil {
-				// The same positions validate reports.
-				return render.Locate(m, err)
-			}
-			if dryRun && factsFile == "" {
-				// On a host that was applied before, what matters is what
-				// this manifest would change.
-				applied, err := apply.StoredPlan(root)
-				if err != nil {
-					return err
-				}
-				if applied != nil {
-					d := plan.Compare(applied, p)
-					if output == "json" {
-						return plan.WriteDiffJSON(cmd.OutOrStdout(), d)
-					}
-					return plan.WriteDiffText(cmd.OutOrStdout(), d)
-				}
-			}
-			if dryRun || renderOnly {
-				if output == "json" {
-					return plan.WriteJSON(cmd.OutOrStdout(), p)
-				}
-				return plan.WriteText(cmd.OutOrStdout(), p)
-			}
-			if factsFile != "" {
-				return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
-			}
-			for _, w := range p.Warnings {
-				slog.Warn(w)
-			}
-			deps, err := apply.DefaultDeps(root, slog.Default())
-			if err != nil {
-				return err
-			}
-			canonical, err := m.Digest()
-			if err != nil {
-				return err
-			}
-			res, err := apply.Run(ctx, p, apply.Options{
-				Root:           root,
-				ManifestDigest: canonical.String(),
-				SourceDigest:   digest.FromBytes(data).String(),
-				Manifest:       data,
-				ToolVersion:    version,
-				Force:          force,
-				Deps:           deps,
-			})
-			if err != nil {
-				return err
-			}
-			switch {
-			case res.AlreadyApplied:
-				fmt.Fprintf(cmd.OutOrStdout(), "already applied: machine %s, node %s\n", p.Machine, p.NodeName)
-			case root != "/":
-				fmt.Fprintf(cmd.OutOrStdout(), "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", p.Machine, root)
-			default:
-				fmt.Fprintf(cmd.OutOrStdout(), "applied: machine %s is running node %s\n", p.Machine, p.NodeName)
-			}
-			return nil
+			return a.once(ctx)
 		},
 	}
 	src.register(cmd)
@@ -212,6 +151,11 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 	}
 	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
 	f.BoolVar(&force, "force", false, "apply even though another manifest was applied on this host")
+	f.BoolVar(&firstBoot, "first-boot", false, "run as the first-boot unit does: retry transient failures for the manifest's firstBoot.retryFor, then write the outcome to the console and send the manifest's report")
+	f.StringVar(&fb.console, "console", "/dev/console", "with --first-boot, where the final status line goes")
+	f.DurationVar(&fb.retryWait, "retry-wait", firstBootRetry.Base, "with --first-boot, the first pause before a retry (it doubles, up to "+firstBootRetry.Max.String()+")")
+	_ = f.MarkHidden("console")
+	_ = f.MarkHidden("retry-wait")
 	return cmd
 }
 
@@ -273,4 +217,98 @@ func newFactsCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&root, "root", "/", "probe the host tree under this directory")
 	return cmd
+}
+
+// applyRun is one `nodespawn apply` (or render) invocation.
+type applyRun struct {
+	src       *sourceFlags
+	stdin     io.Reader
+	out       io.Writer
+	dryRun    bool // print, change nothing
+	diff      bool // on an applied host, print the change (apply --dry-run)
+	output    string
+	root      string
+	force     bool
+	factsFile string
+
+	// What the last attempt got to, for the first-boot report.
+	manifest *manifest.Manifest
+	plan     *plan.Plan
+	result   *apply.Result
+}
+
+// once reads the manifest, renders the plan and applies it (or prints it).
+func (a *applyRun) once(ctx context.Context) error {
+	m, data, err := a.src.load(ctx, a.stdin)
+	if err != nil {
+		return err
+	}
+	a.manifest = m
+	facts, err := loadFacts(ctx, a.factsFile, a.root)
+	if err != nil {
+		return err
+	}
+	p, err := render.Plan(m, facts)
+	if err != nil {
+		// The same positions validate reports.
+		return render.Locate(m, err)
+	}
+	a.plan = p
+	if a.diff && a.factsFile == "" {
+		// On a host that was applied before, what matters is what this
+		// manifest would change.
+		applied, err := apply.StoredPlan(a.root)
+		if err != nil {
+			return err
+		}
+		if applied != nil {
+			d := plan.Compare(applied, p)
+			if a.output == "json" {
+				return plan.WriteDiffJSON(a.out, d)
+			}
+			return plan.WriteDiffText(a.out, d)
+		}
+	}
+	if a.dryRun {
+		if a.output == "json" {
+			return plan.WriteJSON(a.out, p)
+		}
+		return plan.WriteText(a.out, p)
+	}
+	if a.factsFile != "" {
+		return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
+	}
+	for _, w := range p.Warnings {
+		slog.Warn(w)
+	}
+	deps, err := apply.DefaultDeps(a.root, slog.Default())
+	if err != nil {
+		return err
+	}
+	canonical, err := m.Digest()
+	if err != nil {
+		return err
+	}
+	res, err := apply.Run(ctx, p, apply.Options{
+		Root:           a.root,
+		ManifestDigest: canonical.String(),
+		SourceDigest:   digest.FromBytes(data).String(),
+		Manifest:       data,
+		ToolVersion:    version,
+		Force:          a.force,
+		Deps:           deps,
+	})
+	a.result = res
+	if err != nil {
+		return err
+	}
+	switch {
+	case res.AlreadyApplied:
+		fmt.Fprintf(a.out, "already applied: machine %s, node %s\n", p.Machine, p.NodeName)
+	case a.root != "/":
+		fmt.Fprintf(a.out, "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", p.Machine, a.root)
+	default:
+		fmt.Fprintf(a.out, "applied: machine %s is running node %s\n", p.Machine, p.NodeName)
+	}
+	return nil
 }

@@ -36,6 +36,10 @@ type mirror struct {
 
 	mu       sync.Mutex // downloads run concurrently
 	requests int
+	// failFirst answers this many requests of each path with 503, as a
+	// mirror that is not up yet at boot does.
+	failFirst int
+	hits      map[string]int
 }
 
 func (m *mirror) requestCount() int {
@@ -73,11 +77,17 @@ func tarGz(t *testing.T, files map[string]string) []byte {
 
 func newMirror(t *testing.T) (*mirror, *httptest.Server) {
 	t.Helper()
-	m := &mirror{files: map[string][]byte{}}
+	m := &mirror{files: map[string][]byte{}, hits: map[string]int{}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		m.mu.Lock()
 		m.requests++
+		m.hits[r.URL.Path]++
+		failing := m.hits[r.URL.Path] <= m.failFirst
 		m.mu.Unlock()
+		if failing {
+			http.Error(w, "warming up", http.StatusServiceUnavailable)
+			return
+		}
 		b, ok := m.files[r.URL.Path]
 		if !ok {
 			http.NotFound(w, r)

@@ -2,13 +2,20 @@ package main
 
 import (
 	"encoding/json"
+	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/report"
 )
 
 // TestStatusWaitsForFirstBoot: on a tree whose first-boot unit has not
@@ -76,5 +83,86 @@ func TestStatusWaitsForFirstBoot(t *testing.T) {
 	code, out, _ = cli(t, "", "status", "--wait", "--root", root2)
 	if code != 1 || !strings.HasPrefix(out, "error: step rootfs:download:runc: ") || !strings.Contains(out, wrong) {
 		t.Errorf("status after a failed run: exit %d\n%s", code, out)
+	}
+}
+
+// TestFirstBootRetriesAndReports runs apply as the first-boot unit does,
+// against a mirror that answers 503 to each path more often than one
+// run's HTTP retries cover: the run fails, is tried again after a pause and
+// succeeds; the console gets the outcome line and a loopback HTTPS server
+// gets the report, over verified TLS with the bearer token, without the
+// bootstrap token. A manifest that is bad input is not retried.
+func TestFirstBootRetriesAndReports(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners")
+	}
+	work := t.TempDir()
+	layout := filepath.Join(work, "layout")
+	buildLayout(t, layout)
+	mir, srv := newMirror(t)
+	// One more than a request's retries: the first run fails.
+	mir.failFirst = httpx.DefaultPolicy.Attempts + 1
+
+	var (
+		mu      sync.Mutex
+		reports []report.Report
+		auth    []string
+	)
+	home := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var rep report.Report
+		b, _ := io.ReadAll(r.Body)
+		if err := json.Unmarshal(b, &rep); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		reports, auth = append(reports, rep), append(auth, r.Header.Get("Authorization"))
+		mu.Unlock()
+		if strings.Contains(string(b), "0123456789abcdef") {
+			t.Errorf("the report holds the bootstrap token:\n%s", b)
+		}
+	}))
+	defer home.Close()
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: home.Certificate().Raw})
+	tokenFile := filepath.Join(work, "report-token")
+	if err := os.WriteFile(tokenFile, []byte("fleet-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	extra := "report:\n  url: " + home.URL + "/nodes\n  tokenFile: " + tokenFile + "\n  caCert: |\n    " +
+		strings.ReplaceAll(strings.TrimSpace(string(caPEM)), "\n", "\n    ") + "\n"
+	mf := filepath.Join(work, "node.yaml")
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "")+extra), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(work, "root")
+	console := filepath.Join(work, "console")
+	code, out, errOut := cli(t, "", "apply", "-f", mf, "--root", root, "--first-boot", "--console", console, "--retry-wait", "10ms")
+	if code != 0 {
+		t.Fatalf("first boot: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if !strings.Contains(errOut, "apply failed for a transient reason; trying again") || !strings.Contains(errOut, "503") {
+		t.Errorf("no retry after the mirror's 503s:\n%s", errOut)
+	}
+	if b, _ := os.ReadFile(console); string(b) != "nodespawn: done: machine pipe is running node pipe-node\n" {
+		t.Errorf("console: %q", b)
+	}
+	mu.Lock()
+	if len(reports) != 1 || reports[0].Status != "done" || reports[0].Attempts < 2 || reports[0].Node != "pipe-node" ||
+		reports[0].Version != report.Version || len(reports[0].Steps) == 0 || auth[0] != "Bearer fleet-token" {
+		t.Errorf("reports %+v, authorization %q", reports, auth)
+	}
+	mu.Unlock()
+
+	// Bad input is never retried: one attempt, exit 2, the line says why.
+	bad := filepath.Join(work, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("apiVersion: nodespawn.dev/v1alpha1\nkind: Node\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut = cli(t, "", "apply", "-f", bad, "--root", filepath.Join(work, "root2"), "--first-boot", "--console", console, "--retry-wait", "10ms")
+	if code != exitBadInput || strings.Contains(errOut, "trying again") {
+		t.Errorf("bad input at first boot: exit %d\n%s", code, errOut)
+	}
+	if b, _ := os.ReadFile(console); !strings.Contains(string(b), "nodespawn: error: ") {
+		t.Errorf("console after bad input: %q", b)
 	}
 }
