@@ -102,6 +102,14 @@ func TestNode(t *testing.T) {
 	}
 	t.Logf("TIMING first boot: VM start -> kubelet active in the machine: %s", v.since())
 
+	t.Run("status", func(t *testing.T) { checkStatus(ctx, t, v, "done", "") })
+	t.Run("console says done", func(t *testing.T) {
+		serial, _ := os.ReadFile(v.serial)
+		want := "nodespawn: done: machine " + machineName + " is running node "
+		if !strings.Contains(string(serial), want) {
+			t.Errorf("no console line %q in the serial log", want)
+		}
+	})
 	t.Run("joins the cluster", func(t *testing.T) { checkCluster(ctx, t, v) })
 	t.Run("first boot", func(t *testing.T) { checkNode(ctx, t, v) })
 	t.Run("files match the plan", func(t *testing.T) { checkPlanFiles(ctx, t, v) })
@@ -319,6 +327,7 @@ func TestBadArtifact(t *testing.T) {
 		t.Errorf("no console line names step %s and both digests (want %s, got %s)\njournal:\n%s", stepID, wrongHex, realHex,
 			v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 30").Stdout)
 	}
+	t.Run("status", func(t *testing.T) { checkStatus(ctx, t, v, "error", stepID) })
 	checks := []struct{ what, script string }{
 		{"no machine registered", "! machinectl list --no-legend | grep -qw " + machineName},
 		{"machine service never started", "[ \"$(systemctl show -P ExecMainStartTimestampMonotonic systemd-nspawn@" + machineName + ".service)\" = 0 ]"},
@@ -328,6 +337,58 @@ func TestBadArtifact(t *testing.T) {
 	for _, c := range checks {
 		if r := v.sh(ctx, c.script); r.Code != 0 {
 			t.Errorf("%s: check %q failed: %s%s", c.what, c.script, r.Stdout, r.Stderr)
+		}
+	}
+}
+
+// checkStatus runs nodespawn status on the guest as a user would after
+// first boot (--wait, so it also covers a run still going) and checks the
+// state, the exit code that goes with it, and, for an error, the step named.
+func checkStatus(ctx context.Context, t *testing.T, v *vm, state, failedStep string) {
+	t.Helper()
+	human := v.sh(ctx, "/usr/local/bin/nodespawn status --wait --timeout 5m --long --timings 2>&1")
+	t.Logf("nodespawn status --wait --long --timings: exit %d\n%s", human.Code, human.Stdout)
+	r := v.sh(ctx, "/usr/local/bin/nodespawn status -o json --timings")
+	var st struct {
+		Version string `json:"version"`
+		State   string `json:"status"`
+		Summary string `json:"summary"`
+		Machine string `json:"machine"`
+		Step    *struct {
+			ID    string `json:"id"`
+			Error string `json:"error"`
+		} `json:"step"`
+		Finished int `json:"finished"`
+		Total    int `json:"total"`
+		Timings  *struct {
+			Blame        []json.RawMessage `json:"blame"`
+			CriticalPath []json.RawMessage `json:"criticalPath"`
+		} `json:"timings"`
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("status -o json: exit %d: %v\n%s%s", r.Code, err, r.Stdout, r.Stderr)
+	}
+	wantCode := map[string]int{"done": 0, "error": 1}[state]
+	if st.State != state || r.Code != wantCode || human.Code != wantCode {
+		t.Errorf("status %q (exit %d, --wait exit %d), want %q (exit %d)\n%s", st.State, r.Code, human.Code, state, wantCode, r.Stdout)
+	}
+	if !strings.HasPrefix(human.Stdout, st.Summary) {
+		t.Errorf("status --wait printed %q first, want the summary %q", strings.SplitN(human.Stdout, "\n", 2)[0], st.Summary)
+	}
+	switch state {
+	case "done":
+		if st.Machine != machineName || st.Total == 0 || st.Finished != st.Total {
+			t.Errorf("done, but machine %q and %d/%d steps with an outcome", st.Machine, st.Finished, st.Total)
+		}
+		if st.Timings == nil || len(st.Timings.Blame) == 0 || len(st.Timings.CriticalPath) == 0 {
+			t.Errorf("status --timings gave no blame or critical path:\n%s", r.Stdout)
+		}
+	case "error":
+		if st.Step == nil || st.Step.ID != failedStep || !strings.Contains(st.Step.Error, "sha256") {
+			t.Errorf("status names step %+v, want %s with its digest error", st.Step, failedStep)
+		}
+		if !strings.Contains(human.Stdout, failedStep) {
+			t.Errorf("status --long does not name step %s", failedStep)
 		}
 	}
 }
