@@ -160,7 +160,7 @@ func killAt(t *testing.T, cmd *exec.Cmd, d time.Duration) bool {
 // mode, owner, and the contents' digest or the link's target. The
 // bookkeeping whose bytes legitimately differ between two runs is
 // described by what it must agree on: the result record by its status and
-// steps, the image marker without the rootfs directory's inode, the lock
+// steps, the machines state without its times, the image marker without the rootfs directory's inode, the lock
 // by its existence.
 func treeOf(t *testing.T, root string) string {
 	t.Helper()
@@ -185,6 +185,8 @@ func treeOf(t *testing.T, root string) string {
 			switch {
 			case rel == "var/lib/nodespawn/result.json":
 				line += " " + recordSummary(b)
+			case rel == "var/lib/nodespawn/machines.json":
+				line += " " + machinesSummary(b)
 			case strings.HasSuffix(rel, ".nodespawn-image"):
 				line += " " + markerSummary(b)
 			case rel == "run/nodespawn.lock":
@@ -227,6 +229,23 @@ func recordSummary(b []byte) string {
 		s += fmt.Sprintf(" %s=%v", st.ID, ok)
 	}
 	return s
+}
+
+// machinesSummary is the machines state without its times.
+func machinesSummary(b []byte) string {
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return "unreadable machines state: " + err.Error()
+	}
+	if applied, ok := m["applied"].(map[string]any); ok {
+		for _, a := range applied {
+			if a, ok := a.(map[string]any); ok {
+				delete(a, "at")
+			}
+		}
+	}
+	out, _ := json.Marshal(m)
+	return string(out)
 }
 
 func markerSummary(b []byte) string {

@@ -231,7 +231,7 @@ func TestApplyIntoRoot(t *testing.T) {
 	if fi, err := os.Lstat(filepath.Join(rootfs, "etc/resolv.conf")); err != nil || !fi.Mode().IsRegular() {
 		t.Errorf("resolv.conf should replace the image's stub link with a file: %v %v", fi, err)
 	}
-	kc := filepath.Join(rootfs, "var/lib/kubelet/bootstrap-kubeconfig")
+	kc := filepath.Join(rootfs, "etc/kubernetes/bootstrap-kubelet.conf")
 	if fi, err := os.Stat(kc); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("bootstrap kubeconfig must be 0600: %v %v", fi, err)
 	}

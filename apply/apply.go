@@ -13,9 +13,7 @@
 package apply
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -35,12 +33,12 @@ const StateDir = "/var/lib/nodespawn"
 const (
 	// RecordFile is the result record of the last run.
 	RecordFile = StateDir + "/result.json"
-	// ManifestFile is the manifest of the last run (0600: it may hold a
-	// bootstrap token), kept so reset can render the same plan again.
+	// ManifestFile and PlanFile are where a state directory from before
+	// the machine pair kept the manifest and plan of its one machine; each
+	// machine's are now under machines/<name>/ (machines.go), and these
+	// are only read.
 	ManifestFile = StateDir + "/manifest"
-	// PlanFile is the plan of the last run, secrets redacted (0600): what
-	// reset removes and what a changed manifest is compared against.
-	PlanFile = StateDir + "/plan.json"
+	PlanFile     = StateDir + "/plan.json"
 	// DoneStamp exists once a run succeeded; the first-boot unit does not
 	// start again while it is there.
 	DoneStamp = StateDir + "/done"
@@ -74,9 +72,13 @@ type Options struct {
 	Manifest []byte
 	// ToolVersion goes into the record.
 	ToolVersion string
-	// Force applies even when the record names another manifest, and
-	// re-checks every step even when this plan was already applied.
+	// Force re-checks every step even when this plan was already applied,
+	// and applies a changed manifest in place where no upgrade is possible
+	// (no Upgrade.Render, or no systemd: a tree that is not a running host)
+	// or where no run has succeeded yet.
 	Force bool
+	// Upgrade configures upgrades by alternating machines.
+	Upgrade UpgradeOptions
 	// Deps are the implementations of the steps apply does not do itself.
 	// A nil member makes the steps that need it "skipped" (DefaultDeps
 	// leaves the host-changing ones nil when Root is not "/").
@@ -104,66 +106,187 @@ type Result struct {
 	// Record is the result record as written (the previous one when
 	// AlreadyApplied).
 	Record *Record
+	// Machine is the machine that runs the node after the run.
+	Machine string
+	// Upgrade is how an upgrade or a resumed switch ended, when there was one.
+	Upgrade *UpgradeOutcome
 }
 
 // Run applies p against opts.Root. It returns a *StepError when a step
 // failed (ExitCode maps errors to exit codes).
+//
+// On a host whose node runs from another manifest, Run upgrades by
+// alternating machines when it can (Options.Upgrade.Render, a live
+// systemd): it prepares the other machine of the pair, switches to it,
+// verifies the node and rolls back when that fails (upgrade.go). A switch
+// a killed run left half-done is finished first, whatever p is.
 func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 	opts = withDefaults(opts)
-	log := opts.Log
 	if opts.ManifestDigest == "" {
 		return nil, errors.New("apply: no manifest digest given (Options.ManifestDigest is required to recognise a finished run)")
 	}
 	if err := validatePlan(p); err != nil {
 		return nil, err
 	}
+	r, err := begin(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	defer r.end()
+	var resumed *UpgradeOutcome
+	if u := r.st.Upgrade; u != nil && u.Phase != UpgradePreparing {
+		out, err := r.resumeSwitch(ctx)
+		if err != nil {
+			return &Result{Record: r.lastRecord(), Machine: r.st.Active, Upgrade: out}, err
+		}
+		resumed = out
+	}
+	res, err := r.decide(ctx, p)
+	if res != nil && res.Upgrade == nil {
+		res.Upgrade = resumed
+	}
+	return res, err
+}
+
+// run is one locked run against the host.
+type run struct {
+	opts Options
+	log  *slog.Logger
+	host *confine.Root
+	lock *fileLock
+	st   *Machines
+}
+
+// begin opens the root, takes the lock, sweeps what a killed run left in
+// the state directory and reads the machines' state.
+func begin(ctx context.Context, opts Options) (*run, error) {
 	host, err := openRoot(opts.Root)
 	if err != nil {
 		return nil, fmt.Errorf("apply: %w", err)
 	}
-	defer host.Close()
-	lock, err := acquireLock(ctx, host, opts.LockTimeout, log)
+	lock, err := acquireLock(ctx, host, opts.LockTimeout, opts.Log)
 	if err != nil {
+		host.Close()
 		return nil, err
 	}
-	defer lock.release()
+	r := &run{opts: opts, log: opts.Log, host: host, lock: lock}
 	// What a run killed while making or saving its state left there.
-	if err := sweepUp(host, StateDir, nil); err != nil {
+	if err := sweepUp(host, StateDir, nil); err == nil {
+		err = sweepUp(host, machineStateDir, nil)
+		if err == nil {
+			r.st, err = readMachines(host)
+		}
+	}
+	if err != nil {
+		r.end()
 		return nil, err
 	}
+	return r, nil
+}
 
+func (r *run) end() {
+	r.lock.release()
+	r.host.Close()
+}
+
+func (r *run) lastRecord() *Record {
+	rec, _ := readRecord(r.host)
+	return rec
+}
+
+// decide applies p in place, upgrades to the other machine, or refuses.
+func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
+	st, opts := r.st, r.opts
+	active := st.Active
+	cur, known := st.Applied[active]
+	healthy := active != "" && known && cur.Succeeded
+	if healthy && !sameManifest(cur, opts) {
+		u := opts.Upgrade
+		switch {
+		case u.Render != nil && !u.Refuse && opts.Deps.Systemd != nil:
+			return r.upgrade(ctx, p)
+		case !opts.Force || u.Refuse:
+			return nil, &ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: r.host.Show(RecordFile), Machine: active,
+				FirstBoot: u.Refuse, CanUpgrade: u.Render != nil && opts.Deps.Systemd != nil}
+		}
+		// --force without upgrades (a tree that is not a running host):
+		// the new manifest over the old one, in place.
+	}
+	if u := st.Upgrade; u != nil {
+		r.log.Info("abandoning the upgrade that was being prepared: the given manifest is the one the node runs", "from", u.From, "to", u.To, "phase", u.Phase)
+		st.Upgrade = nil
+		if err := writeMachines(r.host, st); err != nil {
+			return nil, err
+		}
+	}
+	if active != "" && p.Machine != active {
+		if opts.Upgrade.Render == nil {
+			return nil, fmt.Errorf("apply: machine %s runs this node, and the plan is for %s (no renderer to make the plan for %s)", active, p.Machine, active)
+		}
+		var err error
+		if p, err = opts.Upgrade.Render(active); err != nil {
+			return nil, err
+		}
+		if err := validatePlan(p); err != nil {
+			return nil, err
+		}
+	}
+	return r.inPlace(ctx, p)
+}
+
+// sameManifest reports whether a is the manifest opts names.
+func sameManifest(a Applied, opts Options) bool {
+	if a.SourceDigest == "" {
+		// An older record: it knows only the bytes' digest.
+		return a.ManifestDigest == opts.SourceDigest || a.ManifestDigest == opts.ManifestDigest
+	}
+	return a.ManifestDigest == opts.ManifestDigest
+}
+
+// inPlace applies p to its machine: the first run, a resumed one, or a
+// converge of the running machine when the host or the tool changed.
+func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
+	opts, log, host, st := r.opts, r.log, r.host, r.st
 	planDigest := p.Digest()
 	prev, err := readRecord(host)
 	if err != nil {
 		return nil, err
 	}
-	if prev != nil && !prev.sameManifest(opts) && !opts.Force {
-		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile)}
+	if prev != nil && prev.Machine == p.Machine && !prev.sameManifest(opts) && !opts.Force {
+		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile), Machine: p.Machine}
 	}
-	if prev != nil && !opts.Force && prev.Status == StatusSucceeded && prev.PlanDigest == planDigest {
+	cur := st.Applied[p.Machine]
+	if !opts.Force && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
 		if err := writeStamp(host, planDigest); err != nil {
 			return nil, fmt.Errorf("apply: write done stamp: %w", err)
 		}
-		log.Info("already applied; nothing to do", "manifest", opts.ManifestDigest, "plan", planDigest, "finished", prev.Ended)
-		return &Result{AlreadyApplied: true, Record: prev}, nil
+		log.Info("already applied; nothing to do", "machine", p.Machine, "manifest", opts.ManifestDigest, "plan", planDigest, "finished", cur.At)
+		return &Result{AlreadyApplied: true, Record: prev, Machine: p.Machine}, nil
 	}
-	if prev != nil && prev.Status != StatusSucceeded {
+	if prev != nil && prev.Machine == p.Machine && prev.Status != StatusSucceeded {
 		log.Info("resuming an unfinished run; every step checks what is already there", "previous_status", prev.Status, "started", prev.Started)
-	} else if prev != nil && prev.PlanDigest != planDigest {
-		log.Info("plan changed since the last run (host facts or tool version); converging", "previous_plan", prev.PlanDigest, "plan", planDigest)
+	} else if cur.Succeeded && cur.PlanDigest != planDigest {
+		log.Info("plan changed since the last run (host facts or tool version); converging", "previous_plan", cur.PlanDigest, "plan", planDigest)
 	}
 
-	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
-		return nil, fmt.Errorf("apply: create state directory: %w", err)
-	}
-	if opts.Manifest != nil {
-		if err := host.WriteFile(ManifestFile, opts.Manifest, 0o600, -1, -1); err != nil {
-			return nil, fmt.Errorf("apply: store manifest: %w", err)
+	// The machine being made is the one that may run: say so before
+	// anything starts it.
+	if st.Active != p.Machine {
+		if err := setActive(host, st, p.Machine); err != nil {
+			return nil, fmt.Errorf("apply: %w", err)
 		}
 	}
-	if err := storePlan(host, p); err != nil {
+	if err := storeMachine(host, p, opts.Manifest); err != nil {
+		return nil, err
+	}
+	// The apply-time nftables flush is for a host whose machine has never
+	// run; once it has, the ruleset holds kube-proxy's and the CNI's rules,
+	// and the flush belongs to the machine's start unit alone.
+	started := cur.Succeeded || (prev != nil && prev.Status == StatusSucceeded)
+	st.Applied[p.Machine] = Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC()}
+	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
 
@@ -175,28 +298,29 @@ func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 	if opts.afterStep != nil {
 		opts.afterStep(0)
 	}
-	// The apply-time nftables flush is for a host whose machine has never
-	// run; once it has, the ruleset holds kube-proxy's and the CNI's rules,
-	// and the flush belongs to the machine's start unit alone.
-	started := prev != nil && prev.Status == StatusSucceeded
 	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
-	runErr := ex.run(ctx)
+	runErr := ex.run(ctx, plan.Phases...)
 	if runErr == nil {
 		runErr = ex.pruneDownloads()
 	}
-
 	if err := w.finish(runErr == nil); err != nil && runErr == nil {
 		runErr = err
 	}
+	if runErr == nil {
+		a := st.Applied[p.Machine]
+		a.Succeeded, a.At = true, time.Now().UTC()
+		st.Applied[p.Machine] = a
+		runErr = writeMachines(host, st)
+	}
 	if runErr != nil {
 		log.Error("apply failed", "error", runErr, "record", host.Show(RecordFile))
-		return &Result{Record: w.snapshot()}, runErr
+		return &Result{Record: w.snapshot(), Machine: p.Machine}, runErr
 	}
 	if err := writeStamp(host, planDigest); err != nil {
-		return &Result{Record: w.snapshot()}, fmt.Errorf("apply: write done stamp: %w", err)
+		return &Result{Record: w.snapshot(), Machine: p.Machine}, fmt.Errorf("apply: write done stamp: %w", err)
 	}
-	log.Info("apply finished", "steps", len(p.Steps), "duration", time.Since(rec.Started).Round(time.Millisecond))
-	return &Result{Record: w.snapshot()}, nil
+	log.Info("apply finished", "machine", p.Machine, "steps", len(p.Steps), "duration", time.Since(rec.Started).Round(time.Millisecond))
+	return &Result{Record: w.snapshot(), Machine: p.Machine}, nil
 }
 
 // openRoot opens the root a run applies to, creating it first when it is
@@ -228,17 +352,62 @@ func withDefaults(o Options) Options {
 	if o.PollInterval <= 0 {
 		o.PollInterval = DefaultPollInterval
 	}
+	o.Upgrade = o.Upgrade.withDefaults()
 	return o
 }
 
-// StoredManifest returns the manifest the last run stored under root, for
-// reset to render the same plan again.
+// StoredManifest returns the manifest the active machine was made from
+// (or the last run's machine, when none is active yet), for reset to
+// render the same plan again.
 func StoredManifest(root string) ([]byte, error) {
-	b, err := readState(root, ManifestFile)
+	b, err := withState(root, func(host *confine.Root, m string) ([]byte, error) { return storedManifestOf(host, m) })
+	if err == nil && b == nil {
+		err = fs.ErrNotExist
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read stored manifest: %w (was nodespawn apply ever run here?)", err)
 	}
 	return b, nil
+}
+
+// StoredPlan returns the plan the active machine was made from (or the
+// last run's machine's, when none is active yet), secrets redacted, or nil
+// when there is none (nothing applied, or a state directory from a version
+// that did not store it).
+func StoredPlan(root string) (*plan.Plan, error) {
+	return withState(root, storedPlanOf)
+}
+
+// StoredPlanOf returns the plan machine was made from, or nil.
+func StoredPlanOf(root, machine string) (*plan.Plan, error) {
+	return withState(root, func(host *confine.Root, _ string) (*plan.Plan, error) { return storedPlanOf(host, machine) })
+}
+
+// withState calls f with the state under root and the machine that runs
+// the node: the active one, else the last run's.
+func withState[T any](root string, f func(*confine.Root, string) (T, error)) (T, error) {
+	var zero T
+	if root == "" {
+		root = "/"
+	}
+	host, err := confine.Open(root)
+	if err != nil {
+		return zero, err
+	}
+	defer host.Close()
+	st, err := readMachines(host)
+	if err != nil {
+		return zero, err
+	}
+	m := st.Active
+	if m == "" {
+		rec, err := readRecord(host)
+		if err != nil || rec == nil {
+			return zero, err
+		}
+		m = rec.Machine
+	}
+	return f(host, m)
 }
 
 // readState reads one of apply's state files under root ("" means "/").
@@ -252,44 +421,6 @@ func readState(root, file string) ([]byte, error) {
 	}
 	defer host.Close()
 	return host.ReadFile(file)
-}
-
-// storePlan keeps the plan being applied, secrets redacted, for reset and
-// for the next run to compare a changed plan against.
-func storePlan(host *confine.Root, p *plan.Plan) error {
-	b, err := json.MarshalIndent(p.RedactKeepingDigests(), "", "  ")
-	if err != nil {
-		return fmt.Errorf("apply: encode plan: %w", err)
-	}
-	b = append(b, '\n')
-	if cur, err := host.ReadFile(PlanFile); err == nil && bytes.Equal(cur, b) {
-		return nil
-	}
-	if err := host.WriteFile(PlanFile, b, 0o600, -1, -1); err != nil {
-		return fmt.Errorf("apply: store plan: %w", err)
-	}
-	return nil
-}
-
-// StoredPlan returns the plan the last run stored under root (secrets
-// redacted), or nil when there is none (nothing applied, or a state
-// directory from a version that did not store it).
-func StoredPlan(root string) (*plan.Plan, error) {
-	b, err := readState(root, PlanFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read stored plan: %w", err)
-	}
-	var p plan.Plan
-	if err := json.Unmarshal(b, &p); err != nil {
-		return nil, fmt.Errorf("read stored plan %s: %w", PlanFile, err)
-	}
-	if p.Version != plan.Version {
-		return nil, fmt.Errorf("read stored plan %s: version %q, this build reads %q", PlanFile, p.Version, plan.Version)
-	}
-	return &p, nil
 }
 
 // writeStamp writes the done stamp unless it already says the same.

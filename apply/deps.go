@@ -88,6 +88,9 @@ type Systemd interface {
 	// "failed", ...) of unit inside the machine, or of a host unit when
 	// machine is "".
 	UnitState(ctx context.Context, machine, unit string) (string, error)
+	// UnitRestarts returns how often systemd restarted unit inside the
+	// machine (NRestarts) since the unit was loaded.
+	UnitRestarts(ctx context.Context, machine, unit string) (int, error)
 	// Journal returns the last lines of the machine's journal.
 	Journal(ctx context.Context, machine string, lines int) (string, error)
 	// UnitJournal returns the last lines a host unit logged.

@@ -22,16 +22,60 @@ func (e *StepError) Error() string {
 // Unwrap returns the step's own error.
 func (e *StepError) Unwrap() error { return e.Err }
 
-// ManifestChangedError is returned when the record names another manifest
-// than the one given and Options.Force is not set.
+// ManifestChangedError is returned when the node was made from another
+// manifest than the one given and Run may not change it: the first boot
+// never upgrades, a tree that is not a running host cannot switch
+// machines, and a node whose first run never finished is not replaced
+// without Options.Force.
 type ManifestChangedError struct {
 	Applied, Given string
 	Record         string
+	// Machine is the machine made from Applied.
+	Machine string
+	// FirstBoot is set when the refusal is the first boot's.
+	FirstBoot bool
+	// CanUpgrade is set when a plain apply would upgrade.
+	CanUpgrade bool
 }
 
 func (e *ManifestChangedError) Error() string {
+	switch {
+	case e.FirstBoot:
+		return fmt.Sprintf("not applying manifest %s at first boot: machine %s runs this node from manifest %s (record %s); "+
+			"the first boot never upgrades: run nodespawn apply -f with the new manifest to upgrade", e.Given, e.Machine, e.Applied, e.Record)
+	case e.CanUpgrade:
+		return fmt.Sprintf("refusing to apply manifest %s: machine %s was made from manifest %s and its first run never finished (record %s); "+
+			"run nodespawn reset first, or pass --force to apply the new manifest over it", e.Given, e.Machine, e.Applied, e.Record)
+	}
 	return fmt.Sprintf("refusing to apply manifest %s: this host was provisioned from manifest %s (record %s); "+
 		"run nodespawn reset first, or pass --force to apply the new manifest over the old one", e.Given, e.Applied, e.Record)
+}
+
+// UpgradeError is an upgrade that did not leave the node on the new
+// machine: it was rolled back (the node runs on the old machine again),
+// or the rollback failed too.
+type UpgradeError struct {
+	From, To string
+	// RolledBack is true when the node runs on From again.
+	RolledBack bool
+	Reason     error
+	// RollbackErr is why the rollback failed.
+	RollbackErr error
+}
+
+func (e *UpgradeError) Error() string {
+	if e.RolledBack {
+		return fmt.Sprintf("upgrade from %s to %s rolled back: %v; machine %s runs the node again", e.From, e.To, e.Reason, e.From)
+	}
+	return fmt.Sprintf("upgrade from %s to %s failed: %v; the rollback to %s failed too: %v", e.From, e.To, e.Reason, e.From, e.RollbackErr)
+}
+
+// Unwrap returns the reason.
+func (e *UpgradeError) Unwrap() []error {
+	if e.RollbackErr == nil {
+		return []error{e.Reason}
+	}
+	return []error{e.Reason, e.RollbackErr}
 }
 
 // LockedError is returned when another apply or reset held the lock for

@@ -26,6 +26,9 @@ type executor struct {
 	host *confine.Root
 	// machineStarted is set when an earlier run got the machine going.
 	machineStarted bool
+	// restartLimit fails a wait step whose units keep restarting (an
+	// upgrade's new machine); 0 waits out the step's timeout.
+	restartLimit int
 
 	mu       sync.Mutex
 	outcomes map[string]Outcome
@@ -55,9 +58,9 @@ type stepResult struct {
 
 // run executes the phases in order; it stops at the first phase with a
 // failed step and marks every step not reached as skipped.
-func (e *executor) run(ctx context.Context) error {
+func (e *executor) run(ctx context.Context, phases ...plan.Phase) error {
 	var failure error
-	for _, ph := range plan.Phases {
+	for _, ph := range phases {
 		var steps []*plan.Step
 		for i := range e.plan.Steps {
 			if e.plan.Steps[i].Phase == ph {

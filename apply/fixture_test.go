@@ -317,6 +317,8 @@ type fakeSystemd struct {
 	// hostStates are the host units' states (UnitState with no machine).
 	hostStates map[string]string
 	failStart  map[string]error
+	// restarts, when set, answers UnitRestarts.
+	restarts func(machine, unit string) int
 }
 
 func newFakeSystemd() *fakeSystemd {
@@ -421,6 +423,15 @@ func (s *fakeSystemd) UnitState(ctx context.Context, m, unit string) (string, er
 	return st, nil
 }
 
+func (s *fakeSystemd) UnitRestarts(ctx context.Context, m, unit string) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.restarts == nil {
+		return 0, nil
+	}
+	return s.restarts(m, unit), nil
+}
+
 func (s *fakeSystemd) Journal(ctx context.Context, m string, lines int) (string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -454,9 +465,9 @@ func snapshot(t testing.TB, root string, withIdentity bool) string {
 			return err
 		}
 		rel, _ := filepath.Rel(root, p)
-		// The record holds times, the lock its holder: bookkeeping, not
+		// The record and the machines state hold times, the lock its holder: bookkeeping, not
 		// plan targets.
-		if rel == strings.TrimPrefix(RecordFile, "/") || rel == strings.TrimPrefix(LockFile, "/") {
+		if rel == strings.TrimPrefix(RecordFile, "/") || rel == strings.TrimPrefix(LockFile, "/") || rel == strings.TrimPrefix(MachinesFile, "/") {
 			return nil
 		}
 		fi, err := os.Lstat(p)

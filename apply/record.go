@@ -59,6 +59,9 @@ type Record struct {
 	Started        time.Time    `json:"started"`
 	Ended          *time.Time   `json:"ended,omitempty"`
 	Steps          []StepRecord `json:"steps"`
+	// Upgrade is set when the run upgraded (or rolled back) by switching
+	// machines.
+	Upgrade *RecordUpgrade `json:"upgrade,omitempty"`
 }
 
 // StepRecord is one step's outcome.
@@ -188,10 +191,30 @@ func (w *recordWriter) saveLocked() error {
 	return nil
 }
 
+// upgrade changes the record's upgrade part and saves the record.
+func (w *recordWriter) upgrade(f func(*RecordUpgrade)) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.rec.Upgrade == nil {
+		return
+	}
+	f(w.rec.Upgrade)
+	_ = w.saveLocked()
+}
+
+// since is t in milliseconds after the run started.
+func (w *recordWriter) since(t time.Time) int64 {
+	return max(t.Sub(w.rec.Started).Milliseconds(), 0)
+}
+
 func (w *recordWriter) snapshot() *Record {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	c := *w.rec
 	c.Steps = append([]StepRecord(nil), w.rec.Steps...)
+	if w.rec.Upgrade != nil {
+		u := *w.rec.Upgrade
+		c.Upgrade = &u
+	}
 	return &c
 }

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"path"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -57,10 +56,11 @@ type ResetOptions struct {
 // machineName is what machined accepts, and what is safe in a path.
 var machineName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
-// Reset stops the machine and removes it and what apply wrote for it: the
-// rootfs, the .nspawn file, the service drop-ins, the machines.target
-// link, the nftables flush unit and the state directory; then reloads
-// systemd. Host settings (sysctls, modules-load, swap, packages) stay as
+// Reset stops the node's machines (both of an upgrade's pair) and removes
+// them and what apply wrote for them: each rootfs, .nspawn file, service
+// drop-in and machines.target link, the nftables flush unit, and the state
+// directory with the node's state (its identity and image cache); then
+// reloads systemd. Host settings (sysctls, modules-load, swap, packages) stay as
 // they are; Reset logs each one it leaves.
 func Reset(ctx context.Context, opts ResetOptions) error {
 	if opts.Root == "" {
@@ -82,19 +82,16 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		opts.PollInterval = DefaultPollInterval
 	}
 	log := opts.Log
-	m, rootfs := opts.Machine, ""
+	m := opts.Machine
 	if opts.Plan != nil {
-		m, rootfs = opts.Plan.Machine, opts.Plan.Rootfs
+		m = opts.Plan.Machine
+		if rootfs := opts.Plan.Rootfs; path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
+			// Never RemoveAll something a typo or a bad plan points at.
+			return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+		}
 	}
 	if !machineName.MatchString(m) {
 		return fmt.Errorf("reset: invalid machine name %q", m)
-	}
-	if rootfs == "" {
-		rootfs = filepath.Join(machinesDir, m)
-	}
-	if filepath.Clean(rootfs) != filepath.Join(machinesDir, filepath.Base(rootfs)) {
-		// Never RemoveAll something a typo or a bad plan points at.
-		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
 	}
 
 	host, err := confine.Open(opts.Root)
@@ -108,31 +105,55 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 	}
 	defer lock.release()
 
-	live := opts.Systemd != nil
-	if live {
-		if err := stopMachine(ctx, opts, m); err != nil {
-			return err
+	// Both machines of the pair, each with the plan it was made from.
+	st, err := readMachines(host)
+	if err != nil {
+		log.Warn("the machines' state is unreadable; removing the named machine and its pair by name", "error", err)
+		st = &Machines{Applied: map[string]Applied{}}
+	}
+	machines := []string{m}
+	add := func(x string) {
+		if x != "" && machineName.MatchString(x) && !contains(machines, x) {
+			machines = append(machines, x)
 		}
-	} else {
-		log.Warn("not stopping the machine: no systemd (root is not /)", "machine", m, "root", opts.Root)
 	}
-
-	if err := removeBusy(ctx, host, rootfs, opts.RemoveTimeout, opts.PollInterval, log); err != nil {
-		return err
+	if opts.Plan != nil {
+		add(opts.Plan.Alternate)
 	}
-	// What an image pull keeps beside the rootfs: its marker and leftovers
-	// of an interrupted pull.
-	var remove []string
-	if es, err := host.ReadDir(path.Dir(rootfs)); err == nil {
-		for _, e := range es {
-			if strings.HasPrefix(e.Name(), "."+path.Base(rootfs)+".") {
-				remove = append(remove, path.Join(path.Dir(rootfs), e.Name()))
+	add(st.Active)
+	add(st.Previous)
+	if st.Upgrade != nil {
+		add(st.Upgrade.From)
+		add(st.Upgrade.To)
+	}
+	live := opts.Systemd != nil
+	if !live {
+		log.Warn("not stopping the machines: no systemd (root is not /)", "machines", machines, "root", opts.Root)
+	}
+	ro := removeOptions{stop: opts.StopTimeout, remove: opts.RemoveTimeout, poll: opts.PollInterval, log: log}
+	for _, x := range machines {
+		p := opts.Plan
+		if p == nil || p.Machine != x {
+			if p, err = storedPlanOf(host, x); err != nil {
+				log.Warn("the stored plan is unreadable; removing the machine by name", "machine", x, "error", err)
+				p = nil
 			}
 		}
+		if x != m && p == nil {
+			if _, err := host.Lstat(path.Join(machinesDir, x)); err != nil {
+				continue // the other machine of the pair was never made
+			}
+			if _, known := st.Applied[x]; !known {
+				log.Info("left in place", "machine", x, "why", "nodespawn did not make it")
+				continue
+			}
+		}
+		if err := removeMachine(ctx, host, opts.Systemd, x, p, ro); err != nil {
+			return err
+		}
 	}
-	remove = append(remove, resetPaths(m, opts.Plan)...)
-	remove = append(remove, StateDir)
-	for _, p := range remove {
+	// The state directory, with the node's state (its identity) in it.
+	for _, p := range []string{plan.ActiveMachineFile, StateDir} {
 		if _, err := host.Lstat(p); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -140,9 +161,6 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 			return fmt.Errorf("reset: %w", err)
 		}
 		log.Info("removed", "path", host.Show(p))
-	}
-	if err := removeBPFFS(host, m, live, log); err != nil {
-		return err
 	}
 	if live {
 		if err := opts.Systemd.DaemonReload(ctx); err != nil {
@@ -161,21 +179,76 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 	return nil
 }
 
+// removeOptions bound the waits of removeMachine.
+type removeOptions struct {
+	stop, remove, poll time.Duration
+	log                *slog.Logger
+}
+
+// removeMachine stops machine m (when sd is set), and removes its rootfs,
+// what an image pull keeps beside it, the systemd files and links p says
+// were written for it (or systemd's names for them without p), and its
+// bpffs.
+func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string, p *plan.Plan, o removeOptions) error {
+	rootfs := path.Join(machinesDir, m)
+	if p != nil && p.Rootfs != "" {
+		rootfs = p.Rootfs
+	}
+	if path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
+		// Never RemoveAll something a typo or a bad plan points at.
+		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+	}
+	if sd != nil {
+		if err := stopMachine(ctx, sd, o.log, m, o.stop, o.poll); err != nil {
+			return fmt.Errorf("reset: %w", err)
+		}
+	}
+	if err := removeBusy(ctx, host, rootfs, o.remove, o.poll, o.log); err != nil {
+		return err
+	}
+	// What an image pull keeps beside the rootfs: its marker and leftovers
+	// of an interrupted pull.
+	var remove []string
+	if es, err := host.ReadDir(path.Dir(rootfs)); err == nil {
+		for _, e := range es {
+			if strings.HasPrefix(e.Name(), "."+path.Base(rootfs)+".") {
+				remove = append(remove, path.Join(path.Dir(rootfs), e.Name()))
+			}
+		}
+	}
+	remove = append(remove, resetPaths(m, p)...)
+	for _, q := range remove {
+		if _, err := host.Lstat(q); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err := host.RemoveAll(q); err != nil {
+			return fmt.Errorf("reset: %w", err)
+		}
+		o.log.Info("removed", "path", host.Show(q))
+	}
+	return removeBPFFS(host, m, sd != nil, o.log)
+}
+
 // stopMachine stops the machine's service and waits until machined forgets
 // the machine, terminating it when a stop alone does not do it in half the
-// time.
-func stopMachine(ctx context.Context, opts ResetOptions, m string) error {
-	sd, log := opts.Systemd, opts.Log
-	unit := "systemd-nspawn@" + m + ".service"
-	if err := sd.Stop(ctx, unit); err != nil {
-		log.Warn("stopping the machine failed; terminating it", "unit", unit, "error", err)
+// time (the stop job itself is bounded by the same time).
+func stopMachine(ctx context.Context, sd Systemd, log *slog.Logger, m string, timeout, poll time.Duration) error {
+	unit := nspawnUnit(m)
+	deadline := time.Now().Add(timeout)
+	sctx, cancel := context.WithTimeout(ctx, timeout/2)
+	err := sd.Stop(sctx, unit)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		log.Warn("stopping the machine failed or took too long; terminating it", "unit", unit, "error", err)
 	}
-	deadline := time.Now().Add(opts.StopTimeout)
 	terminated := false
 	for {
 		registered, err := sd.MachineRegistered(ctx, m)
 		if err != nil {
-			return fmt.Errorf("reset: %w", err)
+			return err
 		}
 		if !registered {
 			log.Info("machine stopped", "machine", m)
@@ -183,12 +256,12 @@ func stopMachine(ctx context.Context, opts ResetOptions, m string) error {
 		}
 		now := time.Now()
 		if terminated && now.After(deadline) {
-			return fmt.Errorf("reset: machine %s still registered with machined %s after stopping %s; see machinectl status %s", m, opts.StopTimeout, unit, m)
+			return fmt.Errorf("machine %s still registered with machined %s after stopping %s; see machinectl status %s", m, timeout, unit, m)
 		}
-		if !terminated && now.After(deadline.Add(-opts.StopTimeout/2)) {
+		if !terminated && now.After(deadline.Add(-timeout/2)) {
 			log.Warn("machine still registered after stop; terminating it", "machine", m)
 			if err := sd.TerminateMachine(ctx, m); err != nil {
-				return fmt.Errorf("reset: %w", err)
+				return err
 			}
 			terminated = true
 			continue
@@ -196,7 +269,7 @@ func stopMachine(ctx context.Context, opts ResetOptions, m string) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(opts.PollInterval):
+		case <-time.After(poll):
 		}
 	}
 }
@@ -241,7 +314,7 @@ func resetPaths(m string, p *plan.Plan) []string {
 	var paths []string
 	seen := map[string]bool{}
 	for _, s := range p.Steps {
-		if s.Phase != plan.PhaseHost {
+		if s.Phase != plan.PhaseHost && s.Phase != plan.PhaseStart {
 			continue
 		}
 		var q string
@@ -357,4 +430,13 @@ func leftInPlace(host *confine.Root, p *plan.Plan) []string {
 		out = append(out, FirstbootUnitName+" (enabled; with the state directory gone it provisions again at next boot)")
 	}
 	return out
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }

@@ -139,11 +139,32 @@ const DefaultWaitTimeout = 5 * time.Minute
 // journalLines is how much of the machine's journal a wait timeout shows.
 const journalLines = 30
 
-// wait polls machined until the machine is registered, then the machine's
-// systemd until every unit is active, up to w.TimeoutSeconds. A timeout
-// reports each unit's last state and the tail of the machine's journal.
+// wait runs a Wait step (waitMachine), failing early on restarts when the
+// executor has a restart limit (an upgrade's new machine).
 func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
-	sd := e.opts.Deps.Systemd
+	first, err := waitMachineFirst(ctx, e.opts.Deps.Systemd, w, e.opts.PollInterval, e.restartLimit)
+	if err != nil {
+		return "", err
+	}
+	if first {
+		return OutcomeUnchanged, nil
+	}
+	return OutcomeDone, nil
+}
+
+// waitMachine polls machined until the machine is registered, then the
+// machine's systemd until every unit is active, up to w.TimeoutSeconds. A
+// timeout reports each unit's last state and the tail of the machine's
+// journal. With restartLimit > 0, a unit restarted that many times since
+// the wait began fails it at once.
+func waitMachine(ctx context.Context, sd Systemd, w *plan.Wait, poll time.Duration, restartLimit int) error {
+	_, err := waitMachineFirst(ctx, sd, w, poll, restartLimit)
+	return err
+}
+
+// waitMachineFirst is waitMachine, also saying whether everything was up
+// at the first look.
+func waitMachineFirst(ctx context.Context, sd Systemd, w *plan.Wait, poll time.Duration, restartLimit int) (bool, error) {
 	timeout := time.Duration(w.TimeoutSeconds) * time.Second
 	if timeout <= 0 {
 		timeout = DefaultWaitTimeout
@@ -153,6 +174,7 @@ func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
 
 	registered := false
 	states := make([]string, len(w.Units))
+	restarts := newRestartCounter(sd, w.Machine, w.Units, restartLimit)
 	var lastErr error
 	for first := true; ; first = false {
 		if !registered {
@@ -168,22 +190,22 @@ func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
 				states[i] = st
 				all = all && st == "active"
 			}
+			if err := restarts.check(wctx); err != nil {
+				return false, err
+			}
 			if all {
-				if first {
-					return OutcomeUnchanged, nil
-				}
-				return OutcomeDone, nil
+				return first, nil
 			}
 		}
 		select {
 		case <-wctx.Done():
-		case <-time.After(e.opts.PollInterval):
+		case <-time.After(poll):
 			continue
 		}
 		break
 	}
 	if ctx.Err() != nil {
-		return "", context.Cause(ctx)
+		return false, context.Cause(ctx)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "machine %s not ready after %s: ", w.Machine, timeout)
@@ -200,14 +222,75 @@ func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
 	if lastErr != nil {
 		fmt.Fprintf(&b, " (last error: %v)", lastErr)
 	}
-	journal, err := sd.Journal(ctx, w.Machine, journalLines)
+	b.WriteString(machineJournalTail(ctx, sd, w.Machine))
+	return false, fmt.Errorf("%s", b.String())
+}
+
+// machineJournalTail is the end of the machine's journal for an error message.
+func machineJournalTail(ctx context.Context, sd Systemd, m string) string {
+	journal, err := sd.Journal(ctx, m, journalLines)
+	var b strings.Builder
 	if err != nil {
 		fmt.Fprintf(&b, "; reading its journal failed too: %v", err)
 	} else {
 		fmt.Fprintf(&b, "; last %d lines of its journal:\n%s", journalLines, strings.TrimRight(journal, "\n"))
 	}
-	fmt.Fprintf(&b, "\nsee: machinectl status %s; journalctl -M %s -u kubelet -u containerd", w.Machine, w.Machine)
-	return "", fmt.Errorf("%s", b.String())
+	fmt.Fprintf(&b, "\nsee: machinectl status %s; journalctl -M %s -u kubelet -u containerd", m, m)
+	return b.String()
+}
+
+// restartCounter notices units that keep restarting (a kubelet that exits
+// at once is "activating" most of the time and "active" for an instant).
+type restartCounter struct {
+	sd      Systemd
+	machine string
+	units   []string
+	limit   int
+	base    map[string]int
+}
+
+func newRestartCounter(sd Systemd, machine string, units []string, limit int) *restartCounter {
+	return &restartCounter{sd: sd, machine: machine, units: units, limit: limit, base: map[string]int{}}
+}
+
+// check returns an error once a unit has restarted limit times since the
+// first check. Units it cannot ask about (the machine still booting) are
+// asked again next time.
+func (c *restartCounter) check(ctx context.Context) error {
+	if c.limit <= 0 {
+		return nil
+	}
+	for _, u := range c.units {
+		n, err := c.sd.UnitRestarts(ctx, c.machine, u)
+		if err != nil {
+			continue
+		}
+		base, ok := c.base[u]
+		if !ok {
+			c.base[u] = n
+			continue
+		}
+		if n-base >= c.limit {
+			return fmt.Errorf("%s in machine %s keeps failing: restarted %d times%s", u, c.machine, n-base, machineJournalTail(ctx, c.sd, c.machine))
+		}
+	}
+	return nil
+}
+
+// watchRestarts checks the units every poll until ctx ends; it returns the
+// restart error, or nil when ctx ended.
+func watchRestarts(ctx context.Context, sd Systemd, machine string, units []string, limit int, poll time.Duration) error {
+	c := newRestartCounter(sd, machine, units, limit)
+	for {
+		if err := c.check(ctx); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(poll):
+		}
+	}
 }
 
 func changedOutcome(changed bool) Outcome {

@@ -101,7 +101,7 @@ func checkExecCredential(ctx context.Context, t *testing.T, v *vm) {
 		r := v.sh(ctx, inMachine("journalctl -u kubelet --no-pager | tail -n 40"))
 		t.Fatalf("cluster:\n%s\nkubelet journal:\n%s", out, r.Stdout)
 	}
-	if r := v.sh(ctx, inMachine("grep -c exec: /var/lib/kubelet/kubeconfig; test ! -e /var/lib/kubelet/bootstrap-kubeconfig")); r.Code != 0 {
+	if r := v.sh(ctx, inMachine("grep -c exec: /etc/kubernetes/kubelet.conf; test ! -e /etc/kubernetes/bootstrap-kubelet.conf")); r.Code != 0 {
 		t.Errorf("the kubelet's kubeconfig should name the exec plugin and no bootstrap kubeconfig exist: %s%s", r.Stdout, r.Stderr)
 	}
 }

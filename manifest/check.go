@@ -28,6 +28,13 @@ func check(m *Manifest) []problem {
 	c.duration(jsonpath.New("", "firstBoot", "retryFor"), m.FirstBoot.RetryFor, 0)
 	c.duration(jsonpath.New("", "upgrade", "readyTimeout"), m.Upgrade.ReadyTimeout, 10*time.Second)
 	c.duration(jsonpath.New("", "upgrade", "stopTimeout"), m.Upgrade.StopTimeout, time.Second)
+	grace := parseDuration(m.Kubernetes.ShutdownGracePeriod)
+	if m.Kubernetes.ShutdownGracePeriod == "" {
+		grace = parseDuration(DefaultShutdownGracePeriod)
+	}
+	if stop := parseDuration(m.Upgrade.StopTimeout); stop > 0 && stop <= grace {
+		c.add(jsonpath.New("", "upgrade", "stopTimeout"), "%s is not longer than kubernetes.shutdownGracePeriod (%s): the machine would be killed before kubelet has given pods their termination time", m.Upgrade.StopTimeout, grace)
+	}
 	c.report(m.Report)
 	return c.probs
 }
@@ -54,6 +61,8 @@ func (c *checker) machine(mc *Machine) {
 	if mc.Name != "" {
 		if msg := machineNameProblem(mc.Name); msg != "" {
 			c.add(p.Append("name"), "%s", msg)
+		} else if alt := AlternateMachine(mc.Name); machineNameProblem(alt) != "" {
+			c.add(p.Append("name"), "upgrades alternate between %s and %s, and %s", mc.Name, alt, machineNameProblem(alt))
 		}
 	}
 	c.rootfs(&mc.Rootfs)

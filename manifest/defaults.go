@@ -1,6 +1,9 @@
 package manifest
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // Defaults applied by Load to what the manifest leaves out. render.Plan and the
 // documentation show them; the schema's "default" annotations repeat them
@@ -103,7 +106,11 @@ func ApplyDefaults(m *Manifest) {
 		m.Upgrade.ReadyTimeout = DefaultReadyTimeout
 	}
 	if m.Upgrade.StopTimeout == "" {
+		// Room for kubelet's graceful shutdown and the machine's own stop.
 		m.Upgrade.StopTimeout = DefaultStopTimeout
+		if grace := parseDuration(k.ShutdownGracePeriod) + 30*time.Second; grace > parseDuration(DefaultStopTimeout) {
+			m.Upgrade.StopTimeout = grace.String()
+		}
 	}
 	if k.Auth.Exec != nil && k.Auth.Exec.APIVersion == "" {
 		k.Auth.Exec.APIVersion = DefaultExecAPIVersion

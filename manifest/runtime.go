@@ -151,3 +151,13 @@ func Duration(v string) time.Duration {
 	}
 	return d
 }
+
+// parseDuration is v as a duration, or 0 when it is empty or malformed
+// (duration reports that).
+func parseDuration(v string) time.Duration {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0
+	}
+	return d
+}

@@ -55,6 +55,12 @@ const (
 	KindWait      Kind = "wait"      // Step.Wait
 )
 
+// ActiveMachineFile names the machine of a pair that may run: apply writes
+// it (atomically) before it starts a machine, and each machine's service
+// starts only when the file is missing or names it, so the two machines of
+// an upgrade never run at once, at boot included.
+const ActiveMachineFile = "/var/lib/nodespawn/active-machine"
+
 // Plan is everything apply will do, as data. render.Plan builds it from a
 // manifest and host facts; apply executes it; --dry-run prints it.
 type Plan struct {
@@ -65,6 +71,13 @@ type Plan struct {
 	Rootfs string `json:"rootfs"`
 	// NodeName is the Kubernetes node name.
 	NodeName string `json:"nodeName"`
+	// Alternate is the machine this one takes turns with in upgrades.
+	Alternate string `json:"alternate,omitempty"`
+	// NodeState is the host directory holding what the node keeps across
+	// machines: kubelet's state (its client certificate: the node's
+	// identity) in kubelet/ and containerd's (the image cache) in
+	// containerd/, bound into whichever machine runs.
+	NodeState string `json:"nodeState,omitempty"`
 	// Warnings are things the user should know (deprecated options, ...).
 	Warnings []string `json:"warnings,omitempty"`
 	Steps    []Step   `json:"steps"`

@@ -127,13 +127,12 @@ func (r *renderer) renderHost() error {
 		})
 	}
 
+	r.renderNodeState()
 	r.file(plan.PhaseHost, path.Join(nspawnDir, r.machine+".nspawn"), tmpl("machine.nspawn.tmpl", r.nspawnData()),
 		"nspawn settings of machine "+r.machine)
 	r.file(plan.PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.d", "override.conf"),
 		tmpl("nspawn-override.conf.tmpl", r.overrideData(flush)),
 		"service drop-in: cgroup v2, writable /proc/sys/net, bpffs, device access, self-healing")
-	r.link(plan.PhaseHost, path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+r.machine+".service"),
-		path.Join(systemUnitDir, "systemd-nspawn@.service"), "start the machine at every boot")
 	r.link(plan.PhaseHost, path.Join(unitDir, "multi-user.target.wants", "machines.target"),
 		path.Join(systemUnitDir, "machines.target"), "start machines.target at boot")
 
@@ -201,6 +200,7 @@ func (r *renderer) nspawnData() nspawnData {
 	if len(r.nodeName) <= 64 {
 		d.Hostname = r.nodeName
 	}
+	d.Binds = append(d.Binds, r.stateBinds()...)
 	if r.bpffs {
 		d.Binds = append(d.Binds, "Bind="+r.bpffsDir()+":/sys/fs/bpf")
 	}
@@ -233,7 +233,10 @@ func (r *renderer) nspawnData() nspawnData {
 }
 
 type overrideData struct {
-	Machine      string
+	Machine string
+	// ActiveFile is plan.ActiveMachineFile; StopTimeout the
+	// manifest's upgrade.stopTimeout.
+	ActiveFile, StopTimeout string
 	NftFlushUnit string
 	BPFFS        string
 	GPU          bool
@@ -241,7 +244,7 @@ type overrideData struct {
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
-	d := overrideData{Machine: r.machine, GPU: r.gpu}
+	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: r.m.Upgrade.StopTimeout}
 	if flush {
 		d.NftFlushUnit = nftFlushUnit
 	}

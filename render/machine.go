@@ -12,10 +12,16 @@ import (
 
 // Paths inside the machine.
 const (
-	caPath              = "/etc/kubernetes/pki/ca.crt"
-	bootstrapKubeconfig = "/var/lib/kubelet/bootstrap-kubeconfig"
-	kubeconfig          = "/var/lib/kubelet/kubeconfig"
-	kubeletConfig       = "/var/lib/kubelet/config.yaml"
+	caPath = "/etc/kubernetes/pki/ca.crt"
+	// What nodespawn writes for kubelet lives in the machine's /etc: each
+	// machine of an upgrade has its own. /var/lib/kubelet is the node's
+	// state, bound from the host (NodeStateDir), where kubelet keeps what
+	// it writes itself: with a bootstrap token, the kubeconfig it writes
+	// after the bootstrap and the client certificate it names.
+	bootstrapKubeconfig    = "/etc/kubernetes/bootstrap-kubelet.conf"
+	bootstrapKubeconfigOut = "/var/lib/kubelet/kubeconfig"
+	execKubeconfig         = "/etc/kubernetes/kubelet.conf"
+	kubeletConfig          = "/etc/kubernetes/kubelet-config.yaml"
 	// podResolvConf is the resolv.conf kubelet hands to pods with
 	// dnsPolicy: Default: upstream servers only, never a loopback stub.
 	podResolvConf = "/etc/kubernetes/resolv.conf"
@@ -48,9 +54,8 @@ func (r *renderer) renderMachine() error {
 	// Kubelet.
 	r.file(ph, r.inRoot(caPath), strings.TrimSpace(k.CACert)+"\n", "the cluster CA")
 	r.dir(ph, r.inRoot("/etc/kubernetes/manifests"), 0o700, "static pod manifests")
-	r.dir(ph, r.inRoot("/var/lib/kubelet"), 0o700, "kubelet state")
 	if k.Auth.Exec != nil {
-		r.file(ph, r.inRoot(kubeconfig), r.kubeconfig(), "kubeconfig with the exec credential plugin", secret, mode(0o600))
+		r.file(ph, r.inRoot(execKubeconfig), r.kubeconfig(), "kubeconfig with the exec credential plugin", secret, mode(0o600))
 	} else {
 		r.file(ph, r.inRoot(bootstrapKubeconfig), r.kubeconfig(), "bootstrap kubeconfig with the bootstrap token", secret, mode(0o600))
 	}
@@ -175,9 +180,11 @@ func (r *renderer) kubeletConfigData() kubeletConfigData {
 // spaces or quotes that could break the unit's word splitting.
 func (r *renderer) kubeletArgs() []string {
 	k := r.m.Kubernetes
-	args := []string{"--config=" + kubeletConfig, "--kubeconfig=" + kubeconfig}
+	args := []string{"--config=" + kubeletConfig}
 	if k.Auth.Exec == nil {
-		args = append(args, "--bootstrap-kubeconfig="+bootstrapKubeconfig)
+		args = append(args, "--kubeconfig="+bootstrapKubeconfigOut, "--bootstrap-kubeconfig="+bootstrapKubeconfig)
+	} else {
+		args = append(args, "--kubeconfig="+execKubeconfig)
 	}
 	args = append(args, "--hostname-override="+r.nodeName)
 	if len(r.nodeIPs) > 0 {

@@ -62,11 +62,19 @@ func fact(name string) jsonpath.ContextPath { return jsonpath.New("facts", name)
 // whole plan. Errors are *Error values (joined when there are several);
 // Locate places them in the manifest's source.
 func Plan(m *manifest.Manifest, f plan.Facts) (*plan.Plan, error) {
-	r := &renderer{m: m, f: f}
+	return PlanFor(m, f, m.Machine.Name)
+}
+
+// PlanFor builds the plan for manifest m as machine, one of the pair
+// manifest.MachinePair(m.Machine.Name): an upgrade prepares the machine
+// that is not running. Only the machine's own paths differ between the two
+// plans; the node (its name, its state directory) is the same.
+func PlanFor(m *manifest.Manifest, f plan.Facts, machine string) (*plan.Plan, error) {
+	r := &renderer{m: m, f: f, machine: machine}
 	if err := r.decide(); err != nil {
 		return nil, err
 	}
-	steps := []func() error{r.renderHost, r.renderRootfs, r.renderMachine, r.renderGPU, r.renderExtras, r.renderStart}
+	steps := []func() error{r.renderHost, r.renderRootfs, r.renderMachine, r.renderGPU, r.renderExtras, r.checkHiddenExtras, r.renderStart}
 	for _, step := range steps {
 		if err := step(); err != nil {
 			return nil, err
@@ -107,9 +115,11 @@ type renderer struct {
 
 func (r *renderer) decide() error {
 	m := r.m
-	r.machine = m.Machine.Name
-	if r.machine == "" {
+	if m.Machine.Name == "" {
 		return &Error{field("machine", "name"), "is empty (load the manifest with manifest.Load so defaults apply)"}
+	}
+	if pair := manifest.MachinePair(m.Machine.Name); r.machine != pair[0] && r.machine != pair[1] {
+		return &Error{field("machine", "name"), fmt.Sprintf("machine %q is not one of this manifest's pair %s and %s", r.machine, pair[0], pair[1])}
 	}
 	r.rootfs = path.Join(MachinesDir, r.machine)
 	r.nodeName = m.Kubernetes.NodeName
@@ -156,11 +166,20 @@ func (r *renderer) decide() error {
 	r.bpffs = m.Machine.BPFFS != manifest.SwitchOff
 	r.containerdConfig = manifest.ContainerdConfigVersion(m.Components.Containerd.Version)
 
+	if err := r.checkStateBinds(); err != nil {
+		return err
+	}
+
 	r.plan = plan.Plan{
 		Version:  plan.Version,
 		Machine:  r.machine,
-		Rootfs:   r.rootfs,
-		NodeName: r.nodeName,
+		Rootfs:    r.rootfs,
+		NodeName:  r.nodeName,
+		Alternate: manifest.AlternateMachine(m.Machine.Name),
+		NodeState: NodeStateDir,
+	}
+	if r.plan.Alternate == r.machine {
+		r.plan.Alternate = m.Machine.Name
 	}
 	return nil
 }

@@ -1,6 +1,16 @@
 package render
 
-import "github.com/nodespawn/nodespawn/plan"
+import (
+	"path"
+
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// EnableLink is the link that makes machines.target start machine at boot
+// (what machinectl enable writes).
+func EnableLink(machine string) string {
+	return path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+machine+".service")
+}
 
 // WaitTimeoutSeconds bounds how long apply waits for the machine to boot
 // and containerd and kubelet to become active inside it.
@@ -9,7 +19,11 @@ const WaitTimeoutSeconds = 300
 // renderStart reloads systemd, starts the machine and waits for the node's units.
 func (r *renderer) renderStart() error {
 	unit := "systemd-nspawn@" + r.machine + ".service"
-	reload := r.systemd("daemon-reload", "")
+	// The boot link is made here, with the start: an upgrade prepares a
+	// machine beside the running one, and only the machine that runs is
+	// wanted at boot.
+	enable := r.link(plan.PhaseStart, EnableLink(r.machine), path.Join(systemUnitDir, "systemd-nspawn@.service"), "start the machine at every boot")
+	reload := r.systemd("daemon-reload", "", enable.ID)
 	started := r.systemd("start", unit, reload.ID)
 	units := []string{"containerd.service", "kubelet.service"}
 	r.add(plan.Step{

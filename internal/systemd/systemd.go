@@ -208,3 +208,16 @@ func (s *Bus) UnitJournal(ctx context.Context, unit string, lines int) (string, 
 	}
 	return string(out), nil
 }
+
+// UnitRestarts returns how often systemd inside the machine restarted unit.
+func (s *Bus) UnitRestarts(ctx context.Context, machine, unit string) (int, error) {
+	out, err := s.run.Run(ctx, command.Options{}, "systemctl", "-M", machine, "show", "-P", "NRestarts", unit)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	if err != nil {
+		return 0, fmt.Errorf("NRestarts of %s in machine %s: %q: %w", unit, machine, strings.TrimSpace(string(out)), err)
+	}
+	return n, nil
+}

@@ -1,0 +1,302 @@
+package apply
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// The machines of a node. A node runs in one machine of a pair (kube1,
+// kube2); an upgrade prepares the other beside it and switches. Which one
+// runs, which one is kept for a rollback, and how far an upgrade got is
+// written in MachinesFile, atomically, before each change it describes:
+// a run killed at any instant finds there what to finish or undo.
+const (
+	// MachinesFile is the state of the pair.
+	MachinesFile = StateDir + "/machines.json"
+	// MachinesVersion identifies its JSON shape.
+	MachinesVersion = "nodespawn.dev/machines/v1"
+	// machineStateDir holds each machine's manifest and plan.
+	machineStateDir = StateDir + "/machines"
+)
+
+// UpgradePhase is how far an upgrade got.
+type UpgradePhase string
+
+// Upgrade phases, in order. A run that finds one of them in MachinesFile
+// finishes it: preparing goes on only when it is given the same manifest
+// again (another manifest restarts the preparation, the running one's
+// abandons it); the others are finished whatever manifest is given.
+const (
+	// UpgradePreparing: the new machine is being made; the old one runs.
+	UpgradePreparing UpgradePhase = "preparing"
+	// UpgradeSwitching: the old machine is being stopped; once it is, the
+	// new one is made active.
+	UpgradeSwitching UpgradePhase = "switching"
+	// UpgradeVerifying: the new machine is active; it must start and its
+	// Node turn Ready.
+	UpgradeVerifying UpgradePhase = "verifying"
+	// UpgradeRollingBack: the new machine failed; the old one is being
+	// made active and started again.
+	UpgradeRollingBack UpgradePhase = "rolling-back"
+)
+
+// Machines is the content of MachinesFile.
+type Machines struct {
+	Version string `json:"version"`
+	// Active is the machine that runs the node ("" until a run has
+	// started one). plan.ActiveMachineFile says the same to systemd.
+	Active string `json:"active,omitempty"`
+	// Previous is the machine the last upgrade switched away from, kept
+	// for one rollback (nodespawn rollback); "" when there is none.
+	Previous string `json:"previous,omitempty"`
+	// Applied says what each machine was made from.
+	Applied map[string]Applied `json:"applied,omitempty"`
+	// Upgrade is the upgrade in progress, if any.
+	Upgrade *Upgrade `json:"upgrade,omitempty"`
+	// Last is how the last upgrade or rollback ended.
+	Last *UpgradeOutcome `json:"last,omitempty"`
+}
+
+// Applied is what a machine was made from.
+type Applied struct {
+	ManifestDigest string `json:"manifestDigest"`
+	SourceDigest   string `json:"sourceDigest,omitempty"`
+	PlanDigest     string `json:"planDigest"`
+	// Succeeded is true once a run of this plan finished (for the machine
+	// that was switched to: once its Node was Ready).
+	Succeeded bool      `json:"succeeded"`
+	At        time.Time `json:"at"`
+}
+
+// Upgrade is an upgrade in progress: from the running machine to the one
+// being prepared.
+type Upgrade struct {
+	From  string       `json:"from"`
+	To    string       `json:"to"`
+	Phase UpgradePhase `json:"phase"`
+	// ManifestDigest is the manifest To is made from.
+	ManifestDigest string    `json:"manifestDigest"`
+	Started        time.Time `json:"started"`
+	// Switched is when the old machine was stopped (UpgradeVerifying on).
+	Switched *time.Time `json:"switched,omitempty"`
+	// Reason is why it is rolling back.
+	Reason string `json:"reason,omitempty"`
+}
+
+// UpgradeOutcome is how an upgrade or a rollback ended.
+type UpgradeOutcome struct {
+	From    string    `json:"from"`
+	To      string    `json:"to"`
+	Outcome string    `json:"outcome"` // "switched", "rolled back", "rollback failed", "rolled back by hand"
+	Reason  string    `json:"reason,omitempty"`
+	Started time.Time `json:"started"`
+	Ended   time.Time `json:"ended"`
+	// Durations, in milliseconds: the preparation, the switch (old stopped
+	// to new Ready), and the rollback.
+	PrepareMS  int64 `json:"prepareMs,omitempty"`
+	SwitchMS   int64 `json:"switchMs,omitempty"`
+	RollbackMS int64 `json:"rollbackMs,omitempty"`
+}
+
+// Upgrade outcomes.
+const (
+	OutcomeSwitched       = "switched"
+	OutcomeRolledBack     = "rolled back"
+	OutcomeRollbackFailed = "rollback failed"
+	OutcomeManualRollback = "rolled back by hand"
+)
+
+// ReadMachines returns the state of the pair under root; a host applied
+// before the pair existed gets one derived from its record.
+func ReadMachines(root string) (*Machines, error) {
+	if root == "" {
+		root = "/"
+	}
+	host, err := confine.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	defer host.Close()
+	return readMachines(host)
+}
+
+func readMachines(host *confine.Root) (*Machines, error) {
+	b, err := host.ReadFile(MachinesFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		return machinesFromRecord(host)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", host.Show(MachinesFile), err)
+	}
+	var m Machines
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("read %s: %w", host.Show(MachinesFile), err)
+	}
+	if m.Version != MachinesVersion {
+		return nil, fmt.Errorf("read %s: version %q, this build reads %q", host.Show(MachinesFile), m.Version, MachinesVersion)
+	}
+	if m.Applied == nil {
+		m.Applied = map[string]Applied{}
+	}
+	return &m, nil
+}
+
+// machinesFromRecord is the state of a host whose state directory predates
+// MachinesFile: the record's machine, active when its run succeeded.
+func machinesFromRecord(host *confine.Root) (*Machines, error) {
+	m := &Machines{Version: MachinesVersion, Applied: map[string]Applied{}}
+	rec, err := readRecord(host)
+	if err != nil || rec == nil {
+		return m, err
+	}
+	a := Applied{ManifestDigest: rec.ManifestDigest, SourceDigest: rec.SourceDigest, PlanDigest: rec.PlanDigest, Succeeded: rec.Status == StatusSucceeded, At: rec.Started}
+	if rec.Ended != nil {
+		a.At = *rec.Ended
+	}
+	m.Applied[rec.Machine] = a
+	if a.Succeeded {
+		m.Active = rec.Machine
+	}
+	return m, nil
+}
+
+// writeMachines saves the state (atomically, durably).
+func writeMachines(host *confine.Root, m *Machines) error {
+	m.Version = MachinesVersion
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode machines state: %w", err)
+	}
+	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	if err := host.WriteFile(MachinesFile, append(b, '\n'), 0o644, -1, -1); err != nil {
+		return fmt.Errorf("save machines state: %w", err)
+	}
+	return nil
+}
+
+// setActive makes machine the one systemd may start (plan.ActiveMachineFile)
+// and the one the state names. The file is written first: it is what
+// decides at boot.
+func setActive(host *confine.Root, st *Machines, machine string) error {
+	if err := writeActiveFile(host, machine); err != nil {
+		return err
+	}
+	st.Active = machine
+	return writeMachines(host, st)
+}
+
+func writeActiveFile(host *confine.Root, machine string) error {
+	want := []byte(machine + "\n")
+	if b, err := host.ReadFile(plan.ActiveMachineFile); err == nil && string(b) == string(want) {
+		return nil
+	}
+	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	if err := host.WriteFile(plan.ActiveMachineFile, want, 0o644, -1, -1); err != nil {
+		return fmt.Errorf("make %s the active machine: %w", machine, err)
+	}
+	return nil
+}
+
+// readActiveFile is the machine plan.ActiveMachineFile names, "" when none.
+func readActiveFile(host *confine.Root) string {
+	b, err := host.ReadFile(plan.ActiveMachineFile)
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// machineFile is one of a machine's state files (manifest, plan.json).
+func machineFile(machine, name string) string {
+	return path.Join(machineStateDir, machine, name)
+}
+
+// storeMachine keeps the manifest and plan a machine is made from.
+func storeMachine(host *confine.Root, p *plan.Plan, manifest []byte) error {
+	if err := host.MkdirAll(machineStateDir, 0o700, -1, -1); err != nil {
+		return fmt.Errorf("apply: create state directory: %w", err)
+	}
+	dir := path.Join(machineStateDir, p.Machine)
+	if err := host.MkdirAll(dir, 0o700, -1, -1); err != nil {
+		return fmt.Errorf("apply: create state directory: %w", err)
+	}
+	// What a run killed while storing these left.
+	if err := host.RemoveStaleTemps(dir); err != nil {
+		return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
+	}
+	if manifest != nil {
+		if err := writeIfChanged(host, machineFile(p.Machine, "manifest"), manifest, 0o600); err != nil {
+			return fmt.Errorf("apply: store manifest: %w", err)
+		}
+	}
+	b, err := json.MarshalIndent(p.RedactKeepingDigests(), "", "  ")
+	if err != nil {
+		return fmt.Errorf("apply: encode plan: %w", err)
+	}
+	if err := writeIfChanged(host, machineFile(p.Machine, "plan.json"), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("apply: store plan: %w", err)
+	}
+	return nil
+}
+
+func writeIfChanged(host *confine.Root, p string, b []byte, mode fs.FileMode) error {
+	if cur, err := host.ReadFile(p); err == nil && string(cur) == string(b) {
+		return nil
+	}
+	return host.WriteFile(p, b, mode, -1, -1)
+}
+
+// storedPlanOf is the plan a machine was made from (secrets redacted), or
+// nil. A state directory from before the pair keeps the one plan at
+// PlanFile.
+func storedPlanOf(host *confine.Root, machine string) (*plan.Plan, error) {
+	b, err := host.ReadFile(machineFile(machine, "plan.json"))
+	name := machineFile(machine, "plan.json")
+	if errors.Is(err, fs.ErrNotExist) {
+		b, err = host.ReadFile(PlanFile)
+		name = PlanFile
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read stored plan: %w", err)
+	}
+	var p plan.Plan
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("read stored plan %s: %w", host.Show(name), err)
+	}
+	if p.Version != plan.Version {
+		return nil, fmt.Errorf("read stored plan %s: version %q, this build reads %q", host.Show(name), p.Version, plan.Version)
+	}
+	if p.Machine != machine {
+		return nil, nil
+	}
+	return &p, nil
+}
+
+// storedManifestOf is the manifest a machine was made from, or nil.
+func storedManifestOf(host *confine.Root, machine string) ([]byte, error) {
+	b, err := host.ReadFile(machineFile(machine, "manifest"))
+	if errors.Is(err, fs.ErrNotExist) {
+		if rec, _ := readRecord(host); rec != nil && rec.Machine == machine {
+			b, err = host.ReadFile(ManifestFile)
+		}
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	return b, err
+}
