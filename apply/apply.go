@@ -96,6 +96,9 @@ type Options struct {
 	// with the number of steps recorded so far; tests use it to crash the
 	// process at every step boundary.
 	afterStep func(n int)
+	// checkpoint, when set, is called between the changes of an upgrade's
+	// switch and rollback; tests kill the process there.
+	checkpoint func(label string)
 }
 
 // Result is what Run did.
@@ -376,6 +379,11 @@ func StoredManifest(root string) ([]byte, error) {
 // that did not store it).
 func StoredPlan(root string) (*plan.Plan, error) {
 	return withState(root, storedPlanOf)
+}
+
+// StoredManifestOf returns the manifest machine was made from, or nil.
+func StoredManifestOf(root, machine string) ([]byte, error) {
+	return withState(root, func(host *confine.Root, _ string) ([]byte, error) { return storedManifestOf(host, machine) })
 }
 
 // StoredPlanOf returns the plan machine was made from, or nil.

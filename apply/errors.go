@@ -97,15 +97,22 @@ const (
 )
 
 // ExitCode maps Run's error to the process exit code: 0 for nil (applied or
-// already applied), 2 for a manifest refused because another one was
-// applied, 1 for everything else. Errors the caller finds in the input
+// already applied), 2 for what was refused before anything changed (a
+// manifest other than the applied one where no upgrade is possible, an
+// upgrade onto a machine nodespawn did not make, a rollback with nothing
+// to roll back to), 1 for everything else (a failed step, an upgrade
+// rolled back). Errors the caller finds in the input
 // before calling Run (manifest, flags) are the caller's to map to 2.
 func ExitCode(err error) int {
-	var changed *ManifestChangedError
+	var (
+		changed *ManifestChangedError
+		exists  *MachineExistsError
+		norb    *NoRollbackError
+	)
 	switch {
 	case err == nil:
 		return ExitOK
-	case errors.As(err, &changed):
+	case errors.As(err, &changed), errors.As(err, &exists), errors.As(err, &norb):
 		return ExitInput
 	default:
 		return ExitFailed

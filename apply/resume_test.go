@@ -23,6 +23,9 @@ const (
 
 func TestMain(m *testing.M) {
 	if root := os.Getenv(childRootEnv); root != "" {
+		if v := os.Getenv(upgradeChildEnv); v != "" {
+			os.Exit(childUpgrade(root, v))
+		}
 		os.Exit(childApply(root))
 	}
 	os.Exit(m.Run())

@@ -156,6 +156,7 @@ func (r *run) upgrade(ctx context.Context, p *plan.Plan) (*Result, error) {
 		if err := writeMachines(host, st); err != nil {
 			return nil, err
 		}
+		r.checkpoint("upgrade:preparing")
 	}
 	log.Info("upgrade: preparing the other machine beside the running one", "running", from, "preparing", to, "node", tp.NodeName)
 
@@ -198,11 +199,13 @@ func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
+	r.checkpoint("switch:switching")
 	// From here until the node runs again, the first-boot unit finishes
 	// an interrupted switch at boot.
 	if err := removeStamp(host); err != nil {
 		return nil, err
 	}
+	r.checkpoint("switch:stamp-removed")
 	log.Info("upgrade: stopping the running machine", "machine", s.from, "timeout", r.opts.Upgrade.StopTimeout)
 	if err := r.stopMachine(ctx, s.from); err != nil {
 		// The old machine may still run: the new one must not start.
@@ -215,21 +218,27 @@ func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
 		_ = s.w.finish(false)
 		return &Result{Record: s.w.snapshot(), Machine: s.from}, fmt.Errorf("upgrade: stop machine %s: %w; nothing was switched", s.from, err)
 	}
+	r.checkpoint("switch:stopped")
 	switched := time.Now().UTC()
 	u.Switched = &switched
 	s.w.upgrade(func(ru *RecordUpgrade) { ru.SwitchedMS = s.w.since(switched) })
+	// Both boot links exist while the active file changes, so a boot at
+	// any instant starts the active machine, and only it.
+	if err := r.ensureEnableLink(s.to, s.toPlan); err != nil {
+		return nil, err
+	}
+	r.checkpoint("switch:new-linked")
 	// One rename decides which machine may start, at boot too.
 	if err := writeActiveFile(host, s.to); err != nil {
 		return nil, err
 	}
+	r.checkpoint("switch:active-file")
 	st.Active = s.to
 	u.Phase = UpgradeVerifying
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
-	if err := r.removeEnableLink(s.from); err != nil {
-		return nil, err
-	}
+	r.checkpoint("switch:verifying")
 	return r.verify(ctx, s)
 }
 
@@ -239,6 +248,10 @@ func (r *run) verify(ctx context.Context, s *switchRun) (*Result, error) {
 	u := r.st.Upgrade
 	timeout := r.opts.Upgrade.ReadyTimeout
 	log := r.log
+	if err := r.removeEnableLink(s.from); err != nil {
+		return nil, err
+	}
+	r.checkpoint("verify:old-unlinked")
 	log.Info("upgrade: starting the new machine and waiting for the node", "machine", s.to, "timeout", timeout)
 	vctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -258,6 +271,7 @@ func (r *run) verify(ctx context.Context, s *switchRun) (*Result, error) {
 	if err != nil {
 		return r.rollback(ctx, s, err)
 	}
+	r.checkpoint("verify:ready")
 	return r.switched(s)
 }
 
@@ -284,6 +298,7 @@ func (r *run) switched(s *switchRun) (*Result, error) {
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
+	r.checkpoint("switched:state")
 	s.w.upgrade(func(ru *RecordUpgrade) { ru.Outcome, ru.ReadyMS = outcome, s.w.since(now) })
 	if err := s.w.finish(true); err != nil {
 		return nil, err
@@ -304,6 +319,7 @@ func (r *run) rollback(ctx context.Context, s *switchRun, reason error) (*Result
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
+	r.checkpoint("rollback:rolling-back")
 	log.Error("upgrade: the new machine did not run the node; rolling back", "machine", s.to, "back to", s.from, "reason", reason)
 	begun := time.Now().UTC()
 	err := r.runOn(ctx, s.to, s.from, begun)
@@ -339,6 +355,7 @@ func (r *run) rollback(ctx context.Context, s *switchRun, reason error) (*Result
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
+	r.checkpoint("rollback:state")
 	if err := writeStamp(host, st.Applied[s.from].PlanDigest); err != nil {
 		return nil, fmt.Errorf("apply: write done stamp: %w", err)
 	}
@@ -357,16 +374,7 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 	if err := r.stopMachine(ctx, off); err != nil {
 		return fmt.Errorf("stop machine %s: %w", off, err)
 	}
-	if err := writeActiveFile(r.host, on); err != nil {
-		return err
-	}
-	r.st.Active = on
-	if err := writeMachines(r.host, r.st); err != nil {
-		return err
-	}
-	if err := r.removeEnableLink(off); err != nil {
-		return err
-	}
+	r.checkpoint("runon:stopped")
 	onPlan, err := storedPlanOf(r.host, on)
 	if err != nil {
 		return err
@@ -374,6 +382,19 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 	if err := r.ensureEnableLink(on, onPlan); err != nil {
 		return err
 	}
+	r.checkpoint("runon:linked")
+	if err := writeActiveFile(r.host, on); err != nil {
+		return err
+	}
+	r.checkpoint("runon:active-file")
+	r.st.Active = on
+	if err := writeMachines(r.host, r.st); err != nil {
+		return err
+	}
+	if err := r.removeEnableLink(off); err != nil {
+		return err
+	}
+	r.checkpoint("runon:unlinked")
 	ctx, cancel := context.WithTimeout(ctx, r.opts.Upgrade.ReadyTimeout)
 	defer cancel()
 	if err := sd.DaemonReload(ctx); err != nil {
@@ -383,6 +404,7 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 	if _, err := sd.Start(ctx, unit); err != nil {
 		return fmt.Errorf("start %s: %w", unit, err)
 	}
+	r.checkpoint("runon:started")
 	w := waitOf(onPlan, on)
 	if err := waitMachine(ctx, sd, w, r.opts.PollInterval, 0); err != nil {
 		return err
@@ -391,6 +413,14 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 		return nil
 	}
 	return r.nodeReady(ctx, onPlan, since)
+}
+
+// checkpoint marks a point between two changes of the switch; tests kill
+// the process there.
+func (r *run) checkpoint(label string) {
+	if r.opts.checkpoint != nil {
+		r.opts.checkpoint(label)
+	}
 }
 
 // nodeReady waits for the Node to be Ready through Options.Upgrade.NodeReady,

@@ -1,0 +1,704 @@
+package apply
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// upgradePlan is the fixture plan for machine (kube1 or kube2) of the
+// manifest version: the kubelet unit says which version made it. The boot
+// link is in the start phase, as render makes it.
+func upgradePlan(machine, version string) *plan.Plan {
+	b, err := json.Marshal(testPlan())
+	if err != nil {
+		panic(err)
+	}
+	b = []byte(strings.ReplaceAll(string(b), "kube1", machine))
+	var p plan.Plan
+	if err := json.Unmarshal(b, &p); err != nil {
+		panic(err)
+	}
+	p.Alternate = "kube2"
+	if machine == "kube2" {
+		p.Alternate = "kube1"
+	}
+	var steps []plan.Step
+	var enable plan.Step
+	for _, s := range p.Steps {
+		switch {
+		case s.ID == "host:link:wants":
+			enable = s
+			enable.ID, enable.Phase = "start:link:wants", plan.PhaseStart
+			continue
+		case s.ID == "machine:file:kubelet-unit":
+			s.File.Contents = "[Service]\nExecStart=/usr/local/bin/kubelet\n# version " + version + "\n"
+		case s.ID == "start:reload":
+			s.After = []string{enable.ID}
+		}
+		steps = append(steps, s)
+	}
+	p.Steps = append(steps, enable)
+	sortByPhaseForTest(p.Steps)
+	return &p
+}
+
+func sortByPhaseForTest(steps []plan.Step) {
+	rank := map[plan.Phase]int{}
+	for i, ph := range plan.Phases {
+		rank[ph] = i
+	}
+	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })
+}
+
+func versionDigest(version string) string { return "sha256:manifest-" + version }
+
+// upgradeOptions are Run's options for manifest version on root, with
+// deps and a Node check that fails for the machines in broken, and never
+// sees the Node Ready on the machines whose kubelet restarts (the
+// diskSystemd's restarting).
+func upgradeOptions(root, version string, deps Deps, broken ...string) Options {
+	var restarting []string
+	if d, ok := deps.Systemd.(*diskSystemd); ok {
+		restarting = d.restarting
+	}
+	return Options{
+		Root: root, ManifestDigest: versionDigest(version), Deps: deps, ToolVersion: "test",
+		PollInterval: time.Millisecond, Log: slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		Manifest: []byte("manifest " + version + "\n"),
+		Upgrade: UpgradeOptions{
+			Render: func(m string) (*plan.Plan, error) { return upgradePlan(m, version), nil },
+			NodeReady: func(ctx context.Context, p *plan.Plan, since time.Time) error {
+				if contains(restarting, p.Machine) {
+					<-ctx.Done()
+					return fmt.Errorf("node %s not Ready: %w", p.NodeName, ctx.Err())
+				}
+				for _, b := range broken {
+					if b == p.Machine {
+						return fmt.Errorf("node %s not Ready (the test breaks machine %s)", p.NodeName, b)
+					}
+				}
+				return nil
+			},
+			StopTimeout:  time.Second,
+			ReadyTimeout: 5 * time.Second,
+		},
+	}
+}
+
+// diskSystemd is a fake systemd whose state outlives the process (a file
+// beside the root), so a test can kill apply and run it again, or "reboot":
+// machines register when started and unregister when stopped, starting a
+// machine obeys the ExecCondition the drop-in renders (the active-machine
+// file), and two machines registered at once is recorded as a violation.
+type diskSystemd struct {
+	root, file string
+	// restarting lists machines whose kubelet restarts at every look.
+	restarting []string
+	mu         sync.Mutex
+}
+
+type diskState struct {
+	Registered map[string]bool `json:"registered"`
+	Restarts   map[string]int  `json:"restarts"`
+	Violations []string        `json:"violations"`
+	Calls      []string        `json:"calls"`
+}
+
+func (d *diskSystemd) update(f func(*diskState)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := d.load()
+	f(st)
+	b, _ := json.Marshal(st)
+	tmp := d.file + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		panic(err)
+	}
+	if err := os.Rename(tmp, d.file); err != nil {
+		panic(err)
+	}
+}
+
+func (d *diskSystemd) load() *diskState {
+	st := &diskState{Registered: map[string]bool{}, Restarts: map[string]int{}}
+	if b, err := os.ReadFile(d.file); err == nil {
+		if err := json.Unmarshal(b, st); err != nil {
+			panic(err)
+		}
+	}
+	if st.Registered == nil {
+		st.Registered = map[string]bool{}
+	}
+	if st.Restarts == nil {
+		st.Restarts = map[string]int{}
+	}
+	return st
+}
+
+func (d *diskSystemd) state() *diskState {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.load()
+}
+
+// mayStart is the drop-in's ExecCondition.
+func mayStart(root, m string) bool {
+	b, err := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+	return err != nil || strings.TrimSpace(string(b)) == m
+}
+
+func (d *diskSystemd) DaemonReload(ctx context.Context) error { return nil }
+func (d *diskSystemd) Enable(ctx context.Context, unit string) (bool, error) {
+	return true, nil
+}
+func (d *diskSystemd) Restart(ctx context.Context, unit string) error { return nil }
+
+func (d *diskSystemd) Start(ctx context.Context, unit string) (bool, error) {
+	m, ok := strings.CutPrefix(unit, "systemd-nspawn@")
+	if !ok {
+		return true, nil
+	}
+	m = strings.TrimSuffix(m, ".service")
+	changed := false
+	d.update(func(st *diskState) {
+		if !mayStart(d.root, m) {
+			st.Calls = append(st.Calls, "start "+m+" (condition failed)")
+			return
+		}
+		st.Calls = append(st.Calls, "start "+m)
+		if st.Registered[m] {
+			return
+		}
+		for other := range st.Registered {
+			st.Violations = append(st.Violations, fmt.Sprintf("%s started while %s runs", m, other))
+		}
+		st.Registered[m], changed = true, true
+	})
+	return changed, nil
+}
+
+func (d *diskSystemd) Stop(ctx context.Context, unit string) error {
+	if m, ok := strings.CutPrefix(unit, "systemd-nspawn@"); ok {
+		m = strings.TrimSuffix(m, ".service")
+		d.update(func(st *diskState) {
+			st.Calls = append(st.Calls, "stop "+m)
+			delete(st.Registered, m)
+		})
+	}
+	return nil
+}
+
+func (d *diskSystemd) MachineRegistered(ctx context.Context, m string) (bool, error) {
+	return d.state().Registered[m], nil
+}
+
+func (d *diskSystemd) TerminateMachine(ctx context.Context, m string) error {
+	d.update(func(st *diskState) { delete(st.Registered, m) })
+	return nil
+}
+
+func (d *diskSystemd) UnitState(ctx context.Context, m, unit string) (string, error) {
+	if m == "" {
+		return "inactive", nil
+	}
+	if d.state().Registered[m] {
+		return "active", nil
+	}
+	return "inactive", nil
+}
+
+func (d *diskSystemd) UnitRestarts(ctx context.Context, m, unit string) (int, error) {
+	n := 0
+	if unit == "kubelet.service" && contains(d.restarting, m) {
+		d.update(func(st *diskState) { st.Restarts[m]++; n = st.Restarts[m] })
+	}
+	return n, nil
+}
+
+func (d *diskSystemd) Journal(ctx context.Context, m string, lines int) (string, error) {
+	return "kubelet: exited (the test's broken machine)\n", nil
+}
+
+func (d *diskSystemd) UnitJournal(ctx context.Context, unit string, lines int) (string, error) {
+	return "", nil
+}
+
+// boot is a power cut and the next boot: every machine is gone, then
+// machines.target starts each machine whose boot link exists, each
+// subject to its ExecCondition. It returns the machines that run.
+func (d *diskSystemd) boot(t *testing.T) []string {
+	t.Helper()
+	var running []string
+	d.update(func(st *diskState) {
+		st.Registered = map[string]bool{}
+		for _, m := range []string{"kube1", "kube2"} {
+			if _, err := os.Lstat(filepath.Join(d.root, enableLinkPath(m))); err != nil || !mayStart(d.root, m) {
+				continue
+			}
+			st.Registered[m] = true
+			running = append(running, m)
+		}
+	})
+	return running
+}
+
+// Child process modes for the crash tests (the harness in resume_test.go
+// re-runs this test binary).
+const (
+	upgradeChildEnv = "NODESPAWN_TEST_UPGRADE" // version to apply
+	upgradeKillEnv  = "NODESPAWN_TEST_UPGRADE_KILL"
+	upgradeModeEnv  = "NODESPAWN_TEST_UPGRADE_MODE" // "apply" or "firstboot"
+	brokenEnv       = "NODESPAWN_TEST_BROKEN"
+)
+
+// childUpgrade applies a version of the upgrade fixture against root with
+// a diskSystemd, SIGKILLing itself at the n-th checkpoint or step record.
+func childUpgrade(root, version string) int {
+	broken := strings.Fields(os.Getenv(brokenEnv))
+	deps, _, _, _ := testDeps()
+	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+	opts := upgradeOptions(root, version, deps, broken...)
+	count := 0
+	kill := -1
+	if s := os.Getenv(upgradeKillEnv); s != "" {
+		kill, _ = strconv.Atoi(s)
+	}
+	hit := func(string) {
+		count++
+		if count == kill {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		}
+	}
+	opts.checkpoint = hit
+	opts.afterStep = func(int) { hit("step") }
+	defer func() { fmt.Fprintf(os.Stderr, "checkpoints: %d\n", count) }()
+	ctx := context.Background()
+	if os.Getenv(upgradeModeEnv) == "firstboot" {
+		// What the first-boot unit does at boot: finish a switch, then the
+		// user-data's manifest, never an upgrade.
+		if _, err := Resume(ctx, opts); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return ExitCode(err)
+		}
+		opts.Upgrade.Refuse = true
+	}
+	_, err := Run(ctx, upgradePlan("kube1", version), opts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+	}
+	return ExitCode(err)
+}
+
+// runUpgradeChild runs the child; kill < 0 runs it through.
+func runUpgradeChild(t *testing.T, root, version, mode string, kill int, broken ...string) (killed bool, code int, out string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), upgradeChildEnv+"="+version, childRootEnv+"="+root, upgradeModeEnv+"="+mode, brokenEnv+"="+strings.Join(broken, " "))
+	if kill >= 0 {
+		cmd.Env = append(cmd.Env, upgradeKillEnv+"="+strconv.Itoa(kill))
+	}
+	b, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return true, -1, string(b)
+		}
+		return false, ee.ExitCode(), string(b)
+	}
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, b)
+	}
+	return false, 0, string(b)
+}
+
+// checkpointsOf reads the count the child printed.
+func checkpointsOf(t *testing.T, out string) int {
+	t.Helper()
+	i := strings.LastIndex(out, "checkpoints: ")
+	if i < 0 {
+		t.Fatalf("no checkpoint count in:\n%s", out)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out[i+len("checkpoints: "):], "\n", 2)[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// checkOneMachine checks what must hold whenever nodespawn is not running:
+// the machine that runs is the active one, alone, started at boot alone,
+// and no two machines ever ran at once.
+func checkOneMachine(t *testing.T, root string, sd *diskSystemd, want string) {
+	t.Helper()
+	st := sd.state()
+	if len(st.Violations) > 0 {
+		t.Errorf("two machines ran at once: %v\ncalls: %v", st.Violations, st.Calls)
+	}
+	var running []string
+	for m := range st.Registered {
+		running = append(running, m)
+	}
+	active, _ := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+	if len(running) != 1 || running[0] != want || strings.TrimSpace(string(active)) != want {
+		t.Errorf("running %v, active file %q; want %s alone\ncalls: %v", running, active, want, st.Calls)
+	}
+	for _, m := range []string{"kube1", "kube2"} {
+		_, err := os.Lstat(filepath.Join(root, enableLinkPath(m)))
+		if (m == want) != (err == nil) {
+			t.Errorf("boot link of %s: %v (the machine that runs is %s)", m, err, want)
+		}
+	}
+	ms, err := ReadMachines(root)
+	if err != nil || ms.Active != want || ms.Upgrade != nil {
+		t.Errorf("machines state: %+v, %v; want %s active and no upgrade in progress", ms, err, want)
+	}
+}
+
+// TestUpgradeCrashAtEveryCheckpoint kills an upgrade at every step record
+// and between every two changes of its switch (and, with the new machine
+// broken, of its rollback), then either runs apply again or cuts the
+// power: the boot must start exactly one machine, the active one, and the
+// first-boot unit's run must finish the switch. In the end the node runs
+// on the new machine (on the old one when the new one is broken), alone.
+func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the child process several times per checkpoint")
+	}
+	for _, tc := range []struct {
+		name   string
+		broken []string
+		want   string
+		code   int
+	}{
+		{"switch", nil, "kube2", ExitOK},
+		{"rollback", []string{"kube2"}, "kube1", ExitFailed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// The node on kube1 from version A: the starting point of every case.
+			base := t.TempDir()
+			prepareRoot(t, base)
+			if _, code, out := runUpgradeChild(t, base, "A", "apply", -1); code != 0 {
+				t.Fatalf("apply A: exit %d\n%s", code, out)
+			}
+			start := func(t *testing.T) (string, *diskSystemd) {
+				root := filepath.Join(t.TempDir(), "root")
+				if out, err := exec.Command("cp", "-a", base, root).CombinedOutput(); err != nil {
+					t.Fatalf("cp: %v %s", err, out)
+				}
+				if out, err := exec.Command("cp", "-a", base+".systemd.json", root+".systemd.json").CombinedOutput(); err != nil {
+					t.Fatalf("cp: %v %s", err, out)
+				}
+				return root, &diskSystemd{root: root, file: root + ".systemd.json"}
+			}
+			ref, sd := start(t)
+			_, code, out := runUpgradeChild(t, ref, "B", "apply", -1, tc.broken...)
+			if code != tc.code {
+				t.Fatalf("uninterrupted upgrade: exit %d, want %d\n%s", code, tc.code, out)
+			}
+			checkOneMachine(t, ref, sd, tc.want)
+			n := checkpointsOf(t, out)
+			t.Logf("%d checkpoints in an uninterrupted upgrade", n)
+
+			for k := 1; k <= n; k++ {
+				for _, after := range []string{"rerun", "power-cut"} {
+					t.Run(fmt.Sprintf("kill-%d-%s", k, after), func(t *testing.T) {
+						root, sd := start(t)
+						killed, _, out := runUpgradeChild(t, root, "B", "apply", k, tc.broken...)
+						if !killed {
+							t.Fatalf("not killed at checkpoint %d:\n%s", k, out)
+						}
+						if after == "power-cut" {
+							running := sd.boot(t)
+							active, _ := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+							if len(running) != 1 || running[0] != strings.TrimSpace(string(active)) {
+								t.Fatalf("boot after a power cut at checkpoint %d started %v (active file %q); want the active machine alone", k, running, active)
+							}
+							// The first-boot unit runs when the switch removed
+							// the stamp; it finishes the switch.
+							if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+								if _, code, out := runUpgradeChild(t, root, "A", "firstboot", -1, tc.broken...); code != ExitOK && code != ExitInput && code != tc.code {
+									t.Fatalf("first boot after the power cut: exit %d\n%s", code, out)
+								}
+							}
+						}
+						// The operator applies the new manifest again.
+						_, code, out := runUpgradeChild(t, root, "B", "apply", -1, tc.broken...)
+						if code != tc.code {
+							t.Fatalf("apply again after a kill at checkpoint %d: exit %d, want %d\n%s", k, code, tc.code, out)
+						}
+						checkOneMachine(t, root, sd, tc.want)
+						if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+							t.Errorf("no done stamp with the node running: %v", err)
+						}
+					})
+				}
+			}
+		})
+	}
+}
+
+// liveUpgrade applies A then B in-process against a fresh root with a
+// diskSystemd; it returns the root, the fake and B's result.
+func liveUpgrade(t *testing.T, restarting []string, broken ...string) (string, *diskSystemd, *Result, error) {
+	t.Helper()
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	sd := &diskSystemd{root: root, file: root + ".systemd.json", restarting: restarting}
+	deps.Systemd = sd
+	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps, broken...))
+	return root, sd, res, err
+}
+
+func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
+	root, sd, res, err := liveUpgrade(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkOneMachine(t, root, sd, "kube2")
+	if res.Machine != "kube2" || res.Upgrade == nil || res.Upgrade.Outcome != OutcomeSwitched {
+		t.Errorf("result %+v, upgrade %+v; want switched to kube2", res, res.Upgrade)
+	}
+	ms, _ := ReadMachines(root)
+	if ms.Previous != "kube1" || !ms.Applied["kube2"].Succeeded || ms.Applied["kube2"].ManifestDigest != versionDigest("B") {
+		t.Errorf("machines state %+v: want kube1 kept for a rollback and kube2 made from B", ms)
+	}
+	// The old machine is stopped before the new one starts.
+	calls := strings.Join(sd.state().Calls, "; ")
+	if !strings.Contains(calls, "stop kube1; start kube2") {
+		t.Errorf("calls %s: want kube1 stopped, then kube2 started", calls)
+	}
+	// Both rootfs exist; the new one holds version B, the old one A.
+	for m, v := range map[string]string{"kube1": "A", "kube2": "B"} {
+		b, err := os.ReadFile(filepath.Join(root, "var/lib/machines", m, "etc/systemd/system/kubelet.service"))
+		if err != nil || !strings.Contains(string(b), "version "+v) {
+			t.Errorf("%s's kubelet unit: %q %v; want version %s", m, b, err, v)
+		}
+	}
+	rec, _ := ReadRecord(root)
+	if rec.Machine != "kube2" || rec.Status != StatusSucceeded || rec.Upgrade == nil || rec.Upgrade.From != "kube1" || rec.Upgrade.Outcome != OutcomeSwitched {
+		t.Errorf("record: machine %s, status %s, upgrade %+v", rec.Machine, rec.Status, rec.Upgrade)
+	}
+	// A second apply of B finds it applied.
+	deps, _, _, _ := testDeps()
+	deps.Systemd = sd
+	again, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	if err != nil || !again.AlreadyApplied || again.Machine != "kube2" {
+		t.Errorf("apply B again: %+v %v; want already applied on kube2", again, err)
+	}
+}
+
+func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
+	root, sd, res, err := liveUpgrade(t, nil, "kube2")
+	var ue *UpgradeError
+	if !errors.As(err, &ue) || !ue.RolledBack || ExitCode(err) != ExitFailed {
+		t.Fatalf("err %v (exit %d); want a rolled-back UpgradeError, exit 1", err, ExitCode(err))
+	}
+	if !strings.Contains(err.Error(), "not Ready") {
+		t.Errorf("error %q does not say why", err)
+	}
+	checkOneMachine(t, root, sd, "kube1")
+	ms, _ := ReadMachines(root)
+	if ms.Last == nil || ms.Last.Outcome != OutcomeRolledBack || !strings.Contains(ms.Last.Reason, "not Ready") || ms.Previous != "" {
+		t.Errorf("machines state %+v, last %+v: want the rollback and its reason recorded, nothing to roll back to", ms, ms.Last)
+	}
+	rec, _ := ReadRecord(root)
+	if rec.Status != StatusFailed || rec.Upgrade == nil || rec.Upgrade.Outcome != OutcomeRolledBack || !strings.Contains(rec.Upgrade.Reason, "not Ready") {
+		t.Errorf("record: status %s, upgrade %+v", rec.Status, rec.Upgrade)
+	}
+	if res.Machine != "kube1" {
+		t.Errorf("result machine %s, want kube1", res.Machine)
+	}
+	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+		t.Errorf("the node runs on kube1 again, but the done stamp is gone: %v", err)
+	}
+	// Applying A again: the node runs A; nothing to do.
+	deps, _, _, _ := testDeps()
+	deps.Systemd = sd
+	again, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps))
+	if err != nil || !again.AlreadyApplied {
+		t.Errorf("apply A after the rollback: %+v %v; want already applied", again, err)
+	}
+}
+
+func TestUpgradeFailsFastWhenKubeletKeepsRestarting(t *testing.T) {
+	began := time.Now()
+	root, sd, _, err := liveUpgrade(t, []string{"kube2"})
+	var ue *UpgradeError
+	if !errors.As(err, &ue) || !ue.RolledBack || !strings.Contains(err.Error(), "keeps failing") {
+		t.Fatalf("err %v; want a rollback because kubelet keeps failing", err)
+	}
+	// ReadyTimeout is 5 s: the restarts, not the timeout, ended the wait.
+	if d := time.Since(began); d > 4*time.Second {
+		t.Errorf("took %s; the restart limit should end the wait early", d)
+	}
+	checkOneMachine(t, root, sd, "kube1")
+}
+
+func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, dl := testDeps()
+	sd := &diskSystemd{root: root, file: root + ".systemd.json"}
+	deps.Systemd = sd
+	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
+		t.Fatal(err)
+	}
+	dl.fail = map[string]error{"kubelet": errors.New("mirror down")}
+	_, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	var se *StepError
+	if !errors.As(err, &se) || !strings.Contains(err.Error(), "mirror down") {
+		t.Fatalf("err %v; want the failed download step", err)
+	}
+	checkOneMachineDuringUpgrade(t, root, sd, "kube1")
+	if strings.Contains(strings.Join(sd.state().Calls, ";"), "stop kube1") {
+		t.Errorf("kube1 was stopped although kube2 was never ready: %v", sd.state().Calls)
+	}
+	// The mirror is back: the same apply finishes the upgrade.
+	dl.fail = nil
+	if _, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps)); err != nil {
+		t.Fatal(err)
+	}
+	checkOneMachine(t, root, sd, "kube2")
+}
+
+// checkOneMachineDuringUpgrade is checkOneMachine for a node whose
+// upgrade is being prepared.
+func checkOneMachineDuringUpgrade(t *testing.T, root string, sd *diskSystemd, want string) {
+	t.Helper()
+	st := sd.state()
+	if len(st.Violations) > 0 || len(st.Registered) != 1 || !st.Registered[want] {
+		t.Errorf("running %v, violations %v; want %s alone", st.Registered, st.Violations, want)
+	}
+	ms, _ := ReadMachines(root)
+	if ms.Active != want || ms.Upgrade == nil || ms.Upgrade.Phase != UpgradePreparing {
+		t.Errorf("machines state %+v; want %s active and the upgrade still preparing", ms, want)
+	}
+}
+
+func TestRollbackByHand(t *testing.T) {
+	root, sd, _, err := liveUpgrade(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deps, _, _, _ := testDeps()
+	deps.Systemd = sd
+	opts := upgradeOptions(root, "B", deps)
+	res, err := Rollback(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkOneMachine(t, root, sd, "kube1")
+	ms, _ := ReadMachines(root)
+	if res.Upgrade == nil || res.Upgrade.Outcome != OutcomeManualRollback || ms.Previous != "kube2" {
+		t.Errorf("result %+v, state %+v; want rolled back by hand, kube2 kept", res.Upgrade, ms)
+	}
+	// The node runs A again: applying A changes nothing; applying B
+	// upgrades again.
+	if again, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil || !again.AlreadyApplied {
+		t.Errorf("apply A after the rollback: %+v %v", again, err)
+	}
+	if _, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps)); err != nil {
+		t.Fatal(err)
+	}
+	checkOneMachine(t, root, sd, "kube2")
+}
+
+func TestRollbackWithoutAPreviousMachine(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Rollback(context.Background(), upgradeOptions(root, "A", deps))
+	var nr *NoRollbackError
+	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "no previous machine") {
+		t.Errorf("err %v; want no previous machine", err)
+	}
+}
+
+func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	sd := &diskSystemd{root: root, file: root + ".systemd.json"}
+	deps.Systemd = sd
+	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
+		t.Fatal(err)
+	}
+	mine := filepath.Join(root, "var/lib/machines/kube2/etc/mine")
+	must(t, os.MkdirAll(filepath.Dir(mine), 0o755))
+	must(t, os.WriteFile(mine, []byte("the operator's own machine\n"), 0o644))
+	_, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	var me *MachineExistsError
+	if !errors.As(err, &me) {
+		t.Fatalf("err %v; want MachineExistsError", err)
+	}
+	if _, err := os.Stat(mine); err != nil {
+		t.Errorf("the operator's machine was touched: %v", err)
+	}
+	checkOneMachine(t, root, sd, "kube1")
+}
+
+func TestFirstBootNeverUpgrades(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
+		t.Fatal(err)
+	}
+	opts := upgradeOptions(root, "B", deps)
+	opts.Upgrade.Refuse = true
+	_, err := Run(context.Background(), upgradePlan("kube1", "B"), opts)
+	var mc *ManifestChangedError
+	if !errors.As(err, &mc) || !mc.FirstBoot || ExitCode(err) != ExitInput {
+		t.Errorf("err %v; want the first boot's refusal", err)
+	}
+}
+
+func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
+	root, sd, _, err := liveUpgrade(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeState := filepath.Join(root, "var/lib/nodespawn/node/kubelet/pki")
+	must(t, os.MkdirAll(nodeState, 0o700))
+	p, err := StoredPlan(root)
+	if err != nil || p == nil || p.Machine != "kube2" {
+		t.Fatalf("stored plan %v %v; want kube2's", p, err)
+	}
+	if err := Reset(context.Background(), ResetOptions{Root: root, Plan: p, Systemd: sd, PollInterval: time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	for _, gone := range []string{"var/lib/machines/kube1", "var/lib/machines/kube2", "var/lib/nodespawn",
+		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(enableLinkPath("kube2"), "/")} {
+		if _, err := os.Lstat(filepath.Join(root, gone)); err == nil {
+			t.Errorf("%s is still there after reset", gone)
+		}
+	}
+	if len(sd.state().Registered) != 0 {
+		t.Errorf("machines still running after reset: %v", sd.state().Registered)
+	}
+}

@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/command"
+	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/kubecheck"
+	"github.com/nodespawn/nodespawn/internal/systemd"
+	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/plan"
+)
+
+// upgradeOptions are apply's settings for upgrades by alternating machines
+// with manifest m: the plan of either machine of the pair, and the Node
+// check against the cluster.
+func upgradeOptions(m *manifest.Manifest, facts plan.Facts, root string, render func(*manifest.Manifest, plan.Facts, string) (*plan.Plan, error)) apply.UpgradeOptions {
+	return apply.UpgradeOptions{
+		Render:       func(machine string) (*plan.Plan, error) { return render(m, facts, machine) },
+		NodeReady:    nodeReady(m, root),
+		StopTimeout:  manifest.Duration(m.Upgrade.StopTimeout),
+		ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout),
+	}
+}
+
+// nodeReady waits until the API server sees the node Ready with a
+// heartbeat after since, asking with the node's own credentials: kubelet's
+// client certificate from the node's state (bootstrap token), or what the
+// exec credential plugin gives inside the machine.
+func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *plan.Plan, since time.Time) error {
+	k := m.Kubernetes
+	ca := []byte(k.CACert)
+	return func(ctx context.Context, p *plan.Plan, since time.Time) error {
+		creds := func(ctx context.Context) (kubecheck.Credentials, error) {
+			if k.Auth.Exec != nil {
+				return kubecheck.ExecCredential(ctx, machineRunner(root, p), *k.Auth.Exec, k.APIServer, ca)
+			}
+			state := p.NodeState
+			if state == "" {
+				return kubecheck.Credentials{}, errors.New("the plan names no node state directory")
+			}
+			return kubecheck.KubeletClientCert(filepath.Join(root, state, "kubelet"))
+		}
+		timeout := kubecheck.DefaultTimeout
+		if d, ok := ctx.Deadline(); ok {
+			timeout = time.Until(d)
+		}
+		_, err := kubecheck.WaitReady(ctx, kubecheck.WaitOptions{
+			APIServer: k.APIServer, CAPEM: ca, NodeName: p.NodeName, Credentials: creds,
+			Since: since, Timeout: timeout, Logger: slog.Default(),
+		})
+		return err
+	}
+}
+
+// execEnvFile is where machineRunner puts the plugin's environment inside
+// the machine for one run: a file, not the command line, which every user
+// on the host can read.
+const execEnvFile = "/etc/kubernetes/.nodespawn-exec-env"
+
+// machineRunner runs a command inside p's machine (systemd-run -M) with
+// env, for the exec credential plugin.
+func machineRunner(root string, p *plan.Plan) kubecheck.Runner {
+	return func(ctx context.Context, argv, env []string) ([]byte, error) {
+		var b strings.Builder
+		var secrets []string
+		for _, kv := range env {
+			k, v, _ := strings.Cut(kv, "=")
+			if strings.ContainsAny(v, "\n\r") {
+				return nil, fmt.Errorf("exec credential plugin: the value of %s holds a line break", k)
+			}
+			fmt.Fprintf(&b, "%s=\"%s\"\n", k, strings.NewReplacer(`\`, `\\`, `"`, `\"`, "`", "\\`", "$", `\$`).Replace(v))
+			if k != "KUBERNETES_EXEC_INFO" && v != "" {
+				secrets = append(secrets, v)
+			}
+		}
+		host, err := confine.Open(root)
+		if err != nil {
+			return nil, err
+		}
+		defer host.Close()
+		file := path.Join(p.Rootfs, execEnvFile)
+		if err := host.WriteFile(file, []byte(b.String()), 0o600, 0, 0); err != nil {
+			return nil, fmt.Errorf("exec credential plugin: %w", err)
+		}
+		defer host.Remove(file)
+		args := []string{"-M", p.Machine, "--wait", "--pipe", "--quiet", "--collect", "-p", "EnvironmentFile=" + execEnvFile, "--"}
+		return command.Exec{}.Run(ctx, command.Options{Redact: secrets}, "systemd-run", append(args, argv...)...)
+	}
+}
+
+// checkSameNode refuses a manifest that changes what an upgrade cannot:
+// the machine pair, the node's name, the cluster's CA or API server.
+// Those need a new node: nodespawn reset, then apply.
+func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan) error {
+	st, err := apply.ReadMachines(root)
+	if err != nil || st.Active == "" {
+		return err
+	}
+	applied, err := apply.StoredPlanOf(root, st.Active)
+	if err != nil || applied == nil {
+		return err
+	}
+	var changed []string
+	if st.Active != p.Machine && st.Active != p.Alternate {
+		changed = append(changed, fmt.Sprintf("machine.name: machine %s runs the node, and this manifest's machines are %s and %s", st.Active, p.Machine, p.Alternate))
+	}
+	if applied.NodeName != p.NodeName {
+		changed = append(changed, fmt.Sprintf("kubernetes.nodeName: the node is %s, this manifest makes %s", applied.NodeName, p.NodeName))
+	}
+	if data, err := apply.StoredManifestOf(root, st.Active); err == nil && data != nil {
+		if old, err := manifest.Load(apply.ManifestFile, data); err == nil {
+			if strings.TrimSpace(old.Kubernetes.CACert) != strings.TrimSpace(m.Kubernetes.CACert) {
+				changed = append(changed, "kubernetes.caCert: another cluster CA")
+			}
+			if old.Kubernetes.APIServer != m.Kubernetes.APIServer {
+				changed = append(changed, fmt.Sprintf("kubernetes.apiServer: %s, was %s", m.Kubernetes.APIServer, old.Kubernetes.APIServer))
+			}
+		}
+	}
+	if len(changed) == 0 {
+		return nil
+	}
+	return usageError{fmt.Errorf("this manifest is for another node than the one machine %s runs, which an upgrade cannot change:\n  %s\nrun nodespawn reset first, then apply it as a new node", st.Active, strings.Join(changed, "\n  "))}
+}
+
+// resumeAtBoot finishes a switch a power cut interrupted, before the
+// first-boot unit reads its manifest: the node must run again whatever
+// the user-data holds.
+func resumeAtBoot(ctx context.Context, root string) error {
+	st, err := apply.ReadMachines(root)
+	if err != nil || st.Upgrade == nil || st.Upgrade.Phase == apply.UpgradePreparing {
+		return err
+	}
+	data, err := apply.StoredManifestOf(root, st.Upgrade.To)
+	if err != nil || data == nil {
+		data, err = apply.StoredManifestOf(root, st.Upgrade.From)
+	}
+	if err != nil || data == nil {
+		return fmt.Errorf("finish the interrupted upgrade from %s to %s: no stored manifest (%v)", st.Upgrade.From, st.Upgrade.To, err)
+	}
+	m, err := manifest.Load(apply.ManifestFile, data)
+	if err != nil {
+		return fmt.Errorf("finish the interrupted upgrade: the stored manifest no longer loads: %w", err)
+	}
+	deps, err := apply.DefaultDeps(root, slog.Default())
+	if err != nil {
+		return err
+	}
+	out, err := apply.Resume(ctx, apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "resume",
+		Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}})
+	if out != nil {
+		slog.Info("finished the interrupted upgrade", "from", out.From, "to", out.To, "outcome", out.Outcome)
+	}
+	return err
+}
+
+// newRollbackCmd is `nodespawn rollback`: the node back on the machine the
+// last upgrade switched away from.
+func newRollbackCmd() *cobra.Command {
+	var root string
+	cmd := &cobra.Command{
+		Use:   "rollback",
+		Short: "Switch the node back to the machine the last upgrade replaced",
+		Long: `rollback stops the machine that runs the node and starts the previous one (kept
+by the last successful upgrade), then waits, as an upgrade does, until
+containerd and kubelet run in it and the API server sees the Node Ready. If
+that does not happen within the manifest's upgrade.readyTimeout, it switches
+back. The machine rolled back from is kept, so a second rollback returns
+to it; the next upgrade replaces it.
+
+Exit codes: 0 rolled back, 1 the previous machine did not run the node
+(the node runs where it was), 2 nothing to roll back to.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := signalContext()
+			defer cancel()
+			if filepath.Clean(root) != "/" {
+				return usageError{errors.New("rollback switches running machines: it works on / only")}
+			}
+			st, err := apply.ReadMachines(root)
+			if err != nil {
+				return err
+			}
+			data, err := apply.StoredManifestOf(root, st.Previous)
+			if err != nil || data == nil {
+				data, err = apply.StoredManifest(root)
+			}
+			if err != nil {
+				return err
+			}
+			m, err := manifest.Load(apply.ManifestFile, data)
+			if err != nil {
+				return fmt.Errorf("the stored manifest no longer loads: %w", err)
+			}
+			deps, err := apply.DefaultDeps(root, slog.Default())
+			if err != nil {
+				return err
+			}
+			if deps.Systemd == nil {
+				deps.Systemd = systemd.New(command.Exec{})
+			}
+			res, err := apply.Rollback(ctx, apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "rollback",
+				Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "rolled back: machine %s runs the node again (%s is kept for another rollback)\n", res.Machine, res.Upgrade.From)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&root, "root", "/", "the host root (only / is supported)")
+	return cmd
+}
