@@ -52,10 +52,15 @@ type environment struct {
 	sysprobe  string
 	// imageRef is the machine image as the guest names it.
 	imageRef string
-	// mirror maps each component to its file in the mirror tree, for
-	// scenarios that need the real digest.
-	mirrorFiles map[string]string
-	caPEM       string
+	// mirrorFiles maps each component (upstream's name, or a mirror*
+	// key for the extra kubelets) to its file in the mirror tree, and
+	// mirrorSHA256 to that file's sha256, for scenarios that need the
+	// real digest.
+	mirrorFiles, mirrorSHA256 map[string]string
+	// kubeletPrevVersion is the previous kubelet's version without the
+	// "v" (E2E_KUBELET_PREV_VERSION, like k8sVersion).
+	kubeletPrevVersion string
+	caPEM              string
 	// cluster is the control plane the node joins.
 	cluster *cluster
 	// pauseRef and busyboxRef are the pod images as the guest names them.
@@ -114,7 +119,7 @@ func getenv(k string) (string, error) {
 func setup(ctx context.Context) (*environment, func(), error) {
 	t0 := time.Now()
 	vars := map[string]string{}
-	for _, k := range []string{"E2E_GUEST", "E2E_COMPONENTS", "E2E_MACHINE_ROOTFS", "E2E_NODESPAWN", "E2E_SYSPROBE", "E2E_WORK"} {
+	for _, k := range []string{"E2E_GUEST", "E2E_COMPONENTS", "E2E_KUBELET_PREV", "E2E_KUBELET_PREV_VERSION", "E2E_MACHINE_ROOTFS", "E2E_NODESPAWN", "E2E_SYSPROBE", "E2E_WORK"} {
 		v, err := getenv(k)
 		if err != nil {
 			return nil, nil, err
@@ -136,6 +141,11 @@ func setup(ctx context.Context) (*environment, func(), error) {
 		nodespawn:   vars["E2E_NODESPAWN"],
 		sysprobe:    vars["E2E_SYSPROBE"],
 		imageRef:    fmt.Sprintf("%s:%d/%s:%s", guestHostIP, registryPort, imageRepo, imageTag),
+
+		kubeletPrevVersion: strings.TrimPrefix(vars["E2E_KUBELET_PREV_VERSION"], "v"),
+	}
+	if e.kubeletPrevVersion == k8sVersion {
+		return nil, nil, fmt.Errorf("E2E_KUBELET_PREV_VERSION is v%s, the current version: the upgrade scenario needs an older one", k8sVersion)
 	}
 	var stops []func()
 	stop := func() {
@@ -170,7 +180,7 @@ func setup(ctx context.Context) (*environment, func(), error) {
 	logf("machine image %s@%s pushed: layer %d MB, %d entries (+%s)", e.imageRef, res.Manifest.Digest, res.Layer.Size>>20, res.Entries, time.Since(t0).Round(time.Second))
 
 	mirror := filepath.Join(work, "mirror")
-	if e.mirrorFiles, err = buildMirror(vars["E2E_COMPONENTS"], mirror); err != nil {
+	if e.mirrorFiles, e.mirrorSHA256, err = buildMirror(vars["E2E_COMPONENTS"], vars["E2E_KUBELET_PREV"], e.kubeletPrevVersion, mirror); err != nil {
 		return nil, stop, err
 	}
 	srv := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", mirrorPort), Handler: logRequests(http.FileServer(http.Dir(mirror)), filepath.Join(work, "mirror.log"))}
@@ -264,13 +274,36 @@ func startRegistry(dir string) (func(), error) {
 	return stop, fmt.Errorf("docker-registry did not listen on 127.0.0.1:%d; see %s", registryPort, logFile.Name())
 }
 
+// Mirror keys (environment.mirrorFiles, mirrorSHA256) of the kubelets the
+// mirror serves besides the current one (key upstream.Kubelet).
+const (
+	// mirrorKubeletPrev is the previous release's kubelet
+	// (E2E_KUBELET_PREV), in the upstream layout under its own version.
+	mirrorKubeletPrev = "kubelet-prev"
+	// mirrorKubeletBroken is brokenKubelet, at mirrorKubeletBrokenPath.
+	mirrorKubeletBroken = "kubelet-broken"
+)
+
+// mirrorKubeletBrokenPath is where the mirror serves brokenKubelet: outside
+// the upstream layout, so a manifest names it by components.kubelet.url.
+const mirrorKubeletBrokenPath = "/e2e/kubelet-broken/kubelet"
+
+// brokenKubelet is a kubelet that never starts (the rollback scenario): the
+// download verifies and installs, the unit fails at once, the Node never
+// turns Ready.
+const brokenKubelet = "#!/bin/sh\n# nodespawn e2e: a broken kubelet, for the rollback scenario.\n" +
+	"echo 'e2e broken kubelet: this kubelet always fails' >&2\nexit 1\n"
+
 // buildMirror lays the built binaries out the way the upstream release
 // sites do (internal/upstream knows the paths), with their checksum files,
-// so nodespawn downloads them exactly as it would from upstream.
-func buildMirror(components, root string) (map[string]string, error) {
+// so nodespawn downloads them exactly as it would from upstream. Beside the
+// current kubelet it serves the previous one (kubeletPrev, at
+// prevVersion's upstream path) and brokenKubelet. It returns each file's
+// path and sha256 by component (or mirror* key).
+func buildMirror(components, kubeletPrev, prevVersion, root string) (files, sums map[string]string, err error) {
 	bin := func(name string) string { return filepath.Join(components, "bin", name) }
-	files := map[string]string{}
-	lookup := func(c, v string) (upstream.Artifact, string, error) {
+	files, sums = map[string]string{}, map[string]string{}
+	lookup := func(key, c, v string) (upstream.Artifact, string, error) {
 		a, err := upstream.Lookup(c, v, "amd64", "http://mirror.invalid")
 		if err != nil {
 			return a, "", err
@@ -280,32 +313,54 @@ func buildMirror(components, root string) (map[string]string, error) {
 			return a, "", err
 		}
 		dst := filepath.Join(root, filepath.FromSlash(u.Path))
-		files[c] = dst
+		files[key] = dst
 		return a, dst, os.MkdirAll(filepath.Dir(dst), 0o755)
 	}
+	// dl.k8s.io's layout: the binary and NAME.sha256 with the bare hex.
+	k8sBinary := func(key, c, v, src string) error {
+		_, dst, err := lookup(key, c, v)
+		if err != nil {
+			return err
+		}
+		sum, err := copyFile(src, dst)
+		if err != nil {
+			return err
+		}
+		sums[key] = sum
+		return os.WriteFile(dst+".sha256", []byte(sum), 0o644)
+	}
 	for _, c := range []string{upstream.Kubelet, upstream.Kubectl, upstream.KubeProxy} {
-		_, dst, err := lookup(c, k8sVersion)
-		if err != nil {
-			return nil, err
-		}
-		sum, err := copyFile(bin(c), dst)
-		if err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(dst+".sha256", []byte(sum), 0o644); err != nil { // dl.k8s.io: bare hex
-			return nil, err
+		if err := k8sBinary(c, c, k8sVersion, bin(c)); err != nil {
+			return nil, nil, err
 		}
 	}
-	_, dst, err := lookup(upstream.Runc, runcVersion)
+	if err := k8sBinary(mirrorKubeletPrev, upstream.Kubelet, prevVersion, kubeletPrev); err != nil {
+		return nil, nil, fmt.Errorf("previous kubelet (E2E_KUBELET_PREV): %w", err)
+	}
+	broken := filepath.Join(root, filepath.FromSlash(mirrorKubeletBrokenPath))
+	if err := os.MkdirAll(filepath.Dir(broken), 0o755); err != nil {
+		return nil, nil, err
+	}
+	if err := os.WriteFile(broken, []byte(brokenKubelet), 0o755); err != nil {
+		return nil, nil, err
+	}
+	bsum := sha256.Sum256([]byte(brokenKubelet))
+	files[mirrorKubeletBroken], sums[mirrorKubeletBroken] = broken, hex.EncodeToString(bsum[:])
+	if err := os.WriteFile(broken+".sha256", []byte(sums[mirrorKubeletBroken]), 0o644); err != nil {
+		return nil, nil, err
+	}
+
+	_, dst, err := lookup(upstream.Runc, upstream.Runc, runcVersion)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	sum, err := copyFile(bin("runc"), dst)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	sums[upstream.Runc] = sum
 	if err := os.WriteFile(filepath.Join(filepath.Dir(dst), "runc.sha256sum"), []byte(sum+"  runc.amd64\n"), 0o644); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	tarballs := []struct {
 		component, version, checksumExt string
@@ -317,19 +372,20 @@ func buildMirror(components, root string) (map[string]string, error) {
 		{upstream.CNIPlugins, cniVersion, ".sha256", cniMembers(filepath.Join(components, "cni"))},
 	}
 	for _, tb := range tarballs {
-		_, dst, err := lookup(tb.component, tb.version)
+		_, dst, err := lookup(tb.component, tb.component, tb.version)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		sum, err := writeTarball(dst, tb.members)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
+		sums[tb.component] = sum
 		if err := os.WriteFile(dst+tb.checksumExt, []byte(sum+"  "+filepath.Base(dst)+"\n"), 0o644); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return files, nil
+	return files, sums, nil
 }
 
 func cniMembers(dir string) map[string]string {

@@ -6,6 +6,9 @@
 # by the hash of the script that makes it:
 #   guest/KEY           VM kernel, initrd and ext4 image   (build-guest.sh)
 #   components/KEY      kubelet, containerd, runc, ... built from source
+#   kubelet-prev/V-KEY  the previous release's kubelet, V=$K8S_PREV_VERSION
+#                       (default v1.36.3), for the upgrade scenario
+#                       (build-kubelet-prev.sh, k8s-build.sh)
 #   machine-rootfs/KEY  the machine's Debian tree          (images/build-rootfs.sh)
 # Per run, in $E2E_WORK (default e2e/.work): the nodespawn binary, sysprobe,
 # the test binary, and env, which tells the test where everything is.
@@ -27,6 +30,8 @@ key() { cat "$@" | sha256sum | cut -c1-12; }
 GUEST=$CACHE/guest/$(key e2e/scripts/build-guest.sh)
 COMPONENTS=$CACHE/components/$(key e2e/scripts/build-components.sh)
 MACHINE=$CACHE/machine-rootfs/$(key images/build-rootfs.sh)
+K8S_PREV_VERSION=${K8S_PREV_VERSION:-v1.36.3}
+KUBELET_PREV=$CACHE/kubelet-prev/$K8S_PREV_VERSION-$(key e2e/scripts/build-kubelet-prev.sh e2e/scripts/k8s-build.sh)
 
 t0=$SECONDS
 log() { echo "[e2e prepare +$((SECONDS - t0))s] $*"; }
@@ -37,6 +42,11 @@ pids=()
 if [ ! -e "$COMPONENTS/.done" ]; then
 	log "building components into $COMPONENTS (log: $CACHE/logs/components.log; ~15 min cold)"
 	e2e/scripts/build-components.sh "$COMPONENTS" >"$CACHE/logs/components.log" 2>&1 &
+	pids+=($!)
+fi
+if [ ! -e "$KUBELET_PREV/.done" ]; then
+	log "building kubelet $K8S_PREV_VERSION into $KUBELET_PREV (log: $CACHE/logs/kubelet-prev.log; ~6 min cold)"
+	K8S_PREV_VERSION=$K8S_PREV_VERSION e2e/scripts/build-kubelet-prev.sh "$KUBELET_PREV" >"$CACHE/logs/kubelet-prev.log" 2>&1 &
 	pids+=($!)
 fi
 if [ ! -e "$GUEST/.done" ] || [ ! -e "$MACHINE/.done" ]; then
@@ -60,20 +70,26 @@ $GO test -c -tags e2e -o "$WORK/e2e.test" ./e2e
 for p in "${pids[@]}"; do
 	if ! wait "$p"; then
 		echo "e2e prepare: a cached build failed; see $CACHE/logs/" >&2
-		tail -n 30 "$CACHE/logs/components.log" "$CACHE/logs/debootstrap.log" 2>/dev/null >&2
+		tail -n 30 "$CACHE/logs/components.log" "$CACHE/logs/kubelet-prev.log" "$CACHE/logs/debootstrap.log" 2>/dev/null >&2
 		exit 1
 	fi
 done
 
 # The Go build cache behind the components is ~5 GB, far more than the
 # binaries (~370 MB); keep it only when asked (iterating on the build script).
+# The same for the previous kubelet's own cache.
 if [ -z "${E2E_KEEP_GOCACHE:-}" ] && [ -e "$COMPONENTS/.done" ]; then
 	rm -rf "$CACHE/components/go"
+fi
+if [ -z "${E2E_KEEP_GOCACHE:-}" ] && [ -e "$KUBELET_PREV/.done" ]; then
+	rm -rf "$CACHE/kubelet-prev/go"
 fi
 
 cat >"$WORK/env" <<EOT
 E2E_GUEST=$GUEST
 E2E_COMPONENTS=$COMPONENTS
+E2E_KUBELET_PREV=$KUBELET_PREV/bin/kubelet
+E2E_KUBELET_PREV_VERSION=$K8S_PREV_VERSION
 E2E_MACHINE_ROOTFS=$MACHINE/rootfs
 E2E_NODESPAWN=$WORK/nodespawn
 E2E_SYSPROBE=$WORK/sysprobe

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/internal/upstream"
 )
 
 // manifestOptions vary the manifest between scenarios.
@@ -19,6 +21,77 @@ type manifestOptions struct {
 	// execNode, when set, is the node name for a kubelet that authenticates
 	// with the exec credential plugin the manifest ships, not the bootstrap token.
 	execNode string
+	// kubelet picks the kubelet the manifest installs; the zero value is
+	// the current one, as before.
+	kubelet kubeletChoice
+}
+
+// kubeletChoice is a kubelet the mirror serves.
+type kubeletChoice int
+
+const (
+	// kubeletCurrent is kubelet v<k8sVersion> from the components cache,
+	// found by kubernetes.version in the upstream layout with its checksum
+	// file: the manifest names no kubelet of its own.
+	kubeletCurrent kubeletChoice = iota
+	// kubeletPrev is the previous release's kubelet (E2E_KUBELET_PREV,
+	// v<env.kubeletPrevVersion>): components.kubelet.version and sha256.
+	// kubernetes.version, kubectl and kube-proxy stay at k8sVersion (only
+	// the kubelet is built at the previous version; kubernetes.version is
+	// only the default of the three components' versions).
+	kubeletPrev
+	// kubeletBroken is brokenKubelet: components.kubelet.url and sha256; its
+	// download verifies, its unit fails at once, no Node turns Ready. The
+	// version stays kubernetes.version's (the plan's download step says
+	// k8sVersion).
+	kubeletBroken
+)
+
+func (k kubeletChoice) String() string {
+	switch k {
+	case kubeletCurrent:
+		return "current"
+	case kubeletPrev:
+		return "prev"
+	case kubeletBroken:
+		return "broken"
+	}
+	return fmt.Sprintf("kubeletChoice(%d)", int(k))
+}
+
+// mirrorKey is the kubelet's key in env.mirrorFiles and env.mirrorSHA256.
+func (k kubeletChoice) mirrorKey() string {
+	switch k {
+	case kubeletPrev:
+		return mirrorKubeletPrev
+	case kubeletBroken:
+		return mirrorKubeletBroken
+	}
+	return upstream.Kubelet
+}
+
+// k8sVersionOf is the kubernetes version (without the "v", like
+// k8sVersion) of the kubelet a manifest with this choice installs: its Node
+// reports kubeletVersion "v"+k8sVersionOf(k). kubeletBroken never
+// registers; it says k8sVersion, what the manifest's download step does.
+func k8sVersionOf(k kubeletChoice) string {
+	if k == kubeletPrev {
+		return env.kubeletPrevVersion
+	}
+	return k8sVersion
+}
+
+// kubeletComponent is the manifest's components.kubelet entry for k
+// (indented under components:), empty for kubeletCurrent.
+func kubeletComponent(k kubeletChoice) string {
+	sum := env.mirrorSHA256[k.mirrorKey()]
+	switch k {
+	case kubeletPrev:
+		return fmt.Sprintf("\n  kubelet:\n    version: v%s\n    sha256: %q", env.kubeletPrevVersion, sum)
+	case kubeletBroken:
+		return fmt.Sprintf("\n  kubelet:\n    url: http://%s:%d%s\n    sha256: %q", guestHostIP, mirrorPort, mirrorKubeletBrokenPath, sum)
+	}
+	return ""
 }
 
 // execPluginPath is the exec credential plugin inside the machine: a shell
@@ -108,7 +181,7 @@ kubernetes:
   caCert: |
 %s
 components:
-  mirror: http://%s:%d
+  mirror: http://%s:%d%s
   containerd:
     version: v%s
   runc:
@@ -120,7 +193,7 @@ components:
 `, machineName, env.imageRef, guestHostIP, registryPort,
 		dataURL(cniConflist), guestHostIP, registryPort, dataURL(registryHosts), extra,
 		k8sVersion, guestHostIP, apiServerPort, node, labelKey, labelValue, taintKey, taintValue,
-		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, containerdVersion, runcVersion, runc, cniVersion, crictlVersion)
+		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, kubeletComponent(o.kubelet), containerdVersion, runcVersion, runc, cniVersion, crictlVersion)
 }
 
 func indent(s, prefix string) string {
