@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
@@ -111,8 +113,20 @@ func newApplyCmd(renderOnly bool) *cobra.Command {
 resolvers), renders the plan and carries it out once: host settings, the
 machine's rootfs and configuration, then it starts the machine and waits for
 containerd and kubelet inside. A second run with the same manifest exits 0 at
-once; a run that died half-way is resumed; a different manifest is refused
-unless --force.
+once; a run that died half-way is resumed.
+
+On a node, a changed manifest is an upgrade by alternating machines: the
+other machine of the pair (kube1 <-> kube2: a final 1 and 2 swap, any other
+name alternates with NAME-b) is prepared beside the running one, then the
+running one is stopped (upgrade.stopTimeout), the new one started, and the
+Node must be Ready again, as the API server sees it with the node's own
+credentials, within upgrade.readyTimeout; otherwise the old machine runs the
+node again and apply exits 1. The node's identity and image cache live in
+/var/lib/nodespawn/node and carry over. The previous machine is kept for
+nodespawn rollback. A manifest for another node (machine.name,
+kubernetes.nodeName, caCert or apiServer changed) is refused (exit 2): reset
+first. The first-boot unit never upgrades; it finishes a switch a power cut
+interrupted.
 
 --dry-run prints the plan instead (text grouped by phase, or -o json) and
 changes nothing; on a host applied before, it prints what this manifest
@@ -150,7 +164,7 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 		return cmd
 	}
 	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
-	f.BoolVar(&force, "force", false, "apply even though another manifest was applied on this host")
+	f.BoolVar(&force, "force", false, "check every step again even when this plan was applied; apply a changed manifest in place where no upgrade is possible (--root trees) or no run has finished yet")
 	f.BoolVar(&firstBoot, "first-boot", false, "run as the first-boot unit does: retry transient failures for the manifest's firstBoot.retryFor, then write the outcome to the console and send the manifest's report")
 	f.StringVar(&fb.console, "console", "/dev/console", "with --first-boot, where the final status line goes")
 	f.DurationVar(&fb.retryWait, "retry-wait", firstBootRetry.Base, "with --first-boot, the first pause before a retry (it doubles, up to "+firstBootRetry.Max.String()+")")
@@ -231,6 +245,10 @@ type applyRun struct {
 	force     bool
 	factsFile string
 
+	// refuse makes a changed manifest an error, never an upgrade (the
+	// first boot).
+	refuse bool
+
 	// What the last attempt got to, for the first-boot report.
 	manifest *manifest.Manifest
 	plan     *plan.Plan
@@ -239,6 +257,13 @@ type applyRun struct {
 
 // once reads the manifest, renders the plan and applies it (or prints it).
 func (a *applyRun) once(ctx context.Context) error {
+	if a.refuse && !a.dryRun {
+		// A power cut in the middle of an upgrade's switch: the node must
+		// run again before anything else, whatever the user-data says.
+		if err := resumeAtBoot(ctx, a.root); err != nil {
+			return err
+		}
+	}
 	m, data, err := a.src.load(ctx, a.stdin)
 	if err != nil {
 		return err
@@ -262,11 +287,7 @@ func (a *applyRun) once(ctx context.Context) error {
 			return err
 		}
 		if applied != nil {
-			d := plan.Compare(applied, p)
-			if a.output == "json" {
-				return plan.WriteDiffJSON(a.out, d)
-			}
-			return plan.WriteDiffText(a.out, d)
+			return a.writeChange(m, facts, applied, p)
 		}
 	}
 	if a.dryRun {
@@ -281,6 +302,9 @@ func (a *applyRun) once(ctx context.Context) error {
 	for _, w := range p.Warnings {
 		slog.Warn(w)
 	}
+	if err := checkSameNode(a.root, m, p); err != nil {
+		return err
+	}
 	deps, err := apply.DefaultDeps(a.root, slog.Default())
 	if err != nil {
 		return err
@@ -289,6 +313,8 @@ func (a *applyRun) once(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	up := upgradeOptions(m, facts, a.root, render.PlanFor)
+	up.Refuse = a.refuse
 	res, err := apply.Run(ctx, p, apply.Options{
 		Root:           a.root,
 		ManifestDigest: canonical.String(),
@@ -297,18 +323,73 @@ func (a *applyRun) once(ctx context.Context) error {
 		ToolVersion:    version,
 		Force:          a.force,
 		Deps:           deps,
+		Upgrade:        up,
 	})
 	a.result = res
+	var changed *apply.ManifestChangedError
+	if a.refuse && errors.As(err, &changed) && changed.FirstBoot {
+		// The node runs a manifest applied since (an upgrade): the first
+		// boot leaves it alone.
+		slog.Warn("the node runs another manifest than the user-data's, applied by nodespawn apply; the first boot changes nothing", "machine", changed.Machine, "manifest", changed.Applied, "user-data", changed.Given)
+		fmt.Fprintf(a.out, "already provisioned: machine %s runs the node from manifest %s (the user-data's manifest is not applied at boot)\n", changed.Machine, changed.Applied)
+		a.plan.Machine = changed.Machine
+		return nil
+	}
+	if res != nil && res.Machine != "" && a.plan != nil {
+		a.plan.Machine = res.Machine
+	}
 	if err != nil {
 		return err
 	}
 	switch {
+	case res.Upgrade != nil && res.Upgrade.Outcome == apply.OutcomeSwitched:
+		u := res.Upgrade
+		fmt.Fprintf(a.out, "upgraded: machine %s runs node %s (was %s, kept for nodespawn rollback); prepared in %s, switched in %s\n", u.To, p.NodeName, u.From,
+			time.Duration(u.PrepareMS)*time.Millisecond, time.Duration(u.SwitchMS)*time.Millisecond)
 	case res.AlreadyApplied:
-		fmt.Fprintf(a.out, "already applied: machine %s, node %s\n", p.Machine, p.NodeName)
+		fmt.Fprintf(a.out, "already applied: machine %s, node %s\n", res.Machine, p.NodeName)
 	case a.root != "/":
-		fmt.Fprintf(a.out, "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", p.Machine, a.root)
+		fmt.Fprintf(a.out, "applied the files of machine %s under %s (host settings and systemd steps skipped: not the running host)\n", res.Machine, a.root)
 	default:
-		fmt.Fprintf(a.out, "applied: machine %s is running node %s\n", p.Machine, p.NodeName)
+		fmt.Fprintf(a.out, "applied: machine %s is running node %s\n", res.Machine, p.NodeName)
 	}
 	return nil
+}
+
+// writeChange prints what applying m would change on a host whose node
+// runs the applied plan: the diff against it, and, when the manifest
+// changed, the upgrade that would carry the change.
+func (a *applyRun) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *plan.Plan) error {
+	st, err := apply.ReadMachines(a.root)
+	if err != nil {
+		return err
+	}
+	canonical, err := m.Digest()
+	if err != nil {
+		return err
+	}
+	// The diff compares plans of the same machine, so it shows what
+	// changes, not the machine's name in every path.
+	same := p
+	if applied.Machine != p.Machine && (applied.Machine == p.Alternate) {
+		if same, err = render.PlanFor(m, facts, applied.Machine); err != nil {
+			return render.Locate(m, err)
+		}
+	}
+	d := plan.Compare(applied, same)
+	cur, ok := st.Applied[st.Active]
+	if ok && cur.Succeeded && cur.ManifestDigest != canonical.String() {
+		to := p.Alternate
+		if st.Active == p.Alternate {
+			to = p.Machine
+		}
+		d.Upgrade = &plan.UpgradeNote{From: st.Active, To: to, StopTimeout: m.Upgrade.StopTimeout, ReadyTimeout: m.Upgrade.ReadyTimeout}
+		if err := checkSameNode(a.root, m, p); err != nil {
+			d.Upgrade.Refused = err.Error()
+		}
+	}
+	if a.output == "json" {
+		return plan.WriteDiffJSON(a.out, d)
+	}
+	return plan.WriteDiffText(a.out, d)
 }

@@ -35,6 +35,7 @@ type firstBootFlags struct {
 // console, and the report home when the manifest asks for one.
 func (a *applyRun) firstBoot(ctx context.Context, fb firstBootFlags) error {
 	started := time.Now()
+	a.refuse = true
 	policy := firstBootRetry
 	if fb.retryWait > 0 {
 		policy.Base, policy.Max = fb.retryWait, 12*fb.retryWait

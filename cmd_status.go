@@ -127,10 +127,33 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 	if long {
 		line := func(k, v string) {
 			if v != "" {
-				fmt.Fprintf(w, "%-10s %s\n", k+":", v)
+				fmt.Fprintf(w, "%-13s %s\n", k+":", v)
 			}
 		}
 		line("machine", st.Machine)
+		line("previous", st.Previous)
+		if u := st.Upgrade; u != nil {
+			line("upgrade", fmt.Sprintf("%s -> %s, %s since %s", u.From, u.To, u.Phase, u.Started.Format(time.RFC3339)))
+		}
+		if l := st.LastUpgrade; l != nil {
+			v := fmt.Sprintf("%s -> %s %s at %s", l.From, l.To, l.Outcome, l.Ended.Format(time.RFC3339))
+			if l.PrepareMS > 0 {
+				v += fmt.Sprintf("; prepared in %s", time.Duration(l.PrepareMS)*time.Millisecond)
+			}
+			if l.SwitchMS > 0 {
+				v += fmt.Sprintf(", switched in %s", time.Duration(l.SwitchMS)*time.Millisecond)
+			}
+			if l.RollbackMS > 0 {
+				v += fmt.Sprintf(", rolled back in %s", time.Duration(l.RollbackMS)*time.Millisecond)
+			}
+			if l.Reason != "" {
+				v += " (" + firstLine(l.Reason) + ")"
+			}
+			line("last upgrade", v)
+		}
+		if st.RecordMachine != "" {
+			line("last run", "for machine "+st.RecordMachine)
+		}
 		line("node", st.Node)
 		line("manifest", st.ManifestDigest)
 		line("source", st.SourceDigest)
@@ -169,6 +192,11 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 			fmt.Fprintf(w, "  @%-10s %s (%s)\n", s.Start(), s.ID, s.Duration())
 		}
 	}
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
 }
 
 func indent(s string) string {

@@ -97,7 +97,10 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
 
   nodespawn validate -f node.yaml          check a manifest, every problem at once
   nodespawn apply --dry-run -f node.yaml   print the plan, touch nothing
-  nodespawn apply -f node.yaml             make this host a node
+  nodespawn apply -f node.yaml             make this host a node; on a node,
+                                           upgrade it to this manifest
+  nodespawn status                         where provisioning or an upgrade stands
+  nodespawn rollback                       back to the machine the last upgrade replaced
   nodespawn schema > nodespawn.schema.json the JSON Schema, for editors
 
 Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
@@ -119,6 +122,7 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 		newSchemaCmd(),
 		newFactsCmd(),
 		newResetCmd(),
+		newRollbackCmd(),
 		newStatusCmd(),
 		newInstallCmd(),
 		newImageCmd(),

@@ -121,6 +121,10 @@ func ReadMachines(root string) (*Machines, error) {
 		root = "/"
 	}
 	host, err := confine.Open(root)
+	if errors.Is(err, fs.ErrNotExist) {
+		// A --root tree not made yet: nothing applied there.
+		return &Machines{Version: MachinesVersion, Applied: map[string]Applied{}}, nil
+	}
 	if err != nil {
 		return nil, err
 	}

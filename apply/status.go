@@ -48,7 +48,18 @@ type Status struct {
 	// Summary is the one line: "done", "running: step X (3/40)",
 	// "error: step X: reason", "degraded: applied, but ...".
 	Summary string `json:"summary"`
+	// Machine is the machine that runs the node (the active one of the
+	// pair), or the one being made when none runs yet.
 	Machine string `json:"machine,omitempty"`
+	// Previous is the machine kept for nodespawn rollback.
+	Previous string `json:"previous,omitempty"`
+	// Upgrade is the upgrade in progress (or interrupted); LastUpgrade how
+	// the last one ended.
+	Upgrade     *Upgrade        `json:"upgrade,omitempty"`
+	LastUpgrade *UpgradeOutcome `json:"lastUpgrade,omitempty"`
+	// RecordMachine is the machine the record's run was for, when it is
+	// not Machine (an upgrade's new machine).
+	RecordMachine string `json:"recordMachine,omitempty"`
 	// Node is the Kubernetes node name the applied plan registers.
 	Node string `json:"node,omitempty"`
 	// Step is the step running now, or the one that failed.
@@ -151,6 +162,11 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 			st.Pending = rec == nil || rec.Status != StatusSucceeded
 		}
 	}
+	ms, err := readMachines(host)
+	if err != nil {
+		return nil, err
+	}
+	st.Previous, st.Upgrade, st.LastUpgrade = ms.Previous, ms.Upgrade, ms.Last
 	if applied != nil {
 		st.Machine, st.Node, st.PlanVersion = applied.Machine, applied.NodeName, applied.Version
 	}
@@ -166,6 +182,10 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		}
 	}
 
+	if ms.Active != "" && st.Machine != ms.Active {
+		st.RecordMachine, st.Machine = st.Machine, ms.Active
+	}
+	u := ms.Upgrade
 	switch {
 	case rec == nil && running:
 		st.State, st.Summary = StateRunning, "running: starting"
@@ -182,10 +202,26 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		if st.Step != nil {
 			st.Summary = fmt.Sprintf("running: step %s (%d/%d)", st.Step.ID, st.Finished+1, st.Total)
 		}
+		if u != nil {
+			st.Summary += "; " + describeUpgrade(u)
+		}
+	case u != nil && u.Phase != UpgradePreparing:
+		// No run holds the lock, and a switch is half-done: killed.
+		st.State = StateError
+		st.Summary = fmt.Sprintf("error: the %s was interrupted; machine %s is active; run nodespawn apply (or reboot: the first-boot unit finishes it)", describeUpgrade(u), ms.Active)
+	case rec.Status == StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == OutcomeRolledBack:
+		st.State = StateError
+		st.Summary = fmt.Sprintf("error: the upgrade from %s to %s was rolled back: %s; %s runs the node", rec.Upgrade.From, rec.Upgrade.To, firstLine(rec.Upgrade.Reason), rec.Upgrade.From)
+	case rec.Status == StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == OutcomeRollbackFailed:
+		st.State = StateError
+		st.Summary = fmt.Sprintf("error: the upgrade from %s to %s failed (%s) and so did the rollback; run nodespawn apply to retry the rollback", rec.Upgrade.From, rec.Upgrade.To, firstLine(rec.Upgrade.Reason))
 	case rec.Status == StatusFailed:
 		st.State = StateError
 		st.Step = firstWith(rec, OutcomeFailed)
 		st.Summary = "error: " + failureLine(st.Step)
+		if u != nil {
+			st.Summary += fmt.Sprintf(" (preparing the upgrade to %s; %s still runs the node)", u.To, u.From)
+		}
 	case rec.Status == StatusRunning:
 		// Recorded as running, but no apply holds the lock: it was killed.
 		st.State = StateError
@@ -196,8 +232,8 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		}
 	default:
 		st.State, st.Summary = StateDone, string(StateDone)
-		if opts.Systemd != nil && rec.Machine != "" {
-			st.Checks = liveChecks(ctx, opts.Systemd, rec.Machine)
+		if opts.Systemd != nil && st.Machine != "" {
+			st.Checks = liveChecks(ctx, opts.Systemd, st.Machine)
 			var bad []string
 			for _, c := range st.Checks {
 				if !c.OK {
@@ -287,6 +323,11 @@ func firstWith(rec *Record, o Outcome) *StepRecord {
 		}
 	}
 	return nil
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
 }
 
 // failureLine is "step X: reason", the reason's first line.

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -701,4 +702,57 @@ func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
 	if len(sd.state().Registered) != 0 {
 		t.Errorf("machines still running after reset: %v", sd.state().Registered)
 	}
+}
+
+func TestStatusOfUpgrades(t *testing.T) {
+	t.Run("switched", func(t *testing.T) {
+		root, sd, _, err := liveUpgrade(t, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateDone || st.Machine != "kube2" || st.Previous != "kube1" || st.LastUpgrade == nil || st.LastUpgrade.Outcome != OutcomeSwitched {
+			t.Errorf("status %+v; want done on kube2, kube1 kept, the switch recorded", st)
+		}
+	})
+	t.Run("rolled back", func(t *testing.T) {
+		root, sd, _, _ := liveUpgrade(t, nil, "kube2")
+		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateError || st.Machine != "kube1" || !strings.Contains(st.Summary, "rolled back") || !strings.Contains(st.Summary, "not Ready") || StatusExitCode(st) != 1 {
+			t.Errorf("status %s %q on %s; want an error naming the rollback and its reason, kube1 running", st.State, st.Summary, st.Machine)
+		}
+	})
+	t.Run("interrupted", func(t *testing.T) {
+		root, sd, _, err := liveUpgrade(t, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		host := openTestRoot(t, root)
+		ms, _ := readMachines(host)
+		ms.Upgrade = &Upgrade{From: "kube1", To: "kube2", Phase: UpgradeVerifying, Started: time.Now()}
+		must(t, writeMachines(host, ms))
+		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateError || !strings.Contains(st.Summary, "interrupted") || st.Upgrade == nil {
+			t.Errorf("status %s %q; want the interrupted switch reported", st.State, st.Summary)
+		}
+	})
+}
+
+func openTestRoot(t *testing.T, root string) *confine.Root {
+	t.Helper()
+	host, err := confine.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { host.Close() })
+	return host
 }

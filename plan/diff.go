@@ -28,6 +28,22 @@ type Diff struct {
 	Changed []Change `json:"changed"`
 	// Unchanged counts the steps that are the same in both.
 	Unchanged int `json:"unchanged"`
+	// Upgrade, when set, says the change is applied by preparing the other
+	// machine of the pair and switching to it (the caller fills it in: it
+	// depends on the host's state, not on the two plans).
+	Upgrade *UpgradeNote `json:"upgrade,omitempty"`
+}
+
+// UpgradeNote is how a change would be applied: an upgrade from the
+// running machine to the other one.
+type UpgradeNote struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+	// StopTimeout and ReadyTimeout are the manifest's upgrade settings.
+	StopTimeout  string `json:"stopTimeout"`
+	ReadyTimeout string `json:"readyTimeout"`
+	// Refused is why apply would refuse it ("" when it would not).
+	Refused string `json:"refused,omitempty"`
 }
 
 // Side is one plan of a Diff.
@@ -171,6 +187,12 @@ func unified(a, b string) string {
 func WriteDiffText(w io.Writer, d *Diff) error {
 	tw := &errWriter{w: w}
 	tw.printf("Changes against the applied plan (machine %s, node %s):\n", d.From.Machine, d.From.NodeName)
+	if u := d.Upgrade; u != nil && u.Refused != "" {
+		tw.printf("  apply would refuse this manifest: %s\n", u.Refused)
+	} else if u != nil {
+		tw.printf("  applied as an upgrade: machine %s is prepared beside running %s (its rootfs, binaries, configuration),\n", u.To, u.From)
+		tw.printf("  then %s is stopped (within %s), %s started, and the Node must be Ready within %s, else %s runs it again\n", u.From, u.StopTimeout, u.To, u.ReadyTimeout, u.From)
+	}
 	if d.Empty() {
 		tw.printf("  none: the applied plan does this already\n")
 		return tw.err

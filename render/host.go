@@ -237,10 +237,10 @@ type overrideData struct {
 	// ActiveFile is plan.ActiveMachineFile; StopTimeout the
 	// manifest's upgrade.stopTimeout.
 	ActiveFile, StopTimeout string
-	NftFlushUnit string
-	BPFFS        string
-	GPU          bool
-	DeviceAllow  []string
+	NftFlushUnit            string
+	BPFFS                   string
+	GPU                     bool
+	DeviceAllow             []string
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {

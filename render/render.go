@@ -171,8 +171,8 @@ func (r *renderer) decide() error {
 	}
 
 	r.plan = plan.Plan{
-		Version:  plan.Version,
-		Machine:  r.machine,
+		Version:   plan.Version,
+		Machine:   r.machine,
 		Rootfs:    r.rootfs,
 		NodeName:  r.nodeName,
 		Alternate: manifest.AlternateMachine(m.Machine.Name),
