@@ -111,7 +111,7 @@ func checkExecCredential(ctx context.Context, t *testing.T, v *vm) {
 // and taints and turns Ready, and a scheduled pod runs with the sandbox and
 // its image from the loopback registry, its log read back through the API
 // server (which reaches the kubelet through qemu's hostfwd).
-func checkCluster(ctx context.Context, t *testing.T, v *vm) {
+func checkCluster(ctx context.Context, t *testing.T, v *vm, kubelet kubeletChoice) {
 	c := env.cluster
 	defer func() {
 		if !t.Failed() {
@@ -176,8 +176,8 @@ func checkCluster(ctx context.Context, t *testing.T, v *vm) {
 	if !tainted {
 		t.Errorf("node taints %+v, want %s=%s:NoSchedule", node.Spec.Taints, taintKey, taintValue)
 	}
-	if got := node.Status.NodeInfo.KubeletVersion; got != "v"+k8sVersion {
-		t.Errorf("kubelet version %q, want v%s", got, k8sVersion)
+	if got, want := node.Status.NodeInfo.KubeletVersion, "v"+k8sVersionOf(kubelet); got != want {
+		t.Errorf("kubelet version %q, want %s", got, want)
 	}
 	if got := node.Status.NodeInfo.ContainerRuntimeVersion; got != "containerd://"+containerdVersion {
 		t.Errorf("container runtime %q, want containerd://%s", got, containerdVersion)

@@ -37,8 +37,10 @@ const (
 	cniVersion        = "1.10.0"
 	crictlVersion     = "1.37.0"
 	machineName       = "kube1"
-	imageRepo         = "nodespawn/machine"
-	imageTag          = "e2e"
+	// altMachineName is the machine an upgrade of kube1 prepares.
+	altMachineName = "kube2"
+	imageRepo      = "nodespawn/machine"
+	imageTag       = "e2e"
 )
 
 // environment is what TestMain sets up once for every scenario.

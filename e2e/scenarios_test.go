@@ -36,8 +36,12 @@ const (
 func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // inMachine is a guest command that runs script inside the nspawn machine.
-func inMachine(script string) string {
-	return "systemd-run -M " + machineName + " --wait --pipe --quiet /bin/sh -c " + shq(script)
+func inMachine(script string) string { return inMachineOf(machineName, script) }
+
+// inMachineOf runs script in machine m (the other one of the pair, after
+// an upgrade).
+func inMachineOf(m, script string) string {
+	return "systemd-run -M " + m + " --wait --pipe --quiet /bin/sh -c " + shq(script)
 }
 
 // scenario is one VM with its own artifacts directory; on failure the
@@ -89,7 +93,9 @@ func waitFirstboot(ctx context.Context, v *vm) string {
 // TestNode boots a fresh VM whose user-data carries the manifest, checks
 // the node the first-boot unit makes, reboots it, and resets it.
 func TestNode(t *testing.T) {
-	v, ctx := newScenario(t, "node", userData(manifest(manifestOptions{})))
+	// The node starts one Kubernetes release behind, so the upgrade
+	// below has a newer kubelet to go to.
+	v, ctx := newScenario(t, "node", userData(manifest(manifestOptions{kubelet: kubeletPrev})))
 	v.waitAgent(ctx)
 	t.Logf("first boot: guest agent up %s after VM start", v.since())
 
@@ -110,7 +116,7 @@ func TestNode(t *testing.T) {
 			t.Errorf("no console line %q in the serial log", want)
 		}
 	})
-	t.Run("joins the cluster", func(t *testing.T) { checkCluster(ctx, t, v) })
+	t.Run("joins the cluster", func(t *testing.T) { checkCluster(ctx, t, v, kubeletPrev) })
 	t.Run("first boot", func(t *testing.T) { checkNode(ctx, t, v) })
 	t.Run("files match the plan", func(t *testing.T) { checkPlanFiles(ctx, t, v) })
 
@@ -155,6 +161,12 @@ func TestNode(t *testing.T) {
 		checkNode(ctx, t, v)
 	})
 
+	// Upgrades by alternating machines, on the node the reboot left: to
+	// the current kubelet, then to a broken one that must be rolled back.
+	if t.Run("upgrade", func(t *testing.T) { checkUpgrade(ctx, t, v) }) {
+		t.Run("rollback", func(t *testing.T) { checkRollback(ctx, t, v) })
+	}
+
 	resetOK := t.Run("reset", func(t *testing.T) {
 		r := v.sh(ctx, "/usr/local/bin/nodespawn reset 2>&1")
 		if r.Code != 0 {
@@ -162,6 +174,9 @@ func TestNode(t *testing.T) {
 		}
 		checks := []struct{ what, script string }{
 			{"machine gone from machined", "! machinectl list --no-legend | grep -qw " + machineName},
+			{"its pair gone from machined", "! machinectl list --no-legend | grep -qw " + altMachineName},
+			{"the pair's rootfs removed", "! test -e /var/lib/machines/" + altMachineName},
+			{"the node's state removed", "! test -e /var/lib/nodespawn"},
 			{"machine service stopped", "! systemctl is-active -q systemd-nspawn@" + machineName + ".service"},
 			{"rootfs removed", "! test -e /var/lib/machines/" + machineName},
 			{".nspawn file removed", "! test -e /etc/systemd/nspawn/" + machineName + ".nspawn"},

@@ -24,6 +24,8 @@ type manifestOptions struct {
 	// kubelet picks the kubelet the manifest installs; the zero value is
 	// the current one, as before.
 	kubelet kubeletChoice
+	// readyTimeout, when set, is the manifest's upgrade.readyTimeout.
+	readyTimeout string
 }
 
 // kubeletChoice is a kubelet the mirror serves.
@@ -190,10 +192,18 @@ components:
     version: v%s
   crictl:
     version: v%s
-`, machineName, env.imageRef, guestHostIP, registryPort,
+%s`, machineName, env.imageRef, guestHostIP, registryPort,
 		dataURL(cniConflist), guestHostIP, registryPort, dataURL(registryHosts), extra,
 		k8sVersion, guestHostIP, apiServerPort, node, labelKey, labelValue, taintKey, taintValue,
-		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, kubeletComponent(o.kubelet), containerdVersion, runcVersion, runc, cniVersion, crictlVersion)
+		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, kubeletComponent(o.kubelet), containerdVersion, runcVersion, runc, cniVersion, crictlVersion, upgradeSection(o))
+}
+
+// upgradeSection is the manifest's upgrade settings, when o sets any.
+func upgradeSection(o manifestOptions) string {
+	if o.readyTimeout == "" {
+		return ""
+	}
+	return "upgrade:\n  readyTimeout: " + o.readyTimeout + "\n"
 }
 
 func indent(s, prefix string) string {

@@ -1,0 +1,207 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// nodeFacts are what the upgrade checks read from the Node and the pod.
+type nodeFacts struct {
+	uid, kubeletVersion, ready string
+	podContainer, podReady     string
+}
+
+func readNode(ctx context.Context, t *testing.T) nodeFacts {
+	t.Helper()
+	c := env.cluster
+	out, err := c.run(ctx, "get", "node", nodeName, "-o",
+		`jsonpath={.metadata.uid} {.status.nodeInfo.kubeletVersion} {.status.conditions[?(@.type=="Ready")].status}`)
+	if err != nil {
+		t.Fatalf("get node: %v", err)
+	}
+	var f nodeFacts
+	fmt.Sscan(out, &f.uid, &f.kubeletVersion, &f.ready)
+	out, _ = c.run(ctx, "get", "pod", podName, "-o",
+		`jsonpath={.status.containerStatuses[0].containerID} {.status.conditions[?(@.type=="Ready")].status}`)
+	fmt.Sscan(out, &f.podContainer, &f.podReady)
+	return f
+}
+
+// applyUpgrade writes m to the guest and runs nodespawn apply with it.
+func applyUpgrade(ctx context.Context, t *testing.T, v *vm, name, m string) (execResult, time.Duration) {
+	t.Helper()
+	file := "/root/" + name + ".yaml"
+	v.must(ctx, "cat > "+file+" <<'EOF_MANIFEST'\n"+m+"\nEOF_MANIFEST")
+	if r := v.sh(ctx, "/usr/local/bin/nodespawn apply --dry-run -f "+file+" 2>&1"); r.Code != 0 || !strings.Contains(r.Stdout, "applied as an upgrade") {
+		t.Errorf("apply --dry-run of the %s manifest: exit %d, want the upgrade described:\n%s", name, r.Code, r.Stdout)
+	} else {
+		t.Logf("apply --dry-run:\n%s", r.Stdout)
+	}
+	start := time.Now()
+	r := v.sh(ctx, "/usr/local/bin/nodespawn apply -f "+file+" 2>&1")
+	return r, time.Since(start).Round(100 * time.Millisecond)
+}
+
+// upgradeStatus is nodespawn status -o json, the parts about the pair.
+type upgradeStatus struct {
+	State       string `json:"status"`
+	Summary     string `json:"summary"`
+	Machine     string `json:"machine"`
+	Previous    string `json:"previous"`
+	LastUpgrade *struct {
+		From, To, Outcome, Reason      string
+		PrepareMS, SwitchMS, RollbackMS int64
+	} `json:"lastUpgrade"`
+}
+
+func readUpgradeStatus(ctx context.Context, t *testing.T, v *vm) (upgradeStatus, int) {
+	t.Helper()
+	r := v.sh(ctx, "/usr/local/bin/nodespawn status -o json")
+	var st upgradeStatus
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("status -o json: %v\n%s%s", err, r.Stdout, r.Stderr)
+	}
+	return st, r.Code
+}
+
+// checkMachines checks that machine runs alone, and is the one started at boot.
+func checkMachines(ctx context.Context, t *testing.T, v *vm, running, other string) {
+	t.Helper()
+	checks := []struct{ what, script string }{
+		{running + " registered", "machinectl list --no-legend | grep -qw " + running},
+		{other + " not running", "! machinectl list --no-legend | grep -qw " + other},
+		{running + " is the active machine", "grep -qx " + running + " /var/lib/nodespawn/active-machine"},
+		{running + " starts at boot", "test -L /etc/systemd/system/machines.target.wants/systemd-nspawn@" + running + ".service"},
+		{other + " does not start at boot", "! test -e /etc/systemd/system/machines.target.wants/systemd-nspawn@" + other + ".service"},
+		{"kubelet active in " + running, inMachineOf(running, "systemctl is-active kubelet")},
+		{"the node's state bound in " + running, inMachineOf(running, "findmnt -n -o SOURCE /var/lib/kubelet") + " | grep -q nodespawn/node/kubelet"},
+	}
+	for _, c := range checks {
+		if r := v.sh(ctx, c.script); r.Code != 0 {
+			t.Errorf("%s: check %q failed: %s%s", c.what, c.script, r.Stdout, r.Stderr)
+		}
+	}
+}
+
+// checkUpgrade upgrades the node from the previous kubelet to the current
+// one: kube2 is prepared beside kube1, the switch happens, and the Node
+// comes back as itself (same name and UID, no new bootstrap: the client
+// certificate lives in the node's state), with the new kubelet, Ready, its
+// pod running again from the image cache the machines share.
+func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
+	before := readNode(ctx, t)
+	if before.ready != "True" || before.kubeletVersion != "v"+k8sVersionOf(kubeletPrev) || before.podReady != "True" {
+		t.Fatalf("before the upgrade: node %+v; want Ready on v%s with its pod Ready", before, k8sVersionOf(kubeletPrev))
+	}
+	csrsBefore, _ := env.cluster.run(ctx, "get", "csr", "-o", "name")
+	switchStart := time.Now()
+	r, took := applyUpgrade(ctx, t, v, "upgrade", manifest(manifestOptions{}))
+	if r.Code != 0 || !strings.Contains(r.Stdout, "upgraded: machine "+altMachineName) {
+		t.Fatalf("nodespawn apply (upgrade): exit %d after %s\n%s\n%s", r.Code, took, r.Stdout,
+			v.sh(ctx, inMachineOf(altMachineName, "journalctl -u kubelet --no-pager | tail -n 40")).Stdout)
+	}
+	st, code := readUpgradeStatus(ctx, t, v)
+	if code != 0 || st.State != "done" || st.Machine != altMachineName || st.Previous != machineName || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "switched" {
+		t.Errorf("status after the upgrade: exit %d, %+v", code, st)
+	} else {
+		t.Logf("TIMING upgrade: apply start -> Node Ready on %s: %s (prepare %s, switch: old machine stopping -> new Node Ready %s)", altMachineName, took,
+			time.Duration(st.LastUpgrade.PrepareMS)*time.Millisecond, time.Duration(st.LastUpgrade.SwitchMS)*time.Millisecond)
+	}
+	checkMachines(ctx, t, v, altMachineName, machineName)
+	if r := v.sh(ctx, "test -d /var/lib/machines/"+machineName+"/etc"); r.Code != 0 {
+		t.Errorf("the previous machine's rootfs is gone; it must be kept for a rollback")
+	}
+
+	after := readNode(ctx, t)
+	if after.uid != before.uid {
+		t.Errorf("Node UID %s after the upgrade, was %s: the node must come back as itself", after.uid, before.uid)
+	}
+	if after.kubeletVersion != "v"+k8sVersion || after.ready != "True" {
+		t.Errorf("after the upgrade: kubelet %s, Ready %s; want v%s, True", after.kubeletVersion, after.ready, k8sVersion)
+	}
+	if csrs, _ := env.cluster.run(ctx, "get", "csr", "-o", "name"); csrs != csrsBefore {
+		t.Errorf("the upgrade made new CSRs (a new bootstrap); the node's client certificate must carry over:\nbefore: %s\nafter: %s", csrsBefore, csrs)
+	}
+	// The pod runs again, in a new container on the new machine, from the
+	// image the old machine pulled.
+	if !waitCluster(ctx, t, 4*time.Minute, "pod "+podName+" Ready again on "+altMachineName, func(out string) bool {
+		f := strings.Fields(out)
+		return len(f) == 2 && f[1] == "True" && f[0] != before.podContainer
+	}, "get", "pod", podName, "-o", `jsonpath={.status.containerStatuses[0].containerID} {.status.conditions[?(@.type=="Ready")].status}`) {
+		t.Errorf("the pod did not run again after the upgrade")
+	} else {
+		t.Logf("TIMING upgrade: apply start -> pod Ready again: %s", time.Since(switchStart).Round(100*time.Millisecond))
+	}
+	if !podImageReused(ctx, t, switchStart) {
+		t.Errorf("no event says the pod's image was already present after the switch: the image cache should carry over")
+	}
+	if r := v.sh(ctx, inMachineOf(altMachineName, "kubelet --version")); !strings.Contains(r.Stdout, "v"+k8sVersion) {
+		t.Errorf("kubelet in %s: %s%s", altMachineName, r.Stdout, r.Stderr)
+	}
+}
+
+// podImageReused reports whether kubelet found the pod's image present
+// (an event "already present on machine") after since.
+func podImageReused(ctx context.Context, t *testing.T, since time.Time) bool {
+	out, err := env.cluster.run(ctx, "get", "events", "--field-selector", "involvedObject.name="+podName, "-o", "json")
+	if err != nil {
+		t.Logf("events: %v", err)
+		return false
+	}
+	var evs struct {
+		Items []struct {
+			Reason, Message string
+			LastTimestamp   time.Time `json:"lastTimestamp"`
+			EventTime       time.Time `json:"eventTime"`
+		}
+	}
+	if err := json.Unmarshal([]byte(out), &evs); err != nil {
+		t.Logf("events: %v", err)
+		return false
+	}
+	for _, e := range evs.Items {
+		at := e.LastTimestamp
+		if at.IsZero() {
+			at = e.EventTime
+		}
+		if e.Reason == "Pulled" && strings.Contains(e.Message, "already present") && !at.Before(since.Add(-2*time.Second)) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkRollback applies a manifest whose kubelet exits at once: kube1 is
+// prepared with it, the switch fails (kubelet keeps restarting), and the
+// node must run on kube2 again, Ready, with apply exiting 1 and the reason
+// in the record.
+func checkRollback(ctx context.Context, t *testing.T, v *vm) {
+	before := readNode(ctx, t)
+	r, took := applyUpgrade(ctx, t, v, "broken", manifest(manifestOptions{kubelet: kubeletBroken, readyTimeout: "4m"}))
+	if r.Code != 1 || !strings.Contains(r.Stdout, "rolled back") {
+		t.Fatalf("nodespawn apply (broken kubelet): exit %d after %s, want 1 and a rollback\n%s", r.Code, took, r.Stdout)
+	}
+	st, code := readUpgradeStatus(ctx, t, v)
+	if code != 1 || st.State != "error" || st.Machine != altMachineName || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "rolled back" ||
+		!strings.Contains(st.LastUpgrade.Reason, "kubelet") {
+		t.Errorf("status after the rollback: exit %d, %+v", code, st)
+	} else {
+		t.Logf("rollback reason: %s", strings.SplitN(st.LastUpgrade.Reason, "\n", 2)[0])
+		t.Logf("TIMING rollback: apply start -> exit 1 with the node on %s again: %s (prepare %s, rollback %s)", altMachineName, took,
+			time.Duration(st.LastUpgrade.PrepareMS)*time.Millisecond, time.Duration(st.LastUpgrade.RollbackMS)*time.Millisecond)
+	}
+	checkMachines(ctx, t, v, altMachineName, machineName)
+	after := readNode(ctx, t)
+	if after.uid != before.uid || after.ready != "True" || after.kubeletVersion != "v"+k8sVersion {
+		t.Errorf("after the rollback: node %+v; want UID %s, Ready, v%s", after, before.uid, k8sVersion)
+	}
+	if r := v.sh(ctx, "/usr/local/bin/nodespawn rollback 2>&1"); r.Code != 2 {
+		t.Errorf("nodespawn rollback after an automatic rollback: exit %d, want 2 (nothing kept to roll back to)\n%s", r.Code, r.Stdout)
+	}
+}
