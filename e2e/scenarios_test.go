@@ -78,6 +78,30 @@ func newScenario(t *testing.T, name, userData string) (*vm, context.Context) {
 	return v, ctx
 }
 
+// reboot runs script, which must return at once and reboot the guest a
+// moment later (systemd-run --on-active=1 ...), and waits until the guest
+// agent answers from the new boot; it returns when the reboot began.
+func (v *vm) reboot(ctx context.Context, t *testing.T, script string) time.Time {
+	t.Helper()
+	bootID := v.must(ctx, "cat /proc/sys/kernel/random/boot_id")
+	v.must(ctx, script)
+	v.agent.close()
+	rebootAt := time.Now()
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		time.Sleep(3 * time.Second)
+		v.waitAgent(ctx)
+		r, err := v.agent.exec(ctx, "cat /proc/sys/kernel/random/boot_id")
+		if err == nil && r.Stdout != bootID {
+			return rebootAt
+		}
+		v.agent.close()
+		if time.Now().After(deadline) {
+			t.Fatalf("guest did not come back from the reboot\n%s", v.serialTail(40))
+		}
+	}
+}
+
 // waitFirstboot waits until the first-boot unit has run to its end and
 // returns its Result property ("success", "exit-code", ...).
 func waitFirstboot(ctx context.Context, v *vm) string {
@@ -123,25 +147,9 @@ func TestNode(t *testing.T) {
 	rootIno := strings.TrimSpace(v.must(ctx, "stat -c %i /var/lib/machines/"+machineName))
 	record := v.must(ctx, "ls -l --time-style=full-iso /var/lib/nodespawn/")
 	t.Run("reboot", func(t *testing.T) {
-		bootID := v.must(ctx, "cat /proc/sys/kernel/random/boot_id")
 		// -f: no unit stop jobs (the machine's kubelet and shims take ~90 s
 		// to stop); systemd still kills everything and unmounts cleanly.
-		v.must(ctx, "sync; systemd-run --on-active=1 systemctl reboot -f")
-		v.agent.close()
-		rebootAt := time.Now()
-		deadline := time.Now().Add(5 * time.Minute)
-		for {
-			time.Sleep(3 * time.Second)
-			v.waitAgent(ctx)
-			r, err := v.agent.exec(ctx, "cat /proc/sys/kernel/random/boot_id")
-			if err == nil && r.Stdout != bootID {
-				break
-			}
-			v.agent.close()
-			if time.Now().After(deadline) {
-				t.Fatalf("guest did not come back from the reboot\n%s", v.serialTail(40))
-			}
-		}
+		rebootAt := v.reboot(ctx, t, "sync; systemd-run --on-active=1 systemctl reboot -f")
 		if _, ok := v.poll(ctx, 5*time.Minute, "kubelet active after reboot", inMachine("systemctl is-active kubelet")); !ok {
 			t.FailNow()
 		}
@@ -163,8 +171,9 @@ func TestNode(t *testing.T) {
 
 	// Upgrades by alternating machines, on the node the reboot left: to
 	// the current kubelet, then to a broken one that must be rolled back.
-	if t.Run("upgrade", func(t *testing.T) { checkUpgrade(ctx, t, v) }) {
-		t.Run("rollback", func(t *testing.T) { checkRollback(ctx, t, v) })
+	if t.Run("upgrade", func(t *testing.T) { checkUpgrade(ctx, t, v) }) &&
+		t.Run("rollback by hand, power cut mid-switch", func(t *testing.T) { checkRollbackPowerCut(ctx, t, v) }) {
+		t.Run("rollback", func(t *testing.T) { checkRollback(ctx, t, v, machineName, kubeletPrev) })
 	}
 
 	resetOK := t.Run("reset", func(t *testing.T) {

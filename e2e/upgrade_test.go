@@ -177,29 +177,70 @@ func podImageReused(ctx context.Context, t *testing.T, since time.Time) bool {
 	return false
 }
 
-// checkRollback applies a manifest whose kubelet exits at once: kube1 is
+// checkRollbackPowerCut rolls the upgraded node back by hand (nodespawn
+// rollback, kube2 -> kube1) and cuts the power (sysrq reboot, no sync) once
+// the switch has made kube1 active but before it is verified. The boot must
+// start kube1 alone, and the first-boot unit (the switch removed its done
+// stamp) must finish the switch: the node on kube1, on the previous
+// kubelet, Ready.
+func checkRollbackPowerCut(ctx context.Context, t *testing.T, v *vm) {
+	before := readNode(ctx, t)
+	v.must(ctx, "systemd-run --unit=e2e-rollback --collect /usr/local/bin/nodespawn rollback")
+	if _, ok := v.poll(ctx, 3*time.Minute, "the rollback's switch at the verifying phase",
+		`grep -q '"phase": "verifying"' /var/lib/nodespawn/machines.json`); !ok {
+		t.Fatalf("the rollback never reached the verifying phase:\n%s", v.sh(ctx, "journalctl -u e2e-rollback --no-pager | tail -n 30").Stdout)
+	}
+	cutAt := v.reboot(ctx, t, `systemd-run --on-active=1 /bin/sh -c 'echo b > /proc/sysrq-trigger'`)
+	if res := waitFirstboot(ctx, v); res != "success" {
+		t.Fatalf("%s after the power cut: %q\n%s", firstbootUnit, res, v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 40").Stdout)
+	}
+	t.Logf("TIMING power cut mid-switch -> first-boot unit finished the switch: %s", time.Since(cutAt).Round(100*time.Millisecond))
+	if r := v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager -o cat | grep -i 'interrupted\\|half-done'"); r.Code != 0 {
+		t.Errorf("the first-boot unit's journal does not say it finished an interrupted switch:\n%s", v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 30").Stdout)
+	}
+	checkMachines(ctx, t, v, machineName, altMachineName)
+	st, code := readUpgradeStatus(ctx, t, v)
+	if code != 0 || st.State != "done" || st.Machine != machineName || st.Previous != altMachineName {
+		t.Errorf("status after the finished switch: exit %d, %+v", code, st)
+	}
+	if !waitCluster(ctx, t, 3*time.Minute, "Node Ready on v"+k8sVersionOf(kubeletPrev), func(out string) bool {
+		return out == "True v"+k8sVersionOf(kubeletPrev)
+	}, "get", "node", nodeName, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status} {.status.nodeInfo.kubeletVersion}`) {
+		t.Errorf("the node did not come back on %s with the previous kubelet", machineName)
+	}
+	if after := readNode(ctx, t); after.uid != before.uid {
+		t.Errorf("Node UID %s after the rollback, was %s", after.uid, before.uid)
+	}
+}
+
+// checkRollback applies a manifest whose kubelet exits at once on the
+// node running in machine running with kubelet: the other machine is
 // prepared with it, the switch fails (kubelet keeps restarting), and the
-// node must run on kube2 again, Ready, with apply exiting 1 and the reason
-// in the record.
-func checkRollback(ctx context.Context, t *testing.T, v *vm) {
+// node must run on the same machine again, Ready, with apply exiting 1 and
+// the reason in the record.
+func checkRollback(ctx context.Context, t *testing.T, v *vm, running string, kubelet kubeletChoice) {
+	other := altMachineName
+	if running == altMachineName {
+		other = machineName
+	}
 	before := readNode(ctx, t)
 	r, took := applyUpgrade(ctx, t, v, "broken", manifest(manifestOptions{kubelet: kubeletBroken, readyTimeout: "4m"}))
 	if r.Code != 1 || !strings.Contains(r.Stdout, "rolled back") {
 		t.Fatalf("nodespawn apply (broken kubelet): exit %d after %s, want 1 and a rollback\n%s", r.Code, took, r.Stdout)
 	}
 	st, code := readUpgradeStatus(ctx, t, v)
-	if code != 1 || st.State != "error" || st.Machine != altMachineName || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "rolled back" ||
+	if code != 1 || st.State != "error" || st.Machine != running || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "rolled back" ||
 		!strings.Contains(st.LastUpgrade.Reason, "kubelet") {
 		t.Errorf("status after the rollback: exit %d, %+v", code, st)
 	} else {
 		t.Logf("rollback reason: %s", strings.SplitN(st.LastUpgrade.Reason, "\n", 2)[0])
-		t.Logf("TIMING rollback: apply start -> exit 1 with the node on %s again: %s (prepare %s, rollback %s)", altMachineName, took,
+		t.Logf("TIMING rollback: apply start -> exit 1 with the node on %s again: %s (prepare %s, rollback %s)", running, took,
 			time.Duration(st.LastUpgrade.PrepareMS)*time.Millisecond, time.Duration(st.LastUpgrade.RollbackMS)*time.Millisecond)
 	}
-	checkMachines(ctx, t, v, altMachineName, machineName)
+	checkMachines(ctx, t, v, running, other)
 	after := readNode(ctx, t)
-	if after.uid != before.uid || after.ready != "True" || after.kubeletVersion != "v"+k8sVersion {
-		t.Errorf("after the rollback: node %+v; want UID %s, Ready, v%s", after, before.uid, k8sVersion)
+	if after.uid != before.uid || after.ready != "True" || after.kubeletVersion != "v"+k8sVersionOf(kubelet) {
+		t.Errorf("after the rollback: node %+v; want UID %s, Ready, v%s", after, before.uid, k8sVersionOf(kubelet))
 	}
 	if r := v.sh(ctx, "/usr/local/bin/nodespawn rollback 2>&1"); r.Code != 2 {
 		t.Errorf("nodespawn rollback after an automatic rollback: exit %d, want 2 (nothing kept to roll back to)\n%s", r.Code, r.Stdout)
