@@ -55,7 +55,7 @@ type upgradeStatus struct {
 	Machine     string `json:"machine"`
 	Previous    string `json:"previous"`
 	LastUpgrade *struct {
-		From, To, Outcome, Reason      string
+		From, To, Outcome, Reason       string
 		PrepareMS, SwitchMS, RollbackMS int64
 	} `json:"lastUpgrade"`
 }
