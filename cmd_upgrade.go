@@ -16,7 +16,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/kubecheck"
-	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -142,27 +141,45 @@ func resumeAtBoot(ctx context.Context, root string) error {
 	if err != nil || st.Upgrade == nil || st.Upgrade.Phase == apply.UpgradePreparing {
 		return err
 	}
-	data, err := apply.StoredManifestOf(root, st.Upgrade.To)
-	if err != nil || data == nil {
-		data, err = apply.StoredManifestOf(root, st.Upgrade.From)
-	}
-	if err != nil || data == nil {
-		return fmt.Errorf("finish the interrupted upgrade from %s to %s: no stored manifest (%v)", st.Upgrade.From, st.Upgrade.To, err)
-	}
-	m, err := manifest.Load(apply.ManifestFile, data)
+	opts, err := storedOptions(root, st.Upgrade.To, st.Upgrade.From)
 	if err != nil {
-		return fmt.Errorf("finish the interrupted upgrade: the stored manifest no longer loads: %w", err)
+		return fmt.Errorf("finish the interrupted upgrade from %s to %s: %w", st.Upgrade.From, st.Upgrade.To, err)
 	}
-	deps, err := apply.DefaultDeps(root, slog.Default())
-	if err != nil {
-		return err
-	}
-	out, err := apply.Resume(ctx, apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "resume",
-		Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}})
+	out, err := apply.Resume(ctx, opts)
 	if out != nil {
 		slog.Info("finished the interrupted upgrade", "from", out.From, "to", out.To, "outcome", out.Outcome)
 	}
 	return err
+}
+
+// storedOptions are apply's options for finishing or undoing a switch
+// without a manifest given: the Node check and timeouts come from the
+// manifest the first of machines was made from (the cluster and the
+// timeouts are the same for both machines of a node).
+func storedOptions(root string, machines ...string) (apply.Options, error) {
+	var data []byte
+	var err error
+	for _, m := range machines {
+		if data, err = apply.StoredManifestOf(root, m); err == nil && data != nil {
+			break
+		}
+	}
+	if err == nil && data == nil {
+		data, err = apply.StoredManifest(root)
+	}
+	if err != nil {
+		return apply.Options{}, err
+	}
+	m, err := manifest.Load(apply.ManifestFile, data)
+	if err != nil {
+		return apply.Options{}, fmt.Errorf("the stored manifest no longer loads: %w", err)
+	}
+	deps, err := apply.DefaultDeps(root, slog.Default())
+	if err != nil {
+		return apply.Options{}, err
+	}
+	return apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "stored",
+		Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}}, nil
 }
 
 // newRollbackCmd is `nodespawn rollback`: the node back on the machine the
@@ -192,26 +209,11 @@ Exit codes: 0 rolled back, 1 the previous machine did not run the node
 			if err != nil {
 				return err
 			}
-			data, err := apply.StoredManifestOf(root, st.Previous)
-			if err != nil || data == nil {
-				data, err = apply.StoredManifest(root)
-			}
+			opts, err := storedOptions(root, st.Previous, st.Active)
 			if err != nil {
 				return err
 			}
-			m, err := manifest.Load(apply.ManifestFile, data)
-			if err != nil {
-				return fmt.Errorf("the stored manifest no longer loads: %w", err)
-			}
-			deps, err := apply.DefaultDeps(root, slog.Default())
-			if err != nil {
-				return err
-			}
-			if deps.Systemd == nil {
-				deps.Systemd = systemd.New(command.Exec{})
-			}
-			res, err := apply.Rollback(ctx, apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "rollback",
-				Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}})
+			res, err := apply.Rollback(ctx, opts)
 			if err != nil {
 				return err
 			}
