@@ -276,6 +276,22 @@ func TestApplyIntoRoot(t *testing.T) {
 	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root, "--force"); code != 0 {
 		t.Errorf("changed manifest with --force: exit %d\n%s\n%s", code, out, errOut)
 	}
+	// A manifest for another node (its name, its cluster) is no upgrade:
+	// refused before anything is done, with or without --force.
+	other := filepath.Join(work, "other.yaml")
+	for what, m := range map[string]string{
+		"kubernetes.nodeName":   strings.Replace(pipelineManifest(layout, srv.URL, ""), "nodeName: pipe-node", "nodeName: another-node", 1),
+		"kubernetes.apiServer":  strings.Replace(pipelineManifest(layout, srv.URL, ""), "https://10.0.0.1:6443", "https://10.9.9.9:6443", 1),
+		"machine.name: machine": strings.Replace(pipelineManifest(layout, srv.URL, ""), "name: pipe\n", "name: elsewhere\n", 1),
+	} {
+		if err := os.WriteFile(other, []byte(m), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, _, errOut := cli(t, "", "apply", "-f", other, "--root", root, "--force")
+		if code != exitBadInput || !strings.Contains(errOut, what) || !strings.Contains(errOut, "nodespawn reset") {
+			t.Errorf("a manifest with another %s: exit %d, want %d naming it and reset:\n%s", what, code, exitBadInput, errOut)
+		}
+	}
 
 	// reset takes the machine from the stored manifest and removes what
 	// apply made for it.
