@@ -20,10 +20,12 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 )
@@ -59,6 +61,9 @@ type environment struct {
 	// mirrorSHA256 to that file's sha256, for scenarios that need the
 	// real digest.
 	mirrorFiles, mirrorSHA256 map[string]string
+	// flaky is the mirror's handler, which fails the first requests for
+	// some paths.
+	flaky *flakyMirror
 	// kubeletPrevVersion is the previous kubelet's version without the
 	// "v" (E2E_KUBELET_PREV_VERSION, like k8sVersion).
 	kubeletPrevVersion string
@@ -185,7 +190,16 @@ func setup(ctx context.Context) (*environment, func(), error) {
 	if e.mirrorFiles, e.mirrorSHA256, err = buildMirror(vars["E2E_COMPONENTS"], vars["E2E_KUBELET_PREV"], e.kubeletPrevVersion, mirror); err != nil {
 		return nil, stop, err
 	}
-	srv := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", mirrorPort), Handler: logRequests(http.FileServer(http.Dir(mirror)), filepath.Join(work, "mirror.log"))}
+	// The first boot's download of the previous kubelet (TestNode) meets a
+	// mirror that answers 503 until the client's retries are spent, twice
+	// (the fetch ahead of the image and the fetch again once the image has
+	// changed the rootfs): the first-boot unit must retry the whole run.
+	prevPath, err := filepath.Rel(mirror, e.mirrorFiles[mirrorKubeletPrev])
+	if err != nil {
+		return nil, stop, err
+	}
+	e.flaky = &flakyMirror{h: http.FileServer(http.Dir(mirror)), left: map[string]int{"/" + filepath.ToSlash(prevPath): 2 * httpx.DefaultPolicy.Attempts}}
+	srv := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", mirrorPort), Handler: logRequests(e.flaky, filepath.Join(work, "mirror.log"))}
 	l, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		return nil, stop, fmt.Errorf("mirror listen: %w", err)
@@ -451,6 +465,37 @@ func writeTarball(dst string, members map[string]string) (string, error) {
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), f.Close()
+}
+
+// flakyMirror answers 503 to the first left[path] GET requests for each
+// path, then serves h.
+type flakyMirror struct {
+	h      http.Handler
+	mu     sync.Mutex
+	left   map[string]int
+	failed int
+}
+
+func (f *flakyMirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	fail := r.Method == http.MethodGet && f.left[r.URL.Path] > 0
+	if fail {
+		f.left[r.URL.Path]--
+		f.failed++
+	}
+	f.mu.Unlock()
+	if fail {
+		http.Error(w, "the e2e mirror is not up yet", http.StatusServiceUnavailable)
+		return
+	}
+	f.h.ServeHTTP(w, r)
+}
+
+// failures is how many requests it failed.
+func (f *flakyMirror) failures() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.failed
 }
 
 func logRequests(h http.Handler, logPath string) http.Handler {

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -127,6 +128,15 @@ func TestNode(t *testing.T) {
 		t.Fatalf("%s result %q, want success\n%s", firstbootUnit, res, v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 40").Stdout)
 	}
 	t.Logf("first boot: %s done %s after VM start", firstbootUnit, v.since())
+	t.Run("retried a mirror that was not up", func(t *testing.T) {
+		if n := env.flaky.failures(); n < httpx.DefaultPolicy.Attempts {
+			t.Errorf("the mirror failed %d requests, want %d: the retry was not exercised", n, httpx.DefaultPolicy.Attempts)
+		}
+		r := v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager -o cat | grep -c 'transient reason; trying again'")
+		if strings.TrimSpace(r.Stdout) == "0" || r.Code != 0 {
+			t.Errorf("the first-boot unit did not retry the run after the mirror's 503s:\n%s", v.sh(ctx, "journalctl -b -u "+firstbootUnit+" --no-pager | tail -n 30").Stdout)
+		}
+	})
 	if _, ok := v.poll(ctx, 5*time.Minute, "kubelet active", inMachine("systemctl is-active kubelet")); !ok {
 		t.FailNow()
 	}
