@@ -22,11 +22,13 @@ func newResetCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "reset",
-		Short: "Stop and remove the machine and the files apply wrote, for re-provisioning",
-		Long: `reset stops the machine (and waits until machined forgets it), removes its
-rootfs, its .nspawn file, its service drop-in and wants links, the nftables
-flush unit and nodespawn's state, then reloads systemd. It lists the host
-settings it leaves in place (sysctls, kernel modules, swap, packages).
+		Short: "Stop and remove the node's machines and the files apply wrote, for re-provisioning",
+		Long: `reset stops the node's machines (both of an upgrade's pair; it waits until
+machined forgets them), removes their rootfs, .nspawn files, service drop-ins
+and wants links, the nftables flush unit and nodespawn's state, the node's
+identity and image cache (/var/lib/nodespawn/node) included, then reloads
+systemd. It lists the host settings it leaves in place (sysctls, kernel
+modules, swap, packages).
 
 Without --machine it removes what the plan stored by the last apply wrote.`,
 		Args: cobra.NoArgs,

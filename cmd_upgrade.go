@@ -209,6 +209,11 @@ Exit codes: 0 rolled back, 1 the previous machine did not run the node
 			if err != nil {
 				return err
 			}
+			// Said before the stored manifest is read (apply.Rollback
+			// checks again under its lock).
+			if err := st.RollbackProblem(); err != nil {
+				return err
+			}
 			opts, err := storedOptions(root, st.Previous, st.Active)
 			if err != nil {
 				return err

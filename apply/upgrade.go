@@ -652,15 +652,8 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	}
 	defer r.end()
 	st := r.st
-	if u := st.Upgrade; u != nil {
-		return nil, &NoRollbackError{Why: fmt.Sprintf("an upgrade from %s to %s is %s; run nodespawn apply to finish it first", u.From, u.To, u.Phase)}
-	}
-	if st.Previous == "" || st.Active == "" {
-		why := "no previous machine is kept"
-		if st.Last != nil {
-			why += fmt.Sprintf(" (the last upgrade, %s to %s, %s)", st.Last.From, st.Last.To, st.Last.Outcome)
-		}
-		return nil, &NoRollbackError{Why: why}
+	if err := st.RollbackProblem(); err != nil {
+		return nil, err
 	}
 	prev, err := storedPlanOf(r.host, st.Previous)
 	if err != nil {
@@ -694,6 +687,22 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	ex := &executor{plan: prev, opts: opts, log: r.log, rec: w, host: r.host, machineStarted: true}
 	r.log.Info("rollback: switching the node back to the previous machine", "from", st.Active, "to", st.Previous)
 	return r.switchTo(ctx, &switchRun{from: st.Active, to: st.Previous, toPlan: prev, ex: ex, w: w, started: now, manual: true})
+}
+
+// RollbackProblem says why there is nothing to roll back to (a
+// *NoRollbackError), or nil.
+func (st *Machines) RollbackProblem() error {
+	if u := st.Upgrade; u != nil {
+		return &NoRollbackError{Why: fmt.Sprintf("an upgrade from %s to %s is %s; run nodespawn apply to finish it first", u.From, u.To, u.Phase)}
+	}
+	if st.Previous == "" || st.Active == "" {
+		why := "no previous machine is kept"
+		if st.Last != nil {
+			why += fmt.Sprintf(" (the last upgrade, %s to %s, %s)", st.Last.From, st.Last.To, st.Last.Outcome)
+		}
+		return &NoRollbackError{Why: why}
+	}
+	return nil
 }
 
 // NoRollbackError is a rollback that cannot be done.
