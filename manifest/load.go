@@ -487,7 +487,14 @@ func (d *document) snippet(p pos) string {
 	}
 	// Redact first: a window could cut a secret in half and hide it from
 	// the redaction.
-	line := []rune(d.redact(strings.TrimRight(d.lines[p.line-1], "\r")))
+	line, ok := d.redacted[p.line]
+	if !ok {
+		line = []rune(d.redact(strings.TrimRight(d.lines[p.line-1], "\r")))
+		if d.redacted == nil {
+			d.redacted = map[int][]rune{}
+		}
+		d.redacted[p.line] = line
+	}
 	col := p.col - 1
 	if col > len(line) {
 		col = len(line)

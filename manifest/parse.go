@@ -56,6 +56,10 @@ type document struct {
 	atKey map[string]bool
 	// secrets are string values never to be shown in a snippet.
 	secrets []string
+	// redacted caches each source line with its secrets masked: a
+	// one-line JSON manifest with many problems is redacted once, not
+	// once per problem.
+	redacted map[int][]rune
 	nodes   int
 	probs   []problem
 }
