@@ -51,6 +51,12 @@ import (
 	nsoci "github.com/nodespawn/nodespawn/internal/oci"
 )
 
+// spoolMemory is Request.SpoolMemory for the pulls (stream and twopass).
+var spoolMemory int64
+
+// spilled is what the child's pull spilled to a temporary file.
+var spilled int64
+
 func main() {
 	mode := flag.String("mode", "", "internal: run one step in this process (push, stream, twopass, curl)")
 	ref := flag.String("ref", "", "internal: image reference")
@@ -60,6 +66,7 @@ func main() {
 	runs := flag.Int("runs", 2, "runs of each way (the best is reported)")
 	workDir := flag.String("dir", "", "scratch directory (default: a temp dir under /var/tmp)")
 	rootfsDir := flag.String("rootfs", "", "pack this existing tree (read only) into -layers layers instead of generating files")
+	flag.Int64Var(&spoolMemory, "spool-mem", 0, "memory budget in bytes of the layers the pulls fetch ahead (0: the default; negative: none)")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -133,7 +140,7 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 		for _, way := range ways {
 			dest := filepath.Join(workDir, "machines", way)
 			os.MkdirAll(filepath.Dir(dest), 0o700)
-			cmd := exec.CommandContext(ctx, self, "-mode", way, "-ref", ref, "-dest", dest)
+			cmd := exec.CommandContext(ctx, self, "-mode", way, "-ref", ref, "-dest", dest, "-spool-mem", fmt.Sprint(spoolMemory))
 			cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 			// The child writes its /proc/self/io to fd 3 as it exits.
 			ior, iow, err := os.Pipe()
@@ -157,8 +164,8 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 			ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
 			cpu := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 			ioc := parseIO(string(report))
-			fmt.Printf("run %d %-8s wall %8s  cpu %8s  peak RSS %6.1f MiB  written %6.1f MiB  cancelled %6.1f MiB\n", r+1, way,
-				wall.Round(time.Millisecond), cpu.Round(time.Millisecond), float64(ru.Maxrss)/1024, mib(ioc.written), mib(ioc.cancelled))
+			fmt.Printf("run %d %-8s wall %8s  cpu %8s  peak RSS %6.1f MiB  written %6.1f MiB  cancelled %6.1f MiB  spilled %6.1f MiB\n", r+1, way,
+				wall.Round(time.Millisecond), cpu.Round(time.Millisecond), float64(ru.Maxrss)/1024, mib(ioc.written), mib(ioc.cancelled), mib(ioc.spilled))
 			if b, ok := best[way]; !ok || wall < b.wall {
 				best[way] = result{wall, cpu, ru.Maxrss, ioc}
 			}
@@ -169,19 +176,21 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 	fmt.Printf("(peak RSS of a child cannot read below this process's RSS when it was started, %s)\n", vmLine("VmRSS"))
 	floor := best["curl"].wall
 	fmt.Printf("\nbest of %d runs (by wall time), %d layers, %d MB gzip, %d MB unpacked:\n", runs, nLayers, compressed>>20, plain>>20)
-	fmt.Printf("%-8s %10s %12s %10s %14s %12s %14s %10s\n", "way", "wall", "vs curl|tar", "cpu", "peak RSS MiB", "written MiB", "cancelled MiB", "net MiB")
+	fmt.Printf("%-8s %10s %12s %10s %14s %12s %14s %10s %12s\n", "way", "wall", "vs curl|tar", "cpu", "peak RSS MiB", "written MiB", "cancelled MiB", "net MiB", "spilled MiB")
 	for _, way := range ways {
 		b := best[way]
-		fmt.Printf("%-8s %10s %11.2fx %10s %14.1f %12.1f %14.1f %10.1f\n", way, b.wall.Round(time.Millisecond), b.wall.Seconds()/floor.Seconds(),
-			b.cpu.Round(time.Millisecond), float64(b.maxRSS)/1024, mib(b.io.written), mib(b.io.cancelled), mib(b.io.written-b.io.cancelled))
+		fmt.Printf("%-8s %10s %11.2fx %10s %14.1f %12.1f %14.1f %10.1f %12.1f\n", way, b.wall.Round(time.Millisecond), b.wall.Seconds()/floor.Seconds(),
+			b.cpu.Round(time.Millisecond), float64(b.maxRSS)/1024, mib(b.io.written), mib(b.io.cancelled), mib(b.io.written-b.io.cancelled), mib(b.io.spilled))
 	}
+	fmt.Println("(written: dirtied in the page cache of disk filesystems; cancelled: dropped before writeback; spilled: layers fetched ahead that went to a temporary file)")
 	fmt.Printf("stream vs twopass: %.2fx the time\n", best["stream"].wall.Seconds()/best["twopass"].wall.Seconds())
 	return nil
 }
 
-// ioCounts is what /proc/self/io says a process wrote.
+// ioCounts is what /proc/self/io says a process wrote, and what its pull
+// spilled.
 type ioCounts struct {
-	written, cancelled int64
+	written, cancelled, spilled int64
 }
 
 func parseIO(s string) ioCounts {
@@ -194,6 +203,8 @@ func parseIO(s string) ioCounts {
 			c.written = n
 		case "cancelled_write_bytes":
 			c.cancelled = n
+		case "spilled":
+			c.spilled = n
 		}
 	}
 	return c
@@ -213,7 +224,7 @@ func reportIO() error {
 		return nil
 	}
 	defer f.Close()
-	_, err = f.Write(b)
+	_, err = fmt.Fprintf(f, "%sspilled: %d\n", b, spilled)
 	return err
 }
 
@@ -233,7 +244,9 @@ func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int, ro
 		fmt.Println(n, plain)
 		return err
 	case "stream":
-		_, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Root: root, Dest: dest, Log: log})
+		res, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Root: root, Dest: dest, Log: log,
+			SpoolMemory: spoolMemory})
+		spilled = res.Spilled
 		return err
 	case "twopass":
 		layout := dest + ".layout"
@@ -251,7 +264,9 @@ func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int, ro
 		if _, err := oras.Copy(ctx, repo, tag, store, tag, oras.DefaultCopyOptions); err != nil {
 			return fmt.Errorf("copy to layout: %w", err)
 		}
-		_, err = nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Root: root, Dest: dest, Log: log})
+		res, err := nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Root: root, Dest: dest, Log: log,
+			SpoolMemory: spoolMemory})
+		spilled = res.Spilled
 		return err
 	case "curl":
 		// The manifest is read here; the layers go through curl | tar.
