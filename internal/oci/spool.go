@@ -48,11 +48,12 @@ type spool struct {
 	closed bool
 }
 
-// segment is a run of a spool's bytes: in memory (b) or in the overflow
-// file (n bytes at off).
+// segment is a run of a spool's bytes: in memory (buf[r:], buf a chunk
+// of the set's) or in the overflow file (n bytes at off).
 type segment struct {
-	b        []byte
-	budgeted bool // b counts against the shared budget
+	buf      []byte
+	r        int
+	budgeted bool // buf counts against the shared budget
 	off, n   int64
 }
 
@@ -90,6 +91,29 @@ type spools struct {
 	starved int
 	live    map[*spool]struct{}
 	warned  bool
+	// free holds chunks read out, for reuse: what is held in memory stays
+	// allocated instead of becoming garbage that the Go heap lets grow
+	// to twice the live size before it collects.
+	free [][]byte
+}
+
+// chunk returns an empty chunk; set.mu is held.
+func (set *spools) chunk() []byte {
+	if k := len(set.free); k > 0 {
+		b := set.free[k-1]
+		set.free[k-1] = nil
+		set.free = set.free[:k-1]
+		return b[:0]
+	}
+	return make([]byte, 0, chunkSize)
+}
+
+// recycle keeps a chunk read out for reuse, as many as the budget and
+// a pipe's slack can hold at once; set.mu is held.
+func (set *spools) recycle(b []byte) {
+	if int64(len(set.free)) < (set.budget+pipeSlack)/chunkSize {
+		set.free = append(set.free, b)
+	}
 }
 
 // newSpools makes the spools of one pull. Cancelling ctx wakes and fails
@@ -235,7 +259,7 @@ func (s *spool) spillLocked(p []byte) (int, error) {
 	}
 	s.fsize += int64(n)
 	set.spilled += int64(n)
-	if k := len(s.segs); k > 0 && s.segs[k-1].b == nil && s.segs[k-1].off+s.segs[k-1].n == off {
+	if k := len(s.segs); k > 0 && s.segs[k-1].buf == nil && s.segs[k-1].off+s.segs[k-1].n == off {
 		s.segs[k-1].n += int64(n)
 	} else {
 		s.segs = append(s.segs, segment{off: off, n: int64(n)})
@@ -248,13 +272,13 @@ func (s *spool) appendMem(p []byte, budgeted bool) {
 	s.mem += int64(len(p))
 	for len(p) > 0 {
 		k := len(s.segs)
-		if k == 0 || s.segs[k-1].b == nil || s.segs[k-1].budgeted != budgeted || len(s.segs[k-1].b) == cap(s.segs[k-1].b) {
-			s.segs = append(s.segs, segment{b: make([]byte, 0, chunkSize), budgeted: budgeted})
+		if k == 0 || s.segs[k-1].buf == nil || s.segs[k-1].budgeted != budgeted || len(s.segs[k-1].buf) == cap(s.segs[k-1].buf) {
+			s.segs = append(s.segs, segment{buf: s.set.chunk(), budgeted: budgeted})
 			k++
 		}
 		last := &s.segs[k-1]
-		n := min(len(p), cap(last.b)-len(last.b))
-		last.b = append(last.b, p[:n]...)
+		n := min(len(p), cap(last.buf)-len(last.buf))
+		last.buf = append(last.buf, p[:n]...)
 		p = p[n:]
 	}
 }
@@ -291,14 +315,15 @@ func (s *spool) Read(p []byte) (int, error) {
 		}
 		return 0, io.EOF
 	}
-	if seg := &s.segs[0]; seg.b != nil {
-		n := copy(p, seg.b)
-		seg.b = seg.b[n:]
+	if seg := &s.segs[0]; seg.buf != nil {
+		n := copy(p, seg.buf[seg.r:])
+		seg.r += n
 		s.mem -= int64(n)
 		if seg.budgeted {
 			set.release(int64(n))
 		}
-		if len(seg.b) == 0 {
+		if seg.r == len(seg.buf) {
+			set.recycle(seg.buf)
 			s.pop()
 		}
 		// The fetcher in turn waits for room for a whole write.
@@ -344,7 +369,7 @@ func (s *spool) Close() error {
 	s.closed = true
 	for _, seg := range s.segs {
 		if seg.budgeted {
-			set.release(int64(len(seg.b)))
+			set.release(int64(len(seg.buf) - seg.r))
 		}
 	}
 	s.segs, s.mem = nil, 0
