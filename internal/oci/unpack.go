@@ -69,6 +69,7 @@ func (u *unpacker) run(ctx context.Context) error {
 		}
 		stopWake()
 		u.spilled, u.peakMemory = set.stats()
+		u.log.Debug("layer spools done", "spilled", u.spilled, "spillDir", where, "peakMemory", u.peakMemory, "budget", u.spoolMemory)
 	}()
 	defer cancel()
 	fetchers.Add(1)

@@ -14,8 +14,11 @@
 // counts the children it reaped, curl and tar included). write_bytes is
 // what the process dirtied in the page cache of disk-backed filesystems;
 // cancelled is what was dropped again before writeback (a deleted file's
-// dirty pages), so written - cancelled is what went to the disk. Run it
-// with `make bench`, as root (the unpack sets owners).
+// dirty pages), so written - cancelled is what went to the disk; spilled
+// is what the pull's layers fetched ahead put in a temporary file (on
+// tmpfs it is not in written). -spool-mem sets the pulls' memory budget
+// for those layers. Run it with `make bench`, as root (the unpack sets
+// owners).
 package main
 
 import (
