@@ -44,9 +44,11 @@ images:
 	$(ENGINE) build -f images/nvidia/Containerfile --build-arg BASE=$(IMAGE_REPO)/base:$(IMAGE_TAG) -t $(IMAGE_REPO)/nvidia:$(IMAGE_TAG) images/nvidia
 
 # Rootfs pull benchmark (not a test): pushes a ~400 MB, 5-layer image to
-# Debian's docker-registry on loopback and times nodespawn's streaming pull
-# against a two-pass pull (OCI layout first) and curl | tar per layer.
-# Needs root and docker-registry. BENCH_ARGS e.g. "-layers 6 -layer-mb 60 -runs 3".
+# Debian's docker-registry on loopback and compares nodespawn's streaming
+# pull with a two-pass pull (OCI layout first) and curl | tar per layer:
+# wall and CPU time, peak RSS and bytes written per way. Needs root and
+# docker-registry. BENCH_ARGS e.g. "-layers 6 -layer-mb 60 -runs 3", or
+# "-rootfs /some/tree -layers 4" to pack a real tree (read only) instead.
 .PHONY: bench
 bench:
 	$(GO) build -o bin/oci-bench ./internal/oci/bench

@@ -4,9 +4,12 @@
 // layout, streams every layer through size and digest verification,
 // decompression and DiffID verification straight into a staging directory
 // beside the destination, and renames the staging directory into place only
-// when every check passed. Nothing else of the image is kept on disk: layers
-// fetched ahead of their turn wait in unlinked temporary files (see spool.go),
-// at most Request.Concurrency of them at a time.
+// when every check passed. Nothing else of the image is kept on disk: the
+// layer being applied streams from its download through a few MiB of
+// memory, and layers fetched ahead of their turn (at most
+// Request.Concurrency layers are in flight) wait in a shared memory budget
+// and spill what does not fit to unnamed temporary files, on another
+// filesystem than the rootfs's where there is one (see spool.go).
 //
 // Tar entries are applied by the project's one extractor (internal/archive:
 // containerd's archive.Apply, started from a staging directory the kernel
@@ -74,6 +77,17 @@ type Request struct {
 	HTTPClient *http.Client
 	// Concurrency bounds how many layers are fetched at once (default 3).
 	Concurrency int
+	// SpoolMemory is how many bytes of memory, in all, the layers fetched
+	// ahead of their turn may hold (default DefaultSpoolMemory; negative:
+	// none, all of them spill). The layer being applied needs none of it:
+	// it streams with a few MiB of slack.
+	SpoolMemory int64
+	// SpoolDir is a host directory (not a path in Root) where what does
+	// not fit in SpoolMemory spills, as unnamed files that a kill cannot
+	// leave behind. By default the system's temporary directory is used
+	// when it is on another filesystem than Dest (so the rootfs's final
+	// sync does not write the spill too), else Dest's parent.
+	SpoolDir string
 }
 
 // Progress reports one layer's state.
@@ -101,6 +115,9 @@ type Result struct {
 	Layers int
 	// NoOp is true when Dest already held this manifest and nothing changed.
 	NoOp bool
+	// Spilled is the compressed bytes of layers fetched ahead of their
+	// turn that did not fit in SpoolMemory and went to a temporary file.
+	Spilled int64
 }
 
 // Pull makes req.Dest the root filesystem of the image req names, for
@@ -160,10 +177,12 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		src:         src,
 		root:        req.Root,
 		dest:        req.Dest,
-		spoolDir:    root.Parent(),
+		parent:      root.Parent(),
 		layers:      img.manifest.Layers,
 		diffIDs:     cfg.RootFS.DiffIDs,
 		concurrency: req.Concurrency,
+		spoolMemory: req.SpoolMemory,
+		spoolDir:    req.SpoolDir,
 		retry:       httpx.PolicyOf(req.HTTPClient),
 		progress:    req.Progress,
 		log:         log,
@@ -172,11 +191,12 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		u.dir = stage
 		return u.run(ctx)
 	})
+	res.Spilled = u.spilled
 	if err != nil {
 		return res, err
 	}
 	log.Info("rootfs unpacked", "dest", req.Root.Show(req.Dest), "reference", src.name, "manifest", res.ManifestDigest,
-		"layers", res.Layers, "bytes", res.Bytes, "duration", time.Since(start).Round(time.Millisecond))
+		"layers", res.Layers, "bytes", res.Bytes, "spilled", res.Spilled, "duration", time.Since(start).Round(time.Millisecond))
 	return res, nil
 }
 
@@ -193,6 +213,12 @@ func (r *Request) validate() error {
 	}
 	if r.Concurrency <= 0 {
 		r.Concurrency = DefaultConcurrency
+	}
+	switch {
+	case r.SpoolMemory == 0:
+		r.SpoolMemory = DefaultSpoolMemory
+	case r.SpoolMemory < 0:
+		r.SpoolMemory = 0
 	}
 	if r.HTTPClient == nil && r.Reference != "" {
 		r.HTTPClient = httpx.NewClient(httpx.WithLogger(r.Log))

@@ -23,20 +23,32 @@ type unpacker struct {
 	root        *confine.Root
 	dir         string // the staging rootfs, in root
 	dest        string // where the rootfs goes, in root
-	spoolDir    string // same filesystem as dir, outside it, in root
+	parent      string // dest's parent, in root: the spill's last resort
 	layers      []ocispec.Descriptor
 	diffIDs     []digest.Digest
 	concurrency int
+	// spoolMemory is the memory budget of the layers fetched ahead;
+	// spoolDir, when set, the host directory they spill to (see spool.go).
+	spoolMemory int64
+	spoolDir    string
 	// retry is the HTTP client's policy, for resuming a blob whose body
 	// broke off.
 	retry    httpx.Policy
 	progress func(Progress)
 	log      *slog.Logger
+
+	// spilled and peakMemory are what the spools did: bytes written to
+	// overflow files, and the most of the budget held at once.
+	spilled, peakMemory int64
 }
 
 func (u *unpacker) run(ctx context.Context) error {
 	// Cancel first, then wait: on the way out every fetcher is stopped and
 	// gone before the staging directory is removed.
+	ctx, cancel := context.WithCancel(ctx)
+	spill, where := spillTarget(u.root, u.dir, u.parent, u.dest, u.spoolDir)
+	u.log.Debug("layers fetched ahead of their turn spill beyond the memory budget to", "dir", where, "budget", u.spoolMemory)
+	set, stopWake := newSpools(ctx, u.spoolMemory, spill, where, u.log)
 	// slots bounds the layers in flight: a fetch starts only when fewer
 	// than concurrency layers are fetched-but-not-yet-applied.
 	slots := make(chan struct{}, u.concurrency)
@@ -55,10 +67,11 @@ func (u *unpacker) run(ctx context.Context) error {
 			default:
 			}
 		}
+		stopWake()
+		u.spilled, u.peakMemory = set.stats()
+		u.log.Debug("layer spools done", "spilled", u.spilled, "spillDir", where, "peakMemory", u.peakMemory, "budget", u.spoolMemory)
 	}()
-	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	launchErr := make(chan error, 1)
 	fetchers.Add(1)
 	go func() {
 		defer fetchers.Done()
@@ -68,11 +81,7 @@ func (u *unpacker) run(ctx context.Context) error {
 			case <-ctx.Done():
 				return
 			}
-			sp, err := newSpool(u.root, u.spoolDir, u.dest)
-			if err != nil {
-				launchErr <- err
-				return
-			}
+			sp := set.newSpool(i)
 			fetchers.Add(1)
 			go func() {
 				defer fetchers.Done()
@@ -86,8 +95,6 @@ func (u *unpacker) run(ctx context.Context) error {
 		var sp *spool
 		select {
 		case sp = <-ready[i]:
-		case err := <-launchErr:
-			return err
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -96,6 +103,9 @@ func (u *unpacker) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		// The next layer is in turn before its fetch can start, so with
+		// one layer in flight nothing is ever fetched ahead.
+		set.setTurn(i + 1)
 		<-slots
 	}
 	return nil
@@ -105,7 +115,7 @@ func (u *unpacker) run(ctx context.Context) error {
 // checks the uncompressed stream against the config's DiffID.
 func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp *spool) error {
 	what := fmt.Sprintf("image %s: layer %d/%d %s", u.src.name, i+1, len(u.layers), desc.Digest)
-	compressed := &progressReader{r: sp.reader(), fn: u.progress, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
+	compressed := &progressReader{r: sp, fn: u.progress, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
 	plain, closeFn, err := decompress(desc.MediaType, compressed)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)

@@ -39,7 +39,7 @@ type Dest struct {
 
 // Parent is the directory the destination, its staging directory and its
 // marker are in (a path in the root): a place on the same filesystem for
-// what a build spools.
+// what a build spools when there is no better one.
 func (r Dest) Parent() string { return r.parent }
 
 // New is the destination dest (a path in root, the host root).
