@@ -60,8 +60,8 @@ type document struct {
 	// one-line JSON manifest with many problems is redacted once, not
 	// once per problem.
 	redacted map[int][]rune
-	nodes   int
-	probs   []problem
+	nodes    int
+	probs    []problem
 }
 
 func newDocument(file string, data []byte) *document {
