@@ -454,18 +454,26 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 	}
 }
 
-// liveUpgrade applies A then B in-process against a fresh root with a
-// diskSystemd; it returns the root, the fake and B's result.
-func liveUpgrade(t *testing.T, restarting []string, broken ...string) (string, *diskSystemd, *Result, error) {
+// nodeOnKube1 is a fresh root with version A applied on kube1, through a
+// diskSystemd whose restarting machines are given.
+func nodeOnKube1(t *testing.T, restarting []string) (string, Deps, *diskSystemd, *fakeDownloader) {
 	t.Helper()
 	root := t.TempDir()
 	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
+	deps, _, _, dl := testDeps()
 	sd := &diskSystemd{root: root, file: root + ".systemd.json", restarting: restarting}
 	deps.Systemd = sd
 	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
 		t.Fatal(err)
 	}
+	return root, deps, sd, dl
+}
+
+// liveUpgrade applies A then B in-process against a fresh root with a
+// diskSystemd; it returns the root, the fake and B's result.
+func liveUpgrade(t *testing.T, restarting []string, broken ...string) (string, *diskSystemd, *Result, error) {
+	t.Helper()
+	root, deps, sd, _ := nodeOnKube1(t, restarting)
 	res, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps, broken...))
 	return root, sd, res, err
 }
@@ -556,14 +564,7 @@ func TestUpgradeFailsFastWhenKubeletKeepsRestarting(t *testing.T) {
 }
 
 func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
-	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	sd := &diskSystemd{root: root, file: root + ".systemd.json"}
-	deps.Systemd = sd
-	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
-		t.Fatal(err)
-	}
+	root, deps, sd, dl := nodeOnKube1(t, nil)
 	dl.fail = map[string]error{"kubelet": errors.New("mirror down")}
 	_, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
 	var se *StepError
@@ -625,13 +626,7 @@ func TestRollbackByHand(t *testing.T) {
 }
 
 func TestRollbackWithoutAPreviousMachine(t *testing.T) {
-	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
-	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
-	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
-		t.Fatal(err)
-	}
+	root, deps, _, _ := nodeOnKube1(t, nil)
 	_, err := Rollback(context.Background(), upgradeOptions(root, "A", deps))
 	var nr *NoRollbackError
 	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "no previous machine") {
@@ -640,14 +635,7 @@ func TestRollbackWithoutAPreviousMachine(t *testing.T) {
 }
 
 func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
-	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
-	sd := &diskSystemd{root: root, file: root + ".systemd.json"}
-	deps.Systemd = sd
-	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
-		t.Fatal(err)
-	}
+	root, deps, sd, _ := nodeOnKube1(t, nil)
 	mine := filepath.Join(root, "var/lib/machines/kube2/etc/mine")
 	must(t, os.MkdirAll(filepath.Dir(mine), 0o755))
 	must(t, os.WriteFile(mine, []byte("the operator's own machine\n"), 0o644))
@@ -663,13 +651,7 @@ func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
 }
 
 func TestFirstBootNeverUpgrades(t *testing.T) {
-	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
-	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
-	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
-		t.Fatal(err)
-	}
+	root, deps, _, _ := nodeOnKube1(t, nil)
 	opts := upgradeOptions(root, "B", deps)
 	opts.Upgrade.Refuse = true
 	_, err := Run(context.Background(), upgradePlan("kube1", "B"), opts)
