@@ -229,13 +229,18 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 	return removeBPFFS(host, m, sd != nil, o.log)
 }
 
-// stopMachine stops the machine's service and waits until machined forgets
-// the machine, terminating it when a stop alone does not do it in half the
-// time (the stop job itself is bounded by the same time).
+// stopSlack is how much longer than the stop timeout a stop job may take:
+// systemd kills the machine at the drop-in's TimeoutStopSec, the same
+// timeout, and needs a moment for that.
+const stopSlack = 10 * time.Second
+
+// stopMachine stops the machine's service, waiting for the stop job up to
+// timeout (kubelet's graceful shutdown gets its time), then until machined
+// forgets the machine. One still listed a moment later is terminated and
+// given half the timeout again to go.
 func stopMachine(ctx context.Context, sd Systemd, log *slog.Logger, m string, timeout, poll time.Duration) error {
 	unit := nspawnUnit(m)
-	deadline := time.Now().Add(timeout)
-	sctx, cancel := context.WithTimeout(ctx, timeout/2)
+	sctx, cancel := context.WithTimeout(ctx, timeout+stopSlack)
 	err := sd.Stop(sctx, unit)
 	cancel()
 	if err != nil {
@@ -244,6 +249,9 @@ func stopMachine(ctx context.Context, sd Systemd, log *slog.Logger, m string, ti
 		}
 		log.Warn("stopping the machine failed or took too long; terminating it", "unit", unit, "error", err)
 	}
+	// machined forgets a machine a moment after its unit stopped.
+	linger := time.Now().Add(min(timeout/2, 15*time.Second))
+	var deadline time.Time
 	terminated := false
 	for {
 		registered, err := sd.MachineRegistered(ctx, m)
@@ -255,16 +263,16 @@ func stopMachine(ctx context.Context, sd Systemd, log *slog.Logger, m string, ti
 			return nil
 		}
 		now := time.Now()
-		if terminated && now.After(deadline) {
-			return fmt.Errorf("machine %s still registered with machined %s after stopping %s; see machinectl status %s", m, timeout, unit, m)
-		}
-		if !terminated && now.After(deadline.Add(-timeout/2)) {
+		switch {
+		case !terminated && now.After(linger):
 			log.Warn("machine still registered after stop; terminating it", "machine", m)
 			if err := sd.TerminateMachine(ctx, m); err != nil {
 				return err
 			}
-			terminated = true
+			terminated, deadline = true, now.Add(timeout/2)
 			continue
+		case terminated && now.After(deadline):
+			return fmt.Errorf("machine %s still registered with machined after stopping %s and terminating it; see machinectl status %s", m, unit, m)
 		}
 		select {
 		case <-ctx.Done():

@@ -31,7 +31,11 @@ const (
 	DefaultRetryFor = "15m"
 	// DefaultReadyTimeout and DefaultStopTimeout bound an upgrade's switch.
 	DefaultReadyTimeout = "10m"
-	DefaultStopTimeout  = "90s"
+	// DefaultStopTimeout is DefaultShutdownGracePeriod plus stopMargin: a
+	// manifest that sets the grace period gets its own period plus the
+	// margin.
+	DefaultStopTimeout = "1m0s"
+	stopMargin         = 30 * time.Second
 
 	// Component versions, without the leading "v". kubelet, kubectl and
 	// kube-proxy follow kubernetes.version.
@@ -106,11 +110,8 @@ func ApplyDefaults(m *Manifest) {
 		m.Upgrade.ReadyTimeout = DefaultReadyTimeout
 	}
 	if m.Upgrade.StopTimeout == "" {
-		// Room for kubelet's graceful shutdown and the machine's own stop.
-		m.Upgrade.StopTimeout = DefaultStopTimeout
-		if grace := parseDuration(k.ShutdownGracePeriod) + 30*time.Second; grace > parseDuration(DefaultStopTimeout) {
-			m.Upgrade.StopTimeout = grace.String()
-		}
+		// kubelet's graceful shutdown, and 30s for the machine's own stop.
+		m.Upgrade.StopTimeout = (parseDuration(k.ShutdownGracePeriod) + stopMargin).String()
 	}
 	if k.Auth.Exec != nil && k.Auth.Exec.APIVersion == "" {
 		k.Auth.Exec.APIVersion = DefaultExecAPIVersion

@@ -5,7 +5,9 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"time"
 
+	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -244,7 +246,7 @@ type overrideData struct {
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
-	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: r.m.Upgrade.StopTimeout}
+	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout))}
 	if flush {
 		d.NftFlushUnit = nftFlushUnit
 	}
@@ -277,6 +279,12 @@ func (r *renderer) overrideData(flush bool) overrideData {
 	}
 	d.DeviceAllow = dedupe(d.DeviceAllow)
 	return d
+}
+
+// systemdSeconds writes d as whole seconds (rounded up), a time span
+// every systemd version reads the same.
+func systemdSeconds(d time.Duration) string {
+	return fmt.Sprintf("%ds", int64((d+time.Second-1)/time.Second))
 }
 
 // dedupe keeps the first of each entry.
