@@ -43,12 +43,20 @@ images:
 	$(ENGINE) build -f images/base/Containerfile -t $(IMAGE_REPO)/base:$(IMAGE_TAG) images/base
 	$(ENGINE) build -f images/nvidia/Containerfile --build-arg BASE=$(IMAGE_REPO)/base:$(IMAGE_TAG) -t $(IMAGE_REPO)/nvidia:$(IMAGE_TAG) images/nvidia
 
-# Rootfs pull benchmark (not a test): pushes a ~400 MB, 5-layer image to
-# Debian's docker-registry on loopback and compares nodespawn's streaming
-# pull with a two-pass pull (OCI layout first) and curl | tar per layer:
-# wall and CPU time, peak RSS and bytes written per way. Needs root and
-# docker-registry. BENCH_ARGS e.g. "-layers 6 -layer-mb 60 -runs 3", or
-# "-rootfs /some/tree -layers 4" to pack a real tree (read only) instead.
+# Rootfs pull benchmark (not a test): packs a real distribution tree (the
+# e2e cache's Debian machine tree plus its node components, ~0.9 GB; read
+# only) into 5 layers, one large, pushes it (image A) and a copy with its
+# last layer changed (image B) to Debian's docker-registry on loopback, and
+# measures, each in a child: floor (curl | tar, syncfs), twopass (OCI layout,
+# then unpack), stream (flattened oci.Pull), store (empty layer store:
+# PullLayers + overlayfs Compose), store-b (same for B) and store-upgrade
+# (A's layers held, pull and compose B); wall, CPU, peak RSS and bytes
+# written per way, then the goals (store <= 1.1x floor, upgrade >= 5x faster
+# than store-b, peak RSS < 100 MiB). Every way ends with a syncfs. Needs
+# root, overlayfs and docker-registry; ~10 min. BENCH_ARGS e.g. "-runs 1",
+# "-ways floor,store", "-rootfs /some/tree -add none -layers 4", or
+# "-rootfs synthetic -layers 6 -layer-mb 60" (also the fallback without the
+# e2e cache).
 .PHONY: bench
 bench:
 	$(GO) build -o bin/oci-bench ./internal/oci/bench

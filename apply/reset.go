@@ -203,6 +203,9 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 			return fmt.Errorf("reset: %w", err)
 		}
 	}
+	if err := unmountRoot(ctx, host, rootfs, o); err != nil {
+		return fmt.Errorf("reset: %w", err)
+	}
 	if err := removeBusy(ctx, host, rootfs, o.remove, o.poll, o.log); err != nil {
 		return err
 	}
@@ -317,11 +320,16 @@ func resetPaths(m string, p *plan.Plan) []string {
 			"/etc/systemd/nspawn/" + m + ".nspawn",
 			"/etc/systemd/system/" + svc + ".d",
 			"/etc/systemd/system/machines.target.wants/" + svc,
+			mountUnitOf(path.Join(machinesDir, m)),
 		}
 	}
 	var paths []string
 	seen := map[string]bool{}
 	for _, s := range p.Steps {
+		if s.Image != nil && s.Image.Layers != nil && !seen[s.Image.Layers.MountUnit] {
+			seen[s.Image.Layers.MountUnit] = true
+			paths = append(paths, s.Image.Layers.MountUnit)
+		}
 		if s.Phase != plan.PhaseHost && s.Phase != plan.PhaseStart {
 			continue
 		}

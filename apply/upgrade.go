@@ -306,6 +306,15 @@ func (r *run) switched(s *switchRun) (*Result, error) {
 	if err := writeStamp(host, a.PlanDigest); err != nil {
 		return nil, fmt.Errorf("apply: write done stamp: %w", err)
 	}
+	// Layers only the machine cleared for this upgrade used go now; the
+	// previous machine's stay for a rollback. A failure here costs disk
+	// space, not the upgrade: the next switch collects them.
+	if gone, err := collectLayers(host, r.log); err != nil {
+		r.log.Warn("upgrade: layer store not collected", "error", err)
+	} else if len(gone) > 0 {
+		r.log.Info("upgrade: layers no machine uses removed from the layer store", "layers", len(gone))
+	}
+	r.checkpoint("switched:collected")
 	r.log.Info("upgrade: the node runs on the new machine", "machine", s.to, "node", s.toPlan.NodeName, "previous", s.from,
 		"prepare", time.Duration(last.PrepareMS)*time.Millisecond, "switch", time.Duration(last.SwitchMS)*time.Millisecond)
 	return &Result{Record: s.w.snapshot(), Machine: s.to, Upgrade: last}, nil

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path"
 	"path/filepath"
 
 	"github.com/nodespawn/nodespawn/internal/command"
@@ -16,6 +17,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/inflate"
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/systemd"
@@ -93,12 +95,37 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 		})
 		return err == nil && !res.NoOp, err
 	}
-	res, err := oci.Pull(ctx, oci.Request{
+	req := oci.Request{
 		Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
 		Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
 		Log: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
-	})
+	}
+	if img.Layers != nil {
+		return p.pullLayers(ctx, req, img.Layers)
+	}
+	res, err := oci.Pull(ctx, req)
 	return err == nil && !res.NoOp, err
+}
+
+// pullLayers puts the image's layers the store lacks into it and makes
+// the machine root an overlayfs mount of them.
+func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.LayerRoot) (bool, error) {
+	store, err := layers.Open(req.Root, lr.Store)
+	if err != nil {
+		return false, err
+	}
+	if err := store.Sweep(p.log); err != nil {
+		return false, err
+	}
+	res, err := oci.PullLayers(ctx, req, store)
+	if err != nil {
+		return false, err
+	}
+	p.log.Info("machine root layers", "dest", req.Dest, "layers", res.Layers, "fetched", res.Fetched,
+		"present", res.Layers-res.Fetched, "fetchedBytes", res.FetchedBytes, "imageBytes", res.Bytes)
+	changed, err := store.Compose(ctx, layers.Machine{Target: req.Dest, Dir: lr.Dir, Unit: lr.MountUnit, Machine: path.Base(req.Dest)},
+		layers.Image{Source: res.Reference, Platform: req.Platform, Manifest: res.ManifestDigest, Layers: res.DiffIDs}, p.log)
+	return changed || res.Fetched > 0, err
 }
 
 type downloader struct {
@@ -157,26 +184,25 @@ func (d *downloader) Contents(ctx context.Context, src *plan.Source) ([]byte, er
 }
 
 // layerProgress turns the puller's per-layer reports into progress
-// trackers. The puller calls it from one goroutine, layer after layer.
+// trackers, one per layer. The puller never calls it concurrently, but
+// layers fetched in parallel (the layer store) report interleaved.
 func (p *imagePuller) layerProgress() func(oci.Progress) {
-	var (
-		t     *progress.Tracker
-		layer = -1
-		seen  int64
-	)
+	type layer struct {
+		t    *progress.Tracker
+		seen int64
+	}
+	open := map[int]*layer{}
 	return func(pr oci.Progress) {
-		if pr.Layer != layer {
-			if t != nil {
-				t.Done(nil)
-			}
-			layer, seen = pr.Layer, 0
-			t = p.progress.Start(fmt.Sprintf("layer %d/%d", pr.Layer+1, pr.Layers), pr.Size)
+		l := open[pr.Layer]
+		if l == nil {
+			l = &layer{t: p.progress.Start(fmt.Sprintf("layer %d/%d", pr.Layer+1, pr.Layers), pr.Size)}
+			open[pr.Layer] = l
 		}
-		t.Add(pr.Read - seen)
-		seen = pr.Read
+		l.t.Add(pr.Read - l.seen)
+		l.seen = pr.Read
 		if pr.Done {
-			t.Done(nil)
-			t, layer = nil, -1
+			l.t.Done(nil)
+			delete(open, pr.Layer)
 		}
 	}
 }

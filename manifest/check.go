@@ -135,6 +135,9 @@ func (c *checker) rootfs(r *Rootfs) {
 	if len(sources) > 1 {
 		c.add(p, "give one rootfs source, not %s", strings.Join(sources, " and "))
 	}
+	if r.Debootstrap != nil && r.Store == StoreLayers {
+		c.add(p.Append("store"), "debootstrap builds one flattened tree; the layer store needs an OCI image or layout (or set store to flat or auto)")
+	}
 	if r.Image != "" {
 		c.imageRef(p.Append("image"), r.Image)
 	}

@@ -67,6 +67,9 @@ func ApplyDefaults(m *Manifest) {
 			rf.Image = DefaultImage
 		}
 	}
+	if rf.Store == "" {
+		rf.Store = StoreAuto
+	}
 	if rf.Layout != nil && rf.Layout.Reference == "" {
 		rf.Layout.Reference = DefaultLayoutReference
 	}

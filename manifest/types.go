@@ -88,7 +88,19 @@ type Rootfs struct {
 	Debootstrap *Debootstrap `json:"debootstrap,omitempty"`
 	// PlainHTTP names registries (host[:port]) reached without TLS.
 	PlainHTTP []string `json:"plainHTTP,omitempty"`
+	// Store is how the image becomes the machine's root: "layers" (an
+	// overlayfs mount of the image's layers from the host's layer store,
+	// shared by the machines of an upgrade), "flat" (one unpacked tree per
+	// machine) or "auto" (layers where the host can, else flat).
+	Store string `json:"store,omitempty"`
 }
+
+// Rootfs store values.
+const (
+	StoreAuto   = "auto"
+	StoreLayers = "layers"
+	StoreFlat   = "flat"
+)
 
 // Layout is an OCI image layout directory on the host.
 type Layout struct {

@@ -58,6 +58,20 @@ type Facts struct {
 	HasSystemdContainer bool `json:"hasSystemdContainer"`
 	// Swap is true when swap is active or configured in fstab.
 	Swap bool `json:"swap"`
+	// LayerStore says whether machine roots can be overlayfs mounts of
+	// the layers in the host's layer store; nil (facts from before it was
+	// probed) means they cannot.
+	LayerStore *LayerStoreSupport `json:"layerStore,omitempty"`
+}
+
+// LayerStoreSupport is whether the host can compose machine roots with
+// overlayfs, and why not.
+type LayerStoreSupport struct {
+	OK bool `json:"ok"`
+	// Why says what is missing when OK is false: "no overlay filesystem
+	// in this kernel", "/var/lib/nodespawn is on nfs, which cannot be an
+	// overlayfs upper directory".
+	Why string `json:"why,omitempty"`
 }
 
 // NVIDIA is the host's NVIDIA driver and devices.

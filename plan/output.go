@@ -137,6 +137,9 @@ func writeDetail(w *errWriter, s *Step) {
 			w.printf("  plain HTTP registries: %s\n", strings.Join(i.PlainHTTP, ", "))
 		}
 		w.printf("  into %s\n", i.Dest)
+		if l := i.Layers; l != nil {
+			w.printf("  layer store %s  overlay dir %s  mount unit %s\n", l.Store, l.Dir, l.MountUnit)
+		}
 	case s.Download != nil:
 		d := s.Download
 		w.printf("  url %s\n", d.URL)

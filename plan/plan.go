@@ -219,6 +219,23 @@ type Image struct {
 	PlainHTTP []string `json:"plainHTTP,omitempty"`
 	// Debootstrap is the deprecated fallback.
 	Debootstrap *DebootstrapSpec `json:"debootstrap,omitempty"`
+	// Layers, when set, makes Dest an overlayfs mount of the image's
+	// layers, each unpacked once into the host's layer store, instead of a
+	// flattened tree: only the layers the store lacks are fetched.
+	Layers *LayerRoot `json:"layers,omitempty"`
+}
+
+// LayerRoot is where a machine root composed from the layer store keeps
+// its parts (host paths).
+type LayerRoot struct {
+	// Store is the layer store: one directory per layer, by DiffID.
+	Store string `json:"store"`
+	// Dir holds the machine's upper and work directories and the record
+	// of which layers the root is made of.
+	Dir string `json:"dir"`
+	// MountUnit is the systemd mount unit that mounts Dest at boot; the
+	// machine's service requires it.
+	MountUnit string `json:"mountUnit"`
 }
 
 // DebootstrapSpec is a debootstrap invocation.

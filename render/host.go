@@ -241,8 +241,11 @@ type overrideData struct {
 	ActiveFile, StopTimeout string
 	NftFlushUnit            string
 	BPFFS                   string
-	GPU                     bool
-	DeviceAllow             []string
+	// RootMount is the machine's root when a mount unit makes it (an
+	// overlay of the layer store).
+	RootMount   string
+	GPU         bool
+	DeviceAllow []string
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
@@ -252,6 +255,9 @@ func (r *renderer) overrideData(flush bool) overrideData {
 	}
 	if r.bpffs {
 		d.BPFFS = r.bpffsDir()
+	}
+	if r.layerRoot != nil {
+		d.RootMount = r.rootfs
 	}
 	// Bind= alone is not enough: the unit's device policy must allow each node.
 	if r.kvm {

@@ -95,6 +95,10 @@ type renderer struct {
 
 	machine  string
 	rootfs   string
+	// layerRoot is set when the machine's root is an overlayfs mount of
+	// the layer store; flatWhy says why it is not.
+	layerRoot *plan.LayerRoot
+	flatWhy   string
 	nodeName string
 	gpu      bool
 	kvm      bool
@@ -122,6 +126,9 @@ func (r *renderer) decide() error {
 		return &Error{field("machine", "name"), fmt.Sprintf("machine %q is not one of this manifest's pair %s and %s", r.machine, pair[0], pair[1])}
 	}
 	r.rootfs = path.Join(MachinesDir, r.machine)
+	if err := r.decideStore(); err != nil {
+		return err
+	}
 	r.nodeName = m.Kubernetes.NodeName
 	if r.nodeName == "" {
 		r.nodeName = strings.ToLower(r.f.Hostname)

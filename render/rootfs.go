@@ -5,6 +5,7 @@ import (
 	"path"
 	"strings"
 
+	"github.com/coreos/go-systemd/v22/unit"
 	jsonpath "github.com/coreos/vcontext/path"
 
 	"github.com/nodespawn/nodespawn/internal/upstream"
@@ -58,11 +59,19 @@ func (r *renderer) renderRootfs() error {
 		}
 		what = "pull " + img.Reference + " (" + img.Platform + " only) and unpack it"
 	}
+	summary := what + " into " + r.rootfs + ", staged and renamed into place when verified"
+	if lr := r.layerRoot; lr != nil && src.Debootstrap == nil {
+		img.Layers = lr
+		summary = what + " into the layer store " + lr.Store + " (only the layers it lacks, each verified and unpacked on its own)," +
+			" and mount " + r.rootfs + " as an overlay of them (" + path.Base(lr.MountUnit) + "), the machine's changes in " + path.Join(lr.Dir, "upper")
+	} else if r.flatWhy != "" {
+		summary += " (flattened: " + r.flatWhy + ")"
+	}
 	r.add(plan.Step{
 		ID:      imageStepID,
 		Phase:   plan.PhaseRootfs,
 		Kind:    plan.KindImage,
-		Summary: what + " into " + r.rootfs + ", staged and renamed into place when verified",
+		Summary: summary,
 		Image:   img,
 	})
 
@@ -87,6 +96,48 @@ func (r *renderer) renderRootfs() error {
 		if err := r.download(d.name, d.c, c.Mirror, field("components", d.at)); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// LayerStoreDir is the host's layer store: each image layer unpacked once,
+// by DiffID, shared by every machine root composed of it.
+const LayerStoreDir = "/var/lib/nodespawn/layers"
+
+// OverlayDir is where the overlayfs root of machine m keeps its upper and
+// work directories and its record.
+func OverlayDir(m string) string { return path.Join("/var/lib/nodespawn/machines", m, "overlay") }
+
+// decideStore chooses between a root composed from the layer store and a
+// flattened tree: the manifest's machine.rootfs.store, and for auto what
+// the host can do.
+func (r *renderer) decideStore() error {
+	src := r.m.Machine.Rootfs
+	at := field("machine", "rootfs", "store")
+	switch {
+	case src.Store == manifest.StoreFlat:
+		r.flatWhy = "machine.rootfs.store is flat"
+		return nil
+	case src.Debootstrap != nil:
+		if src.Store == manifest.StoreLayers {
+			return &Error{at, "debootstrap builds one flattened tree; the layer store needs an OCI image or layout"}
+		}
+		return nil
+	case r.f.LayerStore == nil || !r.f.LayerStore.OK:
+		why := "the host's overlayfs support is unknown (facts without layerStore)"
+		if r.f.LayerStore != nil && r.f.LayerStore.Why != "" {
+			why = r.f.LayerStore.Why
+		}
+		if src.Store == manifest.StoreLayers {
+			return &Error{at, "is layers, but this host cannot compose machine roots with overlayfs: " + why}
+		}
+		r.flatWhy = why
+		return nil
+	}
+	r.layerRoot = &plan.LayerRoot{
+		Store:     LayerStoreDir,
+		Dir:       OverlayDir(r.machine),
+		MountUnit: path.Join(unitDir, unit.UnitNamePathEscape(r.rootfs)+".mount"),
 	}
 	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"strings"
 
 	carchive "github.com/containerd/containerd/v2/pkg/archive"
+	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 )
@@ -36,6 +37,13 @@ type Options struct {
 	// NoSameOwner leaves unpacked entries owned by the caller instead of
 	// the archive's uid and gid.
 	NoSameOwner bool
+	// Overlay unpacks an image layer on its own, as an overlayfs lower
+	// directory: its whiteouts are written in overlayfs's format (a 0/0
+	// character device for .wh.NAME, the trusted.overlay.opaque xattr for
+	// .wh..wh..opq) instead of removing anything, and an entry carrying
+	// overlayfs's own trusted.overlay.* xattrs is refused (a layer could
+	// otherwise redirect lookups to other layers' files).
+	Overlay bool
 }
 
 // Apply unpacks the tar stream r into the directory dir of root. dir must
@@ -52,6 +60,11 @@ func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opt
 		if err := checkNames(h); err != nil {
 			return false, err
 		}
+		if opts.Overlay {
+			if err := checkOverlayXattrs(h); err != nil {
+				return false, err
+			}
+		}
 		if opts.Filter != nil {
 			if ok, err := opts.Filter(h); !ok || err != nil {
 				return ok, err
@@ -60,7 +73,11 @@ func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opt
 		w.saw(h.Name)
 		return true, nil
 	}
-	copts := []carchive.ApplyOpt{carchive.WithFilter(filter), carchive.WithConvertWhiteout(w.convert)}
+	convert := w.convert
+	if opts.Overlay {
+		convert = overlayWhiteout
+	}
+	copts := []carchive.ApplyOpt{carchive.WithFilter(filter), carchive.WithConvertWhiteout(convert)}
 	if opts.NoSameOwner {
 		copts = append(copts, carchive.WithNoSameOwner())
 	}
@@ -139,6 +156,53 @@ func (w *whiteouts) clear(dir string) error {
 			if err := w.clear(child); err != nil {
 				return err
 			}
+		}
+	}
+	return nil
+}
+
+// overlayWhiteout is containerd's whiteout hook for a layer unpacked on
+// its own: p is the entry's path below the target, its parent directory
+// resolved inside the target by containerd (no symlink left in it).
+func overlayWhiteout(h *tar.Header, p string) (bool, error) {
+	dir, base := path.Dir(p), path.Base(p)
+	switch {
+	case base == whiteoutOpaque:
+		// "/." makes the call act on the directory itself, also when dir
+		// is the /proc/<pid>/fd link InDir hands out.
+		if err := unix.Setxattr(dir+"/.", "trusted.overlay.opaque", []byte("y"), 0); err != nil {
+			return false, fmt.Errorf("tar entry %q: mark %s opaque: %w", h.Name, path.Dir(h.Name), err)
+		}
+		return false, nil
+	case strings.HasPrefix(base, whiteoutPrefix):
+		name := strings.TrimPrefix(base, whiteoutPrefix)
+		if name == "" || name == "." {
+			return false, fmt.Errorf("tar entry %q: whiteout of nothing", h.Name)
+		}
+		wp := path.Join(dir, name)
+		if err := unix.Mknod(wp, unix.S_IFCHR, 0); err != nil {
+			return false, fmt.Errorf("tar entry %q: whiteout: %w", h.Name, err)
+		}
+		if err := unix.Lchown(wp, h.Uid, h.Gid); err != nil {
+			return false, fmt.Errorf("tar entry %q: whiteout: %w", h.Name, err)
+		}
+		return false, nil
+	}
+	return true, nil
+}
+
+// checkOverlayXattrs refuses an entry that sets an xattr overlayfs reads
+// (redirect, metacopy, opaque, origin...): in a lower directory they would
+// change what the merged tree shows.
+func checkOverlayXattrs(h *tar.Header) error {
+	for k := range h.PAXRecords {
+		if x, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok && (strings.HasPrefix(x, "trusted.overlay.") || strings.HasPrefix(x, "user.overlay.")) {
+			return fmt.Errorf("tar entry %q: sets overlayfs's own xattr %s; refused", h.Name, x)
+		}
+	}
+	for x := range h.Xattrs { //nolint:staticcheck // old archives carry them here
+		if strings.HasPrefix(x, "trusted.overlay.") || strings.HasPrefix(x, "user.overlay.") {
+			return fmt.Errorf("tar entry %q: sets overlayfs's own xattr %s; refused", h.Name, x)
 		}
 	}
 	return nil

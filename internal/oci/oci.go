@@ -115,6 +115,12 @@ type Result struct {
 	Layers int
 	// NoOp is true when Dest already held this manifest and nothing changed.
 	NoOp bool
+	// DiffIDs are the image's layers, bottom first (PullLayers).
+	DiffIDs []digest.Digest
+	// Fetched is how many layers PullLayers fetched and unpacked into the
+	// store (the others were there), FetchedBytes their compressed size.
+	Fetched      int
+	FetchedBytes int64
 	// Spilled is the compressed bytes of layers fetched ahead of their
 	// turn that did not fit in SpoolMemory and went to a temporary file.
 	Spilled int64

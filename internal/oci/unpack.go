@@ -116,28 +116,8 @@ func (u *unpacker) run(ctx context.Context) error {
 func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp *spool) error {
 	what := fmt.Sprintf("image %s: layer %d/%d %s", u.src.name, i+1, len(u.layers), desc.Digest)
 	compressed := &progressReader{r: sp, fn: u.progress, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
-	plain, closeFn, err := decompress(desc.MediaType, compressed)
-	if err != nil {
+	if err := unpackLayer(ctx, u.root, u.dir, desc, u.diffIDs[i], compressed, archive.Options{}); err != nil {
 		return fmt.Errorf("%s: %w", what, err)
-	}
-	defer closeFn()
-	want := u.diffIDs[i]
-	if err := want.Validate(); err != nil {
-		return fmt.Errorf("%s: config diff_id %q: %w", what, want, err)
-	}
-	diff := want.Algorithm().Digester()
-	tee := io.TeeReader(plain, diff.Hash())
-	if err := archive.Apply(ctx, u.root, u.dir, tee, archive.Options{}); err != nil {
-		return fmt.Errorf("%s: apply: %w", what, err)
-	}
-	// The tar reader stops at the end-of-archive marker; the DiffID (and,
-	// for gzip, the trailer checksum) cover the padding after it too.
-	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return fmt.Errorf("%s: read after end of archive: %w", what, err)
-	}
-	if got := diff.Digest(); got != want {
-		return fmt.Errorf("%s: uncompressed content has digest %s, config %s says diff_id %s; the image is corrupt or tampered with",
-			what, got, u.src.name, want)
 	}
 	if u.progress != nil {
 		p := compressed.p
@@ -145,6 +125,34 @@ func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp
 		u.progress(p)
 	}
 	u.log.Debug("layer applied", "layer", i+1, "layers", len(u.layers), "digest", desc.Digest, "bytes", desc.Size)
+	return nil
+}
+
+// unpackLayer decompresses the layer desc read from r into dir (a path in
+// root) and checks the uncompressed stream against the config's DiffID
+// want. Errors say what failed; the caller says which layer.
+func unpackLayer(ctx context.Context, root *confine.Root, dir string, desc ocispec.Descriptor, want digest.Digest, r io.Reader, opts archive.Options) error {
+	plain, closeFn, err := decompress(desc.MediaType, r)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	if err := want.Validate(); err != nil {
+		return fmt.Errorf("config diff_id %q: %w", want, err)
+	}
+	diff := want.Algorithm().Digester()
+	tee := io.TeeReader(plain, diff.Hash())
+	if err := archive.Apply(ctx, root, dir, tee, opts); err != nil {
+		return fmt.Errorf("apply: %w", err)
+	}
+	// The tar reader stops at the end-of-archive marker; the DiffID (and,
+	// for gzip, the trailer checksum) cover the padding after it too.
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return fmt.Errorf("read after end of archive: %w", err)
+	}
+	if got := diff.Digest(); got != want {
+		return fmt.Errorf("uncompressed content has digest %s, the image config says diff_id %s; the image is corrupt or tampered with", got, want)
+	}
 	return nil
 }
 

@@ -79,6 +79,8 @@ type prober struct {
 	root string
 	arch string
 	log  *slog.Logger
+	// kernelRelease names /lib/modules/<release> (default: uname's).
+	kernelRelease string
 }
 
 // at returns the path of host path p under Root.
@@ -147,6 +149,9 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 		return plan.Facts{}, err
 	}
 	if f.DeviceDirs, err = p.deviceDirs(names); err != nil {
+		return plan.Facts{}, err
+	}
+	if f.LayerStore, err = p.layerStore(); err != nil {
 		return plan.Facts{}, err
 	}
 	return f, nil

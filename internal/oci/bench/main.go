@@ -1,33 +1,70 @@
-// Command bench compares three ways of turning a registry image into a
-// rootfs, against Debian's docker-registry on loopback:
+// Command bench measures the ways of turning a registry image into a
+// machine's root filesystem, against Debian's docker-registry on loopback,
+// each way in a child process of its own:
 //
-//	stream   oci.Pull: layers fetched concurrently, verified and unpacked as they stream
-//	twopass  oras.Copy into an OCI layout on disk, then oci.Pull from that layout
-//	curl     curl | tar -xz per layer, in order: no verification at all (the floor)
+//	floor          curl | tar -xz per layer (as many at once as the pulls
+//	               fetch), then syncfs: decompress every layer, write the
+//	               tree once, sync, and verify nothing (the disk floor)
+//	twopass        oras.Copy into an OCI layout on disk, syncfs (a durable
+//	               download, as a content store keeps one), then oci.Pull
+//	               from the layout into a flattened tree, syncfs; the layout
+//	               is removed at the end
+//	stream         oci.Pull: layers fetched concurrently, verified and
+//	               applied in order into one flattened tree as they stream,
+//	               syncfs
+//	store          an empty layer store: oci.PullLayers (each layer fetched,
+//	               verified and unpacked on its own, in parallel) and
+//	               layers.Store.Compose (overlayfs mounted at the target),
+//	               syncfs, unmount
+//	store-b        the same for image B: a full pull of B, the yardstick of
+//	               the upgrade
+//	store-upgrade  the store holds image A's layers and A is mounted at the
+//	               target (an unmeasured child sets that up first); the
+//	               measured child does PullLayers and Compose of image B,
+//	               which differs from A in one layer only, syncfs, unmount
 //
-// It pushes a generated multi-layer image of a few hundred MB (or, with
-// -rootfs DIR, an existing tree such as a distribution's rootfs packed into
-// -layers layers, the first holding most of it), runs each way in a child
-// process and prints, per way, wall time, the ratio to the floor, CPU time,
-// peak RSS and the bytes the way wrote. Each is the child's alone: CPU and
-// peak RSS from its rusage, bytes from its /proc/self/io at exit (which
-// counts the children it reaped, curl and tar included). write_bytes is
-// what the process dirtied in the page cache of disk-backed filesystems;
-// cancelled is what was dropped again before writeback (a deleted file's
-// dirty pages), so written - cancelled is what went to the disk; spilled
-// is what the pull's layers fetched ahead put in a temporary file (on
-// tmpfs it is not in written). -spool-mem sets the pulls' memory budget
-// for those layers. Run it with `make bench`, as root (the unpack sets
-// owners).
+// Every way ends with a syncfs of the filesystem it wrote (the pulls sync
+// on their own too; the extra syncfs then finds nothing left to write).
+//
+// The image is, by default, a real distribution tree: the Debian machine
+// tree of the e2e cache (images/build-rootfs.sh, under
+// $E2E_CACHE or /var/cache/nodespawn-e2e/machine-rootfs) with the e2e's
+// node components (kubelet, containerd, ... under /usr/local/bin, the CNI
+// plugins under /opt/cni/bin) added, as a node image carries them; -add
+// none leaves them out, -rootfs DIR packs another tree instead, -rootfs
+// synthetic generates -layers layers of -layer-mb MB of random words (also
+// the fallback, with a note, when the cache has no tree). The trees are
+// only read. They are packed into -layers layers in walk order, the first
+// holding about 70% of the bytes. Image B is image A with its last layer
+// repacked with one more file, /etc/nodespawn-bench-image.
+//
+// Per way it prints wall time, the ratio to the floor, CPU time, peak RSS
+// and the bytes the way wrote, each the child's alone: CPU and peak RSS
+// from its rusage, bytes from its /proc/self/io at exit (which counts the
+// children it reaped, curl and tar included). write_bytes is what the
+// process dirtied in the page cache of disk-backed filesystems; cancelled
+// is what was dropped again before writeback (a deleted file's dirty
+// pages), so written - cancelled is what went to the disk; spilled is what
+// the flattening pull's layers fetched ahead put in a temporary file (on
+// tmpfs it is not in written). -spool-mem sets that pull's memory budget
+// for those layers. The ways run -runs times, interleaved (each run in
+// another order); the table shows each way's fastest run, and the median
+// wall time beside it. Then it checks the goals: the layer store's first
+// pull within 1.1x the floor, a one-layer upgrade at least 5x faster than
+// a full pull of the same image (store-b), and peak RSS under 100 MiB.
+// Run it with `make bench`, as root (the unpack sets owners, Compose
+// mounts).
 package main
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -35,6 +72,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,36 +85,55 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
 	"oras.land/oras-go/v2"
 	"oras.land/oras-go/v2/content/oci"
 	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layers"
 	nsoci "github.com/nodespawn/nodespawn/internal/oci"
 )
 
-// spoolMemory is Request.SpoolMemory for the pulls (stream and twopass).
+// allWays are the measured ways, in the order the table shows them.
+var allWays = []string{"floor", "twopass", "stream", "store", "store-b", "store-upgrade"}
+
+// markerFile is the file image B adds to image A's last layer.
+const markerFile = "etc/nodespawn-bench-image"
+
+// Tags of the two images.
+const (
+	tagA = "a"
+	tagB = "b"
+)
+
+// spoolMemory is Request.SpoolMemory for the flattening pulls.
 var spoolMemory int64
 
-// spilled is what the child's pull spilled to a temporary file.
-var spilled int64
+// counts are what the child's pull reports besides /proc/self/io.
+var counts struct {
+	spilled, fetched int64
+	fetchedLayers    int
+}
 
 func main() {
-	mode := flag.String("mode", "", "internal: run one step in this process (push, stream, twopass, curl)")
+	mode := flag.String("mode", "", "internal: run one step in this process (push, seed, or a way)")
 	ref := flag.String("ref", "", "internal: image reference")
-	dest := flag.String("dest", "", "internal: rootfs destination")
-	layers := flag.Int("layers", 5, "number of layers")
-	layerMB := flag.Int("layer-mb", 80, "uncompressed MB per layer")
-	runs := flag.Int("runs", 2, "runs of each way (the best is reported)")
+	dest := flag.String("dest", "", "internal: the way's directory (push: scratch directory)")
+	nLayers := flag.Int("layers", 5, "number of layers")
+	layerMB := flag.Int("layer-mb", 80, "synthetic layers: uncompressed MB per layer")
+	runs := flag.Int("runs", 3, "runs of each way, interleaved (the table shows the fastest and the median)")
 	workDir := flag.String("dir", "", "scratch directory (default: a temp dir under /var/tmp)")
-	rootfsDir := flag.String("rootfs", "", "pack this existing tree (read only) into -layers layers instead of generating files")
-	flag.Int64Var(&spoolMemory, "spool-mem", 0, "memory budget in bytes of the layers the pulls fetch ahead (0: the default; negative: none)")
+	rootfsDir := flag.String("rootfs", "", "tree to pack (read only): default the e2e cache's Debian machine tree; \"synthetic\": generated layers")
+	add := flag.String("add", "auto", "more trees (read only) for the image, DIR=PATH,...: auto: the e2e cache's node components with the default tree; none")
+	waysFlag := flag.String("ways", strings.Join(allWays, ","), "ways to measure, comma-separated")
+	flag.Int64Var(&spoolMemory, "spool-mem", 0, "memory budget in bytes of the layers the flattening pulls fetch ahead (0: the default; negative: none)")
 	flag.Parse()
 
 	ctx := context.Background()
 	if *mode != "" {
-		err := child(ctx, *mode, *ref, *dest, *layers, *layerMB, *rootfsDir)
-		if err == nil && *mode != "push" {
+		err := child(ctx, *mode, *ref, *dest, *nLayers, *layerMB, *rootfsDir, *add)
+		if err == nil && *mode != "push" && *mode != "seed" {
 			err = reportIO()
 		}
 		if err != nil {
@@ -84,24 +142,137 @@ func main() {
 		}
 		return
 	}
-	if err := parent(ctx, *workDir, *layers, *layerMB, *runs, *rootfsDir); err != nil {
+	ways := strings.Split(*waysFlag, ",")
+	for _, w := range ways {
+		if !slices.Contains(allWays, w) {
+			fmt.Fprintf(os.Stderr, "bench: -ways: unknown way %q (ways: %s)\n", w, strings.Join(allWays, ", "))
+			os.Exit(2)
+		}
+	}
+	if err := parent(ctx, *workDir, *nLayers, *layerMB, *runs, *rootfsDir, *add, ways); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, rootfsDir string) error {
-	if os.Geteuid() != 0 {
-		return fmt.Errorf("run as root: the unpack sets file owners")
+// e2eCache is the e2e's cache directory (as e2e/prepare.sh finds it).
+func e2eCache() string {
+	if c := os.Getenv("E2E_CACHE"); c != "" {
+		return c
 	}
-	if workDir == "" {
+	if x := os.Getenv("XDG_CACHE_HOME"); x != "" {
+		return filepath.Join(x, "nodespawn-e2e")
+	}
+	return "/var/cache/nodespawn-e2e"
+}
+
+// newestDone is the newest directory matching glob that holds a .done
+// file (a finished cache entry), "" when there is none.
+func newestDone(glob string) string {
+	ms, _ := filepath.Glob(glob)
+	best, bestT := "", time.Time{}
+	for _, m := range ms {
+		if fi, err := os.Stat(filepath.Join(m, ".done")); err == nil && fi.ModTime().After(bestT) {
+			best, bestT = m, fi.ModTime()
+		}
+	}
+	return best
+}
+
+// pickSources resolves -rootfs and -add: the tree to pack ("" for
+// synthetic layers), the -add list to pass on, a line that says what the
+// image is, and a note when the default tree was not found.
+func pickSources(rootfsFlag, addFlag string) (rootfs, add, what, note string) {
+	switch addFlag {
+	case "none":
+		addFlag = ""
+	case "auto":
+		addFlag = ""
+		if rootfsFlag == "" {
+			if c := newestDone(filepath.Join(e2eCache(), "components", "*")); c != "" {
+				var parts []string
+				for _, a := range [][2]string{{"bin", "usr/local/bin"}, {"cni", "opt/cni/bin"}} {
+					if fi, err := os.Stat(filepath.Join(c, a[0])); err == nil && fi.IsDir() {
+						parts = append(parts, filepath.Join(c, a[0])+"="+a[1])
+					}
+				}
+				addFlag = strings.Join(parts, ",")
+			}
+		}
+	}
+	switch rootfsFlag {
+	case "synthetic":
+		return "", "", "synthetic layers of random words", ""
+	case "":
+		m := newestDone(filepath.Join(e2eCache(), "machine-rootfs", "*"))
+		if m == "" {
+			return "", "", "synthetic layers of random words",
+				fmt.Sprintf("NOTE: no Debian machine tree in the e2e cache (%s/machine-rootfs/*/rootfs; run e2e/prepare.sh or pass -rootfs DIR): the image is SYNTHETIC, not a real distribution", e2eCache())
+		}
+		rootfs = filepath.Join(m, "rootfs")
+		what = "the e2e's Debian machine tree " + rootfs
+	default:
+		rootfs = rootfsFlag
+		what = "the tree " + rootfs
+	}
+	if addFlag != "" {
+		what += ", with " + strings.ReplaceAll(strings.ReplaceAll(addFlag, "=", " at /"), ",", ", ")
+	}
+	return rootfs, addFlag, what + " (read only)", ""
+}
+
+// pushInfo is what the push child reports.
+type pushInfo struct {
+	Compressed, Plain int64
+	Layers            []layerInfo // image A's
+	Changed           int         // the layer B replaces
+	B                 layerInfo   // B's version of it
+}
+
+type layerInfo struct{ Size, Plain int64 }
+
+// sample is one run of one way.
+type sample struct {
+	wall, cpu time.Duration
+	maxRSS    int64 // KiB
+	io        ioCounts
+}
+
+func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, rootfsFlag, addFlag string, ways []string) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("run as root: the unpack sets file owners and Compose mounts overlayfs")
+	}
+	made := workDir == ""
+	if made {
 		d, err := os.MkdirTemp("/var/tmp", "nodespawn-bench-")
 		if err != nil {
 			return err
 		}
-		defer os.RemoveAll(d)
 		workDir = d
 	}
+	root, err := confine.Open("/")
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	waysDir := filepath.Join(workDir, "w")
+	defer func() {
+		// Nothing may stay mounted in the scratch directory, and nothing
+		// is removed while it is.
+		for _, w := range allWays {
+			if cleanWay(ctx, root, filepath.Join(waysDir, w), quiet) != nil {
+				fmt.Fprintf(os.Stderr, "bench: left %s in place\n", workDir)
+				return
+			}
+		}
+		if made {
+			os.RemoveAll(workDir)
+		} else {
+			os.RemoveAll(waysDir)
+			os.RemoveAll(filepath.Join(workDir, "registry"))
+		}
+	}()
 	addr, stop, err := startRegistry(workDir)
 	if err != nil {
 		return err
@@ -112,88 +283,225 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 	if err != nil {
 		return err
 	}
-	if rootfsDir != "" {
-		fmt.Printf("packing %s into %d layers and pushing them to %s ...\n", rootfsDir, nLayers, addr)
-	} else {
-		fmt.Printf("generating and pushing %d layers of %d MB (uncompressed) to %s ...\n", nLayers, layerMB, addr)
+	rootfs, add, what, note := pickSources(rootfsFlag, addFlag)
+	if note != "" {
+		fmt.Println(note)
 	}
+	if rootfs != "" {
+		fmt.Printf("image: %s, packed into %d layers\n", what, nLayers)
+	} else {
+		fmt.Printf("image: %s, %d layers of %d MB\n", what, nLayers, layerMB)
+	}
+	fmt.Printf("pushing images A and B to docker-registry at %s ...\n", addr)
 	t0 := time.Now()
-	ref := addr + "/bench/rootfs:v1"
-	// The image is generated in a child too: a child's peak RSS starts at
-	// its parent's (it shares the parent's memory until exec), so the
-	// parent must stay small.
-	push := exec.CommandContext(ctx, self, "-mode", "push", "-ref", ref, "-layers", fmt.Sprint(nLayers), "-layer-mb", fmt.Sprint(layerMB),
-		"-rootfs", rootfsDir, "-dest", workDir)
+	refA, refB := addr+"/bench/rootfs:"+tagA, addr+"/bench/rootfs:"+tagB
+	// The image is made in a child too: a child's peak RSS starts at its
+	// parent's (it shares the parent's memory until exec), so the parent
+	// must stay small.
+	push := exec.CommandContext(ctx, self, "-mode", "push", "-ref", addr, "-layers", fmt.Sprint(nLayers), "-layer-mb", fmt.Sprint(layerMB),
+		"-rootfs", rootfs, "-add", add, "-dest", workDir)
 	push.Stderr = os.Stderr
 	out, err := push.Output()
 	if err != nil {
 		return fmt.Errorf("push: %w", err)
 	}
-	var compressed, plain int64
-	fmt.Sscan(string(out), &compressed, &plain)
-	fmt.Printf("pushed in %s: %d MB uncompressed, %d MB gzip\n\n", time.Since(t0).Round(time.Millisecond), plain>>20, compressed>>20)
-	type result struct {
-		wall, cpu time.Duration
-		maxRSS    int64 // KiB
-		io        ioCounts
+	var info pushInfo
+	if err := json.Unmarshal(out, &info); err != nil {
+		return fmt.Errorf("push: %w (%q)", err, out)
 	}
-	best := map[string]result{}
-	ways := []string{"curl", "stream", "twopass"}
+	fmt.Printf("pushed in %s: image A %s MiB unpacked, %s MiB gzip, %d layers (MiB unpacked/gzip):",
+		time.Since(t0).Round(time.Millisecond), mibs(info.Plain), mibs(info.Compressed), len(info.Layers))
+	for i, l := range info.Layers {
+		fmt.Printf(" %d: %s/%s", i+1, mibs(l.Plain), mibs(l.Size))
+	}
+	fmt.Printf("\nimage B: A with layer %d repacked with /%s added: %s/%s MiB; the other %d layers shared\n",
+		info.Changed+1, markerFile, mibs(info.B.Plain), mibs(info.B.Size), len(info.Layers)-1)
+	fmt.Printf("load average before the runs: %s (2 CPUs here may be shared)\n\n", loadavg())
+
+	samples := map[string][]sample{}
 	for r := 0; r < runs; r++ {
-		for _, way := range ways {
-			dest := filepath.Join(workDir, "machines", way)
-			os.MkdirAll(filepath.Dir(dest), 0o700)
-			cmd := exec.CommandContext(ctx, self, "-mode", way, "-ref", ref, "-dest", dest, "-spool-mem", fmt.Sprint(spoolMemory))
-			cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-			// The child writes its /proc/self/io to fd 3 as it exits.
-			ior, iow, err := os.Pipe()
+		for i := range ways {
+			way := ways[(i+r)%len(ways)]
+			dir := filepath.Join(waysDir, way)
+			if err := cleanWay(ctx, root, dir, quiet); err != nil {
+				return err
+			}
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return err
+			}
+			ref := refA
+			if way == "store-b" || way == "store-upgrade" {
+				ref = refB
+			}
+			if way == "store-upgrade" {
+				// The store holds A and A is mounted, as on a machine that
+				// runs A; none of it is measured.
+				seed := exec.CommandContext(ctx, self, "-mode", "seed", "-ref", refA, "-dest", dir)
+				seed.Stdout, seed.Stderr = os.Stdout, os.Stderr
+				if err := seed.Run(); err != nil {
+					return fmt.Errorf("seed the store with image A: %w", err)
+				}
+			}
+			// What earlier ways (and their removal) left to write goes to
+			// the disk now, not during this way.
+			syscall.Sync()
+			s, err := measure(ctx, self, way, ref, dir)
 			if err != nil {
 				return err
 			}
-			cmd.ExtraFiles = []*os.File{iow}
-			start := time.Now()
-			err = cmd.Start()
-			iow.Close()
-			if err != nil {
-				ior.Close()
-				return fmt.Errorf("%s: %w", way, err)
+			fmt.Printf("run %d %-13s wall %8s  cpu %8s  peak RSS %6.1f MiB  written %7.1f MiB  cancelled %6.1f MiB  spilled %6.1f MiB%s\n", r+1, way,
+				s.wall.Round(time.Millisecond), s.cpu.Round(time.Millisecond), float64(s.maxRSS)/1024, mib(s.io.written), mib(s.io.cancelled), mib(s.io.spilled),
+				fetchedText(way, s.io))
+			samples[way] = append(samples[way], s)
+			if err := cleanWay(ctx, root, dir, quiet); err != nil {
+				return err
 			}
-			report, _ := io.ReadAll(ior)
-			ior.Close()
-			if err := cmd.Wait(); err != nil {
-				return fmt.Errorf("%s: %w", way, err)
-			}
-			wall := time.Since(start)
-			ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-			cpu := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
-			ioc := parseIO(string(report))
-			fmt.Printf("run %d %-8s wall %8s  cpu %8s  peak RSS %6.1f MiB  written %6.1f MiB  cancelled %6.1f MiB  spilled %6.1f MiB\n", r+1, way,
-				wall.Round(time.Millisecond), cpu.Round(time.Millisecond), float64(ru.Maxrss)/1024, mib(ioc.written), mib(ioc.cancelled), mib(ioc.spilled))
-			if b, ok := best[way]; !ok || wall < b.wall {
-				best[way] = result{wall, cpu, ru.Maxrss, ioc}
-			}
-			// Remove the rootfs (and the marker) so every run starts empty.
-			os.RemoveAll(filepath.Dir(dest))
 		}
 	}
 	fmt.Printf("(peak RSS of a child cannot read below this process's RSS when it was started, %s)\n", vmLine("VmRSS"))
-	floor := best["curl"].wall
-	fmt.Printf("\nbest of %d runs (by wall time), %d layers, %d MB gzip, %d MB unpacked:\n", runs, nLayers, compressed>>20, plain>>20)
-	fmt.Printf("%-8s %10s %12s %10s %14s %12s %14s %10s %12s\n", "way", "wall", "vs curl|tar", "cpu", "peak RSS MiB", "written MiB", "cancelled MiB", "net MiB", "spilled MiB")
-	for _, way := range ways {
-		b := best[way]
-		fmt.Printf("%-8s %10s %11.2fx %10s %14.1f %12.1f %14.1f %10.1f %12.1f\n", way, b.wall.Round(time.Millisecond), b.wall.Seconds()/floor.Seconds(),
-			b.cpu.Round(time.Millisecond), float64(b.maxRSS)/1024, mib(b.io.written), mib(b.io.cancelled), mib(b.io.written-b.io.cancelled), mib(b.io.spilled))
+	fmt.Printf("load average after the runs: %s\n", loadavg())
+
+	best := map[string]sample{}
+	median := map[string]time.Duration{}
+	for w, ss := range samples {
+		walls := make([]time.Duration, len(ss))
+		for i, s := range ss {
+			walls[i] = s.wall
+			if b, ok := best[w]; !ok || s.wall < b.wall {
+				best[w] = s
+			}
+		}
+		sort.Slice(walls, func(i, j int) bool { return walls[i] < walls[j] })
+		if n := len(walls); n%2 == 1 {
+			median[w] = walls[n/2]
+		} else {
+			median[w] = (walls[n/2-1] + walls[n/2]) / 2
+		}
 	}
-	fmt.Println("(written: dirtied in the page cache of disk filesystems; cancelled: dropped before writeback; spilled: layers fetched ahead that went to a temporary file)")
-	fmt.Printf("stream vs twopass: %.2fx the time\n", best["stream"].wall.Seconds()/best["twopass"].wall.Seconds())
+	floor, haveFloor := best["floor"]
+	fmt.Printf("\nfastest of %d runs per way (the row is that run; median: the median wall time of the %d), image A: %d layers, %s MiB gzip, %s MiB unpacked:\n",
+		runs, runs, len(info.Layers), mibs(info.Compressed), mibs(info.Plain))
+	fmt.Printf("%-13s %9s %9s %9s %9s %13s %12s %14s %9s %12s  %s\n", "way", "wall", "median", "vs floor", "cpu", "peak RSS MiB", "written MiB", "cancelled MiB", "net MiB", "spilled MiB", "fetched")
+	for _, w := range allWays {
+		b, ok := best[w]
+		if !ok {
+			continue
+		}
+		ratio := "-"
+		if haveFloor {
+			ratio = fmt.Sprintf("%.2fx", b.wall.Seconds()/floor.wall.Seconds())
+		}
+		row := fmt.Sprintf("%-13s %9s %9s %9s %9s %13.1f %12.1f %14.1f %9.1f %12.1f  %s", w, b.wall.Round(time.Millisecond), median[w].Round(time.Millisecond), ratio,
+			b.cpu.Round(time.Millisecond), float64(b.maxRSS)/1024, mib(b.io.written), mib(b.io.cancelled), mib(b.io.written-b.io.cancelled), mib(b.io.spilled),
+			strings.TrimSpace(fetchedText(w, b.io)))
+		fmt.Println(strings.TrimRight(row, " "))
+	}
+	fmt.Println("(written: dirtied in the page cache of disk filesystems; cancelled: dropped before writeback; spilled: layers the flattening pull fetched ahead that went to a temporary file)")
+
+	fmt.Printf("\ngoals (fastest runs):\n")
+	verdict := func(ok bool) string {
+		if ok {
+			return "PASS"
+		}
+		return "MISS"
+	}
+	if s, ok := best["store"]; ok && haveFloor {
+		r := s.wall.Seconds() / floor.wall.Seconds()
+		fmt.Printf("  first pull <= 1.1x the floor:            %s  store %s / floor %s = %.2fx\n", verdict(r <= 1.1),
+			s.wall.Round(time.Millisecond), floor.wall.Round(time.Millisecond), r)
+	} else {
+		fmt.Printf("  first pull <= 1.1x the floor:            not measured (needs the ways store and floor)\n")
+	}
+	u, okU := best["store-upgrade"]
+	f, okF := best["store-b"]
+	if okU && okF {
+		r := f.wall.Seconds() / u.wall.Seconds()
+		fmt.Printf("  one-layer upgrade >= 5x faster:          %s  full pull of B into an empty store (store-b) %s / upgrade A->B (store-upgrade) %s = %.1fx\n",
+			verdict(r >= 5), f.wall.Round(time.Millisecond), u.wall.Round(time.Millisecond), r)
+	} else {
+		fmt.Printf("  one-layer upgrade >= 5x faster:          not measured (needs the ways store-upgrade and store-b)\n")
+	}
+	var rssWays []string
+	var maxRSS int64
+	for _, w := range []string{"store", "store-b", "store-upgrade"} {
+		if s, ok := best[w]; ok {
+			rssWays = append(rssWays, fmt.Sprintf("%s %.1f", w, float64(s.maxRSS)/1024))
+			maxRSS = max(maxRSS, s.maxRSS)
+		}
+	}
+	if len(rssWays) > 0 {
+		size := fmt.Sprintf("on a %s MiB image", mibs(info.Plain))
+		if info.Plain < 1<<30 {
+			size += fmt.Sprintf(", %.2f GiB: smaller than the goal's 1 GiB", float64(info.Plain)/(1<<30))
+		}
+		fmt.Printf("  peak RSS < 100 MiB (layer-store ways):   %s  %s MiB (%s)\n", verdict(maxRSS < 100<<10), strings.Join(rssWays, ", "), size)
+	}
+	if note != "" {
+		fmt.Println(note)
+	}
 	return nil
 }
 
+// measure runs one way in a child and returns what it used.
+func measure(ctx context.Context, self, way, ref, dir string) (sample, error) {
+	cmd := exec.CommandContext(ctx, self, "-mode", way, "-ref", ref, "-dest", dir, "-spool-mem", fmt.Sprint(spoolMemory))
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	// The child writes its /proc/self/io to fd 3 as it exits.
+	ior, iow, err := os.Pipe()
+	if err != nil {
+		return sample{}, err
+	}
+	cmd.ExtraFiles = []*os.File{iow}
+	start := time.Now()
+	err = cmd.Start()
+	iow.Close()
+	if err != nil {
+		ior.Close()
+		return sample{}, fmt.Errorf("%s: %w", way, err)
+	}
+	report, _ := io.ReadAll(ior)
+	ior.Close()
+	if err := cmd.Wait(); err != nil {
+		return sample{}, fmt.Errorf("%s: %w", way, err)
+	}
+	wall := time.Since(start)
+	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	return sample{wall: wall, cpu: cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime(), maxRSS: ru.Maxrss, io: parseIO(string(report))}, nil
+}
+
+// cleanWay unmounts what a way mounted in its directory and removes the
+// directory; it removes nothing while something stays mounted.
+func cleanWay(ctx context.Context, root *confine.Root, dir string, log *slog.Logger) error {
+	target := filepath.Join(dir, "root")
+	if err := layers.Unmount(ctx, root, target, 10*time.Second, log); err != nil {
+		return fmt.Errorf("clean up: %w", err)
+	}
+	if mounted, _, err := layers.MountedAt(target); err != nil || mounted {
+		return fmt.Errorf("clean up: %s is still mounted (%v)", target, err)
+	}
+	return os.RemoveAll(dir)
+}
+
+func fetchedText(way string, c ioCounts) string {
+	if !strings.HasPrefix(way, "store") {
+		return ""
+	}
+	return fmt.Sprintf("  fetched %d layers, %.1f MiB", c.fetchedLayers, mib(c.fetched))
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Join(strings.Fields(string(b))[:3], " ")
+}
+
 // ioCounts is what /proc/self/io says a process wrote, and what its pull
-// spilled.
+// spilled and fetched.
 type ioCounts struct {
-	written, cancelled, spilled int64
+	written, cancelled, spilled, fetched int64
+	fetchedLayers                        int
 }
 
 func parseIO(s string) ioCounts {
@@ -208,12 +516,18 @@ func parseIO(s string) ioCounts {
 			c.cancelled = n
 		case "spilled":
 			c.spilled = n
+		case "fetched":
+			c.fetched = n
+		case "fetched_layers":
+			c.fetchedLayers = int(n)
 		}
 	}
 	return c
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+func mibs(n int64) string { return strconv.FormatFloat(mib(n), 'f', 1, 64) }
 
 // reportIO writes this process's /proc/self/io (its own threads and the
 // children it waited for) to fd 3, where the parent reads it.
@@ -227,33 +541,72 @@ func reportIO() error {
 		return nil
 	}
 	defer f.Close()
-	_, err = fmt.Fprintf(f, "%sspilled: %d\n", b, spilled)
+	_, err = fmt.Fprintf(f, "%sspilled: %d\nfetched: %d\nfetched_layers: %d\n", b, counts.spilled, counts.fetched, counts.fetchedLayers)
 	return err
 }
 
-// child runs one way in this process.
-func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int, rootfsDir string) error {
+// child runs one step in this process. dir is the way's directory: a
+// flattened tree goes to dir/rootfs; the layer store is dir/layers, the
+// composed root dir/root, its state dir/state, its mount unit in dir/units.
+func child(ctx context.Context, mode, ref, dir string, nLayers, layerMB int, rootfsDir, add string) error {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if mode == "push" {
+		info, err := pushImages(ctx, ref, nLayers, layerMB, rootfsDir, add, dir)
+		if err != nil {
+			return err
+		}
+		return json.NewEncoder(os.Stdout).Encode(info)
+	}
 	host := strings.SplitN(ref, "/", 2)[0]
+	isB := strings.HasSuffix(ref, ":"+tagB)
 	// The benchmark's paths are host paths: the whole host is its root.
 	root, err := confine.Open("/")
 	if err != nil {
 		return err
 	}
 	defer root.Close()
+	flat := filepath.Join(dir, "rootfs")
 	switch mode {
-	case "push":
-		n, plain, err := pushImage(ctx, host, nLayers, layerMB, rootfsDir, dest)
-		fmt.Println(n, plain)
-		return err
+	case "floor":
+		m, repo, err := fetchManifest(ctx, ref)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(flat, 0o755); err != nil {
+			return err
+		}
+		// Layers fetched and unpacked as many at once as the pulls fetch;
+		// the layers of this image overlap in directories only.
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(nsoci.DefaultConcurrency)
+		for _, l := range m.Layers {
+			url := fmt.Sprintf("http://%s/v2/%s/blobs/%s", host, repo, l.Digest)
+			g.Go(func() error {
+				cmd := exec.CommandContext(gctx, "bash", "-c", `set -eo pipefail; curl -sSf "$1" | tar -xz -C "$2"`, "floor", url, flat)
+				cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+				return cmd.Run()
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		if err := root.Syncfs(flat); err != nil {
+			return err
+		}
+		return checkTree(flat, false)
 	case "stream":
-		res, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Root: root, Dest: dest, Log: log,
+		res, err := nsoci.Pull(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Root: root, Dest: flat, Log: log,
 			SpoolMemory: spoolMemory})
-		spilled = res.Spilled
-		return err
+		counts.spilled = res.Spilled
+		if err != nil {
+			return err
+		}
+		if err := root.Syncfs(flat); err != nil {
+			return err
+		}
+		return checkTree(flat, isB)
 	case "twopass":
-		layout := dest + ".layout"
-		defer os.RemoveAll(layout)
+		layout := filepath.Join(dir, "layout")
 		store, err := oci.New(layout)
 		if err != nil {
 			return err
@@ -267,42 +620,87 @@ func child(ctx context.Context, mode, ref, dest string, nLayers, layerMB int, ro
 		if _, err := oras.Copy(ctx, repo, tag, store, tag, oras.DefaultCopyOptions); err != nil {
 			return fmt.Errorf("copy to layout: %w", err)
 		}
-		res, err := nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Root: root, Dest: dest, Log: log,
+		if err := root.Syncfs(layout); err != nil {
+			return err
+		}
+		res, err := nsoci.Pull(ctx, nsoci.Request{Layout: layout, LayoutRef: tag, Platform: "linux/amd64", Root: root, Dest: flat, Log: log,
 			SpoolMemory: spoolMemory})
-		spilled = res.Spilled
-		return err
-	case "curl":
-		// The manifest is read here; the layers go through curl | tar.
-		repo, err := remote.NewRepository(ref)
+		counts.spilled = res.Spilled
 		if err != nil {
 			return err
 		}
-		repo.PlainHTTP = true
-		_, rc, err := repo.FetchReference(ctx, repo.Reference.Reference)
+		if err := os.RemoveAll(layout); err != nil {
+			return err
+		}
+		if err := root.Syncfs(flat); err != nil {
+			return err
+		}
+		return checkTree(flat, isB)
+	case "store", "store-b", "store-upgrade", "seed":
+		st, err := layers.Open(root, filepath.Join(dir, "layers"))
 		if err != nil {
 			return err
 		}
-		var m ocispec.Manifest
-		err = json.NewDecoder(rc).Decode(&m)
-		rc.Close()
+		res, err := nsoci.PullLayers(ctx, nsoci.Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{host}, Log: log}, st)
+		counts.fetched, counts.fetchedLayers = res.FetchedBytes, res.Fetched
 		if err != nil {
 			return err
 		}
-		if err := os.MkdirAll(dest, 0o755); err != nil {
+		m := layers.Machine{Target: filepath.Join(dir, "root"), Dir: filepath.Join(dir, "state"), Unit: filepath.Join(dir, "units", "bench.mount"), Machine: "bench"}
+		img := layers.Image{Source: ref, Platform: "linux/amd64", Manifest: res.ManifestDigest, Layers: res.DiffIDs}
+		if _, err := st.Compose(ctx, m, img, log); err != nil {
 			return err
 		}
-		var script strings.Builder
-		script.WriteString("set -e\n")
-		for _, l := range m.Layers {
-			fmt.Fprintf(&script, "curl -sSf http://%s/v2/%s/blobs/%s | tar -xz -C %s\n", host, repo.Reference.Repository, l.Digest, dest)
+		if err := root.Syncfs(m.Dir); err != nil {
+			return err
 		}
-		// Same durability as the other two, which syncfs before renaming.
-		fmt.Fprintf(&script, "sync -f %s\n", dest)
-		cmd := exec.CommandContext(ctx, "sh", "-c", script.String())
-		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-		return cmd.Run()
+		if err := checkTree(m.Target, isB); err != nil {
+			return err
+		}
+		if mode == "seed" {
+			return nil // stays mounted: the machine runs image A
+		}
+		return layers.Unmount(ctx, root, m.Target, 10*time.Second, log)
 	}
 	return fmt.Errorf("unknown mode %q", mode)
+}
+
+// checkTree checks that a rootfs was made, of image B or of image A.
+func checkTree(dir string, isB bool) error {
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	if len(es) == 0 {
+		return fmt.Errorf("%s is empty", dir)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, markerFile))
+	switch {
+	case isB && err != nil:
+		return fmt.Errorf("image B's file is not in the tree: %w", err)
+	case isB && string(b) != "B\n":
+		return fmt.Errorf("image B's file holds %q", b)
+	case !isB && !errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("image A's tree has /%s (%v)", markerFile, err)
+	}
+	return nil
+}
+
+// fetchManifest fetches the image manifest of ref; it returns it and the
+// repository's name.
+func fetchManifest(ctx context.Context, ref string) (ocispec.Manifest, string, error) {
+	var m ocispec.Manifest
+	repo, err := remote.NewRepository(ref)
+	if err != nil {
+		return m, "", err
+	}
+	repo.PlainHTTP = true
+	_, rc, err := repo.FetchReference(ctx, repo.Reference.Reference)
+	if err != nil {
+		return m, "", err
+	}
+	defer rc.Close()
+	return m, repo.Reference.Repository, json.NewDecoder(rc).Decode(&m)
 }
 
 // startRegistry runs docker-registry on a free loopback port.
@@ -340,74 +738,124 @@ func startRegistry(dir string) (string, func(), error) {
 	return "", nil, fmt.Errorf("docker-registry did not come up on %s", addr)
 }
 
-// pushImage generates (or packs rootfsDir into) the layers and pushes the
-// image; it returns the compressed and uncompressed sizes. scratch is
-// where packed layers wait for their push.
-func pushImage(ctx context.Context, addr string, nLayers, layerMB int, rootfsDir, scratch string) (int64, int64, error) {
+// pushImages packs the sources (or generates layers when rootfsDir is
+// ""), pushes image A as tag a and image B (A with its last layer
+// repacked with markerFile added) as tag b. scratch is where packed
+// layers wait for their push.
+func pushImages(ctx context.Context, addr string, nLayers, layerMB int, rootfsDir, add, scratch string) (pushInfo, error) {
+	var info pushInfo
 	repo, err := remote.NewRepository(addr + "/bench/rootfs")
 	if err != nil {
-		return 0, 0, err
+		return info, err
 	}
 	repo.PlainHTTP = true
 	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}, RootFS: ocispec.RootFS{Type: "layers"}}
 	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
-	var total, plain int64
-	add := func(i int, diffID digest.Digest, desc ocispec.Descriptor, blob io.Reader) error {
+	pushLayer := func(diffID digest.Digest, desc ocispec.Descriptor, plain int64, blob io.Reader) (layerInfo, error) {
 		if err := repo.Push(ctx, desc, blob); err != nil {
-			return fmt.Errorf("push layer %d: %w", i, err)
+			return layerInfo{}, fmt.Errorf("push layer %s: %w", desc.Digest, err)
 		}
-		m.Layers = append(m.Layers, desc)
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, diffID)
-		total += desc.Size
-		return nil
+		return layerInfo{Size: desc.Size, Plain: plain}, nil
 	}
+	gzDesc := func(d digest.Digest, size int64) ocispec.Descriptor {
+		return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: d, Size: size}
+	}
+	var bDesc ocispec.Descriptor
+	var bDiffID digest.Digest
 	if rootfsDir != "" {
-		packed, n, err := packTree(rootfsDir, nLayers, scratch)
+		srcs, err := parseSources(rootfsDir, add)
 		if err != nil {
-			return 0, 0, err
+			return info, err
 		}
-		plain = n
-		for i, l := range packed {
+		p := &packer{srcs: srcs, scratch: scratch}
+		packed, plain, err := p.packTree(nLayers)
+		if err != nil {
+			return info, err
+		}
+		defer func() {
+			for _, l := range packed {
+				os.Remove(l.path)
+			}
+		}()
+		info.Plain = plain
+		pushFile := func(l packedLayer) (layerInfo, error) {
 			f, err := os.Open(l.path)
 			if err != nil {
-				return 0, 0, err
+				return layerInfo{}, err
 			}
-			err = add(i, l.diffID, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: l.digest, Size: l.size}, f)
-			f.Close()
-			os.Remove(l.path)
-			if err != nil {
-				return 0, 0, err
-			}
+			defer f.Close()
+			return pushLayer(l.diffID, gzDesc(l.digest, l.size), l.plain, f)
 		}
+		for _, l := range packed {
+			li, err := pushFile(l)
+			if err != nil {
+				return info, err
+			}
+			info.Layers = append(info.Layers, li)
+			m.Layers = append(m.Layers, gzDesc(l.digest, l.size))
+			cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.diffID)
+		}
+		last := len(packed) - 1
+		nl, err := p.repack(packed[last], last, markerFile, []byte("B\n"))
+		if err != nil {
+			return info, err
+		}
+		defer os.Remove(nl.path)
+		if info.B, err = pushFile(nl); err != nil {
+			return info, err
+		}
+		bDesc, bDiffID = gzDesc(nl.digest, nl.size), nl.diffID
 	} else {
 		for i := 0; i < nLayers; i++ {
-			tarball, blob := genLayer(uint64(i), layerMB<<20)
-			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
-			if err := add(i, tarball, desc, bytes.NewReader(blob)); err != nil {
-				return 0, 0, err
+			diffID, blob := genLayer(uint64(i), layerMB<<20, false)
+			desc := gzDesc(digest.FromBytes(blob), int64(len(blob)))
+			li, err := pushLayer(diffID, desc, int64(layerMB)<<20, bytes.NewReader(blob))
+			if err != nil {
+				return info, err
 			}
+			info.Layers = append(info.Layers, li)
+			m.Layers = append(m.Layers, desc)
+			cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, diffID)
 		}
-		plain = int64(nLayers*layerMB) << 20
+		info.Plain = int64(nLayers*layerMB) << 20
+		diffID, blob := genLayer(uint64(nLayers-1), layerMB<<20, true)
+		bDesc, bDiffID = gzDesc(digest.FromBytes(blob), int64(len(blob))), diffID
+		if info.B, err = pushLayer(diffID, bDesc, int64(layerMB)<<20, bytes.NewReader(blob)); err != nil {
+			return info, err
+		}
 	}
-	push := func(mt string, v any) (ocispec.Descriptor, error) {
+	for _, l := range info.Layers {
+		info.Compressed += l.Size
+	}
+	info.Changed = len(m.Layers) - 1
+	pushJSON := func(mt string, v any) (ocispec.Descriptor, error) {
 		b, _ := json.Marshal(v)
 		d := ocispec.Descriptor{MediaType: mt, Digest: digest.FromBytes(b), Size: int64(len(b))}
 		return d, repo.Push(ctx, d, bytes.NewReader(b))
 	}
-	if m.Config, err = push(ocispec.MediaTypeImageConfig, cfg); err != nil {
-		return 0, 0, err
+	tag := func(tag string) error {
+		if m.Config, err = pushJSON(ocispec.MediaTypeImageConfig, cfg); err != nil {
+			return err
+		}
+		md, err := pushJSON(ocispec.MediaTypeImageManifest, m)
+		if err != nil {
+			return err
+		}
+		return repo.Tag(ctx, md, tag)
 	}
-	md, err := push(ocispec.MediaTypeImageManifest, m)
-	if err != nil {
-		return 0, 0, err
+	if err := tag(tagA); err != nil {
+		return info, err
 	}
-	return total, plain, repo.Tag(ctx, md, "v1")
+	m.Layers[info.Changed] = bDesc
+	cfg.RootFS.DiffIDs[info.Changed] = bDiffID
+	return info, tag(tagB)
 }
 
 // genLayer makes a tar of ~size bytes in files of 1 MiB or less of
-// random words (compressible roughly 3:1, like binaries and text), and its
-// gzip; it returns the tar's digest (the DiffID) and the blob.
-func genLayer(seed uint64, size int) (digest.Digest, []byte) {
+// random words (compressible roughly 3:1, like binaries and text), with
+// markerFile added when withMarker is set, and its gzip; it returns the
+// tar's digest (the DiffID) and the blob.
+func genLayer(seed uint64, size int, withMarker bool) (digest.Digest, []byte) {
 	r := rand.New(rand.NewPCG(seed, 42))
 	words := make([]string, 4096)
 	for i := range words {
@@ -420,7 +868,7 @@ func genLayer(seed uint64, size int) (digest.Digest, []byte) {
 	var tarBuf bytes.Buffer
 	tw := tar.NewWriter(&tarBuf)
 	dir := fmt.Sprintf("layer%d", seed)
-	tw.WriteHeader(&tar.Header{Name: dir + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: time.Unix(1700000000, 0)})
+	tw.WriteHeader(&tar.Header{Name: dir + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch})
 	for n, written := 0, 0; written < size; n++ {
 		fsize := min(1<<20, size-written) - r.IntN(64<<10)
 		if fsize <= 0 {
@@ -432,9 +880,14 @@ func genLayer(seed uint64, size int) (digest.Digest, []byte) {
 			body.WriteByte(' ')
 		}
 		b := body.Bytes()[:fsize]
-		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("%s/f%05d", dir, n), Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(b)), ModTime: time.Unix(1700000000, 0)})
+		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("%s/f%05d", dir, n), Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(b)), ModTime: epoch})
 		tw.Write(b)
 		written += fsize
+	}
+	if withMarker {
+		tw.WriteHeader(&tar.Header{Name: filepath.Dir(markerFile) + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch})
+		tw.WriteHeader(&tar.Header{Name: markerFile, Typeflag: tar.TypeReg, Mode: 0o644, Size: 2, ModTime: epoch})
+		tw.Write([]byte("B\n"))
 	}
 	tw.Close()
 	var gz bytes.Buffer

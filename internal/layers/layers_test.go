@@ -1,0 +1,366 @@
+package layers
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: overlayfs mounts, whiteout devices, trusted xattrs")
+	}
+}
+
+var quiet = slog.New(slog.DiscardHandler)
+
+func id(s string) digest.Digest { return digest.FromString(s) }
+
+// fill writes files (name -> body) into dir, a path in root.
+func fill(root *confine.Root, files map[string]string) func(string) error {
+	return func(dir string) error {
+		for name, body := range files {
+			p := filepath.Join(dir, name)
+			if err := root.MkdirAll(filepath.Dir(p), 0o755, 0, 0); err != nil {
+				return err
+			}
+			if err := root.WriteFile(p, []byte(body), 0o644, 0, 0); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+func newStore(t *testing.T) (*Store, string) {
+	t.Helper()
+	base := t.TempDir()
+	s, err := Open(confinetest.HostRoot(t), filepath.Join(base, "layers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, base
+}
+
+func names(t *testing.T, dir string) []string {
+	t.Helper()
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range es {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+func TestUnpackCommitsWholeOrNothing(t *testing.T) {
+	s, _ := newStore(t)
+	ctx := context.Background()
+	a := id("a")
+	boom := errors.New("boom")
+	_, err := s.Unpack(ctx, a, func(dir string) error {
+		if err := fill(s.root, map[string]string{"half": "x"})(dir); err != nil {
+			return err
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("Unpack: %v, want the fill's error", err)
+	}
+	if have, _ := s.Has(a); have {
+		t.Fatal("a failed unpack left the layer in the store")
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+		t.Fatalf("store holds %v after a failed unpack, want only sha256/", got)
+	}
+
+	added, err := s.Unpack(ctx, a, fill(s.root, map[string]string{"etc/os-release": "a"}))
+	if err != nil || !added {
+		t.Fatalf("Unpack: added=%v err=%v", added, err)
+	}
+	b, err := os.ReadFile(filepath.Join(s.Path(a), "etc/os-release"))
+	if err != nil || string(b) != "a" {
+		t.Fatalf("layer content %q, %v", b, err)
+	}
+	// A layer already there is not unpacked again.
+	added, err = s.Unpack(ctx, a, func(string) error { t.Error("fill called for a layer in the store"); return nil })
+	if err != nil || added {
+		t.Fatalf("second Unpack: added=%v err=%v", added, err)
+	}
+}
+
+func TestUnpackSameLayerConcurrently(t *testing.T) {
+	s, _ := newStore(t)
+	a := id("a")
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = s.Unpack(context.Background(), a, fill(s.root, map[string]string{"f": "a"}))
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+		t.Fatalf("store holds %v, want only sha256/ (no staging left)", got)
+	}
+	if got := names(t, filepath.Join(s.dir, "sha256")); !slices.Equal(got, []string{a.Encoded()}) {
+		t.Fatalf("layers %v", got)
+	}
+}
+
+func TestSweepAndCollect(t *testing.T) {
+	s, _ := newStore(t)
+	ctx := context.Background()
+	ids := []digest.Digest{id("a"), id("b"), id("c")}
+	for _, l := range ids {
+		if _, err := s.Unpack(ctx, l, fill(s.root, map[string]string{"f": l.String()})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// What a crash leaves: a half-unpacked layer and a half-deleted one.
+	for _, n := range []string{".unpack-x1", ".trash-x2/layer/deep"} {
+		if err := os.MkdirAll(filepath.Join(s.dir, n), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sweep(quiet); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+		t.Fatalf("after Sweep: %v", got)
+	}
+	gone, err := s.Collect(map[digest.Digest]bool{ids[1]: true}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []digest.Digest{ids[0], ids[2]}
+	slices.Sort(want)
+	if !slices.Equal(gone, want) {
+		t.Fatalf("Collect removed %v, want %v", gone, want)
+	}
+	left, _ := s.List()
+	if !slices.Equal(left, []digest.Digest{ids[1]}) {
+		t.Fatalf("left %v, want %v", left, ids[1])
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+		t.Fatalf("after Collect: %v", got)
+	}
+}
+
+// machine is a root in base composed of the store's layers.
+func machine(base, name string) Machine {
+	return Machine{
+		Target:  filepath.Join(base, "machines", name),
+		Dir:     filepath.Join(base, "state", name, "overlay"),
+		Unit:    filepath.Join(base, "units", name+".mount"),
+		Machine: name,
+	}
+}
+
+func unmountAtEnd(t *testing.T, s *Store, m Machine) {
+	t.Cleanup(func() {
+		if err := Unmount(context.Background(), s.root, m.Target, 10*time.Second, quiet); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+}
+
+func TestComposeMountsUpdatesAndRemounts(t *testing.T) {
+	requireRoot(t)
+	s, base := newStore(t)
+	ctx := context.Background()
+	lower, upper, other := id("lower"), id("upper"), id("other")
+	for l, files := range map[digest.Digest]map[string]string{
+		lower: {"etc/os-release": "lower", "etc/keep": "keep", "opt/gone": "gone"},
+		upper: {"etc/os-release": "upper"},
+		other: {"etc/os-release": "other"},
+	} {
+		if _, err := s.Unpack(ctx, l, fill(s.root, files)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A whiteout in the upper layer hides opt/gone.
+	if err := os.MkdirAll(filepath.Join(s.Path(upper), "opt"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mknod(filepath.Join(s.Path(upper), "opt", "gone"), unix.S_IFCHR, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	m := machine(base, "kube1")
+	unmountAtEnd(t, s, m)
+	img := Image{Source: "test", Platform: "linux/amd64", Manifest: id("m1"), Layers: []digest.Digest{lower, upper}}
+	changed, err := s.Compose(ctx, m, img, quiet)
+	if err != nil || !changed {
+		t.Fatalf("Compose: changed=%v err=%v", changed, err)
+	}
+	read := func(p string) string {
+		b, err := os.ReadFile(filepath.Join(m.Target, p))
+		if err != nil {
+			return "<" + err.Error() + ">"
+		}
+		return string(b)
+	}
+	if got := read("etc/os-release"); got != "upper" {
+		t.Errorf("etc/os-release = %q, want the upper layer's", got)
+	}
+	if got := read("etc/keep"); got != "keep" {
+		t.Errorf("etc/keep = %q", got)
+	}
+	if _, err := os.Lstat(filepath.Join(m.Target, "opt/gone")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("opt/gone shows through its whiteout: %v", err)
+	}
+	unit, err := os.ReadFile(m.Unit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Where=" + m.Target, "Type=overlay", "lowerdir=" + s.Path(upper) + ":" + s.Path(lower) + ",", "upperdir=" + m.Dir + "/upper", "Before=systemd-nspawn@kube1.service"} {
+		if !bytes.Contains(unit, []byte(want)) {
+			t.Errorf("mount unit lacks %q:\n%s", want, unit)
+		}
+	}
+
+	// Writes go to the upper directory; the layers stay as they were.
+	if err := os.WriteFile(filepath.Join(m.Target, "etc/keep"), []byte("changed"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(s.Path(lower), "etc/keep")); string(b) != "keep" {
+		t.Fatalf("a write through the mount changed the layer: %q", b)
+	}
+	if b, _ := os.ReadFile(filepath.Join(m.Dir, "upper/etc/keep")); string(b) != "changed" {
+		t.Fatalf("upper holds %q", b)
+	}
+	used, err := s.InUse()
+	if err != nil || !used[lower] || !used[upper] || used[other] {
+		t.Fatalf("InUse = %v (%v), want lower and upper only", used, err)
+	}
+
+	// The same image again: nothing to do, the machine's write stays.
+	if changed, err := s.Compose(ctx, m, img, quiet); err != nil || changed {
+		t.Fatalf("second Compose: changed=%v err=%v", changed, err)
+	}
+	// Unmounted (a reboot before the mount unit ran): mounted again as it was.
+	if err := Unmount(ctx, s.root, m.Target, time.Second, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := s.Compose(ctx, m, img, quiet); err != nil || !changed {
+		t.Fatalf("Compose after unmount: changed=%v err=%v", changed, err)
+	}
+	if got := read("etc/keep"); got != "changed" {
+		t.Errorf("after remount etc/keep = %q, want the machine's write", got)
+	}
+
+	// Another image: a fresh upper directory on the new layers.
+	img2 := Image{Source: "test", Platform: "linux/amd64", Manifest: id("m2"), Layers: []digest.Digest{lower, other}}
+	if changed, err := s.Compose(ctx, m, img2, quiet); err != nil || !changed {
+		t.Fatalf("Compose of another image: changed=%v err=%v", changed, err)
+	}
+	if got, want := read("etc/os-release")+"|"+read("etc/keep"), "other|keep"; got != want {
+		t.Errorf("after the image changed: %q, want %q", got, want)
+	}
+	rec, err := ReadImage(s.root, m.Dir)
+	if err != nil || rec == nil || rec.Manifest != img2.Manifest {
+		t.Fatalf("record %+v (%v), want manifest %s", rec, err, img2.Manifest)
+	}
+}
+
+func TestComposeRefusesForeignTreeReplacesFlatOne(t *testing.T) {
+	requireRoot(t)
+	s, base := newStore(t)
+	ctx := context.Background()
+	l := id("l")
+	if _, err := s.Unpack(ctx, l, fill(s.root, map[string]string{"f": "layer"})); err != nil {
+		t.Fatal(err)
+	}
+	m := machine(base, "kube1")
+	unmountAtEnd(t, s, m)
+	if err := os.MkdirAll(filepath.Join(m.Target, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	img := Image{Manifest: id("m"), Layers: []digest.Digest{l}}
+	_, err := s.Compose(ctx, m, img, quiet)
+	if err == nil || !strings.Contains(err.Error(), "nodespawn did not make it") {
+		t.Fatalf("Compose over a foreign tree: %v, want a refusal", err)
+	}
+	if _, err := os.Stat(filepath.Join(m.Target, "etc")); err != nil {
+		t.Fatalf("the foreign tree was touched: %v", err)
+	}
+	// A flattened rootfs nodespawn made (its marker beside it) goes.
+	marker := filepath.Join(filepath.Dir(m.Target), ".kube1.nodespawn-image")
+	if err := os.WriteFile(marker, []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Compose(ctx, m, img, quiet); err != nil {
+		t.Fatalf("Compose over nodespawn's flat tree: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(m.Target, "f")); err != nil || string(b) != "layer" {
+		t.Fatalf("root shows %q (%v)", b, err)
+	}
+	if _, err := os.Lstat(marker); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("flat marker left: %v", err)
+	}
+}
+
+func TestComposeNeedsEveryLayer(t *testing.T) {
+	s, base := newStore(t)
+	_, err := s.Compose(context.Background(), machine(base, "kube1"), Image{Layers: []digest.Digest{id("missing")}}, quiet)
+	if err == nil || !strings.Contains(err.Error(), "not in the store") {
+		t.Fatalf("Compose of a missing layer: %v", err)
+	}
+}
+
+func TestMountOptionsTooManyLayers(t *testing.T) {
+	s, base := newStore(t)
+	var ls []digest.Digest
+	for i := range 60 {
+		ls = append(ls, id(strings.Repeat("x", i)))
+	}
+	_, err := s.MountOptions(machine(base, "kube1"), ls)
+	if err == nil || !strings.Contains(err.Error(), "60 layers") || !strings.Contains(err.Error(), "flat") {
+		t.Fatalf("MountOptions with 60 layers: %v, want an error naming the count and the way out", err)
+	}
+	if _, err := s.MountOptions(machine(base, "kube1"), ls[:20]); err != nil {
+		t.Fatalf("20 layers: %v", err)
+	}
+}
+
+func TestUnitName(t *testing.T) {
+	for in, want := range map[string]string{
+		"/var/lib/machines/kube1":  "var-lib-machines-kube1.mount",
+		"/var/lib/machines/kube-b": `var-lib-machines-kube\x2db.mount`,
+	} {
+		if got := UnitName(in); got != want {
+			t.Errorf("UnitName(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+func TestUnescape(t *testing.T) {
+	if got := unescape(`/a\040b\011c\134`); got != "/a b\tc\\" {
+		t.Fatalf("unescape = %q", got)
+	}
+}

@@ -1,0 +1,200 @@
+// Package layers keeps image layers unpacked, each once, in a
+// content-addressed store on the host, and composes machine roots from them
+// with overlayfs: the image's layers are the read-only lower directories and
+// a per-machine upper directory holds what the machine (and apply) writes.
+// Two machines of one node share every layer their images share, so an
+// upgrade fetches and unpacks only the layers that changed.
+//
+// The store never shows a layer that is not whole: a layer is unpacked into
+// a staging directory, verified (the caller checks the DiffID as it
+// unpacks), synced and only then renamed to its DiffID. A layer is deleted
+// by renaming it out of the way first, so a crash during collection leaves
+// every name in the store a complete layer. Sweep removes what a crash
+// left of either.
+package layers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"path"
+	"slices"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/internal/confine"
+)
+
+// Store is the layer store under a directory of the host root:
+//
+//	<dir>/sha256/<hex>     one layer's tree, in overlayfs's own format
+//	                       (whiteouts as 0/0 character devices, opaque
+//	                       directories marked by the trusted.overlay.opaque
+//	                       xattr), whole whenever it has this name
+//	<dir>/.unpack-<rand>   a layer being unpacked
+//	<dir>/.trash-<rand>    a layer being deleted
+type Store struct {
+	root *confine.Root
+	dir  string
+}
+
+const (
+	unpackPrefix = ".unpack-"
+	trashPrefix  = ".trash-"
+)
+
+// Open is the store at dir (a path in root), created (mode 0700) when
+// missing.
+func Open(root *confine.Root, dir string) (*Store, error) {
+	dir = "/" + confine.Clean(dir)
+	if err := root.MkdirAll(path.Join(dir, string(digest.SHA256)), 0o700, 0, 0); err != nil {
+		return nil, fmt.Errorf("layer store: %w", err)
+	}
+	return &Store{root: root, dir: dir}, nil
+}
+
+// Root is the tree the store is in; Dir the store's path in it.
+func (s *Store) Root() *confine.Root { return s.root }
+func (s *Store) Dir() string         { return s.dir }
+
+// Path is where the layer with DiffID id is (or would be), a path in the
+// root.
+func (s *Store) Path(id digest.Digest) string {
+	return path.Join(s.dir, string(id.Algorithm()), id.Encoded())
+}
+
+// HostPath is Path as the host's kernel sees it (the root's own directory
+// joined), for overlayfs options and mount units.
+func (s *Store) HostPath(id digest.Digest) string { return path.Join(s.root.Dir(), s.Path(id)) }
+
+// Has reports whether the layer with DiffID id is in the store.
+func (s *Store) Has(id digest.Digest) (bool, error) {
+	if err := id.Validate(); err != nil {
+		return false, fmt.Errorf("layer store: diff_id %q: %w", id, err)
+	}
+	fi, err := s.root.Lstat(s.Path(id))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("layer store: %w", err)
+	case !fi.IsDir():
+		return false, fmt.Errorf("layer store: %s is not a directory", s.root.Show(s.Path(id)))
+	}
+	return true, nil
+}
+
+// Unpack adds the layer with DiffID id: fill gets an empty staging
+// directory (a path in the root) and must leave the layer's tree in it,
+// verified against id. The tree is synced to disk and renamed to its
+// name only when fill succeeds; on any failure nothing of it stays. A
+// layer already in the store (another machine's, or one a concurrent
+// Unpack of the same id committed first) is kept as it is. added is false
+// when the layer was already there.
+func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir string) error) (added bool, err error) {
+	if have, err := s.Has(id); err != nil || have {
+		return false, err
+	}
+	stage, err := s.root.MkdirTemp(s.dir, unpackPrefix, 0o755)
+	if err != nil {
+		return false, fmt.Errorf("layer store: %w", err)
+	}
+	defer func() {
+		if stage != "" {
+			if rerr := s.root.RemoveAll(stage); rerr != nil && err == nil {
+				err = fmt.Errorf("layer store: remove staging directory: %w", rerr)
+			}
+		}
+	}()
+	if err := fill(stage); err != nil {
+		return false, err
+	}
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	// The layer's files reach the disk before its name does: a power cut
+	// after the rename finds them whole.
+	if err := s.root.Syncfs(stage); err != nil {
+		return false, fmt.Errorf("layer store: %w", err)
+	}
+	err = s.root.RenameNoReplace(stage, s.Path(id))
+	if errors.Is(err, fs.ErrExist) {
+		return false, nil // committed meanwhile; the deferred removal drops ours
+	}
+	if err != nil {
+		return false, fmt.Errorf("layer store: %w", err)
+	}
+	stage = ""
+	if err := s.root.SyncDir(path.Dir(s.Path(id))); err != nil {
+		return true, fmt.Errorf("layer store: %w", err)
+	}
+	return true, nil
+}
+
+// List returns the DiffIDs of the layers in the store, sorted.
+func (s *Store) List() ([]digest.Digest, error) {
+	es, err := s.root.ReadDir(path.Join(s.dir, string(digest.SHA256)))
+	if err != nil {
+		return nil, fmt.Errorf("layer store: %w", err)
+	}
+	var ids []digest.Digest
+	for _, e := range es {
+		id := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
+		if id.Validate() == nil && e.IsDir() {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// Sweep removes what a crash left in the store: layers being unpacked and
+// layers being deleted. Neither is ever used.
+func (s *Store) Sweep(log *slog.Logger) error {
+	es, err := s.root.ReadDir(s.dir)
+	if err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	for _, e := range es {
+		if n := e.Name(); strings.HasPrefix(n, unpackPrefix) || strings.HasPrefix(n, trashPrefix) {
+			if err := s.root.RemoveAll(path.Join(s.dir, n)); err != nil {
+				return fmt.Errorf("layer store: %w", err)
+			}
+			log.Info("layer store: removed what an interrupted run left", "path", s.root.Show(path.Join(s.dir, n)))
+		}
+	}
+	return nil
+}
+
+// Collect deletes every layer not in keep. Each goes out of its name in
+// one rename before it is removed, so a crash leaves only whole layers
+// under their names (and trash that Sweep removes). It returns the
+// DiffIDs it deleted.
+func (s *Store) Collect(keep map[digest.Digest]bool, log *slog.Logger) ([]digest.Digest, error) {
+	ids, err := s.List()
+	if err != nil {
+		return nil, err
+	}
+	var gone []digest.Digest
+	for _, id := range ids {
+		if keep[id] {
+			continue
+		}
+		trash, err := s.root.MkdirTemp(s.dir, trashPrefix, 0o700)
+		if err != nil {
+			return gone, fmt.Errorf("layer store: %w", err)
+		}
+		if err := s.root.Rename(s.Path(id), path.Join(trash, "layer")); err != nil {
+			return gone, fmt.Errorf("layer store: %w", err)
+		}
+		if err := s.root.RemoveAll(trash); err != nil {
+			return gone, fmt.Errorf("layer store: %w", err)
+		}
+		log.Info("layer store: removed a layer no machine uses", "diffID", id)
+		gone = append(gone, id)
+	}
+	return gone, s.Sweep(log)
+}

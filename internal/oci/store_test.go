@@ -1,0 +1,278 @@
+package oci
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
+	"github.com/nodespawn/nodespawn/internal/layers"
+)
+
+// blobCounter counts the layer blobs a client fetches from a registry.
+type blobCounter struct {
+	mu    sync.Mutex
+	blobs map[string]int
+	rt    http.RoundTripper
+}
+
+func (c *blobCounter) RoundTrip(req *http.Request) (*http.Response, error) {
+	if i := strings.Index(req.URL.Path, "/blobs/"); i >= 0 && req.Method == http.MethodGet {
+		c.mu.Lock()
+		c.blobs[req.URL.Path[i+len("/blobs/"):]]++
+		c.mu.Unlock()
+	}
+	return c.rt.RoundTrip(req)
+}
+
+func (c *blobCounter) fetched(d digest.Digest) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.blobs[d.String()]
+}
+
+// storeMachine composes a root named name in base from res.
+func storeMachine(t *testing.T, s *layers.Store, base, name string, res Result) string {
+	t.Helper()
+	m := layers.Machine{
+		Target: filepath.Join(base, "machines", name), Dir: filepath.Join(base, "state", name),
+		Unit: filepath.Join(base, "units", name+".mount"), Machine: name,
+	}
+	t.Cleanup(func() {
+		if err := layers.Unmount(context.Background(), s.Root(), m.Target, 10*time.Second, testLogger(t)); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if _, err := s.Compose(context.Background(), m, layers.Image{Source: res.Reference, Platform: "linux/amd64", Manifest: res.ManifestDigest, Layers: res.DiffIDs}, testLogger(t)); err != nil {
+		t.Fatalf("Compose %s: %v", name, err)
+	}
+	return m.Target
+}
+
+// TestPullLayersFeatures pulls the feature image into the store, mounts it
+// and checks the merged tree is what the flattened pull makes; then an
+// image that differs in one layer fetches that one layer only.
+func TestPullLayersFeatures(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	reg := startRegistry(t, "")
+	repo := pushRepo(t, reg.addr, "nodespawn/base")
+	// The feature image, but its third layer names usr/bin/tool by its
+	// real path: the store refuses a layer that writes through a lower
+	// layer's symlink (checked below).
+	through := featureLayers(t)
+	ls := slices.Clone(through)
+	ls[2] = compressLayer(t, ocispec.MediaTypeImageLayer, mkTar(t,
+		file("etc/passwd", "root:x:0:0::/root:/bin/bash\n", 0o644),
+		file("usr/bin/tool", "through the bin symlink", 0o755),
+	))
+	pushImage(t, ctx, repo, "through", imageSpec{platform: linuxAMD64, layers: through})
+	desc := pushImage(t, ctx, repo, "v1", imageSpec{platform: linuxAMD64, layers: ls})
+	changed := compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t,
+		file("etc/passwd", "root:x:0:0::/root:/bin/zsh\n", 0o644),
+		file("usr/bin/tool", "through the bin symlink", 0o755),
+	))
+	pushImage(t, ctx, repo, "v2", imageSpec{platform: linuxAMD64, layers: []layer{ls[0], ls[1], changed}})
+
+	base := t.TempDir()
+	store, err := layers.Open(confinetest.HostRoot(t), filepath.Join(base, "layers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := &blobCounter{blobs: map[string]int{}, rt: http.DefaultTransport}
+	req := func(tag string) Request {
+		return Request{Reference: reg.addr + "/nodespawn/base:" + tag, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+			Log: testLogger(t), HTTPClient: &http.Client{Transport: count}}
+	}
+	var mu sync.Mutex
+	done := 0
+	r1 := req("v1")
+	r1.Progress = func(p Progress) {
+		mu.Lock()
+		defer mu.Unlock()
+		if p.Done {
+			done++
+		}
+	}
+	res, err := PullLayers(ctx, r1, store)
+	if err != nil {
+		t.Fatalf("PullLayers: %v", err)
+	}
+	if res.ManifestDigest != desc.Digest || res.Layers != 3 || res.Fetched != 3 || len(res.DiffIDs) != 3 || done != 3 {
+		t.Fatalf("result %+v, %d layers reported done; want manifest %s, 3 layers fetched", res, done, desc.Digest)
+	}
+	checkFeatureRootfs(t, storeMachine(t, store, base, "kube1", res))
+
+	// Again: nothing fetched.
+	again, err := PullLayers(ctx, req("v1"), store)
+	if err != nil || again.Fetched != 0 || !again.NoOp {
+		t.Fatalf("second PullLayers: %+v %v, want nothing fetched", again, err)
+	}
+	for _, l := range ls {
+		if n := count.fetched(digest.FromBytes(l.blob)); n != 1 {
+			t.Errorf("layer %s fetched %d times, want once", digest.FromBytes(l.blob), n)
+		}
+	}
+
+	// v2 shares the first two layers: only the third is fetched.
+	res2, err := PullLayers(ctx, req("v2"), store)
+	if err != nil {
+		t.Fatalf("PullLayers v2: %v", err)
+	}
+	if res2.Fetched != 1 || res2.FetchedBytes != int64(len(changed.blob)) || count.fetched(digest.FromBytes(changed.blob)) != 1 {
+		t.Fatalf("v2: %+v, changed layer fetched %d times; want exactly the changed layer", res2, count.fetched(digest.FromBytes(changed.blob)))
+	}
+	for _, l := range ls[:2] {
+		if n := count.fetched(digest.FromBytes(l.blob)); n != 1 {
+			t.Errorf("shared layer %s fetched %d times in all, want once", digest.FromBytes(l.blob), n)
+		}
+	}
+	kube2 := storeMachine(t, store, base, "kube2", res2)
+	if b, err := os.ReadFile(filepath.Join(kube2, "etc/passwd")); err != nil || string(b) != "root:x:0:0::/root:/bin/zsh\n" {
+		t.Errorf("kube2 etc/passwd = %q (%v)", b, err)
+	}
+	// Both machines share the store; the first still sees its own image.
+	checkFeatureRootfs(t, filepath.Join(base, "machines", "kube1"))
+	ids, _ := store.List()
+	if len(ids) != 4 {
+		t.Errorf("store holds %d layers, want 4", len(ids))
+	}
+
+	// The original feature image writes bin/tool through layer 1's bin ->
+	// usr/bin: refused, saying why and what to do.
+	_, err = PullLayers(ctx, req("through"), store)
+	if err == nil || !strings.Contains(err.Error(), "below bin, which layer 1 made a symlink") || !strings.Contains(err.Error(), "store: flat") {
+		t.Fatalf("PullLayers of an image writing through a symlink: %v", err)
+	}
+}
+
+// TestPullLayersVerifies: a layer whose content does not match its
+// DiffID, or that sets overlayfs's own xattrs, leaves nothing in the store.
+func TestPullLayersVerifies(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	redirect := file("etc/x", "x", 0o644)
+	redirect.hdr.PAXRecords = map[string]string{"SCHILY.xattr.trusted.overlay.redirect": "/etc/shadow"}
+	good := compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, file("etc/ok", "ok", 0o644)))
+	for _, c := range []struct {
+		name string
+		spec imageSpec
+		want string
+	}{
+		{"wrong diff_id", imageSpec{platform: linuxAMD64, layers: []layer{good, compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, file("a", "a", 0o644)))},
+			diffIDs: []digest.Digest{good.diffID, digest.FromString("not it")}}, "diff_id"},
+		{"overlay xattr", imageSpec{platform: linuxAMD64, layers: []layer{good, compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, redirect))}}, "trusted.overlay.redirect"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			base := t.TempDir()
+			layout := filepath.Join(base, "layout")
+			pushImage(t, ctx, layoutStore(t, layout), "bad", c.spec)
+			store, err := layers.Open(confinetest.HostRoot(t), filepath.Join(base, "layers"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = PullLayers(ctx, Request{Layout: layout, LayoutRef: "bad", Platform: "linux/amd64", Log: testLogger(t)}, store)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("PullLayers: %v, want an error about %s", err, c.want)
+			}
+			es, _ := os.ReadDir(store.Dir())
+			var left []string
+			for _, e := range es {
+				left = append(left, e.Name())
+			}
+			if !slices.Equal(left, []string{"sha256"}) {
+				t.Errorf("store holds %v after a failed pull, want sha256/ only", left)
+			}
+			ids, _ := store.List()
+			for _, id := range ids {
+				if id != good.diffID {
+					t.Errorf("store holds layer %s, want only the good one (if any)", id)
+				}
+			}
+		})
+	}
+}
+
+// TestHostileLayersStore runs the hostile corpus through the layer store:
+// every layer unpacked on its own and the root mounted; nothing outside
+// the store and the machine may change, whatever the pull's outcome.
+func TestHostileLayersStore(t *testing.T) {
+	requireRoot(t)
+	for _, c := range hostileCases() {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			// Not t.TempDir: test names have commas, which overlayfs
+			// options cannot carry.
+			base, err := os.MkdirTemp("", "hostile-store-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(base) })
+			sentinel := filepath.Join(base, "sentinel")
+			makeSentinel(t, sentinel)
+			work := filepath.Join(base, "machines")
+			if err := os.Mkdir(work, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			var ls []layer
+			for _, es := range c.layers(sentinel) {
+				ls = append(ls, compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, es...)))
+			}
+			layoutDir := filepath.Join(base, "layout")
+			pushImage(t, ctx, layoutStore(t, layoutDir), "hostile", imageSpec{platform: linuxAMD64, layers: ls})
+			outside := snapshot(t, base, "machines")
+
+			store, err := layers.Open(confinetest.HostRoot(t), filepath.Join(work, "layers"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := PullLayers(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Log: testLogger(t)}, store)
+			if err == nil {
+				root := storeMachine(t, store, work, "m", res)
+				// Write through the merged tree as apply would, by name.
+				_ = os.WriteFile(filepath.Join(root, "probe"), []byte("x"), 0o644)
+			}
+			msg := fmt.Sprint(err)
+			if len(msg) > 600 {
+				msg = msg[:600] + "..."
+			}
+			t.Logf("pull: %s", msg)
+			if diff := diffSnapshots(outside, snapshot(t, base, "machines")); diff != "" {
+				t.Errorf("the pull changed things outside the store:\n%s", diff)
+			}
+			if err == nil && c.outcome == mustFail {
+				t.Errorf("pull succeeded, want it to fail closed as the flattened pull does")
+			}
+			if err != nil {
+				es, _ := os.ReadDir(store.Dir())
+				if len(es) != 1 {
+					t.Errorf("store holds %d entries after a failed pull, want sha256/ only", len(es))
+				}
+			}
+			// A whiteout device in a layer must be the 0/0 overlayfs one.
+			ids, _ := store.List()
+			for _, id := range ids {
+				filepath.WalkDir(store.Path(id), func(p string, d os.DirEntry, err error) error {
+					if err == nil && d.Type()&os.ModeCharDevice != 0 {
+						var st unix.Stat_t
+						if unix.Lstat(p, &st) == nil && st.Rdev != 0 && strings.Contains(c.name, "whiteout") {
+							t.Errorf("%s: a whiteout became device %d:%d", p, unix.Major(st.Rdev), unix.Minor(st.Rdev))
+						}
+					}
+					return nil
+				})
+			}
+		})
+	}
+}
