@@ -56,6 +56,13 @@ func TestKillAtRandomInstantsResumes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills a real apply at least 30 times")
 	}
+	// A flattened rootfs, and a root composed from the layer store (the
+	// probe of each test root finds overlayfs in its /proc/filesystems).
+	t.Run("flat", func(t *testing.T) { testKillAtRandomInstants(t, false) })
+	t.Run("layers", func(t *testing.T) { testKillAtRandomInstants(t, true) })
+}
+
+func testKillAtRandomInstants(t *testing.T, layerStore bool) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("NODESPAWN_KILL_SEED"); s != "" {
 		v, err := strconv.ParseUint(s, 10, 64)
@@ -68,14 +75,29 @@ func TestKillAtRandomInstantsResumes(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 
 	work := t.TempDir()
+	t.Cleanup(func() { unmountUnder(t, work) })
 	layout := filepath.Join(work, "layout")
 	buildLayout(t, layout)
 	_, srv := newMirror(t)
 	mf := filepath.Join(work, "node.yaml")
-	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "")), 0o600); err != nil {
+	m := pipelineManifest(layout, srv.URL, "")
+	if layerStore {
+		m = strings.Replace(m, "  rootfs:\n", "  rootfs:\n    store: layers\n", 1)
+	}
+	if err := os.WriteFile(mf, []byte(m), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	apply := func(root string) *exec.Cmd { return cliCommand("apply", "-f", mf, "--root", root) }
+	apply := func(root string) *exec.Cmd {
+		if layerStore {
+			if err := os.MkdirAll(filepath.Join(root, "proc"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return cliCommand("apply", "-f", mf, "--root", root)
+	}
 
 	// The reference tree, and how long a whole run takes.
 	ref := filepath.Join(work, "ref")
@@ -85,6 +107,9 @@ func TestKillAtRandomInstantsResumes(t *testing.T) {
 	}
 	whole := time.Since(start)
 	want := treeOf(t, ref)
+	if layerStore && !strings.Contains(want, "var/lib/nodespawn/layers/sha256/") {
+		t.Fatalf("the reference run did not use the layer store:\n%s", want)
+	}
 
 	kills, trees, identical := 0, 0, 0
 	begin := time.Now()
@@ -116,6 +141,7 @@ func TestKillAtRandomInstantsResumes(t *testing.T) {
 			continue
 		}
 		identical++
+		unmountUnder(t, root)
 		os.RemoveAll(root)
 	}
 	t.Logf("%d kills over %d trees (a whole run takes %s); %d of %d rerun trees identical to the uninterrupted one", kills, trees, whole.Round(time.Millisecond), identical, trees)
@@ -190,6 +216,10 @@ func treeOf(t *testing.T, root string) string {
 			case strings.HasSuffix(rel, ".nodespawn-image"):
 				line += " " + markerSummary(b)
 			case rel == "run/nodespawn.lock":
+			case strings.HasSuffix(rel, ".mount"):
+				// A mount unit names host paths: the test root's own.
+				sum := sha256.Sum256([]byte(strings.ReplaceAll(string(b), root, "<root>")))
+				line += " " + hex.EncodeToString(sum[:8])
 			default:
 				sum := sha256.Sum256(b)
 				line += " " + hex.EncodeToString(sum[:8])
@@ -281,4 +311,25 @@ func lineDiff(a, b string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// unmountUnder unmounts every mount below dir, deepest first.
+func unmountUnder(t *testing.T, dir string) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var points []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			points = append(points, f[4])
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(points)))
+	for _, p := range points {
+		if err := syscall.Unmount(p, 0); err != nil {
+			t.Errorf("unmount %s: %v", p, err)
+		}
+	}
 }

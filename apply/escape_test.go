@@ -17,7 +17,10 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -132,6 +135,16 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: images keep their owners, steps chown")
 	}
+	// Flattened roots, and roots composed from the layer store (an
+	// overlayfs mount apply writes through).
+	t.Run("flat", func(t *testing.T) { testNoWriteLeavesTheRoot(t, nil) })
+	t.Run("layers", func(t *testing.T) {
+		testNoWriteLeavesTheRoot(t, &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(escMachine),
+			MountUnit: mountUnitOf(escRootfs)})
+	})
+}
+
+func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 	escCNI = tarGz(t, map[string]string{"./bridge": "bridge", "./loopback": "loopback"})
 	mux := http.NewServeMux()
 	mux.HandleFunc("/kubelet", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte(escKubelet)) })
@@ -190,7 +203,7 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 			before := outsideRoot(t, work, root)
 			p := &plan.Plan{Version: plan.Version, Machine: escMachine, Rootfs: escRootfs, Steps: append([]plan.Step{
 				{ID: "rootfs:image", Phase: plan.PhaseRootfs, Kind: plan.KindImage, Image: &plan.Image{
-					Dest: escRootfs, Layout: layout, LayoutRef: tag, Platform: "linux/" + runtime.GOARCH}},
+					Dest: escRootfs, Layout: layout, LayoutRef: tag, Platform: "linux/" + runtime.GOARCH, Layers: lr}},
 			}, k.steps(srv.URL)...)}
 			if k.name == "hard link" {
 				// The hard link's target is written first, through the
@@ -204,6 +217,8 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 			_, runErr := Run(context.Background(), p, Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: log, Force: true})
 			if runErr != nil {
 				failed++
+			} else if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); lr != nil && !mounted {
+				t.Errorf("%s: applied, but the machine root is not an overlayfs mount", name)
 			}
 			resetErr := Reset(context.Background(), ResetOptions{Root: root, Plan: p, Log: log})
 			after := outsideRoot(t, work, root)
@@ -213,6 +228,10 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 			}
 			if resetErr != nil {
 				t.Errorf("%s: reset: %v", name, resetErr)
+			}
+			if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); mounted {
+				t.Errorf("%s: reset left the machine root mounted", name)
+				must(t, unix.Unmount(filepath.Join(root, escRootfs), 0))
 			}
 			must(t, os.RemoveAll(root))
 		}
