@@ -151,10 +151,10 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
 
 	log, busy := newSignalLog("rootfs busy")
-	go func() {
+	go func(mnt string) {
 		<-busy
 		unix.Unmount(mnt, 0)
-	}()
+	}(mnt)
 	err := Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: log, PollInterval: time.Millisecond})
 	if err != nil {
 		t.Fatalf("Reset: %v", err)
