@@ -93,17 +93,17 @@ type renderer struct {
 	f    plan.Facts
 	plan plan.Plan
 
-	machine  string
-	rootfs   string
+	machine string
+	rootfs  string
 	// layerRoot is set when the machine's root is an overlayfs mount of
 	// the layer store; flatWhy says why it is not.
 	layerRoot *plan.LayerRoot
 	flatWhy   string
-	nodeName string
-	gpu      bool
-	kvm      bool
-	rdma     bool
-	bpffs    bool
+	nodeName  string
+	gpu       bool
+	kvm       bool
+	rdma      bool
+	bpffs     bool
 	// containerdConfig is the configuration version the selected
 	// containerd reads without migrating it (3 or 4).
 	containerdConfig int
