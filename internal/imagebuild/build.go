@@ -16,6 +16,7 @@ import (
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"oras.land/oras-go/v2"
+	"oras.land/oras-go/v2/content"
 )
 
 // Options is what goes into the image besides the tree.
@@ -165,4 +166,63 @@ func pushIfMissing(ctx context.Context, dst oras.Target, desc ocispec.Descriptor
 		return fmt.Errorf("push %s %s (%d bytes): %w", desc.MediaType, desc.Digest, desc.Size, err)
 	}
 	return nil
+}
+
+// Extend pushes an image that is base (an image Build or Extend pushed to
+// dst) with one more layer on top, made of the tree at root, and tags it.
+// The base's layers are shared, not copied: a puller with them fetches only
+// the new one.
+func Extend(ctx context.Context, dst oras.Target, base Result, root string, tag string, opts Options) (Result, error) {
+	b, err := content.FetchAll(ctx, dst, base.Config)
+	if err != nil {
+		return Result{}, fmt.Errorf("fetch base config %s: %w", base.Config.Digest, err)
+	}
+	var cfg ocispec.Image
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return Result{}, fmt.Errorf("base config %s: %w", base.Config.Digest, err)
+	}
+	if b, err = content.FetchAll(ctx, dst, base.Manifest); err != nil {
+		return Result{}, fmt.Errorf("fetch base manifest %s: %w", base.Manifest.Digest, err)
+	}
+	var manifest ocispec.Manifest
+	if err := json.Unmarshal(b, &manifest); err != nil {
+		return Result{}, fmt.Errorf("base manifest %s: %w", base.Manifest.Digest, err)
+	}
+	created := opts.Created.UTC()
+	tmp, err := os.CreateTemp(opts.TempDir, "nodespawn-layer-*.tar.gz")
+	if err != nil {
+		return Result{}, fmt.Errorf("stage layer: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	info, err := WriteLayer(ctx, root, created, tmp)
+	if err != nil {
+		return Result{}, err
+	}
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return Result{}, fmt.Errorf("rewind staged layer %s: %w", tmp.Name(), err)
+	}
+	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: info.Digest, Size: info.Size}
+	if err := pushIfMissing(ctx, dst, layer, tmp); err != nil {
+		return Result{}, err
+	}
+	cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, info.DiffID)
+	cfg.History = append(cfg.History, ocispec.History{Created: &created, CreatedBy: "nodespawn image build (extend)"})
+	config, err := pushJSON(ctx, dst, ocispec.MediaTypeImageConfig, cfg)
+	if err != nil {
+		return Result{}, err
+	}
+	manifest.Config = config
+	manifest.Layers = append(manifest.Layers, layer)
+	man, err := pushJSON(ctx, dst, ocispec.MediaTypeImageManifest, manifest)
+	if err != nil {
+		return Result{}, err
+	}
+	man.Platform = base.Manifest.Platform
+	if tag != "" {
+		if err := dst.Tag(ctx, man, tag); err != nil {
+			return Result{}, fmt.Errorf("tag manifest %s as %q: %w", man.Digest, tag, err)
+		}
+	}
+	return Result{Manifest: man, Config: config, Layer: layer, DiffID: info.DiffID, Entries: info.Entries}, nil
 }

@@ -324,3 +324,52 @@ func TestBuildIndependentOfPath(t *testing.T) {
 		t.Errorf("equal trees in two directories: %s and %s", a.Manifest.Digest, b.Manifest.Digest)
 	}
 }
+
+// TestExtendSharesTheBase: the extended image lists the base's layer, then
+// the new one, with the config's diff_ids to match, under its own tag.
+func TestExtendSharesTheBase(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "base"), []byte("base"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	dst, err := Layout(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Platform: "linux/amd64", Created: time.Unix(0, 0)}
+	base, err := Build(ctx, root, dst, "v1", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	top := t.TempDir()
+	if err := os.WriteFile(filepath.Join(top, "release"), []byte("v2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ext, err := Extend(ctx, dst, base, top, "v2", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := dst.Resolve(ctx, "v2")
+	if err != nil || desc.Digest != ext.Manifest.Digest {
+		t.Fatalf("v2 resolves to %v (%v), want %s", desc.Digest, err, ext.Manifest.Digest)
+	}
+	var m ocispec.Manifest
+	var cfg ocispec.Image
+	for v, d := range map[any]ocispec.Descriptor{&m: ext.Manifest, &cfg: ext.Config} {
+		b, err := content.FetchAll(ctx, dst, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(b, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(m.Layers) != 2 || m.Layers[0].Digest != base.Layer.Digest || m.Layers[1].Digest != ext.Layer.Digest {
+		t.Errorf("layers %v, want the base's %s then %s", m.Layers, base.Layer.Digest, ext.Layer.Digest)
+	}
+	if len(cfg.RootFS.DiffIDs) != 2 || cfg.RootFS.DiffIDs[0] != base.DiffID || cfg.RootFS.DiffIDs[1] != ext.DiffID {
+		t.Errorf("diff_ids %v, want %s then %s", cfg.RootFS.DiffIDs, base.DiffID, ext.DiffID)
+	}
+}
