@@ -28,6 +28,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
+	"oras.land/oras-go/v2"
 )
 
 // Pinned component versions: what build-components.sh builds and what the
@@ -54,8 +55,10 @@ type environment struct {
 	guestDisk string
 	nodespawn string
 	sysprobe  string
-	// imageRef is the machine image as the guest names it.
-	imageRef string
+	// imageRef is the machine image as the guest names it; imageRefV2
+	// the same image with one small layer more (the upgrade's image: the
+	// layer store fetches that layer only).
+	imageRef, imageRefV2 string
 	// mirrorFiles maps each component (upstream's name, or a mirror*
 	// key for the extra kubelets) to its file in the mirror tree, and
 	// mirrorSHA256 to that file's sha256, for scenarios that need the
@@ -148,6 +151,7 @@ func setup(ctx context.Context) (*environment, func(), error) {
 		nodespawn:   vars["E2E_NODESPAWN"],
 		sysprobe:    vars["E2E_SYSPROBE"],
 		imageRef:    fmt.Sprintf("%s:%d/%s:%s", guestHostIP, registryPort, imageRepo, imageTag),
+		imageRefV2:  fmt.Sprintf("%s:%d/%s:%s-v2", guestHostIP, registryPort, imageRepo, imageTag),
 
 		kubeletPrevVersion: strings.TrimPrefix(vars["E2E_KUBELET_PREV_VERSION"], "v"),
 	}
@@ -185,6 +189,11 @@ func setup(ctx context.Context) (*environment, func(), error) {
 		return nil, stop, fmt.Errorf("push machine image: %w", err)
 	}
 	logf("machine image %s@%s pushed: layer %d MB, %d entries (+%s)", e.imageRef, res.Manifest.Digest, res.Layer.Size>>20, res.Entries, time.Since(t0).Round(time.Second))
+	v2, err := pushImageV2(ctx, dst, res, work)
+	if err != nil {
+		return nil, stop, err
+	}
+	logf("machine image %s@%s pushed: the same layer and one of %d bytes", e.imageRefV2, v2.Manifest.Digest, v2.Layer.Size)
 
 	mirror := filepath.Join(work, "mirror")
 	if e.mirrorFiles, e.mirrorSHA256, err = buildMirror(vars["E2E_COMPONENTS"], vars["E2E_KUBELET_PREV"], e.kubeletPrevVersion, mirror); err != nil {
@@ -258,6 +267,31 @@ func injectGuestFiles(base, dst string, files map[string]string) error {
 		}
 	}
 	return nil
+}
+
+// imageV2Release is what the upgrade image's extra layer writes.
+const imageV2Release = "/etc/nodespawn-e2e-image"
+
+// pushImageV2 pushes the machine image with one small layer on top, tagged
+// imageTag-v2.
+func pushImageV2(ctx context.Context, dst oras.Target, base imagebuild.Result, work string) (imagebuild.Result, error) {
+	tree := filepath.Join(work, "image-v2")
+	if err := os.MkdirAll(filepath.Join(tree, "etc"), 0o755); err != nil {
+		return imagebuild.Result{}, err
+	}
+	for _, d := range []string{tree, filepath.Join(tree, "etc")} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			return imagebuild.Result{}, err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tree, imageV2Release), []byte("v2\n"), 0o644); err != nil {
+		return imagebuild.Result{}, err
+	}
+	res, err := imagebuild.Extend(ctx, dst, base, tree, imageTag+"-v2", imagebuild.Options{Created: time.Unix(0, 0), TempDir: work})
+	if err != nil {
+		return res, fmt.Errorf("push the v2 machine image: %w", err)
+	}
+	return res, nil
 }
 
 // startRegistry runs Debian's docker-registry (distribution) on 127.0.0.1:5000.

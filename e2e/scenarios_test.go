@@ -201,6 +201,8 @@ func TestNode(t *testing.T) {
 			{".nspawn file removed", "! test -e /etc/systemd/nspawn/" + machineName + ".nspawn"},
 			{"service drop-in removed", "! test -e /etc/systemd/system/systemd-nspawn@" + machineName + ".service.d"},
 			{"not enabled at boot", "! test -e /etc/systemd/system/machines.target.wants/systemd-nspawn@" + machineName + ".service"},
+			{"no machine root mounted", "! findmnt -n -t overlay | grep /var/lib/machines/"},
+			{"the roots' mount units removed", "! ls /etc/systemd/system/var-lib-machines-*.mount"},
 		}
 		for _, c := range checks {
 			if r := v.sh(ctx, c.script); r.Code != 0 {
@@ -247,6 +249,15 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 		// warns with msg="DEPRECATION: ..." for deprecated settings. (Its
 		// plugin list names a "deprecations" plugin: not a finding.)
 		{"containerd logged no migration or deprecation", inMachine(`! journalctl -u containerd --no-pager -o cat | grep -E 'Configuration migrated|msg="DEPRECATION'`) + " && echo clean", []string{"clean"}},
+		// The root is an overlay of the image's layers from the layer
+		// store, mounted at boot by its own mount unit; containerd inside
+		// keeps its overlayfs snapshotter, on the node's state bound from
+		// the host (overlayfs cannot be an overlayfs upper directory).
+		{"the machine root is an overlay of the layer store", "findmnt -n -o FSTYPE,OPTIONS /var/lib/machines/" + machineName, []string{"overlay", "lowerdir=/var/lib/nodespawn/layers/sha256/", "upperdir=/var/lib/nodespawn/machines/" + machineName + "/overlay/upper"}},
+		{"its mount unit is active", "systemctl is-active var-lib-machines-" + machineName + ".mount", []string{"active"}},
+		{"the machine's service requires its root's mount", "systemctl show -P RequiresMountsFor systemd-nspawn@" + machineName + ".service", []string{"/var/lib/machines/" + machineName}},
+		{"containerd's overlayfs snapshotter loaded", inMachine("ctr plugins ls | grep -w io.containerd.snapshotter.v1 | grep -w overlayfs"), []string{" ok"}},
+		{"pod images unpacked by it into the node's state", "test $(ls /var/lib/nodespawn/node/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots | wc -l) -gt 0 && echo snapshots", []string{"snapshots"}},
 		{"pods get upstream resolvers", inMachine("grep -h nameserver /etc/kubernetes/resolv.conf"), []string{"nameserver 10.0.2.3"}},
 		{"kubelet registers the default route's address", inMachine("cat /etc/systemd/system/kubelet.service.d/10-nodespawn.conf"), []string{"--node-ip=10.0.2.15"}},
 	}

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"cmp"
 	"encoding/base64"
 	"fmt"
 	"os"
@@ -26,6 +27,8 @@ type manifestOptions struct {
 	kubelet kubeletChoice
 	// readyTimeout, when set, is the manifest's upgrade.readyTimeout.
 	readyTimeout string
+	// image, when set, is the machine image (default env.imageRef).
+	image string
 }
 
 // kubeletChoice is a kubelet the mirror serves.
@@ -156,6 +159,7 @@ machine:
   name: %s
   rootfs:
     image: %s
+    store: layers
     plainHTTP:
       - %s:%d
   extra:
@@ -192,7 +196,7 @@ components:
     version: v%s
   crictl:
     version: v%s
-%s`, machineName, env.imageRef, guestHostIP, registryPort,
+%s`, machineName, cmp.Or(o.image, env.imageRef), guestHostIP, registryPort,
 		dataURL(cniConflist), guestHostIP, registryPort, dataURL(registryHosts), extra,
 		k8sVersion, guestHostIP, apiServerPort, node, labelKey, labelValue, taintKey, taintValue,
 		env.pauseRef, auth, indent(env.caPEM, "    "), guestHostIP, mirrorPort, kubeletComponent(o.kubelet), containerdVersion, runcVersion, runc, cniVersion, crictlVersion, upgradeSection(o))

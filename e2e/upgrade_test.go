@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -101,11 +102,14 @@ func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
 	}
 	csrsBefore, _ := env.cluster.run(ctx, "get", "csr", "-o", "name")
 	switchStart := time.Now()
-	r, took := applyUpgrade(ctx, t, v, "upgrade", manifest(manifestOptions{}))
+	// The new image is the old one with one small layer on top: the layer
+	// store has the old layer, so the upgrade fetches the new one only.
+	r, took := applyUpgrade(ctx, t, v, "upgrade", manifest(manifestOptions{image: env.imageRefV2}))
 	if r.Code != 0 || !strings.Contains(r.Stdout, "upgraded: machine "+altMachineName) {
 		t.Fatalf("nodespawn apply (upgrade): exit %d after %s\n%s\n%s", r.Code, took, r.Stdout,
 			v.sh(ctx, inMachineOf(altMachineName, "journalctl -u kubelet --no-pager | tail -n 40")).Stdout)
 	}
+	checkLayers(ctx, t, v, r.Stdout)
 	st, code := readUpgradeStatus(ctx, t, v)
 	if code != 0 || st.State != "done" || st.Machine != altMachineName || st.Previous != machineName || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "switched" {
 		t.Errorf("status after the upgrade: exit %d, %+v", code, st)
@@ -143,6 +147,27 @@ func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
 	}
 	if r := v.sh(ctx, inMachineOf(altMachineName, "kubelet --version")); !strings.Contains(r.Stdout, "v"+k8sVersion) {
 		t.Errorf("kubelet in %s: %s%s", altMachineName, r.Stdout, r.Stderr)
+	}
+}
+
+// checkLayers checks the upgrade's machine root: an overlay of the old
+// image's layer and the new one, fetched alone, beside the old machine's
+// root that shares the old layer.
+func checkLayers(ctx context.Context, t *testing.T, v *vm, applyOutput string) {
+	t.Helper()
+	if !regexp.MustCompile(`msg="machine root layers" dest=/var/lib/machines/` + altMachineName + ` layers=2 fetched=1 present=1 `).MatchString(applyOutput) {
+		t.Errorf("the upgrade's apply did not say it fetched 1 layer of 2:\n%s", applyOutput)
+	}
+	checks := []struct{ what, script, want string }{
+		{"the store holds the two layers", "ls /var/lib/nodespawn/layers/sha256 | wc -l", "2"},
+		{"the new machine sees the new layer", "cat /var/lib/machines/" + altMachineName + imageV2Release, "v2"},
+		{"the old machine does not", "test -e /var/lib/machines/" + machineName + imageV2Release + " || echo absent", "absent"},
+		{"the new root has two lower layers", "findmnt -n -o OPTIONS /var/lib/machines/" + altMachineName + " | grep -o 'lowerdir=[^,]*' | tr ':' '\\n' | wc -l", "2"},
+	}
+	for _, c := range checks {
+		if r := v.sh(ctx, c.script); strings.TrimSpace(r.Stdout) != c.want {
+			t.Errorf("%s: %s: got %q (exit %d, %s), want %q", c.what, c.script, strings.TrimSpace(r.Stdout), r.Code, r.Stderr, c.want)
+		}
 	}
 }
 
