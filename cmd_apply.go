@@ -19,6 +19,7 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/probe"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -103,6 +104,7 @@ func newApplyCmd(renderOnly bool) *cobra.Command {
 		root      string
 		force     bool
 		factsFile string
+		layers    bool
 		firstBoot bool
 		fb        firstBootFlags
 	)
@@ -144,7 +146,10 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 			ctx, cancel := signalContext()
 			defer cancel()
 			a := &applyRun{src: &src, stdin: cmd.InOrStdin(), out: cmd.OutOrStdout(), dryRun: dryRun || renderOnly, diff: dryRun,
-				output: output, root: root, force: force, factsFile: factsFile}
+				output: output, root: root, force: force, factsFile: factsFile, layers: layers}
+			if layers && !a.dryRun {
+				return usageError{fmt.Errorf("--layers goes with --dry-run")}
+			}
 			if firstBoot {
 				return a.firstBoot(ctx, fb)
 			}
@@ -156,6 +161,7 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 	f.StringVarP(&output, "output", "o", "text", "plan format for --dry-run: text or json")
 	f.StringVar(&root, "root", "/", "apply against this directory instead of / (tests, image building)")
 	f.StringVar(&factsFile, "facts", "", "render for the host described by this JSON file (from 'nodespawn facts') instead of probing")
+	f.BoolVar(&layers, "layers", false, "with --dry-run: resolve the rootfs image in its registry (index, manifest and config only) and say which layers the layer store has and which apply would fetch")
 	if renderOnly {
 		cmd.Use = "render"
 		cmd.Short = "Print the plan (the same as apply --dry-run)"
@@ -244,6 +250,8 @@ type applyRun struct {
 	root      string
 	force     bool
 	factsFile string
+	// layers: say which image layers apply would fetch (--dry-run --layers).
+	layers bool
 
 	// refuse makes a changed manifest an error, never an upgrade (the
 	// first boot).
@@ -287,14 +295,20 @@ func (a *applyRun) once(ctx context.Context) error {
 			return err
 		}
 		if applied != nil {
-			return a.writeChange(m, facts, applied, p)
+			if err := a.writeChange(m, facts, applied, p); err != nil {
+				return err
+			}
+			return a.writeLayers(ctx, p)
 		}
 	}
 	if a.dryRun {
 		if a.output == "json" {
 			return plan.WriteJSON(a.out, p)
 		}
-		return plan.WriteText(a.out, p)
+		if err := plan.WriteText(a.out, p); err != nil {
+			return err
+		}
+		return a.writeLayers(ctx, p)
 	}
 	if a.factsFile != "" {
 		return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
@@ -392,4 +406,41 @@ func (a *applyRun) writeChange(m *manifest.Manifest, facts plan.Facts, applied, 
 		return plan.WriteDiffJSON(a.out, d)
 	}
 	return plan.WriteDiffText(a.out, d)
+}
+
+// writeLayers says, for --dry-run --layers, which of the rootfs image's
+// layers apply would fetch: it resolves the image (reading its index,
+// manifest and config, nothing else) and looks for each layer in the
+// host's layer store.
+func (a *applyRun) writeLayers(ctx context.Context, p *plan.Plan) error {
+	if !a.layers {
+		return nil
+	}
+	for _, s := range p.Steps {
+		img := s.Image
+		if img == nil {
+			continue
+		}
+		if img.Layers == nil {
+			fmt.Fprintf(a.out, "\nImage layers: the machine root is a flattened tree; apply fetches every layer of the image.\n")
+			continue
+		}
+		res, ls, err := apply.PlanLayers(ctx, a.root, img, slog.Default())
+		if err != nil {
+			return fmt.Errorf("--layers: %w", err)
+		}
+		fmt.Fprintf(a.out, "\nImage layers of %s (manifest %s, %d layers, %s):\n", res.Reference, res.ManifestDigest, res.Layers, progress.Bytes(res.Bytes))
+		fetch, bytes := 0, int64(0)
+		for i, l := range ls {
+			what := "in the store"
+			if !l.Present {
+				what, bytes = "fetch", bytes+l.Size
+				fetch++
+			}
+			fmt.Fprintf(a.out, "  %2d  %-12s  %s  %9s  (diff_id %s)\n", i+1, what, l.Digest, progress.Bytes(l.Size), l.DiffID)
+		}
+		fmt.Fprintf(a.out, "apply would fetch and unpack %d of %d layers (%s) into %s; %d are there already.\n",
+			fetch, len(ls), progress.Bytes(bytes), img.Layers.Store, len(ls)-fetch)
+	}
+	return nil
 }

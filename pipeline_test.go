@@ -7,7 +7,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -18,9 +21,12 @@ import (
 	"sync"
 	"testing"
 
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
+	"oras.land/oras-go/v2/content"
 )
 
 // The whole pipeline with real parts but no systemd: the CLI reads a
@@ -334,5 +340,90 @@ func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(root, "var/lib/machines/pipe/usr/local/bin/kubelet")); !os.IsNotExist(err) {
 		t.Errorf("an unverified kubelet is in the rootfs: %v", err)
+	}
+}
+
+// TestDryRunSaysWhichLayersItFetches: --dry-run --layers resolves the
+// image and says which layers the layer store lacks, changing nothing;
+// after apply, none; after an image with one more layer, that one.
+func TestDryRunSaysWhichLayersItFetches(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners, overlayfs")
+	}
+	work := t.TempDir()
+	layout := filepath.Join(work, "layout")
+	buildLayout(t, layout)
+	_, srv := newMirror(t)
+	root := filepath.Join(work, "root")
+	t.Cleanup(func() { unmountUnder(t, work) })
+	// The test root's own /proc/filesystems tells the probe overlayfs is there.
+	if err := os.MkdirAll(filepath.Join(root, "proc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mf := filepath.Join(work, "node.yaml")
+	if err := os.WriteFile(mf, []byte(strings.Replace(pipelineManifest(layout, srv.URL, ""), "  rootfs:\n", "  rootfs:\n    store: layers\n", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dryRun := func(want ...string) {
+		t.Helper()
+		code, out, errOut := cli(t, "", "apply", "--dry-run", "--layers", "-f", mf, "--root", root)
+		if code != 0 {
+			t.Fatalf("apply --dry-run --layers: exit %d\n%s\n%s", code, out, errOut)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("dry run output lacks %q:\n%s", w, out)
+			}
+		}
+		t.Logf("dry run:\n%s", out[max(0, strings.Index(out, "Image layers")):])
+	}
+	dryRun("into the layer store /var/lib/nodespawn/layers", "   1  fetch  ", "apply would fetch and unpack 1 of 1 layers")
+	if _, err := os.Stat(filepath.Join(root, "var/lib/nodespawn")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the dry run made /var/lib/nodespawn: %v", err)
+	}
+	if code, out, errOut := cli(t, "", "apply", "-f", mf, "--root", root); code != 0 {
+		t.Fatalf("apply: exit %d\n%s\n%s", code, out, errOut)
+	}
+	dryRun("   1  in the store  ", "apply would fetch and unpack 0 of 1 layers")
+
+	// v2: the same image with one more layer on top.
+	ctx := context.Background()
+	target, err := imagebuild.Layout(layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := target.Resolve(ctx, "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := content.FetchAll(ctx, target, man)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	top := t.TempDir()
+	if err := os.WriteFile(filepath.Join(top, "release"), []byte("v2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := imagebuild.Extend(ctx, target, imagebuild.Result{Manifest: man, Config: m.Config}, top, "v2", imagebuild.Options{Platform: "linux/" + runtime.GOARCH}); err != nil {
+		t.Fatal(err)
+	}
+	mv2, err := os.ReadFile(mf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(mf, []byte(strings.Replace(string(mv2), "reference: v1", "reference: v2", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dryRun("   1  in the store  ", "   2  fetch  ", "apply would fetch and unpack 1 of 2 layers")
+
+	if code, _, errOut := cli(t, "", "apply", "--layers", "-f", mf, "--root", root); code != 2 || !strings.Contains(errOut, "--dry-run") {
+		t.Errorf("--layers without --dry-run: exit %d, want 2 (usage) naming --dry-run\n%s", code, errOut)
 	}
 }

@@ -12,6 +12,8 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/oci"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -63,4 +65,41 @@ func unmountRoot(ctx context.Context, host *confine.Root, rootfs string, o remov
 // at rootfs.
 func mountUnitOf(rootfs string) string {
 	return path.Join("/etc/systemd/system", layers.UnitName(rootfs))
+}
+
+// LayerPlan is what a pull into the layer store would do with one layer.
+type LayerPlan struct {
+	Digest, DiffID digest.Digest
+	Size           int64
+	// Present is true when the host's layer store has the layer: it is
+	// neither fetched nor unpacked.
+	Present bool
+}
+
+// PlanLayers resolves img (a layer-store image step) in its registry or
+// layout, reading the index, manifest and config only, and says which of
+// its layers the layer store in root lacks. It changes nothing.
+func PlanLayers(ctx context.Context, root string, img *plan.Image, log *slog.Logger) (oci.Result, []LayerPlan, error) {
+	host, err := confine.Open(root)
+	if err != nil {
+		return oci.Result{}, nil, err
+	}
+	defer host.Close()
+	res, ls, err := oci.Inspect(ctx, oci.Request{
+		Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef, Platform: img.Platform,
+		PlainHTTP: img.PlainHTTP, CredentialsFile: registryCredentials(root), Log: log,
+	})
+	if err != nil {
+		return res, nil, err
+	}
+	store := layers.At(host, img.Layers.Store)
+	var out []LayerPlan
+	for _, l := range ls {
+		have, err := store.Has(l.DiffID)
+		if err != nil {
+			return res, nil, err
+		}
+		out = append(out, LayerPlan{Digest: l.Digest, DiffID: l.DiffID, Size: l.Size, Present: have})
+	}
+	return res, out, nil
 }

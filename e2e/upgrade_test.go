@@ -39,8 +39,10 @@ func applyUpgrade(ctx context.Context, t *testing.T, v *vm, name, m string) (exe
 	t.Helper()
 	file := "/root/" + name + ".yaml"
 	v.must(ctx, "cat > "+file+" <<'EOF_MANIFEST'\n"+m+"\nEOF_MANIFEST")
-	if r := v.sh(ctx, "/usr/local/bin/nodespawn apply --dry-run -f "+file+" 2>&1"); r.Code != 0 || !strings.Contains(r.Stdout, "applied as an upgrade") {
-		t.Errorf("apply --dry-run of the %s manifest: exit %d, want the upgrade described:\n%s", name, r.Code, r.Stdout)
+	// --layers: the plan also says which image layers the store lacks.
+	if r := v.sh(ctx, "/usr/local/bin/nodespawn apply --dry-run --layers -f "+file+" 2>&1"); r.Code != 0 || !strings.Contains(r.Stdout, "applied as an upgrade") ||
+		!strings.Contains(r.Stdout, "apply would fetch and unpack") {
+		t.Errorf("apply --dry-run --layers of the %s manifest: exit %d, want the upgrade and its layers described:\n%s", name, r.Code, r.Stdout)
 	} else {
 		t.Logf("apply --dry-run:\n%s", r.Stdout)
 	}

@@ -56,6 +56,12 @@ func Open(root *confine.Root, dir string) (*Store, error) {
 	return &Store{root: root, dir: dir}, nil
 }
 
+// At is the store at dir (a path in root) as it is, created by nothing: for
+// reading (Has, List) on a host a dry run must not change.
+func At(root *confine.Root, dir string) *Store {
+	return &Store{root: root, dir: "/" + confine.Clean(dir)}
+}
+
 // Root is the tree the store is in; Dir the store's path in it.
 func (s *Store) Root() *confine.Root { return s.root }
 func (s *Store) Dir() string         { return s.dir }

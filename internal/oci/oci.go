@@ -208,14 +208,21 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 
 func (r *Request) validate() error {
 	switch {
-	case (r.Reference == "") == (r.Layout == ""):
-		return errors.New("oci pull: set exactly one of a registry reference and a local layout")
-	case r.Layout != "" && r.LayoutRef == "":
-		return fmt.Errorf("oci pull: layout %s: a tag or digest inside the layout is required", r.Layout)
 	case r.Root == nil:
 		return errors.New("oci pull: no root to unpack into")
 	case !path.IsAbs(r.Dest) || confine.Clean(r.Dest) == "":
 		return fmt.Errorf("oci pull: destination %q must be an absolute path below /", r.Dest)
+	}
+	return r.validateSource()
+}
+
+// validateSource checks what names the image and fills in the defaults.
+func (r *Request) validateSource() error {
+	switch {
+	case (r.Reference == "") == (r.Layout == ""):
+		return errors.New("oci pull: set exactly one of a registry reference and a local layout")
+	case r.Layout != "" && r.LayoutRef == "":
+		return fmt.Errorf("oci pull: layout %s: a tag or digest inside the layout is required", r.Layout)
 	}
 	if r.Concurrency <= 0 {
 		r.Concurrency = DefaultConcurrency

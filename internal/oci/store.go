@@ -33,52 +33,15 @@ import (
 // the image's layers, bottom first; Fetched and FetchedBytes what this
 // call fetched.
 func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, error) {
-	if req.Dest == "" {
-		req.Dest = store.Dir() // not used; validate wants one
-	}
-	req.Root = store.Root()
-	if err := req.validate(); err != nil {
-		return Result{}, err
+	req.Root, req.Dest = store.Root(), ""
+	src, img, res, err := inspect(ctx, &req)
+	if err != nil {
+		return res, err
 	}
 	log := req.Log
 	if log == nil {
 		log = slog.Default()
 	}
-	plat, err := ParsePlatform(req.Platform)
-	if err != nil {
-		return Result{}, err
-	}
-	src, err := openSource(ctx, req)
-	if err != nil {
-		return Result{}, err
-	}
-	res := Result{Reference: src.name}
-	img, err := resolve(ctx, src, plat)
-	if err != nil {
-		return res, err
-	}
-	res.ManifestDigest = img.manifestDesc.Digest
-	res.IndexDigest = img.indexDigest
-	res.ConfigDigest = img.manifest.Config.Digest
-	res.Layers = len(img.manifest.Layers)
-	for _, l := range img.manifest.Layers {
-		res.Bytes += l.Size
-	}
-	cfg, err := fetchConfig(ctx, src, img.manifest.Config, plat)
-	if err != nil {
-		return res, err
-	}
-	if got, want := len(cfg.RootFS.DiffIDs), len(img.manifest.Layers); got != want {
-		return res, fmt.Errorf("image %s: config %s lists %d diff_ids for %d layers; the image is malformed, rebuild or repush it",
-			src.name, img.manifest.Config.Digest, got, want)
-	}
-	res.DiffIDs = cfg.RootFS.DiffIDs
-	for i, id := range res.DiffIDs {
-		if err := id.Validate(); err != nil {
-			return res, fmt.Errorf("image %s: config %s: diff_id %d %q: %w", src.name, img.manifest.Config.Digest, i+1, id, err)
-		}
-	}
-
 	// Which layers the store lacks; a layer listed twice is fetched once.
 	var todo []int
 	seen := map[digest.Digest]bool{}
@@ -262,4 +225,71 @@ func checkThroughSymlinks(store *layers.Store, ids []digest.Digest, implicit map
 		}
 	}
 	return nil
+}
+
+// LayerInfo is one layer of an image: its blob and what it unpacks to.
+type LayerInfo struct {
+	Digest digest.Digest
+	DiffID digest.Digest
+	Size   int64
+}
+
+// Inspect resolves the image req names (for req.Platform) and reads its
+// config, fetching nothing else: the layers, bottom first, for a plan that
+// says which of them a layer store lacks. req.Root and req.Dest are not
+// used.
+func Inspect(ctx context.Context, req Request) (Result, []LayerInfo, error) {
+	req.Root, req.Dest = nil, ""
+	_, img, res, err := inspect(ctx, &req)
+	if err != nil {
+		return res, nil, err
+	}
+	var out []LayerInfo
+	for i, l := range img.manifest.Layers {
+		out = append(out, LayerInfo{Digest: l.Digest, DiffID: res.DiffIDs[i], Size: l.Size})
+	}
+	return res, out, nil
+}
+
+// inspect validates req (filling its defaults), resolves the image and
+// fetches and checks its config.
+func inspect(ctx context.Context, req *Request) (*source, image, Result, error) {
+	if err := req.validateSource(); err != nil {
+		return nil, image{}, Result{}, err
+	}
+	plat, err := ParsePlatform(req.Platform)
+	if err != nil {
+		return nil, image{}, Result{}, err
+	}
+	src, err := openSource(ctx, *req)
+	if err != nil {
+		return nil, image{}, Result{}, err
+	}
+	res := Result{Reference: src.name}
+	img, err := resolve(ctx, src, plat)
+	if err != nil {
+		return nil, image{}, res, err
+	}
+	res.ManifestDigest = img.manifestDesc.Digest
+	res.IndexDigest = img.indexDigest
+	res.ConfigDigest = img.manifest.Config.Digest
+	res.Layers = len(img.manifest.Layers)
+	for _, l := range img.manifest.Layers {
+		res.Bytes += l.Size
+	}
+	cfg, err := fetchConfig(ctx, src, img.manifest.Config, plat)
+	if err != nil {
+		return nil, image{}, res, err
+	}
+	if got, want := len(cfg.RootFS.DiffIDs), len(img.manifest.Layers); got != want {
+		return nil, image{}, res, fmt.Errorf("image %s: config %s lists %d diff_ids for %d layers; the image is malformed, rebuild or repush it",
+			src.name, img.manifest.Config.Digest, got, want)
+	}
+	res.DiffIDs = cfg.RootFS.DiffIDs
+	for i, id := range res.DiffIDs {
+		if err := id.Validate(); err != nil {
+			return nil, image{}, res, fmt.Errorf("image %s: config %s: diff_id %d %q: %w", src.name, img.manifest.Config.Digest, i+1, id, err)
+		}
+	}
+	return src, img, res, nil
 }

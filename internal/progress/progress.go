@@ -249,6 +249,10 @@ func formatRate(done int64, elapsed time.Duration) string {
 	return formatBytes(int64(float64(done)/elapsed.Seconds())) + "/s"
 }
 
+// Bytes prints n in binary units with one decimal ("80.1 MiB"), as the
+// progress lines do.
+func Bytes(n int64) string { return formatBytes(n) }
+
 // formatBytes prints n in binary units with one decimal ("80.1 MiB").
 func formatBytes(n int64) string {
 	const unit = 1024
