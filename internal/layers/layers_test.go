@@ -358,9 +358,3 @@ func TestUnitName(t *testing.T) {
 		}
 	}
 }
-
-func TestUnescape(t *testing.T) {
-	if got := unescape(`/a\040b\011c\134`); got != "/a b\tc\\" {
-		t.Fatalf("unescape = %q", got)
-	}
-}

@@ -1,7 +1,6 @@
 package layers
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -9,10 +8,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"path"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -21,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/mounts"
 )
 
 // Machine is a machine root composed with overlayfs, all paths in the
@@ -298,15 +296,15 @@ func Unmount(ctx context.Context, root *confine.Root, target string, timeout tim
 // MountedAt reports whether a filesystem is mounted at host (a path as the
 // kernel sees it), and the super options of the topmost one there.
 func MountedAt(host string) (bool, string, error) {
-	ms, err := mounts()
+	ms, err := mounts.Read()
 	if err != nil {
 		return false, "", err
 	}
 	host = path.Clean(host)
 	found, opts := false, ""
 	for _, m := range ms {
-		if m.point == host {
-			found, opts = true, m.super
+		if m.Point == host {
+			found, opts = true, m.Super
 		}
 	}
 	return found, opts, nil
@@ -315,66 +313,21 @@ func MountedAt(host string) (bool, string, error) {
 // InUse returns the layers of this store that a mounted overlayfs uses as
 // a lower directory, whatever records say.
 func (s *Store) InUse() (map[digest.Digest]bool, error) {
-	ms, err := mounts()
+	ms, err := mounts.Read()
 	if err != nil {
 		return nil, err
 	}
 	prefix := path.Join(s.root.Dir(), s.dir, string(digest.SHA256)) + "/"
 	used := map[digest.Digest]bool{}
 	for _, m := range ms {
-		if m.fstype != "overlay" {
+		if m.FSType != "overlay" {
 			continue
 		}
-		for _, l := range strings.Split(optionValue(m.super, "lowerdir"), ":") {
+		for _, l := range strings.Split(optionValue(m.Super, "lowerdir"), ":") {
 			if hex, ok := strings.CutPrefix(l, prefix); ok {
 				used[digest.NewDigestFromEncoded(digest.SHA256, hex)] = true
 			}
 		}
 	}
 	return used, nil
-}
-
-type mount struct{ point, fstype, super string }
-
-// mounts reads this process's mount table.
-func mounts() ([]mount, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("read the mount table: %w", err)
-	}
-	var out []mount
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		// 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if len(f) < 5 || len(g) < 3 {
-			continue
-		}
-		out = append(out, mount{point: unescape(f[4]), fstype: g[0], super: g[2]})
-	}
-	return out, sc.Err()
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for a space).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
