@@ -92,22 +92,8 @@ func Build(ctx context.Context, root string, dst oras.Target, tag string, opts O
 		return Result{}, fmt.Errorf("rootfs %s: not a directory", root)
 	}
 	created := opts.Created.UTC()
-
-	tmp, err := os.CreateTemp(opts.TempDir, "nodespawn-layer-*.tar.gz")
+	layer, info, err := pushLayer(ctx, dst, root, created, opts.TempDir)
 	if err != nil {
-		return Result{}, fmt.Errorf("stage layer: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	info, err := WriteLayer(ctx, root, created, tmp)
-	if err != nil {
-		return Result{}, err
-	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return Result{}, fmt.Errorf("rewind staged layer %s: %w", tmp.Name(), err)
-	}
-	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: info.Digest, Size: info.Size}
-	if err := pushIfMissing(ctx, dst, layer, tmp); err != nil {
 		return Result{}, err
 	}
 
@@ -143,6 +129,26 @@ func Build(ctx context.Context, root string, dst oras.Target, tag string, opts O
 		}
 	}
 	return Result{Manifest: man, Config: config, Layer: layer, DiffID: info.DiffID, Entries: info.Entries}, nil
+}
+
+// pushLayer writes the tree at root as one gzip layer, staged in a
+// temporary file in tempDir, and pushes it unless dst has it.
+func pushLayer(ctx context.Context, dst oras.Target, root string, created time.Time, tempDir string) (ocispec.Descriptor, LayerInfo, error) {
+	tmp, err := os.CreateTemp(tempDir, "nodespawn-layer-*.tar.gz")
+	if err != nil {
+		return ocispec.Descriptor{}, LayerInfo{}, fmt.Errorf("stage layer: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	info, err := WriteLayer(ctx, root, created, tmp)
+	if err != nil {
+		return ocispec.Descriptor{}, info, err
+	}
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return ocispec.Descriptor{}, info, fmt.Errorf("rewind staged layer %s: %w", tmp.Name(), err)
+	}
+	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: info.Digest, Size: info.Size}
+	return layer, info, pushIfMissing(ctx, dst, layer, tmp)
 }
 
 func pushJSON(ctx context.Context, dst oras.Target, mediaType string, v any) (ocispec.Descriptor, error) {
@@ -189,21 +195,8 @@ func Extend(ctx context.Context, dst oras.Target, base Result, root string, tag 
 		return Result{}, fmt.Errorf("base manifest %s: %w", base.Manifest.Digest, err)
 	}
 	created := opts.Created.UTC()
-	tmp, err := os.CreateTemp(opts.TempDir, "nodespawn-layer-*.tar.gz")
+	layer, info, err := pushLayer(ctx, dst, root, created, opts.TempDir)
 	if err != nil {
-		return Result{}, fmt.Errorf("stage layer: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	info, err := WriteLayer(ctx, root, created, tmp)
-	if err != nil {
-		return Result{}, err
-	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return Result{}, fmt.Errorf("rewind staged layer %s: %w", tmp.Name(), err)
-	}
-	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: info.Digest, Size: info.Size}
-	if err := pushIfMissing(ctx, dst, layer, tmp); err != nil {
 		return Result{}, err
 	}
 	cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, info.DiffID)
