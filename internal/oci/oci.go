@@ -137,28 +137,12 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	plat, err := ParsePlatform(req.Platform)
-	if err != nil {
-		return Result{}, err
-	}
-	src, err := openSource(ctx, req)
-	if err != nil {
-		return Result{}, err
-	}
-	res := Result{Reference: src.name}
-	img, err := resolve(ctx, src, plat)
+	src, img, res, err := inspect(ctx, &req)
 	if err != nil {
 		return res, err
 	}
-	res.ManifestDigest = img.manifestDesc.Digest
-	res.IndexDigest = img.indexDigest
-	res.ConfigDigest = img.manifest.Config.Digest
-	res.Layers = len(img.manifest.Layers)
-	for _, l := range img.manifest.Layers {
-		res.Bytes += l.Size
-	}
-
 	root := rootfs.New(req.Root, req.Dest)
+	plat, _ := ParsePlatform(req.Platform) // inspect checked it
 	want := rootfs.Marker{Source: src.name, Platform: plat.String(), Manifest: res.ManifestDigest}
 	if done, err := root.Done(want, log); err != nil || done {
 		if err != nil {
@@ -169,15 +153,6 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		return res, nil
 	}
 
-	cfg, err := fetchConfig(ctx, src, img.manifest.Config, plat)
-	if err != nil {
-		return res, err
-	}
-	if got, want := len(cfg.RootFS.DiffIDs), len(img.manifest.Layers); got != want {
-		return res, fmt.Errorf("image %s: config %s lists %d diff_ids for %d layers; the image is malformed, rebuild or repush it",
-			src.name, img.manifest.Config.Digest, got, want)
-	}
-
 	start := time.Now()
 	u := unpacker{
 		src:         src,
@@ -185,7 +160,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 		dest:        req.Dest,
 		parent:      root.Parent(),
 		layers:      img.manifest.Layers,
-		diffIDs:     cfg.RootFS.DiffIDs,
+		diffIDs:     res.DiffIDs,
 		concurrency: req.Concurrency,
 		spoolMemory: req.SpoolMemory,
 		spoolDir:    req.SpoolDir,
