@@ -69,11 +69,13 @@ func (s *Store) MountOptions(m Machine, layers []digest.Digest) (string, error) 
 		lower = append(lower, s.HostPath(id))
 	}
 	dir := path.Join(s.root.Dir(), m.Dir)
+	for _, p := range []string{lower[0], dir} {
+		if strings.ContainsAny(p, " \\\n\t\"',:") {
+			return "", fmt.Errorf("overlay root: %s: a path with a space, quote, backslash, comma or colon cannot be an overlayfs option", p)
+		}
+	}
 	opts := "lowerdir=" + strings.Join(lower, ":") + ",upperdir=" + path.Join(dir, "upper") + ",workdir=" + path.Join(dir, "work") +
 		",redirect_dir=nofollow,metacopy=off,index=off"
-	if strings.ContainsAny(opts, " \\\n\t\"'") || strings.Count(m.Dir, ":")+strings.Count(m.Dir, ",") > 0 {
-		return "", fmt.Errorf("overlay root: %s: a path with a space, backslash, comma or colon cannot be an overlayfs option", m.Dir)
-	}
 	if len(opts) > maxOptions {
 		return "", fmt.Errorf("overlay root: the image has %d layers, too many for one overlayfs mount here (its options would be %d bytes, the kernel takes %d); squash the image or set machine.rootfs.store to flat",
 			len(layers), len(opts), maxOptions)
