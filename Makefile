@@ -53,7 +53,7 @@ images:
 # (A's layers held, pull and compose B); wall, CPU, peak RSS and bytes
 # written per way, then the goals (store <= 1.1x floor, upgrade >= 5x faster
 # than store-b, peak RSS < 100 MiB). Every way ends with a syncfs. Needs
-# root, overlayfs and docker-registry; ~10 min. BENCH_ARGS e.g. "-runs 1",
+# root, overlayfs and docker-registry; ~5 min. BENCH_ARGS e.g. "-runs 1",
 # "-ways floor,store", "-rootfs /some/tree -add none -layers 4", or
 # "-rootfs synthetic -layers 6 -layer-mb 60" (also the fallback without the
 # e2e cache).

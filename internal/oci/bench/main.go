@@ -401,6 +401,21 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 		fmt.Println(strings.TrimRight(row, " "))
 	}
 	fmt.Println("(written: dirtied in the page cache of disk filesystems; cancelled: dropped before writeback; spilled: layers the flattening pull fetched ahead that went to a temporary file)")
+	var wallAll, othersAll time.Duration
+	for _, ss := range samples {
+		for _, s := range ss {
+			wallAll += s.wall
+			othersAll += s.others
+		}
+	}
+	if wallAll > 0 {
+		share := othersAll.Seconds() / (2 * wallAll.Seconds()) * 100
+		fmt.Printf("(while the ways ran, the rest of the machine kept %.0f%% of 2 CPUs busy", share)
+		if share > 20 {
+			fmt.Printf(": the times above are contended, compare them with care")
+		}
+		fmt.Println(")")
+	}
 
 	fmt.Printf("\ngoals (time: on the fastest runs and on the median wall times, both shown, as this machine is shared; RSS: the highest of all runs):\n")
 	verdict := func(ok bool) string {
@@ -423,7 +438,9 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 	}
 	timeGoal("first pull <= 1.1x the floor:", "store", "floor", func(r float64) bool { return r <= 1.1 }, "%.2fx")
 	timeGoal("one-layer upgrade >= 5x faster:", "store-b", "store-upgrade", func(r float64) bool { return r >= 5 }, "%.1fx")
-	fmt.Printf("  %-34s (the full pull of the same image is store-b: image B into an empty layer store)\n", "")
+	if len(samples["store-b"]) > 0 {
+		fmt.Printf("  %-34s (the full pull of the same image is store-b: image B into an empty layer store)\n", "")
+	}
 	var rssWays []string
 	var maxRSS int64
 	for _, w := range []string{"store", "store-b", "store-upgrade"} {
