@@ -19,6 +19,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/mounts"
+	"github.com/nodespawn/nodespawn/internal/rootfs"
 )
 
 // Machine is a machine root composed with overlayfs, all paths in the
@@ -243,7 +244,7 @@ func (s *Store) prepareTarget(target string) error {
 	if err != nil || len(es) == 0 {
 		return err
 	}
-	marker := path.Join(path.Dir(target), "."+path.Base(target)+".nodespawn-image")
+	marker := rootfs.MarkerPath(target)
 	if _, err := root.Lstat(marker); err != nil {
 		return fmt.Errorf("overlay root: %s is not empty and nodespawn did not make it; move it away or remove it", root.Show(target))
 	}
