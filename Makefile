@@ -56,7 +56,7 @@ images:
 # root, overlayfs and docker-registry; ~5 min. BENCH_ARGS e.g. "-runs 1",
 # "-ways floor,store", "-rootfs /some/tree -add none -layers 4", or
 # "-rootfs synthetic -layers 6 -layer-mb 60" (also the fallback without the
-# e2e cache).
+# e2e cache). BENCH_CPUPROFILE=DIR writes each way's CPU profile to DIR.
 .PHONY: bench
 bench:
 	$(GO) build -o bin/oci-bench ./internal/oci/bench

@@ -72,6 +72,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strconv"
@@ -596,6 +597,18 @@ func reportIO() error {
 // composed root dir/root, its state dir/state, its mount unit in dir/units.
 func child(ctx context.Context, mode, ref, dir string, nLayers, layerMB int, rootfsDir, add string) error {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if p := os.Getenv("BENCH_CPUPROFILE"); p != "" && mode != "push" && mode != "seed" {
+		// BENCH_CPUPROFILE=DIR: each way's child writes DIR/<way>.pprof.
+		f, err := os.Create(filepath.Join(p, mode+".pprof"))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if mode == "push" {
 		info, err := pushImages(ctx, ref, nLayers, layerMB, rootfsDir, add, dir)
 		if err != nil {
