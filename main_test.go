@@ -294,3 +294,33 @@ func TestSchemaPrintsTheEmbeddedSchema(t *testing.T) {
 		t.Errorf("$schema = %v", s["$schema"])
 	}
 }
+
+// TestValidateLeavesHostQuestionsToApply: switches only a real host can
+// satisfy (RDMA devices, an address in a nodeIP CIDR, overlayfs for the
+// layer store) pass validate, and apply refuses them on a host without.
+func TestValidateLeavesHostQuestionsToApply(t *testing.T) {
+	data, err := os.ReadFile("examples/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ name, find, replace, refusal, facts string }{
+		{"rdma on", "kind: Node\n", "kind: Node\nmachine:\n  rdma: \"on\"\n", "$.machine.rdma", cpuFacts},
+		{"nodeIP CIDR", "kubernetes:\n", "kubernetes:\n  nodeIP: 10.20.0.0/16\n", "$.kubernetes.nodeIP", cpuFacts},
+		// gpu1.json: /var/lib/nodespawn on nfs.
+		{"layer store", "kind: Node\n", "kind: Node\nmachine:\n  rootfs:\n    store: layers\n", "$.machine.rootfs.store", "render/testdata/facts/gpu1.json"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			src := strings.Replace(string(data), c.find, c.replace, 1)
+			if src == string(data) {
+				t.Fatalf("%q not in examples/minimal.yaml", c.find)
+			}
+			if code, _, out := cli(t, src, "validate", "-f", "-"); code != exitOK {
+				t.Errorf("validate: exit %d, want 0:\n%s", code, out)
+			}
+			code, _, out := cli(t, src, "apply", "--dry-run", "-f", "-", "--facts", c.facts)
+			if code != exitBadInput || !strings.Contains(out, c.refusal) {
+				t.Errorf("apply --dry-run on a host without it: exit %d, want %d naming %s:\n%s", code, exitBadInput, c.refusal, out)
+			}
+		})
+	}
+}

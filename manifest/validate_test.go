@@ -491,11 +491,12 @@ func FuzzValidateThenApply(f *testing.F) {
 		var refused []string
 		for _, h := range render.ReferenceHosts() {
 			hasGPU := h.NVIDIA != nil
-			if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !h.KVM {
+			if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !h.KVM || m.Machine.RDMA == manifest.SwitchOn && h.RDMA == nil {
 				continue
 			}
 			_, err := render.Plan(m, h)
-			if err == nil {
+			if err == nil || render.HostOnly(err) {
+				// Only a real host can say (an address in nodeIP's CIDR).
 				continue
 			}
 			if verr == nil {

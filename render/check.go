@@ -10,17 +10,20 @@ import (
 )
 
 // ReferenceHosts are the hosts Check renders a manifest for: a plain amd64
-// host, and one with an NVIDIA GPU and /dev/kvm, whose extra steps (the
-// driver library links, the GPU units and configuration) can clash with a
-// manifest's extras too. Both have a valid host name and a normal
-// resolv.conf, so nothing about them is in doubt.
+// host, and one with an NVIDIA GPU, RDMA devices and /dev/kvm, whose extra
+// steps (the driver library links, the GPU units and configuration, the
+// RDMA binds) can clash with a manifest's extras too. Both have a valid
+// host name, upstream name servers and overlayfs for the layer store, so
+// nothing about them is in doubt.
 func ReferenceHosts() []plan.Facts {
 	plain := plan.Facts{
 		Arch:                "amd64",
 		Hostname:            "node-1",
 		ResolvConf:          "/run/systemd/resolve/resolv.conf",
 		Nameservers:         []string{"10.0.0.2"},
+		Upstream:            &plan.Resolvers{Source: "/run/systemd/resolve/resolv.conf", Nameservers: []string{"10.0.0.2"}},
 		HasSystemdContainer: true,
+		LayerStore:          &plan.LayerStoreSupport{OK: true},
 	}
 	gpu := plain
 	gpu.KVM = true
@@ -33,20 +36,24 @@ func ReferenceHosts() []plan.Facts {
 			Libraries: []string{"libcuda.so.1", "libnvidia-ml.so.1", "libnvidia-ptxjitcompiler.so.1"},
 		}},
 	}
+	gpu.RDMA = &plan.RDMA{DeviceNodes: []string{"/dev/infiniband/rdma_cm", "/dev/infiniband/uverbs0"}}
+	gpu.DeviceDirs = map[string][]string{"/dev/infiniband": {"char-infiniband_verbs", "char-misc"}}
 	return []plan.Facts{plain, gpu}
 }
 
 // Check reports what Plan refuses in m whatever the host: it renders m
-// for each reference host that can satisfy m's switches (gpu or kvm "on"
-// need the device) and returns every problem as manifest.Errors placed in
-// m's source, or nil. This is how validate finds an extra file that clashes
+// for each reference host that can satisfy m's switches (gpu, kvm or rdma
+// "on" need the device) and returns every problem as manifest.Errors
+// placed in m's source, or nil. What only a real host decides (an address
+// in kubernetes.nodeIP's CIDR, say: an Error with Host set) is left to
+// apply. This is how validate finds an extra file that clashes
 // with one nodespawn writes, without probing the host it runs on.
 func Check(m *manifest.Manifest) error {
 	var errs []error
 	seen := map[string]bool{}
 	for _, f := range ReferenceHosts() {
 		hasGPU := f.NVIDIA != nil && len(f.NVIDIA.DeviceNodes) > 0
-		if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !f.KVM {
+		if m.Machine.GPU == manifest.SwitchOn && !hasGPU || m.Machine.KVM == manifest.SwitchOn && !f.KVM || m.Machine.RDMA == manifest.SwitchOn && f.RDMA == nil {
 			continue
 		}
 		_, err := Plan(m, f)
@@ -55,6 +62,9 @@ func Check(m *manifest.Manifest) error {
 		}
 		for _, e := range leaves(err) {
 			// One problem per field: the hosts may word one clash two ways.
+			if HostOnly(e) {
+				continue
+			}
 			var rerr *Error
 			if errors.As(e, &rerr) {
 				p := manifest.FormatPath(rerr.Path)
@@ -67,6 +77,18 @@ func Check(m *manifest.Manifest) error {
 		}
 	}
 	return Locate(m, errors.Join(errs...))
+}
+
+// HostOnly reports whether every problem in err is the host's (an Error
+// with Host set), none the manifest's.
+func HostOnly(err error) bool {
+	for _, e := range leaves(err) {
+		var rerr *Error
+		if !errors.As(e, &rerr) || !rerr.Host {
+			return false
+		}
+	}
+	return err != nil
 }
 
 // Locate returns err with its *Error values, which name manifest fields by

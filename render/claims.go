@@ -66,12 +66,12 @@ func (r *renderer) checkClaims() error {
 			x, other = a, b
 		}
 		if x.Origin == "" {
-			errs = append(errs, &Error{field(), fmt.Sprintf("steps %s and %s clash: %s", a.ID, b.ID, msg(b, a))})
+			errs = append(errs, &Error{Path: field(), Msg: fmt.Sprintf("steps %s and %s clash: %s", a.ID, b.ID, msg(b, a))})
 			return
 		}
 		if !reported[x.Origin] {
 			reported[x.Origin] = true
-			errs = append(errs, &Error{r.origins[x.Origin], msg(x, other)})
+			errs = append(errs, &Error{Path: r.origins[x.Origin], Msg: msg(x, other)})
 		}
 	}
 

@@ -36,7 +36,7 @@ func (r *renderer) extra(ph plan.Phase, at jsonpath.ContextPath, x manifest.Extr
 		where := at.Append("storage", "files", i)
 		data, src, err := fileContents(f)
 		if err != nil {
-			return &Error{where.Append("contents").Copy(), err.Error()}
+			return &Error{Path: where.Append("contents").Copy(), Msg: err.Error()}
 		}
 		s := r.file(ph, place(f.Path), "", "extra file "+f.Path, mode(uint32(intOr(f.Mode, 0o644))), owned(owner(f.Node)))
 		setContents(s.File, data)

@@ -58,8 +58,8 @@ func (r *renderer) decideDNS() error {
 				stub = "no name server in " + r.f.ResolvConf
 			}
 		}
-		return &Error{field("machine", "dns", "nameservers"), fmt.Sprintf(
-			"this host has no upstream name server pods could reach (%s, and none in systemd-resolved's, NetworkManager's or dnsmasq's lists); give the servers in machine.dns.nameservers", stub)}
+		return hostError(field("machine", "dns", "nameservers"), fmt.Sprintf(
+			"this host has no upstream name server pods could reach (%s, and none in systemd-resolved's, NetworkManager's or dnsmasq's lists); give the servers in machine.dns.nameservers", stub))
 	}
 	r.podDNS = *up
 	r.machineDNS = *up
@@ -98,8 +98,8 @@ func (r *renderer) decideNodeIP() error {
 		if ip := r.defaultRouteAddress(); ip.IsValid() {
 			r.nodeIPs = []netip.Addr{ip}
 		} else if len(r.f.Interfaces) > 0 {
-			return &Error{field("kubernetes", "nodeIP"), fmt.Sprintf(
-				"is \"auto\", but no interface with the default route has an address (addresses here: %s); give an address or a CIDR", seenList(seen))}
+			return hostError(field("kubernetes", "nodeIP"), fmt.Sprintf(
+				"is \"auto\", but no interface with the default route has an address (addresses here: %s); give an address or a CIDR", seenList(seen)))
 		}
 		return nil
 	}
@@ -114,14 +114,14 @@ func (r *renderer) decideNodeIP() error {
 				}
 			}
 			if !found.IsValid() {
-				return &Error{field("kubernetes", "nodeIP"), fmt.Sprintf("no address of this host is in %s (addresses here: %s)", pfx, seenList(seen))}
+				return hostError(field("kubernetes", "nodeIP"), fmt.Sprintf("no address of this host is in %s (addresses here: %s)", pfx, seenList(seen)))
 			}
 			r.nodeIPs = append(r.nodeIPs, found)
 			continue
 		}
 		a := netip.MustParseAddr(w)
 		if len(seen) > 0 && !hasAddr(seen, a) {
-			return &Error{field("kubernetes", "nodeIP"), fmt.Sprintf("%s is not an address of this host (addresses here: %s)", a, seenList(seen))}
+			return hostError(field("kubernetes", "nodeIP"), fmt.Sprintf("%s is not an address of this host (addresses here: %s)", a, seenList(seen)))
 		}
 		r.nodeIPs = append(r.nodeIPs, a)
 	}
@@ -185,7 +185,7 @@ func (r *renderer) decideRDMA() error {
 	switch r.m.Machine.RDMA {
 	case manifest.SwitchOn:
 		if !has {
-			return &Error{field("machine", "rdma"), "is \"on\" but this host has no RDMA devices (/dev/infiniband/*: load ib_uverbs and rdma_ucm, or check the NIC); use \"auto\" or \"off\""}
+			return hostError(field("machine", "rdma"), "is \"on\" but this host has no RDMA devices (/dev/infiniband/*: load ib_uverbs and rdma_ucm, or check the NIC); use \"auto\" or \"off\"")
 		}
 		r.rdma = true
 	case manifest.SwitchOff:

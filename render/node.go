@@ -56,7 +56,7 @@ func (r *renderer) checkStateBinds() error {
 		}
 		for _, s := range nodeStateBinds {
 			if within(target, s.target) || within(s.target, target) {
-				return &Error{field("machine", "binds", i), fmt.Sprintf("binds over %s, which nodespawn binds from %s to keep the node's state across upgrades", s.target, path.Join(NodeStateDir, s.name))}
+				return &Error{Path: field("machine", "binds", i), Msg: fmt.Sprintf("binds over %s, which nodespawn binds from %s to keep the node's state across upgrades", s.target, path.Join(NodeStateDir, s.name))}
 			}
 		}
 	}
@@ -74,7 +74,7 @@ func (r *renderer) checkHiddenExtras() error {
 		p := stepPath(&s)
 		for _, b := range nodeStateBinds {
 			if p != "" && within(p, r.inRoot(b.target)) {
-				return &Error{at, fmt.Sprintf("%s is inside %s, where the node's state is bound (from %s); the bind would hide it", strings.TrimPrefix(p, r.rootfs), b.target, path.Join(NodeStateDir, b.name))}
+				return &Error{Path: at, Msg: fmt.Sprintf("%s is inside %s, where the node's state is bound (from %s); the bind would hide it", strings.TrimPrefix(p, r.rootfs), b.target, path.Join(NodeStateDir, b.name))}
 			}
 		}
 	}

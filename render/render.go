@@ -44,6 +44,16 @@ type Error struct {
 	// fault instead, its Tag is "facts" (see fact).
 	Path jsonpath.ContextPath
 	Msg  string
+	// Host is set when the manifest is fine as such and this host cannot
+	// do what it asks (no address in kubernetes.nodeIP's CIDR, say):
+	// validate, which renders for made-up reference hosts, leaves those
+	// to apply on the real host.
+	Host bool
+}
+
+// hostError is a problem of this host with what the manifest field at asks.
+func hostError(at jsonpath.ContextPath, msg string) *Error {
+	return &Error{Path: at, Msg: msg, Host: true}
 }
 
 // Error formats the failure as PATH: MSG, the path as manifest.FormatPath
@@ -120,10 +130,10 @@ type renderer struct {
 func (r *renderer) decide() error {
 	m := r.m
 	if m.Machine.Name == "" {
-		return &Error{field("machine", "name"), "is empty (load the manifest with manifest.Load so defaults apply)"}
+		return &Error{Path: field("machine", "name"), Msg: "is empty (load the manifest with manifest.Load so defaults apply)"}
 	}
 	if pair := manifest.MachinePair(m.Machine.Name); r.machine != pair[0] && r.machine != pair[1] {
-		return &Error{field("machine", "name"), fmt.Sprintf("machine %q is not one of this manifest's pair %s and %s", r.machine, pair[0], pair[1])}
+		return &Error{Path: field("machine", "name"), Msg: fmt.Sprintf("machine %q is not one of this manifest's pair %s and %s", r.machine, pair[0], pair[1])}
 	}
 	r.rootfs = path.Join(MachinesDir, r.machine)
 	if err := r.decideStore(); err != nil {
@@ -133,18 +143,18 @@ func (r *renderer) decide() error {
 	if r.nodeName == "" {
 		r.nodeName = strings.ToLower(r.f.Hostname)
 		if !validNodeName(r.nodeName) {
-			return &Error{field("kubernetes", "nodeName"), fmt.Sprintf("not set, and the host name %q is not a valid node name; set kubernetes.nodeName", r.f.Hostname)}
+			return hostError(field("kubernetes", "nodeName"), fmt.Sprintf("not set, and the host name %q is not a valid node name; set kubernetes.nodeName", r.f.Hostname))
 		}
 	}
 	if r.f.Arch == "" {
-		return &Error{fact("arch"), "the host architecture is unknown"}
+		return &Error{Path: fact("arch"), Msg: "the host architecture is unknown"}
 	}
 
 	hasGPU := r.f.NVIDIA != nil && len(r.f.NVIDIA.DeviceNodes) > 0
 	switch m.Machine.GPU {
 	case manifest.SwitchOn:
 		if !hasGPU {
-			return &Error{field("machine", "gpu"), "is \"on\" but this host has no NVIDIA device nodes (/dev/nvidia*); use \"auto\" or \"off\""}
+			return hostError(field("machine", "gpu"), "is \"on\" but this host has no NVIDIA device nodes (/dev/nvidia*); use \"auto\" or \"off\"")
 		}
 		r.gpu = true
 	case manifest.SwitchOff:
@@ -154,7 +164,7 @@ func (r *renderer) decide() error {
 	switch m.Machine.KVM {
 	case manifest.SwitchOn:
 		if !r.f.KVM {
-			return &Error{field("machine", "kvm"), "is \"on\" but this host has no /dev/kvm; use \"auto\" or \"off\""}
+			return hostError(field("machine", "kvm"), "is \"on\" but this host has no /dev/kvm; use \"auto\" or \"off\"")
 		}
 		r.kvm = true
 	case manifest.SwitchOff:

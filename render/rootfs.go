@@ -55,7 +55,7 @@ func (r *renderer) renderRootfs() error {
 			img.Reference = src.GPUImage
 		}
 		if img.Reference == "" {
-			return &Error{field("machine", "rootfs", "image"), "no rootfs image (load the manifest with manifest.Load so defaults apply)"}
+			return &Error{Path: field("machine", "rootfs", "image"), Msg: "no rootfs image (load the manifest with manifest.Load so defaults apply)"}
 		}
 		what = "pull " + img.Reference + " (" + img.Platform + " only) and unpack it"
 	}
@@ -120,7 +120,7 @@ func (r *renderer) decideStore() error {
 		return nil
 	case src.Debootstrap != nil:
 		if src.Store == manifest.StoreLayers {
-			return &Error{at, "debootstrap builds one flattened tree; the layer store needs an OCI image or layout"}
+			return &Error{Path: at, Msg: "debootstrap builds one flattened tree; the layer store needs an OCI image or layout"}
 		}
 		return nil
 	case r.f.LayerStore == nil || !r.f.LayerStore.OK:
@@ -129,7 +129,7 @@ func (r *renderer) decideStore() error {
 			why = r.f.LayerStore.Why
 		}
 		if src.Store == manifest.StoreLayers {
-			return &Error{at, "is layers, but this host cannot compose machine roots with overlayfs: " + why}
+			return hostError(at, "is layers, but this host cannot compose machine roots with overlayfs: "+why)
 		}
 		r.flatWhy = why
 		return nil
@@ -149,7 +149,7 @@ func (r *renderer) download(name string, c manifest.Component, mirror string, at
 	}
 	a, err := upstream.Lookup(name, c.Version, r.f.Arch, base)
 	if err != nil {
-		return &Error{at, err.Error()}
+		return &Error{Path: at, Msg: err.Error()}
 	}
 	if c.URL != "" {
 		// An explicit URL keeps the upstream's checksum file convention.
