@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path"
 	"path/filepath"
 	"strings"
 	"time"
@@ -14,7 +13,6 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/command"
-	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/kubecheck"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -42,7 +40,7 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 	return func(ctx context.Context, p *plan.Plan, since time.Time) error {
 		creds := func(ctx context.Context) (kubecheck.Credentials, error) {
 			if k.Auth.Exec != nil {
-				return kubecheck.ExecCredential(ctx, machineRunner(root, p), *k.Auth.Exec, k.APIServer, ca)
+				return kubecheck.ExecCredential(ctx, machineRunner(p), *k.Auth.Exec, k.APIServer, ca)
 			}
 			state := p.NodeState
 			if state == "" {
@@ -62,39 +60,56 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 	}
 }
 
-// execEnvFile is where machineRunner puts the plugin's environment inside
-// the machine for one run: a file, not the command line, which every user
-// on the host can read.
-const execEnvFile = "/etc/kubernetes/.nodespawn-exec-env"
+// envScript is run by /bin/sh inside the machine: it reads the plugin's
+// environment as shell assignments from its standard input, then runs the
+// plugin. No file holds the environment (on the host or in the machine),
+// and the command line, which every user can read, holds none of it.
+const envScript = `set -a; . /dev/stdin; set +a; exec "$@"`
+
+// envAssignments writes env ("KEY=value") as shell assignments for
+// envScript: names must be shell names, values are double-quoted with \,
+// ", ` and $ escaped, and a line break in a value is refused.
+func envAssignments(env []string) (string, error) {
+	var b strings.Builder
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		if !shellName(k) {
+			return "", fmt.Errorf("exec credential plugin: %q is not a variable name", k)
+		}
+		if strings.ContainsAny(v, "\n\r") {
+			return "", fmt.Errorf("exec credential plugin: the value of %s holds a line break", k)
+		}
+		fmt.Fprintf(&b, "%s=\"%s\"\n", k, strings.NewReplacer(`\`, `\\`, `"`, `\"`, "`", "\\`", "$", `\$`).Replace(v))
+	}
+	return b.String(), nil
+}
+
+func shellName(k string) bool {
+	for i, r := range k {
+		if !(r == '_' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || i > 0 && r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return k != ""
+}
 
 // machineRunner runs a command inside p's machine (systemd-run -M) with
-// env, for the exec credential plugin.
-func machineRunner(root string, p *plan.Plan) kubecheck.Runner {
+// env, for the exec credential plugin; the environment goes through the
+// command's standard input (envScript).
+func machineRunner(p *plan.Plan) kubecheck.Runner {
 	return func(ctx context.Context, argv, env []string) ([]byte, error) {
-		var b strings.Builder
-		var secrets []string
-		for _, kv := range env {
-			k, v, _ := strings.Cut(kv, "=")
-			if strings.ContainsAny(v, "\n\r") {
-				return nil, fmt.Errorf("exec credential plugin: the value of %s holds a line break", k)
-			}
-			fmt.Fprintf(&b, "%s=\"%s\"\n", k, strings.NewReplacer(`\`, `\\`, `"`, `\"`, "`", "\\`", "$", `\$`).Replace(v))
-			if k != "KUBERNETES_EXEC_INFO" && v != "" {
-				secrets = append(secrets, v)
-			}
-		}
-		host, err := confine.Open(root)
+		assign, err := envAssignments(env)
 		if err != nil {
 			return nil, err
 		}
-		defer host.Close()
-		file := path.Join(p.Rootfs, execEnvFile)
-		if err := host.WriteFile(file, []byte(b.String()), 0o600, 0, 0); err != nil {
-			return nil, fmt.Errorf("exec credential plugin: %w", err)
+		var secrets []string
+		for _, kv := range env {
+			if k, v, _ := strings.Cut(kv, "="); k != "KUBERNETES_EXEC_INFO" && v != "" {
+				secrets = append(secrets, v)
+			}
 		}
-		defer host.Remove(file)
-		args := []string{"-M", p.Machine, "--wait", "--pipe", "--quiet", "--collect", "-p", "EnvironmentFile=" + execEnvFile, "--"}
-		return command.Exec{}.Run(ctx, command.Options{Redact: secrets}, "systemd-run", append(args, argv...)...)
+		args := append([]string{"-M", p.Machine, "--wait", "--pipe", "--quiet", "--collect", "--", "/bin/sh", "-c", envScript, "sh"}, argv...)
+		return command.Exec{}.Run(ctx, command.Options{Stdin: strings.NewReader(assign), Redact: secrets}, "systemd-run", args...)
 	}
 }
 
