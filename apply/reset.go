@@ -183,6 +183,10 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 type removeOptions struct {
 	stop, remove, poll time.Duration
 	log                *slog.Logger
+	// keep are host paths another machine's plan wrote too (the unit that
+	// flushes nftables, the machines.target link, extra units): removing
+	// the other machine must leave them to the machine that runs.
+	keep []string
 }
 
 // removeMachine stops machine m (when sd is set), and removes its rootfs,
@@ -221,6 +225,9 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 	}
 	remove = append(remove, resetPaths(m, p)...)
 	for _, q := range remove {
+		if contains(o.keep, q) {
+			continue
+		}
 		if _, err := host.Lstat(q); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}

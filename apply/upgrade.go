@@ -537,8 +537,14 @@ func (r *run) clearMachine(ctx context.Context, m string) error {
 		return nil
 	}
 	r.log.Info("upgrade: removing what is left of the other machine", "machine", m, "previous", st.Previous == m)
+	active, err := storedPlanOf(host, st.Active)
+	if err != nil {
+		return err
+	}
 	if err := removeMachine(ctx, host, r.opts.Deps.Systemd, m, p, removeOptions{
 		stop: r.opts.Upgrade.StopTimeout, remove: DefaultRemoveTimeout, poll: r.opts.PollInterval, log: r.log,
+		// What the running machine's plan wrote stays, shared or not.
+		keep: resetPaths(st.Active, active),
 	}); err != nil {
 		return err
 	}

@@ -53,10 +53,17 @@ func upgradePlan(machine, version string) *plan.Plan {
 		}
 		steps = append(steps, s)
 	}
-	p.Steps = append(steps, enable)
+	// A host file both machines' plans write (as render's nft-flush unit
+	// and machines.target link are).
+	shared := plan.Step{ID: "host:file:shared", Phase: plan.PhaseHost, Kind: plan.KindFile, File: &plan.File{
+		Path: sharedUnit, Mode: 0o644, Contents: "[Service]\nType=oneshot\n", Overwrite: true}}
+	p.Steps = append(steps, enable, shared)
 	sortByPhaseForTest(p.Steps)
 	return &p
 }
+
+// sharedUnit is the host file upgradePlan's two machines share.
+const sharedUnit = "/etc/systemd/system/nodespawn-shared.service"
 
 func sortByPhaseForTest(steps []plan.Step) {
 	rank := map[plan.Phase]int{}
@@ -513,6 +520,39 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 	again, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
 	if err != nil || !again.AlreadyApplied || again.Machine != "kube2" {
 		t.Errorf("apply B again: %+v %v; want already applied on kube2", again, err)
+	}
+}
+
+// TestSecondUpgradeKeepsSharedHostFiles: the second upgrade clears the
+// previous machine (kube1) to prepare it again; what the running machine's
+// plan wrote too (a shared unit) must stay while it is cleared.
+func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
+	root, sd, _, err := liveUpgrade(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deps, _, _, _ := testDeps()
+	deps.Systemd = sd
+	opts := upgradeOptions(root, "C", deps)
+	checked := false
+	opts.checkpoint = func(label string) {
+		if label != "upgrade:preparing" {
+			return
+		}
+		checked = true
+		if _, err := os.Stat(filepath.Join(root, sharedUnit)); err != nil {
+			t.Errorf("while kube1 was cleared for the next upgrade, the running kube2's %s went: %v", sharedUnit, err)
+		}
+		if _, err := os.Stat(filepath.Join(root, "etc/systemd/nspawn/kube1.nspawn")); err == nil {
+			t.Errorf("kube1's own .nspawn file was kept")
+		}
+	}
+	res, err := Run(context.Background(), upgradePlan("kube1", "C"), opts)
+	if err != nil || res.Machine != "kube1" {
+		t.Fatalf("second upgrade: %+v %v; want kube1", res, err)
+	}
+	if !checked {
+		t.Fatal("the upgrade never reached upgrade:preparing")
 	}
 }
 
