@@ -212,9 +212,9 @@ func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
 		// Back to a prepared upgrade, with the node where it was.
 		u.Phase = UpgradePreparing
 		_ = writeMachines(host, st)
-		if rec, _ := readRecord(host); rec == nil || rec.Status != StatusRunning {
-			_ = writeStamp(host, st.Applied[s.from].PlanDigest)
-		}
+		// The old machine runs the node as before: the first boot has
+		// nothing to finish.
+		_ = writeStamp(host, st.Applied[s.from].PlanDigest)
 		_ = s.w.finish(false)
 		return &Result{Record: s.w.snapshot(), Machine: s.from}, fmt.Errorf("upgrade: stop machine %s: %w; nothing was switched", s.from, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -117,7 +118,9 @@ type diskSystemd struct {
 	root, file string
 	// restarting lists machines whose kubelet restarts at every look.
 	restarting []string
-	mu         sync.Mutex
+	// stopFails lists machines that neither stop nor go when terminated.
+	stopFails []string
+	mu        sync.Mutex
 }
 
 type diskState struct {
@@ -203,6 +206,9 @@ func (d *diskSystemd) Start(ctx context.Context, unit string) (bool, error) {
 func (d *diskSystemd) Stop(ctx context.Context, unit string) error {
 	if m, ok := strings.CutPrefix(unit, "systemd-nspawn@"); ok {
 		m = strings.TrimSuffix(m, ".service")
+		if slices.Contains(d.stopFails, m) {
+			return fmt.Errorf("job for %s failed", unit)
+		}
 		d.update(func(st *diskState) {
 			st.Calls = append(st.Calls, "stop "+m)
 			delete(st.Registered, m)
@@ -216,6 +222,9 @@ func (d *diskSystemd) MachineRegistered(ctx context.Context, m string) (bool, er
 }
 
 func (d *diskSystemd) TerminateMachine(ctx context.Context, m string) error {
+	if slices.Contains(d.stopFails, m) {
+		return fmt.Errorf("machine %s does not go", m)
+	}
 	d.update(func(st *diskState) { delete(st.Registered, m) })
 	return nil
 }
@@ -553,6 +562,24 @@ func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
 	}
 	if !checked {
 		t.Fatal("the upgrade never reached upgrade:preparing")
+	}
+}
+
+// TestUpgradeWhoseStopFails: the old machine does not stop; nothing is
+// switched, the node stays on it, and the done stamp is back so the next
+// boot's first-boot unit has nothing to finish.
+func TestUpgradeWhoseStopFails(t *testing.T) {
+	root, deps, sd, _ := nodeOnKube1(t, nil)
+	sd.stopFails = []string{"kube1"}
+	res, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	if err == nil || !strings.Contains(err.Error(), "nothing was switched") || res == nil || res.Machine != "kube1" {
+		t.Fatalf("upgrade with a failing stop: %+v, %v; want an error and the node on kube1", res, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+		t.Errorf("done stamp after a failed stop: %v; want it back (kube1 runs the node)", err)
+	}
+	if ms, _ := ReadMachines(root); ms.Active != "kube1" {
+		t.Errorf("active machine %q, want kube1", ms.Active)
 	}
 }
 
