@@ -17,6 +17,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/mounts"
 )
 
 // The randomized crash test: a real `nodespawn apply --root` (this test
@@ -107,8 +110,13 @@ func testKillAtRandomInstants(t *testing.T, layerStore bool) {
 	}
 	whole := time.Since(start)
 	want := treeOf(t, ref)
-	if layerStore && !strings.Contains(want, "var/lib/nodespawn/layers/sha256/") {
-		t.Fatalf("the reference run did not use the layer store:\n%s", want)
+	if layerStore {
+		// The machine root must be an overlay of the store, not a tree
+		// apply happened to write into the mount point.
+		mounted, opts, err := layers.MountedAt(filepath.Join(ref, "var/lib/machines/pipe"))
+		if err != nil || !mounted || !strings.Contains(opts, "lowerdir="+filepath.Join(ref, "var/lib/nodespawn/layers/sha256")) {
+			t.Fatalf("the reference run's machine root is not an overlay of the layer store (mounted %v, %q, %v)", mounted, opts, err)
+		}
 	}
 
 	kills, trees, identical := 0, 0, 0
@@ -216,10 +224,6 @@ func treeOf(t *testing.T, root string) string {
 			case strings.HasSuffix(rel, ".nodespawn-image"):
 				line += " " + markerSummary(b)
 			case rel == "run/nodespawn.lock":
-			case strings.HasSuffix(rel, ".mount"):
-				// A mount unit names host paths: the test root's own.
-				sum := sha256.Sum256([]byte(strings.ReplaceAll(string(b), root, "<root>")))
-				line += " " + hex.EncodeToString(sum[:8])
 			default:
 				sum := sha256.Sum256(b)
 				line += " " + hex.EncodeToString(sum[:8])
@@ -316,14 +320,14 @@ func lineDiff(a, b string) string {
 // unmountUnder unmounts every mount below dir, deepest first.
 func unmountUnder(t *testing.T, dir string) {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	ms, err := mounts.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var points []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			points = append(points, f[4])
+	for _, m := range ms {
+		if strings.HasPrefix(m.Point, dir+"/") {
+			points = append(points, m.Point)
 		}
 	}
 	sort.Sort(sort.Reverse(sort.StringSlice(points)))

@@ -358,3 +358,91 @@ func TestUnitName(t *testing.T) {
 		}
 	}
 }
+
+// TestComposeInATreeAndThroughSymlinks: in a tree that is not the host's
+// root (an image being built), the mount unit names the tree's own paths
+// (what a boot of it mounts) while the mount now uses the host's; and a
+// machines directory reached through a symlink is still seen mounted, so
+// a second Compose does nothing and Unmount unmounts it.
+func TestComposeInATreeAndThroughSymlinks(t *testing.T) {
+	requireRoot(t)
+	base := t.TempDir()
+	tree, err := confine.Open(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tree.Close()
+	s, err := Open(tree, "/var/lib/nodespawn/layers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	l := id("l")
+	if _, err := s.Unpack(ctx, l, fill(tree, map[string]string{"f": "layer"})); err != nil {
+		t.Fatal(err)
+	}
+	// /var/lib/machines -> /srv/machines inside the tree.
+	if err := os.MkdirAll(filepath.Join(base, "srv/machines"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/srv/machines", filepath.Join(base, "var/lib/machines")); err != nil {
+		t.Fatal(err)
+	}
+	m := Machine{Target: "/var/lib/machines/kube1", Dir: "/var/lib/nodespawn/machines/kube1/overlay", Unit: "/etc/systemd/system/var-lib-machines-kube1.mount", Machine: "kube1"}
+	t.Cleanup(func() { Unmount(context.Background(), tree, m.Target, time.Second, quiet) })
+	img := Image{Manifest: id("m"), Layers: []digest.Digest{l}}
+	if _, err := s.Compose(ctx, m, img, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(base, "srv/machines/kube1/f")); err != nil || string(b) != "layer" {
+		t.Fatalf("root through the symlink shows %q (%v)", b, err)
+	}
+	unit, err := os.ReadFile(filepath.Join(base, m.Unit))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(unit, []byte("lowerdir=/var/lib/nodespawn/layers/sha256/"+l.Encoded()+",")) || bytes.Contains(unit, []byte(base)) {
+		t.Errorf("the mount unit must name the tree's own paths, not %s:\n%s", base, unit)
+	}
+	if changed, err := s.Compose(ctx, m, img, quiet); err != nil || changed {
+		t.Fatalf("second Compose: changed=%v err=%v; want nothing to do", changed, err)
+	}
+	if err := Unmount(ctx, tree, m.Target, time.Second, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _, _ := MountedAt(filepath.Join(base, "srv/machines/kube1")); mounted {
+		t.Fatal("Unmount left the root mounted")
+	}
+}
+
+// TestComposeOpaqueLayerRoot: overlayfs ignores the opaque mark on a
+// lower directory's root, so a layer that starts with an opaque whiteout
+// at its top hides the layers below it by leaving them out.
+func TestComposeOpaqueLayerRoot(t *testing.T) {
+	requireRoot(t)
+	s, base := newStore(t)
+	ctx := context.Background()
+	lower, top := id("lower"), id("top")
+	if _, err := s.Unpack(ctx, lower, fill(s.root, map[string]string{"old": "hidden"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Unpack(ctx, top, func(dir string) error {
+		if err := fill(s.root, map[string]string{"new": "shown"})(dir); err != nil {
+			return err
+		}
+		return unix.Setxattr(dir, "trusted.overlay.opaque", []byte("y"), 0)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m := machine(base, "kube1")
+	unmountAtEnd(t, s, m)
+	if _, err := s.Compose(ctx, m, Image{Manifest: id("m"), Layers: []digest.Digest{lower, top}}, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(m.Target, "old")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the lower layer shows through the opaque top layer: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(m.Target, "new")); err != nil || string(b) != "shown" {
+		t.Errorf("new = %q (%v)", b, err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"os"
 	"path"
 	"slices"
 	"strings"
@@ -56,20 +57,33 @@ const RecordName = "image.json"
 // one root (about 40 with the store under /var/lib/nodespawn).
 const maxOptions = 4000
 
-// MountOptions are the overlayfs options the mount unit and Compose use:
-// lower directories top layer first. redirect_dir=nofollow and
+// MountOptions are the overlayfs options of m's root made of layers
+// (bottom first), with the paths as the kernel sees them now: the lower
+// directories top layer first, down to the topmost layer whose root is
+// opaque (overlayfs ignores the opaque mark on a lower directory's root,
+// so the layers below it are left out instead). redirect_dir=nofollow and
 // metacopy=off make overlayfs ignore redirect and metacopy xattrs a layer
-// might carry (Compose's unpacking refuses them too); index=off keeps the
-// lower layers shareable by several mounts.
+// might carry (the unpacking refuses them too); index=off keeps the lower
+// layers shareable by several mounts.
 func (s *Store) MountOptions(m Machine, layers []digest.Digest) (string, error) {
+	return s.mountOptions(m, layers, s.root.Dir())
+}
+
+// mountOptions are MountOptions with every path below prefix: the root's
+// own directory for a mount now, "/" for the unit a boot of the tree
+// mounts.
+func (s *Store) mountOptions(m Machine, layers []digest.Digest, prefix string) (string, error) {
 	if len(layers) == 0 {
 		return "", errors.New("overlay root: the image has no layers")
 	}
 	var lower []string
 	for _, id := range slices.Backward(layers) {
-		lower = append(lower, s.HostPath(id))
+		lower = append(lower, path.Join(prefix, s.Path(id)))
+		if opaqueRoot(s.HostPath(id)) {
+			break
+		}
 	}
-	dir := path.Join(s.root.Dir(), m.Dir)
+	dir := path.Join(prefix, m.Dir)
 	for _, p := range []string{lower[0], dir} {
 		if strings.ContainsAny(p, " \\\n\t\"',:") {
 			return "", fmt.Errorf("overlay root: %s: a path with a space, quote, backslash, comma or colon cannot be an overlayfs option", p)
@@ -82,6 +96,14 @@ func (s *Store) MountOptions(m Machine, layers []digest.Digest) (string, error) 
 			len(layers), len(opts), maxOptions)
 	}
 	return opts, nil
+}
+
+// opaqueRoot reports whether the layer directory dir (a host path) has an
+// opaque root: the layer began with an opaque whiteout at its top.
+func opaqueRoot(dir string) bool {
+	b := make([]byte, 2)
+	n, err := unix.Lgetxattr(dir, "trusted.overlay.opaque", b)
+	return err == nil && string(b[:n]) == "y"
 }
 
 // UnitName is systemd's name for the mount unit of target (a host path).
@@ -147,11 +169,15 @@ func (s *Store) Compose(ctx context.Context, m Machine, img Image, log *slog.Log
 	if err != nil {
 		return false, err
 	}
+	// What a run killed while it wrote the record left beside it.
+	if err := root.RemoveStaleTemps(m.Dir); err != nil {
+		return false, err
+	}
 	have, err := ReadImage(root, m.Dir)
 	if err != nil {
 		return false, fmt.Errorf("overlay root %s: %w", root.Show(m.Target), err)
 	}
-	mounted, mountedOpts, err := MountedAt(path.Join(root.Dir(), m.Target))
+	mounted, mountedOpts, err := mountedIn(root, m.Target)
 	if err != nil {
 		return false, err
 	}
@@ -189,7 +215,11 @@ func (s *Store) Compose(ctx context.Context, m Machine, img Image, log *slog.Log
 		}
 		log.Info("overlay root prepared", "target", root.Show(m.Target), "layers", len(img.Layers), "manifest", img.Manifest)
 	}
-	unitBytes := s.unitFile(m, img, opts)
+	unitOpts, err := s.mountOptions(m, img.Layers, "/")
+	if err != nil {
+		return changed, err
+	}
+	unitBytes := s.unitFile(m, img, unitOpts)
 	if old, err := root.ReadFile(m.Unit); err != nil || !bytes.Equal(old, unitBytes) {
 		if err := root.MkdirAll(path.Dir(m.Unit), 0o755, 0, 0); err != nil {
 			return changed, err
@@ -273,9 +303,12 @@ func optionValue(opts, key string) string {
 // there, retrying while it is busy (a machine's processes going away) up
 // to timeout.
 func Unmount(ctx context.Context, root *confine.Root, target string, timeout time.Duration, log *slog.Logger) error {
-	host := path.Join(root.Dir(), target)
 	deadline := time.Now().Add(timeout)
 	for {
+		host, err := kernelPath(root, target)
+		if err != nil || host == "" {
+			return err
+		}
 		mounted, _, err := MountedAt(host)
 		if err != nil || !mounted {
 			return err
@@ -294,6 +327,31 @@ func Unmount(ctx context.Context, root *confine.Root, target string, timeout tim
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// kernelPath is where target (a path in root) is as the mount table names
+// it: resolved by the kernel inside the root, symlinks on the way (a
+// symlinked /var/lib/machines, say) followed; "" when it does not exist.
+func kernelPath(root *confine.Root, target string) (string, error) {
+	var host string
+	err := root.InDir(target, func(dir string) error {
+		p, err := os.Readlink(dir)
+		host = p
+		return err
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	return host, err
+}
+
+// mountedIn is MountedAt for target, a path in root.
+func mountedIn(root *confine.Root, target string) (bool, string, error) {
+	host, err := kernelPath(root, target)
+	if err != nil || host == "" {
+		return false, "", err
+	}
+	return MountedAt(host)
 }
 
 // MountedAt reports whether a filesystem is mounted at host (a path as the

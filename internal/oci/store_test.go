@@ -254,6 +254,10 @@ func TestHostileLayersStore(t *testing.T) {
 			res, err := PullLayers(ctx, Request{Layout: layoutDir, LayoutRef: "hostile", Platform: "linux/amd64", Log: testLogger(t)}, store)
 			if err == nil {
 				root := storeMachine(t, store, work, "m", res)
+				// The merged tree is what the flattened pull makes.
+				if c.check != nil {
+					c.check(t, root, sentinel)
+				}
 				// Write through the merged tree as apply would, by name.
 				_ = os.WriteFile(filepath.Join(root, "probe"), []byte("x"), 0o644)
 			}
