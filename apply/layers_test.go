@@ -29,15 +29,15 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 	rootDir := t.TempDir()
 	host, err := confine.Open(rootDir)
 	must(t, err)
-	defer host.Close()
+	t.Cleanup(func() { host.Close() }) // after the unmounts below, which use it
 	store, err := layers.Open(host, render.LayerStoreDir)
 	must(t, err)
 	var ids []digest.Digest
 	for _, name := range []string{"kube1's", "kube2's", "nobody's"} {
 		id := digest.FromString(name)
 		ids = append(ids, id)
-		_, err := store.Unpack(ctx, id, func(dir string) error {
-			return host.WriteFile(path.Join(dir, "layer"), []byte(name), 0o644, 0, 0)
+		_, err := store.Unpack(ctx, id, func(dir string) ([]byte, error) {
+			return nil, host.WriteFile(path.Join(dir, "layer"), []byte(name), 0o644, 0, 0)
 		})
 		must(t, err)
 	}

@@ -32,18 +32,18 @@ var quiet = slog.New(slog.DiscardHandler)
 func id(s string) digest.Digest { return digest.FromString(s) }
 
 // fill writes files (name -> body) into dir, a path in root.
-func fill(root *confine.Root, files map[string]string) func(string) error {
-	return func(dir string) error {
+func fill(root *confine.Root, files map[string]string) func(string) ([]byte, error) {
+	return func(dir string) ([]byte, error) {
 		for name, body := range files {
 			p := filepath.Join(dir, name)
 			if err := root.MkdirAll(filepath.Dir(p), 0o755, 0, 0); err != nil {
-				return err
+				return nil, err
 			}
 			if err := root.WriteFile(p, []byte(body), 0o644, 0, 0); err != nil {
-				return err
+				return nil, err
 			}
 		}
-		return nil
+		return nil, nil
 	}
 }
 
@@ -75,11 +75,11 @@ func TestUnpackCommitsWholeOrNothing(t *testing.T) {
 	ctx := context.Background()
 	a := id("a")
 	boom := errors.New("boom")
-	_, err := s.Unpack(ctx, a, func(dir string) error {
-		if err := fill(s.root, map[string]string{"half": "x"})(dir); err != nil {
-			return err
+	_, err := s.Unpack(ctx, a, func(dir string) ([]byte, error) {
+		if _, err := fill(s.root, map[string]string{"half": "x"})(dir); err != nil {
+			return nil, err
 		}
-		return boom
+		return nil, boom
 	})
 	if !errors.Is(err, boom) {
 		t.Fatalf("Unpack: %v, want the fill's error", err)
@@ -100,7 +100,7 @@ func TestUnpackCommitsWholeOrNothing(t *testing.T) {
 		t.Fatalf("layer content %q, %v", b, err)
 	}
 	// A layer already there is not unpacked again.
-	added, err = s.Unpack(ctx, a, func(string) error { t.Error("fill called for a layer in the store"); return nil })
+	added, err = s.Unpack(ctx, a, func(string) ([]byte, error) { t.Error("fill called for a layer in the store"); return nil, nil })
 	if err != nil || added {
 		t.Fatalf("second Unpack: added=%v err=%v", added, err)
 	}
@@ -426,11 +426,11 @@ func TestComposeOpaqueLayerRoot(t *testing.T) {
 	if _, err := s.Unpack(ctx, lower, fill(s.root, map[string]string{"old": "hidden"})); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Unpack(ctx, top, func(dir string) error {
-		if err := fill(s.root, map[string]string{"new": "shown"})(dir); err != nil {
-			return err
+	if _, err := s.Unpack(ctx, top, func(dir string) ([]byte, error) {
+		if _, err := fill(s.root, map[string]string{"new": "shown"})(dir); err != nil {
+			return nil, err
 		}
-		return unix.Setxattr(dir, "trusted.overlay.opaque", []byte("y"), 0)
+		return nil, unix.Setxattr(dir, "trusted.overlay.opaque", []byte("y"), 0)
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -444,5 +444,44 @@ func TestComposeOpaqueLayerRoot(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(m.Target, "new")); err != nil || string(b) != "shown" {
 		t.Errorf("new = %q (%v)", b, err)
+	}
+}
+
+// TestNotes: a layer's note is there with it and goes with it.
+func TestNotes(t *testing.T) {
+	s, _ := newStore(t)
+	ctx := context.Background()
+	a, b := id("a"), id("b")
+	if _, err := s.Unpack(ctx, a, func(dir string) ([]byte, error) { return []byte("bin\n"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Unpack(ctx, b, func(dir string) ([]byte, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.Note(a); err != nil || string(n) != "bin\n" {
+		t.Fatalf("note of a: %q %v", n, err)
+	}
+	if n, err := s.Note(b); err != nil || n != nil {
+		t.Fatalf("note of b: %q %v, want none", n, err)
+	}
+	if _, err := s.Collect(map[digest.Digest]bool{b: true}, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := s.Note(a); n != nil {
+		t.Fatalf("a's note outlived a: %q", n)
+	}
+	// A note whose layer never got its name (a crash between the two).
+	orphan := id("orphan")
+	if err := s.writeNote(orphan, []byte("x\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Sweep(quiet); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := s.Note(orphan); n != nil {
+		t.Fatalf("Sweep kept a note without its layer")
+	}
+	if n, _ := s.Note(b); n != nil {
+		t.Fatalf("b has no note, got %q", n)
 	}
 }

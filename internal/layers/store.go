@@ -34,6 +34,8 @@ import (
 //	                       (whiteouts as 0/0 character devices, opaque
 //	                       directories marked by the trusted.overlay.opaque
 //	                       xattr), whole whenever it has this name
+//	<dir>/notes/<hex>      what the unpacker noted about the layer, if
+//	                       anything (written before the layer's name)
 //	<dir>/.unpack-<rand>   a layer being unpacked
 //	<dir>/.trash-<rand>    a layer being deleted
 type Store struct {
@@ -95,12 +97,13 @@ func (s *Store) Has(id digest.Digest) (bool, error) {
 
 // Unpack adds the layer with DiffID id: fill gets an empty staging
 // directory (a path in the root) and must leave the layer's tree in it,
-// verified against id. The tree is synced to disk and renamed to its
-// name only when fill succeeds; on any failure nothing of it stays. A
-// layer already in the store (another machine's, or one a concurrent
-// Unpack of the same id committed first) is kept as it is. added is false
-// when the layer was already there.
-func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir string) error) (added bool, err error) {
+// verified against id, and may return a note about the layer (Note reads
+// it back). The note and then the tree are synced to disk, the tree
+// renamed to its name only when fill succeeds; on any failure nothing of
+// it stays under its name. A layer already in the store (another
+// machine's, or one a concurrent Unpack of the same id committed first)
+// is kept as it is. added is false when the layer was already there.
+func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir string) (note []byte, err error)) (added bool, err error) {
 	if have, err := s.Has(id); err != nil || have {
 		return false, err
 	}
@@ -115,10 +118,14 @@ func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir stri
 			}
 		}
 	}()
-	if err := fill(stage); err != nil {
+	note, err := fill(stage)
+	if err != nil {
 		return false, err
 	}
 	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	if err := s.writeNote(id, note); err != nil {
 		return false, err
 	}
 	// The layer's files reach the disk before its name does: a power cut
@@ -140,6 +147,40 @@ func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir stri
 	return true, nil
 }
 
+func (s *Store) notePath(id digest.Digest) string {
+	return path.Join(s.dir, "notes", id.Encoded())
+}
+
+// writeNote records note for id, or removes a note an earlier unpack of
+// id left (a crash after the note, before the layer's name).
+func (s *Store) writeNote(id digest.Digest, note []byte) error {
+	if note == nil {
+		if err := s.root.Remove(s.notePath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("layer store: %w", err)
+		}
+		return nil
+	}
+	if err := s.root.MkdirAll(path.Dir(s.notePath(id)), 0o700, 0, 0); err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	if err := s.root.WriteFile(s.notePath(id), note, 0o600, 0, 0); err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	return nil
+}
+
+// Note returns what the unpacker noted about the layer id, nil for nothing.
+func (s *Store) Note(id digest.Digest) ([]byte, error) {
+	b, err := s.root.ReadFile(s.notePath(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("layer store: %w", err)
+	}
+	return b, nil
+}
+
 // List returns the DiffIDs of the layers in the store, sorted.
 func (s *Store) List() ([]digest.Digest, error) {
 	es, err := s.root.ReadDir(path.Join(s.dir, string(digest.SHA256)))
@@ -157,9 +198,22 @@ func (s *Store) List() ([]digest.Digest, error) {
 	return ids, nil
 }
 
-// Sweep removes what a crash left in the store: layers being unpacked and
-// layers being deleted. Neither is ever used.
+// Sweep removes what a crash left in the store: layers being unpacked,
+// layers being deleted and notes of layers that never got their name.
+// None is ever used.
 func (s *Store) Sweep(log *slog.Logger) error {
+	notes, err := s.root.ReadDir(path.Join(s.dir, "notes"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	for _, e := range notes {
+		id := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
+		if have, err := s.Has(id); err == nil && !have {
+			if err := s.root.RemoveAll(s.notePath(id)); err != nil {
+				return fmt.Errorf("layer store: %w", err)
+			}
+		}
+	}
 	es, err := s.root.ReadDir(s.dir)
 	if err != nil {
 		return fmt.Errorf("layer store: %w", err)
@@ -198,6 +252,9 @@ func (s *Store) Collect(keep map[digest.Digest]bool, log *slog.Logger) ([]digest
 		}
 		if err := s.root.RemoveAll(trash); err != nil {
 			return gone, fmt.Errorf("layer store: %w", err)
+		}
+		if err := s.writeNote(id, nil); err != nil {
+			return gone, err
 		}
 		log.Info("layer store: removed a layer no machine uses", "diffID", id)
 		gone = append(gone, id)

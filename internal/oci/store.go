@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"path"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -62,9 +63,6 @@ func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, 
 	u := unpacker{src: src, root: store.Root(), layers: img.manifest.Layers, diffIDs: res.DiffIDs,
 		retry: httpx.PolicyOf(req.HTTPClient), log: log}
 	var mu sync.Mutex
-	// implicit are, per layer fetched, the directories its entries need
-	// that it has no entry of its own for (see checkThroughSymlinks).
-	implicit := map[int]*layerNames{}
 	report := func(p Progress) {
 		if req.Progress != nil {
 			mu.Lock()
@@ -79,14 +77,16 @@ func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, 
 		g.Go(func() error {
 			what := fmt.Sprintf("image %s: layer %d/%d %s", src.name, i+1, len(img.manifest.Layers), desc.Digest)
 			names := &layerNames{}
-			_, err := store.Unpack(gctx, id, func(dir string) error {
-				return u.fetchUnpack(gctx, i, desc, id, dir, report, names.saw)
+			_, err := store.Unpack(gctx, id, func(dir string) ([]byte, error) {
+				// The note: the directories the layer's entries need that
+				// it has no entry of its own for (checkThroughSymlinks).
+				err := u.fetchUnpack(gctx, i, desc, id, dir, report, names.saw)
+				return names.note(), err
 			})
 			if err != nil {
 				return fmt.Errorf("%s: %w", what, err)
 			}
 			mu.Lock()
-			implicit[i] = names
 			res.Fetched++
 			res.FetchedBytes += desc.Size
 			mu.Unlock()
@@ -96,7 +96,7 @@ func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, 
 	if err := g.Wait(); err != nil {
 		return res, err
 	}
-	if err := checkThroughSymlinks(store, res.DiffIDs, implicit); err != nil {
+	if err := checkThroughSymlinks(store, res.DiffIDs); err != nil {
 		return res, fmt.Errorf("image %s: %w", src.name, err)
 	}
 	if len(todo) > 0 {
@@ -159,17 +159,26 @@ func (n *layerNames) saw(h *tar.Header) {
 	}
 }
 
-// implicit are the parent directories the layer's entries have that the
-// layer itself has no directory entry for, sorted.
-func (n *layerNames) implicit() []string {
+// note lists, one per line, the parent directories the layer's entries
+// have that the layer has no directory entry for, itself or above them
+// (below a directory entry the layer's own tree replaces what lower layers
+// had); nil when there are none, as in every layer made by diffing trees.
+func (n *layerNames) note() []byte {
 	var out []string
+dirs:
 	for d := range n.parents {
-		if !n.dirs[d] {
-			out = append(out, d)
+		for a := d; a != "." && a != "/"; a = path.Dir(a) {
+			if n.dirs[a] {
+				continue dirs
+			}
 		}
+		out = append(out, d)
+	}
+	if len(out) == 0 {
+		return nil
 	}
 	slices.Sort(out)
-	return out
+	return []byte(strings.Join(out, "\n") + "\n")
 }
 
 // checkThroughSymlinks refuses an image a layer store cannot show as its
@@ -178,8 +187,11 @@ func (n *layerNames) implicit() []string {
 // onto one tree, the entry goes through the symlink; unpacked on its own
 // the layer has a directory there, and overlayfs would show that directory
 // instead of the symlink. Layers built by diffing trees never do this
-// (the diff records usr/bin/tool); hand-made tars can.
-func checkThroughSymlinks(store *layers.Store, ids []digest.Digest, implicit map[int]*layerNames) error {
+// (the diff records usr/bin/tool); hand-made tars can. Every layer of the
+// image is checked, the ones already in the store too, from the note
+// PullLayers kept of it: a layer is checked against this image's lower
+// layers, whichever image brought it.
+func checkThroughSymlinks(store *layers.Store, ids []digest.Digest) error {
 	trees := map[int]*confine.Root{}
 	defer func() {
 		for _, t := range trees {
@@ -196,16 +208,15 @@ func checkThroughSymlinks(store *layers.Store, ids []digest.Digest, implicit map
 		}
 		return trees[j], nil
 	}
-	for i, names := range implicit {
-	dirs:
-		for _, d := range names.implicit() {
-			// Below a directory the layer has an entry for, the layer's
-			// own tree replaces whatever lower layers had.
-			for a := path.Dir(d); a != "."; a = path.Dir(a) {
-				if names.dirs[a] {
-					continue dirs
-				}
+	for i := 1; i < len(ids); i++ {
+		note, err := store.Note(ids[i])
+		if err != nil || note == nil {
+			if err != nil {
+				return err
 			}
+			continue
+		}
+		for _, d := range strings.Fields(string(note)) {
 			// The topmost lower layer with anything at d decides what d is.
 			for j := i - 1; j >= 0; j-- {
 				t, err := tree(j)

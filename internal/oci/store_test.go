@@ -165,9 +165,12 @@ func TestPullLayersFeatures(t *testing.T) {
 
 	// The original feature image writes bin/tool through layer 1's bin ->
 	// usr/bin: refused, saying why and what to do.
-	_, err = PullLayers(ctx, req("through"), store)
-	if err == nil || !strings.Contains(err.Error(), "below bin, which layer 1 made a symlink") || !strings.Contains(err.Error(), "store: flat") {
-		t.Fatalf("PullLayers of an image writing through a symlink: %v", err)
+	for try := 1; try <= 2; try++ {
+		// Again: its layers are in the store by now; it is refused all the same.
+		_, err = PullLayers(ctx, req("through"), store)
+		if err == nil || !strings.Contains(err.Error(), "below bin, which layer 1 made a symlink") || !strings.Contains(err.Error(), "store: flat") {
+			t.Fatalf("PullLayers of an image writing through a symlink (try %d): %v", try, err)
+		}
 	}
 }
 
@@ -201,12 +204,10 @@ func TestPullLayersVerifies(t *testing.T) {
 				t.Fatalf("PullLayers: %v, want an error about %s", err, c.want)
 			}
 			es, _ := os.ReadDir(store.Dir())
-			var left []string
 			for _, e := range es {
-				left = append(left, e.Name())
-			}
-			if !slices.Equal(left, []string{"sha256"}) {
-				t.Errorf("store holds %v after a failed pull, want sha256/ only", left)
+				if e.Name() != "sha256" && e.Name() != "notes" {
+					t.Errorf("store holds %s after a failed pull", e.Name())
+				}
 			}
 			ids, _ := store.List()
 			for _, id := range ids {
@@ -273,9 +274,12 @@ func TestHostileLayersStore(t *testing.T) {
 				t.Errorf("pull succeeded, want it to fail closed as the flattened pull does")
 			}
 			if err != nil {
+				// Verified layers may stay (collected later); nothing half-made.
 				es, _ := os.ReadDir(store.Dir())
-				if len(es) != 1 {
-					t.Errorf("store holds %d entries after a failed pull, want sha256/ only", len(es))
+				for _, e := range es {
+					if e.Name() != "sha256" && e.Name() != "notes" {
+						t.Errorf("store holds %s after a failed pull", e.Name())
+					}
 				}
 			}
 		})
