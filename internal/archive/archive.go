@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path"
 	"slices"
 	"strings"
@@ -129,7 +130,13 @@ func (w *whiteouts) convert(h *tar.Header, p string) (bool, error) {
 		w.opaque[dir] = true
 		return false, w.clear(dir)
 	case strings.HasPrefix(base, whiteoutPrefix):
-		return false, w.tree.RemoveAll(path.Join(dir, strings.TrimPrefix(base, whiteoutPrefix)))
+		name := path.Join(dir, strings.TrimPrefix(base, whiteoutPrefix))
+		if w.unpacked[name] {
+			// A whiteout hides lower layers only, never the entry its own
+			// layer has (OCI image spec, "Whiteouts").
+			return false, nil
+		}
+		return false, w.tree.RemoveAll(name)
 	}
 	return true, nil
 }
@@ -180,6 +187,10 @@ func overlayWhiteout(h *tar.Header, p string) (bool, error) {
 			return false, fmt.Errorf("tar entry %q: whiteout of nothing", h.Name)
 		}
 		wp := path.Join(dir, name)
+		if _, err := os.Lstat(wp); err == nil {
+			// The layer's own entry: a whiteout hides lower layers only.
+			return false, nil
+		}
 		if err := unix.Mknod(wp, unix.S_IFCHR, 0); err != nil {
 			return false, fmt.Errorf("tar entry %q: whiteout: %w", h.Name, err)
 		}

@@ -285,3 +285,47 @@ func TestHostileLayersStore(t *testing.T) {
 		})
 	}
 }
+
+// TestWhiteoutSparesItsOwnLayer: a whiteout hides what lower layers have
+// at its name, never the entry its own layer has there (OCI image spec);
+// the flattened pull and the layer store agree, whatever the tar order.
+func TestWhiteoutSparesItsOwnLayer(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	base, err := os.MkdirTemp("", "whiteout-own-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	lower := compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t, file("a", "lower", 0o644), file("b", "lower", 0o644)))
+	upper := compressLayer(t, ocispec.MediaTypeImageLayerGzip, mkTar(t,
+		file("a", "own", 0o644), whiteout(".wh.a"), // the whiteout after its layer's own entry
+		whiteout(".wh.b"), file("b", "own", 0o644), // and before it
+	))
+	layout := filepath.Join(base, "layout")
+	pushImage(t, ctx, layoutStore(t, layout), "v1", imageSpec{platform: linuxAMD64, layers: []layer{lower, upper}})
+	req := Request{Layout: layout, LayoutRef: "v1", Platform: "linux/amd64", Log: testLogger(t)}
+
+	flat := filepath.Join(base, "machines", "flat")
+	fr := req
+	fr.Root, fr.Dest = confinetest.HostRoot(t), flat
+	if _, err := Pull(ctx, fr); err != nil {
+		t.Fatalf("Pull: %v", err)
+	}
+	store, err := layers.Open(confinetest.HostRoot(t), filepath.Join(base, "layers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := PullLayers(ctx, req, store)
+	if err != nil {
+		t.Fatalf("PullLayers: %v", err)
+	}
+	merged := storeMachine(t, store, base, "m", res)
+	for _, root := range []string{flat, merged} {
+		for _, name := range []string{"a", "b"} {
+			if b, err := os.ReadFile(filepath.Join(root, name)); err != nil || string(b) != "own" {
+				t.Errorf("%s/%s = %q (%v), want the upper layer's own entry", root, name, b, err)
+			}
+		}
+	}
+}
