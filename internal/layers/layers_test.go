@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -309,11 +310,26 @@ func TestComposeRefusesForeignTreeReplacesFlatOne(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(m.Target, "etc")); err != nil {
 		t.Fatalf("the foreign tree was touched: %v", err)
 	}
-	// A flattened rootfs nodespawn made (its marker beside it) goes.
+	// A marker that names another directory (the tree was replaced by
+	// hand) does not make the tree nodespawn's.
 	marker := filepath.Join(filepath.Dir(m.Target), ".kube1.nodespawn-image")
-	if err := os.WriteFile(marker, []byte("{}"), 0o644); err != nil {
+	var st unix.Stat_t
+	if err := unix.Stat(m.Target, &st); err != nil {
 		t.Fatal(err)
 	}
+	writeMarker := func(ino uint64) {
+		t.Helper()
+		b := fmt.Sprintf(`{"manifest":"sha256:x","dev":%d,"ino":%d}`, st.Dev, ino)
+		if err := os.WriteFile(marker, []byte(b), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeMarker(st.Ino + 1)
+	if _, err := s.Compose(ctx, m, img, quiet); err == nil || !strings.Contains(err.Error(), "nodespawn did not make it") {
+		t.Fatalf("Compose over a tree its marker does not name: %v, want a refusal", err)
+	}
+	// A flattened rootfs nodespawn made (its marker naming it) goes.
+	writeMarker(st.Ino)
 	if _, err := s.Compose(ctx, m, img, quiet); err != nil {
 		t.Fatalf("Compose over nodespawn's flat tree: %v", err)
 	}

@@ -262,6 +262,10 @@ func (s *Store) prepareTarget(target string) error {
 	root := s.root
 	fi, err := root.Lstat(target)
 	if errors.Is(err, fs.ErrNotExist) {
+		// A marker a kill left after its tree went names nothing.
+		if err := root.Remove(rootfs.MarkerPath(target)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
 		return root.MkdirAll(target, 0o755, 0, 0)
 	}
 	if err != nil {
@@ -274,14 +278,16 @@ func (s *Store) prepareTarget(target string) error {
 	if err != nil || len(es) == 0 {
 		return err
 	}
-	marker := rootfs.MarkerPath(target)
-	if _, err := root.Lstat(marker); err != nil {
+	flat := rootfs.New(root, target)
+	if !flat.Owned() {
 		return fmt.Errorf("overlay root: %s is not empty and nodespawn did not make it; move it away or remove it", root.Show(target))
 	}
+	// The tree first, its marker last: a kill in between finds the marker
+	// still naming the directory and goes on.
 	if err := root.RemoveAll(target); err != nil {
 		return err
 	}
-	if err := root.Remove(marker); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := root.Remove(rootfs.MarkerPath(target)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
 	return root.Mkdir(target, 0o755, 0, 0)

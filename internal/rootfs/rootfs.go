@@ -86,6 +86,22 @@ func (r Dest) Current(want Marker) bool {
 	return have.Manifest == want.Manifest && have.Platform == want.Platform && have.Dev == dev && have.Ino == ino
 }
 
+// Owned reports whether dest is the tree nodespawn unpacked there: its
+// marker is readable and names this very directory (device and inode), so
+// a tree someone put in place of a removed one is not taken for it.
+func (r Dest) Owned() bool {
+	b, err := r.root.ReadFile(r.markerPath())
+	if err != nil {
+		return false
+	}
+	var have Marker
+	if json.Unmarshal(b, &have) != nil {
+		return false
+	}
+	dev, ino, err := r.devIno(r.dest)
+	return err == nil && have.Dev == dev && have.Ino == ino
+}
+
 func (r Dest) devIno(p string) (uint64, uint64, error) {
 	fi, err := r.root.Lstat(p)
 	if err != nil {
