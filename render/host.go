@@ -241,11 +241,8 @@ type overrideData struct {
 	ActiveFile, StopTimeout string
 	NftFlushUnit            string
 	BPFFS                   string
-	// RootMount is the machine's root when a mount unit makes it (an
-	// overlay of the layer store).
-	RootMount   string
-	GPU         bool
-	DeviceAllow []string
+	GPU                     bool
+	DeviceAllow             []string
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
@@ -255,9 +252,6 @@ func (r *renderer) overrideData(flush bool) overrideData {
 	}
 	if r.bpffs {
 		d.BPFFS = r.bpffsDir()
-	}
-	if r.layerRoot != nil {
-		d.RootMount = r.rootfs
 	}
 	// Bind= alone is not enough: the unit's device policy must allow each node.
 	if r.kvm {

@@ -109,8 +109,8 @@ func opaqueRoot(dir string) bool {
 // UnitName is systemd's name for the mount unit of target (a host path).
 func UnitName(target string) string { return unit.UnitNamePathEscape(target) + ".mount" }
 
-// unitFile is the mount unit that mounts m.Target at boot; the machine's
-// service drop-in requires it with RequiresMountsFor=.
+// unitFile is the mount unit that mounts m.Target at boot; systemd's own
+// systemd-nspawn@.service requires it (RequiresMountsFor=/var/lib/machines/%i).
 func (s *Store) unitFile(m Machine, img Image, opts string) []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "# Written by nodespawn; do not edit: the next apply rewrites it.\n")
