@@ -422,6 +422,9 @@ func TestDryRunSaysWhichLayersItFetches(t *testing.T) {
 		t.Fatal(err)
 	}
 	dryRun("   1  in the store  ", "   2  fetch  ", "apply would fetch and unpack 1 of 2 layers")
+	if es, err := os.ReadDir(filepath.Join(root, "var/lib/nodespawn/layers/sha256")); err != nil || len(es) != 1 {
+		t.Errorf("the dry run of v2 changed the layer store: %d layers (%v), want the 1 apply put there", len(es), err)
+	}
 
 	if code, _, errOut := cli(t, "", "apply", "--layers", "-f", mf, "--root", root); code != 2 || !strings.Contains(errOut, "--dry-run") {
 		t.Errorf("--layers without --dry-run: exit %d, want 2 (usage) naming --dry-run\n%s", code, errOut)

@@ -102,7 +102,10 @@ func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
 	if before.ready != "True" || before.kubeletVersion != "v"+k8sVersionOf(kubeletPrev) || before.podReady != "True" {
 		t.Fatalf("before the upgrade: node %+v; want Ready on v%s with its pod Ready", before, k8sVersionOf(kubeletPrev))
 	}
-	csrsBefore, _ := env.cluster.run(ctx, "get", "csr", "-o", "name")
+	csrsBefore, err := env.cluster.run(ctx, "get", "csr", "-o", "name")
+	if err != nil || csrsBefore == "" {
+		t.Fatalf("the node's CSRs before the upgrade: %q, %v; want its bootstrap CSR", csrsBefore, err)
+	}
 	switchStart := time.Now()
 	// The new image is the old one with one small layer on top: the layer
 	// store has the old layer, so the upgrade fetches the new one only.
@@ -131,8 +134,8 @@ func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
 	if after.kubeletVersion != "v"+k8sVersion || after.ready != "True" {
 		t.Errorf("after the upgrade: kubelet %s, Ready %s; want v%s, True", after.kubeletVersion, after.ready, k8sVersion)
 	}
-	if csrs, _ := env.cluster.run(ctx, "get", "csr", "-o", "name"); csrs != csrsBefore {
-		t.Errorf("the upgrade made new CSRs (a new bootstrap); the node's client certificate must carry over:\nbefore: %s\nafter: %s", csrsBefore, csrs)
+	if csrs, err := env.cluster.run(ctx, "get", "csr", "-o", "name"); err != nil || csrs != csrsBefore {
+		t.Errorf("the upgrade made new CSRs (a new bootstrap), or they could not be listed (%v); the node's client certificate must carry over:\nbefore: %s\nafter: %s", err, csrsBefore, csrs)
 	}
 	// The pod runs again, in a new container on the new machine, from the
 	// image the old machine pulled.
