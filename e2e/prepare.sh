@@ -45,7 +45,7 @@ if [ ! -e "$COMPONENTS/.done" ]; then
 	pids+=($!)
 fi
 if [ ! -e "$KUBELET_PREV/.done" ]; then
-	log "building kubelet $K8S_PREV_VERSION into $KUBELET_PREV (log: $CACHE/logs/kubelet-prev.log; ~6 min cold)"
+	log "building kubelet $K8S_PREV_VERSION into $KUBELET_PREV (log: $CACHE/logs/kubelet-prev.log; ~8 min cold)"
 	K8S_PREV_VERSION=$K8S_PREV_VERSION e2e/scripts/build-kubelet-prev.sh "$KUBELET_PREV" >"$CACHE/logs/kubelet-prev.log" 2>&1 &
 	pids+=($!)
 fi
