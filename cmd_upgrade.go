@@ -193,7 +193,7 @@ func storedOptions(root string, machines ...string) (apply.Options, error) {
 	if err != nil {
 		return apply.Options{}, err
 	}
-	return apply.Options{Root: root, Deps: deps, ToolVersion: version, ManifestDigest: "stored",
+	return apply.Options{Root: root, Deps: deps, ToolVersion: version,
 		Upgrade: apply.UpgradeOptions{NodeReady: nodeReady(m, root), StopTimeout: manifest.Duration(m.Upgrade.StopTimeout), ReadyTimeout: manifest.Duration(m.Upgrade.ReadyTimeout)}}, nil
 }
 

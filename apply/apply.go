@@ -27,7 +27,7 @@ import (
 )
 
 // StateDir is where apply keeps its record, relative to the root.
-const StateDir = "/var/lib/nodespawn"
+const StateDir = plan.StateDir
 
 // Paths under StateDir.
 const (

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"path"
-	"strings"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
@@ -24,7 +23,7 @@ const (
 	// MachinesVersion identifies its JSON shape.
 	MachinesVersion = "nodespawn.dev/machines/v1"
 	// machineStateDir holds each machine's manifest and plan.
-	machineStateDir = StateDir + "/machines"
+	machineStateDir = StateDir + "/machines" // plan.MachineStateDir's parent
 )
 
 // UpgradePhase is how far an upgrade got.
@@ -213,18 +212,9 @@ func writeActiveFile(host *confine.Root, machine string) error {
 	return nil
 }
 
-// readActiveFile is the machine plan.ActiveMachineFile names, "" when none.
-func readActiveFile(host *confine.Root) string {
-	b, err := host.ReadFile(plan.ActiveMachineFile)
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(string(b))
-}
-
 // machineFile is one of a machine's state files (manifest, plan.json).
 func machineFile(machine, name string) string {
-	return path.Join(machineStateDir, machine, name)
+	return path.Join(plan.MachineStateDir(machine), name)
 }
 
 // storeMachine keeps the manifest and plan a machine is made from.
@@ -232,7 +222,7 @@ func storeMachine(host *confine.Root, p *plan.Plan, manifest []byte) error {
 	if err := host.MkdirAll(machineStateDir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("apply: create state directory: %w", err)
 	}
-	dir := path.Join(machineStateDir, p.Machine)
+	dir := plan.MachineStateDir(p.Machine)
 	if err := host.MkdirAll(dir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("apply: create state directory: %w", err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/render"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,8 +25,9 @@ const (
 	DefaultRemoveTimeout = time.Minute
 )
 
-// machinesDir is where machined keeps machine root directories.
-const machinesDir = "/var/lib/machines"
+// machinesDir is where machined keeps machine root directories (render
+// puts every rootfs there).
+const machinesDir = render.MachinesDir
 
 // ResetOptions configure Reset.
 type ResetOptions struct {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/render"
 )
 
 // Upgrades by alternating machines. The node runs in one machine of a pair
@@ -465,17 +466,8 @@ func (r *run) stopMachine(ctx context.Context, m string) error {
 
 func nspawnUnit(m string) string { return "systemd-nspawn@" + m + ".service" }
 
-// enableLinkPath is the link that makes machines.target start m at boot.
-func enableLinkPath(m string) string {
-	return "/etc/systemd/system/machines.target.wants/" + nspawnUnit(m)
-}
-
-// defaultEnableTarget is the template unit the link points at when no
-// stored plan says.
-const defaultEnableTarget = "/usr/lib/systemd/system/systemd-nspawn@.service"
-
 func (r *run) removeEnableLink(m string) error {
-	p := enableLinkPath(m)
+	p := render.EnableLink(m)
 	if err := r.host.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("disable machine %s at boot: %w", m, err)
 	}
@@ -483,21 +475,21 @@ func (r *run) removeEnableLink(m string) error {
 }
 
 func (r *run) ensureEnableLink(m string, p *plan.Plan) error {
-	target := defaultEnableTarget
+	target := render.NspawnTemplate
 	if p != nil {
 		for _, s := range p.Steps {
-			if s.Link != nil && s.Link.Path == enableLinkPath(m) {
+			if s.Link != nil && s.Link.Path == render.EnableLink(m) {
 				target = s.Link.Target
 			}
 		}
 	}
-	if cur, err := r.host.Readlink(enableLinkPath(m)); err == nil && cur == target {
+	if cur, err := r.host.Readlink(render.EnableLink(m)); err == nil && cur == target {
 		return nil
 	}
-	if err := r.host.MkdirParents(path.Dir(enableLinkPath(m))); err != nil {
+	if err := r.host.MkdirParents(path.Dir(render.EnableLink(m))); err != nil {
 		return err
 	}
-	if err := r.host.Symlink(target, enableLinkPath(m), -1, -1); err != nil {
+	if err := r.host.Symlink(target, render.EnableLink(m), -1, -1); err != nil {
 		return fmt.Errorf("enable machine %s at boot: %w", m, err)
 	}
 	return nil
@@ -548,7 +540,7 @@ func (r *run) clearMachine(ctx context.Context, m string) error {
 	}); err != nil {
 		return err
 	}
-	if err := host.RemoveAll(path.Join(machineStateDir, m)); err != nil {
+	if err := host.RemoveAll(plan.MachineStateDir(m)); err != nil {
 		return fmt.Errorf("upgrade: %w", err)
 	}
 	return nil

@@ -20,6 +20,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/render"
 )
 
 // upgradePlan is the fixture plan for machine (kube1 or kube2) of the
@@ -264,7 +265,7 @@ func (d *diskSystemd) boot(t *testing.T) []string {
 	d.update(func(st *diskState) {
 		st.Registered = map[string]bool{}
 		for _, m := range []string{"kube1", "kube2"} {
-			if _, err := os.Lstat(filepath.Join(d.root, enableLinkPath(m))); err != nil || !mayStart(d.root, m) {
+			if _, err := os.Lstat(filepath.Join(d.root, render.EnableLink(m))); err != nil || !mayStart(d.root, m) {
 				continue
 			}
 			st.Registered[m] = true
@@ -375,7 +376,7 @@ func checkOneMachine(t *testing.T, root string, sd *diskSystemd, want string) {
 		t.Errorf("running %v, active file %q; want %s alone\ncalls: %v", running, active, want, st.Calls)
 	}
 	for _, m := range []string{"kube1", "kube2"} {
-		_, err := os.Lstat(filepath.Join(root, enableLinkPath(m)))
+		_, err := os.Lstat(filepath.Join(root, render.EnableLink(m)))
 		if (m == want) != (err == nil) {
 			t.Errorf("boot link of %s: %v (the machine that runs is %s)", m, err, want)
 		}
@@ -743,7 +744,7 @@ func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, gone := range []string{"var/lib/machines/kube1", "var/lib/machines/kube2", "var/lib/nodespawn",
-		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(enableLinkPath("kube2"), "/")} {
+		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(render.EnableLink("kube2"), "/")} {
 		if _, err := os.Lstat(filepath.Join(root, gone)); err == nil {
 			t.Errorf("%s is still there after reset", gone)
 		}

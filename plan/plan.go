@@ -59,7 +59,16 @@ const (
 // it (atomically) before it starts a machine, and each machine's service
 // starts only when the file is missing or names it, so the two machines of
 // an upgrade never run at once, at boot included.
-const ActiveMachineFile = "/var/lib/nodespawn/active-machine"
+const ActiveMachineFile = StateDir + "/active-machine"
+
+// StateDir is the host directory with everything nodespawn keeps: the
+// record, each machine's manifest and plan (StateDir/machines/NAME), the
+// node's state, the layer store.
+const StateDir = "/var/lib/nodespawn"
+
+// MachineStateDir is where nodespawn keeps what belongs to machine m: its
+// manifest and plan, and an overlayfs root's upper and work directories.
+func MachineStateDir(m string) string { return StateDir + "/machines/" + m }
 
 // Plan is everything apply will do, as data. render.Plan builds it from a
 // manifest and host facts; apply executes it; --dry-run prints it.

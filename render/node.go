@@ -14,7 +14,7 @@ import (
 // bootstrap token) and containerd's (the image cache, so pods restart
 // without pulling again). It is bound into the machine, as an in-place
 // kubelet upgrade would find it.
-const NodeStateDir = "/var/lib/nodespawn/node"
+const NodeStateDir = plan.StateDir + "/node"
 
 // nodeStateBinds are the members of NodeStateDir and where they appear in
 // the machine, with the mode of the host directory.

@@ -102,11 +102,11 @@ func (r *renderer) renderRootfs() error {
 
 // LayerStoreDir is the host's layer store: each image layer unpacked once,
 // by DiffID, shared by every machine root composed of it.
-const LayerStoreDir = "/var/lib/nodespawn/layers"
+const LayerStoreDir = plan.StateDir + "/layers"
 
 // OverlayDir is where the overlayfs root of machine m keeps its upper and
 // work directories and its record.
-func OverlayDir(m string) string { return path.Join("/var/lib/nodespawn/machines", m, "overlay") }
+func OverlayDir(m string) string { return path.Join(plan.MachineStateDir(m), "overlay") }
 
 // decideStore chooses between a root composed from the layer store and a
 // flattened tree: the manifest's machine.rootfs.store, and for auto what

@@ -12,6 +12,9 @@ func EnableLink(machine string) string {
 	return path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+machine+".service")
 }
 
+// NspawnTemplate is the unit every machine's EnableLink points at.
+const NspawnTemplate = systemUnitDir + "/systemd-nspawn@.service"
+
 // WaitTimeoutSeconds bounds how long apply waits for the machine to boot
 // and containerd and kubelet to become active inside it.
 const WaitTimeoutSeconds = 300
@@ -22,7 +25,7 @@ func (r *renderer) renderStart() error {
 	// The boot link is made here, with the start: an upgrade prepares a
 	// machine beside the running one, and only the machine that runs is
 	// wanted at boot.
-	enable := r.link(plan.PhaseStart, EnableLink(r.machine), path.Join(systemUnitDir, "systemd-nspawn@.service"), "start the machine at every boot")
+	enable := r.link(plan.PhaseStart, EnableLink(r.machine), NspawnTemplate, "start the machine at every boot")
 	reload := r.systemd("daemon-reload", "", enable.ID)
 	started := r.systemd("start", unit, reload.ID)
 	units := []string{"containerd.service", "kubelet.service"}

@@ -14,7 +14,7 @@ import (
 
 // stateDir is where nodespawn keeps the layer store and the machines'
 // overlayfs upper directories.
-const stateDir = "/var/lib/nodespawn"
+const stateDir = plan.StateDir
 
 // upperFilesystems are the filesystems (statfs magic) nodespawn puts an
 // overlayfs upper directory on: they have what overlayfs needs of one
