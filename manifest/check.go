@@ -153,7 +153,7 @@ func (c *checker) rootfs(r *Rootfs) {
 		}
 	}
 	if d := r.Debootstrap; d != nil && d.Mirror != "" {
-		c.httpURL(p.Append("debootstrap", "mirror"), d.Mirror, false)
+		c.httpURL(p.Append("debootstrap", "mirror"), d.Mirror, "")
 	}
 	for i, h := range r.PlainHTTP {
 		if msg := hostPortProblem(h); msg != "" {
@@ -187,18 +187,19 @@ func hostPortProblem(h string) string {
 	return ""
 }
 
-// httpURL checks an absolute http(s) URL with a host.
-func (c *checker) httpURL(p jsonpath.ContextPath, v string, httpsOnly bool) {
+// httpURL checks an absolute http(s) URL with a host; httpsOnly, when
+// set, says why only https will do.
+func (c *checker) httpURL(p jsonpath.ContextPath, v string, httpsOnly string) {
 	u, err := url.Parse(v)
 	want := "http or https"
-	if httpsOnly {
+	if httpsOnly != "" {
 		want = "https"
 	}
 	switch {
 	case err != nil || !u.IsAbs() || u.Host == "":
 		c.add(p, "must be an absolute %s URL", want)
-	case httpsOnly && u.Scheme != "https":
-		c.add(p, "must be an https URL (kubelet verifies the API server with caCert)")
+	case httpsOnly != "" && u.Scheme != "https":
+		c.add(p, "must be an https URL (%s)", httpsOnly)
 	case u.Scheme != "http" && u.Scheme != "https":
 		c.add(p, "must be an http or https URL, not %s", u.Scheme)
 	case u.User != nil:
@@ -210,7 +211,7 @@ func (c *checker) httpURL(p jsonpath.ContextPath, v string, httpsOnly bool) {
 // so a query or fragment would end up in the middle of every URL.
 func (c *checker) baseURL(p jsonpath.ContextPath, v string) {
 	before := len(c.probs)
-	c.httpURL(p, v, false)
+	c.httpURL(p, v, "")
 	if len(c.probs) > before {
 		return
 	}
@@ -234,7 +235,7 @@ func (c *checker) kubernetes(k *Kubernetes) {
 			c.add(p.Append("version"), "%s", msg)
 		}
 	}
-	c.httpURL(p.Append("apiServer"), k.APIServer, true)
+	c.httpURL(p.Append("apiServer"), k.APIServer, "kubelet verifies the API server with caCert")
 	if msg := caProblem(k.CACert); msg != "" {
 		c.add(p.Append("caCert"), "%s", msg)
 	}
@@ -466,7 +467,7 @@ func (c *checker) components(cs *Components) {
 			}
 		}
 		if e.c.URL != "" {
-			c.httpURL(cp.Append("url"), e.c.URL, false)
+			c.httpURL(cp.Append("url"), e.c.URL, "")
 		}
 		if e.c.BaseURL != "" {
 			c.baseURL(cp.Append("baseURL"), e.c.BaseURL)

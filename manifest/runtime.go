@@ -122,7 +122,7 @@ func (c *checker) report(r *Report) {
 		return
 	}
 	p := jsonpath.New("", "report")
-	c.httpURL(p.Append("url"), r.URL, true)
+	c.httpURL(p.Append("url"), r.URL, "the report carries the node's outcome and a bearer token")
 	if r.TokenFile != "" && !strings.HasPrefix(r.TokenFile, "/") {
 		c.add(p.Append("tokenFile"), "must be an absolute path on the host")
 	}

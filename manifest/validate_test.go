@@ -117,7 +117,7 @@ var badManifests = []struct {
 		[]want{{8, "30", "$.kubernetes.shutdownGracePeriod", "must be a string"}}},
 	{"report-plain-http", node("report:", "  url: http://reports.example.com/nodes", "  tokenFile: run/token"),
 		[]want{
-			{9, "http://", "$.report.url", "https"},
+			{9, "http://", "$.report.url", "must be an https URL (the report carries the node's outcome and a bearer token)"},
 			{10, "run/token", "$.report.tokenFile", "must be an absolute path"},
 		}},
 	{"upgrade-timeouts", node("upgrade:", "  readyTimeout: 2s", "  stopTimeout: soon"),

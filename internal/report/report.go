@@ -59,7 +59,7 @@ type Step struct {
 
 // Target is where a report goes.
 type Target struct {
-	// URL receives the POST; https unless the operator wrote http.
+	// URL receives the POST: https (the manifest refuses anything else).
 	URL string
 	// TokenFile, when set, holds a bearer token sent in Authorization
 	// (read at send time, never logged).
