@@ -83,6 +83,10 @@ func (s *Store) Has(id digest.Digest) (bool, error) {
 	if err := id.Validate(); err != nil {
 		return false, fmt.Errorf("layer store: diff_id %q: %w", id, err)
 	}
+	if id.Algorithm() != digest.SHA256 {
+		// List, InUse and Collect know sha256 directories only.
+		return false, fmt.Errorf("layer store: diff_id %s: the store keeps sha256 diff_ids only; set machine.rootfs.store to flat for this image", id)
+	}
 	fi, err := s.root.Lstat(s.Path(id))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

@@ -61,12 +61,14 @@ type Request struct {
 	// Root is the tree the rootfs is made in (the host root); every path
 	// Pull creates, renames or removes is confined to it.
 	Root *confine.Root
-	// Dest is the rootfs path in Root, e.g. /var/lib/machines/kube1.
+	// Dest is the rootfs path in Root, e.g. /var/lib/machines/kube1
+	// (Pull; PullLayers fills a store, and Compose makes the root).
 	Dest string
 	// CredentialsFile is a docker-style config.json with registry
 	// credentials; empty means anonymous pulls.
 	CredentialsFile string
-	// Progress, when set, is called from one goroutine as layers apply.
+	// Progress, when set, is called as layers apply, never concurrently
+	// (PullLayers' parallel layers take turns).
 	Progress func(Progress)
 	// Log receives progress and retry messages (default slog.Default()).
 	Log *slog.Logger
@@ -77,6 +79,10 @@ type Request struct {
 	HTTPClient *http.Client
 	// Concurrency bounds how many layers are fetched at once (default 3).
 	Concurrency int
+	// SpoolMemory and SpoolDir are Pull's alone: PullLayers unpacks every
+	// layer as it arrives, each into its own directory, with nothing
+	// fetched ahead.
+	//
 	// SpoolMemory is how many bytes of memory, in all, the layers fetched
 	// ahead of their turn may hold (default DefaultSpoolMemory; negative:
 	// none, all of them spill). The layer being applied needs none of it:

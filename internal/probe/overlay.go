@@ -87,14 +87,11 @@ func (p *prober) overlayInKernel() (bool, error) {
 			return true, nil
 		}
 	}
-	release := p.kernelRelease
-	if release == "" {
-		var u unix.Utsname
-		if err := unix.Uname(&u); err != nil {
-			return false, err
-		}
-		release = unix.ByteSliceToString(u.Release[:])
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false, err
 	}
+	release := unix.ByteSliceToString(u.Release[:])
 	for _, list := range []string{"modules.builtin", "modules.dep"} {
 		b, err := readOptional(p.at(filepath.Join("/lib/modules", release, list)))
 		if err != nil && !errors.Is(err, fs.ErrPermission) {

@@ -79,8 +79,6 @@ type prober struct {
 	root string
 	arch string
 	log  *slog.Logger
-	// kernelRelease names /lib/modules/<release> (default: uname's).
-	kernelRelease string
 }
 
 // at returns the path of host path p under Root.
