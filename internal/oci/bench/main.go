@@ -71,6 +71,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
@@ -131,7 +132,10 @@ func main() {
 	flag.Int64Var(&spoolMemory, "spool-mem", 0, "memory budget in bytes of the layers the flattening pulls fetch ahead (0: the default; negative: none)")
 	flag.Parse()
 
-	ctx := context.Background()
+	// Ctrl-C stops the runs and still unmounts, stops the registry and
+	// removes the scratch directory (the deferred cleanups run).
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	if *mode != "" {
 		err := child(ctx, *mode, *ref, *dest, *nLayers, *layerMB, *rootfsDir, *add)
 		if err == nil && *mode != "push" && *mode != "seed" {
@@ -795,6 +799,8 @@ func startRegistry(dir string) (string, func(), error) {
 		return "", nil, err
 	}
 	cmd := exec.Command(bin, "serve", cfgPath)
+	// The registry goes with the bench, however the bench ends.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		return "", nil, err
