@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -119,7 +117,7 @@ func (a *applyRun) sendReport(ctx context.Context, runErr error, attempts int) e
 	rc := a.manifest.Report
 	opts := []httpx.Option{httpx.WithLogger(slog.Default())}
 	if rc.CACert != "" {
-		certs, err := parseCerts(rc.CACert)
+		certs, err := manifest.Certificates(rc.CACert)
 		if err != nil {
 			return fmt.Errorf("report.caCert: %w", err)
 		}
@@ -153,26 +151,4 @@ func (a *applyRun) sendReport(ctx context.Context, runErr error, attempts int) e
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	return report.Send(ctx, report.Target{URL: rc.URL, TokenFile: rc.TokenFile, Client: httpx.NewClient(opts...)}, r)
-}
-
-// parseCerts reads the certificates of a PEM bundle (Load checked it).
-func parseCerts(s string) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	rest := []byte(s)
-	for {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		if b.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	return out, nil
 }

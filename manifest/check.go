@@ -333,24 +333,34 @@ func semverProblem(v string) string {
 	return ""
 }
 
-func caProblem(s string) string {
+// Certificates parses the CERTIFICATE blocks of a PEM bundle (a
+// manifest's caCert), in order; other blocks are skipped.
+func Certificates(s string) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
 	rest := []byte(s)
-	certs := 0
 	for {
 		var b *pem.Block
 		b, rest = pem.Decode(rest)
 		if b == nil {
-			break
+			return out, nil
 		}
 		if b.Type != "CERTIFICATE" {
 			continue
 		}
-		if _, err := x509.ParseCertificate(b.Bytes); err != nil {
-			return fmt.Sprintf("certificate %d does not parse: %v", certs+1, err)
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d does not parse: %v", len(out)+1, err)
 		}
-		certs++
+		out = append(out, c)
 	}
-	if certs == 0 {
+}
+
+func caProblem(s string) string {
+	certs, err := Certificates(s)
+	switch {
+	case err != nil:
+		return err.Error()
+	case len(certs) == 0:
 		return "must be PEM with at least one CERTIFICATE block"
 	}
 	return ""
