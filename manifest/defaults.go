@@ -76,6 +76,9 @@ func ApplyDefaults(m *Manifest) {
 	if mc.GPU == "" {
 		mc.GPU = SwitchAuto
 	}
+	if mc.GPUDefaultRuntime == "" {
+		mc.GPUDefaultRuntime = RuntimeNvidia
+	}
 	if mc.KVM == "" {
 		mc.KVM = SwitchAuto
 	}

@@ -85,7 +85,43 @@ type NVIDIA struct {
 	// LibraryDirs are host directories holding the NVIDIA userspace
 	// libraries for the host architecture, each with the library file names.
 	LibraryDirs []LibraryDir `json:"libraryDirs,omitempty"`
+	// NVSwitchNodes are the NVSwitch and NVLink device nodes directly in
+	// /dev (/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch0, ...,
+	// /dev/nvidia-nvlink), in natural order; empty on a host whose GPUs
+	// are not joined by NVSwitches (PCIe cards, one-GPU VMs, GB200
+	// compute trays, whose switches live in switch trays).
+	NVSwitchNodes []string `json:"nvswitchNodes,omitempty"`
+	// FabricManager is the host's nvidia-fabricmanager service, which must
+	// run (with the driver's version) before CUDA works on an NVSwitch
+	// host; nil when it was not looked at (no NVSwitch node, facts from a
+	// tree or from before it was probed).
+	FabricManager *FabricManager `json:"fabricManager,omitempty"`
+	// Persistenced is the ActiveState of the host's nvidia-persistenced
+	// service ("active", "inactive", "failed", ...); "" when not looked at.
+	Persistenced string `json:"persistenced,omitempty"`
 }
+
+// FabricManagerUnit is the systemd unit of NVIDIA's Fabric Manager, as its
+// packages install it.
+const FabricManagerUnit = "nvidia-fabricmanager.service"
+
+// PersistencedUnit is the systemd unit of NVIDIA's persistence daemon.
+const PersistencedUnit = "nvidia-persistenced.service"
+
+// FabricManager is what the probe saw of nvidia-fabricmanager.
+type FabricManager struct {
+	// State is the unit's ActiveState ("active", "inactive", "failed",
+	// "activating", ...); "not-found" when systemd has no such unit (the
+	// package is not installed).
+	State string `json:"state"`
+	// Version is the installed Fabric Manager's version ("570.124.06"),
+	// from the package database; "" when unknown. Fabric Manager refuses
+	// to run against a driver of another version.
+	Version string `json:"version,omitempty"`
+}
+
+// Running reports whether Fabric Manager runs.
+func (fm *FabricManager) Running() bool { return fm != nil && fm.State == "active" }
 
 // GPU is one NVIDIA GPU as NVML reports it.
 type GPU struct {
@@ -93,6 +129,11 @@ type GPU struct {
 	UUID  string `json:"uuid"`
 	Name  string `json:"name,omitempty"`
 	MIG   bool   `json:"mig,omitempty"`
+	// Persistence is the GPU's persistence mode as NVML reports it; nil
+	// when unknown (no NVML). With it off the driver tears the GPU's state
+	// down whenever no process holds it open, and every pod's first CUDA
+	// call pays for initialising it again.
+	Persistence *bool `json:"persistence,omitempty"`
 }
 
 // LibraryDir is one host directory of NVIDIA libraries.
