@@ -1,5 +1,7 @@
 package plan
 
+import "strings"
+
 // Facts is what render needs to know about the host. A probe gathers it
 // once (package internal/probe); render never looks at the host itself, so
 // tests and --facts FILE can describe any host.
@@ -99,6 +101,19 @@ type NVIDIA struct {
 	// Persistenced is the ActiveState of the host's nvidia-persistenced
 	// service ("active", "inactive", "failed", ...); "" when not looked at.
 	Persistenced string `json:"persistenced,omitempty"`
+}
+
+// HasNVSwitch reports whether the GPUs are joined by NVSwitches that
+// Fabric Manager must set up: NVSwitchNodes holds a switch's own node
+// (/dev/nvidia-nvswitchN), not only the control or NVLink node.
+func (n *NVIDIA) HasNVSwitch() bool {
+	for _, node := range n.NVSwitchNodes {
+		rest, ok := strings.CutPrefix(node, "/dev/nvidia-nvswitch")
+		if ok && rest != "" && strings.Trim(rest, "0123456789") == "" {
+			return true
+		}
+	}
+	return false
 }
 
 // FabricManagerUnit is the systemd unit of NVIDIA's Fabric Manager, as its

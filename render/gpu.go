@@ -138,19 +138,6 @@ func (r *renderer) gpuDevices() gpuDevices {
 	return d
 }
 
-// hasNVSwitch reports whether the host's GPUs are joined by NVSwitches
-// that Fabric Manager must configure: an /dev/nvidia-nvswitchN node (the
-// control node and /dev/nvidia-nvlink alone do not say so).
-func hasNVSwitch(nv *plan.NVIDIA) bool {
-	for _, n := range nv.NVSwitchNodes {
-		rest, ok := strings.CutPrefix(n, "/dev/nvidia-nvswitch")
-		if ok && rest != "" && strings.Trim(rest, "0123456789") == "" {
-			return true
-		}
-	}
-	return false
-}
-
 // decideGPUHost checks what a GPU machine needs of the host beyond its
 // devices. On an NVSwitch host (HGX/DGX A100, H100, H200) CUDA fails with
 // error 802 ("system not yet initialized") until nvidia-fabricmanager runs
@@ -173,7 +160,7 @@ func (r *renderer) decideGPUHost() error {
 		r.warn("persistence mode is off on GPU %s (%s is %s): the driver tears a GPU's state down whenever no process holds it open, so pods' first CUDA calls wait for it to initialise again; run systemctl enable --now nvidia-persistenced on the host",
 			strings.Join(off, ", "), plan.PersistencedUnit, orUnknown(nv.Persistenced))
 	}
-	if !hasNVSwitch(nv) {
+	if !nv.HasNVSwitch() {
 		return nil
 	}
 	r.plan.HostUnits = append(r.plan.HostUnits, plan.FabricManagerUnit)

@@ -50,6 +50,11 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 		return nil, err
 	}
 	nodes = append(nodes, caps...)
+	imex, err := p.nodes("/dev/nvidia-caps-imex-channels", nil)
+	if err != nil {
+		return nil, err
+	}
+	nodes = append(nodes, imex...)
 	if len(nodes) == 0 && len(info.GPUs) == 0 {
 		if _, err := os.Stat(p.at(procNVIDIAVersion)); err == nil {
 			p.log.Warn("the NVIDIA kernel driver is loaded but there is no /dev/nvidia* node; create them (nvidia-modprobe -c 0 -u) to use the GPUs")
@@ -71,6 +76,10 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 	slices.SortFunc(nodes, naturalCompare)
 
 	n := &plan.NVIDIA{DriverVersion: info.DriverVersion, GPUs: info.GPUs, DeviceNodes: nodes}
+	if n.NVSwitchNodes, err = p.nodes("/dev", nvswitchNodeNames); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(n.NVSwitchNodes, naturalCompare)
 	if n.DriverVersion == "" {
 		if n.DriverVersion, err = p.procDriverVersion(); err != nil {
 			return nil, err
