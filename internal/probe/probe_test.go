@@ -185,28 +185,35 @@ func TestGatherFixtures(t *testing.T) {
 	}
 }
 
-// TestRenderFacts keeps render's h200-connectx facts, which stand for the
-// probed fixture host, equal to its golden facts and readable the way
-// apply --facts reads them (unknown fields refused).
+// TestRenderFacts keeps render's facts that stand for a probed fixture
+// host equal to its golden facts and readable the way apply --facts reads
+// them (unknown fields refused).
 func TestRenderFacts(t *testing.T) {
-	path := filepath.Join("..", "..", "render", "testdata", "facts", "h200-connectx.json")
-	probed := filepath.Join("testdata", "hosts", "h200-connectx", "facts.json")
-	got, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, err := os.ReadFile(probed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(string(want), string(got)); diff != "" {
-		t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
-	}
-	var f plan.Facts
-	dec := json.NewDecoder(bytes.NewReader(got))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
-		t.Errorf("%s: %v", path, err)
+	for render, host := range map[string]string{
+		"h200-connectx":  "h200-connectx",
+		"nvswitch8":      "hgx-h100-nvswitch",
+		"nvswitch8-nofm": "hgx-h100-nvswitch-no-fm",
+		"gb200-imex":     "gb200-imex",
+	} {
+		path := filepath.Join("..", "..", "render", "testdata", "facts", render+".json")
+		probed := filepath.Join("testdata", "hosts", host, "facts.json")
+		got, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := os.ReadFile(probed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(string(want), string(got)); diff != "" {
+			t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
+		}
+		var f plan.Facts
+		dec := json.NewDecoder(bytes.NewReader(got))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&f); err != nil {
+			t.Errorf("%s: %v", path, err)
+		}
 	}
 }
 
