@@ -87,6 +87,12 @@ type NVIDIA struct {
 	// LibraryDirs are host directories holding the NVIDIA userspace
 	// libraries for the host architecture, each with the library file names.
 	LibraryDirs []LibraryDir `json:"libraryDirs,omitempty"`
+	// Binaries are the host paths of the driver's utilities
+	// (nvidia-smi, nvidia-debugdump, the CUDA MPS control and server),
+	// the first of each name in /usr/bin, /usr/local/nvidia/bin,
+	// /usr/local/bin; sorted by name. The machine gets them, so the CDI
+	// spec generated there hands them to pods (nvidia-smi in a pod).
+	Binaries []string `json:"binaries,omitempty"`
 	// NVSwitchNodes are the NVSwitch and NVLink device nodes directly in
 	// /dev (/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch0, ...,
 	// /dev/nvidia-nvlink), in natural order; empty on a host whose GPUs

@@ -13,6 +13,11 @@ import (
 // read-only, one numbered directory each.
 const hostNvidiaDir = "/run/host-nvidia"
 
+// hostNvidiaBinDir is where the host driver's utilities (nvidia-smi, ...)
+// are bound, read-only, each by its name; the per-boot unit links them
+// into /usr/bin, where the CDI spec generator finds them.
+const hostNvidiaBinDir = "/run/host-nvidia/bin"
+
 // nvidiaLibPatterns are the shell patterns of the NVIDIA userspace libraries
 // the per-boot unit links into the machine.
 var nvidiaLibPatterns = []string{

@@ -143,6 +143,10 @@ func TestGPULiveDirs(t *testing.T) {
 			t.Errorf("no %s in the drop-in:\n%s", line, dropIn)
 		}
 	}
+	// The driver's utilities come along, for the CDI spec to hand to pods.
+	if !containsLine(nspawn, "BindReadOnly=/usr/bin/nvidia-smi:/run/host-nvidia/bin/nvidia-smi") {
+		t.Errorf("nvidia-smi is not bound into the machine:\n%s", nspawn)
+	}
 	for _, text := range []string{nspawn, dropIn} {
 		if strings.Contains(text, "/dev/nvidia-caps/") || strings.Contains(text, "/dev/nvidia-caps-imex-channels/") {
 			t.Errorf("a member of a live directory is bound or allowed by itself:\n%s", text)

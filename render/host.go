@@ -224,6 +224,9 @@ func (r *renderer) nspawnData() nspawnData {
 		for i, dir := range r.f.NVIDIA.LibraryDirs {
 			d.Binds = append(d.Binds, fmt.Sprintf("BindReadOnly=%s:%s/%d", dir.Path, hostNvidiaDir, i))
 		}
+		for _, b := range r.f.NVIDIA.Binaries {
+			d.Binds = append(d.Binds, fmt.Sprintf("BindReadOnly=%s:%s/%s", b, hostNvidiaBinDir, path.Base(b)))
+		}
 	}
 	if r.rdma {
 		d.Binds = append(d.Binds, "Bind="+rdmaDir)

@@ -76,6 +76,9 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 	slices.SortFunc(nodes, naturalCompare)
 
 	n := &plan.NVIDIA{DriverVersion: info.DriverVersion, GPUs: info.GPUs, DeviceNodes: nodes}
+	if n.Binaries, err = p.nvidiaBinaries(); err != nil {
+		return nil, err
+	}
 	if n.NVSwitchNodes, err = p.nodes("/dev", nvswitchNodeNames); err != nil {
 		return nil, err
 	}
@@ -248,4 +251,35 @@ func digitPrefix(s string) int {
 		i++
 	}
 	return i
+}
+
+// nvidiaBinaryNames are the driver's utilities a container may be handed
+// (what nvidia-ctk cdi generate looks for), sorted.
+var nvidiaBinaryNames = []string{"nvidia-cuda-mps-control", "nvidia-cuda-mps-server", "nvidia-debugdump", "nvidia-smi"}
+
+// nvidiaBinaryDirs are where driver packages and installers put them, in
+// the order a name is looked up.
+var nvidiaBinaryDirs = []string{"/usr/bin", "/usr/local/nvidia/bin", "/usr/local/bin"}
+
+// nvidiaBinaries returns the host paths of the driver's utilities: for
+// each name the first regular file (or link to one) in nvidiaBinaryDirs.
+func (p *prober) nvidiaBinaries() ([]string, error) {
+	var out []string
+	for _, name := range nvidiaBinaryNames {
+		for _, dir := range nvidiaBinaryDirs {
+			hostPath := path.Join(dir, name)
+			fi, err := os.Stat(p.at(hostPath))
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("look for %s: %w", name, err)
+			}
+			if fi.Mode().IsRegular() {
+				out = append(out, hostPath)
+				break
+			}
+		}
+	}
+	return out, nil
 }
