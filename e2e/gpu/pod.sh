@@ -115,7 +115,8 @@ for tool in sh ls cat grep; do ln -s busybox "$work/rootfs/bin/$tool"; done
 "$NODESPAWN" image build --rootfs "$work/rootfs" --ref "$IMAGE_REF" --layout "$work/layout" >/dev/null ||
 	die "nodespawn image build failed"
 tar -C "$work/layout" -cf "$work/image.tar" .
-machine_root=/var/lib/machines/$MACHINE
+# The machine's root on the host (MACHINE_ROOT only for selftest.sh).
+machine_root=${MACHINE_ROOT:-/var/lib/machines/$MACHINE}
 cp "$work/image.tar" "$machine_root/tmp/nodespawn-gpu-probe.tar"
 inside "ctr -n k8s.io images import --base-name ${IMAGE_REF%:*} /tmp/nodespawn-gpu-probe.tar && rm -f /tmp/nodespawn-gpu-probe.tar" >/dev/null ||
 	fail "ctr images import failed in the machine"
