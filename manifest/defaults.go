@@ -76,8 +76,11 @@ func ApplyDefaults(m *Manifest) {
 	if mc.GPU == "" {
 		mc.GPU = SwitchAuto
 	}
-	if mc.GPUDefaultRuntime == "" {
-		mc.GPUDefaultRuntime = RuntimeNvidia
+	// The default is kept as "" (spelt out or not): a manifest from
+	// before the field existed keeps its canonical digest, so a new
+	// nodespawn does not take an unchanged manifest for an upgrade.
+	if mc.GPUDefaultRuntime == RuntimeNvidia {
+		mc.GPUDefaultRuntime = ""
 	}
 	if mc.KVM == "" {
 		mc.KVM = SwitchAuto

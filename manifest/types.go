@@ -62,7 +62,8 @@ type Machine struct {
 	// GPUs: "nvidia" (the default: every pod, the NVIDIA device plugin's
 	// own included, gets NVML and the GPUs its device plugin assigns) or
 	// "runc" (pods ask for the nvidia runtime by a RuntimeClass whose
-	// handler is nvidia).
+	// handler is nvidia). Defaults leaves "nvidia" as "", so that
+	// manifests from before this field keep their digest.
 	GPUDefaultRuntime string `json:"gpuDefaultRuntime,omitempty"`
 	KVM               Switch `json:"kvm,omitempty"`
 	// RDMA passes /dev/infiniband in (auto: when the host has it).

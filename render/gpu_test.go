@@ -96,7 +96,7 @@ func TestGPUDefaultRuntime(t *testing.T) {
 	for _, tt := range []struct {
 		runtime string
 		want    bool
-	}{{manifest.RuntimeNvidia, true}, {manifest.RuntimeRunc, false}} {
+	}{{"", true}, {manifest.RuntimeNvidia, true}, {manifest.RuntimeRunc, false}} {
 		m := loadManifest(t, "gpu")
 		m.Machine.GPUDefaultRuntime = tt.runtime
 		p, err := render.Plan(m, loadFacts(t, "gpu8"))
