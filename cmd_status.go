@@ -39,9 +39,11 @@ func newStatusCmd() *cobra.Command {
 		Use:   "status",
 		Short: "Say where provisioning stands: not run, running, done, error or degraded",
 		Long: `status reads the result record of the last apply and looks at the machine
-(registered with machined, containerd and kubelet active inside) and prints one
-line: not run, running: step X (n/m), done, error: step X: reason, or
-degraded: applied, but ... (the machine or a node unit is down now).
+(registered with machined, containerd and kubelet active inside, and the host
+services the node needs active: nvidia-fabricmanager on an NVSwitch GPU host)
+and prints one line: not run, running: step X (n/m), done, error: step X:
+reason, or degraded: applied, but ... (the machine, a node unit or such a host
+service is down now).
 
 Exit codes, as cloud-init status gives them: 0 done (also running or not run
 without --wait), 1 error, 2 degraded.

@@ -308,6 +308,8 @@ func TestValidateLeavesHostQuestionsToApply(t *testing.T) {
 		{"nodeIP CIDR", "kubernetes:\n", "kubernetes:\n  nodeIP: 10.20.0.0/16\n", "$.kubernetes.nodeIP", cpuFacts},
 		// gpu1.json: /var/lib/nodespawn on nfs.
 		{"layer store", "kind: Node\n", "kind: Node\nmachine:\n  rootfs:\n    store: layers\n", "$.machine.rootfs.store", "render/testdata/facts/gpu1.json"},
+		// An NVSwitch host whose Fabric Manager does not run.
+		{"gpu on without Fabric Manager", "kind: Node\n", "kind: Node\nmachine:\n  gpu: \"on\"\n", "$.machine.gpu: is \"on\" but this host's GPUs are joined by NVSwitches and nvidia-fabricmanager.service is inactive", "render/testdata/facts/nvswitch8-nofm.json"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			src := strings.Replace(string(data), c.find, c.replace, 1)

@@ -233,7 +233,11 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	default:
 		st.State, st.Summary = StateDone, string(StateDone)
 		if opts.Systemd != nil && st.Machine != "" {
-			st.Checks = liveChecks(ctx, opts.Systemd, st.Machine)
+			var hostUnits []string
+			if applied != nil {
+				hostUnits = applied.HostUnits
+			}
+			st.Checks = liveChecks(ctx, opts.Systemd, st.Machine, hostUnits)
 			var bad []string
 			for _, c := range st.Checks {
 				if !c.OK {
@@ -270,9 +274,33 @@ func StatusExitCode(st *Status) int {
 	return 0
 }
 
-// liveChecks looks at the machine: registered with machined, and the node
-// units active inside it.
-func liveChecks(ctx context.Context, sd Systemd, machine string) []Check {
+// liveChecks looks at the machine: registered with machined, the node
+// units active inside it, and the host units it needs active on the host.
+func liveChecks(ctx context.Context, sd Systemd, machine string, hostUnits []string) []Check {
+	checks := machineChecks(ctx, sd, machine)
+	// Host services the node needs (plan.HostUnits): Fabric Manager on an
+	// NVSwitch host, without which every CUDA call in the node fails.
+	for _, u := range hostUnits {
+		state, err := sd.UnitState(ctx, "", u)
+		name := strings.TrimSuffix(u, ".service")
+		c := Check{What: name + " on the host", OK: err == nil && state == "active"}
+		if !c.OK {
+			if err != nil {
+				state = "unknown (" + err.Error() + ")"
+			}
+			c.Detail = name + " is " + state + " on the host"
+			if u == plan.FabricManagerUnit {
+				c.Detail += " (the GPUs are joined by NVSwitches: CUDA fails with error 802 until it runs)"
+			}
+		}
+		checks = append(checks, c)
+	}
+	return checks
+}
+
+// machineChecks: the machine registered with machined, and the node units
+// active inside it.
+func machineChecks(ctx context.Context, sd Systemd, machine string) []Check {
 	registered, err := sd.MachineRegistered(ctx, machine)
 	c := Check{What: "machine " + machine, OK: err == nil && registered}
 	switch {

@@ -194,3 +194,43 @@ func TestRecordPlacesSteps(t *testing.T) {
 		t.Errorf("run took %s", end)
 	}
 }
+
+// TestStatusHostUnits: a node whose plan names host units (Fabric Manager
+// on an NVSwitch host) is degraded while one is not active on the host,
+// and says which and why.
+func TestStatusHostUnits(t *testing.T) {
+	for _, tt := range []struct {
+		fm      string
+		state   State
+		summary string
+	}{
+		{"active", StateDone, "done"},
+		{"inactive", StateDegraded, "degraded: applied, but nvidia-fabricmanager is inactive on the host (the GPUs are joined by NVSwitches: CUDA fails with error 802 until it runs)"},
+	} {
+		t.Run(tt.fm, func(t *testing.T) {
+			root := t.TempDir()
+			prepareRoot(t, root)
+			deps, _, _, _ := testDeps()
+			opts := testOptions(deps, slog.New(slog.DiscardHandler))
+			opts.Root = root
+			p := testPlan()
+			p.HostUnits = []string{plan.FabricManagerUnit}
+			if _, err := Run(context.Background(), p, opts); err != nil {
+				t.Fatalf("apply: %v", err)
+			}
+			sd := newFakeSystemd()
+			sd.registered[testMachine] = true
+			sd.hostStates = map[string]string{plan.FabricManagerUnit: tt.fm}
+			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.State != tt.state || st.Summary != tt.summary {
+				t.Errorf("status %q, %q; want %q, %q", st.State, st.Summary, tt.state, tt.summary)
+			}
+			if len(st.Checks) != 4 || st.Checks[3].What != "nvidia-fabricmanager on the host" {
+				t.Errorf("checks %+v, want the machine's three and Fabric Manager's", st.Checks)
+			}
+		})
+	}
+}

@@ -76,6 +76,12 @@ func ApplyDefaults(m *Manifest) {
 	if mc.GPU == "" {
 		mc.GPU = SwitchAuto
 	}
+	// The default is kept as "" (spelt out or not): a manifest from
+	// before the field existed keeps its canonical digest, so a new
+	// nodespawn does not take an unchanged manifest for an upgrade.
+	if mc.GPUDefaultRuntime == RuntimeNvidia {
+		mc.GPUDefaultRuntime = ""
+	}
 	if mc.KVM == "" {
 		mc.KVM = SwitchAuto
 	}

@@ -555,3 +555,39 @@ func TestUnknownFieldHints(t *testing.T) {
 		}
 	}
 }
+
+// TestGPUDefaultRuntime: "nvidia", spelt out or left out, is one manifest
+// with the digest manifests had before the field existed; "runc" is kept
+// and changes the digest; anything else is refused where it is written.
+func TestGPUDefaultRuntime(t *testing.T) {
+	digest := func(src string) string {
+		t.Helper()
+		m, err := Load("m.yaml", []byte(src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := m.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.String()
+	}
+	plain := digest(with())
+	if got := digest(with("machine:", "  gpuDefaultRuntime: nvidia")); got != plain {
+		t.Errorf("gpuDefaultRuntime: nvidia has digest %s, want the default's %s", got, plain)
+	}
+	m, err := Load("m.yaml", []byte(with("machine:", "  gpuDefaultRuntime: runc")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Machine.GPUDefaultRuntime != RuntimeRunc {
+		t.Errorf("gpuDefaultRuntime = %q, want runc", m.Machine.GPUDefaultRuntime)
+	}
+	if digest(with("machine:", "  gpuDefaultRuntime: runc")) == plain {
+		t.Error("gpuDefaultRuntime: runc has the default's digest")
+	}
+	es := loadErrors(t, "m.yaml", with("machine:", "  gpuDefaultRuntime: crun"))
+	if len(es) != 1 || es[0].Path != "$.machine.gpuDefaultRuntime" {
+		t.Errorf("gpuDefaultRuntime: crun: %v, want one error at $.machine.gpuDefaultRuntime", es)
+	}
+}

@@ -44,6 +44,12 @@ const (
 	SwitchOff  Switch = "off"
 )
 
+// GPUDefaultRuntime values.
+const (
+	RuntimeNvidia = "nvidia"
+	RuntimeRunc   = "runc"
+)
+
 // Machine describes the nspawn machine.
 type Machine struct {
 	// Name is the machine name (machinectl), default "kube1".
@@ -52,7 +58,14 @@ type Machine struct {
 	// Binds are extra bind mounts into the machine.
 	Binds []Bind `json:"binds,omitempty"`
 	GPU   Switch `json:"gpu,omitempty"`
-	KVM   Switch `json:"kvm,omitempty"`
+	// GPUDefaultRuntime is containerd's default runtime in a machine with
+	// GPUs: "nvidia" (the default: every pod, the NVIDIA device plugin's
+	// own included, gets NVML and the GPUs its device plugin assigns) or
+	// "runc" (pods ask for the nvidia runtime by a RuntimeClass whose
+	// handler is nvidia). Defaults leaves "nvidia" as "", so that
+	// manifests from before this field keep their digest.
+	GPUDefaultRuntime string `json:"gpuDefaultRuntime,omitempty"`
+	KVM               Switch `json:"kvm,omitempty"`
 	// RDMA passes /dev/infiniband in (auto: when the host has it).
 	RDMA Switch `json:"rdma,omitempty"`
 	// BPFFS gives the machine a private bpffs at /sys/fs/bpf ("on" or "off"; "auto" means on).

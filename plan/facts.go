@@ -1,5 +1,7 @@
 package plan
 
+import "strings"
+
 // Facts is what render needs to know about the host. A probe gathers it
 // once (package internal/probe); render never looks at the host itself, so
 // tests and --facts FILE can describe any host.
@@ -85,7 +87,62 @@ type NVIDIA struct {
 	// LibraryDirs are host directories holding the NVIDIA userspace
 	// libraries for the host architecture, each with the library file names.
 	LibraryDirs []LibraryDir `json:"libraryDirs,omitempty"`
+	// Binaries are the host paths of the driver's utilities
+	// (nvidia-smi, nvidia-debugdump, the CUDA MPS control and server),
+	// the first of each name in /usr/bin, /usr/local/nvidia/bin,
+	// /usr/local/bin; sorted by name. The machine gets them, so the CDI
+	// spec generated there hands them to pods (nvidia-smi in a pod).
+	Binaries []string `json:"binaries,omitempty"`
+	// NVSwitchNodes are the NVSwitch and NVLink device nodes directly in
+	// /dev (/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch0, ...,
+	// /dev/nvidia-nvlink), in natural order; empty on a host whose GPUs
+	// are not joined by NVSwitches (PCIe cards, one-GPU VMs, GB200
+	// compute trays, whose switches live in switch trays).
+	NVSwitchNodes []string `json:"nvswitchNodes,omitempty"`
+	// FabricManager is the host's nvidia-fabricmanager service, which must
+	// run (with the driver's version) before CUDA works on an NVSwitch
+	// host; nil when it was not looked at (no NVSwitch node, facts from a
+	// tree or from before it was probed).
+	FabricManager *FabricManager `json:"fabricManager,omitempty"`
+	// Persistenced is the ActiveState of the host's nvidia-persistenced
+	// service ("active", "inactive", "failed", ...); "" when not looked at.
+	Persistenced string `json:"persistenced,omitempty"`
 }
+
+// HasNVSwitch reports whether the GPUs are joined by NVSwitches that
+// Fabric Manager must set up: NVSwitchNodes holds a switch's own node
+// (/dev/nvidia-nvswitchN), not only the control or NVLink node.
+func (n *NVIDIA) HasNVSwitch() bool {
+	for _, node := range n.NVSwitchNodes {
+		rest, ok := strings.CutPrefix(node, "/dev/nvidia-nvswitch")
+		if ok && rest != "" && strings.Trim(rest, "0123456789") == "" {
+			return true
+		}
+	}
+	return false
+}
+
+// FabricManagerUnit is the systemd unit of NVIDIA's Fabric Manager, as its
+// packages install it.
+const FabricManagerUnit = "nvidia-fabricmanager.service"
+
+// PersistencedUnit is the systemd unit of NVIDIA's persistence daemon.
+const PersistencedUnit = "nvidia-persistenced.service"
+
+// FabricManager is what the probe saw of nvidia-fabricmanager.
+type FabricManager struct {
+	// State is the unit's ActiveState ("active", "inactive", "failed",
+	// "activating", ...); "not-found" when systemd has no such unit (the
+	// package is not installed).
+	State string `json:"state"`
+	// Version is the installed Fabric Manager's version ("570.124.06"),
+	// from the package database; "" when unknown. Fabric Manager refuses
+	// to run against a driver of another version.
+	Version string `json:"version,omitempty"`
+}
+
+// Running reports whether Fabric Manager runs.
+func (fm *FabricManager) Running() bool { return fm != nil && fm.State == "active" }
 
 // GPU is one NVIDIA GPU as NVML reports it.
 type GPU struct {
@@ -93,6 +150,11 @@ type GPU struct {
 	UUID  string `json:"uuid"`
 	Name  string `json:"name,omitempty"`
 	MIG   bool   `json:"mig,omitempty"`
+	// Persistence is the GPU's persistence mode as NVML reports it; nil
+	// when unknown (no NVML). With it off the driver tears the GPU's state
+	// down whenever no process holds it open, and every pod's first CUDA
+	// call pays for initialising it again.
+	Persistence *bool `json:"persistence,omitempty"`
 }
 
 // LibraryDir is one host directory of NVIDIA libraries.

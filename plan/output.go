@@ -61,6 +61,9 @@ func WriteText(w io.Writer, p *Plan) error {
 	for _, warning := range p.Warnings {
 		tw.printf("warning: %s\n", warning)
 	}
+	if len(p.HostUnits) > 0 {
+		tw.printf("host units the node needs running: %s\n", strings.Join(p.HostUnits, ", "))
+	}
 	for _, ph := range Phases {
 		var steps []Step
 		for _, s := range p.Steps {

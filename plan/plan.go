@@ -89,7 +89,12 @@ type Plan struct {
 	NodeState string `json:"nodeState,omitempty"`
 	// Warnings are things the user should know (deprecated options, ...).
 	Warnings []string `json:"warnings,omitempty"`
-	Steps    []Step   `json:"steps"`
+	// HostUnits are host services nodespawn does not manage but the node
+	// needs running (nvidia-fabricmanager.service on an NVSwitch host):
+	// the machine's service is ordered after them, and status reports the
+	// node degraded while one is not active.
+	HostUnits []string `json:"hostUnits,omitempty"`
+	Steps     []Step   `json:"steps"`
 }
 
 // Step is one thing apply does. ID is stable across renders of the same

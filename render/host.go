@@ -210,11 +210,22 @@ func (r *renderer) nspawnData() nspawnData {
 		d.Binds = append(d.Binds, "Bind=/dev/kvm")
 	}
 	if r.gpu {
-		for _, n := range r.f.NVIDIA.DeviceNodes {
+		dev := r.gpuDevices()
+		for _, n := range dev.Nodes {
 			d.Binds = append(d.Binds, "Bind="+n)
+		}
+		// Whole directories: members the driver adds later (a MIG
+		// instance, an IMEX channel) show up in the machine at once.
+		for _, dir := range dev.Dirs {
+			if !r.manifestBinds(dir) {
+				d.Binds = append(d.Binds, "Bind="+dir)
+			}
 		}
 		for i, dir := range r.f.NVIDIA.LibraryDirs {
 			d.Binds = append(d.Binds, fmt.Sprintf("BindReadOnly=%s:%s/%d", dir.Path, hostNvidiaDir, i))
+		}
+		for _, b := range r.f.NVIDIA.Binaries {
+			d.Binds = append(d.Binds, fmt.Sprintf("BindReadOnly=%s:%s/%s", b, hostNvidiaBinDir, path.Base(b)))
 		}
 	}
 	if r.rdma {
@@ -234,6 +245,17 @@ func (r *renderer) nspawnData() nspawnData {
 	return d
 }
 
+// manifestBinds reports whether one of the manifest's binds has target
+// in the machine: that bind, with its own options, is the one to keep.
+func (r *renderer) manifestBinds(target string) bool {
+	for _, b := range r.m.Machine.Binds {
+		if b.Target == target || b.Target == "" && b.Source == target {
+			return true
+		}
+	}
+	return false
+}
+
 type overrideData struct {
 	Machine string
 	// ActiveFile is plan.ActiveMachineFile; StopTimeout the
@@ -243,10 +265,12 @@ type overrideData struct {
 	BPFFS                   string
 	GPU                     bool
 	DeviceAllow             []string
+	// HostUnits are plan.HostUnits: the machine starts after them.
+	HostUnits []string
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
-	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout))}
+	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout)), HostUnits: r.plan.HostUnits}
 	if flush {
 		d.NftFlushUnit = nftFlushUnit
 	}
@@ -258,12 +282,7 @@ func (r *renderer) overrideData(flush bool) overrideData {
 		d.DeviceAllow = append(d.DeviceAllow, "/dev/kvm rwm")
 	}
 	if r.gpu {
-		for _, n := range r.f.NVIDIA.DeviceNodes {
-			d.DeviceAllow = append(d.DeviceAllow, n+" rwm")
-		}
-		// Nodes the driver creates later (nvidia-uvm on first CUDA use, new
-		// MIG capabilities) are covered by their major numbers.
-		d.DeviceAllow = append(d.DeviceAllow, gpuDeviceClasses...)
+		d.DeviceAllow = append(d.DeviceAllow, r.gpuDevices().Allow...)
 	}
 	if r.rdma {
 		d.DeviceAllow = append(d.DeviceAllow, r.deviceAllow(rdmaDir)...)
@@ -300,7 +319,9 @@ func dedupe(list []string) []string {
 	return out
 }
 
-// gpuDeviceClasses are the /proc/devices names of NVIDIA's character devices.
+// gpuDeviceClasses are the /proc/devices names of the NVIDIA character
+// devices every GPU host has: the GPUs, nvidiactl and nvidia-modeset
+// (nvidia-frontend), unified memory, MIG capabilities and DRM.
 var gpuDeviceClasses = []string{
 	"char-nvidia-frontend rwm",
 	"char-nvidia-uvm rwm",

@@ -93,10 +93,17 @@ type containerdData struct {
 	// without migrating (and warning at every start): 4 from 2.4 on.
 	Version      int
 	SandboxImage string
+	// DefaultRuntime is the GPU drop-in's default runtime ("nvidia"), or
+	// "" to keep runc.
+	DefaultRuntime string
 }
 
 func (r *renderer) containerdData() containerdData {
-	return containerdData{Version: r.containerdConfig, SandboxImage: r.m.Kubernetes.SandboxImage}
+	d := containerdData{Version: r.containerdConfig, SandboxImage: r.m.Kubernetes.SandboxImage}
+	if r.gpu && r.m.Machine.GPUDefaultRuntime != manifest.RuntimeRunc {
+		d.DefaultRuntime = manifest.RuntimeNvidia
+	}
+	return d
 }
 
 // kubeconfig is the bootstrap kubeconfig (token) or the kubeconfig with an

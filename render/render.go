@@ -198,7 +198,7 @@ func (r *renderer) decide() error {
 	if r.plan.Alternate == r.machine {
 		r.plan.Alternate = m.Machine.Name
 	}
-	return nil
+	return r.decideGPUHost()
 }
 
 // inRoot returns the host path of p inside the machine's rootfs.

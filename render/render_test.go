@@ -66,6 +66,15 @@ var goldenCases = []struct{ name, manifest, facts string }{
 	// picked by CIDR (dual stack), a device bind, containerd 2.3.
 	{"rdma", "rdma", "h200-connectx"},
 	{"minimal-gpu-auto", "minimal", "gpu8"},
+	// Hand-built from the driver's device layout (see the probe fixtures'
+	// READMEs): an HGX H100 with NVSwitches and Fabric Manager running
+	// (switch nodes bound, the machine ordered after Fabric Manager) ...
+	{"gpu-nvswitch", "gpu", "nvswitch8"},
+	// ... the same host without it, gpu auto: a warning, and persistence
+	// mode off: another ...
+	{"gpu-nvswitch-no-fm", "minimal", "nvswitch8-nofm"},
+	// ... and a GB200 compute tray: the IMEX channel directory bound whole.
+	{"gpu-gb200-imex", "gpu", "gb200-imex"},
 	{"kvm", "kvm", "kvm"},
 	{"minimal-kvm-auto", "minimal", "kvm"},
 	{"arm64", "minimal", "arm64"},
@@ -251,6 +260,8 @@ func TestHostFactErrors(t *testing.T) {
 			"$.kubernetes.nodeIP", "no address of this host is in 172.16.0.0/12 (addresses here: 10.20.0.7/16, fd20:0:0:1::7/64, 192.168.100.7/24)"},
 		{"an address of another host", "minimal", "h200-connectx", func(m *manifest.Manifest) { m.Kubernetes.NodeIP = "10.20.0.8" },
 			"$.kubernetes.nodeIP", "10.20.0.8 is not an address of this host"},
+		{"gpu on, NVSwitches, no Fabric Manager", "gpu", "nvswitch8-nofm", nil,
+			"$.machine.gpu", "is \"on\" but this host's GPUs are joined by NVSwitches and nvidia-fabricmanager.service is inactive"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

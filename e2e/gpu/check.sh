@@ -10,7 +10,9 @@
 # Fails (exit 1) when the probe's GPU count, UUIDs, MIG modes or driver
 # version disagree with nvidia-smi, when a probed device node is not a
 # character device, when a probed library is missing, or when the dry-run
-# plan leaves out a probed device node or library directory.
+# plan leaves out a probed device node (MIG capabilities and IMEX channels:
+# their directory), an NVSwitch node or a library directory.
+# e2e/gpu/pod.sh goes on from here to a GPU in a pod.
 set -eu
 set -o pipefail
 
@@ -103,6 +105,7 @@ for ((i = 0; i < ngpus; i++)); do
 	printf '  %s  %s  %s  MIG %s\n' "$(get "nvidia.gpus[$i].index")" "$(get "nvidia.gpus[$i].uuid")" "$(get "nvidia.gpus[$i].name")" "$mig"
 	printf '%s, %s, %s\n' "$(get "nvidia.gpus[$i].index")" "$(get "nvidia.gpus[$i].uuid")" "$mig" >>"$work/probe-gpus"
 done
+echo "persistenced:   $(get nvidia.persistenced)"
 echo "device nodes:   $nnodes"
 for ((i = 0; i < nnodes; i++)); do
 	node=$(get "nvidia.deviceNodes[$i]")
@@ -148,8 +151,27 @@ if "$NODESPAWN" apply --dry-run -f "$MANIFEST" >"$work/plan" 2>"$work/plan.err";
 	grep -i -E 'nvidia|/dev/dri|DeviceAllow' "$work/plan" | head -n 40 || true
 	for ((i = 0; i < nnodes; i++)); do
 		node=$(get "nvidia.deviceNodes[$i]")
-		grep -q -F -- "$node" "$work/plan" || fail "the dry-run plan does not mention device node $node"
+		case $node in
+		# Directories whose members change at run time are bound whole.
+		/dev/nvidia-caps/* | /dev/nvidia-caps-imex-channels/*)
+			grep -q -x -F -- "  | Bind=${node%/*}" "$work/plan" || fail "the dry-run plan does not bind ${node%/*} (for $node) as a directory"
+			;;
+		*) grep -q -F -- "$node" "$work/plan" || fail "the dry-run plan does not mention device node $node" ;;
+		esac
 	done
+	nsw=$(count nvidia.nvswitchNodes)
+	for ((i = 0; i < nsw; i++)); do
+		node=$(get "nvidia.nvswitchNodes[$i]")
+		[ -c "$node" ] || fail "probed NVSwitch node $node is not a character device"
+		grep -q -F -- "Bind=$node" "$work/plan" || fail "the dry-run plan does not bind NVSwitch node $node"
+	done
+	if [ "$nsw" -gt 0 ]; then
+		echo "NVSwitch nodes: $nsw; Fabric Manager: $(get nvidia.fabricManager.state) $(get nvidia.fabricManager.version)"
+	fi
+	if [ "$ngpus" -gt 0 ]; then
+		grep -q -F 'default_runtime_name = "nvidia"' "$work/plan" ||
+			echo "note: the plan keeps runc as containerd's default runtime (machine.gpuDefaultRuntime: runc?)"
+	fi
 	for ((i = 0; i < ndirs; i++)); do
 		dir=$(get "nvidia.libraryDirs[$i].path")
 		grep -q -F -- "$dir" "$work/plan" || fail "the dry-run plan does not mention library directory $dir"

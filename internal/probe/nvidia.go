@@ -50,6 +50,11 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 		return nil, err
 	}
 	nodes = append(nodes, caps...)
+	imex, err := p.nodes("/dev/nvidia-caps-imex-channels", nil)
+	if err != nil {
+		return nil, err
+	}
+	nodes = append(nodes, imex...)
 	if len(nodes) == 0 && len(info.GPUs) == 0 {
 		if _, err := os.Stat(p.at(procNVIDIAVersion)); err == nil {
 			p.log.Warn("the NVIDIA kernel driver is loaded but there is no /dev/nvidia* node; create them (nvidia-modprobe -c 0 -u) to use the GPUs")
@@ -71,6 +76,13 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 	slices.SortFunc(nodes, naturalCompare)
 
 	n := &plan.NVIDIA{DriverVersion: info.DriverVersion, GPUs: info.GPUs, DeviceNodes: nodes}
+	if n.Binaries, err = p.nvidiaBinaries(); err != nil {
+		return nil, err
+	}
+	if n.NVSwitchNodes, err = p.nodes("/dev", nvswitchNodeNames); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(n.NVSwitchNodes, naturalCompare)
 	if n.DriverVersion == "" {
 		if n.DriverVersion, err = p.procDriverVersion(); err != nil {
 			return nil, err
@@ -239,4 +251,35 @@ func digitPrefix(s string) int {
 		i++
 	}
 	return i
+}
+
+// nvidiaBinaryNames are the driver's utilities a container may be handed
+// (what nvidia-ctk cdi generate looks for), sorted.
+var nvidiaBinaryNames = []string{"nvidia-cuda-mps-control", "nvidia-cuda-mps-server", "nvidia-debugdump", "nvidia-smi"}
+
+// nvidiaBinaryDirs are where driver packages and installers put them, in
+// the order a name is looked up.
+var nvidiaBinaryDirs = []string{"/usr/bin", "/usr/local/nvidia/bin", "/usr/local/bin"}
+
+// nvidiaBinaries returns the host paths of the driver's utilities: for
+// each name the first regular file (or link to one) in nvidiaBinaryDirs.
+func (p *prober) nvidiaBinaries() ([]string, error) {
+	var out []string
+	for _, name := range nvidiaBinaryNames {
+		for _, dir := range nvidiaBinaryDirs {
+			hostPath := path.Join(dir, name)
+			fi, err := os.Stat(p.at(hostPath))
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("look for %s: %w", name, err)
+			}
+			if fi.Mode().IsRegular() {
+				out = append(out, hostPath)
+				break
+			}
+		}
+	}
+	return out, nil
 }

@@ -78,5 +78,9 @@ func queryGPU(i int) (plan.GPU, error) {
 	if current, _, ret := dev.GetMigMode(); ret == nvml.SUCCESS {
 		gpu.MIG = current == nvml.DEVICE_MIG_ENABLE
 	}
+	if mode, ret := dev.GetPersistenceMode(); ret == nvml.SUCCESS {
+		on := mode == nvml.FEATURE_ENABLED
+		gpu.Persistence = &on
+	}
 	return gpu, nil
 }

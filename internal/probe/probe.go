@@ -59,6 +59,10 @@ type Options struct {
 	// SystemNVML() when Root is "/", and none otherwise (NVML describes the
 	// running kernel, not a tree under Root).
 	NVML NVML
+	// Units is asked for the state of nvidia-persistenced and, on an
+	// NVSwitch host, nvidia-fabricmanager. nil means SystemUnits() when
+	// Root is "/", and none otherwise.
+	Units Units
 	// Log receives warnings (a stub-only resolv.conf, NVIDIA device
 	// nodes without NVML, ...) and debug notes; nil means slog.Default().
 	Log *slog.Logger
@@ -111,6 +115,13 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 			nv = noNVML{}
 		}
 	}
+	units := opts.Units
+	if units == nil {
+		units = SystemUnits()
+		if p.fakeRoot() {
+			units = noUnits{}
+		}
+	}
 	ldCache := opts.LdCache
 	if ldCache == "" {
 		ldCache = p.at(etcLdCache)
@@ -138,6 +149,11 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	}
 	if f.NVIDIA, err = p.nvidia(ctx, nv, ldCache); err != nil {
 		return plan.Facts{}, err
+	}
+	if f.NVIDIA != nil {
+		if err := p.nvidiaServices(ctx, units, f.NVIDIA); err != nil {
+			return plan.Facts{}, err
+		}
 	}
 	if f.RDMA, err = p.rdma(); err != nil {
 		return plan.Facts{}, err

@@ -47,6 +47,36 @@ func h200s(n int) []plan.GPU {
 	return gpus
 }
 
+// gb200s returns n GPUs as NVML reports them on a GB200 NVL compute tray.
+func gb200s(n int) []plan.GPU {
+	gpus := make([]plan.GPU, n)
+	for i := range gpus {
+		gpus[i] = plan.GPU{Index: i, UUID: "GPU-5e0b7c2d-91a4-4f3e-a6d8-2c7f1b9e0d4" + string(rune('0'+i)), Name: "NVIDIA GB200", Persistence: ptr(true)}
+	}
+	return gpus
+}
+
+// withPersistence returns gpus with persistence mode set to on.
+func withPersistence(gpus []plan.GPU, on bool) []plan.GPU {
+	for i := range gpus {
+		gpus[i].Persistence = ptr(on)
+	}
+	return gpus
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// fakeUnits answers UnitState from a map, standing in for systemd; a
+// unit it does not list is "not-found", as systemd says.
+type fakeUnits map[string]string
+
+func (f fakeUnits) UnitState(_ context.Context, unit string) (string, error) {
+	if s, ok := f[unit]; ok {
+		return s, nil
+	}
+	return "not-found", nil
+}
+
 // captureLog returns a logger that records warnings (debug too when
 // debug is set) as text without timestamps.
 func captureLog(buf *bytes.Buffer, level slog.Level) *slog.Logger {
@@ -67,10 +97,11 @@ func TestGatherFixtures(t *testing.T) {
 	lostGPUs := h100s(8)
 	lostGPUs = append(lostGPUs[:3], lostGPUs[4:]...)
 	tests := []struct {
-		name string
-		root string // fixture whose root/ and ldconfig-p.txt are probed; default name
-		arch string
-		nvml NVML
+		name  string
+		root  string // fixture whose root/ and ldconfig-p.txt are probed; default name
+		arch  string
+		nvml  NVML
+		units Units
 	}{
 		{name: "no-gpu", arch: "amd64", nvml: unavailable},
 		{name: "one-gpu", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
@@ -99,6 +130,21 @@ func TestGatherFixtures(t *testing.T) {
 		{name: "h200-connectx", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{DriverVersion: "570.133.20", GPUs: h200s(8)}}},
 		// Only a dnsmasq-style 127.0.0.1 and no upstream list anywhere.
 		{name: "stub-only", arch: "amd64", nvml: unavailable},
+		// Built by hand (see their READMEs): an HGX H100 whose GPUs are
+		// joined by four NVSwitches, with Fabric Manager running ...
+		{name: "hgx-h100-nvswitch", arch: "amd64",
+			nvml:  fakeNVML{info: NVMLInfo{DriverVersion: "570.124.06", GPUs: withPersistence(h100s(8), true)}},
+			units: fakeUnits{"nvidia-fabricmanager.service": "active", "nvidia-persistenced.service": "active"}},
+		// ... and the same host with Fabric Manager stopped and
+		// persistence mode off.
+		{name: "hgx-h100-nvswitch-no-fm", root: "hgx-h100-nvswitch", arch: "amd64",
+			nvml:  fakeNVML{info: NVMLInfo{DriverVersion: "570.124.06", GPUs: withPersistence(h100s(8), false)}},
+			units: fakeUnits{"nvidia-fabricmanager.service": "inactive", "nvidia-persistenced.service": "inactive"}},
+		// A GB200 NVL compute tray: an IMEX channel, no NVSwitch node (the
+		// switches are in the rack's switch trays), no Fabric Manager.
+		{name: "gb200-imex", arch: "arm64",
+			nvml:  fakeNVML{info: NVMLInfo{DriverVersion: "580.95.05", GPUs: gb200s(4)}},
+			units: fakeUnits{"nvidia-persistenced.service": "active"}},
 		// Recorded on a real GPU VM (see its README).
 		{name: "h200-vm", arch: "amd64", nvml: fakeNVML{info: NVMLInfo{
 			DriverVersion: "580.159.04",
@@ -123,6 +169,7 @@ func TestGatherFixtures(t *testing.T) {
 				Arch:    tt.arch,
 				LdCache: ldCache,
 				NVML:    tt.nvml,
+				Units:   tt.units,
 				Log:     captureLog(&logs, slog.LevelWarn),
 			})
 			if err != nil {
@@ -138,28 +185,35 @@ func TestGatherFixtures(t *testing.T) {
 	}
 }
 
-// TestRenderFacts keeps render's h200-connectx facts, which stand for the
-// probed fixture host, equal to its golden facts and readable the way
-// apply --facts reads them (unknown fields refused).
+// TestRenderFacts keeps render's facts that stand for a probed fixture
+// host equal to its golden facts and readable the way apply --facts reads
+// them (unknown fields refused).
 func TestRenderFacts(t *testing.T) {
-	path := filepath.Join("..", "..", "render", "testdata", "facts", "h200-connectx.json")
-	probed := filepath.Join("testdata", "hosts", "h200-connectx", "facts.json")
-	got, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, err := os.ReadFile(probed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(string(want), string(got)); diff != "" {
-		t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
-	}
-	var f plan.Facts
-	dec := json.NewDecoder(bytes.NewReader(got))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
-		t.Errorf("%s: %v", path, err)
+	for render, host := range map[string]string{
+		"h200-connectx":  "h200-connectx",
+		"nvswitch8":      "hgx-h100-nvswitch",
+		"nvswitch8-nofm": "hgx-h100-nvswitch-no-fm",
+		"gb200-imex":     "gb200-imex",
+	} {
+		path := filepath.Join("..", "..", "render", "testdata", "facts", render+".json")
+		probed := filepath.Join("testdata", "hosts", host, "facts.json")
+		got, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := os.ReadFile(probed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(string(want), string(got)); diff != "" {
+			t.Errorf("%s differs from %s (-want +got); copy it over:\n%s", path, probed, diff)
+		}
+		var f plan.Facts
+		dec := json.NewDecoder(bytes.NewReader(got))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&f); err != nil {
+			t.Errorf("%s: %v", path, err)
+		}
 	}
 }
 

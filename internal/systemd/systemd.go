@@ -221,3 +221,27 @@ func (s *Bus) UnitRestarts(ctx context.Context, machine, unit string) (int, erro
 	}
 	return n, nil
 }
+
+// HostUnitState returns a host unit's ActiveState ("active", "inactive",
+// "failed", ...), or "not-found" when systemd has no such unit file (its
+// package is not installed). Reading the unit's properties makes systemd
+// load it, so a unit nothing has started yet still has a LoadState.
+func (s *Bus) HostUnitState(ctx context.Context, unit string) (string, error) {
+	c, err := s.conn(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	props, err := c.GetUnitPropertiesContext(ctx, unit)
+	if err != nil {
+		return "", fmt.Errorf("systemctl show %s: %w", unit, err)
+	}
+	if load, _ := props["LoadState"].(string); load == "not-found" {
+		return "not-found", nil
+	}
+	active, _ := props["ActiveState"].(string)
+	if active == "" {
+		return "", fmt.Errorf("systemctl show %s: no ActiveState", unit)
+	}
+	return active, nil
+}
