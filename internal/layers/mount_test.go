@@ -264,4 +264,129 @@ func TestMountedLayers(t *testing.T) {
 	}
 }
 
-var _ = confine.Clean
+// TestPlantedLinks: a symlink planted in the state tree at a layer, the
+// upper or work directory, the overlay directory or the mount point,
+// pointing out of the root, never makes a mount (or the writes through it)
+// land outside: the link is refused with an error naming it, or replaced,
+// or followed inside the root only. Each way the kernel is given the
+// directories; -v prints the table of outcomes.
+func TestPlantedLinks(t *testing.T) {
+	type outcome struct{ way, link, when, result string }
+	var table []outcome
+	ways(t, func(t *testing.T) {
+		way := strings.TrimPrefix(t.Name(), "TestPlantedLinks/")
+		for _, c := range []struct {
+			name string
+			// prepared: the root was composed (and unmounted) before the
+			// link was planted, so the record matches and only the mount
+			// follows; else the link is there at the first apply.
+			prepared bool
+			at       func(s *Store, m Machine, l digest.Digest) string
+		}{
+			{"upper", false, func(s *Store, m Machine, _ digest.Digest) string { return filepath.Join(m.Dir, "upper") }},
+			{"upper", true, func(s *Store, m Machine, _ digest.Digest) string { return filepath.Join(m.Dir, "upper") }},
+			{"work", true, func(s *Store, m Machine, _ digest.Digest) string { return filepath.Join(m.Dir, "work") }},
+			{"layer", true, func(s *Store, m Machine, l digest.Digest) string { return s.Path(l) }},
+			{"overlay dir", false, func(s *Store, m Machine, _ digest.Digest) string { return m.Dir }},
+			{"overlay dir", true, func(s *Store, m Machine, _ digest.Digest) string { return m.Dir }},
+			{"machine state dir", true, func(s *Store, m Machine, _ digest.Digest) string { return filepath.Dir(m.Dir) }},
+			{"target", true, func(s *Store, m Machine, _ digest.Digest) string { return m.Target }},
+		} {
+			when := "first apply"
+			if c.prepared {
+				when = "remount"
+			}
+			t.Run(strings.ReplaceAll(c.name, " ", "-")+"/"+when, func(t *testing.T) {
+				base := t.TempDir()
+				outside := filepath.Join(base, "outside")
+				if err := os.MkdirAll(filepath.Join(outside, "upper"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.MkdirAll(filepath.Join(outside, "work"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.MkdirAll(filepath.Join(base, "root"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				// The link's target exists inside the root too, so a link
+				// followed in the root leads to a directory.
+				if err := os.MkdirAll(filepath.Join(base, "root", outside), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				tree, err := confine.Open(filepath.Join(base, "root"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { tree.Close() })
+				s, err := Open(tree, "/var/lib/nodespawn/layers")
+				if err != nil {
+					t.Fatal(err)
+				}
+				ctx := context.Background()
+				l := id("layer")
+				if _, err := s.Unpack(ctx, l, fill(tree, map[string]string{"etc/os-release": "layer"})); err != nil {
+					t.Fatal(err)
+				}
+				m := Machine{Target: "/var/lib/machines/kube1", Dir: "/var/lib/nodespawn/machines/kube1/overlay", Machine: "kube1"}
+				t.Cleanup(func() { Unmount(context.Background(), tree, m.Target, time.Second, quiet) })
+				img := Image{Manifest: id("m"), Layers: []digest.Digest{l}}
+				if c.prepared {
+					if _, err := s.Compose(ctx, m, img, quiet); err != nil {
+						t.Fatal(err)
+					}
+					if err := Unmount(ctx, tree, m.Target, time.Second, quiet); err != nil {
+						t.Fatal(err)
+					}
+				}
+				planted := c.at(s, m, l)
+				host := filepath.Join(base, "root", planted)
+				if err := os.MkdirAll(filepath.Dir(host), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if c.prepared {
+					// The real directory moves aside (a layer, the overlay
+					// dir with its record) so the link replaces it.
+					if err := os.Rename(host, host+".real"); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// An absolute link: on the host it leads out of the root;
+				// resolved in the root, to the same path inside it.
+				if err := os.Symlink(outside, host); err != nil {
+					t.Fatal(err)
+				}
+				_, err = s.Compose(ctx, m, img, quiet)
+				result := ""
+				if err != nil {
+					if !strings.Contains(err.Error(), tree.Show(planted)) && !strings.Contains(err.Error(), filepath.Join(base, "root", planted)) {
+						t.Errorf("the error does not name the planted link %s: %v", tree.Show(planted), err)
+					}
+					result = "refused: " + strings.ReplaceAll(err.Error(), base, "$T")
+				} else {
+					// What apply writes next (the bootstrap token, say).
+					if err := os.WriteFile(filepath.Join(base, "root", m.Target, "token"), []byte("secret"), 0o600); err != nil {
+						t.Fatalf("write into the mounted root: %v", err)
+					}
+					result = "mounted; the link followed inside the root"
+					if fi, err := os.Lstat(host); err == nil && fi.Mode()&os.ModeSymlink == 0 {
+						result = "mounted; the link replaced by a fresh directory"
+					}
+				}
+				// Nothing outside changed.
+				filepath.WalkDir(outside, func(p string, d os.DirEntry, err error) error {
+					if err == nil && !d.IsDir() {
+						t.Errorf("written outside the root: %s", p)
+					}
+					return nil
+				})
+				if mounted, _, _ := MountedAt(outside); mounted {
+					t.Errorf("mounted outside the root at %s", outside)
+				}
+				table = append(table, outcome{way, c.name, when, result})
+			})
+		}
+	})
+	for _, o := range table {
+		t.Logf("%-10s  %-17s  %-11s  %s", o.way, o.link, o.when, o.result)
+	}
+}
