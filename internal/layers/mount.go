@@ -700,6 +700,11 @@ func kernelPath(root *confine.Root, target string) (string, error) {
 	return host, err
 }
 
+// MountedIn is MountedAt for target, a path in root.
+func MountedIn(root *confine.Root, target string) (bool, string, error) {
+	return mountedIn(root, target)
+}
+
 // mountedIn is MountedAt for target, a path in root.
 func mountedIn(root *confine.Root, target string) (bool, string, error) {
 	host, err := kernelPath(root, target)

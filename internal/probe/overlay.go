@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -65,7 +66,7 @@ func (p *prober) layerStore() (*plan.LayerStoreSupport, error) {
 		dir = filepath.Dir(dir)
 	}
 	if _, ok := upperFilesystems[int64(st.Type)]; ok {
-		return &plan.LayerStoreSupport{OK: true}, nil
+		return &plan.LayerStoreSupport{OK: true, LayerFDs: layers.KernelTakesLayerFDs()}, nil
 	}
 	name, known := otherFilesystems[int64(st.Type)]
 	if !known {
