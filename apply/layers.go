@@ -134,6 +134,19 @@ func removeLayerRoot(ctx context.Context, host *confine.Root, rootfs string, log
 	return changed || removed, err
 }
 
+// MaxLayers is the most layers one mount of img's root (a layer-store
+// image step) takes on this kernel, with the layer store in root: an
+// image with more distinct layers is flattened or refused before any
+// layer is fetched.
+func MaxLayers(root string, img *plan.Image) (int, error) {
+	host, err := confine.Open(root)
+	if err != nil {
+		return 0, err
+	}
+	defer host.Close()
+	return layers.At(host, img.Layers.Store).MaxLayers(layerMachine(img.Dest, img.Layers.Dir)), nil
+}
+
 // LayerPlan is what a pull into the layer store would do with one layer.
 type LayerPlan struct {
 	Digest, DiffID digest.Digest

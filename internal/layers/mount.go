@@ -368,8 +368,15 @@ func (s *Store) mount(ctx context.Context, m Machine, img Image, log *slog.Logge
 }
 
 // classicOnly makes mountLayers use mount(2) with path options whatever
-// the kernel can do, for tests of that way.
+// the kernel can do, for tests of that way; so does ByPathEnv=1 in the
+// environment, for tests of whole runs (and to try that way by hand).
 var classicOnly bool
+
+// ByPathEnv, set to 1, makes every overlayfs mount name its layers by path
+// in one page of mount(2) options, as on a kernel before Linux 6.13.
+const ByPathEnv = "NODESPAWN_OVERLAY_BY_PATH"
+
+func byPathOnly() bool { return classicOnly || os.Getenv(ByPathEnv) == "1" }
 
 // mountLayers mounts the overlay of lower (top first) with m's upper and
 // work directories at m.Target. Every directory is opened first through
@@ -416,7 +423,7 @@ func (s *Store) mountLayers(m Machine, lower []digest.Digest) (how string, err e
 	if err != nil {
 		return "", err
 	}
-	if !classicOnly {
+	if !byPathOnly() {
 		err := mountFDs(lowers, upper, work, target)
 		if !errors.Is(err, errNoLayerFDs) {
 			if err != nil {
@@ -566,7 +573,7 @@ func KernelTakesLayerFDs() bool {
 		return false
 	}
 	defer unix.Close(fd)
-	return !classicOnly && unix.FsconfigSetFd(fsfd, "lowerdir+", fd) == nil
+	return !byPathOnly() && unix.FsconfigSetFd(fsfd, "lowerdir+", fd) == nil
 }
 
 // prepareTarget makes the mount point an empty directory. A flattened
