@@ -66,7 +66,11 @@ func (p *prober) layerStore() (*plan.LayerStoreSupport, error) {
 		dir = filepath.Dir(dir)
 	}
 	if _, ok := upperFilesystems[int64(st.Type)]; ok {
-		return &plan.LayerStoreSupport{OK: true, LayerFDs: layers.KernelTakesLayerFDs()}, nil
+		fds := p.layerFDs
+		if fds == nil {
+			fds = layers.KernelTakesLayerFDs
+		}
+		return &plan.LayerStoreSupport{OK: true, LayerFDs: fds()}, nil
 	}
 	name, known := otherFilesystems[int64(st.Type)]
 	if !known {
