@@ -200,6 +200,7 @@ func TestLayerStoreRepeatedAndDeepImages(t *testing.T) {
 		r := newLayerRoot(t, layout, srv.URL)
 		r.use(layout, srv.URL, "deep", "")
 		out, _ := r.apply(0, "--dry-run", "--layers")
+		t.Logf("dry run, its last lines:\n%s", out[strings.LastIndex(out, "  128  "):])
 		if !strings.Contains(out, "apply would flatten: 128 layers, this kernel mounts at most") {
 			t.Errorf("the dry run does not say it would flatten:\n%s", out)
 		}
