@@ -431,16 +431,37 @@ func (a *applyRun) writeLayers(ctx context.Context, p *plan.Plan) error {
 		}
 		fmt.Fprintf(a.out, "\nImage layers of %s (manifest %s, %d layers, %s):\n", res.Reference, res.ManifestDigest, res.Layers, progress.Bytes(res.Bytes))
 		fetch, bytes := 0, int64(0)
+		seen := map[digest.Digest]bool{}
 		for i, l := range ls {
 			what := "in the store"
-			if !l.Present {
+			switch {
+			case seen[l.DiffID]:
+				what = "repeated"
+			case !l.Present:
 				what, bytes = "fetch", bytes+l.Size
 				fetch++
 			}
+			seen[l.DiffID] = true
 			fmt.Fprintf(a.out, "  %2d  %-12s  %s  %9s  (diff_id %s)\n", i+1, what, l.Digest, progress.Bytes(l.Size), l.DiffID)
 		}
+		distinct := len(seen)
+		if distinct < len(ls) {
+			fmt.Fprintf(a.out, "%d of the image's layers repeat a layer listed before: each layer is fetched once and mounted once, at its topmost position.\n", len(ls)-distinct)
+		}
+		max, err := apply.MaxLayers(a.root, img)
+		if err != nil {
+			return fmt.Errorf("--layers: %w", err)
+		}
+		if distinct > max {
+			if img.Layers.FlattenDeep {
+				fmt.Fprintf(a.out, "apply would flatten: %d layers, this kernel mounts at most %d per root (it names a mount's layers in one page of options); it pulls the image as one tree into %s and fetches nothing into the layer store.\n", distinct, max, img.Dest)
+			} else {
+				fmt.Fprintf(a.out, "apply would refuse the image: %d layers, this kernel mounts at most %d per root, and machine.rootfs.store is layers (auto flattens such an image).\n", distinct, max)
+			}
+			continue
+		}
 		fmt.Fprintf(a.out, "apply would fetch and unpack %d of %d layers (%s) into %s; %d are there already.\n",
-			fetch, len(ls), progress.Bytes(bytes), img.Layers.Store, len(ls)-fetch)
+			fetch, distinct, progress.Bytes(bytes), img.Layers.Store, distinct-fetch)
 	}
 	return nil
 }

@@ -127,6 +127,7 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 		newInstallCmd(),
 		newImageCmd(),
 		newVersionCmd(),
+		newMountRootCmd(),
 	)
 	return root
 }

@@ -140,7 +140,7 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 	t.Run("flat", func(t *testing.T) { testNoWriteLeavesTheRoot(t, nil) })
 	t.Run("layers", func(t *testing.T) {
 		testNoWriteLeavesTheRoot(t, &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(escMachine),
-			MountUnit: mountUnitOf(escRootfs)})
+			MaxLayers: layers.MaxStack})
 	})
 }
 

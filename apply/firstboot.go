@@ -6,6 +6,8 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/plan"
 )
 
 // FirstbootUnitName is the first-boot unit's name.
@@ -15,7 +17,7 @@ const FirstbootUnitName = "nodespawn-firstboot.service"
 const firstbootUnitPath = "/etc/systemd/system/" + FirstbootUnitName
 
 // DefaultBinaryPath is where images and cloud-init put the nodespawn binary.
-const DefaultBinaryPath = "/usr/local/bin/nodespawn"
+const DefaultBinaryPath = plan.BinaryPath
 
 //go:embed firstboot.service
 var firstbootTemplate string

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"path"
+	"strings"
 
 	"github.com/opencontainers/go-digest"
 
@@ -61,10 +62,89 @@ func unmountRoot(ctx context.Context, host *confine.Root, rootfs string, o remov
 	return layers.Unmount(ctx, host, rootfs, o.remove, o.log)
 }
 
-// mountUnitOf is the mount unit systemd would have for the machine root
-// at rootfs.
-func mountUnitOf(rootfs string) string {
-	return path.Join("/etc/systemd/system", layers.UnitName(rootfs))
+// mountUnitOf is where an older nodespawn wrote the mount unit of the
+// machine root at rootfs (the machine's service mounts it now).
+func mountUnitOf(rootfs string) string { return layers.LegacyUnit(rootfs) }
+
+// layerMachine is the layer store's view of the machine root at rootfs
+// with its overlay directory dir.
+func layerMachine(rootfs, dir string) layers.Machine {
+	return layers.Machine{Target: rootfs, Dir: dir, Unit: mountUnitOf(rootfs), Machine: path.Base(rootfs)}
+}
+
+// MountRoot mounts the root of machine m in root as its overlay record
+// says, as apply does: what the machine's service runs before it starts
+// (`nodespawn mount-root`). A machine without a record has a flattened
+// root (or none) and nothing is done.
+func MountRoot(ctx context.Context, root, m string, log *slog.Logger) error {
+	if m == "" || m == "." || m == ".." || strings.Contains(m, "/") {
+		return fmt.Errorf("mount-root: %q is not a machine name", m)
+	}
+	host, err := openRoot(root)
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	lm := layerMachine(path.Join(machinesDir, m), render.OverlayDir(m))
+	if _, err := host.Lstat(render.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
+		if img, err := layers.ReadImage(host, lm.Dir); err != nil || img == nil {
+			log.Info("machine root is not made of layers; nothing to mount", "machine", m)
+			return err
+		}
+	}
+	store, err := layers.Open(host, render.LayerStoreDir)
+	if err != nil {
+		return err
+	}
+	found, err := store.Mount(ctx, lm, log)
+	if err == nil && !found {
+		log.Info("machine root is not made of layers; nothing to mount", "machine", m)
+	}
+	return err
+}
+
+// removeLayerRoot undoes a root made of layers at rootfs when the machine
+// gets a flattened tree instead (machine.rootfs.store flat, a host that
+// lost overlayfs, an image too deep to mount): the overlay is unmounted,
+// its record, upper and work directories removed, and a mount unit an
+// older nodespawn wrote for it too. The store's layers stay for the
+// collection after a switch. changed is false when there was none.
+func removeLayerRoot(ctx context.Context, host *confine.Root, rootfs string, log *slog.Logger) (changed bool, err error) {
+	lm := layerMachine(rootfs, render.OverlayDir(path.Base(rootfs)))
+	mounted, _, err := layers.MountedIn(host, rootfs)
+	if err != nil {
+		return false, err
+	}
+	if mounted {
+		if err := layers.Unmount(ctx, host, rootfs, DefaultRemoveTimeout, log); err != nil {
+			return false, err
+		}
+		changed = true
+	}
+	if _, err := host.Lstat(lm.Dir); err == nil {
+		if err := host.RemoveAll(lm.Dir); err != nil {
+			return changed, err
+		}
+		log.Info("removed the machine's overlay record, upper and work directories: its root is a flattened tree now", "path", host.Show(lm.Dir))
+		changed = true
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return changed, err
+	}
+	removed, err := layers.RemoveLegacyUnit(host, lm.Unit, log)
+	return changed || removed, err
+}
+
+// MaxLayers is the most layers one mount of img's root (a layer-store
+// image step) takes on this kernel, with the layer store in root: an
+// image with more distinct layers is flattened or refused before any
+// layer is fetched.
+func MaxLayers(root string, img *plan.Image) (int, error) {
+	host, err := confine.Open(root)
+	if err != nil {
+		return 0, err
+	}
+	defer host.Close()
+	return layers.At(host, img.Layers.Store).MaxLayers(layerMachine(img.Dest, img.Layers.Dir)), nil
 }
 
 // LayerPlan is what a pull into the layer store would do with one layer.

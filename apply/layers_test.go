@@ -14,6 +14,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -72,5 +73,61 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 	must(t, err)
 	if !slices.Equal(left, []digest.Digest{ids[0]}) {
 		t.Fatalf("store holds %v, want kube1's layer only", left)
+	}
+}
+
+// TestInstallBinary: the binary that applied a root made of layers goes
+// to plan.BinaryPath (the machine's service runs it at boot), whole, and
+// only when the file there differs.
+func TestInstallBinary(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	rootDir := t.TempDir()
+	host, err := confine.Open(rootDir)
+	must(t, err)
+	defer host.Close()
+	self := filepath.Join(t.TempDir(), "nodespawn")
+	must(t, os.WriteFile(self, []byte("binary v1"), 0o700))
+	if changed, err := installBinary(host, "", log); err != nil || changed {
+		t.Fatalf("no binary to install: changed=%v err=%v", changed, err)
+	}
+	installed := filepath.Join(rootDir, plan.BinaryPath)
+	for i, want := range []bool{true, false} {
+		if changed, err := installBinary(host, self, log); err != nil || changed != want {
+			t.Fatalf("install %d: changed=%v err=%v, want changed=%v", i, changed, err, want)
+		}
+	}
+	if b, err := os.ReadFile(installed); err != nil || string(b) != "binary v1" {
+		t.Fatalf("installed %q (%v)", b, err)
+	}
+	if fi, err := os.Stat(installed); err != nil || fi.Mode().Perm() != 0o755 {
+		t.Fatalf("installed mode %v (%v), want 0755", fi.Mode(), err)
+	}
+	must(t, os.WriteFile(self, []byte("binary v2"), 0o700))
+	if changed, err := installBinary(host, self, log); err != nil || !changed {
+		t.Fatalf("a new binary: changed=%v err=%v", changed, err)
+	}
+	if b, _ := os.ReadFile(installed); string(b) != "binary v2" {
+		t.Fatalf("installed %q after the new binary", b)
+	}
+	// The installed file itself is not copied onto itself.
+	if changed, err := installBinary(host, installed, log); err != nil || changed {
+		t.Fatalf("run from %s: changed=%v err=%v", plan.BinaryPath, changed, err)
+	}
+}
+
+// TestMountRootNames: mount-root takes a machine name, never a path, and
+// needs nothing for a machine without a record.
+func TestMountRootNames(t *testing.T) {
+	root := t.TempDir()
+	for _, m := range []string{"", ".", "..", "../kube1", "a/b"} {
+		if err := MountRoot(context.Background(), root, m, slog.New(slog.DiscardHandler)); err == nil {
+			t.Errorf("mount-root %q: no error", m)
+		}
+	}
+	if err := MountRoot(context.Background(), root, "kube1", slog.New(slog.DiscardHandler)); err != nil {
+		t.Errorf("mount-root of a machine without a record: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, render.LayerStoreDir)); !os.IsNotExist(err) {
+		t.Errorf("mount-root without a record made the layer store: %v", err)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"golang.org/x/sys/unix"
@@ -212,6 +213,11 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 	if err := unmountRoot(ctx, host, rootfs, o); err != nil {
 		return fmt.Errorf("reset: %w", err)
 	}
+	// A mount unit an older nodespawn wrote for the root (the machine's
+	// service mounts it now); one someone else wrote stays.
+	if _, err := layers.RemoveLegacyUnit(host, mountUnitOf(rootfs), o.log); err != nil {
+		return fmt.Errorf("reset: %w", err)
+	}
 	if err := removeBusy(ctx, host, rootfs, o.remove, o.poll, o.log); err != nil {
 		return err
 	}
@@ -329,16 +335,11 @@ func resetPaths(m string, p *plan.Plan) []string {
 			"/etc/systemd/nspawn/" + m + ".nspawn",
 			"/etc/systemd/system/" + svc + ".d",
 			"/etc/systemd/system/machines.target.wants/" + svc,
-			mountUnitOf(path.Join(machinesDir, m)),
 		}
 	}
 	var paths []string
 	seen := map[string]bool{}
 	for _, s := range p.Steps {
-		if s.Image != nil && s.Image.Layers != nil && !seen[s.Image.Layers.MountUnit] {
-			seen[s.Image.Layers.MountUnit] = true
-			paths = append(paths, s.Image.Layers.MountUnit)
-		}
 		if s.Phase != plan.PhaseHost && s.Phase != plan.PhaseStart {
 			continue
 		}

@@ -1,14 +1,17 @@
 package apply
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
 	"path"
 	"path/filepath"
+	"syscall"
 
 	"github.com/nodespawn/nodespawn/internal/command"
 	"github.com/nodespawn/nodespawn/internal/confine"
@@ -52,8 +55,16 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	// One progress display for the image's layers and the downloads that
 	// run beside them: bars on a terminal, periodic log lines otherwise.
 	progress := progress.New(os.Stderr, log)
+	puller := &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)}
+	if filepath.Clean(root) == "/" {
+		// The machine's service runs plan.BinaryPath mount-root at boot:
+		// this binary goes there (installBinary).
+		if self, err := os.Executable(); err == nil {
+			puller.self = self
+		}
+	}
 	d := Deps{
-		Images: &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)},
+		Images: puller,
 		Downloader: &downloader{
 			f:      &download.Fetcher{Client: client, Root: host, CacheDir: DownloadCache, Log: log, Progress: progress},
 			client: client,
@@ -71,6 +82,10 @@ type imagePuller struct {
 	client      *http.Client
 	progress    *progress.Display
 	credentials string
+	// self is this binary, installed at plan.BinaryPath for the machine's
+	// service to mount a root made of layers at boot; "" installs nothing
+	// (a run against another root than the host's).
+	self string
 }
 
 // RegistryCredentials is where apply looks first for registry credentials,
@@ -103,8 +118,19 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 	if img.Layers != nil {
 		return p.pullLayers(ctx, req, img.Layers)
 	}
+	return p.pullFlat(ctx, req)
+}
+
+// pullFlat pulls the image as one flattened tree at req.Dest. A root made
+// of layers there before (the machine moved to store flat in place) is
+// undone first: unmounted, its overlay record and directories removed.
+func (p *imagePuller) pullFlat(ctx context.Context, req oci.Request) (bool, error) {
+	undone, err := removeLayerRoot(ctx, req.Root, req.Dest, p.log)
+	if err != nil {
+		return false, err
+	}
 	res, err := oci.Pull(ctx, req)
-	return err == nil && !res.NoOp, err
+	return undone || (err == nil && !res.NoOp), err
 }
 
 // pullLayers puts the image's layers the store lacks into it and makes
@@ -117,15 +143,81 @@ func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.
 	if err := store.Sweep(p.log); err != nil {
 		return false, err
 	}
+	m := layerMachine(req.Dest, lr.Dir)
+	installed, err := installBinary(req.Root, p.self, p.log)
+	if err != nil {
+		return false, err
+	}
+	if deep, err := p.tooDeep(ctx, req, store, m); err != nil {
+		return false, err
+	} else if deep != nil {
+		if !lr.FlattenDeep {
+			return false, fmt.Errorf("machine root %s: %w (machine.rootfs.store is layers)", req.Dest, deep)
+		}
+		p.log.Warn("machine root flattened instead of made of layers: "+deep.Error(), "dest", req.Dest,
+			"layers", deep.Layers, "max", deep.Max)
+		changed, err := p.pullFlat(ctx, req)
+		return changed || installed, err
+	}
 	res, err := oci.PullLayers(ctx, req, store)
 	if err != nil {
 		return false, err
 	}
 	p.log.Info("machine root layers", "dest", req.Dest, "layers", res.Layers, "fetched", res.Fetched,
 		"present", res.Layers-res.Fetched, "fetchedBytes", res.FetchedBytes, "imageBytes", res.Bytes)
-	changed, err := store.Compose(ctx, layers.Machine{Target: req.Dest, Dir: lr.Dir, Unit: lr.MountUnit, Machine: path.Base(req.Dest)},
+	changed, err := store.Compose(ctx, m,
 		layers.Image{Source: res.Reference, Platform: req.Platform, Manifest: res.ManifestDigest, Layers: res.DiffIDs}, p.log)
-	return changed || res.Fetched > 0, err
+	return changed || installed || res.Fetched > 0, err
+}
+
+// tooDeep says, before any layer is fetched, whether the image has more
+// layers than one mount of m's root takes on this kernel (where overlayfs
+// names them in one page of mount options): it resolves the image's
+// index, manifest and config only. nil when it fits, or the kernel takes
+// layers by descriptor (then nothing is resolved twice).
+func (p *imagePuller) tooDeep(ctx context.Context, req oci.Request, store *layers.Store, m layers.Machine) (*layers.TooDeepError, error) {
+	max := store.MaxLayers(m)
+	if max >= layers.MaxStack {
+		return nil, nil
+	}
+	res, _, err := oci.Inspect(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	if n := layers.Distinct(res.DiffIDs); n > max {
+		return &layers.TooDeepError{Layers: n, Max: max}, nil
+	}
+	return nil, nil
+}
+
+// installBinary puts self (this binary) at plan.BinaryPath in root, where
+// the machine's service runs it at boot to mount a root made of layers,
+// whatever path the operator ran nodespawn from: written under a
+// temporary name and renamed over the old one, so a boot finds the old
+// binary or the new one whole. Nothing is done when self is "" or the
+// file there is the same (the first-boot unit runs that very file).
+func installBinary(root *confine.Root, self string, log *slog.Logger) (bool, error) {
+	if self == "" {
+		return false, nil
+	}
+	if a, b := fileID(os.Stat(self)), fileID(root.Stat(plan.BinaryPath)); a != nil && b != nil && *a == *b {
+		return false, nil
+	}
+	want, err := os.ReadFile(self)
+	if err != nil {
+		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+	}
+	if have, err := root.ReadFile(plan.BinaryPath); err == nil && bytes.Equal(have, want) {
+		return false, nil
+	}
+	if err := root.MkdirAll(path.Dir(plan.BinaryPath), 0o755, 0, 0); err != nil {
+		return false, err
+	}
+	if err := root.WriteFile(plan.BinaryPath, want, 0o755, 0, 0); err != nil {
+		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+	}
+	log.Info("installed this nodespawn binary for the machine's service, which mounts its root at boot", "path", root.Show(plan.BinaryPath), "from", self)
+	return true, nil
 }
 
 type downloader struct {
@@ -205,4 +297,16 @@ func (p *imagePuller) layerProgress() func(oci.Progress) {
 			delete(open, pr.Layer)
 		}
 	}
+}
+
+// fileID is the device and inode of a file, nil when unknown.
+func fileID(fi fs.FileInfo, err error) *[2]uint64 {
+	if err != nil {
+		return nil
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	return &[2]uint64{uint64(st.Dev), st.Ino}
 }

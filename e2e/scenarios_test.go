@@ -176,6 +176,10 @@ func TestNode(t *testing.T) {
 		if f := strings.Fields(st); len(f) != 2 || (f[0] != "no" && f[1] != "success") {
 			t.Errorf("%s after reboot: ConditionResult/Result %q, want it skipped or successful", firstbootUnit, st)
 		}
+		// The root was mounted at this boot by the machine's service.
+		if r := v.sh(ctx, "journalctl -b -u systemd-nspawn@"+machineName+".service --no-pager -o cat | grep -c 'overlay root mounted'"); r.Code != 0 {
+			t.Errorf("the machine's service did not mount its root at boot (no \"overlay root mounted\" in its journal of this boot): exit %d %s%s", r.Code, r.Stdout, r.Stderr)
+		}
 		if ino := strings.TrimSpace(v.must(ctx, "stat -c %i /var/lib/machines/"+machineName)); ino != rootIno {
 			t.Errorf("machine rootfs was recreated on reboot (inode %s, was %s)", ino, rootIno)
 		}
@@ -256,14 +260,15 @@ func checkNode(ctx context.Context, t *testing.T, v *vm) {
 		// plugin list names a "deprecations" plugin: not a finding.)
 		{"containerd logged no migration or deprecation", inMachine(`! journalctl -u containerd --no-pager -o cat | grep -E 'Configuration migrated|msg="DEPRECATION'`) + " && echo clean", []string{"clean"}},
 		// The root is an overlay of the image's layers from the layer
-		// store, mounted at boot by its own mount unit; containerd inside
-		// keeps its overlayfs snapshotter, on the node's state bound from
-		// the host (overlayfs cannot be an overlayfs upper directory).
-		{"the machine root is an overlay of the layer store", "findmnt -n -o FSTYPE,OPTIONS /var/lib/machines/" + machineName, []string{"overlay", "lowerdir=/var/lib/nodespawn/layers/sha256/", "upperdir=/var/lib/nodespawn/machines/" + machineName + "/overlay/upper"}},
-		{"its mount unit is active", "systemctl is-active var-lib-machines-" + machineName + ".mount", []string{"active"}},
-		// systemd-nspawn@.service's own RequiresMountsFor= makes the
-		// machine's service need the unit nodespawn wrote.
-		{"the machine's service requires its root's mount unit", "systemctl show -P Requires systemd-nspawn@" + machineName + ".service", []string{"var-lib-machines-" + machineName + ".mount"}},
+		// store, mounted by apply and at each start by the machine's
+		// service (nodespawn mount-root), never by a mount unit; containerd
+		// inside keeps its overlayfs snapshotter, on the node's state bound
+		// from the host (overlayfs cannot be an overlayfs upper directory).
+		// The lower directories show as lowerdir=a:b (mount(2), the guest's
+		// kernel) or lowerdir+=a,lowerdir+=b (by descriptor, Linux 6.13+).
+		{"the machine root is an overlay of the layer store", "findmnt -n -o FSTYPE,OPTIONS /var/lib/machines/" + machineName, []string{"overlay", "lowerdir", "=/var/lib/nodespawn/layers/sha256/", "upperdir=/var/lib/nodespawn/machines/" + machineName + "/overlay/upper"}},
+		{"no mount unit for it", "test -e /etc/systemd/system/var-lib-machines-" + machineName + ".mount || echo none", []string{"none"}},
+		{"the machine's service mounts its root before it starts", "systemctl show -P ExecStartPre systemd-nspawn@" + machineName + ".service", []string{"/usr/local/bin/nodespawn mount-root " + machineName}},
 		{"containerd's overlayfs snapshotter loaded", inMachine("ctr plugins ls | grep -w io.containerd.snapshotter.v1 | grep -w overlayfs"), []string{" ok"}},
 		{"pod images unpacked by it into the node's state", "test $(ls /var/lib/nodespawn/node/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots | wc -l) -gt 0 && echo snapshots", []string{"snapshots"}},
 		{"pods get upstream resolvers", inMachine("grep -h nameserver /etc/kubernetes/resolv.conf"), []string{"nameserver 10.0.2.3"}},

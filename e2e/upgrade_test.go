@@ -167,7 +167,7 @@ func checkLayers(ctx context.Context, t *testing.T, v *vm, applyOutput string) {
 		{"the store holds the two layers", "ls /var/lib/nodespawn/layers/sha256 | wc -l", "2"},
 		{"the new machine sees the new layer", "cat /var/lib/machines/" + altMachineName + imageV2Release, "v2"},
 		{"the old machine does not", "test -e /var/lib/machines/" + machineName + imageV2Release + " || echo absent", "absent"},
-		{"the new root has two lower layers", "findmnt -n -o OPTIONS /var/lib/machines/" + altMachineName + " | grep -o 'lowerdir=[^,]*' | tr ':' '\\n' | wc -l", "2"},
+		{"the new root has two lower layers", "findmnt -n -o OPTIONS /var/lib/machines/" + altMachineName + " | tr ',:' '\\n\\n' | grep -c /var/lib/nodespawn/layers/sha256/", "2"},
 	}
 	for _, c := range checks {
 		if r := v.sh(ctx, c.script); strings.TrimSpace(r.Stdout) != c.want {

@@ -70,6 +70,11 @@ type Facts struct {
 // overlayfs, and why not.
 type LayerStoreSupport struct {
 	OK bool `json:"ok"`
+	// LayerFDs is true when the kernel's overlayfs takes its layers by
+	// descriptor (fsconfig FSCONFIG_SET_FD with lowerdir+: Linux 6.13 and
+	// later): a root stacks up to 500 layers. Otherwise each mount names
+	// its layers in one page of mount(2) options, about 39 of them.
+	LayerFDs bool `json:"layerFDs,omitempty"`
 	// Why says what is missing when OK is false: "no overlay filesystem
 	// in this kernel", "/var/lib/nodespawn is on nfs, which cannot be an
 	// overlayfs upper directory".

@@ -141,7 +141,11 @@ func writeDetail(w *errWriter, s *Step) {
 		}
 		w.printf("  into %s\n", i.Dest)
 		if l := i.Layers; l != nil {
-			w.printf("  layer store %s  overlay dir %s  mount unit %s\n", l.Store, l.Dir, l.MountUnit)
+			deep := "refused"
+			if l.FlattenDeep {
+				deep = "flattened"
+			}
+			w.printf("  layer store %s  overlay dir %s  at most %d layers per mount (more: %s)\n", l.Store, l.Dir, l.MaxLayers, deep)
 		}
 	case s.Download != nil:
 		d := s.Download

@@ -247,10 +247,20 @@ type LayerRoot struct {
 	// Dir holds the machine's upper and work directories and the record
 	// of which layers the root is made of.
 	Dir string `json:"dir"`
-	// MountUnit is the systemd mount unit that mounts Dest at boot; the
-	// machine's service requires it.
-	MountUnit string `json:"mountUnit"`
+	// MaxLayers is the most layers one overlayfs mount of the root takes
+	// on this host (the facts' LayerStore.LayerFDs: 500 by descriptor, or
+	// what one page of mount options names). An image of more distinct
+	// layers is flattened (FlattenDeep, store auto) or refused (store
+	// layers) before any layer is fetched.
+	MaxLayers   int  `json:"maxLayers"`
+	FlattenDeep bool `json:"flattenDeep,omitempty"`
 }
+
+// BinaryPath is where nodespawn's own binary is on a node: the first-boot
+// unit runs it, and the machine's service runs `BinaryPath mount-root` to
+// mount a root made of layers at boot. apply installs itself there when a
+// machine's root is made of layers.
+const BinaryPath = "/usr/local/bin/nodespawn"
 
 // DebootstrapSpec is a debootstrap invocation.
 type DebootstrapSpec struct {

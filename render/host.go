@@ -267,12 +267,18 @@ type overrideData struct {
 	DeviceAllow             []string
 	// HostUnits are plan.HostUnits: the machine starts after them.
 	HostUnits []string
+	// MountRoot is the command that mounts a root made of layers before
+	// the machine starts; "" for a flattened root.
+	MountRoot string
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
 	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout)), HostUnits: r.plan.HostUnits}
 	if flush {
 		d.NftFlushUnit = nftFlushUnit
+	}
+	if r.layerRoot != nil && r.m.Machine.Rootfs.Debootstrap == nil {
+		d.MountRoot = plan.BinaryPath + " mount-root " + r.machine
 	}
 	if r.bpffs {
 		d.BPFFS = r.bpffsDir()

@@ -5,9 +5,9 @@ import (
 	"path"
 	"strings"
 
-	"github.com/coreos/go-systemd/v22/unit"
 	jsonpath "github.com/coreos/vcontext/path"
 
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -63,7 +63,8 @@ func (r *renderer) renderRootfs() error {
 	if lr := r.layerRoot; lr != nil && src.Debootstrap == nil {
 		img.Layers = lr
 		summary = what + " into the layer store " + lr.Store + " (only the layers it lacks, each verified and unpacked on its own)," +
-			" and mount " + r.rootfs + " as an overlay of them (" + path.Base(lr.MountUnit) + "), the machine's changes in " + path.Join(lr.Dir, "upper")
+			" and mount " + r.rootfs + " as an overlay of them, now and at each start of the machine (its service runs " + plan.BinaryPath + " mount-root)," +
+			" the machine's changes in " + path.Join(lr.Dir, "upper") + "; " + deepSummary(lr)
 	} else if r.flatWhy != "" {
 		summary += " (flattened: " + r.flatWhy + ")"
 	}
@@ -98,6 +99,20 @@ func (r *renderer) renderRootfs() error {
 		}
 	}
 	return nil
+}
+
+// deepSummary says what becomes of an image with more layers than one
+// overlayfs mount takes on this host.
+func deepSummary(lr *plan.LayerRoot) string {
+	how := "this kernel's overlayfs takes layers by descriptor, at most"
+	if lr.MaxLayers < layers.MaxStack {
+		how = "this kernel names a mount's layers in one page of options, at most"
+	}
+	then := "flattened instead (store auto), decided before any layer is fetched"
+	if !lr.FlattenDeep {
+		then = "refused before any layer is fetched (store layers)"
+	}
+	return fmt.Sprintf("%s %d layers per root: an image with more is %s", how, lr.MaxLayers, then)
 }
 
 // LayerStoreDir is the host's layer store: each image layer unpacked once,
@@ -135,9 +150,13 @@ func (r *renderer) decideStore() error {
 		return nil
 	}
 	r.layerRoot = &plan.LayerRoot{
-		Store:     LayerStoreDir,
-		Dir:       OverlayDir(r.machine),
-		MountUnit: path.Join(unitDir, unit.UnitNamePathEscape(r.rootfs)+".mount"),
+		Store:       LayerStoreDir,
+		Dir:         OverlayDir(r.machine),
+		MaxLayers:   layers.ClassicMaxLayers("/", LayerStoreDir, OverlayDir(r.machine)),
+		FlattenDeep: src.Store != manifest.StoreLayers,
+	}
+	if r.f.LayerStore.LayerFDs {
+		r.layerRoot.MaxLayers = layers.MaxStack
 	}
 	return nil
 }

@@ -195,6 +195,20 @@ func (r *Root) OpenRoot(p string) (*Root, error) {
 	return &Root{fd: fd, dir: strings.TrimSuffix(r.Show(p), "/")}, nil
 }
 
+// OpenDirFD opens the directory p as an O_PATH descriptor for the kernel
+// to use by descriptor (an overlayfs mount's layers, its upper and work
+// directories, a mount point): resolved in the root like every path here,
+// and its last element never followed, so a symlink planted there is
+// refused (ENOTDIR) instead of leading the kernel elsewhere. The caller
+// closes it.
+func (r *Root) OpenDirFD(p string) (*os.File, error) {
+	fd, err := r.openat2(p, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, r.pathErr("open", p, err)
+	}
+	return os.NewFile(uintptr(fd), r.Show(p)), nil
+}
+
 // Lstat describes the entry at p without following it if it is a symlink.
 func (r *Root) Lstat(p string) (fs.FileInfo, error) {
 	fd, err := r.openat2(p, unix.O_PATH|unix.O_NOFOLLOW, 0)

@@ -1,7 +1,6 @@
 package layers
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -235,16 +234,9 @@ func TestComposeMountsUpdatesAndRemounts(t *testing.T) {
 	if _, err := os.Lstat(filepath.Join(m.Target, "opt/gone")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("opt/gone shows through its whiteout: %v", err)
 	}
-	unit, err := os.ReadFile(m.Unit)
-	if err != nil {
-		t.Fatal(err)
+	if _, super, err := MountedAt(m.Target); err != nil || !slices.Equal(mountedLayers(super), []digest.Digest{upper, lower}) {
+		t.Errorf("mount table shows layers %v (%v) in %q, want upper then lower", mountedLayers(super), err, super)
 	}
-	for _, want := range []string{"Where=" + m.Target, "Type=overlay", "lowerdir=" + s.Path(upper) + ":" + s.Path(lower) + ",", "upperdir=" + m.Dir + "/upper", "Before=systemd-nspawn@kube1.service"} {
-		if !bytes.Contains(unit, []byte(want)) {
-			t.Errorf("mount unit lacks %q:\n%s", want, unit)
-		}
-	}
-
 	// Writes go to the upper directory; the layers stay as they were.
 	if err := os.WriteFile(filepath.Join(m.Target, "etc/keep"), []byte("changed"), 0o644); err != nil {
 		t.Fatal(err)
@@ -264,7 +256,7 @@ func TestComposeMountsUpdatesAndRemounts(t *testing.T) {
 	if changed, err := s.Compose(ctx, m, img, quiet); err != nil || changed {
 		t.Fatalf("second Compose: changed=%v err=%v", changed, err)
 	}
-	// Unmounted (a reboot before the mount unit ran): mounted again as it was.
+	// Unmounted (a reboot before the service mounted it): mounted again as it was.
 	if err := Unmount(ctx, s.root, m.Target, time.Second, quiet); err != nil {
 		t.Fatal(err)
 	}
@@ -349,21 +341,6 @@ func TestComposeNeedsEveryLayer(t *testing.T) {
 	}
 }
 
-func TestMountOptionsTooManyLayers(t *testing.T) {
-	s, base := newStore(t)
-	var ls []digest.Digest
-	for i := range 60 {
-		ls = append(ls, id(strings.Repeat("x", i)))
-	}
-	_, err := s.MountOptions(machine(base, "kube1"), ls)
-	if err == nil || !strings.Contains(err.Error(), "60 layers") || !strings.Contains(err.Error(), "flat") {
-		t.Fatalf("MountOptions with 60 layers: %v, want an error naming the count and the way out", err)
-	}
-	if _, err := s.MountOptions(machine(base, "kube1"), ls[:20]); err != nil {
-		t.Fatalf("20 layers: %v", err)
-	}
-}
-
 func TestUnitName(t *testing.T) {
 	for in, want := range map[string]string{
 		"/var/lib/machines/kube1":  "var-lib-machines-kube1.mount",
@@ -376,9 +353,7 @@ func TestUnitName(t *testing.T) {
 }
 
 // TestComposeInATreeAndThroughSymlinks: in a tree that is not the host's
-// root (an image being built), the mount unit names the tree's own paths
-// (what a boot of it mounts) while the mount now uses the host's; and a
-// machines directory reached through a symlink is still seen mounted, so
+// root (an image being built) a machines directory reached through a symlink is still seen mounted, so
 // a second Compose does nothing and Unmount unmounts it.
 func TestComposeInATreeAndThroughSymlinks(t *testing.T) {
 	requireRoot(t)
@@ -412,13 +387,6 @@ func TestComposeInATreeAndThroughSymlinks(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(base, "srv/machines/kube1/f")); err != nil || string(b) != "layer" {
 		t.Fatalf("root through the symlink shows %q (%v)", b, err)
-	}
-	unit, err := os.ReadFile(filepath.Join(base, m.Unit))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Contains(unit, []byte("lowerdir=/var/lib/nodespawn/layers/sha256/"+l.Encoded()+",")) || bytes.Contains(unit, []byte(base)) {
-		t.Errorf("the mount unit must name the tree's own paths, not %s:\n%s", base, unit)
 	}
 	if changed, err := s.Compose(ctx, m, img, quiet); err != nil || changed {
 		t.Fatalf("second Compose: changed=%v err=%v; want nothing to do", changed, err)

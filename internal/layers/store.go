@@ -75,7 +75,7 @@ func (s *Store) Path(id digest.Digest) string {
 }
 
 // HostPath is Path as the host's kernel sees it (the root's own directory
-// joined), for overlayfs options and mount units.
+// joined), for reading a layer's xattrs and naming it in overlayfs options.
 func (s *Store) HostPath(id digest.Digest) string { return path.Join(s.root.Dir(), s.Path(id)) }
 
 // Has reports whether the layer with DiffID id is in the store.

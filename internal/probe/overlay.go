@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -65,7 +66,11 @@ func (p *prober) layerStore() (*plan.LayerStoreSupport, error) {
 		dir = filepath.Dir(dir)
 	}
 	if _, ok := upperFilesystems[int64(st.Type)]; ok {
-		return &plan.LayerStoreSupport{OK: true}, nil
+		fds := p.layerFDs
+		if fds == nil {
+			fds = layers.KernelTakesLayerFDs
+		}
+		return &plan.LayerStoreSupport{OK: true, LayerFDs: fds()}, nil
 	}
 	name, known := otherFilesystems[int64(st.Type)]
 	if !known {

@@ -66,6 +66,10 @@ type Options struct {
 	// Log receives warnings (a stub-only resolv.conf, NVIDIA device
 	// nodes without NVML, ...) and debug notes; nil means slog.Default().
 	Log *slog.Logger
+	// LayerFDs says whether overlayfs takes layers by descriptor; nil
+	// means layers.KernelTakesLayerFDs, the running kernel's answer,
+	// whatever Root is (a root under Root is mounted by this kernel).
+	LayerFDs func() bool
 }
 
 // Host paths the probe reads (under Root).
@@ -80,9 +84,10 @@ const (
 
 // prober carries one Gather's settings.
 type prober struct {
-	root string
-	arch string
-	log  *slog.Logger
+	root     string
+	arch     string
+	log      *slog.Logger
+	layerFDs func() bool
 }
 
 // at returns the path of host path p under Root.
@@ -98,7 +103,7 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if err := ctx.Err(); err != nil {
 		return plan.Facts{}, err
 	}
-	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Log}
+	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Log, layerFDs: opts.LayerFDs}
 	if opts.Root == "" {
 		p.root = "/"
 	}

@@ -171,6 +171,9 @@ func TestGatherFixtures(t *testing.T) {
 				NVML:    tt.nvml,
 				Units:   tt.units,
 				Log:     captureLog(&logs, slog.LevelWarn),
+				// The fixtures' facts do not depend on the kernel the
+				// tests run on.
+				LayerFDs: func() bool { return false },
 			})
 			if err != nil {
 				t.Fatalf("Gather: %v", err)

@@ -1,0 +1,316 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/content"
+
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/layers"
+)
+
+// extendLayout tags, in the OCI layout at layout, the image from with one
+// more layer per tree on top (a tree given twice makes the same layer
+// twice: the image repeats it).
+func extendLayout(t *testing.T, layout, from, to string, trees []string) {
+	t.Helper()
+	ctx := context.Background()
+	target, err := imagebuild.Layout(layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := target.Resolve(ctx, from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := content.FetchAll(ctx, target, man)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	res := imagebuild.Result{Manifest: man, Config: m.Config}
+	for i, tree := range trees {
+		tag := fmt.Sprintf("%s-%d", to, i)
+		if i == len(trees)-1 {
+			tag = to
+		}
+		if res, err = imagebuild.Extend(ctx, target, res, tree, tag, imagebuild.Options{Platform: "linux/" + runtime.GOARCH}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// layerTree is a tree holding the file layers/<name>.
+func layerTree(t *testing.T, name string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "layers"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "layers", name), []byte(name+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// layerRoot is a test root whose probe finds overlayfs, and the manifest
+// of the image tagged ref from layout with store (auto when "").
+type layerRoot struct {
+	t              *testing.T
+	root, manifest string
+}
+
+func newLayerRoot(t *testing.T, layout, mirrorURL string) *layerRoot {
+	t.Helper()
+	work := t.TempDir()
+	r := &layerRoot{t: t, root: filepath.Join(work, "root"), manifest: filepath.Join(work, "node.yaml")}
+	t.Cleanup(func() { unmountUnder(t, work) })
+	if err := os.MkdirAll(filepath.Join(r.root, "proc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(r.root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (r *layerRoot) use(layout, mirrorURL, ref, store string) {
+	m := pipelineManifest(layout, mirrorURL, "")
+	m = strings.Replace(m, "reference: v1", "reference: "+ref, 1)
+	if store != "" {
+		m = strings.Replace(m, "  rootfs:\n", "  rootfs:\n    store: "+store+"\n", 1)
+	}
+	if err := os.WriteFile(r.manifest, []byte(m), 0o600); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *layerRoot) apply(wantCode int, args ...string) (string, string) {
+	r.t.Helper()
+	code, out, errOut := cli(r.t, "", append([]string{"apply", "-f", r.manifest, "--root", r.root}, args...)...)
+	if code != wantCode {
+		r.t.Fatalf("apply %v: exit %d, want %d\n%s\n%s", args, code, wantCode, out, errOut)
+	}
+	return out, errOut
+}
+
+func (r *layerRoot) path(p string) string { return filepath.Join(r.root, p) }
+
+// mounted is the layers the machine root's overlayfs mount stacks; nil
+// when the root is not mounted.
+func (r *layerRoot) mounted() []string {
+	ok, super, err := layers.MountedAt(r.path("var/lib/machines/pipe"))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if !ok {
+		return nil
+	}
+	var dirs []string
+	for _, o := range strings.Split(super, ",") {
+		if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+			dirs = append(dirs, strings.Split(v, ":")...)
+		}
+		if v, ok := strings.CutPrefix(o, "lowerdir+="); ok {
+			dirs = append(dirs, v)
+		}
+	}
+	if dirs == nil {
+		dirs = []string{}
+	}
+	return dirs
+}
+
+func (r *layerRoot) storeSize() int {
+	es, err := os.ReadDir(r.path("var/lib/nodespawn/layers/sha256"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		r.t.Fatal(err)
+	}
+	return len(es)
+}
+
+// TestLayerStoreRepeatedAndDeepImages: under the default store (auto), an
+// image that repeats layers, and one of 128 layers, apply as overlayfs
+// roots; where the kernel names a mount's layers in one page of options
+// (forced here with NODESPAWN_OVERLAY_BY_PATH=1), the deep image is
+// flattened before a layer is fetched, and with store: layers refused
+// before a layer is fetched; the dry run says each.
+func TestLayerStoreRepeatedAndDeepImages(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners, overlayfs")
+	}
+	layout := filepath.Join(t.TempDir(), "layout")
+	buildLayout(t, layout)
+	_, srv := newMirror(t)
+	a, b := layerTree(t, "a"), layerTree(t, "b")
+	extendLayout(t, layout, "v1", "repeated", []string{a, b, a, b})
+	var deep []string
+	for i := range 127 {
+		deep = append(deep, layerTree(t, fmt.Sprint(i+2)))
+	}
+	extendLayout(t, layout, "v1", "deep", deep)
+
+	t.Run("repeated", func(t *testing.T) {
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "repeated", "")
+		out, _ := r.apply(0, "--dry-run", "--layers")
+		if !strings.Contains(out, "2 of the image's layers repeat") || !strings.Contains(out, "repeated") {
+			t.Errorf("the dry run does not say the layers repeat:\n%s", out)
+		}
+		r.apply(0)
+		if got := r.mounted(); len(got) != 3 {
+			t.Fatalf("mounted with %d layers %v, want 3 (v1, a, b once each)", len(got), got)
+		}
+		for _, f := range []string{"layers/a", "layers/b", "etc/os-release"} {
+			if _, err := os.Stat(r.path("var/lib/machines/pipe/" + f)); err != nil {
+				t.Errorf("%s: %v", f, err)
+			}
+		}
+		r.apply(0) // again: already applied, the mount seen as the record's
+	})
+	t.Run("deep", func(t *testing.T) {
+		if !layers.KernelTakesLayerFDs() {
+			t.Skip("this kernel's overlayfs does not take layers by descriptor")
+		}
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "deep", "")
+		r.apply(0)
+		if got := r.mounted(); len(got) != 128 {
+			t.Fatalf("mounted with %d layers, want 128", len(got))
+		}
+		if b, err := os.ReadFile(r.path("var/lib/machines/pipe/layers/128")); err != nil || string(b) != "128\n" {
+			t.Fatalf("the top layer's file: %q %v", b, err)
+		}
+	})
+	t.Run("deep by path under auto", func(t *testing.T) {
+		t.Setenv(layers.ByPathEnv, "1")
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "deep", "")
+		out, _ := r.apply(0, "--dry-run", "--layers")
+		t.Logf("dry run, its last lines:\n%s", out[strings.LastIndex(out, "  128  "):])
+		if !strings.Contains(out, "apply would flatten: 128 layers, this kernel mounts at most") {
+			t.Errorf("the dry run does not say it would flatten:\n%s", out)
+		}
+		if !strings.Contains(out, "an image with more is flattened instead") {
+			t.Errorf("the plan's image step does not say what happens to a deep image:\n%s", out)
+		}
+		_, errOut := r.apply(0)
+		if !strings.Contains(errOut, "flattened instead of made of layers") {
+			t.Errorf("apply did not say it flattened:\n%s", errOut)
+		}
+		if got := r.mounted(); got != nil {
+			t.Fatalf("the root is mounted (%d layers), want a flattened tree", len(got))
+		}
+		if b, err := os.ReadFile(r.path("var/lib/machines/pipe/layers/128")); err != nil || string(b) != "128\n" {
+			t.Fatalf("the flattened tree's top file: %q %v", b, err)
+		}
+		if n := r.storeSize(); n != 0 {
+			t.Errorf("the layer store holds %d layers, want none fetched", n)
+		}
+		if _, err := os.Stat(r.path("var/lib/nodespawn/machines/pipe/overlay")); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("an overlay record for a flattened root: %v", err)
+		}
+	})
+	t.Run("deep by path under store layers", func(t *testing.T) {
+		t.Setenv(layers.ByPathEnv, "1")
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "deep", "layers")
+		out, _ := r.apply(0, "--dry-run", "--layers")
+		if !strings.Contains(out, "apply would refuse the image: 128 layers") {
+			t.Errorf("the dry run does not say it would refuse:\n%s", out)
+		}
+		_, errOut := r.apply(1)
+		if !strings.Contains(errOut, "128 layers") || !strings.Contains(errOut, "at most") || !strings.Contains(errOut, "store is layers") {
+			t.Errorf("apply's error does not say why:\n%s", errOut)
+		}
+		if n := r.storeSize(); n != 0 {
+			t.Errorf("the layer store holds %d layers, want none fetched", n)
+		}
+	})
+}
+
+// TestSwitchStoresInPlace: a machine moved from the layer store to a
+// flattened tree (apply --force, store: flat), mounted or not, loses its
+// overlay mount, record and directories and the mount unit an older
+// nodespawn wrote; moved back, the flat tree goes and the overlay is
+// mounted; reset leaves no mount, record or unit.
+func TestSwitchStoresInPlace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners, overlayfs")
+	}
+	layout := filepath.Join(t.TempDir(), "layout")
+	buildLayout(t, layout)
+	_, srv := newMirror(t)
+	for _, mounted := range []bool{true, false} {
+		t.Run(fmt.Sprintf("mounted=%v", mounted), func(t *testing.T) {
+			r := newLayerRoot(t, layout, srv.URL)
+			overlay := r.path("var/lib/nodespawn/machines/pipe/overlay")
+			unit := r.path("etc/systemd/system/var-lib-machines-pipe.mount")
+			plantUnit := func() {
+				if err := os.MkdirAll(filepath.Dir(unit), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(unit, []byte("# Written by nodespawn; do not edit: the next apply rewrites it.\n[Mount]\nWhere=/var/lib/machines/pipe\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			gone := func(what, p string) {
+				t.Helper()
+				if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("%s %s is still there (%v)", what, p, err)
+				}
+			}
+			r.use(layout, srv.URL, "v1", "layers")
+			r.apply(0)
+			if r.mounted() == nil {
+				t.Fatal("store layers: the root is not mounted")
+			}
+			plantUnit() // what an older nodespawn left
+			if !mounted {
+				unmountUnder(t, r.root) // a reboot without the service's mount, say
+			}
+			r.use(layout, srv.URL, "v1", "flat")
+			r.apply(0, "--force")
+			if got := r.mounted(); got != nil {
+				t.Fatalf("store flat: still mounted (%v)", got)
+			}
+			gone("overlay record and directories", overlay)
+			gone("the old mount unit", unit)
+			if _, err := os.Stat(r.path("var/lib/machines/pipe/etc/os-release")); err != nil {
+				t.Fatalf("no flat tree: %v", err)
+			}
+
+			r.use(layout, srv.URL, "v1", "layers")
+			plantUnit()
+			r.apply(0, "--force")
+			if r.mounted() == nil {
+				t.Fatal("back to store layers: the root is not mounted")
+			}
+			gone("the old mount unit", unit)
+			gone("the flat tree's marker", r.path("var/lib/machines/.pipe.nodespawn-image"))
+
+			plantUnit()
+			if code, out, errOut := cli(t, "", "reset", "--root", r.root); code != 0 {
+				t.Fatalf("reset: exit %d\n%s\n%s", code, out, errOut)
+			}
+			if r.mounted() != nil {
+				t.Error("reset left the root mounted")
+			}
+			gone("overlay record and directories", overlay)
+			gone("the old mount unit", unit)
+		})
+	}
+}
