@@ -39,6 +39,21 @@ type Diff struct {
 	// machine of the pair and switching to it (the caller fills it in: it
 	// depends on the host's state, not on the two plans).
 	Upgrade *UpgradeNote `json:"upgrade,omitempty"`
+	// Apply is what apply will do with the new plan on this host: the
+	// decision apply itself makes (the caller fills it in; added within
+	// v1).
+	Apply *ApplyNote `json:"apply,omitempty"`
+}
+
+// ApplyNote is what apply will do with a plan on a host.
+type ApplyNote struct {
+	// Action is apply's: "apply", "resume", "replace", "already
+	// applied", "converge", "force", "upgrade" or "refuse".
+	Action string `json:"action"`
+	// Summary says it in a sentence; for a refusal, why.
+	Summary string `json:"summary"`
+	// ExitCode is apply's exit code when it refuses (0 otherwise).
+	ExitCode int `json:"exitCode"`
 }
 
 // UpgradeNote is how a change would be applied: an upgrade from the
@@ -264,7 +279,9 @@ func unified(a, b string) string {
 func WriteDiffText(w io.Writer, d *Diff) error {
 	tw := &errWriter{w: w}
 	tw.printf("Changes against the applied plan (machine %s, node %s):\n", d.From.Machine, d.From.NodeName)
-	if u := d.Upgrade; u != nil && u.Refused != "" {
+	if a := d.Apply; a != nil && (d.Upgrade == nil || a.Action == "refuse") {
+		tw.printf("  %s\n", a.Summary)
+	} else if u := d.Upgrade; u != nil && u.Refused != "" {
 		tw.printf("  apply would refuse this manifest: %s\n", u.Refused)
 	} else if u != nil {
 		tw.printf("  applied as an upgrade: machine %s is prepared beside running %s (its rootfs, binaries, configuration),\n", u.To, u.From)
