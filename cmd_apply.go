@@ -37,40 +37,50 @@ func (s *sourceFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&s.source, "source", "", "where to find the manifest at first boot: auto, nocloud, azure, cloud-init, or a path (instead of -f)")
 }
 
-// read returns the manifest's name and bytes. A file given with -f may be
-// user-data (#cloud-config, MIME multipart, gzip) holding the manifest.
-func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte, error) {
+// read returns the manifest's name and bytes, and where it lies in the
+// file the user gave. A file given with -f may be user-data
+// (#cloud-config, MIME multipart, gzip) holding the manifest.
+func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (userdata.Source, error) {
 	spec := s.source
 	switch {
 	case s.file != "" && s.source != "":
-		return "", nil, usageError{fmt.Errorf("give -f or --source, not both")}
+		return userdata.Source{}, usageError{fmt.Errorf("give -f or --source, not both")}
 	case s.file != "":
 		spec = s.file
 	case s.source == "":
-		return "", nil, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
+		return userdata.Source{}, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
 	}
-	name, data, err := userdata.Read(ctx, spec, userdata.Options{
+	src, err := userdata.ReadSource(ctx, spec, userdata.Options{
 		Stdin: stdin,
 		// For Azure IMDS, which answers only requests that reach it directly.
 		HTTPClient: httpx.NewClient(httpx.WithLogger(slog.Default()), httpx.WithoutProxy()),
 	})
 	if err != nil && s.file != "" {
-		return "", nil, usageError{err}
+		return userdata.Source{}, usageError{err}
 	}
-	return name, data, err
+	return src, err
+}
+
+// loadSource validates the manifest src holds; its errors name lines of
+// the file the user gave, also when the manifest is embedded in it.
+func loadSource(src userdata.Source) (*manifest.Manifest, error) {
+	if src.Where == "" {
+		return manifest.Load(src.Name, src.Data)
+	}
+	return manifest.LoadEmbedded(manifest.Origin{File: src.File, Where: src.Where, Mapped: src.Mapped, LineOffset: src.LineOffset, Indent: src.Indent}, src.Data)
 }
 
 // load reads and validates the manifest.
 func (s *sourceFlags) load(ctx context.Context, stdin io.Reader) (*manifest.Manifest, []byte, error) {
-	name, data, err := s.read(ctx, stdin)
+	src, err := s.read(ctx, stdin)
 	if err != nil {
 		return nil, nil, err
 	}
-	m, err := manifest.Load(name, data)
+	m, err := loadSource(src)
 	if err != nil {
 		return nil, nil, err
 	}
-	return m, data, nil
+	return m, src.Data, nil
 }
 
 // facts returns the host's facts: probed, or read from a file (to review
@@ -217,11 +227,12 @@ left to apply.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()
 			defer cancel()
-			name, data, err := src.read(ctx, cmd.InOrStdin())
+			source, err := src.read(ctx, cmd.InOrStdin())
 			if err != nil {
 				return err
 			}
-			m, err := manifest.Load(name, data)
+			name := source.Name
+			m, err := loadSource(source)
 			if err != nil {
 				return err
 			}

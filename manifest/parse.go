@@ -36,16 +36,22 @@ type problem struct {
 	// key places the problem on the member's key rather than its value.
 	key bool
 	// at overrides the position looked up from path.
-	at  pos
-	msg string
+	at pos
+	// exact: placed at path itself, or nowhere when the source does not
+	// spell it out (not at the nearest enclosing value).
+	exact bool
+	msg   string
 }
 
 // document is a parsed manifest: a generic JSON value (map[string]any,
 // []any, string, bool, json.Number, nil) and where each value came from.
 type document struct {
-	file  string
-	lines []string
-	root  any
+	file string
+	// origin, when set, places the manifest inside the file the user
+	// gave (LoadEmbedded).
+	origin *Origin
+	lines  []string
+	root   any
 	// vals, keys, raw and atKey are keyed by a value's path as FormatPath
 	// writes it.
 	vals map[string]pos    // path -> position of the value
