@@ -205,7 +205,8 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 	}
 	cur = st.Applied[d.Machine]
 	switch {
-	case forced || opts.Force:
+	case forced || (opts.Force && (prev != nil || cur.Succeeded)):
+		// (On a fresh host --force changes nothing: a first run.)
 		d.Action = ActionForce
 	case cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest:
 		d.Action = ActionAlreadyApplied

@@ -90,7 +90,7 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		force   bool
 	}
 	want := map[string]map[given]Action{
-		"fresh":                            {{"A", false}: ActionApply, {"B", false}: ActionApply},
+		"fresh":                            {{"A", false}: ActionApply, {"B", false}: ActionApply, {"A", true}: ActionApply},
 		"applied":                          {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionUpgrade, {"A", true}: ActionForce},
 		"root tree applied":                {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionRefuse, {"B", true}: ActionForce},
 		"failed, never started":            {{"A", false}: ActionResume, {"B", false}: ActionReplace},
