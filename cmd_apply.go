@@ -37,40 +37,50 @@ func (s *sourceFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&s.source, "source", "", "where to find the manifest at first boot: auto, nocloud, azure, cloud-init, or a path (instead of -f)")
 }
 
-// read returns the manifest's name and bytes. A file given with -f may be
-// user-data (#cloud-config, MIME multipart, gzip) holding the manifest.
-func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (string, []byte, error) {
+// read returns the manifest's name and bytes, and where it lies in the
+// file the user gave. A file given with -f may be user-data
+// (#cloud-config, MIME multipart, gzip) holding the manifest.
+func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (userdata.Source, error) {
 	spec := s.source
 	switch {
 	case s.file != "" && s.source != "":
-		return "", nil, usageError{fmt.Errorf("give -f or --source, not both")}
+		return userdata.Source{}, usageError{fmt.Errorf("give -f or --source, not both")}
 	case s.file != "":
 		spec = s.file
 	case s.source == "":
-		return "", nil, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
+		return userdata.Source{}, usageError{fmt.Errorf("no manifest: give -f FILE, -f - for stdin, or --source auto")}
 	}
-	name, data, err := userdata.Read(ctx, spec, userdata.Options{
+	src, err := userdata.ReadSource(ctx, spec, userdata.Options{
 		Stdin: stdin,
 		// For Azure IMDS, which answers only requests that reach it directly.
 		HTTPClient: httpx.NewClient(httpx.WithLogger(slog.Default()), httpx.WithoutProxy()),
 	})
 	if err != nil && s.file != "" {
-		return "", nil, usageError{err}
+		return userdata.Source{}, usageError{err}
 	}
-	return name, data, err
+	return src, err
+}
+
+// loadSource validates the manifest src holds; its errors name lines of
+// the file the user gave, also when the manifest is embedded in it.
+func loadSource(src userdata.Source) (*manifest.Manifest, error) {
+	if src.Where == "" {
+		return manifest.Load(src.Name, src.Data)
+	}
+	return manifest.LoadEmbedded(manifest.Origin{File: src.File, Where: src.Where, Mapped: src.Mapped, LineOffset: src.LineOffset, Indent: src.Indent}, src.Data)
 }
 
 // load reads and validates the manifest.
 func (s *sourceFlags) load(ctx context.Context, stdin io.Reader) (*manifest.Manifest, []byte, error) {
-	name, data, err := s.read(ctx, stdin)
+	src, err := s.read(ctx, stdin)
 	if err != nil {
 		return nil, nil, err
 	}
-	m, err := manifest.Load(name, data)
+	m, err := loadSource(src)
 	if err != nil {
 		return nil, nil, err
 	}
-	return m, data, nil
+	return m, src.Data, nil
 }
 
 // facts returns the host's facts: probed, or read from a file (to review
@@ -105,6 +115,7 @@ func newApplyCmd(renderOnly bool) *cobra.Command {
 		force     bool
 		factsFile string
 		layers    bool
+		detailed  bool
 		firstBoot bool
 		fb        firstBootFlags
 	)
@@ -133,8 +144,24 @@ interrupted.
 --dry-run prints the plan instead (text grouped by phase, or -o json) and
 changes nothing; on a host applied before, it prints what this manifest
 would change against the applied plan: the steps added, removed and
-changed, with unified diffs of changed files (nodespawn render always
-prints the whole plan). Secrets are shown as <redacted>.`,
+changed (old -> new for each changed field, the contents of added files,
+what becomes of removed steps), with unified diffs of changed files
+(nodespawn render always prints the whole plan). Secrets are shown as
+<redacted>. It ends with what apply will do: apply, resume, upgrade,
+nothing (already applied), or refuse and why. A dry run that apply would
+refuse exits with apply's code (2).
+
+A first run that failed before its machine ever started (a bad sha256
+pin, an unreachable mirror) left no node to protect: apply of the
+corrected manifest replaces it, without --force.
+
+Exit codes: 0 done or already applied (a dry run: printed), 1 a step
+failed, 2 bad input (manifest, flags, a manifest this host cannot
+satisfy, or one apply refuses here: another node, a changed manifest
+where no upgrade is possible).
+With --dry-run --detailed-exitcode (for scripts, Terraform's convention):
+0 no changes, 1 an error (bad input and refusals included: 2 means
+changes under this flag), 2 changes to apply.`,
 		Example: `  nodespawn apply --dry-run -f examples/minimal.yaml
   nodespawn apply --dry-run -o json -f node.yaml --facts gpu-host.json
   nodespawn apply --source auto          # at first boot, from user-data`,
@@ -146,9 +173,12 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 			ctx, cancel := signalContext()
 			defer cancel()
 			a := &applyRun{src: &src, stdin: cmd.InOrStdin(), out: cmd.OutOrStdout(), dryRun: dryRun || renderOnly, diff: dryRun,
-				output: output, root: root, force: force, factsFile: factsFile, layers: layers}
+				output: output, root: root, force: force, factsFile: factsFile, layers: layers, detailedExit: detailed}
 			if layers && !a.dryRun {
 				return usageError{fmt.Errorf("--layers goes with --dry-run")}
+			}
+			if detailed && !dryRun {
+				return usageError{fmt.Errorf("--detailed-exitcode goes with --dry-run")}
 			}
 			if firstBoot {
 				return a.firstBoot(ctx, fb)
@@ -170,6 +200,7 @@ prints the whole plan). Secrets are shown as <redacted>.`,
 		return cmd
 	}
 	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
+	f.BoolVar(&detailed, "detailed-exitcode", false, "with --dry-run, exit as Terraform's plan does: 0 no changes, 1 an error (bad input, or a manifest apply would refuse, included), 2 changes to apply")
 	f.BoolVar(&force, "force", false, "check every step again even when this plan was applied; apply a changed manifest in place where no upgrade is possible (--root trees) or no run has finished yet")
 	f.BoolVar(&firstBoot, "first-boot", false, "run as the first-boot unit does: retry transient failures for the manifest's firstBoot.retryFor, then write the outcome to the console and send the manifest's report")
 	f.StringVar(&fb.console, "console", "/dev/console", "with --first-boot, where the final status line goes")
@@ -196,11 +227,12 @@ left to apply.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()
 			defer cancel()
-			name, data, err := src.read(ctx, cmd.InOrStdin())
+			source, err := src.read(ctx, cmd.InOrStdin())
 			if err != nil {
 				return err
 			}
-			m, err := manifest.Load(name, data)
+			name := source.Name
+			m, err := loadSource(source)
 			if err != nil {
 				return err
 			}
@@ -252,6 +284,9 @@ type applyRun struct {
 	factsFile string
 	// layers: say which image layers apply would fetch (--dry-run --layers).
 	layers bool
+	// detailedExit: --dry-run --detailed-exitcode (0 no changes, 1 error,
+	// 2 changes).
+	detailedExit bool
 
 	// refuse makes a changed manifest an error, never an upgrade (the
 	// first boot).
@@ -287,58 +322,55 @@ func (a *applyRun) once(ctx context.Context) error {
 		return render.Locate(m, err)
 	}
 	a.plan = p
-	if a.diff && a.factsFile == "" {
+	if a.factsFile != "" && !a.dryRun {
+		return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
+	}
+	if a.dryRun && (a.factsFile != "" || !a.diff) {
+		// Another host's plan, or render: the whole plan, no decision.
+		if err := a.writePlan(ctx, p, nil); err != nil {
+			return err
+		}
+		return a.changesExit(true)
+	}
+	opts, d, err := a.decide(m, facts, p, data)
+	if err != nil {
+		return err
+	}
+	if a.dryRun {
 		// On a host that was applied before, what matters is what this
-		// manifest would change.
+		// manifest would change, and what apply will do about it.
 		applied, err := apply.StoredPlan(a.root)
 		if err != nil {
 			return err
 		}
 		if applied != nil {
-			if err := a.writeChange(m, facts, applied, p); err != nil {
-				return err
+			if err = a.writeChange(m, facts, applied, p, d); err == nil {
+				err = a.writeLayers(ctx, p)
 			}
-			return a.writeLayers(ctx, p)
+		} else {
+			err = a.writePlan(ctx, p, d)
 		}
-	}
-	if a.dryRun {
-		if a.output == "json" {
-			return plan.WriteJSON(a.out, p)
-		}
-		if err := plan.WriteText(a.out, p); err != nil {
+		if err != nil {
 			return err
 		}
-		return a.writeLayers(ctx, p)
-	}
-	if a.factsFile != "" {
-		return usageError{fmt.Errorf("--facts describes another host; use it with --dry-run only")}
+		if d.Action == apply.ActionRefuse {
+			// The plan's output says why; the exit code is apply's.
+			return dryRunExit{d.Exit, a.detailedExit}
+		}
+		return a.changesExit(d.Action != apply.ActionAlreadyApplied)
 	}
 	for _, w := range p.Warnings {
 		slog.Warn(w)
 	}
-	if err := checkSameNode(a.root, m, p); err != nil {
-		return err
+	var res *apply.Result
+	if d.Action == apply.ActionRefuse {
+		err = d.Err
+	} else {
+		if opts.Deps, err = apply.DefaultDeps(a.root, slog.Default()); err != nil {
+			return err
+		}
+		res, err = apply.Run(ctx, p, opts)
 	}
-	deps, err := apply.DefaultDeps(a.root, slog.Default())
-	if err != nil {
-		return err
-	}
-	canonical, err := m.Digest()
-	if err != nil {
-		return err
-	}
-	up := upgradeOptions(m, facts, a.root, render.PlanFor)
-	up.Refuse = a.refuse
-	res, err := apply.Run(ctx, p, apply.Options{
-		Root:           a.root,
-		ManifestDigest: canonical.String(),
-		SourceDigest:   digest.FromBytes(data).String(),
-		Manifest:       data,
-		ToolVersion:    version,
-		Force:          a.force,
-		Deps:           deps,
-		Upgrade:        up,
-	})
 	a.result = res
 	var changed *apply.ManifestChangedError
 	if a.refuse && errors.As(err, &changed) && changed.FirstBoot {
@@ -370,42 +402,119 @@ func (a *applyRun) once(ctx context.Context) error {
 	return nil
 }
 
-// writeChange prints what applying m would change on a host whose node
-// runs the applied plan: the diff against it, and, when the manifest
-// changed, the upgrade that would carry the change.
-func (a *applyRun) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *plan.Plan) error {
-	st, err := apply.ReadMachines(a.root)
-	if err != nil {
-		return err
-	}
+// decide is what apply will do with m's plan p on the host at a.root,
+// and the options apply.Run gets: the one decision that the dry run
+// prints and apply carries out (apply.Run makes it again, by the same
+// function, under its lock). A manifest for another node than the one
+// the host runs is refused here (an upgrade cannot change the node's
+// identity), unless its first run failed before the machine started:
+// then there is no node, and any manifest for that machine replaces it.
+func (a *applyRun) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, data []byte) (apply.Options, *apply.Decision, error) {
 	canonical, err := m.Digest()
 	if err != nil {
+		return apply.Options{}, nil, err
+	}
+	up := upgradeOptions(m, facts, a.root, render.PlanFor)
+	up.Refuse = a.refuse
+	opts := apply.Options{
+		Root:           a.root,
+		ManifestDigest: canonical.String(),
+		SourceDigest:   digest.FromBytes(data).String(),
+		Manifest:       data,
+		ToolVersion:    version,
+		Force:          a.force,
+		Upgrade:        up,
+	}
+	refuse := func(err error) (apply.Options, *apply.Decision, error) {
+		return opts, &apply.Decision{Action: apply.ActionRefuse, Machine: p.Machine, Err: err, Exit: exitCode(err)}, nil
+	}
+	// Another machine pair first: the plan of the running machine cannot
+	// even be made from this manifest.
+	if err := checkSameNode(a.root, m, p, false); err != nil {
+		return refuse(err)
+	}
+	d, err := apply.Decide(p, opts)
+	if err != nil {
+		return opts, nil, render.Locate(m, err)
+	}
+	if d.Action != apply.ActionReplace {
+		if err := checkSameNode(a.root, m, p, true); err != nil {
+			return refuse(err)
+		}
+	}
+	return opts, d, nil
+}
+
+// writePlan prints the whole plan (--dry-run on a host with nothing
+// applied, render, --facts), then, in text, what apply will do.
+func (a *applyRun) writePlan(ctx context.Context, p *plan.Plan, d *apply.Decision) error {
+	if a.output == "json" {
+		return plan.WriteJSON(a.out, p)
+	}
+	if err := plan.WriteText(a.out, p); err != nil {
 		return err
 	}
+	if d != nil {
+		if _, err := fmt.Fprintf(a.out, "\n%s\n", d); err != nil {
+			return err
+		}
+	}
+	return a.writeLayers(ctx, p)
+}
+
+// exitChanges is --detailed-exitcode's "the dry run found changes".
+const exitChanges = 2
+
+// dryRunExit ends a dry run whose output said everything: apply's
+// refusal code, or with --detailed-exitcode 1 for it (an error).
+type dryRunExit struct {
+	code     int
+	detailed bool
+}
+
+func (e dryRunExit) Error() string { return fmt.Sprintf("dry run exit %d", e.exitCode()) }
+
+func (e dryRunExit) exitCode() int {
+	if e.detailed && e.code != exitOK {
+		return exitFailed
+	}
+	return e.code
+}
+
+// changesExit is a dry run's end: with --detailed-exitcode, 2 when apply
+// would change something (Terraform's convention), else nil (exit 0).
+func (a *applyRun) changesExit(changes bool) error {
+	if a.detailedExit && changes {
+		return dryRunExit{code: exitChanges}
+	}
+	return nil
+}
+
+// writeChange prints what applying m would change on a host whose node
+// runs the applied plan: the diff against it, and what apply will do
+// about it (d): an upgrade, in place, or a refusal and why.
+func (a *applyRun) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *plan.Plan, d *apply.Decision) error {
 	// The diff compares plans of the same machine, so it shows what
 	// changes, not the machine's name in every path.
 	same := p
+	var err error
 	if applied.Machine != p.Machine && (applied.Machine == p.Alternate) {
 		if same, err = render.PlanFor(m, facts, applied.Machine); err != nil {
 			return render.Locate(m, err)
 		}
 	}
-	d := plan.Compare(applied, same)
-	cur, ok := st.Applied[st.Active]
-	if ok && cur.Succeeded && cur.ManifestDigest != canonical.String() {
-		to := p.Alternate
-		if st.Active == p.Alternate {
-			to = p.Machine
-		}
-		d.Upgrade = &plan.UpgradeNote{From: st.Active, To: to, StopTimeout: m.Upgrade.StopTimeout, ReadyTimeout: m.Upgrade.ReadyTimeout}
-		if err := checkSameNode(a.root, m, p); err != nil {
-			d.Upgrade.Refused = err.Error()
-		}
+	diff := plan.Compare(applied, same)
+	diff.Apply = &plan.ApplyNote{Action: string(d.Action), Summary: d.String()}
+	if d.Action == apply.ActionRefuse {
+		diff.Apply.ExitCode = d.Exit
+	}
+	if d.Action == apply.ActionUpgrade {
+		diff.SetUpgrade(&plan.UpgradeNote{From: d.From, To: d.Machine, StopTimeout: m.Upgrade.StopTimeout, ReadyTimeout: m.Upgrade.ReadyTimeout})
 	}
 	if a.output == "json" {
-		return plan.WriteDiffJSON(a.out, d)
+		return plan.WriteDiffJSON(a.out, diff)
 	}
-	return plan.WriteDiffText(a.out, d)
+	return plan.WriteDiffText(a.out, diff)
 }
 
 // writeLayers says, for --dry-run --layers, which of the rootfs image's

@@ -116,7 +116,11 @@ func machineRunner(p *plan.Plan) kubecheck.Runner {
 // checkSameNode refuses a manifest that changes what an upgrade cannot:
 // the machine pair, the node's name, the cluster's CA or API server.
 // Those need a new node: nodespawn reset, then apply.
-func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan) error {
+//
+// identity false leaves out the node's identity (its name, cluster CA and
+// API server) and checks the machine's name alone: for a first run that
+// failed before its machine started, which made no node.
+func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan, identity bool) error {
 	st, err := apply.ReadMachines(root)
 	if err != nil || st.Active == "" {
 		return err
@@ -129,10 +133,10 @@ func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan) error {
 	if st.Active != p.Machine && st.Active != p.Alternate {
 		changed = append(changed, fmt.Sprintf("machine.name: machine %s runs the node, and this manifest's machines are %s and %s", st.Active, p.Machine, p.Alternate))
 	}
-	if applied.NodeName != p.NodeName {
+	if identity && applied.NodeName != p.NodeName {
 		changed = append(changed, fmt.Sprintf("kubernetes.nodeName: the node is %s, this manifest makes %s", applied.NodeName, p.NodeName))
 	}
-	if data, err := apply.StoredManifestOf(root, st.Active); err == nil && data != nil {
+	if data, err := apply.StoredManifestOf(root, st.Active); identity && err == nil && data != nil {
 		if old, err := manifest.Load(apply.ManifestFile, data); err == nil {
 			if strings.TrimSpace(old.Kubernetes.CACert) != strings.TrimSpace(m.Kubernetes.CACert) {
 				changed = append(changed, "kubernetes.caCert: another cluster CA")

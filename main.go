@@ -54,6 +54,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		// status printed its line; the code is the answer.
 		return se.code
 	}
+	var de dryRunExit
+	if errors.As(err, &de) {
+		// The dry run printed the plan and apply's decision.
+		return de.exitCode()
+	}
 	code := exitCode(err)
 	var merr manifest.Errors
 	if errors.As(err, &merr) {

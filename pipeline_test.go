@@ -274,10 +274,15 @@ func TestApplyIntoRoot(t *testing.T) {
 	if code, _, errOut = cli(t, "", "apply", "-f", mf, "--root", root); code != exitBadInput {
 		t.Errorf("changed manifest: exit %d, want %d: %s", code, exitBadInput, errOut)
 	}
-	// Its dry run says what it would change against the applied plan.
+	// Its dry run says what it would change against the applied plan,
+	// and that apply refuses it, with apply's exit code.
 	code, out, errOut = cli(t, "", "apply", "--dry-run", "-f", mf, "--root", root)
-	if code != 0 || !strings.Contains(out, "Changes against the applied plan (machine pipe, node pipe-node)") || !strings.Contains(out, "\n+ host:file:") || strings.Contains(out, "0123456789abcdef") {
+	if code != exitBadInput || !strings.Contains(out, "Changes against the applied plan (machine pipe, node pipe-node)") || !strings.Contains(out, "\n+ host:file:") || strings.Contains(out, "0123456789abcdef") ||
+		!strings.Contains(out, "apply would refuse (exit 2): refusing to apply manifest") || !strings.Contains(out, "pass --force") {
 		t.Errorf("dry run of a changed manifest: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if code, _, _ = cli(t, "", "apply", "--dry-run", "--detailed-exitcode", "-f", mf, "--root", root); code != exitFailed {
+		t.Errorf("dry run of a refused manifest with --detailed-exitcode: exit %d, want %d (an error)", code, exitFailed)
 	}
 	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root, "--force"); code != 0 {
 		t.Errorf("changed manifest with --force: exit %d\n%s\n%s", code, out, errOut)
@@ -341,6 +346,31 @@ func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "var/lib/machines/pipe/usr/local/bin/kubelet")); !os.IsNotExist(err) {
 		t.Errorf("an unverified kubelet is in the rootfs: %v", err)
 	}
+
+	// The first run failed before the machine ever started: no node to
+	// protect. The dry run of the corrected manifest says apply replaces
+	// the failed run, and apply does, without --force.
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := cli(t, "", "apply", "--dry-run", "-f", mf, "--root", root)
+	if code != 0 || !strings.Contains(out, "apply makes machine pipe from this manifest in place of the one whose first run failed") ||
+		!strings.Contains(out, `download.sha256: "`+wrong+`" -> (none)`) {
+		t.Errorf("dry run of the corrected manifest: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if code, _, _ = cli(t, "", "apply", "--dry-run", "--detailed-exitcode", "-f", mf, "--root", root); code != exitChanges {
+		t.Errorf("--detailed-exitcode with changes: exit %d, want %d", code, exitChanges)
+	}
+	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root); code != 0 {
+		t.Fatalf("apply of the corrected manifest: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if got, err := os.ReadFile(filepath.Join(root, "var/lib/machines/pipe/usr/local/bin/kubelet")); err != nil || string(got) != "#!/bin/sh\necho kubelet\n" {
+		t.Errorf("kubelet after the corrected run: %q %v", got, err)
+	}
+	code, out, errOut = cli(t, "", "apply", "--dry-run", "--detailed-exitcode", "-f", mf, "--root", root)
+	if code != 0 || !strings.Contains(out, "already applied on machine pipe: apply changes nothing") {
+		t.Errorf("--detailed-exitcode with nothing to change: exit %d, want 0\n%s\n%s", code, out, errOut)
+	}
 }
 
 // TestDryRunSaysWhichLayersItFetches: --dry-run --layers resolves the
@@ -367,9 +397,11 @@ func TestDryRunSaysWhichLayersItFetches(t *testing.T) {
 	if err := os.WriteFile(mf, []byte(strings.Replace(pipelineManifest(layout, srv.URL, ""), "  rootfs:\n", "  rootfs:\n    store: layers\n", 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// --force: on a --root tree a changed manifest is applied in place
+	// only with it (the dry run would say apply refuses, exit 2).
 	dryRun := func(want ...string) {
 		t.Helper()
-		code, out, errOut := cli(t, "", "apply", "--dry-run", "--layers", "-f", mf, "--root", root)
+		code, out, errOut := cli(t, "", "apply", "--dry-run", "--layers", "--force", "-f", mf, "--root", root)
 		if code != 0 {
 			t.Fatalf("apply --dry-run --layers: exit %d\n%s\n%s", code, out, errOut)
 		}

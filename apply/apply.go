@@ -113,6 +113,9 @@ type Result struct {
 	Machine string
 	// Upgrade is how an upgrade or a resumed switch ended, when there was one.
 	Upgrade *UpgradeOutcome
+	// Decision is what the run decided to do (Decide's answer on the
+	// state the run found); nil when it stopped before deciding.
+	Decision *Decision
 }
 
 // Run applies p against opts.Root. It returns a *StepError when a step
@@ -197,23 +200,27 @@ func (r *run) lastRecord() *Record {
 	return rec
 }
 
-// decide applies p in place, upgrades to the other machine, or refuses.
+// decide applies p in place, upgrades to the other machine, or refuses:
+// what decideOn says, the decision Decide gives the dry run.
 func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
 	st, opts := r.st, r.opts
-	active := st.Active
-	cur, known := st.Applied[active]
-	healthy := active != "" && known && cur.Succeeded
-	if healthy && !sameManifest(cur, opts) {
-		u := opts.Upgrade
-		switch {
-		case u.Render != nil && !u.Refuse && opts.Deps.Systemd != nil:
-			return r.upgrade(ctx, p)
-		case !opts.Force || u.Refuse:
-			return nil, &ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: r.host.Show(RecordFile), Machine: active,
-				FirstBoot: u.Refuse, CanUpgrade: u.Render != nil && opts.Deps.Systemd != nil}
+	prev, err := readRecord(r.host)
+	if err != nil {
+		return nil, err
+	}
+	d, err := decideOn(st, prev, r.host.Show(RecordFile), p, opts, canSwitch(opts, false))
+	if err != nil {
+		return nil, err
+	}
+	switch d.Action {
+	case ActionRefuse:
+		return nil, d.Err
+	case ActionUpgrade:
+		res, err := r.upgrade(ctx, p)
+		if res != nil {
+			res.Decision = d
 		}
-		// --force without upgrades (a tree that is not a running host):
-		// the new manifest over the old one, in place.
+		return res, err
 	}
 	if u := st.Upgrade; u != nil {
 		r.log.Info("abandoning the upgrade that was being prepared: the given manifest is the one the node runs", "from", u.From, "to", u.To, "phase", u.Phase)
@@ -222,19 +229,14 @@ func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
 			return nil, err
 		}
 	}
-	if active != "" && p.Machine != active {
-		if opts.Upgrade.Render == nil {
-			return nil, fmt.Errorf("apply: machine %s runs this node, and the plan is for %s (no renderer to make the plan for %s)", active, p.Machine, active)
-		}
-		var err error
-		if p, err = opts.Upgrade.Render(active); err != nil {
-			return nil, err
-		}
-		if err := validatePlan(p); err != nil {
-			return nil, err
-		}
+	if d.Action == ActionReplace {
+		r.log.Info("applying this manifest in place of the one whose first run failed; its machine never started", "machine", d.Machine, "manifest", prev.ManifestDigest, "status", prev.Status)
 	}
-	return r.inPlace(ctx, p)
+	res, err := r.inPlace(ctx, d.plan, prev)
+	if res != nil {
+		res.Decision = d
+	}
+	return res, err
 }
 
 // sameManifest reports whether a is the manifest opts names.
@@ -248,16 +250,11 @@ func sameManifest(a Applied, opts Options) bool {
 
 // inPlace applies p to its machine: the first run, a resumed one, or a
 // converge of the running machine when the host or the tool changed.
-func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
+// prev is the last run's record (nil when none). decideOn has ruled out
+// a manifest other than prev's unless its machine never started.
+func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result, error) {
 	opts, log, host, st := r.opts, r.log, r.host, r.st
 	planDigest := p.Digest()
-	prev, err := readRecord(host)
-	if err != nil {
-		return nil, err
-	}
-	if prev != nil && prev.Machine == p.Machine && !prev.sameManifest(opts) && !opts.Force {
-		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile), Machine: p.Machine}
-	}
 	cur := st.Applied[p.Machine]
 	if !opts.Force && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
@@ -288,7 +285,7 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
 	// run; once it has, the ruleset holds kube-proxy's and the CNI's rules,
 	// and the flush belongs to the machine's start unit alone.
 	started := cur.Succeeded || (prev != nil && prev.Status == StatusSucceeded)
-	st.Applied[p.Machine] = Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC()}
+	st.Applied[p.Machine] = Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC(), Started: cur.Started}
 	if err := writeMachines(host, st); err != nil {
 		return nil, err
 	}
@@ -302,7 +299,24 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
 		opts.afterStep(0)
 	}
 	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
-	runErr := ex.run(ctx, plan.Phases...)
+	runErr := ex.run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine)
+	if runErr != nil {
+		if err := ex.skip(phaseSteps(p, plan.PhaseStart), "not run: "+failedStep(runErr)); err != nil {
+			return nil, err
+		}
+	} else {
+		if opts.Deps.Systemd != nil && !st.Applied[p.Machine].Started {
+			// From here on there may be a node to protect: another
+			// manifest is refused (decideOn), not applied in its place.
+			a := st.Applied[p.Machine]
+			a.Started = true
+			st.Applied[p.Machine] = a
+			if err := writeMachines(host, st); err != nil {
+				return nil, err
+			}
+		}
+		runErr = ex.run(ctx, plan.PhaseStart)
+	}
 	if runErr == nil {
 		runErr = ex.pruneDownloads()
 	}

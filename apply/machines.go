@@ -73,6 +73,10 @@ type Applied struct {
 	// that was switched to: once its Node was Ready).
 	Succeeded bool      `json:"succeeded"`
 	At        time.Time `json:"at"`
+	// Started is set before a run first starts the machine (with
+	// systemd): from then on there may be a node to protect, and a run of
+	// another manifest is refused instead of applied in its place.
+	Started bool `json:"started,omitempty"`
 }
 
 // Upgrade is an upgrade in progress: from the running machine to the one

@@ -70,12 +70,18 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 			client: client,
 		},
 	}
-	if filepath.Clean(root) == "/" {
+	if ManagesHost(root) {
 		d.Host = hostprep.Host{Log: log}
 		d.Systemd = systemd.New(command.Exec{})
 	}
 	return d, nil
 }
+
+// ManagesHost reports whether apply against root changes the host itself
+// (its settings, systemd and machined): only when root is "/". Another
+// root is a tree that is not a running host; DefaultDeps leaves the
+// host-changing dependencies out for it, and no upgrade can switch there.
+func ManagesHost(root string) bool { return filepath.Clean(root) == "/" }
 
 type imagePuller struct {
 	log         *slog.Logger

@@ -18,6 +18,9 @@ type Error struct {
 	Path string
 	// Message says what is wrong, in a few words. It never holds a secret.
 	Message string
+	// In is where inside File the manifest is, when no line of File
+	// holds it (an encoded write_files entry): Line and Col are 0.
+	In string
 	// Snippet is the offending source line with a caret under Col (two
 	// lines, no trailing newline); empty when it would not help or would
 	// show a secret.
@@ -36,6 +39,10 @@ func (e *Error) Error() string {
 				fmt.Fprintf(&b, ":%d", e.Col)
 			}
 		}
+		b.WriteString(": ")
+	}
+	if e.In != "" {
+		b.WriteString(e.In)
 		b.WriteString(": ")
 	}
 	if e.Path != "" {
@@ -68,9 +75,11 @@ func (es Errors) Error() string {
 
 // ErrorAt places a problem found after Load (rendering the plan, say) in the
 // source m was loaded from: msg about the value at p, with the line, column
-// and snippet of that value, or of the nearest enclosing one the source
-// spells out (a defaulted field has no line of its own). For a manifest not
-// made by Load the error has the path and message only.
+// and snippet of that value. A field the source does not spell out (a
+// defaulted one, one a host needs) has no line of its own: the error names
+// the file and the path, with no line and no caret, rather than point at
+// a line that is about something else. For a manifest not made by Load the
+// error has the path and message only.
 //
 // It exists because the checks that need the whole plan live in package
 // render, which imports this package: render names the path, and only this
@@ -79,5 +88,5 @@ func (m *Manifest) ErrorAt(p jsonpath.ContextPath, msg string) *Error {
 	if m.src == nil {
 		return &Error{Path: FormatPath(p), Message: msg}
 	}
-	return m.src.place(problem{path: p, msg: msg})
+	return m.src.place(problem{path: p, msg: msg, exact: true})
 }

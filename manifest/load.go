@@ -25,11 +25,36 @@ import (
 // filename names the source in error messages. When the manifest is bad the
 // error is an Errors listing every problem found, each with its position.
 func Load(filename string, data []byte) (*Manifest, error) {
+	return load(newDocument(filename, data), data)
+}
+
+// Origin is where an embedded manifest lies in the file the user gave
+// (user-data): errors name that file, and lines of it where the manifest's
+// text is there as it is.
+type Origin struct {
+	// File is the file; Where is where inside it ("write_files[0]").
+	File, Where string
+	// Mapped says line L, column C of the manifest is File's line
+	// L+LineOffset, column C+Indent; without it, errors name File and
+	// Where, and no line.
+	Mapped             bool
+	LineOffset, Indent int
+}
+
+// LoadEmbedded is Load for a manifest found inside the file o names: every
+// position it reports, now or later (ErrorAt), is one of that file.
+func LoadEmbedded(o Origin, data []byte) (*Manifest, error) {
+	d := newDocument(o.File, data)
+	d.origin = &o
+	return load(d, data)
+}
+
+func load(d *document, data []byte) (*Manifest, error) {
+	filename := d.file
 	sch, err := schema.Compile()
 	if err != nil {
 		return nil, err
 	}
-	d := newDocument(filename, data)
 	if !d.parse(data) {
 		return nil, d.errors()
 	}
@@ -439,7 +464,7 @@ func (d *document) place(p problem) *Error {
 	at := p.at
 	if !p.text {
 		e.Path = FormatPath(p.path)
-		if at.line == 0 {
+		if at.line == 0 && (!p.exact || d.written(p.path)) {
 			at = d.position(p.path, p.key)
 		}
 	}
@@ -447,7 +472,28 @@ func (d *document) place(p problem) *Error {
 	if at.line > 0 && at.col > 0 {
 		e.Snippet = d.snippet(at)
 	}
+	if o := d.origin; o != nil {
+		switch {
+		case !o.Mapped:
+			// No line of the file holds the manifest (encoded): name
+			// where in the file it is, and no line that is not there.
+			e.Line, e.Col, e.Snippet, e.In = 0, 0, "", o.Where
+		case e.Line > 0:
+			e.Line += o.LineOffset
+			if e.Col > 0 {
+				e.Col += o.Indent
+			}
+		}
+	}
 	return e
+}
+
+// written reports whether the source spells out the value at path.
+func (d *document) written(path jsonpath.ContextPath) bool {
+	k := FormatPath(path)
+	_, v := d.vals[k]
+	_, key := d.keys[k]
+	return v || key
 }
 
 // position finds where path is written: its key or its value, else the
@@ -523,8 +569,14 @@ func (d *document) snippet(p pos) string {
 		}
 	}
 	caret.WriteByte('^')
-	num := strconv.Itoa(p.line)
-	return fmt.Sprintf("%s | %s\n%s | %s", num, text, strings.Repeat(" ", len(num)), caret.String())
+	num, under := strconv.Itoa(p.line), caret.String()
+	if o := d.origin; o != nil && o.Mapped {
+		// The line as it is in the outer file: indented, and numbered there.
+		text = strings.Repeat(" ", o.Indent) + text
+		under = strings.Repeat(" ", o.Indent) + under
+		num = strconv.Itoa(p.line + o.LineOffset)
+	}
+	return fmt.Sprintf("%s | %s\n%s | %s", num, text, strings.Repeat(" ", len(num)), under)
 }
 
 func (d *document) redact(s string) string {

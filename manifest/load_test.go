@@ -289,8 +289,18 @@ func TestLoadSyntax(t *testing.T) {
 	}{
 		{"empty", "m.yaml", "# nothing\n", 1, 1, "manifest is empty"},
 		{"two documents", "m.yaml", "kind: Node\n---\nkind: Node\n", 2, 1, "more than one YAML document"},
-		{"yaml syntax", "m.yaml", "kind: Node\nkubernetes: [\n", 2, 0, "invalid YAML"},
-		{"tabs", "m.yaml", "kind: Node\n\tapiVersion: x\n", 2, 0, "invalid YAML"},
+		{"yaml syntax", "m.yaml", "kind: Node\nkubernetes: [\n", 2, 13, "invalid YAML"},
+		{"tabs", "m.yaml", "kind: Node\n\tapiVersion: x\n", 2, 1, "invalid YAML"},
+		// The parser says line 6 (the mapping's): the key on line 7 is
+		// indented one space short.
+		{"indent", "m.yaml", "apiVersion: nodespawn.dev/v1alpha1\nkind: Node\nmachine:\n  name: x\nkubernetes:\n  version: \"1.37\"\n apiServer: https://a:6443\n  nodeName: n\n", 7, 2, "did not find expected key"},
+		// The parser says line 3; the bracket left open is on line 4.
+		{"unclosed flow", "m.yaml", "apiVersion: nodespawn.dev/v1alpha1\nmachine:\n  name: x\nkind: [Node\nkubernetes:\n  version: \"1.37\"\n", 4, 7, "did not find expected ',' or ']'"},
+		{"mapping value", "m.yaml", "kind: Node\nmachine: name: x\n", 2, 14, "mapping values are not allowed"},
+		{"no token starts with", "m.yaml", "kind: Node\nmachine:\n  name: @x\n", 3, 9, "cannot start any token"},
+		// A quoted string over two lines: a prefix ending inside it is
+		// broken for its own reason, not the error's.
+		{"after a multi-line string", "m.yaml", "a: \"multi\n  line\"\nb: @x\n", 3, 4, "cannot start any token"},
 		{"json syntax", "m.json", "{\n  \"kind\": \"Node\",\n  \"apiVersion\" \"x\"\n}\n", 3, 16, "invalid JSON"},
 		{"json truncated", "m.json", "{\"kind\": \"Node\"", 1, 16, "unexpected end of input"},
 		{"nested too deep", "m.yaml", "a: " + strings.Repeat("[", 100) + strings.Repeat("]", 100) + "\n", 1, 68, "nested more than 64 levels deep"},
@@ -311,7 +321,25 @@ func TestLoadSyntax(t *testing.T) {
 			if e.Line != tc.line || e.Col != tc.col || !strings.Contains(e.Message, tc.msg) {
 				t.Errorf("got %d:%d %q, want %d:%d ...%s...", e.Line, e.Col, e.Message, tc.line, tc.col, tc.msg)
 			}
+			if text := strings.Split(tc.src, "\n")[max(tc.line, 1)-1]; tc.line > 0 && tc.col > 0 && len(text) < 80 {
+				// The snippet shows the line, the caret under the column.
+				num := strconv.Itoa(tc.line)
+				caret := strings.Repeat(" ", len(num)) + " | " + strings.Repeat(" ", tc.col-1) + "^"
+				if !strings.HasPrefix(e.Snippet, num+" | ") || !strings.Contains(e.Snippet, "\n"+caret) {
+					t.Errorf("snippet:\n%s\nwant line %d with the caret at column %d", e.Snippet, tc.line, tc.col)
+				}
+			}
 		})
+	}
+}
+
+// TestSyntaxSnippetHidesSecrets: a syntax error on the line of a secret
+// shows the line without the secret's value.
+func TestSyntaxSnippetHidesSecrets(t *testing.T) {
+	src := "kind: Node\nkubernetes:\n  auth:\n    exec:\n      env:\n        - name: T\n          value: s3cr3t-value: x\n"
+	es := loadErrors(t, "m.yaml", src)
+	if len(es) != 1 || es[0].Line != 7 || es[0].Snippet == "" || strings.Contains(es[0].Snippet, "s3cr3t") {
+		t.Errorf("got %v\n%s", es, es[0].Snippet)
 	}
 }
 

@@ -36,16 +36,22 @@ type problem struct {
 	// key places the problem on the member's key rather than its value.
 	key bool
 	// at overrides the position looked up from path.
-	at  pos
-	msg string
+	at pos
+	// exact: placed at path itself, or nowhere when the source does not
+	// spell it out (not at the nearest enclosing value).
+	exact bool
+	msg   string
 }
 
 // document is a parsed manifest: a generic JSON value (map[string]any,
 // []any, string, bool, json.Number, nil) and where each value came from.
 type document struct {
-	file  string
-	lines []string
-	root  any
+	file string
+	// origin, when set, places the manifest inside the file the user
+	// gave (LoadEmbedded).
+	origin *Origin
+	lines  []string
+	root   any
 	// vals, keys, raw and atKey are keyed by a value's path as FormatPath
 	// writes it.
 	vals map[string]pos    // path -> position of the value
@@ -160,14 +166,147 @@ func (d *document) budget(path jsonpath.ContextPath, p pos, depth int) bool {
 
 var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
 
-func (d *document) yamlError(err error) {
+// yamlError records the YAML parser's error at the line and column of the
+// token that broke the document. The parser names only a line, and often
+// that of the construct around the mistake (a mapping that starts on line
+// 2 for a key indented wrong on line 7, a flow sequence's line for the
+// next one); so the document is parsed again, a line at a time, to find
+// the last prefix that is still YAML: the line after it broke it.
+func (d *document) yamlError(err error, data []byte) {
 	msg := err.Error()
-	if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
-		line, _ := strconv.Atoi(m[1])
-		d.syntax(pos{line, 0}, "invalid YAML: "+m[2])
+	m := yamlLineRE.FindStringSubmatch(msg)
+	if m == nil {
+		d.syntax(pos{}, "invalid YAML: "+strings.TrimPrefix(msg, "yaml: "))
 		return
 	}
-	d.syntax(pos{}, "invalid YAML: "+strings.TrimPrefix(msg, "yaml: "))
+	line, _ := strconv.Atoi(m[1])
+	if broke := brokenLine(data, m[2]); broke > line {
+		line = broke
+	}
+	// No value was parsed, so none is known to be secret: a line that
+	// holds one of the secret keys has its value masked in the snippet.
+	if v := secretLineRE.FindStringSubmatch(d.line(line)); v != nil && len(v[1]) >= 4 {
+		d.secrets = append(d.secrets, v[1])
+	}
+	d.syntax(pos{line, yamlErrorColumn(d.line(line), m[2])}, "invalid YAML: "+m[2])
+}
+
+// secretLineRE matches a source line holding the value of a key that
+// isSecretPath names secret (bootstrapToken, an env or header value).
+var secretLineRE = regexp.MustCompile(`^\s*(?:-\s+)?(?:bootstrapToken|value)\s*:\s*(\S.*?)\s*$`)
+
+// maxRelocate bounds the lines brokenLine parses again (each a parse of
+// a prefix): past it, the parser's own line stands.
+const maxRelocate = 2000
+
+// brokenLine is the first line after the longest prefix of data (in
+// whole lines) that parses as YAML, where the error is why (a prefix can
+// fail for its own reason: a quoted string cut in half); 0 when it cannot
+// tell.
+func brokenLine(data []byte, why string) int {
+	lines := strings.SplitAfter(string(data), "\n")
+	if len(lines) > maxRelocate {
+		return 0
+	}
+	prefix := len(data)
+	for k := len(lines) - 1; k >= 0; k-- {
+		prefix -= len(lines[k])
+		err := parsesAsYAML(data[:prefix])
+		if err == nil {
+			return k + 1
+		}
+		if m := yamlLineRE.FindStringSubmatch(err.Error()); m == nil || m[2] != why {
+			// Broken for another reason: not the prefix to measure from.
+			continue
+		}
+	}
+	return 0
+}
+
+// parsesAsYAML returns the first error decoding every document in data.
+func parsesAsYAML(data []byte) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("yaml: %v", r)
+		}
+	}()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	for {
+		var n yaml.Node
+		if err := dec.Decode(&n); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// yamlErrorColumn guesses the column (1-based, in characters) on text, the
+// line that broke the document, of the token the parser's complaint why
+// is about: the tab, the unclosed bracket, the second mapping value, the
+// character no token starts with; else the line's first token.
+func yamlErrorColumn(text, why string) int {
+	r := []rune(strings.TrimRight(text, "\r"))
+	first := 0
+	for first < len(r) && (r[first] == ' ' || r[first] == '\t') {
+		first++
+	}
+	if first == len(r) {
+		return 0
+	}
+	index := func(i int) int { return i + 1 }
+	switch {
+	case strings.Contains(why, "tab character"):
+		for i, c := range r {
+			if c == '\t' {
+				return index(i)
+			}
+		}
+	case strings.Contains(why, "expected ',' or ']'"), strings.Contains(why, "expected ',' or '}'"), strings.Contains(why, "expected node content"):
+		// The bracket left open: the last one on the line not closed on it.
+		var open []int
+		for i, c := range r {
+			switch c {
+			case '[', '{':
+				open = append(open, i)
+			case ']', '}':
+				if len(open) > 0 {
+					open = open[:len(open)-1]
+				}
+			}
+		}
+		if len(open) > 0 {
+			return index(open[len(open)-1])
+		}
+	case strings.Contains(why, "mapping values are not allowed"):
+		// The second ": " on the line.
+		s := string(r)
+		if i := strings.Index(s, ": "); i >= 0 {
+			if j := strings.Index(s[i+2:], ": "); j >= 0 {
+				return utf8.RuneCountInString(s[:i+2+j]) + 1
+			}
+		}
+	case strings.Contains(why, "cannot start any token"):
+		// The value after the key, where such a character usually is.
+		s := string(r)
+		if i := strings.Index(s, ": "); i >= 0 {
+			v := i + 2
+			for v < len(s) && s[v] == ' ' {
+				v++
+			}
+			return utf8.RuneCountInString(s[:v]) + 1
+		}
+	}
+	return index(first)
+}
+
+// line is the source line n (1-based), "" past the end.
+func (d *document) line(n int) string {
+	if n < 1 || n > len(d.lines) {
+		return ""
+	}
+	return d.lines[n-1]
 }
 
 func (d *document) parseYAML(data []byte) (ok bool) {
@@ -185,7 +324,7 @@ func (d *document) parseYAML(data []byte) (ok bool) {
 		if errors.Is(err, io.EOF) {
 			d.syntax(pos{1, 1}, "manifest is empty")
 		} else {
-			d.yamlError(err)
+			d.yamlError(err, data)
 		}
 		return false
 	}
@@ -193,7 +332,7 @@ func (d *document) parseYAML(data []byte) (ok bool) {
 	switch err := dec.Decode(&next); {
 	case errors.Is(err, io.EOF):
 	case err != nil:
-		d.yamlError(err)
+		d.yamlError(err, data)
 		return false
 	default:
 		d.syntax(pos{next.Line, next.Column}, "more than one YAML document; a manifest is a single document")

@@ -3,6 +3,8 @@ package plan
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -77,5 +79,86 @@ func TestCompare(t *testing.T) {
 	WriteJSON(&printed, stored)
 	if strings.Contains(printed.String(), "sha256:") {
 		t.Errorf("a printed plan shows a secret's digest:\n%s", printed.String())
+	}
+}
+
+// TestCompareValues checks that the diff carries values, in text and
+// JSON: old -> new for each changed scalar (a download's version and URL),
+// the contents of an added file, what a removed step becomes (in place and
+// in an upgrade), and a changed secret as <redacted> on both sides.
+func TestCompareValues(t *testing.T) {
+	dl := func(v string) Step {
+		return Step{ID: "rootfs:download:kubelet", Phase: PhaseRootfs, Kind: KindDownload, Summary: "kubelet " + v,
+			Download: &Download{URL: "https://dl.k8s.io/" + v + "/kubelet", ChecksumURL: "https://dl.k8s.io/" + v + "/kubelet.sha256", Dest: "/usr/bin/kubelet", Mode: 0o755}}
+	}
+	applied := filePlan("kube1", map[string]string{"/etc/a": "same\n"}, "OLD-SECRET-1234")
+	applied.Steps = append(applied.Steps, dl("v1.37.1"),
+		Step{ID: "host:sysctl:net", Phase: PhaseHost, Kind: KindSysctl, Summary: "forwarding", Sysctl: &Sysctl{Values: []KeyValue{{Key: "net.ipv4.ip_forward", Value: "1"}}}},
+		Step{ID: "machine:file:/etc/old", Phase: PhaseMachine, Kind: KindFile, Summary: "old file", File: &File{Path: "/etc/old", Mode: 0o644, Contents: "x\n"}})
+	next := filePlan("kube1", map[string]string{"/etc/a": "same\n", "/etc/d": "added line one\nadded line two\n"}, "NEW-SECRET-5678")
+	next.Steps = append(next.Steps, dl("v1.37.2"))
+	next.Steps[len(next.Steps)-2].File.Mode = 0o640 // the kubeconfig
+
+	stored := applied.RedactKeepingDigests()
+	d := Compare(stored, next)
+	var text, js bytes.Buffer
+	if err := WriteDiffText(&text, d); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`    download.url: "https://dl.k8s.io/v1.37.1/kubelet" -> "https://dl.k8s.io/v1.37.2/kubelet"`,
+		`    summary: "kubelet v1.37.1" -> "kubelet v1.37.2"`,
+		`    file.mode: 0600 -> 0640`,
+		`    file.digest: <redacted> (changed: the secret's digest differs)`,
+		"+ machine:file:/etc/d\n  write /etc/d\n  file /etc/d  mode 0644",
+		"  | added line one\n  | added line two\n",
+		"- host:sysctl:net\n  was: forwarding\n  now: left on the host as it is",
+		"- machine:file:/etc/old\n  was: old file\n  now: left in the machine's root as it is",
+	} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("text lacks %q:\n%s", want, text.String())
+		}
+	}
+	d.SetUpgrade(&UpgradeNote{From: "kube1", To: "kube2"})
+	if err := WriteDiffJSON(&js, d); err != nil {
+		t.Fatal(err)
+	}
+	for _, out := range []string{text.String(), js.String()} {
+		for _, secret := range []string{"OLD-SECRET", "NEW-SECRET", stored.Steps[1].File.Digest, next.RedactKeepingDigests().Steps[2].File.Digest} {
+			if strings.Contains(out, secret) {
+				t.Errorf("the diff shows %q:\n%s", secret, out)
+			}
+		}
+	}
+	var back struct {
+		Changed []struct {
+			ID     string
+			Values []FieldChange
+		}
+		AddedSteps   []Step
+		RemovedSteps []RemovedStep
+	}
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range back.Changed {
+		for _, v := range c.Values {
+			got = append(got, fmt.Sprintf("%s %s: %v -> %v", c.ID, v.Field, v.Old, v.New))
+		}
+	}
+	for _, want := range []string{
+		"rootfs:download:kubelet download.checksumURL: https://dl.k8s.io/v1.37.1/kubelet.sha256 -> https://dl.k8s.io/v1.37.2/kubelet.sha256",
+		"machine:file:/kubeconfig file.digest: <redacted> -> <redacted>",
+	} {
+		if !slices.Contains(got, want) {
+			t.Errorf("JSON values lack %q: %q", want, got)
+		}
+	}
+	if len(back.AddedSteps) != 1 || back.AddedSteps[0].File.Contents != "added line one\nadded line two\n" {
+		t.Errorf("JSON added steps: %+v", back.AddedSteps)
+	}
+	if len(back.RemovedSteps) != 2 || !strings.HasPrefix(back.RemovedSteps[1].Effect, "not made in machine kube2") {
+		t.Errorf("JSON removed steps (an upgrade): %+v", back.RemovedSteps)
 	}
 }

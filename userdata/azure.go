@@ -39,7 +39,7 @@ func newAzure(opts Options, always bool) azure {
 
 func (azure) Name() string { return "azure" }
 
-func (a azure) Fetch(ctx context.Context) (string, []byte, error) {
+func (a azure) Fetch(ctx context.Context) (Source, error) {
 	var misses []string
 	data, err := readFile(filepath.Join(a.root, azureCustomData))
 	switch {
@@ -47,38 +47,39 @@ func (a azure) Fetch(ctx context.Context) (string, []byte, error) {
 		// Depending on the agent and its settings, custom data is stored
 		// base64-encoded or decoded: try both.
 		if decoded, ok := decodeBase64(data); ok {
-			if n, d, err := Extract(azureCustomData, decoded); err == nil || !errors.Is(err, ErrNoManifest) {
-				return n, d, err
+			if src, err := extractSource(azureCustomData, decoded); err == nil || !errors.Is(err, ErrNoManifest) {
+				// What the user wrote is the decoded text.
+				return src, err
 			}
 		}
-		n, d, err := Extract(azureCustomData, data)
+		src, err := extractSource(azureCustomData, data)
 		if err == nil || !errors.Is(err, ErrNoManifest) {
-			return n, d, err
+			return src, err
 		}
 		misses = append(misses, err.Error())
 	case errors.Is(err, fs.ErrNotExist):
 		misses = append(misses, azureCustomData+": not present")
 	default:
-		return "", nil, fmt.Errorf("azure: %s: %w", azureCustomData, err)
+		return Source{}, fmt.Errorf("azure: %s: %w", azureCustomData, err)
 	}
 	if !a.always {
 		tag, _ := os.ReadFile(filepath.Join(a.root, dmiAssetTag))
 		if strings.TrimSpace(string(tag)) != azureAssetTag {
-			return "", nil, fmt.Errorf("azure: %w: %s; IMDS not asked: not an Azure VM (%s)", ErrNoManifest, strings.Join(misses, "; "), dmiAssetTag)
+			return Source{}, fmt.Errorf("azure: %w: %s; IMDS not asked: not an Azure VM (%s)", ErrNoManifest, strings.Join(misses, "; "), dmiAssetTag)
 		}
 	}
-	name, data, err := a.imds(ctx)
+	src, err := a.imds(ctx)
 	if err != nil {
 		if errors.Is(err, ErrNoManifest) {
-			return "", nil, fmt.Errorf("azure: %w: %s; %s", ErrNoManifest, strings.Join(misses, "; "), strings.TrimPrefix(err.Error(), "azure: "))
+			return Source{}, fmt.Errorf("azure: %w: %s; %s", ErrNoManifest, strings.Join(misses, "; "), strings.TrimPrefix(err.Error(), "azure: "))
 		}
-		return "", nil, err
+		return Source{}, err
 	}
-	return name, data, nil
+	return src, nil
 }
 
 // imds fetches the VM's user data (base64) from IMDS.
-func (a azure) imds(ctx context.Context) (string, []byte, error) {
+func (a azure) imds(ctx context.Context) (Source, error) {
 	url := strings.TrimSuffix(a.imdsURL, "/") + imdsUserDataAt
 	// One minute for all of the client's attempts together: IMDS answers
 	// at once when it is there, and a VM without it should not wait long.
@@ -86,29 +87,29 @@ func (a azure) imds(ctx context.Context) (string, []byte, error) {
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return "", nil, fmt.Errorf("azure: IMDS request %s: %w", url, err)
+		return Source{}, fmt.Errorf("azure: IMDS request %s: %w", url, err)
 	}
 	req.Header.Set("Metadata", "true")
 	resp, err := a.client.Do(req)
 	if err != nil {
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: %w", url, err)
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: %w", url, err)
 	}
 	defer resp.Body.Close()
 	body, err := readLimited(resp.Body)
 	if err != nil {
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: read: %w", url, err)
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: read: %w", url, err)
 	}
 	switch {
 	case resp.StatusCode == http.StatusNotFound:
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: %w (%s)", url, ErrNoManifest, resp.Status)
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: %w (%s)", url, ErrNoManifest, resp.Status)
 	case resp.StatusCode != http.StatusOK:
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: %s: %s", url, resp.Status, bytes.TrimSpace(body[:min(len(body), 200)]))
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: %s: %s", url, resp.Status, bytes.TrimSpace(body[:min(len(body), 200)]))
 	case len(bytes.TrimSpace(body)) == 0:
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: %w (the VM has no user data)", url, ErrNoManifest)
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: %w (the VM has no user data)", url, ErrNoManifest)
 	}
 	decoded, ok := decodeBase64(body)
 	if !ok {
-		return "", nil, fmt.Errorf("azure: IMDS user data %s: not base64, as IMDS always sends it", url)
+		return Source{}, fmt.Errorf("azure: IMDS user data %s: not base64, as IMDS always sends it", url)
 	}
-	return Extract(imdsName, decoded)
+	return extractSource(imdsName, decoded)
 }

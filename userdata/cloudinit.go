@@ -11,6 +11,6 @@ type cloudInit struct{ root string }
 
 func (cloudInit) Name() string { return "cloud-init" }
 
-func (c cloudInit) Fetch(context.Context) (string, []byte, error) {
+func (c cloudInit) Fetch(context.Context) (Source, error) {
 	return storedUserData(c.root, cloudInitUserData)
 }

@@ -37,11 +37,11 @@ func Extract(name string, data []byte) (string, []byte, error) {
 // userDataOrAsIs is for a source the user named: user-data formats are
 // unwrapped, and anything else is returned unchanged so that manifest.Load
 // reports its errors with positions in the file itself.
-func userDataOrAsIs(name string, data []byte) (string, []byte, error) {
+func userDataOrAsIs(name string, data []byte) (Source, error) {
 	if isGzip(data) || isMIME(data) || hasFirstLine(data, "#cloud-config") {
-		return Extract(name, data)
+		return extractSource(name, data)
 	}
-	return name, data, nil
+	return Source{Name: name, Data: data, File: name, Mapped: true}, nil
 }
 
 func extract(name string, data []byte, depth int) (string, []byte, error) {

@@ -14,10 +14,10 @@ type file struct{ path string }
 
 func (file) Name() string { return "file" }
 
-func (f file) Fetch(context.Context) (string, []byte, error) {
+func (f file) Fetch(context.Context) (Source, error) {
 	data, err := readFile(f.path)
 	if err != nil {
-		return "", nil, fmt.Errorf("read manifest %s: %w", f.path, err)
+		return Source{}, fmt.Errorf("read manifest %s: %w", f.path, err)
 	}
 	return userDataOrAsIs(f.path, data)
 }
@@ -27,10 +27,10 @@ type stdin struct{ r io.Reader }
 
 func (stdin) Name() string { return "stdin" }
 
-func (s stdin) Fetch(context.Context) (string, []byte, error) {
+func (s stdin) Fetch(context.Context) (Source, error) {
 	data, err := readLimited(s.r)
 	if err != nil {
-		return "", nil, fmt.Errorf("read manifest from stdin: %w", err)
+		return Source{}, fmt.Errorf("read manifest from stdin: %w", err)
 	}
 	return userDataOrAsIs("<stdin>", data)
 }
@@ -41,13 +41,13 @@ type wellKnown struct{ root string }
 
 func (wellKnown) Name() string { return "file" }
 
-func (w wellKnown) Fetch(context.Context) (string, []byte, error) {
+func (w wellKnown) Fetch(context.Context) (Source, error) {
 	data, err := readFile(filepath.Join(w.root, WellKnownManifestPath))
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", nil, fmt.Errorf("%s: %w (not present)", WellKnownManifestPath, ErrNoManifest)
+		return Source{}, fmt.Errorf("%s: %w (not present)", WellKnownManifestPath, ErrNoManifest)
 	}
 	if err != nil {
-		return "", nil, fmt.Errorf("%s: %w", WellKnownManifestPath, err)
+		return Source{}, fmt.Errorf("%s: %w", WellKnownManifestPath, err)
 	}
 	return userDataOrAsIs(WellKnownManifestPath, data)
 }

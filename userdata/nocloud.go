@@ -30,12 +30,12 @@ func newNoCloud(opts Options) nocloud { return nocloud{root: opts.Root, run: opt
 
 func (nocloud) Name() string { return "nocloud" }
 
-func (n nocloud) Fetch(ctx context.Context) (string, []byte, error) {
+func (n nocloud) Fetch(ctx context.Context) (Source, error) {
 	var misses []string
 	for _, dir := range []string{nocloudSeedDir, nocloudNetSeed} {
-		name, data, err := storedUserData(n.root, filepath.Join(dir, "user-data"))
+		src, err := storedUserData(n.root, filepath.Join(dir, "user-data"))
 		if err == nil || !errors.Is(err, ErrNoManifest) {
-			return name, data, err
+			return src, err
 		}
 		misses = append(misses, err.Error())
 	}
@@ -46,24 +46,24 @@ func (n nocloud) Fetch(ctx context.Context) (string, []byte, error) {
 		}
 		return n.device(ctx, link)
 	}
-	return "", nil, fmt.Errorf("nocloud: %w: %s; no block device labelled cidata or CIDATA in %s",
+	return Source{}, fmt.Errorf("nocloud: %w: %s; no block device labelled cidata or CIDATA in %s",
 		ErrNoManifest, strings.Join(misses, "; "), byLabelDir)
 }
 
 // device mounts the cidata volume read-only on a temporary directory,
 // reads its user-data and unmounts it again.
-func (n nocloud) device(ctx context.Context, link string) (name string, data []byte, err error) {
+func (n nocloud) device(ctx context.Context, link string) (src Source, err error) {
 	dev, err := filepath.EvalSymlinks(filepath.Join(n.root, link))
 	if err != nil {
-		return "", nil, fmt.Errorf("nocloud: resolve %s: %w", link, err)
+		return Source{}, fmt.Errorf("nocloud: resolve %s: %w", link, err)
 	}
 	dir, err := os.MkdirTemp("", "nodespawn-cidata-")
 	if err != nil {
-		return "", nil, fmt.Errorf("nocloud: mount point for %s: %w", dev, err)
+		return Source{}, fmt.Errorf("nocloud: mount point for %s: %w", dev, err)
 	}
 	defer os.Remove(dir)
 	if _, err := n.run.Run(ctx, command.Options{}, "mount", "-o", "ro,nosuid,nodev,noexec", dev, dir); err != nil {
-		return "", nil, fmt.Errorf("nocloud: mount %s (%s) read-only: %w", dev, link, err)
+		return Source{}, fmt.Errorf("nocloud: mount %s (%s) read-only: %w", dev, link, err)
 	}
 	defer func() {
 		// A mount left behind would keep the seed device busy; say so.
@@ -71,13 +71,13 @@ func (n nocloud) device(ctx context.Context, link string) (name string, data []b
 			err = errors.Join(err, fmt.Errorf("nocloud: unmount %s: %w", dir, uerr))
 		}
 	}()
-	data, err = readFile(filepath.Join(dir, "user-data"))
-	name = dev + ":user-data"
+	data, err := readFile(filepath.Join(dir, "user-data"))
+	name := dev + ":user-data"
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", nil, fmt.Errorf("nocloud: %s: %w (the cidata volume has no user-data file)", name, ErrNoManifest)
+		return Source{}, fmt.Errorf("nocloud: %s: %w (the cidata volume has no user-data file)", name, ErrNoManifest)
 	}
 	if err != nil {
-		return "", nil, fmt.Errorf("nocloud: %s: %w", name, err)
+		return Source{}, fmt.Errorf("nocloud: %s: %w", name, err)
 	}
-	return Extract(name, data)
+	return extractSource(name, data)
 }

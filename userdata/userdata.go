@@ -75,7 +75,7 @@ type provider interface {
 	// path, with a suffix for where inside user-data: #part2,
 	// #write_files[0]). An error wrapping ErrNoManifest means the source
 	// holds none, so the next one may be tried.
-	Fetch(ctx context.Context) (name string, data []byte, err error)
+	Fetch(ctx context.Context) (Source, error)
 }
 
 // Read reads the manifest named by spec and returns a name for it (the
@@ -98,9 +98,17 @@ type provider interface {
 // Extract understands. When nothing matches, the error says which sources
 // were tried and why each did not match, and wraps ErrNoManifest.
 func Read(ctx context.Context, spec string, opts Options) (name string, data []byte, err error) {
+	src, err := ReadSource(ctx, spec, opts)
+	return src.Name, src.Data, err
+}
+
+// ReadSource is Read that also says where in the file the user-data came
+// from the manifest lies (Source.File, Where and the line mapping), so
+// errors in it can name lines of that file.
+func ReadSource(ctx context.Context, spec string, opts Options) (Source, error) {
 	p, err := open(spec, opts)
 	if err != nil {
-		return "", nil, err
+		return Source{}, err
 	}
 	return p.Fetch(ctx)
 }
@@ -151,35 +159,35 @@ type auto []provider
 
 func (auto) Name() string { return "auto" }
 
-func (a auto) Fetch(ctx context.Context) (string, []byte, error) {
+func (a auto) Fetch(ctx context.Context) (Source, error) {
 	var misses []string
 	for _, p := range a {
-		name, data, err := p.Fetch(ctx)
+		src, err := p.Fetch(ctx)
 		if err == nil {
-			slog.InfoContext(ctx, "manifest source found", "source", p.Name(), "name", name)
-			return name, data, nil
+			slog.InfoContext(ctx, "manifest source found", "source", p.Name(), "name", src.Name)
+			return src, nil
 		}
 		if !errors.Is(err, ErrNoManifest) {
-			return "", nil, fmt.Errorf("read manifest (auto, source %s): %w", p.Name(), err)
+			return Source{}, fmt.Errorf("read manifest (auto, source %s): %w", p.Name(), err)
 		}
 		misses = append(misses, err.Error())
 	}
-	return "", nil, fmt.Errorf("read manifest (auto): %w in any source:\n  %s\nwrite it to %s, or pass one with -f",
+	return Source{}, fmt.Errorf("read manifest (auto): %w in any source:\n  %s\nwrite it to %s, or pass one with -f",
 		ErrNoManifest, strings.Join(misses, "\n  "), WellKnownManifestPath)
 }
 
 // storedUserData reads a user-data file at p under root, as cloud-init or a
 // seed left it, and extracts the manifest. Messages name p as it is on the
 // host, without root.
-func storedUserData(root, p string) (string, []byte, error) {
+func storedUserData(root, p string) (Source, error) {
 	data, err := readFile(filepath.Join(root, p))
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", nil, fmt.Errorf("%s: %w (not present)", p, ErrNoManifest)
+		return Source{}, fmt.Errorf("%s: %w (not present)", p, ErrNoManifest)
 	}
 	if err != nil {
-		return "", nil, fmt.Errorf("%s: %w", p, err)
+		return Source{}, fmt.Errorf("%s: %w", p, err)
 	}
-	return Extract(p, data)
+	return extractSource(p, data)
 }
 
 func readFile(p string) ([]byte, error) {

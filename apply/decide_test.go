@@ -1,0 +1,151 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+)
+
+// startFails is a diskSystemd on which the machine's service fails to
+// start (after systemd tried: the machine may have run).
+type startFails struct{ *diskSystemd }
+
+func (s startFails) Start(ctx context.Context, unit string) (bool, error) {
+	if strings.HasPrefix(unit, "systemd-nspawn@") {
+		return false, errors.New("job for " + unit + " failed")
+	}
+	return s.diskSystemd.Start(ctx, unit)
+}
+
+// TestDecideIsWhatRunDoes: over the states a host can be in (fresh,
+// applied, a --root tree applied, a failed first run that never started
+// the machine, one that did, upgraded) and the manifests that can be
+// given (the same, another), what Decide says before the run is what Run
+// then does: the same action, and for a refusal the same error and exit
+// code. A failed first run whose machine never started is replaced by
+// another manifest without Force.
+func TestDecideIsWhatRunDoes(t *testing.T) {
+	broken := errors.New("kubelet: 404 Not Found (the test's bad pin)")
+	type state struct {
+		name string
+		// make brings a fresh root to the state; it returns the deps
+		// later runs use.
+		make func(t *testing.T, root string) Deps
+	}
+	diskDeps := func(root string) Deps {
+		deps, _, _, _ := testDeps()
+		deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+		return deps
+	}
+	run := func(t *testing.T, root, machine, version string, deps Deps, force bool) error {
+		t.Helper()
+		opts := upgradeOptions(root, version, deps)
+		opts.Force = force
+		_, err := Run(context.Background(), upgradePlan(machine, version), opts)
+		return err
+	}
+	states := []state{
+		{"fresh", func(t *testing.T, root string) Deps { return diskDeps(root) }},
+		{"applied", func(t *testing.T, root string) Deps {
+			deps := diskDeps(root)
+			must(t, run(t, root, "kube1", "A", deps, false))
+			return deps
+		}},
+		{"root tree applied", func(t *testing.T, root string) Deps {
+			// --root: no systemd, so no upgrade can switch machines.
+			deps, _, _, _ := testDeps()
+			deps.Systemd, deps.Host = nil, nil
+			must(t, run(t, root, "kube1", "A", deps, false))
+			return deps
+		}},
+		{"failed, never started", func(t *testing.T, root string) Deps {
+			deps, _, _, dl := testDeps()
+			deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+			dl.fail = map[string]error{"kubelet": broken}
+			if err := run(t, root, "kube1", "A", deps, false); !errors.Is(err, broken) {
+				t.Fatalf("the first run: %v, want the bad pin", err)
+			}
+			dl.fail = nil
+			return deps
+		}},
+		{"failed after the machine started", func(t *testing.T, root string) Deps {
+			deps := diskDeps(root)
+			failing := deps
+			failing.Systemd = startFails{deps.Systemd.(*diskSystemd)}
+			if err := run(t, root, "kube1", "A", failing, false); err == nil {
+				t.Fatal("the first run did not fail")
+			}
+			return deps
+		}},
+		{"upgraded", func(t *testing.T, root string) Deps {
+			deps := diskDeps(root)
+			must(t, run(t, root, "kube1", "A", deps, false))
+			must(t, run(t, root, "kube1", "B", deps, false))
+			return deps
+		}},
+	}
+	type given struct {
+		version string
+		force   bool
+	}
+	want := map[string]map[given]Action{
+		"fresh":                            {{"A", false}: ActionApply, {"B", false}: ActionApply, {"A", true}: ActionApply},
+		"applied":                          {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionUpgrade, {"A", true}: ActionForce},
+		"root tree applied":                {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionRefuse, {"B", true}: ActionForce},
+		"failed, never started":            {{"A", false}: ActionResume, {"B", false}: ActionReplace},
+		"failed after the machine started": {{"A", false}: ActionResume, {"B", false}: ActionRefuse, {"B", true}: ActionForce},
+		"upgraded":                         {{"B", false}: ActionAlreadyApplied, {"A", false}: ActionUpgrade, {"C", false}: ActionUpgrade},
+	}
+	for _, st := range states {
+		for g, wantAction := range want[st.name] {
+			t.Run(st.name+"/"+g.version+map[bool]string{true: "/force"}[g.force], func(t *testing.T) {
+				root := t.TempDir()
+				prepareRoot(t, root)
+				deps := st.make(t, root)
+				opts := upgradeOptions(root, g.version, deps)
+				opts.Force = g.force
+				p := upgradePlan("kube1", g.version)
+				d, err := Decide(p, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d.Action != wantAction {
+					t.Errorf("Decide: %s (%s), want %s", d.Action, d, wantAction)
+				}
+				res, err := Run(context.Background(), p, opts)
+				if d.Action == ActionRefuse {
+					if err == nil || err.Error() != d.Err.Error() || ExitCode(err) != d.Exit || d.Exit != ExitInput {
+						t.Errorf("Decide refused (exit %d: %v); Run: exit %d: %v", d.Exit, d.Err, ExitCode(err), err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatalf("Decide: %s; Run failed: %v", d, err)
+				}
+				if res.Decision == nil || res.Decision.Action != d.Action || res.Machine == "" {
+					t.Fatalf("Decide: %s; Run did %+v", d, res.Decision)
+				}
+				switch d.Action {
+				case ActionAlreadyApplied:
+					if !res.AlreadyApplied {
+						t.Errorf("Decide said already applied; Run applied")
+					}
+				case ActionUpgrade:
+					if res.Upgrade == nil || res.Upgrade.Outcome != OutcomeSwitched || res.Machine != d.Machine || res.Upgrade.From != d.From {
+						t.Errorf("Decide: %s; Run: machine %s, upgrade %+v", d, res.Machine, res.Upgrade)
+					}
+				default:
+					if res.AlreadyApplied || res.Upgrade != nil || res.Machine != d.Machine {
+						t.Errorf("Decide: %s; Run: %+v", d, res)
+					}
+				}
+				// Once done, the same manifest is applied: both say so.
+				again, err := Decide(p, opts)
+				if err != nil || (again.Action != ActionAlreadyApplied && !g.force) {
+					t.Errorf("after the run, Decide says %v %v; want already applied", again, err)
+				}
+			})
+		}
+	}
+}
