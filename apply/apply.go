@@ -259,7 +259,16 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
 		return nil, &ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile), Machine: p.Machine}
 	}
 	cur := st.Applied[p.Machine]
-	if !opts.Force && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
+	// A machine this manifest made whose root is broken (a layer gone from
+	// the store, its upper directory gone) is repaired by running the plan
+	// again, never taken as applied.
+	repairing := false
+	if cur.Succeeded && sameManifest(cur, opts) {
+		if repairing, err = r.repairRoot(ctx, p); err != nil {
+			return nil, fmt.Errorf("apply: %w", err)
+		}
+	}
+	if !opts.Force && !repairing && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
 		if err := writeStamp(host, planDigest); err != nil {

@@ -1,0 +1,214 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
+)
+
+// TestStatusAndApplyRepairABrokenLayerRoot: a machine root composed from
+// the layer store, pulled from a real registry (Debian's docker-registry)
+// on loopback, is broken as an operator or a failing disk would break it:
+// a layer deleted from the store, then the machine's upper directory
+// deleted. Each time status says degraded (exit 2) naming the piece, apply
+// repairs instead of saying "already applied" (fetching the one missing
+// layer, or none), and status says done again.
+func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: overlayfs mounts, the rootfs keeps the image's owners")
+	}
+	bin, err := exec.LookPath("docker-registry")
+	if err != nil {
+		t.Skip("needs the docker-registry package (Debian) for a real registry on loopback")
+	}
+	work := t.TempDir()
+	t.Cleanup(func() { unmountUnder(t, work) })
+	addr := startRegistry(t, bin)
+	ref, layerIDs := pushTwoLayers(t, addr)
+	_, srv := newMirror(t)
+	m := pipelineManifest("LAYOUT", srv.URL, "")
+	m = strings.Replace(m, "    layout:\n      path: LAYOUT\n      reference: v1\n",
+		fmt.Sprintf("    image: %s\n    store: layers\n    plainHTTP: [%s]\n", ref, addr), 1)
+	mf := filepath.Join(work, "node.yaml")
+	must(t, os.WriteFile(mf, []byte(m), 0o600))
+	root := filepath.Join(work, "root")
+	// The test root's own /proc/filesystems tells the probe overlayfs is there.
+	must(t, os.MkdirAll(filepath.Join(root, "proc"), 0o755))
+	must(t, os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644))
+
+	fetched := regexp.MustCompile(`msg="machine root layers".* fetched=(\d+)`)
+	applyRun := func(wantFetched string) string {
+		t.Helper()
+		code, out, errOut := cli(t, "", "apply", "-f", mf, "--root", root)
+		if code != 0 {
+			t.Fatalf("apply: exit %d\n%s\n%s", code, out, errOut)
+		}
+		if strings.Contains(out, "already applied") {
+			t.Fatalf("apply said already applied:\n%s\n%s", out, errOut)
+		}
+		if got := fetched.FindStringSubmatch(errOut); got == nil || got[1] != wantFetched {
+			t.Fatalf("apply fetched %v layers, want %s:\n%s", got, wantFetched, errOut)
+		}
+		for _, l := range strings.Split(errOut, "\n") {
+			if strings.Contains(l, "level=WARN") && (strings.Contains(l, "machine root") || strings.Contains(l, "layer store")) {
+				t.Logf("apply: %s", l)
+			}
+		}
+		return errOut
+	}
+	status := func(wantCode int, want ...string) *apply.Status {
+		t.Helper()
+		code, out, errOut := cli(t, "", "status", "--root", root, "--long")
+		if code != wantCode {
+			t.Fatalf("status: exit %d, want %d\n%s\n%s", code, wantCode, out, errOut)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("status lacks %q:\n%s", w, out)
+			}
+		}
+		t.Logf("status (exit %d): %s", code, out)
+		_, js, _ := cli(t, "", "status", "--root", root, "-o", "json")
+		var st apply.Status
+		must(t, json.Unmarshal([]byte(js), &st))
+		return &st
+	}
+	machineRoot := filepath.Join(root, "var/lib/machines/pipe")
+	hostname := func() string {
+		b, _ := os.ReadFile(filepath.Join(machineRoot, "etc/hostname"))
+		return string(b)
+	}
+
+	applyRun("2")
+	status(0, "done")
+	if code, out, _ := cli(t, "", "apply", "-f", mf, "--root", root); code != 0 || !strings.Contains(out, "already applied") {
+		t.Fatalf("a whole root applied again: exit %d, %q; want already applied", code, out)
+	}
+	wantHostname := hostname()
+	if wantHostname == "" {
+		t.Fatal("apply wrote no etc/hostname into the machine root")
+	}
+
+	// A layer deleted from the store (the root unmounted first: this
+	// test's own scratch root).
+	top := layerIDs[1]
+	unmountUnder(t, root)
+	must(t, os.RemoveAll(filepath.Join(root, "var/lib/nodespawn/layers/sha256", top.Encoded())))
+	st := status(2, "degraded: applied, but layer 2/2 "+top.String()+" is missing from the layer store", "run nodespawn apply to repair")
+	if len(st.RootProblems) != 1 || st.RootProblems[0].DiffID != top || st.RootProblems[0].Part != "layer" || st.State != apply.StateDegraded {
+		t.Fatalf("status JSON: %s, %+v; want degraded with the one missing layer %s", st.State, st.RootProblems, top)
+	}
+	applyRun("1")
+	status(0, "done")
+	if got := hostname(); got != wantHostname {
+		t.Errorf("etc/hostname after the layer's repair: %q, want %q", got, wantHostname)
+	}
+	if b, err := os.ReadFile(filepath.Join(machineRoot, "etc/release")); err != nil || string(b) != "v2\n" {
+		t.Errorf("the fetched layer's file: %q, %v", b, err)
+	}
+
+	// The upper directory deleted: made again, empty; apply writes its
+	// files again, and what the machine wrote is gone (the log says so).
+	must(t, os.WriteFile(filepath.Join(machineRoot, "etc/machine-wrote"), []byte("x"), 0o644))
+	unmountUnder(t, root)
+	upper := "/var/lib/nodespawn/machines/pipe/overlay/upper"
+	must(t, os.RemoveAll(filepath.Join(root, upper)))
+	st = status(2, "degraded: applied, but the upper directory of machine root", upper)
+	if len(st.RootProblems) != 1 || st.RootProblems[0].Part != "upper" || !strings.HasSuffix(st.RootProblems[0].Path, upper) {
+		t.Fatalf("status JSON: %+v; want the upper directory %s", st.RootProblems, upper)
+	}
+	if log := applyRun("0"); !strings.Contains(log, "is lost") {
+		t.Errorf("the repair of the upper directory does not say what is lost:\n%s", log)
+	}
+	status(0, "done")
+	if got := hostname(); got != wantHostname {
+		t.Errorf("etc/hostname after the upper directory's repair: %q, want %q", got, wantHostname)
+	}
+	if _, err := os.Lstat(filepath.Join(machineRoot, "etc/machine-wrote")); !os.IsNotExist(err) {
+		t.Errorf("the machine's own file after its upper directory was lost: %v", err)
+	}
+}
+
+// pushTwoLayers pushes an image of two layers (a small base tree and a
+// release file on top) to the registry at addr and returns its reference
+// and DiffIDs, bottom first.
+func pushTwoLayers(t *testing.T, addr string) (string, []digest.Digest) {
+	t.Helper()
+	ctx := context.Background()
+	ref := addr + "/nodespawn/repair:v2"
+	dst, tag, err := imagebuild.Repository(ref, true)
+	must(t, err)
+	// The pipeline test's base tree (buildLayout's), then a file on top.
+	tree := filepath.Join(t.TempDir(), "tree")
+	for p, body := range map[string]string{
+		"etc/os-release": "ID=test\n",
+		"etc/passwd":     "root:x:0:0:root:/root:/bin/sh\n",
+		"etc/group":      "root:x:0:\n",
+	} {
+		must(t, os.MkdirAll(filepath.Join(tree, filepath.Dir(p)), 0o755))
+		must(t, os.WriteFile(filepath.Join(tree, p), []byte(body), 0o644))
+	}
+	for _, d := range []string{"run", "var", "usr/local/bin"} {
+		must(t, os.MkdirAll(filepath.Join(tree, d), 0o755))
+	}
+	must(t, os.Symlink("/run", filepath.Join(tree, "var/run")))
+	must(t, os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")))
+	opts := imagebuild.Options{Platform: "linux/" + runtime.GOARCH}
+	b, err := imagebuild.Build(ctx, tree, dst, tag, opts)
+	must(t, err)
+	topTree := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(topTree, "etc"), 0o755))
+	must(t, os.WriteFile(filepath.Join(topTree, "etc/release"), []byte("v2\n"), 0o644))
+	res, err := imagebuild.Extend(ctx, dst, b, topTree, tag, opts)
+	must(t, err)
+	return ref, []digest.Digest{b.DiffID, res.DiffID}
+}
+
+// startRegistry runs Debian's docker-registry on a loopback port for the
+// test's length and returns its address.
+func startRegistry(t *testing.T, bin string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	dir := t.TempDir()
+	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)
+	must(t, os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644))
+	cmd := exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	must(t, cmd.Start())
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for range 100 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return addr
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("registry did not listen on %s: %s", addr, out.String())
+	return ""
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
