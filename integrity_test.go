@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -18,7 +19,9 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/layers"
 )
 
 // TestStatusAndApplyRepairABrokenLayerRoot: a machine root composed from
@@ -181,7 +184,7 @@ func pushTwoLayers(t *testing.T, addr string) (string, []digest.Digest) {
 
 // startRegistry runs Debian's docker-registry on a loopback port for the
 // test's length and returns its address.
-func startRegistry(t *testing.T, bin string) string {
+func startRegistry(t testing.TB, bin string) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	must(t, err)
@@ -206,9 +209,118 @@ func startRegistry(t *testing.T, bin string) string {
 	return ""
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// BenchmarkStatusLayerRoot times `nodespawn status --root` on a root whose
+// machine root is composed of an image of benchLayers layers (a base with
+// a distribution's top level, small layers on it), and the part of it that
+// is the root's check. With NODESPAWN_BENCH_STATUS_BIN set to nodespawn
+// binaries (colon-separated: an older build to compare with, say), each is
+// also timed as a whole process on the same root.
+func BenchmarkStatusLayerRoot(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: overlayfs mounts")
+	}
+	bin, err := exec.LookPath("docker-registry")
+	if err != nil {
+		b.Skip("needs the docker-registry package (Debian)")
+	}
+	work := b.TempDir()
+	b.Cleanup(func() { unmountUnder(b, work) })
+	addr := startRegistry(b, bin)
+	ref := benchImage(b, addr)
+	_, srv := newMirror(b)
+	m := pipelineManifest("LAYOUT", srv.URL, "")
+	m = strings.Replace(m, "    layout:\n      path: LAYOUT\n      reference: v1\n",
+		fmt.Sprintf("    image: %s\n    store: layers\n    plainHTTP: [%s]\n", ref, addr), 1)
+	mf := filepath.Join(work, "node.yaml")
+	must(b, os.WriteFile(mf, []byte(m), 0o600))
+	root := filepath.Join(work, "root")
+	must(b, os.MkdirAll(filepath.Join(root, "proc"), 0o755))
+	must(b, os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644))
+	var out, errb bytes.Buffer
+	if code := run([]string{"apply", "-f", mf, "--root", root}, strings.NewReader(""), &out, &errb); code != 0 {
+		b.Fatalf("apply: exit %d\n%s", code, errb.String())
+	}
+	b.Run("status", func(b *testing.B) {
+		for b.Loop() {
+			out.Reset()
+			if code := run([]string{"status", "--root", root}, strings.NewReader(""), &out, io.Discard); code != 0 {
+				b.Fatalf("status: exit %d: %s", code, out.String())
+			}
+		}
+	})
+	b.Run("check", func(b *testing.B) {
+		host, err := confine.Open(root)
+		must(b, err)
+		defer host.Close()
+		store := layers.At(host, "/var/lib/nodespawn/layers")
+		lm := layers.Machine{Target: "/var/lib/machines/pipe", Dir: "/var/lib/nodespawn/machines/pipe/overlay"}
+		for b.Loop() {
+			h, err := store.Check(lm)
+			if err != nil || len(h.Problems) != 0 || !h.Mounted || len(h.Image.Layers) != benchLayers {
+				b.Fatalf("Check: %+v %v", h, err)
+			}
+		}
+	})
+	for _, exe := range strings.Split(os.Getenv("NODESPAWN_BENCH_STATUS_BIN"), ":") {
+		if exe == "" {
+			continue
+		}
+		b.Run("process="+filepath.Base(filepath.Dir(exe))+"/"+filepath.Base(exe), func(b *testing.B) {
+			for b.Loop() {
+				if out, err := exec.Command(exe, "status", "--root", root).CombinedOutput(); err != nil || string(out) != "done\n" {
+					b.Fatalf("%s status: %v %s", exe, err, out)
+				}
+			}
+		})
+	}
+}
+
+// benchLayers is how many layers BenchmarkStatusLayerRoot's image has.
+const benchLayers = 12
+
+// benchImage pushes an image of benchLayers layers to the registry at
+// addr: a base with a distribution's top level (the pipeline's files in
+// it), then small layers of a few top-level entries each.
+func benchImage(b *testing.B, addr string) string {
+	ctx := context.Background()
+	ref := addr + "/nodespawn/bench:v1"
+	dst, tag, err := imagebuild.Repository(ref, true)
+	must(b, err)
+	tree := filepath.Join(b.TempDir(), "tree")
+	for p, body := range map[string]string{
+		"etc/os-release": "ID=test\n",
+		"etc/passwd":     "root:x:0:0:root:/root:/bin/sh\n",
+		"etc/group":      "root:x:0:\n",
+	} {
+		must(b, os.MkdirAll(filepath.Join(tree, filepath.Dir(p)), 0o755))
+		must(b, os.WriteFile(filepath.Join(tree, p), []byte(body), 0o644))
+	}
+	for _, d := range []string{"run", "var/lib", "usr/local/bin", "usr/lib", "boot", "dev", "home", "media", "mnt", "opt", "proc", "root", "srv", "sys", "tmp"} {
+		must(b, os.MkdirAll(filepath.Join(tree, d), 0o755))
+	}
+	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
+		must(b, os.Symlink("usr/"+l, filepath.Join(tree, l)))
+	}
+	must(b, os.Symlink("/run", filepath.Join(tree, "var/run")))
+	must(b, os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")))
+	opts := imagebuild.Options{Platform: "linux/" + runtime.GOARCH}
+	res, err := imagebuild.Build(ctx, tree, dst, tag, opts)
+	must(b, err)
+	for i := 2; i <= benchLayers; i++ {
+		top := b.TempDir()
+		must(b, os.MkdirAll(filepath.Join(top, "etc"), 0o755))
+		must(b, os.MkdirAll(filepath.Join(top, "usr/lib", fmt.Sprint("pkg", i)), 0o755))
+		must(b, os.WriteFile(filepath.Join(top, "etc", fmt.Sprint("layer", i)), []byte("x\n"), 0o644))
+		if res, err = imagebuild.Extend(ctx, dst, res, top, tag, opts); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return ref
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"os"
 	"path"
 	"strings"
 	"time"
@@ -40,7 +41,15 @@ func (s *Store) stampPath(id digest.Digest) string {
 // stampOf is the stamp of the layer tree in dir (a path in the root) with
 // note.
 func (s *Store) stampOf(dir string, note []byte) ([]byte, error) {
-	es, err := s.root.ReadDir(dir)
+	// The entries' names and types as the directory lists them (d_type),
+	// the directory resolved in the root: Root.ReadDir would stat every
+	// entry on its own, three calls each, on every status.
+	var es []fs.DirEntry
+	err := s.root.InDir(dir, func(d string) error {
+		var err error
+		es, err = os.ReadDir(d)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
