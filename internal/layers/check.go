@@ -111,7 +111,9 @@ func (s *Store) sweepStamps() error {
 
 // Problem is one thing wrong with a machine root composed of layers.
 type Problem struct {
-	// Part is what is wrong: "record", "layer", "upper" or "work".
+	// Part is what is wrong: "record", "layer", "upper" or "work" (and
+	// "mount" or "check" where apply adds what it knows: the machine runs
+	// on an unmounted root, the root could not be looked at).
 	Part string `json:"part"`
 	// Path is the missing or damaged piece, a path in the root (as
 	// Root.Show writes it).
@@ -309,11 +311,9 @@ func (s *Store) Repair(ctx context.Context, m Machine, h Health, log *slog.Logge
 			log.Warn("machine root: its record is missing or unreadable; the root is made again from its image, and what was written to it is lost",
 				"target", root.Show(m.Target), "record", root.Show(rec))
 		case "layer":
-			have, err := s.Has(p.DiffID)
-			if err != nil {
-				return err
-			}
-			if have {
+			// Whatever is at the layer's name (a directory not as
+			// unpacked, or not a directory at all) goes.
+			if _, err := root.Lstat(s.Path(p.DiffID)); err == nil {
 				if err := s.discard(p.DiffID); err != nil {
 					return fmt.Errorf("repair machine root %s: %w", root.Show(m.Target), err)
 				}

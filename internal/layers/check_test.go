@@ -82,6 +82,11 @@ func TestCheckFindsEachBrokenPiece(t *testing.T) {
 		unpak digest.Digest // the layer the repair leaves for the pull
 	}{
 		{"layer removed", func() { unmount(); must(t, os.RemoveAll(s.Path(lower))) }, "layer", "is missing from the layer store", false, lower, lower},
+		{"layer a file", func() {
+			unmount()
+			must(t, os.RemoveAll(s.Path(lower)))
+			must(t, os.WriteFile(s.Path(lower), nil, 0o644))
+		}, "layer", "is not a directory", false, lower, lower},
 		{"layer emptied", func() {
 			es, _ := os.ReadDir(s.Path(lower))
 			for _, e := range es {
