@@ -262,13 +262,13 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
 	// A machine this manifest made whose root is broken (a layer gone from
 	// the store, its upper directory gone) is repaired by running the plan
 	// again, never taken as applied.
-	repairing := false
-	if cur.Succeeded && sameManifest(cur, opts) {
-		if repairing, err = r.repairRoot(ctx, p); err != nil {
+	var fix *rootFix
+	if sameManifest(cur, opts) {
+		if fix, err = r.brokenRoot(ctx, p, cur); err != nil {
 			return nil, fmt.Errorf("apply: %w", err)
 		}
 	}
-	if !opts.Force && !repairing && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
+	if !opts.Force && fix == nil && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
 		if err := writeStamp(host, planDigest); err != nil {
@@ -311,7 +311,15 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan) (*Result, error) {
 		opts.afterStep(0)
 	}
 	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
-	runErr := ex.run(ctx, plan.Phases...)
+	var runErr error
+	if fix != nil {
+		// Only now, with the run recorded: a run killed during the repair
+		// is resumed, not taken for applied.
+		runErr = r.repair(ctx, fix)
+	}
+	if runErr == nil {
+		runErr = ex.run(ctx, plan.Phases...)
+	}
 	if runErr == nil {
 		runErr = ex.pruneDownloads()
 	}

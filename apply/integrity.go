@@ -61,33 +61,50 @@ func problemLines(h layers.Health) []string {
 	return out
 }
 
-// repairRoot is what apply does instead of "already applied" when the
-// machine root of p, applied, is broken: it says what is broken, stops
-// the machine when it runs (its root is unmounted and mounted again), and
-// readies the root for the run that follows (layers.Store.Repair): the
-// image step fetches the missing layers and composes the root again, and
-// every other step puts back what the root lacks.
-func (r *run) repairRoot(ctx context.Context, p *plan.Plan) (repairing bool, err error) {
+// rootFix is a repair of the machine root of p that Check found broken.
+type rootFix struct {
+	p       *plan.Plan
+	h       layers.Health
+	store   *layers.Store
+	running bool
+}
+
+// brokenRoot is what apply does before it says "already applied" (and
+// before it resumes or converges): it looks at the machine root of p and
+// returns the repair it needs, nil for none. A root that was never
+// composed (no record, and no run of p succeeded: a first run killed
+// before its image step ended) is left to the image step.
+func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur Applied) (*rootFix, error) {
 	running := false
-	if sd := r.opts.Deps.Systemd; sd != nil {
+	if sd := r.opts.Deps.Systemd; sd != nil && layerImage(p) != nil {
+		var err error
 		if running, err = sd.MachineRegistered(ctx, p.Machine); err != nil {
-			return false, err
+			return nil, err
 		}
 	}
 	h, store, err := checkRoot(r.host, p, running)
-	if err != nil || len(h.Problems) == 0 {
-		return false, err
+	if err != nil || len(h.Problems) == 0 || (!cur.Succeeded && h.Image == nil) {
+		return nil, err
 	}
-	r.log.Warn("applied, but the machine root is broken; repairing it instead of saying already applied",
-		"machine", p.Machine, "problems", strings.Join(problemLines(h), "; "))
-	if running {
-		r.log.Info("stopping the machine to repair its root; the run starts it again", "machine", p.Machine)
-		if err := r.stopMachine(ctx, p.Machine); err != nil {
-			return true, err
+	what := "applied, but the machine root is broken; repairing it instead of saying already applied"
+	if !cur.Succeeded {
+		what = "the machine root is broken (an interrupted run or repair); repairing it"
+	}
+	r.log.Warn(what, "machine", p.Machine, "problems", strings.Join(problemLines(h), "; "))
+	return &rootFix{p: p, h: h, store: store, running: running}, nil
+}
+
+// repair stops the machine when it runs (its root is unmounted and
+// mounted again) and readies the root for the run (layers.Store.Repair):
+// the image step fetches the missing layers and composes the root again,
+// and every other step puts back what the root lacks; the start steps
+// start the machine again.
+func (r *run) repair(ctx context.Context, f *rootFix) error {
+	if f.running {
+		r.log.Info("stopping the machine to repair its root; the run starts it again", "machine", f.p.Machine)
+		if err := r.stopMachine(ctx, f.p.Machine); err != nil {
+			return err
 		}
 	}
-	if err := store.Repair(ctx, layerMachine(layerImage(p)), h, r.log); err != nil {
-		return true, err
-	}
-	return true, nil
+	return f.store.Repair(ctx, layerMachine(layerImage(f.p)), f.h, r.log)
 }

@@ -150,3 +150,68 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 }
 
 var quietLog = captureLog(new(bytes.Buffer))
+
+// TestInterruptedRepairResumes: a repair killed after it began (the run
+// recorded, the root unmounted, the lost upper directory made again,
+// empty, the machine stopped) is never taken for applied: the next apply
+// resumes it and puts back every file the plan writes into the root.
+func TestInterruptedRepairResumes(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: overlayfs mounts, the image keeps its owners")
+	}
+	ctx := context.Background()
+	root := t.TempDir()
+	host, err := confine.Open(root)
+	must(t, err)
+	t.Cleanup(func() {
+		layers.Unmount(context.Background(), host, testRootfs, 10*time.Second, quietLog)
+		host.Close()
+	})
+	p, opts, sd, _ := layerFixture(t, root)
+	if _, err := Run(ctx, p, opts); err != nil {
+		t.Fatal(err)
+	}
+	must(t, layers.Unmount(ctx, host, testRootfs, 10*time.Second, quietLog))
+	must(t, os.RemoveAll(filepath.Join(root, render.OverlayDir(testMachine), "upper")))
+
+	// The repairing run dies once its run is recorded, before its steps;
+	// what it did of the repair is done here by hand.
+	type killed struct{}
+	killing := opts
+	killing.afterStep = func(n int) {
+		if n == 0 {
+			panic(killed{})
+		}
+	}
+	func() {
+		defer func() {
+			if v := recover(); v != (killed{}) {
+				t.Fatalf("the repairing run was not stopped at its start: %v", v)
+			}
+		}()
+		Run(ctx, p, killing)
+	}()
+	store := layers.At(host, render.LayerStoreDir)
+	lm := layerMachine(layerImage(p))
+	h, err := store.Check(lm)
+	must(t, err)
+	must(t, store.Repair(ctx, lm, h, quietLog))
+	delete(sd.registered, testMachine)
+	sd.active["systemd-nspawn@kube1.service"] = false
+	if h, err := store.Check(lm); err != nil || len(h.Problems) != 0 {
+		t.Fatalf("after the interrupted repair Check finds %+v %v; want nothing (what makes this test)", h.Problems, err)
+	}
+
+	res, err := Run(ctx, p, opts)
+	if err != nil || res.AlreadyApplied {
+		t.Fatalf("apply after an interrupted repair: %+v %v; want a resumed run", res, err)
+	}
+	st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
+	must(t, err)
+	if st.State != StateDone {
+		t.Fatalf("status after the resumed repair: %s %q", st.State, st.Summary)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, testRootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
+		t.Errorf("etc/hostname after the resumed repair: %q %v", b, err)
+	}
+}
