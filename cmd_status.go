@@ -43,7 +43,9 @@ func newStatusCmd() *cobra.Command {
 services the node needs active: nvidia-fabricmanager on an NVSwitch GPU host)
 and prints one line: not run, running: step X (n/m), done, error: step X:
 reason, or degraded: applied, but ... (the machine, a node unit or such a host
-service is down now).
+service is down now, or the machine root composed from the layer store is
+broken: a layer missing from the store or not as it was unpacked, its upper
+directory gone; apply repairs it).
 
 Exit codes, as cloud-init status gives them: 0 done (also running or not run
 without --wait), 1 error, 2 degraded.
@@ -169,6 +171,9 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 		}
 		if st.Total > 0 {
 			line("steps", fmt.Sprintf("%d/%d with an outcome", st.Finished, st.Total))
+		}
+		for _, p := range st.RootProblems {
+			line("broken", p.Detail)
 		}
 		for _, c := range st.Checks {
 			mark := "ok"

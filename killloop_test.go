@@ -318,7 +318,7 @@ func lineDiff(a, b string) string {
 }
 
 // unmountUnder unmounts every mount below dir, deepest first.
-func unmountUnder(t *testing.T, dir string) {
+func unmountUnder(t testing.TB, dir string) {
 	t.Helper()
 	ms, err := mounts.Read()
 	if err != nil {

@@ -59,7 +59,7 @@ func sha(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
-func tarGz(t *testing.T, files map[string]string) []byte {
+func tarGz(t testing.TB, files map[string]string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	zw := gzip.NewWriter(&buf)
@@ -81,7 +81,7 @@ func tarGz(t *testing.T, files map[string]string) []byte {
 	return buf.Bytes()
 }
 
-func newMirror(t *testing.T) (*mirror, *httptest.Server) {
+func newMirror(t testing.TB) (*mirror, *httptest.Server) {
 	t.Helper()
 	m := &mirror{files: map[string][]byte{}, hits: map[string]int{}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -135,13 +135,6 @@ func atoi(s string) int {
 	return n
 }
 
-func must(t *testing.T, err error) {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 func readString(t *testing.T, p string) string {
 	b, err := os.ReadFile(p)
 	must(t, err)

@@ -256,7 +256,17 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 	opts, log, host, st := r.opts, r.log, r.host, r.st
 	planDigest := p.Digest()
 	cur := st.Applied[p.Machine]
-	if !opts.Force && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
+	// A machine this manifest made whose root is broken (a layer gone from
+	// the store, its upper directory gone) is repaired by running the plan
+	// again, never taken as applied.
+	var fix *rootFix
+	if sameManifest(cur, opts) {
+		var err error
+		if fix, err = r.brokenRoot(ctx, p, cur); err != nil {
+			return nil, fmt.Errorf("apply: %w", err)
+		}
+	}
+	if !opts.Force && fix == nil && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
 		if err := writeStamp(host, planDigest); err != nil {
@@ -299,7 +309,15 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 		opts.afterStep(0)
 	}
 	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
-	runErr := ex.run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine)
+	var runErr error
+	if fix != nil {
+		// Only now, with the run recorded: a run killed during the repair
+		// is resumed, not taken for applied.
+		runErr = r.repair(ctx, fix)
+	}
+	if runErr == nil {
+		runErr = ex.run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine)
+	}
 	if runErr != nil {
 		if err := ex.skip(phaseSteps(p, plan.PhaseStart), "not run: "+failedStep(runErr)); err != nil {
 			return nil, err

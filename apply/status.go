@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -36,7 +37,8 @@ const (
 	// StateError: the last apply failed, or was killed before it ended.
 	StateError State = "error"
 	// StateDegraded: the last apply succeeded, but the machine or its
-	// containerd or kubelet is not running now.
+	// containerd or kubelet is not running now, or its root is broken
+	// (Status.RootProblems).
 	StateDegraded State = "degraded"
 )
 
@@ -78,6 +80,11 @@ type Status struct {
 	// Checks are the live look at the machine (empty when the root is not
 	// the running host).
 	Checks []Check `json:"checks,omitempty"`
+	// RootProblems are what is broken in the machine root composed from
+	// the layer store (a layer missing from the store or not as it was
+	// unpacked, the upper directory gone), each naming the piece; apply
+	// repairs them. Any makes the state degraded.
+	RootProblems []layers.Problem `json:"rootProblems,omitempty"`
 	// Journal is the first-boot unit's last lines, with StatusOptions.Long
 	// after an error.
 	Journal string `json:"journal,omitempty"`
@@ -232,21 +239,38 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		}
 	default:
 		st.State, st.Summary = StateDone, string(StateDone)
+		var bad []string
+		running := false
 		if opts.Systemd != nil && st.Machine != "" {
 			var hostUnits []string
 			if applied != nil {
 				hostUnits = applied.HostUnits
 			}
 			st.Checks = liveChecks(ctx, opts.Systemd, st.Machine, hostUnits)
-			var bad []string
+			running = len(st.Checks) > 0 && st.Checks[0].OK
 			for _, c := range st.Checks {
 				if !c.OK {
 					bad = append(bad, c.Detail)
 				}
 			}
-			if len(bad) > 0 {
-				st.State = StateDegraded
-				st.Summary = "degraded: applied, but " + strings.Join(bad, ", ")
+		}
+		if applied != nil && applied.Machine == st.Machine {
+			// The machine root composed from the layer store: its record,
+			// layers, upper and work directories (no tree is walked).
+			h, _, err := checkRoot(host, applied, running)
+			if err != nil {
+				h.Problems = append(h.Problems, layers.Problem{Part: "check", Detail: err.Error()})
+			}
+			st.RootProblems = h.Problems
+		}
+		if len(st.RootProblems) > 0 {
+			bad = append(bad, problemLines(layers.Health{Problems: st.RootProblems})...)
+		}
+		if len(bad) > 0 {
+			st.State = StateDegraded
+			st.Summary = "degraded: applied, but " + strings.Join(bad, ", ")
+			if len(st.RootProblems) > 0 {
+				st.Summary += "; run nodespawn apply to repair the machine root"
 			}
 		}
 	}

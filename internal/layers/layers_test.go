@@ -124,8 +124,8 @@ func TestUnpackSameLayerConcurrently(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
-		t.Fatalf("store holds %v, want only sha256/ (no staging left)", got)
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256", "stamps"}) {
+		t.Fatalf("store holds %v, want only sha256/ and stamps/ (no staging left)", got)
 	}
 	if got := names(t, filepath.Join(s.dir, "sha256")); !slices.Equal(got, []string{a.Encoded()}) {
 		t.Fatalf("layers %v", got)
@@ -150,7 +150,7 @@ func TestSweepAndCollect(t *testing.T) {
 	if err := s.Sweep(quiet); err != nil {
 		t.Fatal(err)
 	}
-	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256", "stamps"}) {
 		t.Fatalf("after Sweep: %v", got)
 	}
 	gone, err := s.Collect(map[digest.Digest]bool{ids[1]: true}, quiet)
@@ -166,8 +166,11 @@ func TestSweepAndCollect(t *testing.T) {
 	if !slices.Equal(left, []digest.Digest{ids[1]}) {
 		t.Fatalf("left %v, want %v", left, ids[1])
 	}
-	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256"}) {
+	if got := names(t, s.dir); !slices.Equal(got, []string{"sha256", "stamps"}) {
 		t.Fatalf("after Collect: %v", got)
+	}
+	if got := names(t, filepath.Join(s.dir, "stamps")); !slices.Equal(got, []string{ids[1].Encoded()}) {
+		t.Fatalf("stamps after Collect: %v, want the kept layer's only", got)
 	}
 }
 

@@ -36,6 +36,8 @@ import (
 //	                       xattr), whole whenever it has this name
 //	<dir>/notes/<hex>      what the unpacker noted about the layer, if
 //	                       anything (written before the layer's name)
+//	<dir>/stamps/<hex>     the layer's top-level entries and note, for
+//	                       Check (written before the layer's name)
 //	<dir>/.unpack-<rand>   a layer being unpacked
 //	<dir>/.trash-<rand>    a layer being deleted
 type Store struct {
@@ -132,6 +134,9 @@ func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir stri
 	if err := s.writeNote(id, note); err != nil {
 		return false, err
 	}
+	if err := s.writeStamp(id, stage, note); err != nil {
+		return false, err
+	}
 	// The layer's files reach the disk before its name does: a power cut
 	// after the rename finds them whole.
 	if err := s.root.Syncfs(stage); err != nil {
@@ -203,7 +208,8 @@ func (s *Store) List() ([]digest.Digest, error) {
 }
 
 // Sweep removes what a crash left in the store: layers being unpacked,
-// layers being deleted and notes of layers that never got their name.
+// layers being deleted and notes and stamps of layers that never got
+// their name.
 // None is ever used.
 func (s *Store) Sweep(log *slog.Logger) error {
 	notes, err := s.root.ReadDir(path.Join(s.dir, "notes"))
@@ -217,6 +223,9 @@ func (s *Store) Sweep(log *slog.Logger) error {
 				return fmt.Errorf("layer store: %w", err)
 			}
 		}
+	}
+	if err := s.sweepStamps(); err != nil {
+		return err
 	}
 	es, err := s.root.ReadDir(s.dir)
 	if err != nil {
@@ -247,21 +256,31 @@ func (s *Store) Collect(keep map[digest.Digest]bool, log *slog.Logger) ([]digest
 		if keep[id] {
 			continue
 		}
-		trash, err := s.root.MkdirTemp(s.dir, trashPrefix, 0o700)
-		if err != nil {
-			return gone, fmt.Errorf("layer store: %w", err)
-		}
-		if err := s.root.Rename(s.Path(id), path.Join(trash, "layer")); err != nil {
-			return gone, fmt.Errorf("layer store: %w", err)
-		}
-		if err := s.root.RemoveAll(trash); err != nil {
-			return gone, fmt.Errorf("layer store: %w", err)
-		}
-		if err := s.writeNote(id, nil); err != nil {
+		if err := s.discard(id); err != nil {
 			return gone, err
 		}
 		log.Info("layer store: removed a layer no machine uses", "diffID", id)
 		gone = append(gone, id)
 	}
 	return gone, s.Sweep(log)
+}
+
+// discard deletes layer id, its note and its stamp: out of its name in
+// one rename first, so a crash leaves only whole layers under their names
+// (and trash that Sweep removes).
+func (s *Store) discard(id digest.Digest) error {
+	trash, err := s.root.MkdirTemp(s.dir, trashPrefix, 0o700)
+	if err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	if err := s.root.Rename(s.Path(id), path.Join(trash, "layer")); err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	if err := s.root.RemoveAll(trash); err != nil {
+		return fmt.Errorf("layer store: %w", err)
+	}
+	if err := s.writeNote(id, nil); err != nil {
+		return err
+	}
+	return s.removeStamp(id)
 }
