@@ -400,6 +400,12 @@ func TestTokenNeverShown(t *testing.T) {
 		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapTokn: s3cret.0123456789abcdef}"),
 		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: 12345}"),
 		`{"apiVersion": "nodespawn.dev/v1alpha1", "kind": "Node", "kubernetes": {"apiServer": "http://a", "caCert": "x", "auth": {"bootstrapToken": "abcdef.0123456789abcdef"}}}`,
+		// URL passwords, token users and queries: refused, misspelled,
+		// quoted, in one-line JSON with escaped slashes.
+		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://admin:12345@a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: abcdef.0123456789abcdef}"),
+		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: abcdef.0123456789abcdef}",
+			"components:", "  mirorr: 'https://s3cret.0123456789abcdef@m/x?12345'"),
+		`{"apiVersion": "nodespawn.dev/v1alpha1", "kind": "Node", "kubernetes": {"apiServer": "https:\/\/u:12345@a:6443", "caCert": "x", "auth": {"bootstrapToken": "abcdef.0123456789abcdef"}}}`,
 	} {
 		_, err := Load("m.yaml", []byte(src))
 		if err == nil {

@@ -26,11 +26,23 @@ func (p *Plan) Redact() *Plan { return p.redact(false) }
 // weak secret could be guessed back).
 func (p *Plan) RedactKeepingDigests() *Plan { return p.redact(true) }
 
+// storedURLSecret starts what a stored plan keeps of a URL's secret part:
+// its sha256, in hex.
+const storedURLSecret = "redacted-sha256-"
+
 func (p *Plan) redact(digests bool) *Plan {
 	hide := func(secret string) string { return Redacted }
 	if digests {
-		// A changed password is a changed plan, as a changed token is.
-		hide = func(secret string) string { return "<redacted " + digest.FromString(secret).String() + ">" }
+		// A changed password is a changed plan, as a changed token is. The
+		// digest is written as URL characters, so that a stored URL is
+		// still read as one: printed, its digest is hidden in turn, and
+		// redacting it again keeps it.
+		hide = func(secret string) string {
+			if strings.HasPrefix(secret, storedURLSecret) {
+				return secret
+			}
+			return storedURLSecret + digest.FromString(secret).Encoded()
+		}
 	}
 	text := func(s string) string { return redact.Replace(s, hide) }
 	out := *p
