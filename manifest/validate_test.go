@@ -207,6 +207,26 @@ var badManifests = []struct {
 		[]want{{11, "/var/lib/machines", "$.host.extra.storage.files[0].path", "is inside machine kube1's root filesystem, which nodespawn (step rootfs:image) puts in place after the host phase; put it under machine.extra"}}},
 	{"host-directory-is-the-rootfs", hostExtra("storage", "      directories: [{path: /var/lib/machines/kube1}]"),
 		[]want{{11, "/var/lib/machines", "$.host.extra.storage.directories[0].path", "(step rootfs:image)"}}},
+	// The mount unit of a layer-store root belongs to the image step
+	// whatever the store (apply writes it, or removes it for a flat root).
+	{"host-file-at-the-mount-unit", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube1.mount}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "/etc/systemd/system/var-lib-machines-kube1.mount is also created by nodespawn (step rootfs:image)"}}},
+	{"host-file-at-the-mount-unit-of-a-flat-root", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube1.mount}]", "machine: {rootfs: {store: flat}}"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "(step rootfs:image)"}}},
+	{"host-unit-is-the-mount-unit", hostExtra("systemd", "      units: [{name: var-lib-machines-kube1.mount, contents: '[Mount]'}]"),
+		[]want{{11, "var-lib-machines-kube1.mount", "$.host.extra.systemd.units[0].name", "(step rootfs:image)"}}},
+	// The alternate machine's paths: an upgrade prepares it with the same
+	// host extras.
+	{"host-file-at-the-alternate-nspawn-file", hostExtra("storage", "      files: [{path: /etc/systemd/nspawn/kube2.nspawn}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "/etc/systemd/nspawn/kube2.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube2.nspawn of machine kube2, which upgrades alternate with kube1)"}}},
+	{"host-file-at-the-alternate-mount-unit", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube2.mount}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "(step rootfs:image of machine kube2, which upgrades alternate with kube1)"}}},
+	{"host-link-at-the-alternate-boot-link", hostExtra("storage", "      links: [{path: /etc/systemd/system/machines.target.wants/systemd-nspawn@kube2.service, target: /dev/null}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.links[0].path", "(step start:link:/etc/systemd/system/machines.target.wants/systemd-nspawn@kube2.service of machine kube2"}}},
+	{"host-file-inside-the-alternate-rootfs", hostExtra("storage", "      files: [{path: /var/lib/machines/kube2/etc/motd}]"),
+		[]want{{11, "/var/lib/machines", "$.host.extra.storage.files[0].path", "is inside machine kube2's root filesystem, which nodespawn (step rootfs:image of machine kube2, which upgrades alternate with kube1) puts in place after the host phase"}}},
+	{"host-file-over-the-alternate-drop-in-dir", hostExtra("storage", "      files: [{path: /etc/systemd/system/systemd-nspawn@web-b.service.d}]", "machine: {name: web}"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "would be a file, but nodespawn (step host:file:/etc/systemd/system/systemd-nspawn@web-b.service.d/override.conf of machine web-b, which upgrades alternate with web) needs a directory there"}}},
 	{"machine-unit-clashes", machineExtra("systemd", "      units:", "        - name: containerd.service", `          contents: "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"`, "          enabled: true"),
 		[]want{
 			{12, "containerd.service", "$.machine.extra.systemd.units[0].name", "/etc/systemd/system/containerd.service is also created by nodespawn (step machine:file:/etc/systemd/system/containerd.service)"},

@@ -137,9 +137,17 @@ func (r *renderer) decideStore() error {
 	r.layerRoot = &plan.LayerRoot{
 		Store:     LayerStoreDir,
 		Dir:       OverlayDir(r.machine),
-		MountUnit: path.Join(unitDir, unit.UnitNamePathEscape(r.rootfs)+".mount"),
+		MountUnit: MountUnit(r.rootfs),
 	}
 	return nil
+}
+
+// MountUnit is the mount unit of the machine root at root when it comes
+// from the layer store. The image step owns the path whatever the store:
+// apply writes the unit for a layer-store root and removes it for a flat
+// one, so no extra file may stand there.
+func MountUnit(root string) string {
+	return path.Join(unitDir, unit.UnitNamePathEscape(root)+".mount")
 }
 
 func (r *renderer) download(name string, c manifest.Component, mirror string, at jsonpath.ContextPath) error {
