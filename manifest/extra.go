@@ -129,9 +129,19 @@ func (c *checker) unit(p jsonpath.ContextPath, u igntypes.Unit, host bool) {
 	if msg := unitNameProblem(u.Name); msg != "" {
 		c.add(p.Append("name"), "%s", msg)
 	}
+	if u.Contents != nil {
+		if msg := unitContentsProblem(*u.Contents); msg != "" {
+			c.add(p.Append("contents"), "unit %s %s", u.Name, msg)
+		}
+	}
 	for j, d := range u.Dropins {
 		if msg := dropinNameProblem(d.Name); msg != "" {
 			c.add(p.Append("dropins", j, "name"), "%s", msg)
+		}
+		if d.Contents != nil {
+			if msg := unitContentsProblem(*d.Contents); msg != "" {
+				c.add(p.Append("dropins", j, "contents"), "drop-in %s %s", d.Name, msg)
+			}
 		}
 	}
 	if u.Enabled == nil || !*u.Enabled || u.Mask != nil && *u.Mask {
