@@ -390,9 +390,9 @@ func TestValidateLimits(t *testing.T) {
 		name, src string
 		want      want
 	}{
-		{"one flag over the limit", node("  kubeletArgs: [--v=2, "+big+"]"),
+		{"one flag over the limit", node("  kubeletArgs: [--v=2, " + big + "]"),
 			want{8, big[:20], "$.kubernetes.kubeletArgs[1]", "Linux starts no program with one over 131071 bytes (MAX_ARG_STRLEN)"}},
-		{"flags together over the limit", node("  kubeletArgs: ["+third+", "+third+", "+third+"]"),
+		{"flags together over the limit", node("  kubeletArgs: [" + third + ", " + third + ", " + third + "]"),
 			want{8, "kubeletArgs", "$.kubernetes.kubeletArgs", "in the KUBELET_NODESPAWN_ARGS environment variable; Linux starts no program with an environment entry over 131071 bytes"}},
 		{"unit line over LONG_LINE_MAX", hostExtra("systemd", "      units: [{name: a.service, contents: '"+longLine+"'}]"),
 			want{11, "'###", "$.host.extra.systemd.units[0].contents", "unit a.service has a line of 1048576 bytes; systemd refuses unit files with a line of 1048576 bytes or more"}},
