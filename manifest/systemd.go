@@ -24,9 +24,10 @@ const unitNameMax = 255
 const MaxExecString = 32*4096 - 1
 
 // unitLineMax is systemd's LONG_LINE_MAX (src/basic/fileio.h, 1 MiB):
-// config_parse reads unit files with read_line(f, LONG_LINE_MAX, ...) and
-// refuses the whole file ("Line too long") when a line reaches it. The
-// same read_line ends a line at a NUL byte as well as at a newline.
+// config_parse (src/shared/conf-parser.c) reads unit files with
+// read_line(f, LONG_LINE_MAX, ...) and refuses the whole file ("Line too
+// long") when a line reaches it. read_line_full (src/basic/fileio.c) ends
+// a line at a NUL byte as well as at '\n' and '\r'.
 const unitLineMax = 1 << 20
 
 // unitContentsProblem refuses what systemd would refuse in a unit file or
@@ -37,7 +38,8 @@ func unitContentsProblem(contents string) string {
 		return "must not contain a NUL byte: systemd ends a unit file line there"
 	}
 	for line := range strings.Lines(contents) {
-		if len(line) >= unitLineMax {
+		// read_line fails once a line, without its end, reaches the limit.
+		if line = strings.TrimRight(line, "\r\n"); len(line) >= unitLineMax {
 			return fmt.Sprintf("has a line of %d bytes; systemd refuses unit files with a line of %d bytes or more (LONG_LINE_MAX)", len(line), unitLineMax)
 		}
 	}
