@@ -366,11 +366,20 @@ func TestValidateKeepsOffApplyState(t *testing.T) {
 	}
 	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
 		"        - path: " + apply.StateDir + "/result.json\n" +
-		"        - path: " + apply.LockFile + "\n"
+		"        - path: " + apply.LockFile + "\n" +
+		"        - path: /etc/systemd/system/" + apply.FirstbootUnitName + "\n" +
+		"    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", mask: true}]\n"
 	code, _, out := cli(t, src, "validate", "-f", "-")
 	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+apply.StateDir+" holds nodespawn's own state") ||
-		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") {
+		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") ||
+		!strings.Contains(out, "$.host.extra.storage.files[2].path: /etc/systemd/system/"+apply.FirstbootUnitName+" is nodespawn's first-boot unit") ||
+		!strings.Contains(out, "$.host.extra.systemd.units[0].name: "+apply.FirstbootUnitName+" is nodespawn's first-boot unit") {
 		t.Errorf("exit %d:\n%s", code, out)
+	}
+	// A drop-in is how the first-boot unit is changed.
+	dropin := string(data) + "host:\n  extra:\n    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", dropins: [{name: 10-env.conf, contents: \"[Service]\\nEnvironment=A=1\\n\"}]}]\n"
+	if code, _, out := cli(t, dropin, "validate", "-f", "-"); code != exitOK {
+		t.Errorf("a drop-in for the first-boot unit: exit %d:\n%s", code, out)
 	}
 }
 
