@@ -510,8 +510,10 @@ func (c *checker) host(h *Host) {
 		if !sysctlNameRE.MatchString(name) {
 			c.addKey(sp, "not a sysctl name (like net.ipv4.ip_forward)")
 		}
-		if v == "" || strings.ContainsAny(string(v), "\n\x00") {
-			c.add(sp, "sysctl value must be one line, not empty")
+		// Tabs separate the fields of values like net.ipv4.tcp_rmem; no
+		// other control character belongs in a sysctl.d line.
+		if v == "" || strings.ContainsFunc(string(v), func(r rune) bool { return r != '\t' && unicode.IsControl(r) }) {
+			c.add(sp, "sysctl value must be one line, not empty, without control characters")
 		}
 	}
 	for i, mod := range h.Modules {

@@ -241,6 +241,8 @@ func TestLoadErrors(t *testing.T) {
 			[]want{{10, "'vm", `$.host.sysctls["vm overcommit"]`, "not a sysctl name"}}},
 		{"sysctl empty value", with("host:", "  sysctls:", "    vm.swappiness: ''"),
 			[]want{{10, "''", `$.host.sysctls["vm.swappiness"]`, "sysctl value must be one line, not empty"}}},
+		{"sysctl value with a carriage return", with("host:", "  sysctls:", `    vm.swappiness: "10\r"`, "    net.ipv4.tcp_rmem: \"4096\\t87380\\t6291456\""),
+			[]want{{10, `"10`, `$.host.sysctls["vm.swappiness"]`, "without control characters"}}},
 		{"module name", with("host:", "  modules: [br_netfilter, 'a/b']"),
 			[]want{{9, "'a/b'", "$.host.modules[1]", "not a kernel module name"}}},
 
