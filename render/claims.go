@@ -99,12 +99,18 @@ func (r *renderer) checkClaims(alt []plan.Step) error {
 	for i := range alt {
 		r.alternate[&alt[i]] = true
 	}
+	altRoot := path.Join(MachinesDir, r.plan.Alternate) + "/"
 	for i := range alt {
 		s := &alt[i]
 		if s.Origin != "" {
 			continue
 		}
 		for _, c := range claims(s) {
+			if strings.HasPrefix(c.path, altRoot) {
+				// Inside the other machine's root, which the image step
+				// claims as a whole: no extra of this plan reaches there.
+				continue
+			}
 			prev, ok := byPath[c.path]
 			switch {
 			case !ok:
