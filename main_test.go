@@ -143,6 +143,32 @@ func TestMinimalHasEveryCustomizationPoint(t *testing.T) {
 	}
 }
 
+// urlSecretExtras are machine and host extra files fetched from URLs that
+// carry a password, a token as the user, and a signed query: allowed (it
+// is how some mirrors authenticate), never shown.
+const urlSecretExtras = `machine:
+  extra:
+    storage:
+      files:
+        - path: /etc/motd
+          contents:
+            source: https://mirror-user:MACHINE-PASSWORD@mirror.example/motd
+            verification: {hash: sha256-2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae}
+host:
+  extra:
+    storage:
+      files:
+        - path: /etc/nodespawn-test/a
+          contents:
+            source: http://HOST-TOKEN-USER@mirror.example/a?X-Amz-Signature=SIGNED-QUERY
+            verification: {hash: sha256-2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae}
+`
+
+// urlSecrets are the secrets urlSecretExtras holds.
+var urlSecrets = []string{"MACHINE-PASSWORD", "HOST-TOKEN-USER", "SIGNED-QUERY"}
+
+// TestNoTokenInDryRun: the dry run, as text and JSON, never prints the
+// bootstrap token, nor a URL's password, token user or query.
 func TestNoTokenInDryRun(t *testing.T) {
 	data, err := os.ReadFile("examples/minimal.yaml")
 	if err != nil {
@@ -153,12 +179,99 @@ func TestNoTokenInDryRun(t *testing.T) {
 		t.Fatal("examples/minimal.yaml has no bootstrap token to look for")
 	}
 	secret := string(token[1])
+	src := string(data) + urlSecretExtras
 	for _, format := range []string{"text", "json"} {
-		_, out, errOut := cli(t, "", "apply", "--dry-run", "-o", format, "-f", "examples/minimal.yaml", "--facts", cpuFacts)
+		code, out, errOut := cli(t, src, "apply", "--dry-run", "-o", format, "-f", "-", "--facts", cpuFacts)
+		if code != exitOK {
+			t.Fatalf("-o %s: exit %d:\n%s", format, code, errOut)
+		}
 		if strings.Contains(out+errOut, secret) || strings.Contains(out+errOut, secret[7:]) {
 			t.Errorf("-o %s prints the bootstrap token", format)
 		}
+		for _, s := range urlSecrets {
+			if strings.Contains(out+errOut, s) {
+				t.Errorf("-o %s prints %s", format, s)
+			}
+		}
+		for _, want := range []string{"https://mirror-user:<redacted>@mirror.example/motd", "http://<redacted>@mirror.example/a?<redacted>"} {
+			if format == "json" {
+				want = strings.NewReplacer("<", `\u003c`, ">", `\u003e`).Replace(want)
+			}
+			if !strings.Contains(out, want) {
+				t.Errorf("-o %s lacks %s", format, want)
+			}
+		}
 	}
+}
+
+// TestURLPasswordsInRefusals: a URL nodespawn refuses credentials in
+// (component and mirror URLs, the report's, debootstrap's mirror, the API
+// server) is refused without the credential being shown: not by
+// validate, the dry run or the first-boot console line, in YAML or JSON.
+func TestURLPasswordsInRefusals(t *testing.T) {
+	data, err := os.ReadFile("examples/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	yamlSrc := strings.Replace(string(data), "https://10.0.0.1:6443", "https://admin:PASSWORD-0@10.0.0.1:6443", 1) + `machine:
+  rootfs:
+    debootstrap: {mirror: "http://u:PASSWORD-1@archive.example/ubuntu"}
+components:
+  mirror: https://u:PASSWORD-2@mirror.example/k8s
+  kubelet: {url: "https://u:PASSWORD-3@mirror.example/kubelet?sig=PASSWORD-4"}
+  runc: {baseURL: https://PASSWORD-5@mirror.example/runc}
+report:
+  url: https://u:PASSWORD-6@reports.example/nodes
+`
+	paths := []string{"$.kubernetes.apiServer", "$.machine.rootfs.debootstrap.mirror", "$.components.mirror", "$.components.kubelet.url", "$.components.runc.baseURL", "$.report.url"}
+	m, err := yaml.Marshal(yamlNode(t, yamlSrc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same manifest as one line of JSON, with the escaped slashes some
+	// encoders write.
+	var v any
+	if err := yaml.Unmarshal(m, &v); err != nil {
+		t.Fatal(err)
+	}
+	js, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsonSrc := strings.ReplaceAll(string(js), "/", `\/`)
+	console := filepath.Join(t.TempDir(), "console")
+	for name, src := range map[string]string{"yaml": yamlSrc, "json": jsonSrc} {
+		for _, args := range [][]string{
+			{"validate", "-f", "-"},
+			{"apply", "--dry-run", "-f", "-", "--facts", cpuFacts},
+			{"apply", "-f", "-", "--root", t.TempDir(), "--first-boot", "--console", console, "--retry-wait", "10ms"},
+		} {
+			code, out, errOut := cli(t, src, args...)
+			b, _ := os.ReadFile(console)
+			all := out + errOut + string(b)
+			if code != exitBadInput {
+				t.Errorf("%s %v: exit %d, want %d:\n%s", name, args, code, exitBadInput, all)
+			}
+			for _, p := range paths {
+				if !strings.Contains(errOut, p+": must not carry credentials") {
+					t.Errorf("%s %v: no refusal at %s:\n%s", name, args, p, errOut)
+				}
+			}
+			if strings.Contains(all, "PASSWORD") {
+				t.Errorf("%s %v shows a password:\n%s", name, args, all)
+			}
+		}
+	}
+}
+
+// yamlNode parses src as YAML.
+func yamlNode(t *testing.T, src string) *yaml.Node {
+	t.Helper()
+	var n yaml.Node
+	if err := yaml.Unmarshal([]byte(src), &n); err != nil {
+		t.Fatal(err)
+	}
+	return &n
 }
 
 func TestValidateReportsEveryMistake(t *testing.T) {
@@ -253,11 +366,20 @@ func TestValidateKeepsOffApplyState(t *testing.T) {
 	}
 	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
 		"        - path: " + apply.StateDir + "/result.json\n" +
-		"        - path: " + apply.LockFile + "\n"
+		"        - path: " + apply.LockFile + "\n" +
+		"        - path: /etc/systemd/system/" + apply.FirstbootUnitName + "\n" +
+		"    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", mask: true}]\n"
 	code, _, out := cli(t, src, "validate", "-f", "-")
 	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+apply.StateDir+" holds nodespawn's own state") ||
-		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") {
+		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") ||
+		!strings.Contains(out, "$.host.extra.storage.files[2].path: /etc/systemd/system/"+apply.FirstbootUnitName+" is nodespawn's first-boot unit") ||
+		!strings.Contains(out, "$.host.extra.systemd.units[0].name: "+apply.FirstbootUnitName+" is nodespawn's first-boot unit") {
 		t.Errorf("exit %d:\n%s", code, out)
+	}
+	// A drop-in is how the first-boot unit is changed.
+	dropin := string(data) + "host:\n  extra:\n    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", dropins: [{name: 10-env.conf, contents: \"[Service]\\nEnvironment=A=1\\n\"}]}]\n"
+	if code, _, out := cli(t, dropin, "validate", "-f", "-"); code != exitOK {
+		t.Errorf("a drop-in for the first-boot unit: exit %d:\n%s", code, out)
 	}
 }
 

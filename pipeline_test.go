@@ -94,6 +94,12 @@ func newMirror(t testing.TB) (*mirror, *httptest.Server) {
 			http.Error(w, "warming up", http.StatusServiceUnavailable)
 			return
 		}
+		if strings.HasPrefix(r.URL.Path, privatePrefix) {
+			if user, pass, ok := r.BasicAuth(); !ok || user != privateUser || pass != privatePassword {
+				http.Error(w, "who are you?", http.StatusUnauthorized)
+				return
+			}
+		}
 		b, ok := m.files[r.URL.Path]
 		if !ok {
 			http.NotFound(w, r)
@@ -128,7 +134,25 @@ func newMirror(t testing.TB) (*mirror, *httptest.Server) {
 		"bin/containerd": "containerd binary", "bin/ctr": "ctr binary", "bin/containerd-shim-runc-v2": "shim binary",
 	}))
 	put(upstream.CNIPlugins, manifest.DefaultCNIPluginsVersion, tarGz(t, map[string]string{"./bridge": "bridge", "./loopback": "loopback"}))
+	m.files[privatePrefix+"motd"] = []byte(privateMotd)
 	return m, srv
+}
+
+// The mirror serves what is under privatePrefix only with HTTP basic
+// authentication as privateUser and privatePassword.
+const (
+	privatePrefix   = "/private/"
+	privateUser     = "mirror-user"
+	privatePassword = "MIRROR-PASSWORD"
+	privateMotd     = "behind a password\n"
+)
+
+// privateExtra is a host extra file from the mirror at base (the
+// mirror's URL) with the credential in its source URL.
+func privateExtra(base string) string {
+	src := strings.Replace(base, "http://", "http://"+privateUser+":"+privatePassword+"@", 1) + privatePrefix + "motd"
+	return "host:\n  extra:\n    storage:\n      files:\n        - path: /etc/nodespawn-test/motd\n" +
+		"          contents:\n            source: " + src + "\n            verification: {hash: sha256-" + sha([]byte(privateMotd)) + "}\n"
 }
 
 // buildLayout makes a small rootfs tree with the traps a real image has (an
@@ -208,13 +232,46 @@ func TestApplyIntoRoot(t *testing.T) {
 	mir, srv := newMirror(t)
 	root := filepath.Join(work, "root")
 	mf := filepath.Join(work, "node.yaml")
-	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, "")), 0o600); err != nil {
+	if err := os.WriteFile(mf, []byte(pipelineManifest(layout, srv.URL, privateExtra(srv.URL))), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
 	code, out, errOut := cli(t, "", "apply", "-f", mf, "--root", root)
 	if code != 0 {
 		t.Fatalf("apply: exit %d\n%s\n%s", code, out, errOut)
+	}
+	// The file behind the mirror's password is fetched with it, and the
+	// password is shown nowhere: not in the output, not in what apply
+	// keeps (the stored plan, the result record), only in the stored
+	// manifest, which is the input itself.
+	if b, err := os.ReadFile(filepath.Join(root, "etc/nodespawn-test/motd")); string(b) != privateMotd {
+		t.Errorf("the file from the mirror with a password: %q, %v", b, err)
+	}
+	if strings.Contains(out+errOut, privatePassword) {
+		t.Errorf("apply's output shows the mirror's password:\n%s\n%s", out, errOut)
+	}
+	kept := 0
+	filepath.WalkDir(filepath.Join(root, "var/lib/nodespawn"), func(p string, d fs.DirEntry, err error) error {
+		switch {
+		case err != nil:
+			return err
+		case d.IsDir() && (d.Name() == "layers" || d.Name() == "overlay"):
+			return fs.SkipDir // machine roots: the kubeconfig holds the token
+		case d.IsDir() || d.Name() == "manifest":
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		kept++
+		if strings.Contains(string(b), privatePassword) || strings.Contains(string(b), "0123456789abcdef") {
+			t.Errorf("%s holds a secret", p)
+		}
+		return nil
+	})
+	if kept < 3 {
+		t.Errorf("only %d files under var/lib/nodespawn: the walk looked at nothing", kept)
 	}
 	rootfs := filepath.Join(root, "var/lib/machines/pipe")
 	for p, want := range map[string]string{

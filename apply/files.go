@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -119,21 +120,23 @@ func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
 }
 
 // contents returns a File step's bytes: decoded inline contents, or the
-// verified remote source.
+// verified remote source. Errors name the source without its password
+// and query (redact.URL): they are printed and kept in the result record.
 func (e *executor) contents(ctx context.Context, f *plan.File) ([]byte, error) {
 	if f.Source != nil {
+		where := redact.URL(f.Source.URL)
 		if f.Source.Hash == "" {
-			return nil, fmt.Errorf("contents of %s from %s: no verification hash; every remote file must be verified", f.Path, f.Source.URL)
+			return nil, fmt.Errorf("contents of %s from %s: no verification hash; every remote file must be verified", f.Path, where)
 		}
 		if e.opts.Deps.Downloader == nil {
-			return nil, fmt.Errorf("fetch %s for %s: %w", f.Source.URL, f.Path, errNoDownloader)
+			return nil, fmt.Errorf("fetch %s for %s: %w", where, f.Path, errNoDownloader)
 		}
 		data, err := e.opts.Deps.Downloader.Contents(ctx, f.Source)
 		if err != nil {
 			return nil, fmt.Errorf("fetch contents of %s: %w", f.Path, err)
 		}
 		if err := verifyHash(data, f.Source.Hash); err != nil {
-			return nil, fmt.Errorf("contents of %s from %s: %w", f.Path, f.Source.URL, err)
+			return nil, fmt.Errorf("contents of %s from %s: %w", f.Path, where, err)
 		}
 		return data, nil
 	}

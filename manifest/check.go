@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
@@ -74,8 +75,8 @@ func (c *checker) machine(mc *Machine) {
 		}
 	}
 	for i, f := range mc.SystemCallFilter {
-		if strings.ContainsAny(f, " \t\n") {
-			c.add(p.Append("systemCallFilter", i), "one system call or @group per entry, without spaces")
+		if strings.ContainsFunc(f, isSpaceOrControl) {
+			c.add(p.Append("systemCallFilter", i), "one system call or @group per entry, without spaces or control characters")
 		}
 	}
 	c.dns(p.Append("dns"), mc.DNS)
@@ -86,8 +87,8 @@ func (c *checker) bindPath(p jsonpath.ContextPath, v string) {
 	switch {
 	case !path.IsAbs(v):
 		c.add(p, "must be an absolute path")
-	case strings.ContainsAny(v, ":\n"):
-		c.add(p, "must not contain ':' or a newline (nspawn's Bind= syntax)")
+	case strings.ContainsAny(v, ":\\") || strings.ContainsFunc(v, unicode.IsControl):
+		c.add(p, "must not contain ':', '\\' or control characters like a newline (nspawn's Bind= syntax)")
 	case path.Clean(v) != v:
 		c.add(p, "must be a clean path (no '..', '.', '//' or trailing '/'); did you mean %q?", path.Clean(v))
 	}
@@ -240,8 +241,10 @@ func (c *checker) kubernetes(k *Kubernetes) {
 		c.add(p.Append("caCert"), "%s", msg)
 	}
 	for i, ip := range k.ClusterDNS {
-		if _, err := netip.ParseAddr(ip); err != nil {
+		if a, err := netip.ParseAddr(ip); err != nil {
 			c.add(p.Append("clusterDNS", i), "must be an IP address")
+		} else if a.Zone() != "" {
+			c.add(p.Append("clusterDNS", i), "must be an IP address without a zone (%%%s): kubelet parses none", a.Zone())
 		}
 	}
 	if k.ClusterDomain != "" && !isDNS1123Subdomain(k.ClusterDomain) {
@@ -285,18 +288,25 @@ func (c *checker) kubernetes(k *Kubernetes) {
 
 // kubeletArgProblem: the flags travel in one quoted Environment= value of
 // a systemd drop-in, which systemd splits at whitespace; a space would cut
-// a flag in two, and a quote or backslash would end or escape the value.
+// a flag in two, a quote or backslash would end or escape the value, and
+// a control character (a NUL ends a unit file line) has no place in a
+// flag. The value as a whole must stay within MaxExecString, which render
+// checks; one flag alone is refused here.
 func kubeletArgProblem(a string) string {
 	switch {
 	case !strings.HasPrefix(a, "--") || len(a) < 3:
 		return "must be a flag like --max-pods=200"
-	case strings.ContainsAny(a, " \t\n\r\v\f"):
-		return "one flag per entry, without spaces, tabs or newlines (like --max-pods=200)"
+	case strings.ContainsFunc(a, isSpaceOrControl):
+		return "one flag per entry, without spaces, tabs, newlines or other control characters (like --max-pods=200)"
 	case strings.ContainsAny(a, "\"'\\"):
 		return "must not contain quotes or backslashes: the flags are passed unquoted, so write the value as kubelet should see it"
+	case len(a) > MaxExecString:
+		return fmt.Sprintf("is %d bytes; the kubelet flags reach kubelet in one environment variable, and Linux starts no program with one over %d bytes (MAX_ARG_STRLEN)", len(a), MaxExecString)
 	}
 	return ""
 }
+
+func isSpaceOrControl(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }
 
 func (c *checker) auth(a *Auth) {
 	p := jsonpath.New("", "kubernetes", "auth")
@@ -500,8 +510,10 @@ func (c *checker) host(h *Host) {
 		if !sysctlNameRE.MatchString(name) {
 			c.addKey(sp, "not a sysctl name (like net.ipv4.ip_forward)")
 		}
-		if v == "" || strings.ContainsAny(string(v), "\n\x00") {
-			c.add(sp, "sysctl value must be one line, not empty")
+		// Tabs separate the fields of values like net.ipv4.tcp_rmem; no
+		// other control character belongs in a sysctl.d line.
+		if v == "" || strings.ContainsFunc(string(v), func(r rune) bool { return r != '\t' && unicode.IsControl(r) }) {
+			c.add(sp, "sysctl value must be one line, not empty, without control characters")
 		}
 	}
 	for i, mod := range h.Modules {

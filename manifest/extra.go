@@ -14,12 +14,22 @@ import (
 
 // Host paths that belong to nodespawn itself: apply keeps its state, result
 // record and download cache under stateDir and takes lockFile while it
-// runs. Package apply owns them (apply.StateDir, apply.LockFile); this
-// package cannot import it, so a test in package main keeps the two in step.
+// runs; nodespawn install writes the first-boot unit and its boot link.
+// Package apply owns them (apply.StateDir, apply.LockFile,
+// apply.FirstbootUnitName); this package cannot import it, so a test in
+// package main keeps the two in step.
 const (
-	stateDir = "/var/lib/nodespawn"
-	lockFile = "/run/nodespawn.lock"
+	stateDir      = "/var/lib/nodespawn"
+	lockFile      = "/run/nodespawn.lock"
+	firstbootUnit = "nodespawn-firstboot.service"
 )
+
+// firstbootPaths are where nodespawn install puts the first-boot unit and
+// the link that enables it.
+var firstbootPaths = []string{
+	"/etc/systemd/system/" + firstbootUnit,
+	"/etc/systemd/system/multi-user.target.wants/" + firstbootUnit,
+}
 
 // maxExtraInflated bounds what the gzip-compressed data: contents of extra
 // files decompress to, all together: render holds every file in memory.
@@ -100,6 +110,8 @@ func (c *checker) nodePath(p jsonpath.ContextPath, v string, host, dir bool) {
 		c.add(p, "%s holds nodespawn's own state (result record, downloads); put your files elsewhere", stateDir)
 	case host && v == lockFile:
 		c.add(p, "%s is the lock apply holds while it runs; choose another path", lockFile)
+	case host && contains(firstbootPaths, v):
+		c.add(p, "%s is nodespawn's first-boot unit, which nodespawn install writes and enables; give it a drop-in under %s.d instead", v, firstbootPaths[0])
 	case host && !dir && (inside(stateDir, v) || inside(lockFile, v)):
 		c.add(p, "a file or link here would stand where nodespawn needs the directory %s; choose another path", v)
 	}
@@ -129,9 +141,22 @@ func (c *checker) unit(p jsonpath.ContextPath, u igntypes.Unit, host bool) {
 	if msg := unitNameProblem(u.Name); msg != "" {
 		c.add(p.Append("name"), "%s", msg)
 	}
+	if host && u.Name == firstbootUnit && (u.Contents != nil || u.Mask != nil && *u.Mask) {
+		c.add(p.Append("name"), "%s is nodespawn's first-boot unit, which nodespawn install writes; change it with a drop-in (dropins) instead", u.Name)
+	}
+	if u.Contents != nil {
+		if msg := unitContentsProblem(*u.Contents); msg != "" {
+			c.add(p.Append("contents"), "unit %s %s", u.Name, msg)
+		}
+	}
 	for j, d := range u.Dropins {
 		if msg := dropinNameProblem(d.Name); msg != "" {
 			c.add(p.Append("dropins", j, "name"), "%s", msg)
+		}
+		if d.Contents != nil {
+			if msg := unitContentsProblem(*d.Contents); msg != "" {
+				c.add(p.Append("dropins", j, "contents"), "drop-in %s %s", d.Name, msg)
+			}
 		}
 	}
 	if u.Enabled == nil || !*u.Enabled || u.Mask != nil && *u.Mask {

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
+	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/schema"
 )
 
@@ -579,10 +580,16 @@ func (d *document) snippet(p pos) string {
 	return fmt.Sprintf("%s | %s\n%s | %s", num, text, strings.Repeat(" ", len(num)), under)
 }
 
+// redact masks the secrets in a source line: the values of secret fields,
+// anything shaped like a bootstrap token, and the passwords and queries of
+// URLs (redact.Replace), each with as many '*' as it has characters.
 func (d *document) redact(s string) string {
 	for _, secret := range d.secrets {
 		// Same length, so the caret still points where it should.
-		s = strings.ReplaceAll(s, secret, strings.Repeat("*", utf8.RuneCountInString(secret)))
+		s = strings.ReplaceAll(s, secret, stars(secret))
 	}
-	return tokenRE.ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
+	s = tokenRE.ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
+	return redact.Replace(s, stars)
 }
+
+func stars(s string) string { return strings.Repeat("*", utf8.RuneCountInString(s)) }

@@ -241,6 +241,8 @@ func TestLoadErrors(t *testing.T) {
 			[]want{{10, "'vm", `$.host.sysctls["vm overcommit"]`, "not a sysctl name"}}},
 		{"sysctl empty value", with("host:", "  sysctls:", "    vm.swappiness: ''"),
 			[]want{{10, "''", `$.host.sysctls["vm.swappiness"]`, "sysctl value must be one line, not empty"}}},
+		{"sysctl value with a carriage return", with("host:", "  sysctls:", `    vm.swappiness: "10\r"`, "    net.ipv4.tcp_rmem: \"4096\\t87380\\t6291456\""),
+			[]want{{10, `"10`, `$.host.sysctls["vm.swappiness"]`, "without control characters"}}},
 		{"module name", with("host:", "  modules: [br_netfilter, 'a/b']"),
 			[]want{{9, "'a/b'", "$.host.modules[1]", "not a kernel module name"}}},
 
@@ -428,6 +430,12 @@ func TestTokenNeverShown(t *testing.T) {
 		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapTokn: s3cret.0123456789abcdef}"),
 		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: 12345}"),
 		`{"apiVersion": "nodespawn.dev/v1alpha1", "kind": "Node", "kubernetes": {"apiServer": "http://a", "caCert": "x", "auth": {"bootstrapToken": "abcdef.0123456789abcdef"}}}`,
+		// URL passwords, token users and queries: refused, misspelled,
+		// quoted, in one-line JSON with escaped slashes.
+		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://admin:12345@a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: abcdef.0123456789abcdef}"),
+		doc("apiVersion: nodespawn.dev/v1alpha1", "kind: Node", "kubernetes:", "  apiServer: https://a:6443", "  caCert: {CA}", "  auth: {bootstrapToken: abcdef.0123456789abcdef}",
+			"components:", "  mirorr: 'https://s3cret.0123456789abcdef@m/x?12345'"),
+		`{"apiVersion": "nodespawn.dev/v1alpha1", "kind": "Node", "kubernetes": {"apiServer": "https:\/\/u:12345@a:6443", "caCert": "x", "auth": {"bootstrapToken": "abcdef.0123456789abcdef"}}}`,
 	} {
 		_, err := Load("m.yaml", []byte(src))
 		if err == nil {

@@ -15,6 +15,8 @@ import (
 
 	jsonpath "github.com/coreos/vcontext/path"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/nodespawn/nodespawn/internal/redact"
 )
 
 // Limits that keep a hostile manifest from exhausting memory or stack.
@@ -147,6 +149,17 @@ func (d *document) scalar(path jsonpath.ContextPath, p pos, raw string, v any) {
 		if s, ok := v.(string); ok && s != raw {
 			d.secrets = append(d.secrets, s)
 		}
+	}
+	// The secret parts of a URL are masked where the line is shown; the
+	// decoded value's are kept too, for a source that escapes the URL
+	// (JSON's "http:\/\/...") where the line cannot be read as one.
+	if s, ok := v.(string); ok && s != raw && strings.Contains(s, "://") {
+		redact.Replace(s, func(secret string) string {
+			if len(secret) >= 4 {
+				d.secrets = append(d.secrets, secret)
+			}
+			return secret
+		})
 	}
 }
 

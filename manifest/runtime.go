@@ -53,6 +53,11 @@ func (c *checker) nodeIP(p jsonpath.ContextPath, k *Kubernetes) {
 			c.add(p, "%q is neither an IP address nor a CIDR; want \"auto\", an address, or CIDRs like 10.20.0.0/16,fd00::/64", f)
 			return
 		}
+		if addr.Zone() != "" {
+			// netip takes fe80::1%eth0; kubelet's --node-ip does not.
+			c.add(p, "%q: kubelet takes a node IP without a zone; give the address alone", f)
+			return
+		}
 		if addr.IsLoopback() || addr.IsUnspecified() || addr.IsMulticast() {
 			c.add(p, "%q: a node IP must be a unicast address other nodes can reach", f)
 			return
@@ -76,6 +81,8 @@ func (c *checker) dns(p jsonpath.ContextPath, d *DNS) {
 			c.add(p.Append("nameservers", i), "must be an IP address")
 		case a.IsLoopback() || a.IsUnspecified():
 			c.add(p.Append("nameservers", i), "%s cannot be reached from a pod's network namespace; give the upstream servers", ns)
+		case a.Zone() != "":
+			c.add(p.Append("nameservers", i), "must be an address without a zone (%%%s): the zone names a host interface, which a pod's network namespace lacks", a.Zone())
 		}
 	}
 	for i, s := range d.Search {
@@ -84,7 +91,7 @@ func (c *checker) dns(p jsonpath.ContextPath, d *DNS) {
 		}
 	}
 	for i, o := range d.Options {
-		if o == "" || strings.ContainsAny(o, " \t\n") {
+		if o == "" || strings.ContainsFunc(o, isSpaceOrControl) {
 			c.add(p.Append("options", i), "one resolv.conf option per entry, like ndots:2, without spaces")
 		}
 	}

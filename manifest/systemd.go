@@ -14,6 +14,38 @@ var unitTypes = []string{"service", "socket", "device", "mount", "automount", "s
 // unitNameMax is systemd's UNIT_NAME_MAX less the terminating NUL.
 const unitNameMax = 255
 
+// MaxExecString is the longest string the kernel passes to a program as
+// one argument or one environment entry, without its NUL: MAX_ARG_STRLEN
+// (include/uapi/linux/binfmts.h: 32 pages, 128 KiB with 4 KiB pages) less
+// one; execve fails with E2BIG beyond it. A service whose Environment=
+// assignment (NAME=value, passed whole in the environment) or expanded
+// Exec argument is longer never starts. It is tighter than systemd's
+// limit on a unit file line (unitLineMax).
+const MaxExecString = 32*4096 - 1
+
+// unitLineMax is systemd's LONG_LINE_MAX (src/basic/fileio.h, 1 MiB):
+// config_parse (src/shared/conf-parser.c) reads unit files with
+// read_line(f, LONG_LINE_MAX, ...) and refuses the whole file ("Line too
+// long") when a line reaches it. read_line_full (src/basic/fileio.c) ends
+// a line at a NUL byte as well as at '\n' and '\r'.
+const unitLineMax = 1 << 20
+
+// unitContentsProblem refuses what systemd would refuse in a unit file or
+// drop-in: a line of unitLineMax bytes or more, or a NUL byte, which
+// systemd reads as the end of a line.
+func unitContentsProblem(contents string) string {
+	if strings.IndexByte(contents, 0) >= 0 {
+		return "must not contain a NUL byte: systemd ends a unit file line there"
+	}
+	for line := range strings.Lines(contents) {
+		// read_line fails once a line, without its end, reaches the limit.
+		if line = strings.TrimRight(line, "\r\n"); len(line) >= unitLineMax {
+			return fmt.Sprintf("has a line of %d bytes; systemd refuses unit files with a line of %d bytes or more (LONG_LINE_MAX)", len(line), unitLineMax)
+		}
+	}
+	return ""
+}
+
 // unitNameProblem applies systemd's unit_name_is_valid, accepting plain
 // names (foo.service), templates (foo@.service) and instances
 // (foo@bar.service). The name becomes a file name under

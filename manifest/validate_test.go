@@ -86,8 +86,8 @@ var badManifests = []struct {
 		[]want{{8, "'--max-pods", "$.kubernetes.kubeletArgs[0]", "one flag per entry, without spaces"}}},
 	{"kubelet-arg-tab-and-newline", node(`  kubeletArgs: [--v=2, "--a=1\t--b=2", "--c=1\n--d=2"]`),
 		[]want{
-			{8, `"--a`, "$.kubernetes.kubeletArgs[1]", "without spaces, tabs or newlines"},
-			{8, `"--c`, "$.kubernetes.kubeletArgs[2]", "without spaces, tabs or newlines"},
+			{8, `"--a`, "$.kubernetes.kubeletArgs[1]", "without spaces, tabs, newlines"},
+			{8, `"--c`, "$.kubernetes.kubeletArgs[2]", "without spaces, tabs, newlines"},
 		}},
 	{"kubelet-arg-quote", node(`  kubeletArgs: ['--node-ip="10.0.0.5"']`),
 		[]want{{8, "'--node-ip", "$.kubernetes.kubeletArgs[0]", "must not contain quotes or backslashes"}}},
@@ -107,6 +107,33 @@ var badManifests = []struct {
 		[]want{{8, "eth0", "$.kubernetes.nodeIP", `"eth0" is neither an IP address nor a CIDR`}}},
 	{"node-ip-two-of-a-family", node("  nodeIP: 10.0.0.0/8,192.168.0.0/16"),
 		[]want{{8, "10.0.0.0/8", "$.kubernetes.nodeIP", "dual stack takes one IPv4 and one IPv6"}}},
+	// What kubelet or systemd would refuse later: a zone in an address,
+	// control characters in what lands in unit files.
+	{"node-ip-zone", node("  nodeIP: fe80::1%eth0"),
+		[]want{{8, "fe80::1%eth0", "$.kubernetes.nodeIP", `"fe80::1%eth0": kubelet takes a node IP without a zone`}}},
+	{"node-ip-zone-with-a-newline", node(`  nodeIP: "10.0.0.0/8,fe80::1%x\nExecStartPre=/bin/true"`),
+		[]want{{8, `"10.0.0.0/8`, "$.kubernetes.nodeIP", "kubelet takes a node IP without a zone"}}},
+	{"cluster-dns-zone", node("  clusterDNS: ['fe80::a%eth0']"),
+		[]want{{8, "'fe80::a%eth0'", "$.kubernetes.clusterDNS[0]", "must be an IP address without a zone (%eth0)"}}},
+	{"dns-nameserver-zone-and-control-character", node("machine:", "  dns:", "    nameservers: ['fe80::53%eth0']", `    options: ["ndots:2\r"]`),
+		[]want{
+			{10, "'fe80::53%eth0'", "$.machine.dns.nameservers[0]", "must be an address without a zone (%eth0): the zone names a host interface"},
+			{11, `"ndots`, "$.machine.dns.options[0]", "one resolv.conf option per entry"},
+		}},
+	{"kubelet-arg-nul", node(`  kubeletArgs: ["--v=2\0"]`),
+		[]want{{8, `"--v=2`, "$.kubernetes.kubeletArgs[0]", "other control characters"}}},
+	{"bind-control-character-and-backslash", node("machine:", "  binds:", `    - {source: "/srv/a\tb", target: '/mnt/a\b'}`),
+		[]want{
+			{10, `"/srv`, "$.machine.binds[0].source", `must not contain ':', '\' or control characters`},
+			{10, `'/mnt`, "$.machine.binds[0].target", `must not contain ':', '\' or control characters`},
+		}},
+	{"system-call-filter-nul", node("machine:", `  systemCallFilter: ["bpf\0"]`),
+		[]want{{9, `"bpf`, "$.machine.systemCallFilter[0]", "without spaces or control characters"}}},
+	{"unit-contents-nul", hostExtra("systemd", `      units: [{name: a.service, contents: "[Service]\0ExecStart=/bin/true\n", dropins: [{name: b.conf, contents: "\0"}]}]`),
+		[]want{
+			{11, `"[Service]`, "$.host.extra.systemd.units[0].contents", "unit a.service must not contain a NUL byte: systemd ends a unit file line there"},
+			{11, `"\0"`, "$.host.extra.systemd.units[0].dropins[0].contents", "drop-in b.conf must not contain a NUL byte"},
+		}},
 	{"node-ip-loopback", node("  nodeIP: 127.0.0.1"),
 		[]want{{8, "127.0.0.1", "$.kubernetes.nodeIP", "a node IP must be a unicast address"}}},
 	{"rdma-boolean", node("machine:", "  rdma: true"),
@@ -207,6 +234,26 @@ var badManifests = []struct {
 		[]want{{11, "/var/lib/machines", "$.host.extra.storage.files[0].path", "is inside machine kube1's root filesystem, which nodespawn (step rootfs:image) puts in place after the host phase; put it under machine.extra"}}},
 	{"host-directory-is-the-rootfs", hostExtra("storage", "      directories: [{path: /var/lib/machines/kube1}]"),
 		[]want{{11, "/var/lib/machines", "$.host.extra.storage.directories[0].path", "(step rootfs:image)"}}},
+	// The mount unit of a layer-store root belongs to the image step
+	// whatever the store (apply writes it, or removes it for a flat root).
+	{"host-file-at-the-mount-unit", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube1.mount}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "/etc/systemd/system/var-lib-machines-kube1.mount is also created by nodespawn (step rootfs:image)"}}},
+	{"host-file-at-the-mount-unit-of-a-flat-root", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube1.mount}]", "machine: {rootfs: {store: flat}}"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "(step rootfs:image)"}}},
+	{"host-unit-is-the-mount-unit", hostExtra("systemd", "      units: [{name: var-lib-machines-kube1.mount, contents: '[Mount]'}]"),
+		[]want{{11, "var-lib-machines-kube1.mount", "$.host.extra.systemd.units[0].name", "(step rootfs:image)"}}},
+	// The alternate machine's paths: an upgrade prepares it with the same
+	// host extras.
+	{"host-file-at-the-alternate-nspawn-file", hostExtra("storage", "      files: [{path: /etc/systemd/nspawn/kube2.nspawn}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "/etc/systemd/nspawn/kube2.nspawn is also created by nodespawn (step host:file:/etc/systemd/nspawn/kube2.nspawn of machine kube2, which upgrades alternate with kube1)"}}},
+	{"host-file-at-the-alternate-mount-unit", hostExtra("storage", "      files: [{path: /etc/systemd/system/var-lib-machines-kube2.mount}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "(step rootfs:image of machine kube2, which upgrades alternate with kube1)"}}},
+	{"host-link-at-the-alternate-boot-link", hostExtra("storage", "      links: [{path: /etc/systemd/system/machines.target.wants/systemd-nspawn@kube2.service, target: /dev/null}]"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.links[0].path", "(step start:link:/etc/systemd/system/machines.target.wants/systemd-nspawn@kube2.service of machine kube2"}}},
+	{"host-file-inside-the-alternate-rootfs", hostExtra("storage", "      files: [{path: /var/lib/machines/kube2/etc/motd}]"),
+		[]want{{11, "/var/lib/machines", "$.host.extra.storage.files[0].path", "is inside machine kube2's root filesystem, which nodespawn (step rootfs:image of machine kube2, which upgrades alternate with kube1) puts in place after the host phase"}}},
+	{"host-file-over-the-alternate-drop-in-dir", hostExtra("storage", "      files: [{path: /etc/systemd/system/systemd-nspawn@web-b.service.d}]", "machine: {name: web}"),
+		[]want{{11, "/etc/systemd", "$.host.extra.storage.files[0].path", "would be a file, but nodespawn (step host:file:/etc/systemd/system/systemd-nspawn@web-b.service.d/override.conf of machine web-b, which upgrades alternate with web) needs a directory there"}}},
 	{"machine-unit-clashes", machineExtra("systemd", "      units:", "        - name: containerd.service", `          contents: "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"`, "          enabled: true"),
 		[]want{
 			{12, "containerd.service", "$.machine.extra.systemd.units[0].name", "/etc/systemd/system/containerd.service is also created by nodespawn (step machine:file:/etc/systemd/system/containerd.service)"},
@@ -326,6 +373,37 @@ func TestValidateRejects(t *testing.T) {
 				}
 				if e.Snippet == "" {
 					t.Errorf("error %d has no snippet", i)
+				}
+			}
+		})
+	}
+}
+
+// TestValidateLimits: values too long for kubelet's environment or for
+// a systemd unit file line are refused where they are written. (Not in
+// the table: their manifests are megabytes.)
+func TestValidateLimits(t *testing.T) {
+	big := "--node-labels=" + strings.Repeat("x", manifest.MaxExecString)
+	third := "--v=" + strings.Repeat("1", manifest.MaxExecString/3)
+	longLine := strings.Repeat("#", 1<<20)
+	for _, tc := range []struct {
+		name, src string
+		want      want
+	}{
+		{"one flag over the limit", node("  kubeletArgs: [--v=2, " + big + "]"),
+			want{8, big[:20], "$.kubernetes.kubeletArgs[1]", "Linux starts no program with one over 131071 bytes (MAX_ARG_STRLEN)"}},
+		{"flags together over the limit", node("  kubeletArgs: [" + third + ", " + third + ", " + third + "]"),
+			want{8, "kubeletArgs", "$.kubernetes.kubeletArgs", "in the KUBELET_NODESPAWN_ARGS environment variable; Linux starts no program with an environment entry over 131071 bytes"}},
+		{"unit line over LONG_LINE_MAX", hostExtra("systemd", "      units: [{name: a.service, contents: '"+longLine+"'}]"),
+			want{11, "'###", "$.host.extra.systemd.units[0].contents", "unit a.service has a line of 1048576 bytes; systemd refuses unit files with a line of 1048576 bytes or more"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for what, err := range map[string]error{"validate": validate(tc.src), "apply": applyOn(tc.src, render.ReferenceHosts()[0])} {
+				es := asErrors(t, what, err)
+				w := tc.want
+				col := strings.Index(strings.Split(tc.src, "\n")[w.line-1], w.at) + 1
+				if len(es) != 1 || es[0].Line != w.line || es[0].Col != col || es[0].Path != w.path || !strings.Contains(es[0].Message, w.msg) {
+					t.Errorf("%s: got %v, want %d:%d: %s: ...%s...", what, es, w.line, col, w.path, w.msg)
 				}
 			}
 		})

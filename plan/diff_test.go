@@ -162,3 +162,58 @@ func TestCompareValues(t *testing.T) {
 		t.Errorf("JSON removed steps (an upgrade): %+v", back.RemovedSteps)
 	}
 }
+
+// TestURLSecrets: a URL's password and query are hidden in a printed
+// plan, kept as digests in a stored one (so that a new password is a
+// change), and a printed stored plan shows neither them nor their digests.
+func TestURLSecrets(t *testing.T) {
+	withURL := func(password string) *Plan {
+		p := filePlan("kube1", map[string]string{"/etc/a": "same\n"}, "TOKEN-1234")
+		p.Warnings = []string{"fetching from https://u:" + password + "@mirror.example/x is slow"}
+		p.Steps = append(p.Steps,
+			Step{ID: "machine:file:/etc/remote", Phase: PhaseMachine, Kind: KindFile, Summary: "extra file /etc/remote",
+				File: &File{Path: "/etc/remote", Mode: 0o644, Overwrite: true,
+					Source: &Source{URL: "https://u:" + password + "@mirror.example/remote?sig=" + password, Hash: "sha256-00"}}},
+			Step{ID: "rootfs:download:kubelet", Phase: PhaseRootfs, Kind: KindDownload, Summary: "download kubelet from http://" + password + "@mirror.example/kubelet",
+				Download: &Download{Name: "kubelet", URL: "http://" + password + "@mirror.example/kubelet", ChecksumURL: "http://" + password + "@mirror.example/kubelet.sha256"}},
+			Step{ID: "rootfs:image", Phase: PhaseRootfs, Kind: KindImage, Summary: "debootstrap",
+				Image: &Image{Dest: "/var/lib/machines/kube1", Debootstrap: &DebootstrapSpec{Mirror: "http://u:" + password + "@archive.example/ubuntu"}}})
+		return p
+	}
+	old, next := withURL("OLD-PASSWORD"), withURL("NEW-PASSWORD")
+	stored := old.RedactKeepingDigests()
+	storedJSON, _ := json.Marshal(stored)
+	var printed bytes.Buffer
+	for _, p := range []*Plan{old, stored} {
+		if err := WriteText(&printed, p); err != nil {
+			t.Fatal(err)
+		}
+		if err := WriteJSON(&printed, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, secret := range []string{"OLD-PASSWORD", storedURLSecret} {
+		if strings.Contains(printed.String(), secret) {
+			t.Errorf("a printed plan shows %q:\n%s", secret, printed.String())
+		}
+	}
+	if strings.Contains(string(storedJSON), "OLD-PASSWORD") || !strings.Contains(string(storedJSON), storedURLSecret) {
+		t.Errorf("stored plan:\n%s", storedJSON)
+	}
+	for _, want := range []string{"https://u:<redacted>@mirror.example/remote?<redacted>", "http://<redacted>@mirror.example/kubelet", "http://u:<redacted>@archive.example/ubuntu", "warning: fetching from https://u:<redacted>@mirror.example/x"} {
+		if !strings.Contains(printed.String(), want) {
+			t.Errorf("printed plan lacks %q", want)
+		}
+	}
+	if d := Compare(stored, old); !d.Empty() {
+		t.Errorf("a plan against its own stored form: %+v", d)
+	}
+	d := Compare(stored, next)
+	var fields []string
+	for _, c := range d.Changed {
+		fields = append(fields, c.ID+" "+strings.Join(c.Fields, ","))
+	}
+	if got := strings.Join(fields, "; "); got != "machine:file:/etc/remote file.source; rootfs:download:kubelet summary,download.checksumURL,download.url; rootfs:image image.debootstrap" {
+		t.Errorf("a new password changes %q", got)
+	}
+}

@@ -7,24 +7,55 @@ import (
 	"strings"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/internal/redact"
 )
 
-// Redacted replaces secret file contents in every printed plan.
-const Redacted = "<redacted>"
+// Redacted replaces secret file contents, and the secret parts of URLs,
+// in every printed plan.
+const Redacted = redact.Marker
 
-// Redact returns a copy of the plan with secret contents replaced, for
-// printing. The original keeps its secrets for apply.
+// Redact returns a copy of the plan with secret contents replaced, and the
+// passwords and queries of its URLs (redact.URL), for printing. The
+// original keeps its secrets for apply.
 func (p *Plan) Redact() *Plan { return p.redact(false) }
 
 // RedactKeepingDigests is Redact that records each secret's digest in
-// File.Digest, for a plan that is stored and compared with the next one
-// (never printed: a digest of a weak secret could be guessed back).
+// File.Digest, and in each hidden part of a URL, for a plan that is
+// stored and compared with the next one (never printed: a digest of a
+// weak secret could be guessed back).
 func (p *Plan) RedactKeepingDigests() *Plan { return p.redact(true) }
 
+// storedURLSecret starts what a stored plan keeps of a URL's secret part:
+// its sha256, in hex.
+const storedURLSecret = "redacted-sha256-"
+
 func (p *Plan) redact(digests bool) *Plan {
+	hide := func(secret string) string { return Redacted }
+	if digests {
+		// A changed password is a changed plan, as a changed token is. The
+		// digest is written as URL characters, so that a stored URL is
+		// still read as one: printed, its digest is hidden in turn, and
+		// redacting it again keeps it.
+		hide = func(secret string) string {
+			if strings.HasPrefix(secret, storedURLSecret) {
+				return secret
+			}
+			return storedURLSecret + digest.FromString(secret).Encoded()
+		}
+	}
+	text := func(s string) string { return redact.Replace(s, hide) }
 	out := *p
+	out.Warnings = make([]string, len(p.Warnings))
+	for i, w := range p.Warnings {
+		out.Warnings[i] = text(w)
+	}
+	if p.Warnings == nil {
+		out.Warnings = nil
+	}
 	out.Steps = make([]Step, len(p.Steps))
 	for i, s := range p.Steps {
+		s.Summary = text(s.Summary)
 		if s.File != nil && s.File.Secret && s.File.Contents != Redacted {
 			f := *s.File
 			if digests {
@@ -37,6 +68,23 @@ func (p *Plan) redact(digests bool) *Plan {
 			f := *s.File
 			f.Digest = ""
 			s.File = &f
+		}
+		if s.File != nil && s.File.Source != nil {
+			f, src := *s.File, *s.File.Source
+			src.URL = text(src.URL)
+			f.Source = &src
+			s.File = &f
+		}
+		if d := s.Download; d != nil {
+			c := *d
+			c.URL, c.ChecksumURL = text(c.URL), text(c.ChecksumURL)
+			s.Download = &c
+		}
+		if s.Image != nil && s.Image.Debootstrap != nil {
+			img, db := *s.Image, *s.Image.Debootstrap
+			db.Mirror = text(db.Mirror)
+			img.Debootstrap = &db
+			s.Image = &img
 		}
 		out.Steps[i] = s
 	}

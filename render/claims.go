@@ -19,7 +19,9 @@ type claim struct {
 
 // claims lists the paths step s creates. An archive download claims its
 // directory and the members it names; one that takes every member (the
-// containerd tarball) claims only its directory.
+// containerd tarball) claims only its directory. The image step claims
+// the machine's root and its mount unit (MountUnit), which apply writes
+// or removes.
 func claims(s *plan.Step) []claim {
 	switch {
 	case s.File != nil:
@@ -29,7 +31,7 @@ func claims(s *plan.Step) []claim {
 	case s.Link != nil:
 		return []claim{{s.Link.Path, s, false}}
 	case s.Image != nil:
-		return []claim{{s.Image.Dest, s, true}}
+		return []claim{{s.Image.Dest, s, true}, {MountUnit(s.Image.Dest), s, false}}
 	case s.Download != nil:
 		d := s.Download
 		if d.Archive == "" {
@@ -50,8 +52,11 @@ func claims(s *plan.Step) []claim {
 // host file inside the machine's root filesystem, which the rootfs phase
 // pulls into place). Each clash is reported at the manifest entry it
 // involves, naming the other step; a clash between two generated steps is a
-// bug here and is reported at "$".
-func (r *renderer) checkClaims() error {
+// bug here and is reported at "$". alt are the steps of the alternate
+// machine's plan: the paths its generated steps create are claimed too
+// (its own extras are this plan's, and the paths both plans create are
+// claimed once).
+func (r *renderer) checkClaims(alt []plan.Step) error {
 	rank := map[plan.Phase]int{}
 	for i, p := range plan.Phases {
 		rank[p] = i
@@ -90,6 +95,34 @@ func (r *renderer) checkClaims() error {
 			all = append(all, c)
 		}
 	}
+	r.alternate = map[*plan.Step]bool{}
+	for i := range alt {
+		r.alternate[&alt[i]] = true
+	}
+	altRoot := path.Join(MachinesDir, r.plan.Alternate) + "/"
+	for i := range alt {
+		s := &alt[i]
+		if s.Origin != "" {
+			continue
+		}
+		for _, c := range claims(s) {
+			if strings.HasPrefix(c.path, altRoot) {
+				// Inside the other machine's root, which the image step
+				// claims as a whole: no extra of this plan reaches there.
+				continue
+			}
+			prev, ok := byPath[c.path]
+			switch {
+			case !ok:
+				byPath[c.path] = c
+				all = append(all, c)
+			case prev.step.Origin != "":
+				report(s, prev.step, func(x, other *plan.Step) string {
+					return fmt.Sprintf("%s is also created by %s", r.show(x, c.path), r.by(other))
+				})
+			}
+		}
+	}
 	for _, c := range all {
 		for d := path.Dir(c.path); ; d = path.Dir(d) {
 			a, ok := byPath[d]
@@ -105,7 +138,7 @@ func (r *renderer) checkClaims() error {
 			case rank[a.step.Phase] > rank[c.step.Phase]:
 				report(a.step, c.step, func(x, other *plan.Step) string {
 					if other.Image != nil {
-						return fmt.Sprintf("%s is inside machine %s's root filesystem, which %s puts in place after the host phase; put it under machine.extra, with its path inside the machine", c.path, r.machine, r.by(other))
+						return fmt.Sprintf("%s is inside machine %s's root filesystem, which %s puts in place after the host phase; put it under machine.extra, with its path inside the machine", c.path, path.Base(other.Image.Dest), r.by(other))
 					}
 					return fmt.Sprintf("%s is inside %s, which %s creates in a later phase", r.show(x, c.path), r.show(x, a.path), r.by(other))
 				})
@@ -144,8 +177,11 @@ func (r *renderer) show(x *plan.Step, p string) string {
 
 // by names the step s for a message: its id, and where it comes from.
 func (r *renderer) by(s *plan.Step) string {
-	if s.Origin != "" {
+	switch {
+	case s.Origin != "":
 		return fmt.Sprintf("%s (step %s)", s.Origin, s.ID)
+	case r.alternate[s]:
+		return fmt.Sprintf("nodespawn (step %s of machine %s, which upgrades alternate with %s)", s.ID, r.plan.Alternate, r.machine)
 	}
 	return "nodespawn (step " + s.ID + ")"
 }

@@ -61,8 +61,12 @@ func (r *renderer) renderMachine() error {
 	}
 	r.file(ph, r.inRoot(kubeletConfig), tmpl("kubelet-config.yaml.tmpl", r.kubeletConfigData()), "kubelet configuration")
 	r.file(ph, r.inRoot("/etc/systemd/system/kubelet.service"), tmpl("kubelet.service.tmpl", nil), "kubelet unit")
+	args := r.kubeletArgs()
+	if err := r.checkKubeletArgs(args); err != nil {
+		return err
+	}
 	r.file(ph, r.inRoot("/etc/systemd/system/kubelet.service.d/10-nodespawn.conf"),
-		tmpl("kubelet-dropin.conf.tmpl", struct{ Args []string }{r.kubeletArgs()}),
+		tmpl("kubelet-dropin.conf.tmpl", struct{ Args []string }{args}),
 		"kubelet flags: kubeconfig, node name, labels, taints")
 	r.link(ph, r.inRoot(path.Join(wantsDir, "kubelet.service")), "/etc/systemd/system/kubelet.service",
 		"enable kubelet inside the machine")
@@ -180,6 +184,38 @@ func (r *renderer) kubeletConfigData() kubeletConfigData {
 		ShutdownGracePeriod:         grace.String(),
 		ShutdownGracePeriodCritical: (grace / 3).String(),
 	}
+}
+
+// kubeletArgsVar is the environment variable the kubelet drop-in hands
+// the flags over in (kubelet-dropin.conf.tmpl, kubelet.service.tmpl).
+const kubeletArgsVar = "KUBELET_NODESPAWN_ARGS"
+
+// checkKubeletArgs refuses flags that make the drop-in's Environment=
+// assignment longer than the kernel passes to kubelet (systemd puts it in
+// kubelet's environment whole): kubelet would never start. The problem
+// is reported at the manifest field that adds the most to it.
+func (r *renderer) checkKubeletArgs(args []string) error {
+	n := len(kubeletArgsVar) + 1 + len(strings.Join(args, " "))
+	if n <= manifest.MaxExecString {
+		return nil
+	}
+	k := r.m.Kubernetes
+	sizes := map[string]int{"kubeletArgs": len(strings.Join(k.KubeletArgs, " "))}
+	for key, v := range k.Labels {
+		sizes["labels"] += len(key) + len(v) + 2
+	}
+	for _, t := range k.Taints {
+		sizes["taints"] += len(t.Key) + len(t.Value) + len(t.Effect) + 3
+	}
+	at := "kubeletArgs"
+	for _, f := range []string{"labels", "taints"} {
+		if sizes[f] > sizes[at] {
+			at = f
+		}
+	}
+	return &Error{Path: field("kubernetes", at), Msg: fmt.Sprintf(
+		"the kubelet flags (with labels and taints) come to %d bytes in the %s environment variable; Linux starts no program with an environment entry over %d bytes (MAX_ARG_STRLEN), so kubelet would never start",
+		n, kubeletArgsVar, manifest.MaxExecString)}
 }
 
 // kubeletArgs are the flags without a KubeletConfiguration field. Label

@@ -80,6 +80,26 @@ func Plan(m *manifest.Manifest, f plan.Facts) (*plan.Plan, error) {
 // that is not running. Only the machine's own paths differ between the two
 // plans; the node (its name, its state directory) is the same.
 func PlanFor(m *manifest.Manifest, f plan.Facts, machine string) (*plan.Plan, error) {
+	r, err := build(m, f, machine)
+	if err != nil {
+		return nil, err
+	}
+	// The other machine of the pair is prepared by an upgrade with the
+	// same host extras: an extra where it has a file (its .nspawn file,
+	// its root) is refused now, not when the upgrade fails.
+	var alt []plan.Step
+	if other, err := build(m, f, r.plan.Alternate); err == nil {
+		alt = other.plan.Steps
+	}
+	if err := r.checkClaims(alt); err != nil {
+		return nil, err
+	}
+	return &r.plan, nil
+}
+
+// build renders the steps of machine's plan, without checking their
+// claims against each other.
+func build(m *manifest.Manifest, f plan.Facts, machine string) (*renderer, error) {
 	r := &renderer{m: m, f: f, machine: machine}
 	if err := r.decide(); err != nil {
 		return nil, err
@@ -91,10 +111,7 @@ func PlanFor(m *manifest.Manifest, f plan.Facts, machine string) (*plan.Plan, er
 		}
 	}
 	sortByPhase(r.plan.Steps)
-	if err := r.checkClaims(); err != nil {
-		return nil, err
-	}
-	return &r.plan, nil
+	return r, nil
 }
 
 // renderer carries the decisions every part of the plan shares.
@@ -125,6 +142,9 @@ type renderer struct {
 	// origins maps each step's Origin to the manifest path it was made
 	// from (see from).
 	origins map[string]jsonpath.ContextPath
+	// alternate holds the steps of the alternate machine's plan that
+	// checkClaims weighs this plan's extras against.
+	alternate map[*plan.Step]bool
 }
 
 func (r *renderer) decide() error {

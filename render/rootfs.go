@@ -161,6 +161,13 @@ func (r *renderer) decideStore() error {
 	return nil
 }
 
+// MountUnit is where an older nodespawn wrote the mount unit of the
+// machine root at root (the machine's service mounts it now). The image
+// step owns the path whatever the store: apply removes a unit nodespawn
+// wrote there, and a unit of anyone else's would mount the root at boot
+// behind the machine's back, so no extra file may stand there.
+func MountUnit(root string) string { return layers.LegacyUnit(root) }
+
 func (r *renderer) download(name string, c manifest.Component, mirror string, at jsonpath.ContextPath) error {
 	base := c.BaseURL
 	if base == "" {

@@ -25,6 +25,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/progress"
+	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -199,7 +200,9 @@ func (s *Fetched) finishInstalled() (Installed, error) {
 
 func (s *Fetched) newRecord() *installRecord {
 	d := s.d
-	return &installRecord{URL: d.URL, ChecksumURL: d.ChecksumURL, SHA256: s.sum.Encoded(), Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
+	// The record keeps the URLs for people reading the cache, without
+	// their secrets (redact.URL); its name, not its URLs, matches it to d.
+	return &installRecord{URL: redact.URL(d.URL), ChecksumURL: redactOrEmpty(d.ChecksumURL), SHA256: s.sum.Encoded(), Dest: d.Dest, Mode: d.Mode, Archive: d.Archive, Members: d.Members}
 }
 
 // expectedDigest is the pinned digest, or the one the checksum file lists.
@@ -581,4 +584,12 @@ func (f *Fetcher) logger() *slog.Logger {
 		return f.Log
 	}
 	return slog.Default()
+}
+
+// redactOrEmpty is redact.URL, keeping an absent URL absent.
+func redactOrEmpty(u string) string {
+	if u == "" {
+		return ""
+	}
+	return redact.URL(u)
 }

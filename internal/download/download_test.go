@@ -690,6 +690,32 @@ func TestDownloadErrorsRedactURLSecrets(t *testing.T) {
 	}
 }
 
+// TestRecordKeepsNoURLSecret: the install record in the cache names the
+// URLs without their queries (signed URLs) and still makes a rerun a no-op.
+func TestRecordKeepsNoURLSecret(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	cache := filepath.Join(root, "cache")
+	step := o.publish(t, upstream.Kubectl, "1.37.2", randomBytes(4<<10, 5), filepath.Join(root, "bin", "kubectl"))
+	step.URL += "?X-Amz-Signature=s3cret"
+	step.ChecksumURL += "?X-Amz-Signature=s3cret"
+	f := newFetcher(t, cache)
+	for i, changed := range []bool{true, false} {
+		res, err := f.Download(context.Background(), step, confinetest.HostRoot(t), step.Dest)
+		if err != nil || res.Changed != changed {
+			t.Fatalf("run %d: %+v, %v; want changed %t", i, res, err, changed)
+		}
+	}
+	recs, _ := filepath.Glob(filepath.Join(cache, "*"+RecordSuffix))
+	if len(recs) != 1 {
+		t.Fatalf("records = %v, want one", recs)
+	}
+	b, err := os.ReadFile(recs[0])
+	if err != nil || strings.Contains(string(b), "s3cret") || !strings.Contains(string(b), `?\u003credacted\u003e`) {
+		t.Errorf("record %s: %v\n%s", recs[0], err, b)
+	}
+}
+
 // TestFetchThenInstall checks the split apply uses to download early: Fetch
 // verifies into the cache without touching Dest, a rerun of Fetch reuses the
 // verified artifact, and Install moves it into place.

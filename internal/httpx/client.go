@@ -30,6 +30,8 @@ import (
 	"net/url"
 	"sync"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/redact"
 )
 
 // Timeouts of NewClient's transport. There is deliberately no
@@ -244,29 +246,13 @@ func WithoutURL(err error) error {
 
 // redactURL is Redact for a request's URL.
 func redactURL(req *http.Request) string {
-	return redactParsed(*req.URL)
+	return redact.URL(req.URL.String())
 }
 
-// Redact drops user info and the query (which may carry signed tokens)
-// from a URL before it goes into an error or a log line.
-func Redact(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return "<unparsable URL>"
-	}
-	return redactParsed(*u)
-}
-
-func redactParsed(u url.URL) string {
-	if u.User != nil {
-		u.User = url.User("redacted")
-	}
-	if u.RawQuery != "" {
-		u.RawQuery = "redacted"
-	}
-	u.ForceQuery = false
-	return u.String()
-}
+// Redact hides a URL's password (or token user) and query, which may
+// carry credentials or signed tokens, before it goes into an error or a
+// log line: redact.URL, for the client's callers.
+func Redact(raw string) string { return redact.URL(raw) }
 
 // stallReader aborts the request (through its context) when one Read waits
 // longer than timeout for data. Only time spent inside Read counts, so a

@@ -25,10 +25,13 @@
 package upstream
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
 	"slices"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/redact"
 )
 
 // Component names, as used in download step names.
@@ -132,15 +135,18 @@ func Lookup(component, version, arch, mirror string) (Artifact, error) {
 // scheme and host replace the upstream ones, the mirror's path is
 // prefixed, and the upstream path is kept.
 func Mirror(upstreamURL, mirror string) (string, error) {
+	// The errors name the mirror without its password or query: render
+	// shows them as manifest errors.
 	m, err := url.Parse(mirror)
 	if err != nil {
-		return "", fmt.Errorf("mirror %q: %w", mirror, err)
+		// The parser's error would quote the whole URL.
+		return "", errors.New("mirror is not a valid URL")
 	}
 	if (m.Scheme != "http" && m.Scheme != "https") || m.Host == "" {
-		return "", fmt.Errorf("mirror %q: want an http:// or https:// base URL", mirror)
+		return "", fmt.Errorf("mirror %q: want an http:// or https:// base URL", redact.URL(mirror))
 	}
 	if m.RawQuery != "" || m.Fragment != "" || m.User != nil || m.Opaque != "" {
-		return "", fmt.Errorf("mirror %q: a base URL has no query, fragment or user info", mirror)
+		return "", fmt.Errorf("mirror %q: a base URL has no query, fragment or user info", redact.URL(mirror))
 	}
 	u, err := url.Parse(upstreamURL)
 	if err != nil {
