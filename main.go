@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/journal"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -37,7 +38,17 @@ const (
 type usageError struct{ error }
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, stderr()))
+}
+
+// stderr is where logs and errors go: on a terminal, the one writer that
+// progress bars are drawn through too, so log lines print above the bars
+// and no redraw erases them.
+func stderr() io.Writer {
+	if t := progress.Stderr(); t != nil {
+		return t
+	}
+	return os.Stderr
 }
 
 // run executes the command line and returns the exit code; main is thin so
@@ -46,6 +57,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdin, stdout, stderr)
 	root.SetArgs(args)
 	err := root.Execute()
+	if t, ok := stderr.(*progress.Terminal); ok {
+		// Bars of transfers a failure left unfinished go; what is
+		// printed last is the outcome.
+		t.Close()
+	}
 	if err == nil {
 		return exitOK
 	}
@@ -133,7 +149,8 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 
 // setupLogging installs the one logger: the journal's native protocol with
 // structured fields when stderr is the journal, logfmt key=value lines
-// otherwise (without timestamps off a terminal).
+// otherwise: with timestamps on a terminal and into a regular file, without
+// them into a pipe or socket (the journal or a CI log adds its own).
 func setupLogging(w io.Writer, level string) error {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
@@ -145,8 +162,7 @@ func setupLogging(w io.Writer, level string) error {
 		return nil
 	}
 	opts := &slog.HandlerOptions{Level: l}
-	if f, ok := w.(*os.File); ok && !term.IsTerminal(int(f.Fd())) {
-		// Under systemd the journal adds its own timestamps.
+	if !timestamped(w) {
 		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
 			if len(groups) == 0 && a.Key == slog.TimeKey {
 				return slog.Attr{}
@@ -156,6 +172,19 @@ func setupLogging(w io.Writer, level string) error {
 	}
 	slog.SetDefault(slog.New(slog.NewTextHandler(w, opts)))
 	return nil
+}
+
+// timestamped says whether log lines to w carry their time: on a terminal
+// and into a regular file (2>run.log), where nothing else records when a
+// line was written. A pipe or socket leads to something that stamps lines
+// itself (the journal, a CI log).
+func timestamped(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok || term.IsTerminal(int(f.Fd())) {
+		return true // the shared Terminal, or a writer of the caller's
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode().IsRegular()
 }
 
 func newVersionCmd() *cobra.Command {
