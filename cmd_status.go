@@ -41,10 +41,8 @@ func newStatusCmd() *cobra.Command {
 		Long: `status reads the result record of the last apply and looks at the machine
 (registered with machined, containerd and kubelet active inside) and prints one
 line: not run, running: step X (n/m), done, error: step X: reason, or
-degraded: applied, but ... (the machine or a node unit is down now).
-
-Exit codes, as cloud-init status gives them: 0 done (also running or not run
-without --wait), 1 error, 2 degraded.
+degraded: applied, but ... (the machine or a node unit is down now), and
+exits as cloud-init status does (below).
 
 --wait blocks until the run ends, also when the first-boot unit has not
 started yet, then exits with the code of the outcome. --long adds the digests,

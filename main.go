@@ -20,7 +20,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/journal"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
-	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -56,7 +55,9 @@ func stderr() io.Writer {
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdin, stdout, stderr)
 	root.SetArgs(args)
-	err := root.Execute()
+	var ran bool
+	markRunning(root, &ran)
+	cmd, err := root.ExecuteC()
 	if t, ok := stderr.(*progress.Terminal); ok {
 		// Bars of transfers a failure left unfinished go; what is
 		// printed last is the outcome.
@@ -71,6 +72,12 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return se.code
 	}
 	code := exitCode(err)
+	if !ran {
+		// Cobra refused the command line before any command ran: an
+		// unknown command, extra arguments, a missing required flag.
+		code = exitBadInput
+		err = usageError{err}
+	}
 	var merr manifest.Errors
 	if errors.As(err, &merr) {
 		// Every problem, each with its position and snippet.
@@ -84,6 +91,9 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		}
 	} else {
 		fmt.Fprintf(stderr, "nodespawn: %v\n", err)
+	}
+	if errors.As(err, new(usageError)) {
+		fmt.Fprintln(stderr, usageHint(cmd))
 	}
 	return code
 }
@@ -117,9 +127,8 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
                                            upgrade it to this manifest
   nodespawn status                         where provisioning or an upgrade stands
   nodespawn rollback                       back to the machine the last upgrade replaced
-  nodespawn schema > nodespawn.schema.json the JSON Schema, for editors
-
-Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
+  nodespawn schema > nodespawn.schema.json the JSON Schema, for editors`,
+		Version:       version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
@@ -130,6 +139,9 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetVersionTemplate(versionText())
+	cobra.AddTemplateFunc("exitCodes", commandExitCodes)
+	root.SetHelpTemplate(root.HelpTemplate() + helpExitCodes)
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.AddCommand(
 		newApplyCmd(false),
@@ -144,6 +156,7 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 		newImageCmd(),
 		newVersionCmd(),
 	)
+	completeFlags(root)
 	return root
 }
 
@@ -185,16 +198,4 @@ func timestamped(w io.Writer) bool {
 	}
 	fi, err := f.Stat()
 	return err == nil && fi.Mode().IsRegular()
-}
-
-func newVersionCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the nodespawn version and the manifest and plan formats it understands",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintf(cmd.OutOrStdout(), "nodespawn %s\nmanifest %s\nplan %s\n", version, manifest.APIVersion, plan.Version)
-			return nil
-		},
-	}
 }
