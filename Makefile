@@ -57,6 +57,15 @@ images:
 # "-ways floor,store", "-rootfs /some/tree -add none -layers 4", or
 # "-rootfs synthetic -layers 6 -layer-mb 60" (also the fallback without the
 # e2e cache). BENCH_CPUPROFILE=DIR writes each way's CPU profile to DIR.
+# Start-up benchmark (not a test): builds BENCH_BASE (default: the last
+# tag, else HEAD~) and this tree the same way, runs `version` and
+# `apply --dry-run -f examples/minimal.yaml` with each alternately and
+# prints medians of wall, CPU and package init time.
+BENCH_BASE ?= $(shell git describe --tags --abbrev=0 2>/dev/null || echo HEAD~)
+.PHONY: bench-startup
+bench-startup:
+	$(GO) run ./tools/benchstartup -base $(BENCH_BASE) $(BENCH_ARGS)
+
 .PHONY: bench
 bench:
 	$(GO) build -o bin/oci-bench ./internal/oci/bench

@@ -56,3 +56,7 @@ require (
 	golang.org/x/net v0.58.0 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+// The drafts' metaschemas compiled on first use, not at init: see
+// third_party/jsonschema/README.md.
+replace github.com/santhosh-tekuri/jsonschema/v6 => ./third_party/jsonschema
