@@ -72,6 +72,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return se.code
 	}
 	code := exitCode(err)
+	if apply.Logged(err) {
+		// Its line is in the log already (a failed step's, with the
+		// error): said once.
+		return code
+	}
 	if !ran {
 		// Cobra refused the command line before any command ran: an
 		// unknown command, extra arguments, a missing required flag.
