@@ -17,8 +17,16 @@ test:
 	CGO_ENABLED=0 $(GO) build -o /dev/null .
 	$(GO) test -race ./...
 
-# Everything CI runs: the unit and integration tests, then the VM test.
-check: test e2e
+# Everything CI runs: the packages the tests need (installed when missing,
+# as root on Debian; scripts/install-test-deps.sh says which), then the unit
+# and integration tests, then the VM test.
+.PHONY: deps
+deps:
+	scripts/install-test-deps.sh
+
+check: deps
+	$(MAKE) test
+	$(MAKE) e2e
 
 dry-run: build
 	./$(BIN) apply --dry-run -f examples/minimal.yaml
