@@ -18,8 +18,8 @@ import (
 // may be drawn goes through one Terminal: text written around it would sit
 // where the next redraw erases.
 type Terminal struct {
-	w     io.Writer
-	width func() int // columns, 0 when unknown
+	w    io.Writer
+	size func() (cols, rows int) // 0 when unknown
 
 	mu      sync.Mutex
 	bars    []string // drawn at the bottom, one row each
@@ -38,12 +38,12 @@ func NewTerminal(f *os.File) *Terminal {
 	if _, err := unix.IoctlGetTermios(fd, unix.TCGETS); err != nil {
 		return nil
 	}
-	return &Terminal{w: f, width: func() int {
+	return &Terminal{w: f, size: func() (int, int) {
 		ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ)
 		if err != nil {
-			return 0
+			return 0, 0
 		}
-		return int(ws.Col)
+		return int(ws.Col), int(ws.Row)
 	}}
 }
 
@@ -122,15 +122,22 @@ func (t *Terminal) eraseLocked(b *bytes.Buffer) {
 
 // drawLocked draws the bars, each cut to the terminal's width so that it
 // takes one row: a wrapped bar would take two, and the erase, which
-// counts rows, would leave half of it on screen.
+// counts rows, would leave half of it on screen. For the same reason they
+// take less than the screen's height; the bars that do not fit are
+// counted on the last row.
 func (t *Terminal) drawLocked(b *bytes.Buffer) {
-	cols := t.width()
-	for _, l := range t.bars {
+	cols, rows := t.size()
+	bars := t.bars
+	if rows > 2 && len(bars) > rows-2 {
+		n := rows - 3
+		bars = append(bars[:n:n], fmt.Sprintf("... and %d more", len(t.bars)-n))
+	}
+	for _, l := range bars {
 		if cols > 1 && len(l) >= cols {
 			l = l[:cols-1] // bars are ASCII
 		}
 		b.WriteString(strings.TrimRight(l, " "))
 		b.WriteByte('\n')
 	}
-	t.drawn = len(t.bars)
+	t.drawn = len(bars)
 }
