@@ -17,8 +17,16 @@ test:
 	CGO_ENABLED=0 $(GO) build -o /dev/null .
 	$(GO) test -race ./...
 
-# Everything CI runs: the unit and integration tests, then the VM test.
-check: test e2e
+# Everything CI runs: the packages the tests need (installed when missing,
+# as root on Debian; scripts/install-test-deps.sh says which), then the unit
+# and integration tests, then the VM test.
+.PHONY: deps
+deps:
+	scripts/install-test-deps.sh
+
+check: deps
+	$(MAKE) test
+	$(MAKE) e2e
 
 dry-run: build
 	./$(BIN) apply --dry-run -f examples/minimal.yaml
@@ -57,6 +65,15 @@ images:
 # "-ways floor,store", "-rootfs /some/tree -add none -layers 4", or
 # "-rootfs synthetic -layers 6 -layer-mb 60" (also the fallback without the
 # e2e cache). BENCH_CPUPROFILE=DIR writes each way's CPU profile to DIR.
+# Start-up benchmark (not a test): builds BENCH_BASE (default: the last
+# tag, else HEAD~) and this tree the same way, runs `version` and
+# `apply --dry-run -f examples/minimal.yaml` with each alternately and
+# prints medians of wall, CPU and package init time.
+BENCH_BASE ?= $(shell git describe --tags --abbrev=0 2>/dev/null || echo HEAD~)
+.PHONY: bench-startup
+bench-startup:
+	$(GO) run ./tools/benchstartup -base $(BENCH_BASE) $(BENCH_ARGS)
+
 .PHONY: bench
 bench:
 	$(GO) build -o bin/oci-bench ./internal/oci/bench

@@ -45,10 +45,7 @@ and prints one line: not run, running: step X (n/m), done, error: step X:
 reason, or degraded: applied, but ... (the machine, a node unit or such a host
 service is down now, or the machine root composed from the layer store is
 broken: a layer missing from the store or not as it was unpacked, its upper
-directory gone; apply repairs it).
-
-Exit codes, as cloud-init status gives them: 0 done (also running or not run
-without --wait), 1 error, 2 degraded.
+directory gone; apply repairs it), and exits as cloud-init status does (below).
 
 --wait blocks until the run ends, also when the first-boot unit has not
 started yet, then exits with the code of the outcome. --long adds the digests,

@@ -213,10 +213,7 @@ by the last successful upgrade), then waits, as an upgrade does, until
 containerd and kubelet run in it and the API server sees the Node Ready. If
 that does not happen within the manifest's upgrade.readyTimeout, it switches
 back. The machine rolled back from is kept, so a second rollback returns
-to it; the next upgrade replaces it.
-
-Exit codes: 0 rolled back, 1 the previous machine did not run the node
-(the node runs where it was), 2 nothing to roll back to.`,
+to it; the next upgrade replaces it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()

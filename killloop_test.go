@@ -33,7 +33,7 @@ const cliEnv = "NODESPAWN_TEST_RUN_CLI"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(cliEnv) != "" {
-		os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+		os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, stderr()))
 	}
 	os.Exit(m.Run())
 }

@@ -18,8 +18,8 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/journal"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
-	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
 
@@ -37,7 +37,17 @@ const (
 type usageError struct{ error }
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, stderr()))
+}
+
+// stderr is where logs and errors go: on a terminal, the one writer that
+// progress bars are drawn through too, so log lines print above the bars
+// and no redraw erases them.
+func stderr() io.Writer {
+	if t := progress.Stderr(); t != nil {
+		return t
+	}
+	return os.Stderr
 }
 
 // run executes the command line and returns the exit code; main is thin so
@@ -45,7 +55,14 @@ func main() {
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdin, stdout, stderr)
 	root.SetArgs(args)
-	err := root.Execute()
+	var ran bool
+	markRunning(root, &ran)
+	cmd, err := root.ExecuteC()
+	if t, ok := stderr.(*progress.Terminal); ok {
+		// Bars of transfers a failure left unfinished go; what is
+		// printed last is the outcome.
+		t.Close()
+	}
 	if err == nil {
 		return exitOK
 	}
@@ -60,6 +77,17 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return de.exitCode()
 	}
 	code := exitCode(err)
+	if apply.Logged(err) {
+		// Its line is in the log already (a failed step's, with the
+		// error): said once.
+		return code
+	}
+	if !ran {
+		// Cobra refused the command line before any command ran: an
+		// unknown command, extra arguments, a missing required flag.
+		code = exitBadInput
+		err = usageError{err}
+	}
 	var merr manifest.Errors
 	if errors.As(err, &merr) {
 		// Every problem, each with its position and snippet.
@@ -73,6 +101,9 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		}
 	} else {
 		fmt.Fprintf(stderr, "nodespawn: %v\n", err)
+	}
+	if errors.As(err, new(usageError)) {
+		fmt.Fprintln(stderr, usageHint(cmd))
 	}
 	return code
 }
@@ -106,9 +137,8 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
                                            upgrade it to this manifest
   nodespawn status                         where provisioning or an upgrade stands
   nodespawn rollback                       back to the machine the last upgrade replaced
-  nodespawn schema > nodespawn.schema.json the JSON Schema, for editors
-
-Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
+  nodespawn schema > nodespawn.schema.json the JSON Schema, for editors`,
+		Version:       version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
@@ -119,6 +149,9 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetVersionTemplate(versionText())
+	cobra.AddTemplateFunc("exitCodes", commandExitCodes)
+	root.SetHelpTemplate(root.HelpTemplate() + helpExitCodes)
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.AddCommand(
 		newApplyCmd(false),
@@ -134,12 +167,14 @@ Exit codes: 0 done or already applied, 1 a step failed, 2 bad input.`,
 		newVersionCmd(),
 		newMountRootCmd(),
 	)
+	completeFlags(root)
 	return root
 }
 
 // setupLogging installs the one logger: the journal's native protocol with
 // structured fields when stderr is the journal, logfmt key=value lines
-// otherwise (without timestamps off a terminal).
+// otherwise: with timestamps on a terminal and into a regular file, without
+// them into a pipe or socket (the journal or a CI log adds its own).
 func setupLogging(w io.Writer, level string) error {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
@@ -151,8 +186,7 @@ func setupLogging(w io.Writer, level string) error {
 		return nil
 	}
 	opts := &slog.HandlerOptions{Level: l}
-	if f, ok := w.(*os.File); ok && !term.IsTerminal(int(f.Fd())) {
-		// Under systemd the journal adds its own timestamps.
+	if !timestamped(w) {
 		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
 			if len(groups) == 0 && a.Key == slog.TimeKey {
 				return slog.Attr{}
@@ -164,14 +198,15 @@ func setupLogging(w io.Writer, level string) error {
 	return nil
 }
 
-func newVersionCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the nodespawn version and the manifest and plan formats it understands",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintf(cmd.OutOrStdout(), "nodespawn %s\nmanifest %s\nplan %s\n", version, manifest.APIVersion, plan.Version)
-			return nil
-		},
+// timestamped says whether log lines to w carry their time: on a terminal
+// and into a regular file (2>run.log), where nothing else records when a
+// line was written. A pipe or socket leads to something that stamps lines
+// itself (the journal, a CI log).
+func timestamped(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok || term.IsTerminal(int(f.Fd())) {
+		return true // the shared Terminal, or a writer of the caller's
 	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode().IsRegular()
 }

@@ -400,6 +400,11 @@ func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
 			t.Errorf("the error lacks %q:\n%s", want, errOut)
 		}
 	}
+	// Said once: in the failed step's line, not again by "apply failed"
+	// and the CLI's last line.
+	if n := strings.Count(errOut, actual); n != 1 {
+		t.Errorf("the error is printed %d times:\n%s", n, errOut)
+	}
 	if _, err := os.Stat(filepath.Join(root, "var/lib/machines/pipe/usr/local/bin/kubelet")); !os.IsNotExist(err) {
 		t.Errorf("an unverified kubelet is in the rootfs: %v", err)
 	}

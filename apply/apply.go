@@ -348,8 +348,14 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 		runErr = writeMachines(host, st)
 	}
 	if runErr != nil {
-		log.Error("apply failed", "error", runErr, "record", host.Show(RecordFile))
-		return &Result{Record: w.snapshot(), Machine: p.Machine}, runErr
+		// A failed step's line carries its error; this line says which
+		// step, and where the record is, without repeating it.
+		if se := (*StepError)(nil); errors.As(runErr, &se) {
+			log.Error("apply failed", "step", se.ID, "record", host.Show(RecordFile))
+		} else {
+			log.Error("apply failed", "error", runErr, "record", host.Show(RecordFile))
+		}
+		return &Result{Record: w.snapshot(), Machine: p.Machine}, loggedError{runErr}
 	}
 	if err := writeStamp(host, planDigest); err != nil {
 		return &Result{Record: w.snapshot(), Machine: p.Machine}, fmt.Errorf("apply: write done stamp: %w", err)

@@ -22,6 +22,19 @@ func (e *StepError) Error() string {
 // Unwrap returns the step's own error.
 func (e *StepError) Unwrap() error { return e.Err }
 
+// loggedError is an error Run has logged already, in full, where it
+// happened (the failed step's line, or "apply failed"): the CLI prints it
+// once, not again as its last word.
+type loggedError struct{ error }
+
+func (e loggedError) Unwrap() error { return e.error }
+
+// Logged says whether err was logged in full by Run.
+func Logged(err error) bool {
+	var l loggedError
+	return errors.As(err, &l)
+}
+
 // ManifestChangedError is returned when the node was made from another
 // manifest than the one given and Run may not change it: the first boot
 // never upgrades, a tree that is not a running host cannot switch

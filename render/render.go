@@ -11,6 +11,7 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"sync"
 	"text/template"
 	"unicode/utf8"
 
@@ -23,10 +24,14 @@ import (
 //go:embed templates/*.tmpl
 var templateFS embed.FS
 
-var templates = template.Must(template.New("").Funcs(template.FuncMap{
-	"join":   strings.Join,
-	"header": header,
-}).ParseFS(templateFS, "templates/*.tmpl"))
+// templates are parsed when a plan is first rendered, not at start-up:
+// `nodespawn version` or `status` never render.
+var templates = sync.OnceValue(func() *template.Template {
+	return template.Must(template.New("").Funcs(template.FuncMap{
+		"join":   strings.Join,
+		"header": header,
+	}).ParseFS(templateFS, "templates/*.tmpl"))
+})
 
 // header is the one-line notice every generated file starts with.
 func header(comment string) string {
@@ -278,7 +283,7 @@ func (r *renderer) file(phase plan.Phase, p, contents, what string, opts ...file
 // tmpl renders one embedded template.
 func tmpl(name string, data any) string {
 	var b bytes.Buffer
-	if err := templates.ExecuteTemplate(&b, name, data); err != nil {
+	if err := templates().ExecuteTemplate(&b, name, data); err != nil {
 		// Templates are embedded and their data is built here: a failure
 		// is a programming error that every golden test would catch.
 		panic(fmt.Sprintf("render: template %s: %v", name, err))

@@ -129,7 +129,7 @@ func WaitReady(ctx context.Context, o WaitOptions) (*Node, error) {
 	if o.Credentials == nil {
 		return nil, errors.New("wait for node: no Credentials function")
 	}
-	if !nodeNameRE.MatchString(o.NodeName) {
+	if !validNodeName(o.NodeName) {
 		return nil, fmt.Errorf("wait for node: node name %q is not a valid Node name (a DNS subdomain)", o.NodeName)
 	}
 	since := o.Since.Truncate(time.Second)

@@ -88,12 +88,14 @@ func (p *prober) dns(f *plan.Facts) error {
 	if f.Upstream, err = p.upstream(); err != nil {
 		return err
 	}
+	// A fact, not a warning: the manifest may give machine.dns.nameservers,
+	// and when it does not, render refuses the manifest and says why.
 	switch {
 	case f.Upstream != nil:
 	case b == nil:
-		p.log.Warn("no resolv.conf found; pods with dnsPolicy Default will have no DNS", "paths", upstreamSources)
+		p.log.Debug("no resolv.conf found; pods need machine.dns.nameservers", "paths", upstreamSources)
 	default:
-		p.log.Warn("resolv.conf lists only loopback resolvers (a local stub) or none, and no local resolver lists its upstream servers; pods with dnsPolicy Default will have no DNS",
+		p.log.Debug("resolv.conf lists only loopback resolvers (a local stub) or none, and no local resolver lists its upstream servers; pods need machine.dns.nameservers",
 			"path", etcResolvConf, "nameservers", f.Nameservers, "searched", upstreamSources[:len(upstreamSources)-1])
 	}
 	return nil

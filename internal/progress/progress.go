@@ -10,24 +10,21 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Display reports the progress of concurrent downloads through one
 // renderer, so lines never interleave. On a terminal it redraws one bar per
-// download (bytes, rate, ETA) in place; elsewhere (journal, CI, a pipe) it
-// logs a plain line per download every LogInterval and one when it ends.
+// download (bytes, rate, ETA) in place below the log lines (see Terminal);
+// elsewhere (journal, CI, a pipe) it logs a plain line per download every
+// LogInterval and one when it ends.
 type Display struct {
-	w        io.Writer
-	tty      bool
+	term     *Terminal // nil off a terminal
 	logger   *slog.Logger
 	interval time.Duration
 	now      func() time.Time
 
 	mu      sync.Mutex
 	active  []*Tracker
-	drawn   int // lines of the last redraw on a terminal
 	running bool
 }
 
@@ -38,16 +35,26 @@ const LogInterval = 5 * time.Second
 const ttyRedraw = 200 * time.Millisecond
 
 // New reports to w, drawing bars when w is a terminal (and TERM is
-// not "dumb"), else logging through logger (nil: slog.Default()).
+// not "dumb"), else logging through logger (nil: slog.Default()). On
+// os.Stderr the bars go through Stderr(), the Terminal the logger writes
+// to as well, so log lines print above the bars instead of under them.
 func New(w io.Writer, logger *slog.Logger) *Display {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	p := &Display{w: w, logger: logger, interval: LogInterval, now: time.Now}
-	if f, ok := w.(*os.File); ok && os.Getenv("TERM") != "dumb" {
-		if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
-			p.tty, p.interval = true, ttyRedraw
+	p := &Display{logger: logger, interval: LogInterval, now: time.Now}
+	switch f := w.(type) {
+	case *Terminal:
+		p.term = f
+	case *os.File:
+		if f == os.Stderr {
+			p.term = Stderr()
+		} else {
+			p.term = NewTerminal(f)
 		}
+	}
+	if p.term != nil {
+		p.interval = ttyRedraw
 	}
 	return p
 }
@@ -97,8 +104,8 @@ func (p *Display) tick() bool {
 		p.running = false
 		return false
 	}
-	if p.tty {
-		p.redrawLocked()
+	if p.term != nil {
+		p.redrawLocked(nil)
 		return true
 	}
 	for _, t := range p.active {
@@ -121,24 +128,15 @@ func (p *Display) logLocked(msg string, t *Tracker, done, total int64, extra ...
 	p.logger.Info(msg, append(attrs, extra...)...)
 }
 
-// redrawLocked erases the previous bars and draws the active ones.
-func (p *Display) redrawLocked() {
-	var b strings.Builder
-	p.eraseLocked(&b)
+// redrawLocked prints the lines above the bars, then the active bars in
+// place of the last ones.
+func (p *Display) redrawLocked(above []string) {
+	bars := make([]string, 0, len(p.active))
 	for _, t := range p.active {
 		done, total := t.counts()
-		b.WriteString(p.barLine(t, done, total))
-		b.WriteByte('\n')
+		bars = append(bars, p.barLine(t, done, total))
 	}
-	p.drawn = len(p.active)
-	io.WriteString(p.w, b.String())
-}
-
-func (p *Display) eraseLocked(b *strings.Builder) {
-	for range p.drawn {
-		b.WriteString("\x1b[1A\x1b[2K") // cursor up, clear line
-	}
-	p.drawn = 0
+	p.term.update(above, bars)
 }
 
 // barLine is "name [=====>     ]  45% 36.0 MiB / 80.0 MiB  12.0 MiB/s  ETA 4s".
@@ -215,16 +213,12 @@ func (t *Tracker) Done(err error) {
 	}
 	done, total := t.counts()
 	elapsed := p.now().Sub(t.start)
-	if p.tty {
-		var b strings.Builder
-		p.eraseLocked(&b)
+	if p.term != nil {
 		status := "done"
 		if err != nil {
 			status = "failed"
 		}
-		fmt.Fprintf(&b, "%-12s %s %s in %s (%s)\n", t.name, status, formatBytes(done), elapsed.Round(100*time.Millisecond), formatRate(done, elapsed))
-		io.WriteString(p.w, b.String())
-		p.redrawLocked()
+		p.redrawLocked([]string{fmt.Sprintf("%-12s %s %s in %s (%s)", t.name, status, formatBytes(done), elapsed.Round(100*time.Millisecond), formatRate(done, elapsed))})
 		return
 	}
 	if err != nil {

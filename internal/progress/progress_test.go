@@ -1,8 +1,12 @@
 package progress
 
 import (
+	"fmt"
+	"regexp"
+
 	"bytes"
 	"errors"
+	"github.com/nodespawn/nodespawn/internal/vtscreen"
 	"log/slog"
 	"strings"
 	"sync"
@@ -43,7 +47,9 @@ func newTestProgress(tty bool) (*Display, *bytes.Buffer, *bytes.Buffer, *fakeClo
 	clock := &fakeClock{now: time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)}
 	p := New(&out, logger)
 	p.now = clock.Now
-	p.tty = tty
+	if tty {
+		p.term = &Terminal{w: &out, size: func() (int, int) { return 0, 0 }}
+	}
 	p.interval = time.Hour // the test drives tick itself
 	return p, &out, &logs, clock
 }
@@ -96,8 +102,7 @@ func TestProgressBars(t *testing.T) {
 	out.Reset()
 	b.Done(nil)
 	// The finished download is printed once, above the redrawn bars.
-	erase := "\x1b[1A\x1b[2K"
-	wantDone := erase + erase + "containerd   done 40.0 MiB in 2s (20.0 MiB/s)\n" +
+	wantDone := "\r\x1b[2A\x1b[J" + "containerd   done 40.0 MiB in 2s (20.0 MiB/s)\n" +
 		"kubelet      [=======>                      ]  25% 20.0 MiB / 80.0 MiB  10.0 MiB/s  ETA 6s\n"
 	if out.String() != wantDone {
 		t.Errorf("frame after one finished:\n%q\nwant\n%q", out.String(), wantDone)
@@ -113,5 +118,69 @@ func TestFormatBytes(t *testing.T) {
 		if got := formatBytes(n); got != want {
 			t.Errorf("formatBytes(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+// TestLogLinesAboveBars writes log lines through the Terminal while bars
+// are drawn on a narrow screen, as apply does, and reads the screen: every
+// log line and every finished download's line is there, in order, and no
+// bar is left.
+func TestLogLinesAboveBars(t *testing.T) {
+	// More downloads than the screen has rows, with names that make the
+	// bars wider than the screen.
+	screen := vtscreen.New(60, 10)
+	screen.ONLCR = true
+	term := &Terminal{w: screen, size: func() (int, int) { return 60, 10 }}
+	logger := slog.New(slog.NewTextHandler(term, &slog.HandlerOptions{
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey && len(groups) == 0 {
+				return slog.Attr{}
+			}
+			return a
+		},
+	}))
+	clock := &fakeClock{now: time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)}
+	p := New(term, logger)
+	p.now = clock.Now
+	p.interval = time.Hour
+
+	var want []string
+	var trackers []*Tracker
+	for i := range 12 {
+		trackers = append(trackers, p.Start(fmt.Sprintf("download-with-a-long-name-%d", i), 100<<20))
+	}
+	for i := range 30 {
+		trackers[i%12].Write(make([]byte, 3<<20))
+		clock.Advance(100 * time.Millisecond)
+		p.tick()
+		// A log line longer than the screen wraps and stays.
+		logger.Info("step", "step", fmt.Sprintf("rootfs:file:/etc/some/long/path/number-%02d", i), "outcome", "done")
+		want = append(want, fmt.Sprintf("level=INFO msg=step step=rootfs:file:/etc/some/long/path/number-%02d outcome=done", i))
+		if i%8 == 7 {
+			tr := trackers[i/8]
+			tr.Done(nil)
+			want = append(want, fmt.Sprintf("download-with-a-long-name-%d done", i/8))
+		}
+		// Half a line, then its end: one line on screen, not split by bars.
+		term.Write([]byte("partial "))
+		p.tick()
+		term.Write([]byte("line\n"))
+		want = append(want, "partial line")
+	}
+	term.Close()
+
+	lines := screen.Lines()
+	bar := regexp.MustCompile(`^download-with-a-long-name-[0-9]+ \[`)
+	next := 0
+	for _, l := range lines {
+		if next < len(want) && strings.HasPrefix(l, want[next]) {
+			next++
+		}
+		if bar.MatchString(l) || strings.Contains(l, "more") {
+			t.Errorf("a bar stayed on screen: %q", l)
+		}
+	}
+	if next < len(want) {
+		t.Errorf("line %q missing or out of order on screen:\n%s", want[next], strings.Join(lines, "\n"))
 	}
 }
