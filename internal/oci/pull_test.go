@@ -59,7 +59,7 @@ func featureLayers(t testing.TB) []layer {
 	))
 	l3 := compressLayer(t, ocispec.MediaTypeImageLayer, mkTar(t,
 		file("etc/passwd", "root:x:0:0::/root:/bin/bash\n", 0o644),
-		file("bin/tool", "through the bin symlink", 0o755),
+		file("usr/bin/tool", "through the bin symlink", 0o755),
 	))
 	return []layer{l1, l2, l3}
 }
