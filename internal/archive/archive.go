@@ -238,9 +238,12 @@ func (o *order) route(h *tar.Header) error {
 		return nil
 	}
 	if h.Typeflag == tar.TypeLink {
-		if to, ok, err := o.stashed(confine.Clean(h.Linkname), false); err != nil || ok {
-			h.Linkname = to
+		to, ok, err := o.stashed(confine.Clean(h.Linkname), false)
+		if err != nil {
 			return err
+		}
+		if ok {
+			h.Linkname = to
 		}
 	}
 	to, ok, err := o.stashed(name, true)
