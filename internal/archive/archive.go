@@ -62,7 +62,10 @@ func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opt
 	// them: what its hard links may link to.
 	own := map[string]bool{}
 	var o *order
-	if !opts.Overlay {
+	var re *reopen
+	if opts.Overlay {
+		re = &reopen{tree: tree, own: own, whited: map[string]bool{}, dirs: map[string]bool{}}
+	} else {
 		o = &order{tree: tree, w: w, own: own, dirs: map[string]bool{}, pending: map[string]*pending{}}
 		defer o.cleanup()
 	}
@@ -91,6 +94,11 @@ func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opt
 				return false, err
 			}
 		}
+		if re != nil {
+			if err := re.saw(name, h); err != nil {
+				return false, err
+			}
+		}
 		if !isWhiteout(name) {
 			own[name] = true
 		}
@@ -113,7 +121,79 @@ func Apply(ctx context.Context, root *confine.Root, dir string, r io.Reader, opt
 	if err == nil && o != nil {
 		err = o.finish()
 	}
+	if err == nil && re != nil {
+		err = re.finish()
+	}
 	return err
+}
+
+// reopen keeps a layer unpacked on its own (Overlay) true to the same
+// layer applied in order where it whites out a path and then has entries
+// at or below it: applied in order, the whiteout removes the lower
+// layers' entry and the layer's own start afresh there; unpacked on its
+// own, the layer's directory would replace the whiteout and merge with
+// the lower layers' directory (or, for entries below it, find the
+// whiteout in the way). Such a directory is made opaque instead.
+type reopen struct {
+	tree *confine.Root
+	own  map[string]bool
+	// whited are the paths this layer whited out before it had an entry
+	// there; dirs the directories that replace such a whiteout.
+	whited, dirs map[string]bool
+}
+
+func (re *reopen) saw(name string, h *tar.Header) error {
+	base := path.Base("/" + name)
+	if base == whiteoutOpaque {
+		return nil
+	}
+	if strings.HasPrefix(base, whiteoutPrefix) {
+		target := path.Join(path.Dir(name), strings.TrimPrefix(base, whiteoutPrefix))
+		if !re.own[target] {
+			re.whited[target] = true
+		}
+		return nil
+	}
+	if re.whited[name] && h.Typeflag == tar.TypeDir {
+		re.dirs[name] = true // containerd replaces the whiteout with it
+	}
+	// A whited-out parent: the directory containerd would have made had
+	// the whiteout not been there.
+	for d := path.Dir(name); d != "." && d != "/"; d = path.Dir(d) {
+		if !re.whited[d] || re.dirs[d] {
+			continue
+		}
+		fi, err := re.tree.Lstat(d)
+		if err != nil || fi.Mode()&fs.ModeCharDevice == 0 {
+			continue
+		}
+		if err := re.tree.Remove(d); err != nil {
+			return err
+		}
+		if err := re.tree.MkdirAll(d, 0o755, os.Geteuid(), os.Getegid()); err != nil {
+			return err
+		}
+		re.dirs[d] = true
+	}
+	return nil
+}
+
+// finish marks the directories that replaced the layer's own whiteouts
+// opaque, as overlayfs reads them.
+func (re *reopen) finish() error {
+	for _, d := range slices.Sorted(maps.Keys(re.dirs)) {
+		fi, err := re.tree.Lstat(d)
+		if err != nil || !fi.IsDir() {
+			continue // replaced again
+		}
+		err = re.tree.InDir(d, func(dir string) error {
+			return unix.Setxattr(dir+"/.", "trusted.overlay.opaque", []byte("y"), 0)
+		})
+		if err != nil {
+			return fmt.Errorf("mark %s opaque: %w", d, err)
+		}
+	}
+	return nil
 }
 
 // LinkError is a hard link to a name its own layer has not unpacked
@@ -199,10 +279,14 @@ type order struct {
 }
 
 type pending struct {
-	dir  string        // its stash directory, relative to the tree
-	kind string        // what the lower layer made it
-	hdrs []*tar.Header // directory entries routed into the stash: containerd sets their times at the end, by name
-	orig []string      // their names in the layer
+	dir  string // its stash directory, relative to the tree
+	kind string // what the lower layer made it
+	// whited: the layer whites the path out after entries below it, which
+	// hides nothing of its own; the layer store refuses it as one with no
+	// directory entry there, and so does finish.
+	whited bool
+	hdrs   []*tar.Header // directory entries routed into the stash: containerd sets their times at the end, by name
+	orig   []string      // their names in the layer
 }
 
 // route sends h below its stash when one of its parents is a lower
@@ -325,7 +409,11 @@ func (o *order) saw(name string, h *tar.Header) {
 	case base == whiteoutOpaque:
 		o.forget(path.Dir(name), false)
 	case strings.HasPrefix(base, whiteoutPrefix):
-		o.forget(path.Join(path.Dir(name), strings.TrimPrefix(base, whiteoutPrefix)), true)
+		target := path.Join(path.Dir(name), strings.TrimPrefix(base, whiteoutPrefix))
+		if p := o.pending[target]; p != nil {
+			p.whited = true
+		}
+		o.forget(target, true)
 	case h.Typeflag == tar.TypeDir:
 		o.dirs[name] = true
 	case o.dirs[name]:
@@ -349,9 +437,9 @@ func (o *order) forget(d string, self bool) {
 }
 
 // finish settles what still waits at the layer's end: a stash whose lower
-// non-directory the layer removed (a whiteout, an opaque parent) becomes
-// its directory, as one containerd would have made; one still below a
-// lower non-directory is refused.
+// non-directory the layer removed with an opaque parent becomes its
+// directory, as one containerd would have made; one still below a lower
+// non-directory, or whose own whiteout came after it, is refused.
 func (o *order) finish() error {
 	for _, d := range slices.Sorted(maps.Keys(o.pending)) {
 		p := o.pending[d]
@@ -366,6 +454,9 @@ func (o *order) finish() error {
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			return err
+		}
+		if p.whited {
+			return &BelowLowerError{Dir: d, Kind: p.kind}
 		}
 		if err := o.tree.MkdirAll(path.Dir(d), 0o755, os.Geteuid(), os.Getegid()); err != nil {
 			return err

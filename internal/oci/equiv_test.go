@@ -109,6 +109,13 @@ func equivShapes() []equivShape {
 		{name: "opaque root", layers: on(l(whiteout(".wh..wh..opq"), dir("etc", 0o755), file("etc/only", "only", 0o644)), l(dir("etc", 0o755), file("etc/more", "more", 0o644)))},
 		{name: "whiteout then re-add in one layer", layers: on(l(dir("d", 0o755), whiteout("d/.wh.a"), file("d/a", "again", 0o600)))},
 		{name: "re-add then whiteout in one layer", layers: on(l(dir("d", 0o755), file("d/a", "again", 0o600), whiteout("d/.wh.a")))},
+		{name: "whiteout a symlink after entries below it, no dir entry", layers: on(l(file("x/f", "f", 0o644), whiteout(".wh.x"))),
+			refused: "made a symlink, and has no directory entry of its own for /x"},
+		{name: "whiteout a symlink before entries below it, no dir entry", layers: on(l(whiteout(".wh.x"), file("x/f", "f", 0o644)))},
+		{name: "entries below a sticky dir, then its whiteout, no dir entry", layers: on(l(file("tmp/new", "n", 0o644), whiteout(".wh.tmp"))), storeOnly: "has /tmp as a directory with mode 1777"},
+		{name: "whiteout a sticky dir, then entries below it, no dir entry", layers: on(l(whiteout(".wh.tmp"), file("tmp/new", "n", 0o644)))},
+		{name: "whiteout a dir, then re-add it in one layer", layers: on(l(whiteout(".wh.d"), dir("d", 0o700), file("d/new", "n", 0o644)))},
+		{name: "whiteout a dir, then entries below it, no dir entry", layers: on(l(whiteout(".wh.d"), file("d/sub/new", "n", 0o644)))},
 		{name: "whiteout a symlink, a dir in its place", layers: on(l(whiteout(".wh.x"), dir("x", 0o755), file("x/f", "f", 0o644)))},
 		{name: "whiteout one name of a hard-link pair", layers: on(l(dir("usr", 0o755), dir("usr/bin", 0o755), whiteout("usr/bin/.wh.sh2")))},
 		// Hard links.

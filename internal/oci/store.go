@@ -145,16 +145,24 @@ func (u *unpacker) fetchUnpack(ctx context.Context, i int, desc ocispec.Descript
 
 // layerNames collects a layer's entry names as it unpacks.
 type layerNames struct {
-	dirs, parents map[string]bool
+	dirs, parents, whited map[string]bool
 }
 
 func (n *layerNames) saw(h *tar.Header) {
 	if n.dirs == nil {
-		n.dirs, n.parents = map[string]bool{}, map[string]bool{}
+		n.dirs, n.parents, n.whited = map[string]bool{}, map[string]bool{}, map[string]bool{}
 	}
 	name := confine.Clean(h.Name)
 	if h.Typeflag == tar.TypeDir {
 		n.dirs[name] = true
+	}
+	if base := path.Base(name); strings.HasPrefix(base, ".wh.") {
+		// A whiteout before the layer's own entries there: both stores
+		// start afresh at the path (archive's reopen). After them it hides
+		// nothing of the layer's own, and the lower entry stays.
+		if t := path.Join(path.Dir(name), strings.TrimPrefix(base, ".wh.")); !n.parents[t] && !n.dirs[t] {
+			n.whited[t] = true
+		}
 	}
 	for d := path.Dir(name); d != "." && d != "/" && d != ""; d = path.Dir(d) {
 		n.parents[d] = true
@@ -162,7 +170,8 @@ func (n *layerNames) saw(h *tar.Header) {
 }
 
 // note lists, one per line, the parent directories the layer's entries
-// have that the layer has no directory entry for; nil when there are
+// have that the layer has no directory entry for (nor a whiteout: then
+// the lower layers' entry is gone in both stores); nil when there are
 // none, as in every layer made by diffing trees. Unpacked on its own the
 // layer has such a directory all the same (made as containerd makes a
 // missing parent: mode 0755, owned by root), and overlayfs shows it, its
@@ -171,7 +180,7 @@ func (n *layerNames) saw(h *tar.Header) {
 func (n *layerNames) note() []byte {
 	var out []string
 	for d := range n.parents {
-		if !n.dirs[d] {
+		if !n.dirs[d] && !n.whited[d] {
 			out = append(out, d)
 		}
 	}
