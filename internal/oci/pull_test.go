@@ -59,7 +59,7 @@ func featureLayers(t testing.TB) []layer {
 	))
 	l3 := compressLayer(t, ocispec.MediaTypeImageLayer, mkTar(t,
 		file("etc/passwd", "root:x:0:0::/root:/bin/bash\n", 0o644),
-		file("bin/tool", "through the bin symlink", 0o755),
+		file("usr/bin/tool", "tool", 0o755),
 	))
 	return []layer{l1, l2, l3}
 }
@@ -92,7 +92,7 @@ func checkFeatureRootfs(t *testing.T, root string) {
 	if got := read("etc/hostname"); got != "kube1\n" {
 		t.Errorf("etc/hostname = %q", got)
 	}
-	if got := read("usr/bin/tool"); got != "through the bin symlink" {
+	if got := read("usr/bin/tool"); got != "tool" {
 		t.Errorf("usr/bin/tool = %q", got)
 	}
 	for _, c := range []struct {
