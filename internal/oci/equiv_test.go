@@ -30,17 +30,6 @@ type equivShape struct {
 	refused, storeOnly string
 }
 
-// knownStoreGap lists the shapes the layer store fails today for a reason
-// being fixed elsewhere (internal/layers/mount.go: a layer listed twice,
-// more layers than one mount's options hold), with what it says. A shape
-// here whose store pull succeeds fails the test: remove it from the list.
-var knownStoreGap = map[string]string{
-	"same layer twice, not adjacent": "too many levels of symbolic links",
-	"the empty layer many times":     "too many levels of symbolic links",
-	"60 layers":                      "too many for one overlayfs mount",
-	"128 layers":                     "too many for one overlayfs mount",
-}
-
 // equivBase is a small distribution tree: the lower layer the shapes
 // change.
 func equivBase() []entry {
@@ -198,15 +187,7 @@ func TestStoresAgree(t *testing.T) {
 			t.Logf("layers: %v", storeErr)
 
 			outcome := ""
-			gap, isGap := knownStoreGap[c.name]
 			switch {
-			case isGap && storeErr != nil && strings.Contains(storeErr.Error(), gap):
-				if flatErr != nil {
-					t.Errorf("flattened pull: %v", flatErr)
-				}
-				outcome = "KNOWN STORE GAP (" + gap + "); flat applies"
-			case isGap && storeErr == nil:
-				t.Errorf("the layer store applies %q now: remove it from knownStoreGap", c.name)
 			case c.refused != "":
 				for what, err := range map[string]error{"flattened pull": flatErr, "layer store": storeErr} {
 					if err == nil || !strings.Contains(err.Error(), c.refused) {
