@@ -562,7 +562,7 @@ func (a *applyRun) writeLayers(ctx context.Context, p *plan.Plan) error {
 			return fmt.Errorf("--layers: %w", err)
 		}
 		if distinct > max {
-			if img.Layers.FlattenDeep {
+			if img.Layers.FlattenFallback {
 				fmt.Fprintf(a.out, "apply would flatten: %d layers, this kernel mounts at most %d per root (it names a mount's layers in one page of options); it pulls the image as one tree into %s and fetches nothing into the layer store.\n", distinct, max, img.Dest)
 			} else {
 				fmt.Fprintf(a.out, "apply would refuse the image: %d layers, this kernel mounts at most %d per root, and machine.rootfs.store is layers (auto flattens such an image).\n", distinct, max)

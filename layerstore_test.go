@@ -1,19 +1,26 @@
 package main
 
 import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"oras.land/oras-go/v2/content"
+	"oras.land/oras-go/v2/errdef"
 
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
@@ -313,4 +320,132 @@ func TestSwitchStoresInPlace(t *testing.T) {
 			gone("the old mount unit", unit)
 		})
 	}
+}
+
+// appendRawLayer tags, in the OCI layout at layout, the image from with one
+// more layer on top made of exactly the tar entries given (hand-made, not
+// from a tree: imagebuild's layers always carry their directories).
+func appendRawLayer(t *testing.T, layout, from, to string, files map[string]string) {
+	t.Helper()
+	ctx := context.Background()
+	target, err := imagebuild.Layout(layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetch := func(d ocispec.Descriptor, v any) {
+		b, err := content.FetchAll(ctx, target, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(b, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	push := func(mediaType string, b []byte) ocispec.Descriptor {
+		d := content.NewDescriptorFromBytes(mediaType, b)
+		if err := target.Push(ctx, d, bytes.NewReader(b)); err != nil && !errors.Is(err, errdef.ErrAlreadyExists) {
+			t.Fatal(err)
+		}
+		return d
+	}
+	man, err := target.Resolve(ctx, from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	fetch(man, &m)
+	var cfg ocispec.Image
+	fetch(m.Config, &cfg)
+
+	var tarball bytes.Buffer
+	tw := tar.NewWriter(&tarball)
+	for _, name := range slices.Sorted(maps.Keys(files)) {
+		body := files[name]
+		if err := tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(body))}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write([]byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	if _, err := zw.Write(tarball.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(tarball.Bytes()))
+	cfg.History = append(cfg.History, ocispec.History{CreatedBy: "appendRawLayer"})
+	cb, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Config = push(ocispec.MediaTypeImageConfig, cb)
+	m.Layers = append(m.Layers, push(ocispec.MediaTypeImageLayerGzip, gz.Bytes()))
+	mb, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := target.Tag(ctx, push(ocispec.MediaTypeImageManifest, mb), to); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLayerStoreFlattensWhatItCannotShow: an image whose top layer fills a
+// directory it has no entry for, over a lower layer's directory of mode
+// 0700, cannot be shown by the layer store (unpacked on its own the layer
+// has a plain 0755 directory there). Under store auto it is flattened,
+// with the layers fetched for it collected; under store: layers refused.
+func TestLayerStoreFlattensWhatItCannotShow(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the rootfs keeps the image's owners, overlayfs")
+	}
+	layout := filepath.Join(t.TempDir(), "layout")
+	buildLayout(t, layout)
+	_, srv := newMirror(t)
+	private := t.TempDir()
+	if err := os.Mkdir(filepath.Join(private, "private"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(private, "private"), 0o700); err != nil { // past the umask
+		t.Fatal(err)
+	}
+	extendLayout(t, layout, "v1", "private", []string{private})
+	appendRawLayer(t, layout, "private", "implicit", map[string]string{"private/f": "f\n"})
+
+	t.Run("auto", func(t *testing.T) {
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "implicit", "")
+		_, errOut := r.apply(0)
+		if !strings.Contains(errOut, "flattened instead of made of layers") || !strings.Contains(errOut, "/private") {
+			t.Errorf("apply did not say it flattened, and why:\n%s", errOut)
+		}
+		if got := r.mounted(); got != nil {
+			t.Fatalf("the root is mounted (%d layers), want a flattened tree", len(got))
+		}
+		fi, err := os.Stat(r.path("var/lib/machines/pipe/private"))
+		if err != nil || fi.Mode().Perm() != 0o700 {
+			t.Fatalf("the flattened tree's /private: %v %v, want mode 0700 as the lower layer made it", fi, err)
+		}
+		if b, err := os.ReadFile(r.path("var/lib/machines/pipe/private/f")); err != nil || string(b) != "f\n" {
+			t.Fatalf("the top layer's file: %q %v", b, err)
+		}
+		if n := r.storeSize(); n != 0 {
+			t.Errorf("the layer store keeps %d layers fetched for nothing", n)
+		}
+		r.apply(0) // again: the flattened tree is what was applied
+	})
+	t.Run("store layers", func(t *testing.T) {
+		r := newLayerRoot(t, layout, srv.URL)
+		r.use(layout, srv.URL, "implicit", "layers")
+		_, errOut := r.apply(1)
+		if !strings.Contains(errOut, "needs machine.rootfs.store: flat") {
+			t.Errorf("apply's error does not say why:\n%s", errOut)
+		}
+	})
 }

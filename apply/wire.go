@@ -3,6 +3,7 @@ package apply
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -157,7 +158,7 @@ func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.
 	if deep, err := p.tooDeep(ctx, req, store, m); err != nil {
 		return false, err
 	} else if deep != nil {
-		if !lr.FlattenDeep {
+		if !lr.FlattenFallback {
 			return false, fmt.Errorf("machine root %s: %w (machine.rootfs.store is layers)", req.Dest, deep)
 		}
 		p.log.Warn("machine root flattened instead of made of layers: "+deep.Error(), "dest", req.Dest,
@@ -166,6 +167,21 @@ func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.
 		return changed || installed, err
 	}
 	res, err := oci.PullLayers(ctx, req, store)
+	var shows *oci.StoreError
+	if errors.As(err, &shows) && lr.FlattenFallback {
+		// The two stores build the same tree from every image the store
+		// takes; one it cannot show is flattened, as store auto promises.
+		p.log.Warn("machine root flattened instead of made of layers: "+shows.Error(), "dest", req.Dest)
+		changed, err := p.pullFlat(ctx, req)
+		if err != nil {
+			return false, err
+		}
+		// The layers fetched for nothing go now, not at the next switch.
+		if _, err := collectLayers(req.Root, p.log); err != nil {
+			return false, err
+		}
+		return changed || installed, nil
+	}
 	if err != nil {
 		return false, err
 	}

@@ -190,7 +190,7 @@ func writeDetail(w *errWriter, s *Step) {
 		w.printf("  into %s\n", i.Dest)
 		if l := i.Layers; l != nil {
 			deep := "refused"
-			if l.FlattenDeep {
+			if l.FlattenFallback {
 				deep = "flattened"
 			}
 			w.printf("  layer store %s  overlay dir %s  at most %d layers per mount (more: %s)\n", l.Store, l.Dir, l.MaxLayers, deep)

@@ -250,10 +250,14 @@ type LayerRoot struct {
 	// MaxLayers is the most layers one overlayfs mount of the root takes
 	// on this host (the facts' LayerStore.LayerFDs: 500 by descriptor, or
 	// what one page of mount options names). An image of more distinct
-	// layers is flattened (FlattenDeep, store auto) or refused (store
-	// layers) before any layer is fetched.
-	MaxLayers   int  `json:"maxLayers"`
-	FlattenDeep bool `json:"flattenDeep,omitempty"`
+	// layers is flattened (FlattenFallback) or refused before any layer is
+	// fetched.
+	MaxLayers int `json:"maxLayers"`
+	// FlattenFallback (store auto) flattens an image the store cannot
+	// take instead of refusing it (store layers): one of more layers than
+	// MaxLayers, or one with a layer unpacked on its own would show other
+	// than the flattened pull does (oci.StoreError).
+	FlattenFallback bool `json:"flattenFallback,omitempty"`
 }
 
 // BinaryPath is where nodespawn's own binary is on a node: the first-boot

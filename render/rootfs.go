@@ -108,9 +108,9 @@ func deepSummary(lr *plan.LayerRoot) string {
 	if lr.MaxLayers < layers.MaxStack {
 		how = "this kernel names a mount's layers in one page of options, at most"
 	}
-	then := "flattened instead (store auto), decided before any layer is fetched"
-	if !lr.FlattenDeep {
-		then = "refused before any layer is fetched (store layers)"
+	then := "flattened instead (store auto), decided before any layer is fetched; so is one whose layer the store cannot show as the flattened pull would"
+	if !lr.FlattenFallback {
+		then = "refused before any layer is fetched (store layers); so is one whose layer the store cannot show as the flattened pull would"
 	}
 	return fmt.Sprintf("%s %d layers per root: an image with more is %s", how, lr.MaxLayers, then)
 }
@@ -150,10 +150,10 @@ func (r *renderer) decideStore() error {
 		return nil
 	}
 	r.layerRoot = &plan.LayerRoot{
-		Store:       LayerStoreDir,
-		Dir:         OverlayDir(r.machine),
-		MaxLayers:   layers.ClassicMaxLayers("/", LayerStoreDir, OverlayDir(r.machine)),
-		FlattenDeep: src.Store != manifest.StoreLayers,
+		Store:           LayerStoreDir,
+		Dir:             OverlayDir(r.machine),
+		MaxLayers:       layers.ClassicMaxLayers("/", LayerStoreDir, OverlayDir(r.machine)),
+		FlattenFallback: src.Store != manifest.StoreLayers,
 	}
 	if r.f.LayerStore.LayerFDs {
 		r.layerRoot.MaxLayers = layers.MaxStack
