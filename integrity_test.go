@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 
 	"github.com/opencontainers/go-digest"
 
@@ -36,13 +37,9 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: overlayfs mounts, the rootfs keeps the image's owners")
 	}
-	bin, err := exec.LookPath("docker-registry")
-	if err != nil {
-		t.Skip("needs the docker-registry package (Debian) for a real registry on loopback")
-	}
 	work := t.TempDir()
 	t.Cleanup(func() { unmountUnder(t, work) })
-	addr := startRegistry(t, bin)
+	addr := registrytest.Start(t)
 	ref, layerIDs := pushTwoLayers(t, addr)
 	_, srv := newMirror(t)
 	m := pipelineManifest("LAYOUT", srv.URL, "")
@@ -183,35 +180,6 @@ func pushTwoLayers(t *testing.T, addr string) (string, []digest.Digest) {
 	return ref, []digest.Digest{b.DiffID, res.DiffID}
 }
 
-// startRegistry runs Debian's docker-registry on a loopback port for the
-// test's length and returns its address.
-func startRegistry(t testing.TB, bin string) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-	addr := l.Addr().String()
-	l.Close()
-	dir := t.TempDir()
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)
-	must(t, os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644))
-	cmd := exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
-	// It dies with the test process, also one killed before its cleanup.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	must(t, cmd.Start())
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for range 100 {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return addr
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("registry did not listen on %s: %s", addr, out.String())
-	return ""
-}
-
 func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
@@ -229,13 +197,9 @@ func BenchmarkStatusLayerRoot(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root: overlayfs mounts")
 	}
-	bin, err := exec.LookPath("docker-registry")
-	if err != nil {
-		b.Skip("needs the docker-registry package (Debian)")
-	}
 	work := b.TempDir()
 	b.Cleanup(func() { unmountUnder(b, work) })
-	addr := startRegistry(b, bin)
+	addr := registrytest.Start(b)
 	ref := benchImage(b, addr)
 	_, srv := newMirror(b)
 	m := pipelineManifest("LAYOUT", srv.URL, "")

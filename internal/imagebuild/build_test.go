@@ -7,15 +7,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
@@ -237,15 +236,11 @@ func fetchJSON(t *testing.T, store oras.ReadOnlyTarget, desc ocispec.Descriptor,
 // distribution v2) on a loopback port and checks that the registry serves
 // the same manifest the layout build produced.
 func TestPushToRegistry(t *testing.T) {
-	bin, err := exec.LookPath("docker-registry")
-	if err != nil {
-		t.Skip("needs the docker-registry package (Debian) for a real registry on loopback")
-	}
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "hello"), []byte("hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr := startRegistry(t, bin)
+	addr := registrytest.Start(t)
 
 	local, _ := build(t, root)
 	ref := addr + "/nodespawn/test:v1"
@@ -279,37 +274,6 @@ func TestPushToRegistry(t *testing.T) {
 	if _, _, err := Repository(addr+"/nodespawn/test", true); err == nil {
 		t.Error("a reference without a tag was accepted for a push")
 	}
-}
-
-func startRegistry(t *testing.T, bin string) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	dir := t.TempDir()
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)
-	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for i := 0; i < 100; i++ {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return addr
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("registry did not listen on %s: %s", addr, out.String())
-	return ""
 }
 
 // TestBuildIndependentOfPath builds two equal trees in different
