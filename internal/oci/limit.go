@@ -10,11 +10,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/progress"
 )
 
-// DefaultMinFree is the free space a pull leaves on the filesystem it
-// writes to unless Request.MinFree says otherwise (the manifest's
-// machine.rootfs.minFreeSpace default).
-const DefaultMinFree = 1 << 30
-
 const (
 	// entryOverhead is what each tar entry counts on top of its content:
 	// its inode and directory entry, so that a layer of a billion empty

@@ -86,8 +86,8 @@ type Request struct {
 	MaxUnpacked int64
 	// MinFree is the free space the pull leaves on the filesystem it
 	// writes to (Dest's, or the layer store's): the free space measured
-	// when the pull starts, less MinFree, bounds it too (default
-	// DefaultMinFree; negative: not measured, only MaxUnpacked bounds).
+	// when the pull starts, less MinFree, bounds it too (0: the free
+	// space alone; negative: not measured, only MaxUnpacked bounds).
 	// Either bound passed fails the pull with nothing of it left.
 	MinFree int64
 	// SpoolMemory and SpoolDir are Pull's alone: PullLayers unpacks every
@@ -222,9 +222,6 @@ func (r *Request) validateSource() error {
 	}
 	if r.Concurrency <= 0 {
 		r.Concurrency = DefaultConcurrency
-	}
-	if r.MinFree == 0 {
-		r.MinFree = DefaultMinFree
 	}
 	switch {
 	case r.SpoolMemory == 0:
