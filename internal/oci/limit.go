@@ -33,6 +33,7 @@ const (
 type unpackLimit struct {
 	max  int64  // bytes; 0: no bound
 	why  string // how max came about, for the error
+	fix  string // what lifts it
 	used atomic.Int64
 }
 
@@ -45,6 +46,7 @@ func newUnpackLimit(req *Request, root *confine.Root, dir, what string) (*unpack
 	l := &unpackLimit{max: req.MaxUnpacked}
 	if l.max > 0 {
 		l.why = fmt.Sprintf("%s is %s", maxUnpackedSetting, progress.Bytes(l.max))
+		l.fix = "raise " + maxUnpackedSetting
 	}
 	if req.MinFree < 0 {
 		return l, nil
@@ -62,6 +64,7 @@ func newUnpackLimit(req *Request, root *confine.Root, dir, what string) (*unpack
 		l.max = room
 		l.why = fmt.Sprintf("the filesystem of %s has %s free and %s keeps %s of it", root.Show(dir), progress.Bytes(free),
 			minFreeSetting, progress.Bytes(req.MinFree))
+		l.fix = "free space there or lower " + minFreeSetting
 	}
 	return l, nil
 }
@@ -95,8 +98,8 @@ func (l *unpackLimit) charge(n int64, where string) error {
 	}
 	if used := l.used.Add(n); used > l.max {
 		l.used.Add(-n)
-		return fmt.Errorf("unpacking %s would pass the bound on unpacked size, %s (%s were unpacked before it): the image unpacks to more than this host allows; raise %s or %s, or use a smaller image",
-			where, l.bound(), progress.Bytes(used-n), maxUnpackedSetting, minFreeSetting)
+		return fmt.Errorf("unpacking %s would pass the bound on unpacked size, %s (%s were unpacked before it): the image unpacks to more than this host allows; %s, or use a smaller image",
+			where, l.bound(), progress.Bytes(used-n), l.fix)
 	}
 	return nil
 }
