@@ -186,4 +186,3 @@ func TestEntryCost(t *testing.T) {
 		t.Errorf("a refused charge counted: used %d", got)
 	}
 }
-
