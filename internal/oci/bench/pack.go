@@ -56,12 +56,14 @@ type packer struct {
 
 // packTree packs the trees (only read) into n gzip layers in the scratch
 // directory, in walk order (srcs one after the other): the first layer
-// holds about 70% of the file bytes, the others share the rest (as a
-// distribution image's base layer dwarfs what is added on top). Each
+// holds about firstPct percent of the file bytes, the others share the
+// rest evenly (a distribution image's base layer is the largest, and what
+// is added on top comes in several layers: with the default 6 layers and
+// 40%, 40/12/12/12/12/12). Each
 // layer holds the directories above its entries. Hardlinks inside one
 // layer stay hardlinks; sockets and xattrs are left out. It returns the
 // layers and the bytes of the tar streams.
-func (p *packer) packTree(n int) ([]packedLayer, int64, error) {
+func (p *packer) packTree(n, firstPct int) ([]packedLayer, int64, error) {
 	if n < 1 {
 		n = 1
 	}
@@ -86,7 +88,7 @@ func (p *packer) packTree(n int) ([]packedLayer, int64, error) {
 	bound := make([]int64, n)
 	first := total
 	if n > 1 {
-		first = total * 7 / 10
+		first = total * int64(min(max(firstPct, 1), 100)) / 100
 	}
 	for i := range bound {
 		if i == 0 {
