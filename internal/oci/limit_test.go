@@ -142,6 +142,7 @@ func checkBoundError(t *testing.T, err error, want []string) {
 	if err == nil {
 		t.Fatal("the pull passed the bound")
 	}
+	t.Logf("refused: %v", err)
 	for _, w := range want {
 		if !strings.Contains(err.Error(), w) {
 			t.Errorf("error %q does not say %q", err, w)

@@ -188,7 +188,7 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	err = root.Build(want, log, func(stage string) error {
 		u.dir = stage
 		var err error
-		if u.limit, err = newUnpackLimit(&req, req.Root, stage, "image "+src.name+": rootfs "+req.Root.Show(req.Dest)); err != nil {
+		if u.limit, err = newUnpackLimit(&req, req.Root, root.Parent(), "image "+src.name+": rootfs "+req.Root.Show(req.Dest)); err != nil {
 			return err
 		}
 		return u.run(ctx)
