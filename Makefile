@@ -45,7 +45,8 @@ images:
 
 # Rootfs pull benchmark (not a test): packs a real distribution tree (the
 # e2e cache's Debian machine tree plus its node components, ~0.9 GB; read
-# only) into 6 layers (40% of the bytes in the first, 12% in each other),
+# only) into 6 layers (40% of the bytes in the first, 3% in the last, which
+# image B changes, 14% in each other),
 # pushes it (image A) and a copy with its last layer changed (image B) to
 # Debian's docker-registry on loopback, and measures, each in a child:
 # floor (curl | tar, syncfs), twopass (OCI layout, synced, then unpack,
@@ -56,7 +57,7 @@ images:
 # floor, upgrade >= 10x faster than store-b, peak RSS < 100 MiB). Every way
 # ends with a syncfs. Needs root, overlayfs and docker-registry; ~5 min.
 # BENCH_ARGS e.g. "-runs 1", "-ways floor,store", "-rootfs /some/tree -add
-# none -layers 4 -first-pct 70", or "-rootfs synthetic -layers 6 -layer-mb
+# none -layers 4 -first-pct 70 -last-pct 5", or "-rootfs synthetic -layers 6 -layer-mb
 # 60" (also the fallback without the e2e cache). BENCH_CPUPROFILE=DIR
 # writes each way's CPU profile to DIR.
 .PHONY: bench

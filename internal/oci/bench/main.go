@@ -36,6 +36,7 @@
 // the fallback, with a note, when the cache has no tree). The trees are
 // only read. They are packed into -layers layers (default 6) in walk
 // order, the first holding -first-pct percent of the bytes (default 40),
+// the last -last-pct (default 3: the small top layer an upgrade changes),
 // the others the rest in equal parts: several layers of a size, as a real
 // image has, so that the parallel unpack is measured, not one big layer. Image B is image A with its last layer
 // repacked with one more file, /etc/nodespawn-bench-image.
@@ -115,8 +116,9 @@ const (
 // spoolMemory is Request.SpoolMemory for the flattening pulls.
 var spoolMemory int64
 
-// firstPct is the share of the first layer of a packed tree.
-var firstPct int
+// firstPct and lastPct are the shares of the first and the last layer of
+// a packed tree.
+var firstPct, lastPct int
 
 // counts are what the child's pull reports besides /proc/self/io.
 var counts struct {
@@ -129,7 +131,8 @@ func main() {
 	ref := flag.String("ref", "", "internal: image reference")
 	dest := flag.String("dest", "", "internal: the way's directory (push: scratch directory)")
 	nLayers := flag.Int("layers", 6, "number of layers")
-	flag.IntVar(&firstPct, "first-pct", 40, "packed trees: percent of the bytes in the first layer (the others share the rest)")
+	flag.IntVar(&firstPct, "first-pct", 40, "packed trees: percent of the bytes in the first layer")
+	flag.IntVar(&lastPct, "last-pct", 3, "packed trees: percent of the bytes in the last layer, the one image B changes (the middle layers share the rest)")
 	layerMB := flag.Int("layer-mb", 80, "synthetic layers: uncompressed MB per layer")
 	runs := flag.Int("runs", 3, "runs of each way, interleaved (the table shows the fastest and the median)")
 	workDir := flag.String("dir", "", "scratch directory (default: a temp dir under /var/tmp)")
@@ -303,7 +306,7 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 		fmt.Println(note)
 	}
 	if rootfs != "" {
-		fmt.Printf("image: %s, packed into %d layers (the first %d%% of the bytes)\n", what, nLayers, firstPct)
+		fmt.Printf("image: %s, packed into %d layers (the first %d%% of the bytes, the last %d%%)\n", what, nLayers, firstPct, lastPct)
 	} else {
 		fmt.Printf("image: %s, %d layers of %d MB\n", what, nLayers, layerMB)
 	}
@@ -313,7 +316,7 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 	// The image is made in a child too: a child's peak RSS starts at its
 	// parent's (it shares the parent's memory until exec), so the parent
 	// must stay small.
-	push := exec.CommandContext(ctx, self, "-mode", "push", "-ref", addr, "-layers", fmt.Sprint(nLayers), "-layer-mb", fmt.Sprint(layerMB), "-first-pct", fmt.Sprint(firstPct),
+	push := exec.CommandContext(ctx, self, "-mode", "push", "-ref", addr, "-layers", fmt.Sprint(nLayers), "-layer-mb", fmt.Sprint(layerMB), "-first-pct", fmt.Sprint(firstPct), "-last-pct", fmt.Sprint(lastPct),
 		"-rootfs", rootfs, "-add", add, "-dest", workDir)
 	push.Stderr = os.Stderr
 	out, err := push.Output()
@@ -855,7 +858,7 @@ func pushImages(ctx context.Context, addr string, nLayers, layerMB int, rootfsDi
 			return info, err
 		}
 		p := &packer{srcs: srcs, scratch: scratch}
-		packed, plain, err := p.packTree(nLayers, firstPct)
+		packed, plain, err := p.packTree(nLayers, firstPct, lastPct)
 		if err != nil {
 			return info, err
 		}
