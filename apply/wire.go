@@ -121,6 +121,7 @@ func (p *imagePuller) Pull(ctx context.Context, img *plan.Image, root *confine.R
 		Reference: img.Reference, Layout: img.Layout, LayoutRef: img.LayoutRef,
 		Platform: img.Platform, PlainHTTP: img.PlainHTTP, Root: root, Dest: dest,
 		Log: p.log, HTTPClient: p.client, Progress: p.layerProgress(), CredentialsFile: p.credentials,
+		MaxUnpacked: img.MaxUnpacked, MinFree: img.MinFree,
 	}
 	if img.Layers != nil {
 		return p.pullLayers(ctx, req, img.Layers)

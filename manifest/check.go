@@ -161,6 +161,9 @@ func (c *checker) rootfs(r *Rootfs) {
 			c.add(p.Append("plainHTTP", i), "%s", msg)
 		}
 	}
+	// A bound under a few MiB fits no image: a typo ("20" for "20Gi").
+	c.size(p.Append("maxUnpackedSize"), r.MaxUnpackedSize, 1<<20)
+	c.size(p.Append("minFreeSpace"), r.MinFreeSpace, 0)
 }
 
 // imageRef accepts registry/repository with a tag or a digest.

@@ -16,8 +16,12 @@ const (
 	// DefaultGPUImage is the rootfs image on GPU hosts when the manifest
 	// names no source (or only gpuImage's CPU counterpart is left out): the
 	// NVIDIA variant (images/nvidia).
-	DefaultGPUImage          = "ghcr.io/nodespawn/nvidia:noble"
-	DefaultLayoutReference   = "latest"
+	DefaultGPUImage        = "ghcr.io/nodespawn/nvidia:noble"
+	DefaultLayoutReference = "latest"
+	// DefaultMinFreeSpace is the free space a rootfs pull leaves on the
+	// filesystem it unpacks to: an image that would take more is refused
+	// before it fills the host's disk.
+	DefaultMinFreeSpace      = "1Gi"
 	DefaultKubernetesVersion = "v1.37.2"
 	DefaultClusterDNS        = "10.96.0.10"
 	DefaultClusterDomain     = "cluster.local"
@@ -69,6 +73,9 @@ func ApplyDefaults(m *Manifest) {
 	}
 	if rf.Store == "" {
 		rf.Store = StoreAuto
+	}
+	if rf.MinFreeSpace == "" {
+		rf.MinFreeSpace = DefaultMinFreeSpace
 	}
 	if rf.Layout != nil && rf.Layout.Reference == "" {
 		rf.Layout.Reference = DefaultLayoutReference

@@ -125,7 +125,7 @@ func TestLoadErrors(t *testing.T) {
 		{"unknown field with suggestion", with("  clusterDomian: cluster.local"),
 			[]want{{8, "clusterDomian", "$.kubernetes.clusterDomian", `unknown field "clusterDomian" (did you mean "clusterDomain"?)`}}},
 		{"unknown field listing the known", with("machine:", "  rootfs:", "    tarball: /x"),
-			[]want{{10, "tarball", "$.machine.rootfs.tarball", `unknown field "tarball" (known fields: debootstrap, gpuImage, image, layout, plainHTTP, store)`}}},
+			[]want{{10, "tarball", "$.machine.rootfs.tarball", `unknown field "tarball" (known fields: debootstrap, gpuImage, image, layout, maxUnpackedSize, minFreeSpace, plainHTTP, store)`}}},
 		{"switch enum", with("machine:", "  kvm: yes"),
 			[]want{{9, "yes", "$.machine.kvm", "must be one of auto, on, off"}}},
 		{"number where a string goes", with("  version: 1.30"),

@@ -106,6 +106,14 @@ type Rootfs struct {
 	// shared by the machines of an upgrade), "flat" (one unpacked tree per
 	// machine) or "auto" (layers where the host can, else flat).
 	Store string `json:"store,omitempty"`
+	// MaxUnpackedSize bounds what unpacking the image may write, all its
+	// layers together (the ones a layer store lacks), as a size ("20Gi");
+	// none by default: the free space bounds it.
+	MaxUnpackedSize string `json:"maxUnpackedSize,omitempty"`
+	// MinFreeSpace is the free space unpacking the image leaves on the
+	// filesystem it writes to, measured when apply starts the pull
+	// (default DefaultMinFreeSpace; "0": only what is free).
+	MinFreeSpace string `json:"minFreeSpace,omitempty"`
 }
 
 // Rootfs store values.

@@ -140,6 +140,13 @@ var badManifests = []struct {
 		[]want{{9, "true", "$.machine.rdma", `write rdma: "on" (quoted)`}}},
 	{"containerd-too-old", node("components:", "  containerd: {version: 1.7.24}"),
 		[]want{{9, "1.7.24", "$.components.containerd.version", "containerd 1.7.24 is too old"}}},
+	{"rootfs-sizes", node("machine:", "  rootfs:", "    maxUnpackedSize: 20GB", "    minFreeSpace: 1.5Gi"),
+		[]want{
+			{10, "20GB", "$.machine.rootfs.maxUnpackedSize", `"20GB" is not a size like 20Gi`},
+			{11, "1.5Gi", "$.machine.rootfs.minFreeSpace", `"1.5Gi" is not a size like 20Gi`},
+		}},
+	{"rootfs-max-unpacked-without-unit", node("machine:", "  rootfs:", "    maxUnpackedSize: '20'"),
+		[]want{{10, "'20'", "$.machine.rootfs.maxUnpackedSize", "must be at least 1048576 bytes"}}},
 	{"grace-period-not-a-duration", node("  shutdownGracePeriod: 30"),
 		[]want{{8, "30", "$.kubernetes.shutdownGracePeriod", "must be a string"}}},
 	{"report-plain-http", node("report:", "  url: http://reports.example.com/nodes", "  tokenFile: run/token"),

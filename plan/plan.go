@@ -237,6 +237,12 @@ type Image struct {
 	// layers, each unpacked once into the host's layer store, instead of a
 	// flattened tree: only the layers the store lacks are fetched.
 	Layers *LayerRoot `json:"layers,omitempty"`
+	// MaxUnpacked bounds, in bytes, what unpacking the image may write
+	// (0: no bound of its own), and MinFree is the free space it must
+	// leave on the filesystem it writes to, which apply measures when it
+	// starts the pull (machine.rootfs.maxUnpackedSize, minFreeSpace).
+	MaxUnpacked int64 `json:"maxUnpacked,omitempty"`
+	MinFree     int64 `json:"minFree"`
 }
 
 // LayerRoot is where a machine root composed from the layer store keeps

@@ -8,6 +8,7 @@ import (
 	jsonpath "github.com/coreos/vcontext/path"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
@@ -26,7 +27,8 @@ var debootstrapInclude = []string{
 // binaries into it.
 func (r *renderer) renderRootfs() error {
 	src := r.m.Machine.Rootfs
-	img := &plan.Image{Dest: r.rootfs, Platform: "linux/" + r.f.Arch, PlainHTTP: src.PlainHTTP}
+	img := &plan.Image{Dest: r.rootfs, Platform: "linux/" + r.f.Arch, PlainHTTP: src.PlainHTTP,
+		MaxUnpacked: manifest.Size(src.MaxUnpackedSize), MinFree: manifest.Size(src.MinFreeSpace)}
 	what := ""
 	switch {
 	case src.Layout != nil:
@@ -67,6 +69,16 @@ func (r *renderer) renderRootfs() error {
 			" the machine's changes in " + path.Join(lr.Dir, "upper") + "; " + deepSummary(lr)
 	} else if r.flatWhy != "" {
 		summary += " (flattened: " + r.flatWhy + ")"
+	}
+	if src.Debootstrap == nil {
+		// The free space is measured at apply: render says the bound's rule.
+		summary += "; refused if unpacking would leave under " + progress.Bytes(img.MinFree) + " free on its filesystem"
+		if img.MinFree == 0 {
+			summary = strings.TrimSuffix(summary, " would leave under 0 B free on its filesystem") + " does not fit in its filesystem's free space"
+		}
+		if img.MaxUnpacked > 0 {
+			summary += " or would write more than " + progress.Bytes(img.MaxUnpacked)
+		}
 	}
 	r.add(plan.Step{
 		ID:      imageStepID,

@@ -49,6 +49,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path"
 	"regexp"
@@ -890,6 +891,22 @@ func (r *Root) Syncfs(p string) error {
 		return r.pathErr("syncfs", p, err)
 	}
 	return nil
+}
+
+// FreeSpace is how many bytes the filesystem holding the directory p has
+// free for unprivileged writers (statfs's f_bavail: the blocks reserved
+// for root are left out, so a bound taken from it is on the safe side).
+func (r *Root) FreeSpace(p string) (int64, error) {
+	fd, err := r.openat2(p, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return 0, r.pathErr("statfs", p, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil {
+		return 0, r.pathErr("statfs", p, err)
+	}
+	return int64(min(st.Bavail, uint64(math.MaxInt64)/uint64(max(st.Bsize, 1)))) * st.Bsize, nil
 }
 
 // InDir runs fn with a host path for the directory at p, for libraries

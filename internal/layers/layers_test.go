@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -103,6 +104,90 @@ func TestUnpackCommitsWholeOrNothing(t *testing.T) {
 	added, err = s.Unpack(ctx, a, func(string) ([]byte, error) { t.Error("fill called for a layer in the store"); return nil, nil })
 	if err != nil || added {
 		t.Fatalf("second Unpack: added=%v err=%v", added, err)
+	}
+}
+
+// TestUnpackAllCommitsTheLayersThatFilled: the layers of one UnpackAll
+// are unpacked at once; one that fails does not take the others with it
+// (they are committed, with their notes, a DiffID listed twice once),
+// and nothing of the failed one or of any staging directory stays. A
+// cancelled caller commits nothing.
+func TestUnpackAllCommitsTheLayersThatFilled(t *testing.T) {
+	s, _ := newStore(t)
+	a, b, c, d := id("a"), id("b"), id("c"), id("d")
+	ids := []digest.Digest{a, b, a, c, d}
+	boom := errors.New("boom")
+	var mu sync.Mutex
+	calls := map[digest.Digest]int{}
+	var others sync.WaitGroup
+	others.Add(3)
+	added, err := s.UnpackAll(context.Background(), ids, 4, func(ctx context.Context, i int, dir string) ([]byte, error) {
+		mu.Lock()
+		calls[ids[i]]++
+		mu.Unlock()
+		if ids[i] == c {
+			// All four run at once: c fails once the others are done.
+			others.Wait()
+			fill(s.root, map[string]string{"half": "c"})(dir)
+			return nil, boom
+		}
+		defer others.Done()
+		if _, err := fill(s.root, map[string]string{"f": ids[i].String()})(dir); err != nil {
+			return nil, err
+		}
+		return []byte("note of " + ids[i].String()), nil
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("UnpackAll: %v, want the failed fill's error", err)
+	}
+	if !slices.Equal(added, []digest.Digest{a, b, d}) {
+		t.Errorf("added %v, want a, b, d in order", added)
+	}
+	for _, l := range []digest.Digest{a, b, d} {
+		if calls[l] != 1 {
+			t.Errorf("layer %s filled %d times, want once", l, calls[l])
+		}
+		note, err := s.Note(l)
+		if err != nil || string(note) != "note of "+l.String() {
+			t.Errorf("note of %s: %q, %v", l, note, err)
+		}
+		got, err := os.ReadFile(filepath.Join(s.Path(l), "f"))
+		if err != nil || string(got) != l.String() {
+			t.Errorf("layer %s: %q, %v", l, got, err)
+		}
+	}
+	if have, _ := s.Has(c); have {
+		t.Error("the failed layer is in the store")
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"notes", "sha256", "stamps"}) {
+		t.Errorf("store holds %v, want notes/, sha256/ and stamps/ only", got)
+	}
+
+	// Cancelled while filling: nothing is committed, nothing stays.
+	ctx, cancel := context.WithCancel(context.Background())
+	e, f := id("e"), id("f")
+	added, err = s.UnpackAll(ctx, []digest.Digest{e, f}, 2, func(_ context.Context, i int, dir string) ([]byte, error) {
+		fill(s.root, map[string]string{"f": "x"})(dir)
+		if i == 1 {
+			cancel()
+		}
+		return nil, nil
+	})
+	if !errors.Is(err, context.Canceled) || len(added) > 0 {
+		t.Fatalf("cancelled UnpackAll: added %v, err %v", added, err)
+	}
+	for _, l := range []digest.Digest{e, f} {
+		if have, _ := s.Has(l); have {
+			t.Errorf("layer %s committed by a cancelled UnpackAll", l)
+		}
+	}
+	if got := names(t, s.dir); !slices.Equal(got, []string{"notes", "sha256", "stamps"}) {
+		t.Errorf("store holds %v after a cancelled UnpackAll, want notes/, sha256/ and stamps/ only", got)
+	}
+	for _, l := range []digest.Digest{e, f} {
+		if _, err := os.Stat(filepath.Join(s.dir, "stamps", l.Encoded())); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("a stamp of %s, which a cancelled UnpackAll did not commit: %v", l, err)
+		}
 	}
 }
 

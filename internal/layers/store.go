@@ -7,7 +7,8 @@
 //
 // The store never shows a layer that is not whole: a layer is unpacked into
 // a staging directory, verified (the caller checks the DiffID as it
-// unpacks), synced and only then renamed to its DiffID. A layer is deleted
+// unpacks), synced and only then renamed to its DiffID (the layers of one
+// pull share one sync: UnpackAll). A layer is deleted
 // by renaming it out of the way first, so a crash during collection leaves
 // every name in the store a complete layer. Sweep removes what a crash
 // left of either.
@@ -22,8 +23,10 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 )
@@ -104,56 +107,146 @@ func (s *Store) Has(id digest.Digest) (bool, error) {
 // Unpack adds the layer with DiffID id: fill gets an empty staging
 // directory (a path in the root) and must leave the layer's tree in it,
 // verified against id, and may return a note about the layer (Note reads
-// it back). The note and then the tree are synced to disk, the tree
-// renamed to its name only when fill succeeds; on any failure nothing of
-// it stays under its name. A layer already in the store (another
-// machine's, or one a concurrent Unpack of the same id committed first)
-// is kept as it is. added is false when the layer was already there.
+// it back). It is UnpackAll of one layer; added is false when the layer
+// was already there.
 func (s *Store) Unpack(ctx context.Context, id digest.Digest, fill func(dir string) (note []byte, err error)) (added bool, err error) {
-	if have, err := s.Has(id); err != nil || have {
-		return false, err
+	got, err := s.UnpackAll(ctx, []digest.Digest{id}, 1, func(_ context.Context, _ int, dir string) ([]byte, error) { return fill(dir) })
+	return len(got) > 0, err
+}
+
+// UnpackAll adds the layers ids names that the store lacks (a DiffID
+// listed twice is unpacked once), at most concurrency of them at once:
+// fill(ctx, i, dir) gets an empty staging directory (a path in the root)
+// for ids[i] and must leave that layer's tree in it, verified against
+// ids[i], and may return a note about the layer (Note reads it back). The
+// first fill to fail cancels ctx for the others. It returns the DiffIDs
+// it added, in the order of ids.
+//
+// The layers that filled are committed together, with one sync of the
+// filesystem for all of them instead of one each (each syncfs writes back
+// every dirty page of the filesystem, so per layer they serialize the
+// parallel unpacks and write the same pages out again and again):
+//
+//  1. every layer is unpacked into its own staging directory (.unpack-*);
+//  2. each filled layer's note is written (or a stale one removed), then
+//     its stamp (Check compares the layer with it);
+//  3. one syncfs: every note, stamp and staged tree is on disk;
+//  4. each staged tree is renamed to its DiffID, in the order of ids;
+//  5. the directory of names is synced.
+//
+// So a name in the store is always a whole layer whose files and note
+// reached the disk before the name did; a crash anywhere leaves only
+// staging directories and notes and stamps without a layer, which Sweep
+// removes.
+// The layers that filled are committed even when another failed (a rerun
+// fetches only the rest), unless ctx itself was cancelled. A layer in the
+// store already (another machine's, or one a concurrent unpack committed
+// first) is kept as it is.
+func (s *Store) UnpackAll(ctx context.Context, ids []digest.Digest, concurrency int, fill func(ctx context.Context, i int, dir string) (note []byte, err error)) (added []digest.Digest, err error) {
+	type staged struct {
+		i     int
+		dir   string
+		note  []byte
+		ready bool // fill succeeded
 	}
-	stage, err := s.root.MkdirTemp(s.dir, unpackPrefix, 0o755)
-	if err != nil {
-		return false, fmt.Errorf("layer store: %w", err)
+	var todo []*staged
+	seen := map[digest.Digest]bool{}
+	for i, id := range ids {
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
+		if have, err := s.Has(id); err != nil || have {
+			if err != nil {
+				return nil, err
+			}
+			continue
+		}
+		todo = append(todo, &staged{i: i})
+	}
+	if len(todo) == 0 {
+		return nil, nil
 	}
 	defer func() {
-		if stage != "" {
-			if rerr := s.root.RemoveAll(stage); rerr != nil && err == nil {
+		for _, st := range todo {
+			if st.dir == "" {
+				continue
+			}
+			if rerr := s.root.RemoveAll(st.dir); rerr != nil && err == nil {
 				err = fmt.Errorf("layer store: remove staging directory: %w", rerr)
 			}
 		}
 	}()
-	note, err := fill(stage)
-	if err != nil {
-		return false, err
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(max(concurrency, 1))
+	var mu sync.Mutex
+	for _, st := range todo {
+		if gctx.Err() != nil {
+			break
+		}
+		g.Go(func() error {
+			dir, err := s.root.MkdirTemp(s.dir, unpackPrefix, 0o755)
+			if err != nil {
+				return fmt.Errorf("layer store: %w", err)
+			}
+			mu.Lock()
+			st.dir = dir
+			mu.Unlock()
+			note, err := fill(gctx, st.i, dir)
+			if err != nil {
+				return err
+			}
+			mu.Lock()
+			st.note, st.ready = note, true
+			mu.Unlock()
+			return nil
+		})
 	}
+	ferr := g.Wait()
 	if err := ctx.Err(); err != nil {
-		return false, err
+		if ferr != nil {
+			return nil, ferr
+		}
+		return nil, err
 	}
-	if err := s.writeNote(id, note); err != nil {
-		return false, err
+	var ready []*staged
+	for _, st := range todo {
+		if st.ready {
+			ready = append(ready, st)
+		}
 	}
-	if err := s.writeStamp(id, stage, note); err != nil {
-		return false, err
+	if len(ready) == 0 {
+		return nil, ferr
 	}
-	// The layer's files reach the disk before its name does: a power cut
-	// after the rename finds them whole.
-	if err := s.root.Syncfs(stage); err != nil {
-		return false, fmt.Errorf("layer store: %w", err)
+	for _, st := range ready {
+		if err := s.writeNote(ids[st.i], st.note); err != nil {
+			return nil, errors.Join(ferr, err)
+		}
+		if err := s.writeStamp(ids[st.i], st.dir, st.note); err != nil {
+			return nil, errors.Join(ferr, err)
+		}
 	}
-	err = s.root.RenameNoReplace(stage, s.Path(id))
-	if errors.Is(err, fs.ErrExist) {
-		return false, nil // committed meanwhile; the deferred removal drops ours
+	// The layers' files and notes reach the disk before their names do: a
+	// power cut after a rename finds the layer whole.
+	if err := s.root.Syncfs(s.dir); err != nil {
+		return nil, errors.Join(ferr, fmt.Errorf("layer store: %w", err))
 	}
-	if err != nil {
-		return false, fmt.Errorf("layer store: %w", err)
+	for _, st := range ready {
+		id := ids[st.i]
+		err := s.root.RenameNoReplace(st.dir, s.Path(id))
+		if errors.Is(err, fs.ErrExist) {
+			continue // committed meanwhile; the deferred removal drops ours
+		}
+		if err != nil {
+			return added, errors.Join(ferr, fmt.Errorf("layer store: %w", err))
+		}
+		st.dir = ""
+		added = append(added, id)
 	}
-	stage = ""
-	if err := s.root.SyncDir(path.Dir(s.Path(id))); err != nil {
-		return true, fmt.Errorf("layer store: %w", err)
+	if err := s.root.SyncDir(path.Join(s.dir, string(digest.SHA256))); err != nil {
+		return added, errors.Join(ferr, fmt.Errorf("layer store: %w", err))
 	}
-	return true, nil
+	return added, ferr
 }
 
 func (s *Store) notePath(id digest.Digest) string {

@@ -79,6 +79,17 @@ type Request struct {
 	HTTPClient *http.Client
 	// Concurrency bounds how many layers are fetched at once (default 3).
 	Concurrency int
+	// MaxUnpacked bounds the bytes one pull unpacks, all its layers
+	// together, counted entry by entry before each is written: a file's
+	// size rounded up to 4 KiB, plus 512 bytes and its name, link target
+	// and xattrs for every entry. 0: no bound of its own.
+	MaxUnpacked int64
+	// MinFree is the free space the pull leaves on the filesystem it
+	// writes to (Dest's, or the layer store's): the free space measured
+	// when the pull starts, less MinFree, bounds it too (0: the free
+	// space alone; negative: not measured, only MaxUnpacked bounds).
+	// Either bound passed fails the pull with nothing of it left.
+	MinFree int64
 	// SpoolMemory and SpoolDir are Pull's alone: PullLayers unpacks every
 	// layer as it arrives, each into its own directory, with nothing
 	// fetched ahead.
@@ -176,6 +187,10 @@ func Pull(ctx context.Context, req Request) (Result, error) {
 	}
 	err = root.Build(want, log, func(stage string) error {
 		u.dir = stage
+		var err error
+		if u.limit, err = newUnpackLimit(&req, req.Root, root.Parent(), "image "+src.name+": rootfs "+req.Root.Show(req.Dest)); err != nil {
+			return err
+		}
 		return u.run(ctx)
 	})
 	res.Spilled = u.spilled

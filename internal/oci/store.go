@@ -17,7 +17,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/archive"
@@ -31,7 +30,10 @@ import (
 // store already has are neither fetched nor unpacked, the others are
 // fetched and unpacked in parallel (req.Concurrency at once), each
 // streaming through size, digest, decompression and DiffID checks into
-// its own staging directory, committed whole or not at all. req.Dest is
+// its own staging directory, and committed whole or not at all, all of
+// them with one sync. What they unpack, together, is bounded by
+// req.MaxUnpacked and the free space of the store's filesystem less
+// req.MinFree (measured here, once). req.Dest is
 // not used: layers.Store.Compose makes a root of them. Result.DiffIDs are
 // the image's layers, bottom first; Fetched and FetchedBytes what this
 // call fetched.
@@ -64,6 +66,11 @@ func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, 
 	start := time.Now()
 	u := unpacker{src: src, root: store.Root(), layers: img.manifest.Layers, diffIDs: res.DiffIDs,
 		retry: httpx.PolicyOf(req.HTTPClient), log: log}
+	if len(todo) > 0 {
+		if u.limit, err = newUnpackLimit(&req, store.Root(), store.Dir(), "image "+src.name+": layer store"); err != nil {
+			return res, err
+		}
+	}
 	var mu sync.Mutex
 	report := func(p Progress) {
 		if req.Progress != nil {
@@ -72,30 +79,24 @@ func PullLayers(ctx context.Context, req Request, store *layers.Store) (Result, 
 			req.Progress(p)
 		}
 	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(req.Concurrency)
-	for _, i := range todo {
+	// Every missing layer is fetched and unpacked into its own staging
+	// directory, req.Concurrency at once, and the store commits them
+	// together with one sync (layers.Store.UnpackAll).
+	_, err = store.UnpackAll(ctx, res.DiffIDs, req.Concurrency, func(ctx context.Context, i int, dir string) ([]byte, error) {
 		desc, id := img.manifest.Layers[i], res.DiffIDs[i]
-		g.Go(func() error {
-			what := fmt.Sprintf("image %s: layer %d/%d %s", src.name, i+1, len(img.manifest.Layers), desc.Digest)
-			names := &layerNames{}
-			_, err := store.Unpack(gctx, id, func(dir string) ([]byte, error) {
-				// The note: the directories the layer's entries need that
-				// it has no entry of its own for (checkImplicitDirs).
-				err := u.fetchUnpack(gctx, i, desc, id, dir, report, names.saw)
-				return names.note(), err
-			})
-			if err != nil {
-				return fmt.Errorf("%s: %w", what, err)
-			}
-			mu.Lock()
-			res.Fetched++
-			res.FetchedBytes += desc.Size
-			mu.Unlock()
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
+		// The note: the directories the layer's entries need that it has
+		// no entry of its own for (checkImplicitDirs).
+		names := &layerNames{}
+		if err := u.fetchUnpack(ctx, i, desc, id, dir, report, names.saw); err != nil {
+			return nil, fmt.Errorf("image %s: layer %d/%d %s: %w", src.name, i+1, len(img.manifest.Layers), desc.Digest, err)
+		}
+		mu.Lock()
+		res.Fetched++
+		res.FetchedBytes += desc.Size
+		mu.Unlock()
+		return names.note(), nil
+	})
+	if err != nil {
 		return res, err
 	}
 	if err := checkImplicitDirs(store, res.DiffIDs); err != nil {
@@ -124,7 +125,7 @@ func (u *unpacker) fetchUnpack(ctx context.Context, i int, desc ocispec.Descript
 		fetched <- err
 	}()
 	compressed := &progressReader{r: pr, fn: report, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
-	err := unpackLayer(ctx, u.root, dir, desc, id, compressed, archive.Options{Overlay: true,
+	err := unpackLayer(ctx, u.root, dir, desc, id, compressed, u.limit, archive.Options{Overlay: true,
 		Filter: func(h *tar.Header) (bool, error) { saw(h); return true, nil }})
 	if err != nil {
 		cancel()

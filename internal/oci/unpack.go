@@ -1,6 +1,7 @@
 package oci
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -40,6 +41,9 @@ type unpacker struct {
 	// spilled and peakMemory are what the spools did: bytes written to
 	// overflow files, and the most of the budget held at once.
 	spilled, peakMemory int64
+
+	// limit bounds what the pull unpacks, all layers together.
+	limit *unpackLimit
 }
 
 func (u *unpacker) run(ctx context.Context) error {
@@ -116,7 +120,7 @@ func (u *unpacker) run(ctx context.Context) error {
 func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp *spool) error {
 	what := fmt.Sprintf("image %s: layer %d/%d %s", u.src.name, i+1, len(u.layers), desc.Digest)
 	compressed := &progressReader{r: sp, fn: u.progress, p: Progress{Layer: i, Layers: len(u.layers), Digest: desc.Digest, Size: desc.Size}}
-	if err := unpackLayer(ctx, u.root, u.dir, desc, u.diffIDs[i], compressed, archive.Options{}); err != nil {
+	if err := unpackLayer(ctx, u.root, u.dir, desc, u.diffIDs[i], compressed, u.limit, archive.Options{}); err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	if u.progress != nil {
@@ -130,9 +134,11 @@ func (u *unpacker) apply(ctx context.Context, i int, desc ocispec.Descriptor, sp
 
 // unpackLayer decompresses the layer desc read from r into dir (a path in
 // root) and checks the uncompressed stream against the config's DiffID
-// want (inspect validated it). Errors say what failed; the caller says
-// which layer.
-func unpackLayer(ctx context.Context, root *confine.Root, dir string, desc ocispec.Descriptor, want digest.Digest, r io.Reader, opts archive.Options) error {
+// want (inspect validated it). Every entry is charged to limit before it
+// is written, and so is what follows the end of the archive (read, never
+// written, but decompressing it is not free either). Errors say what
+// failed; the caller says which layer.
+func unpackLayer(ctx context.Context, root *confine.Root, dir string, desc ocispec.Descriptor, want digest.Digest, r io.Reader, limit *unpackLimit, opts archive.Options) error {
 	plain, closeFn, err := decompress(desc.MediaType, r)
 	if err != nil {
 		return err
@@ -140,12 +146,13 @@ func unpackLayer(ctx context.Context, root *confine.Root, dir string, desc ocisp
 	defer closeFn()
 	diff := want.Algorithm().Digester()
 	tee := io.TeeReader(plain, diff.Hash())
+	opts.Filter = limit.filter(opts.Filter)
 	if err := archive.Apply(ctx, root, dir, tee, opts); err != nil {
 		return fmt.Errorf("apply: %w", err)
 	}
 	// The tar reader stops at the end-of-archive marker; the DiffID (and,
 	// for gzip, the trailer checksum) cover the padding after it too.
-	if _, err := io.Copy(io.Discard, tee); err != nil {
+	if _, err := io.CopyBuffer(chargeWriter{limit}, tee, make([]byte, 64<<10)); err != nil {
 		return fmt.Errorf("read after end of archive: %w", err)
 	}
 	if got := diff.Digest(); got != want {
@@ -154,13 +161,31 @@ func unpackLayer(ctx context.Context, root *confine.Root, dir string, desc ocisp
 	return nil
 }
 
+// chargeWriter discards what it is given, charging it to a limit.
+type chargeWriter struct{ l *unpackLimit }
+
+func (w chargeWriter) Write(p []byte) (int, error) {
+	if err := w.l.charge(int64(len(p)), "the data after the end of the archive"); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// readBuffer is the buffer between a layer's compressed stream and its
+// decompressor.
+const readBuffer = 256 << 10
+
 // decompress wraps r by the layer's media type.
 func decompress(mediaType string, r io.Reader) (io.Reader, func(), error) {
 	switch mediaType {
 	case ocispec.MediaTypeImageLayer:
 		return r, func() {}, nil
 	case ocispec.MediaTypeImageLayerGzip, dockerLayerGzip:
-		zr, err := gzip.NewReader(r)
+		// The inflater reads through a bufio.Reader it makes itself, of
+		// 4 KiB, unless it is given one: a larger one takes each of the
+		// fetcher's writes (32 KiB, through a pipe or a spool) in one read
+		// instead of eight handoffs.
+		zr, err := gzip.NewReader(bufio.NewReaderSize(r, readBuffer))
 		if err != nil {
 			return nil, nil, fmt.Errorf("gzip header: %w", err)
 		}

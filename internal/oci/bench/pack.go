@@ -56,12 +56,15 @@ type packer struct {
 
 // packTree packs the trees (only read) into n gzip layers in the scratch
 // directory, in walk order (srcs one after the other): the first layer
-// holds about 70% of the file bytes, the others share the rest (as a
-// distribution image's base layer dwarfs what is added on top). Each
+// holds about firstPct percent of the file bytes, the last lastPct
+// percent, the others share the rest evenly (a distribution image's base
+// layer is the largest, what is added on top comes in several layers, and
+// the top one, which an upgrade changes, is small: with the defaults, 6
+// layers of 40/14/14/14/14/3%). Each
 // layer holds the directories above its entries. Hardlinks inside one
 // layer stay hardlinks; sockets and xattrs are left out. It returns the
 // layers and the bytes of the tar streams.
-func (p *packer) packTree(n int) ([]packedLayer, int64, error) {
+func (p *packer) packTree(n, firstPct, lastPct int) ([]packedLayer, int64, error) {
 	if n < 1 {
 		n = 1
 	}
@@ -86,13 +89,21 @@ func (p *packer) packTree(n int) ([]packedLayer, int64, error) {
 	bound := make([]int64, n)
 	first := total
 	if n > 1 {
-		first = total * 7 / 10
+		first = total * int64(min(max(firstPct, 1), 100)) / 100
+	}
+	// The middle layers end where the last one's share begins.
+	last := int64(0)
+	if n > 2 {
+		last = total * int64(min(max(lastPct, 0), 100-firstPct)) / 100
 	}
 	for i := range bound {
-		if i == 0 {
+		switch {
+		case i == 0:
 			bound[i] = first
-		} else {
-			bound[i] = first + (total-first)*int64(i)/int64(n-1)
+		case i == n-1:
+			bound[i] = total
+		case n > 2:
+			bound[i] = first + (total-first-last)*int64(i)/int64(n-2)
 		}
 	}
 
