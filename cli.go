@@ -35,14 +35,16 @@ var exitCodes = map[string]string{
   1  error (also --wait that timed out)
   2  degraded: applied, but the machine, a node unit or a host service
      it needs is down now, or its root is broken (apply repairs it);
-     or bad flags or arguments
+     or bad input: flags, arguments, a --root that does not exist
   (as cloud-init status gives them)`,
 	"nodespawn rollback": `  0  rolled back
   1  the previous machine did not run the node (the node runs where it was)
   2  nothing to roll back to, or bad flags or arguments`,
-	"nodespawn reset": `  0  removed
-  1  something could not be removed (the error names it)
-  2  nothing applied to reset, or bad flags or arguments`,
+	"nodespawn reset": `  0  removed (with --dry-run: the list printed)
+  1  something could not be removed (the error names it), or the
+     question on the terminal was not answered yes
+  2  nothing applied to reset, stdin is not a terminal and --yes was
+     not given, or bad flags or arguments`,
 }
 
 const defaultExitCodes = `  0  done

@@ -30,6 +30,9 @@ import (
 type sourceFlags struct {
 	file   string
 	source string
+	// found says where the last read found the manifest, for the record
+	// (status prints it, as cloud-init status does its datasource).
+	found string
 }
 
 func (s *sourceFlags) register(cmd *cobra.Command) {
@@ -57,6 +60,10 @@ func (s *sourceFlags) read(ctx context.Context, stdin io.Reader) (userdata.Sourc
 	})
 	if err != nil && s.file != "" {
 		return userdata.Source{}, usageError{err}
+	}
+	s.found = src.Name
+	if s.file == "" && spec != src.Name {
+		s.found = spec + ": " + src.Name
 	}
 	return src, err
 }
@@ -292,6 +299,9 @@ type applyRun struct {
 	// first boot).
 	refuse bool
 
+	// warnings collects what the run warns about, for its record.
+	warnings *apply.Warnings
+
 	// What the last attempt got to, for the first-boot report.
 	manifest *manifest.Manifest
 	plan     *plan.Plan
@@ -306,6 +316,14 @@ func (a *applyRun) once(ctx context.Context) error {
 		if err := resumeAtBoot(ctx, a.root); err != nil {
 			return err
 		}
+	}
+	if !a.dryRun {
+		// What this run warns about, probing the host included, goes into
+		// its record (status --long shows it).
+		prev := slog.Default()
+		a.warnings = apply.NewWarnings(prev.Handler())
+		slog.SetDefault(slog.New(a.warnings))
+		defer slog.SetDefault(prev)
 	}
 	m, data, err := a.src.load(ctx, a.stdin)
 	if err != nil {
@@ -420,6 +438,8 @@ func (a *applyRun) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, 
 		Root:           a.root,
 		ManifestDigest: canonical.String(),
 		SourceDigest:   digest.FromBytes(data).String(),
+		Source:         a.src.found,
+		Warnings:       a.warnings,
 		Manifest:       data,
 		ToolVersion:    version,
 		Force:          a.force,

@@ -1,9 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/systemd"
@@ -11,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 )
 
 // newResetCmd is `nodespawn reset`: the machine and what apply wrote for
@@ -19,6 +25,8 @@ func newResetCmd() *cobra.Command {
 	var (
 		root    string
 		machine string
+		yes     bool
+		dryRun  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "reset",
@@ -30,7 +38,20 @@ identity and image cache (/var/lib/nodespawn/node) included, then reloads
 systemd. It lists the host settings it leaves in place (sysctls, kernel
 modules, swap, packages).
 
-Without --machine it removes what the plan stored by the last apply wrote.`,
+Without --machine it removes what the plan stored by the last apply wrote.
+
+It cannot be undone, so on a terminal reset lists what it would remove and
+asks [y/N] first; --yes skips the question. When standard input is not a
+terminal (a script, a pipe) it refuses without --yes (exit 2). --dry-run lists
+the machines it would stop, the paths it would remove and what it leaves in
+place, and changes nothing.
+
+Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
+(nothing applied here, stdin not a terminal without --yes).`,
+		Example: `  nodespawn reset --dry-run
+  nodespawn reset                   # lists, then asks [y/N]
+  nodespawn reset --yes             # in a script
+  nodespawn reset --yes --root /srv/node-tree`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()
@@ -46,12 +67,72 @@ Without --machine it removes what the plan stored by the last apply wrote.`,
 				}
 				opts.Plan = p
 			}
+			if dryRun {
+				rp, err := apply.PlanReset(ctx, opts)
+				if err != nil {
+					return err
+				}
+				writeResetPlan(cmd.OutOrStdout(), rp, "would")
+				return nil
+			}
+			if !yes {
+				if err := confirmReset(ctx, cmd.InOrStdin(), cmd.ErrOrStderr(), opts); err != nil {
+					return err
+				}
+			}
 			return apply.Reset(ctx, opts)
 		},
 	}
 	cmd.Flags().StringVar(&root, "root", "/", "reset the tree under this directory instead of /")
 	cmd.Flags().StringVar(&machine, "machine", "", "the machine to remove (default: the one the last apply made)")
+	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation (needed when stdin is not a terminal)")
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "list what reset would stop, remove and leave in place, and change nothing")
 	return cmd
+}
+
+// confirmReset asks on a terminal whether to reset, after listing what
+// reset removes; it refuses when in is not a terminal (use --yes).
+func confirmReset(ctx context.Context, in io.Reader, out io.Writer, opts apply.ResetOptions) error {
+	f, ok := in.(*os.File)
+	if !ok || !term.IsTerminal(int(f.Fd())) {
+		return usageError{errors.New("reset removes the node's machines, identity and state and cannot be undone; standard input is not a terminal to ask on: pass --yes (reset --dry-run lists what it removes)")}
+	}
+	rp, err := apply.PlanReset(ctx, opts)
+	if err != nil {
+		return err
+	}
+	writeResetPlan(out, rp, "will")
+	fmt.Fprintf(out, "This cannot be undone. Reset machine %s? [y/N] ", rp.Machine)
+	answer, err := bufio.NewReader(f).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("reset: read the answer: %w", err)
+	}
+	switch strings.ToLower(strings.TrimSpace(answer)) {
+	case "y", "yes":
+		return nil
+	}
+	return errors.New("reset not confirmed; nothing was changed")
+}
+
+// writeResetPlan prints what reset will (or would) do.
+func writeResetPlan(w io.Writer, rp *apply.ResetPlan, will string) {
+	if len(rp.Stop) > 0 {
+		fmt.Fprintf(w, "reset %s stop machines: %s\n", will, strings.Join(rp.Stop, ", "))
+	}
+	if len(rp.Remove) == 0 {
+		fmt.Fprintf(w, "reset %s remove nothing: nothing of machine %s is left\n", will, rp.Machine)
+	} else {
+		fmt.Fprintf(w, "reset %s remove (a machine's rootfs unmounted first):\n", will)
+		for _, p := range rp.Remove {
+			fmt.Fprintf(w, "  %s\n", p)
+		}
+	}
+	if len(rp.Leave) > 0 {
+		fmt.Fprintf(w, "and leave in place:\n")
+		for _, l := range rp.Leave {
+			fmt.Fprintf(w, "  %s\n", l)
+		}
+	}
 }
 
 // appliedPlan is the plan the last apply stored. A state directory from a

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -45,7 +46,12 @@ and prints one line: not run, running: step X (n/m), done, error: step X:
 reason, or degraded: applied, but ... (the machine, a node unit or such a host
 service is down now, or the machine root composed from the layer store is
 broken: a layer missing from the store or not as it was unpacked, its upper
-directory gone; apply repairs it), and exits as cloud-init status does (below).
+directory gone; apply repairs it), and exits as cloud-init status does (below;
+2 also for bad input, such as a --root that does not exist).
+
+A run that succeeded but skipped steps (host settings and systemd on a --root
+tree) or logged warnings says so after "done"; --long lists the skipped steps
+by reason, the warnings and where the manifest was read from.
 
 --wait blocks until the run ends, also when the first-boot unit has not
 started yet, then exits with the code of the outcome. --long adds the digests,
@@ -70,6 +76,10 @@ critical-chain do. -o json prints the same as JSON ("version":
 				opts.Systemd = systemd.New(nil)
 			}
 			st, err := readStatus(ctx, opts, wait, timeout)
+			var missing *apply.MissingRootError
+			if errors.As(err, &missing) {
+				return usageError{err}
+			}
 			if err != nil {
 				return err
 			}
@@ -166,8 +176,15 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 		if st.Ended != nil {
 			line("ended", fmt.Sprintf("%s (%s)", st.Ended.Format(time.RFC3339), st.Ended.Sub(*st.Started).Round(time.Millisecond)))
 		}
+		line("read from", st.Source)
 		if st.Total > 0 {
-			line("steps", fmt.Sprintf("%d/%d with an outcome", st.Finished, st.Total))
+			line("steps", fmt.Sprintf("%d/%d with an outcome", st.Finished, st.Total)+outcomeCounts(st.Outcomes))
+		}
+		for _, s := range st.Skipped {
+			line("skipped", fmt.Sprintf("%d: %s\n%s", len(s.Steps), s.Reason, indent(strings.Join(s.Steps, "\n"))))
+		}
+		for _, w := range st.Warnings {
+			line("warning", w)
 		}
 		for _, p := range st.RootProblems {
 			line("broken", p.Detail)
@@ -196,6 +213,21 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 			fmt.Fprintf(w, "  @%-10s %s (%s)\n", s.Start(), s.ID, s.Duration())
 		}
 	}
+}
+
+// outcomeCounts is ": 20 done, 15 unchanged, 8 skipped", in the order
+// steps end up in.
+func outcomeCounts(n map[apply.Outcome]int) string {
+	var parts []string
+	for _, o := range []apply.Outcome{apply.OutcomeDone, apply.OutcomeUnchanged, apply.OutcomeSkipped, apply.OutcomeFailed, apply.OutcomePending} {
+		if n[o] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n[o], o))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return ": " + strings.Join(parts, ", ")
 }
 
 func firstLine(s string) string {

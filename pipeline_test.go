@@ -26,6 +26,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
+	"golang.org/x/sys/unix"
 	"oras.land/oras-go/v2/content"
 )
 
@@ -362,18 +363,81 @@ func TestApplyIntoRoot(t *testing.T) {
 	}
 
 	// reset takes the machine from the stored manifest and removes what
-	// apply made for it.
-	if code, out, errOut = cli(t, "", "reset", "--root", root); code != 0 {
-		t.Fatalf("reset: exit %d\n%s\n%s", code, out, errOut)
-	}
-	for _, gone := range []string{"var/lib/machines/pipe", "etc/systemd/nspawn/pipe.nspawn", "etc/systemd/system/systemd-nspawn@pipe.service.d", "var/lib/nodespawn"} {
-		if _, err := os.Lstat(filepath.Join(root, gone)); !os.IsNotExist(err) {
-			t.Errorf("reset left %s: %v", gone, err)
+	// apply made for it. It asks first: without a terminal to ask on it
+	// refuses unless --yes; its dry run lists what it removes and changes
+	// nothing; on a terminal anything but y keeps everything.
+	gone := []string{"var/lib/machines/pipe", "etc/systemd/nspawn/pipe.nspawn", "etc/systemd/system/systemd-nspawn@pipe.service.d", "var/lib/nodespawn"}
+	stillThere := func(what string) {
+		t.Helper()
+		for _, p := range gone {
+			if _, err := os.Lstat(filepath.Join(root, p)); err != nil {
+				t.Fatalf("%s removed %s: %v", what, p, err)
+			}
 		}
 	}
-	if code, _, _ = cli(t, "", "reset", "--root", root); code != exitBadInput {
+	if code, out, errOut = cli(t, "y\n", "reset", "--root", root); code != exitBadInput || !strings.Contains(errOut, "--yes") {
+		t.Errorf("reset from a pipe without --yes: exit %d, want %d naming --yes\n%s%s", code, exitBadInput, out, errOut)
+	}
+	stillThere("reset without --yes")
+	code, out, errOut = cli(t, "", "reset", "--root", root, "--dry-run")
+	if code != 0 {
+		t.Fatalf("reset --dry-run: exit %d\n%s%s", code, out, errOut)
+	}
+	for _, p := range gone {
+		if !strings.Contains(out, "\n  "+filepath.Join(root, p)+"\n") {
+			t.Errorf("reset --dry-run does not list %s:\n%s", p, out)
+		}
+	}
+	if !strings.Contains(out, "and leave in place:\n") || !strings.Contains(out, "not stopped") {
+		t.Errorf("reset --dry-run does not say what it leaves:\n%s", out)
+	}
+	stillThere("reset --dry-run")
+	if code, out, errOut = resetOnTerminal(t, "n\n", root); code != 1 || !strings.Contains(out, "[y/N]") || !strings.Contains(out, filepath.Join(root, gone[0])) || !strings.Contains(errOut, "not confirmed") {
+		t.Errorf("reset answered n: exit %d, want 1 after listing and asking\n%s%s", code, out, errOut)
+	}
+	stillThere("reset answered n")
+	if code, out, errOut = resetOnTerminal(t, "y\n", root); code != 0 {
+		t.Fatalf("reset answered y: exit %d\n%s\n%s", code, out, errOut)
+	}
+	for _, p := range gone {
+		if _, err := os.Lstat(filepath.Join(root, p)); !os.IsNotExist(err) {
+			t.Errorf("reset left %s: %v", p, err)
+		}
+	}
+	if code, _, _ = cli(t, "", "reset", "--root", root, "--yes"); code != exitBadInput {
 		t.Errorf("reset with nothing applied: exit %d, want %d", code, exitBadInput)
 	}
+}
+
+// resetOnTerminal runs reset --root root with a pseudo-terminal as its
+// standard input, typing answer; it returns the exit code, the terminal's
+// output (the question) with stderr's, and stderr.
+func resetOnTerminal(t *testing.T, answer, root string) (int, string, string) {
+	t.Helper()
+	ptmx, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	defer ptmx.Close()
+	if err := unix.IoctlSetPointerInt(int(ptmx.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(ptmx.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tty, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tty.Close()
+	// Typed ahead: the terminal's line discipline holds it for the read.
+	if _, err := ptmx.WriteString(answer); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	code := run([]string{"reset", "--root", root}, tty, &out, &errb)
+	return code, out.String() + errb.String(), errb.String()
 }
 
 func TestApplyWrongChecksumInstallsNothing(t *testing.T) {

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -67,9 +68,24 @@ func TestStatusWaitsForFirstBoot(t *testing.T) {
 		t.Fatalf("status --wait: exit %d, %+v (%v)\n%s", r.code, st, err, r.err)
 	}
 
+	// Not the running host: the host and systemd steps were skipped, and
+	// status says so rather than a bare "done".
+	skipped := st.Outcomes[apply.OutcomeSkipped]
+	if skipped == 0 || len(st.Skipped) == 0 || st.Source != mf {
+		t.Errorf("status -o json: %d skipped (%+v), source %q; want the skipped steps and %s", skipped, st.Skipped, st.Source, mf)
+	}
 	code, out, _ := cli(t, "", "status", "--root", root, "--timings", "--long")
-	if code != 0 || !strings.HasPrefix(out, "done\n") || !strings.Contains(out, "critical path") || !strings.Contains(out, "rootfs:image") {
-		t.Errorf("status --timings --long: exit %d\n%s", code, out)
+	wantFirst := fmt.Sprintf("done, %d of %d steps skipped", skipped, st.Total)
+	if code != 0 || !strings.HasPrefix(out, wantFirst) || !strings.Contains(out, "critical path") || !strings.Contains(out, "rootfs:image") ||
+		!strings.Contains(out, "\nread from:    "+mf+"\n") || !strings.Contains(out, "\nskipped:      ") || !strings.Contains(out, "acts on the running host, and the root is "+root) ||
+		!strings.Contains(out, fmt.Sprintf(", %d skipped\n", skipped)) {
+		t.Errorf("status --timings --long: exit %d, want it to start %q, name the source and list the skipped steps\n%s", code, wantFirst, out)
+	}
+
+	// A root that is not there is bad input, not "not run".
+	code, out, errOut := cli(t, "", "status", "--root", filepath.Join(work, "nonexistent"))
+	if code != 2 || out != "" || !strings.Contains(errOut, "does not exist") {
+		t.Errorf("status --root nonexistent: exit %d\n%s%s", code, out, errOut)
 	}
 
 	// A run that fails: exit 1, the step named.

@@ -70,6 +70,13 @@ type Options struct {
 	// Manifest, when set, is stored (0600) beside the record so reset can
 	// render the plan again.
 	Manifest []byte
+	// Source says where the manifest came from (a path, or the first-boot
+	// source and where in it: "nocloud: /var/lib/cloud/seed/nocloud/user-data");
+	// it goes into the record, for status.
+	Source string
+	// Warnings, when set, collects what the run warns about into the
+	// record; it must be the handler of the logs the run writes to.
+	Warnings *Warnings
 	// ToolVersion goes into the record.
 	ToolVersion string
 	// Force re-checks every step even when this plan was already applied,

@@ -62,6 +62,14 @@ type Record struct {
 	// Upgrade is set when the run upgraded (or rolled back) by switching
 	// machines.
 	Upgrade *RecordUpgrade `json:"upgrade,omitempty"`
+	// Source says where the manifest came from (Options.Source).
+	Source string `json:"source,omitempty"`
+	// Warnings are what the run warned about (Options.Warnings), as
+	// cloud-init keeps recoverable_errors.
+	Warnings []string `json:"warnings,omitempty"`
+
+	// warn collects Warnings while the run goes on.
+	warn *Warnings
 }
 
 // StepRecord is one step's outcome.
@@ -88,6 +96,8 @@ func newRecord(p *plan.Plan, opts Options, planDigest string) *Record {
 		Status:         StatusRunning,
 		Started:        time.Now().UTC(),
 		Steps:          make([]StepRecord, len(p.Steps)),
+		Source:         opts.Source,
+		warn:           opts.Warnings,
 	}
 	for i, s := range p.Steps {
 		r.Steps[i] = StepRecord{ID: s.ID, Phase: s.Phase, Kind: s.Kind, Outcome: OutcomePending}
@@ -181,6 +191,9 @@ func (w *recordWriter) save() error {
 }
 
 func (w *recordWriter) saveLocked() error {
+	if w.rec.warn != nil {
+		w.rec.Warnings = w.rec.warn.Lines()
+	}
 	b, err := json.MarshalIndent(w.rec, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode result record: %w", err)

@@ -85,16 +85,9 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		opts.PollInterval = DefaultPollInterval
 	}
 	log := opts.Log
-	m := opts.Machine
-	if opts.Plan != nil {
-		m = opts.Plan.Machine
-		if rootfs := opts.Plan.Rootfs; path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
-			// Never RemoveAll something a typo or a bad plan points at.
-			return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
-		}
-	}
-	if !machineName.MatchString(m) {
-		return fmt.Errorf("reset: invalid machine name %q", m)
+	m, err := resetMachine(opts)
+	if err != nil {
+		return err
 	}
 
 	host, err := confine.Open(opts.Root)
@@ -108,55 +101,23 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 	}
 	defer lock.release()
 
-	// Both machines of the pair, each with the plan it was made from.
-	st, err := readMachines(host)
-	if err != nil {
-		log.Warn("the machines' state is unreadable; removing the named machine and its pair by name", "error", err)
-		st = &Machines{Applied: map[string]Applied{}}
-	}
-	machines := []string{m}
-	add := func(x string) {
-		if x != "" && machineName.MatchString(x) && !contains(machines, x) {
-			machines = append(machines, x)
-		}
-	}
-	if opts.Plan != nil {
-		add(opts.Plan.Alternate)
-	}
-	add(st.Active)
-	add(st.Previous)
-	if st.Upgrade != nil {
-		add(st.Upgrade.From)
-		add(st.Upgrade.To)
-	}
+	targets := resetTargets(host, opts, m, log)
 	live := opts.Systemd != nil
 	if !live {
-		log.Warn("not stopping the machines: no systemd (root is not /)", "machines", machines, "root", opts.Root)
+		log.Warn("not stopping the machines: no systemd (root is not /)", "machines", targetNames(targets), "root", opts.Root)
 	}
 	ro := removeOptions{stop: opts.StopTimeout, remove: opts.RemoveTimeout, poll: opts.PollInterval, log: log}
-	for _, x := range machines {
-		p := opts.Plan
-		if p == nil || p.Machine != x {
-			if p, err = storedPlanOf(host, x); err != nil {
-				log.Warn("the stored plan is unreadable; removing the machine by name", "machine", x, "error", err)
-				p = nil
-			}
+	for _, t := range targets {
+		if t.leave != "" {
+			log.Info("left in place", "machine", t.name, "why", t.leave)
+			continue
 		}
-		if x != m && p == nil {
-			if _, err := host.Lstat(path.Join(machinesDir, x)); err != nil {
-				continue // the other machine of the pair was never made
-			}
-			if _, known := st.Applied[x]; !known {
-				log.Info("left in place", "machine", x, "why", "nodespawn did not make it")
-				continue
-			}
-		}
-		if err := removeMachine(ctx, host, opts.Systemd, x, p, ro); err != nil {
+		if err := removeMachine(ctx, host, opts.Systemd, t.name, t.plan, ro); err != nil {
 			return err
 		}
 	}
 	// The state directory, with the node's state (its identity) in it.
-	for _, p := range []string{plan.ActiveMachineFile, StateDir} {
+	for _, p := range resetState {
 		if _, err := host.Lstat(p); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -182,6 +143,90 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 	return nil
 }
 
+// resetState is what Reset removes of nodespawn's state, after the
+// machines: the state directory with the node's state (its identity) in it.
+var resetState = []string{plan.ActiveMachineFile, StateDir}
+
+// resetMachine is the machine opts names, checked.
+func resetMachine(opts ResetOptions) (string, error) {
+	m := opts.Machine
+	if opts.Plan != nil {
+		m = opts.Plan.Machine
+		if rootfs := opts.Plan.Rootfs; path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
+			// Never RemoveAll something a typo or a bad plan points at.
+			return "", fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+		}
+	}
+	if !machineName.MatchString(m) {
+		return "", fmt.Errorf("reset: invalid machine name %q", m)
+	}
+	return m, nil
+}
+
+// resetTarget is a machine Reset removes, with the plan it was made from
+// (nil when none is stored), or leaves in place, saying why.
+type resetTarget struct {
+	name  string
+	plan  *plan.Plan
+	leave string
+}
+
+func targetNames(ts []resetTarget) []string {
+	var out []string
+	for _, t := range ts {
+		out = append(out, t.name)
+	}
+	return out
+}
+
+// resetTargets are the machines Reset looks at: m and the other machine
+// of its pair, each with the plan it was made from. The other machine is
+// left out when it was never made.
+func resetTargets(host *confine.Root, opts ResetOptions, m string, log *slog.Logger) []resetTarget {
+	// Both machines of the pair, each with the plan it was made from.
+	st, err := readMachines(host)
+	if err != nil {
+		log.Warn("the machines' state is unreadable; removing the named machine and its pair by name", "error", err)
+		st = &Machines{Applied: map[string]Applied{}}
+	}
+	machines := []string{m}
+	add := func(x string) {
+		if x != "" && machineName.MatchString(x) && !contains(machines, x) {
+			machines = append(machines, x)
+		}
+	}
+	if opts.Plan != nil {
+		add(opts.Plan.Alternate)
+	}
+	add(st.Active)
+	add(st.Previous)
+	if st.Upgrade != nil {
+		add(st.Upgrade.From)
+		add(st.Upgrade.To)
+	}
+	var targets []resetTarget
+	for _, x := range machines {
+		p := opts.Plan
+		if p == nil || p.Machine != x {
+			if p, err = storedPlanOf(host, x); err != nil {
+				log.Warn("the stored plan is unreadable; removing the machine by name", "machine", x, "error", err)
+				p = nil
+			}
+		}
+		if x != m && p == nil {
+			if _, err := host.Lstat(path.Join(machinesDir, x)); err != nil {
+				continue // the other machine of the pair was never made
+			}
+			if _, known := st.Applied[x]; !known {
+				targets = append(targets, resetTarget{name: x, leave: "nodespawn did not make it"})
+				continue
+			}
+		}
+		targets = append(targets, resetTarget{name: x, plan: p})
+	}
+	return targets
+}
+
 // removeOptions bound the waits of removeMachine.
 type removeOptions struct {
 	stop, remove, poll time.Duration
@@ -197,13 +242,9 @@ type removeOptions struct {
 // were written for it (or systemd's names for them without p), and its
 // bpffs.
 func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string, p *plan.Plan, o removeOptions) error {
-	rootfs := path.Join(machinesDir, m)
-	if p != nil && p.Rootfs != "" {
-		rootfs = p.Rootfs
-	}
-	if path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
-		// Never RemoveAll something a typo or a bad plan points at.
-		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+	rootfs, err := machineRootfs(m, p)
+	if err != nil {
+		return err
 	}
 	if sd != nil {
 		if err := stopMachine(ctx, sd, o.log, m, o.stop, o.poll); err != nil {
@@ -221,8 +262,33 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 	if err := removeBusy(ctx, host, rootfs, o.remove, o.poll, o.log); err != nil {
 		return err
 	}
-	// What an image pull keeps beside the rootfs: its marker and leftovers
-	// of an interrupted pull.
+	for _, q := range machineFiles(host, rootfs, m, p, o.keep) {
+		if err := host.RemoveAll(q); err != nil {
+			return fmt.Errorf("reset: %w", err)
+		}
+		o.log.Info("removed", "path", host.Show(q))
+	}
+	return removeBPFFS(host, m, sd != nil, o.log)
+}
+
+// machineRootfs is machine m's rootfs, made from p (nil: systemd's name
+// for it), refused unless it is directly under machinesDir.
+func machineRootfs(m string, p *plan.Plan) (string, error) {
+	rootfs := path.Join(machinesDir, m)
+	if p != nil && p.Rootfs != "" {
+		rootfs = p.Rootfs
+	}
+	if path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
+		// Never RemoveAll something a typo or a bad plan points at.
+		return "", fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+	}
+	return rootfs, nil
+}
+
+// machineFiles are the paths removeMachine removes after the rootfs, those
+// that exist: what an image pull keeps beside the rootfs (its marker and
+// leftovers of an interrupted pull) and resetPaths, less keep.
+func machineFiles(host *confine.Root, rootfs, m string, p *plan.Plan, keep []string) []string {
 	var remove []string
 	if es, err := host.ReadDir(path.Dir(rootfs)); err == nil {
 		for _, e := range es {
@@ -232,19 +298,17 @@ func removeMachine(ctx context.Context, host *confine.Root, sd Systemd, m string
 		}
 	}
 	remove = append(remove, resetPaths(m, p)...)
+	var out []string
 	for _, q := range remove {
-		if contains(o.keep, q) {
+		if contains(keep, q) {
 			continue
 		}
 		if _, err := host.Lstat(q); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
-		if err := host.RemoveAll(q); err != nil {
-			return fmt.Errorf("reset: %w", err)
-		}
-		o.log.Info("removed", "path", host.Show(q))
+		out = append(out, q)
 	}
-	return removeBPFFS(host, m, sd != nil, o.log)
+	return out
 }
 
 // stopSlack is how much longer than the stop timeout a stop job may take:

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -83,8 +84,39 @@ func TestReset(t *testing.T) {
 			if tt.withPlan {
 				opts.Plan, opts.Machine = p, ""
 			}
+			// The dry run changes nothing and lists what Reset then removes,
+			// exactly.
+			before := snapshot(t, root, true)
+			rp, err := PlanReset(context.Background(), opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if after := snapshot(t, root, true); after != before || len(sd.Calls()) != 0 {
+				t.Fatalf("PlanReset changed the root or called systemd %q", sd.Calls())
+			}
+			if rp.Machine != "kube1" || !slices.Equal(rp.Stop, []string{"kube1"}) {
+				t.Errorf("dry run: machine %q, stops %q; want kube1", rp.Machine, rp.Stop)
+			}
+			for _, want := range tt.wantLog {
+				if !slices.ContainsFunc(rp.Leave, func(l string) bool { return strings.Contains(l, want) }) {
+					t.Errorf("dry run leaves %q; want %q among them", rp.Leave, want)
+				}
+			}
+			logs.Reset()
 			if err := Reset(context.Background(), opts); err != nil {
 				t.Fatalf("Reset: %v\n%s", err, logs.String())
+			}
+			var gone []string
+			for _, m := range regexp.MustCompile(`msg=removed path=(\S+)`).FindAllStringSubmatch(logs.String(), -1) {
+				gone = append(gone, m[1])
+			}
+			if !slices.Equal(rp.Remove, gone) {
+				t.Errorf("dry run would remove\n  %s\nReset removed\n  %s", strings.Join(rp.Remove, "\n  "), strings.Join(gone, "\n  "))
+			}
+			for _, p := range kept {
+				if slices.Contains(rp.Remove, filepath.Join(root, p)) {
+					t.Errorf("dry run lists %s, which reset keeps", p)
+				}
 			}
 			for _, p := range removed {
 				if exists(root, p) {

@@ -69,6 +69,15 @@ type Status struct {
 	// Finished and Total count the steps with an outcome, and all.
 	Finished int `json:"finished"`
 	Total    int `json:"total"`
+	// Outcomes counts the recorded steps by outcome.
+	Outcomes map[Outcome]int `json:"outcomes,omitempty"`
+	// Skipped are the steps that did not run, grouped by why, in the
+	// order of their first step.
+	Skipped []SkippedSteps `json:"skipped,omitempty"`
+	// Warnings are what the recorded run warned about.
+	Warnings []string `json:"warnings,omitempty"`
+	// Source says where the recorded run's manifest came from.
+	Source string `json:"source,omitempty"`
 
 	ManifestDigest string     `json:"manifestDigest,omitempty"`
 	SourceDigest   string     `json:"sourceDigest,omitempty"`
@@ -94,6 +103,12 @@ type Status struct {
 	// Pending is set when no run has happened yet but one will: the
 	// first-boot unit is installed and has not succeeded.
 	Pending bool `json:"pending,omitempty"`
+}
+
+// SkippedSteps are steps skipped for one reason.
+type SkippedSteps struct {
+	Reason string   `json:"reason"`
+	Steps  []string `json:"steps"`
 }
 
 // Timings are the steps of the recorded run, the way systemd-analyze
@@ -132,6 +147,16 @@ var nodeUnits = []string{"containerd.service", "kubelet.service"}
 // journalTail is how many lines --long shows.
 const journalTail = 20
 
+// MissingRootError is ReadStatus's error for a root that does not exist.
+type MissingRootError struct{ Root string }
+
+func (e *MissingRootError) Error() string {
+	return fmt.Sprintf("status: root %s does not exist (give the directory apply was run with, or / for this host)", e.Root)
+}
+
+// Unwrap makes the error fs.ErrNotExist.
+func (e *MissingRootError) Unwrap() error { return fs.ErrNotExist }
+
 // ReadStatus reports where provisioning under opts.Root stands.
 func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	if opts.Root == "" {
@@ -140,8 +165,8 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	st := &Status{Version: StatusVersion}
 	host, err := confine.Open(opts.Root)
 	if errors.Is(err, fs.ErrNotExist) {
-		st.State, st.Summary = StateNotRun, string(StateNotRun)
-		return st, nil
+		// Not "not run": a mistyped --root would read as a fresh host.
+		return nil, &MissingRootError{Root: opts.Root}
 	}
 	if err != nil {
 		return nil, err
@@ -187,6 +212,8 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 				st.Finished++
 			}
 		}
+		st.Outcomes, st.Skipped = countOutcomes(rec)
+		st.Warnings, st.Source = rec.Warnings, rec.Source
 	}
 
 	if ms.Active != "" && st.Machine != ms.Active {
@@ -238,7 +265,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 			st.Summary = fmt.Sprintf("error: the run was interrupted at step %s (%d/%d); apply again to resume", st.Step.ID, st.Finished+1, st.Total)
 		}
 	default:
-		st.State, st.Summary = StateDone, string(StateDone)
+		st.State, st.Summary = StateDone, string(StateDone)+doneNotes(st)
 		var bad []string
 		running := false
 		if opts.Systemd != nil && st.Machine != "" {
@@ -283,6 +310,52 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		}
 	}
 	return st, nil
+}
+
+// countOutcomes counts rec's steps by outcome and groups the skipped ones
+// by reason.
+func countOutcomes(rec *Record) (map[Outcome]int, []SkippedSteps) {
+	n := map[Outcome]int{}
+	var skipped []SkippedSteps
+	at := map[string]int{}
+	for _, s := range rec.Steps {
+		n[s.Outcome]++
+		if s.Outcome != OutcomeSkipped {
+			continue
+		}
+		reason := firstLine(s.Error)
+		if reason == "" {
+			reason = "no reason recorded"
+		}
+		i, ok := at[reason]
+		if !ok {
+			i = len(skipped)
+			at[reason] = i
+			skipped = append(skipped, SkippedSteps{Reason: reason})
+		}
+		skipped[i].Steps = append(skipped[i].Steps, s.ID)
+	}
+	return n, skipped
+}
+
+// doneNotes is what a successful run's summary adds to "done": the steps
+// it skipped and how many warnings it had, so neither hides behind "done".
+func doneNotes(st *Status) string {
+	var notes []string
+	if n := st.Outcomes[OutcomeSkipped]; n > 0 {
+		notes = append(notes, fmt.Sprintf("%d of %d steps skipped", n, st.Total))
+	}
+	switch n := len(st.Warnings); n {
+	case 0:
+	case 1:
+		notes = append(notes, "1 warning")
+	default:
+		notes = append(notes, fmt.Sprintf("%d warnings", n))
+	}
+	if len(notes) == 0 {
+		return ""
+	}
+	return ", " + strings.Join(notes, ", ") + " (status --long says which)"
 }
 
 // StatusExitCode is the exit code of `nodespawn status` for st, as

@@ -1,11 +1,15 @@
 package apply
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -232,5 +236,85 @@ func TestStatusHostUnits(t *testing.T) {
 				t.Errorf("checks %+v, want the machine's three and Fabric Manager's", st.Checks)
 			}
 		})
+	}
+}
+
+// TestStatusSkippedWarningsSource: a run into a tree that is not the
+// running host skips the host and systemd steps; status still says done,
+// but counts them, groups them by reason, and carries the run's warnings
+// (not the skipped steps' own log lines) and the manifest's source.
+func TestStatusSkippedWarningsSource(t *testing.T) {
+	root := t.TempDir()
+	prepareRoot(t, root)
+	deps, _, _, _ := testDeps()
+	deps.Host, deps.Systemd = nil, nil
+	var logged bytes.Buffer
+	warn := NewWarnings(slog.NewTextHandler(&logged, nil))
+	log := slog.New(warn)
+	// Before the run (probing the host): kept, and a repeat counted.
+	for range 2 {
+		log.Warn("no resolv.conf found", "paths", "/etc/resolv.conf")
+	}
+	log.Info("not a warning")
+	opts := testOptions(deps, log)
+	opts.Root, opts.Source, opts.Warnings = root, "nocloud: /var/lib/cloud/seed/nocloud/user-data", warn
+	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logged.String(), "level=WARN msg=step") || !strings.Contains(logged.String(), "not a warning") {
+		t.Errorf("the collector did not pass the log on:\n%s", logged.String())
+	}
+	st, err := ReadStatus(context.Background(), StatusOptions{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	skipped := st.Outcomes[OutcomeSkipped]
+	if skipped == 0 || st.Outcomes[OutcomeDone]+st.Outcomes[OutcomeUnchanged]+skipped != st.Total {
+		t.Fatalf("outcomes %v of %d steps; want some skipped, the rest done or unchanged", st.Outcomes, st.Total)
+	}
+	wantSummary := fmt.Sprintf("done, %d of %d steps skipped, 1 warning (status --long says which)", skipped, st.Total)
+	if st.State != StateDone || st.Summary != wantSummary || StatusExitCode(st) != 0 {
+		t.Errorf("status %s %q (exit %d); want done %q, exit 0", st.State, st.Summary, StatusExitCode(st), wantSummary)
+	}
+	n := 0
+	for _, g := range st.Skipped {
+		n += len(g.Steps)
+		if !strings.Contains(g.Reason, "acts on the running host, and the root is "+root) {
+			t.Errorf("skipped for %q: %v; want the reason to name the root", g.Reason, g.Steps)
+		}
+	}
+	if n != skipped || len(st.Skipped) != 2 {
+		t.Errorf("skipped groups %+v; want %d steps in two groups (host operations, systemd)", st.Skipped, skipped)
+	}
+	if want := []string{"no resolv.conf found paths=/etc/resolv.conf (2 times)"}; !slices.Equal(st.Warnings, want) {
+		t.Errorf("warnings %q, want %q", st.Warnings, want)
+	}
+	if st.Source != opts.Source {
+		t.Errorf("source %q, want %q", st.Source, opts.Source)
+	}
+}
+
+// TestStatusMissingRoot: a root that does not exist is an error, not "not
+// run" (a mistyped --root must not read as a fresh host).
+func TestStatusMissingRoot(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nonexistent")
+	st, err := ReadStatus(context.Background(), StatusOptions{Root: missing})
+	var me *MissingRootError
+	if !errors.As(err, &me) || !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), missing) {
+		t.Errorf("status of a missing root: %+v, %v; want a MissingRootError naming it", st, err)
+	}
+}
+
+// TestWarningsBound: past maxWarnings, warnings are counted, not kept.
+func TestWarningsBound(t *testing.T) {
+	w := NewWarnings(slog.DiscardHandler)
+	log := slog.New(w).With("attempt", 1)
+	for i := range maxWarnings + 3 {
+		log.Warn("retrying", "n", i)
+	}
+	log.Error("failed")
+	lines := w.Lines()
+	if len(lines) != maxWarnings+1 || lines[0] != "retrying attempt=1 n=0" || lines[maxWarnings] != "... and 3 more warnings (see the log)" {
+		t.Errorf("%d lines: first %q, last %q", len(lines), lines[0], lines[len(lines)-1])
 	}
 }

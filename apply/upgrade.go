@@ -680,6 +680,7 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	}
 	o := opts
 	o.ManifestDigest, o.SourceDigest = a.ManifestDigest, a.SourceDigest
+	o.Source = "" // the previous manifest's, not known here
 	rec := newRecord(prev, o, a.PlanDigest)
 	rec.Upgrade = &RecordUpgrade{From: st.Active, To: st.Previous}
 	for i := range rec.Steps {

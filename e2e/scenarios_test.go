@@ -197,7 +197,7 @@ func TestNode(t *testing.T) {
 	}
 
 	resetOK := t.Run("reset", func(t *testing.T) {
-		r := v.sh(ctx, "/usr/local/bin/nodespawn reset 2>&1")
+		r := v.sh(ctx, "/usr/local/bin/nodespawn reset --yes 2>&1")
 		if r.Code != 0 {
 			t.Fatalf("nodespawn reset: exit %d\n%s", r.Code, r.Stdout)
 		}

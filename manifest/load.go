@@ -67,14 +67,14 @@ func load(d *document, data []byte) (*Manifest, error) {
 
 	// flagged holds the paths the schema complained about (and the
 	// missing required members), so semantic checks stay quiet there.
-	var flagged []jsonpath.ContextPath
+	var flagged, shapes []jsonpath.ContextPath
 	if err := sch.Validate(d.root); err != nil {
 		var ve *jsonschema.ValidationError
 		if !errors.As(err, &ve) {
 			return nil, fmt.Errorf("validate %s against the schema: %w", filename, err)
 		}
 		var prune []jsonpath.ContextPath
-		flagged, prune = d.schemaProblems(sch, ve)
+		flagged, prune, shapes = d.schemaProblems(sch, ve)
 		// Drop the values the schema refused so the rest still decodes and
 		// its semantic problems are reported in the same run.
 		for _, p := range prune {
@@ -96,6 +96,7 @@ func load(d *document, data []byte) (*Manifest, error) {
 			d.probs = append(d.probs, p)
 		}
 	}
+	d.shapeProblems(shapes)
 	if len(d.probs) > 0 {
 		return nil, d.errors()
 	}
@@ -141,8 +142,10 @@ var printer = message.NewPrinter(language.English)
 
 // schemaProblems turns the validation error tree into short messages, one
 // per leaf. It returns the paths it flagged and those of the values the
-// schema refused.
-func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged, prune []jsonpath.ContextPath) {
+// schema refused, and apart from them the values whose shape (a pattern)
+// the schema refused: the semantic checks test the same shape and say
+// what is wrong in the field's own words (shapeProblems).
+func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged, prune, shapes []jsonpath.ContextPath) {
 	var walk func(e *jsonschema.ValidationError)
 	walk = func(e *jsonschema.ValidationError) {
 		if len(e.Causes) > 0 {
@@ -168,13 +171,37 @@ func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.Validat
 				flagged = append(flagged, path.Append(name).Copy())
 			}
 			return
+		case *kind.Pattern:
+			shapes = append(shapes, path)
+			return
 		}
 		d.add(problem{path: path, msg: d.schemaMessage(path, schemaAt(sch, path), e.ErrorKind)})
 		flagged = append(flagged, path)
 		prune = append(prune, path)
 	}
 	walk(ve)
-	return flagged, prune
+	return flagged, prune, shapes
+}
+
+// shapeProblems reports the values at paths whose pattern the schema
+// refused and no other check did. The semantic checks test every shape the
+// schema has a pattern for (TestSchemaPatternsAgree), so this is a guard:
+// it never quotes a secret, nor the pattern's raw text at a secret path.
+func (d *document) shapeProblems(paths []jsonpath.ContextPath) {
+	for _, p := range paths {
+		said := false
+		for _, q := range d.probs {
+			said = said || within(q.path, p) || within(p, q.path)
+		}
+		if said {
+			continue
+		}
+		msg := "does not have the shape the schema asks for"
+		if !isSecretPath(p) {
+			msg = fmt.Sprintf("%q %s", d.raw[FormatPath(p)], msg)
+		}
+		d.add(problem{path: p, msg: msg})
+	}
 }
 
 // without returns v with the value at the path elements elems removed (an
@@ -227,7 +254,13 @@ func (d *document) schemaMessage(path jsonpath.ContextPath, s *jsonschema.Schema
 		for i, w := range k.Want {
 			want[i] = fmt.Sprint(w)
 		}
-		return "must be one of " + strings.Join(want, ", ")
+		msg := "must be one of " + strings.Join(want, ", ")
+		if got, ok := k.Got.(string); ok && !isSecretPath(path) {
+			if best, ok := closest(got, want); ok {
+				msg += fmt.Sprintf(" (did you mean %q?)", best)
+			}
+		}
+		return msg
 	case *kind.Const:
 		if got, ok := k.Got.(string); ok && !isSecretPath(path) {
 			return fmt.Sprintf("must be %q, not %q", fmt.Sprint(k.Want), got)
@@ -398,6 +431,19 @@ func propertyNames(s *jsonschema.Schema) []string {
 // unknownField says a key is unknown and, when one is close, which was meant.
 func unknownField(name string, allowed []string) string {
 	msg := fmt.Sprintf("unknown field %q", name)
+	best, ok := closest(name, allowed)
+	switch {
+	case ok:
+		return msg + fmt.Sprintf(" (did you mean %q?)", best)
+	case len(allowed) > 0 && len(allowed) <= 8:
+		return msg + " (known fields: " + strings.Join(allowed, ", ") + ")"
+	}
+	return msg
+}
+
+// closest is the word of allowed nearest to name, ignoring case, when it is
+// near enough to be what was meant (a typo, not another word).
+func closest(name string, allowed []string) (string, bool) {
 	best, bestDist := "", 0
 	for _, a := range allowed {
 		dist := editDistance(strings.ToLower(name), strings.ToLower(a))
@@ -405,13 +451,7 @@ func unknownField(name string, allowed []string) string {
 			best, bestDist = a, dist
 		}
 	}
-	switch {
-	case best != "" && bestDist < len(best) && (bestDist <= 2 || bestDist*3 <= len(best)):
-		return msg + fmt.Sprintf(" (did you mean %q?)", best)
-	case len(allowed) > 0 && len(allowed) <= 8:
-		return msg + " (known fields: " + strings.Join(allowed, ", ") + ")"
-	}
-	return msg
+	return best, best != "" && bestDist < len(best) && (bestDist <= 2 || bestDist*3 <= len(best))
 }
 
 // editDistance is the Levenshtein distance between a and b.
