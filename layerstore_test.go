@@ -310,7 +310,7 @@ func TestSwitchStoresInPlace(t *testing.T) {
 			gone("the flat tree's marker", r.path("var/lib/machines/.pipe.nodespawn-image"))
 
 			plantUnit()
-			if code, out, errOut := cli(t, "", "reset", "--root", r.root); code != 0 {
+			if code, out, errOut := cli(t, "", "reset", "--yes", "--root", r.root); code != 0 {
 				t.Fatalf("reset: exit %d\n%s\n%s", code, out, errOut)
 			}
 			if r.mounted() != nil {
