@@ -98,13 +98,13 @@ func TestSchemaPatternsAgree(t *testing.T) {
 		{[]any{"components", "kubelet", "baseURL"}, func(m *Manifest, v string) { m.Components.Kubelet.BaseURL = v }, baseURL},
 		{[]any{"kubernetes", "nodeIP"}, func(m *Manifest, v string) { m.Kubernetes.NodeIP = v }, map[string]string{
 			"": okBoth, "auto": okBoth, "10.20.0.5": okBoth, "10.20.0.0/16": okBoth, "10.20.0.0/16,fd00::/64": okBoth, " 10.20.0.0/16 , fd00::/64 ": okBoth,
-			"10.20.0.5\v": okBoth, "\u00a010.20.0.5": okBoth, "fe80::1%eth0": okBoth, "::ffff:10.0.0.1": okBoth,
+			"10.20.0.5\v": okBoth, "\u00a010.20.0.5": okBoth, "fe80::1%eth0": badBoth, "::ffff:10.0.0.1": okBoth,
 			"eth0": badBoth, "auto,10.0.0.1": badBoth, " auto": badBoth, "10.0.0.1,": badBoth, "10.0.0.1 10.0.0.2": badBoth, "node.example.com": badBoth,
 			"10.0.0.1,10.0.0.2,fd00::1": badBoth, "10.0.0.0/16/8": badBoth,
 			"10.0.0.1,10.0.0.2": goOnly, "127.0.0.1": goOnly, "10.0.0.300": goOnly, "10.0.0.0/99": goOnly, // one per family; unicast; ranges
 		}},
 		{[]any{"kubernetes", "clusterDNS", 0}, func(m *Manifest, v string) { m.Kubernetes.ClusterDNS = []string{v} }, map[string]string{
-			"10.96.0.10": okBoth, "fd00::a": okBoth, "fe80::1%eth0": okBoth,
+			"10.96.0.10": okBoth, "fd00::a": okBoth, "fe80::1%eth0": badBoth,
 			"kube-dns": badBoth, "10.96.0.10/32": badBoth, " 10.96.0.10": badBoth, "": badBoth,
 			"10.96.0": goOnly, "1.2.3.4.5": goOnly,
 		}},
