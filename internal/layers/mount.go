@@ -492,7 +492,8 @@ var errNoLayerFDs = errors.New("overlayfs does not take layers by descriptor her
 // mountFDs mounts the overlay of lower (top first), upper and work at
 // target with the new mount API, every directory by its descriptor. It
 // returns errNoLayerFDs, having mounted nothing, where the kernel lacks
-// that (no fsopen, or overlayfs refusing a descriptor for upperdir).
+// that (no fsopen, or overlayfs refusing a descriptor for upperdir as an
+// invalid or unsupported parameter).
 func mountFDs(lower []dir, upper, work, target dir) error {
 	fsfd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
 	if errors.Is(err, unix.ENOSYS) {
@@ -503,7 +504,10 @@ func mountFDs(lower []dir, upper, work, target dir) error {
 	}
 	defer unix.Close(fsfd)
 	if err := unix.FsconfigSetFd(fsfd, "upperdir", upper.fd); err != nil {
-		if errors.Is(err, unix.EINVAL) {
+		// Overlayfs on the new mount API but without descriptors for its
+		// layers (6.5 to 6.12) says EINVAL; older kernels, where it is
+		// still a legacy filesystem (Debian 12's 6.1), EOPNOTSUPP.
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
 			return errNoLayerFDs
 		}
 		return fsError(fsfd, "upperdir "+upper.path, err)
