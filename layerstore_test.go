@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -29,7 +30,7 @@ import (
 // extendLayout tags, in the OCI layout at layout, the image from with one
 // more layer per tree on top (a tree given twice makes the same layer
 // twice: the image repeats it).
-func extendLayout(t *testing.T, layout, from, to string, trees []string) {
+func extendLayout(t testing.TB, layout, from, to string, trees []string) {
 	t.Helper()
 	ctx := context.Background()
 	target, err := imagebuild.Layout(layout)
@@ -76,11 +77,11 @@ func layerTree(t *testing.T, name string) string {
 // layerRoot is a test root whose probe finds overlayfs, and the manifest
 // of the image tagged ref from layout with store (auto when "").
 type layerRoot struct {
-	t              *testing.T
+	t              testing.TB
 	root, manifest string
 }
 
-func newLayerRoot(t *testing.T, layout, mirrorURL string) *layerRoot {
+func newLayerRoot(t testing.TB, layout, mirrorURL string) *layerRoot {
 	t.Helper()
 	work := t.TempDir()
 	r := &layerRoot{t: t, root: filepath.Join(work, "root"), manifest: filepath.Join(work, "node.yaml")}
@@ -448,4 +449,59 @@ func TestLayerStoreFlattensWhatItCannotShow(t *testing.T) {
 			t.Errorf("apply's error does not say why:\n%s", errOut)
 		}
 	})
+}
+
+// BenchmarkApplyLayerStoreUpgrade times whole `nodespawn apply --root`
+// runs with store: layers on a real tree (NODESPAWN_BENCH_TREE, e.g. the
+// e2e cache's machine-rootfs/*/rootfs; skipped without it), packed as one
+// layer (image A) with a small layer on top for image B: the first apply of
+// A into an empty store, the full apply of B into another empty store, and
+// B applied (--force, in place: a --root tree has no machine pair) over
+// A's, where only B's top layer is fetched. It reports the upgrade's speed
+// up over the full apply of the same image.
+func BenchmarkApplyLayerStoreUpgrade(b *testing.B) {
+	tree := os.Getenv("NODESPAWN_BENCH_TREE")
+	if os.Geteuid() != 0 || tree == "" {
+		b.Skip("needs root and NODESPAWN_BENCH_TREE, a real distribution tree")
+	}
+	layout := filepath.Join(b.TempDir(), "layout")
+	target, err := imagebuild.Layout(layout)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := imagebuild.Build(context.Background(), tree, target, "v1", imagebuild.Options{Platform: "linux/" + runtime.GOARCH}); err != nil {
+		b.Fatal(err)
+	}
+	top := b.TempDir()
+	if err := os.MkdirAll(filepath.Join(top, "etc"), 0o755); err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(top, "etc/nodespawn-bench"), []byte("b\n"), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	extendLayout(b, layout, "v1", "v2", []string{top})
+	_, srv := newMirror(b)
+	timed := func(r *layerRoot, args ...string) time.Duration {
+		start := time.Now()
+		r.apply(0, args...)
+		return time.Since(start)
+	}
+	var first, full, upgrade time.Duration
+	for b.Loop() {
+		a := newLayerRoot(b, layout, srv.URL)
+		a.use(layout, srv.URL, "v1", "layers")
+		first += timed(a)
+		a.use(layout, srv.URL, "v2", "layers")
+		upgrade += timed(a, "--force")
+		c := newLayerRoot(b, layout, srv.URL)
+		c.use(layout, srv.URL, "v2", "layers")
+		full += timed(c)
+		unmountUnder(b, filepath.Dir(a.root))
+		unmountUnder(b, filepath.Dir(c.root))
+	}
+	n := float64(b.N)
+	b.ReportMetric(first.Seconds()/n, "s/first-apply")
+	b.ReportMetric(full.Seconds()/n, "s/full-apply-B")
+	b.ReportMetric(upgrade.Seconds()/n, "s/upgrade-apply")
+	b.ReportMetric(full.Seconds()/upgrade.Seconds(), "x-upgrade-speedup")
 }

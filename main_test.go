@@ -19,7 +19,7 @@ import (
 )
 
 // cli runs the command line in-process and returns the exit code and output.
-func cli(t *testing.T, stdin string, args ...string) (int, string, string) {
+func cli(t testing.TB, stdin string, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errb bytes.Buffer
 	code := run(args, strings.NewReader(stdin), &out, &errb)
