@@ -2,6 +2,8 @@ package apply
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path"
@@ -102,9 +104,21 @@ func TestInstallBinary(t *testing.T) {
 	if fi, err := os.Stat(installed); err != nil || fi.Mode().Perm() != 0o755 {
 		t.Fatalf("installed mode %v (%v), want 0755", fi.Mode(), err)
 	}
+	// A run killed mid-write left its temporary file beside the binary;
+	// the next install removes it, and nothing else there.
+	leftover := filepath.Join(filepath.Dir(installed), confine.TempPrefix(plan.BinaryPath, "write")+"0123456789ab")
+	neighbour := filepath.Join(filepath.Dir(installed), "kubectl")
+	must(t, os.WriteFile(leftover, []byte("half a bin"), 0o600))
+	must(t, os.WriteFile(neighbour, []byte("someone else's"), 0o755))
 	must(t, os.WriteFile(self, []byte("binary v2"), 0o700))
 	if changed, err := installBinary(host, self, log); err != nil || !changed {
 		t.Fatalf("a new binary: changed=%v err=%v", changed, err)
+	}
+	if _, err := os.Lstat(leftover); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the killed run's temporary file is still there: %v", err)
+	}
+	if b, err := os.ReadFile(neighbour); err != nil || string(b) != "someone else's" {
+		t.Errorf("another file beside the binary: %q %v", b, err)
 	}
 	if b, _ := os.ReadFile(installed); string(b) != "binary v2" {
 		t.Fatalf("installed %q after the new binary", b)

@@ -236,6 +236,11 @@ func installBinary(root *confine.Root, self string, log *slog.Logger) (bool, err
 	if err := root.MkdirAll(path.Dir(plan.BinaryPath), 0o755, 0, 0); err != nil {
 		return false, err
 	}
+	// A run killed while it wrote the binary left its temporary file
+	// beside it (confine's temporary names only; apply holds the lock).
+	if err := root.RemoveStaleTemps(path.Dir(plan.BinaryPath)); err != nil {
+		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+	}
 	if err := root.WriteFile(plan.BinaryPath, want, 0o755, 0, 0); err != nil {
 		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
 	}
