@@ -20,6 +20,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2"
 	"oras.land/oras-go/v2/content"
 	"oras.land/oras-go/v2/errdef"
 
@@ -27,28 +28,43 @@ import (
 	"github.com/nodespawn/nodespawn/internal/layers"
 )
 
+// layoutImage opens the OCI layout at layout and reads the manifest of
+// the image tagged ref.
+func layoutImage(t testing.TB, layout, ref string) (oras.Target, ocispec.Descriptor, ocispec.Manifest) {
+	t.Helper()
+	target, err := imagebuild.Layout(layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	man, err := target.Resolve(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetchJSON(t, target, man, &m)
+	return target, man, m
+}
+
+// fetchJSON reads the blob d from target into v.
+func fetchJSON(t testing.TB, target oras.Target, d ocispec.Descriptor, v any) {
+	t.Helper()
+	b, err := content.FetchAll(context.Background(), target, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // extendLayout tags, in the OCI layout at layout, the image from with one
 // more layer per tree on top (a tree given twice makes the same layer
 // twice: the image repeats it).
 func extendLayout(t testing.TB, layout, from, to string, trees []string) {
 	t.Helper()
 	ctx := context.Background()
-	target, err := imagebuild.Layout(layout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	man, err := target.Resolve(ctx, from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := content.FetchAll(ctx, target, man)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatal(err)
-	}
+	target, man, m := layoutImage(t, layout, from)
+	var err error
 	res := imagebuild.Result{Manifest: man, Config: m.Config}
 	for i, tree := range trees {
 		tag := fmt.Sprintf("%s-%d", to, i)
@@ -329,19 +345,7 @@ func TestSwitchStoresInPlace(t *testing.T) {
 func appendRawLayer(t *testing.T, layout, from, to string, files map[string]string) {
 	t.Helper()
 	ctx := context.Background()
-	target, err := imagebuild.Layout(layout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fetch := func(d ocispec.Descriptor, v any) {
-		b, err := content.FetchAll(ctx, target, d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal(b, v); err != nil {
-			t.Fatal(err)
-		}
-	}
+	target, _, m := layoutImage(t, layout, from)
 	push := func(mediaType string, b []byte) ocispec.Descriptor {
 		d := content.NewDescriptorFromBytes(mediaType, b)
 		if err := target.Push(ctx, d, bytes.NewReader(b)); err != nil && !errors.Is(err, errdef.ErrAlreadyExists) {
@@ -349,14 +353,8 @@ func appendRawLayer(t *testing.T, layout, from, to string, files map[string]stri
 		}
 		return d
 	}
-	man, err := target.Resolve(ctx, from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	fetch(man, &m)
 	var cfg ocispec.Image
-	fetch(m.Config, &cfg)
+	fetchJSON(t, target, m.Config, &cfg)
 
 	var tarball bytes.Buffer
 	tw := tar.NewWriter(&tarball)

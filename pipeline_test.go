@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -21,13 +20,10 @@ import (
 	"sync"
 	"testing"
 
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
 	"golang.org/x/sys/unix"
-	"oras.land/oras-go/v2/content"
 )
 
 // The whole pipeline with real parts but no systemd: the CLI reads a
@@ -548,30 +544,11 @@ func TestDryRunSaysWhichLayersItFetches(t *testing.T) {
 	dryRun("   1  in the store  ", "apply would fetch and unpack 0 of 1 layers")
 
 	// v2: the same image with one more layer on top.
-	ctx := context.Background()
-	target, err := imagebuild.Layout(layout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	man, err := target.Resolve(ctx, "v1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := content.FetchAll(ctx, target, man)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatal(err)
-	}
 	top := t.TempDir()
 	if err := os.WriteFile(filepath.Join(top, "release"), []byte("v2\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := imagebuild.Extend(ctx, target, imagebuild.Result{Manifest: man, Config: m.Config}, top, "v2", imagebuild.Options{Platform: "linux/" + runtime.GOARCH}); err != nil {
-		t.Fatal(err)
-	}
+	extendLayout(t, layout, "v1", "v2", []string{top})
 	mv2, err := os.ReadFile(mf)
 	if err != nil {
 		t.Fatal(err)
