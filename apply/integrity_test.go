@@ -71,17 +71,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 		t.Skip("needs root: overlayfs mounts, the image keeps its owners")
 	}
 	ctx := context.Background()
-	root := t.TempDir()
-	host, err := confine.Open(root)
-	must(t, err)
-	t.Cleanup(func() {
-		layers.Unmount(context.Background(), host, testRootfs, 10*time.Second, quietLog)
-		host.Close()
-	})
-	p, opts, sd, logBuf := layerFixture(t, root)
-	if _, err := Run(ctx, p, opts); err != nil {
-		t.Fatal(err)
-	}
+	root, host, p, opts, sd, logBuf := appliedLayerFixture(t)
 	status := func(state State, part, want string) {
 		t.Helper()
 		st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
@@ -151,6 +141,24 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 
 var quietLog = captureLog(new(bytes.Buffer))
 
+// appliedLayerFixture is layerFixture in a fresh root, applied once; the
+// root is unmounted when the test ends.
+func appliedLayerFixture(t *testing.T) (string, *confine.Root, *plan.Plan, Options, *fakeSystemd, *bytes.Buffer) {
+	t.Helper()
+	root := t.TempDir()
+	host, err := confine.Open(root)
+	must(t, err)
+	t.Cleanup(func() {
+		layers.Unmount(context.Background(), host, testRootfs, 10*time.Second, quietLog)
+		host.Close()
+	})
+	p, opts, sd, logBuf := layerFixture(t, root)
+	if _, err := Run(context.Background(), p, opts); err != nil {
+		t.Fatal(err)
+	}
+	return root, host, p, opts, sd, logBuf
+}
+
 // TestInterruptedRepairResumes: a repair killed after it began (the run
 // recorded, the root unmounted, the lost upper directory made again,
 // empty, the machine stopped) is never taken for applied: the next apply
@@ -160,17 +168,7 @@ func TestInterruptedRepairResumes(t *testing.T) {
 		t.Skip("needs root: overlayfs mounts, the image keeps its owners")
 	}
 	ctx := context.Background()
-	root := t.TempDir()
-	host, err := confine.Open(root)
-	must(t, err)
-	t.Cleanup(func() {
-		layers.Unmount(context.Background(), host, testRootfs, 10*time.Second, quietLog)
-		host.Close()
-	})
-	p, opts, sd, _ := layerFixture(t, root)
-	if _, err := Run(ctx, p, opts); err != nil {
-		t.Fatal(err)
-	}
+	root, host, p, opts, sd, _ := appliedLayerFixture(t)
 	must(t, layers.Unmount(ctx, host, testRootfs, 10*time.Second, quietLog))
 	must(t, os.RemoveAll(filepath.Join(root, render.OverlayDir(testMachine), "upper")))
 
