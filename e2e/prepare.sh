@@ -6,6 +6,7 @@
 # by the hash of the script that makes it:
 #   guest/KEY           VM kernel, initrd and ext4 image   (build-guest.sh)
 #   components/KEY      kubelet, containerd, runc, ... built from source
+#                       (build-components.sh, k8s-build.sh)
 #   kubelet-prev/V-KEY  the previous release's kubelet, V=$K8S_PREV_VERSION
 #                       (default v1.36.3), for the upgrade scenario
 #                       (build-kubelet-prev.sh, k8s-build.sh)
@@ -28,7 +29,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
 key() { cat "$@" | sha256sum | cut -c1-12; }
 GUEST=$CACHE/guest/$(key e2e/scripts/build-guest.sh)
-COMPONENTS=$CACHE/components/$(key e2e/scripts/build-components.sh)
+COMPONENTS=$CACHE/components/$(key e2e/scripts/build-components.sh e2e/scripts/k8s-build.sh)
 MACHINE=$CACHE/machine-rootfs/$(key images/build-rootfs.sh)
 K8S_PREV_VERSION=${K8S_PREV_VERSION:-v1.36.3}
 KUBELET_PREV=$CACHE/kubelet-prev/$K8S_PREV_VERSION-$(key e2e/scripts/build-kubelet-prev.sh e2e/scripts/k8s-build.sh)

@@ -7,7 +7,8 @@
 #
 # The official release binaries cannot be downloaded here (no internet), so the
 # e2e serves these from its loopback mirror instead. OUT is complete only when
-# OUT/.done exists; the caller keys OUT on this script's hash and the versions.
+# OUT/.done exists; the caller keys OUT on this script's and k8s-build.sh's
+# hash and the versions.
 # Needs: go, gcc, libc6-dev (static pause), libseccomp-dev, pkg-config (runc with seccomp).
 set -euo pipefail
 
@@ -29,43 +30,22 @@ export GOMODCACHE=$GO_CACHE_ROOT/mod GOCACHE=$GO_CACHE_ROOT/build GOFLAGS=-modca
 export PATH=/usr/local/go/bin:$PATH
 step() { echo "[build-components $(date +%T)] $*"; }
 
-# Kubernetes: k8s.io/kubernetes has ./staging replace directives, so go install
-# refuses it; a wrapper module pins each staging module to its published version.
-# One go build for the node and control-plane binaries: they share most of
-# the compile work (CONTROL-PLANE-NOTES.md §2.1).
+# Kubernetes: one go build for the node and control-plane binaries (they
+# share most of the compile work; CONTROL-PLANE-NOTES.md §2.1), by the same
+# k8s_build as the previous release's kubelet (k8s-build.sh).
 K8S_CMDS="kubelet kubectl kube-proxy kube-apiserver kube-controller-manager kube-scheduler"
+# shellcheck source=k8s-build.sh
+. "$(dirname "$0")/k8s-build.sh"
 k8s() {
 	local c missing=
 	for c in $K8S_CMDS; do [ -x "$OUT/bin/$c" ] || missing=1; done
 	[ -z "$missing" ] && [ -x "$OUT/bin/pause" ] && return
-	local v=$K8S_VERSION minor staging w
-	minor=$(echo "$v" | cut -d. -f2)
-	staging="v0.${v#v1.}"
-	w=$(mktemp -d)
-	go mod download -json "k8s.io/kubernetes@$v" >/dev/null
-	{
-		printf 'module example.com/k8swrap\n\ngo 1.26.0\n\ngodebug default=go1.26\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$v"
-		grep -E '=> \./staging' "$GOMODCACHE/cache/download/k8s.io/kubernetes/@v/$v.mod" |
-			awk -v s="$staging" '{print "\t"$1" => "$1" "s}'
-		echo ')'
-	} >"$w/go.mod"
-	local pkgs=()
-	for c in $K8S_CMDS; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
-	{
-		printf '//go:build tools\n\npackage tools\n\nimport (\n'
-		printf '\t_ "%s"\n' "${pkgs[@]}"
-		printf ')\n'
-	} >"$w/tools.go"
-	local ldf="-s -w" p
-	for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
-		ldf="$ldf -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-	done
-	(cd "$w" && go mod tidy && CGO_ENABLED=0 go build -trimpath -ldflags="$ldf" -o "$OUT/bin/" "${pkgs[@]}")
-	rm -rf "$w"
+	# shellcheck disable=SC2086 # K8S_CMDS is a list of words
+	k8s_build "$K8S_VERSION" "$OUT/bin" $K8S_CMDS
 	# The pod sandbox: kubernetes' own pause.c, static, so the e2e needs no
 	# registry.k8s.io (CONTROL-PLANE-NOTES.md §2.4).
-	gcc -Os -Wall -Werror -static -DVERSION="$v-e2e" -o "$OUT/bin/pause" \
-		"$GOMODCACHE/k8s.io/kubernetes@$v/build/pause/linux/pause.c"
+	gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION-e2e" -o "$OUT/bin/pause" \
+		"$GOMODCACHE/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
 	strip "$OUT/bin/pause"
 }
 

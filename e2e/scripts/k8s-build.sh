@@ -1,4 +1,5 @@
-# k8s-build.sh: sourced by the build scripts, not run. Needs go on PATH and
+# k8s-build.sh: sourced by the build scripts (build-components.sh,
+# build-kubelet-prev.sh), not run. Needs go on PATH and
 # GOMODCACHE exported (the caller's private module cache).
 #
 # k8s_build VERSION OUTDIR CMD...: builds the kubernetes commands CMD (kubelet,
@@ -11,11 +12,6 @@
 # it; a wrapper module pins each staging module to its published version
 # (v0.MINOR.PATCH for v1.MINOR.PATCH).
 #
-# build-components.sh still carries its own copy of this logic (its k8s()):
-# it is left byte-identical because the components cache is keyed on that
-# script's hash and takes ~15 min to rebuild cold. Whoever next changes
-# build-components.sh should make it source this file and call
-# `k8s_build "$K8S_VERSION" "$OUT/bin" $K8S_CMDS` (the pause build stays there).
 k8s_build() {
 	local v=${1:?k8s_build VERSION OUTDIR CMD...} out=${2:?k8s_build VERSION OUTDIR CMD...}
 	shift 2
