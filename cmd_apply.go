@@ -23,6 +23,7 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 	"github.com/nodespawn/nodespawn/userdata"
 )
 
@@ -406,7 +407,7 @@ func (a *applyRun) once(ctx context.Context) error {
 		return err
 	}
 	switch {
-	case res.Upgrade != nil && res.Upgrade.Outcome == apply.OutcomeSwitched:
+	case res.Upgrade != nil && res.Upgrade.Outcome == state.OutcomeSwitched:
 		u := res.Upgrade
 		fmt.Fprintf(a.out, "upgraded: machine %s runs node %s (was %s, kept for nodespawn rollback); prepared in %s, switched in %s\n", u.To, p.NodeName, u.From,
 			time.Duration(u.PrepareMS)*time.Millisecond, time.Duration(u.SwitchMS)*time.Millisecond)

@@ -147,7 +147,7 @@ func appliedPlan(ctx context.Context, root string) (*plan.Plan, error) {
 	if err != nil {
 		return nil, usageError{fmt.Errorf("%w; or give --machine NAME", err)}
 	}
-	m, err := manifest.Load(apply.ManifestFile, data)
+	m, err := manifest.Load("the stored manifest", data)
 	if err != nil {
 		return nil, fmt.Errorf("the stored manifest no longer loads (give --machine NAME): %w", err)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/systemd"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // statusExit carries status's exit code (1 error, 2 degraded) without an
@@ -217,9 +218,9 @@ func writeStatus(w io.Writer, st *apply.Status, long bool) {
 
 // outcomeCounts is ": 20 done, 15 unchanged, 8 skipped", in the order
 // steps end up in.
-func outcomeCounts(n map[apply.Outcome]int) string {
+func outcomeCounts(n map[state.Outcome]int) string {
 	var parts []string
-	for _, o := range []apply.Outcome{apply.OutcomeDone, apply.OutcomeUnchanged, apply.OutcomeSkipped, apply.OutcomeFailed, apply.OutcomePending} {
+	for _, o := range []state.Outcome{state.OutcomeDone, state.OutcomeUnchanged, state.OutcomeSkipped, state.OutcomeFailed, state.OutcomePending} {
 		if n[o] > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", n[o], o))
 		}

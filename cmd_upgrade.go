@@ -16,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/kubecheck"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // upgradeOptions are apply's settings for upgrades by alternating machines
@@ -121,11 +122,11 @@ func machineRunner(p *plan.Plan) kubecheck.Runner {
 // API server) and checks the machine's name alone: for a first run that
 // failed before its machine started, which made no node.
 func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan, identity bool) error {
-	st, err := apply.ReadMachines(root)
+	st, err := state.ReadMachines(root)
 	if err != nil || st.Active == "" {
 		return err
 	}
-	applied, err := apply.StoredPlanOf(root, st.Active)
+	applied, err := state.PlanOf(root, st.Active)
 	if err != nil || applied == nil {
 		return err
 	}
@@ -136,8 +137,8 @@ func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan, identity boo
 	if identity && applied.NodeName != p.NodeName {
 		changed = append(changed, fmt.Sprintf("kubernetes.nodeName: the node is %s, this manifest makes %s", applied.NodeName, p.NodeName))
 	}
-	if data, err := apply.StoredManifestOf(root, st.Active); identity && err == nil && data != nil {
-		if old, err := manifest.Load(apply.ManifestFile, data); err == nil {
+	if data, err := state.ManifestOf(root, st.Active); identity && err == nil && data != nil {
+		if old, err := manifest.Load(state.ManifestFile(st.Active), data); err == nil {
 			if strings.TrimSpace(old.Kubernetes.CACert) != strings.TrimSpace(m.Kubernetes.CACert) {
 				changed = append(changed, "kubernetes.caCert: another cluster CA")
 			}
@@ -156,8 +157,8 @@ func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan, identity boo
 // first-boot unit reads its manifest: the node must run again whatever
 // the user-data holds.
 func resumeAtBoot(ctx context.Context, root string) error {
-	st, err := apply.ReadMachines(root)
-	if err != nil || st.Upgrade == nil || st.Upgrade.Phase == apply.UpgradePreparing {
+	st, err := state.ReadMachines(root)
+	if err != nil || st.Upgrade == nil || st.Upgrade.Phase == state.UpgradePreparing {
 		return err
 	}
 	opts, err := storedOptions(root, st.Upgrade.To, st.Upgrade.From)
@@ -178,8 +179,10 @@ func resumeAtBoot(ctx context.Context, root string) error {
 func storedOptions(root string, machines ...string) (apply.Options, error) {
 	var data []byte
 	var err error
+	name := "the stored manifest"
 	for _, m := range machines {
-		if data, err = apply.StoredManifestOf(root, m); err == nil && data != nil {
+		if data, err = state.ManifestOf(root, m); err == nil && data != nil {
+			name = state.ManifestFile(m)
 			break
 		}
 	}
@@ -189,7 +192,7 @@ func storedOptions(root string, machines ...string) (apply.Options, error) {
 	if err != nil {
 		return apply.Options{}, err
 	}
-	m, err := manifest.Load(apply.ManifestFile, data)
+	m, err := manifest.Load(name, data)
 	if err != nil {
 		return apply.Options{}, fmt.Errorf("the stored manifest no longer loads: %w", err)
 	}
@@ -221,7 +224,7 @@ to it; the next upgrade replaces it.`,
 			if filepath.Clean(root) != "/" {
 				return usageError{errors.New("rollback switches running machines: it works on / only")}
 			}
-			st, err := apply.ReadMachines(root)
+			st, err := state.ReadMachines(root)
 			if err != nil {
 				return err
 			}

@@ -16,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // cli runs the command line in-process and returns the exit code and output.
@@ -365,13 +366,13 @@ func TestValidateKeepsOffApplyState(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
-		"        - path: " + apply.StateDir + "/result.json\n" +
-		"        - path: " + apply.LockFile + "\n" +
+		"        - path: " + state.Dir + "/result.json\n" +
+		"        - path: " + state.LockFile + "\n" +
 		"        - path: /etc/systemd/system/" + apply.FirstbootUnitName + "\n" +
 		"    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", mask: true}]\n"
 	code, _, out := cli(t, src, "validate", "-f", "-")
-	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+apply.StateDir+" holds nodespawn's own state") ||
-		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+apply.LockFile+" is the lock apply holds") ||
+	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+state.Dir+" holds nodespawn's own state") ||
+		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+state.LockFile+" is the lock apply holds") ||
 		!strings.Contains(out, "$.host.extra.storage.files[2].path: /etc/systemd/system/"+apply.FirstbootUnitName+" is nodespawn's first-boot unit") ||
 		!strings.Contains(out, "$.host.extra.systemd.units[0].name: "+apply.FirstbootUnitName+" is nodespawn's first-boot unit") {
 		t.Errorf("exit %d:\n%s", code, out)

@@ -17,6 +17,7 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/report"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // TestStatusWaitsForFirstBoot: on a tree whose first-boot unit has not
@@ -70,7 +71,7 @@ func TestStatusWaitsForFirstBoot(t *testing.T) {
 
 	// Not the running host: the host and systemd steps were skipped, and
 	// status says so rather than a bare "done".
-	skipped := st.Outcomes[apply.OutcomeSkipped]
+	skipped := st.Outcomes[state.OutcomeSkipped]
 	if skipped == 0 || len(st.Skipped) == 0 || st.Source != mf {
 		t.Errorf("status -o json: %d skipped (%+v), source %q; want the skipped steps and %s", skipped, st.Skipped, st.Source, mf)
 	}

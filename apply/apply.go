@@ -24,27 +24,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
-)
-
-// StateDir is where apply keeps its record, relative to the root.
-const StateDir = plan.StateDir
-
-// Paths under StateDir.
-const (
-	// RecordFile is the result record of the last run.
-	RecordFile = StateDir + "/result.json"
-	// ManifestFile and PlanFile are where a state directory from before
-	// the machine pair kept the manifest and plan of its one machine; each
-	// machine's are now under machines/<name>/ (machines.go), and these
-	// are only read.
-	ManifestFile = StateDir + "/manifest"
-	PlanFile     = StateDir + "/plan.json"
-	// DoneStamp exists once a run succeeded; the first-boot unit does not
-	// start again while it is there.
-	DoneStamp = StateDir + "/done"
-	// LockFile serialises applies (and resets). It lives in /run so it
-	// vanishes at reboot and never outlives the state dir it guards.
-	LockFile = "/run/nodespawn.lock"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // Defaults for Options.
@@ -115,11 +95,11 @@ type Result struct {
 	AlreadyApplied bool
 	// Record is the result record as written (the previous one when
 	// AlreadyApplied).
-	Record *Record
+	Record *state.Record
 	// Machine is the machine that runs the node after the run.
 	Machine string
 	// Upgrade is how an upgrade or a resumed switch ended, when there was one.
-	Upgrade *UpgradeOutcome
+	Upgrade *state.UpgradeOutcome
 	// Decision is what the run decided to do (Decide's answer on the
 	// state the run found); nil when it stopped before deciding.
 	Decision *Decision
@@ -146,8 +126,8 @@ func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer r.end()
-	var resumed *UpgradeOutcome
-	if u := r.st.Upgrade; u != nil && u.Phase != UpgradePreparing {
+	var resumed *state.UpgradeOutcome
+	if u := r.st.Upgrade; u != nil && u.Phase != state.UpgradePreparing {
 		out, err := r.resumeSwitch(ctx)
 		if err != nil {
 			return &Result{Record: r.lastRecord(), Machine: r.st.Active, Upgrade: out}, err
@@ -165,30 +145,29 @@ func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
 type run struct {
 	opts Options
 	log  *slog.Logger
-	host *confine.Root
-	lock *fileLock
-	st   *Machines
+	s    *state.Store
+	host *confine.Root // s.Root()
+	lock *state.Lock
+	st   *state.Machines
 }
 
 // begin opens the root, takes the lock, sweeps what a killed run left in
-// the state directory and reads the machines' state.
+// the state directory and reads the machines'
 func begin(ctx context.Context, opts Options) (*run, error) {
-	host, err := openRoot(opts.Root)
+	s, err := state.Create(opts.Root)
 	if err != nil {
 		return nil, fmt.Errorf("apply: %w", err)
 	}
-	lock, err := acquireLock(ctx, host, opts.LockTimeout, opts.Log)
+	lock, err := s.Lock(ctx, opts.LockTimeout, opts.Log)
 	if err != nil {
-		host.Close()
+		s.Close()
 		return nil, err
 	}
-	r := &run{opts: opts, log: opts.Log, host: host, lock: lock}
+	r := &run{opts: opts, log: opts.Log, s: s, host: s.Root(), lock: lock}
 	// What a run killed while making or saving its state left there.
-	if err := sweepUp(host, StateDir, nil); err == nil {
-		err = sweepUp(host, machineStateDir, nil)
-		if err == nil {
-			r.st, err = readMachines(host)
-		}
+	err = s.Sweep()
+	if err == nil {
+		r.st, err = s.Machines()
 	}
 	if err != nil {
 		r.end()
@@ -198,12 +177,12 @@ func begin(ctx context.Context, opts Options) (*run, error) {
 }
 
 func (r *run) end() {
-	r.lock.release()
-	r.host.Close()
+	r.lock.Release()
+	r.s.Close()
 }
 
-func (r *run) lastRecord() *Record {
-	rec, _ := readRecord(r.host)
+func (r *run) lastRecord() *state.Record {
+	rec, _ := r.s.Record()
 	return rec
 }
 
@@ -211,11 +190,11 @@ func (r *run) lastRecord() *Record {
 // what decideOn says, the decision Decide gives the dry run.
 func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
 	st, opts := r.st, r.opts
-	prev, err := readRecord(r.host)
+	prev, err := r.s.Record()
 	if err != nil {
 		return nil, err
 	}
-	d, err := decideOn(st, prev, r.host.Show(RecordFile), p, opts, canSwitch(opts, false))
+	d, err := decideOn(st, prev, r.s.Show(state.RecordFile), p, opts, canSwitch(opts, false))
 	if err != nil {
 		return nil, err
 	}
@@ -232,7 +211,7 @@ func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
 	if u := st.Upgrade; u != nil {
 		r.log.Info("abandoning the upgrade that was being prepared: the given manifest is the one the node runs", "from", u.From, "to", u.To, "phase", u.Phase)
 		st.Upgrade = nil
-		if err := writeMachines(r.host, st); err != nil {
+		if err := r.s.WriteMachines(st); err != nil {
 			return nil, err
 		}
 	}
@@ -247,19 +226,15 @@ func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
 }
 
 // sameManifest reports whether a is the manifest opts names.
-func sameManifest(a Applied, opts Options) bool {
-	if a.SourceDigest == "" {
-		// An older record: it knows only the bytes' digest.
-		return a.ManifestDigest == opts.SourceDigest || a.ManifestDigest == opts.ManifestDigest
-	}
-	return a.ManifestDigest == opts.ManifestDigest
+func sameManifest(a state.Applied, opts Options) bool {
+	return a.Is(opts.ManifestDigest, opts.SourceDigest)
 }
 
 // inPlace applies p to its machine: the first run, a resumed one, or a
 // converge of the running machine when the host or the tool changed.
 // prev is the last run's record (nil when none). decideOn has ruled out
 // a manifest other than prev's unless its machine never started.
-func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result, error) {
+func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*Result, error) {
 	opts, log, host, st := r.opts, r.log, r.host, r.st
 	planDigest := p.Digest()
 	cur := st.Applied[p.Machine]
@@ -276,13 +251,13 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 	if !opts.Force && fix == nil && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
-		if err := writeStamp(host, planDigest); err != nil {
-			return nil, fmt.Errorf("apply: write done stamp: %w", err)
+		if err := r.s.WriteStamp(planDigest); err != nil {
+			return nil, fmt.Errorf("apply: %w", err)
 		}
 		log.Info("already applied; nothing to do", "machine", p.Machine, "manifest", opts.ManifestDigest, "plan", planDigest, "finished", cur.At)
 		return &Result{AlreadyApplied: true, Record: prev, Machine: p.Machine}, nil
 	}
-	if prev != nil && prev.Machine == p.Machine && prev.Status != StatusSucceeded {
+	if prev != nil && prev.Machine == p.Machine && prev.Status != state.StatusSucceeded {
 		log.Info("resuming an unfinished run; every step checks what is already there", "previous_status", prev.Status, "started", prev.Started)
 	} else if cur.Succeeded && cur.PlanDigest != planDigest {
 		log.Info("plan changed since the last run (host facts or tool version); converging", "previous_plan", cur.PlanDigest, "plan", planDigest)
@@ -291,24 +266,24 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 	// The machine being made is the one that may run: say so before
 	// anything starts it.
 	if st.Active != p.Machine {
-		if err := setActive(host, st, p.Machine); err != nil {
+		if err := r.s.SetActive(st, p.Machine); err != nil {
 			return nil, fmt.Errorf("apply: %w", err)
 		}
 	}
-	if err := storeMachine(host, p, opts.Manifest); err != nil {
-		return nil, err
+	if err := r.s.StoreMachine(p, opts.Manifest); err != nil {
+		return nil, fmt.Errorf("apply: %w", err)
 	}
 	// The apply-time nftables flush is for a host whose machine has never
 	// run; once it has, the ruleset holds kube-proxy's and the CNI's rules,
 	// and the flush belongs to the machine's start unit alone.
-	started := cur.Succeeded || (prev != nil && prev.Status == StatusSucceeded)
-	st.Applied[p.Machine] = Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC(), Started: cur.Started}
-	if err := writeMachines(host, st); err != nil {
+	started := cur.Succeeded || (prev != nil && prev.Status == state.StatusSucceeded)
+	st.Applied[p.Machine] = state.Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC(), Started: cur.Started}
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 
 	rec := newRecord(p, opts, planDigest)
-	w := &recordWriter{root: host, rec: rec}
+	w := &recordWriter{store: r.s, rec: rec, warn: opts.Warnings}
 	if err := w.save(); err != nil {
 		return nil, err
 	}
@@ -336,7 +311,7 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 			a := st.Applied[p.Machine]
 			a.Started = true
 			st.Applied[p.Machine] = a
-			if err := writeMachines(host, st); err != nil {
+			if err := r.s.WriteMachines(st); err != nil {
 				return nil, err
 			}
 		}
@@ -352,26 +327,26 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *Record) (*Result,
 		a := st.Applied[p.Machine]
 		a.Succeeded, a.At = true, time.Now().UTC()
 		st.Applied[p.Machine] = a
-		runErr = writeMachines(host, st)
+		runErr = r.s.WriteMachines(st)
 	}
 	if runErr != nil {
 		// A failed step's line carries its error; this line says which
 		// step, and where the record is, without repeating it.
 		if se := (*StepError)(nil); errors.As(runErr, &se) {
-			log.Error("apply failed", "step", se.ID, "record", host.Show(RecordFile))
+			log.Error("apply failed", "step", se.ID, "record", r.s.Show(state.RecordFile))
 		} else {
-			log.Error("apply failed", "error", runErr, "record", host.Show(RecordFile))
+			log.Error("apply failed", "error", runErr, "record", r.s.Show(state.RecordFile))
 		}
 		return &Result{Record: w.snapshot(), Machine: p.Machine}, loggedError{runErr}
 	}
-	if err := writeStamp(host, planDigest); err != nil {
-		return &Result{Record: w.snapshot(), Machine: p.Machine}, fmt.Errorf("apply: write done stamp: %w", err)
+	if err := r.s.WriteStamp(planDigest); err != nil {
+		return &Result{Record: w.snapshot(), Machine: p.Machine}, fmt.Errorf("apply: %w", err)
 	}
 	log.Info("apply finished", "machine", p.Machine, "steps", len(p.Steps), "duration", time.Since(rec.Started).Round(time.Millisecond))
 	return &Result{Record: w.snapshot(), Machine: p.Machine}, nil
 }
 
-// openRoot opens the root a run applies to, creating it first when it is
+// openRoot opens the root a run writes to, creating it first when it is
 // missing (a fresh --root directory): it is the caller's own starting
 // point, the one path taken as given.
 func openRoot(root string) (*confine.Root, error) {
@@ -408,7 +383,7 @@ func withDefaults(o Options) Options {
 // (or the last run's machine, when none is active yet), for reset to
 // render the same plan again.
 func StoredManifest(root string) ([]byte, error) {
-	b, err := withState(root, func(host *confine.Root, m string) ([]byte, error) { return storedManifestOf(host, m) })
+	b, err := withState(root, func(s *state.Store, m string) ([]byte, error) { return s.ManifestOf(m) })
 	if err == nil && b == nil {
 		err = fs.ErrNotExist
 	}
@@ -420,67 +395,23 @@ func StoredManifest(root string) ([]byte, error) {
 
 // StoredPlan returns the plan the active machine was made from (or the
 // last run's machine's, when none is active yet), secrets redacted, or nil
-// when there is none (nothing applied, or a state directory from a version
-// that did not store it).
+// when there is none.
 func StoredPlan(root string) (*plan.Plan, error) {
-	return withState(root, storedPlanOf)
-}
-
-// StoredManifestOf returns the manifest machine was made from, or nil.
-func StoredManifestOf(root, machine string) ([]byte, error) {
-	return withState(root, func(host *confine.Root, _ string) ([]byte, error) { return storedManifestOf(host, machine) })
-}
-
-// StoredPlanOf returns the plan machine was made from, or nil.
-func StoredPlanOf(root, machine string) (*plan.Plan, error) {
-	return withState(root, func(host *confine.Root, _ string) (*plan.Plan, error) { return storedPlanOf(host, machine) })
+	return withState(root, (*state.Store).PlanOf)
 }
 
 // withState calls f with the state under root and the machine that runs
 // the node: the active one, else the last run's.
-func withState[T any](root string, f func(*confine.Root, string) (T, error)) (T, error) {
+func withState[T any](root string, f func(*state.Store, string) (T, error)) (T, error) {
 	var zero T
-	if root == "" {
-		root = "/"
-	}
-	host, err := confine.Open(root)
+	s, err := state.Open(root)
 	if err != nil {
 		return zero, err
 	}
-	defer host.Close()
-	st, err := readMachines(host)
-	if err != nil {
+	defer s.Close()
+	m, err := s.Current()
+	if err != nil || m == "" {
 		return zero, err
 	}
-	m := st.Active
-	if m == "" {
-		rec, err := readRecord(host)
-		if err != nil || rec == nil {
-			return zero, err
-		}
-		m = rec.Machine
-	}
-	return f(host, m)
-}
-
-// readState reads one of apply's state files under root ("" means "/").
-func readState(root, file string) ([]byte, error) {
-	if root == "" {
-		root = "/"
-	}
-	host, err := confine.Open(root)
-	if err != nil {
-		return nil, err
-	}
-	defer host.Close()
-	return host.ReadFile(file)
-}
-
-// writeStamp writes the done stamp unless it already says the same.
-func writeStamp(host *confine.Root, planDigest string) error {
-	want := []byte(planDigest + "\n")
-	if b, err := host.ReadFile(DoneStamp); err == nil && string(b) == string(want) {
-		return nil
-	}
-	return host.WriteFile(DoneStamp, want, 0o644, -1, -1)
+	return f(s, m)
 }

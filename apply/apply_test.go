@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files under testdata/")
@@ -117,16 +118,16 @@ func TestApplyTree(t *testing.T) {
 		t.Errorf("fetched %q", dl.fetched)
 	}
 
-	rec, err := ReadRecord(root)
+	rec, err := state.ReadRecord(root)
 	if err != nil || rec == nil {
 		t.Fatalf("ReadRecord: %v %v", rec, err)
 	}
-	if rec.Status != StatusSucceeded || rec.ManifestDigest != testDigest || rec.PlanDigest != testPlan().Digest() {
+	if rec.Status != state.StatusSucceeded || rec.ManifestDigest != testDigest || rec.PlanDigest != testPlan().Digest() {
 		t.Errorf("record = %+v", rec)
 	}
 	for _, s := range rec.Steps {
 		// The kept file and the wait (the fake machine is up at once) change nothing.
-		if s.Outcome != OutcomeDone && !((s.ID == "host:file:keep" || s.ID == "start:wait") && s.Outcome == OutcomeUnchanged) {
+		if s.Outcome != state.OutcomeDone && !((s.ID == "host:file:keep" || s.ID == "start:wait") && s.Outcome == state.OutcomeUnchanged) {
 			t.Errorf("step %s: outcome %s (%s), want done", s.ID, s.Outcome, s.Error)
 		}
 	}
@@ -147,7 +148,7 @@ func TestApplyTree(t *testing.T) {
 	if steps != len(testPlan().Steps) {
 		t.Errorf("%d step log lines, want %d", steps, len(testPlan().Steps))
 	}
-	recBytes, _ := os.ReadFile(filepath.Join(root, RecordFile))
+	recBytes, _ := os.ReadFile(filepath.Join(root, state.RecordFile))
 	for what, b := range map[string][]byte{"log": logs.Bytes(), "result record": recBytes} {
 		if bytes.Contains(b, []byte(testSecret)) {
 			t.Errorf("the secret appears in the %s", what)
@@ -194,7 +195,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := snapshot(t, root, true)
-	recBefore, _ := os.ReadFile(filepath.Join(root, RecordFile))
+	recBefore, _ := os.ReadFile(filepath.Join(root, state.RecordFile))
 
 	t.Run("already applied", func(t *testing.T) {
 		deps, host, sd, dl := testDeps()
@@ -212,7 +213,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 		if after := snapshot(t, root, true); after != before {
 			t.Errorf("tree changed:\n%s", diffLines(before, after))
 		}
-		if rec, _ := os.ReadFile(filepath.Join(root, RecordFile)); !bytes.Equal(rec, recBefore) {
+		if rec, _ := os.ReadFile(filepath.Join(root, state.RecordFile)); !bytes.Equal(rec, recBefore) {
 			t.Error("the record was rewritten by an already applied run")
 		}
 	})
@@ -230,7 +231,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 			// steps apply checks itself must all find nothing to do.
 			checked := s.Kind == plan.KindFile || s.Kind == plan.KindDirectory || s.Kind == plan.KindLink ||
 				s.Kind == plan.KindImage || s.Kind == plan.KindDownload || s.Kind == plan.KindWait
-			if checked && s.Outcome != OutcomeUnchanged {
+			if checked && s.Outcome != state.OutcomeUnchanged {
 				t.Errorf("step %s: %s, want unchanged (%s)", s.ID, s.Outcome, s.Error)
 			}
 		}
@@ -286,7 +287,7 @@ func TestManifestChanged(t *testing.T) {
 	if ExitCode(err) != ExitInput {
 		t.Errorf("ExitCode = %d, want %d", ExitCode(err), ExitInput)
 	}
-	if rec, _ := ReadRecord(root); rec.ManifestDigest != testDigest {
+	if rec, _ := state.ReadRecord(root); rec.ManifestDigest != testDigest {
 		t.Errorf("a refused run changed the record to %s", rec.ManifestDigest)
 	}
 
@@ -295,7 +296,7 @@ func TestManifestChanged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("forced: %v", err)
 	}
-	if res.Record.ManifestDigest != other || res.Record.Status != StatusSucceeded {
+	if res.Record.ManifestDigest != other || res.Record.Status != state.StatusSucceeded {
 		t.Errorf("forced run record: %s %s", res.Record.ManifestDigest, res.Record.Status)
 	}
 }
@@ -318,19 +319,19 @@ func TestStepFailureThenResume(t *testing.T) {
 	if ExitCode(err) != ExitFailed {
 		t.Errorf("ExitCode = %d", ExitCode(err))
 	}
-	rec, _ := ReadRecord(root)
-	if rec.Status != StatusFailed {
+	rec, _ := state.ReadRecord(root)
+	if rec.Status != state.StatusFailed {
 		t.Errorf("status %s", rec.Status)
 	}
-	outcomes := map[string]Outcome{}
+	outcomes := map[string]state.Outcome{}
 	for _, s := range rec.Steps {
 		outcomes[s.ID] = s.Outcome
 	}
-	if outcomes["rootfs:download:cni"] != OutcomeFailed || outcomes["host:file:nspawn"] != OutcomeDone ||
-		outcomes["machine:file:hostname"] != OutcomeSkipped || outcomes["start:wait"] != OutcomeSkipped {
+	if outcomes["rootfs:download:cni"] != state.OutcomeFailed || outcomes["host:file:nspawn"] != state.OutcomeDone ||
+		outcomes["machine:file:hostname"] != state.OutcomeSkipped || outcomes["start:wait"] != state.OutcomeSkipped {
 		t.Errorf("outcomes after a failure: %v", outcomes)
 	}
-	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err == nil {
+	if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err == nil {
 		t.Error("done stamp written by a failed run")
 	}
 
@@ -340,7 +341,7 @@ func TestStepFailureThenResume(t *testing.T) {
 	if err != nil || res.AlreadyApplied {
 		t.Fatalf("resume: %v (already applied %v)", err, res.AlreadyApplied)
 	}
-	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+	if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
 		t.Error("no done stamp after success")
 	}
 }
@@ -376,7 +377,7 @@ func TestHostStepsSkippedWithoutDeps(t *testing.T) {
 	for _, s := range res.Record.Steps {
 		hostKind := s.Kind == plan.KindModules || s.Kind == plan.KindSysctl || s.Kind == plan.KindNftFlush ||
 			s.Kind == plan.KindSystemd || s.Kind == plan.KindWait
-		if hostKind != (s.Outcome == OutcomeSkipped) {
+		if hostKind != (s.Outcome == state.OutcomeSkipped) {
 			t.Errorf("step %s (%s): %s", s.ID, s.Kind, s.Outcome)
 		}
 		if hostKind && !strings.Contains(s.Error, root) {

@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"io/fs"
 
-	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // Action is what Run does with a plan on a host. Decide says it before
@@ -52,10 +52,10 @@ type Decision struct {
 	From string
 	// Finish is a switch a killed run left half-done: Run finishes it
 	// before anything else (and decides again on the state it leaves).
-	Finish *Upgrade
+	Finish *state.Upgrade
 	// Abandon is the upgrade being prepared that this run gives up (the
 	// running manifest given again) or starts over (another manifest).
-	Abandon *Upgrade
+	Abandon *state.Upgrade
 	// NodeStarted is true once the node's machine has been started: a
 	// manifest for another node is refused from then on.
 	NodeStarted bool
@@ -109,23 +109,23 @@ func (d *Decision) String() string {
 // when Root is "/").
 func Decide(p *plan.Plan, opts Options) (*Decision, error) {
 	opts = withDefaults(opts)
-	host, err := confine.Open(opts.Root)
+	s, err := state.Open(opts.Root)
 	if errors.Is(err, fs.ErrNotExist) {
-		return decideOn(&Machines{Version: MachinesVersion, Applied: map[string]Applied{}}, nil, "", p, opts, canSwitch(opts, true))
+		return decideOn(&state.Machines{Version: state.MachinesVersion, Applied: map[string]state.Applied{}}, nil, "", p, opts, canSwitch(opts, true))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("apply: %w", err)
 	}
-	defer host.Close()
-	st, err := readMachines(host)
+	defer s.Close()
+	st, err := s.Machines()
 	if err != nil {
 		return nil, err
 	}
-	prev, err := readRecord(host)
+	prev, err := s.Record()
 	if err != nil {
 		return nil, err
 	}
-	return decideOn(st, prev, host.Show(RecordFile), p, opts, canSwitch(opts, true))
+	return decideOn(st, prev, s.Show(state.RecordFile), p, opts, canSwitch(opts, true))
 }
 
 // canSwitch reports whether Run may upgrade by switching machines: it
@@ -141,9 +141,9 @@ func canSwitch(opts Options, guessDeps bool) bool {
 
 // decideOn is the decision, on the machines' state st and the last run's
 // record prev (nil when none), shown as recordPath.
-func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts Options, switchable bool) (*Decision, error) {
+func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan.Plan, opts Options, switchable bool) (*Decision, error) {
 	d := &Decision{Machine: p.Machine, plan: p}
-	if u := st.Upgrade; u != nil && u.Phase != UpgradePreparing {
+	if u := st.Upgrade; u != nil && u.Phase != state.UpgradePreparing {
 		d.Finish = u
 	}
 	active := st.Active
@@ -164,7 +164,7 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 				return refuse(&ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: active})
 			}
 			d.Action, d.From, d.Machine = ActionUpgrade, active, to
-			if pu := st.Upgrade; pu != nil && pu.Phase == UpgradePreparing && (pu.To != to || pu.From != active || pu.ManifestDigest != opts.ManifestDigest) {
+			if pu := st.Upgrade; pu != nil && pu.Phase == state.UpgradePreparing && (pu.To != to || pu.From != active || pu.ManifestDigest != opts.ManifestDigest) {
 				d.Abandon = pu
 			}
 			if p.Machine != to {
@@ -179,7 +179,7 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 		// the new manifest over the old one, in place.
 		forced = true
 	}
-	if u := st.Upgrade; u != nil && u.Phase == UpgradePreparing {
+	if u := st.Upgrade; u != nil && u.Phase == state.UpgradePreparing {
 		d.Abandon = u
 	}
 	if active != "" && p.Machine != active {
@@ -196,8 +196,8 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 		d.Machine, d.plan = active, rp
 	}
 	planDigest := d.plan.Digest()
-	if prev != nil && prev.Machine == d.Machine && !prev.sameManifest(opts) && !opts.Force {
-		if d.NodeStarted || prev.Status == StatusSucceeded {
+	if prev != nil && prev.Machine == d.Machine && !prev.Is(opts.ManifestDigest, opts.SourceDigest) && !opts.Force {
+		if d.NodeStarted || prev.Status == state.StatusSucceeded {
 			return refuse(&ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: d.Machine, CanUpgrade: switchable})
 		}
 		d.Action = ActionReplace
@@ -210,7 +210,7 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 		d.Action = ActionForce
 	case cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest:
 		d.Action = ActionAlreadyApplied
-	case prev != nil && prev.Machine == d.Machine && prev.Status != StatusSucceeded:
+	case prev != nil && prev.Machine == d.Machine && prev.Status != state.StatusSucceeded:
 		d.Action = ActionResume
 	case cur.Succeeded:
 		d.Action = ActionConverge
@@ -223,7 +223,7 @@ func decideOn(st *Machines, prev *Record, recordPath string, p *plan.Plan, opts 
 // nodeStarted reports whether machine m has been started: its state says
 // so, the last run's record shows a start step it reached, or an upgrade
 // or rollback ran on the pair.
-func nodeStarted(st *Machines, prev *Record, m string) bool {
+func nodeStarted(st *state.Machines, prev *state.Record, m string) bool {
 	if m == "" {
 		return false
 	}
@@ -236,7 +236,7 @@ func nodeStarted(st *Machines, prev *Record, m string) bool {
 	for _, s := range prev.Steps {
 		if s.Phase == plan.PhaseStart && (s.Kind == plan.KindSystemd || s.Kind == plan.KindWait) {
 			switch s.Outcome {
-			case OutcomeDone, OutcomeUnchanged, OutcomeFailed:
+			case state.OutcomeDone, state.OutcomeUnchanged, state.OutcomeFailed:
 				return true
 			}
 		}

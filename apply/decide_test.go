@@ -5,6 +5,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // startFails is a diskSystemd on which the machine's service fails to
@@ -27,7 +29,7 @@ func (s startFails) Start(ctx context.Context, unit string) (bool, error) {
 // another manifest without Force.
 func TestDecideIsWhatRunDoes(t *testing.T) {
 	broken := errors.New("kubelet: 404 Not Found (the test's bad pin)")
-	type state struct {
+	type rootState struct {
 		name string
 		// make brings a fresh root to the state; it returns the deps
 		// later runs use.
@@ -45,7 +47,7 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		_, err := Run(context.Background(), upgradePlan(machine, version), opts)
 		return err
 	}
-	states := []state{
+	states := []rootState{
 		{"fresh", func(t *testing.T, root string) Deps { return diskDeps(root) }},
 		{"applied", func(t *testing.T, root string) Deps {
 			deps := diskDeps(root)
@@ -132,7 +134,7 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 						t.Errorf("Decide said already applied; Run applied")
 					}
 				case ActionUpgrade:
-					if res.Upgrade == nil || res.Upgrade.Outcome != OutcomeSwitched || res.Machine != d.Machine || res.Upgrade.From != d.From {
+					if res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeSwitched || res.Machine != d.Machine || res.Upgrade.From != d.From {
 						t.Errorf("Decide: %s; Run: machine %s, upgrade %+v", d, res.Machine, res.Upgrade)
 					}
 				default:

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // signalHandler is a slog handler that closes a channel when a message
@@ -68,9 +69,9 @@ func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
 	opts := testOptions(deps, slog.New(slog.DiscardHandler))
 	opts.Root, opts.LockTimeout = root, 300*time.Millisecond
 	_, err := Run(context.Background(), testPlan(), opts)
-	var le *LockedError
+	var le *state.LockedError
 	if !errors.As(err, &le) {
-		t.Fatalf("second apply: err = %v, want LockedError", err)
+		t.Fatalf("second apply: err = %v, want state.LockedError", err)
 	}
 	if want := fmt.Sprintf("pid %d", os.Getpid()); !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not say who holds the lock (%s)", err, want)
@@ -149,16 +150,16 @@ func TestWait(t *testing.T) {
 		registerAfter int
 		registered    bool
 		states        map[string][]string
-		wantOutcome   Outcome
+		wantOutcome   state.Outcome
 		wantErr       []string
 	}{
 		{
 			name: "comes up", registerAfter: 3, registered: true,
 			states:      map[string][]string{"containerd.service": {"activating", "active"}, "kubelet.service": {"inactive", "activating", "activating", "active"}},
-			wantOutcome: OutcomeDone,
+			wantOutcome: state.OutcomeDone,
 		},
 		{
-			name: "already up", registered: true, wantOutcome: OutcomeUnchanged,
+			name: "already up", registered: true, wantOutcome: state.OutcomeUnchanged,
 		},
 		{
 			name: "kubelet fails", registered: true,
@@ -282,7 +283,7 @@ func TestExitCode(t *testing.T) {
 		{nil, 0},
 		{&StepError{ID: "x", Err: errInjected}, 1},
 		{fmt.Errorf("wrapped: %w", &ManifestChangedError{Applied: "a", Given: "b"}), 2},
-		{&LockedError{Path: "/run/nodespawn.lock", Holder: "pid 1"}, 1},
+		{&state.LockedError{Path: "/run/nodespawn.lock", Holder: "pid 1"}, 1},
 	}
 	for _, tt := range tests {
 		if got := ExitCode(tt.err); got != tt.want {
@@ -299,7 +300,7 @@ func TestFirstboot(t *testing.T) {
 	}
 	unit, err := os.ReadFile(filepath.Join(root, "etc/systemd/system", FirstbootUnitName))
 	must(t, err)
-	for _, want := range []string{"ExecStart=/opt/bin/nodespawn apply --source auto", "ConditionPathExists=!" + DoneStamp, "Type=oneshot", "WantedBy=multi-user.target"} {
+	for _, want := range []string{"ExecStart=/opt/bin/nodespawn apply --source auto", "ConditionPathExists=!" + state.DoneStamp, "Type=oneshot", "WantedBy=multi-user.target"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q", want)
 		}
@@ -348,13 +349,13 @@ func TestCancelledStepsAreNotFailures(t *testing.T) {
 	if !errors.As(err, &se) || se.ID != "rootfs:download:kubelet" {
 		t.Fatalf("Run: %v, want the kubelet download's failure", err)
 	}
-	rec, err := ReadRecord(root)
+	rec, err := state.ReadRecord(root)
 	must(t, err)
 	for _, s := range rec.Steps {
-		if s.Outcome == OutcomeFailed && s.ID != "rootfs:download:kubelet" {
+		if s.Outcome == state.OutcomeFailed && s.ID != "rootfs:download:kubelet" {
 			t.Errorf("%s recorded as failed (%s); it was cancelled", s.ID, s.Error)
 		}
-		if s.ID == "rootfs:download:cni" && (s.Outcome != OutcomeSkipped || !strings.Contains(s.Error, "rootfs:download:kubelet")) {
+		if s.ID == "rootfs:download:cni" && (s.Outcome != state.OutcomeSkipped || !strings.Contains(s.Error, "rootfs:download:kubelet")) {
 			t.Errorf("the cancelled download: %s %q", s.Outcome, s.Error)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // StepError is a step that failed. Its message names the step; the wrapped
@@ -91,17 +92,6 @@ func (e *UpgradeError) Unwrap() []error {
 	return []error{e.Reason, e.RollbackErr}
 }
 
-// LockedError is returned when another apply or reset held the lock for
-// longer than Options.LockTimeout.
-type LockedError struct {
-	Path   string
-	Holder string
-}
-
-func (e *LockedError) Error() string {
-	return fmt.Sprintf("another nodespawn is running (lock %s held by %s); wait for it to finish and run again", e.Path, e.Holder)
-}
-
 // Exit codes, as the CLI reports them.
 const (
 	ExitOK     = 0 // applied, or already applied
@@ -120,7 +110,7 @@ func ExitCode(err error) int {
 	var (
 		changed *ManifestChangedError
 		exists  *MachineExistsError
-		norb    *NoRollbackError
+		norb    *state.NoRollbackError
 	)
 	switch {
 	case err == nil:

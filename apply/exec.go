@@ -14,6 +14,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/download"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // executor runs one plan.
@@ -31,7 +32,7 @@ type executor struct {
 	restartLimit int
 
 	mu       sync.Mutex
-	outcomes map[string]Outcome
+	outcomes map[string]state.Outcome
 }
 
 // changedAny reports whether any of the steps ids has run in this run and
@@ -40,7 +41,7 @@ func (e *executor) changedAny(ids []string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, id := range ids {
-		if e.outcomes[id] == OutcomeDone {
+		if e.outcomes[id] == state.OutcomeDone {
 			return true
 		}
 	}
@@ -50,7 +51,7 @@ func (e *executor) changedAny(ids []string) bool {
 // stepResult is one finished step.
 type stepResult struct {
 	step    *plan.Step
-	outcome Outcome
+	outcome state.Outcome
 	err     error
 	start   time.Time
 	dur     time.Duration
@@ -137,15 +138,15 @@ func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 		r := <-results
 		running--
 		finished[r.step.ID] = true
-		if r.outcome == OutcomeFailed && failure == nil {
+		if r.outcome == state.OutcomeFailed && failure == nil {
 			failure = &StepError{ID: r.step.ID, Kind: r.step.Kind, Err: r.err}
 			cancel(failure)
 		}
-		if r.outcome == OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && (errors.Is(r.err, context.Canceled) || errors.Is(r.err, failure)) {
+		if r.outcome == state.OutcomeFailed && failure != nil && r.step.ID != failureID(failure) && (errors.Is(r.err, context.Canceled) || errors.Is(r.err, failure)) {
 			// Cancelled because another step failed (its error may carry
 			// that failure as the cancellation's cause): not a failure of
 			// its own.
-			r.outcome, r.err = OutcomeSkipped, errors.New("cancelled: "+failedStep(failure))
+			r.outcome, r.err = state.OutcomeSkipped, errors.New("cancelled: "+failedStep(failure))
 		}
 		if err := e.report(r); err != nil {
 			return err
@@ -172,9 +173,9 @@ func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetche
 	var nc errNotConfigured
 	switch {
 	case errors.As(err, &nc):
-		o = OutcomeSkipped
+		o = state.OutcomeSkipped
 	case err != nil:
-		o = OutcomeFailed
+		o = state.OutcomeFailed
 	}
 	return stepResult{step: s, outcome: o, err: err, start: start, dur: time.Since(start)}
 }
@@ -185,16 +186,16 @@ func (e *executor) report(r stepResult) error {
 	// internal/journal), so a step's lines can be picked out.
 	attrs := []any{"step", r.step.ID, "kind", r.step.Kind, "outcome", r.outcome, "duration", r.dur.Round(time.Millisecond)}
 	switch r.outcome {
-	case OutcomeFailed:
+	case state.OutcomeFailed:
 		e.log.Error("step", append(attrs, "error", r.err)...)
-	case OutcomeSkipped:
+	case state.OutcomeSkipped:
 		e.log.Warn("step", append(attrs, "reason", r.err)...)
 	default:
 		e.log.Info("step", attrs...)
 	}
 	e.mu.Lock()
 	if e.outcomes == nil {
-		e.outcomes = map[string]Outcome{}
+		e.outcomes = map[string]state.Outcome{}
 	}
 	e.outcomes[r.step.ID] = r.outcome
 	e.mu.Unlock()
@@ -211,7 +212,7 @@ func (e *executor) report(r stepResult) error {
 // skip records steps that will not run.
 func (e *executor) skip(steps []*plan.Step, reason string) error {
 	for _, s := range steps {
-		if err := e.report(stepResult{step: s, outcome: OutcomeSkipped, err: errors.New(reason), start: time.Now()}); err != nil {
+		if err := e.report(stepResult{step: s, outcome: state.OutcomeSkipped, err: errors.New(reason), start: time.Now()}); err != nil {
 			return err
 		}
 	}
@@ -229,12 +230,12 @@ func (e errNotConfigured) Error() string {
 	return fmt.Sprintf("not run: no %s configured", e.what)
 }
 
-func (e *executor) notConfigured(what string) (Outcome, error) {
+func (e *executor) notConfigured(what string) (state.Outcome, error) {
 	return "", errNotConfigured{what: what, root: e.opts.Root}
 }
 
 // do dispatches a step to its implementation.
-func (e *executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (Outcome, error) {
+func (e *executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (state.Outcome, error) {
 	d := e.opts.Deps
 	switch s.Kind {
 	case plan.KindFile:
@@ -285,7 +286,7 @@ func (e *executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (O
 	if err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // failedStep names the step that failed, for the steps skipped after it;
@@ -330,7 +331,7 @@ func (e *executor) sweep(steps []*plan.Step) error {
 		if inside {
 			dir = t.rel
 		}
-		err = sweepUp(t.s.root, dir, func(d string) bool {
+		err = t.s.root.RemoveStaleTempsUp(dir, func(d string) bool {
 			key := t.s.prefix + "\x00" + d
 			done := seen[key]
 			seen[key] = true
@@ -338,36 +339,19 @@ func (e *executor) sweep(steps []*plan.Step) error {
 		})
 		if err != nil {
 			t.s.close()
-			return err
+			return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
 		}
 		t.s.close()
 	}
 	return nil
 }
 
-// sweepUp removes the temporary entries a killed run left in dir and in
-// every directory above it, up to the root, stopping early at a directory
-// done says was swept already.
-func sweepUp(root *confine.Root, dir string, done func(string) bool) error {
-	for d := "/" + confine.Clean(dir); ; d = path.Dir(d) {
-		if done != nil && done(d) {
-			return nil
-		}
-		if err := root.RemoveStaleTemps(d); err != nil {
-			return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
-		}
-		if d == "/" {
-			return nil
-		}
-	}
-}
-
 // flushNftables flushes the host's ruleset before the machine's first
 // start, and leaves a running node's rules alone.
-func (e *executor) flushNftables(ctx context.Context) (Outcome, error) {
+func (e *executor) flushNftables(ctx context.Context) (state.Outcome, error) {
 	if e.machineStarted {
 		e.log.Info("not flushing nftables: the machine has started before; its start unit flushes the ruleset", "machine", e.plan.Machine)
-		return OutcomeUnchanged, nil
+		return state.OutcomeUnchanged, nil
 	}
 	if sd := e.opts.Deps.Systemd; sd != nil {
 		running, err := sd.MachineRegistered(ctx, e.plan.Machine)
@@ -376,13 +360,13 @@ func (e *executor) flushNftables(ctx context.Context) (Outcome, error) {
 		}
 		if running {
 			e.log.Info("not flushing nftables: the machine is running and its rules are in the ruleset", "machine", e.plan.Machine)
-			return OutcomeUnchanged, nil
+			return state.OutcomeUnchanged, nil
 		}
 	}
 	if err := e.opts.Deps.Host.FlushNftables(ctx); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // pruneDownloads leaves in the download cache only the records of this

@@ -16,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // entry is what lies at a path now.
@@ -61,7 +62,7 @@ func (e *executor) target(p string) (target, error) {
 }
 
 // file makes a File step's path hold its contents, mode and owner.
-func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
+func (e *executor) file(ctx context.Context, f *plan.File) (state.Outcome, error) {
 	t, err := e.target(f.Path)
 	if err != nil {
 		return "", err
@@ -84,7 +85,7 @@ func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
 		return "", fmt.Errorf("write %s: a directory is in the way; remove it or change the manifest", t.show())
 	}
 	if cur.exists && !f.Overwrite {
-		return OutcomeUnchanged, nil
+		return state.OutcomeUnchanged, nil
 	}
 	if cur.exists && cur.fi.Mode().IsRegular() && f.Source != nil && f.Source.Hash != "" {
 		// The verification hash describes the (decompressed) file: no need
@@ -116,7 +117,7 @@ func (e *executor) file(ctx context.Context, f *plan.File) (Outcome, error) {
 	if err := t.s.root.WriteFile(t.rel, data, mode, uid, gid); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // contents returns a File step's bytes: decoded inline contents, or the
@@ -156,9 +157,9 @@ func (e *executor) contents(ctx context.Context, f *plan.File) ([]byte, error) {
 }
 
 // fixAttrs gives an entry whose contents are right its mode and owner.
-func (t target) fixAttrs(cur entry, mode os.FileMode, uid, gid int) (Outcome, error) {
+func (t target) fixAttrs(cur entry, mode os.FileMode, uid, gid int) (state.Outcome, error) {
 	if cur.perm == mode && cur.uid == uid && cur.gid == gid {
-		return OutcomeUnchanged, nil
+		return state.OutcomeUnchanged, nil
 	}
 	// Chown before chmod: chown clears setuid and setgid.
 	if cur.uid != uid || cur.gid != gid {
@@ -169,7 +170,7 @@ func (t target) fixAttrs(cur entry, mode os.FileMode, uid, gid int) (Outcome, er
 	if err := t.s.root.Chmod(t.rel, mode); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // ignitionDigest turns an Ignition verification hash ("sha256-<hex>" or
@@ -215,7 +216,7 @@ func verifyHash(data []byte, spec string) error {
 }
 
 // directory makes a Directory step's path a directory with its mode and owner.
-func (e *executor) directory(d *plan.Directory) (Outcome, error) {
+func (e *executor) directory(d *plan.Directory) (state.Outcome, error) {
 	t, err := e.target(d.Path)
 	if err != nil {
 		return "", err
@@ -237,11 +238,11 @@ func (e *executor) directory(d *plan.Directory) (Outcome, error) {
 	if err := t.s.root.MkdirAll(t.rel, mode, uid, gid); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // link makes a Link step's path a symbolic (or hard) link to its target.
-func (e *executor) link(l *plan.Link) (Outcome, error) {
+func (e *executor) link(l *plan.Link) (state.Outcome, error) {
 	t, err := e.target(l.Path)
 	if err != nil {
 		return "", err
@@ -264,12 +265,12 @@ func (e *executor) link(l *plan.Link) (Outcome, error) {
 	if cur.exists && cur.fi.Mode()&os.ModeSymlink != 0 {
 		if target, err := t.s.root.Readlink(t.rel); err == nil && target == l.Target {
 			if cur.uid == uid && cur.gid == gid {
-				return OutcomeUnchanged, nil
+				return state.OutcomeUnchanged, nil
 			}
 			if err := t.s.root.Lchown(t.rel, uid, gid); err != nil {
 				return "", err
 			}
-			return OutcomeDone, nil
+			return state.OutcomeDone, nil
 		}
 	}
 	if err := t.s.root.MkdirParents(path.Dir(t.rel)); err != nil {
@@ -278,12 +279,12 @@ func (e *executor) link(l *plan.Link) (Outcome, error) {
 	if err := t.s.root.Symlink(l.Target, t.rel, uid, gid); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // hardLink makes t another name of the file at plan path target (in the
 // same scope), replacing whatever non-directory was at t.
-func (t target) hardLink(targetPath string, cur entry) (Outcome, error) {
+func (t target) hardLink(targetPath string, cur entry) (state.Outcome, error) {
 	src, err := t.s.rel(targetPath)
 	if err != nil {
 		return "", fmt.Errorf("hard link %s: target: %w", t.show(), err)
@@ -293,7 +294,7 @@ func (t target) hardLink(targetPath string, cur entry) (Outcome, error) {
 		return "", fmt.Errorf("hard link %s: %w", t.show(), err)
 	}
 	if cur.exists && os.SameFile(sfi, cur.fi) {
-		return OutcomeUnchanged, nil
+		return state.OutcomeUnchanged, nil
 	}
 	if err := t.s.root.MkdirParents(path.Dir(t.rel)); err != nil {
 		return "", err
@@ -301,5 +302,5 @@ func (t target) hardLink(targetPath string, cur entry) (Outcome, error) {
 	if err := t.s.root.Link(src, t.rel); err != nil {
 		return "", err
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }

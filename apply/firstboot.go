@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // FirstbootUnitName is the first-boot unit's name.
@@ -28,7 +29,7 @@ func FirstbootUnit(binaryPath string) string {
 	if binaryPath == "" {
 		binaryPath = DefaultBinaryPath
 	}
-	return strings.NewReplacer("{{BINARY}}", binaryPath, "{{DONE}}", DoneStamp).Replace(firstbootTemplate)
+	return strings.NewReplacer("{{BINARY}}", binaryPath, "{{DONE}}", state.DoneStamp).Replace(firstbootTemplate)
 }
 
 // InstallFirstboot writes the first-boot unit under root ("" means "/")

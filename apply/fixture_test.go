@@ -19,6 +19,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // The fixture: a plan touching every file, directory and link kind in the
@@ -467,7 +468,7 @@ func snapshot(t testing.TB, root string, withIdentity bool) string {
 		rel, _ := filepath.Rel(root, p)
 		// The record and the machines state hold times, the lock its holder: bookkeeping, not
 		// plan targets.
-		if rel == strings.TrimPrefix(RecordFile, "/") || rel == strings.TrimPrefix(LockFile, "/") || rel == strings.TrimPrefix(MachinesFile, "/") {
+		if rel == strings.TrimPrefix(state.RecordFile, "/") || rel == strings.TrimPrefix(state.LockFile, "/") || rel == strings.TrimPrefix(state.MachinesFile, "/") {
 			return nil
 		}
 		fi, err := os.Lstat(p)

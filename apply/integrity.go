@@ -8,6 +8,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // layerImage is p's image step when it composes the machine root from the
@@ -71,7 +72,7 @@ type rootFix struct {
 // returns the repair it needs, nil for none. A root that was never
 // composed (no record, and no run of p succeeded: a first run killed
 // before its image step ended) is left to the image step.
-func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur Applied) (*rootFix, error) {
+func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur state.Applied) (*rootFix, error) {
 	running := false
 	if sd := r.opts.Deps.Systemd; sd != nil && layerImage(p) != nil {
 		var err error

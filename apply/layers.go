@@ -16,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // collectLayers deletes the layers in the layer store that no machine root
@@ -35,7 +36,7 @@ func collectLayers(host *confine.Root, log *slog.Logger) ([]digest.Digest, error
 	if err != nil {
 		return nil, err
 	}
-	es, err := host.ReadDir(machineStateDir)
+	es, err := host.ReadDir(state.MachinesDir)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // TestApplyRenderedExamples applies what render makes of the shipped
@@ -43,7 +44,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, s := range res.Record.Steps {
-				if (s.Kind == plan.KindFile || s.Kind == plan.KindDirectory || s.Kind == plan.KindLink) && s.Outcome != OutcomeUnchanged {
+				if (s.Kind == plan.KindFile || s.Kind == plan.KindDirectory || s.Kind == plan.KindLink) && s.Outcome != state.OutcomeUnchanged {
 					t.Errorf("rerun: step %s %s %s", s.ID, s.Outcome, s.Error)
 				}
 			}

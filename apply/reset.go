@@ -17,6 +17,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 	"golang.org/x/sys/unix"
 )
 
@@ -90,18 +91,19 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		return err
 	}
 
-	host, err := confine.Open(opts.Root)
+	s, err := state.Open(opts.Root)
 	if err != nil {
 		return fmt.Errorf("reset: %w", err)
 	}
-	defer host.Close()
-	lock, err := acquireLock(ctx, host, opts.LockTimeout, log)
+	defer s.Close()
+	host := s.Root()
+	lock, err := s.Lock(ctx, opts.LockTimeout, log)
 	if err != nil {
 		return err
 	}
-	defer lock.release()
+	defer lock.Release()
 
-	targets := resetTargets(host, opts, m, log)
+	targets := resetTargets(s, opts, m, log)
 	live := opts.Systemd != nil
 	if !live {
 		log.Warn("not stopping the machines: no systemd (root is not /)", "machines", targetNames(targets), "root", opts.Root)
@@ -145,7 +147,7 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 
 // resetState is what Reset removes of nodespawn's state, after the
 // machines: the state directory with the node's state (its identity) in it.
-var resetState = []string{plan.ActiveMachineFile, StateDir}
+var resetState = []string{plan.ActiveMachineFile, state.Dir}
 
 // resetMachine is the machine opts names, checked.
 func resetMachine(opts ResetOptions) (string, error) {
@@ -182,12 +184,13 @@ func targetNames(ts []resetTarget) []string {
 // resetTargets are the machines Reset looks at: m and the other machine
 // of its pair, each with the plan it was made from. The other machine is
 // left out when it was never made.
-func resetTargets(host *confine.Root, opts ResetOptions, m string, log *slog.Logger) []resetTarget {
+func resetTargets(s *state.Store, opts ResetOptions, m string, log *slog.Logger) []resetTarget {
+	host := s.Root()
 	// Both machines of the pair, each with the plan it was made from.
-	st, err := readMachines(host)
+	st, err := s.Machines()
 	if err != nil {
 		log.Warn("the machines' state is unreadable; removing the named machine and its pair by name", "error", err)
-		st = &Machines{Applied: map[string]Applied{}}
+		st = &state.Machines{Applied: map[string]state.Applied{}}
 	}
 	machines := []string{m}
 	add := func(x string) {
@@ -208,7 +211,7 @@ func resetTargets(host *confine.Root, opts ResetOptions, m string, log *slog.Log
 	for _, x := range machines {
 		p := opts.Plan
 		if p == nil || p.Machine != x {
-			if p, err = storedPlanOf(host, x); err != nil {
+			if p, err = s.PlanOf(x); err != nil {
 				log.Warn("the stored plan is unreadable; removing the machine by name", "machine", x, "error", err)
 				p = nil
 			}

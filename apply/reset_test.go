@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,7 +49,7 @@ func TestReset(t *testing.T) {
 		"/etc/systemd/nspawn/kube1.nspawn",
 		"/etc/systemd/system/systemd-nspawn@kube1.service.d",
 		"/etc/systemd/system/machines.target.wants/systemd-nspawn@kube1.service",
-		StateDir,
+		state.Dir,
 	}
 	kept := []string{"/etc/keep.conf", "/etc/passwd", "/etc/sysctl.d/90-nodespawn.conf", "/etc/systemd/system/" + FirstbootUnitName}
 

@@ -9,6 +9,7 @@ import (
 	"path"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // ResetPlan is what Reset would do, for reset --dry-run and the question
@@ -40,14 +41,15 @@ func PlanReset(ctx context.Context, opts ResetOptions) (*ResetPlan, error) {
 	if err != nil {
 		return nil, err
 	}
-	host, err := confine.Open(opts.Root)
+	s, err := state.Open(opts.Root)
 	if err != nil {
 		return nil, fmt.Errorf("reset: %w", err)
 	}
-	defer host.Close()
+	defer s.Close()
+	host := s.Root()
 	rp := &ResetPlan{Machine: m, Remove: []string{}}
 	live := opts.Systemd != nil
-	for _, t := range resetTargets(host, opts, m, opts.Log) {
+	for _, t := range resetTargets(s, opts, m, opts.Log) {
 		if t.leave != "" {
 			rp.Leave = append(rp.Leave, "machine "+t.name+" ("+t.leave+")")
 			continue

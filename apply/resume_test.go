@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"syscall"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // The crash test runs apply in a child process (this test binary, re-run
@@ -104,17 +106,17 @@ func TestCrashAtEveryStepBoundaryResumes(t *testing.T) {
 			if killed {
 				// The record left behind is accurate: still running, with
 				// exactly n outcomes.
-				rec, err := ReadRecord(root)
+				rec, err := state.ReadRecord(root)
 				if err != nil || rec == nil {
 					t.Fatalf("record after crash: %v", err)
 				}
 				recorded := 0
 				for _, s := range rec.Steps {
-					if s.Outcome != OutcomePending {
+					if s.Outcome != state.OutcomePending {
 						recorded++
 					}
 				}
-				if rec.Status != StatusRunning || recorded != n {
+				if rec.Status != state.StatusRunning || recorded != n {
 					t.Errorf("record after crash at %d: status %s, %d outcomes", n, rec.Status, recorded)
 				}
 			}
@@ -124,12 +126,12 @@ func TestCrashAtEveryStepBoundaryResumes(t *testing.T) {
 			if got := snapshot(t, root, false); got != want {
 				t.Errorf("tree after crash at step %d and resume differs from an uninterrupted run:\n%s", n, diffLines(want, got))
 			}
-			rec, _ := ReadRecord(root)
-			if rec.Status != StatusSucceeded {
+			rec, _ := state.ReadRecord(root)
+			if rec.Status != state.StatusSucceeded {
 				t.Errorf("status after resume: %s", rec.Status)
 			}
 			for _, s := range rec.Steps {
-				if s.Outcome != OutcomeDone && s.Outcome != OutcomeUnchanged {
+				if s.Outcome != state.OutcomeDone && s.Outcome != state.OutcomeUnchanged {
 					t.Errorf("step %s after resume: %s %s", s.ID, s.Outcome, s.Error)
 				}
 			}

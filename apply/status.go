@@ -5,17 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"slices"
 	"sort"
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // StatusVersion identifies the JSON shape of a Status.
@@ -57,20 +54,20 @@ type Status struct {
 	Previous string `json:"previous,omitempty"`
 	// Upgrade is the upgrade in progress (or interrupted); LastUpgrade how
 	// the last one ended.
-	Upgrade     *Upgrade        `json:"upgrade,omitempty"`
-	LastUpgrade *UpgradeOutcome `json:"lastUpgrade,omitempty"`
+	Upgrade     *state.Upgrade        `json:"upgrade,omitempty"`
+	LastUpgrade *state.UpgradeOutcome `json:"lastUpgrade,omitempty"`
 	// RecordMachine is the machine the record's run was for, when it is
 	// not Machine (an upgrade's new machine).
 	RecordMachine string `json:"recordMachine,omitempty"`
 	// Node is the Kubernetes node name the applied plan registers.
 	Node string `json:"node,omitempty"`
 	// Step is the step running now, or the one that failed.
-	Step *StepRecord `json:"step,omitempty"`
+	Step *state.StepRecord `json:"step,omitempty"`
 	// Finished and Total count the steps with an outcome, and all.
 	Finished int `json:"finished"`
 	Total    int `json:"total"`
 	// Outcomes counts the recorded steps by outcome.
-	Outcomes map[Outcome]int `json:"outcomes,omitempty"`
+	Outcomes map[state.Outcome]int `json:"outcomes,omitempty"`
 	// Skipped are the steps that did not run, grouped by why, in the
 	// order of their first step.
 	Skipped []SkippedSteps `json:"skipped,omitempty"`
@@ -163,7 +160,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		opts.Root = "/"
 	}
 	st := &Status{Version: StatusVersion}
-	host, err := confine.Open(opts.Root)
+	s, err := state.Open(opts.Root)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Not "not run": a mistyped --root would read as a fresh host.
 		return nil, &MissingRootError{Root: opts.Root}
@@ -171,8 +168,9 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer host.Close()
-	rec, err := readRecord(host)
+	defer s.Close()
+	host := s.Root()
+	rec, err := s.Record()
 	if err != nil {
 		return nil, err
 	}
@@ -180,7 +178,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	running := lockHeld(host)
+	running := s.LockHeld()
 	unitFailed := false
 	if sd := opts.Systemd; sd != nil {
 		// At first boot the unit is "activating" for the whole run,
@@ -190,11 +188,11 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		unitFailed = err == nil && us == "failed"
 	}
 	if _, err := host.Lstat(firstbootUnitPath); err == nil {
-		if _, err := host.Lstat(DoneStamp); errors.Is(err, fs.ErrNotExist) {
-			st.Pending = rec == nil || rec.Status != StatusSucceeded
+		if _, err := host.Lstat(state.DoneStamp); errors.Is(err, fs.ErrNotExist) {
+			st.Pending = rec == nil || rec.Status != state.StatusSucceeded
 		}
 	}
-	ms, err := readMachines(host)
+	ms, err := s.Machines()
 	if err != nil {
 		return nil, err
 	}
@@ -208,7 +206,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		st.Started, st.Ended = &rec.Started, rec.Ended
 		st.Total = len(rec.Steps)
 		for _, s := range rec.Steps {
-			if s.Outcome != OutcomePending {
+			if s.Outcome != state.OutcomePending {
 				st.Finished++
 			}
 		}
@@ -231,7 +229,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		st.State, st.Summary = StateNotRun, string(StateNotRun)
 	case running:
 		st.State = StateRunning
-		st.Step = firstWith(rec, OutcomePending)
+		st.Step = firstWith(rec, state.OutcomePending)
 		st.Summary = fmt.Sprintf("running: %d/%d steps done", st.Finished, st.Total)
 		if st.Step != nil {
 			st.Summary = fmt.Sprintf("running: step %s (%d/%d)", st.Step.ID, st.Finished+1, st.Total)
@@ -239,27 +237,27 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		if u != nil {
 			st.Summary += "; " + describeUpgrade(u)
 		}
-	case u != nil && u.Phase != UpgradePreparing:
+	case u != nil && u.Phase != state.UpgradePreparing:
 		// No run holds the lock, and a switch is half-done: killed.
 		st.State = StateError
 		st.Summary = fmt.Sprintf("error: the %s was interrupted; machine %s is active; run nodespawn apply (or reboot: the first-boot unit finishes it)", describeUpgrade(u), ms.Active)
-	case rec.Status == StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == OutcomeRolledBack:
+	case rec.Status == state.StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == state.OutcomeRolledBack:
 		st.State = StateError
 		st.Summary = fmt.Sprintf("error: the upgrade from %s to %s was rolled back: %s; %s runs the node", rec.Upgrade.From, rec.Upgrade.To, firstLine(rec.Upgrade.Reason), rec.Upgrade.From)
-	case rec.Status == StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == OutcomeRollbackFailed:
+	case rec.Status == state.StatusFailed && rec.Upgrade != nil && rec.Upgrade.Outcome == state.OutcomeRollbackFailed:
 		st.State = StateError
 		st.Summary = fmt.Sprintf("error: the upgrade from %s to %s failed (%s) and so did the rollback; run nodespawn apply to retry the rollback", rec.Upgrade.From, rec.Upgrade.To, firstLine(rec.Upgrade.Reason))
-	case rec.Status == StatusFailed:
+	case rec.Status == state.StatusFailed:
 		st.State = StateError
-		st.Step = firstWith(rec, OutcomeFailed)
+		st.Step = firstWith(rec, state.OutcomeFailed)
 		st.Summary = "error: " + failureLine(st.Step)
 		if u != nil {
 			st.Summary += fmt.Sprintf(" (preparing the upgrade to %s; %s still runs the node)", u.To, u.From)
 		}
-	case rec.Status == StatusRunning:
+	case rec.Status == state.StatusRunning:
 		// Recorded as running, but no apply holds the lock: it was killed.
 		st.State = StateError
-		st.Step = firstWith(rec, OutcomePending)
+		st.Step = firstWith(rec, state.OutcomePending)
 		st.Summary = fmt.Sprintf("error: the run was interrupted after %d/%d steps; apply again to resume", st.Finished, st.Total)
 		if st.Step != nil {
 			st.Summary = fmt.Sprintf("error: the run was interrupted at step %s (%d/%d); apply again to resume", st.Step.ID, st.Finished+1, st.Total)
@@ -314,13 +312,13 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 
 // countOutcomes counts rec's steps by outcome and groups the skipped ones
 // by reason.
-func countOutcomes(rec *Record) (map[Outcome]int, []SkippedSteps) {
-	n := map[Outcome]int{}
+func countOutcomes(rec *state.Record) (map[state.Outcome]int, []SkippedSteps) {
+	n := map[state.Outcome]int{}
 	var skipped []SkippedSteps
 	at := map[string]int{}
 	for _, s := range rec.Steps {
 		n[s.Outcome]++
-		if s.Outcome != OutcomeSkipped {
+		if s.Outcome != state.OutcomeSkipped {
 			continue
 		}
 		reason := firstLine(s.Error)
@@ -342,7 +340,7 @@ func countOutcomes(rec *Record) (map[Outcome]int, []SkippedSteps) {
 // it skipped and how many warnings it had, so neither hides behind "done".
 func doneNotes(st *Status) string {
 	var notes []string
-	if n := st.Outcomes[OutcomeSkipped]; n > 0 {
+	if n := st.Outcomes[state.OutcomeSkipped]; n > 0 {
 		notes = append(notes, fmt.Sprintf("%d of %d steps skipped", n, st.Total))
 	}
 	switch n := len(st.Warnings); n {
@@ -425,22 +423,8 @@ func machineChecks(ctx context.Context, sd Systemd, machine string) []Check {
 	return checks
 }
 
-// lockHeld reports whether an apply or reset holds the lock now.
-func lockHeld(host *confine.Root) bool {
-	f, err := host.OpenFile(LockFile, os.O_RDONLY, 0)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
-		return errors.Is(err, unix.EWOULDBLOCK)
-	}
-	unix.Flock(int(f.Fd()), unix.LOCK_UN)
-	return false
-}
-
 // firstWith is the first step, in plan order, with outcome o.
-func firstWith(rec *Record, o Outcome) *StepRecord {
+func firstWith(rec *state.Record, o state.Outcome) *state.StepRecord {
 	for i := range rec.Steps {
 		if rec.Steps[i].Outcome == o {
 			s := rec.Steps[i]
@@ -456,7 +440,7 @@ func firstLine(s string) string {
 }
 
 // failureLine is "step X: reason", the reason's first line.
-func failureLine(s *StepRecord) string {
+func failureLine(s *state.StepRecord) string {
 	if s == nil {
 		return "the run failed before its first step"
 	}
@@ -466,10 +450,10 @@ func failureLine(s *StepRecord) string {
 
 // Timing is one step on the run's timeline.
 type Timing struct {
-	ID      string     `json:"id"`
-	Phase   plan.Phase `json:"phase"`
-	Kind    plan.Kind  `json:"kind"`
-	Outcome Outcome    `json:"outcome"`
+	ID      string        `json:"id"`
+	Phase   plan.Phase    `json:"phase"`
+	Kind    plan.Kind     `json:"kind"`
+	Outcome state.Outcome `json:"outcome"`
 	// StartMS and DurationMS place the step after the run's start.
 	StartMS    int64 `json:"startMs"`
 	DurationMS int64 `json:"durationMs"`
@@ -485,10 +469,10 @@ func (t Timing) Duration() time.Duration { return time.Duration(t.DurationMS) * 
 func (t Timing) End() time.Duration { return t.Start() + t.Duration() }
 
 // Blame lists the steps that ran, longest first (systemd-analyze blame).
-func Blame(rec *Record) []Timing {
+func Blame(rec *state.Record) []Timing {
 	var out []Timing
 	for _, s := range rec.Steps {
-		if s.Outcome == OutcomePending || s.Outcome == OutcomeSkipped {
+		if s.Outcome == state.OutcomePending || s.Outcome == state.OutcomeSkipped {
 			continue
 		}
 		out = append(out, timing(s))
@@ -497,7 +481,7 @@ func Blame(rec *Record) []Timing {
 	return out
 }
 
-func timing(s StepRecord) Timing {
+func timing(s state.StepRecord) Timing {
 	return Timing{ID: s.ID, Phase: s.Phase, Kind: s.Kind, Outcome: s.Outcome, StartMS: s.StartMS, DurationMS: s.DurationMS}
 }
 
@@ -506,11 +490,11 @@ func timing(s StepRecord) Timing {
 // back through what it waited for. A step waits for the steps it runs
 // After and, implicitly, for every step of the earlier phases; of those,
 // the one that ended last is what held it up.
-func CriticalPath(rec *Record, p *plan.Plan) []Timing {
+func CriticalPath(rec *state.Record, p *plan.Plan) []Timing {
 	byID := map[string]Timing{}
 	var ran []Timing
 	for _, s := range rec.Steps {
-		if s.Outcome == OutcomePending || s.Outcome == OutcomeSkipped {
+		if s.Outcome == state.OutcomePending || s.Outcome == state.OutcomeSkipped {
 			continue
 		}
 		t := timing(s)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // TestStatus runs the fixture plan into a root in each way a run can end
@@ -57,16 +58,16 @@ func TestStatus(t *testing.T) {
 		}, state: StateError, summary: "error: step rootfs:download:kubelet: download https://dl.test/kubelet: 503 Service Unavailable", failedStep: "rootfs:download:kubelet", wantJournal: true},
 		{name: "killed mid-run", setup: func(t *testing.T, root string, _ *fakeSystemd) {
 			applyFixture(t, root, nil)
-			rec, err := ReadRecord(root)
+			rec, err := state.ReadRecord(root)
 			must(t, err)
-			rec.Status, rec.Ended = StatusRunning, nil
+			rec.Status, rec.Ended = state.StatusRunning, nil
 			for i := 5; i < len(rec.Steps); i++ {
-				rec.Steps[i].Outcome = OutcomePending
+				rec.Steps[i].Outcome = state.OutcomePending
 			}
-			host, err := openRoot(root)
+			s, err := state.Open(root)
 			must(t, err)
-			defer host.Close()
-			must(t, (&recordWriter{root: host, rec: rec}).save())
+			defer s.Close()
+			must(t, s.WriteRecord(rec))
 		}, state: StateError, summary: "error: the run was interrupted at step host:file:dropin (6/29); apply again to resume", wantJournal: true},
 	}
 	for _, tt := range tests {
@@ -147,17 +148,17 @@ func TestStatusWhileRunning(t *testing.T) {
 // image, 100-400) and machine:f after it are off the path; machine:g
 // (1300-1350) waited for the rootfs phase's last step.
 func TestCriticalPath(t *testing.T) {
-	step := func(id string, ph plan.Phase, start, dur int64) StepRecord {
-		return StepRecord{ID: id, Phase: ph, Kind: plan.KindFile, Outcome: OutcomeDone, StartMS: start, DurationMS: dur}
+	step := func(id string, ph plan.Phase, start, dur int64) state.StepRecord {
+		return state.StepRecord{ID: id, Phase: ph, Kind: plan.KindFile, Outcome: state.OutcomeDone, StartMS: start, DurationMS: dur}
 	}
-	rec := &Record{Steps: []StepRecord{
+	rec := &state.Record{Steps: []state.StepRecord{
 		step("host:a", plan.PhaseHost, 0, 100),
 		step("host:b", plan.PhaseHost, 0, 20),
 		step("rootfs:image", plan.PhaseRootfs, 100, 1000),
 		step("rootfs:cni", plan.PhaseRootfs, 100, 300),
 		step("rootfs:kubelet", plan.PhaseRootfs, 1100, 200),
 		step("machine:g", plan.PhaseMachine, 1300, 50),
-		{ID: "start:skipped", Phase: plan.PhaseStart, Outcome: OutcomeSkipped, StartMS: 5000},
+		{ID: "start:skipped", Phase: plan.PhaseStart, Outcome: state.OutcomeSkipped, StartMS: 5000},
 	}}
 	p := &plan.Plan{Steps: []plan.Step{{ID: "rootfs:kubelet", After: []string{"rootfs:image"}}}}
 	var got []string
@@ -181,9 +182,9 @@ func TestCriticalPath(t *testing.T) {
 func TestRecordPlacesSteps(t *testing.T) {
 	root := t.TempDir()
 	applyFixture(t, root, nil)
-	rec, err := ReadRecord(root)
+	rec, err := state.ReadRecord(root)
 	must(t, err)
-	at := map[string]StepRecord{}
+	at := map[string]state.StepRecord{}
 	for _, s := range rec.Steps {
 		at[s.ID] = s
 	}
@@ -268,8 +269,8 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	skipped := st.Outcomes[OutcomeSkipped]
-	if skipped == 0 || st.Outcomes[OutcomeDone]+st.Outcomes[OutcomeUnchanged]+skipped != st.Total {
+	skipped := st.Outcomes[state.OutcomeSkipped]
+	if skipped == 0 || st.Outcomes[state.OutcomeDone]+st.Outcomes[state.OutcomeUnchanged]+skipped != st.Total {
 		t.Fatalf("outcomes %v of %d steps; want some skipped, the rest done or unchanged", st.Outcomes, st.Total)
 	}
 	wantSummary := fmt.Sprintf("done, %d of %d steps skipped, 1 warning (status --long says which)", skipped, st.Total)

@@ -9,10 +9,11 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // image creates the rootfs through the image puller.
-func (e *executor) image(ctx context.Context, img *plan.Image) (Outcome, error) {
+func (e *executor) image(ctx context.Context, img *plan.Image) (state.Outcome, error) {
 	// The rootfs is made in the host root: its staging directory and the
 	// old tree live beside it.
 	changed, err := e.opts.Deps.Images.Pull(ctx, img, e.host, img.Dest)
@@ -86,7 +87,7 @@ func (pf *prefetches) wait() {
 
 // download installs a prefetched artifact once the steps it runs after
 // are done.
-func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (Outcome, error) {
+func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (state.Outcome, error) {
 	f := pf.m[s.ID]
 	select {
 	case <-f.done:
@@ -115,11 +116,11 @@ func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (
 }
 
 // systemd runs a Systemd step.
-func (e *executor) systemd(ctx context.Context, s *plan.Systemd) (Outcome, error) {
+func (e *executor) systemd(ctx context.Context, s *plan.Systemd) (state.Outcome, error) {
 	sd := e.opts.Deps.Systemd
 	switch s.Action {
 	case "daemon-reload":
-		return OutcomeDone, sd.DaemonReload(ctx)
+		return state.OutcomeDone, sd.DaemonReload(ctx)
 	case "enable":
 		changed, err := sd.Enable(ctx, s.Unit)
 		return changedOutcome(changed), err
@@ -127,7 +128,7 @@ func (e *executor) systemd(ctx context.Context, s *plan.Systemd) (Outcome, error
 		changed, err := sd.Start(ctx, s.Unit)
 		return changedOutcome(changed), err
 	case "restart":
-		return OutcomeDone, sd.Restart(ctx, s.Unit)
+		return state.OutcomeDone, sd.Restart(ctx, s.Unit)
 	default:
 		return "", fmt.Errorf("unknown systemd action %q for %s", s.Action, s.Unit)
 	}
@@ -141,15 +142,15 @@ const journalLines = 30
 
 // wait runs a Wait step (waitMachine), failing early on restarts when the
 // executor has a restart limit (an upgrade's new machine).
-func (e *executor) wait(ctx context.Context, w *plan.Wait) (Outcome, error) {
+func (e *executor) wait(ctx context.Context, w *plan.Wait) (state.Outcome, error) {
 	first, err := waitMachineFirst(ctx, e.opts.Deps.Systemd, w, e.opts.PollInterval, e.restartLimit)
 	if err != nil {
 		return "", err
 	}
 	if first {
-		return OutcomeUnchanged, nil
+		return state.OutcomeUnchanged, nil
 	}
-	return OutcomeDone, nil
+	return state.OutcomeDone, nil
 }
 
 // waitMachine polls machined until the machine is registered, then the
@@ -293,9 +294,9 @@ func watchRestarts(ctx context.Context, sd Systemd, machine string, units []stri
 	}
 }
 
-func changedOutcome(changed bool) Outcome {
+func changedOutcome(changed bool) state.Outcome {
 	if changed {
-		return OutcomeDone
+		return state.OutcomeDone
 	}
-	return OutcomeUnchanged
+	return state.OutcomeUnchanged
 }

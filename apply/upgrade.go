@@ -11,6 +11,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // Upgrades by alternating machines. The node runs in one machine of a pair
@@ -81,20 +82,6 @@ func (u UpgradeOptions) withDefaults() UpgradeOptions {
 	return u
 }
 
-// RecordUpgrade is the part of a run's record about an upgrade.
-type RecordUpgrade struct {
-	From string `json:"from"`
-	To   string `json:"to"`
-	// Outcome is one of the UpgradeOutcome outcomes once the switch ended.
-	Outcome string `json:"outcome,omitempty"`
-	Reason  string `json:"reason,omitempty"`
-	// Milliseconds after the record's Started: old machine stopped, new
-	// node Ready, rollback done.
-	SwitchedMS   int64 `json:"switchedMs,omitempty"`
-	ReadyMS      int64 `json:"readyMs,omitempty"`
-	RolledBackMS int64 `json:"rolledBackMs,omitempty"`
-}
-
 // switchRun is one switch from a running machine to another.
 type switchRun struct {
 	from, to string
@@ -125,7 +112,7 @@ func (r *run) upgrade(ctx context.Context, p *plan.Plan) (*Result, error) {
 	from := st.Active
 	to, ok := otherMachine(p, from)
 	if !ok {
-		return nil, &ManifestChangedError{Applied: st.Applied[from].ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(RecordFile), Machine: from}
+		return nil, &ManifestChangedError{Applied: st.Applied[from].ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(state.RecordFile), Machine: from}
 	}
 	tp := p
 	if tp.Machine != to {
@@ -149,12 +136,12 @@ func (r *run) upgrade(ctx context.Context, p *plan.Plan) (*Result, error) {
 		if err := r.clearMachine(ctx, to); err != nil {
 			return nil, err
 		}
-		st.Upgrade = &Upgrade{From: from, To: to, Phase: UpgradePreparing, ManifestDigest: opts.ManifestDigest, Started: now}
+		st.Upgrade = &state.Upgrade{From: from, To: to, Phase: state.UpgradePreparing, ManifestDigest: opts.ManifestDigest, Started: now}
 		if st.Previous == to {
 			st.Previous = ""
 		}
 		delete(st.Applied, to)
-		if err := writeMachines(host, st); err != nil {
+		if err := r.s.WriteMachines(st); err != nil {
 			return nil, err
 		}
 		r.checkpoint("upgrade:preparing")
@@ -162,16 +149,16 @@ func (r *run) upgrade(ctx context.Context, p *plan.Plan) (*Result, error) {
 	log.Info("upgrade: preparing the other machine beside the running one", "running", from, "preparing", to, "node", tp.NodeName)
 
 	planDigest := tp.Digest()
-	if err := storeMachine(host, tp, opts.Manifest); err != nil {
+	if err := r.s.StoreMachine(tp, opts.Manifest); err != nil {
 		return nil, err
 	}
-	st.Applied[to] = Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: now}
-	if err := writeMachines(host, st); err != nil {
+	st.Applied[to] = state.Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: now}
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	rec := newRecord(tp, opts, planDigest)
-	rec.Upgrade = &RecordUpgrade{From: from, To: to}
-	w := &recordWriter{root: host, rec: rec}
+	rec.Upgrade = &state.RecordUpgrade{From: from, To: to}
+	w := &recordWriter{store: r.s, rec: rec, warn: opts.Warnings}
 	if err := w.save(); err != nil {
 		return nil, err
 	}
@@ -194,16 +181,16 @@ func (r *run) upgrade(ctx context.Context, p *plan.Plan) (*Result, error) {
 // switchTo stops the running machine, makes the new one active and
 // verifies it.
 func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
-	st, host, log := r.st, r.host, r.log
+	st, log := r.st, r.log
 	u := st.Upgrade
-	u.Phase = UpgradeSwitching
-	if err := writeMachines(host, st); err != nil {
+	u.Phase = state.UpgradeSwitching
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	r.checkpoint("switch:switching")
 	// From here until the node runs again, the first-boot unit finishes
 	// an interrupted switch at boot.
-	if err := removeStamp(host); err != nil {
+	if err := r.s.RemoveStamp(); err != nil {
 		return nil, err
 	}
 	r.checkpoint("switch:stamp-removed")
@@ -211,18 +198,18 @@ func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
 	if err := r.stopMachine(ctx, s.from); err != nil {
 		// The old machine may still run: the new one must not start.
 		// Back to a prepared upgrade, with the node where it was.
-		u.Phase = UpgradePreparing
-		_ = writeMachines(host, st)
+		u.Phase = state.UpgradePreparing
+		_ = r.s.WriteMachines(st)
 		// The old machine runs the node as before: the first boot has
 		// nothing to finish.
-		_ = writeStamp(host, st.Applied[s.from].PlanDigest)
+		_ = r.s.WriteStamp(st.Applied[s.from].PlanDigest)
 		_ = s.w.finish(false)
 		return &Result{Record: s.w.snapshot(), Machine: s.from}, fmt.Errorf("upgrade: stop machine %s: %w; nothing was switched", s.from, err)
 	}
 	r.checkpoint("switch:stopped")
 	switched := time.Now().UTC()
 	u.Switched = &switched
-	s.w.upgrade(func(ru *RecordUpgrade) { ru.SwitchedMS = s.w.since(switched) })
+	s.w.upgrade(func(ru *state.RecordUpgrade) { ru.SwitchedMS = s.w.since(switched) })
 	// Both boot links exist while the active file changes, so a boot at
 	// any instant starts the active machine, and only it.
 	if err := r.ensureEnableLink(s.to, s.toPlan); err != nil {
@@ -230,13 +217,13 @@ func (r *run) switchTo(ctx context.Context, s *switchRun) (*Result, error) {
 	}
 	r.checkpoint("switch:new-linked")
 	// One rename decides which machine may start, at boot too.
-	if err := writeActiveFile(host, s.to); err != nil {
+	if err := r.s.WriteActiveFile(s.to); err != nil {
 		return nil, err
 	}
 	r.checkpoint("switch:active-file")
 	st.Active = s.to
-	u.Phase = UpgradeVerifying
-	if err := writeMachines(host, st); err != nil {
+	u.Phase = state.UpgradeVerifying
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	r.checkpoint("switch:verifying")
@@ -284,11 +271,11 @@ func (r *run) switched(s *switchRun) (*Result, error) {
 	a.Succeeded, a.At = true, now
 	st.Applied[s.to] = a
 	st.Previous = s.from
-	outcome := OutcomeSwitched
+	outcome := state.OutcomeSwitched
 	if s.manual {
-		outcome = OutcomeManualRollback
+		outcome = state.OutcomeManualRollback
 	}
-	last := &UpgradeOutcome{From: s.from, To: s.to, Outcome: outcome, Started: s.started, Ended: now}
+	last := &state.UpgradeOutcome{From: s.from, To: s.to, Outcome: outcome, Started: s.started, Ended: now}
 	if !s.prepared.IsZero() {
 		last.PrepareMS = s.prepared.Sub(s.started).Milliseconds()
 	}
@@ -296,15 +283,15 @@ func (r *run) switched(s *switchRun) (*Result, error) {
 		last.SwitchMS = now.Sub(*u.Switched).Milliseconds()
 	}
 	st.Upgrade, st.Last = nil, last
-	if err := writeMachines(host, st); err != nil {
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	r.checkpoint("switched:state")
-	s.w.upgrade(func(ru *RecordUpgrade) { ru.Outcome, ru.ReadyMS = outcome, s.w.since(now) })
+	s.w.upgrade(func(ru *state.RecordUpgrade) { ru.Outcome, ru.ReadyMS = outcome, s.w.since(now) })
 	if err := s.w.finish(true); err != nil {
 		return nil, err
 	}
-	if err := writeStamp(host, a.PlanDigest); err != nil {
+	if err := r.s.WriteStamp(a.PlanDigest); err != nil {
 		return nil, fmt.Errorf("apply: write done stamp: %w", err)
 	}
 	// Layers only the machine cleared for this upgrade used go now; the
@@ -323,10 +310,10 @@ func (r *run) switched(s *switchRun) (*Result, error) {
 
 // rollback stops the new machine and runs the node on the old one again.
 func (r *run) rollback(ctx context.Context, s *switchRun, reason error) (*Result, error) {
-	st, host, log := r.st, r.host, r.log
+	st, log := r.st, r.log
 	u := st.Upgrade
-	u.Phase, u.Reason = UpgradeRollingBack, reason.Error()
-	if err := writeMachines(host, st); err != nil {
+	u.Phase, u.Reason = state.UpgradeRollingBack, reason.Error()
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	r.checkpoint("rollback:rolling-back")
@@ -334,21 +321,21 @@ func (r *run) rollback(ctx context.Context, s *switchRun, reason error) (*Result
 	begun := time.Now().UTC()
 	err := r.runOn(ctx, s.to, s.from, begun)
 	now := time.Now().UTC()
-	last := &UpgradeOutcome{From: s.from, To: s.to, Reason: reason.Error(), Started: s.started, Ended: now, RollbackMS: now.Sub(begun).Milliseconds()}
+	last := &state.UpgradeOutcome{From: s.from, To: s.to, Reason: reason.Error(), Started: s.started, Ended: now, RollbackMS: now.Sub(begun).Milliseconds()}
 	if !s.prepared.IsZero() {
 		last.PrepareMS = s.prepared.Sub(s.started).Milliseconds()
 	}
 	if err != nil {
 		// The rollback is retried by the next run (and at boot).
-		last.Outcome = OutcomeRollbackFailed
+		last.Outcome = state.OutcomeRollbackFailed
 		st.Last = last
-		_ = writeMachines(host, st)
-		s.w.upgrade(func(ru *RecordUpgrade) { ru.Outcome, ru.Reason = last.Outcome, last.Reason })
+		_ = r.s.WriteMachines(st)
+		s.w.upgrade(func(ru *state.RecordUpgrade) { ru.Outcome, ru.Reason = last.Outcome, last.Reason })
 		_ = s.w.finish(false)
 		log.Error("upgrade: the rollback failed too", "machine", s.from, "error", err)
 		return &Result{Record: s.w.snapshot(), Machine: st.Active, Upgrade: last}, &UpgradeError{From: s.from, To: s.to, Reason: reason, RollbackErr: err}
 	}
-	last.Outcome = OutcomeRolledBack
+	last.Outcome = state.OutcomeRolledBack
 	st.Upgrade, st.Last = nil, last
 	if s.manual {
 		// A rollback by hand that failed: the machine it left still
@@ -362,14 +349,14 @@ func (r *run) rollback(ctx context.Context, s *switchRun, reason error) (*Result
 			st.Previous = ""
 		}
 	}
-	if err := writeMachines(host, st); err != nil {
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	r.checkpoint("rollback:state")
-	if err := writeStamp(host, st.Applied[s.from].PlanDigest); err != nil {
+	if err := r.s.WriteStamp(st.Applied[s.from].PlanDigest); err != nil {
 		return nil, fmt.Errorf("apply: write done stamp: %w", err)
 	}
-	s.w.upgrade(func(ru *RecordUpgrade) {
+	s.w.upgrade(func(ru *state.RecordUpgrade) {
 		ru.Outcome, ru.Reason, ru.RolledBackMS = last.Outcome, last.Reason, s.w.since(now)
 	})
 	_ = s.w.finish(false)
@@ -385,7 +372,7 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 		return fmt.Errorf("stop machine %s: %w", off, err)
 	}
 	r.checkpoint("runon:stopped")
-	onPlan, err := storedPlanOf(r.host, on)
+	onPlan, err := r.s.PlanOf(on)
 	if err != nil {
 		return err
 	}
@@ -393,12 +380,12 @@ func (r *run) runOn(ctx context.Context, off, on string, since time.Time) error 
 		return err
 	}
 	r.checkpoint("runon:linked")
-	if err := writeActiveFile(r.host, on); err != nil {
+	if err := r.s.WriteActiveFile(on); err != nil {
 		return err
 	}
 	r.checkpoint("runon:active-file")
 	r.st.Active = on
-	if err := writeMachines(r.host, r.st); err != nil {
+	if err := r.s.WriteMachines(r.st); err != nil {
 		return err
 	}
 	if err := r.removeEnableLink(off); err != nil {
@@ -515,7 +502,7 @@ func (r *run) clearMachine(ctx context.Context, m string) error {
 	if m == st.Active {
 		return fmt.Errorf("upgrade: refusing to clear machine %s: it runs the node", m)
 	}
-	p, err := storedPlanOf(host, m)
+	p, err := r.s.PlanOf(m)
 	if err != nil {
 		return err
 	}
@@ -529,7 +516,7 @@ func (r *run) clearMachine(ctx context.Context, m string) error {
 		return nil
 	}
 	r.log.Info("upgrade: removing what is left of the other machine", "machine", m, "previous", st.Previous == m)
-	active, err := storedPlanOf(host, st.Active)
+	active, err := r.s.PlanOf(st.Active)
 	if err != nil {
 		return err
 	}
@@ -567,23 +554,15 @@ func phaseSteps(p *plan.Plan, ph plan.Phase) []*plan.Step {
 	return out
 }
 
-// removeStamp removes the done stamp.
-func removeStamp(host interface{ Remove(string) error }) error {
-	if err := host.Remove(DoneStamp); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("apply: remove done stamp: %w", err)
-	}
-	return nil
-}
-
 // resumeSwitch finishes a switch a killed run left half-done: it stops the
 // old machine and verifies the new one, or finishes the rollback.
-func (r *run) resumeSwitch(ctx context.Context) (*UpgradeOutcome, error) {
+func (r *run) resumeSwitch(ctx context.Context) (*state.UpgradeOutcome, error) {
 	st, host, opts := r.st, r.host, r.opts
 	u := st.Upgrade
 	if opts.Deps.Systemd == nil {
 		return nil, fmt.Errorf("apply: an upgrade from %s to %s was interrupted while %s; finishing it needs the running host's systemd (root %s)", u.From, u.To, u.Phase, opts.Root)
 	}
-	tp, err := storedPlanOf(host, u.To)
+	tp, err := r.s.PlanOf(u.To)
 	if err != nil {
 		return nil, err
 	}
@@ -591,19 +570,19 @@ func (r *run) resumeSwitch(ctx context.Context) (*UpgradeOutcome, error) {
 	if tp == nil {
 		// Nothing to verify against: go back to the machine that ran.
 		tp = &plan.Plan{Version: plan.Version, Machine: u.To}
-		if u.Phase != UpgradeRollingBack {
-			u.Phase, u.Reason = UpgradeRollingBack, "the plan of "+u.To+" is missing"
+		if u.Phase != state.UpgradeRollingBack {
+			u.Phase, u.Reason = state.UpgradeRollingBack, "the plan of "+u.To+" is missing"
 		}
 	}
 	rec := newRecord(tp, opts, st.Applied[u.To].PlanDigest)
 	rec.ManifestDigest, rec.SourceDigest = st.Applied[u.To].ManifestDigest, st.Applied[u.To].SourceDigest
-	rec.Upgrade = &RecordUpgrade{From: u.From, To: u.To}
+	rec.Upgrade = &state.RecordUpgrade{From: u.From, To: u.To}
 	for i := range rec.Steps {
 		if rec.Steps[i].Phase != plan.PhaseStart {
-			rec.Steps[i].Outcome, rec.Steps[i].Error = OutcomeSkipped, "done by the run that was interrupted"
+			rec.Steps[i].Outcome, rec.Steps[i].Error = state.OutcomeSkipped, "done by the run that was interrupted"
 		}
 	}
-	w := &recordWriter{root: host, rec: rec}
+	w := &recordWriter{store: r.s, rec: rec, warn: opts.Warnings}
 	if err := w.save(); err != nil {
 		return nil, err
 	}
@@ -611,9 +590,9 @@ func (r *run) resumeSwitch(ctx context.Context) (*UpgradeOutcome, error) {
 	s := &switchRun{from: u.From, to: u.To, toPlan: tp, ex: ex, w: w, started: u.Started}
 	var res *Result
 	switch u.Phase {
-	case UpgradeSwitching:
+	case state.UpgradeSwitching:
 		res, err = r.switchTo(ctx, s)
-	case UpgradeVerifying:
+	case state.UpgradeVerifying:
 		res, err = r.verify(ctx, s)
 	default:
 		reason := u.Reason
@@ -622,7 +601,7 @@ func (r *run) resumeSwitch(ctx context.Context) (*UpgradeOutcome, error) {
 		}
 		res, err = r.rollback(ctx, s, errors.New(reason))
 	}
-	var out *UpgradeOutcome
+	var out *state.UpgradeOutcome
 	if res != nil {
 		out = res.Upgrade
 	}
@@ -632,14 +611,14 @@ func (r *run) resumeSwitch(ctx context.Context) (*UpgradeOutcome, error) {
 // Resume finishes a switch a killed run left half-done, and does nothing
 // when there is none. The first-boot unit calls it before anything else,
 // so a switch cut by a power failure is finished at the next boot.
-func Resume(ctx context.Context, opts Options) (*UpgradeOutcome, error) {
+func Resume(ctx context.Context, opts Options) (*state.UpgradeOutcome, error) {
 	opts = withDefaults(opts)
 	r, err := begin(ctx, opts)
 	if err != nil {
 		return nil, err
 	}
 	defer r.end()
-	if u := r.st.Upgrade; u == nil || u.Phase == UpgradePreparing {
+	if u := r.st.Upgrade; u == nil || u.Phase == state.UpgradePreparing {
 		return nil, nil
 	}
 	return r.resumeSwitch(ctx)
@@ -662,33 +641,33 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	if err := st.RollbackProblem(); err != nil {
 		return nil, err
 	}
-	prev, err := storedPlanOf(r.host, st.Previous)
+	prev, err := r.s.PlanOf(st.Previous)
 	if err != nil {
 		return nil, err
 	}
 	a, ok := st.Applied[st.Previous]
 	if prev == nil || !ok {
-		return nil, &NoRollbackError{Why: "the plan of previous machine " + st.Previous + " is missing"}
+		return nil, &state.NoRollbackError{Why: "the plan of previous machine " + st.Previous + " is missing"}
 	}
 	if _, err := r.host.Lstat(prev.Rootfs); err != nil {
-		return nil, &NoRollbackError{Why: fmt.Sprintf("the rootfs of previous machine %s is gone: %v", st.Previous, err)}
+		return nil, &state.NoRollbackError{Why: fmt.Sprintf("the rootfs of previous machine %s is gone: %v", st.Previous, err)}
 	}
 	now := time.Now().UTC()
-	st.Upgrade = &Upgrade{From: st.Active, To: st.Previous, Phase: UpgradeSwitching, ManifestDigest: a.ManifestDigest, Started: now}
-	if err := writeMachines(r.host, st); err != nil {
+	st.Upgrade = &state.Upgrade{From: st.Active, To: st.Previous, Phase: state.UpgradeSwitching, ManifestDigest: a.ManifestDigest, Started: now}
+	if err := r.s.WriteMachines(st); err != nil {
 		return nil, err
 	}
 	o := opts
 	o.ManifestDigest, o.SourceDigest = a.ManifestDigest, a.SourceDigest
 	o.Source = "" // the previous manifest's, not known here
 	rec := newRecord(prev, o, a.PlanDigest)
-	rec.Upgrade = &RecordUpgrade{From: st.Active, To: st.Previous}
+	rec.Upgrade = &state.RecordUpgrade{From: st.Active, To: st.Previous}
 	for i := range rec.Steps {
 		if rec.Steps[i].Phase != plan.PhaseStart {
-			rec.Steps[i].Outcome, rec.Steps[i].Error = OutcomeSkipped, "made by an earlier run"
+			rec.Steps[i].Outcome, rec.Steps[i].Error = state.OutcomeSkipped, "made by an earlier run"
 		}
 	}
-	w := &recordWriter{root: r.host, rec: rec}
+	w := &recordWriter{store: r.s, rec: rec, warn: o.Warnings}
 	if err := w.save(); err != nil {
 		return nil, err
 	}
@@ -697,29 +676,8 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	return r.switchTo(ctx, &switchRun{from: st.Active, to: st.Previous, toPlan: prev, ex: ex, w: w, started: now, manual: true})
 }
 
-// RollbackProblem says why there is nothing to roll back to (a
-// *NoRollbackError), or nil.
-func (st *Machines) RollbackProblem() error {
-	if u := st.Upgrade; u != nil {
-		return &NoRollbackError{Why: fmt.Sprintf("an upgrade from %s to %s is %s; run nodespawn apply to finish it first", u.From, u.To, u.Phase)}
-	}
-	if st.Previous == "" || st.Active == "" {
-		why := "no previous machine is kept"
-		if st.Last != nil {
-			why += fmt.Sprintf(" (the last upgrade, %s to %s, %s)", st.Last.From, st.Last.To, st.Last.Outcome)
-		}
-		return &NoRollbackError{Why: why}
-	}
-	return nil
-}
-
-// NoRollbackError is a rollback that cannot be done.
-type NoRollbackError struct{ Why string }
-
-func (e *NoRollbackError) Error() string { return "rollback: " + e.Why }
-
 // describeUpgrade is a one-line account of an upgrade in progress.
-func describeUpgrade(u *Upgrade) string {
+func describeUpgrade(u *state.Upgrade) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "upgrade from %s to %s %s", u.From, u.To, u.Phase)
 	if u.Reason != "" {

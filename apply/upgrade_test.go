@@ -21,6 +21,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // upgradePlan is the fixture plan for machine (kube1 or kube2) of the
@@ -381,7 +382,7 @@ func checkOneMachine(t *testing.T, root string, sd *diskSystemd, want string) {
 			t.Errorf("boot link of %s: %v (the machine that runs is %s)", m, err, want)
 		}
 	}
-	ms, err := ReadMachines(root)
+	ms, err := state.ReadMachines(root)
 	if err != nil || ms.Active != want || ms.Upgrade != nil {
 		t.Errorf("machines state: %+v, %v; want %s active and no upgrade in progress", ms, err, want)
 	}
@@ -449,7 +450,7 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 							}
 							// The first-boot unit runs when the switch removed
 							// the stamp; it finishes the switch.
-							if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+							if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
 								if _, code, out := runUpgradeChild(t, root, "A", "firstboot", -1, tc.broken...); code != ExitOK && code != ExitInput && code != tc.code {
 									t.Fatalf("first boot after the power cut: exit %d\n%s", code, out)
 								}
@@ -461,7 +462,7 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 							t.Fatalf("apply again after a kill at checkpoint %d: exit %d, want %d\n%s", k, code, tc.code, out)
 						}
 						checkOneMachine(t, root, sd, tc.want)
-						if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+						if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
 							t.Errorf("no done stamp with the node running: %v", err)
 						}
 					})
@@ -501,10 +502,10 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube2")
-	if res.Machine != "kube2" || res.Upgrade == nil || res.Upgrade.Outcome != OutcomeSwitched {
+	if res.Machine != "kube2" || res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeSwitched {
 		t.Errorf("result %+v, upgrade %+v; want switched to kube2", res, res.Upgrade)
 	}
-	ms, _ := ReadMachines(root)
+	ms, _ := state.ReadMachines(root)
 	if ms.Previous != "kube1" || !ms.Applied["kube2"].Succeeded || ms.Applied["kube2"].ManifestDigest != versionDigest("B") {
 		t.Errorf("machines state %+v: want kube1 kept for a rollback and kube2 made from B", ms)
 	}
@@ -520,8 +521,8 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 			t.Errorf("%s's kubelet unit: %q %v; want version %s", m, b, err, v)
 		}
 	}
-	rec, _ := ReadRecord(root)
-	if rec.Machine != "kube2" || rec.Status != StatusSucceeded || rec.Upgrade == nil || rec.Upgrade.From != "kube1" || rec.Upgrade.Outcome != OutcomeSwitched {
+	rec, _ := state.ReadRecord(root)
+	if rec.Machine != "kube2" || rec.Status != state.StatusSucceeded || rec.Upgrade == nil || rec.Upgrade.From != "kube1" || rec.Upgrade.Outcome != state.OutcomeSwitched {
 		t.Errorf("record: machine %s, status %s, upgrade %+v", rec.Machine, rec.Status, rec.Upgrade)
 	}
 	// A second apply of B finds it applied.
@@ -576,10 +577,10 @@ func TestUpgradeWhoseStopFails(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "nothing was switched") || res == nil || res.Machine != "kube1" {
 		t.Fatalf("upgrade with a failing stop: %+v, %v; want an error and the node on kube1", res, err)
 	}
-	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+	if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
 		t.Errorf("done stamp after a failed stop: %v; want it back (kube1 runs the node)", err)
 	}
-	if ms, _ := ReadMachines(root); ms.Active != "kube1" {
+	if ms, _ := state.ReadMachines(root); ms.Active != "kube1" {
 		t.Errorf("active machine %q, want kube1", ms.Active)
 	}
 }
@@ -594,18 +595,18 @@ func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
 		t.Errorf("error %q does not say why", err)
 	}
 	checkOneMachine(t, root, sd, "kube1")
-	ms, _ := ReadMachines(root)
-	if ms.Last == nil || ms.Last.Outcome != OutcomeRolledBack || !strings.Contains(ms.Last.Reason, "not Ready") || ms.Previous != "" {
+	ms, _ := state.ReadMachines(root)
+	if ms.Last == nil || ms.Last.Outcome != state.OutcomeRolledBack || !strings.Contains(ms.Last.Reason, "not Ready") || ms.Previous != "" {
 		t.Errorf("machines state %+v, last %+v: want the rollback and its reason recorded, nothing to roll back to", ms, ms.Last)
 	}
-	rec, _ := ReadRecord(root)
-	if rec.Status != StatusFailed || rec.Upgrade == nil || rec.Upgrade.Outcome != OutcomeRolledBack || !strings.Contains(rec.Upgrade.Reason, "not Ready") {
+	rec, _ := state.ReadRecord(root)
+	if rec.Status != state.StatusFailed || rec.Upgrade == nil || rec.Upgrade.Outcome != state.OutcomeRolledBack || !strings.Contains(rec.Upgrade.Reason, "not Ready") {
 		t.Errorf("record: status %s, upgrade %+v", rec.Status, rec.Upgrade)
 	}
 	if res.Machine != "kube1" {
 		t.Errorf("result machine %s, want kube1", res.Machine)
 	}
-	if _, err := os.Stat(filepath.Join(root, DoneStamp)); err != nil {
+	if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
 		t.Errorf("the node runs on kube1 again, but the done stamp is gone: %v", err)
 	}
 	// Applying A again: the node runs A; nothing to do.
@@ -659,8 +660,8 @@ func checkOneMachineDuringUpgrade(t *testing.T, root string, sd *diskSystemd, wa
 	if len(st.Violations) > 0 || len(st.Registered) != 1 || !st.Registered[want] {
 		t.Errorf("running %v, violations %v; want %s alone", st.Registered, st.Violations, want)
 	}
-	ms, _ := ReadMachines(root)
-	if ms.Active != want || ms.Upgrade == nil || ms.Upgrade.Phase != UpgradePreparing {
+	ms, _ := state.ReadMachines(root)
+	if ms.Active != want || ms.Upgrade == nil || ms.Upgrade.Phase != state.UpgradePreparing {
 		t.Errorf("machines state %+v; want %s active and the upgrade still preparing", ms, want)
 	}
 }
@@ -678,8 +679,8 @@ func TestRollbackByHand(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube1")
-	ms, _ := ReadMachines(root)
-	if res.Upgrade == nil || res.Upgrade.Outcome != OutcomeManualRollback || ms.Previous != "kube2" {
+	ms, _ := state.ReadMachines(root)
+	if res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeManualRollback || ms.Previous != "kube2" {
 		t.Errorf("result %+v, state %+v; want rolled back by hand, kube2 kept", res.Upgrade, ms)
 	}
 	// The node runs A again: applying A changes nothing; applying B
@@ -696,7 +697,7 @@ func TestRollbackByHand(t *testing.T) {
 func TestRollbackWithoutAPreviousMachine(t *testing.T) {
 	root, deps, _, _ := nodeOnKube1(t, nil)
 	_, err := Rollback(context.Background(), upgradeOptions(root, "A", deps))
-	var nr *NoRollbackError
+	var nr *state.NoRollbackError
 	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "no previous machine") {
 		t.Errorf("err %v; want no previous machine", err)
 	}
@@ -764,7 +765,7 @@ func TestStatusOfUpgrades(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.State != StateDone || st.Machine != "kube2" || st.Previous != "kube1" || st.LastUpgrade == nil || st.LastUpgrade.Outcome != OutcomeSwitched {
+		if st.State != StateDone || st.Machine != "kube2" || st.Previous != "kube1" || st.LastUpgrade == nil || st.LastUpgrade.Outcome != state.OutcomeSwitched {
 			t.Errorf("status %+v; want done on kube2, kube1 kept, the switch recorded", st)
 		}
 	})
@@ -783,10 +784,12 @@ func TestStatusOfUpgrades(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		host := openTestRoot(t, root)
-		ms, _ := readMachines(host)
-		ms.Upgrade = &Upgrade{From: "kube1", To: "kube2", Phase: UpgradeVerifying, Started: time.Now()}
-		must(t, writeMachines(host, ms))
+		s, err := state.Open(root)
+		must(t, err)
+		defer s.Close()
+		ms, _ := s.Machines()
+		ms.Upgrade = &state.Upgrade{From: "kube1", To: "kube2", Phase: state.UpgradeVerifying, Started: time.Now()}
+		must(t, s.WriteMachines(ms))
 		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
 		if err != nil {
 			t.Fatal(err)

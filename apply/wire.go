@@ -26,11 +26,12 @@ import (
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 // DownloadCache holds verified downloads between fetch and install, and
 // the records that make a rerun skip them.
-const DownloadCache = StateDir + "/downloads"
+const DownloadCache = state.Dir + "/downloads"
 
 // maxSourceSize bounds a remote file's contents held in memory.
 const maxSourceSize = 64 << 20

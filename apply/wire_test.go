@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/state"
 )
 
 func gzipped(t *testing.T, b []byte) []byte {
@@ -94,7 +95,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 			t.Errorf("%s = %q, %v; want %q", p, b, err, c)
 		}
 	}
-	if o := res.Record.Steps[0]; o.Outcome != OutcomeSkipped {
+	if o := res.Record.Steps[0]; o.Outcome != state.OutcomeSkipped {
 		t.Errorf("host step with root %s: %s, want skipped", root, o.Outcome)
 	}
 
@@ -106,7 +107,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range res.Record.Steps[1:] {
-		if s.Outcome != OutcomeUnchanged {
+		if s.Outcome != state.OutcomeUnchanged {
 			t.Errorf("rerun: step %s %s %s", s.ID, s.Outcome, s.Error)
 		}
 	}

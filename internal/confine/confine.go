@@ -956,6 +956,23 @@ func (r *Root) RemoveStaleTemps(dir string) error {
 	return r.removeMatching(dir, tempName.MatchString)
 }
 
+// RemoveStaleTempsUp is RemoveStaleTemps for dir and each of its parents
+// up to the root, stopping early at the first directory for which done
+// (when not nil) says it was already swept.
+func (r *Root) RemoveStaleTempsUp(dir string, done func(string) bool) error {
+	for d := "/" + Clean(dir); ; d = path.Dir(d) {
+		if done != nil && done(d) {
+			return nil
+		}
+		if err := r.RemoveStaleTemps(d); err != nil {
+			return err
+		}
+		if d == "/" {
+			return nil
+		}
+	}
+}
+
 // RemoveLeftovers removes, whole, every entry of the directory dir whose
 // name starts with prefix. A missing dir has none.
 func (r *Root) RemoveLeftovers(dir, prefix string) error {

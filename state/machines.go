@@ -1,11 +1,10 @@
-package apply
+package state
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
-	"path"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
@@ -18,12 +17,8 @@ import (
 // written in MachinesFile, atomically, before each change it describes:
 // a run killed at any instant finds there what to finish or undo.
 const (
-	// MachinesFile is the state of the pair.
-	MachinesFile = StateDir + "/machines.json"
 	// MachinesVersion identifies its JSON shape.
 	MachinesVersion = "nodespawn.dev/machines/v1"
-	// machineStateDir holds each machine's manifest and plan.
-	machineStateDir = StateDir + "/machines" // plan.MachineStateDir's parent
 )
 
 // UpgradePhase is how far an upgrade got.
@@ -117,28 +112,17 @@ const (
 	OutcomeManualRollback = "rolled back by hand"
 )
 
-// ReadMachines returns the state of the pair under root; a host applied
-// before the pair existed gets one derived from its record.
-func ReadMachines(root string) (*Machines, error) {
-	if root == "" {
-		root = "/"
-	}
-	host, err := confine.Open(root)
-	if errors.Is(err, fs.ErrNotExist) {
-		// A --root tree not made yet: nothing applied there.
-		return &Machines{Version: MachinesVersion, Applied: map[string]Applied{}}, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer host.Close()
-	return readMachines(host)
-}
-
-func readMachines(host *confine.Root) (*Machines, error) {
+// Machines returns the state of the pair; a root where nothing was
+// applied has an empty one.
+func (s *Store) Machines() (*Machines, error) {
+	host := s.host
 	b, err := host.ReadFile(MachinesFile)
 	if errors.Is(err, fs.ErrNotExist) {
-		return machinesFromRecord(host)
+		if s.legacy() {
+			rec, err := s.Record()
+			return legacyMachines(rec), err
+		}
+		return &Machines{Version: MachinesVersion, Applied: map[string]Applied{}}, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", host.Show(MachinesFile), err)
@@ -156,33 +140,15 @@ func readMachines(host *confine.Root) (*Machines, error) {
 	return &m, nil
 }
 
-// machinesFromRecord is the state of a host whose state directory predates
-// MachinesFile: the record's machine, active when its run succeeded.
-func machinesFromRecord(host *confine.Root) (*Machines, error) {
-	m := &Machines{Version: MachinesVersion, Applied: map[string]Applied{}}
-	rec, err := readRecord(host)
-	if err != nil || rec == nil {
-		return m, err
-	}
-	a := Applied{ManifestDigest: rec.ManifestDigest, SourceDigest: rec.SourceDigest, PlanDigest: rec.PlanDigest, Succeeded: rec.Status == StatusSucceeded, At: rec.Started}
-	if rec.Ended != nil {
-		a.At = *rec.Ended
-	}
-	m.Applied[rec.Machine] = a
-	if a.Succeeded {
-		m.Active = rec.Machine
-	}
-	return m, nil
-}
-
-// writeMachines saves the state (atomically, durably).
-func writeMachines(host *confine.Root, m *Machines) error {
+// WriteMachines saves the state (atomically, durably).
+func (s *Store) WriteMachines(m *Machines) error {
+	host := s.host
 	m.Version = MachinesVersion
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode machines state: %w", err)
 	}
-	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
+	if err := host.MkdirAll(Dir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
 	if err := host.WriteFile(MachinesFile, append(b, '\n'), 0o644, -1, -1); err != nil {
@@ -191,23 +157,24 @@ func writeMachines(host *confine.Root, m *Machines) error {
 	return nil
 }
 
-// setActive makes machine the one systemd may start (plan.ActiveMachineFile)
+// SetActive makes machine the one systemd may start (plan.ActiveMachineFile)
 // and the one the state names. The file is written first: it is what
 // decides at boot.
-func setActive(host *confine.Root, st *Machines, machine string) error {
-	if err := writeActiveFile(host, machine); err != nil {
+func (s *Store) SetActive(st *Machines, machine string) error {
+	if err := s.WriteActiveFile(machine); err != nil {
 		return err
 	}
 	st.Active = machine
-	return writeMachines(host, st)
+	return s.WriteMachines(st)
 }
 
-func writeActiveFile(host *confine.Root, machine string) error {
+func (s *Store) WriteActiveFile(machine string) error {
+	host := s.host
 	want := []byte(machine + "\n")
 	if b, err := host.ReadFile(plan.ActiveMachineFile); err == nil && string(b) == string(want) {
 		return nil
 	}
-	if err := host.MkdirAll(StateDir, 0o700, -1, -1); err != nil {
+	if err := host.MkdirAll(Dir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
 	if err := host.WriteFile(plan.ActiveMachineFile, want, 0o644, -1, -1); err != nil {
@@ -216,35 +183,31 @@ func writeActiveFile(host *confine.Root, machine string) error {
 	return nil
 }
 
-// machineFile is one of a machine's state files (manifest, plan.json).
-func machineFile(machine, name string) string {
-	return path.Join(plan.MachineStateDir(machine), name)
-}
-
-// storeMachine keeps the manifest and plan a machine is made from.
-func storeMachine(host *confine.Root, p *plan.Plan, manifest []byte) error {
-	if err := host.MkdirAll(machineStateDir, 0o700, -1, -1); err != nil {
-		return fmt.Errorf("apply: create state directory: %w", err)
+// StoreMachine keeps the manifest and plan a machine is made from.
+func (s *Store) StoreMachine(p *plan.Plan, manifest []byte) error {
+	host := s.host
+	if err := host.MkdirAll(MachinesDir, 0o700, -1, -1); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
 	}
 	dir := plan.MachineStateDir(p.Machine)
 	if err := host.MkdirAll(dir, 0o700, -1, -1); err != nil {
-		return fmt.Errorf("apply: create state directory: %w", err)
+		return fmt.Errorf("create state directory: %w", err)
 	}
 	// What a run killed while storing these left.
 	if err := host.RemoveStaleTemps(dir); err != nil {
-		return fmt.Errorf("apply: remove leftovers of an interrupted run: %w", err)
+		return fmt.Errorf("remove leftovers of an interrupted run: %w", err)
 	}
 	if manifest != nil {
 		if err := writeIfChanged(host, machineFile(p.Machine, "manifest"), manifest, 0o600); err != nil {
-			return fmt.Errorf("apply: store manifest: %w", err)
+			return fmt.Errorf("store manifest: %w", err)
 		}
 	}
 	b, err := json.MarshalIndent(p.RedactKeepingDigests(), "", "  ")
 	if err != nil {
-		return fmt.Errorf("apply: encode plan: %w", err)
+		return fmt.Errorf("encode plan: %w", err)
 	}
 	if err := writeIfChanged(host, machineFile(p.Machine, "plan.json"), append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("apply: store plan: %w", err)
+		return fmt.Errorf("store plan: %w", err)
 	}
 	return nil
 }
@@ -256,15 +219,14 @@ func writeIfChanged(host *confine.Root, p string, b []byte, mode fs.FileMode) er
 	return host.WriteFile(p, b, mode, -1, -1)
 }
 
-// storedPlanOf is the plan a machine was made from (secrets redacted), or
-// nil. A state directory from before the pair keeps the one plan at
-// PlanFile.
-func storedPlanOf(host *confine.Root, machine string) (*plan.Plan, error) {
-	b, err := host.ReadFile(machineFile(machine, "plan.json"))
+// PlanOf is the plan a machine was made from (secrets redacted), or nil.
+func (s *Store) PlanOf(machine string) (*plan.Plan, error) {
+	host := s.host
 	name := machineFile(machine, "plan.json")
-	if errors.Is(err, fs.ErrNotExist) {
-		b, err = host.ReadFile(PlanFile)
-		name = PlanFile
+	b, err := host.ReadFile(name)
+	if old, ok := s.legacyView(machine, "plan.json"); ok && errors.Is(err, fs.ErrNotExist) {
+		name = old
+		b, err = host.ReadFile(name)
 	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -285,16 +247,35 @@ func storedPlanOf(host *confine.Root, machine string) (*plan.Plan, error) {
 	return &p, nil
 }
 
-// storedManifestOf is the manifest a machine was made from, or nil.
-func storedManifestOf(host *confine.Root, machine string) ([]byte, error) {
-	b, err := host.ReadFile(machineFile(machine, "manifest"))
-	if errors.Is(err, fs.ErrNotExist) {
-		if rec, _ := readRecord(host); rec != nil && rec.Machine == machine {
-			b, err = host.ReadFile(ManifestFile)
-		}
+// ManifestOf is the manifest a machine was made from, or nil.
+func (s *Store) ManifestOf(machine string) ([]byte, error) {
+	b, err := s.host.ReadFile(machineFile(machine, "manifest"))
+	if old, ok := s.legacyView(machine, "manifest"); ok && errors.Is(err, fs.ErrNotExist) {
+		b, err = s.host.ReadFile(old)
 	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	return b, err
 }
+
+// RollbackProblem says why there is nothing to roll back to (a
+// *NoRollbackError), or nil.
+func (st *Machines) RollbackProblem() error {
+	if u := st.Upgrade; u != nil {
+		return &NoRollbackError{Why: fmt.Sprintf("an upgrade from %s to %s is %s; run nodespawn apply to finish it first", u.From, u.To, u.Phase)}
+	}
+	if st.Previous == "" || st.Active == "" {
+		why := "no previous machine is kept"
+		if st.Last != nil {
+			why += fmt.Sprintf(" (the last upgrade, %s to %s, %s)", st.Last.From, st.Last.To, st.Last.Outcome)
+		}
+		return &NoRollbackError{Why: why}
+	}
+	return nil
+}
+
+// NoRollbackError is a rollback that cannot be done.
+type NoRollbackError struct{ Why string }
+
+func (e *NoRollbackError) Error() string { return "rollback: " + e.Why }

@@ -1,4 +1,4 @@
-package apply
+package state
 
 import (
 	"context"
@@ -11,21 +11,21 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/nodespawn/nodespawn/internal/confine"
 )
 
 // lockPoll is how often a waiting apply retries the lock.
 const lockPoll = 100 * time.Millisecond
 
-type fileLock struct{ f *os.File }
+// Lock is a held lock; Release drops it.
+type Lock struct{ f *os.File }
 
-// acquireLock takes the exclusive flock on <root>/run/nodespawn.lock,
+// Lock takes the exclusive flock on <root>/run/nodespawn.lock,
 // waiting up to timeout for a running apply or reset to finish. The kernel
 // drops an flock when its holder dies, so a crashed run never blocks the
 // next one. The holder writes its pid into the file for the error a waiter
 // reports.
-func acquireLock(ctx context.Context, host *confine.Root, timeout time.Duration, log *slog.Logger) (*fileLock, error) {
+func (s *Store) Lock(ctx context.Context, timeout time.Duration, log *slog.Logger) (*Lock, error) {
+	host := s.host
 	path := host.Show(LockFile)
 	if err := host.MkdirParents(filepath.Dir(LockFile)); err != nil {
 		return nil, fmt.Errorf("create lock directory: %w", err)
@@ -65,11 +65,18 @@ func acquireLock(ctx context.Context, host *confine.Root, timeout time.Duration,
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(info), 0)
 	}
-	return &fileLock{f: f}, nil
+	l := &Lock{f: f}
+	// The first run that holds the lock moves a state directory from
+	// before the machine pair to the current layout.
+	if err := s.migrate(); err != nil {
+		l.Release()
+		return nil, err
+	}
+	return l, nil
 }
 
-// release empties the holder note and drops the lock.
-func (l *fileLock) release() {
+// Release empties the holder note and drops the lock.
+func (l *Lock) Release() {
 	_ = l.f.Truncate(0)
 	_ = unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
 	l.f.Close()
@@ -83,4 +90,29 @@ func lockHolder(f *os.File) string {
 		return s
 	}
 	return "an unknown process"
+}
+
+// LockedError is returned when another apply or reset held the lock for
+// longer than the caller's timeout.
+type LockedError struct {
+	Path   string
+	Holder string
+}
+
+func (e *LockedError) Error() string {
+	return fmt.Sprintf("another nodespawn is running (lock %s held by %s); wait for it to finish and run again", e.Path, e.Holder)
+}
+
+// LockHeld reports whether a run holds the lock now.
+func (s *Store) LockHeld() bool {
+	f, err := s.host.OpenFile(LockFile, os.O_RDONLY, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return false
 }
