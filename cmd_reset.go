@@ -12,9 +12,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/systemd"
-	"github.com/nodespawn/nodespawn/manifest"
-	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/provision"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 )
@@ -61,7 +59,7 @@ Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
 				opts.Systemd = systemd.New(nil)
 			}
 			if machine == "" {
-				p, err := appliedPlan(ctx, root)
+				p, err := provision.AppliedPlan(ctx, root)
 				if err != nil {
 					return err
 				}
@@ -133,27 +131,4 @@ func writeResetPlan(w io.Writer, rp *apply.ResetPlan, will string) {
 			fmt.Fprintf(w, "  %s\n", l)
 		}
 	}
-}
-
-// appliedPlan is the plan the last apply stored. A state directory from a
-// version that did not store it has the manifest instead, whose plan is
-// rendered again for this host.
-func appliedPlan(ctx context.Context, root string) (*plan.Plan, error) {
-	p, err := apply.StoredPlan(root)
-	if err != nil || p != nil {
-		return p, err
-	}
-	data, err := apply.StoredManifest(root)
-	if err != nil {
-		return nil, usageError{fmt.Errorf("%w; or give --machine NAME", err)}
-	}
-	m, err := manifest.Load("the stored manifest", data)
-	if err != nil {
-		return nil, fmt.Errorf("the stored manifest no longer loads (give --machine NAME): %w", err)
-	}
-	facts, err := loadFacts(ctx, "", root)
-	if err != nil {
-		return nil, err
-	}
-	return render.Plan(m, facts)
 }

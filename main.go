@@ -20,7 +20,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/journal"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/provision"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -71,10 +71,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		// status printed its line; the code is the answer.
 		return se.code
 	}
-	var de dryRunExit
+	var de provision.ExitError
 	if errors.As(err, &de) {
 		// The dry run printed the plan and apply's decision.
-		return de.exitCode()
+		return de.ExitCode()
 	}
 	code := exitCode(err)
 	if apply.Logged(err) {
@@ -102,24 +102,17 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	} else {
 		fmt.Fprintf(stderr, "nodespawn: %v\n", err)
 	}
-	if errors.As(err, new(usageError)) {
+	if errors.As(err, new(usageError)) || errors.As(err, new(provision.InputError)) {
 		fmt.Fprintln(stderr, usageHint(cmd))
 	}
 	return code
 }
 
 func exitCode(err error) int {
-	var (
-		merr manifest.Errors
-		rerr *render.Error
-		uerr usageError
-	)
-	switch {
-	case errors.As(err, &merr), errors.As(err, &rerr), errors.As(err, &uerr):
+	if errors.As(err, new(usageError)) {
 		return exitBadInput
 	}
-	// apply knows its own bad input: a manifest other than the applied one.
-	return apply.ExitCode(err)
+	return provision.ExitCode(err)
 }
 
 func newRootCmd(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {

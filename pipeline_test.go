@@ -23,6 +23,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/provision"
 	"golang.org/x/sys/unix"
 )
 
@@ -480,8 +481,8 @@ func TestApplyWrongChecksumInstallsNothing(t *testing.T) {
 		!strings.Contains(out, `download.sha256: "`+wrong+`" -> (none)`) {
 		t.Errorf("dry run of the corrected manifest: exit %d\n%s\n%s", code, out, errOut)
 	}
-	if code, _, _ = cli(t, "", "apply", "--dry-run", "--detailed-exitcode", "-f", mf, "--root", root); code != exitChanges {
-		t.Errorf("--detailed-exitcode with changes: exit %d, want %d", code, exitChanges)
+	if code, _, _ = cli(t, "", "apply", "--dry-run", "--detailed-exitcode", "-f", mf, "--root", root); code != provision.ExitChanges {
+		t.Errorf("--detailed-exitcode with changes: exit %d, want %d", code, provision.ExitChanges)
 	}
 	if code, out, errOut = cli(t, "", "apply", "-f", mf, "--root", root); code != 0 {
 		t.Fatalf("apply of the corrected manifest: exit %d\n%s\n%s", code, out, errOut)

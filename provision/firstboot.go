@@ -1,4 +1,4 @@
-package main
+package provision
 
 import (
 	"context"
@@ -16,14 +16,16 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
-// firstBootRetry paces the first-boot run's retries: a registry or mirror
+// FirstBootRetry paces the first-boot run's retries: a registry or mirror
 // that is not up yet at boot gets a growing pause between whole runs.
-var firstBootRetry = httpx.Policy{Attempts: 1 << 20, Base: 10 * time.Second, Max: 2 * time.Minute}
+var FirstBootRetry = httpx.Policy{Attempts: 1 << 20, Base: 10 * time.Second, Max: 2 * time.Minute}
 
-// firstBootFlags are apply --first-boot's hidden settings (tests).
-type firstBootFlags struct {
-	console   string
-	retryWait time.Duration
+// FirstBootOptions are apply --first-boot's hidden settings (tests).
+type FirstBootOptions struct {
+	// Console is where the final status line goes (/dev/console).
+	Console string
+	// RetryWait, when set, is the first pause before a retry (tests).
+	RetryWait time.Duration
 }
 
 // firstBoot is what nodespawn-firstboot.service runs: apply, again after
@@ -31,17 +33,17 @@ type firstBootFlags struct {
 // timeout; never bad input or a checksum mismatch) until the manifest's
 // firstBoot.retryFor has passed, then the outcome as one line on the
 // console, and the report home when the manifest asks for one.
-func (a *applyRun) firstBoot(ctx context.Context, fb firstBootFlags) error {
+func (a *Run) FirstBoot(ctx context.Context, fb FirstBootOptions) error {
 	started := time.Now()
 	a.refuse = true
-	policy := firstBootRetry
-	if fb.retryWait > 0 {
-		policy.Base, policy.Max = fb.retryWait, 12*fb.retryWait
+	policy := FirstBootRetry
+	if fb.RetryWait > 0 {
+		policy.Base, policy.Max = fb.RetryWait, 12*fb.RetryWait
 	}
 	var err error
 	attempt := 1
 	for ; ; attempt++ {
-		err = a.once(ctx)
+		err = a.Once(ctx)
 		reason, again := transient(err)
 		if !again {
 			break
@@ -63,8 +65,8 @@ func (a *applyRun) firstBoot(ctx context.Context, fb firstBootFlags) error {
 		}
 	}
 	line := firstBootLine(a, err)
-	if werr := writeConsole(fb.console, line); werr != nil {
-		slog.Warn("could not write the outcome to the console", "console", fb.console, "error", werr)
+	if werr := writeConsole(fb.Console, line); werr != nil {
+		slog.Warn("could not write the outcome to the console", "console", fb.Console, "error", werr)
 	}
 	if a.manifest != nil && a.manifest.Report != nil {
 		if rerr := a.sendReport(ctx, err, attempt); rerr != nil {
@@ -78,14 +80,14 @@ func (a *applyRun) firstBoot(ctx context.Context, fb firstBootFlags) error {
 
 // transient says whether err is worth a whole new run, and why.
 func transient(err error) (string, bool) {
-	if err == nil || exitCode(err) == exitBadInput {
+	if err == nil || ExitCode(err) == apply.ExitInput {
 		return "", false
 	}
 	return httpx.Retryable(err)
 }
 
 // firstBootLine is the outcome for a person at the console.
-func firstBootLine(a *applyRun, err error) string {
+func firstBootLine(a *Run, err error) string {
 	var se *apply.StepError
 	switch {
 	case err == nil && a.plan != nil:
@@ -113,7 +115,7 @@ func writeConsole(path, line string) error {
 }
 
 // sendReport posts the outcome to the manifest's report.url.
-func (a *applyRun) sendReport(ctx context.Context, runErr error, attempts int) error {
+func (a *Run) sendReport(ctx context.Context, runErr error, attempts int) error {
 	rc := a.manifest.Report
 	opts := []httpx.Option{httpx.WithLogger(slog.Default())}
 	if rc.CACert != "" {
@@ -124,7 +126,7 @@ func (a *applyRun) sendReport(ctx context.Context, runErr error, attempts int) e
 		opts = append(opts, httpx.WithCACerts(certs...))
 	}
 	hostname, _ := os.Hostname()
-	r := report.Report{Status: string(apply.StateDone), Summary: "done", Hostname: hostname, Attempts: attempts, ToolVersion: version}
+	r := report.Report{Status: string(apply.StateDone), Summary: "done", Hostname: hostname, Attempts: attempts, ToolVersion: a.ToolVersion}
 	if a.plan != nil {
 		r.Node, r.Machine, r.PlanDigest = a.plan.NodeName, a.plan.Machine, a.plan.Digest()
 	}

@@ -1,4 +1,4 @@
-package main
+package provision
 
 import (
 	"os/exec"
