@@ -240,7 +240,7 @@ func TestPushToRegistry(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "hello"), []byte("hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr := registrytest.Start(t)
+	addr := registrytest.Start(t).Addr
 
 	local, _ := build(t, root)
 	ref := addr + "/nodespawn/test:v1"
