@@ -70,8 +70,8 @@ images:
 # writes each way's CPU profile to DIR.
 .PHONY: bench
 bench:
-	$(GO) build -o bin/oci-bench ./internal/oci/bench
-	./bin/oci-bench $(BENCH_ARGS)
+	$(GO) build -o bin/ocibench ./tools/ocibench
+	./bin/ocibench $(BENCH_ARGS)
 
 # Start-up benchmark (not a test): builds BENCH_BASE (default: the last
 # tag, else HEAD~) and this tree the same way, runs `version` and
