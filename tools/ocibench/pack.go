@@ -1,19 +1,18 @@
 package main
 
 import (
-	"archive/tar"
+	"context"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
-	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
 )
 
 // source is a host tree (only read) and where it goes in the image: at
@@ -39,19 +38,27 @@ func parseSources(rootfs, add string) ([]source, error) {
 	return srcs, nil
 }
 
+// epoch is the mtime of every entry of the bench's layers.
+var epoch = time.Unix(1700000000, 0)
+
 // packedLayer is a gzip layer written to a scratch file.
 type packedLayer struct {
 	path           string
 	digest, diffID digest.Digest
 	size, plain    int64 // the blob's bytes, the tar stream's bytes
-	// entries are the names the layer holds, in order, to repack it.
-	entries []string
+	// files are what the layer holds, in order, to repack it.
+	files *layerFiles
 }
 
-// packer packs the trees of srcs, as one image tree, into layers.
+// packer packs the trees of srcs, as one image tree, into layers, with
+// imagebuild.WriteFiles. Its files (layers, stand-ins) go to scratch,
+// which its caller removes.
 type packer struct {
 	srcs    []source
 	scratch string
+	// emptyDir stands for the directories above where a source goes that
+	// no source has (root's, mode 0755); made when first needed.
+	emptyDir string
 }
 
 // packTree packs the trees (only read) into n gzip layers in the scratch
@@ -62,9 +69,8 @@ type packer struct {
 // the top one, which an upgrade changes, is small: with the defaults, 6
 // layers of 40/14/14/14/14/3%). Each
 // layer holds the directories above its entries. Hardlinks inside one
-// layer stay hardlinks; sockets and xattrs are left out. It returns the
-// layers and the bytes of the tar streams.
-func (p *packer) packTree(n, firstPct, lastPct int) ([]packedLayer, int64, error) {
+// layer stay hardlinks; sockets are left out.
+func (p *packer) packTree(ctx context.Context, n, firstPct, lastPct int) ([]packedLayer, error) {
 	if n < 1 {
 		n = 1
 	}
@@ -82,7 +88,7 @@ func (p *packer) packTree(n, firstPct, lastPct int) ([]packedLayer, int64, error
 			return nil
 		})
 		if err != nil {
-			return nil, 0, err
+			return nil, err
 		}
 	}
 	// bound[i] is the cumulative file bytes after which layer i ends.
@@ -107,26 +113,11 @@ func (p *packer) packTree(n, firstPct, lastPct int) ([]packedLayer, int64, error
 		}
 	}
 
-	var layers []packedLayer
-	var plain int64
-	var cur *layerWriter
-	closeCur := func() error {
-		if cur == nil {
-			return nil
-		}
-		l, err := cur.close()
-		cur = nil
-		if err != nil {
-			return err
-		}
-		layers = append(layers, l)
-		plain += l.plain
-		return nil
-	}
+	// The layers' file lists first, then the layers.
+	var lists []*layerFiles
 	var seen int64
-	var err error
 	for _, s := range p.srcs {
-		err = filepath.WalkDir(s.dir, func(hp string, d fs.DirEntry, err error) error {
+		err := filepath.WalkDir(s.dir, func(hp string, d fs.DirEntry, err error) error {
 			if err != nil {
 				return err
 			}
@@ -138,59 +129,60 @@ func (p *packer) packTree(n, firstPct, lastPct int) ([]packedLayer, int64, error
 			if name == "." {
 				return nil
 			}
-			if cur == nil || (len(layers) < n-1 && seen >= bound[len(layers)]) {
-				if err := closeCur(); err != nil {
-					return err
-				}
-				if cur, err = newLayerWriter(p, len(layers)); err != nil {
-					return err
-				}
+			if i := len(lists) - 1; i < 0 || (i < n-1 && seen >= bound[i]) {
+				lists = append(lists, &layerFiles{p: p, dirs: map[string]bool{}})
 			}
 			if d.Type().IsRegular() {
 				if fi, err := d.Info(); err == nil {
 					seen += fi.Size()
 				}
 			}
-			return cur.addWithParents(name, hp)
+			return lists[len(lists)-1].addWithParents(name, hp)
 		})
 		if err != nil {
-			break
+			return nil, err
 		}
 	}
-	if err == nil {
-		err = closeCur()
-	} else if cur != nil {
-		cur.abort()
-	}
-	if err != nil {
-		for _, l := range layers {
-			os.Remove(l.path)
+	var layers []packedLayer
+	for i, l := range lists {
+		pl, err := p.write(ctx, i, l)
+		if err != nil {
+			return nil, err
 		}
-		return nil, 0, err
+		layers = append(layers, pl)
 	}
-	return layers, plain, nil
+	return layers, nil
 }
 
-// repack packs layer l again, its entries read anew, with one more file,
-// name (with its directories), holding body: a new version of the layer.
-func (p *packer) repack(l packedLayer, i int, name string, body []byte) (packedLayer, error) {
-	w, err := newLayerWriter(p, i)
+// repack packs layer l again, as layer i, with one more file, name (with
+// its directories), holding body: a new version of the layer.
+func (p *packer) repack(ctx context.Context, l packedLayer, i int, name string, body []byte) (packedLayer, error) {
+	hp := filepath.Join(p.scratch, "added-file")
+	if err := writeFileMode(hp, body, 0o644); err != nil {
+		return packedLayer{}, err
+	}
+	files := l.files.clone()
+	if err := files.addFile(name, hp); err != nil {
+		return packedLayer{}, err
+	}
+	return p.write(ctx, i, files)
+}
+
+// write writes the layer of the files as layer i to a scratch file.
+func (p *packer) write(ctx context.Context, i int, files *layerFiles) (packedLayer, error) {
+	f, err := os.CreateTemp(p.scratch, fmt.Sprintf("layer%d-*.tar.gz", i))
 	if err != nil {
 		return packedLayer{}, err
 	}
-	for _, e := range l.entries {
-		if err = w.addWithParents(e, p.hostPath(e)); err != nil {
-			break
-		}
-	}
-	if err == nil {
-		err = w.addFile(name, body)
+	info, err := imagebuild.WriteFiles(ctx, files.files, epoch, f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
 	if err != nil {
-		w.abort()
-		return packedLayer{}, err
+		os.Remove(f.Name())
+		return packedLayer{}, fmt.Errorf("pack layer %d: %w", i+1, err)
 	}
-	return w.close()
+	return packedLayer{path: f.Name(), digest: info.Digest, diffID: info.DiffID, size: info.Size, plain: info.TarSize, files: files}, nil
 }
 
 // hostPath is the host path of the image's entry name: the last source
@@ -217,64 +209,66 @@ func (p *packer) hostPath(name string) string {
 	return ""
 }
 
-// layerWriter writes one layer: tar into gzip into a scratch file, with
-// the digests of both streams.
-type layerWriter struct {
-	p       *packer
-	f       *os.File
-	tarSum  digest.Digester
-	blob    digest.Digester
-	zw      *gzip.Writer
-	tw      *tar.Writer
-	counts  *countWriter
-	blobN   *countWriter
-	links   map[[2]uint64]string
-	dirs    map[string]bool // directories already in the layer
-	entries []string
+// dirStandIn is the host directory that stands for a directory no source
+// has: empty, mode 0755, owned by the bench (root).
+func (p *packer) dirStandIn() (string, error) {
+	if p.emptyDir != "" {
+		return p.emptyDir, nil
+	}
+	d, err := os.MkdirTemp(p.scratch, "empty-dir-")
+	if err == nil {
+		err = os.Chmod(d, 0o755)
+	}
+	if err != nil {
+		return "", err
+	}
+	p.emptyDir = d
+	return d, nil
 }
 
-type countWriter struct{ n int64 }
+// layerFiles is the file list of one layer.
+type layerFiles struct {
+	p     *packer
+	files []imagebuild.File
+	dirs  map[string]bool // directories already in the layer
+}
 
-func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
-
-func newLayerWriter(p *packer, i int) (*layerWriter, error) {
-	f, err := os.CreateTemp(p.scratch, fmt.Sprintf("layer%d-*.tar.gz", i))
-	if err != nil {
-		return nil, err
+func (l *layerFiles) clone() *layerFiles {
+	c := &layerFiles{p: l.p, files: append([]imagebuild.File(nil), l.files...), dirs: make(map[string]bool, len(l.dirs))}
+	for d := range l.dirs {
+		c.dirs[d] = true
 	}
-	w := &layerWriter{p: p, f: f, tarSum: digest.Canonical.Digester(), blob: digest.Canonical.Digester(),
-		counts: &countWriter{}, blobN: &countWriter{}, links: map[[2]uint64]string{}, dirs: map[string]bool{}}
-	w.zw = gzip.NewWriter(io.MultiWriter(f, w.blob.Hash(), w.blobN))
-	w.tw = tar.NewWriter(io.MultiWriter(w.zw, w.tarSum.Hash(), w.counts))
-	return w, nil
+	return c
 }
 
 // addWithParents adds the directories above name that the layer lacks,
 // then name from the host path hp.
-func (w *layerWriter) addWithParents(name, hp string) error {
-	if dir := path.Dir(name); dir != "." && !w.dirs[dir] {
-		if err := w.addWithParents(dir, w.p.hostPath(dir)); err != nil {
+func (l *layerFiles) addWithParents(name, hp string) error {
+	if dir := path.Dir(name); dir != "." && !l.dirs[dir] {
+		if err := l.addWithParents(dir, l.p.hostPath(dir)); err != nil {
 			return err
 		}
-		if !w.dirs[dir] {
+		if !l.dirs[dir] {
 			return fmt.Errorf("%s: not a directory in the packed tree, but %s is below it", dir, name)
 		}
 	}
-	return w.add(name, hp)
+	return l.add(name, hp)
 }
 
-var epoch = time.Unix(1700000000, 0)
-
-// add writes the entry name from the host path hp; hp "" is a directory
-// that no source has (root's, mode 0755).
-func (w *layerWriter) add(name, hp string) error {
-	if w.dirs[name] {
+// add adds the entry name from the host path hp; hp "" is a directory
+// that no source has.
+func (l *layerFiles) add(name, hp string) error {
+	if l.dirs[name] {
 		return nil
 	}
 	if hp == "" {
-		w.dirs[name] = true
-		w.entries = append(w.entries, name)
-		return w.tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: name + "/", Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX})
+		d, err := l.p.dirStandIn()
+		if err != nil {
+			return err
+		}
+		l.dirs[name] = true
+		l.files = append(l.files, imagebuild.File{Name: name, Path: d})
+		return nil
 	}
 	fi, err := os.Lstat(hp)
 	if err != nil {
@@ -283,81 +277,21 @@ func (w *layerWriter) add(name, hp string) error {
 	if fi.Mode().Type() == fs.ModeSocket {
 		return nil
 	}
-	link := ""
-	if fi.Mode().Type() == fs.ModeSymlink {
-		if link, err = os.Readlink(hp); err != nil {
-			return err
-		}
-	}
-	hdr, err := tar.FileInfoHeader(fi, link)
-	if err != nil {
-		return fmt.Errorf("%s: %w", hp, err)
-	}
-	hdr.Name, hdr.Uname, hdr.Gname = name, "", ""
-	hdr.Format = tar.FormatPAX
-	w.entries = append(w.entries, name)
 	if fi.IsDir() {
-		hdr.Name += "/"
-		w.dirs[name] = true
+		l.dirs[name] = true
 	}
-	if !fi.Mode().IsRegular() {
-		return w.tw.WriteHeader(hdr)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 {
-		key := [2]uint64{st.Dev, st.Ino}
-		if first, ok := w.links[key]; ok {
-			hdr.Typeflag, hdr.Linkname, hdr.Size = tar.TypeLink, first, 0
-			return w.tw.WriteHeader(hdr)
-		}
-		w.links[key] = name
-	}
-	// Read whole, so a file that changes while it is read still makes a
-	// consistent entry.
-	b, err := os.ReadFile(hp)
-	if err != nil {
-		return err
-	}
-	hdr.Size = int64(len(b))
-	if err := w.tw.WriteHeader(hdr); err != nil {
-		return err
-	}
-	_, err = w.tw.Write(b)
-	return err
+	l.files = append(l.files, imagebuild.File{Name: name, Path: hp})
+	return nil
 }
 
-// addFile adds a regular file (and the directories above it) that no
-// source has.
-func (w *layerWriter) addFile(name string, body []byte) error {
-	if dir := path.Dir(name); dir != "." && !w.dirs[dir] {
-		if err := w.addWithParents(dir, w.p.hostPath(dir)); err != nil {
+// addFile adds the file at hp, which no source has, as name, with the
+// directories above it.
+func (l *layerFiles) addFile(name, hp string) error {
+	if dir := path.Dir(name); dir != "." && !l.dirs[dir] {
+		if err := l.addWithParents(dir, l.p.hostPath(dir)); err != nil {
 			return err
 		}
 	}
-	w.entries = append(w.entries, name)
-	err := w.tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(body)), ModTime: epoch, Format: tar.FormatPAX})
-	if err == nil {
-		_, err = w.tw.Write(body)
-	}
-	return err
-}
-
-func (w *layerWriter) close() (packedLayer, error) {
-	err := w.tw.Close()
-	if err == nil {
-		err = w.zw.Close()
-	}
-	if cerr := w.f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(w.f.Name())
-		return packedLayer{}, err
-	}
-	return packedLayer{path: w.f.Name(), digest: w.blob.Digest(), diffID: w.tarSum.Digest(), size: w.blobN.n, plain: w.counts.n,
-		entries: w.entries}, nil
-}
-
-func (w *layerWriter) abort() {
-	w.f.Close()
-	os.Remove(w.f.Name())
+	l.files = append(l.files, imagebuild.File{Name: name, Path: hp})
+	return nil
 }
