@@ -63,15 +63,18 @@ func Run(opts Options) (*Registry, error) {
 	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
 		return nil, err
 	}
+	// A free port, or the given one while nothing else has it: a registry
+	// left running there would answer in place of this one.
 	addr := opts.Addr
 	if addr == "" {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		addr = l.Addr().String()
-		l.Close()
+		addr = "127.0.0.1:0"
 	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("docker-registry cannot listen on %s (another registry left running?): %w", addr, err)
+	}
+	addr = l.Addr().String()
+	l.Close()
 	r := &Registry{Addr: addr, Storage: filepath.Join(opts.Dir, "data"), Log: filepath.Join(opts.Dir, "registry.log"), exited: make(chan struct{})}
 	logCfg := "{ level: error, accesslog: { disabled: true } }"
 	if opts.Verbose {
@@ -99,7 +102,7 @@ func Run(opts Options) (*Registry, error) {
 	}
 	go func() { r.cmd.Wait(); close(r.exited) }()
 	client := &http.Client{Timeout: time.Second}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second) // generous: the machine may be busy
 	for {
 		select {
 		case <-r.exited:
@@ -113,7 +116,7 @@ func Run(opts Options) (*Registry, error) {
 		}
 		if time.Now().After(deadline) {
 			r.Close()
-			return nil, fmt.Errorf("docker-registry did not listen on %s within 10s: %s", addr, r.logText())
+			return nil, fmt.Errorf("docker-registry did not listen on %s within 30s: %s", addr, r.logText())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
