@@ -12,6 +12,7 @@ export CGO_CFLAGS ?= -Wno-deprecated-declarations
 
 test:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt needed: $$out" >&2; exit 1; }
+	@out=$$($(GO) mod tidy -diff 2>&1) || { printf '%s\n' "$$out" >&2; echo "go.mod/go.sum are not tidy (the diff or the error above): run 'go mod tidy' and commit the result" >&2; exit 1; }
 	$(GO) vet ./...
 	CGO_ENABLED=0 $(GO) vet ./...
 	CGO_ENABLED=0 $(GO) build -o /dev/null .
@@ -70,8 +71,8 @@ images:
 # writes each way's CPU profile to DIR.
 .PHONY: bench
 bench:
-	$(GO) build -o bin/oci-bench ./internal/oci/bench
-	./bin/oci-bench $(BENCH_ARGS)
+	$(GO) build -o bin/ocibench ./tools/ocibench
+	./bin/ocibench $(BENCH_ARGS)
 
 # Start-up benchmark (not a test): builds BENCH_BASE (default: the last
 # tag, else HEAD~) and this tree the same way, runs `version` and

@@ -39,7 +39,7 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	}
 	work := t.TempDir()
 	t.Cleanup(func() { unmountUnder(t, work) })
-	addr := registrytest.Start(t)
+	addr := registrytest.Start(t).Addr
 	ref, layerIDs := pushTwoLayers(t, addr)
 	_, srv := newMirror(t)
 	m := pipelineManifest("LAYOUT", srv.URL, "")
@@ -199,7 +199,7 @@ func BenchmarkStatusLayerRoot(b *testing.B) {
 	}
 	work := b.TempDir()
 	b.Cleanup(func() { unmountUnder(b, work) })
-	addr := registrytest.Start(b)
+	addr := registrytest.Start(b).Addr
 	ref := benchImage(b, addr)
 	_, srv := newMirror(b)
 	m := pipelineManifest("LAYOUT", srv.URL, "")

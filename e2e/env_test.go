@@ -21,12 +21,12 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"oras.land/oras-go/v2"
 )
@@ -173,11 +173,13 @@ func setup(ctx context.Context) (*environment, func(), error) {
 	}
 	logf("guest disk with nodespawn ready (+%s)", time.Since(t0).Round(time.Second))
 
-	regStop, err := startRegistry(filepath.Join(work, "registry"))
-	stops = append(stops, regStop)
+	// The guest reaches it at guestHostIP:registryPort; its log (with
+	// one line per request) stays in the work directory.
+	reg, err := registrytest.Run(registrytest.Options{Dir: filepath.Join(work, "registry"), Addr: fmt.Sprintf("127.0.0.1:%d", registryPort), Verbose: true})
 	if err != nil {
 		return nil, stop, err
 	}
+	stops = append(stops, reg.Close)
 	dst, tag, err := imagebuild.Repository(fmt.Sprintf("127.0.0.1:%d/%s:%s", registryPort, imageRepo, imageTag), true)
 	if err != nil {
 		return nil, stop, err
@@ -292,36 +294,6 @@ func pushImageV2(ctx context.Context, dst oras.Target, base imagebuild.Result, w
 		return res, fmt.Errorf("push the v2 machine image: %w", err)
 	}
 	return res, nil
-}
-
-// startRegistry runs Debian's docker-registry (distribution) on 127.0.0.1:5000.
-func startRegistry(dir string) (func(), error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return func() {}, err
-	}
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%d\n", filepath.Join(dir, "data"), registryPort)
-	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644); err != nil {
-		return func() {}, err
-	}
-	logFile, err := os.Create(filepath.Join(dir, "registry.log"))
-	if err != nil {
-		return func() {}, err
-	}
-	cmd := exec.Command("docker-registry", "serve", filepath.Join(dir, "config.yml"))
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return func() {}, fmt.Errorf("start docker-registry: %w", err)
-	}
-	stop := func() { cmd.Process.Kill(); cmd.Wait(); logFile.Close() }
-	for i := 0; i < 100; i++ {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", registryPort)); err == nil {
-			c.Close()
-			return stop, nil
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return stop, fmt.Errorf("docker-registry did not listen on 127.0.0.1:%d; see %s", registryPort, logFile.Name())
 }
 
 // Mirror keys (environment.mirrorFiles, mirrorSHA256) of the kubelets the

@@ -16,6 +16,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/registrytest"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 	"oras.land/oras-go/v2"
@@ -240,7 +241,7 @@ func TestPushToRegistry(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "hello"), []byte("hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr := registrytest.Start(t)
+	addr := registrytest.Start(t).Addr
 
 	local, _ := build(t, root)
 	ref := addr + "/nodespawn/test:v1"
@@ -335,5 +336,107 @@ func TestExtendSharesTheBase(t *testing.T) {
 	}
 	if len(cfg.RootFS.DiffIDs) != 2 || cfg.RootFS.DiffIDs[0] != base.DiffID || cfg.RootFS.DiffIDs[1] != ext.DiffID {
 		t.Errorf("diff_ids %v, want %s then %s", cfg.RootFS.DiffIDs, base.DiffID, ext.DiffID)
+	}
+}
+
+// TestWriteFiles: a layer from a list of files of two trees holds exactly
+// those entries, in the list's order and under the list's names (a
+// directory without its content), each as WriteLayer writes it; a hard
+// link among them stays one; the digests and sizes it reports are those
+// of the blob and of the tar in it.
+func TestWriteFiles(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.MkdirAll(filepath.Join(a, "etc/skipped"), 0o750))
+	must(os.Chmod(filepath.Join(a, "etc"), 0o755))
+	must(os.Chmod(filepath.Join(a, "etc/skipped"), 0o750))
+	must(os.WriteFile(filepath.Join(a, "etc/skipped/file"), []byte("not listed"), 0o644))
+	must(os.WriteFile(filepath.Join(a, "etc/hostname"), []byte("node\n"), 0o600))
+	must(os.Chmod(filepath.Join(a, "etc/hostname"), 0o600))
+	must(os.WriteFile(filepath.Join(b, "kubelet"), []byte("binary"), 0o755))
+	must(os.Chmod(filepath.Join(b, "kubelet"), 0o755))
+	must(os.Link(filepath.Join(b, "kubelet"), filepath.Join(b, "kubelet-link")))
+	must(os.Symlink("kubelet", filepath.Join(b, "kl")))
+	files := []File{
+		{Name: "etc", Path: filepath.Join(a, "etc")},
+		{Name: "etc/skipped", Path: filepath.Join(a, "etc/skipped")},
+		{Name: "usr/local/bin/kubelet", Path: filepath.Join(b, "kubelet")},
+		{Name: "etc/hostname", Path: filepath.Join(a, "etc/hostname")},
+		{Name: "usr/local/bin/kubelet2", Path: filepath.Join(b, "kubelet-link")},
+		{Name: "usr/local/bin/kl", Path: filepath.Join(b, "kl")},
+	}
+	var blob bytes.Buffer
+	mtime := time.Unix(1700000000, 0)
+	info, err := WriteFiles(context.Background(), files, mtime, &blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Size != int64(blob.Len()) || info.Digest != digest.FromBytes(blob.Bytes()) || info.Entries != len(files) {
+		t.Errorf("info size %d digest %s entries %d, want %d %s %d", info.Size, info.Digest, info.Entries, blob.Len(), digest.FromBytes(blob.Bytes()), len(files))
+	}
+	zr, err := gzip.NewReader(&blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := io.ReadAll(zr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.TarSize != int64(len(plain)) || info.DiffID != digest.FromBytes(plain) {
+		t.Errorf("info tar size %d diff id %s, want %d %s", info.TarSize, info.DiffID, len(plain), digest.FromBytes(plain))
+	}
+	type entry struct {
+		name     string
+		typ      byte
+		mode     int64
+		link     string
+		size     int64
+		contents string
+	}
+	want := []entry{
+		{"etc/", tar.TypeDir, 0o755, "", 0, ""},
+		{"etc/skipped/", tar.TypeDir, 0o750, "", 0, ""},
+		{"usr/local/bin/kubelet", tar.TypeReg, 0o755, "", 6, "binary"},
+		{"etc/hostname", tar.TypeReg, 0o600, "", 5, "node\n"},
+		{"usr/local/bin/kubelet2", tar.TypeLink, 0o755, "usr/local/bin/kubelet", 0, ""},
+		{"usr/local/bin/kl", tar.TypeSymlink, 0o777, "kubelet", 0, ""},
+	}
+	var got []entry
+	tr := tar.NewReader(bytes.NewReader(plain))
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, err := io.ReadAll(tr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !h.ModTime.Equal(mtime) {
+			t.Errorf("%s: mtime %v, want %v", h.Name, h.ModTime, mtime)
+		}
+		got = append(got, entry{h.Name, h.Typeflag, h.Mode, h.Linkname, h.Size, string(body)})
+	}
+	if len(got) != len(want) {
+		t.Fatalf("entries %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("entry %d: %+v, want %+v", i, got[i], want[i])
+		}
+	}
+
+	// A file that is not there is an error naming it.
+	_, err = WriteFiles(context.Background(), []File{{Name: "gone", Path: filepath.Join(a, "gone")}}, mtime, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), filepath.Join(a, "gone")) {
+		t.Errorf("missing file: error %v, want one naming %s", err, filepath.Join(a, "gone"))
 	}
 }

@@ -6,6 +6,9 @@
 // The same tree always gives the same digests: entries are sorted, every
 // mtime is the same fixed time, user and group names are left out (only the
 // numeric ids count), and gzip writes a header without name or time.
+//
+// WriteLayer and WriteFiles are the project's one tar-layer writer; the
+// image benchmark (tools/ocibench) packs its layers with WriteFiles too.
 package imagebuild
 
 import (
@@ -30,6 +33,8 @@ import (
 type LayerInfo struct {
 	// DiffID is the sha256 of the uncompressed tar (the config's rootfs.diff_ids).
 	DiffID digest.Digest
+	// TarSize is the size of the uncompressed tar.
+	TarSize int64
 	// Digest and Size describe the compressed blob.
 	Digest digest.Digest
 	Size   int64
@@ -44,26 +49,61 @@ type LayerInfo struct {
 // stale anyway), and so are security.selinux labels, which belong to the
 // build host's policy.
 func WriteLayer(ctx context.Context, root string, mtime time.Time, w io.Writer) (LayerInfo, error) {
+	return writeLayer(ctx, mtime, w, root, func(lw *layerWriter) error { return lw.walk(root, "") })
+}
+
+// A File is one entry of a layer that WriteFiles writes: the file at Path
+// (a symlink itself, not what it points to) under Name, a slash-separated
+// path relative to the image's root.
+type File struct {
+	Name, Path string
+}
+
+// WriteFiles writes files, in the order given, as a gzip-compressed tar
+// stream to w: a layer made of parts of one or more trees. Each entry is
+// what WriteLayer writes for that file; a directory's entry holds the
+// directory alone, not its content, and the caller lists the directories
+// above each name that the layer needs. Hard links among the files stay
+// hard links.
+func WriteFiles(ctx context.Context, files []File, mtime time.Time, w io.Writer) (LayerInfo, error) {
+	return writeLayer(ctx, mtime, w, "the layer's files", func(lw *layerWriter) error {
+		for _, f := range files {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if _, err := lw.entry(f.Name, f.Path); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// writeLayer writes the tar entries add writes as a gzip-compressed tar
+// stream to w; what names the content in errors.
+func writeLayer(ctx context.Context, mtime time.Time, w io.Writer, what string, add func(*layerWriter) error) (LayerInfo, error) {
 	compressed := sha256.New()
 	cw := &countWriter{w: io.MultiWriter(w, compressed)}
 	// gzip.NewWriter writes no name and a zero mtime into the header, so the
 	// compressed bytes depend only on the tar bytes and the Go version.
 	zw := gzip.NewWriter(cw)
 	uncompressed := sha256.New()
-	tw := tar.NewWriter(io.MultiWriter(zw, uncompressed))
+	tarN := &countWriter{w: uncompressed}
+	tw := tar.NewWriter(io.MultiWriter(zw, tarN))
 
-	lw := layerWriter{ctx: ctx, root: root, mtime: mtime.UTC().Truncate(time.Second), tw: tw, inodes: map[inode]string{}}
-	if err := lw.walk(""); err != nil {
+	lw := layerWriter{ctx: ctx, mtime: mtime.UTC().Truncate(time.Second), tw: tw, inodes: map[inode]string{}}
+	if err := add(&lw); err != nil {
 		return LayerInfo{}, err
 	}
 	if err := tw.Close(); err != nil {
-		return LayerInfo{}, fmt.Errorf("finish layer tar of %s: %w", root, err)
+		return LayerInfo{}, fmt.Errorf("finish layer tar of %s: %w", what, err)
 	}
 	if err := zw.Close(); err != nil {
-		return LayerInfo{}, fmt.Errorf("finish layer gzip of %s: %w", root, err)
+		return LayerInfo{}, fmt.Errorf("finish layer gzip of %s: %w", what, err)
 	}
 	return LayerInfo{
 		DiffID:  digest.NewDigest(digest.SHA256, uncompressed),
+		TarSize: tarN.n,
 		Digest:  digest.NewDigest(digest.SHA256, compressed),
 		Size:    cw.n,
 		Entries: lw.entries,
@@ -74,7 +114,6 @@ type inode struct{ dev, ino uint64 }
 
 type layerWriter struct {
 	ctx     context.Context
-	root    string
 	mtime   time.Time
 	tw      *tar.Writer
 	inodes  map[inode]string // first tar name of each multiply-linked file
@@ -84,11 +123,11 @@ type layerWriter struct {
 // walk writes the entries below rel (relative to root, "" for root itself)
 // in byte order of their names, which keeps the order independent of the
 // file system's directory order.
-func (lw *layerWriter) walk(rel string) error {
+func (lw *layerWriter) walk(root, rel string) error {
 	if err := lw.ctx.Err(); err != nil {
 		return err
 	}
-	dir := filepath.Join(lw.root, rel)
+	dir := filepath.Join(root, rel)
 	f, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("read rootfs directory %s: %w", dir, err)
@@ -104,12 +143,12 @@ func (lw *layerWriter) walk(rel string) error {
 		if rel != "" {
 			child = rel + "/" + name
 		}
-		isDir, err := lw.entry(child)
+		isDir, err := lw.entry(child, filepath.Join(root, child))
 		if err != nil {
 			return err
 		}
 		if isDir {
-			if err := lw.walk(child); err != nil {
+			if err := lw.walk(root, child); err != nil {
 				return err
 			}
 		}
@@ -117,9 +156,9 @@ func (lw *layerWriter) walk(rel string) error {
 	return nil
 }
 
-// entry writes one tar entry for rel and says whether it is a directory.
-func (lw *layerWriter) entry(rel string) (bool, error) {
-	p := filepath.Join(lw.root, rel)
+// entry writes one tar entry named rel for the file at p and says whether
+// it is a directory.
+func (lw *layerWriter) entry(rel, p string) (bool, error) {
 	var st unix.Stat_t
 	if err := unix.Lstat(p, &st); err != nil {
 		return false, fmt.Errorf("stat %s: %w", p, err)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
@@ -136,8 +137,8 @@ func equivShapes() []equivShape {
 func TestStoresAgree(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/equiv")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/equiv")
 	// Not t.TempDir: overlayfs options cannot carry the commas of test
 	// names, and 128 layers' paths must stay short.
 	base, err := os.MkdirTemp("", "equiv-")
@@ -158,7 +159,7 @@ func TestStoresAgree(t *testing.T) {
 			}
 			tag := fmt.Sprintf("s%d", i)
 			pushImage(t, ctx, repo, tag, imageSpec{platform: linuxAMD64, layers: ls})
-			req := Request{Reference: reg.addr + "/nodespawn/equiv:" + tag, Platform: "linux/amd64", PlainHTTP: []string{reg.addr}, Log: testLogger(t)}
+			req := Request{Reference: reg.Addr + "/nodespawn/equiv:" + tag, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr}, Log: testLogger(t)}
 
 			flatDir := filepath.Join(base, "f", tag)
 			if err := os.MkdirAll(flatDir, 0o700); err != nil {

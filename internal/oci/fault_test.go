@@ -20,6 +20,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
@@ -90,8 +91,8 @@ func faultClient() *http.Client {
 func TestPullFaults(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/faults")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/faults")
 	layers := []layer{
 		randomLayer(t, 1, "one", 1<<20),
 		randomLayer(t, 2, "two", 1<<20),
@@ -99,7 +100,7 @@ func TestPullFaults(t *testing.T) {
 	}
 	good := pushImage(t, ctx, repo, "good", imageSpec{platform: linuxAMD64, layers: layers})
 	target := "/v2/nodespawn/faults/blobs/" + fetchManifest(t, ctx, repo, good).Layers[1].Digest.String()
-	px := startProxy(t, reg.addr)
+	px := startProxy(t, reg.Addr)
 
 	type faultFn = func(w http.ResponseWriter, r *http.Request, n int) bool
 	cases := []struct {
@@ -127,21 +128,21 @@ func TestPullFaults(t *testing.T) {
 		}},
 		{name: "reset mid-blob once", recover: true, wantRange: true, fault: func(w http.ResponseWriter, r *http.Request, n int) bool {
 			if r.URL.Path == target && n == 1 {
-				serveBroken(t, w, r, reg.addr, "reset")
+				serveBroken(t, w, r, reg.Addr, "reset")
 				return true
 			}
 			return false
 		}},
 		{name: "reset mid-blob every time", wantErr: "attempt 3 of 3", fault: func(w http.ResponseWriter, r *http.Request, n int) bool {
 			if r.URL.Path == target {
-				serveBroken(t, w, r, reg.addr, "reset")
+				serveBroken(t, w, r, reg.Addr, "reset")
 				return true
 			}
 			return false
 		}},
 		{name: "stall mid-blob once", recover: true, wantRange: true, fault: func(w http.ResponseWriter, r *http.Request, n int) bool {
 			if r.URL.Path == target && n == 1 {
-				serveBroken(t, w, r, reg.addr, "stall")
+				serveBroken(t, w, r, reg.Addr, "stall")
 				return true
 			}
 			return false
@@ -206,14 +207,14 @@ func TestPullFaults(t *testing.T) {
 func TestPullTampered(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/tamper")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/tamper")
 	pushImage(t, ctx, repo, "old", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("version", "old", 0o644))}})
 
 	// An uncompressed layer with a flipped byte in the registry's storage.
 	plain := compressLayer(t, ocispec.MediaTypeImageLayer, mkTar(t, file("version", "tampered", 0o644)))
 	pushImage(t, ctx, repo, "tampered", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("base", "b", 0o644)), plain}})
-	blob := reg.blobPath(digest.FromBytes(plain.blob))
+	blob := reg.BlobPath(digest.FromBytes(plain.blob))
 	b, err := os.ReadFile(blob)
 	if err != nil {
 		t.Fatalf("read stored blob: %v", err)
@@ -239,13 +240,13 @@ func TestPullTampered(t *testing.T) {
 		t.Run(c.tag, func(t *testing.T) {
 			parent := rootfstest.MachinesDir(t)
 			dest := filepath.Join(parent, "m")
-			req := Request{Reference: reg.addr + "/nodespawn/tamper:old", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)}
+			req := Request{Reference: reg.Addr + "/nodespawn/tamper:old", Platform: "linux/amd64",
+				PlainHTTP: []string{reg.Addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)}
 			if _, err := Pull(ctx, req); err != nil {
 				t.Fatal(err)
 			}
 			marker, _ := os.ReadFile(filepath.Join(parent, ".m.nodespawn-image"))
-			req.Reference = reg.addr + "/nodespawn/tamper:" + c.tag
+			req.Reference = reg.Addr + "/nodespawn/tamper:" + c.tag
 			_, err := Pull(ctx, req)
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("err = %v, want it to contain %q", err, c.want)

@@ -8,11 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -27,82 +23,6 @@ import (
 	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
 )
-
-// registryServer is Debian's docker-registry (distribution v2.8) serving a
-// temp directory on a free loopback port.
-type registryServer struct {
-	addr    string // 127.0.0.1:port
-	storage string
-}
-
-// startRegistry starts docker-registry for the test and stops it at the
-// end. htpasswd, when set, turns on basic auth with that file.
-func startRegistry(t testing.TB, htpasswd string) *registryServer {
-	t.Helper()
-	bin, err := exec.LookPath("docker-registry")
-	if err != nil {
-		t.Skip("docker-registry not installed (apt-get install docker-registry); the registry tests need it")
-	}
-	dir := t.TempDir()
-	addr := freePort(t)
-	cfg := fmt.Sprintf(`version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage:
-  filesystem: { rootdirectory: %s }
-  delete: { enabled: true }
-http:
-  addr: %s
-`, filepath.Join(dir, "data"), addr)
-	if htpasswd != "" {
-		cfg += fmt.Sprintf("auth:\n  htpasswd: { realm: nodespawn-test, path: %s }\n", htpasswd)
-	}
-	cfgPath := filepath.Join(dir, "registry.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "registry.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve", cfgPath)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start docker-registry: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		logf.Close()
-	})
-	for i := 0; ; i++ {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if i == 200 {
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("docker-registry did not come up on %s: %v\n%s", addr, err, b)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return &registryServer{addr: addr, storage: filepath.Join(dir, "data")}
-}
-
-// blobPath is where the registry keeps a blob's bytes.
-func (r *registryServer) blobPath(d digest.Digest) string {
-	return filepath.Join(r.storage, "docker/registry/v2/blobs", d.Algorithm().String(), d.Encoded()[:2], d.Encoded(), "data")
-}
-
-func freePort(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 // pushRepo returns a plain-HTTP repository handle for pushing test images.
 func pushRepo(t testing.TB, addr, name string) *remote.Repository {

@@ -78,7 +78,7 @@ func TestPullKilledLeavesNothing(t *testing.T) {
 				spool = t.TempDir()
 				where = spool
 			}
-			arg, _ := json.Marshal(killRequest{Registry: reg.addr, Ref: ref, Dest: dest, SpoolDir: spool})
+			arg, _ := json.Marshal(killRequest{Registry: reg.Addr, Ref: ref, Dest: dest, SpoolDir: spool})
 			cmd := exec.Command(os.Args[0], "-test.run=^$")
 			cmd.Env = append(os.Environ(), killChildEnv+"="+string(arg), "TMPDIR="+tmp)
 			var stderr bytes.Buffer
@@ -117,7 +117,7 @@ func TestPullKilledLeavesNothing(t *testing.T) {
 				}
 			}
 
-			res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+			res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 				Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 			if err != nil || res.NoOp {
 				t.Fatalf("pull after the kill: NoOp=%v err=%v", res.NoOp, err)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
@@ -60,8 +61,8 @@ func bombLayer(t testing.TB, n int, size int64) layer {
 func TestUnpackBound(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/bomb")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/bomb")
 	good := gzLayer(t, file("etc/os-release", "ID=test\n", 0o644))
 	bomb := bombLayer(t, 32, 8<<20)
 	if len(bomb.blob) > 1<<20 {
@@ -108,7 +109,7 @@ func TestUnpackBound(t *testing.T) {
 		t.Run("flat/"+c.name, func(t *testing.T) {
 			parent := rootfstest.MachinesDir(t)
 			dest := filepath.Join(parent, "m")
-			_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/bomb:" + c.tag, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+			_, err := Pull(ctx, Request{Reference: reg.Addr + "/nodespawn/bomb:" + c.tag, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 				Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), MaxUnpacked: c.max(parent), MinFree: c.minFree(parent)})
 			checkBoundError(t, err, c.want)
 			if es, _ := os.ReadDir(parent); len(es) != 0 {
@@ -121,7 +122,7 @@ func TestUnpackBound(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = PullLayers(ctx, Request{Reference: reg.addr + "/nodespawn/bomb:" + c.tag, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+			_, err = PullLayers(ctx, Request{Reference: reg.Addr + "/nodespawn/bomb:" + c.tag, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 				Log: testLogger(t), MaxUnpacked: c.max(base), MinFree: c.minFree(base)}, store)
 			checkBoundError(t, err, c.want)
 			es, _ := os.ReadDir(store.Dir())

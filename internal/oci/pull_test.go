@@ -16,6 +16,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
@@ -142,15 +143,15 @@ func checkFeatureRootfs(t *testing.T, root string) {
 func TestPullRegistryFeatures(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/base")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/base")
 	desc := pushImage(t, ctx, repo, "v1", imageSpec{platform: linuxAMD64, layers: featureLayers(t)})
 
 	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "kube1")
 	var progress []Progress
 	res, err := Pull(ctx, Request{
-		Reference: reg.addr + "/nodespawn/base:v1", Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+		Reference: reg.Addr + "/nodespawn/base:v1", Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 		Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), Progress: func(p Progress) { progress = append(progress, p) },
 	})
 	if err != nil {
@@ -174,8 +175,8 @@ func TestPullRegistryFeatures(t *testing.T) {
 	// Same digest by digest reference: a no-op, dest untouched.
 	before := stat(t, dest)
 	res, err = Pull(ctx, Request{
-		Reference: reg.addr + "/nodespawn/base@" + desc.Digest.String(), Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t),
+		Reference: reg.Addr + "/nodespawn/base@" + desc.Digest.String(), Platform: "linux/amd64",
+		PlainHTTP: []string{reg.Addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t),
 	})
 	if err != nil || !res.NoOp {
 		t.Fatalf("second Pull: NoOp=%v err=%v, want a no-op", res.NoOp, err)
@@ -197,8 +198,8 @@ func stat(t testing.TB, p string) *syscall.Stat_t {
 func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/swap")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/swap")
 	pushImage(t, ctx, repo, "one", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("version", "one", 0o644))}})
 	pushImage(t, ctx, repo, "two", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("version", "two", 0o644))}})
 
@@ -206,8 +207,8 @@ func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 	dest := filepath.Join(parent, "m")
 	pull := func(tag string) Result {
 		t.Helper()
-		res, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/swap:" + tag, Platform: "linux/amd64",
-			PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
+		res, err := Pull(ctx, Request{Reference: reg.Addr + "/nodespawn/swap:" + tag, Platform: "linux/amd64",
+			PlainHTTP: []string{reg.Addr}, Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t)})
 		if err != nil {
 			t.Fatalf("Pull %s: %v", tag, err)
 		}
@@ -243,8 +244,8 @@ func TestPullReplacesAndCleansLeftovers(t *testing.T) {
 func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/multi")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/multi")
 	plats := []ocispec.Platform{
 		{OS: "linux", Architecture: "amd64"},
 		{OS: "linux", Architecture: "arm64", Variant: "v8"},
@@ -259,7 +260,7 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 		}})
 	}
 	_, manifests := pushIndex(t, ctx, repo, "multi", imgs...)
-	px := startProxy(t, reg.addr)
+	px := startProxy(t, reg.Addr)
 
 	for _, c := range []struct{ platform, arch string }{{"linux/arm64/v8", "arm64"}, {"linux/arm64", "arm64"}, {"linux/amd64", "amd64"}, {"linux/arm/v7", "arm"}} {
 		t.Run(c.platform, func(t *testing.T) {
@@ -307,12 +308,12 @@ func TestPullMultiArchFetchesOnlyOnePlatform(t *testing.T) {
 
 func TestPullSingleArchWrongPlatform(t *testing.T) {
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/arm")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/arm")
 	pushImage(t, ctx, repo, "v1", imageSpec{platform: ocispec.Platform{OS: "linux", Architecture: "arm64"}, layers: []layer{gzLayer(t, file("a", "a", 0o644))}})
 	parent := rootfstest.MachinesDir(t)
-	_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/arm:v1", Platform: "linux/amd64",
-		PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
+	_, err := Pull(ctx, Request{Reference: reg.Addr + "/nodespawn/arm:v1", Platform: "linux/amd64",
+		PlainHTTP: []string{reg.Addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t)})
 	if err == nil || !strings.Contains(err.Error(), "is for platform linux/arm64, want linux/amd64") {
 		t.Fatalf("err = %v, want a platform mismatch", err)
 	}
@@ -326,24 +327,24 @@ func TestPullCredentials(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg := startRegistry(t, htpasswd)
-	repo := pushRepo(t, reg.addr, "nodespawn/private")
-	repo.Client = authClient(reg.addr, "nodespawn", "s3cret")
+	reg := registrytest.StartWith(t, registrytest.Options{Htpasswd: htpasswd})
+	repo := pushRepo(t, reg.Addr, "nodespawn/private")
+	repo.Client = authClient(reg.Addr, "nodespawn", "s3cret")
 	pushImage(t, ctx, repo, "v1", imageSpec{platform: linuxAMD64, layers: []layer{gzLayer(t, file("secret", "s", 0o600))}})
 
 	dir := t.TempDir()
 	good := filepath.Join(dir, "good.json")
 	bad := filepath.Join(dir, "bad.json")
-	writeDockerConfig(t, good, reg.addr, "nodespawn", "s3cret")
-	writeDockerConfig(t, bad, reg.addr, "nodespawn", "wrong")
+	writeDockerConfig(t, good, reg.Addr, "nodespawn", "s3cret")
+	writeDockerConfig(t, bad, reg.Addr, "nodespawn", "wrong")
 	for _, c := range []struct {
 		name, creds string
 		ok          bool
 	}{{"anonymous", "", false}, {"wrong password", bad, false}, {"docker config", good, true}} {
 		t.Run(c.name, func(t *testing.T) {
 			parent := rootfstest.MachinesDir(t)
-			_, err := Pull(ctx, Request{Reference: reg.addr + "/nodespawn/private:v1", Platform: "linux/amd64",
-				PlainHTTP: []string{reg.addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Log: testLogger(t),
+			_, err := Pull(ctx, Request{Reference: reg.Addr + "/nodespawn/private:v1", Platform: "linux/amd64",
+				PlainHTTP: []string{reg.Addr}, Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), CredentialsFile: c.creds, Log: testLogger(t),
 				HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
 			if c.ok && err != nil {
 				t.Fatalf("Pull: %v", err)
@@ -360,11 +361,11 @@ func TestPullCredentials(t *testing.T) {
 }
 
 func TestPullPlainHTTPOnlyWhenListed(t *testing.T) {
-	reg := startRegistry(t, "")
+	reg := registrytest.Start(t)
 	parent := rootfstest.MachinesDir(t)
-	_, err := Pull(context.Background(), Request{Reference: reg.addr + "/nodespawn/any:v1", Platform: "linux/amd64",
+	_, err := Pull(context.Background(), Request{Reference: reg.Addr + "/nodespawn/any:v1", Platform: "linux/amd64",
 		Root: confinetest.HostRoot(t), Dest: filepath.Join(parent, "m"), Log: testLogger(t), HTTPClient: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}))})
-	if err == nil || !strings.Contains(err.Error(), "https://"+reg.addr) {
+	if err == nil || !strings.Contains(err.Error(), "https://"+reg.Addr) {
 		t.Fatalf("err = %v, want a failed HTTPS request to a registry not listed as plain HTTP", err)
 	}
 	rootfstest.AssertOnly(t, parent)

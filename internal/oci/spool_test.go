@@ -19,6 +19,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 	"github.com/nodespawn/nodespawn/internal/rootfs/rootfstest"
 )
 
@@ -272,16 +273,16 @@ func assertEmpty(t testing.TB, dir string) {
 
 // spoolImage pushes an image of n layers of size incompressible bytes
 // each (files l0, l1, ...) and returns its reference and layers.
-func spoolImage(t *testing.T, name string, n, size int) (*registryServer, string, []layer) {
+func spoolImage(t *testing.T, name string, n, size int) (*registrytest.Registry, string, []layer) {
 	t.Helper()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, name)
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, name)
 	var layers []layer
 	for i := range n {
 		layers = append(layers, randomLayer(t, uint64(10+i), fmt.Sprintf("l%d", i), size))
 	}
 	pushImage(t, context.Background(), repo, "v1", imageSpec{platform: linuxAMD64, layers: layers})
-	return reg, reg.addr + "/" + name + ":v1", layers
+	return reg, reg.Addr + "/" + name + ":v1", layers
 }
 
 func checkSpoolRootfs(t *testing.T, dest string, n, size int) {
@@ -304,7 +305,7 @@ func TestPullInTurnNeverSpills(t *testing.T) {
 	parent := rootfstest.MachinesDir(t)
 	dest := filepath.Join(parent, "m")
 	seen := 0
-	res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+	res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 		Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), Concurrency: 1, SpoolMemory: -1, SpoolDir: spool,
 		Progress: func(Progress) { seen += openIn(t, "self", spool) + openIn(t, "self", parent) },
 	})
@@ -340,7 +341,7 @@ func TestPullLookAheadSpills(t *testing.T) {
 			}
 			dest := filepath.Join(parent, "m")
 			held := false
-			res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+			res, err := Pull(context.Background(), Request{Reference: ref, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 				Root: confinetest.HostRoot(t), Dest: dest, Log: testLogger(t), Concurrency: 3, SpoolMemory: 1 << 20, SpoolDir: spool,
 				Progress: func(p Progress) {
 					// Hold the first layer until the next ones spill.
@@ -379,7 +380,7 @@ func TestPullLookAheadFetchError(t *testing.T) {
 	requireRoot(t)
 	const n, size = 3, 1 << 20
 	reg, _, layers := spoolImage(t, "nodespawn/aheadfail", n, size)
-	px := startProxy(t, reg.addr)
+	px := startProxy(t, reg.Addr)
 	bad := "/v2/nodespawn/aheadfail/blobs/" + digestOf(layers[2]).String()
 	failed := make(chan struct{})
 	var once sync.Once

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 )
 
 // blobCounter counts the layer blobs a client fetches from a registry.
@@ -66,8 +67,8 @@ func storeMachine(t *testing.T, s *layers.Store, base, name string, res Result) 
 func TestPullLayersFeatures(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
-	reg := startRegistry(t, "")
-	repo := pushRepo(t, reg.addr, "nodespawn/base")
+	reg := registrytest.Start(t)
+	repo := pushRepo(t, reg.Addr, "nodespawn/base")
 	// The feature image, and one whose third layer names usr/bin/tool
 	// through layer 1's bin -> usr/bin, with no bin/ entry of its own:
 	// both stores refuse that (checked below; TestStoresAgree has more).
@@ -92,7 +93,7 @@ func TestPullLayersFeatures(t *testing.T) {
 	}
 	count := &blobCounter{blobs: map[string]int{}, rt: http.DefaultTransport}
 	req := func(tag string) Request {
-		return Request{Reference: reg.addr + "/nodespawn/base:" + tag, Platform: "linux/amd64", PlainHTTP: []string{reg.addr},
+		return Request{Reference: reg.Addr + "/nodespawn/base:" + tag, Platform: "linux/amd64", PlainHTTP: []string{reg.Addr},
 			Log: testLogger(t), HTTPClient: &http.Client{Transport: count}}
 	}
 	var mu sync.Mutex

@@ -71,8 +71,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"math/rand/v2"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -85,9 +83,6 @@ import (
 	"syscall"
 	"time"
 
-	"archive/tar"
-
-	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -97,8 +92,10 @@ import (
 	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
 	nsoci "github.com/nodespawn/nodespawn/internal/oci"
+	"github.com/nodespawn/nodespawn/internal/registrytest"
 )
 
 // allWays are the measured ways, in the order the table shows them.
@@ -291,11 +288,12 @@ func parent(ctx context.Context, workDir string, nLayers, layerMB, runs int, roo
 			os.RemoveAll(filepath.Join(workDir, "registry"))
 		}
 	}()
-	addr, stop, err := startRegistry(workDir)
+	reg, err := registrytest.Run(registrytest.Options{Dir: filepath.Join(workDir, "registry")})
 	if err != nil {
 		return err
 	}
-	defer stop()
+	defer reg.Close()
+	addr := reg.Addr
 
 	self, err := os.Executable()
 	if err != nil {
@@ -791,43 +789,6 @@ func fetchManifest(ctx context.Context, ref string) (ocispec.Manifest, string, e
 	return m, repo.Reference.Repository, json.NewDecoder(rc).Decode(&m)
 }
 
-// startRegistry runs docker-registry on a free loopback port.
-func startRegistry(dir string) (string, func(), error) {
-	bin, err := exec.LookPath("docker-registry")
-	if err != nil {
-		return "", nil, fmt.Errorf("docker-registry not found (apt-get install docker-registry): %w", err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, err
-	}
-	addr := l.Addr().String()
-	l.Close()
-	cfg := fmt.Sprintf("version: 0.1\nlog: { level: error, accesslog: { disabled: true } }\nstorage:\n  filesystem: { rootdirectory: %s }\nhttp:\n  addr: %s\n",
-		filepath.Join(dir, "registry"), addr)
-	cfgPath := filepath.Join(dir, "registry.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		return "", nil, err
-	}
-	cmd := exec.Command(bin, "serve", cfgPath)
-	// The registry goes with the bench, however the bench ends.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return "", nil, err
-	}
-	stop := func() { cmd.Process.Kill(); cmd.Wait() }
-	for i := 0; i < 200; i++ {
-		if resp, err := http.Get("http://" + addr + "/v2/"); err == nil {
-			resp.Body.Close()
-			return addr, stop, nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	stop()
-	return "", nil, fmt.Errorf("docker-registry did not come up on %s", addr)
-}
-
 // pushImages packs the sources (or generates layers when rootfsDir is
 // ""), pushes image A as tag a and image B (A with its last layer
 // repacked with markerFile added) as tag b. scratch is where packed
@@ -839,84 +800,60 @@ func pushImages(ctx context.Context, addr string, nLayers, layerMB int, rootfsDi
 		return info, err
 	}
 	repo.PlainHTTP = true
-	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}, RootFS: ocispec.RootFS{Type: "layers"}}
-	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
-	pushLayer := func(diffID digest.Digest, desc ocispec.Descriptor, plain int64, blob io.Reader) (layerInfo, error) {
-		if err := repo.Push(ctx, desc, blob); err != nil {
-			return layerInfo{}, fmt.Errorf("push layer %s: %w", desc.Digest, err)
-		}
-		return layerInfo{Size: desc.Size, Plain: plain}, nil
+	packDir, err := os.MkdirTemp(scratch, "pack-")
+	if err != nil {
+		return info, err
 	}
-	gzDesc := func(d digest.Digest, size int64) ocispec.Descriptor {
-		return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: d, Size: size}
-	}
-	var bDesc ocispec.Descriptor
-	var bDiffID digest.Digest
+	defer os.RemoveAll(packDir)
+	var packed []packedLayer
+	var b packedLayer
 	if rootfsDir != "" {
 		srcs, err := parseSources(rootfsDir, add)
 		if err != nil {
 			return info, err
 		}
-		p := &packer{srcs: srcs, scratch: scratch}
-		packed, plain, err := p.packTree(nLayers, firstPct, lastPct)
-		if err != nil {
+		p := &packer{srcs: srcs, scratch: packDir}
+		if packed, err = p.packTree(ctx, nLayers, firstPct, lastPct); err != nil {
 			return info, err
-		}
-		defer func() {
-			for _, l := range packed {
-				os.Remove(l.path)
-			}
-		}()
-		info.Plain = plain
-		pushFile := func(l packedLayer) (layerInfo, error) {
-			f, err := os.Open(l.path)
-			if err != nil {
-				return layerInfo{}, err
-			}
-			defer f.Close()
-			return pushLayer(l.diffID, gzDesc(l.digest, l.size), l.plain, f)
-		}
-		for _, l := range packed {
-			li, err := pushFile(l)
-			if err != nil {
-				return info, err
-			}
-			info.Layers = append(info.Layers, li)
-			m.Layers = append(m.Layers, gzDesc(l.digest, l.size))
-			cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.diffID)
 		}
 		last := len(packed) - 1
-		nl, err := p.repack(packed[last], last, markerFile, []byte("B\n"))
+		if b, err = p.repack(ctx, packed[last], last, markerFile, []byte("B\n")); err != nil {
+			return info, err
+		}
+	} else if packed, b, err = genLayers(ctx, packDir, nLayers, layerMB); err != nil {
+		return info, err
+	}
+
+	cfg := ocispec.Image{Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"}, RootFS: ocispec.RootFS{Type: "layers"}}
+	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
+	pushLayer := func(l packedLayer) (ocispec.Descriptor, layerInfo, error) {
+		desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: l.digest, Size: l.size}
+		f, err := os.Open(l.path)
+		if err != nil {
+			return desc, layerInfo{}, err
+		}
+		defer f.Close()
+		if err := repo.Push(ctx, desc, f); err != nil {
+			return desc, layerInfo{}, fmt.Errorf("push layer %s: %w", desc.Digest, err)
+		}
+		return desc, layerInfo{Size: l.size, Plain: l.plain}, nil
+	}
+	for _, l := range packed {
+		desc, li, err := pushLayer(l)
 		if err != nil {
 			return info, err
 		}
-		defer os.Remove(nl.path)
-		if info.B, err = pushFile(nl); err != nil {
-			return info, err
-		}
-		bDesc, bDiffID = gzDesc(nl.digest, nl.size), nl.diffID
-	} else {
-		for i := 0; i < nLayers; i++ {
-			diffID, blob := genLayer(uint64(i), layerMB<<20, false)
-			desc := gzDesc(digest.FromBytes(blob), int64(len(blob)))
-			li, err := pushLayer(diffID, desc, int64(layerMB)<<20, bytes.NewReader(blob))
-			if err != nil {
-				return info, err
-			}
-			info.Layers = append(info.Layers, li)
-			m.Layers = append(m.Layers, desc)
-			cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, diffID)
-		}
-		info.Plain = int64(nLayers*layerMB) << 20
-		diffID, blob := genLayer(uint64(nLayers-1), layerMB<<20, true)
-		bDesc, bDiffID = gzDesc(digest.FromBytes(blob), int64(len(blob))), diffID
-		if info.B, err = pushLayer(diffID, bDesc, int64(layerMB)<<20, bytes.NewReader(blob)); err != nil {
-			return info, err
-		}
+		info.Layers = append(info.Layers, li)
+		info.Plain += l.plain
+		info.Compressed += l.size
+		m.Layers = append(m.Layers, desc)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.diffID)
 	}
-	for _, l := range info.Layers {
-		info.Compressed += l.Size
+	bDesc, bInfo, err := pushLayer(b)
+	if err != nil {
+		return info, err
 	}
+	info.B = bInfo
 	info.Changed = len(m.Layers) - 1
 	pushJSON := func(mt string, v any) (ocispec.Descriptor, error) {
 		b, _ := json.Marshal(v)
@@ -937,15 +874,65 @@ func pushImages(ctx context.Context, addr string, nLayers, layerMB int, rootfsDi
 		return info, err
 	}
 	m.Layers[info.Changed] = bDesc
-	cfg.RootFS.DiffIDs[info.Changed] = bDiffID
+	cfg.RootFS.DiffIDs[info.Changed] = b.diffID
 	return info, tag(tagB)
 }
 
-// genLayer makes a tar of ~size bytes in files of 1 MiB or less of
-// random words (compressible roughly 3:1, like binaries and text), with
-// markerFile added when withMarker is set, and its gzip; it returns the
-// tar's digest (the DiffID) and the blob.
-func genLayer(seed uint64, size int, withMarker bool) (digest.Digest, []byte) {
+// genLayers writes n synthetic layers of ~layerMB MB each to scratch
+// (genTree's trees, packed with imagebuild.WriteLayer), and image B's
+// version of the last: the same tree with markerFile added.
+func genLayers(ctx context.Context, scratch string, n, layerMB int) ([]packedLayer, packedLayer, error) {
+	var layers []packedLayer
+	var tree string
+	for i := range n {
+		tree = filepath.Join(scratch, fmt.Sprintf("tree%d", i))
+		if err := genTree(tree, uint64(i), layerMB<<20); err != nil {
+			return nil, packedLayer{}, err
+		}
+		l, err := writeTree(ctx, scratch, i, tree)
+		if err != nil {
+			return nil, packedLayer{}, err
+		}
+		layers = append(layers, l)
+		if i < n-1 {
+			os.RemoveAll(tree) // B repacks the last one only
+		}
+	}
+	marker := filepath.Join(tree, markerFile)
+	if err := os.Mkdir(filepath.Dir(marker), 0o755); err != nil {
+		return nil, packedLayer{}, err
+	}
+	if err := writeFileMode(marker, []byte("B\n"), 0o644); err != nil {
+		return nil, packedLayer{}, err
+	}
+	if err := os.Chmod(filepath.Dir(marker), 0o755); err != nil {
+		return nil, packedLayer{}, err
+	}
+	b, err := writeTree(ctx, scratch, n-1, tree)
+	return layers, b, err
+}
+
+// writeTree packs the tree as layer i into a scratch file.
+func writeTree(ctx context.Context, scratch string, i int, tree string) (packedLayer, error) {
+	f, err := os.CreateTemp(scratch, fmt.Sprintf("layer%d-*.tar.gz", i))
+	if err != nil {
+		return packedLayer{}, err
+	}
+	info, err := imagebuild.WriteLayer(ctx, tree, epoch, f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return packedLayer{}, fmt.Errorf("pack layer %d: %w", i+1, err)
+	}
+	return packedLayer{path: f.Name(), digest: info.Digest, diffID: info.DiffID, size: info.Size, plain: info.TarSize}, nil
+}
+
+// genTree makes the directory dir holding layer<seed>/ with ~size bytes
+// in files of 1 MiB or less of random words (compressible roughly 3:1,
+// like binaries and text), directories mode 0755, files 0644.
+func genTree(dir string, seed uint64, size int) error {
 	r := rand.New(rand.NewPCG(seed, 42))
 	words := make([]string, 4096)
 	for i := range words {
@@ -955,36 +942,38 @@ func genLayer(seed uint64, size int, withMarker bool) (digest.Digest, []byte) {
 		}
 		words[i] = string(w)
 	}
-	var tarBuf bytes.Buffer
-	tw := tar.NewWriter(&tarBuf)
-	dir := fmt.Sprintf("layer%d", seed)
-	tw.WriteHeader(&tar.Header{Name: dir + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch})
+	sub := filepath.Join(dir, fmt.Sprintf("layer%d", seed))
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		return err
+	}
+	if err := os.Chmod(sub, 0o755); err != nil {
+		return err
+	}
+	var body bytes.Buffer
 	for n, written := 0, 0; written < size; n++ {
 		fsize := min(1<<20, size-written) - r.IntN(64<<10)
 		if fsize <= 0 {
 			fsize = size - written
 		}
-		var body bytes.Buffer
+		body.Reset()
 		for body.Len() < fsize {
 			body.WriteString(words[r.IntN(len(words))])
 			body.WriteByte(' ')
 		}
-		b := body.Bytes()[:fsize]
-		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("%s/f%05d", dir, n), Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(b)), ModTime: epoch})
-		tw.Write(b)
+		if err := writeFileMode(filepath.Join(sub, fmt.Sprintf("f%05d", n)), body.Bytes()[:fsize], 0o644); err != nil {
+			return err
+		}
 		written += fsize
 	}
-	if withMarker {
-		tw.WriteHeader(&tar.Header{Name: filepath.Dir(markerFile) + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch})
-		tw.WriteHeader(&tar.Header{Name: markerFile, Typeflag: tar.TypeReg, Mode: 0o644, Size: 2, ModTime: epoch})
-		tw.Write([]byte("B\n"))
+	return nil
+}
+
+// writeFileMode writes a file with exactly mode perm, whatever the umask.
+func writeFileMode(name string, b []byte, perm os.FileMode) error {
+	if err := os.WriteFile(name, b, perm); err != nil {
+		return err
 	}
-	tw.Close()
-	var gz bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&gz, gzip.DefaultCompression)
-	zw.Write(tarBuf.Bytes())
-	zw.Close()
-	return digest.FromBytes(tarBuf.Bytes()), gz.Bytes()
+	return os.Chmod(name, perm)
 }
 
 // vmLine returns a field of /proc/self/status, e.g. "VmRSS: 10 MB".
