@@ -283,7 +283,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want diges
 func (f *Fetcher) get(ctx context.Context, rawURL string, file *os.File, h hash.Hash, tr *progress.Tracker) (int64, error) {
 	var written int64
 	var validator string
-	err := httpx.PolicyOf(f.client()).Resume(ctx, func(int) error {
+	err := httpx.Resume(ctx, httpx.PolicyOf(f.client()), func(int) error {
 		_, err := f.getOnce(ctx, rawURL, file, h, tr, &written, &validator)
 		return err
 	}, func(attempt int, reason string, err error) {

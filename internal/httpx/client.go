@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/redact"
+	"github.com/nodespawn/nodespawn/internal/retry"
 )
 
 // Timeouts of NewClient's transport. There is deliberately no
@@ -174,7 +175,7 @@ type retryTransport struct {
 
 func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	replayable := idempotent(req) && (req.Body == nil || req.Body == http.NoBody || req.GetBody != nil)
-	attempts := t.cfg.policy.tries()
+	attempts := t.cfg.policy.Tries()
 	for attempt := 1; ; attempt++ {
 		areq := req
 		if attempt > 1 && req.GetBody != nil && req.Body != nil && req.Body != http.NoBody {
@@ -215,7 +216,7 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		t.cfg.logger.Warn("retrying HTTP request",
 			"method", req.Method, "url", redactURL(req), "attempt", attempt,
 			"maxAttempts", attempts, "reason", reason, "wait", wait.Round(time.Millisecond))
-		if err := sleep(req.Context(), wait); err != nil {
+		if err := retry.Sleep(req.Context(), wait); err != nil {
 			return nil, fmt.Errorf("%s %s: %w (after %s)", req.Method, redactURL(req), err, reason)
 		}
 	}

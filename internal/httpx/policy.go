@@ -4,30 +4,23 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/retry"
 )
 
 // Policy says how often and how patiently a transient failure is tried
-// again. The client's transport retries requests with it, and the loops
-// that resume a response body which broke off (downloads, image layers)
-// use the same value (PolicyOf), so one setting bounds both.
-type Policy struct {
-	// Attempts is how many times an operation is tried in all; below 1
-	// means 1 (no retry).
-	Attempts int
-	// Base and Max shape the exponential backoff with full jitter: the
-	// wait before retry n (1-based) is random in [0, min(Max, Base*2^(n-1))].
-	// Retry-After, when a server sends it, replaces the backoff.
-	// Full jitter keeps many clients that failed together from retrying
-	// together.
-	Base, Max time.Duration
-}
+// again: a retry.Policy. The client's transport retries requests with it
+// (Retry-After, when a server sends it, replaces the backoff), and the
+// loops that resume a response body which broke off (downloads, image
+// layers) use the same value (PolicyOf, Resume), so one setting bounds
+// both.
+type Policy = retry.Policy
 
 // DefaultPolicy is what NewClient retries with unless WithPolicy says
 // otherwise.
@@ -35,39 +28,6 @@ var DefaultPolicy = Policy{Attempts: 5, Base: 500 * time.Millisecond, Max: 30 * 
 
 // maxRetryAfter bounds how long a server's Retry-After can hold us.
 const maxRetryAfter = 2 * time.Minute
-
-// tries is Attempts, at least 1.
-func (p Policy) tries() int { return max(p.Attempts, 1) }
-
-// Backoff is the wait before retry number retry (1-based). A zero Base or
-// Max means no wait.
-func (p Policy) Backoff(retry int) time.Duration {
-	ceiling := p.Base
-	for i := 1; i < retry && ceiling > 0 && ceiling < p.Max; i++ {
-		ceiling *= 2
-	}
-	ceiling = min(ceiling, p.Max)
-	if ceiling <= 0 {
-		return 0
-	}
-	return rand.N(ceiling + 1)
-}
-
-// Wait sleeps for Backoff(retry), or returns ctx's error once ctx is done.
-func (p Policy) Wait(ctx context.Context, retry int) error {
-	return sleep(ctx, p.Backoff(retry))
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
 
 // ErrStalled is wrapped by the error a response body read returns when no
 // byte arrived for the stall timeout.

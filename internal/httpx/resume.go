@@ -44,21 +44,15 @@ func (b bodyReader) Read(p []byte) (int, error) {
 // up where the last one stopped. Before each new try it calls resuming
 // (which may be nil) with the try number just failed, the reason and the
 // error. It returns try's last error.
-func (p Policy) Resume(ctx context.Context, try func(attempt int) error, resuming func(attempt int, reason string, err error)) error {
-	for attempt := 1; ; attempt++ {
-		err := try(attempt)
-		if err == nil {
-			return nil
-		}
+func Resume(ctx context.Context, p Policy, try func(attempt int) error, resuming func(attempt int, reason string, err error)) error {
+	return p.Do(ctx, try, func(attempt int, err error) bool {
 		reason, transient := Retryable(err)
-		if !IsBrokenBody(err) || !transient || ctx.Err() != nil || attempt >= p.tries() {
-			return err
+		if !IsBrokenBody(err) || !transient || ctx.Err() != nil {
+			return false
 		}
 		if resuming != nil {
 			resuming(attempt, reason, err)
 		}
-		if werr := p.Wait(ctx, attempt); werr != nil {
-			return errors.Join(werr, err)
-		}
-	}
+		return true
+	})
 }

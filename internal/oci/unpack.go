@@ -213,10 +213,10 @@ func (u *unpacker) fetchBlob(ctx context.Context, desc ocispec.Descriptor, w io.
 	}
 	digester := desc.Digest.Algorithm().Digester()
 	out := io.MultiWriter(w, digester.Hash())
-	attempts := max(u.retry.Attempts, 1)
+	attempts := u.retry.Tries()
 	var off int64
 	tries := 0
-	err := u.retry.Resume(ctx, func(attempt int) error {
+	err := httpx.Resume(ctx, u.retry, func(attempt int) error {
 		tries = attempt
 		n, err := u.fetchFrom(ctx, desc, off, out)
 		off += n
