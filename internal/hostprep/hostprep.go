@@ -51,7 +51,7 @@ func (h Host) log() *slog.Logger {
 // retried with `apt-get update` and a growing pause when it fails for a
 // reason that may pass.
 func (h Host) EnsurePackages(ctx context.Context, names []string, install bool) error {
-	return ensurePackages(ctx, h.log(), command.Exec{}, aptRetry.Wait, names, install)
+	return ensurePackages(ctx, h.log(), command.Exec{}, aptRetry, names, install)
 }
 
 // LoadModules loads the named kernel modules with modprobe. A module already

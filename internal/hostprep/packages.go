@@ -9,14 +9,13 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/command"
-	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/retry"
 )
 
 // aptRetry is how often EnsurePackages tries apt-get and how long it
 // pauses between tries. First boot often races cloud-init's or
 // unattended-upgrades' own apt runs and a mirror that is still warming up.
-// apt is not HTTP, but its pauses use the project's one backoff.
-var aptRetry = httpx.Policy{Attempts: 4, Base: 15 * time.Second, Max: time.Minute}
+var aptRetry = retry.Policy{Attempts: 4, Base: 15 * time.Second, Max: time.Minute}
 
 // aptEnv keeps apt and dpkg from asking questions on a console no one reads.
 var aptEnv = []string{"DEBIAN_FRONTEND=noninteractive", "NEEDRESTART_MODE=l"}
@@ -25,9 +24,9 @@ var aptEnv = []string{"DEBIAN_FRONTEND=noninteractive", "NEEDRESTART_MODE=l"}
 // unattended-upgrades at first boot) instead of failing at once.
 const aptLockWait = "DPkg::Lock::Timeout=300"
 
-// ensurePackages is EnsurePackages with its commands run by run and its
-// pause before retry n (1-based) taken by wait.
-func ensurePackages(ctx context.Context, log *slog.Logger, run command.Runner, wait func(ctx context.Context, retry int) error, names []string, install bool) error {
+// ensurePackages is EnsurePackages with its commands run by run, tried
+// and paced by policy.
+func ensurePackages(ctx context.Context, log *slog.Logger, run command.Runner, policy retry.Policy, names []string, install bool) error {
 	missing, err := missingPackages(ctx, run, names)
 	if err != nil || len(missing) == 0 {
 		return err
@@ -41,33 +40,29 @@ func ensurePackages(ctx context.Context, log *slog.Logger, run command.Runner, w
 	update := []string{"-o", aptLockWait, "update"}
 	opts := command.Options{Env: aptEnv}
 
-	var lastErr error
-	for attempt := 0; attempt < aptRetry.Attempts; attempt++ {
-		if attempt > 0 {
-			if err := wait(ctx, attempt); err != nil {
-				return fmt.Errorf("install host packages %s: %w (last failure: %w)", strings.Join(missing, ", "), err, lastErr)
-			}
+	// failed is the apt-get command (update or install) that failed last.
+	var failed string
+	err = policy.Do(ctx, func(attempt int) error {
+		if attempt > 1 {
 			// The package lists may be missing (fresh cloud images ship
 			// none) or stale (their files gone from the mirror).
+			failed = "update"
 			if _, err := run.Run(ctx, opts, "apt-get", update...); err != nil {
-				lastErr = err
-				log.WarnContext(ctx, "apt-get update failed, will retry", "attempt", attempt+1, "err", err)
-				continue
+				return err
 			}
 		}
+		failed = "install"
 		_, err := run.Run(ctx, opts, "apt-get", install1...)
-		if err == nil {
-			lastErr = nil
-			break
+		return err
+	}, func(attempt int, err error) bool {
+		if failed == "install" && attempt > 1 && permanentAptFailure(err) {
+			return false
 		}
-		lastErr = err
-		if attempt > 0 && permanentAptFailure(err) {
-			break
-		}
-		log.WarnContext(ctx, "apt-get install failed, will retry", "attempt", attempt+1, "err", err)
-	}
-	if lastErr != nil {
-		return fmt.Errorf("install host packages %s: %w", strings.Join(missing, ", "), lastErr)
+		log.WarnContext(ctx, "apt-get "+failed+" failed, will retry", "attempt", attempt, "err", err)
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("install host packages %s: %w", strings.Join(missing, ", "), err)
 	}
 	still, err := missingPackages(ctx, run, missing)
 	if err != nil {

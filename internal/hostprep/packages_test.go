@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/internal/retry"
 )
 
 const (
@@ -26,8 +28,6 @@ func TestEnsurePackages(t *testing.T) {
 		// respond scripts the fake host: line and how many times it was seen.
 		respond   func(line string, n int) ([]byte, error)
 		wantCalls []string
-		// wantWaits are the retries (1-based) paused before.
-		wantWaits []int
 		wantErr   []string
 	}{
 		{
@@ -80,7 +80,6 @@ func TestEnsurePackages(t *testing.T) {
 				return []byte("install ok installed"), nil
 			},
 			wantCalls: []string{qSC, install, update, update, install, update, install, qSC},
-			wantWaits: []int{1, 2, 3},
 		},
 		{
 			name:    "gives up after the last attempt with the last stderr",
@@ -96,7 +95,6 @@ func TestEnsurePackages(t *testing.T) {
 				return nil, nil
 			},
 			wantCalls: []string{qSC, install, update, install, update, install, update, install},
-			wantWaits: []int{1, 2, 3},
 			wantErr:   []string{"install host packages systemd-container", "Could not get lock"},
 		},
 		{
@@ -113,7 +111,6 @@ func TestEnsurePackages(t *testing.T) {
 				return nil, nil
 			},
 			wantCalls: []string{qSC, install, update, install},
-			wantWaits: []int{1},
 			wantErr:   []string{"Unable to locate package systemd-container"},
 		},
 		{
@@ -142,17 +139,11 @@ func TestEnsurePackages(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := &fakeRunner{respond: tt.respond}
-			var waits []int
-			wait := func(_ context.Context, retry int) error {
-				waits = append(waits, retry)
-				return nil
-			}
-			err := ensurePackages(context.Background(), slog.Default(), f, wait, tt.names, tt.install)
+			// aptRetry's attempts, without its pauses.
+			noWait := retry.Policy{Attempts: aptRetry.Attempts}
+			err := ensurePackages(context.Background(), slog.Default(), f, noWait, tt.names, tt.install)
 			if !slices.Equal(f.calls, tt.wantCalls) {
 				t.Errorf("calls:\n  %s\nwant:\n  %s", strings.Join(f.calls, "\n  "), strings.Join(tt.wantCalls, "\n  "))
-			}
-			if !slices.Equal(waits, tt.wantWaits) {
-				t.Errorf("waits before retries %v, want %v", waits, tt.wantWaits)
 			}
 			if (err != nil) != (len(tt.wantErr) > 0) {
 				t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -175,7 +166,7 @@ func TestEnsurePackagesCancelledWhileWaiting(t *testing.T) {
 		}
 		return nil, failure(line, 1, notFound)
 	}}
-	err := ensurePackages(ctx, slog.Default(), f, aptRetry.Wait, []string{"systemd-container"}, true)
+	err := ensurePackages(ctx, slog.Default(), f, aptRetry, []string{"systemd-container"}, true)
 	if err == nil || !strings.Contains(err.Error(), "context canceled") || !strings.Contains(err.Error(), "Could not get lock") {
 		t.Fatalf("err = %v, want cancellation with the last apt failure", err)
 	}
