@@ -15,6 +15,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/retry"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
@@ -371,7 +372,8 @@ func stopMachine(ctx context.Context, sd Systemd, log *slog.Logger, m string, ti
 // says it is busy (a machine's mounts linger a moment after it stopped).
 func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pause time.Duration, log *slog.Logger) error {
 	deadline := time.Now().Add(timeout)
-	for {
+	backoff := retry.Policy{Base: pause, Max: 10 * time.Second}
+	for try := 1; ; try++ {
 		err := host.RemoveAll(dir)
 		if err == nil {
 			log.Info("removed", "path", host.Show(dir))
@@ -380,13 +382,11 @@ func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pa
 		if !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
 			return fmt.Errorf("reset: remove rootfs: %w (is something still mounted below it? see findmnt -R %s)", err, host.Show(dir))
 		}
-		log.Info("rootfs busy; retrying", "path", host.Show(dir), "error", err, "in", pause)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(pause):
+		wait := backoff.Ceiling(try)
+		log.Info("rootfs busy; retrying", "path", host.Show(dir), "error", err, "in", wait)
+		if err := retry.Sleep(ctx, wait); err != nil {
+			return err
 		}
-		pause = min(2*pause, 10*time.Second)
 	}
 }
 

@@ -13,12 +13,13 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/report"
+	"github.com/nodespawn/nodespawn/internal/retry"
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
 // FirstBootRetry paces the first-boot run's retries: a registry or mirror
 // that is not up yet at boot gets a growing pause between whole runs.
-var FirstBootRetry = httpx.Policy{Attempts: 1 << 20, Base: 10 * time.Second, Max: 2 * time.Minute}
+var FirstBootRetry = retry.Policy{Attempts: 1 << 20, Base: 10 * time.Second, Max: 2 * time.Minute}
 
 // FirstBootOptions are apply --first-boot's hidden settings (tests).
 type FirstBootOptions struct {
@@ -58,10 +59,8 @@ func (a *Run) FirstBoot(ctx context.Context, fb FirstBootOptions) error {
 			break
 		}
 		slog.Warn("apply failed for a transient reason; trying again", "attempt", attempt, "reason", reason, "wait", wait.Round(time.Second), "error", err)
-		select {
-		case <-ctx.Done():
-			return errors.Join(ctx.Err(), err)
-		case <-time.After(wait):
+		if werr := retry.Sleep(ctx, wait); werr != nil {
+			return errors.Join(werr, err)
 		}
 	}
 	line := firstBootLine(a, err)
