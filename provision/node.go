@@ -40,7 +40,7 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 	return func(ctx context.Context, p *plan.Plan, since time.Time) error {
 		creds := func(ctx context.Context) (kubecheck.Credentials, error) {
 			if k.Auth.Exec != nil {
-				return kubecheck.ExecCredential(ctx, machineRunner(p), *k.Auth.Exec, k.APIServer, ca)
+				return kubecheck.ExecCredential(ctx, machineRunner(p), execPlugin(k.Auth.Exec), k.APIServer, ca)
 			}
 			state := p.NodeState
 			if state == "" {
@@ -58,6 +58,15 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 		})
 		return err
 	}
+}
+
+// execPlugin is the manifest's exec credential plugin as kubecheck runs it.
+func execPlugin(e *manifest.ExecProvider) kubecheck.ExecPlugin {
+	env := make([]string, 0, len(e.Env))
+	for _, v := range e.Env {
+		env = append(env, v.Name+"="+v.Value)
+	}
+	return kubecheck.ExecPlugin{APIVersion: e.APIVersion, Command: e.Command, Args: e.Args, Env: env}
 }
 
 // envScript is run by /bin/sh inside the machine: it reads the plugin's

@@ -2,8 +2,12 @@ package provision
 
 import (
 	"os/exec"
+	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/nodespawn/nodespawn/internal/kubecheck"
+	"github.com/nodespawn/nodespawn/manifest"
 )
 
 // TestEnvScriptPassesEnvironment runs envScript with /bin/sh as the machine
@@ -44,5 +48,17 @@ func TestEnvAssignmentsRefuses(t *testing.T) {
 		if _, err := envAssignments(env); err == nil {
 			t.Errorf("envAssignments(%q) accepted it", env)
 		}
+	}
+}
+
+// TestExecPlugin: the manifest's exec plugin reaches kubecheck whole, its
+// env in order.
+func TestExecPlugin(t *testing.T) {
+	got := execPlugin(&manifest.ExecProvider{APIVersion: "client.authentication.k8s.io/v1beta1", Command: "/bin/get-token", Args: []string{"--cluster", "a"},
+		Env: []manifest.EnvVar{{Name: "B", Value: "x=y"}, {Name: "A", Value: ""}}})
+	want := kubecheck.ExecPlugin{APIVersion: "client.authentication.k8s.io/v1beta1", Command: "/bin/get-token", Args: []string{"--cluster", "a"},
+		Env: []string{"B=x=y", "A="}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("execPlugin = %+v, want %+v", got, want)
 	}
 }

@@ -51,12 +51,14 @@ const (
 type clientConfig struct {
 	policy       Policy
 	stallTimeout time.Duration
+	roots        *x509.CertPool
 	extraCAs     []*x509.Certificate
+	clientCert   *tls.Certificate
 	logger       *slog.Logger
 	direct       bool
 }
 
-// Option configures NewClient.
+// Option configures NewClient or NewTransport.
 type Option func(*clientConfig)
 
 // WithPolicy sets how requests are retried (default DefaultPolicy).
@@ -82,6 +84,25 @@ func WithCACerts(certs ...*x509.Certificate) Option {
 	}
 }
 
+// WithRoots verifies servers against pool alone instead of the system
+// roots (a cluster's own CA); WithCACerts adds to it. Verification is
+// never turned off.
+func WithRoots(pool *x509.CertPool) Option {
+	return func(c *clientConfig) {
+		c.roots = pool
+	}
+}
+
+// WithClientCert presents cert when a server asks for a client
+// certificate, whatever CAs the server names as acceptable (as client-go
+// does): a certificate the server does not trust is then refused in the
+// handshake, in words, instead of silently left out.
+func WithClientCert(cert tls.Certificate) Option {
+	return func(c *clientConfig) {
+		c.clientCert = &cert
+	}
+}
+
 // WithoutProxy makes the client connect directly, whatever HTTP(S)_PROXY
 // says: for link-local services such as a cloud's instance metadata, which
 // a proxy cannot reach (and Azure's refuses requests that went through one).
@@ -101,10 +122,7 @@ func WithLogger(l *slog.Logger) Option {
 }
 
 // NewClient returns the project's HTTP client. Its transport:
-//   - verifies TLS against the system roots plus any WithCACerts;
-//   - honours HTTP(S)_PROXY/NO_PROXY, unless WithoutProxy;
-//   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
-//     response headers (60 s), but not the body;
+//   - is NewTransport's (TLS, proxy, timeouts);
 //   - aborts a response whose body delivers no byte for the stall timeout;
 //   - retries idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, and
 //     any request with an Idempotency-Key header) whose body is absent or
@@ -115,6 +133,26 @@ func WithLogger(l *slog.Logger) Option {
 //
 // The client has no overall Timeout; use the request's context to bound a call.
 func NewClient(opts ...Option) *http.Client {
+	cfg := newConfig(opts)
+	return &http.Client{Transport: &retryTransport{base: newTransport(cfg), cfg: cfg}}
+}
+
+// NewTransport returns the transport under NewClient's retries, for a
+// caller that does its own (one request a poll loop repeats, say). It:
+//   - verifies TLS (1.2 or later) against the system roots, or WithRoots'
+//     pool, plus any WithCACerts, and presents WithClientCert's
+//     certificate when asked;
+//   - honours HTTP(S)_PROXY/NO_PROXY, unless WithoutProxy;
+//   - bounds dialing (30 s), the TLS handshake (15 s) and the wait for
+//     response headers (60 s), but not the body.
+//
+// WithPolicy, WithStallTimeout and WithLogger are NewClient's and do
+// nothing here.
+func NewTransport(opts ...Option) *http.Transport {
+	return newTransport(newConfig(opts))
+}
+
+func newConfig(opts []Option) clientConfig {
 	cfg := clientConfig{
 		policy:       DefaultPolicy,
 		stallTimeout: DefaultStallTimeout,
@@ -123,10 +161,18 @@ func NewClient(opts ...Option) *http.Client {
 	for _, o := range opts {
 		o(&cfg)
 	}
+	return cfg
+}
+
+func newTransport(cfg clientConfig) *http.Transport {
 	tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
-	if len(cfg.extraCAs) > 0 {
-		pool, err := x509.SystemCertPool()
-		if err != nil || pool == nil {
+	if cfg.roots != nil || len(cfg.extraCAs) > 0 {
+		pool := cfg.roots
+		if pool != nil {
+			pool = pool.Clone()
+		} else if sys, err := x509.SystemCertPool(); err == nil && sys != nil {
+			pool = sys
+		} else {
 			pool = x509.NewCertPool()
 		}
 		for _, c := range cfg.extraCAs {
@@ -134,11 +180,14 @@ func NewClient(opts ...Option) *http.Client {
 		}
 		tlsConfig.RootCAs = pool
 	}
+	if cert := cfg.clientCert; cert != nil {
+		tlsConfig.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
+	}
 	proxy := http.ProxyFromEnvironment
 	if cfg.direct {
 		proxy = nil
 	}
-	base := &http.Transport{
+	return &http.Transport{
 		Proxy: proxy,
 		DialContext: (&net.Dialer{
 			Timeout:   30 * time.Second,
@@ -152,7 +201,6 @@ func NewClient(opts ...Option) *http.Client {
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   8,
 	}
-	return &http.Client{Transport: &retryTransport{base: base, cfg: cfg}}
 }
 
 // PolicyOf is the Policy c's transport retries with, for a loop that

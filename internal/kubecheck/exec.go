@@ -6,8 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-
-	"github.com/nodespawn/nodespawn/manifest"
+	"slices"
 )
 
 // Runner runs argv inside the machine with env ("NAME=value" entries)
@@ -26,11 +25,27 @@ const MaxExecOutput = 1 << 20
 // in.
 const execInfoEnv = "KUBERNETES_EXEC_INFO"
 
+// execAPIV1 is the ExecCredential version an ExecPlugin without one
+// speaks (the manifest's default too).
+const execAPIV1 = "client.authentication.k8s.io/v1"
+
 // execAPIVersions are the ExecCredential versions client-go still speaks
 // (and manifest's schema allows).
 var execAPIVersions = map[string]bool{
-	"client.authentication.k8s.io/v1":      true,
+	execAPIV1:                              true,
 	"client.authentication.k8s.io/v1beta1": true,
+}
+
+// ExecPlugin is a client-go exec credential plugin, what a kubeconfig's
+// users[].user.exec names (the manifest's kubernetes.auth.exec).
+type ExecPlugin struct {
+	// APIVersion is the ExecCredential version the plugin speaks
+	// (client.authentication.k8s.io/v1 when empty).
+	APIVersion string
+	Command    string
+	Args       []string
+	// Env is added to the plugin's environment, "NAME=value" each.
+	Env []string
 }
 
 // execCredential is the ExecCredential object, v1 and v1beta1 alike for
@@ -59,10 +74,10 @@ type execStatus struct {
 	ClientKeyData         string `json:"clientKeyData,omitempty"`
 }
 
-// ExecCredential runs the manifest's exec credential plugin with run (in
-// the machine, as kubelet would) and returns the credentials it prints.
+// ExecCredential runs the exec credential plugin e with run (in the
+// machine, as kubelet would) and returns the credentials it prints.
 //
-// The plugin gets what client-go gives it: the manifest's env, then
+// The plugin gets what client-go gives it: e's env, then
 // KUBERNETES_EXEC_INFO holding an ExecCredential of e's apiVersion with
 // spec.interactive false and spec.cluster (server apiServer,
 // certificate-authority-data caPEM). client-go sends spec.cluster only
@@ -72,10 +87,10 @@ type execStatus struct {
 // The output must be an ExecCredential of the same apiVersion whose status
 // holds a token, a client certificate and key, or both; it is bounded by
 // MaxExecOutput. Errors never quote the output: it may hold the secret.
-func ExecCredential(ctx context.Context, run Runner, e manifest.ExecProvider, apiServer string, caPEM []byte) (Credentials, error) {
+func ExecCredential(ctx context.Context, run Runner, e ExecPlugin, apiServer string, caPEM []byte) (Credentials, error) {
 	apiVersion := e.APIVersion
 	if apiVersion == "" {
-		apiVersion = manifest.DefaultExecAPIVersion
+		apiVersion = execAPIV1
 	}
 	if !execAPIVersions[apiVersion] {
 		return Credentials{}, fmt.Errorf("exec credential plugin: apiVersion %q is not supported (want client.authentication.k8s.io/v1 or v1beta1)", apiVersion)
@@ -94,12 +109,8 @@ func ExecCredential(ctx context.Context, run Runner, e manifest.ExecProvider, ap
 	if err != nil {
 		return Credentials{}, fmt.Errorf("exec credential plugin: %w", err)
 	}
-	env := make([]string, 0, len(e.Env)+1)
-	for _, v := range e.Env {
-		env = append(env, v.Name+"="+v.Value)
-	}
 	// Last, as client-go appends it after the configured env.
-	env = append(env, execInfoEnv+"="+string(info))
+	env := append(slices.Clip(e.Env), execInfoEnv+"="+string(info))
 	argv := append([]string{e.Command}, e.Args...)
 
 	out, err := run(ctx, argv, env)

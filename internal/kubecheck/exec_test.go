@@ -11,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/nodespawn/nodespawn/internal/command"
-	"github.com/nodespawn/nodespawn/manifest"
 )
 
 // hostRunner runs argv on this host with env added, as the systemd-run
@@ -45,12 +44,12 @@ func newPlugin(t *testing.T) *plugin {
 	return p
 }
 
-func (p *plugin) provider(apiVersion string, env ...manifest.EnvVar) manifest.ExecProvider {
-	return manifest.ExecProvider{
+func (p *plugin) provider(apiVersion string, env ...string) ExecPlugin {
+	return ExecPlugin{
 		APIVersion: apiVersion,
 		Command:    p.script,
 		Args:       []string{"get-token", "--cluster=e2e"},
-		Env:        append([]manifest.EnvVar{{Name: "RECORD_DIR", Value: p.dir}, {Name: "GREETING", Value: "hello world"}}, env...),
+		Env:        append([]string{"RECORD_DIR=" + p.dir, "GREETING=hello world"}, env...),
 	}
 }
 
@@ -162,8 +161,8 @@ func TestExecCredentialClientCert(t *testing.T) {
 	}
 }
 
-// The manifest's apiVersion defaults to v1 when the manifest was not
-// defaulted.
+// A plugin without an apiVersion speaks v1, as a manifest's does when it
+// was not defaulted.
 func TestExecCredentialDefaultAPIVersion(t *testing.T) {
 	p := newPlugin(t)
 	p.prints(t, execCred(v1, map[string]string{"token": "t"}))
@@ -212,16 +211,16 @@ func TestExecCredentialBadOutput(t *testing.T) {
 func TestExecCredentialPluginFails(t *testing.T) {
 	p := newPlugin(t)
 	_, err := ExecCredential(context.Background(), hostRunner,
-		p.provider(v1, manifest.EnvVar{Name: "FAIL", Value: "cannot reach the identity provider"}), "https://a", nil)
+		p.provider(v1, "FAIL=cannot reach the identity provider"), "https://a", nil)
 	wantErr(t, err, "exec credential plugin", "exit status 3", "cannot reach the identity provider")
 }
 
 func TestExecCredentialRefusedBeforeRunning(t *testing.T) {
 	ran := false
 	run := func(context.Context, []string, []string) ([]byte, error) { ran = true; return nil, nil }
-	_, err := ExecCredential(context.Background(), run, manifest.ExecProvider{APIVersion: "client.authentication.k8s.io/v1alpha1", Command: "x"}, "https://a", nil)
+	_, err := ExecCredential(context.Background(), run, ExecPlugin{APIVersion: "client.authentication.k8s.io/v1alpha1", Command: "x"}, "https://a", nil)
 	wantErr(t, err, `apiVersion "client.authentication.k8s.io/v1alpha1" is not supported`)
-	_, err = ExecCredential(context.Background(), run, manifest.ExecProvider{APIVersion: v1}, "https://a", nil)
+	_, err = ExecCredential(context.Background(), run, ExecPlugin{APIVersion: v1}, "https://a", nil)
 	wantErr(t, err, "no command")
 	if ran {
 		t.Error("the plugin ran")

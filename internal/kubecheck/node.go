@@ -124,11 +124,7 @@ func credentialsRefused(err error) bool {
 	return errors.Is(err, ErrUnauthorized) || errors.As(err, &h)
 }
 
-// The transport's bounds, those of httpx.NewClient.
 const (
-	dialTimeout      = 30 * time.Second
-	handshakeTimeout = 15 * time.Second
-	headerTimeout    = 60 * time.Second
 	// maxNodeBytes bounds the Node object read: the API server stores
 	// objects of at most about 1.5 MiB.
 	maxNodeBytes = 8 << 20
@@ -151,11 +147,10 @@ func validNodeName(name string) bool {
 // bearer token, or both. TLS is verified against caPEM alone, never the
 // system roots. The request is not retried (WaitReady polls).
 //
-// The client is built here rather than taken from httpx: httpx.NewClient
-// adds WithCACerts to the system roots and has no client certificate, and
-// both would be wrong for this request. Its transport has httpx's bounds
-// (dial, TLS handshake, response headers) and honours HTTPS_PROXY and
-// NO_PROXY as httpx does; ctx bounds the whole request.
+// The transport is httpx.NewTransport's (its dial, TLS handshake and
+// response header bounds, HTTPS_PROXY and NO_PROXY), with the cluster CA
+// as its only root and creds' client certificate; not httpx.NewClient's
+// retries. ctx bounds the whole request.
 //
 // Errors say what happened: an *APIError wrapping ErrUnauthorized (401),
 // ErrForbidden (403) or ErrNodeNotFound (404), with the API's Status
@@ -234,24 +229,15 @@ func newTransport(caPEM []byte, creds Credentials) (*http.Transport, error) {
 	if creds.empty() {
 		return nil, errors.New("no credentials: want a client certificate or a bearer token")
 	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}
+	opts := []httpx.Option{httpx.WithRoots(pool)}
 	if cert, ok, err := creds.keyPair(); err != nil {
 		return nil, err
 	} else if ok {
-		// Sent whatever CAs the server names as acceptable, as kubelet's
-		// client-go does: a certificate the API server does not trust
-		// is then refused in words instead of silently left out.
-		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+		opts = append(opts, httpx.WithClientCert(cert))
 	}
-	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: dialTimeout}).DialContext,
-		TLSClientConfig:       cfg,
-		ForceAttemptHTTP2:     true,
-		TLSHandshakeTimeout:   handshakeTimeout,
-		ResponseHeaderTimeout: headerTimeout,
-		DisableKeepAlives:     true,
-	}, nil
+	tr := httpx.NewTransport(opts...)
+	tr.DisableKeepAlives = true // one request; WaitReady's next poll dials afresh
+	return tr, nil
 }
 
 // transportError says in words what a failed request ran into.
