@@ -18,8 +18,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
+
 	"github.com/nodespawn/nodespawn/internal/layers"
-	"github.com/nodespawn/nodespawn/internal/mounts"
 )
 
 // The randomized crash test: a real `nodespawn apply --root` (this test
@@ -320,14 +321,14 @@ func lineDiff(a, b string) string {
 // unmountUnder unmounts every mount below dir, deepest first.
 func unmountUnder(t testing.TB, dir string) {
 	t.Helper()
-	ms, err := mounts.Read()
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var points []string
 	for _, m := range ms {
-		if strings.HasPrefix(m.Point, dir+"/") {
-			points = append(points, m.Point)
+		if m.Mountpoint != dir { // below dir, not dir itself
+			points = append(points, m.Mountpoint)
 		}
 	}
 	sort.Sort(sort.Reverse(sort.StringSlice(points)))

@@ -10,10 +10,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"unsafe"
-
-	"github.com/nodespawn/nodespawn/internal/mounts"
 
 	"golang.org/x/sys/unix"
 
@@ -124,9 +123,31 @@ func activeSwaps(procSwaps string) ([]string, error) {
 		if len(fields) == 0 {
 			continue
 		}
-		areas = append(areas, mounts.Unescape(fields[0]))
+		areas = append(areas, unescapeOctal(fields[0]))
 	}
 	return areas, sc.Err()
+}
+
+// unescapeOctal undoes the kernel's \ooo escapes in a /proc/swaps file
+// name (\040 for a space, \011 a tab, \012 a newline, \134 a
+// backslash). The mount table's are moby/sys/mountinfo's to undo; this
+// file is not a mount table.
+func unescapeOctal(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // commentSwapEntries comments out every fstab entry whose type is swap and

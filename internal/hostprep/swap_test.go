@@ -96,6 +96,20 @@ func TestActiveSwaps(t *testing.T) {
 	}
 }
 
+func TestUnescapeOctal(t *testing.T) {
+	for in, want := range map[string]string{
+		`/a\040b\011c\134`: "/a b\tc\\",
+		`/plain`:           "/plain",
+		`/trailing\04`:     `/trailing\04`, // too short: kept
+		`/not\999octal`:    `/not\999octal`,
+		`/big\777`:         `/big\777`, // past a byte: kept
+	} {
+		if got := unescapeOctal(in); got != want {
+			t.Errorf("unescapeOctal(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
 func TestDisableSwapFake(t *testing.T) {
 	tests := []struct {
 		name       string

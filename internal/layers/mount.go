@@ -15,11 +15,11 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/unit"
+	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/internal/mounts"
 	"github.com/nodespawn/nodespawn/internal/rootfs"
 )
 
@@ -637,19 +637,21 @@ func mountedLayers(super string) []digest.Digest {
 }
 
 // lowerDirs are the lower directories in the super options of an overlayfs
-// mount, top first, unescaped.
+// mount, top first, as the mount table shows them: with the kernel's
+// octal escapes (\040 for a space) left in, which only layerOf reads and
+// which cannot change its answer: escaping never adds or removes a '/',
+// and a layer's last two names (sha256, the hex) have no character the
+// kernel escapes.
 func lowerDirs(super string) []string {
 	var dirs []string
 	for _, o := range strings.Split(super, ",") {
 		if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
 			// mount(2) options: one colon-separated list; overlayfs shows
 			// a colon in a name as "\:", which the store's names never have.
-			for _, d := range strings.Split(v, ":") {
-				dirs = append(dirs, mounts.Unescape(d))
-			}
+			dirs = append(dirs, strings.Split(v, ":")...)
 		}
 		if v, ok := strings.CutPrefix(o, "lowerdir+="); ok {
-			dirs = append(dirs, mounts.Unescape(v))
+			dirs = append(dirs, v)
 		}
 	}
 	return dirs
@@ -728,18 +730,18 @@ func mountedIn(root *confine.Root, target string) (bool, string, error) {
 // MountedAt reports whether a filesystem is mounted at host (a path as the
 // kernel sees it), and the super options of the topmost one there.
 func MountedAt(host string) (bool, string, error) {
-	ms, err := mounts.Read()
-	if err != nil {
-		return false, "", err
-	}
 	host = path.Clean(host)
-	found, opts := false, ""
-	for _, m := range ms {
-		if m.Point == host {
-			found, opts = true, m.Super
-		}
+	ms, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return m.Mountpoint != host, false
+	})
+	if err != nil {
+		return false, "", fmt.Errorf("read the mount table: %w", err)
 	}
-	return found, opts, nil
+	if len(ms) == 0 {
+		return false, "", nil
+	}
+	// The table lists mounts in the order they were made: the last is on top.
+	return true, ms[len(ms)-1].VFSOptions, nil
 }
 
 // InUse returns the layers that a mounted overlayfs uses as a lower
@@ -749,16 +751,13 @@ func MountedAt(host string) (bool, string, error) {
 // not): a layer of another store that shares a DiffID is kept too, which
 // errs on the safe side.
 func (s *Store) InUse() (map[digest.Digest]bool, error) {
-	ms, err := mounts.Read()
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("overlay"))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("read the mount table: %w", err)
 	}
 	used := map[digest.Digest]bool{}
 	for _, m := range ms {
-		if m.FSType != "overlay" {
-			continue
-		}
-		for _, d := range lowerDirs(m.Super) {
+		for _, d := range lowerDirs(m.VFSOptions) {
 			if id, ok := layerOf(d); ok {
 				used[id] = true
 			}

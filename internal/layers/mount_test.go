@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/confine/confinetest"
 )
 
 // ways runs fn with the root mounted each way this kernel can: by
@@ -247,6 +248,57 @@ func TestLegacyUnitRemoved(t *testing.T) {
 	}
 }
 
+// TestMountTableWithBlanks: a machine root under a directory whose name
+// holds a blank and a tab (which the mount table escapes as \040 and
+// \011), and a store and state directory there too when layers go by
+// descriptor, are still read right from the table: the root is seen
+// mounted with its layers, so a second Compose does nothing, its layers
+// are in use, and Unmount finds it.
+func TestMountTableWithBlanks(t *testing.T) {
+	ways(t, func(t *testing.T) {
+		blank := filepath.Join(t.TempDir(), "node spawn\tdir")
+		base := blank
+		if classicOnly {
+			// Mount options cannot name a store or state directory with
+			// a blank (Compose refuses it); the mount point still has one.
+			base = t.TempDir()
+		}
+		s, err := Open(confinetest.HostRoot(t), filepath.Join(base, "layers"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := machine(base, "kube1")
+		m.Target = filepath.Join(blank, "machines", "kube 1")
+		ctx := context.Background()
+		ls := layerSet(t, s, "l", 2)
+		unmountAtEnd(t, s, m)
+		img := Image{Manifest: id("m"), Layers: ls}
+		if _, err := s.Compose(ctx, m, img, quiet); err != nil {
+			t.Fatal(err)
+		}
+		mounted, super, err := MountedAt(m.Target)
+		if err != nil || !mounted {
+			t.Fatalf("MountedAt(%q) = %v, %v; want mounted", m.Target, mounted, err)
+		}
+		if got, want := mountedLayers(super), []digest.Digest{ls[1], ls[0]}; !slices.Equal(got, want) {
+			t.Errorf("mountedLayers(%s) = %v, want %v", super, got, want)
+		}
+		if changed, err := s.Compose(ctx, m, img, quiet); err != nil || changed {
+			t.Errorf("second Compose: changed=%v err=%v; want nothing to do", changed, err)
+		}
+		used, err := s.InUse()
+		if err != nil || !used[ls[0]] || !used[ls[1]] {
+			t.Errorf("InUse = %v, %v; want both layers", used, err)
+		}
+		if err := Unmount(ctx, s.root, m.Target, 10*time.Second, quiet); err != nil {
+			t.Fatal(err)
+		}
+		if mounted, _, err := MountedAt(m.Target); err != nil || mounted {
+			t.Errorf("after Unmount: MountedAt = %v, %v", mounted, err)
+		}
+	})
+}
+
 // TestMountedLayers: both ways the mount table shows an overlayfs root's
 // layers map to their DiffIDs; anything else is not a root of layers.
 func TestMountedLayers(t *testing.T) {
@@ -257,6 +309,8 @@ func TestMountedLayers(t *testing.T) {
 		"rw,lowerdir+=" + p(b) + ",lowerdir+=" + p(a) + ",upperdir=/u,workdir=/w": {b, a},
 		"rw,lowerdir=/usr:" + p(a) + ",upperdir=/u":                               nil,
 		"rw,lowerdir+=/x/layers/sha512/" + a.Encoded():                            nil,
+		// The table's escapes (a blank, a tab) are above a layer's names.
+		`rw,lowerdir+=/x/my\040lay\011ers/sha256/` + b.Encoded() + `,lowerdir+=/x/my\040layers/sha256/` + a.Encoded(): {b, a},
 	} {
 		if got := mountedLayers(super); !slices.Equal(got, want) {
 			t.Errorf("mountedLayers(%s) = %v, want %v", super, got, want)
