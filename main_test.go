@@ -13,10 +13,8 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
-	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
-	"github.com/nodespawn/nodespawn/state"
 )
 
 // cli runs the command line in-process and returns the exit code and output.
@@ -355,32 +353,6 @@ func TestValidateAndApplyAgree(t *testing.T) {
 				t.Errorf("validate names\n%s\napply names\n%s", vout, aout)
 			}
 		})
-	}
-}
-
-// TestValidateKeepsOffApplyState: the host paths manifest refuses are the
-// ones package apply uses.
-func TestValidateKeepsOffApplyState(t *testing.T) {
-	data, err := os.ReadFile("examples/minimal.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	src := string(data) + "host:\n  extra:\n    storage:\n      files:\n" +
-		"        - path: " + state.Dir + "/result.json\n" +
-		"        - path: " + state.LockFile + "\n" +
-		"        - path: /etc/systemd/system/" + apply.FirstbootUnitName + "\n" +
-		"    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", mask: true}]\n"
-	code, _, out := cli(t, src, "validate", "-f", "-")
-	if code != exitBadInput || !strings.Contains(out, "$.host.extra.storage.files[0].path: "+state.Dir+" holds nodespawn's own state") ||
-		!strings.Contains(out, "$.host.extra.storage.files[1].path: "+state.LockFile+" is the lock apply holds") ||
-		!strings.Contains(out, "$.host.extra.storage.files[2].path: /etc/systemd/system/"+apply.FirstbootUnitName+" is nodespawn's first-boot unit") ||
-		!strings.Contains(out, "$.host.extra.systemd.units[0].name: "+apply.FirstbootUnitName+" is nodespawn's first-boot unit") {
-		t.Errorf("exit %d:\n%s", code, out)
-	}
-	// A drop-in is how the first-boot unit is changed.
-	dropin := string(data) + "host:\n  extra:\n    systemd:\n      units: [{name: " + apply.FirstbootUnitName + ", dropins: [{name: 10-env.conf, contents: \"[Service]\\nEnvironment=A=1\\n\"}]}]\n"
-	if code, _, out := cli(t, dropin, "validate", "-f", "-"); code != exitOK {
-		t.Errorf("a drop-in for the first-boot unit: exit %d:\n%s", code, out)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/schema"
 )
 
@@ -211,6 +212,8 @@ func TestSchemaDefaults(t *testing.T) {
 		"host.disableSwap":                true,
 		"host.installPackages":            true,
 		"host.aptGuard":                   false,
+		"upgrade.readyTimeout":            DefaultReadyTimeout,
+		"upgrade.stopTimeout":             DefaultStopTimeout,
 	} {
 		s := sch
 		for _, name := range strings.Split(path, ".") {
@@ -229,5 +232,22 @@ func TestSchemaDefaults(t *testing.T) {
 			}
 			t.Errorf("%s: schema default %v, Load's default %v", path, got, want)
 		}
+	}
+}
+
+// TestDefaultStopTimeout: the stop timeout of a manifest that sets
+// neither it nor the grace period is layout's one default, which is the
+// default grace period plus layout's margin.
+func TestDefaultStopTimeout(t *testing.T) {
+	if got := parseDuration(DefaultShutdownGracePeriod) + layout.StopMargin; got != layout.DefaultStopTimeout {
+		t.Errorf("default grace period %s + margin %s = %s, want layout.DefaultStopTimeout %s", DefaultShutdownGracePeriod, layout.StopMargin, got, layout.DefaultStopTimeout)
+	}
+	var m Manifest
+	ApplyDefaults(&m)
+	if Duration(m.Upgrade.StopTimeout) != layout.DefaultStopTimeout || m.Upgrade.StopTimeout != DefaultStopTimeout {
+		t.Errorf("upgrade.stopTimeout defaults to %q, want %q (%s)", m.Upgrade.StopTimeout, DefaultStopTimeout, layout.DefaultStopTimeout)
+	}
+	if Duration(m.Upgrade.ReadyTimeout) != layout.DefaultReadyTimeout || m.Upgrade.ReadyTimeout != "10m" {
+		t.Errorf("upgrade.readyTimeout defaults to %q, want \"10m\" (%s)", m.Upgrade.ReadyTimeout, layout.DefaultReadyTimeout)
 	}
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"oras.land/oras-go/v2/registry"
 )
 
@@ -62,7 +63,7 @@ func (c *checker) machine(mc *Machine) {
 	if mc.Name != "" {
 		if msg := machineNameProblem(mc.Name); msg != "" {
 			c.add(p.Append("name"), "%s", msg)
-		} else if alt := AlternateMachine(mc.Name); machineNameProblem(alt) != "" {
+		} else if alt := layout.PairOf(mc.Name)[1]; machineNameProblem(alt) != "" {
 			c.add(p.Append("name"), "upgrades alternate between %s and %s, and %s", mc.Name, alt, machineNameProblem(alt))
 		}
 	}

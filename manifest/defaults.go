@@ -2,7 +2,8 @@ package manifest
 
 import (
 	"strings"
-	"time"
+
+	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // Defaults applied by Load to what the manifest leaves out. render.Plan and the
@@ -33,13 +34,6 @@ const (
 	DefaultShutdownGracePeriod = "30s"
 	// DefaultRetryFor bounds the first-boot run's retries.
 	DefaultRetryFor = "15m"
-	// DefaultReadyTimeout and DefaultStopTimeout bound an upgrade's switch.
-	DefaultReadyTimeout = "10m"
-	// DefaultStopTimeout is DefaultShutdownGracePeriod plus stopMargin: a
-	// manifest that sets the grace period gets its own period plus the
-	// margin.
-	DefaultStopTimeout = "1m0s"
-	stopMargin         = 30 * time.Second
 
 	// Component versions, without the leading "v". kubelet, kubectl and
 	// kube-proxy follow kubernetes.version.
@@ -47,6 +41,17 @@ const (
 	DefaultRuncVersion       = "1.5.3"
 	DefaultCNIPluginsVersion = "1.10.0"
 	DefaultCrictlVersion     = "1.37.0"
+)
+
+// DefaultReadyTimeout and DefaultStopTimeout bound an upgrade's switch:
+// layout's defaults (the one value each that apply, reset and the Node
+// check use too), spelt as the schema's "default" annotations and the
+// manifest's digest have them ("10m", "1m0s"). The stop timeout's default
+// is DefaultShutdownGracePeriod plus layout.StopMargin, and a manifest
+// that sets the grace period gets its own period plus the margin.
+var (
+	DefaultReadyTimeout = strings.TrimSuffix(layout.DefaultReadyTimeout.String(), "0s")
+	DefaultStopTimeout  = layout.DefaultStopTimeout.String()
 )
 
 // ApplyDefaults fills in what m leaves out and normalises what has more than
@@ -127,7 +132,7 @@ func ApplyDefaults(m *Manifest) {
 	}
 	if m.Upgrade.StopTimeout == "" {
 		// kubelet's graceful shutdown, and 30s for the machine's own stop.
-		m.Upgrade.StopTimeout = (parseDuration(k.ShutdownGracePeriod) + stopMargin).String()
+		m.Upgrade.StopTimeout = (parseDuration(k.ShutdownGracePeriod) + layout.StopMargin).String()
 	}
 	if k.Auth.Exec != nil && k.Auth.Exec.APIVersion == "" {
 		k.Auth.Exec.APIVersion = DefaultExecAPIVersion

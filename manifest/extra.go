@@ -9,27 +9,23 @@ import (
 	jsonpath "github.com/coreos/vcontext/path"
 	"github.com/coreos/vcontext/report"
 	"github.com/nodespawn/nodespawn/internal/inflate"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/vincent-petithory/dataurl"
 )
 
-// Host paths that belong to nodespawn itself: apply keeps its state, result
-// record and download cache under stateDir and takes lockFile while it
-// runs; nodespawn install writes the first-boot unit and its boot link.
-// Package apply owns them (apply.StateDir, apply.LockFile,
-// apply.FirstbootUnitName); this package cannot import it, so a test in
-// package main keeps the two in step.
+// Host paths that belong to nodespawn itself (package layout says where):
+// apply keeps its state, result record and download cache under
+// layout.StateDir and takes layout.LockFile while it runs; nodespawn
+// install writes the first-boot unit and its boot link.
 const (
-	stateDir      = "/var/lib/nodespawn"
-	lockFile      = "/run/nodespawn.lock"
-	firstbootUnit = "nodespawn-firstboot.service"
+	stateDir      = layout.StateDir
+	lockFile      = layout.LockFile
+	firstbootUnit = layout.FirstbootUnit
 )
 
 // firstbootPaths are where nodespawn install puts the first-boot unit and
 // the link that enables it.
-var firstbootPaths = []string{
-	"/etc/systemd/system/" + firstbootUnit,
-	"/etc/systemd/system/multi-user.target.wants/" + firstbootUnit,
-}
+var firstbootPaths = []string{layout.FirstbootUnitPath, layout.FirstbootWantsLink}
 
 // maxExtraInflated bounds what the gzip-compressed data: contents of extra
 // files decompress to, all together: render holds every file in memory.

@@ -294,6 +294,13 @@ var badManifests = []struct {
 		[]want{{11, "/run/nodespawn.lock", "$.host.extra.storage.links[0].path", "/run/nodespawn.lock is the lock apply holds while it runs"}}},
 	{"host-link-above-state-dir", hostExtra("storage", "      links: [{path: /var/lib, target: /srv/lib}]"),
 		[]want{{11, "/var/lib,", "$.host.extra.storage.links[0].path", "a file or link here would stand where nodespawn needs the directory /var/lib"}}},
+	{"host-file-firstboot-unit", hostExtra("storage", "      files: [{path: /etc/systemd/system/nodespawn-firstboot.service}, {path: /etc/systemd/system/multi-user.target.wants/nodespawn-firstboot.service}]"),
+		[]want{
+			{11, "/etc/systemd/system/nodespawn-firstboot.service}", "$.host.extra.storage.files[0].path", "/etc/systemd/system/nodespawn-firstboot.service is nodespawn's first-boot unit, which nodespawn install writes and enables; give it a drop-in"},
+			{11, "/etc/systemd/system/multi-user.target.wants/", "$.host.extra.storage.files[1].path", "/etc/systemd/system/multi-user.target.wants/nodespawn-firstboot.service is nodespawn's first-boot unit"},
+		}},
+	{"host-unit-firstboot-masked", hostExtra("systemd", "      units: [{name: nodespawn-firstboot.service, mask: true}]"),
+		[]want{{11, "nodespawn-firstboot.service,", "$.host.extra.systemd.units[0].name", "nodespawn-firstboot.service is nodespawn's first-boot unit, which nodespawn install writes; change it with a drop-in"}}},
 
 	// Switches given as YAML 1.1 booleans, and other non-strings where one
 	// of a few strings goes.
@@ -493,6 +500,7 @@ func TestValidateAccepts(t *testing.T) {
 		"unit disabled":        machineExtra("systemd", "      units: [{name: foo.service, enabled: false}]"),
 		"masked and enabled":   machineExtra("systemd", "      units: [{name: foo.service, mask: true, enabled: true}]"),
 		"machine state dir":    machineExtra("storage", "      files: [{path: /var/lib/nodespawn/x}]", "      links: [{path: /run/nodespawn.lock, target: /dev/null}]"),
+		"first-boot drop-in":   hostExtra("systemd", `      units: [{name: nodespawn-firstboot.service, dropins: [{name: 10-env.conf, contents: "[Service]\nEnvironment=A=1\n"}]}]`),
 		"host dirs above":      hostExtra("storage", "      directories: [{path: /var/lib}, {path: /run}, {path: /var/lib/machines}]"),
 		"symlink relative":     machineExtra("storage", "      links: [{path: /usr/local/bin/k, target: kubectl}]"),
 		"hard link absolute":   machineExtra("storage", "      links: [{path: /etc/k, target: /etc/kubernetes/pki/ca.crt, hard: true}]"),

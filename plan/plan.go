@@ -1,8 +1,8 @@
 // Package plan is the data between render and apply: a Plan of typed
 // steps, the host Facts it was rendered for, its digest, and its text and
-// JSON forms (what --dry-run prints). It imports nothing of nodespawn's own,
-// so every helper that needs these types can use them without depending on
-// render or apply.
+// JSON forms (what --dry-run prints). It imports nothing of nodespawn's own
+// but internal/layout (which imports nothing), so every helper that needs
+// these types can use them without depending on render or apply.
 package plan
 
 import (
@@ -10,6 +10,8 @@ import (
 	"fmt"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // Version identifies the JSON shape of a Plan. It changes only when a
@@ -55,20 +57,17 @@ const (
 	KindWait      Kind = "wait"      // Step.Wait
 )
 
-// ActiveMachineFile names the machine of a pair that may run: apply writes
-// it (atomically) before it starts a machine, and each machine's service
-// starts only when the file is missing or names it, so the two machines of
-// an upgrade never run at once, at boot included.
-const ActiveMachineFile = StateDir + "/active-machine"
+// ActiveMachineFile, StateDir, MachineStateDir and BinaryPath are package
+// layout's, where host paths live; they stay here only for the callers in
+// package apply until those use layout (issue 20's re-layout), then go.
+const (
+	ActiveMachineFile = layout.ActiveMachineFile
+	StateDir          = layout.StateDir
+	BinaryPath        = layout.BinaryPath
+)
 
-// StateDir is the host directory with everything nodespawn keeps: the
-// record, each machine's manifest and plan (StateDir/machines/NAME), the
-// node's state, the layer store.
-const StateDir = "/var/lib/nodespawn"
-
-// MachineStateDir is where nodespawn keeps what belongs to machine m: its
-// manifest and plan, and an overlayfs root's upper and work directories.
-func MachineStateDir(m string) string { return StateDir + "/machines/" + m }
+// MachineStateDir is layout.MachineStateDir (see StateDir).
+func MachineStateDir(m string) string { return layout.MachineStateDir(m) }
 
 // Plan is everything apply will do, as data. render.Plan builds it from a
 // manifest and host facts; apply executes it; --dry-run prints it.
@@ -265,12 +264,6 @@ type LayerRoot struct {
 	// than the flattened pull does (oci.StoreError).
 	FlattenFallback bool `json:"flattenFallback,omitempty"`
 }
-
-// BinaryPath is where nodespawn's own binary is on a node: the first-boot
-// unit runs it, and the machine's service runs `BinaryPath mount-root` to
-// mount a root made of layers at boot. apply installs itself there when a
-// machine's root is made of layers.
-const BinaryPath = "/usr/local/bin/nodespawn"
 
 // DebootstrapSpec is a debootstrap invocation.
 type DebootstrapSpec struct {

@@ -6,6 +6,7 @@ import (
 	"path"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -99,7 +100,7 @@ func (r *renderer) checkClaims(alt []plan.Step) error {
 	for i := range alt {
 		r.alternate[&alt[i]] = true
 	}
-	altRoot := path.Join(MachinesDir, r.plan.Alternate) + "/"
+	altRoot := layout.MachineRoot(r.plan.Alternate) + "/"
 	for i := range alt {
 		s := &alt[i]
 		if s.Origin != "" {

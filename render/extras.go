@@ -11,6 +11,7 @@ import (
 	"github.com/vincent-petithory/dataurl"
 
 	"github.com/nodespawn/nodespawn/internal/inflate"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -71,7 +72,7 @@ func (r *renderer) extra(ph plan.Phase, at jsonpath.ContextPath, x manifest.Extr
 // cannot be enabled: a machine unit without contents, a unit without an
 // [Install] target, a template.
 func (r *renderer) unit(ph plan.Phase, at jsonpath.ContextPath, u igntypes.Unit, place func(string) string) {
-	unitPath := path.Join(unitDir, u.Name)
+	unitPath := path.Join(layout.UnitDir, u.Name)
 	if u.Mask != nil && *u.Mask {
 		r.from(r.link(ph, place(unitPath), "/dev/null", "mask "+u.Name), at.Append("mask"))
 		return
@@ -83,7 +84,7 @@ func (r *renderer) unit(ph plan.Phase, at jsonpath.ContextPath, u igntypes.Unit,
 		if d.Contents == nil {
 			continue
 		}
-		p := path.Join(unitDir, u.Name+".d", d.Name)
+		p := path.Join(layout.UnitDir, u.Name+".d", d.Name)
 		r.from(r.file(ph, place(p), *d.Contents, "drop-in "+d.Name+" for "+u.Name), at.Append("dropins", j, "name"))
 	}
 	if u.Enabled == nil || !*u.Enabled {
@@ -100,7 +101,7 @@ func (r *renderer) unit(ph plan.Phase, at jsonpath.ContextPath, u igntypes.Unit,
 		if t.Requires {
 			dir = t.Target + ".requires"
 		}
-		r.from(r.link(ph, place(path.Join(unitDir, dir, u.Name)), path.Join(unitDir, u.Name), "enable "+u.Name+" for "+t.Target), at.Append("enabled"))
+		r.from(r.link(ph, place(path.Join(layout.UnitDir, dir, u.Name)), path.Join(layout.UnitDir, u.Name), "enable "+u.Name+" for "+t.Target), at.Append("enabled"))
 	}
 }
 

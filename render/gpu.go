@@ -5,6 +5,7 @@ import (
 	"path"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -17,6 +18,10 @@ const hostNvidiaDir = "/run/host-nvidia"
 // are bound, read-only, each by its name; the per-boot unit links them
 // into /usr/bin, where the CDI spec generator finds them.
 const hostNvidiaBinDir = "/run/host-nvidia/bin"
+
+// nvidiaRefreshUnit is the machine's unit that refreshes the NVIDIA
+// library links, device nodes and CDI spec at every boot.
+const nvidiaRefreshUnit = "nodespawn-nvidia.service"
 
 // nvidiaLibPatterns are the shell patterns of the NVIDIA userspace libraries
 // the per-boot unit links into the machine.
@@ -59,9 +64,10 @@ func (r *renderer) renderGPU() error {
 	script := tmpl("nvidia-refresh.sh.tmpl", struct{ LibDir, Patterns string }{libDir, strings.Join(nvidiaLibPatterns, "|")})
 	r.file(ph, r.inRoot("/usr/local/lib/nodespawn/nvidia-refresh"), script,
 		"per-boot refresh of NVIDIA library links, device nodes and the CDI spec", mode(0o755))
-	r.file(ph, r.inRoot("/etc/systemd/system/nodespawn-nvidia.service"), tmpl("nvidia-refresh.service.tmpl", nil),
+	unit := path.Join(layout.UnitDir, nvidiaRefreshUnit)
+	r.file(ph, r.inRoot(unit), tmpl("nvidia-refresh.service.tmpl", nil),
 		"run the NVIDIA refresh at every machine boot, before containerd")
-	r.link(ph, r.inRoot(path.Join(wantsDir, "nodespawn-nvidia.service")), "/etc/systemd/system/nodespawn-nvidia.service",
+	r.link(ph, r.inRoot(path.Join(layout.MultiUserWants, nvidiaRefreshUnit)), unit,
 		"enable the NVIDIA refresh inside the machine")
 	r.file(ph, r.inRoot("/etc/containerd/conf.d/10-nvidia.toml"), tmpl("containerd-nvidia.toml.tmpl", r.containerdData()),
 		"containerd: CDI and the nvidia runtime")

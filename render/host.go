@@ -7,18 +7,17 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// Host paths nodespawn writes.
+// Host paths nodespawn writes (systemd's directories and the machine's
+// own files are package layout's).
 const (
-	nspawnDir      = "/etc/systemd/nspawn"
-	unitDir        = "/etc/systemd/system"
 	sysctlFile     = "/etc/sysctl.d/90-nodespawn.conf"
 	modulesFile    = "/etc/modules-load.d/90-nodespawn.conf"
 	nftFlushUnit   = "nodespawn-nft-flush.service"
-	systemUnitDir  = "/usr/lib/systemd/system"
 	needrestartCfg = "/etc/needrestart/conf.d/90-nodespawn.conf"
 	aptGuardCfg    = "/etc/apt/apt.conf.d/51nodespawn-unattended-upgrades"
 )
@@ -109,7 +108,7 @@ func (r *renderer) renderHost() error {
 		// One unit for every machine on the host: its contents name no
 		// machine, and each machine's drop-in requires it and orders
 		// itself after it. It runs once a boot, before the first machine.
-		r.file(plan.PhaseHost, path.Join(unitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", nil),
+		r.file(plan.PhaseHost, path.Join(layout.UnitDir, nftFlushUnit), tmpl("nft-flush.service.tmpl", nil),
 			"flush the host nftables ruleset once a boot, before the first machine starts")
 		r.add(plan.Step{
 			ID:      "host:nft-flush",
@@ -130,20 +129,20 @@ func (r *renderer) renderHost() error {
 	}
 
 	r.renderNodeState()
-	r.file(plan.PhaseHost, path.Join(nspawnDir, r.machine+".nspawn"), tmpl("machine.nspawn.tmpl", r.nspawnData()),
+	r.file(plan.PhaseHost, layout.NspawnFile(r.machine), tmpl("machine.nspawn.tmpl", r.nspawnData()),
 		"nspawn settings of machine "+r.machine)
-	r.file(plan.PhaseHost, path.Join(unitDir, "systemd-nspawn@"+r.machine+".service.d", "override.conf"),
+	r.file(plan.PhaseHost, path.Join(layout.NspawnDropInDir(r.machine), "override.conf"),
 		tmpl("nspawn-override.conf.tmpl", r.overrideData(flush)),
 		"service drop-in: cgroup v2, writable /proc/sys/net, bpffs, device access, self-healing")
-	r.link(plan.PhaseHost, path.Join(unitDir, "multi-user.target.wants", "machines.target"),
-		path.Join(systemUnitDir, "machines.target"), "start machines.target at boot")
+	r.link(plan.PhaseHost, path.Join(layout.MultiUserWants, layout.MachinesTarget),
+		path.Join(layout.SystemUnitDir, layout.MachinesTarget), "start machines.target at boot")
 
 	if h.AptGuard {
 		r.file(plan.PhaseHost, needrestartCfg, header("#")+`
 # Never let needrestart restart machined or the machine's unit: that stops
 # the running Kubernetes node.
 $nrconf{override_rc}{qr(^systemd-machined)} = 0;
-$nrconf{override_rc}{qr(^systemd-nspawn@)} = 0;
+$nrconf{override_rc}{qr(^`+layout.NspawnUnitPrefix+`)} = 0;
 `, "keep needrestart from restarting systemd-machined")
 		r.file(plan.PhaseHost, aptGuardCfg, header("//")+`
 // Unattended upgrades of systemd-container restart systemd-machined, which
@@ -189,7 +188,7 @@ type nspawnData struct {
 	Binds        []string
 }
 
-func (r *renderer) bpffsDir() string { return "/run/bpffs/" + r.machine }
+func (r *renderer) bpffsDir() string { return layout.BPFFSDir(r.machine) }
 
 func (r *renderer) nspawnData() nspawnData {
 	d := nspawnData{
@@ -258,7 +257,7 @@ func (r *renderer) manifestBinds(target string) bool {
 
 type overrideData struct {
 	Machine string
-	// ActiveFile is plan.ActiveMachineFile; StopTimeout the
+	// ActiveFile is layout.ActiveMachineFile; StopTimeout the
 	// manifest's upgrade.stopTimeout.
 	ActiveFile, StopTimeout string
 	NftFlushUnit            string
@@ -273,12 +272,12 @@ type overrideData struct {
 }
 
 func (r *renderer) overrideData(flush bool) overrideData {
-	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: plan.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout)), HostUnits: r.plan.HostUnits}
+	d := overrideData{Machine: r.machine, GPU: r.gpu, ActiveFile: layout.ActiveMachineFile, StopTimeout: systemdSeconds(manifest.Duration(r.m.Upgrade.StopTimeout)), HostUnits: r.plan.HostUnits}
 	if flush {
 		d.NftFlushUnit = nftFlushUnit
 	}
 	if r.layerRoot != nil && r.m.Machine.Rootfs.Debootstrap == nil {
-		d.MountRoot = plan.BinaryPath + " mount-root " + r.machine
+		d.MountRoot = layout.BinaryPath + " mount-root " + r.machine
 	}
 	if r.bpffs {
 		d.BPFFS = r.bpffsDir()

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -25,7 +26,6 @@ const (
 	// podResolvConf is the resolv.conf kubelet hands to pods with
 	// dnsPolicy: Default: upstream servers only, never a loopback stub.
 	podResolvConf = "/etc/kubernetes/resolv.conf"
-	wantsDir      = "/etc/systemd/system/multi-user.target.wants"
 )
 
 // renderMachine writes the configuration into the rootfs before its first boot.
@@ -37,7 +37,7 @@ func (r *renderer) renderMachine() error {
 	r.file(ph, r.inRoot("/etc/hosts"), r.hosts(), "localhost and the node name (kubelet mounts it into pods)")
 	r.file(ph, r.inRoot("/etc/resolv.conf"), r.machineDNS.file(), "the machine's resolvers (it shares the host's network: a host stub works)")
 	r.file(ph, r.inRoot(podResolvConf), r.podDNS.file(), "the upstream resolvers kubelet gives pods (never a loopback stub)")
-	r.link(ph, r.inRoot("/etc/systemd/system/systemd-resolved.service"), "/dev/null",
+	r.link(ph, r.inRoot(path.Join(layout.UnitDir, "systemd-resolved.service")), "/dev/null",
 		"mask systemd-resolved so it cannot replace resolv.conf")
 	r.file(ph, r.inRoot("/etc/tmpfiles.d/nodespawn-kmsg.conf"),
 		header("#")+"\n# kubelet opens /dev/kmsg at start and dies without it; the machine's device\n# policy blocks the host's, the console is allowed.\nL+ /dev/kmsg - - - - /dev/console\n",
@@ -47,8 +47,9 @@ func (r *renderer) renderMachine() error {
 	r.file(ph, r.inRoot("/etc/containerd/config.toml"), tmpl("containerd-config.toml.tmpl", r.containerdData()),
 		"containerd: CRI with runc and the systemd cgroup driver")
 	r.dir(ph, r.inRoot("/etc/containerd/conf.d"), 0o755, "containerd drop-in configuration")
-	r.file(ph, r.inRoot("/etc/systemd/system/containerd.service"), tmpl("containerd.service.tmpl", struct{ RDMA bool }{r.rdma}), "containerd unit")
-	r.link(ph, r.inRoot(path.Join(wantsDir, "containerd.service")), "/etc/systemd/system/containerd.service",
+	containerd := path.Join(layout.UnitDir, layout.ContainerdUnit)
+	r.file(ph, r.inRoot(containerd), tmpl("containerd.service.tmpl", struct{ RDMA bool }{r.rdma}), "containerd unit")
+	r.link(ph, r.inRoot(path.Join(layout.MultiUserWants, layout.ContainerdUnit)), containerd,
 		"enable containerd inside the machine")
 
 	// Kubelet.
@@ -60,15 +61,16 @@ func (r *renderer) renderMachine() error {
 		r.file(ph, r.inRoot(bootstrapKubeconfig), r.kubeconfig(), "bootstrap kubeconfig with the bootstrap token", secret, mode(0o600))
 	}
 	r.file(ph, r.inRoot(kubeletConfig), tmpl("kubelet-config.yaml.tmpl", r.kubeletConfigData()), "kubelet configuration")
-	r.file(ph, r.inRoot("/etc/systemd/system/kubelet.service"), tmpl("kubelet.service.tmpl", nil), "kubelet unit")
+	kubelet := path.Join(layout.UnitDir, layout.KubeletUnit)
+	r.file(ph, r.inRoot(kubelet), tmpl("kubelet.service.tmpl", nil), "kubelet unit")
 	args := r.kubeletArgs()
 	if err := r.checkKubeletArgs(args); err != nil {
 		return err
 	}
-	r.file(ph, r.inRoot("/etc/systemd/system/kubelet.service.d/10-nodespawn.conf"),
+	r.file(ph, r.inRoot(path.Join(kubelet+".d", "10-nodespawn.conf")),
 		tmpl("kubelet-dropin.conf.tmpl", struct{ Args []string }{args}),
 		"kubelet flags: kubeconfig, node name, labels, taints")
-	r.link(ph, r.inRoot(path.Join(wantsDir, "kubelet.service")), "/etc/systemd/system/kubelet.service",
+	r.link(ph, r.inRoot(path.Join(layout.MultiUserWants, layout.KubeletUnit)), kubelet,
 		"enable kubelet inside the machine")
 	return nil
 }

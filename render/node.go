@@ -5,16 +5,17 @@ import (
 	"path"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// NodeStateDir is the host directory with what the node keeps whichever
-// machine of the pair runs it: kubelet's state (its client certificate and
-// key, so an upgraded machine comes back as the same Node without a
-// bootstrap token) and containerd's (the image cache, so pods restart
-// without pulling again). It is bound into the machine, as an in-place
-// kubelet upgrade would find it.
-const NodeStateDir = plan.StateDir + "/node"
+// NodeStateDir (layout.NodeStateDir) is the host directory with what the
+// node keeps whichever machine of the pair runs it: kubelet's state (its
+// client certificate and key, so an upgraded machine comes back as the
+// same Node without a bootstrap token) and containerd's (the image cache,
+// so pods restart without pulling again). It is bound into the machine, as
+// an in-place kubelet upgrade would find it.
+const NodeStateDir = layout.NodeStateDir
 
 // nodeStateBinds are the members of NodeStateDir and where they appear in
 // the machine, with the mode of the host directory.

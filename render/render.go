@@ -17,6 +17,7 @@ import (
 
 	jsonpath "github.com/coreos/vcontext/path"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -38,8 +39,9 @@ func header(comment string) string {
 	return comment + " Managed by nodespawn: changes are overwritten on the next apply."
 }
 
-// MachinesDir is where nspawn machines' root directories live.
-const MachinesDir = "/var/lib/machines"
+// MachinesDir is layout.MachinesDir, kept for package apply until it uses
+// layout (issue 20's re-layout).
+const MachinesDir = layout.MachinesDir
 
 // Error is a render failure caused by the manifest: it asks for something
 // this host cannot give (a GPU on a host without one, say), or one of its
@@ -81,7 +83,7 @@ func Plan(m *manifest.Manifest, f plan.Facts) (*plan.Plan, error) {
 }
 
 // PlanFor builds the plan for manifest m as machine, one of the pair
-// manifest.MachinePair(m.Machine.Name): an upgrade prepares the machine
+// layout.PairOf(m.Machine.Name): an upgrade prepares the machine
 // that is not running. Only the machine's own paths differ between the two
 // plans; the node (its name, its state directory) is the same.
 func PlanFor(m *manifest.Manifest, f plan.Facts, machine string) (*plan.Plan, error) {
@@ -157,10 +159,12 @@ func (r *renderer) decide() error {
 	if m.Machine.Name == "" {
 		return &Error{Path: field("machine", "name"), Msg: "is empty (load the manifest with manifest.Load so defaults apply)"}
 	}
-	if pair := manifest.MachinePair(m.Machine.Name); r.machine != pair[0] && r.machine != pair[1] {
+	pair := layout.PairOf(m.Machine.Name)
+	if !pair.Has(r.machine) {
 		return &Error{Path: field("machine", "name"), Msg: fmt.Sprintf("machine %q is not one of this manifest's pair %s and %s", r.machine, pair[0], pair[1])}
 	}
-	r.rootfs = path.Join(MachinesDir, r.machine)
+	alternate, _ := pair.Other(r.machine)
+	r.rootfs = layout.MachineRoot(r.machine)
 	if err := r.decideStore(); err != nil {
 		return err
 	}
@@ -217,11 +221,8 @@ func (r *renderer) decide() error {
 		Machine:   r.machine,
 		Rootfs:    r.rootfs,
 		NodeName:  r.nodeName,
-		Alternate: manifest.AlternateMachine(m.Machine.Name),
-		NodeState: NodeStateDir,
-	}
-	if r.plan.Alternate == r.machine {
-		r.plan.Alternate = m.Machine.Name
+		Alternate: alternate,
+		NodeState: layout.NodeStateDir,
 	}
 	return r.decideGPUHost()
 }

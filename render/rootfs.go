@@ -8,6 +8,7 @@ import (
 	jsonpath "github.com/coreos/vcontext/path"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/upstream"
 	"github.com/nodespawn/nodespawn/manifest"
@@ -65,7 +66,7 @@ func (r *renderer) renderRootfs() error {
 	if lr := r.layerRoot; lr != nil && src.Debootstrap == nil {
 		img.Layers = lr
 		summary = what + " into the layer store " + lr.Store + " (only the layers it lacks, each verified and unpacked on its own)," +
-			" and mount " + r.rootfs + " as an overlay of them, now and at each start of the machine (its service runs " + plan.BinaryPath + " mount-root)," +
+			" and mount " + r.rootfs + " as an overlay of them, now and at each start of the machine (its service runs " + layout.BinaryPath + " mount-root)," +
 			" the machine's changes in " + path.Join(lr.Dir, "upper") + "; " + deepSummary(lr)
 	} else if r.flatWhy != "" {
 		summary += " (flattened: " + r.flatWhy + ")"
@@ -127,13 +128,12 @@ func deepSummary(lr *plan.LayerRoot) string {
 	return fmt.Sprintf("%s %d layers per root: an image with more is %s", how, lr.MaxLayers, then)
 }
 
-// LayerStoreDir is the host's layer store: each image layer unpacked once,
-// by DiffID, shared by every machine root composed of it.
-const LayerStoreDir = plan.StateDir + "/layers"
+// LayerStoreDir and OverlayDir are layout's, kept here for package apply
+// until it uses layout (issue 20's re-layout).
+const LayerStoreDir = layout.LayerStoreDir
 
-// OverlayDir is where the overlayfs root of machine m keeps its upper and
-// work directories and its record.
-func OverlayDir(m string) string { return path.Join(plan.MachineStateDir(m), "overlay") }
+// OverlayDir is layout.OverlayDir (see LayerStoreDir).
+func OverlayDir(m string) string { return layout.OverlayDir(m) }
 
 // decideStore chooses between a root composed from the layer store and a
 // flattened tree: the manifest's machine.rootfs.store, and for auto what
@@ -162,9 +162,9 @@ func (r *renderer) decideStore() error {
 		return nil
 	}
 	r.layerRoot = &plan.LayerRoot{
-		Store:           LayerStoreDir,
-		Dir:             OverlayDir(r.machine),
-		MaxLayers:       layers.ClassicMaxLayers("/", LayerStoreDir, OverlayDir(r.machine)),
+		Store:           layout.LayerStoreDir,
+		Dir:             layout.OverlayDir(r.machine),
+		MaxLayers:       layers.ClassicMaxLayers("/", layout.LayerStoreDir, layout.OverlayDir(r.machine)),
 		FlattenFallback: src.Store != manifest.StoreLayers,
 	}
 	if r.f.LayerStore.LayerFDs {

@@ -1,19 +1,16 @@
 package render
 
 import (
-	"path"
-
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// EnableLink is the link that makes machines.target start machine at boot
-// (what machinectl enable writes).
-func EnableLink(machine string) string {
-	return path.Join(unitDir, "machines.target.wants", "systemd-nspawn@"+machine+".service")
-}
+// EnableLink and NspawnTemplate are layout's, kept here for package apply
+// until it uses layout (issue 20's re-layout).
+func EnableLink(machine string) string { return layout.EnableLink(machine) }
 
-// NspawnTemplate is the unit every machine's EnableLink points at.
-const NspawnTemplate = systemUnitDir + "/systemd-nspawn@.service"
+// NspawnTemplate is layout.NspawnTemplate (see EnableLink).
+const NspawnTemplate = layout.NspawnTemplate
 
 // WaitTimeoutSeconds bounds how long apply waits for the machine to boot
 // and containerd and kubelet to become active inside it.
@@ -21,14 +18,14 @@ const WaitTimeoutSeconds = 300
 
 // renderStart reloads systemd, starts the machine and waits for the node's units.
 func (r *renderer) renderStart() error {
-	unit := "systemd-nspawn@" + r.machine + ".service"
+	unit := layout.NspawnUnit(r.machine)
 	// The boot link is made here, with the start: an upgrade prepares a
 	// machine beside the running one, and only the machine that runs is
 	// wanted at boot.
-	enable := r.link(plan.PhaseStart, EnableLink(r.machine), NspawnTemplate, "start the machine at every boot")
+	enable := r.link(plan.PhaseStart, layout.EnableLink(r.machine), layout.NspawnTemplate, "start the machine at every boot")
 	reload := r.systemd("daemon-reload", "", enable.ID)
 	started := r.systemd("start", unit, reload.ID)
-	units := []string{"containerd.service", "kubelet.service"}
+	units := layout.NodeUnits()
 	r.add(plan.Step{
 		ID:      "start:wait:" + r.machine,
 		Phase:   plan.PhaseStart,

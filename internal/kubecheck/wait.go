@@ -7,12 +7,15 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+
+	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // Defaults of WaitOptions.
 const (
-	DefaultInterval       = 5 * time.Second
-	DefaultTimeout        = 10 * time.Minute
+	DefaultInterval = 5 * time.Second
+	// DefaultTimeout is the switch's default wait for the Node.
+	DefaultTimeout        = layout.DefaultReadyTimeout
 	DefaultRequestTimeout = 30 * time.Second
 )
 

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/rootfs"
 )
 
@@ -176,7 +177,7 @@ func UnitName(target string) string { return unit.UnitNamePathEscape(target) + "
 // LegacyUnit is where nodespawn once wrote the mount unit that mounted the
 // root at target (a host path) at boot, before the machine's service
 // mounted it itself.
-func LegacyUnit(target string) string { return path.Join("/etc/systemd/system", UnitName(target)) }
+func LegacyUnit(target string) string { return path.Join(layout.UnitDir, UnitName(target)) }
 
 // unitHeader starts every mount unit nodespawn wrote.
 const unitHeader = "# Written by nodespawn"
