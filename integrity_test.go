@@ -48,9 +48,7 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	mf := filepath.Join(work, "node.yaml")
 	must(t, os.WriteFile(mf, []byte(m), 0o600))
 	root := filepath.Join(work, "root")
-	// The test root's own /proc/filesystems tells the probe overlayfs is there.
-	must(t, os.MkdirAll(filepath.Join(root, "proc"), 0o755))
-	must(t, os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644))
+	useRunningKernel(t)
 
 	fetched := regexp.MustCompile(`msg="machine root layers".* fetched=(\d+)`)
 	applyRun := func(wantFetched string) string {
@@ -208,8 +206,7 @@ func BenchmarkStatusLayerRoot(b *testing.B) {
 	mf := filepath.Join(work, "node.yaml")
 	must(b, os.WriteFile(mf, []byte(m), 0o600))
 	root := filepath.Join(work, "root")
-	must(b, os.MkdirAll(filepath.Join(root, "proc"), 0o755))
-	must(b, os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644))
+	useRunningKernel(b)
 	var out, errb bytes.Buffer
 	if code := run([]string{"apply", "-f", mf, "--root", root}, strings.NewReader(""), &out, &errb); code != 0 {
 		b.Fatalf("apply: exit %d\n%s", code, errb.String())

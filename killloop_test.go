@@ -21,6 +21,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/probe"
 )
 
 // The randomized crash test: a real `nodespawn apply --root` (this test
@@ -33,6 +34,12 @@ import (
 const cliEnv = "NODESPAWN_TEST_RUN_CLI"
 
 func TestMain(m *testing.M) {
+	// apply --root here probes a test tree, not a host: its kernel is
+	// one without overlayfs (store auto flattens), unless a test asks for
+	// this kernel's (useRunningKernel), in a child CLI too.
+	if os.Getenv(runningKernelEnv) == "" {
+		probe.SetTestKernel(probe.Kernel{})
+	}
 	if os.Getenv(cliEnv) != "" {
 		os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, stderr()))
 	}
@@ -61,7 +68,7 @@ func TestKillAtRandomInstantsResumes(t *testing.T) {
 		t.Skip("kills a real apply at least 30 times")
 	}
 	// A flattened rootfs, and a root composed from the layer store (the
-	// probe of each test root finds overlayfs in its /proc/filesystems).
+	// CLI children see this kernel's overlayfs).
 	t.Run("flat", func(t *testing.T) { testKillAtRandomInstants(t, false) })
 	t.Run("layers", func(t *testing.T) { testKillAtRandomInstants(t, true) })
 }
@@ -91,16 +98,15 @@ func testKillAtRandomInstants(t *testing.T, layerStore bool) {
 	if err := os.WriteFile(mf, []byte(m), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	if layerStore {
+		useRunningKernel(t) // skips without overlayfs
+	}
 	apply := func(root string) *exec.Cmd {
+		cmd := cliCommand("apply", "-f", mf, "--root", root)
 		if layerStore {
-			if err := os.MkdirAll(filepath.Join(root, "proc"), 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(filepath.Join(root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644); err != nil {
-				t.Fatal(err)
-			}
+			cmd.Env = append(cmd.Env, runningKernelEnv+"=1")
 		}
-		return cliCommand("apply", "-f", mf, "--root", root)
+		return cmd
 	}
 
 	// The reference tree, and how long a whole run takes.

@@ -26,6 +26,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/probe"
 )
 
 // layoutImage opens the OCI layout at layout and reads the manifest of
@@ -90,6 +91,25 @@ func layerTree(t *testing.T, name string) string {
 	return dir
 }
 
+// runningKernelEnv makes a child CLI (cliCommand) probe this kernel, as
+// useRunningKernel does in the test binary; see TestMain.
+const runningKernelEnv = "NODESPAWN_TEST_RUNNING_KERNEL"
+
+// useRunningKernel makes the test's apply --root runs see this kernel, with
+// its overlayfs, until the test ends: TestMain gives the others a kernel
+// without it.
+func useRunningKernel(t testing.TB) {
+	t.Helper()
+	k, err := probe.RunningKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k.Overlay {
+		t.Skip("this kernel has no overlayfs")
+	}
+	t.Cleanup(probe.SetTestKernel(k))
+}
+
 // layerRoot is a test root whose probe finds overlayfs, and the manifest
 // of the image tagged ref from layout with store (auto when "").
 type layerRoot struct {
@@ -102,12 +122,10 @@ func newLayerRoot(t testing.TB, layout, mirrorURL string) *layerRoot {
 	work := t.TempDir()
 	r := &layerRoot{t: t, root: filepath.Join(work, "root"), manifest: filepath.Join(work, "node.yaml")}
 	t.Cleanup(func() { unmountUnder(t, work) })
-	if err := os.MkdirAll(filepath.Join(r.root, "proc"), 0o755); err != nil {
+	if err := os.MkdirAll(r.root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(r.root, "proc/filesystems"), []byte("nodev\toverlay\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	useRunningKernel(t)
 	return r
 }
 

@@ -60,25 +60,35 @@ type Facts struct {
 	HasSystemdContainer bool `json:"hasSystemdContainer"`
 	// Swap is true when swap is active or configured in fstab.
 	Swap bool `json:"swap"`
-	// LayerStore says whether machine roots can be overlayfs mounts of
-	// the layers in the host's layer store; nil (facts from before it was
-	// probed) means they cannot.
-	LayerStore *LayerStoreSupport `json:"layerStore,omitempty"`
+	// LayerStore is what the probe saw that decides whether machine roots
+	// can be overlayfs mounts of the layers in the host's layer store:
+	// render decides, and says why not. nil (facts from before it was
+	// probed) means unknown, and render flattens.
+	LayerStore *LayerStoreFacts `json:"layerStore,omitempty"`
 }
 
-// LayerStoreSupport is whether the host can compose machine roots with
-// overlayfs, and why not.
-type LayerStoreSupport struct {
-	OK bool `json:"ok"`
+// LayerStoreFacts is what the probe saw of the running kernel's overlayfs
+// and of the filesystem the layer store and the machines' upper
+// directories would be on.
+type LayerStoreFacts struct {
+	// Overlay is true when the running kernel has the overlay filesystem
+	// (/proc/filesystems lists it) or can load it (modules.builtin or
+	// modules.dep of its release, under /lib/modules, name overlay.ko).
+	// It describes the running kernel also when the probe looks at
+	// another tree (--root): that kernel mounts the tree's roots.
+	Overlay bool `json:"overlay"`
 	// LayerFDs is true when the kernel's overlayfs takes its layers by
 	// descriptor (fsconfig FSCONFIG_SET_FD with lowerdir+: Linux 6.13 and
 	// later): a root stacks up to 500 layers. Otherwise each mount names
 	// its layers in one page of mount(2) options, about 39 of them.
 	LayerFDs bool `json:"layerFDs,omitempty"`
-	// Why says what is missing when OK is false: "no overlay filesystem
-	// in this kernel", "/var/lib/nodespawn is on nfs, which cannot be an
-	// overlayfs upper directory".
-	Why string `json:"why,omitempty"`
+	// StateDirFilesystem is the type of the filesystem under the state
+	// directory (/var/lib/nodespawn in the probed tree; before it exists,
+	// its nearest existing parent), as Linux names it: "ext4" (which
+	// ext2 and ext3 share), "xfs", "btrfs", "f2fs", "tmpfs", "overlayfs",
+	// "nfs", "fuse", "9p", "squashfs", "cifs", "zfs"; another is "0x"
+	// and its statfs magic number in hex.
+	StateDirFilesystem string `json:"stateDirFilesystem,omitempty"`
 }
 
 // NVIDIA is the host's NVIDIA driver and devices.

@@ -23,7 +23,7 @@ func ReferenceHosts() []plan.Facts {
 		Nameservers:         []string{"10.0.0.2"},
 		Upstream:            &plan.Resolvers{Source: "/run/systemd/resolve/resolv.conf", Nameservers: []string{"10.0.0.2"}},
 		HasSystemdContainer: true,
-		LayerStore:          &plan.LayerStoreSupport{OK: true},
+		LayerStore:          &plan.LayerStoreFacts{Overlay: true, StateDirFilesystem: "ext4"},
 	}
 	gpu := plain
 	gpu.KVM = true

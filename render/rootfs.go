@@ -3,6 +3,7 @@ package render
 import (
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 
 	jsonpath "github.com/coreos/vcontext/path"
@@ -135,6 +136,39 @@ const LayerStoreDir = layout.LayerStoreDir
 // OverlayDir is layout.OverlayDir (see LayerStoreDir).
 func OverlayDir(m string) string { return layout.OverlayDir(m) }
 
+// upperFilesystems are the filesystems nodespawn puts an overlayfs upper
+// directory (and the layer store beside it) on: they have what overlayfs
+// needs of one (d_type, xattrs, whiteout devices, RENAME_WHITEOUT).
+var upperFilesystems = []string{"ext4", "xfs", "btrfs", "f2fs", "tmpfs"}
+
+// noUpperFilesystems are common filesystems overlayfs refuses as an upper
+// layer: network and FUSE filesystems, read-only ones, overlayfs itself.
+var noUpperFilesystems = []string{"overlayfs", "nfs", "fuse", "9p", "squashfs", "cifs"}
+
+// layerStoreProblem is why the host the facts f describe cannot compose
+// machine roots with overlayfs, or "" when it can: its kernel has overlayfs
+// and its state directory is on a filesystem that holds upper directories.
+func layerStoreProblem(f *plan.LayerStoreFacts) string {
+	if f == nil {
+		return "the host's overlayfs support is unknown (facts without layerStore)"
+	}
+	switch fs := f.StateDirFilesystem; {
+	case !f.Overlay:
+		return "the kernel has no overlay filesystem (not in /proc/filesystems, no overlay module)"
+	case slices.Contains(upperFilesystems, fs):
+		return ""
+	case fs == "":
+		return "the filesystem under " + layout.StateDir + " is unknown (facts without layerStore.stateDirFilesystem)"
+	case slices.Contains(noUpperFilesystems, fs):
+		return layout.StateDir + " is on " + fs + ", which cannot hold an overlayfs upper directory"
+	default:
+		if strings.HasPrefix(fs, "0x") {
+			fs = "a filesystem of type " + fs
+		}
+		return layout.StateDir + " is on " + fs + ", which nodespawn does not use for overlayfs upper directories (only " + strings.Join(upperFilesystems, ", ") + ")"
+	}
+}
+
 // decideStore chooses between a root composed from the layer store and a
 // flattened tree: the manifest's machine.rootfs.store, and for auto what
 // the host can do.
@@ -150,11 +184,8 @@ func (r *renderer) decideStore() error {
 			return &Error{Path: at, Msg: "debootstrap builds one flattened tree; the layer store needs an OCI image or layout"}
 		}
 		return nil
-	case r.f.LayerStore == nil || !r.f.LayerStore.OK:
-		why := "the host's overlayfs support is unknown (facts without layerStore)"
-		if r.f.LayerStore != nil && r.f.LayerStore.Why != "" {
-			why = r.f.LayerStore.Why
-		}
+	}
+	if why := layerStoreProblem(r.f.LayerStore); why != "" {
 		if src.Store == manifest.StoreLayers {
 			return hostError(at, "is layers, but this host cannot compose machine roots with overlayfs: "+why)
 		}

@@ -6,30 +6,23 @@ import (
 	"fmt"
 	"io/fs"
 	"path/filepath"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// stateDir is where nodespawn keeps the layer store and the machines'
-// overlayfs upper directories.
-const stateDir = plan.StateDir
-
-// upperFilesystems are the filesystems (statfs magic) nodespawn puts an
-// overlayfs upper directory on: they have what overlayfs needs of one
-// (d_type, xattrs, whiteout devices, RENAME_WHITEOUT).
-var upperFilesystems = map[int64]string{
-	unix.EXT4_SUPER_MAGIC:  "ext4",
-	unix.XFS_SUPER_MAGIC:   "xfs",
-	unix.BTRFS_SUPER_MAGIC: "btrfs",
-	unix.TMPFS_MAGIC:       "tmpfs",
-	unix.F2FS_SUPER_MAGIC:  "f2fs",
-}
-
-// otherFilesystems names the common ones that are not used, for the reason.
-var otherFilesystems = map[int64]string{
+// filesystemNames are Linux's names of the filesystems (by statfs magic)
+// the state directory is commonly on.
+var filesystemNames = map[int64]string{
+	unix.EXT4_SUPER_MAGIC:      "ext4",
+	unix.XFS_SUPER_MAGIC:       "xfs",
+	unix.BTRFS_SUPER_MAGIC:     "btrfs",
+	unix.TMPFS_MAGIC:           "tmpfs",
+	unix.F2FS_SUPER_MAGIC:      "f2fs",
 	unix.OVERLAYFS_SUPER_MAGIC: "overlayfs",
 	unix.NFS_SUPER_MAGIC:       "nfs",
 	unix.FUSE_SUPER_MAGIC:      "fuse",
@@ -39,51 +32,101 @@ var otherFilesystems = map[int64]string{
 	0x2fc12fc1:                 "zfs",
 }
 
-// layerStore says whether machine roots can be overlayfs mounts of the
-// layer store: the kernel has the overlay filesystem (built in, or a module
-// the mount will load), and the filesystem under /var/lib/nodespawn can
-// hold an upper directory.
-func (p *prober) layerStore() (*plan.LayerStoreSupport, error) {
-	ok, err := p.overlayInKernel()
+// filesystemName is Linux's name of the filesystem with statfs magic
+// number t, or "0x" and t in hex.
+func filesystemName(t int64) string {
+	if name, ok := filesystemNames[t]; ok {
+		return name
+	}
+	return fmt.Sprintf("%#x", t)
+}
+
+// Kernel is what the probe reports of the running kernel. It never comes
+// from files under Options.Root: a machine root in a tree under Root is
+// mounted by the running kernel, so the tree's own /proc and /lib/modules
+// say nothing about what can mount it.
+type Kernel struct {
+	// Overlay is true when the kernel has overlayfs now (/proc/filesystems
+	// lists it) or can load it (modules.builtin or modules.dep of its
+	// release name overlay.ko).
+	Overlay bool
+	// LayerFDs is true when its overlayfs takes layers by descriptor
+	// (layers.KernelTakesLayerFDs).
+	LayerFDs bool
+}
+
+// RunningKernel reads the running kernel's facts from this host:
+// /proc/filesystems, uname's release and /lib/modules/RELEASE in "/".
+func RunningKernel() (Kernel, error) {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return Kernel{}, fmt.Errorf("uname: %w", err)
+	}
+	overlay, err := overlayInKernel("/", unix.ByteSliceToString(u.Release[:]))
 	if err != nil {
-		return nil, err
+		return Kernel{}, err
 	}
-	if !ok {
-		return &plan.LayerStoreSupport{Why: "the kernel has no overlay filesystem (not in /proc/filesystems, no overlay module)"}, nil
+	return Kernel{Overlay: overlay, LayerFDs: layers.KernelTakesLayerFDs()}, nil
+}
+
+// testKernel, when set, stands for the running kernel (see SetTestKernel).
+var testKernel atomic.Pointer[Kernel]
+
+// SetTestKernel makes every Gather not given Options.Kernel report k
+// instead of the running kernel, until the returned function restores the
+// one set before (nil: the running kernel). It is for tests that reach
+// Gather only through other code, such as the CLI's apply --root on a test
+// tree; nothing in nodespawn calls it. A caller that can should set
+// Options.Kernel instead.
+func SetTestKernel(k Kernel) (restore func()) {
+	old := testKernel.Swap(&k)
+	return func() { testKernel.Store(old) }
+}
+
+// kernel is the kernel facts Gather reports: opts.Kernel, else
+// SetTestKernel's, else the running kernel's.
+func kernel(opts Options) (Kernel, error) {
+	if opts.Kernel != nil {
+		return *opts.Kernel, nil
 	}
-	// The state directory may not exist yet: its nearest existing parent
-	// is the filesystem it will be made on.
-	dir := p.at(stateDir)
+	if k := testKernel.Load(); k != nil {
+		return *k, nil
+	}
+	return RunningKernel()
+}
+
+// layerStore reports what decides whether machine roots can be overlayfs
+// mounts of the layer store: the kernel's overlayfs (k), and the
+// filesystem under the state directory in the tree, which holds the store
+// and the machines' upper directories. render decides from them.
+func (p *prober) layerStore(k Kernel) (*plan.LayerStoreFacts, error) {
+	// The state directory may not exist yet, nor the tree: the nearest
+	// existing parent is the filesystem it will be made on.
+	dir := p.at(layout.StateDir)
 	var st unix.Statfs_t
 	for {
 		err := unix.Statfs(dir, &st)
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, unix.ENOENT) || dir == p.root {
+		if !errors.Is(err, unix.ENOENT) || dir == "/" {
 			return nil, fmt.Errorf("statfs %s: %w", dir, err)
 		}
 		dir = filepath.Dir(dir)
 	}
-	if _, ok := upperFilesystems[int64(st.Type)]; ok {
-		fds := p.layerFDs
-		if fds == nil {
-			fds = layers.KernelTakesLayerFDs
-		}
-		return &plan.LayerStoreSupport{OK: true, LayerFDs: fds()}, nil
-	}
-	name, known := otherFilesystems[int64(st.Type)]
-	if !known {
-		name = fmt.Sprintf("a filesystem of type %#x", st.Type)
-	}
-	return &plan.LayerStoreSupport{Why: fmt.Sprintf("%s is on %s, which nodespawn does not use for overlayfs upper directories (ext4, xfs, btrfs, f2fs or tmpfs)", stateDir, name)}, nil
+	return &plan.LayerStoreFacts{
+		Overlay:            k.Overlay,
+		LayerFDs:           k.LayerFDs,
+		StateDirFilesystem: filesystemName(int64(st.Type)),
+	}, nil
 }
 
-// overlayInKernel reports whether the kernel has overlayfs now or can
-// load it: /proc/filesystems lists it, or the running kernel's module
-// lists (modules.builtin, modules.dep) name overlay.ko.
-func (p *prober) overlayInKernel() (bool, error) {
-	fss, err := readOptional(p.at("/proc/filesystems"))
+// overlayInKernel reports whether kernel release has overlayfs now or can
+// load it, as the tree at sys ("/" for this host) says:
+// sys/proc/filesystems lists it, or its module lists
+// (sys/lib/modules/RELEASE/modules.builtin, modules.dep) name overlay.ko.
+func overlayInKernel(sys, release string) (bool, error) {
+	fss, err := readOptional(filepath.Join(sys, "/proc/filesystems"))
 	if err != nil {
 		return false, err
 	}
@@ -92,13 +135,8 @@ func (p *prober) overlayInKernel() (bool, error) {
 			return true, nil
 		}
 	}
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return false, err
-	}
-	release := unix.ByteSliceToString(u.Release[:])
 	for _, list := range []string{"modules.builtin", "modules.dep"} {
-		b, err := readOptional(p.at(filepath.Join("/lib/modules", release, list)))
+		b, err := readOptional(filepath.Join(sys, "/lib/modules", release, list))
 		if err != nil && !errors.Is(err, fs.ErrPermission) {
 			return false, err
 		}

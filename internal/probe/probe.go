@@ -2,9 +2,15 @@
 // hostname, resolvers and the upstream servers pods can reach, network
 // interfaces with their default routes, KVM, swap, systemd-container,
 // NVIDIA GPUs with their device nodes and driver libraries, RDMA devices,
-// and the device classes of the directories under /dev. It only reads;
-// every path it reads lies under Options.Root, so tests describe a host
-// with a directory tree.
+// and the device classes of the directories under /dev, and what decides
+// whether machine roots can be composed from the layer store (overlayfs in
+// the kernel, the filesystem under the state directory). It reports what
+// it saw and decides nothing: render does, from these Facts. It only
+// reads; every path it reads lies under Options.Root, so tests describe a
+// host with a directory tree, with one exception: what the running
+// kernel can mount (Kernel: overlayfs, layers by descriptor) is the
+// running kernel's whatever Root is, since it mounts the roots of a tree
+// under Root too (Options.Kernel describes another in tests).
 //
 // Under any Root other than "/" the tree follows these conventions, so
 // that fixture trees in testdata need no mknod and no network namespace
@@ -66,10 +72,13 @@ type Options struct {
 	// Log receives warnings (a stub-only resolv.conf, NVIDIA device
 	// nodes without NVML, ...) and debug notes; nil means slog.Default().
 	Log *slog.Logger
-	// LayerFDs says whether overlayfs takes layers by descriptor; nil
-	// means layers.KernelTakesLayerFDs, the running kernel's answer,
-	// whatever Root is (a root under Root is mounted by this kernel).
-	LayerFDs func() bool
+	// Kernel is the kernel to report (Facts.LayerStore's Overlay and
+	// LayerFDs); nil means the running kernel's (RunningKernel), whatever
+	// Root is: a machine root under Root is mounted by the running
+	// kernel, so the files of a tree (its /proc/filesystems, its
+	// /lib/modules) are never read for it. Tests that describe another
+	// kernel set it (or, through code that calls Gather, SetTestKernel).
+	Kernel *Kernel
 }
 
 // Host paths the probe reads (under Root).
@@ -84,10 +93,9 @@ const (
 
 // prober carries one Gather's settings.
 type prober struct {
-	root     string
-	arch     string
-	log      *slog.Logger
-	layerFDs func() bool
+	root string
+	arch string
+	log  *slog.Logger
 }
 
 // at returns the path of host path p under Root.
@@ -103,7 +111,7 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if err := ctx.Err(); err != nil {
 		return plan.Facts{}, err
 	}
-	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Log, layerFDs: opts.LayerFDs}
+	p := &prober{root: filepath.Clean(opts.Root), arch: opts.Arch, log: opts.Log}
 	if opts.Root == "" {
 		p.root = "/"
 	}
@@ -170,7 +178,11 @@ func Gather(ctx context.Context, opts Options) (plan.Facts, error) {
 	if f.DeviceDirs, err = p.deviceDirs(names); err != nil {
 		return plan.Facts{}, err
 	}
-	if f.LayerStore, err = p.layerStore(); err != nil {
+	k, err := kernel(opts)
+	if err != nil {
+		return plan.Facts{}, err
+	}
+	if f.LayerStore, err = p.layerStore(k); err != nil {
 		return plan.Facts{}, err
 	}
 	return f, nil

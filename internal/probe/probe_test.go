@@ -163,6 +163,14 @@ func TestGatherFixtures(t *testing.T) {
 			if _, err := os.Stat(ldCache); err != nil {
 				ldCache = ""
 			}
+			// The fixture's facts do not depend on the kernel the tests
+			// run on: its proc/filesystems (and lib/modules/fixture)
+			// stand for the kernel it was recorded on, which Gather gets
+			// as Options.Kernel (it never reads a tree's for it).
+			overlay, err := overlayInKernel(filepath.Join(fixture, "root"), "fixture")
+			if err != nil {
+				t.Fatal(err)
+			}
 			var logs bytes.Buffer
 			facts, err := Gather(context.Background(), Options{
 				Root:    filepath.Join(fixture, "root"),
@@ -171,13 +179,18 @@ func TestGatherFixtures(t *testing.T) {
 				NVML:    tt.nvml,
 				Units:   tt.units,
 				Log:     captureLog(&logs, slog.LevelWarn),
-				// The fixtures' facts do not depend on the kernel the
-				// tests run on.
-				LayerFDs: func() bool { return false },
+				Kernel:  &Kernel{Overlay: overlay},
 			})
 			if err != nil {
 				t.Fatalf("Gather: %v", err)
 			}
+			// The fixture's state directory is on whatever filesystem
+			// holds this checkout (TestStateDirFilesystem covers the
+			// probe's reading of it); the golden files say ext4.
+			if facts.LayerStore == nil || facts.LayerStore.StateDirFilesystem == "" {
+				t.Fatalf("no filesystem under the state directory in %+v", facts.LayerStore)
+			}
+			facts.LayerStore.StateDirFilesystem = "ext4"
 			got, err := json.MarshalIndent(facts, "", "  ")
 			if err != nil {
 				t.Fatal(err)
