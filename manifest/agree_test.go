@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
@@ -249,5 +250,16 @@ func TestDefaultStopTimeout(t *testing.T) {
 	}
 	if Duration(m.Upgrade.ReadyTimeout) != layout.DefaultReadyTimeout || m.Upgrade.ReadyTimeout != "10m" {
 		t.Errorf("upgrade.readyTimeout defaults to %q, want \"10m\" (%s)", m.Upgrade.ReadyTimeout, layout.DefaultReadyTimeout)
+	}
+}
+
+func TestShortDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		10 * time.Minute: "10m", 90 * time.Second: "1m30s", time.Hour: "1h",
+		90 * time.Minute: "1h30m", 30 * time.Second: "30s", time.Hour + time.Second: "1h0m1s",
+	} {
+		if got := shortDuration(d); got != want {
+			t.Errorf("shortDuration(%v) = %q, want %q", d, got, want)
+		}
 	}
 }

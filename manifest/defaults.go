@@ -2,6 +2,7 @@ package manifest
 
 import (
 	"strings"
+	"time"
 
 	"github.com/nodespawn/nodespawn/internal/layout"
 )
@@ -50,9 +51,21 @@ const (
 // is DefaultShutdownGracePeriod plus layout.StopMargin, and a manifest
 // that sets the grace period gets its own period plus the margin.
 var (
-	DefaultReadyTimeout = strings.TrimSuffix(layout.DefaultReadyTimeout.String(), "0s")
+	DefaultReadyTimeout = shortDuration(layout.DefaultReadyTimeout)
 	DefaultStopTimeout  = layout.DefaultStopTimeout.String()
 )
+
+// shortDuration is d as Go spells it without zero tails: 10m, 1h, 1m30s.
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
+}
 
 // ApplyDefaults fills in what m leaves out and normalises what has more than
 // one spelling: component versions lose a leading "v", kubernetes.version
