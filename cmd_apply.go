@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/provision"
 )
@@ -53,7 +54,7 @@ running one is stopped (upgrade.stopTimeout), the new one started, and the
 Node must be Ready again, as the API server sees it with the node's own
 credentials, within upgrade.readyTimeout; otherwise the old machine runs the
 node again and apply exits 1. The node's identity and image cache live in
-/var/lib/nodespawn/node and carry over. The previous machine is kept for
+` + layout.NodeStateDir + ` and carry over. The previous machine is kept for
 nodespawn rollback. A manifest for another node (machine.name,
 kubernetes.nodeName, caCert or apiServer changed) is refused (exit 2): reset
 first. The first-boot unit never upgrades; it finishes a switch a power cut

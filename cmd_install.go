@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/spf13/cobra"
 )
 
@@ -18,7 +19,7 @@ func newInstallCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "install",
-		Short: "Install and enable nodespawn-firstboot.service, which applies the manifest from user-data at boot",
+		Short: "Install and enable " + layout.FirstbootUnit + ", which applies the manifest from user-data at boot",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, err := os.Stat(filepath.Join(root, binary)); err != nil {

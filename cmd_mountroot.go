@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // newMountRootCmd is `nodespawn mount-root MACHINE`, plumbing for the
@@ -18,8 +19,8 @@ func newMountRootCmd() *cobra.Command {
 		Use:    "mount-root MACHINE",
 		Short:  "Mount a machine's root made of layers as its record says (run by the machine's service)",
 		Hidden: true,
-		Long: `mount-root mounts /var/lib/machines/MACHINE as the overlay of the layers its
-record (/var/lib/nodespawn/machines/MACHINE/overlay/image.json) names, with the
+		Long: `mount-root mounts ` + layout.MachineRoot("MACHINE") + ` as the overlay of the layers its
+record (` + layout.OverlayDir("MACHINE") + `/image.json) names, with the
 machine's upper directory, every directory opened inside the host root: what
 apply does. A root already mounted of those layers is left as it is; a machine
 without a record (a flattened root) needs nothing. The machine's service runs

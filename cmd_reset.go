@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/provision"
 	"github.com/spf13/cobra"
@@ -32,7 +33,7 @@ func newResetCmd() *cobra.Command {
 		Long: `reset stops the node's machines (both of an upgrade's pair; it waits until
 machined forgets them), removes their rootfs, .nspawn files, service drop-ins
 and wants links, the nftables flush unit and nodespawn's state, the node's
-identity and image cache (/var/lib/nodespawn/node) included, then reloads
+identity and image cache (` + layout.NodeStateDir + `) included, then reloads
 systemd. It lists the host settings it leaves in place (sysctls, kernel
 modules, swap, packages).
 

@@ -23,31 +23,33 @@ import (
 	"path"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// Paths, relative to the root.
+// Paths, relative to the root: layout's, named here for the state they
+// hold.
 const (
 	// Dir is the state directory.
-	Dir = plan.StateDir
+	Dir = layout.StateDir
 	// RecordFile is the result record of the last run.
-	RecordFile = Dir + "/result.json"
+	RecordFile = layout.RecordFile
 	// MachinesFile is the machines' state (machines.go).
-	MachinesFile = Dir + "/machines.json"
+	MachinesFile = layout.MachinesFile
 	// MachinesDir holds each machine's stored manifest and plan
-	// (plan.MachineStateDir is one machine's).
-	MachinesDir = Dir + "/machines"
+	// (layout.MachineStateDir is one machine's).
+	MachinesDir = layout.MachinesStateDir
 	// DoneStamp exists once a run succeeded; the first-boot unit does not
 	// start again while it is there.
-	DoneStamp = Dir + "/done"
+	DoneStamp = layout.DoneStamp
 	// LockFile serialises applies (and resets). It lives in /run so it
 	// vanishes at reboot and never outlives the state dir it guards.
-	LockFile = "/run/nodespawn.lock"
+	LockFile = layout.LockFile
 
 	// Where a state directory from before the machine pair kept the
-	// manifest and plan of its one machine; Migrate moves them.
-	legacyManifest = Dir + "/manifest"
-	legacyPlan     = Dir + "/plan.json"
+	// manifest and plan of its one machine; migrate moves them.
+	legacyManifest = layout.LegacyManifestFile
+	legacyPlan     = layout.LegacyPlanFile
 )
 
 // Store is the state under one root.
@@ -149,7 +151,7 @@ func (s *Store) Current() (string, error) {
 
 // machineFile is a file of machine's stored state.
 func machineFile(machine, name string) string {
-	return path.Join(plan.MachineStateDir(machine), name)
+	return path.Join(layout.MachineStateDir(machine), name)
 }
 
 // ReadRecord is the result record under root, or nil; for one read.

@@ -44,11 +44,6 @@ var toConvert = []string{
 	"apply/reset.go",     // TODO(issue 20): resetPaths, BPFFSDir, the first-boot unit
 	"apply/status.go",    // TODO(issue 20): nodeUnits -> NodeUnits()
 	"apply/upgrade.go",   // TODO(issue 20): nspawnUnit, the node's units twice
-	"cmd_apply.go",       // TODO(issue 20): help text (the node's state dir)
-	"cmd_install.go",     // TODO(issue 20): help text (the first-boot unit)
-	"cmd_mountroot.go",   // TODO(issue 20): help text (machine root, overlay record)
-	"cmd_reset.go",       // TODO(issue 20): help text (the node's state dir)
-	"state/state.go",     // TODO(issue 20): LockFile
 }
 
 // TestNoLayoutLiterals parses every Go file of the module but tests and
