@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -30,8 +31,8 @@ import (
 // Defaults for Options.
 const (
 	DefaultParallel     = 4
-	DefaultLockTimeout  = 2 * time.Minute
-	DefaultPollInterval = 2 * time.Second
+	DefaultLockTimeout  = state.DefaultLockTimeout
+	DefaultPollInterval = machine.DefaultPollInterval
 )
 
 // Options configure Run.

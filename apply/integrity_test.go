@@ -14,6 +14,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 )
@@ -190,7 +191,7 @@ func TestInterruptedRepairResumes(t *testing.T) {
 		Run(ctx, p, killing)
 	}()
 	store := layers.At(host, render.LayerStoreDir)
-	lm := imageMachine(layerImage(p))
+	lm := machine.ImageRoot(machine.LayerImage(p))
 	h, err := store.Check(lm)
 	must(t, err)
 	must(t, store.Repair(ctx, lm, h, quietLog))

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
@@ -56,23 +57,6 @@ func collectLayers(host *confine.Root, log *slog.Logger) ([]digest.Digest, error
 	return store.Collect(keep, log)
 }
 
-// unmountRoot unmounts a machine root composed from the layer store (a
-// no-op for a flattened one), so what is below the mount point is never
-// removed through it.
-func unmountRoot(ctx context.Context, host *confine.Root, rootfs string, o removeOptions) error {
-	return layers.Unmount(ctx, host, rootfs, o.remove, o.log)
-}
-
-// mountUnitOf is where an older nodespawn wrote the mount unit of the
-// machine root at rootfs (the machine's service mounts it now).
-func mountUnitOf(rootfs string) string { return layers.LegacyUnit(rootfs) }
-
-// layerMachine is the layer store's view of the machine root at rootfs
-// with its overlay directory dir.
-func layerMachine(rootfs, dir string) layers.Machine {
-	return layers.Machine{Target: rootfs, Dir: dir, Unit: mountUnitOf(rootfs), Machine: path.Base(rootfs)}
-}
-
 // MountRoot mounts the root of machine m in root as its overlay record
 // says, as apply does: what the machine's service runs before it starts
 // (`nodespawn mount-root`). A machine without a record has a flattened
@@ -86,7 +70,7 @@ func MountRoot(ctx context.Context, root, m string, log *slog.Logger) error {
 		return err
 	}
 	defer host.Close()
-	lm := layerMachine(path.Join(machinesDir, m), render.OverlayDir(m))
+	lm := machine.LayerRoot(path.Join(machinesDir, m), render.OverlayDir(m))
 	if _, err := host.Lstat(render.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
 		if img, err := layers.ReadImage(host, lm.Dir); err != nil || img == nil {
 			log.Info("machine root is not made of layers; nothing to mount", "machine", m)
@@ -111,13 +95,13 @@ func MountRoot(ctx context.Context, root, m string, log *slog.Logger) error {
 // older nodespawn wrote for it too. The store's layers stay for the
 // collection after a switch. changed is false when there was none.
 func removeLayerRoot(ctx context.Context, host *confine.Root, rootfs string, log *slog.Logger) (changed bool, err error) {
-	lm := layerMachine(rootfs, render.OverlayDir(path.Base(rootfs)))
+	lm := machine.LayerRoot(rootfs, render.OverlayDir(path.Base(rootfs)))
 	mounted, _, err := layers.MountedIn(host, rootfs)
 	if err != nil {
 		return false, err
 	}
 	if mounted {
-		if err := layers.Unmount(ctx, host, rootfs, DefaultRemoveTimeout, log); err != nil {
+		if err := layers.Unmount(ctx, host, rootfs, machine.DefaultRemoveTimeout, log); err != nil {
 			return false, err
 		}
 		changed = true
@@ -145,7 +129,7 @@ func MaxLayers(root string, img *plan.Image) (int, error) {
 		return 0, err
 	}
 	defer host.Close()
-	return layers.At(host, img.Layers.Store).MaxLayers(layerMachine(img.Dest, img.Layers.Dir)), nil
+	return layers.At(host, img.Layers.Store).MaxLayers(machine.LayerRoot(img.Dest, img.Layers.Dir)), nil
 }
 
 // LayerPlan is what a pull into the layer store would do with one layer.

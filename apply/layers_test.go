@@ -45,7 +45,7 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 		must(t, err)
 	}
 	compose := func(m string, id digest.Digest) layers.Machine {
-		lm := layers.Machine{Target: path.Join(machinesDir, m), Dir: render.OverlayDir(m), Unit: mountUnitOf(path.Join(machinesDir, m)), Machine: m}
+		lm := layers.Machine{Target: path.Join(machinesDir, m), Dir: render.OverlayDir(m), Unit: layers.LegacyUnit(path.Join(machinesDir, m)), Machine: m}
 		_, err := store.Compose(ctx, lm, layers.Image{Manifest: digest.FromString(m), Layers: []digest.Digest{id}}, log)
 		must(t, err)
 		t.Cleanup(func() { layers.Unmount(context.Background(), host, lm.Target, time.Second, log) })

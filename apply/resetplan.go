@@ -9,6 +9,7 @@ import (
 	"path"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/state"
 )
 
@@ -57,17 +58,17 @@ func PlanReset(ctx context.Context, opts ResetOptions) (*ResetPlan, error) {
 		if live {
 			rp.Stop = append(rp.Stop, t.name)
 		}
-		rootfs, err := machineRootfs(t.name, t.plan)
+		rootfs, err := machine.Rootfs(t.name, t.plan)
 		if err != nil {
 			return nil, err
 		}
 		if _, err := host.Lstat(rootfs); err == nil {
 			rp.Remove = append(rp.Remove, host.Show(rootfs))
 		}
-		for _, q := range machineFiles(host, rootfs, t.name, t.plan, nil) {
+		for _, q := range machine.Files(host, rootfs, t.name, t.plan, nil) {
 			rp.Remove = append(rp.Remove, host.Show(q))
 		}
-		if dir := BPFFSDir(t.name); present(host, dir) {
+		if dir := machine.BPFFSDir(t.name); present(host, dir) {
 			rp.Remove = append(rp.Remove, host.Show(dir))
 		}
 	}

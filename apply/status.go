@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -282,14 +283,14 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		if applied != nil && applied.Machine == st.Machine {
 			// The machine root composed from the layer store: its record,
 			// layers, upper and work directories (no tree is walked).
-			h, _, err := checkRoot(host, applied, running)
+			h, _, err := machine.CheckRoot(host, applied, running)
 			if err != nil {
 				h.Problems = append(h.Problems, layers.Problem{Part: "check", Detail: err.Error()})
 			}
 			st.RootProblems = h.Problems
 		}
 		if len(st.RootProblems) > 0 {
-			bad = append(bad, problemLines(layers.Health{Problems: st.RootProblems})...)
+			bad = append(bad, machine.ProblemLines(layers.Health{Problems: st.RootProblems})...)
 		}
 		if len(bad) > 0 {
 			st.State = StateDegraded

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
@@ -448,7 +449,7 @@ func (r *run) nodeReady(ctx context.Context, p *plan.Plan, since time.Time) erro
 // stopMachine stops a machine within the upgrade's stop timeout,
 // terminating it when that is not enough.
 func (r *run) stopMachine(ctx context.Context, m string) error {
-	return stopMachine(ctx, r.opts.Deps.Systemd, r.log, m, r.opts.Upgrade.StopTimeout, r.opts.PollInterval)
+	return machine.Stop(ctx, r.opts.Deps.Systemd, r.log, m, r.opts.Upgrade.StopTimeout, r.opts.PollInterval)
 }
 
 func nspawnUnit(m string) string { return "systemd-nspawn@" + m + ".service" }
@@ -520,10 +521,10 @@ func (r *run) clearMachine(ctx context.Context, m string) error {
 	if err != nil {
 		return err
 	}
-	if err := removeMachine(ctx, host, r.opts.Deps.Systemd, m, p, removeOptions{
-		stop: r.opts.Upgrade.StopTimeout, remove: DefaultRemoveTimeout, poll: r.opts.PollInterval, log: r.log,
+	if err := machine.Remove(ctx, host, r.opts.Deps.Systemd, m, p, machine.RemoveOptions{
+		StopTimeout: r.opts.Upgrade.StopTimeout, RemoveTimeout: machine.DefaultRemoveTimeout, Poll: r.opts.PollInterval, Log: r.log,
 		// What the running machine's plan wrote stays, shared or not.
-		keep: resetPaths(st.Active, active),
+		Keep: machine.SystemdFiles(st.Active, active),
 	}); err != nil {
 		return err
 	}

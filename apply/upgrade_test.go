@@ -94,7 +94,7 @@ func upgradeOptions(root, version string, deps Deps, broken ...string) Options {
 		Upgrade: UpgradeOptions{
 			Render: func(m string) (*plan.Plan, error) { return upgradePlan(m, version), nil },
 			NodeReady: func(ctx context.Context, p *plan.Plan, since time.Time) error {
-				if contains(restarting, p.Machine) {
+				if slices.Contains(restarting, p.Machine) {
 					<-ctx.Done()
 					return fmt.Errorf("node %s not Ready: %w", p.NodeName, ctx.Err())
 				}
@@ -243,7 +243,7 @@ func (d *diskSystemd) UnitState(ctx context.Context, m, unit string) (string, er
 
 func (d *diskSystemd) UnitRestarts(ctx context.Context, m, unit string) (int, error) {
 	n := 0
-	if unit == "kubelet.service" && contains(d.restarting, m) {
+	if unit == "kubelet.service" && slices.Contains(d.restarting, m) {
 		d.update(func(st *diskState) { st.Restarts[m]++; n = st.Restarts[m] })
 	}
 	return n, nil

@@ -22,6 +22,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/internal/systemd"
@@ -152,7 +153,7 @@ func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.
 	if err := store.Sweep(p.log); err != nil {
 		return false, err
 	}
-	m := layerMachine(req.Dest, lr.Dir)
+	m := machine.LayerRoot(req.Dest, lr.Dir)
 	installed, err := installBinary(req.Root, p.self, p.log)
 	if err != nil {
 		return false, err

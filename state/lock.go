@@ -13,6 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// DefaultLockTimeout is how long a run (apply, reset) waits by default for
+// the lock another run holds.
+const DefaultLockTimeout = 2 * time.Minute
+
 // lockPoll is how often a waiting apply retries the lock.
 const lockPoll = 100 * time.Millisecond
 
