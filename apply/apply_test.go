@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"bytes"
@@ -14,17 +14,16 @@ import (
 	"syscall"
 	"testing"
 
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
+
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
 
+var errInjected = errors.New("injected failure")
+
 var update = flag.Bool("update", false, "rewrite golden files under testdata/")
-
-const testDigest = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
-
-func testOptions(deps Deps, log *slog.Logger) Options {
-	return Options{ManifestDigest: testDigest, ToolVersion: "test", Deps: deps, Log: log, PollInterval: 1}
-}
 
 // captureLog returns a logger writing JSON lines into buf.
 func captureLog(buf *bytes.Buffer) *slog.Logger {
@@ -35,7 +34,7 @@ func golden(t *testing.T, name, got string) {
 	t.Helper()
 	path := filepath.Join("testdata", name)
 	if *update {
-		must(t, os.WriteFile(path, []byte(got), 0o644))
+		applytest.Must(t, os.WriteFile(path, []byte(got), 0o644))
 	}
 	want, err := os.ReadFile(path)
 	if err != nil {
@@ -48,19 +47,19 @@ func golden(t *testing.T, name, got string) {
 
 func TestApplyTree(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, host, sd, dl := testDeps()
+	applytest.PrepareRoot(t, root)
+	deps, host, sd, dl := applytest.Deps()
 	var logs bytes.Buffer
-	opts := testOptions(deps, captureLog(&logs))
+	opts := applytest.Options(deps, captureLog(&logs))
 	opts.Root = root
-	res, err := Run(context.Background(), testPlan(), opts)
+	res, err := Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatalf("Run: %v\n%s", err, logs.String())
 	}
 	if res.AlreadyApplied {
 		t.Fatal("first run reported already applied")
 	}
-	golden(t, "tree.golden", snapshot(t, root, false))
+	golden(t, "tree.golden", applytest.Snapshot(t, root, false))
 
 	// The points the golden file holds, spelled out.
 	checks := []struct {
@@ -82,29 +81,29 @@ func TestApplyTree(t *testing.T) {
 			continue
 		}
 		st := statOf(fi)
-		got := fmt.Sprintf("%s %04o %d:%d", typeLetter(fi), st.mode, st.uid, st.gid)
+		got := fmt.Sprintf("%s %04o %d:%d", applytest.TypeLetter(fi), st.mode, st.uid, st.gid)
 		want := strings.TrimPrefix(c.want, "kept: ")
 		if got != want {
 			t.Errorf("%s: got %s, want %s", c.path, got, want)
 		}
 	}
-	if b, _ := os.ReadFile(filepath.Join(root, "etc/keep.conf")); string(b) != testKept {
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/keep.conf")); string(b) != applytest.Kept {
 		t.Errorf("Overwrite=false file replaced: %q", b)
 	}
 	if _, err := os.Lstat(filepath.Join(root, "run/nodespawn-test")); err == nil {
 		t.Error("a file meant for the rootfs's /var/run landed in the host root's /run (absolute symlink followed outside the rootfs)")
 	}
-	a, _ := os.Stat(filepath.Join(root, rootfsPath("/usr/bin/kubelet")))
-	b, _ := os.Stat(filepath.Join(root, rootfsPath("/usr/local/bin/kubelet")))
+	a, _ := os.Stat(filepath.Join(root, applytest.RootfsPath("/usr/bin/kubelet")))
+	b, _ := os.Stat(filepath.Join(root, applytest.RootfsPath("/usr/local/bin/kubelet")))
 	if a == nil || b == nil || !os.SameFile(a, b) {
 		t.Error("hard link /usr/bin/kubelet is not the same file as /usr/local/bin/kubelet")
 	}
-	if ca, _ := os.ReadFile(filepath.Join(root, rootfsPath("/etc/kubernetes/pki/ca.crt"))); string(ca) != "\x00binary\xffca\n" {
+	if ca, _ := os.ReadFile(filepath.Join(root, applytest.RootfsPath("/etc/kubernetes/pki/ca.crt"))); string(ca) != "\x00binary\xffca\n" {
 		t.Errorf("base64 contents not decoded: %q", ca)
 	}
 
 	wantHost := []string{"modules overlay,br_netfilter", "sysctl [{net.ipv4.ip_forward 1}]", "nft-flush"}
-	if got := host.calls; !sameSet(got, wantHost) {
+	if got := host.Calls; !sameSet(got, wantHost) {
 		t.Errorf("host calls = %q, want %q", got, wantHost)
 	}
 	wantSD := []string{"daemon-reload", "start nodespawn-nft-flush.service", "start systemd-nspawn@kube1.service"}
@@ -114,15 +113,15 @@ func TestApplyTree(t *testing.T) {
 	// Each download is fetched ahead of the image, and again after the
 	// image step replaced the rootfs (the real fetcher answers that second
 	// call from its cache).
-	if !sameSet(dl.fetched, []string{"kubelet", "cni", "kubelet", "cni"}) {
-		t.Errorf("fetched %q", dl.fetched)
+	if !sameSet(dl.Fetched, []string{"kubelet", "cni", "kubelet", "cni"}) {
+		t.Errorf("fetched %q", dl.Fetched)
 	}
 
 	rec, err := state.ReadRecord(root)
 	if err != nil || rec == nil {
 		t.Fatalf("ReadRecord: %v %v", rec, err)
 	}
-	if rec.Status != state.StatusSucceeded || rec.ManifestDigest != testDigest || rec.PlanDigest != testPlan().Digest() {
+	if rec.Status != state.StatusSucceeded || rec.ManifestDigest != applytest.Digest || rec.PlanDigest != applytest.Plan().Digest() {
 		t.Errorf("record = %+v", rec)
 	}
 	for _, s := range rec.Steps {
@@ -135,7 +134,7 @@ func TestApplyTree(t *testing.T) {
 	steps := 0
 	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
 		var m map[string]any
-		must(t, json.Unmarshal([]byte(line), &m))
+		applytest.Must(t, json.Unmarshal([]byte(line), &m))
 		if m["msg"] == "step" {
 			steps++
 			for _, k := range []string{"step", "kind", "outcome", "duration"} {
@@ -145,12 +144,12 @@ func TestApplyTree(t *testing.T) {
 			}
 		}
 	}
-	if steps != len(testPlan().Steps) {
-		t.Errorf("%d step log lines, want %d", steps, len(testPlan().Steps))
+	if steps != len(applytest.Plan().Steps) {
+		t.Errorf("%d step log lines, want %d", steps, len(applytest.Plan().Steps))
 	}
 	recBytes, _ := os.ReadFile(filepath.Join(root, state.RecordFile))
 	for what, b := range map[string][]byte{"log": logs.Bytes(), "result record": recBytes} {
-		if bytes.Contains(b, []byte(testSecret)) {
+		if bytes.Contains(b, []byte(applytest.Secret)) {
 			t.Errorf("the secret appears in the %s", what)
 		}
 	}
@@ -187,30 +186,30 @@ func sameSet(a, b []string) bool {
 
 func TestSecondRunChangesNothing(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	applytest.PrepareRoot(t, root)
+	deps, _, _, _ := applytest.Deps()
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
-	before := snapshot(t, root, true)
+	before := applytest.Snapshot(t, root, true)
 	recBefore, _ := os.ReadFile(filepath.Join(root, state.RecordFile))
 
 	t.Run("already applied", func(t *testing.T) {
-		deps, host, sd, dl := testDeps()
+		deps, host, sd, dl := applytest.Deps()
 		opts.Deps = deps
-		res, err := Run(context.Background(), testPlan(), opts)
+		res, err := Run(context.Background(), applytest.Plan(), opts)
 		if err != nil || !res.AlreadyApplied {
 			t.Fatalf("second run: AlreadyApplied=%v err=%v, want true, nil", res != nil && res.AlreadyApplied, err)
 		}
 		if ExitCode(err) != 0 {
 			t.Errorf("ExitCode = %d", ExitCode(err))
 		}
-		if len(host.calls)+len(sd.Calls())+len(dl.fetched) > 0 {
-			t.Errorf("an already applied run touched the host: %q %q %q", host.calls, sd.Calls(), dl.fetched)
+		if len(host.Calls)+len(sd.Calls())+len(dl.Fetched) > 0 {
+			t.Errorf("an already applied run touched the host: %q %q %q", host.Calls, sd.Calls(), dl.Fetched)
 		}
-		if after := snapshot(t, root, true); after != before {
+		if after := applytest.Snapshot(t, root, true); after != before {
 			t.Errorf("tree changed:\n%s", diffLines(before, after))
 		}
 		if rec, _ := os.ReadFile(filepath.Join(root, state.RecordFile)); !bytes.Equal(rec, recBefore) {
@@ -220,9 +219,9 @@ func TestSecondRunChangesNothing(t *testing.T) {
 
 	t.Run("forced", func(t *testing.T) {
 		// Force re-checks every step: all must find their target as wanted.
-		deps, _, _, _ := testDeps()
+		deps, _, _, _ := applytest.Deps()
 		opts.Deps, opts.Force = deps, true
-		res, err := Run(context.Background(), testPlan(), opts)
+		res, err := Run(context.Background(), applytest.Plan(), opts)
 		if err != nil || res.AlreadyApplied {
 			t.Fatalf("forced run: %v", err)
 		}
@@ -235,7 +234,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 				t.Errorf("step %s: %s, want unchanged (%s)", s.ID, s.Outcome, s.Error)
 			}
 		}
-		if after := snapshot(t, root, true); after != before {
+		if after := applytest.Snapshot(t, root, true); after != before {
 			t.Errorf("tree changed (inode or mtime of a file that needed no change):\n%s", diffLines(before, after))
 		}
 	})
@@ -265,21 +264,21 @@ func diffLines(a, b string) string {
 
 func TestManifestChanged(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	applytest.PrepareRoot(t, root)
+	deps, _, _, _ := applytest.Deps()
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	const other = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
 	opts.ManifestDigest = other
-	_, err := Run(context.Background(), testPlan(), opts)
+	_, err := Run(context.Background(), applytest.Plan(), opts)
 	var mc *ManifestChangedError
 	if !errors.As(err, &mc) {
 		t.Fatalf("different manifest: err = %v, want ManifestChangedError", err)
 	}
-	for _, want := range []string{testDigest, other, "--force", "reset"} {
+	for _, want := range []string{applytest.Digest, other, "--force", "reset"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
@@ -287,12 +286,12 @@ func TestManifestChanged(t *testing.T) {
 	if ExitCode(err) != ExitInput {
 		t.Errorf("ExitCode = %d, want %d", ExitCode(err), ExitInput)
 	}
-	if rec, _ := state.ReadRecord(root); rec.ManifestDigest != testDigest {
+	if rec, _ := state.ReadRecord(root); rec.ManifestDigest != applytest.Digest {
 		t.Errorf("a refused run changed the record to %s", rec.ManifestDigest)
 	}
 
 	opts.Force = true
-	res, err := Run(context.Background(), testPlan(), opts)
+	res, err := Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatalf("forced: %v", err)
 	}
@@ -303,12 +302,12 @@ func TestManifestChanged(t *testing.T) {
 
 func TestStepFailureThenResume(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	dl.fail = map[string]error{"cni": fmt.Errorf("GET https://dl.test/cni.tgz: 503 Service Unavailable: %w", errInjected)}
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	applytest.PrepareRoot(t, root)
+	deps, _, _, dl := applytest.Deps()
+	dl.Fail = map[string]error{"cni": fmt.Errorf("GET https://dl.test/cni.tgz: 503 Service Unavailable: %w", errInjected)}
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), testPlan(), opts)
+	_, err := Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "rootfs:download:cni" || !errors.Is(err, errInjected) {
 		t.Fatalf("err = %v, want a StepError for rootfs:download:cni", err)
@@ -335,9 +334,9 @@ func TestStepFailureThenResume(t *testing.T) {
 		t.Error("done stamp written by a failed run")
 	}
 
-	deps, _, _, _ = testDeps()
+	deps, _, _, _ = applytest.Deps()
 	opts.Deps = deps
-	res, err := Run(context.Background(), testPlan(), opts)
+	res, err := Run(context.Background(), applytest.Plan(), opts)
 	if err != nil || res.AlreadyApplied {
 		t.Fatalf("resume: %v (already applied %v)", err, res.AlreadyApplied)
 	}
@@ -348,29 +347,29 @@ func TestStepFailureThenResume(t *testing.T) {
 
 func TestRemoteFileVerified(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	dl.remote[testRemoteURL] = "tampered\n"
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	applytest.PrepareRoot(t, root)
+	deps, _, _, dl := applytest.Deps()
+	dl.Remote[applytest.RemoteURL] = "tampered\n"
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), testPlan(), opts)
+	_, err := Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "machine:file:remote" || !strings.Contains(err.Error(), "verification failed") {
 		t.Fatalf("err = %v, want verification failure of machine:file:remote", err)
 	}
-	if _, err := os.Lstat(filepath.Join(root, rootfsPath("/etc/extra.conf"))); err == nil {
+	if _, err := os.Lstat(filepath.Join(root, applytest.RootfsPath("/etc/extra.conf"))); err == nil {
 		t.Error("unverified contents were written")
 	}
 }
 
 func TestHostStepsSkippedWithoutDeps(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
+	applytest.PrepareRoot(t, root)
+	deps, _, _, _ := applytest.Deps()
 	deps.Host, deps.Systemd = nil, nil
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	res, err := Run(context.Background(), testPlan(), opts)
+	res, err := Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

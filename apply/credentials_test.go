@@ -1,14 +1,16 @@
-package apply
+package apply_test
 
 import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	. "github.com/nodespawn/nodespawn/apply"
 )
 
 func TestRegistryCredentialsOrder(t *testing.T) {
 	root := t.TempDir()
-	if got := registryCredentials(root); got != "" {
+	if got := RegistryCredentialsIn(root); got != "" {
 		t.Fatalf("no credentials file: got %q, want anonymous", got)
 	}
 	put := func(p string) string {
@@ -22,11 +24,11 @@ func TestRegistryCredentialsOrder(t *testing.T) {
 		return full
 	}
 	docker := put("/root/.docker/config.json")
-	if got := registryCredentials(root); got != docker {
+	if got := RegistryCredentialsIn(root); got != docker {
 		t.Errorf("got %q, want root's docker config %q", got, docker)
 	}
 	ours := put(RegistryCredentials)
-	if got := registryCredentials(root); got != ours {
+	if got := RegistryCredentialsIn(root); got != ours {
 		t.Errorf("got %q, want nodespawn's own %q first", got, ours)
 	}
 }

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -6,18 +6,21 @@ import (
 	"strings"
 	"testing"
 
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
+
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// startFails is a diskSystemd on which the machine's service fails to
+// startFails is an applytest.DiskSystemd on which the machine's service fails to
 // start (after systemd tried: the machine may have run).
-type startFails struct{ *diskSystemd }
+type startFails struct{ *applytest.DiskSystemd }
 
 func (s startFails) Start(ctx context.Context, unit string) (bool, error) {
 	if strings.HasPrefix(unit, "systemd-nspawn@") {
 		return false, errors.New("job for " + unit + " failed")
 	}
-	return s.diskSystemd.Start(ctx, unit)
+	return s.DiskSystemd.Start(ctx, unit)
 }
 
 // TestDecideIsWhatRunDoes: over the states a host can be in (fresh,
@@ -36,45 +39,45 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		make func(t *testing.T, root string) Deps
 	}
 	diskDeps := func(root string) Deps {
-		deps, _, _, _ := testDeps()
-		deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
+		deps, _, _, _ := applytest.Deps()
+		deps.Systemd = applytest.NewDiskSystemd(root)
 		return deps
 	}
 	run := func(t *testing.T, root, machine, version string, deps Deps, force bool) error {
 		t.Helper()
-		opts := upgradeOptions(root, version, deps)
+		opts := applytest.VersionOptions(root, version, deps)
 		opts.Force = force
-		_, err := Run(context.Background(), upgradePlan(machine, version), opts)
+		_, err := Run(context.Background(), applytest.UpgradePlan(machine, version), opts)
 		return err
 	}
 	states := []rootState{
 		{"fresh", func(t *testing.T, root string) Deps { return diskDeps(root) }},
 		{"applied", func(t *testing.T, root string) Deps {
 			deps := diskDeps(root)
-			must(t, run(t, root, "kube1", "A", deps, false))
+			applytest.Must(t, run(t, root, "kube1", "A", deps, false))
 			return deps
 		}},
 		{"root tree applied", func(t *testing.T, root string) Deps {
 			// --root: no systemd, so no upgrade can switch machines.
-			deps, _, _, _ := testDeps()
+			deps, _, _, _ := applytest.Deps()
 			deps.Systemd, deps.Host = nil, nil
-			must(t, run(t, root, "kube1", "A", deps, false))
+			applytest.Must(t, run(t, root, "kube1", "A", deps, false))
 			return deps
 		}},
 		{"failed, never started", func(t *testing.T, root string) Deps {
-			deps, _, _, dl := testDeps()
-			deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
-			dl.fail = map[string]error{"kubelet": broken}
+			deps, _, _, dl := applytest.Deps()
+			deps.Systemd = applytest.NewDiskSystemd(root)
+			dl.Fail = map[string]error{"kubelet": broken}
 			if err := run(t, root, "kube1", "A", deps, false); !errors.Is(err, broken) {
 				t.Fatalf("the first run: %v, want the bad pin", err)
 			}
-			dl.fail = nil
+			dl.Fail = nil
 			return deps
 		}},
 		{"failed after the machine started", func(t *testing.T, root string) Deps {
 			deps := diskDeps(root)
 			failing := deps
-			failing.Systemd = startFails{deps.Systemd.(*diskSystemd)}
+			failing.Systemd = startFails{deps.Systemd.(*applytest.DiskSystemd)}
 			if err := run(t, root, "kube1", "A", failing, false); err == nil {
 				t.Fatal("the first run did not fail")
 			}
@@ -82,8 +85,8 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		}},
 		{"upgraded", func(t *testing.T, root string) Deps {
 			deps := diskDeps(root)
-			must(t, run(t, root, "kube1", "A", deps, false))
-			must(t, run(t, root, "kube1", "B", deps, false))
+			applytest.Must(t, run(t, root, "kube1", "A", deps, false))
+			applytest.Must(t, run(t, root, "kube1", "B", deps, false))
 			return deps
 		}},
 	}
@@ -103,11 +106,11 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		for g, wantAction := range want[st.name] {
 			t.Run(st.name+"/"+g.version+map[bool]string{true: "/force"}[g.force], func(t *testing.T) {
 				root := t.TempDir()
-				prepareRoot(t, root)
+				applytest.PrepareRoot(t, root)
 				deps := st.make(t, root)
-				opts := upgradeOptions(root, g.version, deps)
+				opts := applytest.VersionOptions(root, g.version, deps)
 				opts.Force = g.force
-				p := upgradePlan("kube1", g.version)
+				p := applytest.UpgradePlan("kube1", g.version)
 				d, err := Decide(p, opts)
 				if err != nil {
 					t.Fatal(err)

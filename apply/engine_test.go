@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -8,67 +8,26 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// signalHandler is a slog handler that closes a channel when a message
-// containing want is logged, so tests wait for an event, not for time.
-type signalHandler struct {
-	want string
-	ch   chan struct{}
-	once *sync.Once
-}
-
-func newSignalLog(want string) (*slog.Logger, <-chan struct{}) {
-	h := signalHandler{want: want, ch: make(chan struct{}), once: &sync.Once{}}
-	return slog.New(h), h.ch
-}
-
-func (h signalHandler) Enabled(context.Context, slog.Level) bool { return true }
-func (h signalHandler) Handle(_ context.Context, r slog.Record) error {
-	if strings.Contains(r.Message, h.want) {
-		h.once.Do(func() { close(h.ch) })
-	}
-	return nil
-}
-func (h signalHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
-func (h signalHandler) WithGroup(string) slog.Handler      { return h }
-
-// startBlockedApply starts a Run that holds the lock inside its first host
-// step until release is called.
-func startBlockedApply(t *testing.T, root string) (release func() error) {
-	t.Helper()
-	deps, host, _, _ := testDeps()
-	host.block, host.entered = make(chan struct{}), make(chan struct{})
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
-	opts.Root = root
-	done := make(chan error, 1)
-	go func() {
-		_, err := Run(context.Background(), testPlan(), opts)
-		done <- err
-	}()
-	<-host.entered
-	return func() error {
-		close(host.block)
-		return <-done
-	}
-}
-
 func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	release := startBlockedApply(t, root)
+	applytest.PrepareRoot(t, root)
+	release := applytest.StartBlockedApply(t, root)
 
-	deps, host, _, _ := testDeps()
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	deps, host, _, _ := applytest.Deps()
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root, opts.LockTimeout = root, 300*time.Millisecond
-	_, err := Run(context.Background(), testPlan(), opts)
+	_, err := Run(context.Background(), applytest.Plan(), opts)
 	var le *state.LockedError
 	if !errors.As(err, &le) {
 		t.Fatalf("second apply: err = %v, want state.LockedError", err)
@@ -76,8 +35,8 @@ func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
 	if want := fmt.Sprintf("pid %d", os.Getpid()); !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not say who holds the lock (%s)", err, want)
 	}
-	if len(host.calls) != 0 {
-		t.Errorf("the refused apply ran steps: %q", host.calls)
+	if len(host.Calls) != 0 {
+		t.Errorf("the refused apply ran steps: %q", host.Calls)
 	}
 	if err := release(); err != nil {
 		t.Fatalf("first apply: %v", err)
@@ -86,12 +45,12 @@ func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
 
 func TestConcurrentApplyWaitsForTheFirst(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	release := startBlockedApply(t, root)
+	applytest.PrepareRoot(t, root)
+	release := applytest.StartBlockedApply(t, root)
 
-	deps, host, _, _ := testDeps()
-	log, waiting := newSignalLog("waiting for another nodespawn")
-	opts := testOptions(deps, log)
+	deps, host, _, _ := applytest.Deps()
+	log, waiting := applytest.SignalLog("waiting for another nodespawn")
+	opts := applytest.Options(deps, log)
 	opts.Root = root
 	type result struct {
 		res *Result
@@ -99,7 +58,7 @@ func TestConcurrentApplyWaitsForTheFirst(t *testing.T) {
 	}
 	second := make(chan result, 1)
 	go func() {
-		res, err := Run(context.Background(), testPlan(), opts)
+		res, err := Run(context.Background(), applytest.Plan(), opts)
 		second <- result{res, err}
 	}()
 	<-waiting
@@ -110,35 +69,35 @@ func TestConcurrentApplyWaitsForTheFirst(t *testing.T) {
 	if r.err != nil || !r.res.AlreadyApplied {
 		t.Fatalf("second apply after the first finished: %v (already applied: %v)", r.err, r.res != nil && r.res.AlreadyApplied)
 	}
-	if len(host.calls) != 0 {
-		t.Errorf("second apply ran steps: %q", host.calls)
+	if len(host.Calls) != 0 {
+		t.Errorf("second apply ran steps: %q", host.Calls)
 	}
 }
 
 func TestDownloadsFetchWhileImagePulls(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	dl.fetchStarted = make(chan struct{})
-	deps.Images = &fakeImages{before: func(ctx context.Context) error {
+	applytest.PrepareRoot(t, root)
+	deps, _, _, dl := applytest.Deps()
+	dl.FetchStarted = make(chan struct{})
+	deps.Images = &applytest.Images{Before: func(ctx context.Context) error {
 		// Deadlocks (and fails after the safety timeout) unless downloads
 		// are fetched concurrently with the image.
 		select {
-		case <-dl.fetchStarted:
+		case <-dl.FetchStarted:
 			return nil
 		case <-time.After(30 * time.Second):
 			return errors.New("no download was fetched while the image was being pulled")
 		}
 	}}
-	dl.beforeInstall = func() error {
-		if _, err := os.Stat(filepath.Join(root, rootfsPath("/etc/os-release"))); err != nil {
+	dl.BeforeInstall = func() error {
+		if _, err := os.Stat(filepath.Join(root, applytest.RootfsPath("/etc/os-release"))); err != nil {
 			return fmt.Errorf("install before the image step finished: %w", err)
 		}
 		return nil
 	}
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -174,12 +133,11 @@ func TestWait(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sd := newFakeSystemd()
-			sd.registerAfter, sd.states = tt.registerAfter, tt.states
-			sd.registered["kube1"] = tt.registered
-			sd.journal = "kubelet[42]: E1128 failed to run Kubelet: open /dev/kmsg: operation not permitted\n"
-			e := &executor{opts: withDefaults(Options{Deps: Deps{Systemd: sd}, PollInterval: time.Millisecond})}
-			o, err := e.wait(context.Background(), w)
+			sd := applytest.NewSystemd()
+			sd.RegisterAfter, sd.States = tt.registerAfter, tt.states
+			sd.Registered["kube1"] = tt.registered
+			sd.MachineJournal = "kubelet[42]: E1128 failed to run Kubelet: open /dev/kmsg: operation not permitted\n"
+			o, err := WaitStep(context.Background(), Options{Deps: Deps{Systemd: sd}, PollInterval: time.Millisecond}, w)
 			if tt.wantErr == nil {
 				if err != nil || o != tt.wantOutcome {
 					t.Fatalf("wait = %s, %v; want %s", o, err, tt.wantOutcome)
@@ -218,7 +176,7 @@ func TestValidatePlan(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := validatePlan(&plan.Plan{Version: plan.Version, Steps: tt.steps})
+			err := ValidatePlan(&plan.Plan{Version: plan.Version, Steps: tt.steps})
 			if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
 				t.Errorf("validatePlan = %v, want %q", err, tt.want)
 			}
@@ -231,20 +189,19 @@ func TestValidatePlan(t *testing.T) {
 // itself would see it.
 func TestScopeConfinesPaths(t *testing.T) {
 	top := t.TempDir()
-	must(t, os.MkdirAll(filepath.Join(top, "usr/lib"), 0o755))
-	must(t, os.MkdirAll(filepath.Join(top, "run"), 0o755))
+	applytest.Must(t, os.MkdirAll(filepath.Join(top, "usr/lib"), 0o755))
+	applytest.Must(t, os.MkdirAll(filepath.Join(top, "run"), 0o755))
 	for p, target := range map[string]string{
 		"lib":     "usr/lib",   // relative, merged /usr
 		"var-run": "/run",      // absolute: the scope's own /run
 		"up":      "../../../", // climbs above the top: clamped
 		"loop":    "loop",
 	} {
-		must(t, os.Symlink(target, filepath.Join(top, p)))
+		applytest.Must(t, os.Symlink(target, filepath.Join(top, p)))
 	}
 	root, err := confine.Open(top)
-	must(t, err)
+	applytest.Must(t, err)
 	defer root.Close()
-	sc := scope{root: root, prefix: "/var/lib/machines/m"}
 	tests := []struct {
 		path, want, err string
 	}{
@@ -255,9 +212,9 @@ func TestScopeConfinesPaths(t *testing.T) {
 		{"/etc/passwd", "", "outside"},
 	}
 	for _, tt := range tests {
-		rel, err := sc.rel(tt.path)
+		rel, err := ScopeRel(root, "/var/lib/machines/m", tt.path)
 		if err == nil {
-			err = sc.root.WriteFile(rel, []byte(tt.path), 0o644, -1, -1)
+			err = root.WriteFile(rel, []byte(tt.path), 0o644, -1, -1)
 		}
 		if tt.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.err) {
@@ -296,10 +253,10 @@ func TestFirstboot(t *testing.T) {
 	golden(t, "nodespawn-firstboot.service", FirstbootUnit(""))
 	root := t.TempDir()
 	for i := 0; i < 2; i++ { // the second install changes nothing and does not fail
-		must(t, InstallFirstboot(root, "/opt/bin/nodespawn"))
+		applytest.Must(t, InstallFirstboot(root, "/opt/bin/nodespawn"))
 	}
 	unit, err := os.ReadFile(filepath.Join(root, "etc/systemd/system", FirstbootUnitName))
-	must(t, err)
+	applytest.Must(t, err)
 	for _, want := range []string{"ExecStart=/opt/bin/nodespawn apply --source auto", "ConditionPathExists=!" + state.DoneStamp, "Type=oneshot", "WantedBy=multi-user.target"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q", want)
@@ -317,7 +274,7 @@ func TestFirstboot(t *testing.T) {
 // causeDownloader fails one download and makes every other wait for the
 // phase's cancellation, returning an error that carries its cause, the
 // way an HTTP request cancelled with context.Cause does.
-type causeDownloader struct{ fakeDownloader }
+type causeDownloader struct{ applytest.Downloader }
 
 type causeArtifact struct{ fail bool }
 
@@ -339,18 +296,18 @@ func (d *causeDownloader) Fetch(ctx context.Context, dl *plan.Download, _ *confi
 // step that failed is a failure.
 func TestCancelledStepsAreNotFailures(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
+	applytest.PrepareRoot(t, root)
+	deps, _, _, _ := applytest.Deps()
 	deps.Downloader = &causeDownloader{}
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), testPlan(), opts)
+	_, err := Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "rootfs:download:kubelet" {
 		t.Fatalf("Run: %v, want the kubelet download's failure", err)
 	}
 	rec, err := state.ReadRecord(root)
-	must(t, err)
+	applytest.Must(t, err)
 	for _, s := range rec.Steps {
 		if s.Outcome == state.OutcomeFailed && s.ID != "rootfs:download:kubelet" {
 			t.Errorf("%s recorded as failed (%s); it was cancelled", s.ID, s.Error)

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -16,6 +16,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"golang.org/x/sys/unix"
 
@@ -72,11 +75,11 @@ func escKinds() []writeKind {
 		}},
 		{name: "download install", via: "/usr/local/bin", target: "/usr/local/bin/kubelet", steps: func(u string) []plan.Step {
 			return []plan.Step{step("rootfs:download:kubelet", plan.PhaseRootfs, plan.Step{Kind: plan.KindDownload, Download: &plan.Download{
-				Name: "kubelet", URL: u + "/kubelet", SHA256: sha256Hex(escKubelet), Dest: escRootfs + "/usr/local/bin/kubelet", Mode: 0o755}})}
+				Name: "kubelet", URL: u + "/kubelet", SHA256: applytest.SHA256Hex(escKubelet), Dest: escRootfs + "/usr/local/bin/kubelet", Mode: 0o755}})}
 		}},
 		{name: "archive extract", via: "/opt/cni", target: "/opt/cni/bin", steps: func(u string) []plan.Step {
 			return []plan.Step{step("rootfs:download:cni", plan.PhaseRootfs, plan.Step{Kind: plan.KindDownload, Download: &plan.Download{
-				Name: "cni", URL: u + "/cni.tgz", SHA256: sha256Hex(string(escCNI)), Dest: escRootfs + "/opt/cni/bin", Mode: 0o755, Archive: "tar.gz"}})}
+				Name: "cni", URL: u + "/cni.tgz", SHA256: applytest.SHA256Hex(string(escCNI)), Dest: escRootfs + "/opt/cni/bin", Mode: 0o755, Archive: "tar.gz"}})}
 		}},
 		{name: "mode and owner change", via: "/etc/default", target: "/etc/default/kubelet", steps: func(string) []plan.Step {
 			return []plan.Step{step("machine:file:mode", plan.PhaseMachine, plan.Step{Kind: plan.KindFile, File: &plan.File{
@@ -154,12 +157,12 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 
 	work := t.TempDir()
 	canary := filepath.Join(work, "canary")
-	must(t, os.MkdirAll(filepath.Join(canary, "dir"), 0o755))
-	must(t, os.WriteFile(filepath.Join(canary, "file"), []byte(canaryBody), 0o644))
-	must(t, os.WriteFile(filepath.Join(canary, "dir", "kubelet"), []byte("not a kubelet"), 0o755))
+	applytest.Must(t, os.MkdirAll(filepath.Join(canary, "dir"), 0o755))
+	applytest.Must(t, os.WriteFile(filepath.Join(canary, "file"), []byte(canaryBody), 0o644))
+	applytest.Must(t, os.WriteFile(filepath.Join(canary, "dir", "kubelet"), []byte("not a kubelet"), 0o755))
 	layout := filepath.Join(work, "layout")
 	target, err := imagebuild.Layout(layout)
-	must(t, err)
+	applytest.Must(t, err)
 
 	shapes, kinds := escShapes(), escKinds()
 	tried, escapes, failed := 0, 0, 0
@@ -168,25 +171,25 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 		// write kind goes through (or at every written path).
 		tree := filepath.Join(work, fmt.Sprintf("tree%d", si))
 		for _, d := range []string{"etc/systemd/system", "usr/local", "var/lib", "opt", "etc/default"} {
-			must(t, os.MkdirAll(filepath.Join(tree, d), 0o755))
+			applytest.Must(t, os.MkdirAll(filepath.Join(tree, d), 0o755))
 		}
-		must(t, os.WriteFile(filepath.Join(tree, "etc/os-release"), []byte("ID=escape\n"), 0o644))
-		must(t, os.WriteFile(filepath.Join(tree, "etc/passwd"), []byte("root:x:0:0::/:/bin/sh\n"), 0o644))
-		must(t, os.WriteFile(filepath.Join(tree, "etc/group"), []byte("root:x:0:\n"), 0o644))
+		applytest.Must(t, os.WriteFile(filepath.Join(tree, "etc/os-release"), []byte("ID=escape\n"), 0o644))
+		applytest.Must(t, os.WriteFile(filepath.Join(tree, "etc/passwd"), []byte("root:x:0:0::/:/bin/sh\n"), 0o644))
+		applytest.Must(t, os.WriteFile(filepath.Join(tree, "etc/group"), []byte("root:x:0:\n"), 0o644))
 		for _, k := range kinds {
 			at := k.via
 			if sh.final {
 				at = k.target
-				must(t, os.MkdirAll(filepath.Join(tree, filepath.Dir(at)), 0o755))
+				applytest.Must(t, os.MkdirAll(filepath.Join(tree, filepath.Dir(at)), 0o755))
 			}
 			if _, err := os.Lstat(filepath.Join(tree, at)); err == nil {
 				continue // the kind shares its place with another
 			}
-			must(t, os.Symlink(sh.target(at, canary), filepath.Join(tree, at)))
+			applytest.Must(t, os.Symlink(sh.target(at, canary), filepath.Join(tree, at)))
 			if sh.extra != nil {
 				for p, tg := range sh.extra(at, canary) {
 					if _, err := os.Lstat(filepath.Join(tree, p)); err != nil {
-						must(t, os.Symlink(tg, filepath.Join(tree, p)))
+						applytest.Must(t, os.Symlink(tg, filepath.Join(tree, p)))
 					}
 				}
 			}
@@ -213,8 +216,8 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 			}
 			log := slog.New(slog.DiscardHandler)
 			deps, err := DefaultDeps(root, log)
-			must(t, err)
-			_, runErr := Run(context.Background(), p, Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: log, Force: true})
+			applytest.Must(t, err)
+			_, runErr := Run(context.Background(), p, Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: log, Force: true})
 			if runErr != nil {
 				failed++
 			} else if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); lr != nil && !mounted {
@@ -231,9 +234,9 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 			}
 			if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); mounted {
 				t.Errorf("%s: reset left the machine root mounted", name)
-				must(t, unix.Unmount(filepath.Join(root, escRootfs), 0))
+				applytest.Must(t, unix.Unmount(filepath.Join(root, escRootfs), 0))
 			}
-			must(t, os.RemoveAll(root))
+			applytest.Must(t, os.RemoveAll(root))
 		}
 	}
 	t.Logf("link shapes x write kinds (each applied, then reset): %d x %d = %d tried, %d escapes; %d applies refused the image with an error", len(shapes), len(kinds), tried, escapes, failed)

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"bytes"
@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
+
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
@@ -22,42 +25,42 @@ import (
 // layerFixture is the fixture plan with its image pulled for real from an
 // OCI layout of the fixture's tree into the layer store, the other steps
 // through the fakes.
-func layerFixture(t *testing.T, root string) (*plan.Plan, Options, *fakeSystemd, *bytes.Buffer) {
+func layerFixture(t *testing.T, root string) (*plan.Plan, Options, *applytest.Systemd, *bytes.Buffer) {
 	t.Helper()
 	tree := filepath.Join(t.TempDir(), "tree")
 	for _, d := range []string{"etc/systemd/system", "usr/local/bin", "usr/bin", "run/systemd/resolve", "var"} {
-		must(t, os.MkdirAll(filepath.Join(tree, d), 0o755))
+		applytest.Must(t, os.MkdirAll(filepath.Join(tree, d), 0o755))
 	}
 	for p, c := range map[string]string{
 		"etc/passwd":     "root:x:0:0:root:/root:/bin/sh\nkube:x:2001:2001::/:/bin/false\n",
 		"etc/group":      "root:x:0:\nkube:x:2001:\n",
 		"etc/os-release": "ID=test\n",
 	} {
-		must(t, os.WriteFile(filepath.Join(tree, p), []byte(c), 0o644))
+		applytest.Must(t, os.WriteFile(filepath.Join(tree, p), []byte(c), 0o644))
 	}
-	must(t, os.Symlink("/run", filepath.Join(tree, "var/run")))
-	must(t, os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")))
+	applytest.Must(t, os.Symlink("/run", filepath.Join(tree, "var/run")))
+	applytest.Must(t, os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")))
 	layout := filepath.Join(t.TempDir(), "layout")
 	target, err := imagebuild.Layout(layout)
-	must(t, err)
+	applytest.Must(t, err)
 	_, err = imagebuild.Build(context.Background(), tree, target, "v1", imagebuild.Options{Platform: "linux/" + runtime.GOARCH})
-	must(t, err)
+	applytest.Must(t, err)
 
-	p := testPlan()
+	p := applytest.Plan()
 	for i := range p.Steps {
 		if p.Steps[i].Kind == plan.KindImage {
-			p.Steps[i].Image = &plan.Image{Dest: testRootfs, Layout: layout, LayoutRef: "v1", Platform: "linux/" + runtime.GOARCH,
-				Layers: &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(testMachine)}}
+			p.Steps[i].Image = &plan.Image{Dest: applytest.Rootfs, Layout: layout, LayoutRef: "v1", Platform: "linux/" + runtime.GOARCH,
+				Layers: &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(applytest.Machine)}}
 		}
 	}
-	prepareRoot(t, root)
+	applytest.PrepareRoot(t, root)
 	var buf bytes.Buffer
 	log := captureLog(&buf)
-	deps, _, sd, _ := testDeps()
+	deps, _, sd, _ := applytest.Deps()
 	real, err := DefaultDeps(root, log)
-	must(t, err)
+	applytest.Must(t, err)
 	deps.Images = real.Images
-	opts := testOptions(deps, log)
+	opts := applytest.Options(deps, log)
 	opts.Root = root
 	return p, opts, sd, &buf
 }
@@ -76,7 +79,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	status := func(state State, part, want string) {
 		t.Helper()
 		st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
-		must(t, err)
+		applytest.Must(t, err)
 		if st.State != state || !strings.Contains(st.Summary, want) {
 			t.Fatalf("status %s %q, want %s with %q", st.State, st.Summary, state, want)
 		}
@@ -107,7 +110,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 			t.Errorf("%s: systemd calls %v, want the machine stopped and started again", what, after)
 		}
 		status(StateDone, "", "done")
-		if b, err := os.ReadFile(filepath.Join(root, testRootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
+		if b, err := os.ReadFile(filepath.Join(root, applytest.Rootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
 			t.Errorf("%s: etc/hostname in the repaired root: %q %v", what, b, err)
 		}
 	}
@@ -117,25 +120,25 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	}
 
 	// The machine runs, but its root is not mounted.
-	must(t, layers.Unmount(ctx, host, testRootfs, 10*time.Second, quietLog))
-	status(StateDegraded, "mount", "machine kube1 runs, but its root "+filepath.Join(root, testRootfs)+" is not mounted")
+	applytest.Must(t, layers.Unmount(ctx, host, applytest.Rootfs, 10*time.Second, quietLog))
+	status(StateDegraded, "mount", "machine kube1 runs, but its root "+filepath.Join(root, applytest.Rootfs)+" is not mounted")
 	repair("not mounted")
 
 	// A layer emptied by hand: its stamp no longer matches.
-	img, err := layers.ReadImage(host, render.OverlayDir(testMachine))
-	must(t, err)
+	img, err := layers.ReadImage(host, render.OverlayDir(applytest.Machine))
+	applytest.Must(t, err)
 	store := layers.At(host, render.LayerStoreDir)
 	layerDir := filepath.Join(root, store.Path(img.Layers[0]))
 	es, err := os.ReadDir(layerDir)
-	must(t, err)
+	applytest.Must(t, err)
 	for _, e := range es {
-		must(t, os.RemoveAll(filepath.Join(layerDir, e.Name())))
+		applytest.Must(t, os.RemoveAll(filepath.Join(layerDir, e.Name())))
 	}
 	status(StateDegraded, "layer", "layer 1/1 "+img.Layers[0].String()+" in the layer store")
 	repair("layer emptied")
 
 	// The record damaged.
-	must(t, os.WriteFile(filepath.Join(root, render.OverlayDir(testMachine), layers.RecordName), []byte("{"), 0o600))
+	applytest.Must(t, os.WriteFile(filepath.Join(root, render.OverlayDir(applytest.Machine), layers.RecordName), []byte("{"), 0o600))
 	status(StateDegraded, "record", "is unreadable")
 	repair("record damaged")
 }
@@ -144,13 +147,13 @@ var quietLog = captureLog(new(bytes.Buffer))
 
 // appliedLayerFixture is layerFixture in a fresh root, applied once; the
 // root is unmounted when the test ends.
-func appliedLayerFixture(t *testing.T) (string, *confine.Root, *plan.Plan, Options, *fakeSystemd, *bytes.Buffer) {
+func appliedLayerFixture(t *testing.T) (string, *confine.Root, *plan.Plan, Options, *applytest.Systemd, *bytes.Buffer) {
 	t.Helper()
 	root := t.TempDir()
 	host, err := confine.Open(root)
-	must(t, err)
+	applytest.Must(t, err)
 	t.Cleanup(func() {
-		layers.Unmount(context.Background(), host, testRootfs, 10*time.Second, quietLog)
+		layers.Unmount(context.Background(), host, applytest.Rootfs, 10*time.Second, quietLog)
 		host.Close()
 	})
 	p, opts, sd, logBuf := layerFixture(t, root)
@@ -170,18 +173,18 @@ func TestInterruptedRepairResumes(t *testing.T) {
 	}
 	ctx := context.Background()
 	root, host, p, opts, sd, _ := appliedLayerFixture(t)
-	must(t, layers.Unmount(ctx, host, testRootfs, 10*time.Second, quietLog))
-	must(t, os.RemoveAll(filepath.Join(root, render.OverlayDir(testMachine), "upper")))
+	applytest.Must(t, layers.Unmount(ctx, host, applytest.Rootfs, 10*time.Second, quietLog))
+	applytest.Must(t, os.RemoveAll(filepath.Join(root, render.OverlayDir(applytest.Machine), "upper")))
 
 	// The repairing run dies once its run is recorded, before its steps;
 	// what it did of the repair is done here by hand.
 	type killed struct{}
 	killing := opts
-	killing.afterStep = func(n int) {
+	SetAfterStep(&killing, func(n int) {
 		if n == 0 {
 			panic(killed{})
 		}
-	}
+	})
 	func() {
 		defer func() {
 			if v := recover(); v != (killed{}) {
@@ -193,10 +196,10 @@ func TestInterruptedRepairResumes(t *testing.T) {
 	store := layers.At(host, render.LayerStoreDir)
 	lm := machine.ImageRoot(machine.LayerImage(p))
 	h, err := store.Check(lm)
-	must(t, err)
-	must(t, store.Repair(ctx, lm, h, quietLog))
-	delete(sd.registered, testMachine)
-	sd.active["systemd-nspawn@kube1.service"] = false
+	applytest.Must(t, err)
+	applytest.Must(t, store.Repair(ctx, lm, h, quietLog))
+	delete(sd.Registered, applytest.Machine)
+	sd.Active["systemd-nspawn@kube1.service"] = false
 	if h, err := store.Check(lm); err != nil || len(h.Problems) != 0 {
 		t.Fatalf("after the interrupted repair Check finds %+v %v; want nothing (what makes this test)", h.Problems, err)
 	}
@@ -206,11 +209,11 @@ func TestInterruptedRepairResumes(t *testing.T) {
 		t.Fatalf("apply after an interrupted repair: %+v %v; want a resumed run", res, err)
 	}
 	st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
-	must(t, err)
+	applytest.Must(t, err)
 	if st.State != StateDone {
 		t.Fatalf("status after the resumed repair: %s %q", st.State, st.Summary)
 	}
-	if b, err := os.ReadFile(filepath.Join(root, testRootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
+	if b, err := os.ReadFile(filepath.Join(root, applytest.Rootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
 		t.Errorf("etc/hostname after the resumed repair: %q %v", b, err)
 	}
 }

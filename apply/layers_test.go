@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -11,6 +11,9 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/opencontainers/go-digest"
 
@@ -31,10 +34,10 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	rootDir := t.TempDir()
 	host, err := confine.Open(rootDir)
-	must(t, err)
+	applytest.Must(t, err)
 	t.Cleanup(func() { host.Close() }) // after the unmounts below, which use it
 	store, err := layers.Open(host, render.LayerStoreDir)
-	must(t, err)
+	applytest.Must(t, err)
 	var ids []digest.Digest
 	for _, name := range []string{"kube1's", "kube2's", "nobody's"} {
 		id := digest.FromString(name)
@@ -42,37 +45,37 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 		_, err := store.Unpack(ctx, id, func(dir string) ([]byte, error) {
 			return nil, host.WriteFile(path.Join(dir, "layer"), []byte(name), 0o644, 0, 0)
 		})
-		must(t, err)
+		applytest.Must(t, err)
 	}
 	compose := func(m string, id digest.Digest) layers.Machine {
-		lm := layers.Machine{Target: path.Join(machinesDir, m), Dir: render.OverlayDir(m), Unit: layers.LegacyUnit(path.Join(machinesDir, m)), Machine: m}
+		lm := layers.Machine{Target: path.Join(render.MachinesDir, m), Dir: render.OverlayDir(m), Unit: layers.LegacyUnit(path.Join(render.MachinesDir, m)), Machine: m}
 		_, err := store.Compose(ctx, lm, layers.Image{Manifest: digest.FromString(m), Layers: []digest.Digest{id}}, log)
-		must(t, err)
+		applytest.Must(t, err)
 		t.Cleanup(func() { layers.Unmount(context.Background(), host, lm.Target, time.Second, log) })
 		return lm
 	}
 	compose("kube1", ids[0])
 	kube2 := compose("kube2", ids[1])
 	// kube2's record is gone, but its root is still mounted.
-	must(t, os.Remove(filepath.Join(rootDir, kube2.Dir, layers.RecordName)))
+	applytest.Must(t, os.Remove(filepath.Join(rootDir, kube2.Dir, layers.RecordName)))
 
-	gone, err := collectLayers(host, log)
-	must(t, err)
+	gone, err := CollectLayers(host, log)
+	applytest.Must(t, err)
 	if !slices.Equal(gone, []digest.Digest{ids[2]}) {
 		t.Fatalf("collected %v, want only %s (no machine uses it)", gone, ids[2])
 	}
-	if b, err := os.ReadFile(filepath.Join(rootDir, machinesDir, "kube2", "layer")); err != nil || string(b) != "kube2's" {
+	if b, err := os.ReadFile(filepath.Join(rootDir, render.MachinesDir, "kube2", "layer")); err != nil || string(b) != "kube2's" {
 		t.Fatalf("kube2's root after collection: %q, %v", b, err)
 	}
 
-	must(t, layers.Unmount(ctx, host, kube2.Target, time.Second, log))
-	gone, err = collectLayers(host, log)
-	must(t, err)
+	applytest.Must(t, layers.Unmount(ctx, host, kube2.Target, time.Second, log))
+	gone, err = CollectLayers(host, log)
+	applytest.Must(t, err)
 	if !slices.Equal(gone, []digest.Digest{ids[1]}) {
 		t.Fatalf("collected %v once kube2 was unmounted, want %s", gone, ids[1])
 	}
 	left, err := store.List()
-	must(t, err)
+	applytest.Must(t, err)
 	if !slices.Equal(left, []digest.Digest{ids[0]}) {
 		t.Fatalf("store holds %v, want kube1's layer only", left)
 	}
@@ -85,16 +88,16 @@ func TestInstallBinary(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	rootDir := t.TempDir()
 	host, err := confine.Open(rootDir)
-	must(t, err)
+	applytest.Must(t, err)
 	defer host.Close()
 	self := filepath.Join(t.TempDir(), "nodespawn")
-	must(t, os.WriteFile(self, []byte("binary v1"), 0o700))
-	if changed, err := installBinary(host, "", log); err != nil || changed {
+	applytest.Must(t, os.WriteFile(self, []byte("binary v1"), 0o700))
+	if changed, err := InstallBinary(host, "", log); err != nil || changed {
 		t.Fatalf("no binary to install: changed=%v err=%v", changed, err)
 	}
 	installed := filepath.Join(rootDir, plan.BinaryPath)
 	for i, want := range []bool{true, false} {
-		if changed, err := installBinary(host, self, log); err != nil || changed != want {
+		if changed, err := InstallBinary(host, self, log); err != nil || changed != want {
 			t.Fatalf("install %d: changed=%v err=%v, want changed=%v", i, changed, err, want)
 		}
 	}
@@ -108,10 +111,10 @@ func TestInstallBinary(t *testing.T) {
 	// the next install removes it, and nothing else there.
 	leftover := filepath.Join(filepath.Dir(installed), confine.TempPrefix(plan.BinaryPath, "write")+"0123456789ab")
 	neighbour := filepath.Join(filepath.Dir(installed), "kubectl")
-	must(t, os.WriteFile(leftover, []byte("half a bin"), 0o600))
-	must(t, os.WriteFile(neighbour, []byte("someone else's"), 0o755))
-	must(t, os.WriteFile(self, []byte("binary v2"), 0o700))
-	if changed, err := installBinary(host, self, log); err != nil || !changed {
+	applytest.Must(t, os.WriteFile(leftover, []byte("half a bin"), 0o600))
+	applytest.Must(t, os.WriteFile(neighbour, []byte("someone else's"), 0o755))
+	applytest.Must(t, os.WriteFile(self, []byte("binary v2"), 0o700))
+	if changed, err := InstallBinary(host, self, log); err != nil || !changed {
 		t.Fatalf("a new binary: changed=%v err=%v", changed, err)
 	}
 	if _, err := os.Lstat(leftover); !errors.Is(err, fs.ErrNotExist) {
@@ -124,7 +127,7 @@ func TestInstallBinary(t *testing.T) {
 		t.Fatalf("installed %q after the new binary", b)
 	}
 	// The installed file itself is not copied onto itself.
-	if changed, err := installBinary(host, installed, log); err != nil || changed {
+	if changed, err := InstallBinary(host, installed, log); err != nil || changed {
 		t.Fatalf("run from %s: changed=%v err=%v", plan.BinaryPath, changed, err)
 	}
 }

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -9,6 +9,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/internal/hostprep"
 	"github.com/nodespawn/nodespawn/plan"
@@ -45,7 +48,7 @@ func newNetns(t *testing.T) (path string, ruleset func() string) {
 }
 
 func flushPlan() *plan.Plan {
-	return &plan.Plan{Version: plan.Version, Machine: testMachine, Rootfs: testRootfs, Steps: []plan.Step{
+	return &plan.Plan{Version: plan.Version, Machine: applytest.Machine, Rootfs: applytest.Rootfs, Steps: []plan.Step{
 		{ID: "host:nft-flush", Phase: plan.PhaseHost, Kind: plan.KindNftFlush},
 		{ID: "host:file:/etc/x", Phase: plan.PhaseHost, Kind: plan.KindFile,
 			File: &plan.File{Path: "/etc/x", Mode: 0o644, Contents: "x\n", Overwrite: true}},
@@ -71,10 +74,10 @@ func TestReapplyKeepsLiveNodesRules(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ns, ruleset := newNetns(t)
 			root := t.TempDir()
-			sd := newFakeSystemd()
+			sd := applytest.NewSystemd()
 			// The real host steps, with the flush in the test's namespace.
 			deps := Deps{Host: hostprep.Host{Root: root, NetNS: ns}, Systemd: sd}
-			opts := Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: slog.New(slog.DiscardHandler)}
+			opts := Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: slog.New(slog.DiscardHandler)}
 			if tt.applied {
 				// An earlier run of another plan (a changed host fact, say)
 				// that succeeded and started the machine.
@@ -84,7 +87,7 @@ func TestReapplyKeepsLiveNodesRules(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			sd.registered[testMachine] = tt.running
+			sd.Registered[applytest.Machine] = tt.running
 			if _, err := Run(context.Background(), flushPlan(), opts); err != nil {
 				t.Fatal(err)
 			}

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -8,6 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/manifest"
@@ -28,8 +31,8 @@ func TestApplyRenderedExamples(t *testing.T) {
 		t.Run(tt.example+"-"+tt.facts, func(t *testing.T) {
 			p := renderExample(t, tt.example, tt.facts)
 			root := t.TempDir()
-			deps, _, _, _ := testDeps()
-			opts := testOptions(deps, slog.New(slog.DiscardHandler))
+			deps, _, _, _ := applytest.Deps()
+			opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 			opts.Root = root
 			if _, err := Run(context.Background(), p, opts); err != nil {
 				t.Fatal(err)
@@ -37,7 +40,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 			for _, s := range p.Steps {
 				checkStep(t, root, s)
 			}
-			deps, _, _, _ = testDeps()
+			deps, _, _, _ = applytest.Deps()
 			opts.Deps, opts.Force = deps, true
 			res, err := Run(context.Background(), p, opts)
 			if err != nil {
@@ -56,15 +59,15 @@ func renderExample(t *testing.T, example, facts string) *plan.Plan {
 	t.Helper()
 	path := filepath.Join("..", "examples", example+".yaml")
 	data, err := os.ReadFile(path)
-	must(t, err)
+	applytest.Must(t, err)
 	m, err := manifest.Load(path, data)
 	if err != nil {
 		t.Fatalf("load %s: %v", path, err)
 	}
 	var f plan.Facts
 	b, err := os.ReadFile(filepath.Join("..", "render", "testdata", "facts", facts+".json"))
-	must(t, err)
-	must(t, json.Unmarshal(b, &f))
+	applytest.Must(t, err)
+	applytest.Must(t, json.Unmarshal(b, &f))
 	p, err := render.Plan(m, f)
 	if err != nil {
 		t.Fatalf("render %s on %s: %v", example, facts, err)

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"bytes"
@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
+
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 	"golang.org/x/sys/unix"
@@ -23,18 +26,18 @@ import (
 func appliedRoot(t *testing.T) (string, *plan.Plan) {
 	t.Helper()
 	root := t.TempDir()
-	prepareRoot(t, root)
-	p := testPlan()
+	applytest.PrepareRoot(t, root)
+	p := applytest.Plan()
 	p.Steps = append(p.Steps[:1:1], p.Steps...)
 	p.Steps[0] = plan.Step{ID: "host:file:sysctl", Phase: plan.PhaseHost, Kind: plan.KindFile,
 		File: &plan.File{Path: "/etc/sysctl.d/90-nodespawn.conf", Mode: 0o644, Contents: "net.ipv4.ip_forward = 1\n", Overwrite: true}}
-	deps, _, _, _ := testDeps()
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
+	deps, _, _, _ := applytest.Deps()
+	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
 	if _, err := Run(context.Background(), p, opts); err != nil {
 		t.Fatal(err)
 	}
-	must(t, InstallFirstboot(root, ""))
+	applytest.Must(t, InstallFirstboot(root, ""))
 	return root, p
 }
 
@@ -45,7 +48,7 @@ func exists(root, p string) bool {
 
 func TestReset(t *testing.T) {
 	removed := []string{
-		testRootfs,
+		applytest.Rootfs,
 		"/etc/systemd/nspawn/kube1.nspawn",
 		"/etc/systemd/system/systemd-nspawn@kube1.service.d",
 		"/etc/systemd/system/machines.target.wants/systemd-nspawn@kube1.service",
@@ -76,9 +79,9 @@ func TestReset(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			root, p := appliedRoot(t)
-			sd := newFakeSystemd()
-			sd.registered["kube1"] = true
-			sd.stopKeepsMachine = tt.stopKeeps
+			sd := applytest.NewSystemd()
+			sd.Registered["kube1"] = true
+			sd.StopKeepsMachine = tt.stopKeeps
 			var logs bytes.Buffer
 			opts := ResetOptions{Root: root, Machine: "kube1", Systemd: sd, Log: slog.New(slog.NewTextHandler(&logs, nil)),
 				PollInterval: time.Millisecond, StopTimeout: 50 * time.Millisecond}
@@ -87,12 +90,12 @@ func TestReset(t *testing.T) {
 			}
 			// The dry run changes nothing and lists what Reset then removes,
 			// exactly.
-			before := snapshot(t, root, true)
+			before := applytest.Snapshot(t, root, true)
 			rp, err := PlanReset(context.Background(), opts)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if after := snapshot(t, root, true); after != before || len(sd.Calls()) != 0 {
+			if after := applytest.Snapshot(t, root, true); after != before || len(sd.Calls()) != 0 {
 				t.Fatalf("PlanReset changed the root or called systemd %q", sd.Calls())
 			}
 			if rp.Machine != "kube1" || !slices.Equal(rp.Stop, []string{"kube1"}) {
@@ -173,8 +176,8 @@ func TestResetRefusesBadTargets(t *testing.T) {
 // met "busy".
 func TestResetRetriesBusyRootfs(t *testing.T) {
 	root, _ := appliedRoot(t)
-	mnt := filepath.Join(root, testRootfs, "mnt")
-	must(t, os.MkdirAll(mnt, 0o755))
+	mnt := filepath.Join(root, applytest.Rootfs, "mnt")
+	applytest.Must(t, os.MkdirAll(mnt, 0o755))
 	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"); err != nil {
 		if errors.Is(err, unix.EPERM) {
 			t.Skipf("mounting a tmpfs needs CAP_SYS_ADMIN (CI runs as root): %v", err)
@@ -183,7 +186,7 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 	}
 	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
 
-	log, busy := newSignalLog("rootfs busy")
+	log, busy := applytest.SignalLog("rootfs busy")
 	go func(mnt string) {
 		<-busy
 		unix.Unmount(mnt, 0)
@@ -192,15 +195,15 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Reset: %v", err)
 	}
-	if exists(root, testRootfs) {
+	if exists(root, applytest.Rootfs) {
 		t.Error("rootfs still there")
 	}
 
 	// A mount that never goes away: bounded, and the error says what to look at.
 	root, _ = appliedRoot(t)
-	mnt = filepath.Join(root, testRootfs, "mnt")
-	must(t, os.MkdirAll(mnt, 0o755))
-	must(t, unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"))
+	mnt = filepath.Join(root, applytest.Rootfs, "mnt")
+	applytest.Must(t, os.MkdirAll(mnt, 0o755))
+	applytest.Must(t, unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"))
 	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
 	err = Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: slog.New(slog.DiscardHandler),
 		PollInterval: time.Millisecond, RemoveTimeout: 20 * time.Millisecond})

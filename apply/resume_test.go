@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"context"
@@ -10,6 +10,9 @@ import (
 	"strconv"
 	"syscall"
 	"testing"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -35,8 +38,8 @@ func TestMain(m *testing.M) {
 
 // childApply is the child process: the fixture plan with fresh fakes.
 func childApply(root string) int {
-	deps, _, _, _ := testDeps()
-	opts := Options{Root: root, ManifestDigest: testDigest, Deps: deps, ToolVersion: "test", PollInterval: 1,
+	deps, _, _, _ := applytest.Deps()
+	opts := Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, ToolVersion: "test", PollInterval: 1,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
 	if d := os.Getenv(childDigestEnv); d != "" {
 		opts.ManifestDigest = d
@@ -47,13 +50,13 @@ func childApply(root string) int {
 			fmt.Fprintln(os.Stderr, err)
 			return 3
 		}
-		opts.afterStep = func(done int) {
+		SetAfterStep(&opts, func(done int) {
 			if done == n {
 				syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			}
-		}
+		})
 	}
-	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return ExitCode(err)
 	}
@@ -88,17 +91,17 @@ func TestCrashAtEveryStepBoundaryResumes(t *testing.T) {
 		t.Skip("runs the child process twice per step")
 	}
 	ref := t.TempDir()
-	prepareRoot(t, ref)
+	applytest.PrepareRoot(t, ref)
 	if killed, out := runChild(t, ref, -1); killed {
 		t.Fatalf("uninterrupted run was killed:\n%s", out)
 	}
-	want := snapshot(t, ref, false)
-	steps := len(testPlan().Steps)
+	want := applytest.Snapshot(t, ref, false)
+	steps := len(applytest.Plan().Steps)
 
 	for n := 0; n <= steps; n++ {
 		t.Run(fmt.Sprintf("after-%d", n), func(t *testing.T) {
 			root := t.TempDir()
-			prepareRoot(t, root)
+			applytest.PrepareRoot(t, root)
 			killed, out := runChild(t, root, n)
 			if n < steps && !killed {
 				t.Fatalf("child was not killed after step %d:\n%s", n, out)
@@ -123,7 +126,7 @@ func TestCrashAtEveryStepBoundaryResumes(t *testing.T) {
 			if killed, out := runChild(t, root, -1); killed {
 				t.Fatalf("resumed run was killed:\n%s", out)
 			}
-			if got := snapshot(t, root, false); got != want {
+			if got := applytest.Snapshot(t, root, false); got != want {
 				t.Errorf("tree after crash at step %d and resume differs from an uninterrupted run:\n%s", n, diffLines(want, got))
 			}
 			rec, _ := state.ReadRecord(root)

@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"bytes"
@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
@@ -24,7 +26,7 @@ func TestStatus(t *testing.T) {
 	tests := []struct {
 		name string
 		// setup makes root's state; sd is the live host afterwards.
-		setup       func(t *testing.T, root string, sd *fakeSystemd)
+		setup       func(t *testing.T, root string, sd *applytest.Systemd)
 		state       State
 		summary     string
 		pending     bool
@@ -32,49 +34,49 @@ func TestStatus(t *testing.T) {
 		wantChecks  int
 		wantJournal bool
 	}{
-		{name: "nothing here", setup: func(*testing.T, string, *fakeSystemd) {}, state: StateNotRun, summary: "not run"},
-		{name: "first boot not started yet", setup: func(t *testing.T, root string, _ *fakeSystemd) {
-			must(t, InstallFirstboot(root, ""))
+		{name: "nothing here", setup: func(*testing.T, string, *applytest.Systemd) {}, state: StateNotRun, summary: "not run"},
+		{name: "first boot not started yet", setup: func(t *testing.T, root string, _ *applytest.Systemd) {
+			applytest.Must(t, InstallFirstboot(root, ""))
 		}, state: StateNotRun, summary: "not run", pending: true},
-		{name: "first-boot unit failed before a run", setup: func(t *testing.T, root string, sd *fakeSystemd) {
-			must(t, InstallFirstboot(root, ""))
-			sd.hostStates = map[string]string{FirstbootUnitName: "failed"}
+		{name: "first-boot unit failed before a run", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
+			applytest.Must(t, InstallFirstboot(root, ""))
+			sd.HostStates = map[string]string{FirstbootUnitName: "failed"}
 		}, state: StateError, summary: "error: " + FirstbootUnitName + " failed before a run started", pending: true, wantJournal: true},
-		{name: "done", setup: func(t *testing.T, root string, sd *fakeSystemd) {
-			applyFixture(t, root, nil)
-			sd.registered[testMachine] = true
+		{name: "done", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
+			applytest.Apply(t, root, nil)
+			sd.Registered[applytest.Machine] = true
 		}, state: StateDone, summary: "done", wantChecks: 3},
-		{name: "machine down", setup: func(t *testing.T, root string, sd *fakeSystemd) {
-			applyFixture(t, root, nil)
+		{name: "machine down", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
+			applytest.Apply(t, root, nil)
 		}, state: StateDegraded, summary: "degraded: applied, but machine kube1 is not running", wantChecks: 1},
-		{name: "kubelet down", setup: func(t *testing.T, root string, sd *fakeSystemd) {
-			applyFixture(t, root, nil)
-			sd.registered[testMachine] = true
-			sd.states["kubelet.service"] = []string{"inactive"}
+		{name: "kubelet down", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
+			applytest.Apply(t, root, nil)
+			sd.Registered[applytest.Machine] = true
+			sd.States["kubelet.service"] = []string{"inactive"}
 		}, state: StateDegraded, summary: "degraded: applied, but kubelet is inactive", wantChecks: 3},
-		{name: "failed step", setup: func(t *testing.T, root string, sd *fakeSystemd) {
-			applyFixture(t, root, map[string]error{"kubelet": errors.New("download https://dl.test/kubelet: 503 Service Unavailable\nmore detail")})
-			sd.hostStates = map[string]string{FirstbootUnitName: "failed"}
+		{name: "failed step", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
+			applytest.Apply(t, root, map[string]error{"kubelet": errors.New("download https://dl.test/kubelet: 503 Service Unavailable\nmore detail")})
+			sd.HostStates = map[string]string{FirstbootUnitName: "failed"}
 		}, state: StateError, summary: "error: step rootfs:download:kubelet: download https://dl.test/kubelet: 503 Service Unavailable", failedStep: "rootfs:download:kubelet", wantJournal: true},
-		{name: "killed mid-run", setup: func(t *testing.T, root string, _ *fakeSystemd) {
-			applyFixture(t, root, nil)
+		{name: "killed mid-run", setup: func(t *testing.T, root string, _ *applytest.Systemd) {
+			applytest.Apply(t, root, nil)
 			rec, err := state.ReadRecord(root)
-			must(t, err)
+			applytest.Must(t, err)
 			rec.Status, rec.Ended = state.StatusRunning, nil
 			for i := 5; i < len(rec.Steps); i++ {
 				rec.Steps[i].Outcome = state.OutcomePending
 			}
 			s, err := state.Open(root)
-			must(t, err)
+			applytest.Must(t, err)
 			defer s.Close()
-			must(t, s.WriteRecord(rec))
+			applytest.Must(t, s.WriteRecord(rec))
 		}, state: StateError, summary: "error: the run was interrupted at step host:file:dropin (6/29); apply again to resume", wantJournal: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
-			sd := newFakeSystemd()
-			sd.unitJournal = map[string]string{FirstbootUnitName: "level=ERROR msg=step step=rootfs:download:kubelet\n"}
+			sd := applytest.NewSystemd()
+			sd.UnitJournals = map[string]string{FirstbootUnitName: "level=ERROR msg=step step=rootfs:download:kubelet\n"}
 			tt.setup(t, root, sd)
 			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd, Long: true})
 			if err != nil {
@@ -103,28 +105,12 @@ func TestStatus(t *testing.T) {
 	}
 }
 
-// applyFixture applies the fixture plan into root, the named downloads
-// failing with the given errors.
-func applyFixture(t *testing.T, root string, fail map[string]error) {
-	t.Helper()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	dl.fail = fail
-	opts := testOptions(deps, slog.New(slog.DiscardHandler))
-	opts.Root = root
-	_, err := Run(context.Background(), testPlan(), opts)
-	if (err != nil) != (len(fail) > 0) {
-		t.Fatalf("apply: %v", err)
-	}
-	must(t, os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("node\n"), 0o644))
-}
-
 // TestStatusWhileRunning: an apply holding the lock is running, whatever
 // its record says, and the step it is at is named.
 func TestStatusWhileRunning(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	release := startBlockedApply(t, root)
+	applytest.PrepareRoot(t, root)
+	release := applytest.StartBlockedApply(t, root)
 	st, err := ReadStatus(context.Background(), StatusOptions{Root: root})
 	if err != nil {
 		t.Fatal(err)
@@ -181,14 +167,14 @@ func TestCriticalPath(t *testing.T) {
 // timeline in the order the plan's edges force.
 func TestRecordPlacesSteps(t *testing.T) {
 	root := t.TempDir()
-	applyFixture(t, root, nil)
+	applytest.Apply(t, root, nil)
 	rec, err := state.ReadRecord(root)
-	must(t, err)
+	applytest.Must(t, err)
 	at := map[string]state.StepRecord{}
 	for _, s := range rec.Steps {
 		at[s.ID] = s
 	}
-	for _, s := range testPlan().Steps {
+	for _, s := range applytest.Plan().Steps {
 		for _, a := range s.After {
 			if before, after := at[a], at[s.ID]; after.StartMS < before.StartMS+before.DurationMS-1 {
 				t.Errorf("%s (start %dms) runs after %s, which ended at %dms", s.ID, after.StartMS, a, before.StartMS+before.DurationMS)
@@ -214,18 +200,18 @@ func TestStatusHostUnits(t *testing.T) {
 	} {
 		t.Run(tt.fm, func(t *testing.T) {
 			root := t.TempDir()
-			prepareRoot(t, root)
-			deps, _, _, _ := testDeps()
-			opts := testOptions(deps, slog.New(slog.DiscardHandler))
+			applytest.PrepareRoot(t, root)
+			deps, _, _, _ := applytest.Deps()
+			opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 			opts.Root = root
-			p := testPlan()
+			p := applytest.Plan()
 			p.HostUnits = []string{plan.FabricManagerUnit}
 			if _, err := Run(context.Background(), p, opts); err != nil {
 				t.Fatalf("apply: %v", err)
 			}
-			sd := newFakeSystemd()
-			sd.registered[testMachine] = true
-			sd.hostStates = map[string]string{plan.FabricManagerUnit: tt.fm}
+			sd := applytest.NewSystemd()
+			sd.Registered[applytest.Machine] = true
+			sd.HostStates = map[string]string{plan.FabricManagerUnit: tt.fm}
 			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
 			if err != nil {
 				t.Fatal(err)
@@ -246,8 +232,8 @@ func TestStatusHostUnits(t *testing.T) {
 // (not the skipped steps' own log lines) and the manifest's source.
 func TestStatusSkippedWarningsSource(t *testing.T) {
 	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, _ := testDeps()
+	applytest.PrepareRoot(t, root)
+	deps, _, _, _ := applytest.Deps()
 	deps.Host, deps.Systemd = nil, nil
 	var logged bytes.Buffer
 	warn := NewWarnings(slog.NewTextHandler(&logged, nil))
@@ -257,9 +243,9 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 		log.Warn("no resolv.conf found", "paths", "/etc/resolv.conf")
 	}
 	log.Info("not a warning")
-	opts := testOptions(deps, log)
+	opts := applytest.Options(deps, log)
 	opts.Root, opts.Source, opts.Warnings = root, "nocloud: /var/lib/cloud/seed/nocloud/user-data", warn
-	if _, err := Run(context.Background(), testPlan(), opts); err != nil {
+	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(logged.String(), "level=WARN msg=step") || !strings.Contains(logged.String(), "not a warning") {
@@ -306,16 +292,16 @@ func TestStatusMissingRoot(t *testing.T) {
 	}
 }
 
-// TestWarningsBound: past maxWarnings, warnings are counted, not kept.
+// TestWarningsBound: past MaxWarnings, warnings are counted, not kept.
 func TestWarningsBound(t *testing.T) {
 	w := NewWarnings(slog.DiscardHandler)
 	log := slog.New(w).With("attempt", 1)
-	for i := range maxWarnings + 3 {
+	for i := range MaxWarnings + 3 {
 		log.Warn("retrying", "n", i)
 	}
 	log.Error("failed")
 	lines := w.Lines()
-	if len(lines) != maxWarnings+1 || lines[0] != "retrying attempt=1 n=0" || lines[maxWarnings] != "... and 3 more warnings (see the log)" {
+	if len(lines) != MaxWarnings+1 || lines[0] != "retrying attempt=1 n=0" || lines[MaxWarnings] != "... and 3 more warnings (see the log)" {
 		t.Errorf("%d lines: first %q, last %q", len(lines), lines[0], lines[len(lines)-1])
 	}
 }

@@ -1,280 +1,26 @@
-package apply
+package apply_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
 )
-
-// upgradePlan is the fixture plan for machine (kube1 or kube2) of the
-// manifest version: the kubelet unit says which version made it. The boot
-// link is in the start phase, as render makes it.
-func upgradePlan(machine, version string) *plan.Plan {
-	b, err := json.Marshal(testPlan())
-	if err != nil {
-		panic(err)
-	}
-	b = []byte(strings.ReplaceAll(string(b), "kube1", machine))
-	var p plan.Plan
-	if err := json.Unmarshal(b, &p); err != nil {
-		panic(err)
-	}
-	p.Alternate = "kube2"
-	if machine == "kube2" {
-		p.Alternate = "kube1"
-	}
-	var steps []plan.Step
-	var enable plan.Step
-	for _, s := range p.Steps {
-		switch {
-		case s.ID == "host:link:wants":
-			enable = s
-			enable.ID, enable.Phase = "start:link:wants", plan.PhaseStart
-			continue
-		case s.ID == "machine:file:kubelet-unit":
-			s.File.Contents = "[Service]\nExecStart=/usr/local/bin/kubelet\n# version " + version + "\n"
-		case s.ID == "start:reload":
-			s.After = []string{enable.ID}
-		}
-		steps = append(steps, s)
-	}
-	// A host file both machines' plans write (as render's nft-flush unit
-	// and machines.target link are).
-	shared := plan.Step{ID: "host:file:shared", Phase: plan.PhaseHost, Kind: plan.KindFile, File: &plan.File{
-		Path: sharedUnit, Mode: 0o644, Contents: "[Service]\nType=oneshot\n", Overwrite: true}}
-	p.Steps = append(steps, enable, shared)
-	sortByPhaseForTest(p.Steps)
-	return &p
-}
-
-// sharedUnit is the host file upgradePlan's two machines share.
-const sharedUnit = "/etc/systemd/system/nodespawn-shared.service"
-
-func sortByPhaseForTest(steps []plan.Step) {
-	rank := map[plan.Phase]int{}
-	for i, ph := range plan.Phases {
-		rank[ph] = i
-	}
-	sort.SliceStable(steps, func(i, j int) bool { return rank[steps[i].Phase] < rank[steps[j].Phase] })
-}
-
-func versionDigest(version string) string { return "sha256:manifest-" + version }
-
-// upgradeOptions are Run's options for manifest version on root, with
-// deps and a Node check that fails for the machines in broken, and never
-// sees the Node Ready on the machines whose kubelet restarts (the
-// diskSystemd's restarting).
-func upgradeOptions(root, version string, deps Deps, broken ...string) Options {
-	var restarting []string
-	if d, ok := deps.Systemd.(*diskSystemd); ok {
-		restarting = d.restarting
-	}
-	return Options{
-		Root: root, ManifestDigest: versionDigest(version), Deps: deps, ToolVersion: "test",
-		PollInterval: time.Millisecond, Log: slog.New(slog.NewTextHandler(os.Stderr, nil)),
-		Manifest: []byte("manifest " + version + "\n"),
-		Upgrade: UpgradeOptions{
-			Render: func(m string) (*plan.Plan, error) { return upgradePlan(m, version), nil },
-			NodeReady: func(ctx context.Context, p *plan.Plan, since time.Time) error {
-				if slices.Contains(restarting, p.Machine) {
-					<-ctx.Done()
-					return fmt.Errorf("node %s not Ready: %w", p.NodeName, ctx.Err())
-				}
-				for _, b := range broken {
-					if b == p.Machine {
-						return fmt.Errorf("node %s not Ready (the test breaks machine %s)", p.NodeName, b)
-					}
-				}
-				return nil
-			},
-			StopTimeout:  time.Second,
-			ReadyTimeout: 5 * time.Second,
-		},
-	}
-}
-
-// diskSystemd is a fake systemd whose state outlives the process (a file
-// beside the root), so a test can kill apply and run it again, or "reboot":
-// machines register when started and unregister when stopped, starting a
-// machine obeys the ExecCondition the drop-in renders (the active-machine
-// file), and two machines registered at once is recorded as a violation.
-type diskSystemd struct {
-	root, file string
-	// restarting lists machines whose kubelet restarts at every look.
-	restarting []string
-	// stopFails lists machines that neither stop nor go when terminated.
-	stopFails []string
-	mu        sync.Mutex
-}
-
-type diskState struct {
-	Registered map[string]bool `json:"registered"`
-	Restarts   map[string]int  `json:"restarts"`
-	Violations []string        `json:"violations"`
-	Calls      []string        `json:"calls"`
-}
-
-func (d *diskSystemd) update(f func(*diskState)) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	st := d.load()
-	f(st)
-	b, _ := json.Marshal(st)
-	tmp := d.file + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		panic(err)
-	}
-	if err := os.Rename(tmp, d.file); err != nil {
-		panic(err)
-	}
-}
-
-func (d *diskSystemd) load() *diskState {
-	st := &diskState{Registered: map[string]bool{}, Restarts: map[string]int{}}
-	if b, err := os.ReadFile(d.file); err == nil {
-		if err := json.Unmarshal(b, st); err != nil {
-			panic(err)
-		}
-	}
-	if st.Registered == nil {
-		st.Registered = map[string]bool{}
-	}
-	if st.Restarts == nil {
-		st.Restarts = map[string]int{}
-	}
-	return st
-}
-
-func (d *diskSystemd) state() *diskState {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.load()
-}
-
-// mayStart is the drop-in's ExecCondition.
-func mayStart(root, m string) bool {
-	b, err := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
-	return err != nil || strings.TrimSpace(string(b)) == m
-}
-
-func (d *diskSystemd) DaemonReload(ctx context.Context) error { return nil }
-func (d *diskSystemd) Enable(ctx context.Context, unit string) (bool, error) {
-	return true, nil
-}
-func (d *diskSystemd) Restart(ctx context.Context, unit string) error { return nil }
-
-func (d *diskSystemd) Start(ctx context.Context, unit string) (bool, error) {
-	m, ok := strings.CutPrefix(unit, "systemd-nspawn@")
-	if !ok {
-		return true, nil
-	}
-	m = strings.TrimSuffix(m, ".service")
-	changed := false
-	d.update(func(st *diskState) {
-		if !mayStart(d.root, m) {
-			st.Calls = append(st.Calls, "start "+m+" (condition failed)")
-			return
-		}
-		st.Calls = append(st.Calls, "start "+m)
-		if st.Registered[m] {
-			return
-		}
-		for other := range st.Registered {
-			st.Violations = append(st.Violations, fmt.Sprintf("%s started while %s runs", m, other))
-		}
-		st.Registered[m], changed = true, true
-	})
-	return changed, nil
-}
-
-func (d *diskSystemd) Stop(ctx context.Context, unit string) error {
-	if m, ok := strings.CutPrefix(unit, "systemd-nspawn@"); ok {
-		m = strings.TrimSuffix(m, ".service")
-		if slices.Contains(d.stopFails, m) {
-			return fmt.Errorf("job for %s failed", unit)
-		}
-		d.update(func(st *diskState) {
-			st.Calls = append(st.Calls, "stop "+m)
-			delete(st.Registered, m)
-		})
-	}
-	return nil
-}
-
-func (d *diskSystemd) MachineRegistered(ctx context.Context, m string) (bool, error) {
-	return d.state().Registered[m], nil
-}
-
-func (d *diskSystemd) TerminateMachine(ctx context.Context, m string) error {
-	if slices.Contains(d.stopFails, m) {
-		return fmt.Errorf("machine %s does not go", m)
-	}
-	d.update(func(st *diskState) { delete(st.Registered, m) })
-	return nil
-}
-
-func (d *diskSystemd) UnitState(ctx context.Context, m, unit string) (string, error) {
-	if m == "" {
-		return "inactive", nil
-	}
-	if d.state().Registered[m] {
-		return "active", nil
-	}
-	return "inactive", nil
-}
-
-func (d *diskSystemd) UnitRestarts(ctx context.Context, m, unit string) (int, error) {
-	n := 0
-	if unit == "kubelet.service" && slices.Contains(d.restarting, m) {
-		d.update(func(st *diskState) { st.Restarts[m]++; n = st.Restarts[m] })
-	}
-	return n, nil
-}
-
-func (d *diskSystemd) Journal(ctx context.Context, m string, lines int) (string, error) {
-	return "kubelet: exited (the test's broken machine)\n", nil
-}
-
-func (d *diskSystemd) UnitJournal(ctx context.Context, unit string, lines int) (string, error) {
-	return "", nil
-}
-
-// boot is a power cut and the next boot: every machine is gone, then
-// machines.target starts each machine whose boot link exists, each
-// subject to its ExecCondition. It returns the machines that run.
-func (d *diskSystemd) boot(t *testing.T) []string {
-	t.Helper()
-	var running []string
-	d.update(func(st *diskState) {
-		st.Registered = map[string]bool{}
-		for _, m := range []string{"kube1", "kube2"} {
-			if _, err := os.Lstat(filepath.Join(d.root, render.EnableLink(m))); err != nil || !mayStart(d.root, m) {
-				continue
-			}
-			st.Registered[m] = true
-			running = append(running, m)
-		}
-	})
-	return running
-}
 
 // Child process modes for the crash tests (the harness in resume_test.go
 // re-runs this test binary).
@@ -286,12 +32,12 @@ const (
 )
 
 // childUpgrade applies a version of the upgrade fixture against root with
-// a diskSystemd, SIGKILLing itself at the n-th checkpoint or step record.
+// an applytest.DiskSystemd, SIGKILLing itself at the n-th checkpoint or step record.
 func childUpgrade(root, version string) int {
 	broken := strings.Fields(os.Getenv(brokenEnv))
-	deps, _, _, _ := testDeps()
-	deps.Systemd = &diskSystemd{root: root, file: root + ".systemd.json"}
-	opts := upgradeOptions(root, version, deps, broken...)
+	deps, _, _, _ := applytest.Deps()
+	deps.Systemd = applytest.NewDiskSystemd(root)
+	opts := applytest.VersionOptions(root, version, deps, broken...)
 	count := 0
 	kill := -1
 	if s := os.Getenv(upgradeKillEnv); s != "" {
@@ -303,8 +49,8 @@ func childUpgrade(root, version string) int {
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		}
 	}
-	opts.checkpoint = hit
-	opts.afterStep = func(int) { hit("step") }
+	SetCheckpoint(&opts, hit)
+	SetAfterStep(&opts, func(int) { hit("step") })
 	defer func() { fmt.Fprintf(os.Stderr, "checkpoints: %d\n", count) }()
 	ctx := context.Background()
 	if os.Getenv(upgradeModeEnv) == "firstboot" {
@@ -316,7 +62,7 @@ func childUpgrade(root, version string) int {
 		}
 		opts.Upgrade.Refuse = true
 	}
-	_, err := Run(ctx, upgradePlan("kube1", version), opts)
+	_, err := Run(ctx, applytest.UpgradePlan("kube1", version), opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 	}
@@ -362,9 +108,9 @@ func checkpointsOf(t *testing.T, out string) int {
 // checkOneMachine checks what must hold whenever nodespawn is not running:
 // the machine that runs is the active one, alone, started at boot alone,
 // and no two machines ever ran at once.
-func checkOneMachine(t *testing.T, root string, sd *diskSystemd, want string) {
+func checkOneMachine(t *testing.T, root string, sd *applytest.DiskSystemd, want string) {
 	t.Helper()
-	st := sd.state()
+	st := sd.State()
 	if len(st.Violations) > 0 {
 		t.Errorf("two machines ran at once: %v\ncalls: %v", st.Violations, st.Calls)
 	}
@@ -411,11 +157,11 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 			t.Parallel()
 			// The node on kube1 from version A: the starting point of every case.
 			base := t.TempDir()
-			prepareRoot(t, base)
+			applytest.PrepareRoot(t, base)
 			if _, code, out := runUpgradeChild(t, base, "A", "apply", -1); code != 0 {
 				t.Fatalf("apply A: exit %d\n%s", code, out)
 			}
-			start := func(t *testing.T) (string, *diskSystemd) {
+			start := func(t *testing.T) (string, *applytest.DiskSystemd) {
 				root := filepath.Join(t.TempDir(), "root")
 				if out, err := exec.Command("cp", "-a", base, root).CombinedOutput(); err != nil {
 					t.Fatalf("cp: %v %s", err, out)
@@ -423,7 +169,7 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 				if out, err := exec.Command("cp", "-a", base+".systemd.json", root+".systemd.json").CombinedOutput(); err != nil {
 					t.Fatalf("cp: %v %s", err, out)
 				}
-				return root, &diskSystemd{root: root, file: root + ".systemd.json"}
+				return root, applytest.NewDiskSystemd(root)
 			}
 			ref, sd := start(t)
 			_, code, out := runUpgradeChild(t, ref, "B", "apply", -1, tc.broken...)
@@ -443,7 +189,7 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 							t.Fatalf("not killed at checkpoint %d:\n%s", k, out)
 						}
 						if after == "power-cut" {
-							running := sd.boot(t)
+							running := sd.Boot(t)
 							active, _ := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
 							if len(running) != 1 || running[0] != strings.TrimSpace(string(active)) {
 								t.Fatalf("boot after a power cut at checkpoint %d started %v (active file %q); want the active machine alone", k, running, active)
@@ -472,32 +218,8 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 	}
 }
 
-// nodeOnKube1 is a fresh root with version A applied on kube1, through a
-// diskSystemd whose restarting machines are given.
-func nodeOnKube1(t *testing.T, restarting []string) (string, Deps, *diskSystemd, *fakeDownloader) {
-	t.Helper()
-	root := t.TempDir()
-	prepareRoot(t, root)
-	deps, _, _, dl := testDeps()
-	sd := &diskSystemd{root: root, file: root + ".systemd.json", restarting: restarting}
-	deps.Systemd = sd
-	if _, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil {
-		t.Fatal(err)
-	}
-	return root, deps, sd, dl
-}
-
-// liveUpgrade applies A then B in-process against a fresh root with a
-// diskSystemd; it returns the root, the fake and B's result.
-func liveUpgrade(t *testing.T, restarting []string, broken ...string) (string, *diskSystemd, *Result, error) {
-	t.Helper()
-	root, deps, sd, _ := nodeOnKube1(t, restarting)
-	res, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps, broken...))
-	return root, sd, res, err
-}
-
 func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
-	root, sd, res, err := liveUpgrade(t, nil)
+	root, sd, res, err := applytest.LiveUpgrade(t, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -506,11 +228,11 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 		t.Errorf("result %+v, upgrade %+v; want switched to kube2", res, res.Upgrade)
 	}
 	ms, _ := state.ReadMachines(root)
-	if ms.Previous != "kube1" || !ms.Applied["kube2"].Succeeded || ms.Applied["kube2"].ManifestDigest != versionDigest("B") {
+	if ms.Previous != "kube1" || !ms.Applied["kube2"].Succeeded || ms.Applied["kube2"].ManifestDigest != applytest.VersionDigest("B") {
 		t.Errorf("machines state %+v: want kube1 kept for a rollback and kube2 made from B", ms)
 	}
 	// The old machine is stopped before the new one starts.
-	calls := strings.Join(sd.state().Calls, "; ")
+	calls := strings.Join(sd.State().Calls, "; ")
 	if !strings.Contains(calls, "stop kube1; start kube2") {
 		t.Errorf("calls %s: want kube1 stopped, then kube2 started", calls)
 	}
@@ -526,9 +248,9 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 		t.Errorf("record: machine %s, status %s, upgrade %+v", rec.Machine, rec.Status, rec.Upgrade)
 	}
 	// A second apply of B finds it applied.
-	deps, _, _, _ := testDeps()
+	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	again, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	if err != nil || !again.AlreadyApplied || again.Machine != "kube2" {
 		t.Errorf("apply B again: %+v %v; want already applied on kube2", again, err)
 	}
@@ -538,27 +260,27 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 // previous machine (kube1) to prepare it again; what the running machine's
 // plan wrote too (a shared unit) must stay while it is cleared.
 func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
-	root, sd, _, err := liveUpgrade(t, nil)
+	root, sd, _, err := applytest.LiveUpgrade(t, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	deps, _, _, _ := testDeps()
+	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	opts := upgradeOptions(root, "C", deps)
+	opts := applytest.VersionOptions(root, "C", deps)
 	checked := false
-	opts.checkpoint = func(label string) {
+	SetCheckpoint(&opts, func(label string) {
 		if label != "upgrade:preparing" {
 			return
 		}
 		checked = true
-		if _, err := os.Stat(filepath.Join(root, sharedUnit)); err != nil {
-			t.Errorf("while kube1 was cleared for the next upgrade, the running kube2's %s went: %v", sharedUnit, err)
+		if _, err := os.Stat(filepath.Join(root, applytest.SharedUnit)); err != nil {
+			t.Errorf("while kube1 was cleared for the next upgrade, the running kube2's %s went: %v", applytest.SharedUnit, err)
 		}
 		if _, err := os.Stat(filepath.Join(root, "etc/systemd/nspawn/kube1.nspawn")); err == nil {
 			t.Errorf("kube1's own .nspawn file was kept")
 		}
-	}
-	res, err := Run(context.Background(), upgradePlan("kube1", "C"), opts)
+	})
+	res, err := Run(context.Background(), applytest.UpgradePlan("kube1", "C"), opts)
 	if err != nil || res.Machine != "kube1" {
 		t.Fatalf("second upgrade: %+v %v; want kube1", res, err)
 	}
@@ -571,9 +293,9 @@ func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
 // switched, the node stays on it, and the done stamp is back so the next
 // boot's first-boot unit has nothing to finish.
 func TestUpgradeWhoseStopFails(t *testing.T) {
-	root, deps, sd, _ := nodeOnKube1(t, nil)
-	sd.stopFails = []string{"kube1"}
-	res, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	root, deps, sd, _ := applytest.NodeOnKube1(t, nil)
+	sd.StopFails = []string{"kube1"}
+	res, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	if err == nil || !strings.Contains(err.Error(), "nothing was switched") || res == nil || res.Machine != "kube1" {
 		t.Fatalf("upgrade with a failing stop: %+v, %v; want an error and the node on kube1", res, err)
 	}
@@ -586,7 +308,7 @@ func TestUpgradeWhoseStopFails(t *testing.T) {
 }
 
 func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
-	root, sd, res, err := liveUpgrade(t, nil, "kube2")
+	root, sd, res, err := applytest.LiveUpgrade(t, nil, "kube2")
 	var ue *UpgradeError
 	if !errors.As(err, &ue) || !ue.RolledBack || ExitCode(err) != ExitFailed {
 		t.Fatalf("err %v (exit %d); want a rolled-back UpgradeError, exit 1", err, ExitCode(err))
@@ -610,9 +332,9 @@ func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
 		t.Errorf("the node runs on kube1 again, but the done stamp is gone: %v", err)
 	}
 	// Applying A again: the node runs A; nothing to do.
-	deps, _, _, _ := testDeps()
+	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	again, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps))
+	again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps))
 	if err != nil || !again.AlreadyApplied {
 		t.Errorf("apply A after the rollback: %+v %v; want already applied", again, err)
 	}
@@ -620,7 +342,7 @@ func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
 
 func TestUpgradeFailsFastWhenKubeletKeepsRestarting(t *testing.T) {
 	began := time.Now()
-	root, sd, _, err := liveUpgrade(t, []string{"kube2"})
+	root, sd, _, err := applytest.LiveUpgrade(t, []string{"kube2"})
 	var ue *UpgradeError
 	if !errors.As(err, &ue) || !ue.RolledBack || !strings.Contains(err.Error(), "keeps failing") {
 		t.Fatalf("err %v; want a rollback because kubelet keeps failing", err)
@@ -633,20 +355,20 @@ func TestUpgradeFailsFastWhenKubeletKeepsRestarting(t *testing.T) {
 }
 
 func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
-	root, deps, sd, dl := nodeOnKube1(t, nil)
-	dl.fail = map[string]error{"kubelet": errors.New("mirror down")}
-	_, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	root, deps, sd, dl := applytest.NodeOnKube1(t, nil)
+	dl.Fail = map[string]error{"kubelet": errors.New("mirror down")}
+	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	var se *StepError
 	if !errors.As(err, &se) || !strings.Contains(err.Error(), "mirror down") {
 		t.Fatalf("err %v; want the failed download step", err)
 	}
 	checkOneMachineDuringUpgrade(t, root, sd, "kube1")
-	if strings.Contains(strings.Join(sd.state().Calls, ";"), "stop kube1") {
-		t.Errorf("kube1 was stopped although kube2 was never ready: %v", sd.state().Calls)
+	if strings.Contains(strings.Join(sd.State().Calls, ";"), "stop kube1") {
+		t.Errorf("kube1 was stopped although kube2 was never ready: %v", sd.State().Calls)
 	}
 	// The mirror is back: the same apply finishes the upgrade.
-	dl.fail = nil
-	if _, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps)); err != nil {
+	dl.Fail = nil
+	if _, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube2")
@@ -654,9 +376,9 @@ func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
 
 // checkOneMachineDuringUpgrade is checkOneMachine for a node whose
 // upgrade is being prepared.
-func checkOneMachineDuringUpgrade(t *testing.T, root string, sd *diskSystemd, want string) {
+func checkOneMachineDuringUpgrade(t *testing.T, root string, sd *applytest.DiskSystemd, want string) {
 	t.Helper()
-	st := sd.state()
+	st := sd.State()
 	if len(st.Violations) > 0 || len(st.Registered) != 1 || !st.Registered[want] {
 		t.Errorf("running %v, violations %v; want %s alone", st.Registered, st.Violations, want)
 	}
@@ -667,13 +389,13 @@ func checkOneMachineDuringUpgrade(t *testing.T, root string, sd *diskSystemd, wa
 }
 
 func TestRollbackByHand(t *testing.T) {
-	root, sd, _, err := liveUpgrade(t, nil)
+	root, sd, _, err := applytest.LiveUpgrade(t, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	deps, _, _, _ := testDeps()
+	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	opts := upgradeOptions(root, "B", deps)
+	opts := applytest.VersionOptions(root, "B", deps)
 	res, err := Rollback(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
@@ -685,18 +407,18 @@ func TestRollbackByHand(t *testing.T) {
 	}
 	// The node runs A again: applying A changes nothing; applying B
 	// upgrades again.
-	if again, err := Run(context.Background(), upgradePlan("kube1", "A"), upgradeOptions(root, "A", deps)); err != nil || !again.AlreadyApplied {
+	if again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps)); err != nil || !again.AlreadyApplied {
 		t.Errorf("apply A after the rollback: %+v %v", again, err)
 	}
-	if _, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps)); err != nil {
+	if _, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube2")
 }
 
 func TestRollbackWithoutAPreviousMachine(t *testing.T) {
-	root, deps, _, _ := nodeOnKube1(t, nil)
-	_, err := Rollback(context.Background(), upgradeOptions(root, "A", deps))
+	root, deps, _, _ := applytest.NodeOnKube1(t, nil)
+	_, err := Rollback(context.Background(), applytest.VersionOptions(root, "A", deps))
 	var nr *state.NoRollbackError
 	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "no previous machine") {
 		t.Errorf("err %v; want no previous machine", err)
@@ -704,11 +426,11 @@ func TestRollbackWithoutAPreviousMachine(t *testing.T) {
 }
 
 func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
-	root, deps, sd, _ := nodeOnKube1(t, nil)
+	root, deps, sd, _ := applytest.NodeOnKube1(t, nil)
 	mine := filepath.Join(root, "var/lib/machines/kube2/etc/mine")
-	must(t, os.MkdirAll(filepath.Dir(mine), 0o755))
-	must(t, os.WriteFile(mine, []byte("the operator's own machine\n"), 0o644))
-	_, err := Run(context.Background(), upgradePlan("kube1", "B"), upgradeOptions(root, "B", deps))
+	applytest.Must(t, os.MkdirAll(filepath.Dir(mine), 0o755))
+	applytest.Must(t, os.WriteFile(mine, []byte("the operator's own machine\n"), 0o644))
+	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	var me *MachineExistsError
 	if !errors.As(err, &me) {
 		t.Fatalf("err %v; want MachineExistsError", err)
@@ -720,10 +442,10 @@ func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
 }
 
 func TestFirstBootNeverUpgrades(t *testing.T) {
-	root, deps, _, _ := nodeOnKube1(t, nil)
-	opts := upgradeOptions(root, "B", deps)
+	root, deps, _, _ := applytest.NodeOnKube1(t, nil)
+	opts := applytest.VersionOptions(root, "B", deps)
 	opts.Upgrade.Refuse = true
-	_, err := Run(context.Background(), upgradePlan("kube1", "B"), opts)
+	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), opts)
 	var mc *ManifestChangedError
 	if !errors.As(err, &mc) || !mc.FirstBoot || ExitCode(err) != ExitInput {
 		t.Errorf("err %v; want the first boot's refusal", err)
@@ -731,12 +453,12 @@ func TestFirstBootNeverUpgrades(t *testing.T) {
 }
 
 func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
-	root, sd, _, err := liveUpgrade(t, nil)
+	root, sd, _, err := applytest.LiveUpgrade(t, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nodeState := filepath.Join(root, "var/lib/nodespawn/node/kubelet/pki")
-	must(t, os.MkdirAll(nodeState, 0o700))
+	applytest.Must(t, os.MkdirAll(nodeState, 0o700))
 	p, err := StoredPlan(root)
 	if err != nil || p == nil || p.Machine != "kube2" {
 		t.Fatalf("stored plan %v %v; want kube2's", p, err)
@@ -750,14 +472,14 @@ func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
 			t.Errorf("%s is still there after reset", gone)
 		}
 	}
-	if len(sd.state().Registered) != 0 {
-		t.Errorf("machines still running after reset: %v", sd.state().Registered)
+	if len(sd.State().Registered) != 0 {
+		t.Errorf("machines still running after reset: %v", sd.State().Registered)
 	}
 }
 
 func TestStatusOfUpgrades(t *testing.T) {
 	t.Run("switched", func(t *testing.T) {
-		root, sd, _, err := liveUpgrade(t, nil)
+		root, sd, _, err := applytest.LiveUpgrade(t, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -770,7 +492,7 @@ func TestStatusOfUpgrades(t *testing.T) {
 		}
 	})
 	t.Run("rolled back", func(t *testing.T) {
-		root, sd, _, _ := liveUpgrade(t, nil, "kube2")
+		root, sd, _, _ := applytest.LiveUpgrade(t, nil, "kube2")
 		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
 		if err != nil {
 			t.Fatal(err)
@@ -780,16 +502,16 @@ func TestStatusOfUpgrades(t *testing.T) {
 		}
 	})
 	t.Run("interrupted", func(t *testing.T) {
-		root, sd, _, err := liveUpgrade(t, nil)
+		root, sd, _, err := applytest.LiveUpgrade(t, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		s, err := state.Open(root)
-		must(t, err)
+		applytest.Must(t, err)
 		defer s.Close()
 		ms, _ := s.Machines()
 		ms.Upgrade = &state.Upgrade{From: "kube1", To: "kube2", Phase: state.UpgradeVerifying, Started: time.Now()}
-		must(t, s.WriteMachines(ms))
+		applytest.Must(t, s.WriteMachines(ms))
 		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
 		if err != nil {
 			t.Fatal(err)

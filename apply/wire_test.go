@@ -1,4 +1,4 @@
-package apply
+package apply_test
 
 import (
 	"archive/tar"
@@ -16,6 +16,9 @@ import (
 	"sync/atomic"
 	"testing"
 
+	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/applytest"
+
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
@@ -25,7 +28,7 @@ func gzipped(t *testing.T, b []byte) []byte {
 	var buf bytes.Buffer
 	zw := gzip.NewWriter(&buf)
 	zw.Write(b)
-	must(t, zw.Close())
+	applytest.Must(t, zw.Close())
 	return buf.Bytes()
 }
 
@@ -33,10 +36,10 @@ func tarGz(t *testing.T, files map[string]string) []byte {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for name, c := range files {
-		must(t, tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(c)), Typeflag: tar.TypeReg}))
+		applytest.Must(t, tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(c)), Typeflag: tar.TypeReg}))
 		tw.Write([]byte(c))
 	}
-	must(t, tw.Close())
+	applytest.Must(t, tw.Close())
 	return gzipped(t, buf.Bytes())
 }
 
@@ -62,23 +65,23 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 	defer srv.Close()
 
 	sum512 := sha512.Sum512([]byte(remote))
-	p := &plan.Plan{Version: plan.Version, Machine: testMachine, Rootfs: testRootfs, Steps: []plan.Step{
+	p := &plan.Plan{Version: plan.Version, Machine: applytest.Machine, Rootfs: applytest.Rootfs, Steps: []plan.Step{
 		{ID: "host:modules", Phase: plan.PhaseHost, Kind: plan.KindModules, Modules: &plan.Modules{Names: []string{"overlay"}}},
 		{ID: "rootfs:download:kubelet", Phase: plan.PhaseRootfs, Kind: plan.KindDownload, Download: &plan.Download{
-			Name: "kubelet", URL: srv.URL + "/kubelet", SHA256: sha256Hex(string(kubelet)), Dest: rootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
+			Name: "kubelet", URL: srv.URL + "/kubelet", SHA256: applytest.SHA256Hex(string(kubelet)), Dest: applytest.RootfsPath("/usr/local/bin/kubelet"), Mode: 0o755}},
 		{ID: "rootfs:download:cni", Phase: plan.PhaseRootfs, Kind: plan.KindDownload, Download: &plan.Download{
-			Name: "cni", URL: srv.URL + "/cni.tgz", SHA256: sha256Hex(string(cni)), Dest: rootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
+			Name: "cni", URL: srv.URL + "/cni.tgz", SHA256: applytest.SHA256Hex(string(cni)), Dest: applytest.RootfsPath("/opt/cni/bin"), Mode: 0o755, Archive: "tar.gz"}},
 		{ID: "machine:file:remote", Phase: plan.PhaseMachine, Kind: plan.KindFile, File: &plan.File{
-			Path: rootfsPath("/etc/systemd/system/kubelet.service.d/20-remote.conf"), Mode: 0o644, Overwrite: true,
+			Path: applytest.RootfsPath("/etc/systemd/system/kubelet.service.d/20-remote.conf"), Mode: 0o644, Overwrite: true,
 			Source: &plan.Source{URL: srv.URL + "/extra.conf.gz", Compression: "gzip", Hash: "sha512-" + hex.EncodeToString(sum512[:])}}},
 	}}
 	root := t.TempDir()
 	// No image step: the rootfs is there already.
-	must(t, os.MkdirAll(filepath.Join(root, testRootfs), 0o755))
+	applytest.Must(t, os.MkdirAll(filepath.Join(root, applytest.Rootfs), 0o755))
 	log := slog.New(slog.DiscardHandler)
 	deps, err := DefaultDeps(root, log)
-	must(t, err)
-	opts := Options{Root: root, ManifestDigest: testDigest, Deps: deps, Log: log}
+	applytest.Must(t, err)
+	opts := Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: log}
 	res, err := Run(context.Background(), p, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +93,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 		"/etc/systemd/system/kubelet.service.d/20-remote.conf": remote,
 	}
 	for p, c := range want {
-		b, err := os.ReadFile(filepath.Join(root, rootfsPath(p)))
+		b, err := os.ReadFile(filepath.Join(root, applytest.RootfsPath(p)))
 		if err != nil || string(b) != c {
 			t.Errorf("%s = %q, %v; want %q", p, b, err, c)
 		}
@@ -122,7 +125,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 func TestContentsErrorsRedactURLSecrets(t *testing.T) {
 	srv := httptest.NewServer(http.NotFoundHandler())
 	defer srv.Close()
-	d := &downloader{client: httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}), httpx.WithLogger(slog.New(slog.DiscardHandler)))}
+	d := ContentsDownloader(httpx.NewClient(httpx.WithPolicy(httpx.Policy{Attempts: 1}), httpx.WithLogger(slog.New(slog.DiscardHandler))))
 	for _, u := range []string{
 		srv.URL + "/missing?token=s3cret",
 		"http://user:s3cret@127.0.0.1:1/refused?token=s3cret",
