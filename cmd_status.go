@@ -15,6 +15,7 @@ import (
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/state"
+	"github.com/nodespawn/nodespawn/status"
 )
 
 // statusExit carries status's exit code (1 error, 2 degraded) without an
@@ -72,12 +73,12 @@ critical-chain do. -o json prints the same as JSON ("version":
 			}
 			ctx, cancel := signalContext()
 			defer cancel()
-			opts := apply.StatusOptions{Root: root, Long: long, Timings: timings}
+			opts := status.Options{Root: root, Long: long, Timings: timings}
 			if filepath.Clean(root) == "/" {
 				opts.Systemd = systemd.New(nil)
 			}
 			st, err := readStatus(ctx, opts, wait, timeout)
-			var missing *apply.MissingRootError
+			var missing *status.MissingRootError
 			if errors.As(err, &missing) {
 				return usageError{err}
 			}
@@ -93,7 +94,7 @@ critical-chain do. -o json prints the same as JSON ("version":
 			} else {
 				writeStatus(cmd.OutOrStdout(), st, long)
 			}
-			if code := apply.StatusExitCode(st); code != 0 {
+			if code := status.ExitCode(st); code != 0 {
 				return statusExit{code}
 			}
 			return nil
@@ -110,17 +111,17 @@ critical-chain do. -o json prints the same as JSON ("version":
 }
 
 // readStatus reads the status once, or with wait until the run has ended.
-func readStatus(ctx context.Context, opts apply.StatusOptions, wait bool, timeout time.Duration) (*apply.Status, error) {
+func readStatus(ctx context.Context, opts status.Options, wait bool, timeout time.Duration) (*status.Status, error) {
 	var deadline <-chan time.Time
 	if timeout > 0 {
 		deadline = time.After(timeout)
 	}
 	for {
-		st, err := apply.ReadStatus(ctx, opts)
+		st, err := status.Read(ctx, opts)
 		if err != nil {
 			return nil, err
 		}
-		if !wait || (st.State != apply.StateRunning && !(st.State == apply.StateNotRun && st.Pending)) {
+		if !wait || (st.State != status.StateRunning && !(st.State == status.StateNotRun && st.Pending)) {
 			return st, nil
 		}
 		select {
@@ -134,7 +135,7 @@ func readStatus(ctx context.Context, opts apply.StatusOptions, wait bool, timeou
 }
 
 // writeStatus prints st for people.
-func writeStatus(w io.Writer, st *apply.Status, long bool) {
+func writeStatus(w io.Writer, st *status.Status, long bool) {
 	fmt.Fprintln(w, st.Summary)
 	if long {
 		line := func(k, v string) {

@@ -17,10 +17,10 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/registrytest"
+	"github.com/nodespawn/nodespawn/status"
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
@@ -70,7 +70,7 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 		}
 		return errOut
 	}
-	status := func(wantCode int, want ...string) *apply.Status {
+	cliStatus := func(wantCode int, want ...string) *status.Status {
 		t.Helper()
 		code, out, errOut := cli(t, "", "status", "--root", root, "--long")
 		if code != wantCode {
@@ -83,7 +83,7 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 		}
 		t.Logf("status (exit %d): %s", code, out)
 		_, js, _ := cli(t, "", "status", "--root", root, "-o", "json")
-		var st apply.Status
+		var st status.Status
 		must(t, json.Unmarshal([]byte(js), &st))
 		return &st
 	}
@@ -94,7 +94,7 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	}
 
 	applyRun("2")
-	status(0, "done")
+	cliStatus(0, "done")
 	if code, out, _ := cli(t, "", "apply", "-f", mf, "--root", root); code != 0 || !strings.Contains(out, "already applied") {
 		t.Fatalf("a whole root applied again: exit %d, %q; want already applied", code, out)
 	}
@@ -108,12 +108,12 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	top := layerIDs[1]
 	unmountUnder(t, root)
 	must(t, os.RemoveAll(filepath.Join(root, "var/lib/nodespawn/layers/sha256", top.Encoded())))
-	st := status(2, "degraded: applied, but layer 2/2 "+top.String()+" is missing from the layer store", "run nodespawn apply to repair")
-	if len(st.RootProblems) != 1 || st.RootProblems[0].DiffID != top || st.RootProblems[0].Part != "layer" || st.State != apply.StateDegraded {
+	st := cliStatus(2, "degraded: applied, but layer 2/2 "+top.String()+" is missing from the layer store", "run nodespawn apply to repair")
+	if len(st.RootProblems) != 1 || st.RootProblems[0].DiffID != top || st.RootProblems[0].Part != "layer" || st.State != status.StateDegraded {
 		t.Fatalf("status JSON: %s, %+v; want degraded with the one missing layer %s", st.State, st.RootProblems, top)
 	}
 	applyRun("1")
-	status(0, "done")
+	cliStatus(0, "done")
 	if got := hostname(); got != wantHostname {
 		t.Errorf("etc/hostname after the layer's repair: %q, want %q", got, wantHostname)
 	}
@@ -127,14 +127,14 @@ func TestStatusAndApplyRepairABrokenLayerRoot(t *testing.T) {
 	unmountUnder(t, root)
 	upper := "/var/lib/nodespawn/machines/pipe/overlay/upper"
 	must(t, os.RemoveAll(filepath.Join(root, upper)))
-	st = status(2, "degraded: applied, but the upper directory of machine root", upper)
+	st = cliStatus(2, "degraded: applied, but the upper directory of machine root", upper)
 	if len(st.RootProblems) != 1 || st.RootProblems[0].Part != "upper" || !strings.HasSuffix(st.RootProblems[0].Path, upper) {
 		t.Fatalf("status JSON: %+v; want the upper directory %s", st.RootProblems, upper)
 	}
 	if log := applyRun("0"); !strings.Contains(log, "is lost") {
 		t.Errorf("the repair of the upper directory does not say what is lost:\n%s", log)
 	}
-	status(0, "done")
+	cliStatus(0, "done")
 	if got := hostname(); got != wantHostname {
 		t.Errorf("etc/hostname after the upper directory's repair: %q, want %q", got, wantHostname)
 	}

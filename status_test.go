@@ -18,6 +18,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/report"
 	"github.com/nodespawn/nodespawn/state"
+	"github.com/nodespawn/nodespawn/status"
 )
 
 // TestStatusWaitsForFirstBoot: on a tree whose first-boot unit has not
@@ -64,8 +65,8 @@ func TestStatusWaitsForFirstBoot(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("status --wait did not return after the run")
 	}
-	var st apply.Status
-	if err := json.Unmarshal([]byte(r.out), &st); err != nil || r.code != 0 || st.State != apply.StateDone || st.Version != apply.StatusVersion {
+	var st status.Status
+	if err := json.Unmarshal([]byte(r.out), &st); err != nil || r.code != 0 || st.State != status.StateDone || st.Version != status.Version {
 		t.Fatalf("status --wait: exit %d, %+v (%v)\n%s", r.code, st, err, r.err)
 	}
 

@@ -13,6 +13,7 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/status"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
@@ -76,9 +77,9 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	}
 	ctx := context.Background()
 	root, host, p, opts, sd, logBuf := appliedLayerFixture(t)
-	status := func(state State, part, want string) {
+	wantStatus := func(state status.State, part, want string) {
 		t.Helper()
-		st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
+		st, err := status.Read(ctx, status.Options{Root: root, Systemd: sd})
 		applytest.Must(t, err)
 		if st.State != state || !strings.Contains(st.Summary, want) {
 			t.Fatalf("status %s %q, want %s with %q", st.State, st.Summary, state, want)
@@ -86,7 +87,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 		if part == "" && len(st.RootProblems) != 0 || part != "" && (len(st.RootProblems) != 1 || st.RootProblems[0].Part != part) {
 			t.Fatalf("root problems %+v, want one of %q", st.RootProblems, part)
 		}
-		if code := StatusExitCode(st); code != map[State]int{StateDone: 0, StateDegraded: 2}[state] {
+		if code := status.ExitCode(st); code != map[status.State]int{status.StateDone: 0, status.StateDegraded: 2}[state] {
 			t.Errorf("exit code %d for %s", code, st.State)
 		}
 	}
@@ -109,19 +110,19 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 		if stop < 0 || start < stop {
 			t.Errorf("%s: systemd calls %v, want the machine stopped and started again", what, after)
 		}
-		status(StateDone, "", "done")
+		wantStatus(status.StateDone, "", "done")
 		if b, err := os.ReadFile(filepath.Join(root, applytest.Rootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {
 			t.Errorf("%s: etc/hostname in the repaired root: %q %v", what, b, err)
 		}
 	}
-	status(StateDone, "", "done")
+	wantStatus(status.StateDone, "", "done")
 	if res, err := Run(ctx, p, opts); err != nil || !res.AlreadyApplied {
 		t.Fatalf("a whole root applied again: %+v %v, want already applied", res, err)
 	}
 
 	// The machine runs, but its root is not mounted.
 	applytest.Must(t, layers.Unmount(ctx, host, applytest.Rootfs, 10*time.Second, quietLog))
-	status(StateDegraded, "mount", "machine kube1 runs, but its root "+filepath.Join(root, applytest.Rootfs)+" is not mounted")
+	wantStatus(status.StateDegraded, "mount", "machine kube1 runs, but its root "+filepath.Join(root, applytest.Rootfs)+" is not mounted")
 	repair("not mounted")
 
 	// A layer emptied by hand: its stamp no longer matches.
@@ -134,12 +135,12 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	for _, e := range es {
 		applytest.Must(t, os.RemoveAll(filepath.Join(layerDir, e.Name())))
 	}
-	status(StateDegraded, "layer", "layer 1/1 "+img.Layers[0].String()+" in the layer store")
+	wantStatus(status.StateDegraded, "layer", "layer 1/1 "+img.Layers[0].String()+" in the layer store")
 	repair("layer emptied")
 
 	// The record damaged.
 	applytest.Must(t, os.WriteFile(filepath.Join(root, render.OverlayDir(applytest.Machine), layers.RecordName), []byte("{"), 0o600))
-	status(StateDegraded, "record", "is unreadable")
+	wantStatus(status.StateDegraded, "record", "is unreadable")
 	repair("record damaged")
 }
 
@@ -208,9 +209,9 @@ func TestInterruptedRepairResumes(t *testing.T) {
 	if err != nil || res.AlreadyApplied {
 		t.Fatalf("apply after an interrupted repair: %+v %v; want a resumed run", res, err)
 	}
-	st, err := ReadStatus(ctx, StatusOptions{Root: root, Systemd: sd})
+	st, err := status.Read(ctx, status.Options{Root: root, Systemd: sd})
 	applytest.Must(t, err)
-	if st.State != StateDone {
+	if st.State != status.StateDone {
 		t.Fatalf("status after the resumed repair: %s %q", st.State, st.Summary)
 	}
 	if b, err := os.ReadFile(filepath.Join(root, applytest.Rootfs, "etc/hostname")); err != nil || string(b) != "node-1\n" {

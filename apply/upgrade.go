@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"path"
-	"strings"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/machine"
@@ -675,14 +674,4 @@ func Rollback(ctx context.Context, opts Options) (*Result, error) {
 	ex := &executor{plan: prev, opts: opts, log: r.log, rec: w, host: r.host, machineStarted: true}
 	r.log.Info("rollback: switching the node back to the previous machine", "from", st.Active, "to", st.Previous)
 	return r.switchTo(ctx, &switchRun{from: st.Active, to: st.Previous, toPlan: prev, ex: ex, w: w, started: now, manual: true})
-}
-
-// describeUpgrade is a one-line account of an upgrade in progress.
-func describeUpgrade(u *state.Upgrade) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "upgrade from %s to %s %s", u.From, u.To, u.Phase)
-	if u.Reason != "" {
-		fmt.Fprintf(&b, " (%s)", u.Reason)
-	}
-	return b.String()
 }

@@ -477,51 +477,6 @@ func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
 	}
 }
 
-func TestStatusOfUpgrades(t *testing.T) {
-	t.Run("switched", func(t *testing.T) {
-		root, sd, _, err := applytest.LiveUpgrade(t, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.State != StateDone || st.Machine != "kube2" || st.Previous != "kube1" || st.LastUpgrade == nil || st.LastUpgrade.Outcome != state.OutcomeSwitched {
-			t.Errorf("status %+v; want done on kube2, kube1 kept, the switch recorded", st)
-		}
-	})
-	t.Run("rolled back", func(t *testing.T) {
-		root, sd, _, _ := applytest.LiveUpgrade(t, nil, "kube2")
-		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.State != StateError || st.Machine != "kube1" || !strings.Contains(st.Summary, "rolled back") || !strings.Contains(st.Summary, "not Ready") || StatusExitCode(st) != 1 {
-			t.Errorf("status %s %q on %s; want an error naming the rollback and its reason, kube1 running", st.State, st.Summary, st.Machine)
-		}
-	})
-	t.Run("interrupted", func(t *testing.T) {
-		root, sd, _, err := applytest.LiveUpgrade(t, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := state.Open(root)
-		applytest.Must(t, err)
-		defer s.Close()
-		ms, _ := s.Machines()
-		ms.Upgrade = &state.Upgrade{From: "kube1", To: "kube2", Phase: state.UpgradeVerifying, Started: time.Now()}
-		applytest.Must(t, s.WriteMachines(ms))
-		st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.State != StateError || !strings.Contains(st.Summary, "interrupted") || st.Upgrade == nil {
-			t.Errorf("status %s %q; want the interrupted switch reported", st.State, st.Summary)
-		}
-	})
-}
-
 func openTestRoot(t *testing.T, root string) *confine.Root {
 	t.Helper()
 	host, err := confine.Open(root)

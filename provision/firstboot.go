@@ -15,6 +15,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/report"
 	"github.com/nodespawn/nodespawn/internal/retry"
 	"github.com/nodespawn/nodespawn/manifest"
+	"github.com/nodespawn/nodespawn/status"
 )
 
 // FirstBootRetry paces the first-boot run's retries: a registry or mirror
@@ -125,7 +126,7 @@ func (a *Run) sendReport(ctx context.Context, runErr error, attempts int) error 
 		opts = append(opts, httpx.WithCACerts(certs...))
 	}
 	hostname, _ := os.Hostname()
-	r := report.Report{Status: string(apply.StateDone), Summary: "done", Hostname: hostname, Attempts: attempts, ToolVersion: a.ToolVersion}
+	r := report.Report{Status: string(status.StateDone), Summary: "done", Hostname: hostname, Attempts: attempts, ToolVersion: a.ToolVersion}
 	if a.plan != nil {
 		r.Node, r.Machine, r.PlanDigest = a.plan.NodeName, a.plan.Machine, a.plan.Digest()
 	}
@@ -133,7 +134,7 @@ func (a *Run) sendReport(ctx context.Context, runErr error, attempts int) error 
 		r.ManifestDigest = d.String()
 	}
 	if runErr != nil {
-		r.Status = string(apply.StateError)
+		r.Status = string(status.StateError)
 		r.Summary = strings.TrimPrefix(firstBootLine(a, runErr), "nodespawn: ")
 		r.Reason = runErr.Error()
 		var se *apply.StepError
@@ -144,7 +145,7 @@ func (a *Run) sendReport(ctx context.Context, runErr error, attempts int) error 
 	if a.result != nil && a.result.Record != nil {
 		rec := a.result.Record
 		r.Started, r.Ended = &rec.Started, rec.Ended
-		for _, t := range apply.Blame(rec) {
+		for _, t := range status.Blame(rec) {
 			r.Steps = append(r.Steps, report.Step{ID: t.ID, Outcome: string(t.Outcome), DurationMS: t.DurationMS})
 		}
 	}

@@ -1,4 +1,4 @@
-package apply_test
+package status
 
 import (
 	"bytes"
@@ -13,9 +13,8 @@ import (
 	"testing"
 	"time"
 
-	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
-
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -36,12 +35,12 @@ func TestStatus(t *testing.T) {
 	}{
 		{name: "nothing here", setup: func(*testing.T, string, *applytest.Systemd) {}, state: StateNotRun, summary: "not run"},
 		{name: "first boot not started yet", setup: func(t *testing.T, root string, _ *applytest.Systemd) {
-			applytest.Must(t, InstallFirstboot(root, ""))
+			applytest.Must(t, apply.InstallFirstboot(root, ""))
 		}, state: StateNotRun, summary: "not run", pending: true},
 		{name: "first-boot unit failed before a run", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
-			applytest.Must(t, InstallFirstboot(root, ""))
-			sd.HostStates = map[string]string{FirstbootUnitName: "failed"}
-		}, state: StateError, summary: "error: " + FirstbootUnitName + " failed before a run started", pending: true, wantJournal: true},
+			applytest.Must(t, apply.InstallFirstboot(root, ""))
+			sd.HostStates = map[string]string{apply.FirstbootUnitName: "failed"}
+		}, state: StateError, summary: "error: " + apply.FirstbootUnitName + " failed before a run started", pending: true, wantJournal: true},
 		{name: "done", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
 			applytest.Apply(t, root, nil)
 			sd.Registered[applytest.Machine] = true
@@ -56,7 +55,7 @@ func TestStatus(t *testing.T) {
 		}, state: StateDegraded, summary: "degraded: applied, but kubelet is inactive", wantChecks: 3},
 		{name: "failed step", setup: func(t *testing.T, root string, sd *applytest.Systemd) {
 			applytest.Apply(t, root, map[string]error{"kubelet": errors.New("download https://dl.test/kubelet: 503 Service Unavailable\nmore detail")})
-			sd.HostStates = map[string]string{FirstbootUnitName: "failed"}
+			sd.HostStates = map[string]string{apply.FirstbootUnitName: "failed"}
 		}, state: StateError, summary: "error: step rootfs:download:kubelet: download https://dl.test/kubelet: 503 Service Unavailable", failedStep: "rootfs:download:kubelet", wantJournal: true},
 		{name: "killed mid-run", setup: func(t *testing.T, root string, _ *applytest.Systemd) {
 			applytest.Apply(t, root, nil)
@@ -76,9 +75,9 @@ func TestStatus(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
 			sd := applytest.NewSystemd()
-			sd.UnitJournals = map[string]string{FirstbootUnitName: "level=ERROR msg=step step=rootfs:download:kubelet\n"}
+			sd.UnitJournals = map[string]string{apply.FirstbootUnitName: "level=ERROR msg=step step=rootfs:download:kubelet\n"}
 			tt.setup(t, root, sd)
-			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd, Long: true})
+			st, err := Read(context.Background(), Options{Root: root, Systemd: sd, Long: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -98,7 +97,7 @@ func TestStatus(t *testing.T) {
 			if (st.Journal != "") != tt.wantJournal {
 				t.Errorf("journal %q, want one: %v", st.Journal, tt.wantJournal)
 			}
-			if code := StatusExitCode(st); code != map[State]int{StateError: 1, StateDegraded: 2}[st.State] {
+			if code := ExitCode(st); code != map[State]int{StateError: 1, StateDegraded: 2}[st.State] {
 				t.Errorf("exit code %d for %s", code, st.State)
 			}
 		})
@@ -111,7 +110,7 @@ func TestStatusWhileRunning(t *testing.T) {
 	root := t.TempDir()
 	applytest.PrepareRoot(t, root)
 	release := applytest.StartBlockedApply(t, root)
-	st, err := ReadStatus(context.Background(), StatusOptions{Root: root})
+	st, err := Read(context.Background(), Options{Root: root})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +121,7 @@ func TestStatusWhileRunning(t *testing.T) {
 	if err := release(); err != nil {
 		t.Fatal(err)
 	}
-	st, err = ReadStatus(context.Background(), StatusOptions{Root: root})
+	st, err = Read(context.Background(), Options{Root: root})
 	if err != nil || st.State != StateDone {
 		t.Errorf("status after the run: %+v %v", st, err)
 	}
@@ -163,29 +162,6 @@ func TestCriticalPath(t *testing.T) {
 	}
 }
 
-// TestRecordPlacesSteps: the steps a real run records lie on its
-// timeline in the order the plan's edges force.
-func TestRecordPlacesSteps(t *testing.T) {
-	root := t.TempDir()
-	applytest.Apply(t, root, nil)
-	rec, err := state.ReadRecord(root)
-	applytest.Must(t, err)
-	at := map[string]state.StepRecord{}
-	for _, s := range rec.Steps {
-		at[s.ID] = s
-	}
-	for _, s := range applytest.Plan().Steps {
-		for _, a := range s.After {
-			if before, after := at[a], at[s.ID]; after.StartMS < before.StartMS+before.DurationMS-1 {
-				t.Errorf("%s (start %dms) runs after %s, which ended at %dms", s.ID, after.StartMS, a, before.StartMS+before.DurationMS)
-			}
-		}
-	}
-	if end := rec.Ended.Sub(rec.Started); end < 0 || end > time.Minute {
-		t.Errorf("run took %s", end)
-	}
-}
-
 // TestStatusHostUnits: a node whose plan names host units (Fabric Manager
 // on an NVSwitch host) is degraded while one is not active on the host,
 // and says which and why.
@@ -206,13 +182,13 @@ func TestStatusHostUnits(t *testing.T) {
 			opts.Root = root
 			p := applytest.Plan()
 			p.HostUnits = []string{plan.FabricManagerUnit}
-			if _, err := Run(context.Background(), p, opts); err != nil {
+			if _, err := apply.Run(context.Background(), p, opts); err != nil {
 				t.Fatalf("apply: %v", err)
 			}
 			sd := applytest.NewSystemd()
 			sd.Registered[applytest.Machine] = true
 			sd.HostStates = map[string]string{plan.FabricManagerUnit: tt.fm}
-			st, err := ReadStatus(context.Background(), StatusOptions{Root: root, Systemd: sd})
+			st, err := Read(context.Background(), Options{Root: root, Systemd: sd})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -236,7 +212,7 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 	deps, _, _, _ := applytest.Deps()
 	deps.Host, deps.Systemd = nil, nil
 	var logged bytes.Buffer
-	warn := NewWarnings(slog.NewTextHandler(&logged, nil))
+	warn := apply.NewWarnings(slog.NewTextHandler(&logged, nil))
 	log := slog.New(warn)
 	// Before the run (probing the host): kept, and a repeat counted.
 	for range 2 {
@@ -245,13 +221,13 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 	log.Info("not a warning")
 	opts := applytest.Options(deps, log)
 	opts.Root, opts.Source, opts.Warnings = root, "nocloud: /var/lib/cloud/seed/nocloud/user-data", warn
-	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := apply.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(logged.String(), "level=WARN msg=step") || !strings.Contains(logged.String(), "not a warning") {
 		t.Errorf("the collector did not pass the log on:\n%s", logged.String())
 	}
-	st, err := ReadStatus(context.Background(), StatusOptions{Root: root})
+	st, err := Read(context.Background(), Options{Root: root})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,8 +236,8 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 		t.Fatalf("outcomes %v of %d steps; want some skipped, the rest done or unchanged", st.Outcomes, st.Total)
 	}
 	wantSummary := fmt.Sprintf("done, %d of %d steps skipped, 1 warning (status --long says which)", skipped, st.Total)
-	if st.State != StateDone || st.Summary != wantSummary || StatusExitCode(st) != 0 {
-		t.Errorf("status %s %q (exit %d); want done %q, exit 0", st.State, st.Summary, StatusExitCode(st), wantSummary)
+	if st.State != StateDone || st.Summary != wantSummary || ExitCode(st) != 0 {
+		t.Errorf("status %s %q (exit %d); want done %q, exit 0", st.State, st.Summary, ExitCode(st), wantSummary)
 	}
 	n := 0
 	for _, g := range st.Skipped {
@@ -285,23 +261,54 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 // run" (a mistyped --root must not read as a fresh host).
 func TestStatusMissingRoot(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "nonexistent")
-	st, err := ReadStatus(context.Background(), StatusOptions{Root: missing})
+	st, err := Read(context.Background(), Options{Root: missing})
 	var me *MissingRootError
 	if !errors.As(err, &me) || !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), missing) {
 		t.Errorf("status of a missing root: %+v, %v; want a MissingRootError naming it", st, err)
 	}
 }
 
-// TestWarningsBound: past MaxWarnings, warnings are counted, not kept.
-func TestWarningsBound(t *testing.T) {
-	w := NewWarnings(slog.DiscardHandler)
-	log := slog.New(w).With("attempt", 1)
-	for i := range MaxWarnings + 3 {
-		log.Warn("retrying", "n", i)
-	}
-	log.Error("failed")
-	lines := w.Lines()
-	if len(lines) != MaxWarnings+1 || lines[0] != "retrying attempt=1 n=0" || lines[MaxWarnings] != "... and 3 more warnings (see the log)" {
-		t.Errorf("%d lines: first %q, last %q", len(lines), lines[0], lines[len(lines)-1])
-	}
+func TestStatusOfUpgrades(t *testing.T) {
+	t.Run("switched", func(t *testing.T) {
+		root, sd, _, err := applytest.LiveUpgrade(t, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := Read(context.Background(), Options{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateDone || st.Machine != "kube2" || st.Previous != "kube1" || st.LastUpgrade == nil || st.LastUpgrade.Outcome != state.OutcomeSwitched {
+			t.Errorf("status %+v; want done on kube2, kube1 kept, the switch recorded", st)
+		}
+	})
+	t.Run("rolled back", func(t *testing.T) {
+		root, sd, _, _ := applytest.LiveUpgrade(t, nil, "kube2")
+		st, err := Read(context.Background(), Options{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateError || st.Machine != "kube1" || !strings.Contains(st.Summary, "rolled back") || !strings.Contains(st.Summary, "not Ready") || ExitCode(st) != 1 {
+			t.Errorf("status %s %q on %s; want an error naming the rollback and its reason, kube1 running", st.State, st.Summary, st.Machine)
+		}
+	})
+	t.Run("interrupted", func(t *testing.T) {
+		root, sd, _, err := applytest.LiveUpgrade(t, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := state.Open(root)
+		applytest.Must(t, err)
+		defer s.Close()
+		ms, _ := s.Machines()
+		ms.Upgrade = &state.Upgrade{From: "kube1", To: "kube2", Phase: state.UpgradeVerifying, Started: time.Now()}
+		applytest.Must(t, s.WriteMachines(ms))
+		st, err := Read(context.Background(), Options{Root: root, Systemd: sd})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != StateError || !strings.Contains(st.Summary, "interrupted") || st.Upgrade == nil {
+			t.Errorf("status %s %q; want the interrupted switch reported", st.State, st.Summary)
+		}
+	})
 }

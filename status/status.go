@@ -1,4 +1,15 @@
-package apply
+// Package status says where provisioning stands on a host, for `nodespawn
+// status`: it reads the state under a root (state.Store: the record of the
+// last run, the machines, whether a run holds the lock), looks at the
+// active machine's root composed from the layer store (machine.CheckRoot),
+// and, on the running host, at the machine itself through systemd
+// (registered with machined, containerd and kubelet active inside, the
+// host units the node needs, the first-boot unit). The result is a Status
+// in the words cloud-init status uses, with an exit code (ExitCode), and
+// the recorded run's steps on their timeline (Blame, CriticalPath).
+//
+// status changes nothing and takes no lock.
+package status
 
 import (
 	"context"
@@ -16,14 +27,14 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// StatusVersion identifies the JSON shape of a Status.
-const StatusVersion = "nodespawn.dev/status/v1"
+// Version identifies the JSON shape of a Status.
+const Version = "nodespawn.dev/status/v1"
 
 // State is where provisioning stands, in the words cloud-init status uses
 // where they mean the same.
 type State string
 
-// The states. Exit codes (StatusExitCode): done, running and not run 0,
+// The states. Exit codes (ExitCode): done, running and not run 0,
 // error 1, degraded 2.
 const (
 	// StateNotRun: apply has not run here (or its state was reset).
@@ -92,10 +103,10 @@ type Status struct {
 	// unpacked, the upper directory gone), each naming the piece; apply
 	// repairs them. Any makes the state degraded.
 	RootProblems []layers.Problem `json:"rootProblems,omitempty"`
-	// Journal is the first-boot unit's last lines, with StatusOptions.Long
-	// after an error.
+	// Journal is the first-boot unit's last lines, with Options.Long after
+	// an error.
 	Journal string `json:"journal,omitempty"`
-	// Timings, with StatusOptions.Timings, are the recorded run's steps on
+	// Timings, with Options.Timings, are the recorded run's steps on
 	// its timeline.
 	Timings *Timings `json:"timings,omitempty"`
 	// Pending is set when no run has happened yet but one will: the
@@ -125,8 +136,8 @@ type Check struct {
 	Detail string `json:"detail,omitempty"`
 }
 
-// StatusOptions configure ReadStatus.
-type StatusOptions struct {
+// Options configure Read.
+type Options struct {
 	// Root is the tree whose state is read; "" means "/".
 	Root string
 	// Systemd, when set, is the running host's systemd, for the live look
@@ -139,13 +150,34 @@ type StatusOptions struct {
 	Timings bool
 }
 
+// Systemd is what Read asks the running host's systemd and machined
+// (apply.Systemd has it; the real one is internal/systemd).
+type Systemd interface {
+	// MachineRegistered reports whether machined knows the machine.
+	MachineRegistered(ctx context.Context, machine string) (bool, error)
+	// UnitState returns the ActiveState ("active", "activating",
+	// "failed", ...) of unit inside the machine, or of a host unit when
+	// machine is "".
+	UnitState(ctx context.Context, machine, unit string) (string, error)
+	// UnitJournal returns the last lines a host unit logged.
+	UnitJournal(ctx context.Context, unit string, lines int) (string, error)
+}
+
+// The first-boot unit, whose state and journal Read looks at.
+// TODO(layout): the first-boot unit's name and path from internal/layout
+// (apply.FirstbootUnitName today; status does not import apply).
+const (
+	firstbootUnit     = "nodespawn-firstboot.service"
+	firstbootUnitPath = "/etc/systemd/system/" + firstbootUnit
+)
+
 // Units whose state says whether a node is up.
 var nodeUnits = []string{"containerd.service", "kubelet.service"}
 
 // journalTail is how many lines --long shows.
 const journalTail = 20
 
-// MissingRootError is ReadStatus's error for a root that does not exist.
+// MissingRootError is Read's error for a root that does not exist.
 type MissingRootError struct{ Root string }
 
 func (e *MissingRootError) Error() string {
@@ -155,12 +187,12 @@ func (e *MissingRootError) Error() string {
 // Unwrap makes the error fs.ErrNotExist.
 func (e *MissingRootError) Unwrap() error { return fs.ErrNotExist }
 
-// ReadStatus reports where provisioning under opts.Root stands.
-func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
+// Read reports where provisioning under opts.Root stands.
+func Read(ctx context.Context, opts Options) (*Status, error) {
 	if opts.Root == "" {
 		opts.Root = "/"
 	}
-	st := &Status{Version: StatusVersion}
+	st := &Status{Version: Version}
 	s, err := state.Open(opts.Root)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Not "not run": a mistyped --root would read as a fresh host.
@@ -175,16 +207,22 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	applied, err := StoredPlan(opts.Root)
-	if err != nil {
+	// The plan the active machine was made from (or the last run's
+	// machine's, when none is active yet).
+	var applied *plan.Plan
+	if m, err := s.Current(); err != nil {
 		return nil, err
+	} else if m != "" {
+		if applied, err = s.PlanOf(m); err != nil {
+			return nil, err
+		}
 	}
 	running := s.LockHeld()
 	unitFailed := false
 	if sd := opts.Systemd; sd != nil {
 		// At first boot the unit is "activating" for the whole run,
 		// retries included, also while no apply holds the lock.
-		us, err := sd.UnitState(ctx, "", FirstbootUnitName)
+		us, err := sd.UnitState(ctx, "", firstbootUnit)
 		running = running || (err == nil && (us == "activating" || us == "reloading"))
 		unitFailed = err == nil && us == "failed"
 	}
@@ -225,7 +263,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 	case rec == nil && unitFailed:
 		// The unit failed before apply began (no manifest found, say).
 		st.State = StateError
-		st.Summary = "error: " + FirstbootUnitName + " failed before a run started; see journalctl -u " + FirstbootUnitName
+		st.Summary = "error: " + firstbootUnit + " failed before a run started; see journalctl -u " + firstbootUnit
 	case rec == nil:
 		st.State, st.Summary = StateNotRun, string(StateNotRun)
 	case running:
@@ -304,7 +342,7 @@ func ReadStatus(ctx context.Context, opts StatusOptions) (*Status, error) {
 		st.Timings = &Timings{Blame: Blame(rec), CriticalPath: CriticalPath(rec, applied)}
 	}
 	if opts.Long && opts.Systemd != nil && st.State == StateError {
-		if j, err := opts.Systemd.UnitJournal(ctx, FirstbootUnitName, journalTail); err == nil {
+		if j, err := opts.Systemd.UnitJournal(ctx, firstbootUnit, journalTail); err == nil {
 			st.Journal = strings.TrimRight(j, "\n")
 		}
 	}
@@ -337,6 +375,16 @@ func countOutcomes(rec *state.Record) (map[state.Outcome]int, []SkippedSteps) {
 	return n, skipped
 }
 
+// describeUpgrade is a one-line account of an upgrade in progress.
+func describeUpgrade(u *state.Upgrade) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "upgrade from %s to %s %s", u.From, u.To, u.Phase)
+	if u.Reason != "" {
+		fmt.Fprintf(&b, " (%s)", u.Reason)
+	}
+	return b.String()
+}
+
 // doneNotes is what a successful run's summary adds to "done": the steps
 // it skipped and how many warnings it had, so neither hides behind "done".
 func doneNotes(st *Status) string {
@@ -357,10 +405,10 @@ func doneNotes(st *Status) string {
 	return ", " + strings.Join(notes, ", ") + " (status --long says which)"
 }
 
-// StatusExitCode is the exit code of `nodespawn status` for st, as
-// cloud-init status gives them: 0 done (or nothing to report yet), 1
-// error, 2 degraded.
-func StatusExitCode(st *Status) int {
+// ExitCode is the exit code of `nodespawn status` for st, as cloud-init
+// status gives them: 0 done (or nothing to report yet), 1 error, 2
+// degraded.
+func ExitCode(st *Status) int {
 	switch st.State {
 	case StateError:
 		return 1
