@@ -10,10 +10,10 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/provision"
+	"github.com/nodespawn/nodespawn/reset"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 )
@@ -55,7 +55,7 @@ Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := signalContext()
 			defer cancel()
-			opts := apply.ResetOptions{Root: root, Machine: machine}
+			opts := reset.Options{Root: root, Machine: machine}
 			if filepath.Clean(root) == "/" {
 				opts.Systemd = systemd.New(nil)
 			}
@@ -67,7 +67,7 @@ Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
 				opts.Plan = p
 			}
 			if dryRun {
-				rp, err := apply.PlanReset(ctx, opts)
+				rp, err := reset.Plan(ctx, opts)
 				if err != nil {
 					return err
 				}
@@ -79,7 +79,7 @@ Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
 					return err
 				}
 			}
-			return apply.Reset(ctx, opts)
+			return reset.Run(ctx, opts)
 		},
 	}
 	cmd.Flags().StringVar(&root, "root", "/", "reset the tree under this directory instead of /")
@@ -91,12 +91,12 @@ Exit codes: 0 reset (or listed), 1 failed or not confirmed, 2 bad input
 
 // confirmReset asks on a terminal whether to reset, after listing what
 // reset removes; it refuses when in is not a terminal (use --yes).
-func confirmReset(ctx context.Context, in io.Reader, out io.Writer, opts apply.ResetOptions) error {
+func confirmReset(ctx context.Context, in io.Reader, out io.Writer, opts reset.Options) error {
 	f, ok := in.(*os.File)
 	if !ok || !term.IsTerminal(int(f.Fd())) {
 		return usageError{errors.New("reset removes the node's machines, identity and state and cannot be undone; standard input is not a terminal to ask on: pass --yes (reset --dry-run lists what it removes)")}
 	}
-	rp, err := apply.PlanReset(ctx, opts)
+	rp, err := reset.Plan(ctx, opts)
 	if err != nil {
 		return err
 	}
@@ -114,7 +114,7 @@ func confirmReset(ctx context.Context, in io.Reader, out io.Writer, opts apply.R
 }
 
 // writeResetPlan prints what reset will (or would) do.
-func writeResetPlan(w io.Writer, rp *apply.ResetPlan, will string) {
+func writeResetPlan(w io.Writer, rp *reset.Preview, will string) {
 	if len(rp.Stop) > 0 {
 		fmt.Fprintf(w, "reset %s stop machines: %s\n", will, strings.Join(rp.Stop, ", "))
 	}

@@ -19,6 +19,7 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/reset"
 
 	"golang.org/x/sys/unix"
 
@@ -223,7 +224,7 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 			} else if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); lr != nil && !mounted {
 				t.Errorf("%s: applied, but the machine root is not an overlayfs mount", name)
 			}
-			resetErr := Reset(context.Background(), ResetOptions{Root: root, Plan: p, Log: log})
+			resetErr := reset.Run(context.Background(), reset.Options{Root: root, Plan: p, Log: log})
 			after := outsideRoot(t, work, root)
 			if d := diffLines(before, after); d != "" {
 				escapes++

@@ -20,6 +20,10 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
+// machinesDir is where machined keeps machine root directories (render
+// puts every rootfs there).
+const machinesDir = render.MachinesDir
+
 // collectLayers deletes the layers in the layer store that no machine root
 // is made of: none listed in a machine's overlay record
 // (machines/<m>/overlay/image.json) and none a mounted overlayfs uses as a

@@ -452,31 +452,6 @@ func TestFirstBootNeverUpgrades(t *testing.T) {
 	}
 }
 
-func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
-	root, sd, _, err := applytest.LiveUpgrade(t, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nodeState := filepath.Join(root, "var/lib/nodespawn/node/kubelet/pki")
-	applytest.Must(t, os.MkdirAll(nodeState, 0o700))
-	p, err := StoredPlan(root)
-	if err != nil || p == nil || p.Machine != "kube2" {
-		t.Fatalf("stored plan %v %v; want kube2's", p, err)
-	}
-	if err := Reset(context.Background(), ResetOptions{Root: root, Plan: p, Systemd: sd, PollInterval: time.Millisecond}); err != nil {
-		t.Fatal(err)
-	}
-	for _, gone := range []string{"var/lib/machines/kube1", "var/lib/machines/kube2", "var/lib/nodespawn",
-		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(render.EnableLink("kube2"), "/")} {
-		if _, err := os.Lstat(filepath.Join(root, gone)); err == nil {
-			t.Errorf("%s is still there after reset", gone)
-		}
-	}
-	if len(sd.State().Registered) != 0 {
-		t.Errorf("machines still running after reset: %v", sd.State().Registered)
-	}
-}
-
 func openTestRoot(t *testing.T, root string) *confine.Root {
 	t.Helper()
 	host, err := confine.Open(root)

@@ -1,4 +1,4 @@
-package apply
+package reset
 
 import (
 	"context"
@@ -13,9 +13,9 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// ResetPlan is what Reset would do, for reset --dry-run and the question
+// Preview is what Run would do, for reset --dry-run and the question
 // reset asks on a terminal.
-type ResetPlan struct {
+type Preview struct {
 	// Machine is the machine reset was asked to remove.
 	Machine string `json:"machine"`
 	// Stop are the machines it would stop (on a live host only).
@@ -27,11 +27,11 @@ type ResetPlan struct {
 	Leave []string `json:"leave,omitempty"`
 }
 
-// PlanReset says what Reset(ctx, opts) would do, changing nothing: the
-// machines it stops, the paths it removes and what it leaves, from the
-// same lists Reset works through. It takes no lock: an apply running
-// meanwhile may change the answer.
-func PlanReset(ctx context.Context, opts ResetOptions) (*ResetPlan, error) {
+// Plan says what Run(ctx, opts) would do, changing nothing: the machines
+// it stops, the paths it removes and what it leaves, from the same lists
+// Run works through. It takes no lock: an apply running meanwhile may
+// change the answer.
+func Plan(ctx context.Context, opts Options) (*Preview, error) {
 	if opts.Root == "" {
 		opts.Root = "/"
 	}
@@ -48,7 +48,7 @@ func PlanReset(ctx context.Context, opts ResetOptions) (*ResetPlan, error) {
 	}
 	defer s.Close()
 	host := s.Root()
-	rp := &ResetPlan{Machine: m, Remove: []string{}}
+	rp := &Preview{Machine: m, Remove: []string{}}
 	live := opts.Systemd != nil
 	for _, t := range resetTargets(s, opts, m, opts.Log) {
 		if t.leave != "" {

@@ -1,4 +1,4 @@
-package apply_test
+package reset
 
 import (
 	"bytes"
@@ -13,10 +13,10 @@ import (
 	"testing"
 	"time"
 
-	. "github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
-
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
 	"golang.org/x/sys/unix"
 )
@@ -34,10 +34,10 @@ func appliedRoot(t *testing.T) (string, *plan.Plan) {
 	deps, _, _, _ := applytest.Deps()
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), p, opts); err != nil {
+	if _, err := apply.Run(context.Background(), p, opts); err != nil {
 		t.Fatal(err)
 	}
-	applytest.Must(t, InstallFirstboot(root, ""))
+	applytest.Must(t, apply.InstallFirstboot(root, ""))
 	return root, p
 }
 
@@ -54,7 +54,7 @@ func TestReset(t *testing.T) {
 		"/etc/systemd/system/machines.target.wants/systemd-nspawn@kube1.service",
 		state.Dir,
 	}
-	kept := []string{"/etc/keep.conf", "/etc/passwd", "/etc/sysctl.d/90-nodespawn.conf", "/etc/systemd/system/" + FirstbootUnitName}
+	kept := []string{"/etc/keep.conf", "/etc/passwd", "/etc/sysctl.d/90-nodespawn.conf", "/etc/systemd/system/" + apply.FirstbootUnitName}
 
 	tests := []struct {
 		name     string
@@ -68,7 +68,7 @@ func TestReset(t *testing.T) {
 		{
 			name: "with plan", withPlan: true,
 			wantCalls: []string{"stop systemd-nspawn@kube1.service", "daemon-reload"},
-			wantLog:   []string{"file /etc/sysctl.d/90-nodespawn.conf", "loaded kernel modules overlay, br_netfilter", "1 sysctl values", FirstbootUnitName},
+			wantLog:   []string{"file /etc/sysctl.d/90-nodespawn.conf", "loaded kernel modules overlay, br_netfilter", "1 sysctl values", apply.FirstbootUnitName},
 		},
 		{
 			name: "machine name only, machine hangs", stopKeeps: true,
@@ -83,7 +83,7 @@ func TestReset(t *testing.T) {
 			sd.Registered["kube1"] = true
 			sd.StopKeepsMachine = tt.stopKeeps
 			var logs bytes.Buffer
-			opts := ResetOptions{Root: root, Machine: "kube1", Systemd: sd, Log: slog.New(slog.NewTextHandler(&logs, nil)),
+			opts := Options{Root: root, Machine: "kube1", Systemd: sd, Log: slog.New(slog.NewTextHandler(&logs, nil)),
 				PollInterval: time.Millisecond, StopTimeout: 50 * time.Millisecond}
 			if tt.withPlan {
 				opts.Plan, opts.Machine = p, ""
@@ -91,12 +91,12 @@ func TestReset(t *testing.T) {
 			// The dry run changes nothing and lists what Reset then removes,
 			// exactly.
 			before := applytest.Snapshot(t, root, true)
-			rp, err := PlanReset(context.Background(), opts)
+			rp, err := Plan(context.Background(), opts)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if after := applytest.Snapshot(t, root, true); after != before || len(sd.Calls()) != 0 {
-				t.Fatalf("PlanReset changed the root or called systemd %q", sd.Calls())
+				t.Fatalf("Plan changed the root or called systemd %q", sd.Calls())
 			}
 			if rp.Machine != "kube1" || !slices.Equal(rp.Stop, []string{"kube1"}) {
 				t.Errorf("dry run: machine %q, stops %q; want kube1", rp.Machine, rp.Stop)
@@ -107,7 +107,7 @@ func TestReset(t *testing.T) {
 				}
 			}
 			logs.Reset()
-			if err := Reset(context.Background(), opts); err != nil {
+			if err := Run(context.Background(), opts); err != nil {
 				t.Fatalf("Reset: %v\n%s", err, logs.String())
 			}
 			var gone []string
@@ -141,7 +141,7 @@ func TestReset(t *testing.T) {
 				}
 			}
 			// Reset is repeatable: a second one finds nothing and succeeds.
-			if err := Reset(context.Background(), opts); err != nil {
+			if err := Run(context.Background(), opts); err != nil {
 				t.Errorf("second Reset: %v", err)
 			}
 		})
@@ -152,18 +152,18 @@ func TestResetRefusesBadTargets(t *testing.T) {
 	root := t.TempDir()
 	tests := []struct {
 		name string
-		opts ResetOptions
+		opts Options
 		want string
 	}{
-		{"path in name", ResetOptions{Machine: "../etc"}, "invalid machine name"},
-		{"empty name", ResetOptions{}, "invalid machine name"},
-		{"rootfs elsewhere", ResetOptions{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/etc"}}, "not directly under /var/lib/machines"},
-		{"machines dir itself", ResetOptions{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/var/lib/machines/"}}, "not directly under"},
+		{"path in name", Options{Machine: "../etc"}, "invalid machine name"},
+		{"empty name", Options{}, "invalid machine name"},
+		{"rootfs elsewhere", Options{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/etc"}}, "not directly under /var/lib/machines"},
+		{"machines dir itself", Options{Plan: &plan.Plan{Machine: "kube1", Rootfs: "/var/lib/machines/"}}, "not directly under"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.opts.Root = root
-			err := Reset(context.Background(), tt.opts)
+			err := Run(context.Background(), tt.opts)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("Reset = %v, want %q", err, tt.want)
 			}
@@ -191,7 +191,7 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 		<-busy
 		unix.Unmount(mnt, 0)
 	}(mnt)
-	err := Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: log, PollInterval: time.Millisecond})
+	err := Run(context.Background(), Options{Root: root, Machine: "kube1", Log: log, PollInterval: time.Millisecond})
 	if err != nil {
 		t.Fatalf("Reset: %v", err)
 	}
@@ -205,9 +205,34 @@ func TestResetRetriesBusyRootfs(t *testing.T) {
 	applytest.Must(t, os.MkdirAll(mnt, 0o755))
 	applytest.Must(t, unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=1m"))
 	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
-	err = Reset(context.Background(), ResetOptions{Root: root, Machine: "kube1", Log: slog.New(slog.DiscardHandler),
+	err = Run(context.Background(), Options{Root: root, Machine: "kube1", Log: slog.New(slog.DiscardHandler),
 		PollInterval: time.Millisecond, RemoveTimeout: 20 * time.Millisecond})
 	if err == nil || !errors.Is(err, unix.EBUSY) || !strings.Contains(err.Error(), "findmnt") {
 		t.Errorf("Reset with a stuck mount = %v, want EBUSY naming findmnt", err)
+	}
+}
+
+func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
+	root, sd, _, err := applytest.LiveUpgrade(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeState := filepath.Join(root, "var/lib/nodespawn/node/kubelet/pki")
+	applytest.Must(t, os.MkdirAll(nodeState, 0o700))
+	p, err := apply.StoredPlan(root)
+	if err != nil || p == nil || p.Machine != "kube2" {
+		t.Fatalf("stored plan %v %v; want kube2's", p, err)
+	}
+	if err := Run(context.Background(), Options{Root: root, Plan: p, Systemd: sd, PollInterval: time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	for _, gone := range []string{"var/lib/machines/kube1", "var/lib/machines/kube2", "var/lib/nodespawn",
+		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(render.EnableLink("kube2"), "/")} {
+		if _, err := os.Lstat(filepath.Join(root, gone)); err == nil {
+			t.Errorf("%s is still there after reset", gone)
+		}
+	}
+	if len(sd.State().Registered) != 0 {
+		t.Errorf("machines still running after reset: %v", sd.State().Registered)
 	}
 }

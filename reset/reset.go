@@ -1,4 +1,12 @@
-package apply
+// Package reset undoes what apply did on a host, for re-provisioning: it
+// stops the node's machines (both of an upgrade's pair) and removes them
+// (internal/machine's Remove: the rootfs, the systemd files the plan wrote
+// for each, its bpffs), then the state directory with the node's identity,
+// and reloads systemd. It takes the lock runs take (state.Store.Lock), so
+// it never removes what a running apply is writing. Host settings
+// (sysctls, kernel modules, swap, packages) stay; Run logs each one it
+// leaves, and Plan lists everything beforehand without changing anything.
+package reset
 
 import (
 	"context"
@@ -20,18 +28,27 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// Defaults for ResetOptions.
+// Defaults for Options.
 const (
 	DefaultStopTimeout   = time.Minute
 	DefaultRemoveTimeout = machine.DefaultRemoveTimeout
 )
 
-// machinesDir is where machined keeps machine root directories (render
-// puts every rootfs there).
-const machinesDir = render.MachinesDir
+// Systemd is what Run needs of the host's service manager and machined
+// (apply.Systemd has it; the real one is internal/systemd).
+type Systemd interface {
+	machine.Systemd
+	// DaemonReload makes systemd read unit files again.
+	DaemonReload(ctx context.Context) error
+}
 
-// ResetOptions configure Reset.
-type ResetOptions struct {
+// The first-boot unit, which reset leaves enabled.
+// TODO(layout): the first-boot unit's name from internal/layout
+// (apply.FirstbootUnitName today; reset does not import apply).
+const firstbootUnit = "nodespawn-firstboot.service"
+
+// Options configure Run and Plan.
+type Options struct {
 	// Root is the directory every path is relative to; "" means "/".
 	Root string
 	// Plan, when set, is the plan that was applied (rendered again from
@@ -43,7 +60,7 @@ type ResetOptions struct {
 	// Systemd stops the machine and reloads systemd; nil skips both
 	// (for a Root that is not a live system).
 	Systemd Systemd
-	// Log receives what Reset does and what it leaves; nil means slog.Default().
+	// Log receives what Run does and what it leaves; nil means slog.Default().
 	Log *slog.Logger
 	// LockTimeout bounds the wait for a running apply (default 2m).
 	LockTimeout time.Duration
@@ -52,20 +69,20 @@ type ResetOptions struct {
 	// RemoveTimeout bounds the retries of a rootfs removal that fails
 	// with "busy" (default 1m).
 	RemoveTimeout time.Duration
-	// PollInterval is how often Reset looks again (default 2s).
+	// PollInterval is how often Run looks again (default 2s).
 	PollInterval time.Duration
 }
 
 // machineName is what machined accepts, and what is safe in a path.
 var machineName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
-// Reset stops the node's machines (both of an upgrade's pair) and removes
+// Run stops the node's machines (both of an upgrade's pair) and removes
 // them and what apply wrote for them: each rootfs, .nspawn file, service
 // drop-in and machines.target link, the nftables flush unit, and the state
 // directory with the node's state (its identity and image cache); then
 // reloads systemd. Host settings (sysctls, modules-load, swap, packages) stay as
-// they are; Reset logs each one it leaves.
-func Reset(ctx context.Context, opts ResetOptions) error {
+// they are; Run logs each one it leaves.
+func Run(ctx context.Context, opts Options) error {
 	if opts.Root == "" {
 		opts.Root = "/"
 	}
@@ -73,7 +90,7 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		opts.Log = slog.Default()
 	}
 	if opts.LockTimeout <= 0 {
-		opts.LockTimeout = DefaultLockTimeout
+		opts.LockTimeout = state.DefaultLockTimeout
 	}
 	if opts.StopTimeout <= 0 {
 		opts.StopTimeout = DefaultStopTimeout
@@ -82,7 +99,7 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 		opts.RemoveTimeout = DefaultRemoveTimeout
 	}
 	if opts.PollInterval <= 0 {
-		opts.PollInterval = DefaultPollInterval
+		opts.PollInterval = machine.DefaultPollInterval
 	}
 	log := opts.Log
 	m, err := resetMachine(opts)
@@ -144,12 +161,12 @@ func Reset(ctx context.Context, opts ResetOptions) error {
 	return nil
 }
 
-// resetState is what Reset removes of nodespawn's state, after the
+// resetState is what Run removes of nodespawn's state, after the
 // machines: the state directory with the node's state (its identity) in it.
 var resetState = []string{plan.ActiveMachineFile, state.Dir}
 
 // resetMachine is the machine opts names, checked.
-func resetMachine(opts ResetOptions) (string, error) {
+func resetMachine(opts Options) (string, error) {
 	m := opts.Machine
 	if opts.Plan != nil {
 		m = opts.Plan.Machine
@@ -163,7 +180,7 @@ func resetMachine(opts ResetOptions) (string, error) {
 	return m, nil
 }
 
-// resetTarget is a machine Reset removes, with the plan it was made from
+// resetTarget is a machine Run removes, with the plan it was made from
 // (nil when none is stored), or leaves in place, saying why.
 type resetTarget struct {
 	name  string
@@ -179,10 +196,10 @@ func targetNames(ts []resetTarget) []string {
 	return out
 }
 
-// resetTargets are the machines Reset looks at: m and the other machine
+// resetTargets are the machines Run looks at: m and the other machine
 // of its pair, each with the plan it was made from. The other machine is
 // left out when it was never made.
-func resetTargets(s *state.Store, opts ResetOptions, m string, log *slog.Logger) []resetTarget {
+func resetTargets(s *state.Store, opts Options, m string, log *slog.Logger) []resetTarget {
 	host := s.Root()
 	// Both machines of the pair, each with the plan it was made from.
 	st, err := s.Machines()
@@ -215,7 +232,7 @@ func resetTargets(s *state.Store, opts ResetOptions, m string, log *slog.Logger)
 			}
 		}
 		if x != m && p == nil {
-			if _, err := host.Lstat(path.Join(machinesDir, x)); err != nil {
+			if _, err := host.Lstat(path.Join(render.MachinesDir, x)); err != nil {
 				continue // the other machine of the pair was never made
 			}
 			if _, known := st.Applied[x]; !known {
@@ -282,8 +299,8 @@ func leftInPlace(host *confine.Root, p *plan.Plan) []string {
 		}
 		out = append(out, "swap settings in /etc/fstab, loaded kernel modules, sysctl values and installed packages")
 	}
-	if _, err := host.Lstat(path.Join("/etc/systemd/system", FirstbootUnitName)); err == nil {
-		out = append(out, FirstbootUnitName+" (enabled; with the state directory gone it provisions again at next boot)")
+	if _, err := host.Lstat(path.Join("/etc/systemd/system", firstbootUnit)); err == nil {
+		out = append(out, firstbootUnit+" (enabled; with the state directory gone it provisions again at next boot)")
 	}
 	return out
 }
