@@ -65,8 +65,9 @@ type Host interface {
 	DisableSwap(ctx context.Context, fstab string) error
 }
 
-// Systemd is the host's service manager and machined, as apply and reset
-// use them. The real one talks D-Bus (internal/systemd); tests use a fake.
+// Systemd is the host's service manager and machined, as apply uses them
+// (status, reset and internal/machine each declare the few methods they
+// call). The real one talks D-Bus (internal/systemd); tests use a fake.
 type Systemd interface {
 	// DaemonReload makes systemd read unit files again.
 	DaemonReload(ctx context.Context) error

@@ -13,7 +13,6 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
-
 	"github.com/nodespawn/nodespawn/state"
 )
 
