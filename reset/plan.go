@@ -9,6 +9,7 @@ import (
 	"path"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -68,7 +69,7 @@ func Plan(ctx context.Context, opts Options) (*Preview, error) {
 		for _, q := range machine.Files(host, rootfs, t.name, t.plan, nil) {
 			rp.Remove = append(rp.Remove, host.Show(q))
 		}
-		if dir := machine.BPFFSDir(t.name); present(host, dir) {
+		if dir := layout.BPFFSDir(t.name); present(host, dir) {
 			rp.Remove = append(rp.Remove, host.Show(dir))
 		}
 	}

@@ -22,15 +22,15 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
 )
 
 // Defaults for Options.
 const (
-	DefaultStopTimeout   = time.Minute
+	DefaultStopTimeout   = layout.DefaultStopTimeout
 	DefaultRemoveTimeout = machine.DefaultRemoveTimeout
 )
 
@@ -41,11 +41,6 @@ type Systemd interface {
 	// DaemonReload makes systemd read unit files again.
 	DaemonReload(ctx context.Context) error
 }
-
-// The first-boot unit, which reset leaves enabled.
-// TODO(layout): the first-boot unit's name from internal/layout
-// (apply.FirstbootUnitName today; reset does not import apply).
-const firstbootUnit = "nodespawn-firstboot.service"
 
 // Options configure Run and Plan.
 type Options struct {
@@ -163,7 +158,7 @@ func Run(ctx context.Context, opts Options) error {
 
 // resetState is what Run removes of nodespawn's state, after the
 // machines: the state directory with the node's state (its identity) in it.
-var resetState = []string{plan.ActiveMachineFile, state.Dir}
+var resetState = []string{layout.ActiveMachineFile, state.Dir}
 
 // resetMachine is the machine opts names, checked.
 func resetMachine(opts Options) (string, error) {
@@ -232,7 +227,7 @@ func resetTargets(s *state.Store, opts Options, m string, log *slog.Logger) []re
 			}
 		}
 		if x != m && p == nil {
-			if _, err := host.Lstat(path.Join(render.MachinesDir, x)); err != nil {
+			if _, err := host.Lstat(layout.MachineRoot(x)); err != nil {
 				continue // the other machine of the pair was never made
 			}
 			if _, known := st.Applied[x]; !known {
@@ -276,7 +271,7 @@ func leftInPlace(host *confine.Root, p *plan.Plan) []string {
 				continue
 			}
 			switch {
-			case s.File != nil && !strings.HasPrefix(s.File.Path, "/etc/systemd/"):
+			case s.File != nil && !strings.HasPrefix(s.File.Path, layout.SystemdConfDir+"/"):
 				out = append(out, "file "+s.File.Path)
 			case s.Packages != nil:
 				out = append(out, "installed packages "+strings.Join(s.Packages.Names, ", "))
@@ -299,8 +294,8 @@ func leftInPlace(host *confine.Root, p *plan.Plan) []string {
 		}
 		out = append(out, "swap settings in /etc/fstab, loaded kernel modules, sysctl values and installed packages")
 	}
-	if _, err := host.Lstat(path.Join("/etc/systemd/system", firstbootUnit)); err == nil {
-		out = append(out, firstbootUnit+" (enabled; with the state directory gone it provisions again at next boot)")
+	if _, err := host.Lstat(layout.FirstbootUnitPath); err == nil {
+		out = append(out, layout.FirstbootUnit+" (enabled; with the state directory gone it provisions again at next boot)")
 	}
 	return out
 }

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
@@ -163,17 +164,6 @@ type Systemd interface {
 	UnitJournal(ctx context.Context, unit string, lines int) (string, error)
 }
 
-// The first-boot unit, whose state and journal Read looks at.
-// TODO(layout): the first-boot unit's name and path from internal/layout
-// (apply.FirstbootUnitName today; status does not import apply).
-const (
-	firstbootUnit     = "nodespawn-firstboot.service"
-	firstbootUnitPath = "/etc/systemd/system/" + firstbootUnit
-)
-
-// Units whose state says whether a node is up.
-var nodeUnits = []string{"containerd.service", "kubelet.service"}
-
 // journalTail is how many lines --long shows.
 const journalTail = 20
 
@@ -222,11 +212,11 @@ func Read(ctx context.Context, opts Options) (*Status, error) {
 	if sd := opts.Systemd; sd != nil {
 		// At first boot the unit is "activating" for the whole run,
 		// retries included, also while no apply holds the lock.
-		us, err := sd.UnitState(ctx, "", firstbootUnit)
+		us, err := sd.UnitState(ctx, "", layout.FirstbootUnit)
 		running = running || (err == nil && (us == "activating" || us == "reloading"))
 		unitFailed = err == nil && us == "failed"
 	}
-	if _, err := host.Lstat(firstbootUnitPath); err == nil {
+	if _, err := host.Lstat(layout.FirstbootUnitPath); err == nil {
 		if _, err := host.Lstat(state.DoneStamp); errors.Is(err, fs.ErrNotExist) {
 			st.Pending = rec == nil || rec.Status != state.StatusSucceeded
 		}
@@ -263,7 +253,7 @@ func Read(ctx context.Context, opts Options) (*Status, error) {
 	case rec == nil && unitFailed:
 		// The unit failed before apply began (no manifest found, say).
 		st.State = StateError
-		st.Summary = "error: " + firstbootUnit + " failed before a run started; see journalctl -u " + firstbootUnit
+		st.Summary = "error: " + layout.FirstbootUnit + " failed before a run started; see journalctl -u " + layout.FirstbootUnit
 	case rec == nil:
 		st.State, st.Summary = StateNotRun, string(StateNotRun)
 	case running:
@@ -342,7 +332,7 @@ func Read(ctx context.Context, opts Options) (*Status, error) {
 		st.Timings = &Timings{Blame: Blame(rec), CriticalPath: CriticalPath(rec, applied)}
 	}
 	if opts.Long && opts.Systemd != nil && st.State == StateError {
-		if j, err := opts.Systemd.UnitJournal(ctx, firstbootUnit, journalTail); err == nil {
+		if j, err := opts.Systemd.UnitJournal(ctx, layout.FirstbootUnit, journalTail); err == nil {
 			st.Journal = strings.TrimRight(j, "\n")
 		}
 	}
@@ -457,7 +447,7 @@ func machineChecks(ctx context.Context, sd Systemd, machine string) []Check {
 	if !c.OK {
 		return checks
 	}
-	for _, u := range nodeUnits {
+	for _, u := range layout.NodeUnits() {
 		state, err := sd.UnitState(ctx, machine, u)
 		name := strings.TrimSuffix(u, ".service")
 		c := Check{What: name + " in " + machine, OK: err == nil && state == "active"}

@@ -22,9 +22,9 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/retry"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // Defaults of the waits.
@@ -36,10 +36,6 @@ const (
 	// looks again.
 	DefaultPollInterval = 2 * time.Second
 )
-
-// machinesDir is where machined keeps machine root directories (render
-// puts every rootfs there).
-const machinesDir = render.MachinesDir
 
 // Systemd is what Stop and Remove need of the host's service manager and
 // machined (apply.Systemd has it; the real one is internal/systemd).
@@ -108,7 +104,7 @@ func Remove(ctx context.Context, host *confine.Root, sd Systemd, m string, p *pl
 // Rootfs is machine m's rootfs, made from p (nil: systemd's name for it),
 // refused unless it is directly under the machines directory.
 func Rootfs(m string, p *plan.Plan) (string, error) {
-	rootfs := path.Join(machinesDir, m)
+	rootfs := layout.MachineRoot(m)
 	if p != nil && p.Rootfs != "" {
 		rootfs = p.Rootfs
 	}
@@ -121,8 +117,8 @@ func Rootfs(m string, p *plan.Plan) (string, error) {
 // CheckRootfs refuses a rootfs that is not directly under the machines
 // directory: never RemoveAll something a typo or a bad plan points at.
 func CheckRootfs(rootfs string) error {
-	if path.Clean(rootfs) != path.Join(machinesDir, path.Base(rootfs)) {
-		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, machinesDir)
+	if path.Clean(rootfs) != layout.MachineRoot(path.Base(rootfs)) {
+		return fmt.Errorf("reset: refusing to remove rootfs %s: not directly under %s", rootfs, layout.MachinesDir)
 	}
 	return nil
 }
@@ -163,7 +159,7 @@ const stopSlack = 10 * time.Second
 // forgets the machine. One still listed a moment later is terminated and
 // given half the timeout again to go.
 func Stop(ctx context.Context, sd Systemd, log *slog.Logger, m string, timeout, poll time.Duration) error {
-	unit := "systemd-nspawn@" + m + ".service"
+	unit := layout.NspawnUnit(m)
 	sctx, cancel := context.WithTimeout(ctx, timeout+stopSlack)
 	err := sd.Stop(sctx, unit)
 	cancel()
@@ -234,13 +230,9 @@ func removeBusy(ctx context.Context, host *confine.Root, dir string, timeout, pa
 // --machine on a host with no stored plan), they are the names systemd
 // itself gives a machine's settings (systemd.nspawn(5), systemctl enable).
 func SystemdFiles(m string, p *plan.Plan) []string {
-	svc := "systemd-nspawn@" + m + ".service"
+	svc := layout.NspawnUnit(m)
 	if p == nil {
-		return []string{
-			"/etc/systemd/nspawn/" + m + ".nspawn",
-			"/etc/systemd/system/" + svc + ".d",
-			"/etc/systemd/system/machines.target.wants/" + svc,
-		}
+		return []string{layout.NspawnFile(m), layout.NspawnDropInDir(m), layout.EnableLink(m)}
 	}
 	var paths []string
 	seen := map[string]bool{}
@@ -257,7 +249,7 @@ func SystemdFiles(m string, p *plan.Plan) []string {
 		case s.Directory != nil:
 			q = s.Directory.Path
 		}
-		if !strings.HasPrefix(q, "/etc/systemd/") {
+		if !strings.HasPrefix(q, layout.SystemdConfDir+"/") {
 			continue
 		}
 		if d := path.Dir(q); strings.HasPrefix(path.Base(d), svc) {
@@ -271,15 +263,11 @@ func SystemdFiles(m string, p *plan.Plan) []string {
 	return paths
 }
 
-// BPFFSDir is where the machine's own bpf filesystem is mounted on the
-// host (the drop-in mounts it; the .nspawn file binds it to /sys/fs/bpf).
-func BPFFSDir(machine string) string { return "/run/bpffs/" + machine }
-
 // removeBPFFS unmounts the machine's bpffs on a live host and removes its
 // directory. The directory is removed only once it is empty and no longer
 // a mount point: what is pinned in a still-mounted bpffs is not deleted.
 func removeBPFFS(host *confine.Root, m string, live bool, log *slog.Logger) error {
-	dir := BPFFSDir(m)
+	dir := layout.BPFFSDir(m)
 	if _, err := host.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}

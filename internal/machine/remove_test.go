@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // TestRemoveUnmountsBPFFS mounts a real bpf filesystem where the machine's
@@ -23,7 +24,7 @@ func TestRemoveUnmountsBPFFS(t *testing.T) {
 	}
 	const m = "kube1"
 	root := t.TempDir()
-	dir := filepath.Join(root, BPFFSDir(m))
+	dir := filepath.Join(root, layout.BPFFSDir(m))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}

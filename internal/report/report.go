@@ -28,7 +28,7 @@ const Version = "nodespawn.dev/report/v1"
 // Report is what is sent.
 type Report struct {
 	Version string `json:"version"`
-	// Status is done, error or degraded (apply.State); Summary its line.
+	// Status is done, error or degraded (status.State); Summary its line.
 	Status  string `json:"status"`
 	Summary string `json:"summary"`
 	// Hostname is the host's name, so a report can be told from another
