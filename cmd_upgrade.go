@@ -7,9 +7,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/provision"
 	"github.com/nodespawn/nodespawn/state"
+	"github.com/nodespawn/nodespawn/upgrade"
 )
 
 // newRollbackCmd is `nodespawn rollback`: the node back on the machine the
@@ -45,7 +45,7 @@ to it; the next upgrade replaces it.`,
 			if err != nil {
 				return err
 			}
-			res, err := apply.Rollback(ctx, opts)
+			res, err := upgrade.Rollback(ctx, opts)
 			if err != nil {
 				return err
 			}

@@ -80,13 +80,19 @@ type Options struct {
 	// PollInterval is how often the wait step looks at the machine (default 2s).
 	PollInterval time.Duration
 
-	// afterStep, when set, is called after each step's outcome is recorded
-	// with the number of steps recorded so far; tests use it to crash the
-	// process at every step boundary.
-	afterStep func(n int)
-	// checkpoint, when set, is called between the changes of an upgrade's
-	// switch and rollback; tests kill the process there.
-	checkpoint func(label string)
+	// Hooks are called at every point a run may be killed at; tests
+	// crash the process there.
+	Hooks Hooks
+}
+
+// Hooks are the points between two changes where tests kill a run.
+type Hooks struct {
+	// AfterStep is called after each step's outcome is recorded, with
+	// the number of steps recorded so far.
+	AfterStep func(n int)
+	// Checkpoint is called between the changes of an upgrade's switch
+	// and rollback.
+	Checkpoint func(label string)
 }
 
 // Result is what Run did.
@@ -101,60 +107,26 @@ type Result struct {
 	Machine string
 	// Upgrade is how an upgrade or a resumed switch ended, when there was one.
 	Upgrade *state.UpgradeOutcome
-	// Decision is what the run decided to do (Decide's answer on the
-	// state the run found); nil when it stopped before deciding.
-	Decision *Decision
 }
 
-// Run applies p against opts.Root. It returns a *StepError when a step
-// failed (ExitCode maps errors to exit codes).
-//
-// On a host whose node runs from another manifest, Run upgrades by
-// alternating machines when it can (Options.Upgrade.Render, a live
-// systemd): it prepares the other machine of the pair, switches to it,
-// verifies the node and rolls back when that fails (upgrade.go). A switch
-// a killed run left half-done is finished first, whatever p is.
-func Run(ctx context.Context, p *plan.Plan, opts Options) (*Result, error) {
-	opts = withDefaults(opts)
-	if opts.ManifestDigest == "" {
-		return nil, errors.New("apply: no manifest digest given (Options.ManifestDigest is required to recognise a finished run)")
-	}
-	if err := validatePlan(p); err != nil {
-		return nil, err
-	}
-	r, err := begin(ctx, opts)
-	if err != nil {
-		return nil, err
-	}
-	defer r.end()
-	var resumed *state.UpgradeOutcome
-	if u := r.st.Upgrade; u != nil && u.Phase != state.UpgradePreparing {
-		out, err := r.resumeSwitch(ctx)
-		if err != nil {
-			return &Result{Record: r.lastRecord(), Machine: r.st.Active, Upgrade: out}, err
-		}
-		resumed = out
-	}
-	res, err := r.decide(ctx, p)
-	if res != nil && res.Upgrade == nil {
-		res.Upgrade = resumed
-	}
-	return res, err
+// Session is one locked run against a root: the state it found, the
+// lock that keeps other runs out until End, and the options. Begin makes
+// one; the in-place run (InPlace), an upgrade's preparation, switch and
+// rollback (package upgrade) all work in one.
+type Session struct {
+	Opts     Options
+	Log      *slog.Logger
+	Store    *state.Store
+	Host     *confine.Root // Store.Root()
+	Machines *state.Machines
+	lock     *state.Lock
 }
 
-// run is one locked run against the host.
-type run struct {
-	opts Options
-	log  *slog.Logger
-	s    *state.Store
-	host *confine.Root // s.Root()
-	lock *state.Lock
-	st   *state.Machines
-}
-
-// begin opens the root, takes the lock, sweeps what a killed run left in
-// the state directory and reads the machines'
-func begin(ctx context.Context, opts Options) (*run, error) {
+// Begin opens the root (creating a missing --root directory), takes the
+// lock, sweeps what a killed run left in the state directory and reads
+// the machines' state. The caller ends it with End.
+func Begin(ctx context.Context, opts Options) (*Session, error) {
+	opts = WithDefaults(opts)
 	s, err := state.Create(opts.Root)
 	if err != nil {
 		return nil, fmt.Errorf("apply: %w", err)
@@ -164,95 +136,93 @@ func begin(ctx context.Context, opts Options) (*run, error) {
 		s.Close()
 		return nil, err
 	}
-	r := &run{opts: opts, log: opts.Log, s: s, host: s.Root(), lock: lock}
+	r := &Session{Opts: opts, Log: opts.Log, Store: s, Host: s.Root(), lock: lock}
 	// What a run killed while making or saving its state left there.
 	err = s.Sweep()
 	if err == nil {
-		r.st, err = s.Machines()
+		r.Machines, err = s.Machines()
 	}
 	if err != nil {
-		r.end()
+		r.End()
 		return nil, err
 	}
 	return r, nil
 }
 
-func (r *run) end() {
+// End releases the lock and closes the root.
+func (r *Session) End() {
 	r.lock.Release()
-	r.s.Close()
+	r.Store.Close()
 }
 
-func (r *run) lastRecord() *state.Record {
-	rec, _ := r.s.Record()
+// LastRecord is the record as it is on disk now, or nil.
+func (r *Session) LastRecord() *state.Record {
+	rec, _ := r.Store.Record()
 	return rec
 }
 
-// decide applies p in place, upgrades to the other machine, or refuses:
-// what decideOn says, the decision Decide gives the dry run.
-func (r *run) decide(ctx context.Context, p *plan.Plan) (*Result, error) {
-	st, opts := r.st, r.opts
-	prev, err := r.s.Record()
-	if err != nil {
-		return nil, err
-	}
-	d, err := decideOn(st, prev, r.s.Show(state.RecordFile), p, opts, canSwitch(opts, false))
-	if err != nil {
-		return nil, err
-	}
-	switch d.Action {
-	case ActionRefuse:
-		return nil, d.Err
-	case ActionUpgrade:
-		res, err := r.upgrade(ctx, p)
-		if res != nil {
-			res.Decision = d
-		}
-		return res, err
-	}
-	if u := st.Upgrade; u != nil {
-		r.log.Info("abandoning the upgrade that was being prepared: the given manifest is the one the node runs", "from", u.From, "to", u.To, "phase", u.Phase)
-		st.Upgrade = nil
-		if err := r.s.WriteMachines(st); err != nil {
-			return nil, err
-		}
-	}
-	if d.Action == ActionReplace {
-		r.log.Info("applying this manifest in place of the one whose first run failed; its machine never started", "machine", d.Machine, "manifest", prev.ManifestDigest, "status", prev.Status)
-	}
-	res, err := r.inPlace(ctx, d.plan, prev)
-	if res != nil {
-		res.Decision = d
-	}
-	return res, err
+// StopMachine stops machine m within the upgrade's stop timeout,
+// terminating it when that is not enough.
+func (r *Session) StopMachine(ctx context.Context, m string) error {
+	return machine.Stop(ctx, r.Opts.Deps.Systemd, r.Log, m, r.Opts.Upgrade.StopTimeout, r.Opts.PollInterval)
 }
 
-// sameManifest reports whether a is the manifest opts names.
-func sameManifest(a state.Applied, opts Options) bool {
+// Checkpoint marks a point between two changes of a switch
+// (Options.Hooks.Checkpoint; tests kill the process there).
+func (r *Session) Checkpoint(label string) {
+	if r.Opts.Hooks.Checkpoint != nil {
+		r.Opts.Hooks.Checkpoint(label)
+	}
+}
+
+// AfterStep calls Options.Hooks.AfterStep with how many steps have an
+// outcome.
+func (r *Session) AfterStep(n int) {
+	if r.Opts.Hooks.AfterStep != nil {
+		r.Opts.Hooks.AfterStep(n)
+	}
+}
+
+// RecordWriter owns rec for the session's run; warn (Options.Warnings)
+// collects its warnings.
+func (r *Session) RecordWriter(rec *state.Record, warn *Warnings) *RecordWriter {
+	return &RecordWriter{store: r.Store, rec: rec, warn: warn}
+}
+
+// Executor runs p's steps against the session's root, recording through
+// w. machineStarted says the machine has run before (its start unit, not
+// apply, flushes nftables from then on).
+func (r *Session) Executor(p *plan.Plan, w *RecordWriter, machineStarted bool) *Executor {
+	return &Executor{plan: p, opts: r.Opts, log: r.Log, rec: w, host: r.Host, machineStarted: machineStarted}
+}
+
+// SameManifest reports whether a is the manifest opts names.
+func SameManifest(a state.Applied, opts Options) bool {
 	return a.Is(opts.ManifestDigest, opts.SourceDigest)
 }
 
-// inPlace applies p to its machine: the first run, a resumed one, or a
+// InPlace applies p to its machine: the first run, a resumed one, or a
 // converge of the running machine when the host or the tool changed.
 // prev is the last run's record (nil when none). decideOn has ruled out
 // a manifest other than prev's unless its machine never started.
-func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*Result, error) {
-	opts, log, host, st := r.opts, r.log, r.host, r.st
+func (r *Session) InPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*Result, error) {
+	opts, log, st := r.Opts, r.Log, r.Machines
 	planDigest := p.Digest()
 	cur := st.Applied[p.Machine]
 	// A machine this manifest made whose root is broken (a layer gone from
 	// the store, its upper directory gone) is repaired by running the plan
 	// again, never taken as applied.
 	var fix *rootFix
-	if sameManifest(cur, opts) {
+	if SameManifest(cur, opts) {
 		var err error
 		if fix, err = r.brokenRoot(ctx, p, cur); err != nil {
 			return nil, fmt.Errorf("apply: %w", err)
 		}
 	}
-	if !opts.Force && fix == nil && cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest {
+	if !opts.Force && fix == nil && cur.Succeeded && SameManifest(cur, opts) && cur.PlanDigest == planDigest {
 		// A run killed between its record and its stamp: the record is
 		// the truth, so the stamp follows it.
-		if err := r.s.WriteStamp(planDigest); err != nil {
+		if err := r.Store.WriteStamp(planDigest); err != nil {
 			return nil, fmt.Errorf("apply: %w", err)
 		}
 		log.Info("already applied; nothing to do", "machine", p.Machine, "manifest", opts.ManifestDigest, "plan", planDigest, "finished", cur.At)
@@ -267,11 +237,11 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*R
 	// The machine being made is the one that may run: say so before
 	// anything starts it.
 	if st.Active != p.Machine {
-		if err := r.s.SetActive(st, p.Machine); err != nil {
+		if err := r.Store.SetActive(st, p.Machine); err != nil {
 			return nil, fmt.Errorf("apply: %w", err)
 		}
 	}
-	if err := r.s.StoreMachine(p, opts.Manifest); err != nil {
+	if err := r.Store.StoreMachine(p, opts.Manifest); err != nil {
 		return nil, fmt.Errorf("apply: %w", err)
 	}
 	// The apply-time nftables flush is for a host whose machine has never
@@ -279,19 +249,19 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*R
 	// and the flush belongs to the machine's start unit alone.
 	started := cur.Succeeded || (prev != nil && prev.Status == state.StatusSucceeded)
 	st.Applied[p.Machine] = state.Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: time.Now().UTC(), Started: cur.Started}
-	if err := r.s.WriteMachines(st); err != nil {
+	if err := r.Store.WriteMachines(st); err != nil {
 		return nil, err
 	}
 
-	rec := newRecord(p, opts, planDigest)
-	w := &recordWriter{store: r.s, rec: rec, warn: opts.Warnings}
-	if err := w.save(); err != nil {
+	rec := NewRecord(p, opts, planDigest)
+	w := r.RecordWriter(rec, opts.Warnings)
+	if err := w.Save(); err != nil {
 		return nil, err
 	}
-	if opts.afterStep != nil {
-		opts.afterStep(0)
+	if opts.Hooks.AfterStep != nil {
+		opts.Hooks.AfterStep(0)
 	}
-	ex := &executor{plan: p, opts: opts, log: log, rec: w, host: host, machineStarted: started}
+	ex := r.Executor(p, w, started)
 	var runErr error
 	if fix != nil {
 		// Only now, with the run recorded: a run killed during the repair
@@ -299,10 +269,10 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*R
 		runErr = r.repair(ctx, fix)
 	}
 	if runErr == nil {
-		runErr = ex.run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine)
+		runErr = ex.Run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine)
 	}
 	if runErr != nil {
-		if err := ex.skip(phaseSteps(p, plan.PhaseStart), "not run: "+failedStep(runErr)); err != nil {
+		if err := ex.Skip(PhaseSteps(p, plan.PhaseStart), "not run: "+failedStep(runErr)); err != nil {
 			return nil, err
 		}
 	} else {
@@ -312,39 +282,39 @@ func (r *run) inPlace(ctx context.Context, p *plan.Plan, prev *state.Record) (*R
 			a := st.Applied[p.Machine]
 			a.Started = true
 			st.Applied[p.Machine] = a
-			if err := r.s.WriteMachines(st); err != nil {
+			if err := r.Store.WriteMachines(st); err != nil {
 				return nil, err
 			}
 		}
-		runErr = ex.run(ctx, plan.PhaseStart)
+		runErr = ex.Run(ctx, plan.PhaseStart)
 	}
 	if runErr == nil {
 		runErr = ex.pruneDownloads()
 	}
-	if err := w.finish(runErr == nil); err != nil && runErr == nil {
+	if err := w.Finish(runErr == nil); err != nil && runErr == nil {
 		runErr = err
 	}
 	if runErr == nil {
 		a := st.Applied[p.Machine]
 		a.Succeeded, a.At = true, time.Now().UTC()
 		st.Applied[p.Machine] = a
-		runErr = r.s.WriteMachines(st)
+		runErr = r.Store.WriteMachines(st)
 	}
 	if runErr != nil {
 		// A failed step's line carries its error; this line says which
 		// step, and where the record is, without repeating it.
 		if se := (*StepError)(nil); errors.As(runErr, &se) {
-			log.Error("apply failed", "step", se.ID, "record", r.s.Show(state.RecordFile))
+			log.Error("apply failed", "step", se.ID, "record", r.Store.Show(state.RecordFile))
 		} else {
-			log.Error("apply failed", "error", runErr, "record", r.s.Show(state.RecordFile))
+			log.Error("apply failed", "error", runErr, "record", r.Store.Show(state.RecordFile))
 		}
-		return &Result{Record: w.snapshot(), Machine: p.Machine}, loggedError{runErr}
+		return &Result{Record: w.Snapshot(), Machine: p.Machine}, loggedError{runErr}
 	}
-	if err := r.s.WriteStamp(planDigest); err != nil {
-		return &Result{Record: w.snapshot(), Machine: p.Machine}, fmt.Errorf("apply: %w", err)
+	if err := r.Store.WriteStamp(planDigest); err != nil {
+		return &Result{Record: w.Snapshot(), Machine: p.Machine}, fmt.Errorf("apply: %w", err)
 	}
 	log.Info("apply finished", "machine", p.Machine, "steps", len(p.Steps), "duration", time.Since(rec.Started).Round(time.Millisecond))
-	return &Result{Record: w.snapshot(), Machine: p.Machine}, nil
+	return &Result{Record: w.Snapshot(), Machine: p.Machine}, nil
 }
 
 // openRoot opens the root a run writes to, creating it first when it is
@@ -357,7 +327,8 @@ func openRoot(root string) (*confine.Root, error) {
 	return confine.Open(root)
 }
 
-func withDefaults(o Options) Options {
+// WithDefaults is o with every unset option at its default.
+func WithDefaults(o Options) Options {
 	if o.Root == "" {
 		o.Root = "/"
 	}

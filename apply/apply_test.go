@@ -51,7 +51,7 @@ func TestApplyTree(t *testing.T) {
 	var logs bytes.Buffer
 	opts := applytest.Options(deps, captureLog(&logs))
 	opts.Root = root
-	res, err := Run(context.Background(), applytest.Plan(), opts)
+	res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatalf("Run: %v\n%s", err, logs.String())
 	}
@@ -189,7 +189,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 	deps, _, _, _ := applytest.Deps()
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	before := applytest.Snapshot(t, root, true)
@@ -198,7 +198,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 	t.Run("already applied", func(t *testing.T) {
 		deps, host, sd, dl := applytest.Deps()
 		opts.Deps = deps
-		res, err := Run(context.Background(), applytest.Plan(), opts)
+		res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 		if err != nil || !res.AlreadyApplied {
 			t.Fatalf("second run: AlreadyApplied=%v err=%v, want true, nil", res != nil && res.AlreadyApplied, err)
 		}
@@ -220,7 +220,7 @@ func TestSecondRunChangesNothing(t *testing.T) {
 		// Force re-checks every step: all must find their target as wanted.
 		deps, _, _, _ := applytest.Deps()
 		opts.Deps, opts.Force = deps, true
-		res, err := Run(context.Background(), applytest.Plan(), opts)
+		res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 		if err != nil || res.AlreadyApplied {
 			t.Fatalf("forced run: %v", err)
 		}
@@ -267,12 +267,12 @@ func TestManifestChanged(t *testing.T) {
 	deps, _, _, _ := applytest.Deps()
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	const other = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
 	opts.ManifestDigest = other
-	_, err := Run(context.Background(), applytest.Plan(), opts)
+	_, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	var mc *ManifestChangedError
 	if !errors.As(err, &mc) {
 		t.Fatalf("different manifest: err = %v, want ManifestChangedError", err)
@@ -290,7 +290,7 @@ func TestManifestChanged(t *testing.T) {
 	}
 
 	opts.Force = true
-	res, err := Run(context.Background(), applytest.Plan(), opts)
+	res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatalf("forced: %v", err)
 	}
@@ -306,7 +306,7 @@ func TestStepFailureThenResume(t *testing.T) {
 	dl.Fail = map[string]error{"cni": fmt.Errorf("GET https://dl.test/cni.tgz: 503 Service Unavailable: %w", errInjected)}
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), applytest.Plan(), opts)
+	_, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "rootfs:download:cni" || !errors.Is(err, errInjected) {
 		t.Fatalf("err = %v, want a StepError for rootfs:download:cni", err)
@@ -335,7 +335,7 @@ func TestStepFailureThenResume(t *testing.T) {
 
 	deps, _, _, _ = applytest.Deps()
 	opts.Deps = deps
-	res, err := Run(context.Background(), applytest.Plan(), opts)
+	res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	if err != nil || res.AlreadyApplied {
 		t.Fatalf("resume: %v (already applied %v)", err, res.AlreadyApplied)
 	}
@@ -351,7 +351,7 @@ func TestRemoteFileVerified(t *testing.T) {
 	dl.Remote[applytest.RemoteURL] = "tampered\n"
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), applytest.Plan(), opts)
+	_, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "machine:file:remote" || !strings.Contains(err.Error(), "verification failed") {
 		t.Fatalf("err = %v, want verification failure of machine:file:remote", err)
@@ -368,7 +368,7 @@ func TestHostStepsSkippedWithoutDeps(t *testing.T) {
 	deps.Host, deps.Systemd = nil, nil
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	res, err := Run(context.Background(), applytest.Plan(), opts)
+	res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,7 @@ func TestConcurrentApplyRefusedAfterTimeout(t *testing.T) {
 	deps, host, _, _ := applytest.Deps()
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root, opts.LockTimeout = root, 300*time.Millisecond
-	_, err := Run(context.Background(), applytest.Plan(), opts)
+	_, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	var le *state.LockedError
 	if !errors.As(err, &le) {
 		t.Fatalf("second apply: err = %v, want state.LockedError", err)
@@ -57,7 +57,7 @@ func TestConcurrentApplyWaitsForTheFirst(t *testing.T) {
 	}
 	second := make(chan result, 1)
 	go func() {
-		res, err := Run(context.Background(), applytest.Plan(), opts)
+		res, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 		second <- result{res, err}
 	}()
 	<-waiting
@@ -96,7 +96,7 @@ func TestDownloadsFetchWhileImagePulls(t *testing.T) {
 	}
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -300,7 +300,7 @@ func TestCancelledStepsAreNotFailures(t *testing.T) {
 	deps.Downloader = &causeDownloader{}
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := Run(context.Background(), applytest.Plan(), opts)
+	_, err := applytest.Run(context.Background(), applytest.Plan(), opts)
 	var se *StepError
 	if !errors.As(err, &se) || se.ID != "rootfs:download:kubelet" {
 		t.Fatalf("Run: %v, want the kubelet download's failure", err)

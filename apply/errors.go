@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/state"
 )
 
 // StepError is a step that failed. Its message names the step; the wrapped
@@ -65,33 +64,6 @@ func (e *ManifestChangedError) Error() string {
 		"run nodespawn reset first, or pass --force to apply the new manifest over the old one", e.Given, e.Applied, e.Record)
 }
 
-// UpgradeError is an upgrade that did not leave the node on the new
-// machine: it was rolled back (the node runs on the old machine again),
-// or the rollback failed too.
-type UpgradeError struct {
-	From, To string
-	// RolledBack is true when the node runs on From again.
-	RolledBack bool
-	Reason     error
-	// RollbackErr is why the rollback failed.
-	RollbackErr error
-}
-
-func (e *UpgradeError) Error() string {
-	if e.RolledBack {
-		return fmt.Sprintf("upgrade from %s to %s rolled back: %v; machine %s runs the node again", e.From, e.To, e.Reason, e.From)
-	}
-	return fmt.Sprintf("upgrade from %s to %s failed: %v; the rollback to %s failed too: %v", e.From, e.To, e.Reason, e.From, e.RollbackErr)
-}
-
-// Unwrap returns the reason.
-func (e *UpgradeError) Unwrap() []error {
-	if e.RollbackErr == nil {
-		return []error{e.Reason}
-	}
-	return []error{e.Reason, e.RollbackErr}
-}
-
 // Exit codes, as the CLI reports them.
 const (
 	ExitOK     = 0 // applied, or already applied
@@ -107,17 +79,26 @@ const (
 // rolled back). Errors the caller finds in the input
 // before calling Run (manifest, flags) are the caller's to map to 2.
 func ExitCode(err error) int {
-	var (
-		changed *ManifestChangedError
-		exists  *MachineExistsError
-		norb    *state.NoRollbackError
-	)
+	var refused Refusal
 	switch {
 	case err == nil:
 		return ExitOK
-	case errors.As(err, &changed), errors.As(err, &exists), errors.As(err, &norb):
+	case errors.As(err, &refused):
 		return ExitInput
 	default:
 		return ExitFailed
 	}
 }
+
+// A Refusal is an error that refused a run before anything changed
+// (ExitInput): a manifest other than the applied one where no upgrade is
+// possible (*ManifestChangedError), an upgrade onto a machine nodespawn
+// did not make (upgrade's *MachineExistsError), nothing to roll back to
+// (state's *NoRollbackError).
+type Refusal interface {
+	error
+	Refused()
+}
+
+// Refused marks e a Refusal.
+func (e *ManifestChangedError) Refused() {}

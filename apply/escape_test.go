@@ -19,6 +19,7 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/reset"
 
 	"golang.org/x/sys/unix"
@@ -26,7 +27,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/imagebuild"
 	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // The escape test: machine images whose directories (or the files apply
@@ -38,7 +38,7 @@ import (
 
 const escMachine = "esc"
 
-var escRootfs = render.MachinesDir + "/" + escMachine
+var escRootfs = layout.MachinesDir + "/" + escMachine
 
 // writeKind is one kind of write: the plan steps that do it, the image
 // path its hostile link goes at (a directory the write passes through),
@@ -143,7 +143,7 @@ func TestNoWriteLeavesTheRoot(t *testing.T) {
 	// overlayfs mount apply writes through).
 	t.Run("flat", func(t *testing.T) { testNoWriteLeavesTheRoot(t, nil) })
 	t.Run("layers", func(t *testing.T) {
-		testNoWriteLeavesTheRoot(t, &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(escMachine),
+		testNoWriteLeavesTheRoot(t, &plan.LayerRoot{Store: layout.LayerStoreDir, Dir: layout.OverlayDir(escMachine),
 			MaxLayers: layers.MaxStack})
 	})
 }
@@ -218,7 +218,7 @@ func testNoWriteLeavesTheRoot(t *testing.T, lr *plan.LayerRoot) {
 			log := slog.New(slog.DiscardHandler)
 			deps, err := DefaultDeps(root, log)
 			applytest.Must(t, err)
-			_, runErr := Run(context.Background(), p, Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: log, Force: true})
+			_, runErr := applytest.Run(context.Background(), p, Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: log, Force: true})
 			if runErr != nil {
 				failed++
 			} else if mounted, _, _ := layers.MountedAt(filepath.Join(root, escRootfs)); lr != nil && !mounted {

@@ -17,19 +17,19 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// executor runs one plan.
-type executor struct {
+// Executor runs one plan.
+type Executor struct {
 	plan *plan.Plan
 	opts Options
 	log  *slog.Logger
-	rec  *recordWriter
+	rec  *RecordWriter
 	// host is opts.Root, opened once; every path goes through it.
 	host *confine.Root
 	// machineStarted is set when an earlier run got the machine going.
 	machineStarted bool
-	// restartLimit fails a wait step whose units keep restarting (an
+	// RestartLimit fails a wait step whose units keep restarting (an
 	// upgrade's new machine); 0 waits out the step's timeout.
-	restartLimit int
+	RestartLimit int
 
 	mu       sync.Mutex
 	outcomes map[string]state.Outcome
@@ -37,7 +37,7 @@ type executor struct {
 
 // changedAny reports whether any of the steps ids has run in this run and
 // changed something.
-func (e *executor) changedAny(ids []string) bool {
+func (e *Executor) changedAny(ids []string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, id := range ids {
@@ -59,7 +59,7 @@ type stepResult struct {
 
 // run executes the phases in order; it stops at the first phase with a
 // failed step and marks every step not reached as skipped.
-func (e *executor) run(ctx context.Context, phases ...plan.Phase) error {
+func (e *Executor) Run(ctx context.Context, phases ...plan.Phase) error {
 	var failure error
 	for _, ph := range phases {
 		var steps []*plan.Step
@@ -69,7 +69,7 @@ func (e *executor) run(ctx context.Context, phases ...plan.Phase) error {
 			}
 		}
 		if failure != nil {
-			if err := e.skip(steps, "not run: "+failedStep(failure)); err != nil {
+			if err := e.Skip(steps, "not run: "+failedStep(failure)); err != nil {
 				return err
 			}
 			continue
@@ -86,7 +86,7 @@ func (e *executor) run(ctx context.Context, phases ...plan.Phase) error {
 // steps it runs After have finished, with at most opts.Parallel running.
 // Downloads start fetching at once and install when their turn comes. The
 // first failure cancels the steps still running and starts no more.
-func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
+func (e *Executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
@@ -126,7 +126,7 @@ func (e *executor) runPhase(ctx context.Context, steps []*plan.Step) error {
 			}
 			pending = rest
 		} else if len(pending) > 0 {
-			if err := e.skip(pending, "not run: "+failedStep(failure)); err != nil {
+			if err := e.Skip(pending, "not run: "+failedStep(failure)); err != nil {
 				return err
 			}
 			pending = nil
@@ -167,7 +167,7 @@ func failureID(err error) string {
 }
 
 // runStep runs one step and logs it.
-func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetches) stepResult {
+func (e *Executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetches) stepResult {
 	start := time.Now()
 	o, err := e.do(ctx, s, fetches)
 	var nc errNotConfigured
@@ -181,7 +181,7 @@ func (e *executor) runStep(ctx context.Context, s *plan.Step, fetches *prefetche
 }
 
 // report records and logs a finished step.
-func (e *executor) report(r stepResult) error {
+func (e *Executor) report(r stepResult) error {
 	// Under systemd these become journal fields (NODESPAWN_STEP, ...;
 	// internal/journal), so a step's lines can be picked out.
 	attrs := []any{"step", r.step.ID, "kind", r.step.Kind, "outcome", r.outcome, "duration", r.dur.Round(time.Millisecond)}
@@ -203,14 +203,14 @@ func (e *executor) report(r stepResult) error {
 	if err != nil {
 		return err
 	}
-	if e.opts.afterStep != nil {
-		e.opts.afterStep(n)
+	if e.opts.Hooks.AfterStep != nil {
+		e.opts.Hooks.AfterStep(n)
 	}
 	return nil
 }
 
 // skip records steps that will not run.
-func (e *executor) skip(steps []*plan.Step, reason string) error {
+func (e *Executor) Skip(steps []*plan.Step, reason string) error {
 	for _, s := range steps {
 		if err := e.report(stepResult{step: s, outcome: state.OutcomeSkipped, err: errors.New(reason), start: time.Now()}); err != nil {
 			return err
@@ -230,12 +230,12 @@ func (e errNotConfigured) Error() string {
 	return fmt.Sprintf("not run: no %s configured", e.what)
 }
 
-func (e *executor) notConfigured(what string) (state.Outcome, error) {
+func (e *Executor) notConfigured(what string) (state.Outcome, error) {
 	return "", errNotConfigured{what: what, root: e.opts.Root}
 }
 
 // do dispatches a step to its implementation.
-func (e *executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (state.Outcome, error) {
+func (e *Executor) do(ctx context.Context, s *plan.Step, fetches *prefetches) (state.Outcome, error) {
 	d := e.opts.Deps
 	switch s.Kind {
 	case plan.KindFile:
@@ -303,7 +303,7 @@ func failedStep(failure error) string {
 // directory above it, and inside an archive's destination. It runs before
 // any of the phase's steps, so no step's own temporary entry is mistaken
 // for a leftover. A machine path whose rootfs does not exist yet has none.
-func (e *executor) sweep(steps []*plan.Step) error {
+func (e *Executor) sweep(steps []*plan.Step) error {
 	seen := map[string]bool{}
 	for _, s := range steps {
 		var p string
@@ -348,7 +348,7 @@ func (e *executor) sweep(steps []*plan.Step) error {
 
 // flushNftables flushes the host's ruleset before the machine's first
 // start, and leaves a running node's rules alone.
-func (e *executor) flushNftables(ctx context.Context) (state.Outcome, error) {
+func (e *Executor) flushNftables(ctx context.Context) (state.Outcome, error) {
 	if e.machineStarted {
 		e.log.Info("not flushing nftables: the machine has started before; its start unit flushes the ruleset", "machine", e.plan.Machine)
 		return state.OutcomeUnchanged, nil
@@ -372,7 +372,7 @@ func (e *executor) flushNftables(ctx context.Context) (state.Outcome, error) {
 // pruneDownloads leaves in the download cache only the records of this
 // plan's downloads: verified artifacts a killed run fetched but never
 // installed, and records of downloads no longer planned, go.
-func (e *executor) pruneDownloads() error {
+func (e *Executor) pruneDownloads() error {
 	keep := map[string]bool{}
 	for _, s := range e.plan.Steps {
 		if s.Download != nil {

@@ -16,24 +16,23 @@ import (
 
 var (
 	RegistryCredentialsIn = registryCredentials
-	ValidatePlan          = validatePlan
+	ValidatePlan          = Validate
 	InstallBinary         = installBinary
-	CollectLayers         = collectLayers
 )
 
 const MaxWarnings = maxWarnings
 
 // SetAfterStep sets the hook run after each step is recorded (done: how
 // many steps have an outcome).
-func SetAfterStep(o *Options, f func(done int)) { o.afterStep = f }
+func SetAfterStep(o *Options, f func(done int)) { o.Hooks.AfterStep = f }
 
 // SetCheckpoint sets the hook run between two changes of an upgrade's
 // switch.
-func SetCheckpoint(o *Options, f func(label string)) { o.checkpoint = f }
+func SetCheckpoint(o *Options, f func(label string)) { o.Hooks.Checkpoint = f }
 
 // WaitStep runs a wait step as the executor does, with opts' defaults.
 func WaitStep(ctx context.Context, opts Options, w *plan.Wait) (state.Outcome, error) {
-	e := &executor{opts: withDefaults(opts)}
+	e := &Executor{opts: WithDefaults(opts)}
 	return e.wait(ctx, w)
 }
 

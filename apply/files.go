@@ -48,7 +48,7 @@ type target struct {
 
 func (t target) show() string { return t.s.root.Show(t.rel) }
 
-func (e *executor) target(p string) (target, error) {
+func (e *Executor) target(p string) (target, error) {
 	sc, err := e.scopeFor(p)
 	if err != nil {
 		return target{}, err
@@ -62,7 +62,7 @@ func (e *executor) target(p string) (target, error) {
 }
 
 // file makes a File step's path hold its contents, mode and owner.
-func (e *executor) file(ctx context.Context, f *plan.File) (state.Outcome, error) {
+func (e *Executor) file(ctx context.Context, f *plan.File) (state.Outcome, error) {
 	t, err := e.target(f.Path)
 	if err != nil {
 		return "", err
@@ -123,7 +123,7 @@ func (e *executor) file(ctx context.Context, f *plan.File) (state.Outcome, error
 // contents returns a File step's bytes: decoded inline contents, or the
 // verified remote source. Errors name the source without its password
 // and query (redact.URL): they are printed and kept in the result record.
-func (e *executor) contents(ctx context.Context, f *plan.File) ([]byte, error) {
+func (e *Executor) contents(ctx context.Context, f *plan.File) ([]byte, error) {
 	if f.Source != nil {
 		where := redact.URL(f.Source.URL)
 		if f.Source.Hash == "" {
@@ -216,7 +216,7 @@ func verifyHash(data []byte, spec string) error {
 }
 
 // directory makes a Directory step's path a directory with its mode and owner.
-func (e *executor) directory(d *plan.Directory) (state.Outcome, error) {
+func (e *Executor) directory(d *plan.Directory) (state.Outcome, error) {
 	t, err := e.target(d.Path)
 	if err != nil {
 		return "", err
@@ -242,7 +242,7 @@ func (e *executor) directory(d *plan.Directory) (state.Outcome, error) {
 }
 
 // link makes a Link step's path a symbolic (or hard) link to its target.
-func (e *executor) link(l *plan.Link) (state.Outcome, error) {
+func (e *Executor) link(l *plan.Link) (state.Outcome, error) {
 	t, err := e.target(l.Path)
 	if err != nil {
 		return "", err

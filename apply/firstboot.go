@@ -7,18 +7,18 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/state"
 )
 
 // FirstbootUnitName is the first-boot unit's name.
-const FirstbootUnitName = "nodespawn-firstboot.service"
+const FirstbootUnitName = layout.FirstbootUnit
 
 // firstbootUnitPath is where InstallFirstboot puts the unit.
-const firstbootUnitPath = "/etc/systemd/system/" + FirstbootUnitName
+const firstbootUnitPath = layout.FirstbootUnitPath
 
 // DefaultBinaryPath is where images and cloud-init put the nodespawn binary.
-const DefaultBinaryPath = plan.BinaryPath
+const DefaultBinaryPath = layout.BinaryPath
 
 //go:embed firstboot.service
 var firstbootTemplate string
@@ -55,7 +55,7 @@ func InstallFirstboot(root, binaryPath string) error {
 	if err := host.WriteFile(unitPath, []byte(FirstbootUnit(binaryPath)), 0o644, 0, 0); err != nil {
 		return fmt.Errorf("install first-boot unit: %w", err)
 	}
-	wants := path.Join("/etc/systemd/system/multi-user.target.wants", FirstbootUnitName)
+	wants := layout.FirstbootWantsLink
 	if err := host.MkdirParents(path.Dir(wants)); err != nil {
 		return fmt.Errorf("enable first-boot unit: %w", err)
 	}

@@ -23,15 +23,15 @@ type rootFix struct {
 // returns the repair it needs, nil for none. A root that was never
 // composed (no record, and no run of p succeeded: a first run killed
 // before its image step ended) is left to the image step.
-func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur state.Applied) (*rootFix, error) {
+func (r *Session) brokenRoot(ctx context.Context, p *plan.Plan, cur state.Applied) (*rootFix, error) {
 	running := false
-	if sd := r.opts.Deps.Systemd; sd != nil && machine.LayerImage(p) != nil {
+	if sd := r.Opts.Deps.Systemd; sd != nil && machine.LayerImage(p) != nil {
 		var err error
 		if running, err = sd.MachineRegistered(ctx, p.Machine); err != nil {
 			return nil, err
 		}
 	}
-	h, store, err := machine.CheckRoot(r.host, p, running)
+	h, store, err := machine.CheckRoot(r.Host, p, running)
 	if err != nil || len(h.Problems) == 0 || (!cur.Succeeded && h.Image == nil) {
 		return nil, err
 	}
@@ -39,7 +39,7 @@ func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur state.Applied) (
 	if !cur.Succeeded {
 		what = "the machine root is broken (an interrupted run or repair); repairing it"
 	}
-	r.log.Warn(what, "machine", p.Machine, "problems", strings.Join(machine.ProblemLines(h), "; "))
+	r.Log.Warn(what, "machine", p.Machine, "problems", strings.Join(machine.ProblemLines(h), "; "))
 	return &rootFix{p: p, h: h, store: store, running: running}, nil
 }
 
@@ -48,12 +48,12 @@ func (r *run) brokenRoot(ctx context.Context, p *plan.Plan, cur state.Applied) (
 // the image step fetches the missing layers and composes the root again,
 // and every other step puts back what the root lacks; the start steps
 // start the machine again.
-func (r *run) repair(ctx context.Context, f *rootFix) error {
+func (r *Session) repair(ctx context.Context, f *rootFix) error {
 	if f.running {
-		r.log.Info("stopping the machine to repair its root; the run starts it again", "machine", f.p.Machine)
-		if err := r.stopMachine(ctx, f.p.Machine); err != nil {
+		r.Log.Info("stopping the machine to repair its root; the run starts it again", "machine", f.p.Machine)
+		if err := r.StopMachine(ctx, f.p.Machine); err != nil {
 			return err
 		}
 	}
-	return f.store.Repair(ctx, machine.ImageRoot(machine.LayerImage(f.p)), f.h, r.log)
+	return f.store.Repair(ctx, machine.ImageRoot(machine.LayerImage(f.p)), f.h, r.Log)
 }

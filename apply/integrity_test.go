@@ -13,6 +13,7 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/status"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
@@ -20,7 +21,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/layers"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // layerFixture is the fixture plan with its image pulled for real from an
@@ -41,8 +41,8 @@ func layerFixture(t *testing.T, root string) (*plan.Plan, Options, *applytest.Sy
 	}
 	applytest.Must(t, os.Symlink("/run", filepath.Join(tree, "var/run")))
 	applytest.Must(t, os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(tree, "etc/resolv.conf")))
-	layout := filepath.Join(t.TempDir(), "layout")
-	target, err := imagebuild.Layout(layout)
+	ociDir := filepath.Join(t.TempDir(), "layout")
+	target, err := imagebuild.Layout(ociDir)
 	applytest.Must(t, err)
 	_, err = imagebuild.Build(context.Background(), tree, target, "v1", imagebuild.Options{Platform: "linux/" + runtime.GOARCH})
 	applytest.Must(t, err)
@@ -50,8 +50,8 @@ func layerFixture(t *testing.T, root string) (*plan.Plan, Options, *applytest.Sy
 	p := applytest.Plan()
 	for i := range p.Steps {
 		if p.Steps[i].Kind == plan.KindImage {
-			p.Steps[i].Image = &plan.Image{Dest: applytest.Rootfs, Layout: layout, LayoutRef: "v1", Platform: "linux/" + runtime.GOARCH,
-				Layers: &plan.LayerRoot{Store: render.LayerStoreDir, Dir: render.OverlayDir(applytest.Machine)}}
+			p.Steps[i].Image = &plan.Image{Dest: applytest.Rootfs, Layout: ociDir, LayoutRef: "v1", Platform: "linux/" + runtime.GOARCH,
+				Layers: &plan.LayerRoot{Store: layout.LayerStoreDir, Dir: layout.OverlayDir(applytest.Machine)}}
 		}
 	}
 	applytest.PrepareRoot(t, root)
@@ -95,7 +95,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 		t.Helper()
 		logBuf.Reset()
 		calls := len(sd.Calls())
-		res, err := Run(ctx, p, opts)
+		res, err := applytest.Run(ctx, p, opts)
 		if err != nil {
 			t.Fatalf("%s: apply: %v", what, err)
 		}
@@ -116,7 +116,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 		}
 	}
 	wantStatus(status.StateDone, "", "done")
-	if res, err := Run(ctx, p, opts); err != nil || !res.AlreadyApplied {
+	if res, err := applytest.Run(ctx, p, opts); err != nil || !res.AlreadyApplied {
 		t.Fatalf("a whole root applied again: %+v %v, want already applied", res, err)
 	}
 
@@ -126,9 +126,9 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	repair("not mounted")
 
 	// A layer emptied by hand: its stamp no longer matches.
-	img, err := layers.ReadImage(host, render.OverlayDir(applytest.Machine))
+	img, err := layers.ReadImage(host, layout.OverlayDir(applytest.Machine))
 	applytest.Must(t, err)
-	store := layers.At(host, render.LayerStoreDir)
+	store := layers.At(host, layout.LayerStoreDir)
 	layerDir := filepath.Join(root, store.Path(img.Layers[0]))
 	es, err := os.ReadDir(layerDir)
 	applytest.Must(t, err)
@@ -139,7 +139,7 @@ func TestApplyRepairsLayerRoot(t *testing.T) {
 	repair("layer emptied")
 
 	// The record damaged.
-	applytest.Must(t, os.WriteFile(filepath.Join(root, render.OverlayDir(applytest.Machine), layers.RecordName), []byte("{"), 0o600))
+	applytest.Must(t, os.WriteFile(filepath.Join(root, layout.OverlayDir(applytest.Machine), layers.RecordName), []byte("{"), 0o600))
 	wantStatus(status.StateDegraded, "record", "is unreadable")
 	repair("record damaged")
 }
@@ -158,7 +158,7 @@ func appliedLayerFixture(t *testing.T) (string, *confine.Root, *plan.Plan, Optio
 		host.Close()
 	})
 	p, opts, sd, logBuf := layerFixture(t, root)
-	if _, err := Run(context.Background(), p, opts); err != nil {
+	if _, err := applytest.Run(context.Background(), p, opts); err != nil {
 		t.Fatal(err)
 	}
 	return root, host, p, opts, sd, logBuf
@@ -175,7 +175,7 @@ func TestInterruptedRepairResumes(t *testing.T) {
 	ctx := context.Background()
 	root, host, p, opts, sd, _ := appliedLayerFixture(t)
 	applytest.Must(t, layers.Unmount(ctx, host, applytest.Rootfs, 10*time.Second, quietLog))
-	applytest.Must(t, os.RemoveAll(filepath.Join(root, render.OverlayDir(applytest.Machine), "upper")))
+	applytest.Must(t, os.RemoveAll(filepath.Join(root, layout.OverlayDir(applytest.Machine), "upper")))
 
 	// The repairing run dies once its run is recorded, before its steps;
 	// what it did of the repair is done here by hand.
@@ -192,9 +192,9 @@ func TestInterruptedRepairResumes(t *testing.T) {
 				t.Fatalf("the repairing run was not stopped at its start: %v", v)
 			}
 		}()
-		Run(ctx, p, killing)
+		applytest.Run(ctx, p, killing)
 	}()
-	store := layers.At(host, render.LayerStoreDir)
+	store := layers.At(host, layout.LayerStoreDir)
 	lm := machine.ImageRoot(machine.LayerImage(p))
 	h, err := store.Check(lm)
 	applytest.Must(t, err)
@@ -205,7 +205,7 @@ func TestInterruptedRepairResumes(t *testing.T) {
 		t.Fatalf("after the interrupted repair Check finds %+v %v; want nothing (what makes this test)", h.Problems, err)
 	}
 
-	res, err := Run(ctx, p, opts)
+	res, err := applytest.Run(ctx, p, opts)
 	if err != nil || res.AlreadyApplied {
 		t.Fatalf("apply after an interrupted repair: %+v %v; want a resumed run", res, err)
 	}

@@ -13,27 +13,27 @@ import (
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
 )
 
 // machinesDir is where machined keeps machine root directories (render
 // puts every rootfs there).
-const machinesDir = render.MachinesDir
+const machinesDir = layout.MachinesDir
 
 // collectLayers deletes the layers in the layer store that no machine root
 // is made of: none listed in a machine's overlay record
 // (machines/<m>/overlay/image.json) and none a mounted overlayfs uses as a
 // lower directory, whatever the records say. It runs after a successful
 // switch, with the apply lock held, so no pull or compose runs meanwhile.
-func collectLayers(host *confine.Root, log *slog.Logger) ([]digest.Digest, error) {
-	if _, err := host.Lstat(render.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
+func CollectLayers(host *confine.Root, log *slog.Logger) ([]digest.Digest, error) {
+	if _, err := host.Lstat(layout.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
-	store, err := layers.Open(host, render.LayerStoreDir)
+	store, err := layers.Open(host, layout.LayerStoreDir)
 	if err != nil {
 		return nil, err
 	}
@@ -46,7 +46,7 @@ func collectLayers(host *confine.Root, log *slog.Logger) ([]digest.Digest, error
 		return nil, err
 	}
 	for _, e := range es {
-		img, err := layers.ReadImage(host, render.OverlayDir(e.Name()))
+		img, err := layers.ReadImage(host, layout.OverlayDir(e.Name()))
 		if err != nil {
 			// A record that cannot be read may still name layers in use:
 			// collect nothing rather than guess.
@@ -74,14 +74,14 @@ func MountRoot(ctx context.Context, root, m string, log *slog.Logger) error {
 		return err
 	}
 	defer host.Close()
-	lm := machine.LayerRoot(path.Join(machinesDir, m), render.OverlayDir(m))
-	if _, err := host.Lstat(render.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
+	lm := machine.LayerRoot(path.Join(machinesDir, m), layout.OverlayDir(m))
+	if _, err := host.Lstat(layout.LayerStoreDir); errors.Is(err, fs.ErrNotExist) {
 		if img, err := layers.ReadImage(host, lm.Dir); err != nil || img == nil {
 			log.Info("machine root is not made of layers; nothing to mount", "machine", m)
 			return err
 		}
 	}
-	store, err := layers.Open(host, render.LayerStoreDir)
+	store, err := layers.Open(host, layout.LayerStoreDir)
 	if err != nil {
 		return err
 	}
@@ -99,7 +99,7 @@ func MountRoot(ctx context.Context, root, m string, log *slog.Logger) error {
 // older nodespawn wrote for it too. The store's layers stay for the
 // collection after a switch. changed is false when there was none.
 func removeLayerRoot(ctx context.Context, host *confine.Root, rootfs string, log *slog.Logger) (changed bool, err error) {
-	lm := machine.LayerRoot(rootfs, render.OverlayDir(path.Base(rootfs)))
+	lm := machine.LayerRoot(rootfs, layout.OverlayDir(path.Base(rootfs)))
 	mounted, _, err := layers.MountedIn(host, rootfs)
 	if err != nil {
 		return false, err

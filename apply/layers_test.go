@@ -14,13 +14,12 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/internal/layout"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layers"
-	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // TestCollectLayersKeepsWhatMachinesUse: after a switch, the store keeps
@@ -36,7 +35,7 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 	host, err := confine.Open(rootDir)
 	applytest.Must(t, err)
 	t.Cleanup(func() { host.Close() }) // after the unmounts below, which use it
-	store, err := layers.Open(host, render.LayerStoreDir)
+	store, err := layers.Open(host, layout.LayerStoreDir)
 	applytest.Must(t, err)
 	var ids []digest.Digest
 	for _, name := range []string{"kube1's", "kube2's", "nobody's"} {
@@ -48,7 +47,7 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 		applytest.Must(t, err)
 	}
 	compose := func(m string, id digest.Digest) layers.Machine {
-		lm := layers.Machine{Target: path.Join(render.MachinesDir, m), Dir: render.OverlayDir(m), Unit: layers.LegacyUnit(path.Join(render.MachinesDir, m)), Machine: m}
+		lm := layers.Machine{Target: path.Join(layout.MachinesDir, m), Dir: layout.OverlayDir(m), Unit: layers.LegacyUnit(path.Join(layout.MachinesDir, m)), Machine: m}
 		_, err := store.Compose(ctx, lm, layers.Image{Manifest: digest.FromString(m), Layers: []digest.Digest{id}}, log)
 		applytest.Must(t, err)
 		t.Cleanup(func() { layers.Unmount(context.Background(), host, lm.Target, time.Second, log) })
@@ -64,7 +63,7 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 	if !slices.Equal(gone, []digest.Digest{ids[2]}) {
 		t.Fatalf("collected %v, want only %s (no machine uses it)", gone, ids[2])
 	}
-	if b, err := os.ReadFile(filepath.Join(rootDir, render.MachinesDir, "kube2", "layer")); err != nil || string(b) != "kube2's" {
+	if b, err := os.ReadFile(filepath.Join(rootDir, layout.MachinesDir, "kube2", "layer")); err != nil || string(b) != "kube2's" {
 		t.Fatalf("kube2's root after collection: %q, %v", b, err)
 	}
 
@@ -82,7 +81,7 @@ func TestCollectLayersKeepsWhatMachinesUse(t *testing.T) {
 }
 
 // TestInstallBinary: the binary that applied a root made of layers goes
-// to plan.BinaryPath (the machine's service runs it at boot), whole, and
+// to layout.BinaryPath (the machine's service runs it at boot), whole, and
 // only when the file there differs.
 func TestInstallBinary(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
@@ -95,7 +94,7 @@ func TestInstallBinary(t *testing.T) {
 	if changed, err := InstallBinary(host, "", log); err != nil || changed {
 		t.Fatalf("no binary to install: changed=%v err=%v", changed, err)
 	}
-	installed := filepath.Join(rootDir, plan.BinaryPath)
+	installed := filepath.Join(rootDir, layout.BinaryPath)
 	for i, want := range []bool{true, false} {
 		if changed, err := InstallBinary(host, self, log); err != nil || changed != want {
 			t.Fatalf("install %d: changed=%v err=%v, want changed=%v", i, changed, err, want)
@@ -109,7 +108,7 @@ func TestInstallBinary(t *testing.T) {
 	}
 	// A run killed mid-write left its temporary file beside the binary;
 	// the next install removes it, and nothing else there.
-	leftover := filepath.Join(filepath.Dir(installed), confine.TempPrefix(plan.BinaryPath, "write")+"0123456789ab")
+	leftover := filepath.Join(filepath.Dir(installed), confine.TempPrefix(layout.BinaryPath, "write")+"0123456789ab")
 	neighbour := filepath.Join(filepath.Dir(installed), "kubectl")
 	applytest.Must(t, os.WriteFile(leftover, []byte("half a bin"), 0o600))
 	applytest.Must(t, os.WriteFile(neighbour, []byte("someone else's"), 0o755))
@@ -128,7 +127,7 @@ func TestInstallBinary(t *testing.T) {
 	}
 	// The installed file itself is not copied onto itself.
 	if changed, err := InstallBinary(host, installed, log); err != nil || changed {
-		t.Fatalf("run from %s: changed=%v err=%v", plan.BinaryPath, changed, err)
+		t.Fatalf("run from %s: changed=%v err=%v", layout.BinaryPath, changed, err)
 	}
 }
 
@@ -144,7 +143,7 @@ func TestMountRootNames(t *testing.T) {
 	if err := MountRoot(context.Background(), root, "kube1", slog.New(slog.DiscardHandler)); err != nil {
 		t.Errorf("mount-root of a machine without a record: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(root, render.LayerStoreDir)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(root, layout.LayerStoreDir)); !os.IsNotExist(err) {
 		t.Errorf("mount-root without a record made the layer store: %v", err)
 	}
 }

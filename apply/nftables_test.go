@@ -82,12 +82,12 @@ func TestReapplyKeepsLiveNodesRules(t *testing.T) {
 				// that succeeded and started the machine.
 				prev := flushPlan()
 				prev.Steps = prev.Steps[1:]
-				if _, err := Run(context.Background(), prev, opts); err != nil {
+				if _, err := applytest.Run(context.Background(), prev, opts); err != nil {
 					t.Fatal(err)
 				}
 			}
 			sd.Registered[applytest.Machine] = tt.running
-			if _, err := Run(context.Background(), flushPlan(), opts); err != nil {
+			if _, err := applytest.Run(context.Background(), flushPlan(), opts); err != nil {
 				t.Fatal(err)
 			}
 			rules := ruleset()

@@ -6,10 +6,10 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// validatePlan checks what the executor relies on: unique ids, known
+// Validate checks what the Executor relies on: unique ids, known
 // phases, a payload for each kind, and After edges that point at earlier
 // or same-phase steps without cycles. A failure here is a render bug.
-func validatePlan(p *plan.Plan) error {
+func Validate(p *plan.Plan) error {
 	if p == nil {
 		return fmt.Errorf("apply: no plan")
 	}
@@ -117,4 +117,15 @@ func checkPayload(s *plan.Step) error {
 		return fmt.Errorf("kind %s without its %s payload", s.Kind, s.Kind)
 	}
 	return nil
+}
+
+// PhaseSteps are p's steps of phase ph, in plan order.
+func PhaseSteps(p *plan.Plan, ph plan.Phase) []*plan.Step {
+	var out []*plan.Step
+	for i := range p.Steps {
+		if p.Steps[i].Phase == ph {
+			out = append(out, &p.Steps[i])
+		}
+	}
+	return out
 }

@@ -9,7 +9,7 @@ import (
 )
 
 // newRecord is the record of a run of p, every step pending.
-func newRecord(p *plan.Plan, opts Options, planDigest string) *state.Record {
+func NewRecord(p *plan.Plan, opts Options, planDigest string) *state.Record {
 	r := &state.Record{
 		Version:        state.RecordVersion,
 		ToolVersion:    opts.ToolVersion,
@@ -28,9 +28,9 @@ func newRecord(p *plan.Plan, opts Options, planDigest string) *state.Record {
 	return r
 }
 
-// recordWriter owns the record during a run; steps finishing concurrently
+// RecordWriter owns the record during a run; steps finishing concurrently
 // report through it, and each report rewrites the file atomically.
-type recordWriter struct {
+type RecordWriter struct {
 	store *state.Store
 	mu    sync.Mutex
 	rec   *state.Record
@@ -40,7 +40,7 @@ type recordWriter struct {
 
 // step records one step's outcome and saves the record; it returns how
 // many steps have been recorded.
-func (w *recordWriter) step(id string, o state.Outcome, start time.Time, d time.Duration, stepErr error) (int, error) {
+func (w *RecordWriter) step(id string, o state.Outcome, start time.Time, d time.Duration, stepErr error) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for i := range w.rec.Steps {
@@ -57,7 +57,7 @@ func (w *recordWriter) step(id string, o state.Outcome, start time.Time, d time.
 	return w.n, w.saveLocked()
 }
 
-func (w *recordWriter) finish(ok bool) error {
+func (w *RecordWriter) Finish(ok bool) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	now := time.Now().UTC()
@@ -69,13 +69,13 @@ func (w *recordWriter) finish(ok bool) error {
 	return w.saveLocked()
 }
 
-func (w *recordWriter) save() error {
+func (w *RecordWriter) Save() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.saveLocked()
 }
 
-func (w *recordWriter) saveLocked() error {
+func (w *RecordWriter) saveLocked() error {
 	if w.warn != nil {
 		w.rec.Warnings = w.warn.Lines()
 	}
@@ -83,7 +83,7 @@ func (w *recordWriter) saveLocked() error {
 }
 
 // upgrade changes the record's upgrade part and saves the record.
-func (w *recordWriter) upgrade(f func(*state.RecordUpgrade)) {
+func (w *RecordWriter) Upgrade(f func(*state.RecordUpgrade)) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.rec.Upgrade == nil {
@@ -94,11 +94,11 @@ func (w *recordWriter) upgrade(f func(*state.RecordUpgrade)) {
 }
 
 // since is t in milliseconds after the run started.
-func (w *recordWriter) since(t time.Time) int64 {
+func (w *RecordWriter) Since(t time.Time) int64 {
 	return max(t.Sub(w.rec.Started).Milliseconds(), 0)
 }
 
-func (w *recordWriter) snapshot() *state.Record {
+func (w *RecordWriter) Snapshot() *state.Record {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	c := *w.rec

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/manifest"
@@ -33,7 +32,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 			deps, _, _, _ := applytest.Deps()
 			opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 			opts.Root = root
-			if _, err := Run(context.Background(), p, opts); err != nil {
+			if _, err := applytest.Run(context.Background(), p, opts); err != nil {
 				t.Fatal(err)
 			}
 			for _, s := range p.Steps {
@@ -41,7 +40,7 @@ func TestApplyRenderedExamples(t *testing.T) {
 			}
 			deps, _, _, _ = applytest.Deps()
 			opts.Deps, opts.Force = deps, true
-			res, err := Run(context.Background(), p, opts)
+			res, err := applytest.Run(context.Background(), p, opts)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -27,9 +27,6 @@ const (
 
 func TestMain(m *testing.M) {
 	if root := os.Getenv(childRootEnv); root != "" {
-		if v := os.Getenv(upgradeChildEnv); v != "" {
-			os.Exit(childUpgrade(root, v))
-		}
 		os.Exit(childApply(root))
 	}
 	os.Exit(m.Run())
@@ -55,7 +52,7 @@ func childApply(root string) int {
 			}
 		})
 	}
-	if _, err := Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return ExitCode(err)
 	}

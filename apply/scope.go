@@ -27,7 +27,7 @@ type scope struct {
 }
 
 // scopeFor returns the scope of plan path p; close it when done.
-func (e *executor) scopeFor(p string) (scope, error) {
+func (e *Executor) scopeFor(p string) (scope, error) {
 	if e.plan.Rootfs == "" || !within(p, e.plan.Rootfs) {
 		return scope{root: e.host, prefix: "/"}, nil
 	}

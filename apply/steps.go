@@ -13,7 +13,7 @@ import (
 )
 
 // image creates the rootfs through the image puller.
-func (e *executor) image(ctx context.Context, img *plan.Image) (state.Outcome, error) {
+func (e *Executor) image(ctx context.Context, img *plan.Image) (state.Outcome, error) {
 	// The rootfs is made in the host root: its staging directory and the
 	// old tree live beside it.
 	changed, err := e.opts.Deps.Images.Pull(ctx, img, e.host, img.Dest)
@@ -36,7 +36,7 @@ type prefetches struct {
 
 // prefetch starts fetching every download of a phase, at most
 // opts.Parallel at once, without waiting for the steps they run after.
-func (e *executor) prefetch(ctx context.Context, steps []*plan.Step) *prefetches {
+func (e *Executor) prefetch(ctx context.Context, steps []*plan.Step) *prefetches {
 	pf := &prefetches{m: map[string]*prefetch{}}
 	if e.opts.Deps.Downloader == nil {
 		return pf
@@ -65,7 +65,7 @@ func (e *executor) prefetch(ctx context.Context, steps []*plan.Step) *prefetches
 
 // fetch starts a download; it shows the downloader the destination's
 // tree as it is now, or none when the machine's rootfs does not exist yet.
-func (e *executor) fetch(ctx context.Context, d *plan.Download) (Artifact, error) {
+func (e *Executor) fetch(ctx context.Context, d *plan.Download) (Artifact, error) {
 	t, err := e.target(d.Dest)
 	if errors.Is(err, fs.ErrNotExist) {
 		return e.opts.Deps.Downloader.Fetch(ctx, d, nil, d.Dest)
@@ -87,7 +87,7 @@ func (pf *prefetches) wait() {
 
 // download installs a prefetched artifact once the steps it runs after
 // are done.
-func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (state.Outcome, error) {
+func (e *Executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (state.Outcome, error) {
 	f := pf.m[s.ID]
 	select {
 	case <-f.done:
@@ -116,7 +116,7 @@ func (e *executor) download(ctx context.Context, s *plan.Step, pf *prefetches) (
 }
 
 // systemd runs a Systemd step.
-func (e *executor) systemd(ctx context.Context, s *plan.Systemd) (state.Outcome, error) {
+func (e *Executor) systemd(ctx context.Context, s *plan.Systemd) (state.Outcome, error) {
 	sd := e.opts.Deps.Systemd
 	switch s.Action {
 	case "daemon-reload":
@@ -141,9 +141,9 @@ const DefaultWaitTimeout = 5 * time.Minute
 const journalLines = 30
 
 // wait runs a Wait step (waitMachine), failing early on restarts when the
-// executor has a restart limit (an upgrade's new machine).
-func (e *executor) wait(ctx context.Context, w *plan.Wait) (state.Outcome, error) {
-	first, err := waitMachineFirst(ctx, e.opts.Deps.Systemd, w, e.opts.PollInterval, e.restartLimit)
+// Executor has a restart limit (an upgrade's new machine).
+func (e *Executor) wait(ctx context.Context, w *plan.Wait) (state.Outcome, error) {
+	first, err := waitMachineFirst(ctx, e.opts.Deps.Systemd, w, e.opts.PollInterval, e.RestartLimit)
 	if err != nil {
 		return "", err
 	}
@@ -156,9 +156,9 @@ func (e *executor) wait(ctx context.Context, w *plan.Wait) (state.Outcome, error
 // waitMachine polls machined until the machine is registered, then the
 // machine's systemd until every unit is active, up to w.TimeoutSeconds. A
 // timeout reports each unit's last state and the tail of the machine's
-// journal. With restartLimit > 0, a unit restarted that many times since
+// journal. With RestartLimit > 0, a unit restarted that many times since
 // the wait began fails it at once.
-func waitMachine(ctx context.Context, sd Systemd, w *plan.Wait, poll time.Duration, restartLimit int) error {
+func WaitMachine(ctx context.Context, sd Systemd, w *plan.Wait, poll time.Duration, restartLimit int) error {
 	_, err := waitMachineFirst(ctx, sd, w, poll, restartLimit)
 	return err
 }
@@ -280,7 +280,7 @@ func (c *restartCounter) check(ctx context.Context) error {
 
 // watchRestarts checks the units every poll until ctx ends; it returns the
 // restart error, or nil when ctx ended.
-func watchRestarts(ctx context.Context, sd Systemd, machine string, units []string, limit int, poll time.Duration) error {
+func WatchRestarts(ctx context.Context, sd Systemd, machine string, units []string, limit int, poll time.Duration) error {
 	c := newRestartCounter(sd, machine, units, limit)
 	for {
 		if err := c.check(ctx); err != nil {

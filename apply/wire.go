@@ -22,6 +22,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/httpx"
 	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/internal/layers"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/internal/oci"
 	"github.com/nodespawn/nodespawn/internal/progress"
@@ -60,7 +61,7 @@ func DefaultDeps(root string, log *slog.Logger) (Deps, error) {
 	progress := progress.New(os.Stderr, log)
 	puller := &imagePuller{log: log, client: client, progress: progress, credentials: registryCredentials(root)}
 	if filepath.Clean(root) == "/" {
-		// The machine's service runs plan.BinaryPath mount-root at boot:
+		// The machine's service runs layout.BinaryPath mount-root at boot:
 		// this binary goes there (installBinary).
 		if self, err := os.Executable(); err == nil {
 			puller.self = self
@@ -91,7 +92,7 @@ type imagePuller struct {
 	client      *http.Client
 	progress    *progress.Display
 	credentials string
-	// self is this binary, installed at plan.BinaryPath for the machine's
+	// self is this binary, installed at layout.BinaryPath for the machine's
 	// service to mount a root made of layers at boot; "" installs nothing
 	// (a run against another root than the host's).
 	self string
@@ -180,7 +181,7 @@ func (p *imagePuller) pullLayers(ctx context.Context, req oci.Request, lr *plan.
 			return false, err
 		}
 		// The layers fetched for nothing go now, not at the next switch.
-		if _, err := collectLayers(req.Root, p.log); err != nil {
+		if _, err := CollectLayers(req.Root, p.log); err != nil {
 			return false, err
 		}
 		return changed || installed, nil
@@ -215,7 +216,7 @@ func (p *imagePuller) tooDeep(ctx context.Context, req oci.Request, store *layer
 	return nil, nil
 }
 
-// installBinary puts self (this binary) at plan.BinaryPath in root, where
+// installBinary puts self (this binary) at layout.BinaryPath in root, where
 // the machine's service runs it at boot to mount a root made of layers,
 // whatever path the operator ran nodespawn from: written under a
 // temporary name and renamed over the old one, so a boot finds the old
@@ -225,28 +226,28 @@ func installBinary(root *confine.Root, self string, log *slog.Logger) (bool, err
 	if self == "" {
 		return false, nil
 	}
-	if a, b := fileID(os.Stat(self)), fileID(root.Stat(plan.BinaryPath)); a != nil && b != nil && *a == *b {
+	if a, b := fileID(os.Stat(self)), fileID(root.Stat(layout.BinaryPath)); a != nil && b != nil && *a == *b {
 		return false, nil
 	}
 	want, err := os.ReadFile(self)
 	if err != nil {
-		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+		return false, fmt.Errorf("install %s: %w", layout.BinaryPath, err)
 	}
-	if have, err := root.ReadFile(plan.BinaryPath); err == nil && bytes.Equal(have, want) {
+	if have, err := root.ReadFile(layout.BinaryPath); err == nil && bytes.Equal(have, want) {
 		return false, nil
 	}
-	if err := root.MkdirAll(path.Dir(plan.BinaryPath), 0o755, 0, 0); err != nil {
+	if err := root.MkdirAll(path.Dir(layout.BinaryPath), 0o755, 0, 0); err != nil {
 		return false, err
 	}
 	// A run killed while it wrote the binary left its temporary file
 	// beside it (confine's temporary names only; apply holds the lock).
-	if err := root.RemoveStaleTemps(path.Dir(plan.BinaryPath)); err != nil {
-		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+	if err := root.RemoveStaleTemps(path.Dir(layout.BinaryPath)); err != nil {
+		return false, fmt.Errorf("install %s: %w", layout.BinaryPath, err)
 	}
-	if err := root.WriteFile(plan.BinaryPath, want, 0o755, 0, 0); err != nil {
-		return false, fmt.Errorf("install %s: %w", plan.BinaryPath, err)
+	if err := root.WriteFile(layout.BinaryPath, want, 0o755, 0, 0); err != nil {
+		return false, fmt.Errorf("install %s: %w", layout.BinaryPath, err)
 	}
-	log.Info("installed this nodespawn binary for the machine's service, which mounts its root at boot", "path", root.Show(plan.BinaryPath), "from", self)
+	log.Info("installed this nodespawn binary for the machine's service, which mounts its root at boot", "path", root.Show(layout.BinaryPath), "from", self)
 	return true, nil
 }
 

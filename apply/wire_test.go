@@ -81,7 +81,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 	deps, err := DefaultDeps(root, log)
 	applytest.Must(t, err)
 	opts := Options{Root: root, ManifestDigest: applytest.Digest, Deps: deps, Log: log}
-	res, err := Run(context.Background(), p, opts)
+	res, err := applytest.Run(context.Background(), p, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +104,7 @@ func TestDefaultDepsOnLoopback(t *testing.T) {
 	// A forced rerun finds everything in place without asking the server.
 	before := hits.Load()
 	opts.Force = true
-	res, err = Run(context.Background(), p, opts)
+	res, err = applytest.Run(context.Background(), p, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

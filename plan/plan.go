@@ -10,8 +10,6 @@ import (
 	"fmt"
 
 	"github.com/opencontainers/go-digest"
-
-	"github.com/nodespawn/nodespawn/internal/layout"
 )
 
 // Version identifies the JSON shape of a Plan. It changes only when a
@@ -56,18 +54,6 @@ const (
 	KindSystemd   Kind = "systemd"   // Step.Systemd
 	KindWait      Kind = "wait"      // Step.Wait
 )
-
-// ActiveMachineFile, StateDir, MachineStateDir and BinaryPath are package
-// layout's, where host paths live; they stay here only for the callers in
-// package apply until those use layout (issue 20's re-layout), then go.
-const (
-	ActiveMachineFile = layout.ActiveMachineFile
-	StateDir          = layout.StateDir
-	BinaryPath        = layout.BinaryPath
-)
-
-// MachineStateDir is layout.MachineStateDir (see StateDir).
-func MachineStateDir(m string) string { return layout.MachineStateDir(m) }
 
 // Plan is everything apply will do, as data. render.Plan builds it from a
 // manifest and host facts; apply executes it; --dry-run prints it.

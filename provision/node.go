@@ -16,6 +16,7 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
+	"github.com/nodespawn/nodespawn/upgrade"
 )
 
 // upgradeOptions are apply's settings for upgrades by alternating machines
@@ -173,7 +174,7 @@ func resumeAtBoot(ctx context.Context, root, toolVersion string) error {
 	if err != nil {
 		return fmt.Errorf("finish the interrupted upgrade from %s to %s: %w", st.Upgrade.From, st.Upgrade.To, err)
 	}
-	out, err := apply.Resume(ctx, opts)
+	out, err := upgrade.Resume(ctx, opts)
 	if out != nil {
 		slog.Info("finished the interrupted upgrade", "from", out.From, "to", out.To, "outcome", out.Outcome)
 	}

@@ -115,23 +115,23 @@ func (a *Run) Once(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if d.Action == apply.ActionRefuse {
+		if d.Action == ActionRefuse {
 			// The plan's output says why; the exit code is apply's.
 			return ExitError{Code: d.Exit, Detailed: a.DetailedExit}
 		}
-		return a.changesExit(d.Action != apply.ActionAlreadyApplied)
+		return a.changesExit(d.Action != ActionAlreadyApplied)
 	}
 	for _, w := range p.Warnings {
 		slog.Warn(w)
 	}
 	var res *apply.Result
-	if d.Action == apply.ActionRefuse {
+	if d.Action == ActionRefuse {
 		err = d.Err
 	} else {
 		if opts.Deps, err = apply.DefaultDeps(a.Root, slog.Default()); err != nil {
 			return err
 		}
-		res, err = apply.Run(ctx, p, opts)
+		res, _, err = Apply(ctx, p, opts)
 	}
 	a.result = res
 	var changed *apply.ManifestChangedError
@@ -165,13 +165,13 @@ func (a *Run) Once(ctx context.Context) error {
 }
 
 // decide is what apply will do with m's plan p on the host at a.Root,
-// and the options apply.Run gets: the one decision that the dry run
-// prints and apply carries out (apply.Run makes it again, by the same
+// and the options Apply gets: the one decision that the dry run
+// prints and apply carries out (Apply makes it again, by the same
 // function, under its lock). A manifest for another node than the one
 // the host runs is refused here (an upgrade cannot change the node's
 // identity), unless its first run failed before the machine started:
 // then there is no node, and any manifest for that machine replaces it.
-func (a *Run) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, data []byte) (apply.Options, *apply.Decision, error) {
+func (a *Run) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, data []byte) (apply.Options, *Decision, error) {
 	canonical, err := m.Digest()
 	if err != nil {
 		return apply.Options{}, nil, err
@@ -189,19 +189,19 @@ func (a *Run) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, data 
 		Force:          a.Force,
 		Upgrade:        up,
 	}
-	refuse := func(err error) (apply.Options, *apply.Decision, error) {
-		return opts, &apply.Decision{Action: apply.ActionRefuse, Machine: p.Machine, Err: err, Exit: ExitCode(err)}, nil
+	refuse := func(err error) (apply.Options, *Decision, error) {
+		return opts, &Decision{Action: ActionRefuse, Machine: p.Machine, Err: err, Exit: ExitCode(err)}, nil
 	}
 	// Another machine pair first: the plan of the running machine cannot
 	// even be made from this manifest.
 	if err := checkSameNode(a.Root, m, p, false); err != nil {
 		return refuse(err)
 	}
-	d, err := apply.Decide(p, opts)
+	d, err := Decide(p, opts)
 	if err != nil {
 		return opts, nil, render.Locate(m, err)
 	}
-	if d.Action != apply.ActionReplace {
+	if d.Action != ActionReplace {
 		if err := checkSameNode(a.Root, m, p, true); err != nil {
 			return refuse(err)
 		}
@@ -211,7 +211,7 @@ func (a *Run) decide(m *manifest.Manifest, facts plan.Facts, p *plan.Plan, data 
 
 // writePlan prints the whole plan (--dry-run on a host with nothing
 // applied, render, --facts), then, in text, what apply will do.
-func (a *Run) writePlan(ctx context.Context, p *plan.Plan, d *apply.Decision) error {
+func (a *Run) writePlan(ctx context.Context, p *plan.Plan, d *Decision) error {
 	if a.Output == "json" {
 		return plan.WriteJSON(a.Out, p)
 	}
@@ -258,7 +258,7 @@ func (a *Run) changesExit(changes bool) error {
 // writeChange prints what applying m would change on a host whose node
 // runs the applied plan: the diff against it, and what apply will do
 // about it (d): an upgrade, in place, or a refusal and why.
-func (a *Run) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *plan.Plan, d *apply.Decision) error {
+func (a *Run) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *plan.Plan, d *Decision) error {
 	// The diff compares plans of the same machine, so it shows what
 	// changes, not the machine's name in every path.
 	same := p
@@ -270,10 +270,10 @@ func (a *Run) writeChange(m *manifest.Manifest, facts plan.Facts, applied, p *pl
 	}
 	diff := plan.Compare(applied, same)
 	diff.Apply = &plan.ApplyNote{Action: string(d.Action), Summary: d.String()}
-	if d.Action == apply.ActionRefuse {
+	if d.Action == ActionRefuse {
 		diff.Apply.ExitCode = d.Exit
 	}
-	if d.Action == apply.ActionUpgrade {
+	if d.Action == ActionUpgrade {
 		diff.SetUpgrade(&plan.UpgradeNote{From: d.From, To: d.Machine, StopTimeout: m.Upgrade.StopTimeout, ReadyTimeout: m.Upgrade.ReadyTimeout})
 	}
 	if a.Output == "json" {

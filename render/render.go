@@ -39,10 +39,6 @@ func header(comment string) string {
 	return comment + " Managed by nodespawn: changes are overwritten on the next apply."
 }
 
-// MachinesDir is layout.MachinesDir, kept for package apply until it uses
-// layout (issue 20's re-layout).
-const MachinesDir = layout.MachinesDir
-
 // Error is a render failure caused by the manifest: it asks for something
 // this host cannot give (a GPU on a host without one, say), or one of its
 // extra entries clashes with another step of the plan.

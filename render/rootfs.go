@@ -129,13 +129,6 @@ func deepSummary(lr *plan.LayerRoot) string {
 	return fmt.Sprintf("%s %d layers per root: an image with more is %s", how, lr.MaxLayers, then)
 }
 
-// LayerStoreDir and OverlayDir are layout's, kept here for package apply
-// until it uses layout (issue 20's re-layout).
-const LayerStoreDir = layout.LayerStoreDir
-
-// OverlayDir is layout.OverlayDir (see LayerStoreDir).
-func OverlayDir(m string) string { return layout.OverlayDir(m) }
-
 // upperFilesystems are the filesystems nodespawn puts an overlayfs upper
 // directory (and the layer store beside it) on: they have what overlayfs
 // needs of one (d_type, xattrs, whiteout devices, RENAME_WHITEOUT).

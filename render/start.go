@@ -5,13 +5,6 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 )
 
-// EnableLink and NspawnTemplate are layout's, kept here for package apply
-// until it uses layout (issue 20's re-layout).
-func EnableLink(machine string) string { return layout.EnableLink(machine) }
-
-// NspawnTemplate is layout.NspawnTemplate (see EnableLink).
-const NspawnTemplate = layout.NspawnTemplate
-
 // WaitTimeoutSeconds bounds how long apply waits for the machine to boot
 // and containerd and kubelet to become active inside it.
 const WaitTimeoutSeconds = 300

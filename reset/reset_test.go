@@ -15,8 +15,8 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
 	"golang.org/x/sys/unix"
 )
@@ -34,7 +34,7 @@ func appliedRoot(t *testing.T) (string, *plan.Plan) {
 	deps, _, _, _ := applytest.Deps()
 	opts := applytest.Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	if _, err := apply.Run(context.Background(), p, opts); err != nil {
+	if _, err := applytest.Run(context.Background(), p, opts); err != nil {
 		t.Fatal(err)
 	}
 	applytest.Must(t, apply.InstallFirstboot(root, ""))
@@ -227,7 +227,7 @@ func TestResetRemovesBothMachinesAndTheNodeState(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, gone := range []string{"var/lib/machines/kube1", "var/lib/machines/kube2", "var/lib/nodespawn",
-		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(render.EnableLink("kube2"), "/")} {
+		"etc/systemd/nspawn/kube1.nspawn", "etc/systemd/nspawn/kube2.nspawn", strings.TrimPrefix(layout.EnableLink("kube2"), "/")} {
 		if _, err := os.Lstat(filepath.Join(root, gone)); err == nil {
 			t.Errorf("%s is still there after reset", gone)
 		}

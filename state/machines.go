@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -46,7 +47,7 @@ const (
 type Machines struct {
 	Version string `json:"version"`
 	// Active is the machine that runs the node ("" until a run has
-	// started one). plan.ActiveMachineFile says the same to systemd.
+	// started one). layout.ActiveMachineFile says the same to systemd.
 	Active string `json:"active,omitempty"`
 	// Previous is the machine the last upgrade switched away from, kept
 	// for one rollback (nodespawn rollback); "" when there is none.
@@ -157,7 +158,7 @@ func (s *Store) WriteMachines(m *Machines) error {
 	return nil
 }
 
-// SetActive makes machine the one systemd may start (plan.ActiveMachineFile)
+// SetActive makes machine the one systemd may start (layout.ActiveMachineFile)
 // and the one the state names. The file is written first: it is what
 // decides at boot.
 func (s *Store) SetActive(st *Machines, machine string) error {
@@ -171,13 +172,13 @@ func (s *Store) SetActive(st *Machines, machine string) error {
 func (s *Store) WriteActiveFile(machine string) error {
 	host := s.host
 	want := []byte(machine + "\n")
-	if b, err := host.ReadFile(plan.ActiveMachineFile); err == nil && string(b) == string(want) {
+	if b, err := host.ReadFile(layout.ActiveMachineFile); err == nil && string(b) == string(want) {
 		return nil
 	}
 	if err := host.MkdirAll(Dir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
-	if err := host.WriteFile(plan.ActiveMachineFile, want, 0o644, -1, -1); err != nil {
+	if err := host.WriteFile(layout.ActiveMachineFile, want, 0o644, -1, -1); err != nil {
 		return fmt.Errorf("make %s the active machine: %w", machine, err)
 	}
 	return nil
@@ -189,7 +190,7 @@ func (s *Store) StoreMachine(p *plan.Plan, manifest []byte) error {
 	if err := host.MkdirAll(MachinesDir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
-	dir := plan.MachineStateDir(p.Machine)
+	dir := layout.MachineStateDir(p.Machine)
 	if err := host.MkdirAll(dir, 0o700, -1, -1); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
@@ -279,3 +280,6 @@ func (st *Machines) RollbackProblem() error {
 type NoRollbackError struct{ Why string }
 
 func (e *NoRollbackError) Error() string { return "rollback: " + e.Why }
+
+// Refused marks e an apply.Refusal: nothing changed (exit code 2).
+func (e *NoRollbackError) Refused() {}

@@ -1,4 +1,4 @@
-package status
+package status_test
 
 import (
 	"bytes"
@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	. "github.com/nodespawn/nodespawn/status"
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
@@ -182,7 +184,7 @@ func TestStatusHostUnits(t *testing.T) {
 			opts.Root = root
 			p := applytest.Plan()
 			p.HostUnits = []string{plan.FabricManagerUnit}
-			if _, err := apply.Run(context.Background(), p, opts); err != nil {
+			if _, err := applytest.Run(context.Background(), p, opts); err != nil {
 				t.Fatalf("apply: %v", err)
 			}
 			sd := applytest.NewSystemd()
@@ -221,7 +223,7 @@ func TestStatusSkippedWarningsSource(t *testing.T) {
 	log.Info("not a warning")
 	opts := applytest.Options(deps, log)
 	opts.Root, opts.Source, opts.Warnings = root, "nocloud: /var/lib/cloud/seed/nocloud/user-data", warn
-	if _, err := apply.Run(context.Background(), applytest.Plan(), opts); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.Plan(), opts); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(logged.String(), "level=WARN msg=step") || !strings.Contains(logged.String(), "not a warning") {

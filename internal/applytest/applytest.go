@@ -27,6 +27,7 @@ import (
 
 	"github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/plan"
+	"github.com/nodespawn/nodespawn/provision"
 	"github.com/nodespawn/nodespawn/state"
 )
 
@@ -224,7 +225,7 @@ func Apply(t *testing.T, root string, fail map[string]error) {
 	dl.Fail = fail
 	opts := Options(deps, slog.New(slog.DiscardHandler))
 	opts.Root = root
-	_, err := apply.Run(context.Background(), Plan(), opts)
+	_, err := Run(context.Background(), Plan(), opts)
 	if (err != nil) != (len(fail) > 0) {
 		t.Fatalf("apply: %v", err)
 	}
@@ -269,7 +270,7 @@ func StartBlockedApply(t *testing.T, root string) (release func() error) {
 	opts.Root = root
 	done := make(chan error, 1)
 	go func() {
-		_, err := apply.Run(context.Background(), Plan(), opts)
+		_, err := Run(context.Background(), Plan(), opts)
 		done <- err
 	}()
 	<-host.Entered
@@ -277,4 +278,11 @@ func StartBlockedApply(t *testing.T, root string) (release func() error) {
 		close(host.Block)
 		return <-done
 	}
+}
+
+// Run is provision.Apply without the decision: what `nodespawn apply`
+// runs once the plan is made (lock, resume, decide, in place or upgrade).
+func Run(ctx context.Context, p *plan.Plan, opts apply.Options) (*apply.Result, error) {
+	res, _, err := provision.Apply(ctx, p, opts)
+	return res, err
 }

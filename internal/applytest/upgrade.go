@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
 )
 
 // UpgradePlan is the fixture plan for machine (kube1 or kube2) of the
@@ -175,7 +175,7 @@ func (d *DiskSystemd) State() *DiskState {
 
 // mayStart is the drop-in's ExecCondition.
 func mayStart(root, m string) bool {
-	b, err := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+	b, err := os.ReadFile(filepath.Join(root, layout.ActiveMachineFile))
 	return err != nil || strings.TrimSpace(string(b)) == m
 }
 
@@ -272,7 +272,7 @@ func (d *DiskSystemd) Boot(t *testing.T) []string {
 	d.update(func(st *DiskState) {
 		st.Registered = map[string]bool{}
 		for _, m := range []string{"kube1", "kube2"} {
-			if _, err := os.Lstat(filepath.Join(d.root, render.EnableLink(m))); err != nil || !mayStart(d.root, m) {
+			if _, err := os.Lstat(filepath.Join(d.root, layout.EnableLink(m))); err != nil || !mayStart(d.root, m) {
 				continue
 			}
 			st.Registered[m] = true
@@ -292,7 +292,7 @@ func NodeOnKube1(t *testing.T, restarting []string) (string, apply.Deps, *DiskSy
 	sd := NewDiskSystemd(root)
 	sd.Restarting = restarting
 	deps.Systemd = sd
-	if _, err := apply.Run(context.Background(), UpgradePlan("kube1", "A"), VersionOptions(root, "A", deps)); err != nil {
+	if _, err := Run(context.Background(), UpgradePlan("kube1", "A"), VersionOptions(root, "A", deps)); err != nil {
 		t.Fatal(err)
 	}
 	return root, deps, sd, dl
@@ -303,6 +303,6 @@ func NodeOnKube1(t *testing.T, restarting []string) (string, apply.Deps, *DiskSy
 func LiveUpgrade(t *testing.T, restarting []string, broken ...string) (string, *DiskSystemd, *apply.Result, error) {
 	t.Helper()
 	root, deps, sd, _ := NodeOnKube1(t, restarting)
-	res, err := apply.Run(context.Background(), UpgradePlan("kube1", "B"), VersionOptions(root, "B", deps, broken...))
+	res, err := Run(context.Background(), UpgradePlan("kube1", "B"), VersionOptions(root, "B", deps, broken...))
 	return root, sd, res, err
 }

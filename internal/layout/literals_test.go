@@ -39,10 +39,7 @@ var layoutNames = []string{ContainerdUnit, KubeletUnit}
 // TODO of issue 20's re-layout: convert the file to this package and
 // delete its line. The test fails for a line whose file no longer needs
 // it, so the list only shrinks.
-var toConvert = []string{
-	"apply/firstboot.go", // TODO(issue 20): FirstbootUnitName, its path and wants link
-	"apply/upgrade.go",   // TODO(issue 20): nspawnUnit, the node's units twice
-}
+var toConvert = []string{}
 
 // testHelpers are packages only tests import (internal/applytest checks
 // that of itself): the fixture they share speaks as tests do.

@@ -1,4 +1,4 @@
-package apply_test
+package upgrade_test
 
 import (
 	"context"
@@ -16,19 +16,27 @@ import (
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
 	"github.com/nodespawn/nodespawn/internal/confine"
-	"github.com/nodespawn/nodespawn/plan"
-	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/state"
+	. "github.com/nodespawn/nodespawn/upgrade"
 )
 
-// Child process modes for the crash tests (the harness in resume_test.go
-// re-runs this test binary).
+// Child process modes for the crash tests (they re-run this test binary;
+// TestMain sends the child to childUpgrade).
 const (
+	childRootEnv    = "NODESPAWN_TEST_UPGRADE_ROOT"
 	upgradeChildEnv = "NODESPAWN_TEST_UPGRADE" // version to apply
 	upgradeKillEnv  = "NODESPAWN_TEST_UPGRADE_KILL"
 	upgradeModeEnv  = "NODESPAWN_TEST_UPGRADE_MODE" // "apply" or "firstboot"
 	brokenEnv       = "NODESPAWN_TEST_BROKEN"
 )
+
+func TestMain(m *testing.M) {
+	if root := os.Getenv(childRootEnv); root != "" {
+		os.Exit(childUpgrade(root, os.Getenv(upgradeChildEnv)))
+	}
+	os.Exit(m.Run())
+}
 
 // childUpgrade applies a version of the upgrade fixture against root with
 // an applytest.DiskSystemd, SIGKILLing itself at the n-th checkpoint or step record.
@@ -48,8 +56,8 @@ func childUpgrade(root, version string) int {
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		}
 	}
-	SetCheckpoint(&opts, hit)
-	SetAfterStep(&opts, func(int) { hit("step") })
+	opts.Hooks.Checkpoint = hit
+	opts.Hooks.AfterStep = func(int) { hit("step") }
 	defer func() { fmt.Fprintf(os.Stderr, "checkpoints: %d\n", count) }()
 	ctx := context.Background()
 	if os.Getenv(upgradeModeEnv) == "firstboot" {
@@ -61,7 +69,7 @@ func childUpgrade(root, version string) int {
 		}
 		opts.Upgrade.Refuse = true
 	}
-	_, err := Run(ctx, applytest.UpgradePlan("kube1", version), opts)
+	_, err := applytest.Run(ctx, applytest.UpgradePlan("kube1", version), opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 	}
@@ -117,12 +125,12 @@ func checkOneMachine(t *testing.T, root string, sd *applytest.DiskSystemd, want 
 	for m := range st.Registered {
 		running = append(running, m)
 	}
-	active, _ := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+	active, _ := os.ReadFile(filepath.Join(root, layout.ActiveMachineFile))
 	if len(running) != 1 || running[0] != want || strings.TrimSpace(string(active)) != want {
 		t.Errorf("running %v, active file %q; want %s alone\ncalls: %v", running, active, want, st.Calls)
 	}
 	for _, m := range []string{"kube1", "kube2"} {
-		_, err := os.Lstat(filepath.Join(root, render.EnableLink(m)))
+		_, err := os.Lstat(filepath.Join(root, layout.EnableLink(m)))
 		if (m == want) != (err == nil) {
 			t.Errorf("boot link of %s: %v (the machine that runs is %s)", m, err, want)
 		}
@@ -189,7 +197,7 @@ func TestUpgradeCrashAtEveryCheckpoint(t *testing.T) {
 						}
 						if after == "power-cut" {
 							running := sd.Boot(t)
-							active, _ := os.ReadFile(filepath.Join(root, plan.ActiveMachineFile))
+							active, _ := os.ReadFile(filepath.Join(root, layout.ActiveMachineFile))
 							if len(running) != 1 || running[0] != strings.TrimSpace(string(active)) {
 								t.Fatalf("boot after a power cut at checkpoint %d started %v (active file %q); want the active machine alone", k, running, active)
 							}
@@ -249,7 +257,7 @@ func TestUpgradeSwitchesToTheOtherMachine(t *testing.T) {
 	// A second apply of B finds it applied.
 	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
+	again, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	if err != nil || !again.AlreadyApplied || again.Machine != "kube2" {
 		t.Errorf("apply B again: %+v %v; want already applied on kube2", again, err)
 	}
@@ -267,7 +275,7 @@ func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
 	deps.Systemd = sd
 	opts := applytest.VersionOptions(root, "C", deps)
 	checked := false
-	SetCheckpoint(&opts, func(label string) {
+	opts.Hooks.Checkpoint = (func(label string) {
 		if label != "upgrade:preparing" {
 			return
 		}
@@ -279,7 +287,7 @@ func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
 			t.Errorf("kube1's own .nspawn file was kept")
 		}
 	})
-	res, err := Run(context.Background(), applytest.UpgradePlan("kube1", "C"), opts)
+	res, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "C"), opts)
 	if err != nil || res.Machine != "kube1" {
 		t.Fatalf("second upgrade: %+v %v; want kube1", res, err)
 	}
@@ -294,7 +302,7 @@ func TestSecondUpgradeKeepsSharedHostFiles(t *testing.T) {
 func TestUpgradeWhoseStopFails(t *testing.T) {
 	root, deps, sd, _ := applytest.NodeOnKube1(t, nil)
 	sd.StopFails = []string{"kube1"}
-	res, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
+	res, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	if err == nil || !strings.Contains(err.Error(), "nothing was switched") || res == nil || res.Machine != "kube1" {
 		t.Fatalf("upgrade with a failing stop: %+v, %v; want an error and the node on kube1", res, err)
 	}
@@ -333,7 +341,7 @@ func TestUpgradeRollsBackWhenTheNodeIsNotReady(t *testing.T) {
 	// Applying A again: the node runs A; nothing to do.
 	deps, _, _, _ := applytest.Deps()
 	deps.Systemd = sd
-	again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps))
+	again, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps))
 	if err != nil || !again.AlreadyApplied {
 		t.Errorf("apply A after the rollback: %+v %v; want already applied", again, err)
 	}
@@ -356,7 +364,7 @@ func TestUpgradeFailsFastWhenKubeletKeepsRestarting(t *testing.T) {
 func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
 	root, deps, sd, dl := applytest.NodeOnKube1(t, nil)
 	dl.Fail = map[string]error{"kubelet": errors.New("mirror down")}
-	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
+	_, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	var se *StepError
 	if !errors.As(err, &se) || !strings.Contains(err.Error(), "mirror down") {
 		t.Fatalf("err %v; want the failed download step", err)
@@ -367,7 +375,7 @@ func TestUpgradePreparationFailureLeavesTheNodeAlone(t *testing.T) {
 	}
 	// The mirror is back: the same apply finishes the upgrade.
 	dl.Fail = nil
-	if _, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube2")
@@ -406,10 +414,10 @@ func TestRollbackByHand(t *testing.T) {
 	}
 	// The node runs A again: applying A changes nothing; applying B
 	// upgrades again.
-	if again, err := Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps)); err != nil || !again.AlreadyApplied {
+	if again, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps)); err != nil || !again.AlreadyApplied {
 		t.Errorf("apply A after the rollback: %+v %v", again, err)
 	}
-	if _, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
+	if _, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps)); err != nil {
 		t.Fatal(err)
 	}
 	checkOneMachine(t, root, sd, "kube2")
@@ -429,7 +437,7 @@ func TestUpgradeRefusesAMachineItDidNotMake(t *testing.T) {
 	mine := filepath.Join(root, "var/lib/machines/kube2/etc/mine")
 	applytest.Must(t, os.MkdirAll(filepath.Dir(mine), 0o755))
 	applytest.Must(t, os.WriteFile(mine, []byte("the operator's own machine\n"), 0o644))
-	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
+	_, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), applytest.VersionOptions(root, "B", deps))
 	var me *MachineExistsError
 	if !errors.As(err, &me) {
 		t.Fatalf("err %v; want MachineExistsError", err)
@@ -444,7 +452,7 @@ func TestFirstBootNeverUpgrades(t *testing.T) {
 	root, deps, _, _ := applytest.NodeOnKube1(t, nil)
 	opts := applytest.VersionOptions(root, "B", deps)
 	opts.Upgrade.Refuse = true
-	_, err := Run(context.Background(), applytest.UpgradePlan("kube1", "B"), opts)
+	_, err := applytest.Run(context.Background(), applytest.UpgradePlan("kube1", "B"), opts)
 	var mc *ManifestChangedError
 	if !errors.As(err, &mc) || !mc.FirstBoot || ExitCode(err) != ExitInput {
 		t.Errorf("err %v; want the first boot's refusal", err)

@@ -1,4 +1,4 @@
-package apply_test
+package provision_test
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 
 	. "github.com/nodespawn/nodespawn/apply"
 	"github.com/nodespawn/nodespawn/internal/applytest"
+	"github.com/nodespawn/nodespawn/provision"
 	"github.com/nodespawn/nodespawn/state"
 )
 
@@ -46,7 +47,7 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		t.Helper()
 		opts := applytest.VersionOptions(root, version, deps)
 		opts.Force = force
-		_, err := Run(context.Background(), applytest.UpgradePlan(machine, version), opts)
+		_, err := applytest.Run(context.Background(), applytest.UpgradePlan(machine, version), opts)
 		return err
 	}
 	states := []rootState{
@@ -93,13 +94,13 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 		version string
 		force   bool
 	}
-	want := map[string]map[given]Action{
-		"fresh":                            {{"A", false}: ActionApply, {"B", false}: ActionApply, {"A", true}: ActionApply},
-		"applied":                          {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionUpgrade, {"A", true}: ActionForce},
-		"root tree applied":                {{"A", false}: ActionAlreadyApplied, {"B", false}: ActionRefuse, {"B", true}: ActionForce},
-		"failed, never started":            {{"A", false}: ActionResume, {"B", false}: ActionReplace},
-		"failed after the machine started": {{"A", false}: ActionResume, {"B", false}: ActionRefuse, {"B", true}: ActionForce},
-		"upgraded":                         {{"B", false}: ActionAlreadyApplied, {"A", false}: ActionUpgrade, {"C", false}: ActionUpgrade},
+	want := map[string]map[given]provision.Action{
+		"fresh":                            {{"A", false}: provision.ActionApply, {"B", false}: provision.ActionApply, {"A", true}: provision.ActionApply},
+		"applied":                          {{"A", false}: provision.ActionAlreadyApplied, {"B", false}: provision.ActionUpgrade, {"A", true}: provision.ActionForce},
+		"root tree applied":                {{"A", false}: provision.ActionAlreadyApplied, {"B", false}: provision.ActionRefuse, {"B", true}: provision.ActionForce},
+		"failed, never started":            {{"A", false}: provision.ActionResume, {"B", false}: provision.ActionReplace},
+		"failed after the machine started": {{"A", false}: provision.ActionResume, {"B", false}: provision.ActionRefuse, {"B", true}: provision.ActionForce},
+		"upgraded":                         {{"B", false}: provision.ActionAlreadyApplied, {"A", false}: provision.ActionUpgrade, {"C", false}: provision.ActionUpgrade},
 	}
 	for _, st := range states {
 		for g, wantAction := range want[st.name] {
@@ -110,15 +111,15 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 				opts := applytest.VersionOptions(root, g.version, deps)
 				opts.Force = g.force
 				p := applytest.UpgradePlan("kube1", g.version)
-				d, err := Decide(p, opts)
+				d, err := provision.Decide(p, opts)
 				if err != nil {
 					t.Fatal(err)
 				}
 				if d.Action != wantAction {
 					t.Errorf("Decide: %s (%s), want %s", d.Action, d, wantAction)
 				}
-				res, err := Run(context.Background(), p, opts)
-				if d.Action == ActionRefuse {
+				res, did, err := provision.Apply(context.Background(), p, opts)
+				if d.Action == provision.ActionRefuse {
 					if err == nil || err.Error() != d.Err.Error() || ExitCode(err) != d.Exit || d.Exit != ExitInput {
 						t.Errorf("Decide refused (exit %d: %v); Run: exit %d: %v", d.Exit, d.Err, ExitCode(err), err)
 					}
@@ -127,15 +128,15 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 				if err != nil {
 					t.Fatalf("Decide: %s; Run failed: %v", d, err)
 				}
-				if res.Decision == nil || res.Decision.Action != d.Action || res.Machine == "" {
-					t.Fatalf("Decide: %s; Run did %+v", d, res.Decision)
+				if did == nil || did.Action != d.Action || res.Machine == "" {
+					t.Fatalf("Decide: %s; Run did %+v", d, did)
 				}
 				switch d.Action {
-				case ActionAlreadyApplied:
+				case provision.ActionAlreadyApplied:
 					if !res.AlreadyApplied {
 						t.Errorf("Decide said already applied; Run applied")
 					}
-				case ActionUpgrade:
+				case provision.ActionUpgrade:
 					if res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeSwitched || res.Machine != d.Machine || res.Upgrade.From != d.From {
 						t.Errorf("Decide: %s; Run: machine %s, upgrade %+v", d, res.Machine, res.Upgrade)
 					}
@@ -145,8 +146,8 @@ func TestDecideIsWhatRunDoes(t *testing.T) {
 					}
 				}
 				// Once done, the same manifest is applied: both say so.
-				again, err := Decide(p, opts)
-				if err != nil || (again.Action != ActionAlreadyApplied && !g.force) {
+				again, err := provision.Decide(p, opts)
+				if err != nil || (again.Action != provision.ActionAlreadyApplied && !g.force) {
 					t.Errorf("after the run, Decide says %v %v; want already applied", again, err)
 				}
 			})

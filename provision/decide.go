@@ -1,10 +1,12 @@
-package apply
+package provision
 
 import (
 	"errors"
 	"fmt"
 	"io/fs"
 
+	"github.com/nodespawn/nodespawn/apply"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
@@ -107,8 +109,8 @@ func (d *Decision) String() string {
 // now, changing nothing: a root that does not exist is a fresh one. A
 // dry run builds no Deps; Decide then assumes DefaultDeps' (systemd only
 // when Root is "/").
-func Decide(p *plan.Plan, opts Options) (*Decision, error) {
-	opts = withDefaults(opts)
+func Decide(p *plan.Plan, opts apply.Options) (*Decision, error) {
+	opts = apply.WithDefaults(opts)
 	s, err := state.Open(opts.Root)
 	if errors.Is(err, fs.ErrNotExist) {
 		return decideOn(&state.Machines{Version: state.MachinesVersion, Applied: map[string]state.Applied{}}, nil, "", p, opts, canSwitch(opts, true))
@@ -131,17 +133,17 @@ func Decide(p *plan.Plan, opts Options) (*Decision, error) {
 // canSwitch reports whether Run may upgrade by switching machines: it
 // can render the other machine's plan and drive systemd. guessDeps
 // stands a dry run's missing Deps in for DefaultDeps'.
-func canSwitch(opts Options, guessDeps bool) bool {
+func canSwitch(opts apply.Options, guessDeps bool) bool {
 	systemd := opts.Deps.Systemd != nil
 	if guessDeps && opts.Deps.Images == nil && opts.Deps.Downloader == nil && opts.Deps.Host == nil && opts.Deps.Systemd == nil {
-		systemd = ManagesHost(opts.Root)
+		systemd = apply.ManagesHost(opts.Root)
 	}
 	return opts.Upgrade.Render != nil && systemd
 }
 
 // decideOn is the decision, on the machines' state st and the last run's
 // record prev (nil when none), shown as recordPath.
-func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan.Plan, opts Options, switchable bool) (*Decision, error) {
+func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan.Plan, opts apply.Options, switchable bool) (*Decision, error) {
 	d := &Decision{Machine: p.Machine, plan: p}
 	if u := st.Upgrade; u != nil && u.Phase != state.UpgradePreparing {
 		d.Finish = u
@@ -155,13 +157,13 @@ func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan
 	cur, known := st.Applied[active]
 	healthy := active != "" && known && cur.Succeeded
 	forced := false
-	if healthy && !sameManifest(cur, opts) {
+	if healthy && !apply.SameManifest(cur, opts) {
 		u := opts.Upgrade
 		switch {
 		case switchable && !u.Refuse:
-			to, ok := otherMachine(p, active)
+			to, ok := layout.Pair{p.Machine, p.Alternate}.Other(active)
 			if !ok {
-				return refuse(&ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: active})
+				return refuse(&apply.ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: active})
 			}
 			d.Action, d.From, d.Machine = ActionUpgrade, active, to
 			if pu := st.Upgrade; pu != nil && pu.Phase == state.UpgradePreparing && (pu.To != to || pu.From != active || pu.ManifestDigest != opts.ManifestDigest) {
@@ -172,7 +174,7 @@ func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan
 			}
 			return d, nil
 		case !opts.Force || u.Refuse:
-			return refuse(&ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: active,
+			return refuse(&apply.ManifestChangedError{Applied: cur.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: active,
 				FirstBoot: u.Refuse, CanUpgrade: switchable})
 		}
 		// --force without upgrades (a tree that is not a running host):
@@ -190,7 +192,7 @@ func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan
 		if err != nil {
 			return nil, err
 		}
-		if err := validatePlan(rp); err != nil {
+		if err := apply.Validate(rp); err != nil {
 			return nil, err
 		}
 		d.Machine, d.plan = active, rp
@@ -198,7 +200,7 @@ func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan
 	planDigest := d.plan.Digest()
 	if prev != nil && prev.Machine == d.Machine && !prev.Is(opts.ManifestDigest, opts.SourceDigest) && !opts.Force {
 		if d.NodeStarted || prev.Status == state.StatusSucceeded {
-			return refuse(&ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: d.Machine, CanUpgrade: switchable})
+			return refuse(&apply.ManifestChangedError{Applied: prev.ManifestDigest, Given: opts.ManifestDigest, Record: recordPath, Machine: d.Machine, CanUpgrade: switchable})
 		}
 		d.Action = ActionReplace
 		return d, nil
@@ -208,7 +210,7 @@ func decideOn(st *state.Machines, prev *state.Record, recordPath string, p *plan
 	case forced || (opts.Force && (prev != nil || cur.Succeeded)):
 		// (On a fresh host --force changes nothing: a first run.)
 		d.Action = ActionForce
-	case cur.Succeeded && sameManifest(cur, opts) && cur.PlanDigest == planDigest:
+	case cur.Succeeded && apply.SameManifest(cur, opts) && cur.PlanDigest == planDigest:
 		d.Action = ActionAlreadyApplied
 	case prev != nil && prev.Machine == d.Machine && prev.Status != state.StatusSucceeded:
 		d.Action = ActionResume
