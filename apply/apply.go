@@ -1,11 +1,14 @@
-// Package apply executes a plan.Plan against a root directory, once.
+// Package apply is the executor: it runs a plan.Plan's steps against a
+// root directory, atomically and resumably, with the record writer.
 //
-// Run takes a lock, compares the plan with the result record of the last
-// run, and executes the steps phase by phase. Every step first checks what
-// is already there and changes only what differs, so a run that died
+// A Session (Begin) holds the lock and the state it found; InPlace runs a
+// plan on its machine, phase by phase. Every step first checks what is
+// already there and changes only what differs, so a run that died
 // half-way is finished by the next one, and a finished run is recognised
-// and not repeated. The record (<root>/var/lib/nodespawn/result.json) is
-// rewritten atomically after every step.
+// and not repeated. The record (<root>/var/lib/nodespawn/result.json,
+// package state) is rewritten atomically after every step. Package
+// upgrade runs an upgrade's preparation and switch through the same
+// Session and Executor; package provision decides which to run.
 //
 // What apply cannot do itself (pulling the rootfs image, downloading
 // binaries, host settings, systemd and machined) it asks of small

@@ -1,3 +1,25 @@
+// Package upgrade upgrades a node by alternating machines. The node runs in one machine of a pair
+// (kube1); a changed manifest is applied by preparing the other (kube2)
+// beside it: its rootfs, binaries, configuration and host files, nothing
+// the running machine uses. Then the switch: the old machine is stopped
+// (kubelet's graceful shutdown gives pods their time), the new one is made
+// active and started, and the node must come back: containerd and kubelet
+// active, kubelet not failing, and the Node Ready with a heartbeat from
+// after the switch, as the API server sees it. If it does not within the
+// manifest's upgrade.readyTimeout, the switch is undone: the new machine
+// is stopped and the old one started again and verified the same way.
+//
+// The node's state (kubelet's client certificate, containerd's images)
+// lives in the plan's NodeState directory on the host, bound into
+// whichever machine runs, so the new machine is the same Node.
+//
+// state.MachinesFile records each phase before it starts, and
+// layout.ActiveMachineFile (which each machine's service checks before it
+// starts) is switched with one rename once the old machine has stopped:
+// whatever instant a run is killed at, at most one machine runs, and the
+// one that does is the active one. The done stamp is removed for the
+// switch, so the first-boot unit finishes an interrupted switch at the
+// next boot.
 package upgrade
 
 import (
@@ -15,28 +37,7 @@ import (
 	"github.com/nodespawn/nodespawn/state"
 )
 
-// Upgrades by alternating machines. The node runs in one machine of a pair
-// (kube1); a changed manifest is applied by preparing the other (kube2)
-// beside it: its rootfs, binaries, configuration and host files, nothing
-// the running machine uses. Then the switch: the old machine is stopped
-// (kubelet's graceful shutdown gives pods their time), the new one is made
-// active and started, and the node must come back: containerd and kubelet
-// active, kubelet not failing, and the Node Ready with a heartbeat from
-// after the switch, as the API server sees it. If it does not within the
-// manifest's upgrade.readyTimeout, the switch is undone: the new machine
-// is stopped and the old one started again and verified the same way.
-//
-// The node's state (kubelet's client certificate, containerd's images)
-// lives in the plan's NodeState directory on the host, bound into
-// whichever machine runs, so the new machine is the same Node.
-//
-// MachinesFile records each phase before it starts, and
-// layout.ActiveMachineFile (which each machine's service checks before it
-// starts) is switched with one rename once the old machine has stopped:
-// whatever instant a run is killed at, at most one machine runs, and the
-// one that does is the active one. The done stamp is removed for the
-// switch, so the first-boot unit finishes an interrupted switch at the
-// next boot.
+
 
 // run is an upgrade's (or a rollback's) work in one locked session.
 type run struct{ *apply.Session }
