@@ -1,5 +1,5 @@
-// Package upgrade upgrades a node by alternating machines. The node runs in one machine of a pair
-// (kube1); a changed manifest is applied by preparing the other (kube2)
+// Package upgrade upgrades a node by alternating machines. The node runs
+// in one machine of a pair (kube1); a changed manifest is applied by preparing the other (kube2)
 // beside it: its rootfs, binaries, configuration and host files, nothing
 // the running machine uses. Then the switch: the old machine is stopped
 // (kubelet's graceful shutdown gives pods their time), the new one is made
@@ -36,8 +36,6 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
 )
-
-
 
 // run is an upgrade's (or a rollback's) work in one locked session.
 type run struct{ *apply.Session }
