@@ -252,7 +252,7 @@ func (f *Fetcher) fetchVerified(ctx context.Context, d plan.Download, want diges
 	}
 	size, err := f.get(ctx, d.URL, tmp, digester.Hash(), tr)
 	if tr != nil {
-		tr.Done(err)
+		tr.Done(progressError(ctx, err))
 	}
 	if err != nil {
 		return 0, err
@@ -592,4 +592,16 @@ func redactOrEmpty(u string) string {
 		return ""
 	}
 	return redact.URL(u)
+}
+
+// errCancelled is what a progress line says of a download stopped by its
+// context: the cause (often another step's failure, already reported on
+// that step's own line) is the caller's to print, once.
+var errCancelled = errors.New("cancelled")
+
+func progressError(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil {
+		return errCancelled
+	}
+	return err
 }

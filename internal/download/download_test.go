@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -829,5 +830,42 @@ func TestInstallRechecksTheCache(t *testing.T) {
 				t.Errorf("something was installed at %s (%v)", step.Dest, err)
 			}
 		})
+	}
+}
+
+// TestCancelledDownloadLeavesTheCauseToItsOwner: a download stopped because
+// another step failed says "cancelled" on its progress line; the other
+// step's error is printed once, by whoever reports that step.
+func TestCancelledDownloadLeavesTheCauseToItsOwner(t *testing.T) {
+	o := newOrigin(t)
+	root := t.TempDir()
+	var logs syncBuffer
+	f := newFetcher(t, filepath.Join(root, "cache"))
+	f.Progress = progress.New(io.Discard, slog.New(slog.NewTextHandler(&logs, nil)))
+	step := o.publish(t, upstream.Runc, "1.5.3", randomBytes(64<<10, 3), filepath.Join(root, "bin", "runc"))
+	ctx, cancel := context.WithCancelCause(context.Background())
+	cause := errors.New("step rootfs:download:kubelet failed: sha256 mismatch 52e1390e")
+	u, _ := url.Parse(step.URL)
+	// The sibling fails while runc's body is on the wire.
+	o.mu.Lock()
+	o.fault[u.Path] = func(w http.ResponseWriter, r *http.Request, _ int) bool {
+		w.Header().Set("Content-Length", strconv.Itoa(64<<10))
+		w.Write(make([]byte, 1<<10))
+		w.(http.Flusher).Flush()
+		cancel(cause)
+		<-r.Context().Done()
+		return true
+	}
+	o.mu.Unlock()
+	_, err := f.Download(ctx, step, confinetest.HostRoot(t), step.Dest)
+	if err == nil {
+		t.Fatal("a cancelled download succeeded")
+	}
+	out := logs.String()
+	if !strings.Contains(out, "msg=\"download failed\" name=runc") || !strings.Contains(out, "error=cancelled") {
+		t.Errorf("no cancelled progress line for runc:\n%s", out)
+	}
+	if strings.Contains(out, "52e1390e") {
+		t.Errorf("the progress line repeats another step's error:\n%s", out)
 	}
 }
