@@ -10,7 +10,20 @@ build:
 # CGO_CFLAGS quiets go-nvml's deprecation warnings in cgo builds.
 export CGO_CFLAGS ?= -Wno-deprecated-declarations
 
-test:
+# The nodespawn.dev API's deep copies and CRDs come from api/v1alpha1 by
+# controller-gen (a go tool in go.mod); generate-check fails when they are
+# stale.
+.PHONY: generate generate-check
+generate:
+	$(GO) tool controller-gen object paths=./api/... crd paths=./api/... output:crd:artifacts:config=deploy/crds
+generate-check:
+	@tmp=$$(mktemp -d) && trap 'cp "$$tmp/dc.go" api/v1alpha1/zz_generated.deepcopy.go; rm -rf "$$tmp"' EXIT && \
+	cp api/v1alpha1/zz_generated.deepcopy.go "$$tmp/dc.go" && \
+	$(GO) tool controller-gen object paths=./api/... crd paths=./api/... output:crd:artifacts:config=$$tmp/crds && \
+	cmp -s api/v1alpha1/zz_generated.deepcopy.go "$$tmp/dc.go" && diff -r deploy/crds "$$tmp/crds" >/dev/null || \
+	{ echo "api/v1alpha1's deep copies or deploy/crds are stale: run 'make generate' and commit" >&2; exit 1; }
+
+test: generate-check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt needed: $$out" >&2; exit 1; }
 	@out=$$($(GO) mod tidy -diff 2>&1) || { printf '%s\n' "$$out" >&2; echo "go.mod/go.sum are not tidy (the diff or the error above): run 'go mod tidy' and commit the result" >&2; exit 1; }
 	$(GO) vet ./...
