@@ -12,7 +12,6 @@ import (
 	"time"
 	"unicode"
 
-	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
 	"oras.land/oras-go/v2/registry"
 
@@ -342,7 +341,7 @@ func (c *checker) auth(a *Auth) {
 // semverProblem accepts major.minor.patch with optional pre-release and
 // build, and a leading "v".
 func semverProblem(v string) string {
-	if _, err := semver.StrictNewVersion(strings.TrimPrefix(v, "v")); err != nil {
+	if _, ok := strictSemver(v); !ok {
 		return "not a semantic version (want like v1.37.2)"
 	}
 	return ""
