@@ -83,8 +83,8 @@ func TestLoadConfigWithoutAuth(t *testing.T) {
 
 func TestLoadConfigRefusesSecrets(t *testing.T) {
 	for name, extra := range map[string]string{
-		"token": "  auth: {bootstrapToken: abcdef.0123456789abcdef}\n",
-		"exec env": "  auth: {exec: {command: /bin/cred, env: [{name: K, value: s3cr3tvalue}]}}\n",
+		"token":       "  auth: {bootstrapToken: abcdef.0123456789abcdef}\n",
+		"exec env":    "  auth: {exec: {command: /bin/cred, env: [{name: K, value: s3cr3tvalue}]}}\n",
 		"http header": "machine:\n  extra:\n    storage:\n      files:\n      - path: /etc/x\n        contents: {source: 'https://e.example/x', httpHeaders: [{name: Authorization, value: s3cr3tvalue}], verification: {hash: sha256-0000000000000000000000000000000000000000000000000000000000000000}}\n",
 	} {
 		t.Run(name, func(t *testing.T) {
