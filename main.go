@@ -157,6 +157,7 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
 		newStatusCmd(),
 		newInstallCmd(),
 		newImageCmd(),
+		newConfigCmd(),
 		newVersionCmd(),
 		newMountRootCmd(),
 	)
