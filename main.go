@@ -158,6 +158,7 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
 		newInstallCmd(),
 		newImageCmd(),
 		newConfigCmd(),
+		newAgentCmd(),
 		newVersionCmd(),
 		newMountRootCmd(),
 	)
