@@ -10,7 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/rest"
-
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodespawn/nodespawn/agent"
 	"github.com/nodespawn/nodespawn/provision"
@@ -110,7 +110,11 @@ func waitForNode(ctx context.Context, root string) (*provision.NodeAccess, error
 func restConfig(ctx context.Context, access *provision.NodeAccess, kubeconfig string) (*rest.Config, error) {
 	if kubeconfig != "" {
 
-		return nil, nil
+		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig: %w", err)
+		}
+		return cfg, nil
 	}
 	creds, err := access.Credentials(ctx)
 	if err != nil {

@@ -89,7 +89,7 @@ func (h *Host) WriteAgent(a *state.Agent) error {
 type rolledBackError struct{ *upgrade.UpgradeError }
 
 func (e rolledBackError) RolledBackTo() string { return e.From }
-func (e rolledBackError) Unwrap() error         { return e.UpgradeError }
+func (e rolledBackError) Unwrap() error        { return e.UpgradeError }
 
 func rolledBack(err error) error {
 	var ue *upgrade.UpgradeError
