@@ -21,8 +21,11 @@ import (
 
 // check runs the rules the schema cannot express. Messages never repeat a
 // secret value.
-func check(m *Manifest) []problem {
-	var c checker
+func check(m *Manifest) []problem { return checkWith(m, checker{}) }
+
+// checkWith runs check's rules with c's settings (config: a fleet config,
+// whose kubernetes.auth may be empty: the node's identity carries over).
+func checkWith(m *Manifest, c checker) []problem {
 	c.machine(&m.Machine)
 	c.kubernetes(&m.Kubernetes)
 	c.components(&m.Components)
@@ -42,7 +45,10 @@ func check(m *Manifest) []problem {
 }
 
 type checker struct {
-	probs []problem
+	// config relaxes auth's "exactly one of" to "at most one of"
+	// (LoadConfig).
+	config bool
+	probs  []problem
 	// inflated counts what gzip-compressed extra files decompress to.
 	inflated int
 }
@@ -317,7 +323,7 @@ func (c *checker) auth(a *Auth) {
 	switch {
 	case a.BootstrapToken != "" && a.Exec != nil:
 		c.add(p, "give bootstrapToken or exec, not both")
-	case a.BootstrapToken == "" && a.Exec == nil:
+	case a.BootstrapToken == "" && a.Exec == nil && !c.config:
 		c.add(p, "give bootstrapToken or exec")
 	}
 	if a.BootstrapToken != "" && !bootstrapTokenRE().MatchString(a.BootstrapToken) {

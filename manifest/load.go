@@ -59,6 +59,9 @@ func load(d *document, data []byte) (*Manifest, error) {
 	if !d.parse(data) {
 		return nil, d.errors()
 	}
+	if d.config {
+		withAuth(d.root)
+	}
 	if len(d.probs) > 0 {
 		// Duplicate or non-string keys: the value is not what the author
 		// meant, so stop before guessing at more.
@@ -91,7 +94,7 @@ func load(d *document, data []byte) (*Manifest, error) {
 		}
 		return nil, d.errors()
 	}
-	for _, p := range check(m) {
+	for _, p := range checkWith(m, checker{config: d.config}) {
 		if !isFlagged(p.path, flagged) {
 			d.probs = append(d.probs, p)
 		}
@@ -633,3 +636,13 @@ func (d *document) redact(s string) string {
 }
 
 func stars(s string) string { return strings.Repeat("*", utf8.RuneCountInString(s)) }
+
+// withAuth gives a fleet config without kubernetes.auth an empty one, which
+// LoadConfig's checks allow (the schema requires the member).
+func withAuth(root any) {
+	m, _ := root.(map[string]any)
+	k, _ := m["kubernetes"].(map[string]any)
+	if _, ok := k["auth"]; k != nil && !ok {
+		k["auth"] = map[string]any{}
+	}
+}

@@ -52,6 +52,8 @@ type document struct {
 	// origin, when set, places the manifest inside the file the user
 	// gave (LoadEmbedded).
 	origin *Origin
+	// config: a fleet config (LoadConfig).
+	config bool
 	lines  []string
 	root   any
 	// vals, keys, raw and atKey are keyed by a value's path as FormatPath
