@@ -4,12 +4,11 @@
 package schema
 
 import (
-	"bytes"
 	_ "embed"
 	"fmt"
 	"sync"
 
-	"github.com/santhosh-tekuri/jsonschema/v6"
+	"github.com/kaptinlin/jsonschema"
 )
 
 // JSON is the manifest's JSON Schema (draft 2020-12).
@@ -24,20 +23,21 @@ var compiled = sync.OnceValues(compile)
 
 // Compile returns the compiled schema. It is compiled once; later calls
 // return the same value.
+//
+// The library (github.com/kaptinlin/jsonschema) compiles nothing at
+// package init, unlike santhosh-tekuri/jsonschema, which compiled every
+// draft's meta-schema in every command, `nodespawn version` included.
+// Compile does not check the schema against its meta-schema; the tests do.
 func Compile() (*jsonschema.Schema, error) {
 	return compiled()
 }
 
 func compile() (*jsonschema.Schema, error) {
-	doc, err := jsonschema.UnmarshalJSON(bytes.NewReader(JSON))
-	if err != nil {
-		return nil, fmt.Errorf("parse embedded schema: %w", err)
-	}
 	c := jsonschema.NewCompiler()
-	if err := c.AddResource(ID, doc); err != nil {
-		return nil, fmt.Errorf("add embedded schema: %w", err)
-	}
-	s, err := c.Compile(ID)
+	// The schema refers only to itself: never fetch a reference.
+	delete(c.Loaders, "http")
+	delete(c.Loaders, "https")
+	s, err := c.Compile(JSON, ID)
 	if err != nil {
 		return nil, fmt.Errorf("compile embedded schema: %w", err)
 	}
