@@ -64,7 +64,11 @@ func load(d *document, data []byte) (*Manifest, error) {
 	// flagged holds the paths the schema complained about (and the
 	// missing required members), so semantic checks stay quiet there.
 	var flagged, shapes []jsonpath.ContextPath
-	if faults := schemaFaults(sch.ValidateStruct(d.root), d.root); len(faults) > 0 {
+	res, err := schema.Validate(d.root)
+	if err != nil {
+		return nil, err
+	}
+	if faults := schemaFaults(res, d.root); len(faults) > 0 {
 		var prune []jsonpath.ContextPath
 		flagged, prune, shapes = d.schemaProblems(sch, faults)
 		// Drop the values the schema refused so the rest still decodes and

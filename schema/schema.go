@@ -28,8 +28,28 @@ var compiled = sync.OnceValues(compile)
 // package init, unlike santhosh-tekuri/jsonschema, which compiled every
 // draft's meta-schema in every command, `nodespawn version` included.
 // Compile does not check the schema against its meta-schema; the tests do.
+// Validate with Validate: the schema's methods are not safe for
+// concurrent use.
 func Compile() (*jsonschema.Schema, error) {
 	return compiled()
+}
+
+// validateMu serializes validation: the library caches on the shared
+// compiled schema while it validates (a pattern's regexp, compiled on
+// its first use), which is a data race between two validations.
+var validateMu sync.Mutex
+
+// Validate validates v (a document decoded into map[string]any, []any,
+// string, bool, json.Number and nil) against the compiled schema. Safe
+// for concurrent use, unlike the compiled schema's own methods.
+func Validate(v any) (*jsonschema.EvaluationResult, error) {
+	s, err := Compile()
+	if err != nil {
+		return nil, err
+	}
+	validateMu.Lock()
+	defer validateMu.Unlock()
+	return s.ValidateStruct(v), nil
 }
 
 func compile() (*jsonschema.Schema, error) {
