@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -115,6 +116,12 @@ func exitCode(err error) int {
 	return provision.ExitCode(err)
 }
 
+// addTemplateFuncs adds the help template's functions to cobra's global
+// map, once: tests build root commands concurrently.
+var addTemplateFuncs = sync.OnceFunc(func() {
+	cobra.AddTemplateFunc("exitCodes", commandExitCodes)
+})
+
 func newRootCmd(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	var logLevel string
 	root := &cobra.Command{
@@ -143,7 +150,7 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.SetVersionTemplate(versionText())
-	cobra.AddTemplateFunc("exitCodes", commandExitCodes)
+	addTemplateFuncs()
 	root.SetHelpTemplate(root.HelpTemplate() + helpExitCodes)
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.AddCommand(

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/santhosh-tekuri/jsonschema/v6"
+	"github.com/kaptinlin/jsonschema"
 
 	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/schema"
@@ -64,20 +64,20 @@ func addStructFields(t reflect.Type, s *shape) {
 }
 
 func schemaShape(s *jsonschema.Schema) *shape {
-	for s.Ref != nil {
-		s = s.Ref
+	for s.ResolvedRef != nil {
+		s = s.ResolvedRef
 	}
 	switch {
 	case s.Properties != nil:
 		sh := &shape{kind: "object", fields: map[string]*shape{}}
-		for name, p := range s.Properties {
+		for name, p := range *s.Properties {
 			sh.fields[name] = schemaShape(p)
 		}
 		return sh
-	case s.Items2020 != nil:
-		return &shape{kind: "array", elem: schemaShape(s.Items2020)}
+	case s.Items != nil:
+		return &shape{kind: "array", elem: schemaShape(s.Items)}
 	}
-	if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
+	if ap := s.AdditionalProperties; ap != nil && ap.Boolean == nil {
 		return &shape{kind: "map", elem: schemaShape(ap)}
 	}
 	return &shape{kind: "scalar"}
@@ -218,20 +218,13 @@ func TestSchemaDefaults(t *testing.T) {
 	} {
 		s := sch
 		for _, name := range strings.Split(path, ".") {
-			for s.Ref != nil && s.Properties == nil {
-				s = s.Ref
-			}
-			s = s.Properties[name]
+			s = properties(deref(s))[name]
 			if s == nil {
 				t.Fatalf("%s: not in the schema", path)
 			}
 		}
-		if s.Default == nil || *s.Default != want {
-			got := any(nil)
-			if s.Default != nil {
-				got = *s.Default
-			}
-			t.Errorf("%s: schema default %v, Load's default %v", path, got, want)
+		if s.Default == nil || s.Default != want {
+			t.Errorf("%s: schema default %v, Load's default %v", path, s.Default, want)
 		}
 	}
 }

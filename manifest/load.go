@@ -3,7 +3,6 @@ package manifest
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"sort"
 	"strconv"
@@ -11,10 +10,7 @@ import (
 	"unicode/utf8"
 
 	jsonpath "github.com/coreos/vcontext/path"
-	"github.com/santhosh-tekuri/jsonschema/v6"
-	"github.com/santhosh-tekuri/jsonschema/v6/kind"
-	"golang.org/x/text/language"
-	"golang.org/x/text/message"
+	"github.com/kaptinlin/jsonschema"
 
 	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/redact"
@@ -71,13 +67,13 @@ func load(d *document, data []byte) (*Manifest, error) {
 	// flagged holds the paths the schema complained about (and the
 	// missing required members), so semantic checks stay quiet there.
 	var flagged, shapes []jsonpath.ContextPath
-	if err := sch.Validate(d.root); err != nil {
-		var ve *jsonschema.ValidationError
-		if !errors.As(err, &ve) {
-			return nil, fmt.Errorf("validate %s against the schema: %w", filename, err)
-		}
+	res, err := schema.Validate(d.root)
+	if err != nil {
+		return nil, err
+	}
+	if faults := schemaFaults(res, d.root); len(faults) > 0 {
 		var prune []jsonpath.ContextPath
-		flagged, prune, shapes = d.schemaProblems(sch, ve)
+		flagged, prune, shapes = d.schemaProblems(sch, faults)
 		// Drop the values the schema refused so the rest still decodes and
 		// its semantic problems are reported in the same run.
 		for _, p := range prune {
@@ -141,49 +137,203 @@ func decode(root any) (*Manifest, error) {
 
 // --- schema errors
 
-var printer = message.NewPrinter(language.English)
+// fault is one complaint of the schema: the keywords that failed for the
+// value at path (each of them on that value itself, not on a member).
+type fault struct {
+	path     jsonpath.ContextPath
+	keywords []string
+	errs     map[string]*jsonschema.EvaluationError
+}
 
-// schemaProblems turns the validation error tree into short messages, one
-// per leaf. It returns the paths it flagged and those of the values the
-// schema refused, and apart from them the values whose shape (a pattern)
-// the schema refused: the semantic checks test the same shape and say
-// what is wrong in the field's own words (shapeProblems).
-func (d *document) schemaProblems(sch *jsonschema.Schema, ve *jsonschema.ValidationError) (flagged, prune, shapes []jsonpath.ContextPath) {
-	var walk func(e *jsonschema.ValidationError)
-	walk = func(e *jsonschema.ValidationError) {
-		if len(e.Causes) > 0 {
-			for _, c := range e.Causes {
-				walk(c)
-			}
+// applicators are keywords that fail because a subschema failed; that
+// failure is reported where it happened, with its own keyword.
+var applicators = map[string]bool{
+	"$ref": true, "$dynamicRef": true, "properties": true, "patternProperties": true,
+	"items": true, "prefixItems": true, "contains": true, "allOf": true, "anyOf": true,
+	"oneOf": true, "not": true, "if": true, "then": true, "else": true,
+	"dependentSchemas": true, "propertyNames": true, "unevaluatedProperties": true,
+	"unevaluatedItems": true,
+}
+
+// schemaFaults flattens the validation result into the failed keywords of
+// each value, in the order the result holds them. The library gives each
+// nested result's location relative to its parent ("/name" or "/0", the
+// name unescaped), so the path is built while walking, with the document
+// telling array indexes from member names.
+func schemaFaults(r *jsonschema.EvaluationResult, root any) []fault {
+	var out []fault
+	at := map[string]int{}
+	var walk func(r *jsonschema.EvaluationResult, path jsonpath.ContextPath, v any)
+	walk = func(r *jsonschema.EvaluationResult, path jsonpath.ContextPath, v any) {
+		if r == nil || r.Valid {
 			return
 		}
-		path := d.instancePath(e.InstanceLocation)
-		switch k := e.ErrorKind.(type) {
-		case *kind.AdditionalProperties:
-			allowed := propertyNames(schemaAt(sch, path))
-			for _, name := range k.Properties {
-				p := path.Append(name).Copy()
-				d.add(problem{path: p, key: true, msg: unknownField(name, allowed)})
-				flagged = append(flagged, p)
-				prune = append(prune, p)
-			}
-			return
-		case *kind.Required:
-			for _, name := range k.Missing {
-				d.add(problem{path: path, key: true, msg: fmt.Sprintf("missing required field %q", name)})
-				flagged = append(flagged, path.Append(name).Copy())
-			}
-			return
-		case *kind.Pattern:
-			shapes = append(shapes, path)
-			return
+		if e := r.Errors["schema"]; e != nil && e.Code == "false_schema_mismatch" &&
+			strings.HasPrefix(r.EvaluationPath, "/additionalProperties/") {
+			return // the member is unknown: its object's additionalProperties says so
 		}
-		d.add(problem{path: path, msg: d.schemaMessage(path, schemaAt(sch, path), e.ErrorKind)})
-		flagged = append(flagged, path)
-		prune = append(prune, path)
+		for kw, e := range r.Errors {
+			if applicators[kw] {
+				continue
+			}
+			k := FormatPath(path)
+			i, ok := at[k]
+			if !ok {
+				i = len(out)
+				at[k] = i
+				out = append(out, fault{path: path.Copy(), errs: map[string]*jsonschema.EvaluationError{}})
+			}
+			if _, dup := out[i].errs[kw]; !dup {
+				out[i].keywords = append(out[i].keywords, kw)
+				out[i].errs[kw] = e
+			}
+		}
+		for _, c := range r.Details {
+			tok, ok := strings.CutPrefix(c.InstanceLocation, "/")
+			if !ok {
+				walk(c, path, v)
+				continue
+			}
+			switch x := v.(type) {
+			case []any:
+				i, _ := strconv.Atoi(tok)
+				var child any
+				if i >= 0 && i < len(x) {
+					child = x[i]
+				}
+				walk(c, path.Append(i), child)
+			case map[string]any:
+				// The library also evaluates a required member that is
+				// absent, as null; its object's "required" says it is missing.
+				if child, ok := x[tok]; ok {
+					walk(c, path.Append(tok), child)
+				}
+			default:
+				walk(c, path.Append(tok), nil)
+			}
+		}
 	}
-	walk(ve)
+	walk(r, jsonpath.New(""), root)
+	for i := range out {
+		// The library keeps them in a map: sort them in the order the
+		// messages came before (the same line and column keep it).
+		sort.Slice(out[i].keywords, func(a, b int) bool {
+			ka, kb := out[i].keywords[a], out[i].keywords[b]
+			if ra, rb := keywordRank(ka), keywordRank(kb); ra != rb {
+				return ra < rb
+			}
+			return ka < kb
+		})
+	}
+	return out
+}
+
+// keywordRank orders a value's failed keywords: a missing member before
+// an unknown one.
+func keywordRank(kw string) int {
+	switch kw {
+	case "required":
+		return 0
+	case "additionalProperties":
+		return 2
+	}
+	return 1
+}
+
+// schemaProblems turns the schema's complaints into short messages. It
+// returns the paths it flagged and those of the values the schema
+// refused, and apart from them the values whose shape (a pattern) the
+// schema refused: the semantic checks test the same shape and say what is
+// wrong in the field's own words (shapeProblems).
+//
+// Like the validator nodespawn used before, a value of the wrong type, or
+// one that is not the constant or one of the enum's values, gets that one
+// complaint and no other.
+func (d *document) schemaProblems(sch *jsonschema.Schema, faults []fault) (flagged, prune, shapes []jsonpath.ContextPath) {
+	for _, f := range faults {
+		path := f.path
+		s := schemaAt(sch, path)
+		v := valueAt(d.root, path.Path)
+		kws := f.keywords
+		for _, first := range []string{"type", "const", "enum"} {
+			if f.errs[first] != nil {
+				kws = []string{first}
+				break
+			}
+		}
+		for _, kw := range kws {
+			switch kw {
+			case "additionalProperties":
+				if s == nil || s.AdditionalProperties == nil || s.AdditionalProperties.Boolean == nil {
+					continue // a member failed the schema for additional members
+				}
+				allowed := propertyNames(s)
+				for _, name := range unknownMembers(s, v) {
+					p := path.Append(name).Copy()
+					d.add(problem{path: p, key: true, msg: unknownField(name, allowed)})
+					flagged = append(flagged, p)
+					prune = append(prune, p)
+				}
+				continue
+			case "required":
+				if s == nil {
+					break
+				}
+				obj, _ := v.(map[string]any)
+				for _, name := range s.Required {
+					if _, ok := obj[name]; !ok {
+						d.add(problem{path: path, key: true, msg: fmt.Sprintf("missing required field %q", name)})
+						flagged = append(flagged, path.Append(name).Copy())
+					}
+				}
+				continue
+			case "pattern":
+				shapes = append(shapes, path)
+				continue
+			}
+			d.add(problem{path: path, msg: d.schemaMessage(path, s, v, kw, f.errs[kw])})
+			flagged = append(flagged, path)
+			prune = append(prune, path)
+		}
+	}
 	return flagged, prune, shapes
+}
+
+// valueAt is the value at the path elements elems of v (nil when absent).
+func valueAt(v any, elems []any) any {
+	for _, e := range elems {
+		switch x := v.(type) {
+		case map[string]any:
+			key, _ := e.(string)
+			v = x[key]
+		case []any:
+			i, ok := e.(int)
+			if !ok || i < 0 || i >= len(x) {
+				return nil
+			}
+			v = x[i]
+		default:
+			return nil
+		}
+	}
+	return v
+}
+
+// unknownMembers are the members of the object v that s does not name,
+// sorted.
+func unknownMembers(s *jsonschema.Schema, v any) []string {
+	obj, _ := v.(map[string]any)
+	var names []string
+	for name := range obj {
+		if s.Properties != nil {
+			if _, ok := (*s.Properties)[name]; ok {
+				continue
+			}
+		}
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	return names
 }
 
 // shapeProblems reports the values at paths whose pattern the schema
@@ -233,53 +383,85 @@ func without(v any, elems []any) any {
 	return v
 }
 
-// schemaMessage words the schema's complaint k about the value at path,
-// whose schema is s (nil when unknown).
-func (d *document) schemaMessage(path jsonpath.ContextPath, s *jsonschema.Schema, k jsonschema.ErrorKind) string {
+// jsonTypes are the JSON types in the order messages list them.
+var jsonTypes = []string{"null", "boolean", "number", "integer", "string", "array", "object"}
+
+// jsonType is the JSON type of a value of the parsed document; a number
+// is a "number", whether or not it is whole.
+func jsonType(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case bool:
+		return "boolean"
+	case string:
+		return "string"
+	case []any:
+		return "array"
+	case map[string]any:
+		return "object"
+	}
+	return "number"
+}
+
+// schemaMessage words the schema's complaint about the value v at path:
+// keyword kw of s (nil when unknown) failed, as e says.
+func (d *document) schemaMessage(path jsonpath.ContextPath, s *jsonschema.Schema, v any, kw string, e *jsonschema.EvaluationError) string {
 	raw := d.raw[FormatPath(path)]
-	switch k := k.(type) {
-	case *kind.Type:
-		msg := fmt.Sprintf("must be %s, not %s", typeNames(k.Want), article(k.Got))
+	switch {
+	case s == nil:
+	case kw == "type":
+		var want []string
+		for _, t := range jsonTypes {
+			if contains(s.Type, t) {
+				want = append(want, t)
+			}
+		}
+		got := jsonType(v)
+		msg := fmt.Sprintf("must be %s, not %s", typeNames(want), article(got))
 		switch {
-		case k.Got == "null" && path.Len() > 0:
+		case got == "null" && path.Len() > 0:
 			msg += " (the key has no value)"
-		case !contains(k.Want, "string") || k.Got == "object" || k.Got == "array" || isSecretPath(path):
-		case s != nil && (s.Enum != nil || s.Const != nil):
+		case !contains(want, "string") || got == "object" || got == "array" || isSecretPath(path):
+		case s.Enum != nil || s.Const != nil:
 			// Quoting what was written does not help when the quoted
 			// text is not one of the allowed strings either.
-			return choiceMessage(path, s, k.Got, raw)
+			return choiceMessage(path, s, got, raw)
 		default:
 			msg += fmt.Sprintf(" (quote it: %q)", raw)
 		}
 		return msg
-	case *kind.Enum:
-		want := make([]string, len(k.Want))
-		for i, w := range k.Want {
+	case kw == "enum" && s.Enum != nil:
+		want := make([]string, len(s.Enum))
+		for i, w := range s.Enum {
 			want[i] = fmt.Sprint(w)
 		}
 		msg := "must be one of " + strings.Join(want, ", ")
-		if got, ok := k.Got.(string); ok && !isSecretPath(path) {
+		if got, ok := v.(string); ok && !isSecretPath(path) {
 			if best, ok := closest(got, want); ok {
 				msg += fmt.Sprintf(" (did you mean %q?)", best)
 			}
 		}
 		return msg
-	case *kind.Const:
-		if got, ok := k.Got.(string); ok && !isSecretPath(path) {
-			return fmt.Sprintf("must be %q, not %q", fmt.Sprint(k.Want), got)
+	case kw == "const" && s.Const != nil:
+		if got, ok := v.(string); ok && !isSecretPath(path) {
+			return fmt.Sprintf("must be %q, not %q", fmt.Sprint(s.Const.Value), got)
 		}
-		return fmt.Sprintf("must be %q", fmt.Sprint(k.Want))
-	case *kind.MinLength:
-		if k.Want == 1 {
+		return fmt.Sprintf("must be %q", fmt.Sprint(s.Const.Value))
+	case kw == "minLength" && s.MinLength != nil:
+		if *s.MinLength == 1 {
 			return "must not be empty"
 		}
-		return fmt.Sprintf("must be at least %d characters long", k.Want)
-	case *kind.Minimum:
-		return fmt.Sprintf("must be at least %s", k.Want.RatString())
-	case *kind.Maximum:
-		return fmt.Sprintf("must be at most %s", k.Want.RatString())
+		return fmt.Sprintf("must be at least %d characters long", int(*s.MinLength))
+	case kw == "minimum" && s.Minimum != nil:
+		return fmt.Sprintf("must be at least %s", s.Minimum.RatString())
+	case kw == "maximum" && s.Maximum != nil:
+		return fmt.Sprintf("must be at most %s", s.Maximum.RatString())
+	case kw == "minItems" && s.MinItems != nil:
+		arr, _ := v.([]any)
+		return fmt.Sprintf("minItems: got %d, want %d", len(arr), int(*s.MinItems))
 	}
-	return k.LocalizedString(printer)
+	return e.Error()
 }
 
 // choiceMessage is the message for a boolean or number where one of a few
@@ -290,11 +472,11 @@ func (d *document) schemaMessage(path jsonpath.ContextPath, s *jsonschema.Schema
 func choiceMessage(path jsonpath.ContextPath, s *jsonschema.Schema, got, raw string) string {
 	var allowed []string
 	if s.Enum != nil {
-		for _, v := range s.Enum.Values {
+		for _, v := range s.Enum {
 			allowed = append(allowed, fmt.Sprint(v))
 		}
 	} else {
-		allowed = []string{fmt.Sprint(*s.Const)}
+		allowed = []string{fmt.Sprint(s.Const.Value)}
 	}
 	quoted := make([]string, len(allowed))
 	for i, a := range allowed {
@@ -363,31 +545,6 @@ func typeNames(want []string) string {
 	return strings.Join(names, " or ")
 }
 
-// instancePath turns the schema library's location, a list of strings,
-// into a path, telling array indexes from member names by the document:
-// a token into an array is an index.
-func (d *document) instancePath(loc []string) jsonpath.ContextPath {
-	elems, v := make([]any, 0, len(loc)), d.root
-	for _, tok := range loc {
-		switch x := v.(type) {
-		case []any:
-			i, _ := strconv.Atoi(tok)
-			elems = append(elems, i)
-			v = nil
-			if i >= 0 && i < len(x) {
-				v = x[i]
-			}
-		case map[string]any:
-			elems = append(elems, tok)
-			v = x[tok]
-		default:
-			elems = append(elems, tok)
-			v = nil
-		}
-	}
-	return jsonpath.New("", elems...)
-}
-
 // schemaAt follows path through the schema: an index into the array's
 // items, a member name into the object's properties.
 func schemaAt(s *jsonschema.Schema, path jsonpath.ContextPath) *jsonschema.Schema {
@@ -397,13 +554,13 @@ func schemaAt(s *jsonschema.Schema, path jsonpath.ContextPath) *jsonschema.Schem
 			return nil
 		}
 		if _, ok := e.(int); ok {
-			s = s.Items2020
+			s = s.Items
 			continue
 		}
 		key, _ := e.(string)
-		if p, ok := s.Properties[key]; ok {
+		if p, ok := properties(s)[key]; ok {
 			s = p
-		} else if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
+		} else if ap := s.AdditionalProperties; ap != nil && ap.Boolean == nil {
 			s = ap
 		} else {
 			return nil
@@ -413,18 +570,23 @@ func schemaAt(s *jsonschema.Schema, path jsonpath.ContextPath) *jsonschema.Schem
 }
 
 func deref(s *jsonschema.Schema) *jsonschema.Schema {
-	for s != nil && s.Ref != nil && s.Properties == nil {
-		s = s.Ref
+	for s != nil && s.ResolvedRef != nil && s.Properties == nil {
+		s = s.ResolvedRef
 	}
 	return s
 }
 
-func propertyNames(s *jsonschema.Schema) []string {
-	if s == nil {
+func properties(s *jsonschema.Schema) jsonschema.SchemaMap {
+	if s == nil || s.Properties == nil {
 		return nil
 	}
-	names := make([]string, 0, len(s.Properties))
-	for n := range s.Properties {
+	return *s.Properties
+}
+
+func propertyNames(s *jsonschema.Schema) []string {
+	props := properties(s)
+	names := make([]string, 0, len(props))
+	for n := range props {
 		names = append(names, n)
 	}
 	sort.Strings(names)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -626,4 +627,19 @@ func TestGPUDefaultRuntime(t *testing.T) {
 	if len(es) != 1 || es[0].Path != "$.machine.gpuDefaultRuntime" {
 		t.Errorf("gpuDefaultRuntime: crun: %v, want one error at $.machine.gpuDefaultRuntime", es)
 	}
+}
+
+// TestLoadConcurrently: the compiled schema is shared, and the library
+// caches on it (a pattern's regexp, compiled on its first use), so Load
+// validates under a lock; go test -race fails this test without it.
+func TestLoadConcurrently(t *testing.T) {
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			if _, err := Load("m.yaml", []byte(with())); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
 }

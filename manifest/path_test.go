@@ -1,9 +1,11 @@
 package manifest
 
 import (
+	"slices"
 	"testing"
 
 	jsonpath "github.com/coreos/vcontext/path"
+	"github.com/kaptinlin/jsonschema"
 )
 
 func TestFormatPath(t *testing.T) {
@@ -116,11 +118,25 @@ func TestIsSecretPath(t *testing.T) {
 	}
 }
 
-// TestInstancePath: the schema library's location is all strings; the
-// document tells an array index from a member named like one.
+// TestInstancePath: the schema library gives each location as one
+// unescaped token relative to its parent's; the document tells an array
+// index from a member named like one, and a name may hold a slash.
 func TestInstancePath(t *testing.T) {
-	d := &document{root: map[string]any{"a": []any{map[string]any{"0": []any{true}}}}}
-	if got := FormatPath(d.instancePath([]string{"a", "0", "0", "0"})); got != `$.a[0]["0"][0]` {
-		t.Errorf("instancePath = %s", got)
+	root := map[string]any{"a": []any{map[string]any{"0": []any{true}, "x/y": "v"}}}
+	leaf := func(loc string) *jsonschema.EvaluationResult {
+		return &jsonschema.EvaluationResult{InstanceLocation: loc, Errors: map[string]*jsonschema.EvaluationError{
+			"type": jsonschema.NewEvaluationError("type", "type_mismatch", "wrong"),
+		}}
+	}
+	nest := func(loc string, kids ...*jsonschema.EvaluationResult) *jsonschema.EvaluationResult {
+		return &jsonschema.EvaluationResult{InstanceLocation: loc, Details: kids}
+	}
+	r := nest("", nest("/a", nest("/0", nest("", nest("/0", leaf("/0"))), leaf("/x/y"))))
+	var got []string
+	for _, f := range schemaFaults(r, root) {
+		got = append(got, FormatPath(f.path))
+	}
+	if want := []string{`$.a[0]["0"][0]`, `$.a[0]["x/y"]`}; !slices.Equal(got, want) {
+		t.Errorf("paths = %q, want %q", got, want)
 	}
 }

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	jsonpath "github.com/coreos/vcontext/path"
-	"github.com/santhosh-tekuri/jsonschema/v6"
+	"github.com/kaptinlin/jsonschema"
 
 	"github.com/nodespawn/nodespawn/schema"
 )
@@ -116,21 +116,21 @@ func TestSchemaPatternsAgree(t *testing.T) {
 			"/srv/images/base": okBoth, "/": okBoth, "srv/images": badBoth, "./x": badBoth,
 		}},
 	}
-	covered := map[string]bool{}
+	covered := map[*jsonschema.Schema]bool{}
 	for _, r := range rows {
 		path := jsonpath.New("", r.path...)
 		name := FormatPath(path)
 		s := schemaAt(sch, path)
-		for s != nil && s.Pattern == nil && s.Ref != nil {
-			s = s.Ref
+		for s != nil && s.Pattern == nil && s.ResolvedRef != nil {
+			s = s.ResolvedRef
 		}
 		if s == nil || s.Pattern == nil {
 			t.Errorf("%s: the schema has no pattern there; drop the row or add the pattern", name)
 			continue
 		}
-		covered[s.Location] = true
+		covered[s] = true
 		for v, verdict := range r.values {
-			schemaOK := s.Validate(v) == nil
+			schemaOK := s.ValidateStruct(v).IsValid()
 			m, err := Load("base.yaml", []byte(with()))
 			if err != nil {
 				t.Fatal(err)
@@ -157,15 +157,15 @@ func TestSchemaPatternsAgree(t *testing.T) {
 			return
 		}
 		seen[s] = true
-		if s.Pattern != nil && !covered[s.Location] {
-			missing = append(missing, s.Location)
+		if s.Pattern != nil && !covered[s] {
+			missing = append(missing, *s.Pattern)
 		}
-		walk(s.Ref)
-		walk(s.Items2020)
-		if ap, ok := s.AdditionalProperties.(*jsonschema.Schema); ok {
+		walk(s.ResolvedRef)
+		walk(s.Items)
+		if ap := s.AdditionalProperties; ap != nil && ap.Boolean == nil {
 			walk(ap)
 		}
-		for _, p := range s.Properties {
+		for _, p := range properties(s) {
 			walk(p)
 		}
 	}

@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -104,7 +105,10 @@ func WriteJSON(w io.Writer, p *Plan) error {
 // secrets redacted.
 func WriteText(w io.Writer, p *Plan) error {
 	p = p.Redact()
-	tw := &errWriter{w: w}
+	// Buffered: a plan is hundreds of short writes, each a write(2) on
+	// an unbuffered stdout.
+	bw := bufio.NewWriterSize(w, 32<<10)
+	tw := &errWriter{w: bw}
 	tw.printf("Plan %s: machine %s, node %s, rootfs %s\n", p.Version, p.Machine, p.NodeName, p.Rootfs)
 	for _, warning := range p.Warnings {
 		tw.printf("warning: %s\n", warning)
@@ -130,6 +134,9 @@ func WriteText(w io.Writer, p *Plan) error {
 			}
 			writeDetail(tw, &s)
 		}
+	}
+	if tw.err == nil {
+		tw.err = bw.Flush()
 	}
 	return tw.err
 }

@@ -4,12 +4,11 @@
 package schema
 
 import (
-	"bytes"
 	_ "embed"
 	"fmt"
 	"sync"
 
-	"github.com/santhosh-tekuri/jsonschema/v6"
+	"github.com/kaptinlin/jsonschema"
 )
 
 // JSON is the manifest's JSON Schema (draft 2020-12).
@@ -24,20 +23,41 @@ var compiled = sync.OnceValues(compile)
 
 // Compile returns the compiled schema. It is compiled once; later calls
 // return the same value.
+//
+// The library (github.com/kaptinlin/jsonschema) compiles nothing at
+// package init, unlike santhosh-tekuri/jsonschema, which compiled every
+// draft's meta-schema in every command, `nodespawn version` included.
+// Compile does not check the schema against its meta-schema; the tests do.
+// Validate with Validate: the schema's methods are not safe for
+// concurrent use.
 func Compile() (*jsonschema.Schema, error) {
 	return compiled()
 }
 
-func compile() (*jsonschema.Schema, error) {
-	doc, err := jsonschema.UnmarshalJSON(bytes.NewReader(JSON))
+// validateMu serializes validation: the library caches on the shared
+// compiled schema while it validates (a pattern's regexp, compiled on
+// its first use), which is a data race between two validations.
+var validateMu sync.Mutex
+
+// Validate validates v (a document decoded into map[string]any, []any,
+// string, bool, json.Number and nil) against the compiled schema. Safe
+// for concurrent use, unlike the compiled schema's own methods.
+func Validate(v any) (*jsonschema.EvaluationResult, error) {
+	s, err := Compile()
 	if err != nil {
-		return nil, fmt.Errorf("parse embedded schema: %w", err)
+		return nil, err
 	}
+	validateMu.Lock()
+	defer validateMu.Unlock()
+	return s.ValidateStruct(v), nil
+}
+
+func compile() (*jsonschema.Schema, error) {
 	c := jsonschema.NewCompiler()
-	if err := c.AddResource(ID, doc); err != nil {
-		return nil, fmt.Errorf("add embedded schema: %w", err)
-	}
-	s, err := c.Compile(ID)
+	// The schema refers only to itself: never fetch a reference.
+	delete(c.Loaders, "http")
+	delete(c.Loaders, "https")
+	s, err := c.Compile(JSON, ID)
 	if err != nil {
 		return nil, fmt.Errorf("compile embedded schema: %w", err)
 	}
