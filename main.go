@@ -157,6 +157,8 @@ systemd-nspawn machine on this host, applies the plan once, and exits.
 		newStatusCmd(),
 		newInstallCmd(),
 		newImageCmd(),
+		newConfigCmd(),
+		newAgentCmd(),
 		newVersionCmd(),
 		newMountRootCmd(),
 	)

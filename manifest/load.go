@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/schema"
 )
@@ -59,6 +59,9 @@ func load(d *document, data []byte) (*Manifest, error) {
 	if !d.parse(data) {
 		return nil, d.errors()
 	}
+	if d.config {
+		withAuth(d.root)
+	}
 	if len(d.probs) > 0 {
 		// Duplicate or non-string keys: the value is not what the author
 		// meant, so stop before guessing at more.
@@ -91,7 +94,7 @@ func load(d *document, data []byte) (*Manifest, error) {
 		}
 		return nil, d.errors()
 	}
-	for _, p := range check(m) {
+	for _, p := range checkWith(m, checker{config: d.config}) {
 		if !isFlagged(p.path, flagged) {
 			d.probs = append(d.probs, p)
 		}
@@ -563,7 +566,7 @@ func (d *document) position(path jsonpath.ContextPath, key bool) pos {
 
 // tokenRE matches anything shaped like a bootstrap token, so a snippet never
 // shows one even when it sits under a misspelled key.
-var tokenRE = regexp.MustCompile(`[a-z0-9]{6}\.[a-z0-9]{16}`)
+var tokenRE = lazyre.New(`[a-z0-9]{6}\.[a-z0-9]{16}`)
 
 const snippetWidth = 100
 
@@ -628,8 +631,18 @@ func (d *document) redact(s string) string {
 		// Same length, so the caret still points where it should.
 		s = strings.ReplaceAll(s, secret, stars(secret))
 	}
-	s = tokenRE.ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
+	s = tokenRE().ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
 	return redact.Replace(s, stars)
 }
 
 func stars(s string) string { return strings.Repeat("*", utf8.RuneCountInString(s)) }
+
+// withAuth gives a fleet config without kubernetes.auth an empty one, which
+// LoadConfig's checks allow (the schema requires the member).
+func withAuth(root any) {
+	m, _ := root.(map[string]any)
+	k, _ := m["kubernetes"].(map[string]any)
+	if _, ok := k["auth"]; k != nil && !ok {
+		k["auth"] = map[string]any{}
+	}
+}

@@ -16,7 +16,6 @@ import (
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
 	"github.com/nodespawn/nodespawn/state"
-	"github.com/nodespawn/nodespawn/upgrade"
 )
 
 // upgradeOptions are apply's settings for upgrades by alternating machines
@@ -39,16 +38,7 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 	k := m.Kubernetes
 	ca := []byte(k.CACert)
 	return func(ctx context.Context, p *plan.Plan, since time.Time) error {
-		creds := func(ctx context.Context) (kubecheck.Credentials, error) {
-			if k.Auth.Exec != nil {
-				return kubecheck.ExecCredential(ctx, machineRunner(p), execPlugin(k.Auth.Exec), k.APIServer, ca)
-			}
-			state := p.NodeState
-			if state == "" {
-				return kubecheck.Credentials{}, errors.New("the plan names no node state directory")
-			}
-			return kubecheck.KubeletClientCert(filepath.Join(root, state, "kubelet"))
-		}
+		creds := nodeCredentials(m, root, p)
 		timeout := kubecheck.DefaultTimeout
 		if d, ok := ctx.Deadline(); ok {
 			timeout = time.Until(d)
@@ -59,6 +49,63 @@ func nodeReady(m *manifest.Manifest, root string) func(ctx context.Context, p *p
 		})
 		return err
 	}
+}
+
+// nodeCredentials are the node's own credentials for machine p of
+// manifest m: kubelet's client certificate from the node's state
+// (bootstrap token), or what the exec credential plugin gives inside the
+// machine.
+func nodeCredentials(m *manifest.Manifest, root string, p *plan.Plan) func(ctx context.Context) (kubecheck.Credentials, error) {
+	k := m.Kubernetes
+	return func(ctx context.Context) (kubecheck.Credentials, error) {
+		if k.Auth.Exec != nil {
+			return kubecheck.ExecCredential(ctx, machineRunner(p), execPlugin(k.Auth.Exec), k.APIServer, []byte(k.CACert))
+		}
+		state := p.NodeState
+		if state == "" {
+			return kubecheck.Credentials{}, errors.New("the plan names no node state directory")
+		}
+		return kubecheck.KubeletClientCert(filepath.Join(root, state, "kubelet"))
+	}
+}
+
+// NodeAccess is how the node under root reaches its API server as itself
+// (nodespawn agent): the API server and cluster CA of the running
+// machine's manifest, the node's name, and its own credentials, asked
+// anew on each call (kubelet rotates its certificate).
+type NodeAccess struct {
+	APIServer   string
+	CAPEM       []byte
+	NodeName    string
+	Credentials func(ctx context.Context) (kubecheck.Credentials, error)
+}
+
+// ActiveNodeAccess is NodeAccess for the active machine under root.
+func ActiveNodeAccess(root string) (*NodeAccess, error) {
+	st, err := state.ReadMachines(root)
+	if err != nil {
+		return nil, err
+	}
+	if st.Active == "" {
+		return nil, errors.New("no machine runs a node here (nodespawn apply makes one)")
+	}
+	p, err := state.PlanOf(root, st.Active)
+	if err != nil {
+		return nil, err
+	}
+	data, err := state.ManifestOf(root, st.Active)
+	if err != nil {
+		return nil, err
+	}
+	if p == nil || data == nil {
+		return nil, fmt.Errorf("the plan or manifest of running machine %s is missing under %s", st.Active, state.MachinesDir)
+	}
+	m, err := manifest.Load(state.ManifestFile(st.Active), data)
+	if err != nil {
+		return nil, fmt.Errorf("the running machine's manifest no longer loads: %w", err)
+	}
+	return &NodeAccess{APIServer: m.Kubernetes.APIServer, CAPEM: []byte(m.Kubernetes.CACert), NodeName: p.NodeName,
+		Credentials: nodeCredentials(m, root, p)}, nil
 }
 
 // execPlugin is the manifest's exec credential plugin as kubecheck runs it.
@@ -166,15 +213,7 @@ func checkSameNode(root string, m *manifest.Manifest, p *plan.Plan, identity boo
 // first-boot unit reads its manifest: the node must run again whatever
 // the user-data holds.
 func resumeAtBoot(ctx context.Context, root, toolVersion string) error {
-	st, err := state.ReadMachines(root)
-	if err != nil || st.Upgrade == nil || st.Upgrade.Phase == state.UpgradePreparing {
-		return err
-	}
-	opts, err := StoredOptions(root, toolVersion, st.Upgrade.To, st.Upgrade.From)
-	if err != nil {
-		return fmt.Errorf("finish the interrupted upgrade from %s to %s: %w", st.Upgrade.From, st.Upgrade.To, err)
-	}
-	out, err := upgrade.Resume(ctx, opts)
+	out, err := Resume(ctx, root, toolVersion)
 	if out != nil {
 		slog.Info("finished the interrupted upgrade", "from", out.From, "to", out.To, "outcome", out.Outcome)
 	}

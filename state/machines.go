@@ -84,6 +84,11 @@ type Upgrade struct {
 	// ManifestDigest is the manifest To is made from.
 	ManifestDigest string    `json:"manifestDigest"`
 	Started        time.Time `json:"started"`
+	// Prepared is when the preparation of To finished, for an upgrade
+	// prepared ahead of its switch (upgrade.Prepare; the phase stays
+	// UpgradePreparing): To is made, and upgrade.SwitchPrepared switches
+	// to it.
+	Prepared *time.Time `json:"prepared,omitempty"`
 	// Switched is when the old machine was stopped (UpgradeVerifying on).
 	Switched *time.Time `json:"switched,omitempty"`
 	// Reason is why it is rolling back.
@@ -111,6 +116,9 @@ const (
 	OutcomeRolledBack     = "rolled back"
 	OutcomeRollbackFailed = "rollback failed"
 	OutcomeManualRollback = "rolled back by hand"
+	// OutcomePrepared is a record's upgrade outcome when the run only
+	// prepared the other machine (upgrade.Prepare).
+	OutcomePrepared = "prepared"
 )
 
 // Machines returns the state of the pair; a root where nothing was

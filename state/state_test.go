@@ -179,3 +179,24 @@ func TestLockExcludesAndTimesOut(t *testing.T) {
 	}
 	l2.Release()
 }
+
+func TestAgentStateRoundTrip(t *testing.T) {
+	s, err := Create(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a, err := s.Agent()
+	if err != nil || a.SwitchID != "" {
+		t.Fatalf("fresh root: %+v %v; want an empty agent state", a, err)
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	want := &Agent{SwitchID: "r/3", SwitchDigest: "sha256:x", Phase: "Switching", SwitchStarted: &now}
+	if err := s.WriteAgent(want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Agent()
+	if err != nil || got.SwitchID != "r/3" || got.Phase != "Switching" || !got.SwitchStarted.Equal(now) {
+		t.Fatalf("read back %+v %v", got, err)
+	}
+}

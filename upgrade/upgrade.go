@@ -69,36 +69,100 @@ type switchRun struct {
 	manual            bool
 }
 
+// Prepare prepares the machine of p's pair that is not running from p's
+// manifest, beside the running one, and stops there: nothing the running
+// machine uses is touched. The state records the upgrade in phase
+// preparing with its Prepared time (and the manifest digest it is made
+// from); SwitchPrepared switches to it later, and Run with the same
+// manifest finishes it. Prepare is idempotent: a machine already prepared
+// from the same plan is left as it is, and a preparation a killed run
+// left is resumed (another manifest's is started over). The caller holds
+// s and has decided that p is an upgrade (provision.Prepare).
+func Prepare(ctx context.Context, s *apply.Session, p *plan.Plan) (*apply.Result, error) {
+	sr, res, err := run{s}.prepare(ctx, p, true)
+	if err != nil || sr == nil {
+		return res, err
+	}
+	return run{s}.prepared(sr)
+}
+
+// SwitchPrepared switches the node to the machine Prepare made, made from
+// the manifest whose digest is manifestDigest (apply.Options'): it stops
+// the running machine, starts the prepared one, waits for the Node and
+// rolls back when that does not happen, as Run does after its
+// preparation. Anything but a finished preparation of that manifest
+// beside the running machine is a *NotPreparedError, and nothing changes.
+func SwitchPrepared(ctx context.Context, s *apply.Session, manifestDigest string) (*apply.Result, error) {
+	return run{s}.switchPrepared(ctx, manifestDigest)
+}
+
+// NotPreparedError is a switch asked for a machine that is not prepared.
+type NotPreparedError struct {
+	Manifest string
+	Why      string
+}
+
+func (e *NotPreparedError) Error() string {
+	return fmt.Sprintf("upgrade: no machine is prepared from manifest %s (%s); prepare it first", e.Manifest, e.Why)
+}
+
+// Refused marks e an apply.Refusal: nothing changed (exit code 2).
+func (e *NotPreparedError) Refused() {}
+
 // upgrade prepares the machine that is not running from p's manifest,
 // then switches to it.
 func (r run) upgrade(ctx context.Context, p *plan.Plan) (*apply.Result, error) {
+	s, res, err := r.prepare(ctx, p, false)
+	if err != nil || s == nil {
+		return res, err
+	}
+	return r.switchTo(ctx, s)
+}
+
+// prepare makes the machine that is not running from p's manifest and
+// returns the switch to it. only (Prepare) returns no switch, and no
+// error, when that machine is prepared from the same plan already.
+func (r run) prepare(ctx context.Context, p *plan.Plan, only bool) (*switchRun, *apply.Result, error) {
 	st, opts, log, host := r.Machines, r.Opts, r.Log, r.Host
 	from := st.Active
 	to, ok := layout.Pair{p.Machine, p.Alternate}.Other(from)
 	if !ok {
-		return nil, &apply.ManifestChangedError{Applied: st.Applied[from].ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(state.RecordFile), Machine: from}
+		return nil, nil, &apply.ManifestChangedError{Applied: st.Applied[from].ManifestDigest, Given: opts.ManifestDigest, Record: host.Show(state.RecordFile), Machine: from}
 	}
 	tp := p
 	if tp.Machine != to {
 		var err error
 		if tp, err = opts.Upgrade.Render(to); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := apply.Validate(tp); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	now := time.Now().UTC()
 	started := now
+	planDigest := tp.Digest()
 	if u := st.Upgrade; u != nil && u.To == to && u.From == from && u.ManifestDigest == opts.ManifestDigest {
 		started = u.Started
+		if u.Prepared != nil && only && st.Applied[to].PlanDigest == planDigest {
+			log.Info("upgrade: the other machine is prepared from this manifest already", "running", from, "prepared", to, "at", *u.Prepared)
+			return nil, &apply.Result{Record: r.LastRecord(), Machine: from}, nil
+		}
 		log.Info("resuming the preparation of the upgrade", "from", from, "to", to, "started", u.Started)
+		if u.Prepared != nil {
+			// Prepared again (the plan changed, or a switch follows):
+			// not prepared until this run says so.
+			u.Prepared = nil
+			if err := r.Store.WriteMachines(st); err != nil {
+				return nil, nil, err
+			}
+		}
 	} else {
 		if u != nil {
 			log.Info("the upgrade being prepared was for another manifest; starting over", "to", u.To, "manifest", u.ManifestDigest)
 		}
 		if err := r.clearMachine(ctx, to); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		st.Upgrade = &state.Upgrade{From: from, To: to, Phase: state.UpgradePreparing, ManifestDigest: opts.ManifestDigest, Started: now}
 		if st.Previous == to {
@@ -106,25 +170,24 @@ func (r run) upgrade(ctx context.Context, p *plan.Plan) (*apply.Result, error) {
 		}
 		delete(st.Applied, to)
 		if err := r.Store.WriteMachines(st); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		r.Checkpoint("upgrade:preparing")
 	}
 	log.Info("upgrade: preparing the other machine beside the running one", "running", from, "preparing", to, "node", tp.NodeName)
 
-	planDigest := tp.Digest()
 	if err := r.Store.StoreMachine(tp, opts.Manifest); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st.Applied[to] = state.Applied{ManifestDigest: opts.ManifestDigest, SourceDigest: opts.SourceDigest, PlanDigest: planDigest, At: now}
 	if err := r.Store.WriteMachines(st); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	rec := apply.NewRecord(tp, opts, planDigest)
 	rec.Upgrade = &state.RecordUpgrade{From: from, To: to}
 	w := r.RecordWriter(rec, opts.Warnings)
 	if err := w.Save(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if opts.Hooks.AfterStep != nil {
 		opts.Hooks.AfterStep(0)
@@ -132,14 +195,80 @@ func (r run) upgrade(ctx context.Context, p *plan.Plan) (*apply.Result, error) {
 	ex := r.Executor(tp, w, true)
 	if err := ex.Run(ctx, plan.PhaseHost, plan.PhaseRootfs, plan.PhaseMachine); err != nil {
 		if serr := ex.Skip(apply.PhaseSteps(tp, plan.PhaseStart), "not run: the preparation failed; machine "+from+" still runs the node"); serr != nil {
-			return nil, serr
+			return nil, nil, serr
 		}
 		_ = w.Finish(false)
 		log.Error("upgrade: the preparation failed; nothing was switched", "running", from, "error", err)
-		return &apply.Result{Record: w.Snapshot(), Machine: from}, err
+		return nil, &apply.Result{Record: w.Snapshot(), Machine: from}, err
 	}
-	s := &switchRun{from: from, to: to, toPlan: tp, ex: ex, w: w, started: started, prepared: time.Now()}
-	return r.switchTo(ctx, s)
+	return &switchRun{from: from, to: to, toPlan: tp, ex: ex, w: w, started: started, prepared: time.Now()}, nil, nil
+}
+
+// prepared records a preparation that finished, for a switch later
+// (Prepare): the machine runs nothing yet, and its start phase is the
+// switch's.
+func (r run) prepared(s *switchRun) (*apply.Result, error) {
+	st := r.Machines
+	at := s.prepared.UTC()
+	st.Upgrade.Prepared = &at
+	if err := r.Store.WriteMachines(st); err != nil {
+		return nil, err
+	}
+	r.Checkpoint("upgrade:prepared")
+	if err := s.ex.Skip(apply.PhaseSteps(s.toPlan, plan.PhaseStart), "not run yet: machine "+s.to+" is prepared; the switch starts it"); err != nil {
+		return nil, err
+	}
+	s.w.Upgrade(func(ru *state.RecordUpgrade) { ru.Outcome = state.OutcomePrepared })
+	if err := s.w.Finish(true); err != nil {
+		return nil, err
+	}
+	r.Log.Info("upgrade: the other machine is prepared beside the running one; nothing was switched", "running", s.from, "prepared", s.to,
+		"prepare", at.Sub(s.started).Round(time.Millisecond))
+	return &apply.Result{Record: s.w.Snapshot(), Machine: s.from}, nil
+}
+
+// switchPrepared switches to the machine a Prepare made from the
+// manifest whose digest is digest.
+func (r run) switchPrepared(ctx context.Context, digest string) (*apply.Result, error) {
+	st, opts := r.Machines, r.Opts
+	u := st.Upgrade
+	switch {
+	case u == nil:
+		return nil, &NotPreparedError{Manifest: digest, Why: "no upgrade is being prepared"}
+	case u.Phase != state.UpgradePreparing:
+		return nil, &NotPreparedError{Manifest: digest, Why: fmt.Sprintf("the upgrade from %s to %s is %s", u.From, u.To, u.Phase)}
+	case u.ManifestDigest != digest:
+		return nil, &NotPreparedError{Manifest: digest, Why: "machine " + u.To + " is being prepared from manifest " + u.ManifestDigest}
+	case u.Prepared == nil:
+		return nil, &NotPreparedError{Manifest: digest, Why: "the preparation of machine " + u.To + " has not finished"}
+	case u.From != st.Active:
+		return nil, &NotPreparedError{Manifest: digest, Why: "it was prepared beside machine " + u.From + ", and " + st.Active + " runs the node"}
+	}
+	if opts.Deps.Systemd == nil {
+		return nil, fmt.Errorf("upgrade: switching to machine %s needs the running host's systemd (root %s)", u.To, opts.Root)
+	}
+	tp, err := r.Store.PlanOf(u.To)
+	if err != nil {
+		return nil, err
+	}
+	a := st.Applied[u.To]
+	if tp == nil || a.ManifestDigest != digest {
+		return nil, &NotPreparedError{Manifest: digest, Why: "the stored plan of machine " + u.To + " is missing"}
+	}
+	rec := apply.NewRecord(tp, opts, a.PlanDigest)
+	rec.ManifestDigest, rec.SourceDigest = a.ManifestDigest, a.SourceDigest
+	rec.Upgrade = &state.RecordUpgrade{From: u.From, To: u.To}
+	for i := range rec.Steps {
+		if rec.Steps[i].Phase != plan.PhaseStart {
+			rec.Steps[i].Outcome, rec.Steps[i].Error = state.OutcomeSkipped, "done by the preparation"
+		}
+	}
+	w := r.RecordWriter(rec, opts.Warnings)
+	if err := w.Save(); err != nil {
+		return nil, err
+	}
+	r.Log.Info("upgrade: switching to the prepared machine", "running", u.From, "prepared", u.To, "at", *u.Prepared)
+	return r.switchTo(ctx, &switchRun{from: u.From, to: u.To, toPlan: tp, ex: r.Executor(tp, w, true), w: w, started: u.Started, prepared: *u.Prepared})
 }
 
 // switchTo stops the running machine, makes the new one active and

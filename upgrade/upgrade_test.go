@@ -17,6 +17,7 @@ import (
 	"github.com/nodespawn/nodespawn/internal/applytest"
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layout"
+	"github.com/nodespawn/nodespawn/provision"
 	"github.com/nodespawn/nodespawn/state"
 	. "github.com/nodespawn/nodespawn/upgrade"
 )
@@ -60,6 +61,20 @@ func childUpgrade(root, version string) int {
 	opts.Hooks.AfterStep = func(int) { hit("step") }
 	defer func() { fmt.Fprintf(os.Stderr, "checkpoints: %d\n", count) }()
 	ctx := context.Background()
+	switch os.Getenv(upgradeModeEnv) {
+	case "prepare":
+		_, _, err := provision.Prepare(ctx, applytest.UpgradePlan("kube1", version), opts)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+		}
+		return ExitCode(err)
+	case "switch":
+		_, err := provision.SwitchPrepared(ctx, opts, applytest.VersionDigest(version))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+		}
+		return ExitCode(err)
+	}
 	if os.Getenv(upgradeModeEnv) == "firstboot" {
 		// What the first-boot unit does at boot: finish a switch, then the
 		// user-data's manifest, never an upgrade.
@@ -467,4 +482,142 @@ func openTestRoot(t *testing.T, root string) *confine.Root {
 	}
 	t.Cleanup(func() { host.Close() })
 	return host
+}
+
+// TestPrepareThenSwitch: the agent's halves of an upgrade. Prepare makes
+// kube2 beside the running kube1 and disrupts nothing; again, it does
+// nothing; SwitchPrepared switches only to what was prepared.
+func TestPrepareThenSwitch(t *testing.T) {
+	root, deps, sd, dl := applytest.NodeOnKube1(t, nil)
+	ctx := context.Background()
+	opts := applytest.VersionOptions(root, "B", deps)
+	res, d, err := provision.Prepare(ctx, applytest.UpgradePlan("kube1", "B"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Action != provision.ActionUpgrade || res.Machine != "kube1" || res.Record.Upgrade == nil || res.Record.Upgrade.Outcome != state.OutcomePrepared {
+		t.Fatalf("decision %s, result %+v; want an upgrade prepared beside kube1", d, res)
+	}
+	checkOneMachineDuringUpgrade(t, root, sd, "kube1")
+	ms, _ := state.ReadMachines(root)
+	if u := ms.Upgrade; u.To != "kube2" || u.Prepared == nil || u.ManifestDigest != applytest.VersionDigest("B") || ms.Applied["kube2"].Succeeded {
+		t.Fatalf("upgrade %+v, applied %+v; want kube2 prepared from B, not yet succeeded", u, ms.Applied["kube2"])
+	}
+	if calls := strings.Join(sd.State().Calls, "; "); strings.Contains(calls, "stop kube1") || strings.Contains(calls, "start kube2") {
+		t.Errorf("prepare touched the machines: %s", calls)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, "var/lib/machines/kube2/etc/systemd/system/kubelet.service")); err != nil || !strings.Contains(string(b), "version B") {
+		t.Errorf("kube2's kubelet unit: %q %v; want version B", b, err)
+	}
+	// Again: already prepared, nothing fetched, the same preparation.
+	fetched := len(dl.Fetched)
+	if _, _, err := provision.Prepare(ctx, applytest.UpgradePlan("kube1", "B"), opts); err != nil {
+		t.Fatal(err)
+	}
+	again, _ := state.ReadMachines(root)
+	if !again.Upgrade.Prepared.Equal(*ms.Upgrade.Prepared) || len(dl.Fetched) != fetched {
+		t.Errorf("a second prepare prepared again: %v vs %v, %d downloads after %d", again.Upgrade.Prepared, ms.Upgrade.Prepared, len(dl.Fetched), fetched)
+	}
+	// The running manifest is not an upgrade: refused, nothing changes.
+	if _, _, err := provision.Prepare(ctx, applytest.UpgradePlan("kube1", "A"), applytest.VersionOptions(root, "A", deps)); !errors.As(err, new(*provision.NotAnUpgradeError)) {
+		t.Errorf("prepare of the running manifest: %v; want NotAnUpgradeError", err)
+	}
+	// A switch to another manifest than the prepared one is refused.
+	_, err = provision.SwitchPrepared(ctx, opts, applytest.VersionDigest("C"))
+	var np *NotPreparedError
+	if !errors.As(err, &np) || ExitCode(err) != ExitInput {
+		t.Fatalf("switch to C: %v; want NotPreparedError", err)
+	}
+	checkOneMachineDuringUpgrade(t, root, sd, "kube1")
+	res, err = provision.SwitchPrepared(ctx, opts, applytest.VersionDigest("B"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkOneMachine(t, root, sd, "kube2")
+	if res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeSwitched || res.Machine != "kube2" {
+		t.Errorf("result %+v; want switched to kube2", res.Upgrade)
+	}
+	ms, _ = state.ReadMachines(root)
+	if ms.Previous != "kube1" || !ms.Applied["kube2"].Succeeded {
+		t.Errorf("machines state %+v: want kube2 succeeded and kube1 kept", ms)
+	}
+	// Nothing prepared any more: a second switch is refused.
+	if _, err := provision.SwitchPrepared(ctx, opts, applytest.VersionDigest("B")); !errors.As(err, &np) {
+		t.Errorf("second switch: %v; want NotPreparedError", err)
+	}
+	checkOneMachine(t, root, sd, "kube2")
+}
+
+// TestPreparedSwitchRollsBack: a prepared machine whose Node never comes
+// back is rolled back from, as apply's upgrade is.
+func TestPreparedSwitchRollsBack(t *testing.T) {
+	root, deps, sd, _ := applytest.NodeOnKube1(t, nil)
+	ctx := context.Background()
+	opts := applytest.VersionOptions(root, "B", deps, "kube2")
+	if _, _, err := provision.Prepare(ctx, applytest.UpgradePlan("kube1", "B"), opts); err != nil {
+		t.Fatal(err)
+	}
+	res, err := provision.SwitchPrepared(ctx, opts, applytest.VersionDigest("B"))
+	var ue *UpgradeError
+	if !errors.As(err, &ue) || !ue.RolledBack {
+		t.Fatalf("err %v; want rolled back", err)
+	}
+	checkOneMachine(t, root, sd, "kube1")
+	if res.Upgrade == nil || res.Upgrade.Outcome != state.OutcomeRolledBack {
+		t.Errorf("result %+v; want rolled back", res.Upgrade)
+	}
+}
+
+// TestPrepareCrashAtEveryCheckpoint: a prepare killed at any instant
+// leaves kube1 running the node alone; the next prepare resumes or redoes
+// it, and the switch then works.
+func TestPrepareCrashAtEveryCheckpoint(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the child process once per checkpoint")
+	}
+	base := t.TempDir()
+	applytest.PrepareRoot(t, base)
+	if _, code, out := runUpgradeChild(t, base, "A", "apply", -1); code != 0 {
+		t.Fatalf("apply A: exit %d\n%s", code, out)
+	}
+	start := func(t *testing.T) (string, *applytest.DiskSystemd) {
+		root := filepath.Join(t.TempDir(), "root")
+		for _, p := range [][2]string{{base, root}, {base + ".systemd.json", root + ".systemd.json"}} {
+			if out, err := exec.Command("cp", "-a", p[0], p[1]).CombinedOutput(); err != nil {
+				t.Fatalf("cp: %v %s", err, out)
+			}
+		}
+		return root, applytest.NewDiskSystemd(root)
+	}
+	ref, _ := start(t)
+	_, code, out := runUpgradeChild(t, ref, "B", "prepare", -1)
+	if code != 0 {
+		t.Fatalf("uninterrupted prepare: exit %d\n%s", code, out)
+	}
+	n := checkpointsOf(t, out)
+	t.Logf("%d checkpoints in an uninterrupted prepare", n)
+	for k := 1; k <= n; k++ {
+		t.Run(fmt.Sprintf("kill-%d", k), func(t *testing.T) {
+			t.Parallel()
+			root, sd := start(t)
+			if killed, _, out := runUpgradeChild(t, root, "B", "prepare", k); !killed {
+				t.Fatalf("not killed at checkpoint %d:\n%s", k, out)
+			}
+			st := sd.State()
+			if len(st.Violations) > 0 || len(st.Registered) != 1 || !st.Registered["kube1"] || strings.Contains(strings.Join(st.Calls, ";"), "stop kube1") {
+				t.Fatalf("after a kill at checkpoint %d: running %v, calls %v; want kube1 alone, untouched", k, st.Registered, st.Calls)
+			}
+			if _, err := os.Stat(filepath.Join(root, state.DoneStamp)); err != nil {
+				t.Errorf("the done stamp went during a prepare: %v", err)
+			}
+			if _, code, out := runUpgradeChild(t, root, "B", "prepare", -1); code != 0 {
+				t.Fatalf("prepare again: exit %d\n%s", code, out)
+			}
+			checkOneMachineDuringUpgrade(t, root, sd, "kube1")
+			if _, code, out := runUpgradeChild(t, root, "B", "switch", -1); code != 0 {
+				t.Fatalf("switch: exit %d\n%s", code, out)
+			}
+			checkOneMachine(t, root, sd, "kube2")
+		})
+	}
 }

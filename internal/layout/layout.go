@@ -53,6 +53,10 @@ const (
 	// NodeStateDir is what the node keeps whichever machine of the pair
 	// runs it (kubelet's and containerd's state), bound into the machine.
 	NodeStateDir = StateDir + "/node"
+	// AgentStateFile is what nodespawn agent keeps across its restarts:
+	// the last switch it was granted and acted on (never twice), its
+	// phase, error and timings.
+	AgentStateFile = StateDir + "/agent.json"
 	// LayerStoreDir is the layer store: each image layer unpacked once, by
 	// DiffID, shared by every machine root composed of it.
 	LayerStoreDir = StateDir + "/layers"
@@ -124,6 +128,11 @@ const (
 	// FirstbootWantsLink the link that enables it.
 	FirstbootUnitPath  = UnitDir + "/" + FirstbootUnit
 	FirstbootWantsLink = MultiUserWants + "/" + FirstbootUnit
+	// AgentUnit runs nodespawn agent on the host, outside the machines it
+	// switches (nodespawn install --agent writes and enables it).
+	AgentUnit      = "nodespawn-agent.service"
+	AgentUnitPath  = UnitDir + "/" + AgentUnit
+	AgentWantsLink = MultiUserWants + "/" + AgentUnit
 	// NspawnUnitPrefix starts the name of every machine's service, an
 	// instance of systemd's template NspawnTemplate.
 	NspawnUnitPrefix = "systemd-nspawn@"
