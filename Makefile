@@ -7,6 +7,12 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) .
 
+# The fleet controller (cmd/nodespawn-controller), its own binary: the
+# nodespawn binary never links controller-runtime.
+.PHONY: controller
+controller:
+	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/nodespawn-controller ./cmd/nodespawn-controller
+
 # CGO_CFLAGS quiets go-nvml's deprecation warnings in cgo builds.
 export CGO_CFLAGS ?= -Wno-deprecated-declarations
 

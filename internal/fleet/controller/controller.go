@@ -1,0 +1,761 @@
+// Package controller is the nodespawn fleet controller: controller-runtime
+// reconcilers that enrol Nodes (a NodeSpawnNode per Node labelled
+// nodespawn.dev/managed=true, owned by the Node), validate NodeSpawnConfigs
+// and drive NodeSpawnRollouts with the planner. All state lives in the
+// objects; a reconcile rebuilds it, so a restarted or failed-over
+// controller carries on where the last one stopped.
+//
+// Decisions (see also internal/fleet/planner):
+//
+//   - Enrolment is explicit: only Nodes labelled nodespawn.dev/managed=true
+//     get a NodeSpawnNode and are ever selected by a rollout (a node
+//     without the agent would only time out). The label can be set by the
+//     kubelet (--node-labels) or by hand.
+//   - A node selected by several rollouts belongs to the oldest (creation
+//     time, then name); the others list it as blocked (ClaimedByRollout).
+//   - Cordons carry nodespawn.dev/cordoned-by (the rollout) and
+//     nodespawn.dev/cordoned-at; the controller uncordons only a node
+//     carrying its own rollout's mark, and a node cordoned by someone else
+//     is left alone (not drained, switched or uncordoned). A mark naming a
+//     rollout that no longer exists, or that no longer selects the node,
+//     is undone by the Node reconciler once no switch is in flight.
+//   - Drain evicts through the Eviction API (PodDisruptionBudgets
+//     honoured) the pods kubectl drain would (k8s.io/kubectl/pkg/drain's
+//     filters: DaemonSet and mirror pods stay, emptyDir data is lost, pods
+//     with no controller block the drain and are named, like kubectl drain
+//     without --force). A refused eviction names the pod in
+//     status.blocked; evictions are retried every reconcile until the
+//     disruption timeout.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/kubectl/pkg/drain"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
+
+	v1alpha1 "github.com/nodespawn/nodespawn/api/v1alpha1"
+	"github.com/nodespawn/nodespawn/internal/fleet/planner"
+	"github.com/nodespawn/nodespawn/manifest"
+)
+
+// Name is the controller's name in Events and field managers.
+const Name = "nodespawn-controller"
+
+// maxListed caps status.blocked and status.failedNodes.
+const maxListed = 50
+
+// Options tune the controller (tests shorten the clock's reach).
+type Options struct {
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+	// Registry receives the metrics (default: none registered).
+	Registry prometheus.Registerer
+}
+
+// Setup registers the reconcilers with mgr.
+func Setup(mgr ctrl.Manager, opts Options) error {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	cs, err := kubernetes.NewForConfig(mgr.GetConfig())
+	if err != nil {
+		return err
+	}
+	m := newMetrics(mgr.GetClient())
+	if opts.Registry != nil {
+		if err := m.register(opts.Registry); err != nil {
+			return err
+		}
+	}
+	rec := mgr.GetEventRecorder(Name)
+	r := &RolloutReconciler{Client: mgr.GetClient(), Clientset: cs, Events: rec, Now: opts.Now, metrics: m}
+	allRollouts := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
+		return r.allRollouts(ctx)
+	})
+	if err := ctrl.NewControllerManagedBy(mgr).
+		Named("rollout").
+		For(&v1alpha1.NodeSpawnRollout{}, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
+		Watches(&v1alpha1.NodeSpawnNode{}, allRollouts, builder.WithPredicates(nsnChanged)).
+		Watches(&corev1.Node{}, allRollouts, builder.WithPredicates(nodeChanged)).
+		Watches(&v1alpha1.NodeSpawnConfig{}, handler.EnqueueRequestsFromMapFunc(r.rolloutsOfConfig)).
+		Complete(r); err != nil {
+		return err
+	}
+	n := &NodeReconciler{Client: mgr.GetClient(), Events: rec}
+	if err := ctrl.NewControllerManagedBy(mgr).
+		Named("node").
+		For(&corev1.Node{}, builder.WithPredicates(nodeChanged)).
+		// A NodeSpawnNode is named after its Node (deleted: made again).
+		Watches(&v1alpha1.NodeSpawnNode{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
+			return []reconcile.Request{{NamespacedName: types.NamespacedName{Name: o.GetName()}}}
+		}), builder.WithPredicates(predicate.Funcs{UpdateFunc: func(event.UpdateEvent) bool { return false }})).
+		Complete(n); err != nil {
+		return err
+	}
+	c := &ConfigReconciler{Client: mgr.GetClient()}
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("config").
+		For(&v1alpha1.NodeSpawnConfig{}, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
+		Complete(c)
+}
+
+// nodeChanged passes Node events that can change a decision: labels,
+// annotations, unschedulable and condition statuses (not heartbeats).
+var nodeChanged = predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+	o, ok1 := e.ObjectOld.(*corev1.Node)
+	n, ok2 := e.ObjectNew.(*corev1.Node)
+	if !ok1 || !ok2 {
+		return true
+	}
+	if !equality.Semantic.DeepEqual(o.Labels, n.Labels) || !equality.Semantic.DeepEqual(o.Annotations, n.Annotations) ||
+		o.Spec.Unschedulable != n.Spec.Unschedulable || len(o.Status.Conditions) != len(n.Status.Conditions) {
+		return true
+	}
+	for i := range o.Status.Conditions {
+		if o.Status.Conditions[i].Type != n.Status.Conditions[i].Type || o.Status.Conditions[i].Status != n.Status.Conditions[i].Status {
+			return true
+		}
+	}
+	return false
+}}
+
+// nsnChanged passes NodeSpawnNode events except heartbeat-only updates.
+var nsnChanged = predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+	o, ok1 := e.ObjectOld.(*v1alpha1.NodeSpawnNode)
+	n, ok2 := e.ObjectNew.(*v1alpha1.NodeSpawnNode)
+	if !ok1 || !ok2 {
+		return true
+	}
+	os, ns := o.Status.DeepCopy(), n.Status.DeepCopy()
+	os.Heartbeat, ns.Heartbeat = nil, nil
+	return o.Generation != n.Generation || !equality.Semantic.DeepEqual(o.Annotations, n.Annotations) ||
+		!equality.Semantic.DeepEqual(o.Labels, n.Labels) || !equality.Semantic.DeepEqual(os, ns)
+}}
+
+// ---------------------------------------------------------------------------
+// Rollouts
+
+// RolloutReconciler drives NodeSpawnRollouts.
+type RolloutReconciler struct {
+	Client    client.Client
+	Clientset kubernetes.Interface
+	Events    recorder.EventRecorder
+	Now       func() time.Time
+	metrics   *metrics
+}
+
+func (r *RolloutReconciler) allRollouts(ctx context.Context) []reconcile.Request {
+	var l v1alpha1.NodeSpawnRolloutList
+	if err := r.Client.List(ctx, &l); err != nil {
+		return nil
+	}
+	out := make([]reconcile.Request, 0, len(l.Items))
+	for _, ro := range l.Items {
+		out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Name: ro.Name}})
+	}
+	return out
+}
+
+func (r *RolloutReconciler) rolloutsOfConfig(ctx context.Context, o client.Object) []reconcile.Request {
+	var l v1alpha1.NodeSpawnRolloutList
+	if err := r.Client.List(ctx, &l); err != nil {
+		return nil
+	}
+	var out []reconcile.Request
+	for _, ro := range l.Items {
+		if ro.Spec.ConfigName == o.GetName() {
+			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Name: ro.Name}})
+		}
+	}
+	return out
+}
+
+// Reconcile rebuilds the rollout's state from the objects, asks the planner
+// for the next step, carries it out and writes the status.
+func (r *RolloutReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	lg := log.FromContext(ctx)
+	var ro v1alpha1.NodeSpawnRollout
+	if err := r.Client.Get(ctx, req.NamespacedName, &ro); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.metrics.forget(req.Name)
+			return reconcile.Result{}, nil
+		}
+		return reconcile.Result{}, err
+	}
+	now := r.Now()
+	in := planner.Input{Rollout: &ro, Now: now}
+	var cfg v1alpha1.NodeSpawnConfig
+	switch err := r.Client.Get(ctx, types.NamespacedName{Name: ro.Spec.ConfigName}, &cfg); {
+	case err == nil:
+		in.Config = &cfg
+	case !apierrors.IsNotFound(err):
+		return reconcile.Result{}, err
+	}
+
+	nodes, claimed, err := r.selectNodes(ctx, &ro)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	var nsns v1alpha1.NodeSpawnNodeList
+	if err := r.Client.List(ctx, &nsns); err != nil {
+		return reconcile.Result{}, err
+	}
+	byName := make(map[string]*v1alpha1.NodeSpawnNode, len(nsns.Items))
+	for i := range nsns.Items {
+		byName[nsns.Items[i].Name] = &nsns.Items[i]
+	}
+	grant := planner.GrantID(&ro)
+	for _, n := range nodes {
+		ni := planner.NodeInput{Node: n, NSN: byName[n.Name]}
+		if n.Annotations[v1alpha1.AnnotationCordonedBy] == ro.Name && ni.NSN != nil &&
+			!(ni.NSN.Spec.Switch && ni.NSN.Spec.SwitchID == grant) {
+			ni.PodsLeft, ni.DrainBlocked, err = r.podsLeft(ctx, &ro, n.Name)
+			if err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+		in.Nodes = append(in.Nodes, ni)
+	}
+
+	plan := planner.Decide(in)
+
+	blocked := map[string]string{}
+	for _, a := range plan.Actions {
+		b, err := r.apply(ctx, &ro, a)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if b != "" {
+			blocked[a.Node] = b
+		}
+	}
+	for _, e := range plan.Events {
+		typ := corev1.EventTypeNormal
+		if e.Warning {
+			typ = corev1.EventTypeWarning
+		}
+		r.Events.Eventf(&ro, nil, typ, e.Reason, e.Reason, "%s", e.Message)
+	}
+
+	st := plan.Status
+	// A drain run in this reconcile says what blocks it now.
+	for i := range st.Blocked {
+		if b, ok := blocked[st.Blocked[i].Node]; ok && st.Blocked[i].Reason == "DrainBlocked" {
+			st.Blocked[i].Message = b
+			delete(blocked, st.Blocked[i].Node)
+		}
+	}
+	for _, name := range sortedKeys(blocked) {
+		st.Blocked = append(st.Blocked, v1alpha1.NodeProblem{Node: name, Reason: "DrainBlocked", Message: blocked[name]})
+	}
+	for _, name := range claimed {
+		st.Blocked = append(st.Blocked, v1alpha1.NodeProblem{Node: name, Reason: "ClaimedByRollout", Message: "selected by an older rollout too, which has it"})
+	}
+	st.Blocked = capList(st.Blocked)
+	st.FailedNodes = capList(st.FailedNodes)
+	r.metrics.observe(&ro, &st, plan.SwitchDurations)
+
+	if !equality.Semantic.DeepEqual(ro.Status, st) {
+		ro.Status = st
+		if err := r.Client.Status().Update(ctx, &ro); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	after := plan.RequeueAfter
+	if len(blocked) > 0 && (after == 0 || after > planner.DrainRetry) {
+		after = planner.DrainRetry
+	}
+	lg.V(1).Info("reconciled", "nodes", st.Nodes, "updated", st.Updated, "failed", st.Failed, "actions", len(plan.Actions), "requeueAfter", after)
+	return reconcile.Result{RequeueAfter: after}, nil
+}
+
+// selectNodes returns the enrolled Nodes the rollout selects and owns, and
+// those it selects that an older rollout owns.
+func (r *RolloutReconciler) selectNodes(ctx context.Context, ro *v1alpha1.NodeSpawnRollout) ([]corev1.Node, []string, error) {
+	var nl corev1.NodeList
+	if err := r.Client.List(ctx, &nl, client.MatchingLabels{v1alpha1.LabelManaged: "true"}); err != nil {
+		return nil, nil, err
+	}
+	var rl v1alpha1.NodeSpawnRolloutList
+	if err := r.Client.List(ctx, &rl); err != nil {
+		return nil, nil, err
+	}
+	older := make([]labels.Selector, 0)
+	for i := range rl.Items {
+		o := &rl.Items[i]
+		if o.Name == ro.Name || !olderThan(o, ro) {
+			continue
+		}
+		sel, err := selectorOf(o)
+		if err != nil {
+			continue // its own status says so
+		}
+		older = append(older, sel)
+	}
+	sel, err := selectorOf(ro)
+	if err != nil {
+		return nil, nil, reconcile.TerminalError(fmt.Errorf("spec.nodeSelector: %w", err))
+	}
+	var mine []corev1.Node
+	var claimed []string
+	for _, n := range nl.Items {
+		if !sel.Matches(labels.Set(n.Labels)) {
+			continue
+		}
+		taken := false
+		for _, o := range older {
+			if o.Matches(labels.Set(n.Labels)) {
+				taken = true
+				break
+			}
+		}
+		if taken {
+			claimed = append(claimed, n.Name)
+			continue
+		}
+		mine = append(mine, n)
+	}
+	sort.Slice(mine, func(i, j int) bool { return mine[i].Name < mine[j].Name })
+	return mine, claimed, nil
+}
+
+func olderThan(a, b *v1alpha1.NodeSpawnRollout) bool {
+	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	}
+	return a.Name < b.Name
+}
+
+func selectorOf(ro *v1alpha1.NodeSpawnRollout) (labels.Selector, error) {
+	if ro.Spec.NodeSelector == nil {
+		return labels.Everything(), nil
+	}
+	return metav1.LabelSelectorAsSelector(ro.Spec.NodeSelector)
+}
+
+// podsLeft counts the pods still to go from a node the rollout cordoned,
+// and says what blocks them.
+func (r *RolloutReconciler) podsLeft(ctx context.Context, ro *v1alpha1.NodeSpawnRollout, node string) (int, string, error) {
+	switch ro.Spec.Disruption.Mode {
+	case v1alpha1.DisruptionInPlace:
+		return 0, "", nil
+	case v1alpha1.DisruptionWaitForPods:
+		sel := labels.Everything()
+		if ro.Spec.Disruption.PodSelector != nil {
+			s, err := metav1.LabelSelectorAsSelector(ro.Spec.Disruption.PodSelector)
+			if err != nil {
+				return 0, "", reconcile.TerminalError(fmt.Errorf("spec.disruption.podSelector: %w", err))
+			}
+			sel = s
+		}
+		pods, err := r.Clientset.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node, LabelSelector: sel.String()})
+		if err != nil {
+			return 0, "", err
+		}
+		var left []string
+		for _, p := range pods.Items {
+			if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+				left = append(left, p.Namespace+"/"+p.Name)
+			}
+		}
+		if len(left) == 0 {
+			return 0, "", nil
+		}
+		return len(left), "waiting for pods to finish: " + joinCapped(left), nil
+	}
+	list, errs := r.drainer(ctx).GetPodsForDeletion(node)
+	if list == nil && len(errs) > 0 {
+		return 0, "", errors.Join(errs...)
+	}
+	n := len(errs)
+	var msgs []string
+	for _, e := range errs {
+		msgs = append(msgs, e.Error())
+	}
+	if list != nil {
+		n += len(list.Pods())
+	}
+	return n, strings.Join(msgs, "; "), nil
+}
+
+func (r *RolloutReconciler) drainer(ctx context.Context) *drain.Helper {
+	return &drain.Helper{
+		Ctx:                 ctx,
+		Client:              r.Clientset,
+		IgnoreAllDaemonSets: true,
+		DeleteEmptyDirData:  true,
+		GracePeriodSeconds:  -1,
+	}
+}
+
+// evict asks the Eviction API to evict the node's pods; it returns what
+// blocked (a PodDisruptionBudget names the pod) or "".
+func (r *RolloutReconciler) evict(ctx context.Context, node string) (string, error) {
+	list, errs := r.drainer(ctx).GetPodsForDeletion(node)
+	var blocked []string
+	for _, e := range errs {
+		blocked = append(blocked, e.Error())
+	}
+	if list == nil {
+		return strings.Join(blocked, "; "), nil
+	}
+	for _, p := range list.Pods() {
+		if p.DeletionTimestamp != nil {
+			continue // terminating already
+		}
+		ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace}}
+		err := r.Clientset.PolicyV1().Evictions(p.Namespace).Evict(ctx, ev)
+		switch {
+		case err == nil, apierrors.IsNotFound(err):
+		case apierrors.IsTooManyRequests(err):
+			blocked = append(blocked, fmt.Sprintf("evicting pod %s/%s: %s", p.Namespace, p.Name, apiMessage(err)))
+		default:
+			blocked = append(blocked, fmt.Sprintf("evicting pod %s/%s: %v", p.Namespace, p.Name, err))
+		}
+	}
+	return strings.Join(blocked, "; "), nil
+}
+
+func apiMessage(err error) string {
+	var se apierrors.APIStatus
+	if errors.As(err, &se) {
+		return se.Status().Message
+	}
+	return err.Error()
+}
+
+// apply carries out one node's action; it returns what blocks a drain.
+func (r *RolloutReconciler) apply(ctx context.Context, ro *v1alpha1.NodeSpawnRollout, a planner.Action) (string, error) {
+	var node corev1.Node
+	if err := r.Client.Get(ctx, types.NamespacedName{Name: a.Node}, &node); err != nil {
+		return "", client.IgnoreNotFound(err)
+	}
+	if a.Spec != nil || len(a.Annotations) > 0 {
+		var nsn v1alpha1.NodeSpawnNode
+		if err := r.Client.Get(ctx, types.NamespacedName{Name: a.Node}, &nsn); err != nil {
+			return "", err
+		}
+		base := nsn.DeepCopy()
+		if a.Spec != nil {
+			nsn.Spec = *a.Spec
+			metav1.SetMetaDataLabel(&nsn.ObjectMeta, v1alpha1.LabelRollout, ro.Name)
+		}
+		for k, v := range a.Annotations {
+			if v == "" {
+				delete(nsn.Annotations, k)
+			} else {
+				metav1.SetMetaDataAnnotation(&nsn.ObjectMeta, k, v)
+			}
+		}
+		if err := r.Client.Patch(ctx, &nsn, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+			return "", err
+		}
+	}
+	if a.Cordon {
+		if node.Spec.Unschedulable {
+			// Someone cordoned it since the plan: theirs, left alone.
+			return "", nil
+		}
+		base := node.DeepCopy()
+		node.Spec.Unschedulable = true
+		metav1.SetMetaDataAnnotation(&node.ObjectMeta, v1alpha1.AnnotationCordonedBy, ro.Name)
+		metav1.SetMetaDataAnnotation(&node.ObjectMeta, v1alpha1.AnnotationCordonedAt, r.Now().UTC().Format(time.RFC3339))
+		if err := r.Client.Patch(ctx, &node, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+			return "", err
+		}
+	}
+	if a.Uncordon {
+		if err := uncordon(ctx, r.Client, &node, ro.Name); err != nil {
+			return "", err
+		}
+	}
+	for _, e := range a.Events {
+		typ := corev1.EventTypeNormal
+		if e.Warning {
+			typ = corev1.EventTypeWarning
+		}
+		r.Events.Eventf(&node, ro, typ, e.Reason, e.Reason, "%s (rollout %s)", e.Message, ro.Name)
+	}
+	if a.Drain {
+		return r.evict(ctx, a.Node)
+	}
+	return "", nil
+}
+
+// uncordon undoes a cordon the named rollout made, and only that.
+func uncordon(ctx context.Context, c client.Client, node *corev1.Node, rollout string) error {
+	if node.Annotations[v1alpha1.AnnotationCordonedBy] != rollout {
+		return nil
+	}
+	base := node.DeepCopy()
+	node.Spec.Unschedulable = false
+	delete(node.Annotations, v1alpha1.AnnotationCordonedBy)
+	delete(node.Annotations, v1alpha1.AnnotationCordonedAt)
+	return c.Patch(ctx, node, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
+}
+
+func capList(l []v1alpha1.NodeProblem) []v1alpha1.NodeProblem {
+	if len(l) <= maxListed {
+		return l
+	}
+	more := len(l) - maxListed + 1
+	l = append(l[:maxListed-1:maxListed-1], v1alpha1.NodeProblem{Node: "", Reason: "More", Message: fmt.Sprintf("and %d more node(s)", more)})
+	return l
+}
+
+func joinCapped(xs []string) string {
+	if len(xs) > 5 {
+		return strings.Join(xs[:5], ", ") + fmt.Sprintf(" and %d more", len(xs)-5)
+	}
+	return strings.Join(xs, ", ")
+}
+
+func sortedKeys(m map[string]string) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+
+// NodeReconciler keeps a NodeSpawnNode for every enrolled Node and undoes
+// cordons left by rollouts that are gone or no longer select the node.
+type NodeReconciler struct {
+	Client client.Client
+	Events recorder.EventRecorder
+}
+
+// Reconcile enrols one Node.
+func (n *NodeReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	var node corev1.Node
+	if err := n.Client.Get(ctx, req.NamespacedName, &node); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	managed := node.Labels[v1alpha1.LabelManaged] == "true"
+	var nsn v1alpha1.NodeSpawnNode
+	err := n.Client.Get(ctx, req.NamespacedName, &nsn)
+	switch {
+	case apierrors.IsNotFound(err) && managed:
+		nsn = v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
+		if err := controllerutil.SetOwnerReference(&node, &nsn, n.Client.Scheme()); err != nil {
+			return reconcile.Result{}, err
+		}
+		if err := n.Client.Create(ctx, &nsn); err != nil && !apierrors.IsAlreadyExists(err) {
+			return reconcile.Result{}, err
+		}
+		n.Events.Eventf(&node, nil, corev1.EventTypeNormal, "Enrolled", "Enrol", "NodeSpawnNode %s created", node.Name)
+	case err != nil && !apierrors.IsNotFound(err):
+		return reconcile.Result{}, err
+	}
+
+	// A cordon whose rollout is gone or no longer wants the node.
+	by := node.Annotations[v1alpha1.AnnotationCordonedBy]
+	if by == "" {
+		return reconcile.Result{}, nil
+	}
+	var ro v1alpha1.NodeSpawnRollout
+	err = n.Client.Get(ctx, types.NamespacedName{Name: by}, &ro)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return reconcile.Result{}, err
+	}
+	if err == nil && managed {
+		sel, serr := selectorOf(&ro)
+		if serr != nil || sel.Matches(labels.Set(node.Labels)) {
+			return reconcile.Result{}, nil
+		}
+	}
+	if ph := nsn.Status.Phase; ph == v1alpha1.PhaseSwitching || ph == v1alpha1.PhaseVerifying {
+		return reconcile.Result{RequeueAfter: time.Minute}, nil
+	}
+	if err := uncordon(ctx, n.Client, &node, by); err != nil {
+		return reconcile.Result{}, err
+	}
+	n.Events.Eventf(&node, nil, corev1.EventTypeNormal, "Uncordoned", "Uncordon", "uncordoned: rollout %s is gone or no longer selects the node", by)
+	return reconcile.Result{}, nil
+}
+
+// ---------------------------------------------------------------------------
+// Configs
+
+// ConfigReconciler validates NodeSpawnConfigs: the manifest loads as a
+// fleet config (manifest.LoadConfig: no secret), hashes to spec.digest,
+// and the config carries the digest label.
+type ConfigReconciler struct {
+	Client client.Client
+}
+
+// Reconcile sets one config's Valid condition.
+func (c *ConfigReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	var cfg v1alpha1.NodeSpawnConfig
+	if err := c.Client.Get(ctx, req.NamespacedName, &cfg); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	cond := Validate(&cfg)
+	if hex, ok := strings.CutPrefix(cfg.Spec.Digest, "sha256:"); ok && cond.Status == metav1.ConditionTrue && cfg.Labels[v1alpha1.LabelConfigDigest] != hex {
+		base := cfg.DeepCopy()
+		metav1.SetMetaDataLabel(&cfg.ObjectMeta, v1alpha1.LabelConfigDigest, hex)
+		if err := c.Client.Patch(ctx, &cfg, client.MergeFrom(base)); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	st := cfg.Status.DeepCopy()
+	st.ObservedGeneration = cfg.Generation
+	meta.SetStatusCondition(&st.Conditions, cond)
+	if equality.Semantic.DeepEqual(*st, cfg.Status) {
+		return reconcile.Result{}, nil
+	}
+	cfg.Status = *st
+	return reconcile.Result{}, c.Client.Status().Update(ctx, &cfg)
+}
+
+// Validate returns a config's Valid condition. Its message never holds a
+// secret (manifest errors name paths, not values).
+func Validate(cfg *v1alpha1.NodeSpawnConfig) metav1.Condition {
+	cond := metav1.Condition{Type: "Valid", ObservedGeneration: cfg.Generation}
+	m, err := manifest.LoadConfig("NodeSpawnConfig "+cfg.Name, []byte(cfg.Spec.Manifest))
+	var se *manifest.SecretsError
+	switch {
+	case errors.As(err, &se):
+		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, "HoldsSecret", err.Error()
+		return cond
+	case err != nil:
+		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, "InvalidManifest", err.Error()
+		return cond
+	}
+	d, err := m.ConfigDigest()
+	if err != nil {
+		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, "InvalidManifest", err.Error()
+		return cond
+	}
+	if d.String() != cfg.Spec.Digest {
+		cond.Status, cond.Reason = metav1.ConditionFalse, "DigestMismatch"
+		cond.Message = fmt.Sprintf("the manifest hashes to %s, spec.digest says %s ('nodespawn config digest -f FILE' prints a manifest's digest)", d, cfg.Spec.Digest)
+		return cond
+	}
+	cond.Status, cond.Reason, cond.Message = metav1.ConditionTrue, "Valid", "the manifest loads as a fleet config and hashes to spec.digest"
+	return cond
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+type metrics struct {
+	c         client.Reader
+	rollout   *prometheus.GaugeVec
+	halted    *prometheus.GaugeVec
+	switchDur *prometheus.HistogramVec
+	phases    *prometheus.Desc
+
+	mu   sync.Mutex
+	seen map[string]bool // node/switchID whose duration was observed
+}
+
+func newMetrics(c client.Reader) *metrics {
+	return &metrics{
+		c: c,
+		rollout: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "nodespawn_rollout_nodes", Help: "Nodes of a rollout by state (nodes, updated, preparing, prepared, switching, unavailable, failed).",
+		}, []string{"rollout", "state"}),
+		halted: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "nodespawn_rollout_halted", Help: "1 when the rollout is halted (failure budget spent).",
+		}, []string{"rollout"}),
+		switchDur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "nodespawn_switch_duration_seconds", Help: "Switch durations (agent's switchStarted to switchFinished) of nodes a rollout updated.",
+			Buckets: []float64{10, 30, 60, 120, 300, 600, 1200, 1800, 3600},
+		}, []string{"rollout"}),
+		phases: prometheus.NewDesc("nodespawn_nodes", "NodeSpawnNodes by agent phase.", []string{"phase"}, nil),
+		seen:   map[string]bool{},
+	}
+}
+
+func (m *metrics) register(reg prometheus.Registerer) error {
+	for _, c := range []prometheus.Collector{m.rollout, m.halted, m.switchDur, m} {
+		if err := reg.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Describe and Collect make the nodes-per-phase gauge, counted from the
+// cache at scrape time.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) { ch <- m.phases }
+
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var l v1alpha1.NodeSpawnNodeList
+	if err := m.c.List(ctx, &l); err != nil {
+		return
+	}
+	counts := map[string]int{}
+	for _, n := range l.Items {
+		ph := string(n.Status.Phase)
+		if ph == "" {
+			ph = "Unknown"
+		}
+		counts[ph]++
+	}
+	for ph, n := range counts {
+		ch <- prometheus.MustNewConstMetric(m.phases, prometheus.GaugeValue, float64(n), ph)
+	}
+}
+
+func (m *metrics) observe(ro *v1alpha1.NodeSpawnRollout, st *v1alpha1.NodeSpawnRolloutStatus, durs map[string]time.Duration) {
+	for state, v := range map[string]int32{
+		"nodes": st.Nodes, "updated": st.Updated, "preparing": st.Preparing, "prepared": st.Prepared,
+		"switching": st.Switching, "unavailable": st.Unavailable, "failed": st.Failed,
+	} {
+		m.rollout.WithLabelValues(ro.Name, state).Set(float64(v))
+	}
+	h := 0.0
+	if meta.IsStatusConditionTrue(st.Conditions, v1alpha1.RolloutHalted) {
+		h = 1
+	}
+	m.halted.WithLabelValues(ro.Name).Set(h)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	grant := planner.GrantID(ro)
+	for node, d := range durs {
+		k := node + "/" + grant
+		if !m.seen[k] {
+			m.seen[k] = true
+			m.switchDur.WithLabelValues(ro.Name).Observe(d.Seconds())
+		}
+	}
+}
+
+func (m *metrics) forget(rollout string) {
+	m.rollout.DeletePartialMatch(prometheus.Labels{"rollout": rollout})
+	m.halted.DeleteLabelValues(rollout)
+}
