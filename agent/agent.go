@@ -152,10 +152,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	wake := make(chan struct{}, 1)
 	go a.watch(ctx, wake)
 	delay := time.Duration(0)
+	first := true
 	for {
 		wait := a.Heartbeat
 		if delay > 0 {
 			wait = delay
+		}
+		if first {
+			wait, first = 0, false
 		}
 		t := time.NewTimer(wait)
 		select {
@@ -325,6 +329,11 @@ func (a *Agent) act(ctx context.Context, nsn *v1alpha1.NodeSpawnNode, ns *NodeSt
 			a.st.Phase, a.st.LastError = string(v1alpha1.PhaseReady), ""
 			return ns, nil, a.Node.WriteAgent(a.st)
 		}
+		return ns, nil, nil
+	}
+	if !granted && a.st.SwitchDigest == want && (a.st.Phase == string(v1alpha1.PhaseRolledBack) || a.st.Phase == string(v1alpha1.PhaseFailed)) {
+		// The last switch to this config failed: the node stays as it
+		// is, reporting why, until a new grant (a new switchID).
 		return ns, nil, nil
 	}
 	if granted && want == ns.PreviousDigest && want != ns.PreparedDigest {
