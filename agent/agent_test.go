@@ -169,9 +169,13 @@ func (c crashingNode) Switch(ctx context.Context, digest string) error {
 
 func TestConfigWithAnotherDigestIsRefused(t *testing.T) {
 	for name, tamper := range map[string]func(c *v1alpha1.NodeSpawnConfig){
-		"manifest changed": func(c *v1alpha1.NodeSpawnConfig) { c.Spec.Manifest = strings.Replace(c.Spec.Manifest, "pool: b", "pool: evil", 1) },
-		"digest field":     func(c *v1alpha1.NodeSpawnConfig) { c.Spec.Digest = "sha256:" + strings.Repeat("0", 64) },
-		"with a secret":    func(c *v1alpha1.NodeSpawnConfig) { c.Spec.Manifest += "\n  auth: {bootstrapToken: abcdef.0123456789abcdef}\n" },
+		"manifest changed": func(c *v1alpha1.NodeSpawnConfig) {
+			c.Spec.Manifest = strings.Replace(c.Spec.Manifest, "pool: b", "pool: evil", 1)
+		},
+		"digest field": func(c *v1alpha1.NodeSpawnConfig) { c.Spec.Digest = "sha256:" + strings.Repeat("0", 64) },
+		"with a secret": func(c *v1alpha1.NodeSpawnConfig) {
+			c.Spec.Manifest += "\n  auth: {bootstrapToken: abcdef.0123456789abcdef}\n"
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f := newFixture(t)
