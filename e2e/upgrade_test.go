@@ -98,7 +98,13 @@ func checkMachines(ctx context.Context, t *testing.T, v *vm, running, other stri
 // certificate lives in the node's state), with the new kubelet, Ready, its
 // pod running again from the image cache the machines share.
 func checkUpgrade(ctx context.Context, t *testing.T, v *vm) {
+	// The scenario before (a reboot) waits for kubelet only: the pod's
+	// container may still be starting, slowly on a loaded machine.
 	before := readNode(ctx, t)
+	for deadline := time.Now().Add(5 * time.Minute); before.podReady != "True" && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Second)
+		before = readNode(ctx, t)
+	}
 	if before.ready != "True" || before.kubeletVersion != "v"+k8sVersionOf(kubeletPrev) || before.podReady != "True" {
 		t.Fatalf("before the upgrade: node %+v; want Ready on v%s with its pod Ready", before, k8sVersionOf(kubeletPrev))
 	}

@@ -7,16 +7,16 @@ import (
 	"net/netip"
 	"net/url"
 	"path"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
 
-	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
-	"github.com/nodespawn/nodespawn/internal/layout"
 	"oras.land/oras-go/v2/registry"
+
+	"github.com/nodespawn/nodespawn/internal/layout"
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // check runs the rules the schema cannot express. Messages never repeat a
@@ -232,11 +232,11 @@ func (c *checker) baseURL(p jsonpath.ContextPath, v string) {
 }
 
 var (
-	bootstrapTokenRE = regexp.MustCompile(`^[a-z0-9]{6}\.[a-z0-9]{16}$`)
-	sha256RE         = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	bootstrapTokenRE = lazyre.New(`^[a-z0-9]{6}\.[a-z0-9]{16}$`)
+	sha256RE         = lazyre.New(`^[0-9a-f]{64}$`)
 	// Kubernetes' qualified-name and label-value syntax.
-	nameRE       = regexp.MustCompile(`^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$`)
-	dns1123Label = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	nameRE       = lazyre.New(`^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$`)
+	dns1123Label = lazyre.New(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
 )
 
 func (c *checker) kubernetes(k *Kubernetes) {
@@ -326,7 +326,7 @@ func (c *checker) auth(a *Auth) {
 	case a.BootstrapToken == "" && a.Exec == nil && !c.config:
 		c.add(p, "give bootstrapToken or exec")
 	}
-	if a.BootstrapToken != "" && !bootstrapTokenRE.MatchString(a.BootstrapToken) {
+	if a.BootstrapToken != "" && !bootstrapTokenRE().MatchString(a.BootstrapToken) {
 		// Never echo the token: say what shape it must have.
 		c.add(p.Append("bootstrapToken"), "not a bootstrap token: want 6 lowercase letters or digits, '.', then 16 more ([a-z0-9]{6}.[a-z0-9]{16})")
 	}
@@ -347,7 +347,7 @@ func (c *checker) auth(a *Auth) {
 // semverProblem accepts major.minor.patch with optional pre-release and
 // build, and a leading "v".
 func semverProblem(v string) string {
-	if _, err := semver.StrictNewVersion(strings.TrimPrefix(v, "v")); err != nil {
+	if _, ok := strictSemver(v); !ok {
 		return "not a semantic version (want like v1.37.2)"
 	}
 	return ""
@@ -391,7 +391,7 @@ func isDNS1123Subdomain(s string) bool {
 		return false
 	}
 	for _, l := range strings.Split(s, ".") {
-		if len(l) > 63 || !dns1123Label.MatchString(l) {
+		if len(l) > 63 || !dns1123Label().MatchString(l) {
 			return false
 		}
 	}
@@ -414,7 +414,7 @@ func qualifiedNameProblem(key string) string {
 		return fmt.Sprintf("%q: name part must not be empty", key)
 	case len(name) > 63:
 		return fmt.Sprintf("%q: name part must be at most 63 characters", key)
-	case !nameRE.MatchString(name):
+	case !nameRE().MatchString(name):
 		return fmt.Sprintf("%q: name part may hold letters, digits, '-', '_' and '.', and must start and end with a letter or digit", key)
 	}
 	return ""
@@ -426,7 +426,7 @@ func labelValueProblem(v string) string {
 		return ""
 	case len(v) > 63:
 		return "must be at most 63 characters"
-	case !nameRE.MatchString(v):
+	case !nameRE().MatchString(v):
 		return "may hold letters, digits, '-', '_' and '.', and must start and end with a letter or digit"
 	}
 	return ""
@@ -502,22 +502,22 @@ func (c *checker) components(cs *Components) {
 		if e.c.BaseURL != "" {
 			c.baseURL(cp.Append("baseURL"), e.c.BaseURL)
 		}
-		if e.c.SHA256 != "" && !sha256RE.MatchString(e.c.SHA256) {
+		if e.c.SHA256 != "" && !sha256RE().MatchString(e.c.SHA256) {
 			c.add(cp.Append("sha256"), "must be 64 lowercase hex digits")
 		}
 	}
 }
 
 var (
-	sysctlNameRE = regexp.MustCompile(`^[a-zA-Z0-9_-]+([./][a-zA-Z0-9_:@-]+)+$`)
-	moduleRE     = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`)
+	sysctlNameRE = lazyre.New(`^[a-zA-Z0-9_-]+([./][a-zA-Z0-9_:@-]+)+$`)
+	moduleRE     = lazyre.New(`^[a-zA-Z0-9_-]+$`)
 )
 
 func (c *checker) host(h *Host) {
 	p := jsonpath.New("", "host")
 	for name, v := range h.Sysctls {
 		sp := p.Append("sysctls", name)
-		if !sysctlNameRE.MatchString(name) {
+		if !sysctlNameRE().MatchString(name) {
 			c.addKey(sp, "not a sysctl name (like net.ipv4.ip_forward)")
 		}
 		// Tabs separate the fields of values like net.ipv4.tcp_rmem; no
@@ -527,7 +527,7 @@ func (c *checker) host(h *Host) {
 		}
 	}
 	for i, mod := range h.Modules {
-		if !moduleRE.MatchString(mod) {
+		if !moduleRE().MatchString(mod) {
 			c.add(p.Append("modules", i), "not a kernel module name")
 		}
 	}

@@ -8,9 +8,10 @@ import (
 	ignvalidate "github.com/coreos/ignition/v2/config/validate"
 	jsonpath "github.com/coreos/vcontext/path"
 	"github.com/coreos/vcontext/report"
+	"github.com/vincent-petithory/dataurl"
+
 	"github.com/nodespawn/nodespawn/internal/inflate"
 	"github.com/nodespawn/nodespawn/internal/layout"
-	"github.com/vincent-petithory/dataurl"
 )
 
 // Host paths that belong to nodespawn itself (package layout says where):

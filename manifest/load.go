@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/redact"
 	"github.com/nodespawn/nodespawn/schema"
 )
@@ -566,7 +566,7 @@ func (d *document) position(path jsonpath.ContextPath, key bool) pos {
 
 // tokenRE matches anything shaped like a bootstrap token, so a snippet never
 // shows one even when it sits under a misspelled key.
-var tokenRE = regexp.MustCompile(`[a-z0-9]{6}\.[a-z0-9]{16}`)
+var tokenRE = lazyre.New(`[a-z0-9]{6}\.[a-z0-9]{16}`)
 
 const snippetWidth = 100
 
@@ -631,7 +631,7 @@ func (d *document) redact(s string) string {
 		// Same length, so the caret still points where it should.
 		s = strings.ReplaceAll(s, secret, stars(secret))
 	}
-	s = tokenRE.ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
+	s = tokenRE().ReplaceAllStringFunc(s, func(t string) string { return "******.****************" })
 	return redact.Replace(s, stars)
 }
 

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	jsonpath "github.com/coreos/vcontext/path"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/redact"
 )
 
@@ -179,7 +179,7 @@ func (d *document) budget(path jsonpath.ContextPath, p pos, depth int) bool {
 
 // --- YAML
 
-var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+var yamlLineRE = lazyre.New(`^yaml: line (\d+): (.*)$`)
 
 // yamlError records the YAML parser's error at the line and column of the
 // token that broke the document. The parser names only a line, and often
@@ -189,7 +189,7 @@ var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
 // the last prefix that is still YAML: the line after it broke it.
 func (d *document) yamlError(err error, data []byte) {
 	msg := err.Error()
-	m := yamlLineRE.FindStringSubmatch(msg)
+	m := yamlLineRE().FindStringSubmatch(msg)
 	if m == nil {
 		d.syntax(pos{}, "invalid YAML: "+strings.TrimPrefix(msg, "yaml: "))
 		return
@@ -200,7 +200,7 @@ func (d *document) yamlError(err error, data []byte) {
 	}
 	// No value was parsed, so none is known to be secret: a line that
 	// holds one of the secret keys has its value masked in the snippet.
-	if v := secretLineRE.FindStringSubmatch(d.line(line)); v != nil && len(v[1]) >= 4 {
+	if v := secretLineRE().FindStringSubmatch(d.line(line)); v != nil && len(v[1]) >= 4 {
 		d.secrets = append(d.secrets, v[1])
 	}
 	d.syntax(pos{line, yamlErrorColumn(d.line(line), m[2])}, "invalid YAML: "+m[2])
@@ -208,7 +208,7 @@ func (d *document) yamlError(err error, data []byte) {
 
 // secretLineRE matches a source line holding the value of a key that
 // isSecretPath names secret (bootstrapToken, an env or header value).
-var secretLineRE = regexp.MustCompile(`^\s*(?:-\s+)?(?:bootstrapToken|value)\s*:\s*(\S.*?)\s*$`)
+var secretLineRE = lazyre.New(`^\s*(?:-\s+)?(?:bootstrapToken|value)\s*:\s*(\S.*?)\s*$`)
 
 // maxRelocate bounds the lines brokenLine parses again (each a parse of
 // a prefix): past it, the parser's own line stands.
@@ -230,7 +230,7 @@ func brokenLine(data []byte, why string) int {
 		if err == nil {
 			return k + 1
 		}
-		if m := yamlLineRE.FindStringSubmatch(err.Error()); m == nil || m[2] != why {
+		if m := yamlLineRE().FindStringSubmatch(err.Error()); m == nil || m[2] != why {
 			// Broken for another reason: not the prefix to measure from.
 			continue
 		}

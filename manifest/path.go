@@ -2,11 +2,12 @@ package manifest
 
 import (
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 
 	jsonpath "github.com/coreos/vcontext/path"
+
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // A value in a manifest is named, as Ignition names one in its config, by a
@@ -20,7 +21,7 @@ import (
 // beyond the call that built it (in a problem, an error, a map) is a Copy.
 
 // identRE matches the member names FormatPath writes after a dot.
-var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+var identRE = lazyre.New(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // FormatPath writes p the way users see it: $.kubernetes.kubeletArgs[0],
 // with member names that are not identifiers quoted in brackets, as in
@@ -43,7 +44,7 @@ func FormatPath(p jsonpath.ContextPath) string {
 			continue
 		}
 		key := fmt.Sprint(e)
-		if identRE.MatchString(key) {
+		if identRE().MatchString(key) {
 			b.WriteByte('.')
 			b.WriteString(key)
 			continue

@@ -6,7 +6,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/Masterminds/semver/v3"
 	jsonpath "github.com/coreos/vcontext/path"
 )
 
@@ -114,11 +113,10 @@ func (c *checker) duration(p jsonpath.ContextPath, v string, min time.Duration) 
 // containerdVersion refuses a containerd too old for every configuration
 // nodespawn renders.
 func (c *checker) containerdVersion(p jsonpath.ContextPath, v string) {
-	got, err := semver.StrictNewVersion(strings.TrimPrefix(v, "v"))
-	if err != nil {
+	if _, ok := strictSemver(v); !ok {
 		return // semverProblem says so
 	}
-	if got.LessThan(semver.MustParse(MinContainerdVersion)) {
+	if !versionAtLeast(v, MinContainerdVersion) {
 		c.add(p, "containerd %s is too old: nodespawn renders containerd configuration versions 3 and 4, which containerd reads from %s on", v, MinContainerdVersion)
 	}
 }
@@ -143,8 +141,7 @@ func (c *checker) report(r *Report) {
 // ContainerdConfigVersion is the configuration version containerd v
 // reads without migrating it: 4 from containerd 2.4 on, 3 before.
 func ContainerdConfigVersion(v string) int {
-	got, err := semver.StrictNewVersion(strings.TrimPrefix(v, "v"))
-	if err == nil && !got.LessThan(semver.MustParse("2.4.0")) {
+	if versionAtLeast(v, "2.4.0") {
 		return 4
 	}
 	return 3

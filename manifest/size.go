@@ -3,16 +3,17 @@ package manifest
 import (
 	"fmt"
 	"math"
-	"regexp"
 	"strconv"
 
 	jsonpath "github.com/coreos/vcontext/path"
+
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // sizeRE is a byte size as the manifest writes one: a whole number with an
 // optional binary (Ki, Mi, Gi, Ti) or decimal (K, M, G, T) suffix, as in
 // Kubernetes quantities ("20Gi", "500M", "1073741824").
-var sizeRE = regexp.MustCompile(`^([0-9]+)(Ki|Mi|Gi|Ti|K|M|G|T)?$`)
+var sizeRE = lazyre.New(`^([0-9]+)(Ki|Mi|Gi|Ti|K|M|G|T)?$`)
 
 var sizeUnits = map[string]int64{
 	"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
@@ -21,7 +22,7 @@ var sizeUnits = map[string]int64{
 
 // parseSize is v in bytes.
 func parseSize(v string) (int64, error) {
-	m := sizeRE.FindStringSubmatch(v)
+	m := sizeRE().FindStringSubmatch(v)
 	if m == nil {
 		return 0, fmt.Errorf("%q is not a size like 20Gi, 500Mi or 1073741824", v)
 	}

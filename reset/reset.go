@@ -16,13 +16,13 @@ import (
 	"log/slog"
 	"net"
 	"path"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/confine"
 	"github.com/nodespawn/nodespawn/internal/layout"
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/machine"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/state"
@@ -69,7 +69,7 @@ type Options struct {
 }
 
 // machineName is what machined accepts, and what is safe in a path.
-var machineName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+var machineName = lazyre.New(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // Run stops the node's machines (both of an upgrade's pair) and removes
 // them and what apply wrote for them: each rootfs, .nspawn file, service
@@ -169,7 +169,7 @@ func resetMachine(opts Options) (string, error) {
 			return "", err
 		}
 	}
-	if !machineName.MatchString(m) {
+	if !machineName().MatchString(m) {
 		return "", fmt.Errorf("reset: invalid machine name %q", m)
 	}
 	return m, nil
@@ -204,7 +204,7 @@ func resetTargets(s *state.Store, opts Options, m string, log *slog.Logger) []re
 	}
 	machines := []string{m}
 	add := func(x string) {
-		if x != "" && machineName.MatchString(x) && !slices.Contains(machines, x) {
+		if x != "" && machineName().MatchString(x) && !slices.Contains(machines, x) {
 			machines = append(machines, x)
 		}
 	}

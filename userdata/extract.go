@@ -5,10 +5,10 @@ import (
 	"bytes"
 	"encoding/base64"
 	"fmt"
-	"regexp"
 	"strings"
 
 	"github.com/nodespawn/nodespawn/internal/inflate"
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/manifest"
 )
 
@@ -16,8 +16,8 @@ import (
 const maxNesting = 4
 
 var (
-	manifestRE    = regexp.MustCompile(`(?m)(^|[\s{,])["']?apiVersion["']?\s*:\s*["']?nodespawn\.dev/`)
-	cloudConfigRE = regexp.MustCompile(`^#cloud-config\s*$`)
+	manifestRE    = lazyre.New(`(?m)(^|[\s{,])["']?apiVersion["']?\s*:\s*["']?nodespawn\.dev/`)
+	cloudConfigRE = lazyre.New(`^#cloud-config\s*$`)
 	utf8BOM       = []byte("\xef\xbb\xbf")
 	gzipMagic     = []byte{0x1f, 0x8b}
 )
@@ -67,7 +67,7 @@ func extract(name string, data []byte, depth int) (string, []byte, error) {
 	case hasFirstLine(data, "#include"), hasFirstLine(data, "#cloud-config-archive"), hasFirstLine(data, "#part-handler"):
 		return "", nil, fmt.Errorf("%s: %w (%s user-data is not searched; use multipart MIME with a %s part)",
 			name, ErrNoManifest, firstLine(data), ManifestMediaType)
-	case manifestRE.Match(data):
+	case manifestRE().Match(data):
 		return name, data, nil
 	}
 	return "", nil, fmt.Errorf("%s: %w (neither a manifest with apiVersion %s, nor #cloud-config with write_files %s, nor multipart MIME with a %s part)",
@@ -84,7 +84,7 @@ func firstLine(data []byte) string {
 func hasFirstLine(data []byte, prefix string) bool {
 	line := firstLine(bytes.TrimPrefix(data, utf8BOM))
 	if prefix == "#cloud-config" {
-		return cloudConfigRE.MatchString(line)
+		return cloudConfigRE().MatchString(line)
 	}
 	return strings.HasPrefix(line, prefix)
 }

@@ -10,8 +10,9 @@ import (
 	"mime/quotedprintable"
 	"net/mail"
 	"net/textproto"
-	"regexp"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // manifestMediaTypeAlt is the text/x-* spelling cloud-init's own part types
@@ -19,12 +20,12 @@ import (
 const manifestMediaTypeAlt = "text/x-nodespawn-manifest"
 
 var (
-	mimeHeaderRE   = regexp.MustCompile(`(?i)^(content-type|mime-version)\s*:`)
+	mimeHeaderRE   = lazyre.New(`(?i)^(content-type|mime-version)\s*:`)
 	manifestMedias = []string{ManifestMediaType, manifestMediaTypeAlt}
 )
 
 func isMIME(data []byte) bool {
-	return mimeHeaderRE.Match(bytes.TrimPrefix(data, utf8BOM))
+	return mimeHeaderRE().Match(bytes.TrimPrefix(data, utf8BOM))
 }
 
 // extractMIME finds the manifest part of multipart user-data, looking into

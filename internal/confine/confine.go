@@ -52,13 +52,14 @@ import (
 	"math"
 	"os"
 	"path"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // ErrNoOpenat2 is returned by Open on a kernel without openat2(2).
@@ -940,7 +941,7 @@ func (r *Root) InDir(p string, fn func(dir string) error) error {
 // tempName matches every temporary name this package makes: "." and the
 // target's name, then ".tmp-" or ".mkdir-" (or a caller's ".tmp-<word>-",
 // see TempPrefix) and the random suffix.
-var tempName = regexp.MustCompile(`^\..+\.(tmp-([a-z]+-)?|mkdir-)[0-9a-f]{12}$`)
+var tempName = lazyre.New(`^\..+\.(tmp-([a-z]+-)?|mkdir-)[0-9a-f]{12}$`)
 
 // TempPrefix is how a caller names a temporary entry of its own for the
 // target p (a staging directory, say) so that RemoveStaleTemps removes it
@@ -953,7 +954,7 @@ func TempPrefix(p, word string) string { return "." + path.Base("/"+Clean(p)) + 
 // else writes in dir at the same time (apply holds a lock and runs it
 // before a phase's steps start). A missing dir has none.
 func (r *Root) RemoveStaleTemps(dir string) error {
-	return r.removeMatching(dir, tempName.MatchString)
+	return r.removeMatching(dir, tempName().MatchString)
 }
 
 // RemoveStaleTempsUp is RemoveStaleTemps for dir and each of its parents

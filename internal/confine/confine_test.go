@@ -103,7 +103,7 @@ func listDir(t *testing.T, dir string) []string {
 func noTemps(t *testing.T, dir string) {
 	t.Helper()
 	for _, n := range listDir(t, dir) {
-		if tempName.MatchString(n) || strings.Contains(n, ".tmp-") || strings.Contains(n, ".mkdir-") {
+		if tempName().MatchString(n) || strings.Contains(n, ".tmp-") || strings.Contains(n, ".mkdir-") {
 			t.Errorf("%s holds a temporary entry %q", dir, n)
 		}
 	}
@@ -759,7 +759,7 @@ func TestMkdirTemp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(p, "/var/"+prefix) || !tempName.MatchString(filepath.Base(p)) {
+	if !strings.HasPrefix(p, "/var/"+prefix) || !tempName().MatchString(filepath.Base(p)) {
 		t.Errorf("MkdirTemp returned %q, want /var/%s<12 hex>", p, prefix)
 	}
 	if got := hostMode(t, filepath.Join(dir, p)); got != 0o750 {
@@ -789,7 +789,7 @@ func TestCreateTemp(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if !strings.HasPrefix(p, "/cache/.blob.tmp-part-") || !tempName.MatchString(filepath.Base(p)) {
+	if !strings.HasPrefix(p, "/cache/.blob.tmp-part-") || !tempName().MatchString(filepath.Base(p)) {
 		t.Errorf("CreateTemp returned %q", p)
 	}
 	if f.Name() != r.Show(p) {
@@ -1299,12 +1299,12 @@ func TestRemoveStaleTemps(t *testing.T) {
 		t.Errorf("after RemoveStaleTemps etc holds %v, want %v", got, want)
 	}
 	for _, n := range stale {
-		if !tempName.MatchString(n) {
+		if !tempName().MatchString(n) {
 			t.Errorf("tempName does not match %q", n)
 		}
 	}
 	for _, n := range keep {
-		if tempName.MatchString(n) {
+		if tempName().MatchString(n) {
 			t.Errorf("tempName matches %q", n)
 		}
 	}
@@ -1347,7 +1347,7 @@ func TestTempNamesAreStale(t *testing.T) {
 		}
 	}
 	for _, n := range listDir(t, dir) {
-		if n != "keep" && !tempName.MatchString(n) {
+		if n != "keep" && !tempName().MatchString(n) {
 			t.Errorf("temporary name %q (made like %s) does not match tempName", n, name)
 		}
 	}
@@ -1369,7 +1369,7 @@ func TestTempPrefix(t *testing.T) {
 		if got != tt.want {
 			t.Errorf("TempPrefix(%q, %q) = %q, want %q", tt.p, tt.word, got, tt.want)
 		}
-		if n := got + randomSuffix(); !tempName.MatchString(n) {
+		if n := got + randomSuffix(); !tempName().MatchString(n) {
 			t.Errorf("%q, named with TempPrefix, is not a stale temporary name", n)
 		}
 	}

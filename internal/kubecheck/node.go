@@ -11,12 +11,12 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/nodespawn/nodespawn/internal/httpx"
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // Node is what GetNode reads of a Node object.
@@ -135,11 +135,11 @@ const (
 // nodeNameRE is a DNS subdomain, what a Node's name is, but for its
 // length (validNodeName): a bounded repetition, {0,251}, compiles to 251
 // copies, milliseconds at every start of the binary.
-var nodeNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
+var nodeNameRE = lazyre.New(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
 
 // validNodeName says whether name is a DNS subdomain of at most 253 bytes.
 func validNodeName(name string) bool {
-	return len(name) <= 253 && nodeNameRE.MatchString(name)
+	return len(name) <= 253 && nodeNameRE().MatchString(name)
 }
 
 // GetNode reads the Node name from the API server at apiServer (an https

@@ -6,7 +6,6 @@ import (
 	"io/fs"
 	"os"
 	"path"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -91,7 +91,7 @@ func (p *prober) procDeviceNames() (deviceNames, error) {
 
 // fixtureDevice is the content of a regular file standing in for a device
 // node in a fixture tree: its type and numbers, as ls -l shows them.
-var fixtureDevice = regexp.MustCompile(`^([cb]) ([0-9]+):([0-9]+)$`)
+var fixtureDevice = lazyre.New(`^([cb]) ([0-9]+):([0-9]+)$`)
 
 // nodeType returns the type and major of the device node at host path;
 // ok is false when it is no device node, or a fixture file that does not
@@ -123,7 +123,7 @@ func (p *prober) nodeType(hostPath string) (t deviceType, ok bool, err error) {
 	if text == "" {
 		return deviceType{}, false, nil
 	}
-	m := fixtureDevice.FindStringSubmatch(text)
+	m := fixtureDevice().FindStringSubmatch(text)
 	if m == nil {
 		return deviceType{}, false, fmt.Errorf("%s stands for a device node: want %q or %q (type, major:minor) or nothing, got %q",
 			p.at(hostPath), "c MAJOR:MINOR", "b MAJOR:MINOR", text)

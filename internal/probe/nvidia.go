@@ -13,18 +13,19 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
 // nvidiaNodeNames matches the NVIDIA device nodes directly under /dev:
 // one per GPU (nvidia0, nvidia1, ...), the control node, unified memory and
 // modeset.
-var nvidiaNodeNames = regexp.MustCompile(`^(nvidia[0-9]+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset)$`)
+var nvidiaNodeNames = lazyre.New(`^(nvidia[0-9]+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset)$`)
 
 // driNodeNames matches the DRM nodes under /dev/dri. The by-path and
 // by-id directories only hold symlinks to these same nodes, so they are
 // skipped rather than resolved.
-var driNodeNames = regexp.MustCompile(`^(card[0-9]+|renderD[0-9]+)$`)
+var driNodeNames = lazyre.New(`^(card[0-9]+|renderD[0-9]+)$`)
 
 // nvidia gathers the NVIDIA facts; nil when the host has no NVIDIA device
 // node and NVML sees no GPU.
@@ -41,7 +42,7 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 		nvmlOK = true
 	}
 
-	nodes, err := p.nodes("/dev", nvidiaNodeNames)
+	nodes, err := p.nodes("/dev", nvidiaNodeNames())
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +65,7 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 	if !nvmlOK {
 		p.log.Warn("NVIDIA device nodes found but NVML is unavailable: GPU indexes, UUIDs and MIG mode are unknown", "nodes", len(nodes))
 	}
-	dri, err := p.nodes("/dev/dri", driNodeNames)
+	dri, err := p.nodes("/dev/dri", driNodeNames())
 	if err != nil {
 		return nil, err
 	}
@@ -79,7 +80,7 @@ func (p *prober) nvidia(ctx context.Context, nv NVML, ldCache string) (*plan.NVI
 	if n.Binaries, err = p.nvidiaBinaries(); err != nil {
 		return nil, err
 	}
-	if n.NVSwitchNodes, err = p.nodes("/dev", nvswitchNodeNames); err != nil {
+	if n.NVSwitchNodes, err = p.nodes("/dev", nvswitchNodeNames()); err != nil {
 		return nil, err
 	}
 	slices.SortFunc(n.NVSwitchNodes, naturalCompare)
@@ -132,7 +133,7 @@ func (p *prober) nvidiaDRI(name string) bool {
 // driverVersionRE finds the version in /proc/driver/nvidia/version, whose
 // first line reads like
 // "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 ...".
-var driverVersionRE = regexp.MustCompile(`\s([0-9]+\.[0-9]+(?:\.[0-9]+)?)\s`)
+var driverVersionRE = lazyre.New(`\s([0-9]+\.[0-9]+(?:\.[0-9]+)?)\s`)
 
 // procDriverVersion reads the kernel module's version; "" when the driver
 // is not loaded.
@@ -143,7 +144,7 @@ func (p *prober) procDriverVersion() (string, error) {
 	}
 	for line := range strings.Lines(string(b)) {
 		if strings.HasPrefix(line, "NVRM version:") {
-			if m := driverVersionRE.FindStringSubmatch(line + " "); m != nil {
+			if m := driverVersionRE().FindStringSubmatch(line + " "); m != nil {
 				return m[1], nil
 			}
 		}

@@ -5,9 +5,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"regexp"
 	"strings"
 
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 	"github.com/nodespawn/nodespawn/internal/systemd"
 	"github.com/nodespawn/nodespawn/plan"
 )
@@ -42,7 +42,7 @@ var errNoUnits = errors.New("the service manager is not consulted for a Root oth
 // nvswitchNodeNames matches the NVSwitch and NVLink device nodes directly
 // under /dev: the switches' control node and one per switch
 // (nvidia-nvswitchctl, nvidia-nvswitch0, ...), and the NVLink core's.
-var nvswitchNodeNames = regexp.MustCompile(`^(nvidia-nvswitch[0-9]+|nvidia-nvswitchctl|nvidia-nvlink)$`)
+var nvswitchNodeNames = lazyre.New(`^(nvidia-nvswitch[0-9]+|nvidia-nvswitchctl|nvidia-nvlink)$`)
 
 // dpkgStatus is Debian's and Ubuntu's package database.
 const dpkgStatus = "/var/lib/dpkg/status"

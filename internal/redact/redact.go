@@ -7,8 +7,9 @@ package redact
 
 import (
 	"net/url"
-	"regexp"
 	"strings"
+
+	"github.com/nodespawn/nodespawn/internal/lazyre"
 )
 
 // Marker replaces a secret in everything nodespawn prints.
@@ -33,7 +34,7 @@ func Text(s string) string {
 }
 
 // schemeRE finds where a URL with an authority starts.
-var schemeRE = regexp.MustCompile(`[A-Za-z][A-Za-z0-9+.-]*://`)
+var schemeRE = lazyre.New(`[A-Za-z][A-Za-z0-9+.-]*://`)
 
 // Replace returns s with each secret part of every URL in it replaced by
 // with(secret). A URL runs from its scheme to the first space, control
@@ -41,7 +42,7 @@ var schemeRE = regexp.MustCompile(`[A-Za-z][A-Za-z0-9+.-]*://`)
 // unescaped; so it is found in YAML and JSON source lines as well as in
 // plain text.
 func Replace(s string, with func(secret string) string) string {
-	locs := schemeRE.FindAllStringIndex(s, -1)
+	locs := schemeRE().FindAllStringIndex(s, -1)
 	if locs == nil {
 		return s
 	}
