@@ -34,6 +34,27 @@ const (
 	AnnotationCordonedBy = "nodespawn.dev/cordoned-by"
 	// LabelRollout on a NodeSpawnNode: the rollout that last wrote its spec.
 	LabelRollout = "nodespawn.dev/rollout"
+	// LabelManaged on a Node, "true": the node is enrolled; the controller
+	// keeps a NodeSpawnNode for it (owned by the Node). Nodes without it are
+	// never touched by a rollout, whatever its selector.
+	LabelManaged = "nodespawn.dev/managed"
+	// AnnotationCordonedAt on a Node: when the rollout named by
+	// AnnotationCordonedBy cordoned it (RFC 3339); the drain or wait timeout
+	// runs from it.
+	AnnotationCordonedAt = "nodespawn.dev/cordoned-at"
+	// AnnotationPrepareRequested on a NodeSpawnNode (written by the
+	// controller): "DIGEST RFC3339", when prepare of DIGEST was requested;
+	// the phase timeout of a prepare runs from it.
+	AnnotationPrepareRequested = "nodespawn.dev/prepare-requested"
+	// AnnotationSwitchGranted on a NodeSpawnNode (written by the
+	// controller): when spec.switchID was granted (RFC 3339); the phase
+	// timeout of a switch runs from it.
+	AnnotationSwitchGranted = "nodespawn.dev/switch-granted"
+	// AnnotationFailed on a NodeSpawnNode (written by the controller):
+	// "SWITCHID REASON: MESSAGE", the failure the rollout counted against
+	// its budget for that grant. A failure stays counted while the grant
+	// (the rollout's generation) stands.
+	AnnotationFailed = "nodespawn.dev/failed"
 )
 
 // ---------------------------------------------------------------------------
