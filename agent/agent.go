@@ -293,7 +293,7 @@ func (a *Agent) Step(ctx context.Context) error {
 	nsn, err := a.API.GetNode(ctx, a.Name)
 	if apierrors.IsNotFound(err) {
 		a.Log.Debug("agent: no NodeSpawnNode for this node yet; the controller makes it", "name", a.Name)
-		return a.label(ctx)
+		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("get NodeSpawnNode %s: %w", a.Name, err)
@@ -310,7 +310,8 @@ func (a *Agent) Step(ctx context.Context) error {
 	if err := a.report(ctx, nsn, ns, cfgCond); err != nil {
 		return err
 	}
-	return a.label(ctx)
+	a.label(ctx)
+	return nil
 }
 
 // act does what the spec asks that has not been done, and returns the
@@ -539,27 +540,19 @@ func metaTime(t *time.Time) *metav1.Time {
 	return &m
 }
 
-// label sets the Node's config-digest label to the active config's.
-func (a *Agent) label(ctx context.Context) error {
+// label sets the Node's config-digest label to the active config's. A
+// failure is logged, not returned: the status is what matters.
+func (a *Agent) label(ctx context.Context) {
 	if a.lastStatus == nil || a.lastStatus.ActiveDigest == "" {
-		return nil
+		return
 	}
-	_, hex, ok := cutDigest(a.lastStatus.ActiveDigest)
-	if !ok || hex == a.lastLabel {
-		return nil
+	v := v1alpha1.DigestLabelValue(a.lastStatus.ActiveDigest)
+	if v == a.lastLabel {
+		return
 	}
-	if err := a.API.LabelNode(ctx, a.Name, v1alpha1.LabelConfigDigest, hex); err != nil {
-		return fmt.Errorf("label Node %s: %w", a.Name, err)
+	if err := a.API.LabelNode(ctx, a.Name, v1alpha1.LabelConfigDigest, v); err != nil {
+		a.Log.Warn("agent: could not label the Node with its config digest", "node", a.Name, "label", v1alpha1.LabelConfigDigest, "error", err)
+		return
 	}
-	a.lastLabel = hex
-	return nil
-}
-
-func cutDigest(d string) (string, string, bool) {
-	for i := 0; i < len(d); i++ {
-		if d[i] == ':' {
-			return d[:i], d[i+1:], true
-		}
-	}
-	return "", "", false
+	a.lastLabel = v
 }

@@ -74,7 +74,7 @@ func TestIdleReportsTheTruth(t *testing.T) {
 	if c := cond(st, ConditionReady); c.Status != metav1.ConditionTrue || c.Reason != "Running" {
 		t.Errorf("Ready %+v; want True, Running", c)
 	}
-	if got, want := f.api.labels[v1alpha1.LabelConfigDigest], strings.TrimPrefix(f.da, "sha256:"); got != want {
+	if got, want := f.api.labels[v1alpha1.LabelConfigDigest], v1alpha1.DigestLabelValue(f.da); got != want {
 		t.Errorf("Node label %q, want %q", got, want)
 	}
 }
@@ -104,7 +104,7 @@ func TestPrepareThenSwitchOncePerSwitchID(t *testing.T) {
 	if c := cond(st, ConditionReady); c.Status != metav1.ConditionTrue || c.Reason != "Verified" || c.ObservedGeneration != 3 {
 		t.Errorf("Ready %+v; want True, Verified, generation 3", c)
 	}
-	if got := f.api.labels[v1alpha1.LabelConfigDigest]; got != strings.TrimPrefix(f.db, "sha256:") {
+	if got := f.api.labels[v1alpha1.LabelConfigDigest]; got != v1alpha1.DigestLabelValue(f.db) {
 		t.Errorf("Node label %q; want b's digest", got)
 	}
 	if ph := f.api.phases(); !slices.Contains(ph, v1alpha1.PhasePreparing) || !slices.Contains(ph, v1alpha1.PhaseSwitching) {
