@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/nodespawn/nodespawn/api/v1alpha1"
+	"github.com/nodespawn/nodespawn/internal/kubecheck"
 	"github.com/nodespawn/nodespawn/internal/kubetest"
 )
 
@@ -57,7 +58,7 @@ subjects:
 type cluster struct {
 	c      *kubetest.Cluster
 	name   string
-	api    *RestAPI
+	api    *HTTPAPI
 	da, db string
 	ca, cb string
 }
@@ -77,7 +78,8 @@ func newCluster(t *testing.T) *cluster {
 	k.ca, k.cb = kubetest.NameFor(t, "a"), kubetest.NameFor(t, "b")
 	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: k.ca}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: ma, Digest: k.da}})
 	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: k.cb}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: mb, Digest: k.db}})
-	api, err := NewRestAPI(c.AddUser(t, "system:node:"+k.name, "system:nodes"))
+	cfg := c.AddUser(t, "system:node:"+k.name, "system:nodes")
+	api, err := NewHTTPAPI(Endpoint{Server: cfg.Host, CAPEM: cfg.CAData, Credentials: kubecheck.Credentials{CertPEM: cfg.CertData, KeyPEM: cfg.KeyData}})
 	if err != nil {
 		t.Fatal(err)
 	}
