@@ -20,8 +20,8 @@
 // last error, timings, a heartbeat and the agent's version; the Node is
 // labelled with its active config's digest.
 //
-// The agent's two sides are interfaces: API (the API server; RestAPI is
-// client-go's REST client) and Node (the host; Host is the real one,
+// The agent's two sides are interfaces: API (the API server; HTTPAPI is
+// the project's HTTP transport) and Node (the host; Host is the real one,
 // through package provision).
 package agent
 
