@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodespawn/nodespawn/agent"
 	"github.com/nodespawn/nodespawn/provision"
@@ -57,11 +55,11 @@ machine). --kubeconfig uses another identity instead.`,
 				name = access.NodeName
 			}
 			connect := func(ctx context.Context) (agent.API, error) {
-				cfg, err := restConfig(ctx, access, kubeconfig)
+				e, err := endpoint(ctx, access, kubeconfig)
 				if err != nil {
 					return nil, err
 				}
-				return agent.NewRestAPI(cfg)
+				return agent.NewHTTPAPI(e)
 			}
 			a := &agent.Agent{
 				API:       &agent.Refreshing{Connect: connect},
@@ -105,28 +103,19 @@ func waitForNode(ctx context.Context, root string) (*provision.NodeAccess, error
 	}
 }
 
-// restConfig is the client configuration: kubeconfig's, or the node's
+// endpoint is the API server and identity: kubeconfig's, or the node's
 // own credentials for its API server.
-func restConfig(ctx context.Context, access *provision.NodeAccess, kubeconfig string) (*rest.Config, error) {
+func endpoint(ctx context.Context, access *provision.NodeAccess, kubeconfig string) (agent.Endpoint, error) {
 	if kubeconfig != "" {
-
-		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		e, err := agent.KubeconfigEndpoint(kubeconfig)
 		if err != nil {
-			return nil, fmt.Errorf("--kubeconfig: %w", err)
+			return e, fmt.Errorf("--kubeconfig: %w", err)
 		}
-		return cfg, nil
+		return e, nil
 	}
 	creds, err := access.Credentials(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("the node's credentials: %w", err)
+		return agent.Endpoint{}, fmt.Errorf("the node's credentials: %w", err)
 	}
-	return &rest.Config{
-		Host:        access.APIServer,
-		BearerToken: creds.Token,
-		TLSClientConfig: rest.TLSClientConfig{
-			CAData:   access.CAPEM,
-			CertData: creds.CertPEM,
-			KeyData:  creds.KeyPEM,
-		},
-	}, nil
+	return agent.Endpoint{Server: access.APIServer, CAPEM: access.CAPEM, Credentials: creds}, nil
 }

@@ -86,7 +86,7 @@ kubernetes.auth out, the node's identity carries over an upgrade.`,
 			}
 			c := v1alpha1.NodeSpawnConfig{
 				TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "NodeSpawnConfig"},
-				ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{v1alpha1.LabelConfigDigest: d.Encoded()}},
+				ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{v1alpha1.LabelConfigDigest: v1alpha1.DigestLabelValue(d.String())}},
 				Spec:       v1alpha1.NodeSpawnConfigSpec{Manifest: string(data), Digest: d.String()},
 			}
 			b, err := yaml.Marshal(exported{TypeMeta: c.TypeMeta, ObjectMeta: exportedMeta{Name: name, Labels: c.Labels}, Spec: c.Spec})

@@ -16,6 +16,7 @@ func newInstallCmd() *cobra.Command {
 	var (
 		root   string
 		binary string
+		agent  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "install",
@@ -29,10 +30,17 @@ func newInstallCmd() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "installed and enabled %s: it runs '%s apply --source auto' at boot until one apply succeeds\n", apply.FirstbootUnitName, binary)
+			if agent {
+				if err := apply.InstallAgent(root, binary); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "installed and enabled %s: it runs '%s agent' for fleet rollouts (on a running host: systemctl daemon-reload && systemctl start %s)\n", apply.AgentUnitName, binary, apply.AgentUnitName)
+			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&root, "root", "/", "install into the tree under this directory (image building)")
+	cmd.Flags().BoolVar(&agent, "agent", false, "also install and enable "+layout.AgentUnit+", the node's agent for fleet rollouts (nodespawn agent)")
 	cmd.Flags().StringVar(&binary, "binary", apply.DefaultBinaryPath, "the nodespawn binary the unit runs, as seen on the booted host")
 	return cmd
 }

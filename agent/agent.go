@@ -20,8 +20,8 @@
 // last error, timings, a heartbeat and the agent's version; the Node is
 // labelled with its active config's digest.
 //
-// The agent's two sides are interfaces: API (the API server; RestAPI is
-// client-go's REST client) and Node (the host; Host is the real one,
+// The agent's two sides are interfaces: API (the API server; HTTPAPI is
+// the project's HTTP transport) and Node (the host; Host is the real one,
 // through package provision).
 package agent
 
@@ -152,10 +152,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	wake := make(chan struct{}, 1)
 	go a.watch(ctx, wake)
 	delay := time.Duration(0)
+	first := true
 	for {
 		wait := a.Heartbeat
 		if delay > 0 {
 			wait = delay
+		}
+		if first {
+			wait, first = 0, false
 		}
 		t := time.NewTimer(wait)
 		select {
@@ -289,7 +293,7 @@ func (a *Agent) Step(ctx context.Context) error {
 	nsn, err := a.API.GetNode(ctx, a.Name)
 	if apierrors.IsNotFound(err) {
 		a.Log.Debug("agent: no NodeSpawnNode for this node yet; the controller makes it", "name", a.Name)
-		return a.label(ctx)
+		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("get NodeSpawnNode %s: %w", a.Name, err)
@@ -306,7 +310,8 @@ func (a *Agent) Step(ctx context.Context) error {
 	if err := a.report(ctx, nsn, ns, cfgCond); err != nil {
 		return err
 	}
-	return a.label(ctx)
+	a.label(ctx)
+	return nil
 }
 
 // act does what the spec asks that has not been done, and returns the
@@ -325,6 +330,11 @@ func (a *Agent) act(ctx context.Context, nsn *v1alpha1.NodeSpawnNode, ns *NodeSt
 			a.st.Phase, a.st.LastError = string(v1alpha1.PhaseReady), ""
 			return ns, nil, a.Node.WriteAgent(a.st)
 		}
+		return ns, nil, nil
+	}
+	if !granted && a.st.SwitchDigest == want && (a.st.Phase == string(v1alpha1.PhaseRolledBack) || a.st.Phase == string(v1alpha1.PhaseFailed)) {
+		// The last switch to this config failed: the node stays as it
+		// is, reporting why, until a new grant (a new switchID).
 		return ns, nil, nil
 	}
 	if granted && want == ns.PreviousDigest && want != ns.PreparedDigest {
@@ -530,27 +540,19 @@ func metaTime(t *time.Time) *metav1.Time {
 	return &m
 }
 
-// label sets the Node's config-digest label to the active config's.
-func (a *Agent) label(ctx context.Context) error {
+// label sets the Node's config-digest label to the active config's. A
+// failure is logged, not returned: the status is what matters.
+func (a *Agent) label(ctx context.Context) {
 	if a.lastStatus == nil || a.lastStatus.ActiveDigest == "" {
-		return nil
+		return
 	}
-	_, hex, ok := cutDigest(a.lastStatus.ActiveDigest)
-	if !ok || hex == a.lastLabel {
-		return nil
+	v := v1alpha1.DigestLabelValue(a.lastStatus.ActiveDigest)
+	if v == a.lastLabel {
+		return
 	}
-	if err := a.API.LabelNode(ctx, a.Name, v1alpha1.LabelConfigDigest, hex); err != nil {
-		return fmt.Errorf("label Node %s: %w", a.Name, err)
+	if err := a.API.LabelNode(ctx, a.Name, v1alpha1.LabelConfigDigest, v); err != nil {
+		a.Log.Warn("agent: could not label the Node with its config digest", "node", a.Name, "label", v1alpha1.LabelConfigDigest, "error", err)
+		return
 	}
-	a.lastLabel = hex
-	return nil
-}
-
-func cutDigest(d string) (string, string, bool) {
-	for i := 0; i < len(d); i++ {
-		if d[i] == ':' {
-			return d[:i], d[i+1:], true
-		}
-	}
-	return "", "", false
+	a.lastLabel = v
 }

@@ -270,6 +270,28 @@ func TestFirstboot(t *testing.T) {
 	}
 }
 
+func TestAgentUnit(t *testing.T) {
+	golden(t, "nodespawn-agent.service", AgentUnit(""))
+	root := t.TempDir()
+	for i := 0; i < 2; i++ {
+		applytest.Must(t, InstallAgent(root, "/opt/bin/nodespawn"))
+	}
+	unit, err := os.ReadFile(filepath.Join(root, "etc/systemd/system", AgentUnitName))
+	applytest.Must(t, err)
+	for _, want := range []string{"ExecStart=/opt/bin/nodespawn agent\n", "Restart=always", "WantedBy=multi-user.target"} {
+		if !strings.Contains(string(unit), want) {
+			t.Errorf("unit lacks %q", want)
+		}
+	}
+	target, err := os.Readlink(filepath.Join(root, "etc/systemd/system/multi-user.target.wants", AgentUnitName))
+	if err != nil || target != "/etc/systemd/system/"+AgentUnitName {
+		t.Errorf("wants link -> %q, %v", target, err)
+	}
+	if err := InstallAgent(root, "nodespawn"); err == nil {
+		t.Error("a relative binary path was accepted")
+	}
+}
+
 // causeDownloader fails one download and makes every other wait for the
 // phase's cancellation, returning an error that carries its cause, the
 // way an HTTP request cancelled with context.Cause does.

@@ -24,10 +24,11 @@ import (
 // Labels, annotations and finalizer-free markers shared by the controller
 // and the agent.
 const (
-	// LabelConfigDigest on a NodeSpawnConfig: the hex of its manifest's
-	// sha256 (no "sha256:" prefix; label values cannot hold a colon). On a
-	// Node: the digest of the config its active machine runs (set by the
-	// agent).
+	// LabelConfigDigest on a NodeSpawnConfig: DigestLabelValue of its
+	// digest (the hex of its manifest's sha256 without the "sha256:"
+	// prefix, cut to 63 digits: label values hold no colon and at most 63
+	// characters). On a Node: the same of the config its active machine
+	// runs (set by the agent).
 	LabelConfigDigest = "nodespawn.dev/config-digest"
 	// AnnotationCordonedBy on a Node: the rollout that cordoned it. The
 	// controller uncordons only nodes that carry it, and removes it.

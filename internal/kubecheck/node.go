@@ -240,6 +240,12 @@ func newTransport(caPEM []byte, creds Credentials) (*http.Transport, error) {
 	return tr, nil
 }
 
+// TransportError says in words what a failed request to the API server
+// with creds ran into (an unknown CA, a refused client certificate, a
+// refused connection...), for other clients of the API server (nodespawn
+// agent).
+func TransportError(err error, creds Credentials) error { return transportError(err, creds) }
+
 // transportError says in words what a failed request ran into.
 func transportError(err error, creds Credentials) error {
 	var (
