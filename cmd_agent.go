@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/agent"
+	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/provision"
 )
 
@@ -24,7 +25,7 @@ func newAgentCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node's agent for fleet rollouts: act on this node's NodeSpawnNode (prepare, switch, roll back) and report",
-		Long: `agent runs until stopped, as the systemd service nodespawn-agent.service on the
+		Long: `agent runs until stopped, as the systemd service ` + layout.AgentUnit + ` on the
 host (nodespawn install --agent), outside the machines it switches. It
 watches this node's NodeSpawnNode (named after the node), which the rollout
 controller writes, and does what its spec allows through the same code as

@@ -36,7 +36,7 @@ to it; the next upgrade replaces it.`,
 			if err != nil {
 				return err
 			}
-			// Said before the stored manifest is read (apply.Rollback
+			// Said before the stored manifest is read (upgrade.Rollback
 			// checks again under its lock).
 			if err := st.RollbackProblem(); err != nil {
 				return err

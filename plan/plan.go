@@ -1,8 +1,8 @@
 // Package plan is the data between render and apply: a Plan of typed
 // steps, the host Facts it was rendered for, its digest, and its text and
 // JSON forms (what --dry-run prints). It imports nothing of nodespawn's own
-// but internal/layout (which imports nothing), so every helper that needs
-// these types can use them without depending on render or apply.
+// but internal/redact (which imports nothing of it), so every helper that
+// needs these types can use them without depending on render or apply.
 package plan
 
 import (

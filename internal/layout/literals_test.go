@@ -27,6 +27,7 @@ var layoutLiterals = []string{
 	"/run/bpffs",
 	"systemd-nspawn@",
 	"nodespawn-firstboot.service",
+	"nodespawn-agent.service",
 	".target.wants",
 }
 
