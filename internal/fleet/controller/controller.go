@@ -621,9 +621,12 @@ func (c *ConfigReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	cond := Validate(&cfg)
-	if hex, ok := strings.CutPrefix(cfg.Spec.Digest, "sha256:"); ok && cond.Status == metav1.ConditionTrue && cfg.Labels[v1alpha1.LabelConfigDigest] != hex {
+	// The label holds v1alpha1.DigestLabelValue (63 hex digits: a label
+	// value has at most 63 characters, a sha256 hex 64); the whole hex
+	// was refused by the API server, and the config never got its status.
+	if label := v1alpha1.DigestLabelValue(cfg.Spec.Digest); cond.Status == metav1.ConditionTrue && label != "" && cfg.Labels[v1alpha1.LabelConfigDigest] != label {
 		base := cfg.DeepCopy()
-		metav1.SetMetaDataLabel(&cfg.ObjectMeta, v1alpha1.LabelConfigDigest, hex)
+		metav1.SetMetaDataLabel(&cfg.ObjectMeta, v1alpha1.LabelConfigDigest, label)
 		if err := c.Client.Patch(ctx, &cfg, client.MergeFrom(base)); err != nil {
 			return reconcile.Result{}, err
 		}
