@@ -37,15 +37,33 @@ test: generate-check
 	CGO_ENABLED=0 $(GO) build -o /dev/null .
 	$(GO) test -race ./...
 
+# The tests that need a real kube-apiserver and etcd (internal/kubetest):
+# those of every package whose tests import internal/kubetest, and
+# kubetest's own. `make test` runs them too, but skips them when no control
+# plane is found; here NODESPAWN_REQUIRE_KUBE=1 makes that a failure. The
+# binaries come from the e2e cache's components build, which e2e-prepare
+# makes (warm: seconds), or from KUBEBUILDER_ASSETS, which skips
+# e2e-prepare.
+KUBETEST_PKGS = $(shell $(GO) list -f '{{.ImportPath}}{{range .TestImports}} {{.}}{{end}}{{range .XTestImports}} {{.}}{{end}}' ./... | awk '/\/internal\/kubetest( |$$)/ {print $$1}')
+.PHONY: test-cluster
+test-cluster: $(if $(KUBEBUILDER_ASSETS),,e2e-prepare)
+	@pkgs="$(KUBETEST_PKGS)"; test -n "$$pkgs" || { echo "test-cluster: no package's tests import internal/kubetest" >&2; exit 1; }; \
+	echo "NODESPAWN_REQUIRE_KUBE=1 $(GO) test -race $$pkgs"; \
+	NODESPAWN_REQUIRE_KUBE=1 $(GO) test -race $$pkgs
+
 # Everything CI runs: the packages the tests need (installed when missing,
 # as root on Debian; scripts/install-test-deps.sh says which), then the unit
-# and integration tests, then the VM test.
+# and integration tests, then the e2e cache (kube-apiserver and etcd among
+# the components it builds), the tests against a real API server with it,
+# then the VM test.
 .PHONY: deps
 deps:
 	scripts/install-test-deps.sh
 
 check: deps
 	$(MAKE) test
+	$(MAKE) e2e-prepare
+	$(MAKE) test-cluster
 	$(MAKE) e2e
 
 dry-run: build
