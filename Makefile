@@ -17,15 +17,15 @@ controller:
 export CGO_CFLAGS ?= -Wno-deprecated-declarations
 
 # The nodespawn.dev API's deep copies and CRDs come from api/v1alpha1 by
-# controller-gen (a go tool in go.mod); generate-check fails when they are
-# stale.
+# controller-gen (a go tool in go.mod), each CRD under the header in
+# api/v1alpha1/crd-header.txt; generate-check fails when they are stale.
 .PHONY: generate generate-check
 generate:
-	$(GO) tool controller-gen object paths=./api/... crd paths=./api/... output:crd:artifacts:config=deploy/crds
+	$(GO) tool controller-gen object paths=./api/... crd:headerFile=api/v1alpha1/crd-header.txt paths=./api/... output:crd:artifacts:config=deploy/crds
 generate-check:
 	@tmp=$$(mktemp -d) && trap 'cp "$$tmp/dc.go" api/v1alpha1/zz_generated.deepcopy.go; rm -rf "$$tmp"' EXIT && \
 	cp api/v1alpha1/zz_generated.deepcopy.go "$$tmp/dc.go" && \
-	$(GO) tool controller-gen object paths=./api/... crd paths=./api/... output:crd:artifacts:config=$$tmp/crds && \
+	$(GO) tool controller-gen object paths=./api/... crd:headerFile=api/v1alpha1/crd-header.txt paths=./api/... output:crd:artifacts:config=$$tmp/crds && \
 	cmp -s api/v1alpha1/zz_generated.deepcopy.go "$$tmp/dc.go" && diff -r deploy/crds "$$tmp/crds" >/dev/null || \
 	{ echo "api/v1alpha1's deep copies or deploy/crds are stale: run 'make generate' and commit" >&2; exit 1; }
 
