@@ -380,7 +380,7 @@ func (r *RolloutReconciler) podsLeft(ctx context.Context, ro *v1alpha1.NodeSpawn
 		}
 		var left []string
 		for _, p := range pods.Items {
-			if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed && !nodeBound(&p) {
 				left = append(left, p.Namespace+"/"+p.Name)
 			}
 		}
@@ -402,6 +402,20 @@ func (r *RolloutReconciler) podsLeft(ctx context.Context, ro *v1alpha1.NodeSpawn
 		n += len(list.Pods())
 	}
 	return n, strings.Join(msgs, "; "), nil
+}
+
+// nodeBound is a pod that never leaves its node by itself: a DaemonSet's
+// or a static (mirror) pod. WaitForPods does not wait for them (a drain
+// leaves them too), or a wait without a podSelector would last until its
+// timeout on every node that runs one.
+func nodeBound(p *corev1.Pod) bool {
+	if _, ok := p.Annotations[corev1.MirrorPodAnnotationKey]; ok {
+		return true
+	}
+	if c := metav1.GetControllerOf(p); c != nil && c.Kind == "DaemonSet" {
+		return true
+	}
+	return false
 }
 
 func (r *RolloutReconciler) drainer(ctx context.Context) *drain.Helper {
