@@ -204,7 +204,7 @@ func (r *RolloutReconciler) Reconcile(ctx context.Context, req reconcile.Request
 	if err := r.Client.Get(ctx, req.NamespacedName, &ro); err != nil {
 		if apierrors.IsNotFound(err) {
 			r.metrics.forget(req.Name)
-			return reconcile.Result{}, nil
+			return r.forget(ctx, req.Name)
 		}
 		return reconcile.Result{}, err
 	}
@@ -520,6 +520,60 @@ func (r *RolloutReconciler) apply(ctx context.Context, ro *v1alpha1.NodeSpawnRol
 		return r.evict(ctx, a.Node)
 	}
 	return "", nil
+}
+
+// forget undoes what a deleted rollout left: a switch it granted that the
+// agent has not taken up yet is revoked (deleting a rollout stops it; a
+// grant left in a NodeSpawnNode would still switch the node later), and its
+// cordons are undone, except on nodes in the middle of a switch, which are
+// looked at again in a minute.
+func (r *RolloutReconciler) forget(ctx context.Context, rollout string) (reconcile.Result, error) {
+	var nsns v1alpha1.NodeSpawnNodeList
+	if err := r.Client.List(ctx, &nsns, client.MatchingLabels{v1alpha1.LabelRollout: rollout}); err != nil {
+		return reconcile.Result{}, err
+	}
+	inFlight := map[string]bool{}
+	for i := range nsns.Items {
+		nsn := &nsns.Items[i]
+		if ph := nsn.Status.Phase; ph == v1alpha1.PhaseSwitching || ph == v1alpha1.PhaseVerifying {
+			inFlight[nsn.Name] = true
+			continue
+		}
+		base := nsn.DeepCopy()
+		revoked := nsn.Spec.Switch && nsn.Spec.SwitchID != nsn.Status.SwitchID
+		nsn.Spec.Switch, nsn.Spec.Prepare = false, false
+		delete(nsn.Labels, v1alpha1.LabelRollout)
+		if err := r.Client.Patch(ctx, nsn, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+			return reconcile.Result{}, client.IgnoreNotFound(err)
+		}
+		if revoked {
+			var node corev1.Node
+			if err := r.Client.Get(ctx, types.NamespacedName{Name: nsn.Name}, &node); err == nil {
+				r.Events.Eventf(&node, nil, corev1.EventTypeNormal, "GrantRevoked", "Revoke", "switch grant %s revoked: rollout %s was deleted", base.Spec.SwitchID, rollout)
+			}
+		}
+	}
+	var nodes corev1.NodeList
+	if err := r.Client.List(ctx, &nodes); err != nil {
+		return reconcile.Result{}, err
+	}
+	for i := range nodes.Items {
+		n := &nodes.Items[i]
+		if n.Annotations[v1alpha1.AnnotationCordonedBy] != rollout {
+			continue
+		}
+		if inFlight[n.Name] {
+			continue
+		}
+		if err := uncordon(ctx, r.Client, n, rollout); err != nil {
+			return reconcile.Result{}, client.IgnoreNotFound(err)
+		}
+		r.Events.Eventf(n, nil, corev1.EventTypeNormal, "Uncordoned", "Uncordon", "uncordoned: rollout %s was deleted", rollout)
+	}
+	if len(inFlight) > 0 {
+		return reconcile.Result{RequeueAfter: time.Minute}, nil
+	}
+	return reconcile.Result{}, nil
 }
 
 // uncordon undoes a cordon the named rollout made, and only that.
