@@ -234,3 +234,77 @@ func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(b)))
 	return len(b), nil
 }
+
+// TestNodeWritesOnlyItsOwnNodeSpawnNode applies the deployment's node
+// permissions (deploy/node-rbac.yaml: RBAC for system:nodes and the
+// ValidatingAdmissionPolicy) and checks them with two nodes' own client
+// certificates: node A writes its own status, is refused B's status, and
+// cannot write any spec (it cannot grant itself a switch); it reads
+// configs.
+func TestNodeWritesOnlyItsOwnNodeSpawnNode(t *testing.T) {
+	c := kubetest.Get(t)
+	ctx := context.Background()
+	c.Apply(t, "deploy/node-rbac.yaml")
+	a, b := kubetest.NameFor(t, "a"), kubetest.NameFor(t, "b")
+	for _, n := range []string{a, b} {
+		mustCreate(t, c, &v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: n}})
+	}
+	m, d := configYAML(t, "perm")
+	cfgName := kubetest.NameFor(t, "cfg")
+	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: cfgName}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: m, Digest: d}})
+	cfg := c.AddUser(t, "system:node:"+a, "system:nodes")
+	api, err := NewHTTPAPI(Endpoint{Server: cfg.Host, CAPEM: cfg.CAData, Credentials: kubecheck.Credentials{CertPEM: cfg.CertData, KeyPEM: cfg.KeyData}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &v1alpha1.NodeSpawnNodeStatus{Phase: v1alpha1.PhaseIdle, AgentVersion: "perm"}
+	// RBAC and the policy are in force once A may write its own status
+	// and is refused B's (the policy's first use compiles it).
+	var errB error
+	err = kubetest.Eventually(ctx, func() error {
+		if err := api.PatchStatus(ctx, a, st); err != nil {
+			return fmt.Errorf("own status: %w", err)
+		}
+		errB = api.PatchStatus(ctx, b, st)
+		if errB == nil {
+			return errors.New("node A patched node B's status")
+		}
+		if !strings.Contains(errB.Error(), "may write only its own NodeSpawnNode") {
+			return fmt.Errorf("B's status refused, but not by the policy yet: %w", errB)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("node A and the NodeSpawnNodes of A and B: %v", err)
+	}
+	t.Logf("node A writing B's status: %v", errB)
+	var nb v1alpha1.NodeSpawnNode
+	if err := c.Client.Get(ctx, client.ObjectKey{Name: b}, &nb); err != nil {
+		t.Fatal(err)
+	}
+	if nb.Status.AgentVersion != "" {
+		t.Errorf("node B's status was written by node A: %+v", nb.Status)
+	}
+	if _, err := api.GetConfig(ctx, cfgName); err != nil {
+		t.Errorf("node A reading a config: %v", err)
+	}
+	// The spec is the controller's: a node's client may not write it,
+	// not even its own (no grant to itself).
+	nodeClient, err := client.New(cfg, client.Options{Scheme: c.Scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{a, b} {
+		var n v1alpha1.NodeSpawnNode
+		if err := c.Client.Get(ctx, client.ObjectKey{Name: name}, &n); err != nil {
+			t.Fatal(err)
+		}
+		n.Spec = v1alpha1.NodeSpawnNodeSpec{ConfigName: cfgName, ConfigDigest: d, Switch: true, SwitchID: "self/1"}
+		if err := nodeClient.Update(ctx, &n); err == nil {
+			t.Errorf("node A wrote the spec of %s (a switch grant to itself)", name)
+		}
+		if err := nodeClient.Delete(ctx, &n); err == nil {
+			t.Errorf("node A deleted NodeSpawnNode %s", name)
+		}
+	}
+}
