@@ -55,6 +55,9 @@ type environment struct {
 	guestDisk string
 	nodespawn string
 	sysprobe  string
+	// controller is the fleet controller binary (cmd/nodespawn-controller)
+	// and deploy the repository's deploy/ (CRDs, node RBAC).
+	controller, deploy string
 	// imageRef is the machine image as the guest names it; imageRefV2
 	// the same image with one small layer more (the upgrade's image: the
 	// layer store fetches that layer only).
@@ -129,7 +132,7 @@ func getenv(k string) (string, error) {
 func setup(ctx context.Context) (*environment, func(), error) {
 	t0 := time.Now()
 	vars := map[string]string{}
-	for _, k := range []string{"E2E_GUEST", "E2E_COMPONENTS", "E2E_KUBELET_PREV", "E2E_KUBELET_PREV_VERSION", "E2E_MACHINE_ROOTFS", "E2E_NODESPAWN", "E2E_SYSPROBE", "E2E_WORK"} {
+	for _, k := range []string{"E2E_GUEST", "E2E_COMPONENTS", "E2E_KUBELET_PREV", "E2E_KUBELET_PREV_VERSION", "E2E_MACHINE_ROOTFS", "E2E_NODESPAWN", "E2E_CONTROLLER", "E2E_DEPLOY", "E2E_SYSPROBE", "E2E_WORK"} {
 		v, err := getenv(k)
 		if err != nil {
 			return nil, nil, err
@@ -150,6 +153,8 @@ func setup(ctx context.Context) (*environment, func(), error) {
 		guestDisk:   filepath.Join(work, "guest.raw"),
 		nodespawn:   vars["E2E_NODESPAWN"],
 		sysprobe:    vars["E2E_SYSPROBE"],
+		controller:  vars["E2E_CONTROLLER"],
+		deploy:      vars["E2E_DEPLOY"],
 		imageRef:    fmt.Sprintf("%s:%d/%s:%s", guestHostIP, registryPort, imageRepo, imageTag),
 		imageRefV2:  fmt.Sprintf("%s:%d/%s:%s-v2", guestHostIP, registryPort, imageRepo, imageTag),
 

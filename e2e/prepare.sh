@@ -11,8 +11,9 @@
 #                       (default v1.36.3), for the upgrade scenario
 #                       (build-kubelet-prev.sh, k8s-build.sh)
 #   machine-rootfs/KEY  the machine's Debian tree          (images/build-rootfs.sh)
-# Per run, in $E2E_WORK (default e2e/.work): the nodespawn binary, sysprobe,
-# the test binary, and env, which tells the test where everything is.
+# Per run, in $E2E_WORK (default e2e/.work): the nodespawn binary, the fleet
+# controller, sysprobe, the test binary, and env, which tells the test where
+# everything is (the repository's deploy/ manifests too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,8 +64,9 @@ if [ ! -e "$GUEST/.done" ] || [ ! -e "$MACHINE/.done" ]; then
 	pids+=($!)
 fi
 
-log "building nodespawn, sysprobe and the test binary"
+log "building nodespawn, the fleet controller, sysprobe and the test binary"
 CGO_ENABLED=0 $GO build -trimpath -o "$WORK/nodespawn" .
+CGO_ENABLED=0 $GO build -trimpath -o "$WORK/nodespawn-controller" ./cmd/nodespawn-controller
 gcc -static -O2 -Wall -Werror -o "$WORK/sysprobe" e2e/sysprobe/sysprobe.c
 $GO test -c -tags e2e -o "$WORK/e2e.test" ./e2e
 
@@ -93,6 +95,8 @@ E2E_KUBELET_PREV=$KUBELET_PREV/bin/kubelet
 E2E_KUBELET_PREV_VERSION=$K8S_PREV_VERSION
 E2E_MACHINE_ROOTFS=$MACHINE/rootfs
 E2E_NODESPAWN=$WORK/nodespawn
+E2E_CONTROLLER=$WORK/nodespawn-controller
+E2E_DEPLOY=$(realpath deploy)
 E2E_SYSPROBE=$WORK/sysprobe
 E2E_WORK=$WORK
 EOT

@@ -190,10 +190,12 @@ func TestNode(t *testing.T) {
 	})
 
 	// Upgrades by alternating machines, on the node the reboot left: to
-	// the current kubelet, then to a broken one that must be rolled back.
+	// the current kubelet, then to a broken one that must be rolled back;
+	// then the same two through the cluster, by fleet rollouts.
 	if t.Run("upgrade", func(t *testing.T) { checkUpgrade(ctx, t, v) }) &&
-		t.Run("rollback by hand, power cut mid-switch", func(t *testing.T) { checkRollbackPowerCut(ctx, t, v) }) {
-		t.Run("rollback", func(t *testing.T) { checkRollback(ctx, t, v, machineName, kubeletPrev) })
+		t.Run("rollback by hand, power cut mid-switch", func(t *testing.T) { checkRollbackPowerCut(ctx, t, v) }) &&
+		t.Run("rollback", func(t *testing.T) { checkRollback(ctx, t, v, machineName, kubeletPrev) }) {
+		t.Run("fleet rollout", func(t *testing.T) { checkFleet(ctx, t, v, machineName) })
 	}
 
 	resetOK := t.Run("reset", func(t *testing.T) {

@@ -29,6 +29,10 @@ type manifestOptions struct {
 	readyTimeout string
 	// image, when set, is the machine image (default env.imageRef).
 	image string
+	// fleet leaves kubernetes.auth out: the manifest as a fleet config
+	// (NodeSpawnConfig), which holds no secret; the node's identity
+	// carries over the upgrade.
+	fleet bool
 }
 
 // kubeletChoice is a kubelet the mirror serves.
@@ -147,11 +151,14 @@ func manifest(o manifestOptions) string {
 	if o.runcSHA256 != "" {
 		runc = "\n    sha256: \"" + o.runcSHA256 + "\""
 	}
-	node, auth, extra := nodeName, "bootstrapToken: "+bootstrapToken, ""
+	node, auth, extra := nodeName, "\n  auth:\n    bootstrapToken: "+bootstrapToken, ""
 	if o.execNode != "" {
 		node = o.execNode
-		auth = "exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: " + execPluginPath
+		auth = "\n  auth:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: " + execPluginPath
 		extra = "\n        - path: " + execPluginPath + "\n          mode: 493\n          contents:\n            source: " + dataURL(execPlugin())
+	}
+	if o.fleet {
+		auth = ""
 	}
 	return fmt.Sprintf(`apiVersion: nodespawn.dev/v1alpha1
 kind: Node
@@ -181,9 +188,7 @@ kubernetes:
     - key: %s
       value: %s
       effect: NoSchedule
-  sandboxImage: %s
-  auth:
-    %s
+  sandboxImage: %s%s
   caCert: |
 %s
 components:
