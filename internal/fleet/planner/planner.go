@@ -706,8 +706,14 @@ func (n *node) event(warning bool, reason, msg string) {
 	n.touched = true
 }
 
+// problem is a failed node as the rollout's status lists it: the first
+// line of the failure (an agent's error may carry 30 lines of a kubelet
+// journal, which stay in the node's NodeSpawnNode).
 func problem(node, failure string) v1alpha1.NodeProblem {
 	reason, msg, _ := strings.Cut(failure, ": ")
+	if first, rest, ok := strings.Cut(msg, "\n"); ok && strings.TrimSpace(rest) != "" {
+		msg = strings.TrimSpace(first) + " (more in NodeSpawnNode " + node + "'s status.lastError)"
+	}
 	return v1alpha1.NodeProblem{Node: node, Reason: reason, Message: msg}
 }
 

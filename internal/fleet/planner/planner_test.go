@@ -307,3 +307,16 @@ func TestInWindow(t *testing.T) {
 		}
 	}
 }
+
+// TestFailedNodeListsTheFirstLine: a rollback's error carries the kubelet's
+// journal; the rollout lists its first line and points at the rest.
+func TestFailedNodeListsTheFirstLine(t *testing.T) {
+	p := problem("n1", "RolledBack: upgrade from kube2 to kube1 rolled back: kubelet keeps failing; last 30 lines of its journal:\nline 1\nline 2\n")
+	want := "upgrade from kube2 to kube1 rolled back: kubelet keeps failing; last 30 lines of its journal: (more in NodeSpawnNode n1's status.lastError)"
+	if p.Node != "n1" || p.Reason != "RolledBack" || p.Message != want {
+		t.Errorf("problem: %+v\nwant message %q", p, want)
+	}
+	if p := problem("n2", "PhaseTimeout: no switch within 30m"); p.Message != "no switch within 30m" {
+		t.Errorf("a one-line failure changed: %+v", p)
+	}
+}
