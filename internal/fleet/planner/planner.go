@@ -495,6 +495,13 @@ func Decide(in Input) Plan {
 				n.unavailable = true
 			}
 			capacity--
+			// The node leaves the prepared (holding) nodes for the active
+			// ones: counted there too, or the prepare limit below
+			// (cum - processed - active) would hand its slot to a node
+			// beyond the wave and prepareAhead in this same pass (found by
+			// TestHaltsExactlyAtTheFailureBudget in internal/fleet/controller:
+			// a 4th node prepared in a wave of 3 with prepareAhead 0).
+			active++
 			if mode == v1alpha1.DisruptionInPlace {
 				n.grantSwitch(r, digest, grant, now)
 				n.st = stSwitching

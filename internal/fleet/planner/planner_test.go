@@ -223,6 +223,39 @@ func TestRules(t *testing.T) {
 	}
 }
 
+// Cordoning prepared nodes in a pass must not free prepare slots: the
+// wave's nodes plus prepareAhead hold prepare requests, no more. (The
+// nodes cordoned in the pass left "holding" without being counted as
+// active, and as many nodes beyond the wave were asked to prepare.)
+func TestCordonsDoNotFreePrepareSlots(t *testing.T) {
+	for _, ahead := range []int32{0, 1} {
+		w := newWorld(t, 6, v1alpha1.NodeSpawnRolloutSpec{FailureBudget: 1,
+			Strategy: v1alpha1.RolloutStrategy{PrepareAhead: ahead, MaxUnavailable: &intstr.IntOrString{Type: intstr.Int, IntVal: 2}}})
+		// The first wave (n000, n001) is prepared; nothing else asked.
+		for _, n := range []string{"n000", "n001"} {
+			sn := w.nodes[n]
+			sn.nsn.Spec = v1alpha1.NodeSpawnNodeSpec{ConfigName: "v2", ConfigDigest: digestNew, Prepare: true}
+			sn.nsn.Status.Phase, sn.nsn.Status.PreparedDigest = v1alpha1.PhasePrepared, digestNew
+		}
+		p := Decide(w.input())
+		var cordoned, prepares []string
+		for _, a := range p.Actions {
+			if a.Cordon {
+				cordoned = append(cordoned, a.Node)
+			}
+			if a.Spec != nil && a.Spec.Prepare && !a.Spec.Switch {
+				prepares = append(prepares, a.Node)
+			}
+		}
+		if len(cordoned) != 2 {
+			t.Fatalf("prepareAhead %d: cordoned %v, want the first wave", ahead, cordoned)
+		}
+		if len(prepares) != int(ahead) {
+			t.Errorf("prepareAhead %d: prepare requested for %v while the wave's 2 nodes are cordoned; want %d node(s) ahead", ahead, prepares, ahead)
+		}
+	}
+}
+
 func TestWaveSizes(t *testing.T) {
 	tests := []struct {
 		waves []intstr.IntOrString
