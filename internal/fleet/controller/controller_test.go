@@ -653,3 +653,45 @@ func TestHungSwitchCountsAfterPhaseTimeout(t *testing.T) {
 		t.Errorf("%s uncordoned while its switch hangs", n0)
 	}
 }
+
+// TestDeletingARolloutStopsIt: a rollout deleted while its drain is
+// blocked leaves no trace: its cordon is undone and the node's
+// NodeSpawnNode no longer asks for a prepare or a switch, nor names it.
+func TestDeletingARolloutStopsIt(t *testing.T) {
+	f := newFixture(t)
+	n0 := f.addNode("n0", nodeOpts{})
+	w := f.workload(n0, "guarded")
+	pdb := &policyv1.PodDisruptionBudget{ObjectMeta: metav1.ObjectMeta{Name: "guarded", Namespace: w.ns}, Spec: policyv1.PodDisruptionBudgetSpec{
+		MinAvailable: intOrStr(1), Selector: &metav1.LabelSelector{MatchLabels: w.labels}}}
+	f.create(pdb)
+	pdb.Status = policyv1.PodDisruptionBudgetStatus{ObservedGeneration: pdb.Generation, DisruptionsAllowed: 0, CurrentHealthy: 1, DesiredHealthy: 1, ExpectedPods: 1}
+	if err := f.c.Client.Status().Update(f.ctx, pdb); err != nil {
+		t.Fatal(err)
+	}
+	f.startController(leaderElection{})
+	f.waitEnrolled()
+	ro := f.rollout(func(s *v1alpha1.NodeSpawnRolloutSpec) {
+		s.Disruption.Timeout = &metav1.Duration{Duration: 10 * time.Minute}
+	})
+	f.waitRollout(ro, "the drain blocked", 30*time.Second, func(r *v1alpha1.NodeSpawnRollout) bool {
+		return len(r.Status.Blocked) > 0
+	})
+	if node := f.getNode(n0); node.Annotations[v1alpha1.AnnotationCordonedBy] != ro {
+		t.Fatalf("%s not cordoned by %s: %v", n0, ro, node.Annotations)
+	}
+	if nsn := f.getNSN(n0); nsn.Labels[v1alpha1.LabelRollout] != ro || !nsn.Spec.Prepare {
+		t.Fatalf("%s's NodeSpawnNode before the deletion: labels %v, spec %+v; want the rollout's prepare", n0, nsn.Labels, nsn.Spec)
+	}
+	if err := f.c.Client.Delete(f.ctx, &v1alpha1.NodeSpawnRollout{ObjectMeta: metav1.ObjectMeta{Name: ro}}); err != nil {
+		t.Fatal(err)
+	}
+	f.poll("the deleted rollout's cordon and requests undone", 30*time.Second, func() (bool, string) {
+		node, nsn := f.getNode(n0), f.getNSN(n0)
+		s := fmt.Sprintf("node unschedulable %v, annotations %v; NodeSpawnNode labels %v, spec %+v", node.Spec.Unschedulable, node.Annotations, nsn.Labels, nsn.Spec)
+		return !node.Spec.Unschedulable && node.Annotations[v1alpha1.AnnotationCordonedBy] == "" &&
+			nsn.Labels[v1alpha1.LabelRollout] == "" && !nsn.Spec.Prepare && !nsn.Spec.Switch, s
+	})
+	if g := f.hosts[n0].switches(); len(g) != 0 {
+		t.Errorf("%s switched: %v", n0, g)
+	}
+}
