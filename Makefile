@@ -119,3 +119,12 @@ BENCH_BASE ?= $(shell git describe --tags --abbrev=0 2>/dev/null || echo HEAD~)
 .PHONY: bench-startup
 bench-startup:
 	$(GO) run ./tools/benchstartup -base $(BENCH_BASE) $(BENCH_ARGS)
+
+# Fleet controller benchmark (not a test): 1,000 fake Nodes and fast fake
+# agents on a real kube-apiserver and etcd (internal/kubetest; after
+# e2e-prepare), one rollout with maxUnavailable 10% to Complete; prints
+# wall and CPU time, reconciles, mean and p99 rollout-reconcile latency and
+# peak heap.
+.PHONY: bench-controller
+bench-controller:
+	NODESPAWN_REQUIRE_KUBE=1 $(GO) test -run XXX -bench BenchmarkRollout1000Nodes -benchtime 1x -timeout 15m ./internal/fleet/controller/
