@@ -363,16 +363,7 @@ func TestPDBBlockedDrainIsReported(t *testing.T) {
 	f := newFixture(t)
 	n0 := f.addNode("n0", nodeOpts{})
 	n1 := f.addNode("n1", nodeOpts{})
-	w := f.workload(n0, "guarded")
-	pdb := &policyv1.PodDisruptionBudget{ObjectMeta: metav1.ObjectMeta{Name: "guarded", Namespace: w.ns}, Spec: policyv1.PodDisruptionBudgetSpec{
-		MinAvailable: intOrStr(1), Selector: &metav1.LabelSelector{MatchLabels: w.labels}}}
-	f.create(pdb)
-	// The disruption controller's view (none runs here): 1 healthy of 1
-	// needed, no disruption allowed.
-	pdb.Status = policyv1.PodDisruptionBudgetStatus{ObservedGeneration: pdb.Generation, DisruptionsAllowed: 0, CurrentHealthy: 1, DesiredHealthy: 1, ExpectedPods: 1}
-	if err := f.c.Client.Status().Update(f.ctx, pdb); err != nil {
-		t.Fatal(err)
-	}
+	w, pdb := f.guardedWorkload(n0)
 	f.startController(leaderElection{})
 	f.waitEnrolled()
 	ro := f.rollout(func(s *v1alpha1.NodeSpawnRolloutSpec) {
@@ -660,14 +651,7 @@ func TestHungSwitchCountsAfterPhaseTimeout(t *testing.T) {
 func TestDeletingARolloutStopsIt(t *testing.T) {
 	f := newFixture(t)
 	n0 := f.addNode("n0", nodeOpts{})
-	w := f.workload(n0, "guarded")
-	pdb := &policyv1.PodDisruptionBudget{ObjectMeta: metav1.ObjectMeta{Name: "guarded", Namespace: w.ns}, Spec: policyv1.PodDisruptionBudgetSpec{
-		MinAvailable: intOrStr(1), Selector: &metav1.LabelSelector{MatchLabels: w.labels}}}
-	f.create(pdb)
-	pdb.Status = policyv1.PodDisruptionBudgetStatus{ObservedGeneration: pdb.Generation, DisruptionsAllowed: 0, CurrentHealthy: 1, DesiredHealthy: 1, ExpectedPods: 1}
-	if err := f.c.Client.Status().Update(f.ctx, pdb); err != nil {
-		t.Fatal(err)
-	}
+	f.guardedWorkload(n0)
 	f.startController(leaderElection{})
 	f.waitEnrolled()
 	ro := f.rollout(func(s *v1alpha1.NodeSpawnRolloutSpec) {
@@ -694,4 +678,20 @@ func TestDeletingARolloutStopsIt(t *testing.T) {
 	if g := f.hosts[n0].switches(); len(g) != 0 {
 		t.Errorf("%s switched: %v", n0, g)
 	}
+}
+
+// guardedWorkload runs a pod on node under a PodDisruptionBudget that
+// allows no disruption, as the disruption controller (none runs here)
+// would say of 1 healthy pod of 1 needed.
+func (f *fixture) guardedWorkload(node string) (workload, *policyv1.PodDisruptionBudget) {
+	f.t.Helper()
+	w := f.workload(node, "guarded")
+	pdb := &policyv1.PodDisruptionBudget{ObjectMeta: metav1.ObjectMeta{Name: "guarded", Namespace: w.ns}, Spec: policyv1.PodDisruptionBudgetSpec{
+		MinAvailable: intOrStr(1), Selector: &metav1.LabelSelector{MatchLabels: w.labels}}}
+	f.create(pdb)
+	pdb.Status = policyv1.PodDisruptionBudgetStatus{ObservedGeneration: pdb.Generation, DisruptionsAllowed: 0, CurrentHealthy: 1, DesiredHealthy: 1, ExpectedPods: 1}
+	if err := f.c.Client.Status().Update(f.ctx, pdb); err != nil {
+		f.t.Fatal(err)
+	}
+	return w, pdb
 }
