@@ -13,6 +13,7 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/schema"
 	"github.com/nodespawn/nodespawn/state"
 	"github.com/opencontainers/go-digest"
 )
@@ -69,12 +70,21 @@ func (a *Run) Once(ctx context.Context) error {
 		slog.SetDefault(slog.New(a.warnings))
 		defer slog.SetDefault(prev)
 	}
+	// The schema compiles and the host is probed while the source is read
+	// and parsed: none of the three needs another, and on a dry run they
+	// are most of the time taken.
+	schema.Warm()
+	probeCtx, stopProbe := context.WithCancel(ctx)
+	defer stopProbe()
+	pending := startFacts(probeCtx, a.FactsFile, a.Root)
 	m, data, err := a.Source.Load(ctx, a.Stdin)
 	if err != nil {
+		stopProbe()
+		pending.discard()
 		return err
 	}
 	a.manifest = m
-	facts, err := Facts(ctx, a.FactsFile, a.Root)
+	facts, err := pending.wait(ctx)
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/plan"
 	"github.com/nodespawn/nodespawn/render"
+	"github.com/nodespawn/nodespawn/schema"
 	"github.com/nodespawn/nodespawn/userdata"
 )
 
@@ -102,6 +103,7 @@ func Facts(ctx context.Context, factsFile, root string) (plan.Facts, error) {
 // shows (an extra file where nodespawn writes one), found on reference
 // hosts. It returns the name of what it read.
 func Validate(ctx context.Context, src *Source, stdin io.Reader) (string, error) {
+	schema.Warm()
 	s, err := src.Read(ctx, stdin)
 	if err != nil {
 		return "", err

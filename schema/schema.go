@@ -37,6 +37,13 @@ func Compile() (*jsonschema.Schema, error) {
 // validateMu serializes validation: the library caches on the shared
 // compiled schema while it validates (a pattern's regexp, compiled on
 // its first use), which is a data race between two validations.
+// Warm starts compiling the schema in the background, so that it is ready
+// (or nearer ready) when the first manifest is checked: a caller that has
+// other work before that (reading the source, probing the host) overlaps
+// the two. Compile and Validate wait for it; calling Warm again does
+// nothing.
+func Warm() { go compiled() }
+
 var validateMu sync.Mutex
 
 // Validate validates v (a document decoded into map[string]any, []any,
