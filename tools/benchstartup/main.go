@@ -11,6 +11,11 @@
 //
 //	go run ./tools/benchstartup -base v0.3.0 -n 30
 //
+// Below the two builds it prints floors: do-nothing Go programs with no
+// imports, with net/http, and with every package nodespawn imports, so
+// that what is nodespawn's own start-up can be told from what any Go
+// binary with those dependencies pays on this machine.
+//
 // A benchmark, not a test: it asserts nothing, the figures are read.
 package main
 
@@ -71,6 +76,7 @@ func main() {
 			log.Fatalf("build %s: %v", b.name, err)
 		}
 	}
+	floors := buildFloors(top, tmp)
 
 	lines := [][]string{
 		{"version"},
@@ -103,6 +109,71 @@ func main() {
 				ms(median(s.wall)), ms(slices.Min(s.wall)), ms(median(s.cpu)), ms(median(s.init)))
 		}
 	}
+
+	// The floors: what a process that does nothing costs here, with no
+	// imports, with net/http and crypto/tls (any binary that downloads
+	// over HTTPS), and with every package nodespawn's main imports (their
+	// package init, nodespawn's own code never run). version minus the
+	// last is what nodespawn's own start-up costs.
+	fmt.Printf("\n%-52s %9s %9s %9s %9s\n", "floor (n="+strconv.Itoa(*n)+")", "wall p50", "wall min", "cpu p50", "init p50")
+	for _, f := range floors {
+		var wall, cpu, init []time.Duration
+		for i := -2; i < *n; i++ {
+			w, c, _ := runOnce(top, f.bin, nil, false)
+			if i >= 0 {
+				wall, cpu = append(wall, w), append(cpu, c)
+			}
+		}
+		for range min(*n, 10) {
+			_, _, in := runOnce(top, f.bin, nil, true)
+			init = append(init, in)
+		}
+		fmt.Printf("%-52s %9s %9s %9s %9s\n", f.name, ms(median(wall)), ms(slices.Min(wall)), ms(median(cpu)), ms(median(init)))
+	}
+}
+
+type floor struct{ name, bin string }
+
+// buildFloors builds the do-nothing programs the figures are read against.
+// The one with nodespawn's imports is built inside the module (an overlay
+// adds its file, so internal packages import and the tree is not
+// written to).
+func buildFloors(top, tmp string) []floor {
+	imports := strings.Fields(output("go", "list", "-f", `{{join .Imports " "}}`, top))
+	var withDeps strings.Builder
+	withDeps.WriteString("package main\n\nimport (\n")
+	for _, p := range imports {
+		fmt.Fprintf(&withDeps, "\t_ %q\n", p)
+	}
+	withDeps.WriteString(")\n\nfunc main() {}\n")
+	progs := []struct{ name, src string }{
+		{"go: main() {}, no imports", "package main\n\nfunc main() {}\n"},
+		{"go: net/http and crypto/tls imported", "package main\n\nimport (\n\t_ \"crypto/tls\"\n\t_ \"net/http\"\n)\n\nfunc main() {}\n"},
+		{"go: nodespawn's " + strconv.Itoa(len(imports)) + " imports, main() {}", withDeps.String()},
+	}
+	var out []floor
+	for i, p := range progs {
+		file := filepath.Join(tmp, fmt.Sprintf("floor%d.go", i))
+		if err := os.WriteFile(file, []byte(p.src), 0o644); err != nil {
+			log.Fatal(err)
+		}
+		// A package of its own under the module, that only the overlay
+		// holds.
+		pkg := filepath.Join(top, "internal", fmt.Sprintf("zz-benchstartup-floor%d", i))
+		overlay := filepath.Join(tmp, fmt.Sprintf("overlay%d.json", i))
+		o := fmt.Sprintf(`{"Replace": {%q: %q}}`, filepath.Join(pkg, "main.go"), file)
+		if err := os.WriteFile(overlay, []byte(o), 0o644); err != nil {
+			log.Fatal(err)
+		}
+		bin := filepath.Join(tmp, fmt.Sprintf("floor%d", i))
+		build := exec.Command("go", "build", "-overlay", overlay, "-o", bin, "./"+filepath.Base(filepath.Dir(pkg))+"/"+filepath.Base(pkg))
+		build.Dir, build.Stdout, build.Stderr = top, os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			log.Fatalf("build floor %q: %v", p.name, err)
+		}
+		out = append(out, floor{p.name, bin})
+	}
+	return out
 }
 
 // initLine is one package's line of GODEBUG=inittrace=1.
