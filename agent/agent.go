@@ -112,6 +112,7 @@ type Agent struct {
 	Now func() time.Time
 
 	st          *state.Agent
+	lastPhase   v1alpha1.NodePhase // the phase last written to the status
 	lastLabel   string
 	lastStatus  *v1alpha1.NodeSpawnNodeStatus
 	failedAt    map[string]time.Time // prepare failures by digest
@@ -387,7 +388,7 @@ func (a *Agent) prepare(ctx context.Context, spec v1alpha1.NodeSpawnNodeSpec) (*
 		return cond, err
 	}
 	// Say so before the pull, which may take long.
-	_ = a.API.PatchStatus(ctx, a.Name, a.status(nil, nil, cond))
+	_ = a.patch(ctx, a.status(nil, nil, cond), "")
 	a.Log.Info("agent: preparing the config beside the running machine", "config", cfg.Name, "digest", want)
 	perr := a.Node.Prepare(ctx, m, want)
 	end := a.Now().UTC()
@@ -449,7 +450,7 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 	if err := a.Node.WriteAgent(a.st); err != nil {
 		return nil, nil, err
 	}
-	_ = a.API.PatchStatus(ctx, a.Name, a.status(nil, nil, nil))
+	_ = a.patch(ctx, a.status(nil, nil, nil), "")
 	var err error
 	if back {
 		a.Log.Info("agent: switching back to the previous machine", "digest", digest, "switchID", id)
@@ -478,11 +479,58 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 // report patches the status with what the node's state says.
 func (a *Agent) report(ctx context.Context, nsn *v1alpha1.NodeSpawnNode, ns *NodeStatus, cfgCond *metav1.Condition) error {
 	st := a.status(nsn, ns, cfgCond)
-	if err := a.API.PatchStatus(ctx, a.Name, st); err != nil {
+	var before v1alpha1.NodePhase
+	if nsn != nil {
+		before = nsn.Status.Phase
+	}
+	if err := a.patch(ctx, st, before); err != nil {
 		return fmt.Errorf("report the status of NodeSpawnNode %s: %w", a.Name, err)
 	}
 	a.lastStatus = st
 	return nil
+}
+
+// patch writes st to the NodeSpawnNode's status and, when its phase is
+// not the one last written (by this agent, or before it started: before),
+// records the transition in an Event on the Node. An Event that cannot be
+// written is logged; the status is what the controller reads.
+func (a *Agent) patch(ctx context.Context, st *v1alpha1.NodeSpawnNodeStatus, before v1alpha1.NodePhase) error {
+	if err := a.API.PatchStatus(ctx, a.Name, st); err != nil {
+		return err
+	}
+	prev := a.lastPhase
+	if prev == "" {
+		prev = before
+	}
+	a.lastPhase = st.Phase
+	if st.Phase == prev || (prev == "" && st.Phase == v1alpha1.PhaseIdle) {
+		return nil
+	}
+	typ, msg := phaseEvent(st)
+	if err := a.API.Event(ctx, a.Name, typ, string(st.Phase), msg); err != nil {
+		a.Log.Warn("agent: could not record the phase in an Event on the Node", "node", a.Name, "phase", st.Phase, "error", err)
+	}
+	return nil
+}
+
+// phaseEvent is the Event type and message of a transition to st.Phase.
+func phaseEvent(st *v1alpha1.NodeSpawnNodeStatus) (string, string) {
+	switch st.Phase {
+	case v1alpha1.PhasePreparing:
+		return "Normal", "preparing the desired config's machine beside " + st.ActiveMachine
+	case v1alpha1.PhasePrepared:
+		return "Normal", "prepared " + st.PreparedDigest + " beside " + st.ActiveMachine
+	case v1alpha1.PhaseSwitching, v1alpha1.PhaseVerifying:
+		return "Normal", "switching machines for grant " + st.SwitchID
+	case v1alpha1.PhaseReady:
+		return "Normal", "machine " + st.ActiveMachine + " runs " + st.ActiveDigest + ", verified Ready after the switch"
+	case v1alpha1.PhaseRolledBack:
+		return "Warning", "rolled back to machine " + st.ActiveMachine + ": " + st.LastError
+	case v1alpha1.PhaseFailed:
+		return "Warning", st.LastError
+	default:
+		return "Normal", "machine " + st.ActiveMachine + " runs " + st.ActiveDigest
+	}
 }
 
 // status is the status to report: ns's digests and machine, the agent's

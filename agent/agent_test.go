@@ -110,11 +110,20 @@ func TestPrepareThenSwitchOncePerSwitchID(t *testing.T) {
 	if ph := f.api.phases(); !slices.Contains(ph, v1alpha1.PhasePreparing) || !slices.Contains(ph, v1alpha1.PhaseSwitching) {
 		t.Errorf("phases reported %v; want Preparing and Switching among them", ph)
 	}
-	// Again, and after a restart: the grant is used up.
+	// Every transition is an Event on the Node, once.
+	wantEvents := []string{"Preparing", "Prepared", "Switching", "Ready"}
+	if got := f.api.reasons(); !slices.Equal(got, wantEvents) {
+		t.Errorf("Events %q; want %q", f.api.events, wantEvents)
+	}
+	// Again, and after a restart: the grant is used up, and the phase the
+	// status holds is no new transition.
 	step(t, a)
 	step(t, f.agent())
 	if len(f.node.switched) != 1 {
 		t.Errorf("switched %v; want once for r/1", f.node.switched)
+	}
+	if got := f.api.reasons(); !slices.Equal(got, wantEvents) {
+		t.Errorf("after a restart, Events %q; want still %q", f.api.events, wantEvents)
 	}
 }
 
@@ -206,6 +215,9 @@ func TestRolledBackSwitchIsReported(t *testing.T) {
 	}
 	if c := cond(st, ConditionReady); c.Status != metav1.ConditionFalse || c.Reason != "RolledBack" {
 		t.Errorf("Ready %+v; want False, RolledBack", c)
+	}
+	if n := len(f.api.events); n == 0 || !strings.HasPrefix(f.api.events[n-1], "Warning RolledBack: rolled back to machine kube1: ") {
+		t.Errorf("Events %q; want the last a Warning, RolledBack, naming the machine", f.api.events)
 	}
 	// Not again for the same grant; a new grant prepares and tries again.
 	step(t, f.agent())

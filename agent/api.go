@@ -25,6 +25,10 @@ type API interface {
 	PatchStatus(ctx context.Context, name string, st *v1alpha1.NodeSpawnNodeStatus) error
 	// LabelNode sets (or with value "" removes) a label on the Node.
 	LabelNode(ctx context.Context, name, key, value string) error
+	// Event records an Event about the Node name (where kubectl describe
+	// node and the controller's Events show it): eventType is Normal or
+	// Warning, reason a CamelCase word.
+	Event(ctx context.Context, name, eventType, reason, message string) error
 }
 
 // Refreshing is an API whose clients are made anew from Connect every
@@ -113,4 +117,12 @@ func (r *Refreshing) LabelNode(ctx context.Context, name, key, value string) err
 		return err
 	}
 	return r.seen(api.LabelNode(ctx, name, key, value))
+}
+
+func (r *Refreshing) Event(ctx context.Context, name, eventType, reason, message string) error {
+	api, err := r.get(ctx)
+	if err != nil {
+		return err
+	}
+	return r.seen(api.Event(ctx, name, eventType, reason, message))
 }

@@ -173,6 +173,7 @@ type fakeAPI struct {
 	configs map[string]*v1alpha1.NodeSpawnConfig
 	labels  map[string]string
 	patches []v1alpha1.NodeSpawnNodeStatus
+	events  []string // "Type Reason: message"
 	watcher *watch.FakeWatcher
 	down    int // the next down requests fail
 }
@@ -245,6 +246,27 @@ func (f *fakeAPI) LabelNode(_ context.Context, name, key, value string) error {
 	}
 	f.labels[key] = value
 	return nil
+}
+
+func (f *fakeAPI) Event(_ context.Context, name, eventType, reason, message string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.fail(); err != nil {
+		return err
+	}
+	f.events = append(f.events, eventType+" "+reason+": "+message)
+	return nil
+}
+
+// reasons are the reasons of the Events recorded, in order.
+func (f *fakeAPI) reasons() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, e := range f.events {
+		out = append(out, strings.SplitN(strings.SplitN(e, ":", 2)[0], " ", 2)[1])
+	}
+	return out
 }
 
 func (f *fakeAPI) setSpec(spec v1alpha1.NodeSpawnNodeSpec) {

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -98,7 +99,11 @@ func (a *HTTPAPI) do(ctx context.Context, method string, path []string, q url.Va
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", "nodespawn-agent")
 	if body != nil {
-		req.Header.Set("Content-Type", "application/merge-patch+json")
+		ct := "application/merge-patch+json"
+		if method == http.MethodPost {
+			ct = "application/json"
+		}
+		req.Header.Set("Content-Type", ct)
 	}
 	if a.creds.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+a.creds.Token)
@@ -169,6 +174,49 @@ func (a *HTTPAPI) LabelNode(ctx context.Context, name, key, value string) error 
 	}
 	return a.patch(ctx, []string{"api", "v1", "nodes", name}, schema.GroupResource{Resource: "nodes"}, name,
 		map[string]any{"metadata": map[string]any{"labels": map[string]any{key: v}}})
+}
+
+// eventMessageMax bounds an Event's message (the API server refuses
+// long ones; the whole error is in the status).
+const eventMessageMax = 1000
+
+func (a *HTTPAPI) Event(ctx context.Context, name, eventType, reason, message string) error {
+	if len(message) > eventMessageMax {
+		message = message[:eventMessageMax-3] + "..."
+	}
+	now := time.Now().UTC()
+	ts := now.Format(time.RFC3339)
+	// A core/v1 Event as kubelet writes one about its Node (the Node's
+	// UID is its name, which is what kubectl describe node looks for),
+	// as JSON: k8s.io/api/core/v1 would add megabytes for one type.
+	ev := map[string]any{
+		"apiVersion": "v1",
+		"kind":       "Event",
+		"metadata": map[string]any{
+			"name":      fmt.Sprintf("%s.%x", name, now.UnixNano()),
+			"namespace": metav1.NamespaceDefault,
+		},
+		"involvedObject":     map[string]any{"apiVersion": "v1", "kind": "Node", "name": name, "uid": name},
+		"reason":             reason,
+		"message":            message,
+		"type":               eventType,
+		"source":             map[string]any{"component": "nodespawn-agent", "host": name},
+		"reportingComponent": "nodespawn.dev/agent",
+		"reportingInstance":  name,
+		"firstTimestamp":     ts,
+		"lastTimestamp":      ts,
+		"count":              1,
+	}
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	resp, err := a.do(ctx, http.MethodPost, []string{"api", "v1", "namespaces", metav1.NamespaceDefault, "events"}, nil, b, schema.GroupResource{Resource: "events"}, name)
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+	return resp.Body.Close()
 }
 
 // watchTimeout makes the API server end each watch after 5 minutes: the

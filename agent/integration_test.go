@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -43,6 +44,9 @@ rules:
 - apiGroups: [""]
   resources: [nodes]
   verbs: [get, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
@@ -193,6 +197,30 @@ func TestAgentAgainstTheAPIServer(t *testing.T) {
 	})
 	if err != nil {
 		t.Errorf("Node label: %v", err)
+	}
+	// Each transition is an Event on the Node, where kubectl describe node
+	// looks (involvedObject kind Node, uid the node's name).
+	want := []string{"Preparing", "Prepared", "Switching", "Ready"}
+	var got []string
+	err = kubetest.Eventually(context.Background(), func() error {
+		var evs corev1.EventList
+		if err := k.c.Client.List(context.Background(), &evs, client.InNamespace(metav1.NamespaceDefault)); err != nil {
+			return err
+		}
+		slices.SortFunc(evs.Items, func(a, b corev1.Event) int { return strings.Compare(a.Name, b.Name) })
+		got = nil
+		for _, e := range evs.Items {
+			if e.InvolvedObject.Kind == "Node" && e.InvolvedObject.Name == k.name && string(e.InvolvedObject.UID) == k.name && e.Source.Component == "nodespawn-agent" {
+				got = append(got, e.Reason)
+			}
+		}
+		if !slices.Equal(got, want) {
+			return fmt.Errorf("events %q", got)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("Events on the Node: %q; want %q", got, want)
 	}
 	// The agent restarts (the switch may restart it): r/1 is not acted on
 	// again, and the new agent reports.
