@@ -55,7 +55,13 @@ type cluster struct {
 	// admin is the system:masters kubeconfig.
 	admin string
 	caPEM string
-	procs []*exec.Cmd
+	procs []proc
+}
+
+// proc is a process start began; done is closed when it has exited.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
 }
 
 // startCluster makes the certificates, starts etcd and the control plane
@@ -66,8 +72,7 @@ func startCluster(ctx context.Context, bin, dir string) (*cluster, func(), error
 	stop := func() {
 		// The API server lingers when etcd goes first: stop in reverse.
 		for i := len(c.procs) - 1; i >= 0; i-- {
-			c.procs[i].Process.Kill()
-			c.procs[i].Wait()
+			c.procs[i].stop()
 		}
 	}
 	pki := filepath.Join(dir, "pki")
@@ -138,21 +143,38 @@ func startCluster(ctx context.Context, bin, dir string) (*cluster, func(), error
 // start runs one component with its output in dir/NAME.log; it dies with
 // the test binary.
 func (c *cluster) start(name, bin string, args ...string) error {
-	logFile, err := os.Create(filepath.Join(c.dir, name+".log"))
+	_, err := c.startProc(name, bin, args...)
+	return err
+}
+
+// startProc is start, and returns the process (to stop it before the
+// cluster, or to see it exit).
+func (c *cluster) startProc(name, bin string, args ...string) (proc, error) {
+	logFile, err := os.Create(c.logPath(name))
 	if err != nil {
-		return err
+		return proc{}, err
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return fmt.Errorf("start %s: %w", name, err)
+		return proc{}, fmt.Errorf("start %s: %w", name, err)
 	}
-	go func() { cmd.Wait(); logFile.Close() }()
-	c.procs = append(c.procs, cmd)
-	return nil
+	p := proc{cmd, make(chan struct{})}
+	go func() { cmd.Wait(); logFile.Close(); close(p.done) }()
+	c.procs = append(c.procs, p)
+	return p, nil
 }
+
+// stop kills the process and waits until it has exited.
+func (p proc) stop() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+// logPath is where the process start ran as name logs.
+func (c *cluster) logPath(name string) string { return filepath.Join(c.dir, name+".log") }
 
 // waitReady polls the API server's /readyz with the admin certificate.
 func (c *cluster) waitReady(ctx context.Context, pki string, timeout time.Duration) error {

@@ -35,27 +35,20 @@ const (
 )
 
 // startController runs the fleet controller with the admin kubeconfig and
-// Lease leader election, its log in the cluster directory; it dies with
-// the test.
+// Lease leader election as one of the cluster's processes (its log
+// beside theirs) until the test ends, and waits until it is ready.
 func startController(ctx context.Context, t *testing.T) (logPath string) {
 	t.Helper()
-	logPath = filepath.Join(env.cluster.dir, "nodespawn-controller.log")
-	f, err := os.Create(logPath)
+	c := env.cluster
+	p, err := c.startProc("nodespawn-controller", env.controller, "--kubeconfig="+c.admin,
+		"--leader-election-namespace=kube-system",
+		"--metrics-bind-address="+controllerMetrics, "--health-probe-bind-address="+controllerProbes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(env.controller, "--leader-election-namespace=kube-system",
-		"--metrics-bind-address="+controllerMetrics, "--health-probe-bind-address="+controllerProbes)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+env.cluster.admin)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		t.Fatalf("start nodespawn-controller: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); f.Close(); close(done) }()
-	t.Cleanup(func() { cmd.Process.Kill(); <-done })
+	// The scenarios after this one run without it.
+	t.Cleanup(p.stop)
+	logPath = c.logPath("nodespawn-controller")
 	deadline := time.Now().Add(time.Minute)
 	for {
 		resp, err := http.Get("http://" + controllerProbes + "/readyz")
@@ -66,24 +59,16 @@ func startController(ctx context.Context, t *testing.T) (logPath string) {
 			}
 		}
 		select {
-		case <-done:
+		case <-p.done:
 			t.Fatalf("nodespawn-controller exited:\n%s", tailFile(logPath, 30))
-		default:
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		case <-time.After(500 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("nodespawn-controller not ready within a minute (%v):\n%s", err, tailFile(logPath, 30))
 		}
-		time.Sleep(500 * time.Millisecond)
 	}
-}
-
-func tailFile(path string, n int) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // kubectlJSON decodes kubectl get ... -o json into out.
@@ -313,6 +298,7 @@ func checkFleet(ctx context.Context, t *testing.T, v *vm, running string) {
 		t.Errorf("nodespawn status on the node after the rollout: exit %d, %+v", code, st)
 	}
 	checkEvents(ctx, t, "e2e-v2", "")
+	checkAgentEvents(ctx, t, "Preparing", "Prepared", "Switching", "Ready")
 	if _, err := c.run(ctx, "delete", "nodespawnrollout", "e2e-v2"); err != nil {
 		t.Fatal(err)
 	}
@@ -346,6 +332,7 @@ func checkFleet(ctx context.Context, t *testing.T, v *vm, running string) {
 	}
 	checkDigestLabel(ctx, t, v2)
 	checkEvents(ctx, t, "e2e-broken", "Halted")
+	checkAgentEvents(ctx, t, "RolledBack")
 	checkMetrics(t, `nodespawn_rollout_halted{rollout="e2e-broken"} 1`)
 	if _, err := c.run(ctx, "delete", "nodespawnrollout", "e2e-broken"); err != nil {
 		t.Error(err)
@@ -373,6 +360,23 @@ func checkEvents(ctx context.Context, t *testing.T, rollout, reason string) {
 	} else {
 		t.Logf("events of rollout %s: %s", rollout, strings.Join(reasons, " "))
 	}
+}
+
+// checkAgentEvents checks that the agent, with the node's credentials
+// (the Node authorizer lets a node record Events about itself), recorded
+// Events on the Node with these reasons.
+func checkAgentEvents(ctx context.Context, t *testing.T, reasons ...string) {
+	t.Helper()
+	out, err := env.cluster.run(ctx, "get", "events", "-n", "default", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+nodeName+",source=nodespawn-agent",
+		"-o", `jsonpath={range .items[*]}{.reason}{"\n"}{end}`)
+	got := strings.Fields(out)
+	for _, r := range reasons {
+		if err != nil || !slices.Contains(got, r) {
+			t.Errorf("the agent's Events on the Node: %q (%v); want %q among them", got, err, reasons)
+			return
+		}
+	}
+	t.Logf("the agent's Events on the Node: %s", strings.Join(got, " "))
 }
 
 // checkMetrics checks that the controller's metrics hold line.

@@ -161,8 +161,11 @@ func (v *vm) poll(ctx context.Context, timeout time.Duration, what, script strin
 	}
 }
 
-func (v *vm) serialTail(n int) string {
-	b, _ := os.ReadFile(v.serial)
+func (v *vm) serialTail(n int) string { return tailFile(v.serial, n) }
+
+// tailFile is the last n lines of the file at path.
+func tailFile(path string, n int) string {
+	b, _ := os.ReadFile(path)
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
