@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/nodespawn/nodespawn/api/v1alpha1"
+	"github.com/nodespawn/nodespawn/internal/kubetest"
 )
 
 // fixture is an agent for node n1 running config "a" with config "b" in
@@ -27,8 +28,8 @@ type fixture struct {
 }
 
 func newFixture(t *testing.T) *fixture {
-	ma, da := configYAML(t, "a")
-	mb, db := configYAML(t, "b")
+	ma, da := kubetest.FleetConfig(t, "a")
+	mb, db := kubetest.FleetConfig(t, "b")
 	if da == db {
 		t.Fatal("the two configs have one digest")
 	}

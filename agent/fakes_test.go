@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
-	"testing"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -17,36 +15,6 @@ import (
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/state"
 )
-
-// configYAML is a fleet config: the minimal example without its token,
-// with label pool=v (so each v is another config).
-func configYAML(t testing.TB, v string) (string, string) {
-	t.Helper()
-	b, err := os.ReadFile("../examples/minimal.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var lines []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.Contains(l, "auth:") || strings.Contains(l, "bootstrapToken:") {
-			continue
-		}
-		lines = append(lines, l)
-		if strings.HasPrefix(l, "kubernetes:") {
-			lines = append(lines, "  labels: {pool: "+v+"}")
-		}
-	}
-	text := strings.Join(lines, "\n")
-	m, err := manifest.LoadConfig("config "+v, []byte(text))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := m.ConfigDigest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return text, d.String()
-}
 
 // fakeNode is the host side in memory: machines by config digest.
 type fakeNode struct {

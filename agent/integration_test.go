@@ -77,8 +77,8 @@ func newCluster(t *testing.T) *cluster {
 	mustCreate(t, c, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.name}})
 	mustCreate(t, c, &v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: k.name}})
 	var ma, mb string
-	ma, k.da = configYAML(t, "a")
-	mb, k.db = configYAML(t, "b")
+	ma, k.da = kubetest.FleetConfig(t, "a")
+	mb, k.db = kubetest.FleetConfig(t, "b")
 	k.ca, k.cb = kubetest.NameFor(t, "a"), kubetest.NameFor(t, "b")
 	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: k.ca}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: ma, Digest: k.da}})
 	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: k.cb}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: mb, Digest: k.db}})
@@ -240,7 +240,7 @@ func TestAgentRefusesAConfigWhoseDigestDoesNotMatch(t *testing.T) {
 	ctx := context.Background()
 	// A config that claims b's digest with another manifest.
 	bad := kubetest.NameFor(t, "bad")
-	other, _ := configYAML(t, "other")
+	other, _ := kubetest.FleetConfig(t, "other")
 	mustCreate(t, k.c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: bad}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: other, Digest: k.db}})
 	node := newFakeNode(k.da)
 	k.start(t, node)
@@ -277,7 +277,7 @@ func TestNodeWritesOnlyItsOwnNodeSpawnNode(t *testing.T) {
 	for _, n := range []string{a, b, probe} {
 		mustCreate(t, c, &v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: n}})
 	}
-	m, d := configYAML(t, "perm")
+	m, d := kubetest.FleetConfig(t, "perm")
 	cfgName := kubetest.NameFor(t, "cfg")
 	mustCreate(t, c, &v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: cfgName}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: m, Digest: d}})
 	cfg := c.AddUser(t, "system:node:"+a, "system:nodes")

@@ -67,8 +67,17 @@ const (
 type NodeSpawnConfigSpec struct {
 	// Manifest is the node manifest (YAML or JSON, the same document that
 	// `nodespawn apply -f` takes).
+	//
+	// A manifest that sets kubernetes.auth.bootstrapToken is refused when
+	// it is written (a config is readable by every node): the key, in YAML
+	// or JSON, anywhere in the text. The other secrets a manifest can hold
+	// (exec plugin environment values, HTTP header values) cannot be told
+	// from the text by a rule; the controller finds them (Valid False,
+	// HoldsSecret) and agents refuse the config.
 	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=1048576
 	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="manifest is immutable: create a new NodeSpawnConfig"
+	// +kubebuilder:validation:XValidation:rule=`!self.matches(r'(^|\W)bootstrapToken\W?\s*:')`,message="manifest sets kubernetes.auth.bootstrapToken: a NodeSpawnConfig is readable by every node and holds no secret; remove it (an upgrade keeps the identity the node joined with)"
 	Manifest string `json:"manifest"`
 	// Digest is "sha256:" and the hex sha256 of the canonical manifest
 	// (`nodespawn config digest -f FILE` prints it). The agent refuses a

@@ -42,6 +42,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	v1alpha1 "github.com/nodespawn/nodespawn/api/v1alpha1"
+	"github.com/nodespawn/nodespawn/manifest"
 )
 
 // RequireEnv, set to 1, turns a missing control plane from a skip into a
@@ -314,4 +315,39 @@ func Eventually(ctx context.Context, f func() error) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// FleetConfig is a fleet config for tests: examples/minimal.yaml without
+// its token, with the node label pool=v (each v another config), and its
+// config digest.
+func FleetConfig(t testing.TB, v string) (manifestText, digest string) {
+	t.Helper()
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "examples", "minimal.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "auth:") || strings.Contains(l, "bootstrapToken:") {
+			continue
+		}
+		lines = append(lines, l)
+		if strings.HasPrefix(l, "kubernetes:") {
+			lines = append(lines, "  labels: {pool: "+v+"}")
+		}
+	}
+	text := strings.Join(lines, "\n")
+	m, err := manifest.LoadConfig("config "+v, []byte(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.ConfigDigest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return text, d.String()
 }

@@ -97,7 +97,7 @@ func BenchmarkRollout1000Nodes(b *testing.B) {
 	for i := range b.N {
 		// Each iteration rolls the fleet to another config.
 		cfgName := fmt.Sprintf("%s-v%d", prefix, i)
-		m, d := configYAML(b, f.c.Root, fmt.Sprintf("bench%d", i))
+		m, d := kubetest.FleetConfig(b, fmt.Sprintf("bench%d", i))
 		f.create(&v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: cfgName}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: m, Digest: d}})
 		before := gatherReconciles(b)
 		cpu0 := cpuTime()

@@ -22,7 +22,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -136,42 +135,12 @@ func newFixture(t testing.TB) *fixture {
 	}
 
 	var oldM, newM string
-	oldM, f.oldDigest = configYAML(t, c.Root, "a")
-	newM, f.newDigest = configYAML(t, c.Root, "b")
+	oldM, f.oldDigest = kubetest.FleetConfig(t, "a")
+	newM, f.newDigest = kubetest.FleetConfig(t, "b")
 	f.oldCfg, f.newCfg = kubetest.NameFor(t, "a"), kubetest.NameFor(t, "b")
 	f.create(&v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: f.oldCfg}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: oldM, Digest: f.oldDigest}})
 	f.create(&v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: f.newCfg}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: newM, Digest: f.newDigest}})
 	return f
-}
-
-// configYAML is a fleet config: examples/minimal.yaml without its token,
-// with label pool=v (each v another config), and its digest.
-func configYAML(t testing.TB, root, v string) (string, string) {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(root, "examples", "minimal.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var lines []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.Contains(l, "auth:") || strings.Contains(l, "bootstrapToken:") {
-			continue
-		}
-		lines = append(lines, l)
-		if strings.HasPrefix(l, "kubernetes:") {
-			lines = append(lines, "  labels: {pool: "+v+"}")
-		}
-	}
-	text := strings.Join(lines, "\n")
-	m, err := manifest.LoadConfig("config "+v, []byte(text))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := m.ConfigDigest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return text, d.String()
 }
 
 func (f *fixture) create(o client.Object) {
