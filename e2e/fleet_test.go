@@ -166,12 +166,15 @@ func watchRollout(ctx context.Context, t *testing.T, v *vm, name, cond string) (
 	t.Helper()
 	var w fleetWatch
 	deadline := time.Now().Add(fleetTimeout)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+	sampleNSN := func() {
 		if err := kubectlJSON(ctx, &w.nsn, "get", "nodespawnnode", nodeName); err == nil {
 			if ph := w.nsn.Status.Phase; ph != "" && (len(w.phases) == 0 || w.phases[len(w.phases)-1] != ph) {
 				w.phases = append(w.phases, ph)
 			}
 		}
+	}
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		sampleNSN()
 		var node struct {
 			Metadata struct{ Annotations map[string]string }
 			Spec     struct{ Unschedulable bool }
@@ -187,6 +190,10 @@ func watchRollout(ctx context.Context, t *testing.T, v *vm, name, cond string) (
 				}
 			}
 			if meta.IsStatusConditionTrue(w.ro.Status.Conditions, cond) {
+				// The report that made it so may have come after this
+				// round's first look at the NodeSpawnNode (seen once:
+				// Ready missing from the phases of a Complete rollout).
+				sampleNSN()
 				return w, true
 			}
 		}
