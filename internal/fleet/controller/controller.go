@@ -199,6 +199,24 @@ func (r *RolloutReconciler) rolloutsOfConfig(ctx context.Context, o client.Objec
 // Reconcile rebuilds the rollout's state from the objects, asks the planner
 // for the next step, carries it out and writes the status.
 func (r *RolloutReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	res, err := r.reconcile(ctx, req)
+	if apierrors.IsConflict(err) {
+		// Someone wrote first (an agent's report, a node's change, this
+		// controller's previous pass not yet in the cache): normal, and
+		// the write that won brings its own reconcile. Planned again
+		// from the new state, without the error log (and its stack)
+		// controller-runtime prints for an error.
+		log.FromContext(ctx).V(1).Info("conflict; planning again from the newer state", "error", err.Error())
+		return reconcile.Result{RequeueAfter: conflictRetry}, nil
+	}
+	return res, err
+}
+
+// conflictRetry is when a pass that lost a write race runs again, should
+// the winning write's own event not come first.
+const conflictRetry = time.Second
+
+func (r *RolloutReconciler) reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	lg := log.FromContext(ctx)
 	var ro v1alpha1.NodeSpawnRollout
 	if err := r.Client.Get(ctx, req.NamespacedName, &ro); err != nil {
