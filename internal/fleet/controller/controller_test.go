@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1alpha1 "github.com/nodespawn/nodespawn/api/v1alpha1"
+	"github.com/nodespawn/nodespawn/internal/fleet/planner"
 	"github.com/nodespawn/nodespawn/internal/kubetest"
 )
 
@@ -30,11 +31,11 @@ func intOrStr(i int32) *intstr.IntOrString {
 }
 
 // checkAllUpdated: every node switched exactly once (one grant: one
-// distinct switchID, acted on once), runs the new config, and is
-// schedulable without the controller's marks.
+// distinct switchID, that of the rollout's generation, acted on once),
+// runs the new config, and is schedulable without the controller's marks.
 func (f *fixture) checkAllUpdated(ro string, nodes []string) {
 	f.t.Helper()
-	grant := ro + "/1"
+	grant := planner.GrantID(f.getRollout(ro))
 	for _, n := range nodes {
 		h := f.hosts[n]
 		if sw := h.switches(); len(sw) != 1 || sw[0] != f.newDigest {
