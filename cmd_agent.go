@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nodespawn/nodespawn/agent"
+	"github.com/nodespawn/nodespawn/agent/host"
 	"github.com/nodespawn/nodespawn/internal/layout"
 	"github.com/nodespawn/nodespawn/provision"
 )
@@ -71,7 +72,7 @@ machine). --kubeconfig uses another identity instead.`,
 			}
 			a := &agent.Agent{
 				API:       &agent.Refreshing{Connect: connect},
-				Node:      &agent.Host{Root: root, ToolVersion: version},
+				Node:      &host.Host{Root: root, ToolVersion: version},
 				Name:      name,
 				Version:   version,
 				Log:       slog.Default(),

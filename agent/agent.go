@@ -21,8 +21,8 @@
 // labelled with its active config's digest.
 //
 // The agent's two sides are interfaces: API (the API server; HTTPAPI is
-// the project's HTTP transport) and Node (the host; Host is the real one,
-// through package provision).
+// the project's HTTP transport) and Node (the host; package agent/host is
+// the real one, through package provision).
 package agent
 
 import (

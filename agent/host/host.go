@@ -1,28 +1,34 @@
-package agent
+// Package host is the agent's Node on a real host: the node's state and
+// its machines, through package provision (the code that nodespawn apply
+// and nodespawn rollback run). It is apart from package agent so that
+// linking the agent does not link provision and its cgo (go-nvml): the
+// controller's tests run the real agent over scripted hosts.
+package host
 
 import (
 	"context"
 	"errors"
 
+	"github.com/nodespawn/nodespawn/agent"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/provision"
 	"github.com/nodespawn/nodespawn/state"
 	"github.com/nodespawn/nodespawn/upgrade"
 )
 
-// Host is the real Node: the node under Root, through package provision
+// Host is the real agent.Node: the node under Root, through package provision
 // (the code `nodespawn apply` and `nodespawn rollback` run).
 type Host struct {
 	Root        string
 	ToolVersion string
 }
 
-func (h *Host) Status(ctx context.Context) (*NodeStatus, error) {
+func (h *Host) Status(ctx context.Context) (*agent.NodeStatus, error) {
 	st, err := state.ReadMachines(h.Root)
 	if err != nil {
 		return nil, err
 	}
-	ns := &NodeStatus{ActiveMachine: st.Active, Last: st.Last}
+	ns := &agent.NodeStatus{ActiveMachine: st.Active, Last: st.Last}
 	if ns.ActiveDigest, err = provision.ConfigDigestOf(h.Root, st.Active); err != nil {
 		return nil, err
 	}
