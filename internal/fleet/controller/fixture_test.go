@@ -3,16 +3,12 @@ package controller_test
 // The fixture: the controller in-process (a controller-runtime manager on
 // the shared kubetest control plane, authenticated as the controller's
 // service account with deploy/controller's RBAC), fake Nodes (plain Node
-// objects whose Ready condition the test keeps), and per node a fake agent
-// (agent_test.go: package agent's act/prepare/switchTo/status, mirrored)
-// driving a scripted host in memory.
-//
-// Why not package agent itself: a test binary that links both the
-// controller (k8s.io/kubectl/pkg/drain pulls in kustomize, which imports
-// "plugin", so the Go linker links with -z now) and the agent (provision
-// links go-nvml, whose cgo leaves NVML's symbols unresolved until a
-// library is loaded) fails at load with cgo on (go test -race):
-// "undefined symbol: nvmlDeviceGetDramEncryptionMode".
+// objects whose Ready condition the test keeps), and per node the real
+// agent (package agent, over its HTTP client) driving a scripted host in
+// memory (host: package agent's Node). Until package agent/host took
+// provision (and go-nvml's cgo) out of package agent, a test binary with
+// the controller and the agent could not load, and these tests ran a copy
+// of the agent.
 
 import (
 	"bytes"
@@ -45,6 +41,8 @@ import (
 
 	v1alpha1 "github.com/nodespawn/nodespawn/api/v1alpha1"
 	"github.com/nodespawn/nodespawn/internal/fleet/controller"
+	"github.com/nodespawn/nodespawn/agent"
+	"github.com/nodespawn/nodespawn/internal/kubecheck"
 	"github.com/nodespawn/nodespawn/internal/kubetest"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/state"
@@ -105,6 +103,9 @@ type fixture struct {
 	// (a crashed agent's switch lasts until its restart finishes it);
 	// maxInSwitch is its peak.
 	inSwitch, maxInSwitch int
+
+	apiMu sync.Mutex
+	api   agent.API
 }
 
 func newFixture(t testing.TB) *fixture {
@@ -262,6 +263,27 @@ type nodeOpts struct {
 	cordoned bool
 }
 
+// nodeStatus is what a host says of itself.
+type nodeStatus = agent.NodeStatus
+
+// agentAPI is the API the agents use: package agent's HTTP client, with a
+// client certificate of the cluster's admins (one for all the fixture's
+// agents; the node's own permissions are package agent's tests).
+func (f *fixture) agentAPI() agent.API {
+	f.apiMu.Lock()
+	defer f.apiMu.Unlock()
+	if f.api == nil {
+		cfg := f.c.AddUser(f.t, kubetest.NameFor(f.t, "agents"), "system:masters")
+		api, err := agent.NewHTTPAPI(agent.Endpoint{Server: cfg.Host, CAPEM: cfg.CAData,
+			Credentials: kubecheck.Credentials{CertPEM: cfg.CertData, KeyPEM: cfg.KeyData}})
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		f.api = api
+	}
+	return f.api
+}
+
 // host is the node's side of the agent (package agent's Node) in memory.
 type host struct {
 	f    *fixture
@@ -336,9 +358,10 @@ func (f *fixture) setReady(name string, ready bool) {
 	}
 }
 
-// runAgent runs the fake agent over h until the test ends. A crashed
+// runAgent runs the agent (package agent) over h until the test ends. A crashed
 // agent (h.kill) is restarted after the crash pause, as systemd would.
 func (f *fixture) runAgent(h *host) {
+	api := f.agentAPI()
 	done := make(chan struct{})
 	lg := slog.New(slog.NewTextHandler(f.log, &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", h.name)
 	life, end := context.WithCancel(f.ctx)
@@ -349,15 +372,16 @@ func (f *fixture) runAgent(h *host) {
 			h.mu.Lock()
 			h.kill = kill
 			h.mu.Unlock()
-			a := &fakeAgent{c: f.c.Client, node: h, name: h.name, log: lg}
-			if err := a.run(ctx); err != nil && ctx.Err() == nil {
-				lg.Error("fake agent", "error", err)
+			a := &agent.Agent{API: api, Node: h, Name: h.name, Version: "ctest", Log: lg,
+				Heartbeat: time.Second, RetryMin: 100 * time.Millisecond, RetryMax: time.Second}
+			if err := a.Run(ctx); err != nil && ctx.Err() == nil {
+				lg.Error("agent", "error", err)
 			}
 			kill()
 			if life.Err() != nil {
 				return
 			}
-			lg.Info("fake: the agent crashed; restarting it later", "in", h.opts.crashPause)
+			lg.Info("test: the agent crashed; restarting it later", "in", h.opts.crashPause)
 			sleep(life, h.opts.crashPause)
 		}
 	}()
