@@ -39,9 +39,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
+	"github.com/nodespawn/nodespawn/agent"
 	v1alpha1 "github.com/nodespawn/nodespawn/api/v1alpha1"
 	"github.com/nodespawn/nodespawn/internal/fleet/controller"
-	"github.com/nodespawn/nodespawn/agent"
 	"github.com/nodespawn/nodespawn/internal/kubecheck"
 	"github.com/nodespawn/nodespawn/internal/kubetest"
 	"github.com/nodespawn/nodespawn/manifest"
