@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"runtime/debug"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -45,11 +43,6 @@ node's state and the API server and CA of the running machine's manifest
 machine). --kubeconfig uses another identity instead.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if os.Getenv("GOGC") == "" {
-				// A service that runs for days: the default goal
-				// again (main raised it for short runs).
-				debug.SetGCPercent(100)
-			}
 			ctx, cancel := signalContext()
 			defer cancel()
 			if filepath.Clean(root) != "/" {

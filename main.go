@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 
@@ -40,18 +41,35 @@ const (
 type usageError struct{ error }
 
 func main() {
-	if os.Getenv("GOGC") == "" {
-		// Most runs are short (a dry run, status, validate) and allocate
-		// a few MiB while starting: the default goal (4 MiB) collects
-		// two or three times for nothing, ~3 ms of a dry run. Raised for
-		// them; the agent, which runs for days, sets it back.
-		debug.SetGCPercent(startGCPercent)
+	if os.Getenv("GOGC") == "" && shortRun(os.Args[1:]) {
+		// A short run (a dry run, status, validate) allocates a few MiB
+		// while starting: the default goal (4 MiB) collects two or three
+		// times for nothing, ~3 ms of a dry run. A long one (apply
+		// unpacking layers, the agent running for days) keeps the
+		// default, and its memory with it.
+		debug.SetGCPercent(shortRunGCPercent)
 	}
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, stderr()))
 }
 
-// startGCPercent is the GC percent every command but the agent runs with.
-const startGCPercent = 400
+// shortRunGCPercent is the GC percent of the commands shortRun picks.
+const shortRunGCPercent = 400
+
+// shortRun says whether the command line is one of the commands that
+// answer and exit: those that only read and print, and apply --dry-run.
+func shortRun(args []string) bool {
+	if len(args) == 0 {
+		return true
+	}
+	switch args[0] {
+	case "version", "--version", "validate", "status", "schema", "facts", "config", "help", "-h", "--help",
+		"completion", cobra.ShellCompRequestCmd, cobra.ShellCompNoDescRequestCmd, "render":
+		return true
+	case "apply":
+		return slices.Contains(args[1:], "--dry-run")
+	}
+	return false
+}
 
 // stderr is where logs and errors go: on a terminal, the one writer that
 // progress bars are drawn through too, so log lines print above the bars

@@ -421,3 +421,25 @@ func TestValidateLeavesHostQuestionsToApply(t *testing.T) {
 		})
 	}
 }
+
+// TestShortRun: the commands that answer and exit get the higher GC
+// percent; apply, the agent and the image commands keep the default.
+func TestShortRun(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want bool
+	}{
+		{nil, true},
+		{[]string{"version"}, true},
+		{[]string{"status", "--long"}, true},
+		{[]string{"apply", "--dry-run", "-f", "n.yaml"}, true},
+		{[]string{"apply", "-f", "n.yaml"}, false},
+		{[]string{"agent"}, false},
+		{[]string{"image", "build"}, false},
+		{[]string{"rollback"}, false},
+	} {
+		if got := shortRun(tc.args); got != tc.want {
+			t.Errorf("shortRun(%q) = %v, want %v", tc.args, got, tc.want)
+		}
+	}
+}
