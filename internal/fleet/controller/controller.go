@@ -534,11 +534,7 @@ func (r *RolloutReconciler) apply(ctx context.Context, ro *v1alpha1.NodeSpawnRol
 		}
 		r.Events.Eventf(&node, ro, typ, e.Reason, e.Reason, "%s (rollout %s)", e.Message, ro.Name)
 	}
-	if a.Drain && ro.Spec.Disruption.Mode != v1alpha1.DisruptionWaitForPods {
-		// WaitForPods waits: its pods (a training job) finish on their
-		// own, and the next plan sees how many are left. Evicting them
-		// here killed the job the mode exists to spare (found by
-		// TestWaitForPodsWaitsForTheSelectedPods).
+	if a.Drain {
 		return r.evict(ctx, a.Node)
 	}
 	return "", nil

@@ -126,7 +126,8 @@ type Action struct {
 	Annotations map[string]string
 	// Cordon marks the Node unschedulable with the rollout's annotations;
 	// Uncordon undoes it (only ever on a node the rollout cordoned); Drain
-	// evicts (or, WaitForPods, waits for) its pods.
+	// evicts its evictable pods (disruption Drain only: WaitForPods never
+	// evicts).
 	Cordon, Uncordon, Drain bool
 	// Events to record, one per transition.
 	Events []Event
@@ -463,7 +464,9 @@ func Decide(in Input) Plan {
 		if !cordonedAt.IsZero() {
 			wakeAt(cordonedAt.Add(disTimeout))
 		}
-		n.act.Drain = true
+		// Drain evicts; WaitForPods only waits (its pods, a training
+		// job, finish on their own; the next plan counts what is left).
+		n.act.Drain = mode == v1alpha1.DisruptionDrain
 		n.touched = true
 		wakeAt(now.Add(DrainRetry))
 	}

@@ -127,6 +127,26 @@ func TestRules(t *testing.T) {
 			}
 		},
 	}, {
+		name: "WaitForPods waits for the pods left and never asks for an eviction",
+		spec: v1alpha1.NodeSpawnRolloutSpec{Disruption: v1alpha1.Disruption{Mode: v1alpha1.DisruptionWaitForPods}},
+		setup: func(w *world) {
+			sn := w.nodes["n000"]
+			sn.nsn.Status.PreparedDigest = digestNew
+			sn.node.Spec.Unschedulable = true
+			sn.node.Annotations[v1alpha1.AnnotationCordonedBy] = "r"
+			sn.node.Annotations[v1alpha1.AnnotationCordonedAt] = w.now.Add(-time.Minute).Format(time.RFC3339)
+			sn.pods = 2
+		},
+		check: func(t *testing.T, w *world, p Plan) {
+			a := actionFor(p, "n000")
+			if a != nil && (a.Drain || a.Spec != nil) {
+				t.Fatalf("n000 action %+v, want no eviction and no grant while its pods run", a)
+			}
+			if p.RequeueAfter == 0 || p.RequeueAfter > DrainRetry {
+				t.Fatalf("requeue after %s, want at most %s (to look again)", p.RequeueAfter, DrainRetry)
+			}
+		},
+	}, {
 		name: "a drain past its timeout with onTimeout Proceed switches anyway",
 		spec: v1alpha1.NodeSpawnRolloutSpec{Disruption: v1alpha1.Disruption{Timeout: &metav1.Duration{Duration: time.Minute}, OnTimeout: v1alpha1.TimeoutProceed}},
 		setup: func(w *world) {
