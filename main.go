@@ -24,7 +24,6 @@ import (
 	"github.com/nodespawn/nodespawn/internal/progress"
 	"github.com/nodespawn/nodespawn/manifest"
 	"github.com/nodespawn/nodespawn/provision"
-	"github.com/nodespawn/nodespawn/schema"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -84,12 +83,6 @@ func stderr() io.Writer {
 // run executes the command line and returns the exit code; main is thin so
 // tests can drive the CLI in-process.
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	if len(args) > 0 && (args[0] == "apply" || args[0] == "render" || args[0] == "validate") {
-		// These check a manifest against the schema, whose compiling
-		// is the longest part of a dry run: begin it on another core
-		// while the command line is parsed and the source read.
-		schema.Warm()
-	}
 	root := newRootCmd(stdin, stdout, stderr)
 	if len(args) > 0 && (args[0] == cobra.ShellCompRequestCmd || args[0] == cobra.ShellCompNoDescRequestCmd) {
 		// Only a shell asking for completions needs the value

@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"sync"
 
-	"github.com/nodespawn/nodespawn/internal/probe"
 	"github.com/nodespawn/nodespawn/plan"
 )
 
@@ -89,12 +88,4 @@ func (h *holdHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
 
 func (h *holdHandler) WithGroup(name string) slog.Handler {
 	return &holdHandler{held: h.held, next: h.next.WithGroup(name)}
-}
-
-// facts is Facts with the probe's logger.
-func facts(ctx context.Context, factsFile, root string, log *slog.Logger) (plan.Facts, error) {
-	if factsFile == "" {
-		return probe.Gather(ctx, probe.Options{Root: root, Log: log})
-	}
-	return Facts(ctx, factsFile, root)
 }

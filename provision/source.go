@@ -82,8 +82,13 @@ func (s *Source) Load(ctx context.Context, stdin io.Reader) (*manifest.Manifest,
 // facts returns the host's facts: probed, or read from a file (to review
 // the plan for another host).
 func Facts(ctx context.Context, factsFile, root string) (plan.Facts, error) {
+	return facts(ctx, factsFile, root, nil)
+}
+
+// facts is Facts with the probe's logger (nil: slog.Default).
+func facts(ctx context.Context, factsFile, root string, log *slog.Logger) (plan.Facts, error) {
 	if factsFile == "" {
-		return probe.Gather(ctx, probe.Options{Root: root})
+		return probe.Gather(ctx, probe.Options{Root: root, Log: log})
 	}
 	var f plan.Facts
 	data, err := os.ReadFile(factsFile)
