@@ -49,6 +49,12 @@ import (
 // failure.
 const RequireEnv = "NODESPAWN_REQUIRE_KUBE"
 
+// SkipEnv, set to 1, skips the tests that need a control plane without
+// looking for one: make check sets it for the unit-test pass that runs
+// while e2e-prepare builds the control plane, because test-cluster runs
+// those tests next, once, with RequireEnv. RequireEnv=1 overrides it.
+const SkipEnv = "NODESPAWN_SKIP_KUBE"
+
 // Cluster is a running control plane with the nodespawn.dev CRDs.
 type Cluster struct {
 	// Config is an admin's (system:masters) client configuration.
@@ -87,10 +93,14 @@ func Main(m *testing.M) int {
 
 // Get returns the package's control plane, starting it on first use. It
 // skips the test when no binaries are found (fails it when
-// NODESPAWN_REQUIRE_KUBE=1) and fails it when the control plane does not
-// start.
+// NODESPAWN_REQUIRE_KUBE=1) or when NODESPAWN_SKIP_KUBE=1, and fails it
+// when the control plane does not start.
 func Get(t testing.TB) *Cluster {
 	t.Helper()
+	if skipAsked() {
+		t.Skipf("kubetest: %s=1; the tests against an API server run in make test-cluster", SkipEnv)
+		return nil
+	}
 	once.Do(func() { shared, skipWhy, startErr = start() })
 	switch {
 	case startErr != nil:
@@ -102,6 +112,9 @@ func Get(t testing.TB) *Cluster {
 	}
 	return shared
 }
+
+// skipAsked says whether SkipEnv asks to skip: RequireEnv=1 overrides it.
+func skipAsked() bool { return os.Getenv(SkipEnv) == "1" && os.Getenv(RequireEnv) != "1" }
 
 // Assets returns the directory holding kube-apiserver, etcd and kubectl, or
 // why there is none.

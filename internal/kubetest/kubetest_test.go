@@ -2,7 +2,9 @@ package kubetest
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -80,5 +82,38 @@ subjects:
 func TestNameFor(t *testing.T) {
 	if got := NameFor(t, "x"); got != "testnamefor-x" {
 		t.Fatalf("NameFor = %q", got)
+	}
+}
+
+// skipRecorder records a Skipf instead of ending the test, so Get's skip can
+// be seen from outside it.
+type skipRecorder struct {
+	testing.TB
+	skipped string
+}
+
+func (r *skipRecorder) Helper() {}
+
+func (r *skipRecorder) Skipf(format string, args ...any) { r.skipped = fmt.Sprintf(format, args...) }
+
+// NODESPAWN_SKIP_KUBE=1 (make check's unit-test pass) skips without starting
+// or looking for a control plane; NODESPAWN_REQUIRE_KUBE=1 (test-cluster)
+// wins over it, so a run that must test against an API server cannot skip.
+func TestSkipEnv(t *testing.T) {
+	for _, c := range []struct {
+		skip, require string
+		want          bool
+	}{{"1", "", true}, {"1", "1", false}, {"", "", false}, {"0", "", false}} {
+		t.Setenv(SkipEnv, c.skip)
+		t.Setenv(RequireEnv, c.require)
+		if got := skipAsked(); got != c.want {
+			t.Errorf("%s=%q %s=%q: skipAsked = %v, want %v", SkipEnv, c.skip, RequireEnv, c.require, got, c.want)
+		}
+	}
+	t.Setenv(SkipEnv, "1")
+	t.Setenv(RequireEnv, "")
+	r := &skipRecorder{TB: t}
+	if c := Get(r); c != nil || !strings.Contains(r.skipped, "test-cluster") {
+		t.Fatalf("with %s=1: Get = %v, skip %q; want nil and a skip naming test-cluster", SkipEnv, c, r.skipped)
 	}
 }
