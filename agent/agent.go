@@ -76,6 +76,9 @@ type NodeStatus struct {
 	PreviousDigest string
 	// Switching is a switch in progress (a killed run's, not finished).
 	Switching bool
+	// Verifying: the switch has made the new machine active and waits
+	// for it to start and its Node to turn Ready.
+	Verifying bool
 	// Last is how the last upgrade or rollback ended.
 	Last *state.UpgradeOutcome
 }
@@ -108,6 +111,9 @@ type Agent struct {
 	// RetryMin and RetryMax bound the backoff after a failed request or
 	// a failed prepare (defaults 1s and 5m).
 	RetryMin, RetryMax time.Duration
+	// VerifyPoll is how often the node's state is read during a switch,
+	// to report Verifying once the new machine is active (default 2s).
+	VerifyPoll time.Duration
 	// Now is the clock (tests).
 	Now func() time.Time
 
@@ -131,6 +137,9 @@ func (a *Agent) defaults() {
 	}
 	if a.RetryMax <= 0 {
 		a.RetryMax = 5 * time.Minute
+	}
+	if a.VerifyPoll <= 0 {
+		a.VerifyPoll = 2 * time.Second
 	}
 	if a.Now == nil {
 		a.Now = time.Now
@@ -452,6 +461,7 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 	}
 	_ = a.patch(ctx, a.status(nil, nil, nil), "")
 	var err error
+	stop := a.reportVerifying(ctx)
 	if back {
 		a.Log.Info("agent: switching back to the previous machine", "digest", digest, "switchID", id)
 		err = a.Node.Rollback(ctx)
@@ -459,6 +469,7 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 		a.Log.Info("agent: switching to the prepared machine", "digest", digest, "switchID", id)
 		err = a.Node.Switch(ctx, digest)
 	}
+	stop()
 	if err != nil && ctx.Err() != nil {
 		// Stopped mid-switch: the next start finishes it and settles.
 		return nil, nil, ctx.Err()
@@ -474,6 +485,41 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 		a.Log.Info("agent: the node runs the new machine, verified", "machine", ns.ActiveMachine, "digest", ns.ActiveDigest)
 	}
 	return ns, nil, a.Node.WriteAgent(a.st)
+}
+
+// reportVerifying reports phase Verifying, once, when the node's state
+// says the switch under way has made the new machine active and waits for
+// it to start and its Node to turn Ready: Switch and Rollback are one call each, and
+// the state is where they record how far they got. It runs beside that
+// call, which leaves a.st to it until the returned func has stopped it.
+func (a *Agent) reportVerifying(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(a.VerifyPoll)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			ns, err := a.Node.Status(ctx)
+			if err != nil || !ns.Verifying {
+				continue
+			}
+			a.st.Phase = string(v1alpha1.PhaseVerifying)
+			if err := a.Node.WriteAgent(a.st); err != nil {
+				a.Log.Warn("agent: could not record the phase in the node's state", "phase", a.st.Phase, "error", err)
+			}
+			if err := a.patch(ctx, a.status(nil, ns, nil), ""); err != nil && ctx.Err() == nil {
+				a.Log.Warn("agent: could not report the phase", "phase", a.st.Phase, "error", err)
+			}
+			return
+		}
+	}()
+	return func() { cancel(); <-done }
 }
 
 // report patches the status with what the node's state says.
@@ -520,8 +566,10 @@ func phaseEvent(st *v1alpha1.NodeSpawnNodeStatus) (string, string) {
 		return "Normal", "preparing the desired config's machine beside " + st.ActiveMachine
 	case v1alpha1.PhasePrepared:
 		return "Normal", "prepared " + st.PreparedDigest + " beside " + st.ActiveMachine
-	case v1alpha1.PhaseSwitching, v1alpha1.PhaseVerifying:
+	case v1alpha1.PhaseSwitching:
 		return "Normal", "switching machines for grant " + st.SwitchID
+	case v1alpha1.PhaseVerifying:
+		return "Normal", "machine " + st.ActiveMachine + " is active; waiting for it to start and the Node to turn Ready (grant " + st.SwitchID + ")"
 	case v1alpha1.PhaseReady:
 		return "Normal", "machine " + st.ActiveMachine + " runs " + st.ActiveDigest + ", verified Ready after the switch"
 	case v1alpha1.PhaseRolledBack:

@@ -165,6 +165,61 @@ func TestSwitchIsNotRepeatedAfterACrashMidSwitch(t *testing.T) {
 	}
 }
 
+// While the switch waits for the new machine's Node to turn Ready, the
+// status says Verifying (the node's state is read beside the switch call),
+// with an Event; a kill in that phase is settled by the restarted agent
+// without a second switch.
+func TestVerifyingIsReportedDuringTheSwitch(t *testing.T) {
+	for _, killed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "finishes", true: "killed-while-verifying"}[killed], func(t *testing.T) {
+			f := newFixture(t)
+			f.node.verifyGate = make(chan struct{})
+			f.api.setSpec(v1alpha1.NodeSpawnNodeSpec{ConfigName: "b", ConfigDigest: f.db, Prepare: true})
+			a := f.agent()
+			a.VerifyPoll = 5 * time.Millisecond
+			step(t, a)
+			f.api.setSpec(v1alpha1.NodeSpawnNodeSpec{ConfigName: "b", ConfigDigest: f.db, Prepare: true, Switch: true, SwitchID: "r/1"})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			errc := make(chan error, 1)
+			go func() { errc <- a.Step(ctx) }()
+			deadline := time.Now().Add(10 * time.Second)
+			for f.api.status().Phase != v1alpha1.PhaseVerifying {
+				if time.Now().After(deadline) {
+					t.Fatalf("phases %v; Verifying never reported while the switch waited", f.api.phases())
+				}
+				time.Sleep(time.Millisecond)
+			}
+			if c := cond(f.api.status(), ConditionReady); c.Status != metav1.ConditionFalse || c.Reason != "Switching" {
+				t.Errorf("Ready while verifying %+v; want False, Switching", c)
+			}
+			if ag, _ := f.node.Agent(); ag.Phase != string(v1alpha1.PhaseVerifying) || ag.SwitchID != "r/1" {
+				t.Errorf("agent state while verifying %+v; want Verifying for r/1", ag)
+			}
+			if killed {
+				cancel()
+			} else {
+				close(f.node.verifyGate)
+			}
+			if err := <-errc; (err != nil) != killed {
+				t.Fatalf("step: %v", err)
+			}
+			if killed {
+				f.node.verifyGate = nil
+				step(t, f.agent())
+			}
+			st := f.api.status()
+			if st.Phase != v1alpha1.PhaseReady || st.ActiveDigest != f.db || len(f.node.switched) != 1 {
+				t.Errorf("switched %v, status %+v; want Ready on b after one switch", f.node.switched, st)
+			}
+			want := []string{"Preparing", "Prepared", "Switching", "Verifying", "Ready"}
+			if got := f.api.reasons(); !slices.Equal(got, want) {
+				t.Errorf("Events %q; want %q", f.api.events, want)
+			}
+		})
+	}
+}
+
 // crashingNode cancels the agent's context when the switch starts.
 type crashingNode struct {
 	*fakeNode

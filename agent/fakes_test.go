@@ -34,6 +34,9 @@ type fakeNode struct {
 	resumeRollsBack bool
 	// prepareErr fails Prepare.
 	prepareErr error
+	// verifyGate, when set, holds Switch in its verifying phase (the new
+	// machine active, Status says Verifying) until it is closed.
+	verifyGate chan struct{}
 }
 
 func newFakeNode(active string) *fakeNode {
@@ -55,7 +58,7 @@ func (f *fakeNode) Resume(context.Context) error {
 		// comes up: it finishes it.
 		f.resumed++
 		if f.resumeRollsBack {
-			f.ns.Switching, f.ns.PreparedDigest = false, ""
+			f.ns.Switching, f.ns.Verifying, f.ns.PreparedDigest = false, false, ""
 			f.ns.Last = &state.UpgradeOutcome{Outcome: state.OutcomeRolledBack, Reason: "node not Ready"}
 			return nil
 		}
@@ -65,7 +68,7 @@ func (f *fakeNode) Resume(context.Context) error {
 }
 
 func (f *fakeNode) finishSwitch() {
-	f.ns.PreviousDigest, f.ns.ActiveDigest, f.ns.PreparedDigest, f.ns.Switching = f.ns.ActiveDigest, f.ns.PreparedDigest, "", false
+	f.ns.PreviousDigest, f.ns.ActiveDigest, f.ns.PreparedDigest, f.ns.Switching, f.ns.Verifying = f.ns.ActiveDigest, f.ns.PreparedDigest, "", false, false
 	f.ns.ActiveMachine = map[string]string{"kube1": "kube2", "kube2": "kube1"}[f.ns.ActiveMachine]
 	f.ns.Last = &state.UpgradeOutcome{Outcome: state.OutcomeSwitched}
 }
@@ -90,12 +93,27 @@ func (fakeRolledBack) RolledBackTo() string { return "kube1" }
 
 var errCrash = errors.New("fake: killed mid-switch")
 
-func (f *fakeNode) Switch(_ context.Context, digest string) error {
+func (f *fakeNode) Switch(ctx context.Context, digest string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.switched = append(f.switched, digest)
 	if f.ns.PreparedDigest != digest {
 		return fmt.Errorf("fake: switch to %s, prepared %s", digest, f.ns.PreparedDigest)
+	}
+	if f.verifyGate != nil {
+		f.ns.Switching, f.ns.Verifying = true, true
+		f.mu.Unlock()
+		select {
+		case <-f.verifyGate:
+		case <-ctx.Done():
+		}
+		f.mu.Lock()
+		if ctx.Err() != nil {
+			// Killed while verifying: the switch is left half-done,
+			// for Resume.
+			return ctx.Err()
+		}
+		f.ns.Switching, f.ns.Verifying = false, false
 	}
 	switch f.switchErr {
 	case "rollback":

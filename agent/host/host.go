@@ -39,6 +39,7 @@ func (h *Host) Status(ctx context.Context) (*agent.NodeStatus, error) {
 	}
 	if u := st.Upgrade; u != nil {
 		ns.Switching = u.Phase != state.UpgradePreparing
+		ns.Verifying = u.Phase == state.UpgradeVerifying
 		if u.Phase == state.UpgradePreparing && u.Prepared != nil && u.From == st.Active {
 			if ns.PreparedDigest, err = provision.ConfigDigestOf(h.Root, u.To); err != nil {
 				return nil, err
