@@ -60,12 +60,11 @@ test-cluster: $(if $(KUBEBUILDER_ASSETS),,e2e-prepare)
 deps:
 	scripts/install-test-deps.sh
 
-#
-# The unit tests run beside e2e-prepare (-j2): cold, its builds are ~40 min
-# of link steps, downloads and debootstrap's dpkg runs that leave a core
-# idle, and the tests' own waits leave room for them. That pass skips the
-# tests against an API server (NODESPAWN_SKIP_KUBE=1: cold, their control
-# plane is still being built), which test-cluster runs next, once.
+# The unit tests run beside e2e-prepare (-j2), which cold takes ~53 min
+# (2026-12-06, 2 cores; the whole cold check 78 min 52 s, e2e/README.md).
+# That pass skips the tests against an API server (NODESPAWN_SKIP_KUBE=1:
+# cold, their control plane is still being built); test-cluster runs them
+# next, once. A failing unit test still waits for e2e-prepare to end.
 check: deps
 	$(MAKE) -j2 test-unit e2e-prepare
 	$(MAKE) test-cluster

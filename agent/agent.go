@@ -489,9 +489,10 @@ func (a *Agent) switchTo(ctx context.Context, digest, id string, back bool) (*No
 
 // reportVerifying reports phase Verifying, once, when the node's state
 // says the switch under way has made the new machine active and waits for
-// it to start and its Node to turn Ready: Switch and Rollback are one call each, and
-// the state is where they record how far they got. It runs beside that
-// call, which leaves a.st to it until the returned func has stopped it.
+// it to start and its Node to turn Ready: Switch and Rollback are one call
+// each, and the state is where they record how far they got. It runs
+// beside that call, which leaves a.st to it until the returned func has
+// stopped it.
 func (a *Agent) reportVerifying(ctx context.Context) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
