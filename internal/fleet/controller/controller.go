@@ -11,14 +11,23 @@
 //     get a NodeSpawnNode and are ever selected by a rollout (a node
 //     without the agent would only time out). The label can be set by the
 //     kubelet (--node-labels) or by hand.
-//   - A node selected by several rollouts belongs to the oldest (creation
-//     time, then name); the others list it as blocked (ClaimedByRollout).
+//   - A node selected by several rollouts belongs to the newest (creation
+//     time, then the greater name): a rollout created to replace one that
+//     is stuck or wrong takes its nodes over without deleting it. The
+//     others list the node as blocked (SupersededByRollout). A rollout
+//     lets go of a node it no longer owns (superseded, or no longer
+//     selected) as a deleted rollout does: its switch grant, if the agent
+//     has not taken it up, is revoked, its prepare request withdrawn and
+//     its cordon undone; a node in the middle of a switch is let go once
+//     the switch has ended, and no other rollout touches it until then.
 //   - Cordons carry nodespawn.dev/cordoned-by (the rollout) and
 //     nodespawn.dev/cordoned-at; the controller uncordons only a node
 //     carrying its own rollout's mark, and a node cordoned by someone else
 //     is left alone (not drained, switched or uncordoned). A mark naming a
-//     rollout that no longer exists, or that no longer selects the node,
-//     is undone by the Node reconciler once no switch is in flight.
+//     rollout that no longer exists, or that no longer owns the node, is
+//     undone (by that rollout's reconcile, or by the Node reconciler when
+//     the rollout is gone or the node left the fleet) once no switch is in
+//     flight.
 //   - Drain evicts through the Eviction API (PodDisruptionBudgets
 //     honoured) the pods kubectl drain would (k8s.io/kubectl/pkg/drain's
 //     filters: DaemonSet and mirror pods stay, emptyDir data is lost, pods
@@ -101,6 +110,9 @@ func Setup(mgr ctrl.Manager, opts Options) error {
 	if err := ctrl.NewControllerManagedBy(mgr).
 		Named("rollout").
 		For(&v1alpha1.NodeSpawnRollout{}, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
+		// A rollout created, deleted or edited can change which owns a
+		// node (the newest that selects it): the others look again.
+		Watches(&v1alpha1.NodeSpawnRollout{}, allRollouts, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
 		Watches(&v1alpha1.NodeSpawnNode{}, allRollouts, builder.WithPredicates(nsnChanged)).
 		Watches(&corev1.Node{}, allRollouts, builder.WithPredicates(nodeChanged)).
 		Watches(&v1alpha1.NodeSpawnConfig{}, handler.EnqueueRequestsFromMapFunc(r.rolloutsOfConfig)).
@@ -236,10 +248,11 @@ func (r *RolloutReconciler) reconcile(ctx context.Context, req reconcile.Request
 		return reconcile.Result{}, err
 	}
 
-	nodes, claimed, err := r.selectNodes(ctx, &ro)
+	sel, err := r.selectNodes(ctx, &ro)
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	nodes := sel.mine
 	var nsns v1alpha1.NodeSpawnNodeList
 	if err := r.Client.List(ctx, &nsns); err != nil {
 		return reconcile.Result{}, err
@@ -247,6 +260,23 @@ func (r *RolloutReconciler) reconcile(ctx context.Context, req reconcile.Request
 	byName := make(map[string]*v1alpha1.NodeSpawnNode, len(nsns.Items))
 	for i := range nsns.Items {
 		byName[nsns.Items[i].Name] = &nsns.Items[i]
+	}
+	// What it still holds on nodes it no longer owns: let go.
+	var lost []held
+	for i := range sel.others {
+		n := &sel.others[i]
+		nsn := byName[n.Name]
+		if n.Annotations[v1alpha1.AnnotationCordonedBy] == ro.Name || (nsn != nil && nsn.Labels[v1alpha1.LabelRollout] == ro.Name) {
+			why := fmt.Sprintf("rollout %s no longer selects the node", ro.Name)
+			if o := sel.superseded[n.Name]; o != "" {
+				why = fmt.Sprintf("rollout %s was superseded on the node by the newer rollout %s", ro.Name, o)
+			}
+			lost = append(lost, held{node: n, nsn: nsn, why: why})
+		}
+	}
+	waiting, err := release(ctx, r.Client, r.Events, ro.Name, lost)
+	if err != nil {
+		return reconcile.Result{}, err
 	}
 	grant := planner.GrantID(&ro)
 	for _, n := range nodes {
@@ -292,8 +322,9 @@ func (r *RolloutReconciler) reconcile(ctx context.Context, req reconcile.Request
 	for _, name := range sortedKeys(blocked) {
 		st.Blocked = append(st.Blocked, v1alpha1.NodeProblem{Node: name, Reason: "DrainBlocked", Message: blocked[name]})
 	}
-	for _, name := range claimed {
-		st.Blocked = append(st.Blocked, v1alpha1.NodeProblem{Node: name, Reason: "ClaimedByRollout", Message: "selected by an older rollout too, which has it"})
+	for _, name := range sortedKeys(sel.superseded) {
+		st.Blocked = append(st.Blocked, v1alpha1.NodeProblem{Node: name, Reason: "SupersededByRollout",
+			Message: fmt.Sprintf("selected by the newer rollout %s too, which has it", sel.superseded[name])})
 	}
 	st.Blocked = capList(st.Blocked)
 	st.FailedNodes = capList(st.FailedNodes)
@@ -309,65 +340,109 @@ func (r *RolloutReconciler) reconcile(ctx context.Context, req reconcile.Request
 	if len(blocked) > 0 && (after == 0 || after > planner.DrainRetry) {
 		after = planner.DrainRetry
 	}
+	if waiting && (after == 0 || after > time.Minute) {
+		// A lost node's switch is still in flight (its end is a
+		// NodeSpawnNode change, which brings a reconcile first).
+		after = time.Minute
+	}
 	lg.V(1).Info("reconciled", "nodes", st.Nodes, "updated", st.Updated, "failed", st.Failed, "actions", len(plan.Actions), "requeueAfter", after)
 	return reconcile.Result{RequeueAfter: after}, nil
 }
 
-// selectNodes returns the enrolled Nodes the rollout selects and owns, and
-// those it selects that an older rollout owns.
-func (r *RolloutReconciler) selectNodes(ctx context.Context, ro *v1alpha1.NodeSpawnRollout) ([]corev1.Node, []string, error) {
+// selection is how a rollout's selector meets the fleet.
+type selection struct {
+	// mine are the enrolled Nodes the rollout selects and owns, by name.
+	mine []corev1.Node
+	// superseded are the Nodes it selects that a newer rollout owns:
+	// node name -> that rollout.
+	superseded map[string]string
+	// others are the enrolled Nodes it does not own (superseded ones
+	// included).
+	others []corev1.Node
+}
+
+// selectNodes sorts the enrolled Nodes by the rollout's selector and the
+// owners (ownerOf).
+func (r *RolloutReconciler) selectNodes(ctx context.Context, ro *v1alpha1.NodeSpawnRollout) (selection, error) {
+	var out selection
 	var nl corev1.NodeList
 	if err := r.Client.List(ctx, &nl, client.MatchingLabels{v1alpha1.LabelManaged: "true"}); err != nil {
-		return nil, nil, err
+		return out, err
 	}
+	cs, err := claimantsOf(ctx, r.Client)
+	if err != nil {
+		return out, err
+	}
+	sel, err := selectorOf(ro)
+	if err != nil {
+		return out, reconcile.TerminalError(fmt.Errorf("spec.nodeSelector: %w", err))
+	}
+	out.superseded = map[string]string{}
+	for _, n := range nl.Items {
+		if !sel.Matches(labels.Set(n.Labels)) {
+			out.others = append(out.others, n)
+			continue
+		}
+		if o := ownerOf(cs, n.Labels); o != ro.Name && o != "" {
+			out.superseded[n.Name] = o
+			out.others = append(out.others, n)
+			continue
+		}
+		out.mine = append(out.mine, n)
+	}
+	sort.Slice(out.mine, func(i, j int) bool { return out.mine[i].Name < out.mine[j].Name })
+	return out, nil
+}
+
+// claimant is a rollout as a candidate owner of the nodes it selects.
+type claimant struct {
+	name    string
+	created metav1.Time
+	sel     labels.Selector
+}
+
+// claimantsOf lists the rollouts that can own nodes, newest first. One
+// being deleted, or whose selector does not parse (its own status says
+// so), owns nothing.
+func claimantsOf(ctx context.Context, c client.Reader) ([]claimant, error) {
 	var rl v1alpha1.NodeSpawnRolloutList
-	if err := r.Client.List(ctx, &rl); err != nil {
-		return nil, nil, err
+	if err := c.List(ctx, &rl); err != nil {
+		return nil, err
 	}
-	older := make([]labels.Selector, 0)
+	cs := make([]claimant, 0, len(rl.Items))
 	for i := range rl.Items {
 		o := &rl.Items[i]
-		if o.Name == ro.Name || !olderThan(o, ro) {
+		if o.DeletionTimestamp != nil {
 			continue
 		}
 		sel, err := selectorOf(o)
 		if err != nil {
-			continue // its own status says so
-		}
-		older = append(older, sel)
-	}
-	sel, err := selectorOf(ro)
-	if err != nil {
-		return nil, nil, reconcile.TerminalError(fmt.Errorf("spec.nodeSelector: %w", err))
-	}
-	var mine []corev1.Node
-	var claimed []string
-	for _, n := range nl.Items {
-		if !sel.Matches(labels.Set(n.Labels)) {
 			continue
 		}
-		taken := false
-		for _, o := range older {
-			if o.Matches(labels.Set(n.Labels)) {
-				taken = true
-				break
-			}
-		}
-		if taken {
-			claimed = append(claimed, n.Name)
-			continue
-		}
-		mine = append(mine, n)
+		cs = append(cs, claimant{name: o.Name, created: o.CreationTimestamp, sel: sel})
 	}
-	sort.Slice(mine, func(i, j int) bool { return mine[i].Name < mine[j].Name })
-	return mine, claimed, nil
+	sort.Slice(cs, func(i, j int) bool { return newerThan(cs[i], cs[j]) })
+	return cs, nil
 }
 
-func olderThan(a, b *v1alpha1.NodeSpawnRollout) bool {
-	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
-		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+// newerThan orders owners: the later creation time (the API server's, to
+// the second), then the greater name.
+func newerThan(a, b claimant) bool {
+	if !a.created.Equal(&b.created) {
+		return b.created.Before(&a.created)
 	}
-	return a.Name < b.Name
+	return a.name > b.name
+}
+
+// ownerOf is the rollout that owns a node with these labels: the newest
+// that selects it ("" when none does).
+func ownerOf(cs []claimant, l map[string]string) string {
+	for _, c := range cs {
+		if c.sel.Matches(labels.Set(l)) {
+			return c.name
+		}
+	}
+	return ""
 }
 
 func selectorOf(ro *v1alpha1.NodeSpawnRollout) (labels.Selector, error) {
@@ -540,58 +615,91 @@ func (r *RolloutReconciler) apply(ctx context.Context, ro *v1alpha1.NodeSpawnRol
 	return "", nil
 }
 
-// forget undoes what a deleted rollout left: a switch it granted that the
-// agent has not taken up yet is revoked (deleting a rollout stops it; a
-// grant left in a NodeSpawnNode would still switch the node later), and its
-// cordons are undone, except on nodes in the middle of a switch, which are
-// looked at again in a minute.
+// forget undoes what a deleted rollout left (release).
 func (r *RolloutReconciler) forget(ctx context.Context, rollout string) (reconcile.Result, error) {
 	var nsns v1alpha1.NodeSpawnNodeList
-	if err := r.Client.List(ctx, &nsns, client.MatchingLabels{v1alpha1.LabelRollout: rollout}); err != nil {
+	if err := r.Client.List(ctx, &nsns); err != nil {
 		return reconcile.Result{}, err
-	}
-	inFlight := map[string]bool{}
-	for i := range nsns.Items {
-		nsn := &nsns.Items[i]
-		if ph := nsn.Status.Phase; ph == v1alpha1.PhaseSwitching || ph == v1alpha1.PhaseVerifying {
-			inFlight[nsn.Name] = true
-			continue
-		}
-		base := nsn.DeepCopy()
-		revoked := nsn.Spec.Switch && nsn.Spec.SwitchID != nsn.Status.SwitchID
-		nsn.Spec.Switch, nsn.Spec.Prepare = false, false
-		delete(nsn.Labels, v1alpha1.LabelRollout)
-		if err := r.Client.Patch(ctx, nsn, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
-			return reconcile.Result{}, client.IgnoreNotFound(err)
-		}
-		if revoked {
-			var node corev1.Node
-			if err := r.Client.Get(ctx, types.NamespacedName{Name: nsn.Name}, &node); err == nil {
-				r.Events.Eventf(&node, nil, corev1.EventTypeNormal, "GrantRevoked", "Revoke", "switch grant %s revoked: rollout %s was deleted", base.Spec.SwitchID, rollout)
-			}
-		}
 	}
 	var nodes corev1.NodeList
 	if err := r.Client.List(ctx, &nodes); err != nil {
 		return reconcile.Result{}, err
 	}
+	byName := make(map[string]*v1alpha1.NodeSpawnNode, len(nsns.Items))
+	for i := range nsns.Items {
+		byName[nsns.Items[i].Name] = &nsns.Items[i]
+	}
+	why := fmt.Sprintf("rollout %s was deleted", rollout)
+	var hs []held
 	for i := range nodes.Items {
 		n := &nodes.Items[i]
-		if n.Annotations[v1alpha1.AnnotationCordonedBy] != rollout {
-			continue
+		nsn := byName[n.Name]
+		delete(byName, n.Name)
+		if n.Annotations[v1alpha1.AnnotationCordonedBy] == rollout || (nsn != nil && nsn.Labels[v1alpha1.LabelRollout] == rollout) {
+			hs = append(hs, held{node: n, nsn: nsn, why: why})
 		}
-		if inFlight[n.Name] {
-			continue
-		}
-		if err := uncordon(ctx, r.Client, n, rollout); err != nil {
-			return reconcile.Result{}, client.IgnoreNotFound(err)
-		}
-		r.Events.Eventf(n, nil, corev1.EventTypeNormal, "Uncordoned", "Uncordon", "uncordoned: rollout %s was deleted", rollout)
 	}
-	if len(inFlight) > 0 {
-		return reconcile.Result{RequeueAfter: time.Minute}, nil
+	for _, nsn := range byName { // a NodeSpawnNode whose Node is gone
+		if nsn.Labels[v1alpha1.LabelRollout] == rollout {
+			hs = append(hs, held{nsn: nsn, why: why})
+		}
 	}
-	return reconcile.Result{}, nil
+	waiting, err := release(ctx, r.Client, r.Events, rollout, hs)
+	if err != nil || !waiting {
+		return reconcile.Result{}, err
+	}
+	return reconcile.Result{RequeueAfter: time.Minute}, nil
+}
+
+// held is a node a rollout may hold something on: its cordon mark on the
+// Node, its requests in the NodeSpawnNode. Either may be nil.
+type held struct {
+	node *corev1.Node
+	nsn  *v1alpha1.NodeSpawnNode
+	why  string // the reason, in the Events
+}
+
+// release lets go of nodes a rollout no longer owns (deleted, superseded
+// by a newer rollout, no longer selected): a switch it granted that the
+// agent has not taken up yet is revoked (a grant left in a NodeSpawnNode
+// would still switch the node later), its prepare request and its label
+// are withdrawn and its cordon undone, except on nodes in the middle of a
+// switch, which are left as they are until the switch has ended (waiting
+// says so).
+func release(ctx context.Context, c client.Client, events recorder.EventRecorder, rollout string, hs []held) (waiting bool, err error) {
+	for _, h := range hs {
+		if h.nsn != nil {
+			if ph := h.nsn.Status.Phase; ph == v1alpha1.PhaseSwitching || ph == v1alpha1.PhaseVerifying {
+				waiting = true
+				continue
+			}
+		}
+		if nsn := h.nsn; nsn != nil && nsn.Labels[v1alpha1.LabelRollout] == rollout {
+			base := nsn.DeepCopy()
+			revoked := nsn.Spec.Switch && nsn.Spec.SwitchID != nsn.Status.SwitchID
+			nsn.Spec.Switch, nsn.Spec.Prepare = false, false
+			delete(nsn.Labels, v1alpha1.LabelRollout)
+			if err := c.Patch(ctx, nsn, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+				if apierrors.IsNotFound(err) {
+					continue
+				}
+				return waiting, err
+			}
+			if revoked && h.node != nil {
+				events.Eventf(h.node, nil, corev1.EventTypeNormal, "GrantRevoked", "Revoke", "switch grant %s revoked: %s", base.Spec.SwitchID, h.why)
+			}
+		}
+		if n := h.node; n != nil && n.Annotations[v1alpha1.AnnotationCordonedBy] == rollout {
+			if err := uncordon(ctx, c, n, rollout); err != nil {
+				if apierrors.IsNotFound(err) {
+					continue
+				}
+				return waiting, err
+			}
+			events.Eventf(n, nil, corev1.EventTypeNormal, "Uncordoned", "Uncordon", "uncordoned: %s", h.why)
+		}
+	}
+	return waiting, nil
 }
 
 // uncordon undoes a cordon the named rollout made, and only that.
@@ -635,7 +743,7 @@ func sortedKeys(m map[string]string) []string {
 // Nodes
 
 // NodeReconciler keeps a NodeSpawnNode for every enrolled Node and undoes
-// cordons left by rollouts that are gone or no longer select the node.
+// cordons left by rollouts that are gone or no longer own the node.
 type NodeReconciler struct {
 	Client client.Client
 	Events recorder.EventRecorder
@@ -648,46 +756,48 @@ func (n *NodeReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	managed := node.Labels[v1alpha1.LabelManaged] == "true"
-	var nsn v1alpha1.NodeSpawnNode
-	err := n.Client.Get(ctx, req.NamespacedName, &nsn)
+	nsn := &v1alpha1.NodeSpawnNode{}
+	err := n.Client.Get(ctx, req.NamespacedName, nsn)
 	switch {
 	case apierrors.IsNotFound(err) && managed:
-		nsn = v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
-		if err := controllerutil.SetOwnerReference(&node, &nsn, n.Client.Scheme()); err != nil {
+		nsn = &v1alpha1.NodeSpawnNode{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
+		if err := controllerutil.SetOwnerReference(&node, nsn, n.Client.Scheme()); err != nil {
 			return reconcile.Result{}, err
 		}
-		if err := n.Client.Create(ctx, &nsn); err != nil && !apierrors.IsAlreadyExists(err) {
+		if err := n.Client.Create(ctx, nsn); err != nil && !apierrors.IsAlreadyExists(err) {
 			return reconcile.Result{}, err
 		}
 		n.Events.Eventf(&node, nil, corev1.EventTypeNormal, "Enrolled", "Enrol", "NodeSpawnNode %s created", node.Name)
-	case err != nil && !apierrors.IsNotFound(err):
+	case apierrors.IsNotFound(err):
+		nsn = nil
+	case err != nil:
 		return reconcile.Result{}, err
 	}
 
-	// A cordon whose rollout is gone or no longer wants the node.
+	// A cordon whose rollout is gone or no longer owns the node (its
+	// labels changed: the rollout's own reconcile may not run).
 	by := node.Annotations[v1alpha1.AnnotationCordonedBy]
 	if by == "" {
 		return reconcile.Result{}, nil
 	}
-	var ro v1alpha1.NodeSpawnRollout
-	err = n.Client.Get(ctx, types.NamespacedName{Name: by}, &ro)
-	if err != nil && !apierrors.IsNotFound(err) {
-		return reconcile.Result{}, err
-	}
-	if err == nil && managed {
-		sel, serr := selectorOf(&ro)
-		if serr != nil || sel.Matches(labels.Set(node.Labels)) {
+	if managed {
+		cs, err := claimantsOf(ctx, n.Client)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if ownerOf(cs, node.Labels) == by {
 			return reconcile.Result{}, nil
 		}
 	}
-	if ph := nsn.Status.Phase; ph == v1alpha1.PhaseSwitching || ph == v1alpha1.PhaseVerifying {
-		return reconcile.Result{RequeueAfter: time.Minute}, nil
-	}
-	if err := uncordon(ctx, n.Client, &node, by); err != nil {
+	// Its grant is revoked before the cordon goes, as the rollout's own
+	// release does: an uncordoned node must not still hold a switch
+	// grant that nobody is watching.
+	waiting, err := release(ctx, n.Client, n.Events, by, []held{{node: &node, nsn: nsn,
+		why: fmt.Sprintf("rollout %s is gone or no longer owns the node", by)}})
+	if err != nil || !waiting {
 		return reconcile.Result{}, err
 	}
-	n.Events.Eventf(&node, nil, corev1.EventTypeNormal, "Uncordoned", "Uncordon", "uncordoned: rollout %s is gone or no longer selects the node", by)
-	return reconcile.Result{}, nil
+	return reconcile.Result{RequeueAfter: time.Minute}, nil
 }
 
 // ---------------------------------------------------------------------------

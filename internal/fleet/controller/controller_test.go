@@ -6,6 +6,7 @@ package controller_test
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -695,4 +696,115 @@ func (f *fixture) guardedWorkload(node string) (workload, *policyv1.PodDisruptio
 		f.t.Fatal(err)
 	}
 	return w, pdb
+}
+
+// TestNewerRolloutSupersedesAnOlder: a rollout created over nodes an
+// older one holds takes them over. The older lets go at once of a node
+// whose drain is blocked (its cordon undone, its prepare withdrawn), and
+// of a node in the middle of its switch only when the switch has ended
+// (until then neither touches it); it lists both as SupersededByRollout
+// and completes over the node it keeps. The newer updates the two it took.
+func TestNewerRolloutSupersedesAnOlder(t *testing.T) {
+	f := newFixture(t)
+	hold := make(chan struct{})
+	pick := map[string]string{"nodespawn.test/pick": "newer"}
+	n0 := f.addNode("n0", nodeOpts{labels: pick})
+	n1 := f.addNode("n1", nodeOpts{labels: pick, hold: hold})
+	n2 := f.addNode("n2", nodeOpts{})
+	f.guardedWorkload(n0)
+	f.startController(leaderElection{})
+	f.waitEnrolled()
+	older := f.rollout(func(s *v1alpha1.NodeSpawnRolloutSpec) {
+		s.Strategy.MaxUnavailable = intOrStr(2)
+		s.Disruption.Timeout = &metav1.Duration{Duration: 10 * time.Minute}
+	})
+	select {
+	case <-f.hosts[n1].started:
+	case <-time.After(40 * time.Second):
+		t.Fatalf("%s was not granted its switch: %s", n1, describeRollout(f.getRollout(older)))
+	}
+	f.waitRollout(older, n0+"'s drain blocked", 30*time.Second, func(r *v1alpha1.NodeSpawnRollout) bool {
+		for _, b := range r.Status.Blocked {
+			if b.Node == n0 && b.Reason == "DrainBlocked" {
+				return true
+			}
+		}
+		return false
+	})
+	for _, n := range []string{n0, n1} {
+		if by := f.getNode(n).Annotations[v1alpha1.AnnotationCordonedBy]; by != older {
+			t.Fatalf("%s cordoned by %q before the newer rollout; want %s", n, by, older)
+		}
+	}
+
+	cM, cDigest := kubetest.FleetConfig(t, "c")
+	cCfg := kubetest.NameFor(t, "c")
+	f.create(&v1alpha1.NodeSpawnConfig{ObjectMeta: metav1.ObjectMeta{Name: cCfg}, Spec: v1alpha1.NodeSpawnConfigSpec{Manifest: cM, Digest: cDigest}})
+	newer := f.rolloutNamed("ro-newer", func(s *v1alpha1.NodeSpawnRolloutSpec) {
+		s.ConfigName = cCfg
+		s.NodeSelector.MatchLabels["nodespawn.test/pick"] = "newer"
+		s.Strategy.MaxUnavailable = intOrStr(2)
+		s.Disruption.Mode = v1alpha1.DisruptionInPlace
+	})
+
+	superseded := func(r *v1alpha1.NodeSpawnRollout) []string {
+		var out []string
+		for _, b := range r.Status.Blocked {
+			if b.Reason == "SupersededByRollout" && strings.Contains(b.Message, newer) {
+				out = append(out, b.Node)
+			}
+		}
+		return out
+	}
+	f.waitRollout(older, "listing "+n0+" and "+n1+" as superseded", 30*time.Second, func(r *v1alpha1.NodeSpawnRollout) bool {
+		return slices.Equal(superseded(r), []string{n0, n1})
+	})
+	f.poll(n0+" let go by the older rollout", 30*time.Second, func() (bool, string) {
+		node, nsn := f.getNode(n0), f.getNSN(n0)
+		return node.Annotations[v1alpha1.AnnotationCordonedBy] != older && nsn.Labels[v1alpha1.LabelRollout] != older,
+			fmt.Sprintf("node annotations %v; NodeSpawnNode labels %v spec %+v", node.Annotations, nsn.Labels, nsn.Spec)
+	})
+	// n1 is still in its switch: kept as it is, by both.
+	if node, nsn := f.getNode(n1), f.getNSN(n1); node.Annotations[v1alpha1.AnnotationCordonedBy] != older ||
+		nsn.Spec.SwitchID != planner.GrantID(f.getRollout(older)) || nsn.Status.Phase != v1alpha1.PhaseSwitching {
+		t.Errorf("%s during its switch: node annotations %v, NodeSpawnNode spec %+v phase %s; want the older rollout's cordon and grant, Switching",
+			n1, node.Annotations, nsn.Spec, nsn.Status.Phase)
+	}
+	close(hold)
+
+	gotNewer := f.waitRollout(newer, "Complete", 60*time.Second, complete)
+	gotOlder := f.waitRollout(older, "Complete", 60*time.Second, complete)
+	for n, want := range map[string]string{n0: cDigest, n1: cDigest, n2: f.newDigest} {
+		if nsn := f.getNSN(n); nsn.Status.Phase != v1alpha1.PhaseReady || nsn.Status.ActiveDigest != want {
+			t.Errorf("%s: phase %s, active %s; want Ready on %s", n, nsn.Status.Phase, short(nsn.Status.ActiveDigest), short(want))
+		}
+	}
+	if gotNewer.Status.Nodes != 2 || gotNewer.Status.Updated != 2 {
+		t.Errorf("newer rollout: %s; want 2 nodes, 2 updated", describeRollout(gotNewer))
+	}
+	if gotOlder.Status.Nodes != 1 || gotOlder.Status.Updated != 1 || !slices.Equal(superseded(gotOlder), []string{n0, n1}) {
+		t.Errorf("older rollout: %s; want 1 node, updated, and %s, %s superseded", describeRollout(gotOlder), n0, n1)
+	}
+	for n, want := range map[string][]string{n0: {cDigest}, n1: {f.newDigest, cDigest}, n2: {f.newDigest}} {
+		if got := f.hosts[n].switches(); !slices.Equal(got, want) {
+			t.Errorf("%s switched to %v; want %v", n, shortAll(got), shortAll(want))
+		}
+	}
+	f.poll("no node cordoned at the end", 30*time.Second, func() (bool, string) {
+		var s []string
+		for _, n := range []string{n0, n1, n2} {
+			if node := f.getNode(n); node.Spec.Unschedulable || node.Annotations[v1alpha1.AnnotationCordonedBy] != "" {
+				s = append(s, fmt.Sprintf("%s: unschedulable %v, annotations %v", n, node.Spec.Unschedulable, node.Annotations))
+			}
+		}
+		return len(s) == 0, strings.Join(s, "; ")
+	})
+}
+
+func shortAll(ds []string) []string {
+	out := make([]string, len(ds))
+	for i, d := range ds {
+		out[i] = short(d)
+	}
+	return out
 }

@@ -261,6 +261,8 @@ type nodeOpts struct {
 	active string
 	// cordoned: someone else (no rollout's mark) cordoned the Node.
 	cordoned bool
+	// labels are added to the Node's.
+	labels map[string]string
 }
 
 // nodeStatus is what a host says of itself.
@@ -314,6 +316,9 @@ func (f *fixture) addNode(suffix string, o nodeOpts) string {
 	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
 		v1alpha1.LabelManaged: "true", groupLabel: f.group,
 	}}, Spec: corev1.NodeSpec{Unschedulable: o.cordoned}}
+	for k, v := range o.labels {
+		n.Labels[k] = v
+	}
 	f.create(n)
 	f.mu.Lock()
 	f.nodes = append(f.nodes, name)
@@ -571,8 +576,15 @@ func (h *host) switches() []string {
 // (maxUnavailable 1, drain, failure budget 1 unless mod says otherwise).
 func (f *fixture) rollout(mod func(*v1alpha1.NodeSpawnRolloutSpec)) string {
 	f.t.Helper()
+	return f.rolloutNamed("ro", mod)
+}
+
+// rolloutNamed is rollout with the name's suffix given (a test's second
+// rollout).
+func (f *fixture) rolloutNamed(suffix string, mod func(*v1alpha1.NodeSpawnRolloutSpec)) string {
+	f.t.Helper()
 	one := intstr.FromInt32(1)
-	ro := &v1alpha1.NodeSpawnRollout{ObjectMeta: metav1.ObjectMeta{Name: kubetest.NameFor(f.t, "ro")}, Spec: v1alpha1.NodeSpawnRolloutSpec{
+	ro := &v1alpha1.NodeSpawnRollout{ObjectMeta: metav1.ObjectMeta{Name: kubetest.NameFor(f.t, suffix)}, Spec: v1alpha1.NodeSpawnRolloutSpec{
 		ConfigName:    f.newCfg,
 		NodeSelector:  &metav1.LabelSelector{MatchLabels: map[string]string{groupLabel: f.group}},
 		Strategy:      v1alpha1.RolloutStrategy{MaxUnavailable: &one},
