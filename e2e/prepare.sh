@@ -46,17 +46,17 @@ log() { echo "[e2e prepare +$((SECONDS - t0))s] $*"; }
 export GO_CACHE_ROOT=$CACHE/go
 pids=()
 if [ ! -e "$COMPONENTS/.done" ]; then
-	log "building components into $COMPONENTS (log: $CACHE/logs/components.log; ~15 min cold)"
+	log "building components into $COMPONENTS (log: $CACHE/logs/components.log; 40-50 min cold on 2 cores)"
 	e2e/scripts/build-components.sh "$COMPONENTS" >"$CACHE/logs/components.log" 2>&1 &
 	pids+=($!)
 fi
 if [ ! -e "$KUBELET_PREV/.done" ]; then
-	log "building kubelet $K8S_PREV_VERSION into $KUBELET_PREV (log: $CACHE/logs/kubelet-prev.log; ~8 min cold)"
+	log "building kubelet $K8S_PREV_VERSION into $KUBELET_PREV (log: $CACHE/logs/kubelet-prev.log; 25-30 min cold, beside the components)"
 	K8S_PREV_VERSION=$K8S_PREV_VERSION e2e/scripts/build-kubelet-prev.sh "$KUBELET_PREV" >"$CACHE/logs/kubelet-prev.log" 2>&1 &
 	pids+=($!)
 fi
 if [ ! -e "$GUEST/.done" ] || [ ! -e "$MACHINE/.done" ]; then
-	log "building guest image and machine rootfs (log: $CACHE/logs/debootstrap.log; ~10 min cold)"
+	log "building guest image and machine rootfs (log: $CACHE/logs/debootstrap.log; ~30 min cold, beside the builds)"
 	(
 		e2e/scripts/build-guest.sh "$GUEST" "$MIRROR" "$CACHE/debs"
 		if [ ! -e "$MACHINE/.done" ]; then
@@ -68,11 +68,13 @@ if [ ! -e "$GUEST/.done" ] || [ ! -e "$MACHINE/.done" ]; then
 	pids+=($!)
 fi
 
+# All three no-cgo and -trimpath: the packages they share are compiled as
+# make test's no-cgo vet compiles them (the same Go cache), not again.
 log "building nodespawn, the fleet controller, sysprobe and the test binary"
 CGO_ENABLED=0 $GO build -trimpath -o "$WORK/nodespawn" .
 CGO_ENABLED=0 $GO build -trimpath -o "$WORK/nodespawn-controller" ./cmd/nodespawn-controller
 gcc -static -O2 -Wall -Werror -o "$WORK/sysprobe" e2e/sysprobe/sysprobe.c
-$GO test -c -tags e2e -o "$WORK/e2e.test" ./e2e
+CGO_ENABLED=0 $GO test -c -trimpath -tags e2e -o "$WORK/e2e.test" ./e2e
 
 for p in "${pids[@]}"; do
 	if ! wait "$p"; then
