@@ -304,7 +304,7 @@ func checkFleet(ctx context.Context, t *testing.T, v *vm, running string) {
 		t.Errorf("nodespawn status on the node after the rollout: exit %d, %+v", code, st)
 	}
 	checkEvents(ctx, t, "e2e-v2", "")
-	checkAgentEvents(ctx, t, "Preparing", "Prepared", "Switching", "Ready")
+	checkAgentEvents(ctx, t, "Preparing", "Prepared", "Switching", "Verifying", "Ready")
 	if _, err := c.run(ctx, "delete", "nodespawnrollout", "e2e-v2"); err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +338,7 @@ func checkFleet(ctx context.Context, t *testing.T, v *vm, running string) {
 	}
 	checkDigestLabel(ctx, t, v2)
 	checkEvents(ctx, t, "e2e-broken", "Halted")
-	checkAgentEvents(ctx, t, "RolledBack")
+	checkAgentEvents(ctx, t, "Verifying", "RolledBack")
 	checkMetrics(t, `nodespawn_rollout_halted{rollout="e2e-broken"} 1`)
 	if _, err := c.run(ctx, "delete", "nodespawnrollout", "e2e-broken"); err != nil {
 		t.Error(err)
