@@ -808,3 +808,47 @@ func shortAll(ds []string) []string {
 	}
 	return out
 }
+
+// TestEditedSelectorLetsGo: a node that a rollout's edited selector no
+// longer selects is let go by the rollout's own reconcile (the edit is no
+// Node event, so nothing else would look): its cordon undone and its
+// prepare request withdrawn, while the rollout completes over the nodes it
+// still selects.
+func TestEditedSelectorLetsGo(t *testing.T) {
+	f := newFixture(t)
+	n0 := f.addNode("n0", nodeOpts{})
+	n1 := f.addNode("n1", nodeOpts{labels: map[string]string{"nodespawn.test/keep": "yes"}})
+	f.guardedWorkload(n0)
+	f.startController(leaderElection{})
+	f.waitEnrolled()
+	ro := f.rollout(func(s *v1alpha1.NodeSpawnRolloutSpec) {
+		s.Disruption.Timeout = &metav1.Duration{Duration: 10 * time.Minute}
+	})
+	f.waitRollout(ro, n0+"'s drain blocked", 30*time.Second, func(r *v1alpha1.NodeSpawnRollout) bool {
+		return len(r.Status.Blocked) > 0 && r.Status.Blocked[0].Node == n0
+	})
+	if node, nsn := f.getNode(n0), f.getNSN(n0); node.Annotations[v1alpha1.AnnotationCordonedBy] != ro || nsn.Labels[v1alpha1.LabelRollout] != ro || !nsn.Spec.Prepare {
+		t.Fatalf("%s before the edit: node annotations %v, NodeSpawnNode labels %v spec %+v; want the rollout's cordon and prepare", n0, node.Annotations, nsn.Labels, nsn.Spec)
+	}
+	r := f.getRollout(ro)
+	r.Spec.NodeSelector.MatchLabels["nodespawn.test/keep"] = "yes"
+	if err := f.c.Client.Update(f.ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	f.poll(n0+" let go after the edit", 30*time.Second, func() (bool, string) {
+		node, nsn := f.getNode(n0), f.getNSN(n0)
+		return !node.Spec.Unschedulable && node.Annotations[v1alpha1.AnnotationCordonedBy] == "" &&
+				nsn.Labels[v1alpha1.LabelRollout] == "" && !nsn.Spec.Prepare && !nsn.Spec.Switch,
+			fmt.Sprintf("node unschedulable %v, annotations %v; NodeSpawnNode labels %v, spec %+v", node.Spec.Unschedulable, node.Annotations, nsn.Labels, nsn.Spec)
+	})
+	got := f.waitRollout(ro, "Complete", 60*time.Second, complete)
+	if got.Status.Nodes != 1 || got.Status.Updated != 1 {
+		t.Errorf("after the edit: %s; want 1 node (%s), updated", describeRollout(got), n1)
+	}
+	if sw := f.hosts[n0].switches(); len(sw) != 0 {
+		t.Errorf("%s switched %v after it was let go", n0, shortAll(sw))
+	}
+	if sw := f.hosts[n1].switches(); !slices.Equal(sw, []string{f.newDigest}) {
+		t.Errorf("%s switched %v; want once to the new config", n1, shortAll(sw))
+	}
+}
