@@ -37,9 +37,6 @@ K8S_CMDS="kubelet kubectl kube-proxy kube-apiserver kube-controller-manager kube
 # shellcheck source=k8s-build.sh
 . "$(dirname "$0")/k8s-build.sh"
 k8s() {
-	local c missing=
-	for c in $K8S_CMDS; do [ -x "$OUT/bin/$c" ] || missing=1; done
-	[ -z "$missing" ] && [ -x "$OUT/bin/pause" ] && return
 	# shellcheck disable=SC2086 # K8S_CMDS is a list of words
 	k8s_build "$K8S_VERSION" "$OUT/bin" $K8S_CMDS
 	# The pod sandbox: kubernetes' own pause.c, static, so the e2e needs no
@@ -52,7 +49,6 @@ k8s() {
 # etcd: its server module has ../ replace directives and the root module is
 # not on the proxy, so a wrapper module pins the sibling modules.
 etcd() {
-	[ -x "$OUT/bin/etcd" ] && return
 	local v=$ETCD_VERSION w m
 	w=$(mktemp -d)
 	{
@@ -66,7 +62,6 @@ etcd() {
 }
 
 containerd() {
-	[ -x "$OUT/bin/containerd" ] && [ -x "$OUT/bin/ctr" ] && [ -x "$OUT/bin/containerd-shim-runc-v2" ] && return
 	local c
 	for c in containerd containerd-shim-runc-v2 ctr; do
 		CGO_ENABLED=0 GOBIN=$OUT/bin go install -trimpath -tags no_btrfs \
@@ -76,30 +71,33 @@ containerd() {
 }
 
 runc() {
-	[ -x "$OUT/bin/runc" ] && return
 	CGO_ENABLED=1 GOBIN=$OUT/bin go install -trimpath -tags seccomp \
 		-ldflags="-s -w -X main.version=${RUNC_VERSION#v}" "github.com/opencontainers/runc@$RUNC_VERSION"
 }
 
 cni() {
-	[ -x "$OUT/cni/bridge" ] && return
 	local p pkgs=()
 	for p in $CNI_PLUGINS; do pkgs+=("github.com/containernetworking/plugins/plugins/$p@$CNI_VERSION"); done
 	CGO_ENABLED=0 GOBIN=$OUT/cni go install -trimpath -ldflags='-s -w' "${pkgs[@]}"
 }
 
 crictl() {
-	[ -x "$OUT/bin/crictl" ] && return
 	CGO_ENABLED=0 GOBIN=$OUT/bin go install -trimpath \
 		-ldflags="-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
 		"sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
 }
 
 # Small, fast builds first so a failure shows early; kubernetes last (~10 min cold).
+# A step counts as done by its marker, written after it returns, not by its
+# files being there: a run killed mid-write (gcc, strip, a Go cross-device copy)
+# leaves a file that looks whole, so a rerun would trust a partial binary. A
+# step killed before its marker is rebuilt; each one overwrites what it wrote.
 for s in runc cni crictl containerd etcd k8s; do
+	[ -e "$OUT/.step-$s" ] && { step "$s: done by an earlier run"; continue; }
 	step "$s"
 	t0=$SECONDS
 	$s
+	touch "$OUT/.step-$s"
 	step "$s done in $((SECONDS - t0)) s"
 done
 touch "$OUT/.done"
